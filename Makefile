@@ -1,0 +1,54 @@
+# pgdurable — every developer task starts here. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# 2 cores on the project machines: run test files in one process, the acceptance
+# tier already forks serve subprocesses of its own.
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml setup.py native/_sched_c.pyx
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip setuptools wheel Cython >/dev/null
+	@# psycopg[c] compiles against libpq; where it cannot build, fall back and say so.
+	@$(BIN)/pip install -q 'psycopg[c]' 'psycopg-pool' 2>/dev/null \
+	  || { echo "pgdurable: psycopg[c] could not be built here; installing psycopg[binary] instead"; \
+	       $(BIN)/pip install -q 'psycopg[binary]' 'psycopg-pool'; }
+	@$(BIN)/pip install -q -e '.[test]'
+	@$(BIN)/python setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(running|copying)' || true
+	@touch $@
+
+install: $(BIN)/.installed ## create .venv and install pgdurable with test extras
+
+native: $(BIN)/.installed ## (re)build the Cython scheduler in place
+	PGDURABLE_NATIVE=required $(BIN)/python setup.py -q build_ext --inplace
+
+demo: $(BIN)/.installed ## run pgdurable serve + a sample workflow on an embedded PostgreSQL 18
+	$(BIN)/python -m pgdurable demo $(if $(DSN),--dsn '$(DSN)')
+
+serve: $(BIN)/.installed ## run the long-lived service (embedded PostgreSQL unless DSN=... is given)
+	$(BIN)/python -m pgdurable serve $(if $(DSN),--dsn '$(DSN)')
+
+test: $(BIN)/.installed ## run the whole suite (embedded PG 18 + local PG 15 when reachable), both schedulers
+	PGDURABLE_IMPL=cython $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PGDURABLE_IMPL=python $(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m benchmark --benchmark-disable bench $(PYTEST_ARGS)
+
+test-python: $(BIN)/.installed ## the suite with the pure-Python scheduler
+	PGDURABLE_IMPL=python $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(BIN)/.installed ## benchmark harness: prints a table of ratios
+	$(BIN)/python -m bench
+
+lint: $(BIN)/.installed ## ruff + mypy
+	$(BIN)/ruff check pgdurable tests bench && $(BIN)/mypy pgdurable
+
+clean: ## remove the venv, build products and the embedded cluster data
+	rm -rf $(VENV) build *.egg-info native/*.c pgdurable/graph/*.so .pgdurable
+
+.PHONY: help install native demo serve test test-python bench lint clean

@@ -1,0 +1,5 @@
+"""``python -m pgdurable`` → the CLI."""
+
+from pgdurable.cli import main
+
+main()

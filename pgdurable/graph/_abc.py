@@ -1,0 +1,148 @@
+"""The contract every scheduler implementation satisfies (STYLE §C.1).
+
+A scheduler decides, for one workflow instance, what runs next. It is a pure
+function of its inputs: no I/O, no clock, no logging, no asyncio. Inputs and
+outputs are ints, tuples and lists in a deterministic order, so the pure-Python
+twin (``_sched_py``, the executable specification) and the Cython twin
+(``native/_sched_c.pyx``) can be compared exactly.
+
+Node indices are positions in :class:`pgdurable.graph.compile.CompiledGraph`
+(pre-order, root = 0). Every activation of a node has a *generation* (1 on its
+first activation, +1 each time a loop re-activates it); completions carry the
+generation they belong to, and a completion for a node that is not active in
+that generation is ignored (returns an empty :class:`Step`) — the fence that
+makes late or duplicate completions harmless.
+
+Semantics (SPEC §3; the twins must agree on every detail):
+
+- Leaves (SQL, HTTP, HTTP_MULTIPART, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL) are
+  reported in ``Step.ready`` when activated; the executor runs them and calls
+  :meth:`SchedulerProto.complete`. An IF whose ``cond`` is :data:`COND_IF_ROWS`
+  is also reported in ``ready`` when activated: the executor decides it
+  (row_count > 0 of the named result) and completes the IF's *decision* with
+  ``complete(if_node, gen, ok, truthy)``; ok=False fails the IF.
+- THEN runs left, then right; result = right's. A failed left fails the THEN.
+- IF with a condition node runs the condition, then the taken arm (truthy of
+  the condition's result → left, else right); result = the arm's.
+- JOIN (2 branches, or 3 with ``extra``) activates all branches at once; result
+  = array of branch results in branch order; the first failed branch fails the
+  JOIN at once and abandons the other branches' active leaves.
+- RACE activates both branches; the first branch to finish (ok or failed) wins,
+  the other's active leaves are abandoned; result/status = the winner's.
+- LOOP runs body; with a condition (do-while) it then runs the condition and
+  iterates while truthy, completing with the body's last result when falsy;
+  without one it iterates forever (until BREAK). Re-activation resets every node
+  of the body (and condition) subtree to pending with generation + 1 and reports
+  ``Step.iterations``. Starting iteration ``max_iterations + 1`` fails the loop
+  (:data:`HOW_ITERCAP`). A failed body or condition fails the loop.
+- BREAK completes and unwinds to the nearest enclosing LOOP (across THEN, IF,
+  JOIN, RACE): every active node below that loop is abandoned (leaves reported
+  in ``abandoned``; composites between the BREAK and the loop are finished as
+  completed with :data:`HOW_BREAK`), and the loop completes with ``HOW_BREAK``
+  (result = the BREAK's value). With no enclosing loop the BREAK completes and
+  its parent chain fails with :data:`HOW_BREAK_OUTSIDE`.
+- A failure propagates to every enclosing composite up to the root (each
+  finished as failed with :data:`HOW_FAIL`, sources = [failing child]).
+- The root finishing sets ``terminal`` to COMPLETED or FAILED.
+- ``truthy`` of a composite's result is derived: COPY → the source's truthy;
+  ARRAY → True (a JOIN result is a non-empty array); BREAK → the BREAK's truthy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+# node type codes (CompiledGraph.types)
+SQL, THEN, IF, LOOP, JOIN, RACE, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART = range(12)
+NODE_TYPE_CODES = {
+    "SQL": SQL, "THEN": THEN, "IF": IF, "LOOP": LOOP, "JOIN": JOIN, "RACE": RACE,
+    "BREAK": BREAK, "SLEEP": SLEEP, "WAIT_SCHEDULE": WAIT_SCHEDULE, "SIGNAL": SIGNAL,
+    "HTTP": HTTP, "HTTP_MULTIPART": HTTP_MULTIPART,
+}
+LEAF_TYPES = frozenset({SQL, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART})
+
+NONE = -1
+"""No child / no condition."""
+COND_IF_ROWS = -2
+"""``cond`` of an IF built by df.if_rows: decided by the executor, no condition node."""
+
+# node status codes (status(), dump_state)
+PENDING, RUNNING, COMPLETED, FAILED = 0, 1, 2, 3
+# terminal codes
+T_RUNNING, T_COMPLETED, T_FAILED, T_CANCELLED = 0, 1, 2, 3
+
+# Step.finished "how": where the finished node's result (or error) comes from
+HOW_LEAF = 0
+"""A leaf completed/failed by :meth:`complete`: its own result (or error)."""
+HOW_COPY = 1
+"""Result = result of sources[0] (THEN right, IF arm, RACE winner, LOOP last body)."""
+HOW_ARRAY = 2
+"""Result = JSON array of the sources' results in order (JOIN)."""
+HOW_FAIL = 3
+"""Failed because child sources[0] failed (its error propagates)."""
+HOW_BREAK = 4
+"""Completed by the BREAK node sources[0] (result = its value)."""
+HOW_ITERCAP = 5
+"""LOOP failed: it would exceed max_iterations."""
+HOW_BREAK_OUTSIDE = 6
+"""Failed: BREAK sources[0] has no enclosing LOOP."""
+
+
+class Step(NamedTuple):
+    """What one scheduler call decided (all lists in event order unless noted)."""
+
+    ready: list[tuple[int, int]]
+    """(node, gen) activated leaves (and if_rows IF decisions) to execute, ascending node."""
+    abandoned: list[tuple[int, int]]
+    """(node, gen) active leaves to stop: RACE losers, branches of a failed JOIN, break, cancel."""
+    started: list[tuple[int, int]]
+    """(node, gen) every node (leaf or composite) activated, in activation order."""
+    finished: list[tuple[int, int, int, list[int]]]
+    """(node, status COMPLETED|FAILED, how HOW_*, sources), innermost first."""
+    iterations: list[tuple[int, int]]
+    """(loop node, iteration number ≥ 2) loops that began a new iteration."""
+    terminal: int
+    """T_RUNNING, T_COMPLETED, T_FAILED or T_CANCELLED after this call."""
+
+
+class SchedulerProto(Protocol):
+    """One instance's scheduler (see the module docstring for the semantics)."""
+
+    def __init__(self, graph: object, max_iterations: int) -> None: ...
+
+    def start(self) -> Step:
+        """Activate the root. Calling it twice is an error (RuntimeError)."""
+        ...
+
+    def complete(self, node: int, gen: int, ok: bool, truthy: bool) -> Step:
+        """Report that active leaf ``node`` (or an if_rows IF decision) finished."""
+        ...
+
+    def cancel(self) -> Step:
+        """Abandon every active leaf; terminal becomes T_CANCELLED (no-op once terminal)."""
+        ...
+
+    def status(self, node: int) -> int:
+        """PENDING, RUNNING, COMPLETED or FAILED for the node's current generation."""
+        ...
+
+    def gen(self, node: int) -> int:
+        """The node's current generation (0 before its first activation)."""
+        ...
+
+    def iteration(self, loop: int) -> int:
+        """The loop's current iteration (0 before activation)."""
+        ...
+
+    @property
+    def terminal(self) -> int: ...
+
+    def dump_state(self) -> list[int]:
+        """The whole mutable state as ints; ``load_state`` restores an equal scheduler."""
+        ...
+
+    @classmethod
+    def load_state(cls, graph: object, max_iterations: int,
+                   state: list[int]) -> SchedulerProto:
+        """Rebuild from :meth:`dump_state` output; ValueError names what is malformed."""
+        ...

@@ -1,0 +1,155 @@
+"""Install, upgrade and uninstall the ``df`` schema and the engine schema (SPEC D1).
+
+Install applies ``pgdurable/sql/schema/*.sql`` (the current schema, one truth) in
+one transaction under an advisory lock, then records the version in
+``<engine>.migrations`` and marks ``<engine>._worker_ready.schema_version``.
+Upgrade applies the forward-only ``sql/migrations/<from>-<to>.sql`` files between
+the recorded version and :data:`SCHEMA_VERSION`. Every step is idempotent: a
+second install is an upgrade with nothing to do. ``serve`` calls :func:`install`
+at start, so several services starting together serialise on the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from . import __version__
+from .sql import MIGRATIONS_DIR, schema_parts
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""The schema version this package installs and expects."""
+
+ENGINE_SCHEMA_DEFAULT = "pgdurable"
+# Advisory lock key of install/upgrade/uninstall: 'PGDI' as an int, fixed forever so that
+# two package versions serialise against each other too.
+INSTALL_LOCK_KEY = 0x50474449
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What :func:`install` did."""
+
+    from_version: int
+    to_version: int
+    operator_schema: str
+
+    @property
+    def changed(self) -> bool:
+        return self.from_version != self.to_version
+
+
+def render(text: str, *, engine: str, op_schema: str) -> str:
+    """Substitute the schema placeholders of a schema/migration file."""
+    return (
+        text.replace("@engine@", engine)
+        .replace("@opschema@", op_schema)
+        .replace("@version@", __version__)
+    )
+
+
+def installed_version(conn: psycopg.Connection[object], engine: str = ENGINE_SCHEMA_DEFAULT) -> int:
+    """The recorded schema version, 0 when nothing is installed."""
+    row = conn.execute(
+        "select to_regclass(%s) is not null", (f"{engine}.migrations",)
+    ).fetchone()
+    if not row or not row[0]:
+        return 0
+    got = conn.execute(
+        sql.SQL("select coalesce(max(version), 0) from {}.migrations").format(
+            sql.Identifier(engine)
+        )
+    ).fetchone()
+    return int(got[0]) if got else 0
+
+
+def _operator_schema(conn: psycopg.Connection[object], requested: str | None) -> str:
+    if requested:
+        return requested
+    row = conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()
+    return "pg_catalog" if row and row[0] else "public"
+
+
+def _migrations() -> dict[int, Path]:
+    out: dict[int, Path] = {}
+    for path in MIGRATIONS_DIR.glob("*.sql"):
+        m = re.fullmatch(r"(\d+)-(\d+)\.sql", path.name)
+        if not m or int(m.group(2)) != int(m.group(1)) + 1:
+            raise RuntimeError(f"migration file {path.name!r} is not named <n>-<n+1>.sql")
+        out[int(m.group(1))] = path
+    return out
+
+
+def install(
+    dsn: str,
+    *,
+    engine: str = ENGINE_SCHEMA_DEFAULT,
+    operator_schema: str | None = None,
+    target_version: int = SCHEMA_VERSION,
+) -> InstallResult:
+    """Install or upgrade to ``target_version``; returns what changed."""
+    with psycopg.connect(dsn, autocommit=False, application_name="pgdurable install") as conn:
+        conn.execute("select pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
+        op_schema = _operator_schema(conn, operator_schema)
+        current = installed_version(conn, engine)
+        if current > target_version:
+            raise RuntimeError(
+                f"database has pgdurable schema version {current}, newer than this package's "
+                f"{target_version}; upgrade the package"
+            )
+        if current == 0:
+            for part in schema_parts():
+                conn.execute(render(part.read_text(), engine=engine, op_schema=op_schema).encode())
+            current = target_version
+            _record(conn, engine, current)
+            logger.info("installed pgdurable schema version %d", current)
+            conn.commit()
+            return InstallResult(0, current, op_schema)
+        start = current
+        migrations = _migrations()
+        while current < target_version:
+            path = migrations.get(current)
+            if path is None:
+                raise RuntimeError(f"no migration from schema version {current}")
+            conn.execute(render(path.read_text(), engine=engine, op_schema=op_schema).encode())
+            current += 1
+            _record(conn, engine, current)
+            logger.info("migrated pgdurable schema to version %d", current)
+        conn.commit()
+        return InstallResult(start, current, op_schema)
+
+
+def _record(conn: psycopg.Connection[object], engine: str, version: int) -> None:
+    conn.execute(
+        sql.SQL("insert into {}.migrations (version, package) values (%s, %s)").format(
+            sql.Identifier(engine)
+        ),
+        (version, __version__),
+    )
+    conn.execute(
+        sql.SQL(
+            "insert into {}._worker_ready (sentinel, schema_version) values (true, %s) "
+            "on conflict (sentinel) do update set schema_version = excluded.schema_version, "
+            "initialized_at = now()"
+        ).format(sql.Identifier(engine)),
+        (version,),
+    )
+
+
+def uninstall(dsn: str, *, engine: str = ENGINE_SCHEMA_DEFAULT) -> None:
+    """Drop df, the engine schemas and the operators (they depend on df functions)."""
+    with psycopg.connect(dsn, autocommit=False, application_name="pgdurable uninstall") as conn:
+        conn.execute("select pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
+        conn.execute("drop schema if exists df cascade")
+        conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(engine)))
+        conn.execute(
+            sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(engine + "_exec"))
+        )
+        conn.commit()

@@ -1,0 +1,44 @@
+"""SQL kept in files (STYLE B1): the schema parts, the migrations and the named queries.
+
+``queries.sql`` holds every query the runtime executes, each introduced by a
+``-- name: <name>`` line followed by a one-line purpose comment; :func:`query`
+returns one by name. Nothing else in the runtime spells SQL.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import LiteralString, cast
+
+SQL_DIR = Path(__file__).parent
+SCHEMA_DIR = SQL_DIR / "schema"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+BASELINE_DIR = SQL_DIR / "baseline"
+
+_NAME_RE = re.compile(r"^-- name: ([a-z_0-9]+)\s*$", re.MULTILINE)
+
+
+@cache
+def _queries() -> dict[str, str]:
+    text = (SQL_DIR / "queries.sql").read_text() if (SQL_DIR / "queries.sql").exists() else ""
+    parts = _NAME_RE.split(text)
+    out: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        out[name] = body.strip()
+    return out
+
+
+def query(name: str) -> LiteralString:
+    """Return the named query from queries.sql (KeyError names the missing query)."""
+    try:
+        # the text comes from our own package file, never from input
+        return cast(LiteralString, _queries()[name])
+    except KeyError:
+        raise KeyError(f"no query named {name!r} in pgdurable/sql/queries.sql") from None
+
+
+def schema_parts() -> list[Path]:
+    """The schema files in the order they are applied."""
+    return sorted(SCHEMA_DIR.glob("*.sql"))

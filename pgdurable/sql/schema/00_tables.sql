@@ -1,0 +1,227 @@
+-- pgdurable schema, part 00: tables, indexes, RLS and small shared helpers.
+--
+-- Map of the whole schema (files in pgdurable/sql/schema/ are applied in name order):
+--   00_tables.sql   df.instances, df.nodes, df.vars, df._worker_epoch (the pg_durable contract,
+--                   SPEC §2) and the engine schema @engine@ (runnable work + leases, scheduler
+--                   state, signal inbox, workers, readiness, migrations); RLS; settings/clock helpers
+--   10_dsl.sql      the DSL: df.sql/seq/as/join/join3/race/if/if_rows/loop/break/sleep/
+--                   wait_for_schedule/wait_for_signal/http/http_multipart + auto-wrap + validation
+--   20_operators.sql the seven operators ~> |=> & | ?> !> @> (schema chosen at install)
+--   30_control.sql  df.start/signal/cancel/status/result/error/await_instance and the engine
+--                   helpers they call (SECURITY DEFINER, fixed search_path)
+--   40_inspect.sql  df.list_instances/instance_nodes/instance_info/instance_executions/explain/
+--                   metrics, vars functions, grant_usage/revoke_usage, misc (version, run, ...)
+--   90_grants.sql   privileges: no PUBLIC access except EXECUTE on ordinary df functions
+--
+-- Placeholders substituted by pgdurable/schema.py at install time:
+--   @engine@   the engine schema (default pgdurable)        @version@ the package version
+--   @opschema@ the schema that receives the operators (pg_catalog when superuser, else public)
+--
+-- Conventions: lower-case keywords; p_ parameters, v_ locals; identifiers composed only with
+-- format('%I'); every engine function a worker calls carries a _v1 suffix (STYLE B4).
+
+create schema if not exists df;
+create schema if not exists @engine@;
+-- the per-role step runners (see worker/identity notes in docs/security.md) live in a schema
+-- nobody but the service can even name: a tenant owns its runner but cannot ALTER it.
+create schema if not exists @engine@_exec;
+
+------------------------------------------------------------------------------------------
+-- df: the user-facing contract tables (SPEC §2)
+------------------------------------------------------------------------------------------
+
+create table df.instances (
+    id           varchar(8)  not null primary key,
+    label        text,
+    root_node    varchar(8)  not null,
+    status       text        not null default 'pending',
+    submitted_by regrole     not null,
+    database     text,
+    created_at   timestamptz not null default now(),
+    updated_at   timestamptz not null default now(),
+    completed_at timestamptz,
+    constraint instances_id_format check (id ~ '^[0-9a-f]{8}$') not valid,
+    constraint instances_status_check
+        check (status in ('pending', 'running', 'completed', 'failed', 'cancelled')) not valid,
+    constraint instances_id_submitted_by_key unique (id, submitted_by)
+);
+create index instances_status_created_idx on df.instances (status, created_at desc, id);
+create index instances_created_idx on df.instances (created_at desc, id);
+create index instances_label_idx on df.instances (label, created_at desc, id) where label is not null;
+
+create table df.nodes (
+    id             varchar(8)  not null,
+    instance_id    varchar(8)  not null,
+    node_type      text        not null,
+    query          text,
+    result_name    text,
+    left_node      varchar(8),
+    right_node     varchar(8),
+    status         text        not null default 'pending',
+    result         jsonb,
+    error          text,
+    submitted_by   regrole     not null,
+    database       text,
+    created_at     timestamptz not null default now(),
+    updated_at     timestamptz not null default now(),
+    status_details jsonb,
+    primary key (instance_id, id),
+    constraint nodes_status_check
+        check (status in ('pending', 'running', 'completed', 'failed')) not valid,
+    constraint nodes_type_check check (node_type in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE',
+        'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART')) not valid,
+    constraint nodes_result_name_check
+        check (result_name is null or result_name ~ '^[A-Za-z_][A-Za-z0-9_]*$') not valid,
+    -- structure per node type (SPEC §2)
+    constraint nodes_structure_check check (
+        case
+            when node_type in ('SQL', 'SLEEP', 'WAIT_SCHEDULE', 'BREAK', 'HTTP', 'HTTP_MULTIPART',
+                               'SIGNAL')
+                then query is not null and left_node is null and right_node is null
+            when node_type in ('THEN', 'RACE')
+                then query is null and left_node is not null and right_node is not null
+            when node_type = 'IF'
+                then query is not null and left_node is not null and right_node is not null
+            when node_type = 'LOOP' then left_node is not null and right_node is null
+            when node_type = 'JOIN' then left_node is not null and right_node is not null
+            else false
+        end) not valid,
+    constraint nodes_instance_fk foreign key (instance_id, submitted_by)
+        references df.instances (id, submitted_by) on delete cascade deferrable initially deferred,
+    constraint nodes_left_fk foreign key (instance_id, left_node)
+        references df.nodes (instance_id, id) deferrable initially deferred,
+    constraint nodes_right_fk foreign key (instance_id, right_node)
+        references df.nodes (instance_id, id) deferrable initially deferred
+);
+
+alter table df.instances add constraint instances_root_fk foreign key (id, root_node)
+    references df.nodes (instance_id, id) deferrable initially deferred;
+
+create table df.vars (
+    name  text    not null,
+    value text,
+    owner regrole not null default current_user::regrole,
+    primary key (owner, name)
+);
+
+create table df._worker_epoch (
+    epoch_id     uuid        not null primary key,
+    started_at   timestamptz not null default now(),
+    last_seen_at timestamptz not null default now()
+);
+
+alter table df.instances enable row level security;
+alter table df.nodes enable row level security;
+alter table df.vars enable row level security;
+create policy instances_owner on df.instances for all
+    using (submitted_by = quote_ident(current_user)::regrole)
+    with check (submitted_by = quote_ident(current_user)::regrole);
+create policy nodes_owner on df.nodes for all
+    using (submitted_by = quote_ident(current_user)::regrole)
+    with check (submitted_by = quote_ident(current_user)::regrole);
+create policy vars_owner on df.vars for all
+    using (owner = quote_ident(current_user)::regrole)
+    with check (owner = quote_ident(current_user)::regrole);
+
+------------------------------------------------------------------------------------------
+-- engine schema: private to the service (STYLE B4: layout may change through migrations)
+------------------------------------------------------------------------------------------
+
+-- Readiness (SPEC D2/D3): df.start refuses to write while schema_version < 1.
+create table @engine@._worker_ready (
+    sentinel       boolean     not null primary key default true check (sentinel),
+    schema_version integer     not null default 0,
+    initialized_at timestamptz not null default now()
+);
+
+-- One row per applied schema version (the installed version is the max).
+create table @engine@.migrations (
+    version    integer     not null primary key,
+    package    text        not null,
+    applied_at timestamptz not null default now()
+);
+
+-- Per-instance engine data: the frozen vars snapshot (SPEC §3.3), the scheduler state blob
+-- (graph/_abc.py: SchedulerProto.dump_state) and a version bumped by every checkpoint so a
+-- worker's cached state can be validated with one integer compare.
+create table @engine@.runs (
+    instance_id   varchar(8)  not null primary key,
+    vars          jsonb       not null default '{}',
+    state         bytea,
+    state_version bigint      not null default 0,
+    cancel_reason text,
+    created_at    timestamptz not null default now()
+);
+
+-- Runnable work: one row per node activation a worker must act on.
+--   kind 'start'  the instance has not been loaded by a worker yet (written by df.start)
+--        'run'    a leaf to execute now (SQL, HTTP, BREAK, if_rows check)
+--        'timer'  SLEEP / WAIT_SCHEDULE firing at due_at
+--        'signal' a SIGNAL wait: due_at = timeout (or infinity); df.signal sets due_at = now()
+-- A row is claimable when due_at <= now() and lease_owner is null; the maintenance rescuer
+-- clears expired leases. The row is deleted in the transaction that checkpoints its outcome.
+create table @engine@.tasks (
+    instance_id      varchar(8)  not null,
+    node_id          varchar(8)  not null,
+    gen              integer     not null default 1,
+    kind             text        not null default 'run'
+        check (kind in ('start', 'run', 'timer', 'signal')),
+    due_at           timestamptz not null default now(),
+    lease_owner      text,
+    lease_expires_at timestamptz,
+    attempts         integer     not null default 0,
+    submitted_by     regrole     not null,
+    database         text,
+    created_at       timestamptz not null default now(),
+    primary key (instance_id, node_id)
+);
+-- The claim reads only unleased rows in due order; the rescuer only leased rows by expiry.
+create index tasks_ready_idx on @engine@.tasks (due_at) where lease_owner is null;
+create index tasks_leased_idx on @engine@.tasks (lease_expires_at) where lease_owner is not null;
+
+-- Durable signal inbox (SPEC D6): kept until a matching wait consumes it, FIFO per name.
+create table @engine@.signals (
+    id          bigint generated always as identity primary key,
+    instance_id varchar(8)  not null,
+    name        text        not null,
+    data        jsonb       not null default '{}',
+    created_at  timestamptz not null default now()
+);
+create index signals_instance_name_idx on @engine@.signals (instance_id, name, id);
+
+-- Live processes of every `serve` (supervisors and workers); df.workers is a view over it.
+create table @engine@.workers (
+    worker_id    text        not null primary key,
+    kind         text        not null check (kind in ('supervisor', 'worker')),
+    host         text        not null,
+    pid          integer     not null,
+    version      text        not null,
+    started_at   timestamptz not null default now(),
+    last_seen_at timestamptz not null default now(),
+    in_flight    integer     not null default 0
+);
+
+------------------------------------------------------------------------------------------
+-- shared helpers
+------------------------------------------------------------------------------------------
+
+-- pg_durable.* settings are plain custom GUCs read at call time with a default, so
+-- ALTER DATABASE/ALTER SYSTEM/SET work without an extension (SPEC §1).
+create function @engine@.setting(p_name text, p_default text) returns text
+language sql stable parallel safe
+set search_path = pg_catalog
+as $$ select coalesce(nullif(current_setting('pg_durable.' || p_name, true), ''), p_default) $$;
+
+-- The clock every df function and engine query uses. Tests pin it with
+-- SET pg_durable.fake_now = '…' (STYLE B16); production never sets it.
+create function @engine@.clock() returns timestamptz
+language sql stable parallel safe
+set search_path = pg_catalog
+as $$ select coalesce(nullif(current_setting('pg_durable.fake_now', true), '')::timestamptz,
+                      now()) $$;
+
+-- True inside a workflow step session (the worker sets df.in_workflow = 'true').
+create function @engine@.in_workflow() returns boolean
+language sql stable parallel safe
+set search_path = pg_catalog
+as $$ select coalesce(current_setting('df.in_workflow', true), '') = 'true' $$;

