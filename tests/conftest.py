@@ -1,3 +1,3 @@
-"""Test configuration: fixtures live in tests/fix_*.py (loaded as plugins via pyproject)."""
+"""Test configuration: fixtures live in tests/fix_*.py (fix_db is loaded via pyproject addopts)."""
 
-pytest_plugins = ["tests.fix_impl"]
+pytest_plugins: list[str] = []

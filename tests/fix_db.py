@@ -33,8 +33,9 @@ from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres
 
 LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-TEMPLATE_DB = "pgdurable_tmpl"
-SHARED_DB = "pgdurable_shared"
+# per test session, so concurrent runs against one shared server do not collide
+TEMPLATE_DB = f"pgdurable_tmpl_{os.getpid()}"
+SHARED_DB = f"pgdurable_shared_{os.getpid()}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -117,17 +118,27 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     for s in _SERVERS:
+        if s.ready and s.embedded is None:
+            with contextlib.suppress(psycopg.Error), psycopg.connect(
+                    s.admin_dsn, autocommit=True) as conn:
+                for name in (TEMPLATE_DB, SHARED_DB):
+                    conn.execute(sql.SQL("drop database if exists {} with (force)").format(
+                        sql.Identifier(name)))
         if s.embedded is not None:
             with contextlib.suppress(Exception):
                 s.embedded.destroy()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from pgdurable.graph import sched
+    try:
+        from pgdurable.graph import sched
 
+        impl = sched.__impl__
+    except ImportError as exc:
+        impl = f"unavailable ({exc})"
     return [
         "pgdurable servers: " + (", ".join(s.name for s in _SERVERS) or "none"),
-        f"pgdurable scheduler: {sched.__impl__}",
+        f"pgdurable scheduler: {impl}",
     ]
 
 

@@ -1,0 +1,63 @@
+"""The pgdurable exception tree; psycopg errors are translated only in ``db.wrap_errors``.
+
+::
+
+    PgDurableError
+    ├── ConfigError          a setting is invalid (names the field)
+    ├── SchemaError          the df schema is missing, too old or too new
+    └── StepError            a step failed; the message is what users see in df.nodes.result
+        ├── SubstitutionError  a $ref / {var} could not be substituted
+        ├── ResultTooLarge     a step's result exceeds the configured cap
+        └── HttpStepError      an HTTP step failed (policy, transport, 5xx, caps)
+
+Messages are lower-case where we write them and name the offending object with repr;
+step errors that come from PostgreSQL keep PostgreSQL's text verbatim (SPEC §8).
+"""
+
+from __future__ import annotations
+
+
+class PgDurableError(Exception):
+    """Base of every pgdurable error."""
+
+    __module__ = "pgdurable"
+
+
+class ConfigError(PgDurableError):
+    """A configuration value is invalid."""
+
+    __module__ = "pgdurable"
+
+
+class SchemaError(PgDurableError):
+    """The database schema is not what this package expects."""
+
+    __module__ = "pgdurable"
+
+
+class StepError(PgDurableError):
+    """A step failed; ``str(err)`` is stored as the failed node's result."""
+
+    __module__ = "pgdurable"
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class SubstitutionError(StepError):
+    """A ``$ref`` or ``{var}`` could not be substituted into a step."""
+
+    __module__ = "pgdurable"
+
+
+class ResultTooLarge(StepError):
+    """A step's result is larger than the configured cap."""
+
+    __module__ = "pgdurable"
+
+
+class HttpStepError(StepError):
+    """An HTTP step failed: blocked by policy, transport error, 5xx or a size cap."""
+
+    __module__ = "pgdurable"
