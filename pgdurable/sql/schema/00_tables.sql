@@ -167,6 +167,8 @@ create table @engine@.tasks (
     kind             text        not null default 'run'
         check (kind in ('start', 'run', 'timer', 'signal')),
     due_at           timestamptz not null default now(),
+    -- SIGNAL waits: when the wait times out (NULL = never); the task is parked at this time
+    deadline         timestamptz,
     lease_owner      text,
     lease_expires_at timestamptz,
     attempts         integer     not null default 0,
