@@ -1,0 +1,192 @@
+"""Node result values: the SQL envelope, condition truthiness, break values and size caps.
+
+Pure functions, no I/O; the worker calls them once per step.
+
+- :func:`sql_envelope` builds a SQL node's result ``{"rows", "row_count", "columns"}`` from
+  the rows PostgreSQL rendered with ``to_json(record)`` (SPEC §3.2, §9: ``columns`` keeps the
+  select order because ``df.nodes.result`` is jsonb and sorts keys).
+- :func:`truthy` judges a condition's result (SPEC §3.4).
+- :func:`break_value` turns the (already substituted) ``df.break`` text into its value (§9).
+- :func:`check_size` encodes a result and enforces the configured cap.
+- :func:`json_text` encodes any JSON value to text (orjson, with a stdlib fallback for the
+  integers beyond 64 bits that orjson refuses).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from pgdurable.errors import ResultTooLarge, StepError
+
+__all__ = [
+    "MAX_RESULT_BYTES_SETTING",
+    "break_value",
+    "check_size",
+    "first_column",
+    "is_row_set",
+    "json_bytes",
+    "json_text",
+    "sql_envelope",
+    "truthy",
+]
+
+#: The setting named by :class:`ResultTooLarge` messages unless the caller names another.
+MAX_RESULT_BYTES_SETTING = "pg_durable.max_result_bytes"
+
+# Condition words (SPEC §3.4), compared after strip() + lower().
+_TRUE_WORDS = frozenset({"true", "t", "yes"})
+_FALSE_WORDS = frozenset({"false", "f", "no"})
+# "numeric text": a plain decimal number. Deliberately narrower than float(): no "nan",
+# "inf", "1_000" or hex, which are "other text" and therefore true.
+_NUMERIC_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def json_bytes(value: Any) -> bytes:
+    """Encode a JSON value compactly as UTF-8 bytes, keeping key order.
+
+    orjson refuses integers beyond 64 bits (possible inside json/jsonb columns); those fall
+    back to the standard library, which renders them exactly.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def json_text(value: Any) -> str:
+    """Encode a JSON value compactly as text (see :func:`json_bytes`)."""
+    return json_bytes(value).decode()
+
+
+def _loads(text: str) -> Any:
+    """Parse JSON text; numbers orjson cannot hold (``1e400``) go through the stdlib."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # json.loads raises its own JSONDecodeError (a ValueError) when the text really is
+        # not JSON; the callers decide what that means.
+        return json.loads(text)
+
+
+def is_row_set(result: Any) -> bool:
+    """True when ``result`` is a SQL node's envelope (a dict whose ``rows`` is a list)."""
+    return isinstance(result, dict) and isinstance(result.get("rows"), list)
+
+
+def first_column(result: dict[str, Any], row: dict[str, Any]) -> tuple[bool, Any]:
+    """Return ``(has_column, value)`` for the first column of ``row`` of a row set.
+
+    The column order comes from the envelope's ``columns`` list when present (§9), else
+    from the row's first key. A row without columns gives ``(False, None)``.
+    """
+    columns = result.get("columns")
+    if isinstance(columns, list) and columns:
+        return True, row.get(columns[0])
+    for key in row:
+        return True, row[key]
+    return False, None
+
+
+def _judge(value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return False
+        word = text.lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+        if _NUMERIC_TEXT.fullmatch(text):
+            try:
+                # Decimal, not float: "1e-400" is not zero.
+                return Decimal(text) != 0
+            except InvalidOperation:  # pragma: no cover - the regex admits only decimals
+                return True
+        return True
+    if isinstance(value, list | dict):
+        return len(value) > 0
+    # Anything else (Decimal from a caller, …): judged by Python truthiness.
+    return bool(value)
+
+
+def truthy(result: Any) -> bool:
+    """Judge a condition node's result (SPEC §3.4).
+
+    With ``rows``: zero rows is false, else the first column of the first row is judged.
+    Otherwise the whole value is judged: bool as-is; number ≠ 0; string trimmed: ``''``
+    false, ``true/t/yes`` true, ``false/f/no`` false (any case), numeric text ≠ 0, other
+    text true; array/object non-empty; null false.
+    """
+    if is_row_set(result):
+        rows = result["rows"]
+        if not rows:
+            return False
+        row = rows[0]
+        if not isinstance(row, dict):
+            return _judge(row)
+        _, value = first_column(result, row)
+        return _judge(value)
+    return _judge(result)
+
+
+def sql_envelope(row_texts: list[str]) -> dict[str, Any]:
+    """Build a SQL node's result from rows rendered by PostgreSQL's ``to_json(record)``.
+
+    Returns ``{"rows": [...], "row_count": n, "columns": [...]}``; ``columns`` is the
+    select order (orjson keeps key order) and ``[]`` when there are no rows. A statement
+    that selects one column name twice keeps the last value under that name (a JSON object
+    cannot hold both), as PostgreSQL's own ``to_jsonb`` does.
+    """
+    rows: list[Any] = []
+    for text in row_texts:
+        try:
+            row = _loads(text)
+        except ValueError as exc:
+            raise StepError(f"row {text[:200]!r} from postgresql is not valid json: {exc}") from exc
+        if not isinstance(row, dict):
+            raise StepError(f"row {text[:200]!r} from postgresql is not a json object")
+        rows.append(row)
+    columns = list(rows[0]) if rows else []
+    return {"rows": rows, "row_count": len(rows), "columns": columns}
+
+
+def break_value(text: str | None) -> Any:
+    """Value of ``df.break(text)``: JSON if the text parses, else the text; ``None`` if absent.
+
+    The caller substitutes the text first, in raw mode (SPEC §9).
+    """
+    if text is None:
+        return None
+    try:
+        return _loads(text)
+    except ValueError:
+        return text
+
+
+def check_size(
+    value: Any, limit_bytes: int, what: str, *, setting: str = MAX_RESULT_BYTES_SETTING
+) -> bytes:
+    """Return the compact JSON encoding of ``value``, or raise if it exceeds ``limit_bytes``.
+
+    ``what`` names the value in the message (e.g. ``"result of node 'load'"``); ``setting``
+    is the setting that raises the limit. A ``limit_bytes`` ≤ 0 means no limit.
+    """
+    data = json_bytes(value)
+    if 0 < limit_bytes < len(data):
+        raise ResultTooLarge(
+            f"{what} is {len(data)} bytes, over the limit of {limit_bytes} bytes; "
+            f"raise {setting} to allow it"
+        )
+    return data
