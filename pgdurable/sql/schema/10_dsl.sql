@@ -1,0 +1,554 @@
+-- pgdurable schema, part 10: the DSL (SPEC §3, ARCHITECTURE §1).
+--
+-- Every function here builds a graph value: text holding one compact JSON object
+-- {"node_type", "query"?, "result_name"?, "condition_node"?, "left_node"?, "right_node"?,
+-- "extra_nodes"?} with keys in that order. Nothing is stored: df.start flattens and
+-- validates the whole value later. The functions are pure (IMMUTABLE, no table access) and
+-- run with search_path = pg_catalog, so they behave the same under any caller search_path.
+--
+-- Conventions of this file:
+-- * Public functions keep the original's parameter names (`df.http(url => …, method => …)`
+--   is user-facing API); internal helpers (df._*) use p_ names.
+-- * NULL handling (SPEC §9, "all constructors and composers are STRICT"): a NULL operand
+--   gives a NULL graph. Functions with optional parameters cannot be declared STRICT (the
+--   defaults would be NULL operands too), so they apply the same rule by hand: NULL in a
+--   parameter whose default is not NULL gives a NULL graph; NULL in a parameter whose default
+--   is NULL means "absent" (no loop condition, null break value, no signal timeout, no body…).
+-- * Bad arguments raise SQLSTATE 22023 (invalid_parameter_value) with a message that names
+--   the offending value and says what to write instead (SPEC §8 texts kept verbatim).
+-- * Children are embedded as the text they arrived as (after validation by df._node), so a
+--   graph built from DSL calls stays compact JSON without re-serialising subtrees.
+
+------------------------------------------------------------------------------------------
+-- internal helpers
+------------------------------------------------------------------------------------------
+
+-- The twelve node types of SPEC §2.
+create function df._node_types() returns text[]
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$ select array['SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK', 'SLEEP',
+                   'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART'] $$;
+
+-- Assemble one node object in the canonical key order. p_query is the text stored in
+-- df.nodes.query (encoded here as a JSON string); the node arguments are graph texts already
+-- validated by df._node, embedded verbatim. NULL parts are omitted.
+create function df._mk(p_type text, p_query text, p_cond text, p_left text, p_right text,
+                       p_extra text) returns text
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+    select '{"node_type":' || to_json(p_type)::text
+        || coalesce(',"query":' || to_json(p_query)::text, '')
+        || coalesce(',"condition_node":' || p_cond, '')
+        || coalesce(',"left_node":' || p_left, '')
+        || coalesce(',"right_node":' || p_right, '')
+        || coalesce(',"extra_nodes":[' || p_extra || ']', '')
+        || '}'
+$$;
+
+-- Auto-wrap (SPEC §3): turn a node-position argument into a graph value.
+--   * a JSON object with a known node_type is a node (returned as is, whitespace trimmed);
+--   * a JSON object whose node_type is unknown or not a string raises "Unknown node_type 'X'";
+--   * a ?> partial ({"_partial_if":true,…}) raises: it is only valid on the left of !>;
+--   * anything else (in practice: SQL text) becomes a SQL node.
+-- Helper outputs used as steps: df.setvar/unsetvar/clearvars return 'OK' and
+-- df.await_instance returns 'completed'/'failed'/'cancelled' (30_control.sql, 40_inspect.sql).
+-- Those functions cannot mark their results, so this is a heuristic on the exact texts: none
+-- of them is a valid SQL statement, so rejecting them loses nothing and turns a confusing
+-- run-time syntax error (`SELECT df.start(df.setvar('x','1'))`) into a clear build-time one.
+create function df._node(p_arg text) returns text
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    v_trimmed text := btrim(p_arg, E' \t\r\n');
+    v_json    json;
+    v_type    json;
+begin
+    if p_arg in ('OK', 'completed', 'failed', 'cancelled') then
+        raise exception using errcode = '22023',
+            message = format('the result of df.setvar/df.unsetvar/df.clearvars/df.await_instance '
+                             'cannot be used as a workflow step (got %L)', p_arg),
+            hint = 'Call the helper in a statement of its own, before or after df.start.';
+    end if;
+    -- SQL text never starts with '{'; only then is it worth trying to parse JSON
+    if left(v_trimmed, 1) <> '{' then
+        return df._mk('SQL', p_arg, null, null, null, null);
+    end if;
+    begin
+        -- json (not jsonb) only validates the text, and its operators return verbatim
+        -- substrings, so subtrees keep their formatting
+        v_json := v_trimmed::json;
+    exception when data_exception then
+        return df._mk('SQL', p_arg, null, null, null, null);
+    end;
+    v_type := v_json -> 'node_type';
+    if v_type is null then
+        if v_json -> '_partial_if' is not null then
+            raise exception using errcode = '22023',
+                message = 'incomplete IF: "condition ?> then_branch" must be followed by '
+                          '"!> else_branch" before it can be used as a node',
+                hint = 'All df operators share one precedence level and group left to right: '
+                       'write c ?> (a ~> b) !> e, or use df.if(c, then_branch, else_branch).';
+        end if;
+        return df._mk('SQL', p_arg, null, null, null, null);
+    end if;
+    if json_typeof(v_type) <> 'string' or not (v_json ->> 'node_type') = any (df._node_types()) then
+        raise exception using errcode = '22023',
+            message = format('Unknown node_type ''%s''',
+                             case json_typeof(v_type) when 'string' then v_json ->> 'node_type'
+                                                      else v_type::text end),
+            hint = 'A node_type is one of ' || array_to_string(df._node_types(), ', ')
+                   || '; build graph values with the df functions rather than by hand.';
+    end if;
+    return v_trimmed;
+end
+$$;
+
+-- Result names and if_rows names: SQL-identifier-like names (SPEC §2 result_name CHECK).
+create function df._check_identifier(p_name text, p_what text) returns void
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+begin
+    if p_name !~ '^[A-Za-z_][A-Za-z0-9_]*$' then
+        raise exception using errcode = '22023',
+            message = format('%s %L is not a valid identifier', p_what, p_name),
+            hint = 'Use letters, digits and underscores, not starting with a digit '
+                   '(e.g. ''order_total''); it is referenced later as $name.';
+    end if;
+end
+$$;
+
+-- One value of a cron field: a number in [p_min, p_max] or, where p_names is given, a name
+-- (p_names[1] stands for p_min). Returns the number.
+create function df._cron_value(p_expr text, p_field text, p_value text, p_min int, p_max int,
+                               p_names text[]) returns int
+language plpgsql immutable parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    v_n int;
+begin
+    if p_value ~ '^[0-9]{1,4}$' then
+        v_n := p_value::int;
+    elsif p_names is not null and upper(p_value) = any (p_names) then
+        return p_min + array_position(p_names, upper(p_value)) - 1;
+    else
+        raise exception using errcode = '22023',
+            message = format('invalid cron expression %L: %s value %L is not a number%s',
+                             p_expr, p_field, p_value,
+                             case when p_names is not null
+                                  then ' or a name (' || p_names[1] || '-'
+                                       || p_names[cardinality(p_names)] || ')' else '' end);
+    end if;
+    if v_n < p_min or v_n > p_max then
+        raise exception using errcode = '22023',
+            message = format('invalid cron expression %L: %s value %s is out of range %s-%s',
+                             p_expr, p_field, p_value, p_min, p_max);
+    end if;
+    return v_n;
+end
+$$;
+
+-- Build-time check of a cron expression (SPEC §3, D7). Only a syntax and range check: the
+-- worker computes the ticks with the cronsim library (UTC), so this validator accepts a
+-- subset of what cronsim accepts and stays small. Accepted: the @hourly/@daily/@weekly/
+-- @monthly/@yearly/@annually macros, or 5 fields (minute 0-59, hour 0-23, day-of-month
+-- 1-31, month 1-12 or JAN-DEC, day-of-week 0-7 or SUN-SAT with 0 and 7 = Sunday), each a
+-- comma list of `*`, `n`, `a-b`, optionally followed by `/step`. Extensions (L, W, #, ?, a
+-- seconds or year field) are rejected.
+create function df._check_cron(p_expr text) returns void
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    c_fields  constant text[] := array['minute', 'hour', 'day-of-month', 'month', 'day-of-week'];
+    c_min     constant int[] := array[0, 0, 1, 1, 0];
+    c_max     constant int[] := array[59, 23, 31, 12, 7];
+    c_months  constant text[] := array['JAN', 'FEB', 'MAR', 'APR', 'MAY', 'JUN', 'JUL', 'AUG',
+                                       'SEP', 'OCT', 'NOV', 'DEC'];
+    c_days    constant text[] := array['SUN', 'MON', 'TUE', 'WED', 'THU', 'FRI', 'SAT'];
+    v_expr    text := btrim(p_expr);
+    v_parts   text[];
+    v_names   text[];
+    v_item    text;
+    v_base    text;
+    v_step    text;
+    v_lo      int;
+    v_hi      int;
+begin
+    if left(v_expr, 1) = '@' then
+        if lower(v_expr) not in ('@hourly', '@daily', '@weekly', '@monthly', '@yearly',
+                                 '@annually') then
+            raise exception using errcode = '22023',
+                message = format('invalid cron expression %L: unknown macro', p_expr),
+                hint = 'Use @hourly, @daily, @weekly, @monthly, @yearly or @annually, '
+                       'or five fields: minute hour day-of-month month day-of-week.';
+        end if;
+        return;
+    end if;
+    v_parts := regexp_split_to_array(v_expr, '\s+');
+    if v_expr = '' or cardinality(v_parts) <> 5 then
+        raise exception using errcode = '22023',
+            message = format('invalid cron expression %L: expected 5 fields, got %s',
+                             p_expr, case when v_expr = '' then 0 else cardinality(v_parts) end),
+            hint = 'Write minute hour day-of-month month day-of-week, e.g. ''*/15 * * * *'' '
+                   '(UTC; no seconds or year field).';
+    end if;
+    for i in 1..5 loop
+        v_names := case i when 4 then c_months when 5 then c_days end;
+        foreach v_item in array string_to_array(v_parts[i], ',') loop
+            if v_item !~ '^[^/]+(/[^/]*)?$' then
+                raise exception using errcode = '22023',
+                    message = format('invalid cron expression %L: %s item %L is malformed',
+                                     p_expr, c_fields[i], v_item),
+                    hint = 'Each comma-separated item is *, n or a-b, optionally with /step.';
+            end if;
+            v_base := split_part(v_item, '/', 1);
+            v_step := nullif(split_part(v_item, '/', 2), '');
+            if v_item like '%/%' and (v_step is null or v_step !~ '^[0-9]{1,4}$'
+                                      or v_step::int = 0) then
+                raise exception using errcode = '22023',
+                    message = format('invalid cron expression %L: %s step in %L must be a '
+                                     'positive number', p_expr, c_fields[i], v_item);
+            end if;
+            if v_base = '*' then
+                continue;
+            end if;
+            if v_base ~ '^[^-]+-[^-]+$' then
+                v_lo := df._cron_value(p_expr, c_fields[i], split_part(v_base, '-', 1),
+                                       c_min[i], c_max[i], v_names);
+                v_hi := df._cron_value(p_expr, c_fields[i], split_part(v_base, '-', 2),
+                                       c_min[i], c_max[i], v_names);
+                if v_lo > v_hi then
+                    raise exception using errcode = '22023',
+                        message = format('invalid cron expression %L: %s range %L is backwards',
+                                         p_expr, c_fields[i], v_base),
+                        hint = 'Write ranges low-high; use a list (e.g. 22-23,0-2) to wrap around.';
+                end if;
+            else
+                perform df._cron_value(p_expr, c_fields[i], v_base, c_min[i], c_max[i], v_names);
+            end if;
+        end loop;
+    end loop;
+end
+$$;
+
+-- HTTP argument checks shared by df.http and df.http_multipart (SPEC §3.8, D12).
+-- Returns the method in upper case.
+create function df._check_http(p_func text, p_url text, p_method text, p_methods text[],
+                               p_headers jsonb, p_timeout int) returns text
+language plpgsql immutable parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    -- pgdurable's cap (SPEC D12); the service may lower it at run time, SQL cannot raise it
+    c_max_timeout constant int := 300;
+begin
+    -- URLs with {var} placeholders are only known after substitution: checked at run time
+    if strpos(p_url, '{') = 0 and p_url !~* '^https?://' then
+        raise exception using errcode = '22023',
+            message = format('%s: unsupported URL scheme in %L', p_func, p_url),
+            hint = 'Use an absolute http:// or https:// URL.';
+    end if;
+    if not upper(p_method) = any (p_methods) then
+        raise exception using errcode = '22023',
+            message = format('%s: unsupported HTTP method %L', p_func, p_method),
+            hint = 'Use one of ' || array_to_string(p_methods, ', ') || ' (any case).';
+    end if;
+    if p_headers is not null and jsonb_typeof(p_headers) <> 'object' then
+        raise exception using errcode = '22023',
+            message = format('%s: headers must be a JSON object, got %s %s',
+                             p_func, jsonb_typeof(p_headers), left(p_headers::text, 100)),
+            hint = 'Pass headers as an object of strings, e.g. ''{"Accept": "application/json"}''.';
+    end if;
+    if p_timeout <= 0 or p_timeout > c_max_timeout then
+        raise exception using errcode = '22023',
+            message = format('%s: timeout_seconds must be between 1 and %s, got %s '
+                             '(pgdurable caps HTTP timeouts at %s seconds)',
+                             p_func, c_max_timeout, p_timeout, c_max_timeout),
+            hint = 'Pick a timeout in seconds within the cap.';
+    end if;
+    return upper(p_method);
+end
+$$;
+
+------------------------------------------------------------------------------------------
+-- leaves
+------------------------------------------------------------------------------------------
+
+-- A SQL step. Explicit, so no JSON detection; the helper-output check still applies.
+create function df.sql(query text) returns text
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+begin
+    if query in ('OK', 'completed', 'failed', 'cancelled') then
+        return df._node(query);  -- raises the "cannot be used as a workflow step" error
+    end if;
+    return df._mk('SQL', query, null, null, null, null);
+end
+$$;
+
+-- Exit the nearest enclosing loop with a value (a literal: JSON if it parses, else a string,
+-- decided by the worker). NULL (the default) is a null break value.
+create function df."break"(value text default null) returns text
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+    select df._mk('BREAK', '{"break_value":' || coalesce(to_json(value)::text, 'null') || '}',
+                  null, null, null, null)
+$$;
+
+-- A durable timer of `seconds` (0 allowed: yields once).
+create function df.sleep(seconds bigint) returns text
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+begin
+    if seconds < 0 then
+        raise exception using errcode = '22023',
+            message = format('df.sleep: seconds must be >= 0, got %s', seconds),
+            hint = 'Pass a number of seconds, e.g. df.sleep(30); 0 sleeps not at all.';
+    end if;
+    return df._mk('SLEEP', seconds::text, null, null, null, null);
+end
+$$;
+
+-- Wait for the next tick of a cron schedule (UTC, computed when the node runs).
+create function df.wait_for_schedule(cron_expr text) returns text
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+begin
+    perform df._check_cron(cron_expr);
+    return df._mk('WAIT_SCHEDULE', '{"cron_expr":' || to_json(cron_expr)::text || '}',
+                  null, null, null, null);
+end
+$$;
+
+-- Wait for df.signal(instance, name, data); timeout_seconds NULL (the default) waits forever.
+create function df.wait_for_signal(name text, timeout_seconds int default null) returns text
+language plpgsql immutable parallel safe
+set search_path = pg_catalog
+as $$
+begin
+    if name is null then
+        return null;
+    end if;
+    if name = '' then
+        raise exception using errcode = '22023',
+            message = 'df.wait_for_signal: the signal name must not be empty',
+            hint = 'Name the signal, e.g. df.wait_for_signal(''approved''), and send it with '
+                   'df.signal(instance_id, ''approved'').';
+    end if;
+    if timeout_seconds <= 0 then
+        raise exception using errcode = '22023',
+            message = format('df.wait_for_signal: timeout_seconds must be > 0, got %s',
+                             timeout_seconds),
+            hint = 'Pass a positive number of seconds, or NULL to wait without a timeout.';
+    end if;
+    return df._mk('SIGNAL', '{"signal_name":' || to_json(name)::text || ',"timeout_seconds":'
+                            || coalesce(timeout_seconds::text, 'null') || '}',
+                  null, null, null, null);
+end
+$$;
+
+-- An HTTP request (SPEC §3.8). The allow-list/deny policy is the service's (D12), applied
+-- when the node runs; here only the arguments are checked.
+create function df.http(url text, method text default 'POST', body text default null,
+                        headers jsonb default null, timeout_seconds int default 30)
+returns text
+language plpgsql immutable parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    v_method text;
+begin
+    if url is null or method is null or timeout_seconds is null then
+        return null;
+    end if;
+    v_method := df._check_http('df.http', url, method,
+                               array['GET', 'POST', 'PUT', 'DELETE', 'PATCH'],
+                               headers, timeout_seconds);
+    return df._mk('HTTP',
+                  '{"url":' || to_json(url)::text
+                  || ',"method":' || to_json(v_method)::text
+                  || ',"body":' || coalesce(to_json(body)::text, 'null')
+                  || ',"headers":' || coalesce(headers::text, 'null')
+                  || ',"timeout_seconds":' || timeout_seconds::text || '}',
+                  null, null, null, null);
+end
+$$;
+
+-- A multipart/form-data request: parts = [{"name", "data_b64", "filename"?, "content_type"?}]
+-- (the fields of each part are checked when the node runs, SPEC §3.8).
+create function df.http_multipart(url text, method text default 'POST', parts jsonb default null,
+                                  headers jsonb default null, timeout_seconds int default 30)
+returns text
+language plpgsql immutable parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    v_method text;
+begin
+    if url is null or method is null or timeout_seconds is null then
+        return null;
+    end if;
+    v_method := df._check_http('df.http_multipart', url, method, array['POST', 'PUT', 'PATCH'],
+                               headers, timeout_seconds);
+    if parts is null or jsonb_typeof(parts) <> 'array' or jsonb_array_length(parts) = 0 then
+        raise exception using errcode = '22023',
+            message = format('df.http_multipart: parts must be a non-empty JSON array, got %s',
+                             coalesce(left(parts::text, 100), 'NULL')),
+            hint = 'Pass parts => ''[{"name": "file", "data_b64": "aGk=", '
+                   '"filename": "hi.txt"}]''.';
+    end if;
+    return df._mk('HTTP_MULTIPART',
+                  '{"url":' || to_json(url)::text
+                  || ',"method":' || to_json(v_method)::text
+                  || ',"parts":' || parts::text
+                  || ',"headers":' || coalesce(headers::text, 'null')
+                  || ',"timeout_seconds":' || timeout_seconds::text || '}',
+                  null, null, null, null);
+end
+$$;
+
+------------------------------------------------------------------------------------------
+-- composers (node arguments are auto-wrapped by df._node)
+------------------------------------------------------------------------------------------
+
+-- a, then b (b sees a's named results). Operator ~>.
+create function df.seq(a text, b text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog
+as $$ select df._mk('THEN', null, null, df._node(a), df._node(b), null) $$;
+
+-- Both branches concurrently; the result is the array of their results. Operator &.
+create function df."join"(a text, b text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog
+as $$ select df._mk('JOIN', null, null, df._node(a), df._node(b), null) $$;
+
+-- Three branches concurrently (the third rides in extra_nodes).
+create function df.join3(a text, b text, c text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog
+as $$ select df._mk('JOIN', null, null, df._node(a), df._node(b), df._node(c)) $$;
+
+-- Both branches concurrently; the first to finish (success or failure) wins. Operator |.
+create function df.race(a text, b text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog
+as $$ select df._mk('RACE', null, null, df._node(a), df._node(b), null) $$;
+
+-- Run condition (any node), then then_branch if its result is truthy (SPEC §3.4), else
+-- else_branch.
+create function df."if"(condition text, then_branch text, else_branch text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+    select df._mk('IF', null, df._node(condition), df._node(then_branch), df._node(else_branch),
+                  null)
+$$;
+
+-- then_branch if the named SQL result has rows, else else_branch; runs no SQL itself.
+create function df.if_rows(result_name text, then_branch text, else_branch text) returns text
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+begin
+    perform df._check_identifier(result_name, 'result name');
+    return df._mk('IF', '{"condition_type":"result_has_rows","result_name":'
+                        || to_json(result_name)::text || '}',
+                  null, df._node(then_branch), df._node(else_branch), null);
+end
+$$;
+
+-- Repeat body until a df.break (condition NULL, the default: an infinite loop, like @>) or
+-- while condition is truthy after each iteration (do-while).
+create function df.loop(body text, condition text default null) returns text
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+    select case when body is not null
+                then df._mk('LOOP', null, df._node(condition), df._node(body), null, null) end
+$$;
+
+-- Name a node's result (referenced later as $name). Operator |=>. Renaming replaces the
+-- previous name. The top level is re-emitted in canonical key order from json_each, whose
+-- values are verbatim substrings, so the subtrees keep their text.
+create function df."as"(fut text, name text) returns text
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    v_node text;
+begin
+    perform df._check_identifier(name, 'result name');
+    v_node := df._node(fut);
+    return (
+        select '{' || string_agg(to_json(k)::text || ':' || v, ',' order by ord, n) || '}'
+        from (select e.key as k, e.value::text as v, e.n,
+                     case e.key when 'node_type' then 1 when 'query' then 2 else 4 end as ord
+              from json_each(v_node::json) with ordinality as e(key, value, n)
+              where e.key <> 'result_name'
+              union all
+              select 'result_name', to_json(name)::text, 0, 3) as parts);
+end
+$$;
+
+------------------------------------------------------------------------------------------
+-- operator functions (20_operators.sql); plain functions, callable directly too
+------------------------------------------------------------------------------------------
+
+-- `f |=> 'name'` = df.as(f, 'name').
+create function df.as_op(fut text, name text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog
+as $$ select df."as"(fut, name) $$;
+
+-- `@> body` = df.loop(body): a prefix operator needs a one-argument function.
+create function df.loop_op(body text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog
+as $$ select df.loop(body) $$;
+
+-- `c ?> t`: the first half of an IF, a partial object only !> accepts (ARCHITECTURE §1).
+create function df.if_then_op(condition text, then_branch text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+    select '{"_partial_if":true,"condition":' || df._node(condition)
+        || ',"then_branch":' || df._node(then_branch) || '}'
+$$;
+
+-- `p !> e`: completes a ?> partial into df.if(condition, then_branch, else_branch).
+create function df.if_else_op(partial text, else_branch text) returns text
+language plpgsql immutable strict parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    v_json json;
+begin
+    begin
+        v_json := btrim(partial, E' \t\r\n')::json;
+    exception when data_exception then
+        v_json := null;
+    end;
+    if v_json is null or json_typeof(v_json) <> 'object'
+            or (v_json ->> '_partial_if') is distinct from 'true' then
+        raise exception using errcode = '22023',
+            message = format('!> needs "condition ?> then_branch" on its left, got %s',
+                             case when json_typeof(v_json) = 'object'
+                                       and v_json ->> 'node_type' is not null
+                                  then 'a ' || (v_json ->> 'node_type') || ' node'
+                                  else format('SQL text %L', left(partial, 60)) end),
+            hint = 'All df operators share one precedence level and group left to right: '
+                   'write c ?> (a ~> b) !> e, or use df.if(c, then_branch, else_branch).';
+    end if;
+    return df."if"((v_json -> 'condition')::text, (v_json -> 'then_branch')::text, else_branch);
+end
+$$;
