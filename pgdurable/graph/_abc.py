@@ -32,20 +32,41 @@ Semantics (SPEC §3; the twins must agree on every detail):
 - LOOP runs body; with a condition (do-while) it then runs the condition and
   iterates while truthy, completing with the body's last result when falsy;
   without one it iterates forever (until BREAK). Re-activation resets every node
-  of the body (and condition) subtree to pending with generation + 1 and reports
-  ``Step.iterations``. Starting iteration ``max_iterations + 1`` fails the loop
+  of the body (and condition) subtree to pending and reports ``Step.iterations``;
+  each node's generation grows by 1 when it is next activated (so a node an
+  earlier iteration never reached keeps generation 0 until it first runs). Starting iteration ``max_iterations + 1`` fails the loop
   (:data:`HOW_ITERCAP`). A failed body or condition fails the loop.
 - BREAK completes and unwinds to the nearest enclosing LOOP (across THEN, IF,
   JOIN, RACE): every active node below that loop is abandoned (leaves reported
   in ``abandoned``; composites between the BREAK and the loop are finished as
   completed with :data:`HOW_BREAK`), and the loop completes with ``HOW_BREAK``
   (result = the BREAK's value). With no enclosing loop the BREAK completes and
-  its parent chain fails with :data:`HOW_BREAK_OUTSIDE`.
+  its parent chain fails with :data:`HOW_BREAK_OUTSIDE` (every ancestor,
+  sources = [the BREAK]); a BREAK that is the root completes and ``terminal``
+  becomes T_FAILED.
 - A failure propagates to every enclosing composite up to the root (each
-  finished as failed with :data:`HOW_FAIL`, sources = [failing child]).
+  finished as failed with :data:`HOW_FAIL`, sources = [failing child]); a RACE
+  won by a failed branch is finished with HOW_FAIL too.
+- Abandoned nodes (RACE losers, other branches of a failed JOIN, what runs
+  below a broken loop, everything on cancel) become FAILED without a
+  ``finished`` entry; the ones the executor works on (leaves, undecided if_rows
+  IFs) are listed in ``abandoned``. Their generation is kept, so their late
+  completions are ignored.
+- A successful if_rows decision has no ``finished`` entry: the IF keeps running
+  its arm and finishes (HOW_COPY) with it; a failed one finishes it HOW_LEAF.
 - The root finishing sets ``terminal`` to COMPLETED or FAILED.
 - ``truthy`` of a composite's result is derived: COPY → the source's truthy;
   ARRAY → True (a JOIN result is a non-empty array); BREAK → the BREAK's truthy.
+
+Ordering: one call activates one subtree depth-first in child order
+(condition, left, right, extra), so ``started`` and ``ready`` come out in
+ascending index order; ``finished`` lists the completed leaf first, then its
+ancestors innermost first (a BREAK: the BREAK, the composites up to the loop,
+the loop, then the loop's ancestors).
+
+Misuse raises: an index outside the graph → IndexError; completing a composite
+other than an if_rows IF → ValueError; ``complete`` before ``start`` or a
+second ``start`` → RuntimeError; ``max_iterations < 1`` → ValueError.
 """
 
 from __future__ import annotations

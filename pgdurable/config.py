@@ -1,0 +1,78 @@
+"""Settings of the service itself (STYLE B12): one frozen dataclass, named defaults.
+
+Settings of workflows (``pg_durable.*``) live in PostgreSQL and are read at call
+time; these are the service's own: DSN, worker count, slots, lease, HTTP policy.
+Every field is a ``pgdurable serve`` option with a ``PGDURABLE_*`` environment
+variable (precedence: flag > env > default).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+WORKERS_DEFAULT = os.cpu_count() or 2
+# Concurrent steps per worker process. SQL steps each hold one pooled connection while
+# they run; 16 keeps a 2-core box busy without exceeding PostgreSQL's default 100
+# connections with several workers and services.
+SLOTS_DEFAULT = 16
+LEASE_SECONDS_DEFAULT = 30
+# Producer poll interval when no NOTIFY arrives (NOTIFY is the fast path; this is the
+# safety net for missed notifications), jittered by up to 10 %.
+POLL_INTERVAL_DEFAULT = 1.0
+# Maintenance period: lease rescue, heartbeats.
+MAINTENANCE_INTERVAL_DEFAULT = 2.0
+LOOP_MIN_INTERVAL_MS_DEFAULT = 1000
+LOOP_MAX_ITERATIONS_DEFAULT = 100_000
+RESULT_MAX_BYTES_DEFAULT = 10 * 1024 * 1024
+HTTP_POLICY_DEFAULT = "public"
+ENGINE_SCHEMA_DEFAULT = "pgdurable"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Configuration of ``pgdurable serve`` and its worker processes."""
+
+    dsn: str
+    """PostgreSQL connection string of the df database. Required (serve starts an
+    embedded PostgreSQL and fills this in when none is given)."""
+    workers: int = WORKERS_DEFAULT
+    """Worker processes forked by the supervisor. Defaults to the CPU count."""
+    slots: int = SLOTS_DEFAULT
+    """Concurrent steps per worker process. Defaults to 16."""
+    lease_seconds: int = LEASE_SECONDS_DEFAULT
+    """How long a claimed step stays ours without a heartbeat. Defaults to 30."""
+    poll_interval: float = POLL_INTERVAL_DEFAULT
+    """Seconds between claims when no NOTIFY arrives. Defaults to 1.0."""
+    maintenance_interval: float = MAINTENANCE_INTERVAL_DEFAULT
+    """Seconds between lease rescues / heartbeats. Defaults to 2.0."""
+    engine_schema: str = ENGINE_SCHEMA_DEFAULT
+    """The engine's private schema. Defaults to pgdurable."""
+    http_policy: str = HTTP_POLICY_DEFAULT
+    """deny-all, public or allow-list. Defaults to public."""
+    http_allow: tuple[str, ...] = field(default_factory=tuple)
+    """Host patterns admitted under allow-list. Defaults to none."""
+    result_max_bytes: int = RESULT_MAX_BYTES_DEFAULT
+    """Largest result a step may store. Defaults to 10 MiB."""
+    log_format: str = "text"
+    """text or json. Defaults to text."""
+    metrics_port: int | None = None
+    """Port for Prometheus metrics, or None. Defaults to None."""
+
+    def validate(self) -> ServeConfig:
+        if not self.dsn:
+            raise ConfigError("dsn: a PostgreSQL connection string is required")
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be at least 1, got {self.workers!r}")
+        if self.slots < 1:
+            raise ConfigError(f"slots: must be at least 1, got {self.slots!r}")
+        if self.lease_seconds < 2:
+            raise ConfigError(f"lease_seconds: must be at least 2, got {self.lease_seconds!r}")
+        if self.http_policy not in ("deny-all", "public", "allow-list"):
+            raise ConfigError(
+                f"http_policy: must be deny-all, public or allow-list, got {self.http_policy!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
+        return self

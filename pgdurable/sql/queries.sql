@@ -1,0 +1,91 @@
+-- Every query the runtime executes, by name (STYLE B1). `@engine@` is the engine schema,
+-- substituted once at load (pgdurable/queries.py). Parameters are psycopg %s placeholders.
+
+-- name: claim
+-- lease up to N runnable tasks for this worker
+select instance_id, node_id, gen, kind, attempts, submitted_by::oid, database, deadline, clock
+from @engine@._claim_v1(%s, %s, %s)
+
+-- name: load_instance
+-- everything a worker needs about one instance, except its nodes
+select i.label, i.status, i.submitted_by::oid, i.submitted_by::text, i.database, i.root_node,
+       r.vars, r.state, r.state_version, r.cancel_reason
+from df.instances i join @engine@.runs r on r.instance_id = i.id
+where i.id = %s
+
+-- name: load_nodes
+-- the stored graph and the latest outcome of every node
+select id, node_type, query, result_name, left_node, right_node, status, result, status_details
+from df.nodes where instance_id = %s
+
+-- name: role_info
+-- the submitting role as the worker must check it before running anything (SPEC §9)
+select r.rolname, r.rolsuper, r.rolcanlogin,
+       coalesce(@engine@.setting('enable_superuser_instances', 'off') in ('on', 'true', '1'),
+                false)
+from pg_roles r where r.oid = %s
+
+-- name: apply
+-- one checkpoint (see @engine@._apply_v1 for the return codes)
+select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s)
+
+-- name: release
+-- give a leased task back (infrastructure error, shutdown); NULL instance = all of ours
+select @engine@._release_v1(%s, %s, %s)
+
+-- name: rescue
+-- clear expired leases, bounded
+select @engine@._rescue_v1(%s)
+
+-- name: extend
+-- keep our leases alive while steps run
+select @engine@._extend_v1(%s, %s)
+
+-- name: park
+-- a signal wait found nothing: sleep until the deadline or the next df.signal
+select @engine@._park_v1(%s, %s, %s)
+
+-- name: take_signal
+-- consume the oldest signal of a name (FIFO)
+select @engine@._take_signal_v1(%s, %s)
+
+-- name: runner
+-- the submitting role's step runner, created on first use
+select @engine@._runner_v1(%s::oid::regrole)
+
+-- name: heartbeat
+-- this process is alive
+select @engine@._heartbeat_v1(%s, %s, %s, %s, %s, %s)
+
+-- name: epoch
+-- df._worker_epoch compatibility row (SPEC §2)
+insert into df._worker_epoch (epoch_id) values (%s)
+on conflict (epoch_id) do update set last_seen_at = now()
+
+-- name: step_settings
+-- per-step session settings: marks the session as a workflow and bounds the statement
+select set_config('df.in_workflow', 'true', true),
+       set_config('statement_timeout',
+                  @engine@.setting('step_statement_timeout', '0'), true)
+
+-- name: settings
+-- workflow settings the worker reads (pg_durable.*)
+select @engine@.setting('loop_min_interval_ms', '1000')::integer,
+       @engine@.setting('loop_max_iterations', '100000')::integer,
+       current_database()
+
+-- name: cancel_backend
+-- interrupt a running step (RACE loser, cancelled instance)
+select pg_cancel_backend(%s)
+
+-- name: backend_pid
+-- the backend running a pooled connection
+select pg_backend_pid()
+
+-- name: listen
+-- wake-ups: new work, cancels, abandoned steps
+listen pgdurable_work; listen pgdurable_cancel; listen pgdurable_abandon
+
+-- name: instance_status
+-- is the instance still live (cancel check)
+select status from df.instances where id = %s

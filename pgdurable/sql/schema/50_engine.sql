@@ -1,0 +1,289 @@
+-- pgdurable schema, part 50: the worker protocol (STYLE B4: every function a worker calls has
+-- a _vN suffix so two service versions can share a database during a rolling deploy).
+--
+--   _claim_v1      lease up to N runnable tasks (FOR UPDATE SKIP LOCKED)
+--   _apply_v1      one checkpoint: fence, node writes, successor tasks, instance status, state
+--   _release_v1    give leased tasks back (shutdown, infrastructure errors)
+--   _rescue_v1     clear expired leases (maintenance), bounded
+--   _extend_v1     extend the leases of a worker's in-flight tasks (heartbeat)
+--   _park_v1       re-park a SIGNAL wait that found no signal
+--   _runner_v1     create (once) the per-role step runner in @engine@_exec (docs/security.md)
+--
+-- Only the service role calls these; no grants are given to anyone else.
+
+-- Claim: lock candidate rows with SKIP LOCKED so concurrent workers of any number of
+-- `serve` processes never wait on each other, and never take more than the free slots.
+-- The lease is measured on the server clock (now()), due times on @engine@.clock() so
+-- tests can move time for timers and schedules.
+create function @engine@._claim_v1(p_owner text, p_limit integer, p_lease_seconds integer)
+returns table (instance_id varchar, node_id varchar, gen integer, kind text, attempts integer,
+               submitted_by regrole, database text, deadline timestamptz, clock timestamptz)
+language sql volatile
+set search_path = pg_catalog
+as $$
+    with picked as (
+        select t.instance_id, t.node_id
+        from @engine@.tasks t
+        where t.lease_owner is null and t.due_at <= @engine@.clock()
+        order by t.due_at
+        limit p_limit
+        for update skip locked
+    )
+    update @engine@.tasks t
+    set lease_owner = p_owner,
+        lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+        attempts = t.attempts + 1
+    from picked
+    where t.instance_id = picked.instance_id and t.node_id = picked.node_id
+    returning t.instance_id, t.node_id, t.gen, t.kind, t.attempts, t.submitted_by, t.database,
+              t.deadline, @engine@.clock()
+$$;
+
+-- One checkpoint of one instance. Returns the new state_version, or
+--   -1  stale: state_version moved on since the worker loaded it (reload and recompute;
+--       nothing was written, the caller's transaction can retry);
+--   -2  fenced: the task is no longer ours (lease lost/rescued, abandoned, instance terminal
+--       or cancelled) — the caller must roll back everything, including a step's own SQL.
+-- Lock order: the runs row first (serialises all checkpoints of one instance across every
+-- worker), then tasks, nodes, instances — every writer of an instance takes runs first
+-- (df.cancel's helper does too), so checkpoints cannot deadlock each other.
+create function @engine@._apply_v1(
+    p_owner text, p_instance varchar, p_task_node varchar, p_task_gen integer,
+    p_expected_version bigint, p_state bytea, p_inst_status text, p_nodes jsonb,
+    p_new_tasks jsonb, p_drop_tasks text[])
+returns bigint
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    v_version bigint;
+    v_status  text;
+    v_dropped text[];
+begin
+    select r.state_version into v_version
+    from @engine@.runs r where r.instance_id = p_instance
+    for update;
+    if not found then
+        return -2;
+    end if;
+    select i.status into v_status from df.instances i where i.id = p_instance;
+    if v_status is null or v_status in ('completed', 'failed', 'cancelled') then
+        return -2;
+    end if;
+    if v_version <> p_expected_version then
+        return -1;
+    end if;
+    if p_task_node is not null then
+        delete from @engine@.tasks t
+        where t.instance_id = p_instance and t.node_id = p_task_node
+          and t.lease_owner = p_owner and t.gen = p_task_gen;
+        if not found then
+            return -2;
+        end if;
+    end if;
+
+    -- abandoned leaves (RACE losers, failed JOIN siblings, break): drop their tasks and tell
+    -- the worker running one of them to cancel its statement
+    if p_drop_tasks is not null and cardinality(p_drop_tasks) > 0 then
+        with d as (
+            delete from @engine@.tasks t
+            where t.instance_id = p_instance and t.node_id = any (p_drop_tasks)
+            returning t.node_id, t.lease_owner
+        )
+        select array_agg(d.node_id) into v_dropped from d where d.lease_owner is not null;
+        if v_dropped is not null then
+            perform pg_notify('pgdurable_abandon', p_instance || ':' || array_to_string(v_dropped, ','));
+        end if;
+    end if;
+
+    if p_nodes is not null then
+        update df.nodes n
+        set status = u.status,
+            result = case when u.status in ('completed', 'failed') then u.result else null end,
+            status_details = coalesce(n.status_details, '{}'::jsonb) || coalesce(u.details, '{}'::jsonb),
+            updated_at = now()
+        from jsonb_to_recordset(p_nodes) as u(id varchar, status text, result jsonb, details jsonb)
+        where n.instance_id = p_instance and n.id = u.id;
+    end if;
+
+    if p_new_tasks is not null then
+        insert into @engine@.tasks as t (instance_id, node_id, gen, kind, due_at, deadline,
+                                          submitted_by, database)
+        select p_instance, n.node_id, n.gen, n.kind,
+               coalesce(n.due_at, @engine@.clock() + make_interval(secs => coalesce(n.delay, 0))),
+               n.deadline, i.submitted_by, i.database
+        from jsonb_to_recordset(p_new_tasks)
+                 as n(node_id varchar, gen integer, kind text, due_at timestamptz,
+                      delay double precision, deadline timestamptz)
+        cross join df.instances i
+        where i.id = p_instance
+        on conflict (instance_id, node_id) do update
+            set gen = excluded.gen, kind = excluded.kind, due_at = excluded.due_at,
+                deadline = excluded.deadline, lease_owner = null, lease_expires_at = null,
+                attempts = 0;
+        perform pg_notify('pgdurable_work', p_instance);
+    end if;
+
+    if p_inst_status is not null then
+        update df.instances i
+        set status = p_inst_status,
+            updated_at = now(),
+            completed_at = case when p_inst_status = 'completed' then now() else i.completed_at end
+        where i.id = p_instance;
+        if p_inst_status in ('completed', 'failed', 'cancelled') then
+            delete from @engine@.tasks t where t.instance_id = p_instance;
+            delete from @engine@.signals s where s.instance_id = p_instance;
+            perform pg_notify('pgdurable_done', p_instance);
+        end if;
+    end if;
+
+    update @engine@.runs r
+    set state = p_state, state_version = r.state_version + 1
+    where r.instance_id = p_instance;
+    return v_version + 1;
+end
+$$;
+
+create function @engine@._release_v1(p_owner text, p_instance varchar, p_node varchar)
+returns void
+language sql volatile
+set search_path = pg_catalog
+as $$
+    update @engine@.tasks t
+    set lease_owner = null, lease_expires_at = null
+    where t.lease_owner = p_owner
+      and (p_instance is null or (t.instance_id = p_instance and t.node_id = p_node))
+$$;
+
+-- Bounded sweep of expired leases: a step whose worker died (or was paused past its lease)
+-- becomes claimable again; the old owner's late checkpoint is fenced by _apply_v1.
+create function @engine@._rescue_v1(p_limit integer)
+returns integer
+language sql volatile
+set search_path = pg_catalog
+as $$
+    with expired as (
+        select t.instance_id, t.node_id
+        from @engine@.tasks t
+        where t.lease_owner is not null and t.lease_expires_at < now()
+        limit p_limit
+        for update skip locked
+    ), upd as (
+        update @engine@.tasks t
+        set lease_owner = null, lease_expires_at = null
+        from expired e
+        where t.instance_id = e.instance_id and t.node_id = e.node_id
+        returning 1
+    )
+    select count(*)::integer from upd
+$$;
+
+create function @engine@._extend_v1(p_owner text, p_lease_seconds integer)
+returns integer
+language sql volatile
+set search_path = pg_catalog
+as $$
+    with upd as (
+        update @engine@.tasks t
+        set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+        where t.lease_owner = p_owner
+        returning 1
+    )
+    select count(*)::integer from upd
+$$;
+
+-- A SIGNAL wait that found its inbox empty goes back to sleep until its deadline (or until
+-- df.signal sets due_at = now()). Fenced by owner like every write.
+create function @engine@._park_v1(p_owner text, p_instance varchar, p_node varchar)
+returns boolean
+language sql volatile
+set search_path = pg_catalog
+as $$
+    with upd as (
+        update @engine@.tasks t
+        set lease_owner = null, lease_expires_at = null,
+            due_at = coalesce(t.deadline, 'infinity'::timestamptz)
+        where t.instance_id = p_instance and t.node_id = p_node and t.lease_owner = p_owner
+          -- a signal that arrived while we looked set due_at to now(): stay runnable then
+          and not exists (select 1 from @engine@.signals s where s.instance_id = p_instance)
+        returning 1
+    )
+    select count(*) > 0 from upd
+$$;
+
+-- Consume the oldest signal of that name for the instance (FIFO per name, SPEC D6).
+create function @engine@._take_signal_v1(p_instance varchar, p_name text)
+returns jsonb
+language sql volatile
+set search_path = pg_catalog
+as $$
+    with oldest as (
+        select s.id from @engine@.signals s
+        where s.instance_id = p_instance and s.name = p_name
+        order by s.id
+        limit 1
+        for update skip locked
+    )
+    delete from @engine@.signals s using oldest where s.id = oldest.id
+    returning s.data
+$$;
+
+-- The per-role step runner (SPEC D5). A step's SQL runs inside a SECURITY DEFINER function
+-- owned by the submitting role: PostgreSQL itself then refuses SET ROLE, RESET ROLE,
+-- SET SESSION AUTHORIZATION and set_config('role', …) for the whole statement ("cannot set
+-- parameter … within security-definer function"), so the step can never reach the service's
+-- role or another tenant's. The runner lives in @engine@_exec, on which tenants have no
+-- USAGE: a tenant owns its runner but cannot even name it, so cannot ALTER it to SECURITY
+-- INVOKER. Rows come back as json (column order kept); a statement that returns no rows
+-- (DML without RETURNING, DDL) falls back to plain EXECUTE; multi-statement text is refused.
+create function @engine@._runner_v1(p_role regrole)
+returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    v_name text := 'step_' || p_role::oid::text;
+begin
+    if not exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                   where n.nspname = '@engine@_exec' and p.proname = v_name) then
+        execute format($f$
+            create function %I.%I(p_sql text) returns setof json
+            language plpgsql volatile security definer
+            as $body$
+            declare
+                r record;
+            begin
+                begin
+                    for r in execute p_sql loop
+                        return next to_json(r);
+                    end loop;
+                exception when invalid_cursor_definition then
+                    if sqlerrm like '%%multi-query%%' then
+                        raise exception 'a workflow SQL step must be exactly one statement'
+                            using errcode = '42601',
+                                  hint = 'split it into several steps joined with ~>';
+                    end if;
+                    execute p_sql;
+                end;
+            end
+            $body$ $f$, '@engine@_exec', v_name);
+        execute format('alter function %I.%I(text) owner to %s', '@engine@_exec', v_name, p_role);
+        execute format('revoke all on function %I.%I(text) from public', '@engine@_exec', v_name);
+    end if;
+    return format('%I.%I', '@engine@_exec', v_name);
+end
+$$;
+
+create function @engine@._heartbeat_v1(p_worker_id text, p_kind text, p_host text, p_pid integer,
+                                       p_version text, p_in_flight integer)
+returns void
+language sql volatile
+set search_path = pg_catalog
+as $$
+    insert into @engine@.workers as w (worker_id, kind, host, pid, version, in_flight)
+    values (p_worker_id, p_kind, p_host, p_pid, p_version, p_in_flight)
+    on conflict (worker_id) do update
+        set last_seen_at = now(), in_flight = excluded.in_flight;
+    -- forget processes silent for a minute (crashed hosts); live ones re-insert themselves
+    delete from @engine@.workers w where w.last_seen_at < now() - interval '60 seconds';
+$$;

@@ -1,0 +1,1 @@
+"""The executor: supervisor, worker processes, and their parts."""

@@ -1,0 +1,619 @@
+"""One worker process: claim, run, checkpoint, with leases and wake-ups.
+
+Parts (one asyncio task each, all in this process's uvloop loop):
+
+- producer: claims ``≤ free slots`` tasks with ``FOR UPDATE SKIP LOCKED`` (one
+  statement), woken by NOTIFY ``pgdurable_work`` and by a jittered poll;
+- executor: one task per claimed step; SQL steps run as the submitting role inside
+  its step runner *in the same transaction as their checkpoint* (exactly-once,
+  SPEC D4); other outcomes are checkpointed in a transaction of their own;
+- listener: NOTIFY ``pgdurable_cancel`` / ``pgdurable_abandon`` interrupt running
+  statements of cancelled instances and abandoned branches;
+- maintenance: extends our leases, rescues expired ones, heartbeats.
+
+The pool is created here, after fork (STYLE B9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from .. import __version__
+from ..config import ServeConfig
+from ..errors import StepError
+from ..graph import _abc as A
+from ..log import instance_var, node_type_var, node_var
+from ..queries import q
+from ..subst import substitute
+from ..values import break_value, check_size, sql_envelope, truthy
+from .instance import TYPE_NAMES, Checkpoint, InstanceCtx, dump
+
+logger = logging.getLogger(__name__)
+
+# How many instance contexts a worker keeps (graph + scheduler + results). A miss costs
+# one reload of the instance's rows.
+CTX_CACHE_SIZE = 2048
+# Retries of a checkpoint that found the instance's state moved on (another worker
+# checkpointed a sibling branch in between); each retry reloads the instance.
+STALE_RETRIES = 20
+
+
+class Fenced(Exception):
+    """The task is no longer ours: roll back everything the step did."""
+
+
+@dataclass
+class Task:
+    instance_id: str
+    node_id: str
+    gen: int
+    kind: str
+    attempts: int
+    role_oid: int
+    database: str | None
+    deadline: datetime | None
+    clock: datetime
+
+
+class Worker:
+    """A worker process's services; :meth:`run` until SIGTERM, then drain."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.engine = config.engine_schema
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.pool: AsyncConnectionPool | None = None
+        self.ctxs: OrderedDict[str, InstanceCtx] = OrderedDict()
+        self.inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.running_pids: dict[tuple[str, str], int] = {}
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.runners: dict[int, str] = {}
+        self.max_iterations = 100_000
+        self.loop_min_interval = 1.0
+        self.current_db = ""
+        self.http_client: Any = None
+        self.http_policy: Any = None
+
+    def q(self, name: str) -> Any:
+        return q(name, self.engine)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        self.pool = AsyncConnectionPool(
+            self.config.dsn, min_size=2, max_size=self.config.slots + 4, open=False,
+            kwargs={"autocommit": True,
+                    "application_name": f"pgdurable worker {os.getpid()}"},
+            check=AsyncConnectionPool.check_connection, name="pgdurable")
+        await self.pool.open(wait=True, timeout=60)
+        await self._load_settings()
+        try:
+            from ..steps.http_step import HttpPolicy, make_client
+
+            self.http_policy = HttpPolicy.from_strings(self.config.http_policy,
+                                                       list(self.config.http_allow))
+            self.http_client = make_client(self.http_policy)
+        except ImportError:  # pragma: no cover - http step not built
+            self.http_client = None
+        logger.info("worker started (id %s, %d slots, scheduler %s)", self.worker_id,
+                    self.config.slots, _impl(), extra={"event": "worker.started"})
+        tasks = [
+            asyncio.create_task(self._producer(), name="producer"),
+            asyncio.create_task(self._listener(), name="listener"),
+            asyncio.create_task(self._maintenance(), name="maintenance"),
+        ]
+        await self.stopping.wait()
+        logger.info("worker draining %d steps", len(self.inflight),
+                    extra={"event": "worker.draining"})
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        # drain: let running steps finish (they checkpoint), bounded by the lease
+        if self.inflight:
+            await asyncio.wait(list(self.inflight.values()), timeout=self.config.lease_seconds)
+        with contextlib.suppress(Exception):
+            async with self.pool.connection() as conn:
+                await conn.execute(self.q("release"), (self.worker_id, None, None))
+        if self.http_client is not None:
+            await self.http_client.aclose()
+        await self.pool.close()
+        logger.info("worker stopped", extra={"event": "worker.stopped"})
+
+    async def _load_settings(self) -> None:
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(self.q("settings"))).fetchone()
+            assert row is not None
+            self.loop_min_interval = row[0] / 1000.0
+            self.max_iterations = row[1]
+            self.current_db = row[2]
+
+    # -- producer --------------------------------------------------------------------
+
+    async def _producer(self) -> None:
+        assert self.pool is not None
+        while not self.stopping.is_set():
+            free = self.config.slots - len(self.inflight)
+            claimed: list[Task] = []
+            if free > 0:
+                try:
+                    async with self.pool.connection() as conn:
+                        cur = await conn.execute(
+                            self.q("claim"), (self.worker_id, free, self.config.lease_seconds))
+                        claimed = [Task(*row) for row in await cur.fetchall()]
+                except psycopg.Error as exc:
+                    logger.warning("claim failed: %s", exc, extra={"event": "claim.error"})
+                    await asyncio.sleep(0.5)
+                    continue
+            for task in claimed:
+                key = (task.instance_id, task.node_id)
+                t = asyncio.create_task(self._handle(task), name=f"step {key}")
+                self.inflight[key] = t
+                t.add_done_callback(lambda _t, k=key: self._done(k))
+            if claimed and len(claimed) == free:
+                continue  # there may be more: claim again right away
+            self.wake.clear()
+            # jittered poll (STYLE B7): NOTIFY is the fast path, this is the safety net
+            timeout = self.config.poll_interval * (1 + random.random() * 0.1)  # noqa: S311
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _done(self, key: tuple[str, str]) -> None:
+        self.inflight.pop(key, None)
+        self.wake.set()
+
+    # -- listener --------------------------------------------------------------------
+
+    async def _listener(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.config.dsn, autocommit=True,
+                    application_name=f"pgdurable listener {os.getpid()}")
+                async with conn:
+                    await conn.execute(self.q("listen"))
+                    self.wake.set()  # anything missed while we were away
+                    async for note in conn.notifies():
+                        if note.channel == "pgdurable_work":
+                            self.wake.set()
+                        elif note.channel == "pgdurable_cancel":
+                            self.ctxs.pop(note.payload, None)
+                            await self._interrupt(note.payload, None)
+                        elif note.channel == "pgdurable_abandon":
+                            inst, _, nodes = note.payload.partition(":")
+                            for nid in nodes.split(","):
+                                await self._interrupt(inst, nid)
+            except psycopg.Error as exc:
+                logger.warning("listener lost its connection: %s", exc,
+                               extra={"event": "listener.error"})
+                await asyncio.sleep(0.5)
+
+    async def _interrupt(self, instance_id: str, node_id: str | None) -> None:
+        assert self.pool is not None
+        for (inst, nid), pid in list(self.running_pids.items()):
+            if inst == instance_id and (node_id is None or nid == node_id):
+                with contextlib.suppress(psycopg.Error):
+                    async with self.pool.connection() as conn:
+                        await conn.execute(self.q("cancel_backend"), (pid,))
+                logger.info("interrupted step %s of %s", nid, inst,
+                            extra={"event": "step.interrupted"})
+
+    # -- maintenance -----------------------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        assert self.pool is not None
+        epoch = uuid.uuid4()
+        host = socket.gethostname()
+        while not self.stopping.is_set():
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(self.q("extend"),
+                                       (self.worker_id, self.config.lease_seconds))
+                    cur = await conn.execute(self.q("rescue"), (1000,))
+                    row = await cur.fetchone()
+                    if row and row[0]:
+                        logger.info("rescued %d expired leases", row[0],
+                                    extra={"event": "lease.rescued"})
+                        self.wake.set()
+                    await conn.execute(self.q("heartbeat"), (
+                        self.worker_id, "worker", host, os.getpid(), __version__,
+                        len(self.inflight)))
+                    await conn.execute(self.q("epoch"), (epoch,))
+            except psycopg.Error as exc:
+                logger.warning("maintenance failed: %s", exc,
+                               extra={"event": "maintenance.error"})
+            await asyncio.sleep(self.config.maintenance_interval)
+
+    # -- instance contexts -----------------------------------------------------------
+
+    async def _ctx(self, conn: psycopg.AsyncConnection[Any], instance_id: str,
+                   fresh: bool = False) -> InstanceCtx | None:
+        ctx = None if fresh else self.ctxs.get(instance_id)
+        if ctx is not None:
+            self.ctxs.move_to_end(instance_id)
+            return ctx
+        cur = await conn.execute(self.q("load_instance"), (instance_id,))
+        inst = await cur.fetchone()
+        if inst is None:
+            return None
+        cur = await conn.execute(self.q("load_nodes"), (instance_id,))
+        rows = await cur.fetchall()
+        old = self.ctxs.get(instance_id)
+        ctx = InstanceCtx.from_rows(instance_id, inst, rows, self.max_iterations,
+                                    self.loop_min_interval)
+        if old is not None:
+            ctx.lock = old.lock
+            ctx.loop_started = old.loop_started
+        self.ctxs[instance_id] = ctx
+        while len(self.ctxs) > CTX_CACHE_SIZE:
+            self.ctxs.popitem(last=False)
+        return ctx
+
+    # -- one step --------------------------------------------------------------------
+
+    async def _handle(self, task: Task) -> None:
+        instance_var.set(task.instance_id)
+        node_var.set(task.node_id)
+        assert self.pool is not None
+        try:
+            if task.kind == "start":
+                await self._start_instance(task)
+            else:
+                await self._run_node(task)
+        except Fenced:
+            logger.info("step fenced (lease lost, abandoned or instance finished)",
+                        extra={"event": "step.fenced"})
+            self.ctxs.pop(task.instance_id, None)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            # infrastructure, not the step: give the task back so it runs again
+            logger.warning("database unavailable during step: %s", exc,
+                           extra={"event": "step.infra_error"})
+            self.ctxs.pop(task.instance_id, None)
+            await self._release(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("internal error while running a step; releasing it",
+                             extra={"event": "step.internal_error"})
+            self.ctxs.pop(task.instance_id, None)
+            await self._release(task)
+
+    async def _release(self, task: Task) -> None:
+        assert self.pool is not None
+        for _ in range(50):
+            try:
+                async with self.pool.connection(timeout=5) as conn:
+                    await conn.execute(self.q("release"),
+                                       (self.worker_id, task.instance_id, task.node_id))
+                return
+            except Exception:
+                await asyncio.sleep(0.5)
+
+    async def _start_instance(self, task: Task) -> None:
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            ctx = await self._ctx(conn, task.instance_id, fresh=True)
+            if ctx is None:
+                return
+            cur = await conn.execute(self.q("role_info"), (ctx.role_oid,))
+            role = await cur.fetchone()
+            problem = None
+            if role is None:
+                problem = f"the submitting role (oid {ctx.role_oid}) no longer exists"
+            elif role[1] and not role[3]:
+                problem = (f"role {role[0]!r} is a superuser; superuser instances are refused "
+                           "unless pg_durable.enable_superuser_instances is on")
+            elif not role[2]:
+                problem = f"role {role[0]!r} lacks the LOGIN attribute"
+            async with ctx.lock:
+                sched = ctx.sched
+                if problem is None:
+                    step = sched.start()
+                    cp = Checkpoint(inst_status="running")
+                    ctx.build(step, cp, task.clock)
+                    if step.terminal != A.T_RUNNING:
+                        cp.inst_status = _terminal_name(step.terminal)
+                else:
+                    logger.warning("refusing instance: %s", problem,
+                                   extra={"event": "instance.refused"})
+                    root = ctx.graph.node_ids[0]
+                    cp = Checkpoint(inst_status="failed")
+                    cp.node(root).update(status="failed", result=problem)
+                async with conn.transaction():
+                    await self._apply(conn, ctx, task, cp)
+            logger.info("instance started", extra={"event": "instance.started"})
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
+                     cp: Checkpoint) -> None:
+        cur = await conn.execute(self.q("apply"), (
+            self.worker_id, ctx.instance_id, task.node_id, task.gen, ctx.version,
+            dump(ctx.sched.dump_state()), cp.inst_status,
+            orjson.dumps(list(cp.nodes.values())).decode(),
+            orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
+            cp.drop_tasks or None))
+        row = await cur.fetchone()
+        got = row[0] if row else -2
+        if got == -1:
+            raise _Stale()
+        if got < 0:
+            raise Fenced()
+        ctx.version = got
+        if cp.inst_status in ("completed", "failed", "cancelled"):
+            self.ctxs.pop(ctx.instance_id, None)
+            logger.info("instance %s", cp.inst_status, extra={"event": "instance.finished"})
+
+    async def _run_node(self, task: Task) -> None:
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            ctx = await self._ctx(conn, task.instance_id)
+            if ctx is None:
+                return
+            idx = ctx.index.get(task.node_id)
+            if idx is None:
+                raise Fenced()
+            ntype = ctx.graph.types[idx]
+            node_type_var.set(TYPE_NAMES[ntype])
+            if ntype == A.SQL:
+                await self._run_sql(conn, ctx, task, idx)
+                return
+            ok, value, err = True, None, None
+            try:
+                if ntype == A.BREAK:
+                    cfg = orjson.loads(ctx.configs[idx])
+                    raw = cfg.get("break_value")
+                    if raw is not None:
+                        raw = self._subst(ctx, raw, "raw")
+                    value = break_value(raw)
+                elif ntype == A.IF:
+                    cfg = orjson.loads(ctx.configs[idx])
+                    name = cfg["result_name"]
+                    res = ctx.named.get(name)
+                    if not isinstance(res, dict) or "row_count" not in res:
+                        raise StepError(f"if_rows: result {name!r} is missing or has no rows "
+                                        "(it must name an earlier SQL step)")
+                    value = res
+                    await self._complete(conn, ctx, task, idx, True, None, None,
+                                         decision=res["row_count"] > 0)
+                    return
+                elif ntype == A.SLEEP:
+                    value = {"slept": True, "seconds": int(ctx.configs[idx] or 0)}
+                elif ntype == A.WAIT_SCHEDULE:
+                    value = {"scheduled": True}
+                elif ntype == A.SIGNAL:
+                    cfg = orjson.loads(ctx.configs[idx])
+                    cur = await conn.execute(self.q("take_signal"),
+                                             (ctx.instance_id, cfg["signal_name"]))
+                    row = await cur.fetchone()
+                    if row and row[0] is not None:
+                        value = {"signal_name": cfg["signal_name"], "timed_out": False,
+                                 "data": row[0]}
+                    elif task.deadline is not None and task.deadline <= task.clock:
+                        value = {"signal_name": cfg["signal_name"], "timed_out": True,
+                                 "data": None}
+                    else:
+                        await conn.execute(self.q("park"),
+                                           (self.worker_id, ctx.instance_id, task.node_id))
+                        return
+                elif ntype in (A.HTTP, A.HTTP_MULTIPART):
+                    value = await self._run_http(ctx, task, idx, ntype)
+                else:  # pragma: no cover - composites never become tasks
+                    raise StepError(f"node type {TYPE_NAMES[ntype]} cannot run as a step")
+                check_size(value, self.config.result_max_bytes, "step result")
+            except StepError as exc:
+                ok, err = False, exc
+            await self._complete(conn, ctx, task, idx, ok, value, err)
+
+    async def _run_http(self, ctx: InstanceCtx, task: Task, idx: int, ntype: int) -> Any:
+        from ..steps.http_step import run_http
+
+        if self.http_client is None:
+            raise StepError("HTTP steps are not available in this build")
+        cfg = orjson.loads(ctx.configs[idx])
+        cfg["url"] = self._subst(ctx, cfg["url"], "raw")
+        if cfg.get("body") is not None:
+            cfg["body"] = self._subst(ctx, cfg["body"], "raw")
+        if isinstance(cfg.get("headers"), dict):
+            cfg["headers"] = {k: self._subst(ctx, v, "raw") if isinstance(v, str) else v
+                              for k, v in cfg["headers"].items()}
+        key = f"pgdurable-{ctx.instance_id}-{task.node_id}"
+        return await run_http(self.http_client, self.http_policy,
+                              "HTTP" if ntype == A.HTTP else "HTTP_MULTIPART", cfg, key)
+
+    def _subst(self, ctx: InstanceCtx, text: str, mode: str) -> str:
+        return substitute(text, mode=mode,  # type: ignore[arg-type]
+                          results=ctx.named, vars=ctx.vars,
+                          instance_id=ctx.instance_id, label=ctx.label)
+
+    async def _runner(self, role_oid: int) -> str:
+        name = self.runners.get(role_oid)
+        if name is None:
+            assert self.pool is not None
+            for attempt in range(3):
+                try:
+                    async with self.pool.connection() as conn:
+                        cur = await conn.execute(self.q("runner"), (role_oid,))
+                        row = await cur.fetchone()
+                        assert row is not None
+                        name = str(row[0])
+                        break
+                except psycopg.errors.UniqueViolation:
+                    if attempt == 2:
+                        raise
+            assert name is not None
+            self.runners[role_oid] = name
+        return name
+
+    async def _run_sql(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
+                       idx: int) -> None:
+        if ctx.database and ctx.database != self.current_db:
+            await self._complete(conn, ctx, task, idx, False, None, StepError(
+                f"steps in another database ({ctx.database!r}) are not supported by this "
+                "version of pgdurable serve yet"))
+            return
+        try:
+            text = self._subst(ctx, ctx.configs[idx], "sql")
+        except StepError as exc:
+            await self._complete(conn, ctx, task, idx, False, None, exc)
+            return
+        runner = await self._runner(ctx.role_oid)
+        schema_name, _, fn = runner.partition(".")
+        call = sql.SQL("select * from {}.{}(%s)").format(
+            sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
+        key = (task.instance_id, task.node_id)
+        pid = conn.info.backend_pid
+        t0 = time.monotonic()
+        try:
+            async with conn.transaction():
+                await conn.execute(self.q("step_settings"))
+                self.running_pids[key] = pid
+                try:
+                    cur = await conn.execute(call, (text,))
+                    rows = await cur.fetchall()
+                finally:
+                    self.running_pids.pop(key, None)
+                value = sql_envelope([r[0] if isinstance(r[0], str)
+                                      else orjson.dumps(r[0]).decode() for r in rows])
+                try:
+                    check_size(value, self.config.result_max_bytes, "step result")
+                except StepError as exc:
+                    raise _StepFailed(exc) from None
+                # exactly-once: the checkpoint commits with the statement (SPEC D4)
+                await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
+        except _StepFailed as failed:
+            await self._complete(conn, ctx, task, idx, False, None, failed.err)
+        except psycopg.errors.QueryCanceled as exc:
+            # interrupted (cancel / abandoned) or statement_timeout: the checkpoint will be
+            # fenced if the task was taken away; otherwise it is a failed step
+            await self._complete(conn, ctx, task, idx, False, None,
+                                 StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except psycopg.Error as exc:
+            if isinstance(exc, Fenced):  # pragma: no cover - Fenced is not a psycopg error
+                raise
+            await self._complete(conn, ctx, task, idx, False, None,
+                                 StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+        logger.debug("sql step took %.1f ms", (time.monotonic() - t0) * 1000)
+
+    async def _complete(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
+                        idx: int, ok: bool, value: Any, err: StepError | None, *,
+                        in_tx: bool = False, decision: bool | None = None) -> None:
+        """Checkpoint one leaf outcome; inside the step's transaction when ``in_tx``."""
+        for _ in range(STALE_RETRIES):
+            async with ctx.lock:
+                try:
+                    if in_tx:
+                        await self._complete_once(conn, ctx, task, idx, ok, value, err, decision)
+                    else:
+                        async with conn.transaction():
+                            await self._complete_once(conn, ctx, task, idx, ok, value, err,
+                                                      decision)
+                    return
+                except _Stale:
+                    pass
+            # reload (outside the lock, inside the step's transaction if any: the state
+            # committed by the other worker is visible to our next statement)
+            fresh = await self._ctx(conn, task.instance_id, fresh=True)
+            if fresh is None:
+                raise Fenced()
+            ctx = fresh
+        raise Fenced()
+
+    async def _complete_once(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
+                             task: Task, idx: int, ok: bool, value: Any, err: StepError | None,
+                             decision: bool | None) -> None:
+        sched = ctx.sched
+        if sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
+            raise Fenced()
+        cp = Checkpoint()
+        upd = cp.node(task.node_id)
+        if ok:
+            if decision is None:
+                ctx.record_result(idx, value)
+                truth = truthy(value)
+            else:
+                truth = decision
+        else:
+            assert err is not None
+            ctx.errors[idx] = (str(err), err.sqlstate)
+            upd["status"] = "failed"
+            upd["result"] = str(err)
+            if err.sqlstate:
+                upd["details"]["sqlstate"] = err.sqlstate
+            truth = False
+            logger.info("step failed: %s", err, extra={"event": "step.failed"})
+        try:
+            step = sched.complete(idx, task.gen, ok, truth)
+        except Exception:
+            self.ctxs.pop(ctx.instance_id, None)
+            raise
+        if decision is None and ok:
+            # a leaf's own result: written even if the scheduler finishes it in `finished`
+            upd["status"] = "completed"
+            upd["result"] = value
+        ctx.build(step, cp, task.clock)
+        try:
+            await self._apply(conn, ctx, task, cp)
+        except (_Stale, Fenced):
+            self.ctxs.pop(ctx.instance_id, None)
+            raise
+        except BaseException:
+            self.ctxs.pop(ctx.instance_id, None)
+            raise
+
+
+class _Stale(Exception):
+    pass
+
+
+class _StepFailed(Exception):
+    def __init__(self, err: StepError) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+
+def _pg_message(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    return diag.message_primary or str(exc).strip()
+
+
+def _terminal_name(code: int) -> str:
+    return {A.T_COMPLETED: "completed", A.T_FAILED: "failed", A.T_CANCELLED: "cancelled"}.get(
+        code, "running")
+
+
+def _impl() -> str:
+    from ..graph import sched
+
+    return sched.__impl__
+
+
+def run_worker(config: ServeConfig) -> None:
+    """Child-process entry point: uvloop, pool opened after fork, run until SIGTERM."""
+    import uvloop
+
+    uvloop.run(Worker(config).run())

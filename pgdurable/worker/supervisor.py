@@ -1,0 +1,138 @@
+"""The ``pgdurable serve`` parent: install the schema, fork workers, keep them alive.
+
+- forks N worker processes (each builds its own pool after fork, STYLE B9);
+- restarts a worker that dies, with exponential backoff (capped) so a crash loop
+  cannot spin;
+- SIGTERM/SIGINT: forwards SIGTERM (workers drain: finish or release claimed work),
+  waits up to a grace period, SIGKILLs stragglers, exits 0;
+- SIGHUP: forwarded, workers reload settings (they re-read pg_durable.* on start of
+  each instance anyway);
+- heartbeats a supervisor row in ``<engine>.workers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+
+import psycopg
+
+from .. import __version__
+from ..config import ServeConfig
+from ..queries import q
+
+logger = logging.getLogger(__name__)
+
+# Restart backoff for a worker that keeps dying: 0.5 s doubling to 30 s, reset after a
+# worker has stayed up for a minute.
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+BACKOFF_RESET_AFTER = 60.0
+# How long SIGTERM waits for workers to drain before SIGKILL.
+DRAIN_GRACE = 40.0
+
+
+def _fork_worker(config: ServeConfig) -> int:
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            from .process import run_worker
+
+            run_worker(config)
+        except BaseException:
+            logger.exception("worker crashed")
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def supervise(config: ServeConfig) -> int:
+    """Run until SIGTERM; returns the exit code."""
+    stopping = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
+    backoff = [BACKOFF_START] * config.workers
+
+    def on_hup(signum: int, frame: object) -> None:
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    for slot in range(config.workers):
+        children[_fork_worker(config)] = (slot, time.monotonic())
+    logger.info("supervisor %d started %d workers", os.getpid(), config.workers,
+                extra={"event": "supervisor.started"})
+    sup_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    last_beat = 0.0
+    while not stopping:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = 0, 0
+        if pid and pid in children:
+            slot, started = children.pop(pid)
+            up = time.monotonic() - started
+            if up > BACKOFF_RESET_AFTER:
+                backoff[slot] = BACKOFF_START
+            logger.warning("worker %d exited (status %d) after %.1fs; restarting in %.1fs",
+                           pid, status, up, backoff[slot], extra={"event": "worker.died"})
+            deadline = time.monotonic() + backoff[slot]
+            while time.monotonic() < deadline and not stopping:
+                time.sleep(0.05)
+            backoff[slot] = min(backoff[slot] * 2, BACKOFF_MAX)
+            if not stopping:
+                children[_fork_worker(config)] = (slot, time.monotonic())
+            continue
+        if time.monotonic() - last_beat > config.maintenance_interval:
+            last_beat = time.monotonic()
+            try:
+                with psycopg.connect(config.dsn, autocommit=True, connect_timeout=3,
+                                     application_name="pgdurable supervisor") as conn:
+                    conn.execute(q("heartbeat", config.engine_schema), (
+                        sup_id, "supervisor", socket.gethostname(), os.getpid(),
+                        __version__, len(children)))
+            except psycopg.Error as exc:
+                logger.warning("supervisor heartbeat failed: %s", exc)
+        time.sleep(0.1)
+    logger.info("supervisor draining %d workers", len(children),
+                extra={"event": "supervisor.draining"})
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + DRAIN_GRACE
+    while children and time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid:
+            children.pop(pid, None)
+        else:
+            time.sleep(0.05)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    logger.info("supervisor stopped", extra={"event": "supervisor.stopped"})
+    return 0
