@@ -1,0 +1,750 @@
+-- pgdurable schema, part 30: control — df.start, df.signal, df.cancel, df.status, df.result,
+-- df.error, df.await_instance (+ deprecated df.wait_for_completion), the graph validator and
+-- flattener df.start uses (shared with df.explain), and the engine helpers they call.
+--
+--   df._graph_flatten(jsonb)   validate a graph value, return its node rows in pre-order
+--   df._graph_value(text)      auto-wrap a df.start/df.explain argument into a graph jsonb
+--   df.start                   SPEC §4 validation order, then instances + nodes + enqueue
+--   @engine@._invoker()        the role that called into a SECURITY DEFINER helper
+--   @engine@._schema_ready_v1  readiness (SPEC D3)
+--   @engine@._enqueue_v1       runs row + the 'start' task (ARCHITECTURE §2)
+--   @engine@._new_start_v1     transaction_mode 'new': df.start through a dblink session
+--   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (SPEC D16, D17)
+--
+-- SQLSTATEs: standard codes where one fits — 22023 invalid_parameter_value (bad arguments,
+-- bad graphs), 54000 program_limit_exceeded (graph limits), 3D000 (unknown database),
+-- 42501 insufficient_privilege, P0002 no_data_found (unknown/invisible instance),
+-- 55000 object_not_in_prerequisite_state (not ready, terminal instance, dblink missing),
+-- 0A000 feature_not_supported (called inside a workflow), 55P03 lock_not_available (no
+-- launch slot), 57014 query_canceled (await timeout, as statement_timeout does).
+--
+-- Identity inside SECURITY DEFINER helpers: current_user there is the schema owner, so the
+-- helpers recover the calling role from the `role` setting (what SET ROLE chose; a session
+-- can only set it to roles it is a member of) or else session_user, and check ownership of
+-- the instance against it. The df.* wrappers check visibility under RLS first; the helpers
+-- re-check because any role given df.grant_usage may call them directly.
+
+------------------------------------------------------------------------------------------
+-- graph values
+------------------------------------------------------------------------------------------
+
+-- Parse text as jsonb, NULL when it is not JSON (PG15 has no pg_input_is_valid).
+create function df._try_jsonb(p_text text) returns jsonb
+language plpgsql immutable parallel safe
+set search_path = pg_catalog
+as $$
+begin
+    return p_text::jsonb;
+exception when others then
+    return null;
+end;
+$$;
+
+-- Auto-wrap (SPEC §3): a JSON object with a node_type is a graph, a JSON object with a
+-- non-text/unknown node_type raises (in df._graph_flatten), anything else is one SQL node.
+create function df._graph_value(p_input text) returns jsonb
+language plpgsql immutable parallel safe
+set search_path = pg_catalog
+as $$
+declare
+    v_json jsonb;
+begin
+    if p_input ~ '^\s*\{' then
+        v_json := df._try_jsonb(p_input);
+        if jsonb_typeof(v_json) = 'object' and v_json ? 'node_type' then
+            return v_json;
+        end if;
+    end if;
+    return jsonb_build_object('node_type', 'SQL', 'query', p_input);
+end;
+$$;
+
+-- Validate a whole graph value and flatten it (ARCHITECTURE §2). Returns a jsonb array of
+-- {id, node_type, query, result_name, left_node, right_node} in pre-order with child order
+-- condition_node, left_node, right_node, extra_nodes. Raises on the first invalid node with
+-- its path (root.left_node.…). Node ids are fresh random 8-hex values, handed out in sorted
+-- order along the pre-order (a convenience for readers, not a contract).
+--
+-- The walk is one recursive CTE; a child is only descended into when it is a JSON object,
+-- and the walk stops one level past the depth limit (so a hostile value cannot make it run
+-- away) and one row past the node limit (LIMIT stops a recursive CTE early).
+create function df._graph_flatten(p_graph jsonb) returns jsonb
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    c_max_depth constant integer := 256;
+    c_max_nodes constant integer := 10000;
+    v_walk   jsonb;
+    v_count  integer;
+    v_ids    text[];
+    v_node   jsonb;
+    v_obj    jsonb;
+    v_type   text;
+    v_where  text;
+    v_query  jsonb;
+    v_cfg    jsonb;
+    v_leaf   boolean;
+    v_result jsonb;
+begin
+    if p_graph is null or jsonb_typeof(p_graph) <> 'object' then
+        raise exception 'a durable function graph must be a JSON object'
+            using errcode = '22023';
+    end if;
+    with recursive walk(obj, path, names, depth) as (
+        select p_graph, array[]::integer[], 'root'::text, 1
+        union all
+        select c.obj, w.path || c.ord, w.names || '.' || c.name, w.depth + 1
+        from walk w
+        cross join lateral (
+            select w.obj -> 'condition_node' as obj, 0 as ord, 'condition_node' as name
+            where jsonb_typeof(w.obj -> 'condition_node') = 'object'
+            union all
+            select w.obj -> 'left_node', 1, 'left_node'
+            where jsonb_typeof(w.obj -> 'left_node') = 'object'
+            union all
+            select w.obj -> 'right_node', 2, 'right_node'
+            where jsonb_typeof(w.obj -> 'right_node') = 'object'
+            union all
+            select e.value, 2 + e.ord::integer, 'extra_nodes[' || (e.ord - 1) || ']'
+            from jsonb_array_elements(case when jsonb_typeof(w.obj -> 'extra_nodes') = 'array'
+                                           then w.obj -> 'extra_nodes' end)
+                 with ordinality e(value, ord)
+            where jsonb_typeof(e.value) = 'object'
+        ) c
+        where w.depth <= c_max_depth
+    ), limited as (
+        select * from walk limit c_max_nodes + 1
+    )
+    select jsonb_agg(jsonb_build_object('p', path, 'n', names, 'd', depth,
+                                        'o', obj - 'condition_node' - 'left_node' - 'right_node'
+                                                 - 'extra_nodes',
+                                        'c', jsonb_build_object(
+                                            'condition_node', obj -> 'condition_node',
+                                            'left_node', obj -> 'left_node',
+                                            'right_node', obj -> 'right_node',
+                                            'extra_nodes', obj -> 'extra_nodes'))
+                     order by path),
+           count(*)
+    into v_walk, v_count
+    from limited;
+
+    if v_count > c_max_nodes then
+        raise exception 'durable function graph has more than % nodes', c_max_nodes
+            using errcode = '54000';
+    end if;
+
+    -- validate every node (pre-order, so the error names the first bad node from the root)
+    for v_node in select value from jsonb_array_elements(v_walk) loop
+        v_obj := v_node -> 'o';
+        v_where := v_node ->> 'n';
+        if (v_node ->> 'd')::integer > c_max_depth then
+            raise exception 'durable function graph exceeds the maximum nesting depth of % (at %)',
+                c_max_depth, v_where using errcode = '54000';
+        end if;
+        if jsonb_typeof(v_obj -> 'node_type') is distinct from 'string' then
+            raise exception 'Unknown node_type ''%'' (at %)', coalesce(v_obj ->> 'node_type', 'null'),
+                v_where using errcode = '22023';
+        end if;
+        v_type := v_obj ->> 'node_type';
+        if v_type not in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK', 'SLEEP',
+                          'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART') then
+            raise exception 'Unknown node_type ''%'' (at %)', v_type, v_where using errcode = '22023';
+        end if;
+        if v_obj -> 'result_name' is not null and jsonb_typeof(v_obj -> 'result_name') <> 'null'
+           and (jsonb_typeof(v_obj -> 'result_name') <> 'string'
+                or (v_obj ->> 'result_name') !~ '^[A-Za-z_][A-Za-z0-9_]*$') then
+            raise exception 'result_name % is not a valid identifier (at %)',
+                (v_obj -> 'result_name')::text, v_where using errcode = '22023';
+        end if;
+        -- a child key present but not an object is a malformed graph, never silently dropped
+        if v_node #> '{c,condition_node}' is not null
+           and jsonb_typeof(v_node #> '{c,condition_node}') not in ('object', 'null') then
+            raise exception 'condition_node in % must be a first-class Durofut field holding a node object (at %)',
+                v_type, v_where using errcode = '22023';
+        end if;
+        if jsonb_typeof(v_node #> '{c,left_node}') not in ('object', 'null')
+           or jsonb_typeof(v_node #> '{c,right_node}') not in ('object', 'null') then
+            raise exception 'left_node and right_node must be Durofut JSON objects (at %)', v_where
+                using errcode = '22023';
+        end if;
+        if v_node #> '{c,extra_nodes}' is not null and jsonb_typeof(v_node #> '{c,extra_nodes}') <> 'null'
+           and (jsonb_typeof(v_node #> '{c,extra_nodes}') <> 'array'
+                or exists (select 1 from jsonb_array_elements(v_node #> '{c,extra_nodes}') e
+                           where jsonb_typeof(e) <> 'object')) then
+            raise exception 'extra_nodes entries must be Durofut JSON objects (at %)', v_where
+                using errcode = '22023';
+        end if;
+
+        v_query := v_obj -> 'query';
+        if v_query is not null and jsonb_typeof(v_query) not in ('string', 'null') then
+            raise exception 'query of a % node must be a JSON string (at %)', v_type, v_where
+                using errcode = '22023';
+        end if;
+        if jsonb_typeof(v_query) = 'null' then
+            v_query := null;
+        end if;
+        v_leaf := v_type in ('SQL', 'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART');
+        if v_leaf then
+            if v_query is null or btrim(v_query #>> '{}') = '' then
+                raise exception '% node needs a non-empty query (at %)', v_type, v_where
+                    using errcode = '22023';
+            end if;
+            if jsonb_typeof(v_node #> '{c,left_node}') = 'object'
+               or jsonb_typeof(v_node #> '{c,right_node}') = 'object'
+               or jsonb_typeof(v_node #> '{c,condition_node}') = 'object'
+               or jsonb_typeof(v_node #> '{c,extra_nodes}') = 'array' then
+                raise exception '% node cannot have child nodes (at %)', v_type, v_where
+                    using errcode = '22023';
+            end if;
+            if v_type = 'SLEEP' and (v_query #>> '{}') !~ '^\s*[0-9]+\s*$' then
+                raise exception 'SLEEP query must be a non-negative number of seconds, got % (at %)',
+                    v_query::text, v_where using errcode = '22023';
+            end if;
+            if v_type in ('BREAK', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART') then
+                v_cfg := df._try_jsonb(v_query #>> '{}');
+                if jsonb_typeof(v_cfg) is distinct from 'object' then
+                    raise exception 'query of a % node must be valid JSON config (at %)', v_type, v_where
+                        using errcode = '22023';
+                end if;
+                if v_type = 'WAIT_SCHEDULE' and jsonb_typeof(v_cfg -> 'cron_expr') is distinct from 'string' then
+                    raise exception 'WAIT_SCHEDULE config needs a cron_expr string (at %)', v_where
+                        using errcode = '22023';
+                end if;
+                if v_type = 'SIGNAL' and (jsonb_typeof(v_cfg -> 'signal_name') is distinct from 'string'
+                                          or v_cfg ->> 'signal_name' = '') then
+                    raise exception 'SIGNAL config needs a non-empty signal_name (at %)', v_where
+                        using errcode = '22023';
+                end if;
+                if v_type in ('HTTP', 'HTTP_MULTIPART')
+                   and (jsonb_typeof(v_cfg -> 'url') is distinct from 'string'
+                        or jsonb_typeof(v_cfg -> 'method') is distinct from 'string') then
+                    raise exception '% config needs url and method strings (at %)', v_type, v_where
+                        using errcode = '22023';
+                end if;
+            end if;
+        else
+            if jsonb_typeof(v_node #> '{c,left_node}') is distinct from 'object' then
+                raise exception '% node needs a left_node (at %)', v_type, v_where using errcode = '22023';
+            end if;
+            if v_type = 'LOOP' then
+                if jsonb_typeof(v_node #> '{c,right_node}') = 'object' then
+                    raise exception 'LOOP node cannot have a right_node (at %)', v_where
+                        using errcode = '22023';
+                end if;
+            elsif jsonb_typeof(v_node #> '{c,right_node}') is distinct from 'object' then
+                raise exception '% node needs a right_node (at %)', v_type, v_where using errcode = '22023';
+            end if;
+            if v_type <> 'JOIN' and jsonb_typeof(v_node #> '{c,extra_nodes}') = 'array' then
+                raise exception 'extra_nodes is only allowed on JOIN nodes (at %)', v_where
+                    using errcode = '22023';
+            end if;
+            if v_type in ('THEN', 'RACE', 'JOIN')
+               and jsonb_typeof(v_node #> '{c,condition_node}') = 'object' then
+                raise exception 'condition_node is only allowed on IF and LOOP nodes (at %)', v_where
+                    using errcode = '22023';
+            end if;
+            if v_type = 'IF' then
+                v_cfg := df._try_jsonb(v_query #>> '{}');
+                if jsonb_typeof(v_node #> '{c,condition_node}') = 'object' then
+                    if v_query is not null then
+                        raise exception 'IF node has both a condition_node and a query (at %)', v_where
+                            using errcode = '22023';
+                    end if;
+                elsif v_query is null then
+                    raise exception 'IF node needs a condition_node or a result_has_rows query (at %)',
+                        v_where using errcode = '22023';
+                elsif v_cfg is null or jsonb_typeof(v_cfg) <> 'object' then
+                    raise exception 'query in IF must be valid JSON config (at %)', v_where
+                        using errcode = '22023';
+                elsif v_cfg ? 'condition_node' then
+                    -- the stored (flattened) form: ids inside query are not a graph value
+                    raise exception 'condition_node in IF must be a first-class Durofut field, not part of query (at %)',
+                        v_where using errcode = '22023';
+                elsif v_cfg ->> 'condition_type' is distinct from 'result_has_rows'
+                      or jsonb_typeof(v_cfg -> 'result_name') is distinct from 'string'
+                      or (v_cfg ->> 'result_name') !~ '^[A-Za-z_][A-Za-z0-9_]*$' then
+                    raise exception 'query in IF must be valid JSON config: {"condition_type":"result_has_rows","result_name":<identifier>} (at %)',
+                        v_where using errcode = '22023';
+                end if;
+            elsif v_query is not null then
+                raise exception '% node cannot have a query (at %)', v_type, v_where using errcode = '22023';
+            end if;
+        end if;
+    end loop;
+
+    -- ids: v_count distinct random 8-hex values (collisions are re-drawn)
+    loop
+        select array_agg(id order by id) into v_ids
+        from (select distinct right(replace(gen_random_uuid()::text, '-', ''), 8) as id
+              from generate_series(1, v_count)) g;
+        exit when cardinality(v_ids) = v_count;
+    end loop;
+
+    with n as (
+        select (e.ord)::integer as pos, e.value as w,
+               array(select jsonb_array_elements_text(e.value -> 'p')::integer) as path
+        from jsonb_array_elements(v_walk) with ordinality e(value, ord)
+    ), ided as (
+        select n.*, v_ids[n.pos] as id, n.path[1:cardinality(n.path) - 1] as parent,
+               n.path[cardinality(n.path)] as ord
+        from n
+    ), kids as (
+        select c.parent, min(c.id) filter (where c.ord = 0) as cond_id,
+               min(c.id) filter (where c.ord = 1) as left_id,
+               min(c.id) filter (where c.ord = 2) as right_id,
+               jsonb_agg(c.id order by c.ord) filter (where c.ord >= 3) as extra_ids
+        from ided c
+        where cardinality(c.path) > 0
+        group by c.parent
+    )
+    select jsonb_agg(jsonb_build_object(
+               'id', i.id,
+               'node_type', i.w #>> '{o,node_type}',
+               'query', case
+                   when i.w #>> '{o,node_type}' in ('IF', 'LOOP') and k.cond_id is not null
+                       then jsonb_build_object('condition_node', k.cond_id)::text
+                   when i.w #>> '{o,node_type}' = 'JOIN' and k.extra_ids is not null
+                       then jsonb_build_object('extra_nodes', k.extra_ids)::text
+                   when i.w #>> '{o,node_type}' in ('THEN', 'RACE', 'JOIN', 'LOOP') then null
+                   else i.w #>> '{o,query}' end,
+               'result_name', i.w #>> '{o,result_name}',
+               'left_node', k.left_id,
+               'right_node', k.right_id)
+           order by i.pos)
+    into v_result
+    from ided i
+    left join kids k on k.parent = i.path;
+    return v_result;
+end;
+$$;
+
+------------------------------------------------------------------------------------------
+-- engine helpers (SECURITY DEFINER; only reachable through df.grant_usage)
+------------------------------------------------------------------------------------------
+
+-- The role that called into a SECURITY DEFINER helper (see the header). Not a definer itself.
+create function @engine@._invoker() returns name
+language sql stable
+set search_path = pg_catalog
+as $$
+    select case when coalesce(current_setting('role', true), 'none') in ('none', '')
+                then session_user else current_setting('role', true)::name end
+$$;
+
+-- May the calling role act on an instance submitted by p_owner? Owners, and roles that bypass
+-- RLS anyway (superusers, BYPASSRLS roles), the same set df.instances shows the row to.
+create function @engine@._may_act(p_owner regrole) returns boolean
+language sql stable
+set search_path = pg_catalog
+as $$
+    select exists (select 1 from pg_catalog.pg_roles r
+                   where r.rolname = @engine@._invoker()
+                     and (r.oid = p_owner::oid or r.rolsuper or r.rolbypassrls))
+$$;
+
+create function @engine@._schema_ready_v1() returns integer
+language sql stable security definer
+set search_path = pg_catalog
+as $$ select coalesce((select w.schema_version from @engine@._worker_ready w), 0) $$;
+
+-- Hand a freshly written instance to the engine: the frozen vars snapshot and the first task.
+-- Only for a pending instance of the caller that the engine has not seen yet, so a role cannot
+-- inject vars into someone else's instance.
+create function @engine@._enqueue_v1(p_instance_id varchar, p_vars jsonb) returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog
+as $$
+declare
+    v_inst record;
+begin
+    select i.id, i.root_node, i.status, i.submitted_by, i.database into v_inst
+    from df.instances i where i.id = p_instance_id
+    for update;
+    if not found or not @engine@._may_act(v_inst.submitted_by) then
+        raise exception 'Instance % not found or access denied', p_instance_id using errcode = 'P0002';
+    end if;
+    if v_inst.status <> 'pending' then
+        raise exception 'Instance % is %, only pending instances can be enqueued', p_instance_id,
+            v_inst.status using errcode = '55000';
+    end if;
+    insert into @engine@.runs (instance_id, vars) values (p_instance_id, coalesce(p_vars, '{}'))
+    on conflict (instance_id) do nothing;
+    if not found then
+        raise exception 'Instance % was already handed to the engine', p_instance_id
+            using errcode = '55000';
+    end if;
+    insert into @engine@.tasks (instance_id, node_id, gen, kind, due_at, submitted_by, database)
+    values (p_instance_id, v_inst.root_node, 0, 'start', now(), v_inst.submitted_by, v_inst.database);
+end;
+$$;
+
+-- df.signal's write: durable inbox row + wake the instance's signal waits (the worker re-parks
+-- a wait that finds no signal of its name, tasks.deadline keeps its timeout). Locks the runs
+-- row first, like every writer of an instance (50_engine.sql lock order).
+create function @engine@._signal_v1(p_instance_id varchar, p_name text, p_data jsonb) returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog
+as $$
+declare
+    v_owner  regrole;
+    v_status text;
+begin
+    perform 1 from @engine@.runs r where r.instance_id = p_instance_id for update;
+    select i.submitted_by, i.status into v_owner, v_status
+    from df.instances i where i.id = p_instance_id;
+    if v_owner is null or not @engine@._may_act(v_owner) then
+        raise exception 'Instance not found or access denied: %', p_instance_id using errcode = 'P0002';
+    end if;
+    if v_status in ('completed', 'failed', 'cancelled') then
+        raise exception 'Instance % is already %; signals can only be sent to pending or running instances',
+            p_instance_id, v_status using errcode = '55000';
+    end if;
+    insert into @engine@.signals (instance_id, name, data) values (p_instance_id, p_name, p_data);
+    update @engine@.tasks t set due_at = now()
+    where t.instance_id = p_instance_id and t.kind = 'signal' and t.lease_owner is null;
+    perform pg_notify('pgdurable_work', p_instance_id);
+end;
+$$;
+
+-- df.cancel's write (SPEC D16/D17). Lock order as every writer: runs row, then the instance.
+create function @engine@._cancel_v1(p_instance_id varchar, p_reason text) returns text
+language plpgsql volatile security definer
+set search_path = pg_catalog
+as $$
+declare
+    v_owner  regrole;
+    v_status text;
+begin
+    perform 1 from @engine@.runs r where r.instance_id = p_instance_id for update;
+    select i.submitted_by, i.status into v_owner, v_status
+    from df.instances i where i.id = p_instance_id
+    for update;
+    if v_owner is null or not @engine@._may_act(v_owner) then
+        raise exception 'Instance not found or access denied: %', p_instance_id using errcode = 'P0002';
+    end if;
+    if v_status in ('completed', 'failed', 'cancelled') then
+        -- terminal states are sticky: report, change nothing
+        return format('Instance %s is already %s', p_instance_id, v_status);
+    end if;
+    update df.instances set status = 'cancelled', updated_at = now() where id = p_instance_id;
+    update @engine@.runs set cancel_reason = p_reason where instance_id = p_instance_id;
+    delete from @engine@.tasks where instance_id = p_instance_id;
+    update df.nodes
+    set status = 'failed', result = to_jsonb('cancelled: ' || p_reason), updated_at = now()
+    where instance_id = p_instance_id and status = 'running';
+    -- the worker running a step of this instance interrupts it (pg_cancel_backend)
+    perform pg_notify('pgdurable_cancel', p_instance_id);
+    return format('Instance %s cancelled: %s', p_instance_id, p_reason);
+end;
+$$;
+
+-- transaction_mode 'new': run a caller-mode df.start in a separate session as the calling
+-- role and commit it there. SECURITY DEFINER because dblink refuses password-less connections
+-- for non-superusers; the connection is opened only for the invoker's own role (checked
+-- against the role df.start ran as), so this gives no one another identity.
+create function @engine@._new_start_v1(p_role name, p_fut text, p_label text, p_database text)
+returns varchar
+language plpgsql volatile security definer
+set search_path = pg_catalog
+as $$
+declare
+    v_dblink name;
+    v_host   text;
+    v_conn   text;
+    v_name   text := 'pgdurable_start_' || pg_backend_pid();
+    v_id     varchar;
+begin
+    if p_role is distinct from @engine@._invoker() then
+        raise exception 'transaction_mode ''new'' must be called directly by the submitting role (%)', p_role
+            using errcode = '42501';
+    end if;
+    select n.nspname into v_dblink
+    from pg_extension e join pg_namespace n on n.oid = e.extnamespace
+    where e.extname = 'dblink';
+    if v_dblink is null then
+        raise exception 'transaction_mode ''new'' needs the dblink extension (CREATE EXTENSION dblink)'
+            using errcode = '55000';
+    end if;
+    -- reach this server the way the caller did: its TCP address, else the first socket dir
+    v_host := coalesce(host(inet_server_addr()),
+                       nullif(btrim(split_part(current_setting('unix_socket_directories'), ',', 1)), ''),
+                       '127.0.0.1');
+    v_conn := format('dbname=%s user=%s host=%s port=%s application_name=%s',
+                     quote_literal(current_database()), quote_literal(p_role),
+                     quote_literal(v_host),
+                     coalesce(inet_server_port()::text, current_setting('port')),
+                     quote_literal('pgdurable df.start new'));
+    execute format('select %I.dblink_connect(%L, %L)', v_dblink, v_name, v_conn);
+    begin
+        execute format('select %I.dblink_exec(%L, %L)', v_dblink, v_name,
+                       'set lock_timeout = ''30s''; set statement_timeout = ''30s''');
+        execute format('select t.id from %I.dblink(%L, %L) as t(id varchar)', v_dblink, v_name,
+                       format('select df.start(%L, %L, %L, ''caller'')', p_fut, p_label, p_database))
+            into v_id;
+        execute format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
+    exception when others then
+        execute format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
+        raise;
+    end;
+    return v_id;
+end;
+$$;
+
+------------------------------------------------------------------------------------------
+-- df.start
+------------------------------------------------------------------------------------------
+
+create function df.start(fut text, label text default null, database text default null,
+                         transaction_mode text default 'caller')
+returns varchar
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    -- 'PGDF': the class of the 'new' launch slots (advisory locks, one key per slot)
+    c_slot_class constant integer := x'50474446'::integer;
+    v_mode     text := lower(btrim(coalesce(transaction_mode, '')));
+    v_graph    jsonb;
+    v_nodes    jsonb;
+    v_me       regrole;
+    v_role     record;
+    v_id       varchar;
+    v_tries    integer := 0;
+    v_vars     jsonb;
+    v_slots    integer;
+    v_timeout  numeric;
+    v_deadline timestamptz;
+    v_slot     integer;
+begin
+    if v_mode not in ('caller', 'new') then
+        raise exception 'invalid transaction_mode ''%'': expected ''caller'' or ''new''', transaction_mode
+            using errcode = '22023';
+    end if;
+    if v_mode = 'new' and @engine@.in_workflow() then
+        raise exception 'df.start(transaction_mode => ''new'') cannot be called inside a workflow'
+            using errcode = '0A000';
+    end if;
+    -- 1. strict parse
+    if fut is null then
+        raise exception 'df.start: fut must not be NULL' using errcode = '22023';
+    end if;
+    v_graph := df._graph_value(fut);
+    -- 2. target database
+    if database is not null and not exists (select 1 from pg_database d where d.datname = database) then
+        raise exception 'database "%" does not exist', database using errcode = '3D000';
+    end if;
+    -- 3. identity: the submitting role must be able to log in, and not be a superuser unless allowed
+    select r.oid, r.rolname, r.rolcanlogin, r.rolsuper into v_role
+    from pg_roles r where r.rolname = current_user;
+    v_me := v_role.oid::regrole;
+    if not v_role.rolcanlogin then
+        raise exception 'role "%" cannot submit durable functions: it lacks the LOGIN attribute', current_user
+            using errcode = '42501',
+                  hint = 'steps run as the submitting role; ALTER ROLE ... LOGIN or submit as another role';
+    end if;
+    if v_role.rolsuper and lower(@engine@.setting('enable_superuser_instances', 'off'))
+                           not in ('on', 'true', 'yes', '1') then
+        raise exception 'superuser "%" cannot submit durable functions while pg_durable.enable_superuser_instances is off',
+            current_user using errcode = '42501',
+                               hint = 'submit as an ordinary role given df.grant_usage';
+    end if;
+    -- 4. readiness (SPEC D3)
+    if @engine@._schema_ready_v1() < 1 then
+        raise exception 'pg_durable background worker not yet initialized — try again in a moment'
+            using errcode = '55000';
+    end if;
+    -- 5. validate + flatten (raises before anything is written)
+    v_nodes := df._graph_flatten(v_graph);
+
+    if v_mode = 'new' then
+        -- take one of max_new_transaction_starts cluster-wide slots (session advisory locks,
+        -- released below); poll every 100 ms and give up before any session is opened
+        v_slots := greatest(1, @engine@.setting('max_new_transaction_starts', '2')::integer);
+        v_timeout := greatest(1, @engine@.setting('new_transaction_start_timeout', '5')::numeric);
+        v_deadline := clock_timestamp() + make_interval(secs => v_timeout);
+        <<wait>>
+        loop
+            for v_try in 0 .. v_slots - 1 loop
+                if pg_try_advisory_lock(c_slot_class, v_try) then
+                    v_slot := v_try;
+                    exit wait;
+                end if;
+            end loop;
+            if clock_timestamp() >= v_deadline then
+                raise exception 'Timed out after %s waiting for a launch slot (pg_durable.max_new_transaction_starts=%)',
+                    v_timeout, v_slots using errcode = '55P03';
+            end if;
+            perform pg_sleep(0.1);
+        end loop;
+        begin
+            v_id := @engine@._new_start_v1(current_user, fut, label, database);
+        exception when others then
+            perform pg_advisory_unlock(c_slot_class, v_slot);
+            raise;
+        end;
+        perform pg_advisory_unlock(c_slot_class, v_slot);
+        return v_id;
+    end if;
+
+    -- 6. reserve an instance id: ON CONFLICT sees every row (past RLS), so ids stay global
+    loop
+        v_tries := v_tries + 1;
+        insert into df.instances (id, label, root_node, submitted_by, database)
+        values (right(replace(gen_random_uuid()::text, '-', ''), 8), label, v_nodes -> 0 ->> 'id',
+                v_me, database)
+        on conflict (id) do nothing
+        returning id into v_id;
+        exit when v_id is not null;
+        if v_tries > 10 then
+            raise exception 'could not reserve an instance id after 10 attempts' using errcode = '55000';
+        end if;
+    end loop;
+    -- 7. all nodes in one statement (FKs are deferred to commit)
+    insert into df.nodes (id, instance_id, node_type, query, result_name, left_node, right_node,
+                          submitted_by, database)
+    select n.id, v_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, v_me, database
+    from jsonb_to_recordset(v_nodes) as n(id varchar, node_type text, query text, result_name text,
+                                          left_node varchar, right_node varchar);
+    -- 8. the vars snapshot (this transaction's view: own uncommitted rows included)
+    select coalesce(jsonb_object_agg(v.name, v.value), '{}') into v_vars
+    from df.vars v where v.owner = v_me;
+    -- 9. the engine's first task, then wake a worker (delivered at commit)
+    perform @engine@._enqueue_v1(v_id, v_vars);
+    perform pg_notify('pgdurable_work', v_id);
+    return v_id;
+end;
+$$;
+
+------------------------------------------------------------------------------------------
+-- signal, cancel, status, result, error, await
+------------------------------------------------------------------------------------------
+
+create function df.signal(instance_id text, signal_name text, data text default '{}')
+returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    v_data jsonb;
+begin
+    if coalesce(instance_id, '') = '' or coalesce(signal_name, '') = '' then
+        raise exception 'df.signal: instance_id and signal_name must be non-empty' using errcode = '22023';
+    end if;
+    -- visibility under RLS is the ownership check users see
+    if not exists (select 1 from df.instances i where i.id = instance_id) then
+        raise exception 'Instance not found or access denied: %', instance_id using errcode = 'P0002';
+    end if;
+    v_data := coalesce(df._try_jsonb(data), to_jsonb(data), 'null'::jsonb);
+    perform @engine@._signal_v1(instance_id, signal_name, v_data);
+    return 'OK';
+end;
+$$;
+
+create function df.cancel(instance_id text, reason text default 'Cancelled by user')
+returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+begin
+    if not exists (select 1 from df.instances i where i.id = instance_id) then
+        raise exception 'Instance not found or access denied: %', instance_id using errcode = 'P0002';
+    end if;
+    return @engine@._cancel_v1(instance_id, coalesce(reason, 'Cancelled by user'));
+end;
+$$;
+
+create function df.status(instance_id text) returns text
+language sql stable
+set search_path = pg_catalog
+as $$ select i.status from df.instances i where i.id = $1 $$;
+
+-- The root node's result, only for a completed instance (SPEC §4: not the error of a failed one).
+create function df.result(instance_id text) returns text
+language sql stable
+set search_path = pg_catalog
+as $$
+    select n.result::text
+    from df.instances i
+    join df.nodes n on n.instance_id = i.id and n.id = i.root_node
+    where i.id = $1 and i.status = 'completed'
+$$;
+
+-- The failing node of a failed instance: a failed node none of whose children failed (the
+-- leaf where the failure started; children include the ids inside IF/LOOP/JOIN query config);
+-- with several (JOIN branches) the one that finished first.
+create function df.error(instance_id text) returns jsonb
+language sql stable
+set search_path = pg_catalog
+as $$
+    with inst as (
+        select i.id from df.instances i where i.id = $1 and i.status = 'failed'
+    ), failed as (
+        select n.* from df.nodes n join inst on n.instance_id = inst.id where n.status = 'failed'
+    ), leaf as (
+        select f.* from failed f
+        where not exists (
+            select 1 from failed c
+            where c.id in (f.left_node, f.right_node)
+               or (f.node_type in ('IF', 'LOOP', 'JOIN') and f.query like '{%'
+                   and (df._try_jsonb(f.query) ->> 'condition_node' = c.id
+                        or coalesce(df._try_jsonb(f.query) -> 'extra_nodes', '[]') ? c.id)))
+        order by f.status_details ->> 'finished_at' nulls last, f.updated_at, f.id
+        limit 1
+    )
+    select case when exists (select 1 from inst) then
+        coalesce((select jsonb_build_object('node_id', l.id, 'node_type', l.node_type,
+                                            'error', l.result #>> '{}',
+                                            'sqlstate', l.status_details ->> 'sqlstate')
+                  from leaf l),
+                 jsonb_build_object('node_id', null, 'node_type', null,
+                                    'error', 'the instance failed before any node ran',
+                                    'sqlstate', null))
+    end
+$$;
+
+-- Poll df.instances every 100 ms (each query of a plpgsql loop takes a fresh snapshot under
+-- READ COMMITTED; under REPEATABLE READ the status cannot change and this times out).
+create function df.await_instance(instance_id text, timeout_seconds integer default 30)
+returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    v_status   text;
+    v_deadline timestamptz;
+begin
+    if @engine@.in_workflow() then
+        raise exception 'df.await_instance cannot be called inside a workflow' using errcode = '0A000';
+    end if;
+    if timeout_seconds is null or timeout_seconds <= 0 then
+        raise exception 'timeout_seconds must be positive, got %', timeout_seconds using errcode = '22023';
+    end if;
+    v_deadline := clock_timestamp() + make_interval(secs => timeout_seconds);
+    loop
+        select i.status into v_status from df.instances i where i.id = instance_id;
+        if v_status is null then
+            raise exception 'Instance not found or access denied: %', instance_id using errcode = 'P0002';
+        end if;
+        if v_status in ('completed', 'failed', 'cancelled') then
+            return v_status;
+        end if;
+        if clock_timestamp() >= v_deadline then
+            raise exception 'Timed out after %s waiting for instance % (status: %)', timeout_seconds,
+                instance_id, v_status using errcode = '57014';
+        end if;
+        perform pg_sleep(0.1);
+    end loop;
+end;
+$$;
+
+create function df.wait_for_completion(instance_id text, timeout_seconds integer default 30)
+returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+begin
+    raise warning 'df.wait_for_completion is deprecated; use df.await_instance';
+    return df.await_instance(instance_id, timeout_seconds);
+end;
+$$;
