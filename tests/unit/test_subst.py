@@ -338,7 +338,8 @@ def test_hostile_strings_are_one_inert_literal(value):
     assert decode_literal(lit) == value
     # nothing that ends a dollar quote, a line comment or a block comment
     assert "$" not in lit
-    assert "\n" not in lit and "\r" not in lit
+    assert "\n" not in lit
+    assert "\r" not in lit
     assert "*" not in lit
 
 
@@ -391,7 +392,8 @@ def decode_literal(lit: str) -> str:
                 out.append(c)
                 i += 1
         return "".join(out)
-    assert lit.startswith("'") and lit.endswith("'"), lit
+    assert lit.startswith("'"), lit
+    assert lit.endswith("'"), lit
     body = lit[1:-1]
     assert "\\" not in body
     assert body.replace("''", "").count("'") == 0, lit
