@@ -179,8 +179,8 @@ class Scheduler:
 
     def dump_state(self) -> list[int]:
         """``[version, n, started, terminal] + status + gen + aux + truth``."""
-        return ([STATE_VERSION, self._n, int(self._started), self._terminal]
-                + self._status + self._gen + self._aux + self._truth)
+        return [STATE_VERSION, self._n, int(self._started), self._terminal,
+                *self._status, *self._gen, *self._aux, *self._truth]
 
     @classmethod
     def load_state(cls, graph: Any, max_iterations: int, state: list[int]) -> Scheduler:
