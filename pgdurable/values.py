@@ -43,6 +43,8 @@ _TRUE_WORDS = frozenset({"true", "t", "yes"})
 _FALSE_WORDS = frozenset({"false", "f", "no"})
 # "numeric text": a plain decimal number. Deliberately narrower than float(): no "nan",
 # "inf", "1_000" or hex, which are "other text" and therefore true.
+# 19 digits in a row: possibly an integer orjson would not keep exactly (beyond int64).
+_LONG_DIGITS = re.compile(r"\d{19}")
 _NUMERIC_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
@@ -63,14 +65,23 @@ def json_text(value: Any) -> str:
     return json_bytes(value).decode()
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not json")
+
+
 def _loads(text: str) -> Any:
-    """Parse JSON text; numbers orjson cannot hold (``1e400``) go through the stdlib."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        # json.loads raises its own JSONDecodeError (a ValueError) when the text really is
-        # not JSON; the callers decide what that means.
-        return json.loads(text)
+    """Parse JSON text exactly.
+
+    orjson turns integers beyond 64 bits into (lossy) floats and refuses numbers beyond the
+    double range (``1e400``); texts that may hold either go through the stdlib, which keeps
+    integers exact. Both refuse ``NaN``/``Infinity``, which are not JSON.
+    """
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # maybe 1e400; the stdlib decides (and raises ValueError if not JSON)
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 def is_row_set(result: Any) -> bool:
