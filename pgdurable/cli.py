@@ -149,14 +149,13 @@ def start(dsn: str | None, expr: str, label: str | None) -> None:
 
 for _name in ("status", "result", "error"):
     def _make(name: str) -> None:
-        @main.command(name=name)
+        @main.command(name=name, help=f"Print df.{name}(INSTANCE_ID).")
         @dsn_option
         @click.argument("instance_id")
         def _cmd(dsn: str | None, instance_id: str) -> None:
             out = _scalar(dsn, f"select df.{name}(%s)", (instance_id,))
             click.echo("" if out is None else
                        (json.dumps(out) if not isinstance(out, str) else out))
-        _cmd.__doc__ = f"Print df.{name}(INSTANCE_ID)."
     _make(_name)
 
 
