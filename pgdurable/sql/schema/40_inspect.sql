@@ -1,0 +1,633 @@
+-- pgdurable schema, part 40: inspection and administration.
+--
+--   df._node_tree               read-time tree walk: pre-order path + inferred status (ARCH §4)
+--   df.instance_nodes           12 columns (+ the legacy (text, integer) overload)
+--   df.list_instances           basic and paged (opaque keyset cursor) overloads
+--   df.instance_info / df.instance_executions / df.metrics
+--   df.explain                  live instance tree or dry run of a graph / DSL text / SQL
+--   df.setvar/getvar/unsetvar/clearvars, df.version/run/target_database/duroxide_schema
+--   df.workers                  view over @engine@.workers
+--   df.grant_usage / df.revoke_usage
+--
+-- Everything here is SECURITY INVOKER and reads df.instances/df.nodes under RLS, so a role
+-- sees only its own instances; df.metrics (engine-wide, admin-only) is the one definer.
+--
+-- Our choices where SPEC §4 leaves room (documented in docs too):
+--   function_name        always 'pgdurable' (the orchestration name; labels are in `label`)
+--   execution_count      highest generation / loop iteration any node reports, 0 before a
+--                        worker loaded the instance
+--   output               the root node's result (JSON text), whatever the status
+--   instance_executions  one row per execution_id found in status_details ('<id>::<gen>')
+--   status words         df's own (pending/running/completed/failed/cancelled) everywhere
+
+------------------------------------------------------------------------------------------
+-- inferred status
+------------------------------------------------------------------------------------------
+
+-- One row per node of the instance reachable from its root, with its pre-order path and the
+-- inferred status (ARCHITECTURE §4):
+--   superseded  a node under a LOOP whose seq < that loop's iter_seq reads as pending
+--               (inferred_from = the loop); decisions of a superseded IF/RACE/THEN are stale
+--               and are not applied to its children
+--   skipped     a pending/running node under an IF's untaken arm, right of a THEN whose left
+--               failed, under a decided RACE's loser (inferred_from = the deciding ancestor,
+--               the outermost one), or of a terminal instance (inferred_from = the root)
+-- The walk stops at depth 300 so hand-written cyclic rows cannot loop forever.
+create function df._node_tree(p_instance_id text)
+returns table (node_id varchar, path integer[], role text, inferred_status text,
+               inferred_from varchar)
+language sql stable
+set search_path = pg_catalog
+as $$
+    with recursive inst as (
+        select i.id, i.root_node, i.status from df.instances i where i.id = p_instance_id
+    ), n as (
+        select x.id, x.node_type, x.left_node, x.right_node, x.status, x.status_details as sd,
+               case when x.node_type in ('IF', 'LOOP', 'JOIN') and x.query like '{%'
+                    then df._try_jsonb(x.query) end as qj,
+               case when jsonb_typeof(x.status_details -> 'seq') = 'number'
+                    then (x.status_details ->> 'seq')::numeric end as seq,
+               case when x.node_type = 'LOOP' and jsonb_typeof(x.status_details -> 'iter_seq') = 'number'
+                    then (x.status_details ->> 'iter_seq')::numeric end as iter_seq
+        from df.nodes x where x.instance_id = p_instance_id
+    ), walk(node_id, path, role, depth, skip_from, loop_seq, loop_id) as (
+        select i.root_node::varchar, array[]::integer[], 'root'::text, 1, null::varchar, null::numeric,
+               null::varchar
+        from inst i
+        union all
+        select c.child, w.path || c.ord, c.role, w.depth + 1,
+               coalesce(w.skip_from, case when coalesce(p.seq < w.loop_seq, false) then null
+                                          else c.skip_here end),
+               case when p.iter_seq > coalesce(w.loop_seq, -1) then p.iter_seq else w.loop_seq end,
+               case when p.iter_seq > coalesce(w.loop_seq, -1) then p.id else w.loop_id end
+        from walk w
+        join n p on p.id = w.node_id
+        cross join lateral (
+            select (p.qj ->> 'condition_node')::varchar as child, 0 as ord,
+                   case p.node_type when 'LOOP' then 'while' else 'condition' end as role,
+                   null::varchar as skip_here
+            where p.node_type in ('IF', 'LOOP') and jsonb_typeof(p.qj -> 'condition_node') = 'string'
+            union all
+            select p.left_node, 1,
+                   case p.node_type when 'IF' then 'then' when 'LOOP' then 'body'
+                                    when 'THEN' then 'first' else 'branch 1' end,
+                   case when (p.node_type = 'IF' and p.sd ->> 'branch' = 'else')
+                          or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.left_node)
+                        then p.id end
+            where p.left_node is not null
+            union all
+            select p.right_node, 2,
+                   case p.node_type when 'IF' then 'else' when 'THEN' then 'then' else 'branch 2' end,
+                   case when (p.node_type = 'IF' and p.sd ->> 'branch' = 'then')
+                          or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.right_node)
+                          or (p.node_type = 'THEN' and exists (select 1 from n l
+                                                               where l.id = p.left_node
+                                                                 and l.status = 'failed'))
+                        then p.id end
+            where p.right_node is not null
+            union all
+            select e.value::varchar, 2 + e.ord::integer, 'branch ' || (2 + e.ord), null::varchar
+            from jsonb_array_elements_text(case when p.node_type = 'JOIN'
+                                                     and jsonb_typeof(p.qj -> 'extra_nodes') = 'array'
+                                                then p.qj -> 'extra_nodes' end)
+                 with ordinality e(value, ord)
+        ) c
+        where w.depth < 300
+    ), placed as (
+        select distinct on (w.node_id) w.* from walk w order by w.node_id, w.path
+    )
+    select x.id, w.path, w.role,
+           case when v.eff in ('pending', 'running') and w.skip_from is not null then 'skipped'
+                when v.eff in ('pending', 'running') and i.status in ('completed', 'failed', 'cancelled')
+                    then 'skipped'
+                else v.eff end,
+           case when v.eff in ('pending', 'running') and w.skip_from is not null then w.skip_from
+                when v.eff in ('pending', 'running') and i.status in ('completed', 'failed', 'cancelled')
+                    then i.root_node
+                when v.superseded then w.loop_id end
+    from n x
+    cross join inst i
+    left join placed w on w.node_id = x.id
+    cross join lateral (
+        select coalesce(x.seq < w.loop_seq, false) as superseded,
+               case when coalesce(x.seq < w.loop_seq, false) then 'pending' else x.status end as eff
+    ) v
+    order by w.path nulls last, x.id
+$$;
+
+create function df.instance_nodes(instance_id text)
+returns table (node_id varchar, node_type text, query text, result_name text, left_node varchar,
+               right_node varchar, status text, result text, status_details text,
+               inferred_status text, inferred_status_from_ancestor_id varchar,
+               updated_at timestamptz)
+language sql stable
+set search_path = pg_catalog
+as $$
+    select n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
+           n.result::text, n.status_details::text, t.inferred_status, t.inferred_from, n.updated_at
+    from df.nodes n
+    join df._node_tree($1) t on t.node_id = n.id
+    where n.instance_id = $1
+    order by t.path nulls last, n.id
+$$;
+
+-- Legacy overload (before inferred status existed): the physical columns only, at most
+-- limit_count rows in tree order.
+create function df.instance_nodes(instance_id text, limit_count integer)
+returns table (node_id varchar, node_type text, query text, result_name text, left_node varchar,
+               right_node varchar, status text, result text, updated_at timestamptz)
+language sql stable
+set search_path = pg_catalog
+as $$
+    select x.node_id, x.node_type, x.query, x.result_name, x.left_node, x.right_node, x.status,
+           x.result, x.updated_at
+    from df.instance_nodes($1) x
+    limit greatest(coalesce($2, 100), 0)
+$$;
+
+------------------------------------------------------------------------------------------
+-- listing
+------------------------------------------------------------------------------------------
+
+-- The paged listing; the basic overload is a projection of it. Keyset pagination on the
+-- (created_at desc, id) index order: the cursor is the hex of 'v1:<created_at µs>:<id>' of a
+-- page's last row, repeated on every row of the page and NULL on the last page.
+create function df.list_instances(status_filter text, limit_count integer, label_filter text,
+                                  after_cursor text default null)
+returns table (instance_id varchar, label text, function_name text, status text,
+               execution_count integer, output text, created_at timestamptz,
+               completed_at timestamptz, next_cursor text)
+language plpgsql stable
+set search_path = pg_catalog
+as $$
+#variable_conflict use_column
+declare
+    v_max    integer := @engine@.setting('list_instances_max_limit', '1000')::integer;
+    v_limit  integer := coalesce(limit_count, 100);
+    v_plain  text;
+    v_parts  text[];
+    v_at     timestamptz;
+    v_id     varchar;
+begin
+    if v_limit < 1 then
+        raise exception 'limit_count must be at least 1, got %', v_limit using errcode = '22023';
+    end if;
+    if v_limit > v_max then
+        raise exception 'limit_count % exceeds pg_durable.list_instances_max_limit (%)', v_limit, v_max
+            using errcode = '54000', hint = 'page through the results with the paged overload''s after_cursor';
+    end if;
+    if after_cursor is not null then
+        if after_cursor ~ '^([0-9a-f]{2})+$' then
+            v_plain := convert_from(decode(after_cursor, 'hex'), 'SQL_ASCII');
+            v_parts := regexp_match(v_plain, '^v1:(-?[0-9]{1,19}):([0-9a-f]{8})$');
+        end if;
+        if v_parts is null then
+            raise exception 'invalid list_instances cursor %', quote_literal(after_cursor)
+                using errcode = '22023', hint = 'pass a next_cursor value returned by df.list_instances';
+        end if;
+        v_at := timestamptz 'epoch' + v_parts[1]::bigint * interval '1 microsecond';
+        v_id := v_parts[2];
+    end if;
+    return query
+    with page as (
+        select i.id, i.label, i.status, i.created_at, i.completed_at, i.root_node
+        from df.instances i
+        where (status_filter is null or i.status = status_filter)
+          and (label_filter is null or i.label = label_filter)
+          and (v_at is null or i.created_at < v_at or (i.created_at = v_at and i.id > v_id))
+        order by i.created_at desc, i.id
+        limit v_limit + 1
+    ), numbered as (
+        select p.*, row_number() over (order by p.created_at desc, p.id) as rn,
+               count(*) over () as total
+        from page p
+    )
+    select x.id, x.label, 'pgdurable'::text, x.status,
+           -- 0 until a worker stamped a node, then at least 1
+           (select case when count(*) = 0 then 0
+                        else greatest(1, coalesce(max(greatest(
+                            case when jsonb_typeof(n.status_details -> 'gen') = 'number'
+                                 then (n.status_details ->> 'gen')::numeric end,
+                            case when jsonb_typeof(n.status_details -> 'iteration') = 'number'
+                                 then (n.status_details ->> 'iteration')::numeric end)), 1))::integer end
+            from df.nodes n where n.instance_id = x.id and n.status_details is not null),
+           (select r.result::text from df.nodes r where r.instance_id = x.id and r.id = x.root_node),
+           x.created_at, x.completed_at,
+           max(case when x.total > v_limit and x.rn = v_limit
+                    then encode(convert_to('v1:' || (extract(epoch from x.created_at) * 1000000)::bigint
+                                           || ':' || x.id, 'SQL_ASCII'), 'hex') end) over ()
+    from numbered x
+    where x.rn <= v_limit
+    order by x.rn;
+end;
+$$;
+
+create function df.list_instances(status_filter text default null, limit_count integer default 100)
+returns table (instance_id varchar, label text, function_name text, status text,
+               execution_count integer, output text)
+language sql stable
+set search_path = pg_catalog
+as $$
+    select l.instance_id, l.label, l.function_name, l.status, l.execution_count, l.output
+    from df.list_instances($1, $2, null::text, null::text) l
+$$;
+
+create function df.instance_info(instance_id text)
+returns table (instance_id varchar, label text, function_name text, function_version text,
+               current_execution_id text, status text, output text)
+language sql stable
+set search_path = pg_catalog
+as $$
+    select i.id, i.label, 'pgdurable'::text, '@version@'::text,
+           (select n.status_details ->> 'execution_id' from df.nodes n
+            where n.instance_id = i.id and n.status_details ? 'execution_id'
+            order by n.updated_at desc, n.id limit 1),
+           i.status,
+           (select r.result::text from df.nodes r where r.instance_id = i.id and r.id = i.root_node)
+    from df.instances i where i.id = $1
+$$;
+
+-- Executions = the distinct execution_ids the worker stamped on the nodes, newest first.
+create function df.instance_executions(instance_id text, limit_count integer default 5)
+returns table (execution_id text, status text, event_count bigint, duration_ms bigint, output text)
+language sql stable
+set search_path = pg_catalog
+as $$
+    select e.execution_id,
+           case when bool_or(n.status = 'failed') then 'failed'
+                when bool_or(n.status in ('running', 'pending')) then 'running'
+                else 'completed' end,
+           count(*),
+           (extract(epoch from max(f.finished_at) - min(f.started_at)) * 1000)::bigint,
+           max(n.result::text) filter (where n.id = i.root_node)
+    from df.instances i
+    join df.nodes n on n.instance_id = i.id
+    cross join lateral (select n.status_details ->> 'execution_id' as execution_id) e
+    cross join lateral (
+        select case when n.status_details ->> 'started_at' ~ '^\d{4}-' then (n.status_details ->> 'started_at')::timestamptz end as started_at,
+               case when n.status_details ->> 'finished_at' ~ '^\d{4}-' then (n.status_details ->> 'finished_at')::timestamptz end as finished_at
+    ) f
+    where i.id = $1 and e.execution_id is not null
+    group by e.execution_id
+    order by max(n.updated_at) desc, e.execution_id desc
+    limit least(greatest(coalesce($2, 5), 0), 10000)
+$$;
+
+-- Engine-wide counters (admin-only: PUBLIC EXECUTE is revoked in 90_grants.sql, so the
+-- definer's view of every role's rows is reachable only by roles given it explicitly).
+--   total_executions  distinct execution ids stamped on nodes (≈ activations of scopes)
+--   total_events      node state changes recorded by workers + signals in the inbox
+create function df.metrics()
+returns table (total_instances bigint, running_instances bigint, completed_instances bigint,
+               failed_instances bigint, total_executions bigint, total_events bigint)
+language sql stable security definer
+set search_path = pg_catalog
+as $$
+    select (select count(*) from df.instances),
+           (select count(*) from df.instances where status = 'running'),
+           (select count(*) from df.instances where status = 'completed'),
+           (select count(*) from df.instances where status = 'failed'),
+           (select count(distinct status_details ->> 'execution_id') from df.nodes),
+           (select count(*) from df.nodes where status <> 'pending')
+             + (select count(*) from @engine@.signals)
+$$;
+
+------------------------------------------------------------------------------------------
+-- explain
+------------------------------------------------------------------------------------------
+
+-- Render a node map {id: {t, q, n, l, r, c, x, m}} as an indented tree, iteratively (an
+-- explicit stack; plpgsql recursion 256 deep could exhaust the C stack). Unnamed THEN chains
+-- are flattened into one line per element, every element after the first prefixed `→ `, so
+-- there is exactly one → per THEN edge. m is the inferred status (NULL = no mark, dry run).
+create function df._explain_render(p_nodes jsonb, p_root text) returns text
+language plpgsql stable
+set search_path = pg_catalog
+as $$
+declare
+    v_ids    text[] := array[p_root];
+    v_ind    integer[] := array[0];
+    v_pre    text[] := array[''];
+    v_lines  text[] := array[]::text[];
+    v_id     text;
+    v_indent integer;
+    v_prefix text;
+    v_node   jsonb;
+    v_cfg    jsonb;
+    v_label  text;
+    v_mark   text;
+    v_kids   text[];
+    v_roles  text[];
+    v_k      integer;
+    v_top    integer;
+begin
+    while cardinality(v_ids) > 0 loop
+        v_top := cardinality(v_ids);
+        v_id := v_ids[v_top]; v_indent := v_ind[v_top]; v_prefix := v_pre[v_top];
+        v_ids := v_ids[1:v_top - 1]; v_ind := v_ind[1:v_top - 1]; v_pre := v_pre[1:v_top - 1];
+        if cardinality(v_lines) > 20000 then
+            v_lines := v_lines || '…'::text;
+            exit;
+        end if;
+        v_node := p_nodes -> v_id;
+        if v_node is null then
+            v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || '? missing node ' || coalesce(v_id, 'null'));
+            continue;
+        end if;
+        if v_node ->> 't' = 'THEN' and v_node ->> 'n' is null then
+            -- a sequence: left then right at this level (a role label gets its own line)
+            if v_prefix not in ('', '→ ') then
+                v_lines := v_lines || (repeat(' ', v_indent) || rtrim(v_prefix));
+                v_indent := v_indent + 2;
+                v_prefix := '';
+            end if;
+            v_ids := v_ids || array[v_node ->> 'r', v_node ->> 'l'];
+            v_ind := v_ind || array[v_indent, v_indent];
+            v_pre := v_pre || array['→ ', v_prefix];
+            continue;
+        end if;
+        v_cfg := case when v_node ->> 't' in ('WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'BREAK', 'IF')
+                      then df._try_jsonb(v_node ->> 'q') end;
+        v_label := case v_node ->> 't'
+            when 'SQL' then 'SQL: ' || regexp_replace(btrim(v_node ->> 'q'), '\s+', ' ', 'g')
+            when 'SLEEP' then 'SLEEP ' || btrim(v_node ->> 'q') || 's'
+            when 'WAIT_SCHEDULE' then 'WAIT ' || quote_literal(coalesce(v_cfg ->> 'cron_expr', '?'))
+            when 'SIGNAL' then 'SIGNAL ' || quote_literal(coalesce(v_cfg ->> 'signal_name', '?'))
+                               || coalesce(' (timeout ' || (v_cfg ->> 'timeout_seconds') || 's)', '')
+            when 'HTTP' then 'HTTP ' || upper(coalesce(v_cfg ->> 'method', '?')) || ' ' || coalesce(v_cfg ->> 'url', '?')
+            when 'HTTP_MULTIPART' then 'HTTP ' || upper(coalesce(v_cfg ->> 'method', '?')) || ' '
+                                       || coalesce(v_cfg ->> 'url', '?') || ' (multipart)'
+            when 'BREAK' then 'BREAK' || coalesce(' ' || (v_cfg ->> 'break_value'), '')
+            when 'LOOP' then case when v_node ->> 'c' is null then 'LOOP (infinite)' else 'LOOP (while)' end
+            when 'IF' then case when v_node ->> 'c' is null
+                                then 'IF has rows: ' || coalesce(v_cfg ->> 'result_name', '?') else 'IF' end
+            when 'JOIN' then 'JOIN (' || (2 + coalesce(jsonb_array_length(v_node -> 'x'), 0)) || ')'
+            when 'RACE' then 'RACE'
+            when 'THEN' then 'THEN'
+            else coalesce(v_node ->> 't', '?') end
+            || coalesce(' |=> ' || quote_literal(v_node ->> 'n'), '');
+        v_mark := case v_node ->> 'm'
+            when 'completed' then '✓ ' when 'failed' then '✗ ' when 'running' then '⏳ '
+            when 'pending' then '○ ' when 'skipped' then '⊘ ' else '' end;
+        v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || v_mark || v_label);
+        -- children in display order
+        case v_node ->> 't'
+            when 'IF' then
+                v_kids := array[v_node ->> 'c', v_node ->> 'l', v_node ->> 'r'];
+                v_roles := array['condition: ', 'then: ', 'else: '];
+            when 'LOOP' then
+                v_kids := array[v_node ->> 'l', v_node ->> 'c'];
+                v_roles := array['body: ', 'while: '];
+            when 'JOIN' then
+                v_kids := array[v_node ->> 'l', v_node ->> 'r']
+                          || coalesce(array(select jsonb_array_elements_text(v_node -> 'x')), '{}');
+                v_roles := array(select 'branch ' || g || ': ' from generate_series(1, cardinality(v_kids)) g);
+            when 'RACE' then
+                v_kids := array[v_node ->> 'l', v_node ->> 'r'];
+                v_roles := array['branch 1: ', 'branch 2: '];
+            when 'THEN' then
+                v_kids := array[v_node ->> 'l', v_node ->> 'r'];
+                v_roles := array['', '→ '];
+            else
+                v_kids := '{}';
+                v_roles := '{}';
+        end case;
+        -- push in reverse so the first child is rendered first; absent children are dropped
+        for v_k in reverse cardinality(v_kids) .. 1 loop
+            continue when v_kids[v_k] is null;
+            v_ids := v_ids || v_kids[v_k];
+            v_ind := v_ind || (v_indent + 2);
+            v_pre := v_pre || v_roles[v_k];
+        end loop;
+    end loop;
+    return array_to_string(v_lines, e'\n');
+end;
+$$;
+
+create function df.explain(input text) returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    v_inst  record;
+    v_nodes jsonb;
+    v_text  text := input;
+    v_flat  jsonb;
+begin
+    if input is null then
+        return null;
+    end if;
+    if input ~ '^[0-9a-f]{8}$' then
+        select i.id, i.status, i.root_node,
+               (select r.result::text from df.nodes r where r.instance_id = i.id and r.id = i.root_node) as output
+        into v_inst
+        from df.instances i where i.id = input;
+        if not found then
+            raise exception 'Instance not found or access denied: %', input using errcode = 'P0002';
+        end if;
+        select jsonb_object_agg(n.id, jsonb_build_object(
+                   't', n.node_type, 'q', n.query, 'n', n.result_name, 'l', n.left_node,
+                   'r', n.right_node, 'm', t.inferred_status,
+                   'c', case when n.node_type in ('IF', 'LOOP') then df._try_jsonb(n.query) ->> 'condition_node' end,
+                   'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end))
+        into v_nodes
+        from df.nodes n join df._node_tree(input) t on t.node_id = n.id
+        where n.instance_id = input;
+        return format(e'Instance: %s\nStatus: %s\nOutput: %s\n\n', v_inst.id, v_inst.status,
+                      coalesce(v_inst.output, '(none)'))
+               || df._explain_render(coalesce(v_nodes, '{}'), v_inst.root_node);
+    end if;
+
+    -- dry run: DSL text is evaluated (as the caller, like typing SELECT <input>); graph JSON
+    -- and plain SQL go straight to the validator (plain SQL auto-wraps into one SQL node)
+    if input !~ '^\s*\{'
+       and (input ~* '\mdf\s*\.\s*(sql|seq|as|join|join3|race|if|if_rows|loop|break|sleep|wait_for_schedule|wait_for_signal|http|http_multipart)\s*\('
+            or input ~ '~>|\|=>|\?>|!>|^\s*@>') then
+        execute 'select (' || regexp_replace(input, ';\s*$', '') || e'\n)::text' into v_text;
+        if v_text is null then
+            return 'Invalid durable function graph: root: the expression returned NULL';
+        end if;
+    end if;
+    begin
+        v_flat := df._graph_flatten(df._graph_value(v_text));
+    exception when sqlstate '22023' or sqlstate '54000' then
+        return 'Invalid durable function graph: root: ' || sqlerrm;
+    end;
+    select jsonb_object_agg(n.id, jsonb_build_object(
+               't', n.node_type, 'q', n.query, 'n', n.result_name, 'l', n.left_node, 'r', n.right_node,
+               'c', case when n.node_type in ('IF', 'LOOP') then df._try_jsonb(n.query) ->> 'condition_node' end,
+               'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end))
+    into v_nodes
+    from jsonb_to_recordset(v_flat) as n(id text, node_type text, query text, result_name text,
+                                         left_node text, right_node text);
+    return format(e'Dry run (not started): %s nodes\n\n', jsonb_array_length(v_flat))
+           || df._explain_render(v_nodes, v_flat -> 0 ->> 'id');
+end;
+$$;
+
+------------------------------------------------------------------------------------------
+-- vars (per owner, RLS-scoped; frozen into an instance at df.start)
+------------------------------------------------------------------------------------------
+
+create function df.setvar(name text, value text) returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+begin
+    if @engine@.in_workflow() then
+        raise exception 'df.setvar cannot be called inside a workflow' using errcode = '0A000';
+    end if;
+    if coalesce(name, '') = '' then
+        raise exception 'df.setvar: name must be non-empty' using errcode = '22023';
+    end if;
+    insert into df.vars as v (name, value, owner)
+    values (setvar.name, setvar.value, quote_ident(current_user)::regrole)
+    on conflict on constraint vars_pkey do update set value = excluded.value;
+    return 'OK';
+end;
+$$;
+
+create function df.getvar(name text) returns text
+language sql stable
+set search_path = pg_catalog
+as $$ select v.value from df.vars v where v.name = $1 and v.owner = quote_ident(current_user)::regrole $$;
+
+create function df.unsetvar(name text) returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+begin
+    if @engine@.in_workflow() then
+        raise exception 'df.unsetvar cannot be called inside a workflow' using errcode = '0A000';
+    end if;
+    delete from df.vars v where v.name = unsetvar.name and v.owner = quote_ident(current_user)::regrole;
+    return 'OK';
+end;
+$$;
+
+create function df.clearvars() returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+begin
+    if @engine@.in_workflow() then
+        raise exception 'df.clearvars cannot be called inside a workflow' using errcode = '0A000';
+    end if;
+    delete from df.vars v where v.owner = quote_ident(current_user)::regrole;
+    return 'OK';
+end;
+$$;
+
+------------------------------------------------------------------------------------------
+-- misc
+------------------------------------------------------------------------------------------
+
+create function df.version() returns text
+language sql immutable
+set search_path = pg_catalog
+as $$ select '@version@ (df API 0.2.6)'::text $$;
+
+-- The original's manual trigger; pgdurable's service picks work up by itself.
+create function df.run(instance_id text default null) returns void
+language sql volatile
+set search_path = pg_catalog
+as $$ select $$;
+
+-- The database holding df and the engine (pg_durable.database in the original): this one.
+create function df.target_database() returns text
+language sql stable
+set search_path = pg_catalog
+as $$ select current_database()::text $$;
+
+create function df.duroxide_schema() returns text
+language sql immutable
+set search_path = pg_catalog
+as $$ select '@engine@'::text $$;
+
+-- The live service processes; a view (owner's rights) so users need no engine privilege.
+create view df.workers as
+    select w.host, w.pid, w.version, w.started_at, w.last_seen_at, w.in_flight
+    from @engine@.workers w;
+
+------------------------------------------------------------------------------------------
+-- grants
+------------------------------------------------------------------------------------------
+
+-- SPEC §4: additive, SECURITY INVOKER (the caller must hold what it hands out). Besides the
+-- df grants, the role gets USAGE on the engine schema and EXECUTE on the engine helpers the
+-- df functions call (they are SECURITY DEFINER and check ownership themselves).
+create function df.grant_usage(p_role text, include_http boolean default false,
+                               with_grant boolean default false)
+returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    v_opt text := case when with_grant then ' with grant option' else '' end;
+    v_fn  text;
+begin
+    if p_role is null or not exists (select 1 from pg_roles r where r.rolname = p_role) then
+        raise exception 'role "%" does not exist', p_role using errcode = '42704';
+    end if;
+    execute format('grant usage on schema df to %I%s', p_role, v_opt);
+    execute format('grant select on df.instances, df.nodes, df.workers to %I%s', p_role, v_opt);
+    execute format('grant update (status, updated_at) on df.instances to %I%s', p_role, v_opt);
+    execute format('grant insert (id, label, root_node, submitted_by, database) on df.instances to %I%s',
+                   p_role, v_opt);
+    execute format('grant insert (id, instance_id, node_type, query, result_name, left_node, right_node, '
+                   'submitted_by, database) on df.nodes to %I%s', p_role, v_opt);
+    execute format('grant select, insert, update, delete on df.vars to %I%s', p_role, v_opt);
+    execute format('grant usage on schema @engine@ to %I%s', p_role, v_opt);
+    foreach v_fn in array array[
+        '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
+        '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
+        '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
+        '@engine@._new_start_v1(name,text,text,text)'] loop
+        execute format('grant execute on function %s to %I%s', v_fn::regprocedure, p_role, v_opt);
+    end loop;
+    if include_http then
+        -- defined by 10_dsl.sql
+        foreach v_fn in array array['df.http(text,text,text,jsonb,integer)',
+                                    'df.http_multipart(text,text,jsonb,jsonb,integer)'] loop
+            if to_regprocedure(v_fn) is not null then
+                execute format('grant execute on function %s to %I%s', v_fn::regprocedure, p_role, v_opt);
+            end if;
+        end loop;
+    end if;
+    if with_grant then
+        execute format('grant execute on function df.grant_usage(text,boolean,boolean), '
+                       'df.revoke_usage(text), df.metrics() to %I with grant option', p_role);
+    end if;
+    return 'OK';
+end;
+$$;
+
+-- The mirror of df.grant_usage; CASCADE also removes what the role handed on.
+create function df.revoke_usage(p_role text) returns text
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    v_fn text;
+begin
+    if p_role is null or not exists (select 1 from pg_roles r where r.rolname = p_role) then
+        raise exception 'role "%" does not exist', p_role using errcode = '42704';
+    end if;
+    -- REVOKE ALL on a table also revokes the column privileges
+    execute format('revoke all on df.instances, df.nodes, df.vars, df.workers from %I cascade', p_role);
+    foreach v_fn in array array[
+        '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
+        '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
+        '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
+        '@engine@._new_start_v1(name,text,text,text)', 'df.grant_usage(text,boolean,boolean)',
+        'df.revoke_usage(text)', 'df.metrics()', 'df.http(text,text,text,jsonb,integer)',
+        'df.http_multipart(text,text,jsonb,jsonb,integer)'] loop
+        if to_regprocedure(v_fn) is not null then
+            execute format('revoke all on function %s from %I cascade', v_fn::regprocedure, p_role);
+        end if;
+    end loop;
+    execute format('revoke all on schema @engine@ from %I cascade', p_role);
+    execute format('revoke all on schema df from %I cascade', p_role);
+    return 'OK';
+end;
+$$;
