@@ -3,7 +3,8 @@
 
 -- name: claim
 -- lease up to N runnable tasks for this worker
-select instance_id, node_id, gen, kind, attempts, submitted_by::oid, database, deadline, clock
+select instance_id, node_id, gen, kind, attempts, submitted_by::oid, database, deadline, clock,
+       state_version
 from @engine@._claim_v1(%s, %s, %s)
 
 -- name: load_instance
@@ -39,7 +40,7 @@ select @engine@._rescue_v1(%s)
 
 -- name: extend
 -- keep our leases alive while steps run
-select @engine@._extend_v1(%s, %s)
+select @engine@._extend_v1(%s, %s, %s, %s)
 
 -- name: park
 -- a signal wait found nothing: sleep until the deadline or the next df.signal

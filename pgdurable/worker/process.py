@@ -71,6 +71,7 @@ class Task:
     database: str | None
     deadline: datetime | None
     clock: datetime
+    version: int | None
 
 
 class Worker:
@@ -228,11 +229,20 @@ class Worker:
         assert self.pool is not None
         epoch = uuid.uuid4()
         host = socket.gethostname()
+        parent = os.getppid()
         while not self.stopping.is_set():
+            if os.getppid() != parent:
+                # the supervisor died (kill -9): drain and exit rather than run unsupervised
+                logger.warning("supervisor %d is gone; draining", parent,
+                               extra={"event": "worker.orphaned"})
+                self.stopping.set()
+                break
             try:
                 async with self.pool.connection() as conn:
-                    await conn.execute(self.q("extend"),
-                                       (self.worker_id, self.config.lease_seconds))
+                    keys = list(self.inflight)
+                    await conn.execute(self.q("extend"), (
+                        self.worker_id, self.config.lease_seconds,
+                        [k[0] for k in keys], [k[1] for k in keys]))
                     cur = await conn.execute(self.q("rescue"), (1000,))
                     row = await cur.fetchone()
                     if row and row[0]:
@@ -251,8 +261,10 @@ class Worker:
     # -- instance contexts -----------------------------------------------------------
 
     async def _ctx(self, conn: psycopg.AsyncConnection[Any], instance_id: str,
-                   fresh: bool = False) -> InstanceCtx | None:
+                   fresh: bool = False, version: int | None = None) -> InstanceCtx | None:
         ctx = None if fresh else self.ctxs.get(instance_id)
+        if ctx is not None and version is not None and ctx.version < version:
+            ctx = None  # another worker checkpointed this instance since we cached it
         if ctx is not None:
             self.ctxs.move_to_end(instance_id)
             return ctx
@@ -288,6 +300,8 @@ class Worker:
             logger.info("step fenced (lease lost, abandoned or instance finished)",
                         extra={"event": "step.fenced"})
             self.ctxs.pop(task.instance_id, None)
+            # if the task is somehow still ours, give it back rather than sit on it
+            await self._release(task)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             # infrastructure, not the step: give the task back so it runs again
             logger.warning("database unavailable during step: %s", exc,
@@ -369,7 +383,7 @@ class Worker:
     async def _run_node(self, task: Task) -> None:
         assert self.pool is not None
         async with self.pool.connection() as conn:
-            ctx = await self._ctx(conn, task.instance_id)
+            ctx = await self._ctx(conn, task.instance_id, version=task.version)
             if ctx is None:
                 return
             idx = ctx.index.get(task.node_id)
@@ -523,15 +537,17 @@ class Worker:
                         idx: int, ok: bool, value: Any, err: StepError | None, *,
                         in_tx: bool = False, decision: bool | None = None) -> None:
         """Checkpoint one leaf outcome; inside the step's transaction when ``in_tx``."""
+        reloaded = False
         for _ in range(STALE_RETRIES):
             async with ctx.lock:
                 try:
                     if in_tx:
-                        await self._complete_once(conn, ctx, task, idx, ok, value, err, decision)
+                        await self._complete_once(conn, ctx, task, idx, ok, value, err, decision,
+                                                  reloaded)
                     else:
                         async with conn.transaction():
                             await self._complete_once(conn, ctx, task, idx, ok, value, err,
-                                                      decision)
+                                                      decision, reloaded)
                     return
                 except _Stale:
                     pass
@@ -541,14 +557,16 @@ class Worker:
             if fresh is None:
                 raise Fenced()
             ctx = fresh
+            reloaded = True
         raise Fenced()
 
     async def _complete_once(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
                              task: Task, idx: int, ok: bool, value: Any, err: StepError | None,
-                             decision: bool | None) -> None:
+                             decision: bool | None, reloaded: bool) -> None:
         sched = ctx.sched
         if sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
-            raise Fenced()
+            # our cached copy may be behind: reload once; _apply_v1 fences for real
+            raise Fenced() if reloaded else _Stale()
         cp = Checkpoint()
         upd = cp.node(task.node_id)
         if ok:

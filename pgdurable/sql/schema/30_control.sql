@@ -529,6 +529,11 @@ begin
     if fut is null then
         raise exception 'df.start: fut must not be NULL' using errcode = '22023';
     end if;
+    if fut in ('OK', 'completed', 'failed', 'cancelled') then
+        -- the texts df.setvar/unsetvar/clearvars/await_instance return (same rule as df._node)
+        raise exception 'the result of df.setvar/df.unsetvar/df.clearvars/df.await_instance cannot be used as a workflow step (got %)',
+            quote_literal(fut) using errcode = '22023';
+    end if;
     v_graph := df._graph_value(fut);
     -- 2. target database
     if database is not null and not exists (select 1 from pg_database d where d.datname = database) then

@@ -17,7 +17,8 @@
 -- tests can move time for timers and schedules.
 create function @engine@._claim_v1(p_owner text, p_limit integer, p_lease_seconds integer)
 returns table (instance_id varchar, node_id varchar, gen integer, kind text, attempts integer,
-               submitted_by regrole, database text, deadline timestamptz, clock timestamptz)
+               submitted_by regrole, database text, deadline timestamptz, clock timestamptz,
+               state_version bigint)
 language sql volatile
 set search_path = pg_catalog
 as $$
@@ -36,7 +37,10 @@ as $$
     from picked
     where t.instance_id = picked.instance_id and t.node_id = picked.node_id
     returning t.instance_id, t.node_id, t.gen, t.kind, t.attempts, t.submitted_by, t.database,
-              t.deadline, @engine@.clock()
+              t.deadline, @engine@.clock(),
+              -- the instance's checkpoint counter: a worker whose cached copy is older
+              -- reloads before substituting results into the step
+              (select r.state_version from @engine@.runs r where r.instance_id = t.instance_id)
 $$;
 
 -- One checkpoint of one instance. Returns the new state_version, or
@@ -178,7 +182,10 @@ as $$
     select count(*)::integer from upd
 $$;
 
-create function @engine@._extend_v1(p_owner text, p_lease_seconds integer)
+-- Only the tasks the worker is really running are extended: a task it lost track of must
+-- expire and be rescued.
+create function @engine@._extend_v1(p_owner text, p_lease_seconds integer,
+                                    p_instances text[], p_nodes text[])
 returns integer
 language sql volatile
 set search_path = pg_catalog
@@ -186,7 +193,9 @@ as $$
     with upd as (
         update @engine@.tasks t
         set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+        from unnest(p_instances, p_nodes) as k(instance_id, node_id)
         where t.lease_owner = p_owner
+          and t.instance_id = k.instance_id and t.node_id = k.node_id
         returning 1
     )
     select count(*)::integer from upd
