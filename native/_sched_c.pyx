@@ -8,6 +8,7 @@ only: the graph and the state live in C arrays allocated once per scheduler,
 Python objects appear only in the output lists and at the API boundary.
 """
 
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
 from pgdurable.graph import _abc
@@ -57,6 +58,15 @@ _TYPE_NAMES = {code: name for name, code in NODE_TYPE_CODES.items()}
 cdef inline bint _is_leaf(int t) noexcept:
     # SQL and BREAK..HTTP_MULTIPART (codes 0 and 6-11), as _abc.LEAF_TYPES
     return t == SQL or t >= BREAK
+
+
+cdef inline bint _as_ll(object o, long long* out) except -1:
+    """True and ``*out`` set when ``o`` is an exact int that fits a long long."""
+    cdef int overflow = 0
+    if type(o) is not int:
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(o, &overflow)
+    return overflow == 0
 
 
 cdef int* _int_array(Py_ssize_t n) except NULL:
@@ -177,10 +187,13 @@ cdef class Scheduler:
         self._iterations = []
 
     cdef object _step(self):
-        self._ready.sort()
-        self._abandoned.sort()
-        step = Step(self._ready, self._abandoned, self._started_out, self._finished,
-                    self._iterations, self._terminal)
+        if len(self._ready) > 1:
+            self._ready.sort()
+        if len(self._abandoned) > 1:
+            self._abandoned.sort()
+        # tuple.__new__ skips the NamedTuple's Python-level __new__ (same object)
+        step = tuple.__new__(Step, (self._ready, self._abandoned, self._started_out,
+                                    self._finished, self._iterations, self._terminal))
         self._reset_out()
         return step
 
@@ -200,13 +213,15 @@ cdef class Scheduler:
         cdef Py_ssize_t i = node
         cdef int t = self._types[i]
         cdef bint if_rows = t == IF_ and self._cond[i] == COND_IF_ROWS
+        cdef long long g
         if not _is_leaf(t) and not if_rows:
             raise ValueError(f"node {node} is a {_TYPE_NAMES[t]}: only leaves and if_rows IF "
                              "decisions are completed by the executor")
         if not self._started:
             raise RuntimeError("scheduler not started")
         if (self._terminal != T_RUNNING or self._status[i] != RUNNING
-                or gen != self._gen[i] or (if_rows and self._aux[i] != 0)):
+                or not (g == self._gen[i] if _as_ll(gen, &g) else gen == self._gen[i])
+                or (if_rows and self._aux[i] != 0)):
             return self._step()
         if if_rows:
             if ok:
@@ -288,6 +303,9 @@ cdef class Scheduler:
     # -- internals -----------------------------------------------------------------
 
     cdef int _check_node(self, node) except -1:
+        cdef long long v
+        if _as_ll(node, &v) and 0 <= v < self._n:
+            return 0  # the common case, without Python comparisons
         if not 0 <= node < self._n:
             raise IndexError(f"node {node} out of range for a graph of {self._n} nodes")
         return 0

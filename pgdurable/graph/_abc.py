@@ -35,7 +35,8 @@ Semantics (SPEC §3; the twins must agree on every detail):
   of the body (and condition) subtree to pending and reports ``Step.iterations``;
   each node's generation grows by 1 when it is next activated (so a node an
   earlier iteration never reached keeps generation 0 until it first runs).
-  Starting iteration ``max_iterations + 1`` fails the loop (:data:`HOW_ITERCAP`). A failed body or condition fails the loop.
+  Starting iteration ``max_iterations + 1`` fails the loop (:data:`HOW_ITERCAP`).
+  A failed body or condition fails the loop.
 - BREAK completes and unwinds to the nearest enclosing LOOP (across THEN, IF,
   JOIN, RACE): every active node below that loop is abandoned (leaves reported
   in ``abandoned``; composites between the BREAK and the loop are finished as

@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 from pgdurable.graph._abc import NONE, T_RUNNING
-from pgdurable.graph.compile import CompiledGraph, compile_value
+from pgdurable.graph.compile import CompiledGraph
 from tests.graphs import G, brk, if_, if_rows, join, loop, race, sleep, sql, then
 
 _LEAVES = [
