@@ -177,7 +177,8 @@ begin
             using errcode = '54000', hint = 'page through the results with the paged overload''s after_cursor';
     end if;
     if after_cursor is not null then
-        if after_cursor ~ '^([0-9a-f]{2})+$' then
+        -- printable ASCII only, so the conversion below cannot fail on a forged cursor
+        if after_cursor ~ '^([2-6][0-9a-f]|7[0-9a-e])+$' then
             v_plain := convert_from(decode(after_cursor, 'hex'), 'SQL_ASCII');
             v_parts := regexp_match(v_plain, '^v1:(-?[0-9]{1,19}):([0-9a-f]{8})$');
         end if;
