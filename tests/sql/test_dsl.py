@@ -266,6 +266,45 @@ def test_as_on_hand_written_json(tx: Conn) -> None:
     )
 
 
+# df.as splices the name into the DSL's own output without parsing (fast path) and
+# re-emits anything else from json_each (general path); both must give the same shape.
+AS_CASES = [
+    "df.sql('select 1')",
+    "df.sql('q\"\\\\ ü {x}')",
+    "df.as(df.sql('q\"\\\\'), 'old')",
+    "df.sleep(3)",
+    'df.break(\'{"a": "b"}\')',
+    "df.seq(df.as('a', 'x'), 'b')",
+    "df.as(df.seq('a', 'b'), 'old')",
+    "df.if_rows('r', 'a', 'b')",
+    "df.as(df.if_rows('r', 'a', 'b'), 'old')",
+    "df.if('c', 't', 'e')",
+    "df.loop('a', 'c')",
+    "df.join3('a', 'b', 'c')",
+    "df.sql(repeat('x\"\\\\', 3000))",  # query longer than the fast path's prefix
+    "df.as(df.sql(repeat('x', 5000)), 'old')",
+    "df.seq(df.sql(repeat('x', 5000)), 'b')",
+]
+
+
+@pytest.mark.parametrize("expr", AS_CASES)
+def test_as_shapes(tx: Conn, expr: str) -> None:
+    src_text = one(tx, f"select {expr}")
+    src = json.loads(src_text)
+    names = src_text.count('"result_name"') + (0 if "result_name" in src else 1)
+    fast = one(tx, f"select df.as({expr}, 'n')")
+    # the general path, forced by a non-canonical prefix (whitespace inside the object)
+    slow = one(tx, f"select df.as(regexp_replace({expr}, '^\\{{', '{{ '), 'n')")
+    for text in (fast, slow):
+        got = json.loads(text)
+        assert got == {**src, "result_name": "n"}
+        assert text.count('"result_name":"n"') == 1
+        assert text.replace(" ", "").count('"result_name"') == names
+        keys = list(got)
+        assert keys.index("result_name") == (2 if "query" in got else 1)
+    assert json.loads(fast) == json.loads(slow)
+
+
 def test_as_op_is_as(tx: Conn) -> None:
     assert one(tx, "select df.as_op('q', 'n')") == one(tx, "select df.as('q', 'n')")
 
