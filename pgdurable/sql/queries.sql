@@ -19,6 +19,10 @@ where i.id = %s
 select id, node_type, query, result_name, left_node, right_node, status, result, status_details
 from df.nodes where instance_id = %s
 
+-- name: load_results
+-- the instance's named results in the order they were produced
+select name, value from @engine@.results where instance_id = %s order by seq
+
 -- name: role_info
 -- the submitting role as the worker must check it before running anything (SPEC §9)
 select r.rolname, r.rolsuper, r.rolcanlogin,
@@ -28,7 +32,7 @@ from pg_roles r where r.oid = %s
 
 -- name: apply
 -- one checkpoint (see @engine@._apply_v1 for the return codes)
-select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s)
+select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s::jsonb)
 
 -- name: release
 -- give a leased task back (infrastructure error, shutdown); NULL instance = all of ours

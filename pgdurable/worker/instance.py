@@ -45,6 +45,7 @@ class Checkpoint:
 
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     new_tasks: list[dict[str, Any]] = field(default_factory=list)
+    named: dict[str, Any] = field(default_factory=dict)
     drop_tasks: list[str] = field(default_factory=list)
     inst_status: str | None = None
 
@@ -72,12 +73,14 @@ class InstanceCtx:
     errors: dict[int, tuple[str, str | None]] = field(default_factory=dict)
     named: dict[str, Any] = field(default_factory=dict)
     loop_started: dict[int, float] = field(default_factory=dict)
+    origins: dict[int, int] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loop_min_interval: float = 1.0
 
     @classmethod
     def from_rows(cls, instance_id: str, inst: tuple[Any, ...], rows: list[tuple[Any, ...]],
-                  max_iterations: int, loop_min_interval: float) -> InstanceCtx:
+                  named: list[tuple[str, Any]], max_iterations: int,
+                  loop_min_interval: float) -> InstanceCtx:
         (label, status, role_oid, role_name, database, root, vars_, state, version,
          _cancel) = inst
         node_rows = [
@@ -98,17 +101,10 @@ class InstanceCtx:
         ctx = cls(instance_id, label, status, role_oid, role_name, database, graph, index,
                   sched, version, dict(vars_ or {}), configs,
                   loop_min_interval=loop_min_interval)
-        # latest completed result of every node, named ones in activation order
-        done = sorted(
-            (r for r in rows if r[6] == "completed"),
-            key=lambda r: ((r[8] or {}).get("seq", 0), (r[8] or {}).get("finished_seq", 0)),
-        )
-        for r in done:
-            i = index[r[0]]
-            ctx.results[i] = r[7]
-            if r[3]:
-                ctx.named.pop(r[3], None)
-                ctx.named[r[3]] = r[7]
+        for r in rows:
+            if r[6] == "completed":
+                ctx.results[index[r[0]]] = r[7]
+        ctx.named = dict(named)
         for r in rows:
             if r[6] == "failed":
                 err = r[7] if isinstance(r[7], str) else orjson.dumps(r[7]).decode()
@@ -117,12 +113,14 @@ class InstanceCtx:
 
     # -- results ---------------------------------------------------------------------
 
-    def record_result(self, node: int, value: Any) -> None:
+    def record_result(self, node: int, value: Any, cp: Checkpoint | None = None) -> None:
         self.results[node] = value
         name = self.graph.result_names[node]
         if name:
             self.named.pop(name, None)
             self.named[name] = value
+            if cp is not None:
+                cp.named[name] = value
 
     def truthy_of(self, value: Any) -> bool:
         from ..values import truthy
@@ -150,7 +148,7 @@ class InstanceCtx:
                     value = [self.results.get(s) for s in srcs]
                 else:  # pragma: no cover - a completed node has one of the above
                     value = None
-                self.record_result(node, value)
+                self.record_result(node, value, cp)
                 upd["status"] = "completed"
                 upd["result"] = value
                 if g.types[node] == A.IF and srcs:
@@ -160,6 +158,11 @@ class InstanceCtx:
             else:
                 msg, sqlstate = self._failure_text(node, how, srcs)
                 self.errors[node] = (msg, sqlstate)
+                # where the failure started: df.error reports that node (ARCHITECTURE §4)
+                origin = self.origins.get(srcs[0], srcs[0]) if how == A.HOW_FAIL and srcs \
+                    else node
+                self.origins[node] = origin
+                upd["details"]["error_node"] = g.node_ids[origin]
                 upd["status"] = "failed"
                 upd["result"] = msg
                 if sqlstate:
@@ -173,6 +176,7 @@ class InstanceCtx:
             upd["status"] = "failed"
             upd["result"] = "cancelled: abandoned (lost a RACE, a sibling failed, or a break)"
             upd["details"]["finished_at"] = ts
+            upd["details"]["abandoned"] = True
         ready = {n for n, _ in step.ready}
         iter_loops = {loop for loop, _k in step.iterations}
         for loop, k in step.iterations:

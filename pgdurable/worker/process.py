@@ -274,9 +274,13 @@ class Worker:
             return None
         cur = await conn.execute(self.q("load_nodes"), (instance_id,))
         rows = await cur.fetchall()
+        cur = await conn.execute(self.q("load_results"), (instance_id,))
+        named = await cur.fetchall()
         old = self.ctxs.get(instance_id)
-        ctx = InstanceCtx.from_rows(instance_id, inst, rows, self.max_iterations,
+        ctx = InstanceCtx.from_rows(instance_id, inst, rows, named, self.max_iterations,
                                     self.loop_min_interval)
+        logger.debug("loaded instance (version %d)", ctx.version,
+                     extra={"event": "instance.loaded"})
         if old is not None:
             ctx.lock = old.lock
             ctx.loop_started = old.loop_started
@@ -368,7 +372,8 @@ class Worker:
             dump(ctx.sched.dump_state()), cp.inst_status,
             orjson.dumps(list(cp.nodes.values())).decode(),
             orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
-            cp.drop_tasks or None))
+            cp.drop_tasks or None,
+            orjson.dumps(cp.named).decode() if cp.named else None))
         row = await cur.fetchone()
         got = row[0] if row else -2
         if got == -1:
@@ -571,7 +576,7 @@ class Worker:
         upd = cp.node(task.node_id)
         if ok:
             if decision is None:
-                ctx.record_result(idx, value)
+                ctx.record_result(idx, value, cp)
                 truth = truthy(value)
             else:
                 truth = decision

@@ -43,9 +43,9 @@ class Serve:
         })
         env.update(self.env)
         assert self.log_path is not None
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pgdurable", "serve"], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pgdurable", "serve"], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self._all.append(self.proc)
         return self
 

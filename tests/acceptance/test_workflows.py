@@ -122,7 +122,9 @@ def test_sleep_result_and_timeout_race(db, running, tenant):
 def test_loop_with_break_carries_results(db, running, tenant):
     with db.connect() as conn:
         conn.execute("alter database " + db.name + " set pg_durable.loop_min_interval_ms = 0")
-    expr = ("df.loop(df.sql('select coalesce($i?, 0) + 1 as i') |=> 'i' ~> "
+    # names not yet produced are left as-is (SPEC §3.3), so seed `i` before the loop
+    expr = ("df.sql('select 0 as i') |=> 'i' ~> "
+            "df.loop(df.sql('select $i + 1 as i') |=> 'i' ~> "
             "df.if(df.sql('select $i >= 5'), df.break('{\"done\": $i}'), 'select 0'))")
     _, status, result, err = run(db, tenant, expr)
     assert status == "completed", err

@@ -153,6 +153,17 @@ create table @engine@.runs (
     created_at    timestamptz not null default now()
 );
 
+-- Named results as the instance's steps see them (SPEC §3.3, D9): the latest value of each
+-- name, kept here because a loop re-activation clears the node row's result while the value
+-- must carry over into the next iteration; a worker reloading an instance reads this map.
+create table @engine@.results (
+    instance_id varchar(8) not null,
+    name        text       not null,
+    value       jsonb,
+    seq         bigint     not null,
+    primary key (instance_id, name)
+);
+
 -- Runnable work: one row per node activation a worker must act on.
 --   kind 'start'  the instance has not been loaded by a worker yet (written by df.start)
 --        'run'    a leaf to execute now (SQL, HTTP, BREAK, if_rows check)

@@ -686,16 +686,26 @@ as $$
         select i.id from df.instances i where i.id = $1 and i.status = 'failed'
     ), failed as (
         select n.* from df.nodes n join inst on n.instance_id = inst.id where n.status = 'failed'
-    ), leaf as (
+    ), origin as (
+        -- the worker stamps every failed composite with the node the failure started at
         select f.* from failed f
-        where not exists (
+        join df.instances i on i.id = f.instance_id
+        join df.nodes r on r.instance_id = i.id and r.id = i.root_node
+        where f.id = r.status_details ->> 'error_node'
+    ), leaf as (
+        select * from origin
+        union all
+        (select f.* from failed f
+        where not exists (select 1 from origin)
+          and coalesce((f.status_details ->> 'abandoned')::boolean, false) = false
+          and not exists (
             select 1 from failed c
             where c.id in (f.left_node, f.right_node)
                or (f.node_type in ('IF', 'LOOP', 'JOIN') and f.query like '{%'
                    and (df._try_jsonb(f.query) ->> 'condition_node' = c.id
                         or coalesce(df._try_jsonb(f.query) -> 'extra_nodes', '[]') ? c.id)))
         order by f.status_details ->> 'finished_at' nulls last, f.updated_at, f.id
-        limit 1
+        limit 1)
     )
     select case when exists (select 1 from inst) then
         coalesce((select jsonb_build_object('node_id', l.id, 'node_type', l.node_type,

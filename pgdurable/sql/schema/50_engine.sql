@@ -54,7 +54,7 @@ $$;
 create function @engine@._apply_v1(
     p_owner text, p_instance varchar, p_task_node varchar, p_task_gen integer,
     p_expected_version bigint, p_state bytea, p_inst_status text, p_nodes jsonb,
-    p_new_tasks jsonb, p_drop_tasks text[])
+    p_new_tasks jsonb, p_drop_tasks text[], p_named jsonb)
 returns bigint
 language plpgsql volatile
 set search_path = pg_catalog
@@ -102,8 +102,10 @@ begin
 
     if p_nodes is not null then
         update df.nodes n
-        set status = u.status,
-            result = case when u.status in ('completed', 'failed') then u.result else null end,
+        -- an entry without a status only merges details (e.g. a LOOP's iteration stamp)
+        set status = coalesce(u.status, n.status),
+            result = case when u.status is null then n.result
+                          when u.status in ('completed', 'failed') then u.result end,
             status_details = coalesce(n.status_details, '{}'::jsonb) || coalesce(u.details, '{}'::jsonb),
             updated_at = now()
         from jsonb_to_recordset(p_nodes) as u(id varchar, status text, result jsonb, details jsonb)
@@ -128,6 +130,12 @@ begin
         perform pg_notify('pgdurable_work', p_instance);
     end if;
 
+    if p_named is not null then
+        insert into @engine@.results as r (instance_id, name, value, seq)
+        select p_instance, e.key, e.value, v_version + 1 from jsonb_each(p_named) e
+        on conflict (instance_id, name) do update set value = excluded.value, seq = excluded.seq;
+    end if;
+
     if p_inst_status is not null then
         update df.instances i
         set status = p_inst_status,
@@ -137,6 +145,7 @@ begin
         if p_inst_status in ('completed', 'failed', 'cancelled') then
             delete from @engine@.tasks t where t.instance_id = p_instance;
             delete from @engine@.signals s where s.instance_id = p_instance;
+            delete from @engine@.results r where r.instance_id = p_instance;
             perform pg_notify('pgdurable_done', p_instance);
         end if;
     end if;
