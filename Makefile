@@ -48,7 +48,11 @@ bench: $(BIN)/.installed ## benchmark harness: prints a table of ratios
 lint: $(BIN)/.installed ## ruff + mypy
 	$(BIN)/ruff check pgdurable tests bench && $(BIN)/mypy pgdurable
 
+schema-freeze: ## freeze pgdurable/sql/schema/*.sql as the baseline of the current SCHEMA_VERSION
+	v=$$($(BIN)/python -c 'from pgdurable.schema import SCHEMA_VERSION as v; print(v)'); \
+	cat pgdurable/sql/schema/*.sql > pgdurable/sql/baseline/v$$v.sql; echo "froze v$$v"
+
 clean: ## remove the venv, build products and the embedded cluster data
 	rm -rf $(VENV) build *.egg-info native/*.c pgdurable/graph/*.so .pgdurable
 
-.PHONY: help install native demo serve test test-python bench lint clean
+.PHONY: help install native demo serve test test-python bench lint schema-freeze clean

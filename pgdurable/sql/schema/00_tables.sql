@@ -225,13 +225,17 @@ language sql stable parallel safe
 set search_path = pg_catalog
 as $$ select coalesce(nullif(current_setting('pg_durable.' || p_name, true), ''), p_default) $$;
 
--- The clock every df function and engine query uses. Tests pin it with
--- SET pg_durable.fake_now = '…' (STYLE B16); production never sets it.
+-- The clock every df function and engine query uses for due times. Tests control it
+-- (STYLE B16): pg_durable.fake_now pins it (SQL tests), pg_durable.clock_offset shifts a
+-- running clock (acceptance tests of cron schedules: ALTER DATABASE … SET before serve
+-- starts). Production sets neither.
 create function @engine@.clock() returns timestamptz
 language sql stable parallel safe
 set search_path = pg_catalog
 as $$ select coalesce(nullif(current_setting('pg_durable.fake_now', true), '')::timestamptz,
-                      now()) $$;
+                      now())
+             + coalesce(nullif(current_setting('pg_durable.clock_offset', true), '')::interval,
+                        interval '0') $$;
 
 -- True inside a workflow step session (the worker sets df.in_workflow = 'true').
 create function @engine@.in_workflow() returns boolean
