@@ -83,7 +83,7 @@ class EmbeddedPostgres:
                                capture_output=True)
             entry = pwd.getpwnam(SYSTEM_USER)
             # every parent must be traversable by the postgres system user
-            for parent in [self.data_dir, *self.data_dir.parents]:
+            for parent in self.data_dir.parents:
                 mode = parent.stat().st_mode
                 if mode & 0o005 != 0o005:
                     parent.chmod(mode | 0o005)
