@@ -1,0 +1,555 @@
+"""End-to-end HTTP steps: `pgdurable serve` calls a real HTTP server on 127.0.0.1.
+
+One threaded stdlib server per module records every request it receives (method, path,
+headers, body) and answers by path. Most tests share one database and one `serve` per
+PostgreSQL server (module scope, allow-list `127.0.0.1,localhost`); the policy tests start
+their own `serve` with another egress policy.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.parser
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tests.acceptance.conftest import Serve
+from tests import fix_db
+from tests.fix_db import TEMPLATE_DB, Server
+
+
+pytestmark = pytest.mark.timeout(180)
+
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- HTTP server
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Recorder:
+    server: ThreadingHTTPServer
+    seen: list[Seen] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    slow_once: set[str] = field(default_factory=set)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def hits(self, prefix: str) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if s.path.startswith(prefix)]
+
+
+def _handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _send(self, status: int, body: bytes, ctype: str | None = "text/plain",
+                  extra: list[tuple[str, str]] | None = None) -> None:
+            self.send_response(status)
+            if ctype:
+                self.send_header("Content-Type", ctype)
+            for k, v in extra or []:
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(body)
+
+        def _any(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else b""
+            path = self.path
+            with rec.lock:
+                rec.seen.append(Seen(self.command, path, dict(self.headers.items()), body,
+                                     time.monotonic()))
+            parts = path.split("?")[0].strip("/").split("/")
+            kind = parts[0]
+            if kind == "echo":
+                self._send(200, json.dumps({"method": self.command, "path": path}).encode(),
+                           "application/json",
+                           [("X-Multi", "a"), ("X-Multi", "b"), ("X-One", "1")])
+            elif kind == "text":
+                self._send(200, "héllo wörld".encode("latin-1"), "text/plain; charset=latin-1")
+            elif kind == "bin":
+                self._send(200, b"\x00\x01\xfe\xffpng", "application/octet-stream")
+            elif kind == "noctype":
+                self._send(200, b"plain utf-8 \xe2\x9c\x93", None)
+            elif kind == "status":
+                code = int(parts[1])
+                self._send(code, f"status {code} body".encode())
+            elif kind == "redirect":
+                self._send(302, b"", None, [("Location", "/echo/redirected")])
+            elif kind == "sleep":
+                # the server-side delay the timeout / concurrency tests measure against
+                rec.stop.wait(float(parts[1]))
+                self._send(200, b"slept", "text/plain")
+            elif kind == "huge":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(10 * MiB + 1))
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(b"x" * 1024)
+            elif kind == "slow-once":
+                tag = parts[1]
+                with rec.lock:
+                    first = tag not in rec.slow_once
+                    rec.slow_once.add(tag)
+                if first:
+                    # hold the first attempt until its worker is killed (test ends it)
+                    rec.stop.wait(60)
+                self._send(200, b"second attempt", "text/plain")
+            else:
+                self._send(404, b"no such path")
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
+
+    return H
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the JOIN of 50 connects all at once
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[Recorder]:
+    srv = _Server(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    rec = Recorder(srv)
+    srv.RequestHandlerClass = _handler(rec)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield rec
+    rec.stop.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+# --------------------------------------------------------------------------- database + serve
+
+
+def serve_env(**kw: str) -> dict[str, str]:
+    """Serve settings under both spellings: the documented ``PGDURABLE_X`` and click's
+    ``PGDURABLE_SERVE_X`` (what the CLI actually reads today, see the report)."""
+    out: dict[str, str] = {}
+    for k, v in kw.items():
+        out[f"PGDURABLE_{k.upper()}"] = v
+        out[f"PGDURABLE_SERVE_{k.upper()}"] = v
+    return out
+
+
+BASE_ENV = serve_env(http_policy="allow-list", http_allow="127.0.0.1,localhost",
+                     lease_seconds="5", workers="2")
+
+
+def _fresh_db(server: Server) -> fix_db.TestDB:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    strategy = sql.SQL(" strategy file_copy") if server.version >= 15 else sql.SQL("")
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("create database {} template {}{}").format(
+            sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy))
+    return fix_db.TestDB(server, name)
+
+
+def _drop_db(tdb: fix_db.TestDB) -> None:
+    with psycopg.connect(tdb.server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("drop database if exists {} with (force)").format(
+            sql.Identifier(tdb.name)))
+        for role in tdb.roles:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
+
+
+@dataclass
+class Env:
+    db: fix_db.TestDB
+    serve: Serve
+    role: str  # granted df and HTTP
+
+
+@pytest.fixture(scope="module")
+def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """One database + one serve (allow-list 127.0.0.1, localhost) for this module."""
+    tdb = _fresh_db(server)
+    s = Serve(tdb, dict(BASE_ENV), log_path=tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        role = tdb.create_role("web", http=True)
+        s.start()
+        s.wait_workers(2)
+        yield Env(tdb, s, role)
+    finally:
+        s.cleanup()
+        _drop_db(tdb)
+
+
+def start(db: fix_db.TestDB, role: str, expr: str, params: tuple[Any, ...] = (),
+          label: str | None = None, setvars: dict[str, str] | None = None) -> str:
+    with db.connect(role) as conn:
+        for k, v in (setvars or {}).items():
+            conn.execute("select df.setvar(%s, %s)", (k, v))
+        return str(conn.execute(f"select df.start({expr}, %s)", (*params, label)).fetchone()[0])
+
+
+def finish(db: fix_db.TestDB, role: str, iid: str, timeout: int = 60) -> tuple[str, Any, Any]:
+    with db.connect(role) as conn:
+        status = conn.execute("select df.await_instance(%s, %s)", (iid, timeout)).fetchone()[0]
+        result = conn.execute("select df.result(%s)", (iid,)).fetchone()[0]
+        error = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
+    return status, (json.loads(result) if result else None), error
+
+
+def run(db: fix_db.TestDB, role: str, expr: str, params: tuple[Any, ...] = (), **kw: Any
+        ) -> tuple[str, str, Any, Any]:
+    iid = start(db, role, expr, params, **kw)
+    return (iid, *finish(db, role, iid))
+
+
+def node_id(db: fix_db.TestDB, iid: str, node_type: str) -> str:
+    with db.connect() as conn:
+        return str(conn.execute("select id from df.nodes where instance_id = %s and "
+                                "node_type = %s", (iid, node_type)).fetchone()[0])
+
+
+def refused_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there any more
+    return int(port)
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+def test_envelope_text_base64_headers_and_statuses(env: Env, http: Recorder) -> None:
+    """Every envelope field; text vs base64 bodies; 4xx/3xx ok:false; 5xx fails."""
+    b = http.base
+    cases = {
+        "json": ("df.http(%s, 'GET')", f"{b}/echo/json"),
+        "text": ("df.http(%s, 'GET')", f"{b}/text"),
+        "bin": ("df.http(%s, 'GET')", f"{b}/bin"),
+        "noctype": ("df.http(%s, 'GET')", f"{b}/noctype"),
+        "404": ("df.http(%s, 'DELETE')", f"{b}/status/404"),
+        "302": ("df.http(%s, 'GET')", f"{b}/redirect"),
+        "503": ("df.http(%s, 'GET')", f"{b}/status/503"),
+    }
+    ids = {k: start(env.db, env.role, expr, (url,)) for k, (expr, url) in cases.items()}
+    out = {k: finish(env.db, env.role, iid) for k, iid in ids.items()}
+
+    status, res, err = out["json"]
+    assert status == "completed", err
+    assert set(res) == {"status", "body", "encoding", "headers", "ok", "duration_ms"}
+    assert res["status"] == 200 and res["ok"] is True and res["encoding"] == "text"
+    assert json.loads(res["body"]) == {"method": "GET", "path": "/echo/json"}
+    assert res["headers"]["content-type"] == "application/json"
+    assert res["headers"]["x-multi"] == "a, b"  # repeated headers joined, names lower-case
+    assert isinstance(res["duration_ms"], int) and res["duration_ms"] >= 0
+
+    status, res, err = out["text"]
+    assert status == "completed", err
+    assert (res["body"], res["encoding"]) == ("héllo wörld", "text")  # charset honoured
+
+    status, res, err = out["bin"]
+    assert status == "completed", err
+    assert res["encoding"] == "base64"
+    assert base64.b64decode(res["body"]) == b"\x00\x01\xfe\xffpng"
+
+    status, res, err = out["noctype"]
+    assert status == "completed", err
+    assert (res["body"], res["encoding"]) == ("plain utf-8 ✓", "text")
+
+    status, res, err = out["404"]
+    assert status == "completed", err  # 4xx: the node succeeds with ok:false
+    assert (res["status"], res["ok"], res["body"]) == (404, False, "status 404 body")
+    assert http.hits("/status/404")[-1].method == "DELETE"
+
+    status, res, err = out["302"]
+    assert status == "completed", err  # 3xx: not followed, ok:false
+    assert (res["status"], res["ok"]) == (302, False)
+    assert res["headers"]["location"] == "/echo/redirected"
+    assert http.hits("/echo/redirected") == []
+
+    status, res, err = out["503"]
+    assert status == "failed"
+    assert res is None
+    assert err["node_type"] == "HTTP"
+    assert "503" in err["error"] and "status 503 body" in err["error"]
+
+
+def test_timeout_refused_and_caps(env: Env, http: Recorder) -> None:
+    b = http.base
+    ids = {
+        "timeout": start(env.db, env.role, "df.http(%s, 'GET', timeout_seconds => 1)",
+                         (f"{b}/sleep/5",)),
+        "refused": start(env.db, env.role, "df.http(%s, 'GET')",
+                         (f"http://127.0.0.1:{refused_port()}/x",)),
+        "huge": start(env.db, env.role, "df.http(%s, 'GET')", (f"{b}/huge",)),
+        # two 5.5 MiB results substituted into one body: over the 10 MiB request cap
+        "bigreq": start(env.db, env.role,
+                        "df.sql('select repeat(''x'', 5767168) as v') |=> 'a' ~> "
+                        "df.sql('select repeat(''y'', 5767168) as v') |=> 'b' ~> "
+                        "df.http(%s, 'POST', '$a.v $b.v')", (f"{b}/echo/bigreq",)),
+        "scheme": start(env.db, env.role, "df.http(%s, 'GET')", ("ftp://127.0.0.1/{x}",)),
+    }
+    t0 = time.monotonic()
+    out = {k: finish(env.db, env.role, iid) for k, iid in ids.items()}
+    for k, (status, _, err) in out.items():
+        assert status == "failed", (k, err)
+    assert "timed out after 1s" in out["timeout"][2]["error"]
+    assert time.monotonic() - t0 < 15
+    assert "could not connect" in out["refused"][2]["error"]
+    assert "response cap" in out["huge"][2]["error"]
+    assert "request cap" in out["bigreq"][2]["error"]
+    assert http.hits("/echo/bigreq") == []
+    assert "unsupported URL scheme" in out["scheme"][2]["error"]
+
+
+# --------------------------------------------------------------------------- substitution
+
+
+def test_substitution_headers_body_and_idempotency_key(env: Env, http: Recorder) -> None:
+    b = http.base
+    expr = ("df.sql('select 42 as n, ''abc'' as s') |=> 'r' ~> "
+            "df.http(%s, 'PUT', %s, %s::jsonb) |=> 'h' ~> "
+            "df.sql('select $h.status as st, $h.ok as ok, $h.encoding as enc')")
+    headers = {"X-Label": "{sys_label}", "X-N": "$r.n", "X-Var": "{v}", "X-Num": 5,
+               "User-Agent": "spoofed", "Idempotency-Key": "spoofed"}
+    iid, status, res, err = run(
+        env.db, env.role, expr,
+        (b + "/echo/sub/{sys_instance_id}?v={v}&s=$r.s", '{"n": $r.n, "s": "$r.s", "k": "{v}"}',
+         json.dumps(headers)),
+        label="lbl-1", setvars={"v": "hello"})
+    assert status == "completed", err
+    assert res["rows"] == [{"st": 200, "ok": True, "enc": "text"}]
+    (hit,) = http.hits(f"/echo/sub/{iid}")
+    assert hit.path == f"/echo/sub/{iid}?v=hello&s=abc"
+    assert hit.method == "PUT"
+    assert json.loads(hit.body) == {"n": 42, "s": "abc", "k": "hello"}
+    h = {k.lower(): v for k, v in hit.headers.items()}
+    assert h["x-label"] == "lbl-1" and h["x-n"] == "42" and h["x-var"] == "hello"
+    assert "x-num" not in h  # non-string header values are dropped
+    assert h["user-agent"].startswith("pgdurable/")
+    assert h["idempotency-key"] == f"pgdurable-{iid}-{node_id(env.db, iid, 'HTTP')}"
+    assert "content-type" not in h  # no default Content-Type for a verbatim body
+
+
+def test_defaults_post_no_body(env: Env, http: Recorder) -> None:
+    iid, status, res, err = run(env.db, env.role, "df.http(%s)", (f"{http.base}/echo/dflt",))
+    assert status == "completed", err
+    (hit,) = http.hits("/echo/dflt")
+    assert hit.method == "POST" and hit.body == b""
+
+
+# --------------------------------------------------------------------------- multipart
+
+
+def _parts(hit: Seen) -> list[tuple[str | None, str | None, str, bytes]]:
+    ctype = {k.lower(): v for k, v in hit.headers.items()}["content-type"]
+    msg = email.parser.BytesParser().parsebytes(
+        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + hit.body)
+    assert msg.is_multipart()
+    return [(p.get_param("name", header="content-disposition"), p.get_filename(),
+             p.get_content_type(), p.get_payload(decode=True)) for p in msg.get_payload()]
+
+
+def test_multipart_as_received(env: Env, http: Recorder) -> None:
+    blob = bytes(range(256))
+    parts = [
+        {"name": "meta", "data_b64": base64.b64encode(b'{"a": 1}').decode(),
+         "content_type": "application/json"},
+        {"name": "file", "filename": "blob.bin", "data_b64": base64.encodebytes(blob).decode()},
+        {"name": "{v}_field", "filename": "{sys_instance_id}-$r.s.txt", "data_b64": "$r.b64"},
+        {"name": "plain", "data_b64": "{b64var}"},
+    ]
+    expr = ("df.sql('select ''abc'' as s, encode(''hello''::bytea, ''base64'') as b64') |=> 'r'"
+            " ~> df.http_multipart(%s, 'PUT', %s::jsonb, %s::jsonb)")
+    iid, status, res, err = run(
+        env.db, env.role, expr,
+        (http.base + "/echo/mp/{v}", json.dumps(parts),
+         json.dumps({"Content-Type": "text/plain", "X-Tag": "{v}-$r.s"})),
+        setvars={"v": "vv", "b64var": base64.b64encode(b"from var").decode()})
+    assert status == "completed", err
+    assert res["ok"] is True
+    (hit,) = http.hits("/echo/mp/vv")
+    h = {k.lower(): v for k, v in hit.headers.items()}
+    assert hit.method == "PUT"
+    assert h["content-type"].startswith("multipart/form-data; boundary=")  # caller's ignored
+    assert h["x-tag"] == "vv-abc"
+    assert h["idempotency-key"] == f"pgdurable-{iid}-{node_id(env.db, iid, 'HTTP_MULTIPART')}"
+    got = _parts(hit)
+    assert got[0] == ("meta", None, "application/json", b'{"a": 1}')
+    assert got[1] == ("file", "blob.bin", "application/octet-stream", blob)
+    assert got[2][:2] == ("vv_field", f"{iid}-abc.txt")
+    assert got[2][3] == b"hello"
+    assert got[3][0] == "plain" and got[3][3] == b"from var"
+
+
+def test_multipart_data_b64_only_whole_value(env: Env, http: Recorder) -> None:
+    parts = [{"name": "f", "data_b64": "aGk= $r.b64"}]
+    _, status, _, err = run(env.db, env.role,
+                            "df.sql('select ''aGk='' as b64') |=> 'r' ~> "
+                            "df.http_multipart(%s, 'POST', %s::jsonb)",
+                            (f"{http.base}/echo/mpbad", json.dumps(parts)))
+    assert status == "failed"
+    assert "whole-value reference" in err["error"]
+    assert http.hits("/echo/mpbad") == []
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_join_of_50_http_calls_runs_concurrently(env: Env, http: Recorder) -> None:
+    def tree(lo: int, hi: int) -> str:
+        if hi - lo == 1:
+            return f"df.http('{http.base}/sleep/1?i={lo}', 'GET')"
+        mid = (lo + hi) // 2
+        return f"df.join({tree(lo, mid)}, {tree(mid, hi)})"
+
+    t0 = time.monotonic()
+    iid, status, res, err = run(env.db, env.role, tree(0, 50))
+    elapsed = time.monotonic() - t0
+    assert status == "completed", err
+    hits = http.hits("/sleep/1?")
+    assert len(hits) == 50
+    spread = max(h.at for h in hits) - min(h.at for h in hits)
+    print(f"JOIN of 50 x 1 s HTTP calls: {elapsed:.2f} s wall, requests spread {spread:.2f} s")
+    # serial would be 50 s; 2 workers x 16 slots run them in at most two waves
+    assert elapsed < 6, f"JOIN of 50 took {elapsed:.1f} s"
+
+
+# --------------------------------------------------------------------------- privilege
+
+
+def test_execute_privilege_is_rechecked_at_run_time(env: Env, http: Recorder) -> None:
+    db = env.db
+    # a role that never had EXECUTE on df.http: it submits the graph as a JSON literal
+    nohttp = db.create_role("nohttp")
+    with db.connect() as conn:
+        graph = conn.execute("select df.http(%s, 'GET')", (f"{http.base}/echo/priv1",)
+                             ).fetchone()[0]
+        mp = conn.execute("select df.http_multipart(%s, 'POST', '[{\"name\":\"a\","
+                          "\"data_b64\":\"aGk=\"}]')", (f"{http.base}/echo/priv1mp",)
+                          ).fetchone()[0]
+    _, status, _, err = run(db, nohttp, "%s", (graph,))
+    assert status == "failed"
+    assert "does not have EXECUTE privilege" in err["error"]
+    _, status, _, err = run(db, nohttp, "%s", (mp,))
+    assert status == "failed"
+    assert "does not have EXECUTE privilege" in err["error"]
+    # a role whose grant is revoked after df.start, before the step runs
+    late = db.create_role("late", http=True)
+    iid = start(db, late, "df.wait_for_signal('go') ~> df.http(%s, 'GET')",
+                (f"{http.base}/echo/priv2",))
+    with db.connect() as conn:
+        conn.execute(f'revoke execute on function df.http(text,text,text,jsonb,integer) '
+                     f'from "{late}"')
+    with db.connect(late) as conn:
+        conn.execute("select df.signal(%s, 'go')", (iid,))
+    status, _, err = finish(db, late, iid)
+    assert status == "failed"
+    assert "does not have EXECUTE privilege" in err["error"]
+    assert http.hits("/echo/priv") == []
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+def test_same_idempotency_key_when_the_step_reruns_after_a_worker_kill(
+        env: Env, http: Recorder) -> None:
+    tag = uuid.uuid4().hex[:8]
+    iid = start(env.db, env.role, "df.http(%s, 'GET')", (f"{http.base}/slow-once/{tag}",))
+    deadline = time.monotonic() + 30
+    while not http.hits(f"/slow-once/{tag}"):
+        assert time.monotonic() < deadline, env.serve.log()
+        time.sleep(0.05)
+    for pid in env.serve.workers():  # whichever worker holds the request dies
+        os.kill(pid, signal.SIGKILL)
+    # re-run after the 5 s lease expires and the rescuer frees the step
+    status, res, err = finish(env.db, env.role, iid, timeout=60)
+    assert status == "completed", err
+    assert res["body"] == "second attempt"
+    hits = http.hits(f"/slow-once/{tag}")
+    assert len(hits) == 2
+    keys = {{k.lower(): v for k, v in h.headers.items()}["idempotency-key"] for h in hits}
+    assert keys == {f"pgdurable-{iid}-{node_id(env.db, iid, 'HTTP')}"}
+    env.serve.wait_workers(2)
+
+
+# --------------------------------------------------------------------------- policy via serve
+
+
+def _policy_run(db: fix_db.TestDB, serve_factory: Any, env_vars: dict[str, str],
+                urls: dict[str, str]) -> dict[str, tuple[str, Any, Any]]:
+    role = db.create_role("pol", http=True)
+    s = serve_factory(db, **env_vars)
+    ids = {k: start(db, role, "df.http(%s, 'GET')", (u,)) for k, u in urls.items()}
+    out = {k: finish(db, role, iid, timeout=60) for k, iid in ids.items()}
+    s.stop()
+    return out
+
+
+def test_public_policy_blocks_loopback(db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None:
+    out = _policy_run(db, serve_factory,
+                      {**BASE_ENV, **serve_env(http_policy="public", http_allow="")},
+                      {"ip": f"{http.base}/echo/pub-ip",
+                       "name": f"http://localhost:{http.port}/echo/pub-name"})
+    assert out["ip"][0] == "failed" and "bare IP" in out["ip"][2]["error"]
+    assert out["name"][0] == "failed"
+    assert "resolves to a blocked address" in out["name"][2]["error"]
+    assert http.hits("/echo/pub-") == []
+
+
+def test_allow_list_admits_only_its_patterns(db: fix_db.TestDB, serve_factory: Any,
+                                             http: Recorder) -> None:
+    out = _policy_run(db, serve_factory,
+                      {**BASE_ENV, **serve_env(http_policy="allow-list",
+                                                http_allow=f"127.0.0.1:{http.port},*.example.com")},
+                      {"ok": f"{http.base}/echo/al-ok",
+                       "port": f"http://127.0.0.1:{refused_port()}/echo/al-port",
+                       "name": f"http://localhost:{http.port}/echo/al-name"})
+    assert out["ok"][0] == "completed", out["ok"][2]
+    assert out["port"][0] == "failed" and "not in the allowed" in out["port"][2]["error"]
+    assert out["name"][0] == "failed" and "not in the allowed" in out["name"][2]["error"]
+    assert len(http.hits("/echo/al-")) == 1
+
+
+def test_deny_all(db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None:
+    out = _policy_run(db, serve_factory,
+                      {**BASE_ENV, **serve_env(http_policy="deny-all", http_allow="")},
+                      {"x": f"{http.base}/echo/deny"})
+    assert out["x"][0] == "failed"
+    assert "outbound HTTP requests are disabled" in out["x"][2]["error"]
+    assert http.hits("/echo/deny") == []
+
