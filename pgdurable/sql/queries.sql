@@ -94,3 +94,9 @@ listen pgdurable_work; listen pgdurable_cancel; listen pgdurable_abandon
 -- name: instance_status
 -- is the instance still live (cancel check)
 select status from df.instances where id = %s
+
+-- name: http_privilege
+-- HTTP gate 0 (SPEC §3.8): may the submitting role still call df.http / df.http_multipart?
+-- NULL (false) when the role no longer exists
+select case when exists (select 1 from pg_roles r where r.oid = %s::oid)
+            then has_function_privilege(%s::oid, %s, 'execute') end

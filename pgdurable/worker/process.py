@@ -449,18 +449,50 @@ class Worker:
     async def _run_http(self, ctx: InstanceCtx, task: Task, idx: int, ntype: int) -> Any:
         from ..steps.http_step import run_http
 
+        from ..subst import substitute_whole_value
+
         if self.http_client is None:
             raise StepError("HTTP steps are not available in this build")
+        multipart = ntype == A.HTTP_MULTIPART
+        # privilege re-check at run time (SPEC §3.8 gate 0): the graph may have been built
+        # without calling df.http (a JSON literal) or the grant revoked since df.start
+        fn = ("df.http_multipart(text,text,jsonb,jsonb,integer)" if multipart
+              else "df.http(text,text,text,jsonb,integer)")
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self.q("http_privilege"),
+                                     (ctx.role_oid, ctx.role_oid, fn))
+            row = await cur.fetchone()
+        if not row or not row[0]:
+            raise StepError(f"role {ctx.role_name!r} does not have EXECUTE privilege on {fn}; "
+                            f"grant it with df.grant_usage({ctx.role_name!r}, "
+                            "include_http => true)")
         cfg = orjson.loads(ctx.configs[idx])
-        cfg["url"] = self._subst(ctx, cfg["url"], "raw")
-        if cfg.get("body") is not None:
+        if isinstance(cfg.get("url"), str):
+            cfg["url"] = self._subst(ctx, cfg["url"], "raw")
+        if not multipart and isinstance(cfg.get("body"), str):
             cfg["body"] = self._subst(ctx, cfg["body"], "raw")
         if isinstance(cfg.get("headers"), dict):
             cfg["headers"] = {k: self._subst(ctx, v, "raw") if isinstance(v, str) else v
                               for k, v in cfg["headers"].items()}
+        if multipart and isinstance(cfg.get("parts"), list):
+            parts = []
+            for part in cfg["parts"]:
+                if isinstance(part, dict):
+                    part = dict(part)
+                    for field in ("name", "filename"):
+                        if isinstance(part.get(field), str):
+                            part[field] = self._subst(ctx, part[field], "raw")
+                    if isinstance(part.get("data_b64"), str):
+                        part["data_b64"] = substitute_whole_value(
+                            part["data_b64"], results=ctx.named, vars=ctx.vars,
+                            instance_id=ctx.instance_id, label=ctx.label)
+                parts.append(part)
+            cfg["parts"] = parts
+        # stable per (instance, node), attempt-independent (SPEC D4)
         key = f"pgdurable-{ctx.instance_id}-{task.node_id}"
         return await run_http(self.http_client, self.http_policy,
-                              "HTTP" if ntype == A.HTTP else "HTTP_MULTIPART", cfg, key)
+                              "HTTP_MULTIPART" if multipart else "HTTP", cfg, key)
 
     def _subst(self, ctx: InstanceCtx, text: str, mode: str) -> str:
         return substitute(text, mode=mode,  # type: ignore[arg-type]
