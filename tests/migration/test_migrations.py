@@ -17,12 +17,12 @@ from pgdurable.sql import BASELINE_DIR, MIGRATIONS_DIR
 SCHEMAS = ("df", "pgdurable", "pgdurable_exec")
 
 CATALOG = """
-select 'rel ' || c.relname || ' ' || c.relkind || ' rls=' || c.relrowsecurity
+select 'rel ' || c.relname || ' ' || c.relkind::text || ' rls=' || c.relrowsecurity::text
 from pg_class c join pg_namespace n on n.oid = c.relnamespace
 where n.nspname = any(%(s)s)
 union all
 select 'col ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
-       || ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+       || ' notnull=' || a.attnotnull::text || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
 from pg_attribute a join pg_class c on c.oid = a.attrelid
 join pg_namespace n on n.oid = c.relnamespace
 left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
@@ -35,7 +35,7 @@ select 'idx ' || indexrelid::regclass::text || ' ' || pg_get_indexdef(indexrelid
 from pg_index i join pg_class c on c.oid = i.indrelid join pg_namespace n on n.oid = c.relnamespace
 where n.nspname = any(%(s)s)
 union all
-select 'pol ' || polrelid::regclass::text || ' ' || polname || ' ' || polcmd || ' '
+select 'pol ' || polrelid::regclass::text || ' ' || polname || ' ' || polcmd::text || ' '
        || coalesce(pg_get_expr(polqual, polrelid), '') || ' ' || coalesce(pg_get_expr(polwithcheck, polrelid), '')
 from pg_policy
 union all
