@@ -5,18 +5,23 @@ Admin tooling: this module may spell SQL for the df functions it wraps (STYLE B1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import click
 import psycopg
+from psycopg.rows import dict_row
 
-from . import DF_API_LEVEL, __version__
+from . import DF_API_LEVEL, __version__, diagram
 from . import schema as schema_mod
 from .config import (
     LEASE_SECONDS_DEFAULT,
@@ -45,16 +50,26 @@ dsn_option = click.option("--dsn", envvar="PGDURABLE_DSN", show_envvar=True,
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 
+def _env(name: str) -> list[str]:
+    """SPEC §9 names options' variables PGDURABLE_<OPTION>; click's automatic
+    PGDURABLE_<COMMAND>_<OPTION> is accepted too (flag > env > default either way)."""
+    return [f"PGDURABLE_{name}", f"PGDURABLE_SERVE_{name}"]
+
+
 @click.group(context_settings=CONTEXT)
 def main() -> None:
     """pgdurable: durable execution for PostgreSQL (the pg_durable df API)."""
 
 
 @main.command()
-def version() -> None:
+@json_option
+def version(as_json: bool) -> None:
     """Print the package version, the df API level and the scheduler implementation."""
     from .graph import sched
 
+    if as_json:
+        _emit({"version": __version__, "df_api": DF_API_LEVEL, "scheduler": sched.__impl__})
+        return
     click.echo(f"pgdurable {__version__} (df API {DF_API_LEVEL}; scheduler: {sched.__impl__})")
 
 
@@ -90,19 +105,21 @@ def uninstall(dsn: str | None) -> None:
 
 @main.command()
 @dsn_option
-@click.option("--workers", type=int, default=WORKERS_DEFAULT, show_envvar=True,
-              help="worker processes")
-@click.option("--slots", type=int, default=SLOTS_DEFAULT, show_envvar=True,
-              help="concurrent steps per worker")
-@click.option("--lease-seconds", type=int, default=LEASE_SECONDS_DEFAULT, show_envvar=True,
-              help="lease of a claimed step")
-@click.option("--http-policy", type=click.Choice(["deny-all", "public", "allow-list"]),
+@click.option("--workers", envvar=_env("WORKERS"), type=int, default=WORKERS_DEFAULT,
+              show_envvar=True, help="worker processes")
+@click.option("--slots", envvar=_env("SLOTS"), type=int, default=SLOTS_DEFAULT,
+              show_envvar=True, help="concurrent steps per worker")
+@click.option("--lease-seconds", envvar=_env("LEASE_SECONDS"), type=int,
+              default=LEASE_SECONDS_DEFAULT, show_envvar=True, help="lease of a claimed step")
+@click.option("--http-policy", envvar=_env("HTTP_POLICY"),
+              type=click.Choice(["deny-all", "public", "allow-list"]),
               default="public", show_envvar=True, help="HTTP egress policy")
-@click.option("--http-allow", multiple=True, show_envvar=True,
+@click.option("--http-allow", envvar=_env("HTTP_ALLOW"), multiple=True, show_envvar=True,
               help="host pattern admitted under allow-list (repeatable; env: comma separated)")
-@click.option("--metrics-port", type=int, default=None, show_envvar=True)
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
-              show_envvar=True)
+@click.option("--metrics-port", envvar=_env("METRICS_PORT"), type=int, default=None,
+              show_envvar=True, help="serve Prometheus metrics on this port (/metrics)")
+@click.option("--log-format", envvar=_env("LOG_FORMAT"), type=click.Choice(["text", "json"]),
+              default="text", show_envvar=True)
 @click.option("--data-dir", show_envvar=True, help="embedded PostgreSQL data directory")
 def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_policy: str,
           http_allow: tuple[str, ...], metrics_port: int | None, log_format: str,
@@ -126,46 +143,122 @@ def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_po
 
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
-    return psycopg.connect(_dsn_or_embedded(dsn), autocommit=True,
-                           application_name="pgdurable cli")
+    try:
+        return psycopg.connect(_dsn_or_embedded(dsn), autocommit=True,
+                               application_name="pgdurable cli")
+    except psycopg.OperationalError as exc:
+        raise click.ClickException(f"cannot connect: {str(exc).strip()}") from exc
+
+
+@contextlib.contextmanager
+def _db(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
+    """A connection; database errors become one-line click errors (exit code 1)."""
+    with _connect(dsn) as conn:
+        try:
+            yield conn
+        except psycopg.Error as exc:
+            msg = exc.diag.message_primary or str(exc).strip()
+            raise click.ClickException(msg) from exc
 
 
 def _scalar(dsn: str | None, query: str, params: tuple[Any, ...]) -> Any:
-    with _connect(dsn) as conn:
+    with _db(dsn) as conn:
         row = conn.execute(query.encode(), params).fetchone()
         return row[0] if row else None
+
+
+def _emit(data: Any) -> None:
+    click.echo(json.dumps(data, default=str))
+
+
+def _as_json(text: str | None) -> Any:
+    """A JSON text column as a value (text that does not parse stays a string)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _ts(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain left-aligned table (two spaces between columns)."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    return "\n".join(lines)
+
+
+INSTANCE_ID = re.compile(r"^[0-9a-f]{8}$")
 
 
 @main.command()
 @dsn_option
 @click.argument("expr")
-@click.option("--label", default=None)
-def start(dsn: str | None, expr: str, label: str | None) -> None:
-    """Start EXPR (a DSL expression, e.g. "df.sql('select 1') ~> 'select 2'"); print the id."""
-    with _connect(dsn) as conn:
+@click.option("--label", default=None, help="label stored with the instance")
+@json_option
+def start(dsn: str | None, expr: str, label: str | None, as_json: bool) -> None:
+    """Start EXPR (a DSL expression, e.g. "df.sql('select 1') ~> 'select 2'"); print the id.
+
+    EXPR is SQL text evaluated as `SELECT df.start(EXPR)`: a quoted SQL string
+    ('select 1') auto-wraps into one SQL step.
+    """
+    with _db(dsn) as conn:
         row = conn.execute(f"select df.start({expr}, %s)".encode(), (label,)).fetchone()
-    click.echo(row[0] if row else "")
+    iid = row[0] if row else None
+    if as_json:
+        _emit({"instance_id": iid, "label": label})
+    else:
+        click.echo(iid or "")
 
 
-for _name in ("status", "result", "error"):
-    def _make(name: str) -> None:
-        @main.command(name=name, help=f"Print df.{name}(INSTANCE_ID).")
-        @dsn_option
-        @click.argument("instance_id")
-        def _cmd(dsn: str | None, instance_id: str) -> None:
-            out = _scalar(dsn, f"select df.{name}(%s)", (instance_id,))
-            click.echo("" if out is None else
-                       (json.dumps(out) if not isinstance(out, str) else out))
-    _make(_name)
+def _instance_command(name: str, doc: str, key: str, parse: bool) -> None:
+    @main.command(name=name, help=doc)
+    @dsn_option
+    @click.argument("instance_id")
+    @json_option
+    def _cmd(dsn: str | None, instance_id: str, as_json: bool) -> None:
+        with _db(dsn) as conn:
+            row = conn.execute(f"select df.{name}(%s), df.status(%s)".encode(),
+                               (instance_id, instance_id)).fetchone()
+        assert row is not None
+        out, status = row
+        if status is None:
+            raise click.ClickException(f"instance {instance_id!r} not found or access denied")
+        if isinstance(out, str) and parse:
+            out = _as_json(out)
+        if as_json:
+            _emit({"instance_id": instance_id, key: out}
+                  | ({"status": status} if key != "status" else {}))
+        elif out is not None:
+            click.echo(out if isinstance(out, str) else json.dumps(out))
+
+
+_instance_command("status", "Print df.status(INSTANCE_ID): pending, running, completed, failed "
+                  "or cancelled.", "status", False)
+_instance_command("result", "Print df.result(INSTANCE_ID): the root result (JSON) of a "
+                  "completed instance, nothing otherwise.", "result", True)
+_instance_command("error", "Print df.error(INSTANCE_ID): {node_id, node_type, error, sqlstate} "
+                  "of a failed instance, nothing otherwise.", "error", False)
 
 
 @main.command(name="await")
 @dsn_option
 @click.argument("instance_id")
-@click.option("--timeout", type=int, default=30)
-def await_(dsn: str | None, instance_id: str, timeout: int) -> None:
-    """Wait for the instance to finish; print its status."""
-    click.echo(_scalar(dsn, "select df.await_instance(%s, %s)", (instance_id, timeout)))
+@click.option("--timeout", type=int, default=30, help="seconds to wait")
+@json_option
+def await_(dsn: str | None, instance_id: str, timeout: int, as_json: bool) -> None:
+    """Wait for the instance to finish; print its status (completed, failed or cancelled)."""
+    status = _scalar(dsn, "select df.await_instance(%s, %s)", (instance_id, timeout))
+    if as_json:
+        _emit({"instance_id": instance_id, "status": status})
+    else:
+        click.echo(status)
 
 
 @main.command()
@@ -173,51 +266,129 @@ def await_(dsn: str | None, instance_id: str, timeout: int) -> None:
 @click.argument("instance_id")
 @click.argument("name")
 @click.argument("data", required=False, default="{}")
-def signal(dsn: str | None, instance_id: str, name: str, data: str) -> None:
-    """Send a signal to an instance."""
-    click.echo(_scalar(dsn, "select df.signal(%s, %s, %s)", (instance_id, name, data)))
+@json_option
+def signal(dsn: str | None, instance_id: str, name: str, data: str, as_json: bool) -> None:
+    """Send signal NAME with DATA (JSON, else a JSON string) to an instance."""
+    out = _scalar(dsn, "select df.signal(%s, %s, %s)", (instance_id, name, data))
+    if as_json:
+        _emit({"instance_id": instance_id, "signal": name, "result": out})
+    else:
+        click.echo(out)
 
 
 @main.command()
 @dsn_option
 @click.argument("instance_id")
 @click.argument("reason", required=False, default="Cancelled by user")
-def cancel(dsn: str | None, instance_id: str, reason: str) -> None:
-    """Cancel an instance."""
-    click.echo(_scalar(dsn, "select df.cancel(%s, %s)", (instance_id, reason)))
+@json_option
+def cancel(dsn: str | None, instance_id: str, reason: str, as_json: bool) -> None:
+    """Cancel an instance (and its running descendants)."""
+    out = _scalar(dsn, "select df.cancel(%s, %s)", (instance_id, reason))
+    if as_json:
+        _emit({"instance_id": instance_id, "result": out})
+    else:
+        click.echo(out)
 
 
 @main.command(name="list")
 @dsn_option
-@click.option("--status", default=None)
-@click.option("--label", default=None)
-@click.option("--limit", type=int, default=100)
+@click.option("--status", default=None, help="only instances with this status")
+@click.option("--label", default=None, help="only instances with this label")
+@click.option("--limit", type=int, default=100, help="page size")
+@click.option("--after", default=None, help="cursor printed by the previous page")
 @json_option
 def list_(dsn: str | None, status: str | None, label: str | None, limit: int,
-          as_json: bool) -> None:
-    """List instances, newest first."""
-    with _connect(dsn) as conn:
-        cur = conn.execute(
-            "select instance_id, label, status, created_at, completed_at "
-            "from df.list_instances(%s, %s, %s)", (status, limit, label))
-        rows = cur.fetchall()
+          after: str | None, as_json: bool) -> None:
+    """List instances (df.list_instances), newest first."""
+    with _db(dsn) as conn:
+        rows = conn.execute(
+            "select instance_id, label, status, execution_count, created_at, completed_at,"
+            " output, next_cursor from df.list_instances(%s, %s, %s, %s)",
+            (status, limit, label, after)).fetchall()
+    cursor = rows[0][7] if rows else None
     if as_json:
-        click.echo(json.dumps([
-            {"instance_id": r[0], "label": r[1], "status": r[2],
-             "created_at": r[3].isoformat() if r[3] else None,
-             "completed_at": r[4].isoformat() if r[4] else None} for r in rows]))
+        _emit({"instances": [
+            {"instance_id": r[0], "label": r[1], "status": r[2], "execution_count": r[3],
+             "created_at": r[4].isoformat() if r[4] else None,
+             "completed_at": r[5].isoformat() if r[5] else None,
+             "output": _as_json(r[6])} for r in rows], "next_cursor": cursor})
         return
-    click.echo(f"{'id':8}  {'status':9}  {'created_at':25}  label")
-    for r in rows:
-        click.echo(f"{r[0]:8}  {r[2]:9}  {r[3]!s:25}  {r[1] or ''}")
+    click.echo(_table(["ID", "STATUS", "EXECS", "CREATED", "COMPLETED", "LABEL"],
+                      [[r[0], r[2], str(r[3] or 0), _ts(r[4]), _ts(r[5]), r[1] or ""]
+                       for r in rows]))
+    if cursor:
+        click.echo(f"(more: --after {cursor})")
+
+
+_DSL_MARKERS = re.compile(
+    r"\bdf\s*\.\s*(sql|seq|as|join|join3|race|if|if_rows|loop|break|sleep|wait_for_schedule"
+    r"|wait_for_signal|http|http_multipart)\s*\(", re.IGNORECASE)
+
+
+def _diagram_of(conn: psycopg.Connection[Any], target: str, text: str) -> diagram.Diagram:
+    if INSTANCE_ID.match(target):
+        inst = conn.execute("select status, root_node from df.instances where id = %s",
+                            (target,)).fetchone()
+        if inst is None:
+            raise click.ClickException(f"Instance not found or access denied: {target}")
+        with conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute("select * from df.instance_nodes(%s)", (target,)).fetchall()
+        return diagram.from_rows(rows, inst[1], title=f"instance {target} ({inst[0]})")
+    if text.startswith("Invalid durable function graph"):
+        raise click.ClickException(text)
+    value: str | None = target
+    if not target.lstrip().startswith("{") and (
+            _DSL_MARKERS.search(target) or re.search(r"~>|\|=>|\?>|!>|^\s*@>", target)):
+        # the graph value itself (ARCHITECTURE §1), evaluated as the caller like df.explain
+        row = conn.execute(
+            f"select ({target.rstrip().rstrip(';')}\n)::text".encode()).fetchone()
+        value = row[0] if row else None
+    return diagram.from_graph(value or "", title="dry run (not started)")
 
 
 @main.command()
 @dsn_option
 @click.argument("target")
-def explain(dsn: str | None, target: str) -> None:
-    """Print df.explain of an instance id or a DSL expression."""
-    click.echo(_scalar(dsn, "select df.explain(%s)", (target,)))
+@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text",
+              help="text: df.explain's tree; mermaid/dot: a diagram coloured by status")
+@json_option
+def explain(dsn: str | None, target: str, fmt: str, as_json: bool) -> None:
+    """Explain TARGET: an instance id (live, with statuses) or a DSL expression (dry run)."""
+    with _db(dsn) as conn:
+        text = conn.execute("select df.explain(%s)", (target,)).fetchone()[0]  # type: ignore[index]
+        if fmt == "text" and not as_json:
+            click.echo(text)
+            return
+        d = _diagram_of(conn, target, text)
+    if as_json:
+        body = text if fmt == "text" else diagram.mermaid(d) if fmt == "mermaid" \
+            else diagram.dot(d)
+        _emit({"target": target, "format": fmt, "text": body, "graph": diagram.to_json(d)})
+    else:
+        click.echo(diagram.mermaid(d) if fmt == "mermaid" else diagram.dot(d))
+
+
+@main.command()
+@dsn_option
+@click.option("--once", is_flag=True, help="print one frame and exit")
+@click.option("--interval", type=float, default=2.0, help="seconds between refreshes")
+@click.option("--width", type=int, default=None, help="columns (default: the terminal's)")
+@json_option
+def top(dsn: str | None, once: bool, interval: float, width: int | None,
+        as_json: bool) -> None:
+    """Live view: instances by status, throughput, in-flight steps, workers, failures."""
+    from . import top as top_mod
+
+    if as_json:  # one snapshot as data
+        with _db(dsn) as conn:
+            _emit(top_mod.fetch(conn).to_json())
+        return
+    target = _dsn_or_embedded(dsn)
+    try:
+        top_mod.run(lambda: _connect(target), once=once, interval=interval, width=width,
+                    echo=click.echo)
+    except psycopg.Error as exc:
+        raise click.ClickException(exc.diag.message_primary or str(exc).strip()) from exc
 
 
 DEMO_WORKFLOW = """
