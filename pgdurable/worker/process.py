@@ -36,7 +36,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from .. import __version__
+from .. import __version__, metrics
 from ..config import ServeConfig
 from ..errors import StepError
 from ..graph import _abc as A
@@ -166,6 +166,7 @@ class Worker:
                         cur = await conn.execute(
                             self.q("claim"), (self.worker_id, free, self.config.lease_seconds))
                         claimed = [Task(*row) for row in await cur.fetchall()]
+                    metrics.claimed(len(claimed))
                 except psycopg.Error as exc:
                     logger.warning("claim failed: %s", exc, extra={"event": "claim.error"})
                     await asyncio.sleep(0.5)
@@ -246,6 +247,7 @@ class Worker:
                     cur = await conn.execute(self.q("rescue"), (1000,))
                     row = await cur.fetchone()
                     if row and row[0]:
+                        metrics.rescued(row[0])
                         logger.info("rescued %d expired leases", row[0],
                                     extra={"event": "lease.rescued"})
                         self.wake.set()
@@ -367,6 +369,7 @@ class Worker:
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                      cp: Checkpoint) -> None:
+        t0 = time.monotonic()
         cur = await conn.execute(self.q("apply"), (
             self.worker_id, ctx.instance_id, task.node_id, task.gen, ctx.version,
             dump(ctx.sched.dump_state()), cp.inst_status,
@@ -375,6 +378,7 @@ class Worker:
             cp.drop_tasks or None,
             orjson.dumps(cp.named).decode() if cp.named else None))
         row = await cur.fetchone()
+        metrics.checkpoint(time.monotonic() - t0)
         got = row[0] if row else -2
         if got == -1:
             raise _Stale()
@@ -396,6 +400,7 @@ class Worker:
                 raise Fenced()
             ntype = ctx.graph.types[idx]
             node_type_var.set(TYPE_NAMES[ntype])
+            metrics.step_started(TYPE_NAMES[ntype])
             if ntype == A.SQL:
                 await self._run_sql(conn, ctx, task, idx)
                 return
@@ -639,6 +644,7 @@ class Worker:
         except BaseException:
             self.ctxs.pop(ctx.instance_id, None)
             raise
+        metrics.step_finished(TYPE_NAMES[ctx.graph.types[idx]], ok)
 
 
 class _Stale(Exception):

@@ -21,7 +21,7 @@ import uuid
 
 import psycopg
 
-from .. import __version__
+from .. import __version__, metrics
 from ..config import ServeConfig
 from ..queries import q
 
@@ -43,7 +43,7 @@ def _fork_worker(config: ServeConfig) -> int:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
             from .process import run_worker
 
             run_worker(config)
@@ -76,6 +76,8 @@ def supervise(config: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
+    if config.metrics_port is not None:  # before the first fork (multiprocess mode)
+        metrics.serve_metrics(config.metrics_port, config.dsn, config.engine_schema)
     for slot in range(config.workers):
         children[_fork_worker(config)] = (slot, time.monotonic())
     logger.info("supervisor %d started %d workers", os.getpid(), config.workers,
@@ -100,6 +102,7 @@ def supervise(config: ServeConfig) -> int:
             backoff[slot] = min(backoff[slot] * 2, BACKOFF_MAX)
             if not stopping:
                 children[_fork_worker(config)] = (slot, time.monotonic())
+                metrics.worker_restarted()
             continue
         if time.monotonic() - last_beat > config.maintenance_interval:
             last_beat = time.monotonic()
