@@ -68,10 +68,17 @@ insert into df._worker_epoch (epoch_id) values (%s)
 on conflict (epoch_id) do update set last_seen_at = now()
 
 -- name: step_settings
--- per-step session settings: marks the session as a workflow and bounds the statement
+-- per-step settings (marks the session as a workflow, bounds the statement) and one of the
+-- deployment-wide max_user_connections slots, all in the step's transaction
 select set_config('df.in_workflow', 'true', true),
        set_config('statement_timeout',
-                  @engine@.setting('step_statement_timeout', '0'), true)
+                  @engine@.setting('step_statement_timeout', '0'), true),
+       @engine@._step_slot_v1()
+
+-- name: prune
+-- retention: delete a batch of old terminal instances (one worker at a time)
+select case when pg_try_advisory_xact_lock(1346913362)
+            then @engine@._prune_v1(%s) else 0 end
 
 -- name: settings
 -- workflow settings the worker reads (pg_durable.*)
@@ -100,3 +107,36 @@ select status from df.instances where id = %s
 -- NULL (false) when the role no longer exists
 select case when exists (select 1 from pg_roles r where r.oid = %s::oid)
             then has_function_privilege(%s::oid, %s, 'execute') end
+
+-- name: take_signal_row
+-- consume the oldest signal of a name (FIFO); no row = none waiting (data may be JSON null)
+with oldest as (
+    select s.id from @engine@.signals s
+    where s.instance_id = %s and s.name = %s
+    order by s.id
+    limit 1
+    for update skip locked
+)
+delete from @engine@.signals s using oldest where s.id = oldest.id
+returning s.data
+
+-- name: lock_run
+-- the instance's runs row, locked first like every writer of an instance
+select 1 from @engine@.runs where instance_id = %s for update
+
+-- name: park_signal
+-- a signal wait found nothing: sleep until its deadline or the next df.signal, unless a
+-- signal of ITS name is waiting (signals of other names must not keep it awake); returns
+-- (parked, a signal of that name is waiting)
+with upd as (
+    update @engine@.tasks t
+    set lease_owner = null, lease_expires_at = null,
+        due_at = coalesce(t.deadline, 'infinity'::timestamptz)
+    where t.lease_owner = %s and t.instance_id = %s and t.node_id = %s
+      and not exists (select 1 from @engine@.signals s
+                      where s.instance_id = t.instance_id and s.name = %s)
+    returning t.instance_id
+)
+select exists (select 1 from upd),
+       exists (select 1 from @engine@.signals s, (select %s::varchar as i, %s::text as n) k
+               where s.instance_id = k.i and s.name = k.n)

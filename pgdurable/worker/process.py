@@ -54,6 +54,10 @@ CTX_CACHE_SIZE = 2048
 # Retries of a checkpoint that found the instance's state moved on (another worker
 # checkpointed a sibling branch in between); each retry reloads the instance.
 STALE_RETRIES = 20
+# Retention: every minute (spread over workers by a random start), at most this many finished
+# instances are deleted per batch so pruning never holds long locks.
+PRUNE_INTERVAL = 60.0
+PRUNE_BATCH = 500
 
 
 class Fenced(Exception):
@@ -103,6 +107,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        # SIGHUP (forwarded by the supervisor): re-read the pg_durable.* settings
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: asyncio.ensure_future(self._load_settings()))
         self.pool = AsyncConnectionPool(
             self.config.dsn, min_size=2, max_size=self.config.slots + 4, open=False,
             kwargs={"autocommit": True,
@@ -231,6 +238,7 @@ class Worker:
         epoch = uuid.uuid4()
         host = socket.gethostname()
         parent = os.getppid()
+        next_prune = time.monotonic() + random.random() * PRUNE_INTERVAL  # noqa: S311
         while not self.stopping.is_set():
             if os.getppid() != parent:
                 # the supervisor died (kill -9): drain and exit rather than run unsupervised
@@ -255,6 +263,13 @@ class Worker:
                         self.worker_id, "worker", host, os.getpid(), __version__,
                         len(self.inflight)))
                     await conn.execute(self.q("epoch"), (epoch,))
+                    if time.monotonic() >= next_prune:
+                        next_prune = time.monotonic() + PRUNE_INTERVAL
+                        cur = await conn.execute(self.q("prune"), (PRUNE_BATCH,))
+                        row = await cur.fetchone()
+                        if row and row[0]:
+                            logger.info("pruned %d finished instances past retention", row[0],
+                                        extra={"event": "retention.pruned"})
             except psycopg.Error as exc:
                 logger.warning("maintenance failed: %s", exc,
                                extra={"event": "maintenance.error"})
@@ -428,20 +443,30 @@ class Worker:
                 elif ntype == A.WAIT_SCHEDULE:
                     value = {"scheduled": True}
                 elif ntype == A.SIGNAL:
+                    # durable inbox (SPEC D6): consume the oldest signal of this name; none →
+                    # time out if the durable timer fired, else park until df.signal wakes us
                     cfg = orjson.loads(ctx.configs[idx])
-                    cur = await conn.execute(self.q("take_signal"),
-                                             (ctx.instance_id, cfg["signal_name"]))
-                    row = await cur.fetchone()
-                    if row and row[0] is not None:
-                        value = {"signal_name": cfg["signal_name"], "timed_out": False,
-                                 "data": row[0]}
-                    elif task.deadline is not None and task.deadline <= task.clock:
-                        value = {"signal_name": cfg["signal_name"], "timed_out": True,
-                                 "data": None}
-                    else:
-                        await conn.execute(self.q("park"),
-                                           (self.worker_id, ctx.instance_id, task.node_id))
-                        return
+                    name = cfg["signal_name"]
+                    while True:
+                        cur = await conn.execute(self.q("take_signal_row"),
+                                                 (ctx.instance_id, name))
+                        row = await cur.fetchone()  # a row even when data is JSON null
+                        if row is not None:
+                            value = {"signal_name": name, "timed_out": False, "data": row[0]}
+                            break
+                        if task.deadline is not None and task.deadline <= task.clock:
+                            value = {"signal_name": name, "timed_out": True, "data": None}
+                            break
+                        # runs row first (as df.signal): a signal committed after our look is
+                        # then either visible to the park or wakes the parked task
+                        async with conn.transaction():
+                            await conn.execute(self.q("lock_run"), (ctx.instance_id,))
+                            cur = await conn.execute(self.q("park_signal"), (
+                                self.worker_id, ctx.instance_id, task.node_id, name,
+                                ctx.instance_id, name))
+                            parked, pending = (await cur.fetchone()) or (False, False)
+                        if parked or not pending:
+                            return  # parked, or the task is no longer ours
                 elif ntype in (A.HTTP, A.HTTP_MULTIPART):
                     value = await self._run_http(ctx, task, idx, ntype)
                 else:  # pragma: no cover - composites never become tasks

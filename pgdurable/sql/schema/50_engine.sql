@@ -305,3 +305,60 @@ as $$
     -- forget processes silent for a minute (crashed hosts); live ones re-insert themselves
     delete from @engine@.workers w where w.last_seen_at < now() - interval '60 seconds';
 $$;
+
+-- Deployment-wide cap on connections running step SQL (SPEC D13): pg_durable.max_user_connections
+-- slots, each a transaction-scoped advisory lock (class 'PGDU') taken inside the step's own
+-- transaction, so a slot is released by the commit/rollback that ends the step — even when
+-- the worker dies. Polls every 50 ms up to pg_durable.execution_acquire_timeout seconds.
+create function @engine@._step_slot_v1()
+returns integer
+language plpgsql volatile
+set search_path = pg_catalog
+as $$
+declare
+    v_max      integer := @engine@.setting('max_user_connections', '10')::integer;
+    v_timeout  integer := @engine@.setting('execution_acquire_timeout', '30')::integer;
+    v_deadline timestamptz := clock_timestamp() + make_interval(secs => v_timeout);
+    v_start    integer := floor(random() * v_max)::integer;
+begin
+    loop
+        for i in 0 .. v_max - 1 loop
+            if pg_try_advisory_xact_lock(1346913365, (v_start + i) % v_max) then
+                return (v_start + i) % v_max;
+            end if;
+        end loop;
+        if clock_timestamp() >= v_deadline then
+            raise exception 'connection limit reached: all max_user_connections=% step slots '
+                            'stayed busy for execution_acquire_timeout=%s', v_max, v_timeout
+                using errcode = '53300',
+                      hint = 'raise pg_durable.max_user_connections or lower the fan-out';
+        end if;
+        perform pg_sleep(0.05);
+    end loop;
+end
+$$;
+
+-- Retention (SPEC §5): terminal instances older than pg_durable.retention_days are pruned in
+-- bounded batches; pending/running work is never touched. One worker at a time (the caller
+-- holds a try-advisory lock) so batches do not fight.
+create function @engine@._prune_v1(p_limit integer)
+returns integer
+language sql volatile
+set search_path = pg_catalog
+as $$
+    with old as (
+        select i.id from df.instances i
+        where i.status in ('completed', 'failed', 'cancelled')
+          and i.updated_at < now() - make_interval(
+                days => @engine@.setting('retention_days', '30')::integer)
+          and @engine@.setting('retention_days', '30')::integer > 0
+        order by i.updated_at
+        limit p_limit
+        for update skip locked
+    ), gone as (
+        delete from df.instances i using old where i.id = old.id returning i.id
+    ), runs as (
+        delete from @engine@.runs r using gone where r.instance_id = gone.id returning 1
+    )
+    select count(*)::integer from gone
+$$;
