@@ -140,3 +140,21 @@ with upd as (
 select exists (select 1 from upd),
        exists (select 1 from @engine@.signals s, (select %s::varchar as i, %s::text as n) k
                where s.instance_id = k.i and s.name = k.n)
+
+-- name: runner_ddl
+-- the CREATE FUNCTION text of a role's step runner, for another database
+select @engine@._runner_ddl_v1(%s::oid::regrole, '@engine@_exec'),
+       has_database_privilege(%s::oid, %s, 'CONNECT')
+
+-- name: remote_exec_schema
+-- the runner schema in another database (nobody but the service may use it)
+create schema if not exists @engine@_exec
+
+-- name: remote_runner_exists
+-- does the role's runner exist in this (other) database
+select exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+               where n.nspname = '@engine@_exec' and p.proname = 'step_' || %s::text)
+
+-- name: remote_step_settings
+-- per-step settings in another database (no engine there: plain set_config)
+select set_config('df.in_workflow', 'true', true)

@@ -92,6 +92,7 @@ class Worker:
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.runners: dict[int, str] = {}
+        self.remote_pools: dict[str, AsyncConnectionPool] = {}
         self.max_iterations = 100_000
         self.loop_min_interval = 1.0
         self.current_db = ""
@@ -148,6 +149,8 @@ class Worker:
                 await conn.execute(self.q("release"), (self.worker_id, None, None))
         if self.http_client is not None:
             await self.http_client.aclose()
+        for rpool in self.remote_pools.values():
+            await rpool.close()
         await self.pool.close()
         logger.info("worker stopped", extra={"event": "worker.stopped"})
 
@@ -550,15 +553,13 @@ class Worker:
 
     async def _run_sql(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                        idx: int) -> None:
-        if ctx.database and ctx.database != self.current_db:
-            await self._complete(conn, ctx, task, idx, False, None, StepError(
-                f"steps in another database ({ctx.database!r}) are not supported by this "
-                "version of pgdurable serve yet"))
-            return
         try:
             text = self._subst(ctx, ctx.configs[idx], "sql")
         except StepError as exc:
             await self._complete(conn, ctx, task, idx, False, None, exc)
+            return
+        if ctx.database and ctx.database != self.current_db:
+            await self._run_sql_elsewhere(conn, ctx, task, idx, text)
             return
         runner = await self._runner(ctx.role_oid)
         schema_name, _, fn = runner.partition(".")
@@ -599,6 +600,78 @@ class Worker:
             await self._complete(conn, ctx, task, idx, False, None,
                                  StepError(_pg_message(exc), sqlstate=exc.sqlstate))
         logger.debug("sql step took %.1f ms", (time.monotonic() - t0) * 1000)
+
+    async def _remote_pool(self, dbname: str) -> AsyncConnectionPool:
+        pool = self.remote_pools.get(dbname)
+        if pool is None:
+            info = psycopg.conninfo.conninfo_to_dict(self.config.dsn)
+            info["dbname"] = dbname
+            pool = AsyncConnectionPool(
+                psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
+                min_size=0, max_size=self.config.slots, open=False,
+                kwargs={"autocommit": True,
+                        "application_name": f"pgdurable worker {os.getpid()}"},
+                check=AsyncConnectionPool.check_connection, name=f"pgdurable:{dbname}")
+            await pool.open(wait=False)
+            self.remote_pools[dbname] = pool
+        return pool
+
+    async def _run_sql_elsewhere(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
+                                 task: Task, idx: int, text: str) -> None:
+        """A step of a `database =>` instance: at-least-once (SPEC D4).
+
+        The statement commits in the other database, then the checkpoint commits here; a
+        crash between the two re-runs the statement. The runner (SPEC D5) is created in
+        that database on first use.
+        """
+        assert ctx.database is not None
+        cur = await conn.execute(self.q("runner_ddl"), (ctx.role_oid, ctx.role_oid,
+                                                        ctx.database))
+        row = await cur.fetchone()
+        assert row is not None
+        ddl, can_connect = row
+        if not can_connect:
+            await self._complete(conn, ctx, task, idx, False, None, StepError(
+                f"role {ctx.role_name!r} has no CONNECT privilege on database "
+                f"{ctx.database!r}"))
+            return
+        pool = await self._remote_pool(ctx.database)
+        key = (task.instance_id, task.node_id)
+        try:
+            async with pool.connection() as rconn:
+                cur = await rconn.execute(self.q("remote_runner_exists"), (ctx.role_oid,))
+                exists = await cur.fetchone()
+                if not (exists and exists[0]):
+                    with contextlib.suppress(psycopg.errors.UniqueViolation,
+                                             psycopg.errors.DuplicateFunction):
+                        async with rconn.transaction():
+                            await rconn.execute(self.q("remote_exec_schema"))
+                            await rconn.execute(ddl.encode())
+                call = sql.SQL("select * from {}.{}(%s)").format(
+                    sql.Identifier(f"{self.engine}_exec"),
+                    sql.Identifier(f"step_{ctx.role_oid}"))
+                async with rconn.transaction():
+                    await rconn.execute(self.q("remote_step_settings"))
+                    self.running_pids[key] = rconn.info.backend_pid
+                    try:
+                        cur = await rconn.execute(call, (text,))
+                        rows = await cur.fetchall()
+                    finally:
+                        self.running_pids.pop(key, None)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except psycopg.Error as exc:
+            await self._complete(conn, ctx, task, idx, False, None,
+                                 StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+            return
+        value = sql_envelope([r[0] if isinstance(r[0], str) else orjson.dumps(r[0]).decode()
+                              for r in rows])
+        try:
+            check_size(value, self.config.result_max_bytes, "step result")
+        except StepError as exc:
+            await self._complete(conn, ctx, task, idx, False, None, exc)
+            return
+        await self._complete(conn, ctx, task, idx, True, value, None)
 
     async def _complete(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                         idx: int, ok: bool, value: Any, err: StepError | None, *,

@@ -226,3 +226,29 @@ def test_superuser_submitted_instance_is_refused_at_load(db, running):
                            "i.root_node = n.id and i.id = n.instance_id where i.id = %s",
                            (iid,)).fetchone()[0]
     assert "superuser" in res
+
+
+def test_steps_in_another_database(db, running, tenant):
+    """database => runs steps there (at-least-once), the control plane stays here."""
+    other = f"{db.name}_other"
+    with db.connect() as conn:
+        conn.execute(f'create database "{other}"')
+    try:
+        odsn = db.server.dsn(other)
+        import psycopg
+
+        with psycopg.connect(odsn, autocommit=True) as oc:
+            oc.execute("create table t (v int)")
+            oc.execute(f'grant all on t to "{tenant}"')
+        with db.connect(tenant) as conn:
+            iid = conn.execute(
+                "select df.start('insert into t values (7) returning v' ~> "
+                "'select current_database() as db, sum(v) as s from t', null, %s)",
+                (other,)).fetchone()[0]
+            status = conn.execute("select df.await_instance(%s, 60)", (iid,)).fetchone()[0]
+            result = json.loads(conn.execute("select df.result(%s)", (iid,)).fetchone()[0])
+        assert status == "completed"
+        assert result["rows"] == [{"db": other, "s": 7}]
+    finally:
+        with db.connect() as conn:
+            conn.execute(f'drop database if exists "{other}" with (force)')

@@ -254,6 +254,41 @@ $$;
 -- USAGE: a tenant owns its runner but cannot even name it, so cannot ALTER it to SECURITY
 -- INVOKER. Rows come back as json (column order kept); a statement that returns no rows
 -- (DML without RETURNING, DDL) falls back to plain EXECUTE; multi-statement text is refused.
+-- The text of the runner's CREATE FUNCTION for a role, in a given schema: executed here by
+-- _runner_v1, and by the worker in another database for `database =>` instances (the
+-- runner must live in the database the step runs in).
+create function @engine@._runner_ddl_v1(p_role regrole, p_schema text)
+returns text
+language sql immutable
+set search_path = pg_catalog
+as $$
+    select format($f$
+        create function %I.%I(p_sql text) returns setof json
+        language plpgsql volatile security definer
+        as $body$
+        declare
+            r record;
+        begin
+            begin
+                for r in execute p_sql loop
+                    return next to_json(r);
+                end loop;
+            exception when invalid_cursor_definition then
+                if sqlerrm like '%%multi-query%%' then
+                    raise exception 'a workflow SQL step must be exactly one statement'
+                        using errcode = '42601',
+                              hint = 'split it into several steps joined with ~>';
+                end if;
+                execute p_sql;
+            end;
+        end
+        $body$;
+        alter function %I.%I(text) owner to %s;
+        revoke all on function %I.%I(text) from public;
+        $f$, p_schema, 'step_' || p_role::oid::text, p_schema, 'step_' || p_role::oid::text,
+        p_role, p_schema, 'step_' || p_role::oid::text)
+$$;
+
 create function @engine@._runner_v1(p_role regrole)
 returns text
 language plpgsql volatile
@@ -264,29 +299,7 @@ declare
 begin
     if not exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
                    where n.nspname = '@engine@_exec' and p.proname = v_name) then
-        execute format($f$
-            create function %I.%I(p_sql text) returns setof json
-            language plpgsql volatile security definer
-            as $body$
-            declare
-                r record;
-            begin
-                begin
-                    for r in execute p_sql loop
-                        return next to_json(r);
-                    end loop;
-                exception when invalid_cursor_definition then
-                    if sqlerrm like '%%multi-query%%' then
-                        raise exception 'a workflow SQL step must be exactly one statement'
-                            using errcode = '42601',
-                                  hint = 'split it into several steps joined with ~>';
-                    end if;
-                    execute p_sql;
-                end;
-            end
-            $body$ $f$, '@engine@_exec', v_name);
-        execute format('alter function %I.%I(text) owner to %s', '@engine@_exec', v_name, p_role);
-        execute format('revoke all on function %I.%I(text) from public', '@engine@_exec', v_name);
+        execute @engine@._runner_ddl_v1(p_role, '@engine@_exec');
     end if;
     return format('%I.%I', '@engine@_exec', v_name);
 end
