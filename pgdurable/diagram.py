@@ -200,9 +200,8 @@ def from_graph(value: str | Mapping[str, Any], title: str = "") -> Diagram:
 
 
 def _mermaid_text(text: str) -> str:
-    # inside ["..."]: quotes and mermaid's own markup characters as entity codes
-    return (text.replace("&", "#amp;").replace('"', "#quot;").replace("<", "#lt;")
-            .replace(">", "#gt;"))
+    # inside ["..."]: quotes as entity codes, and `<` so SQL never reads as an HTML tag
+    return text.replace("&", "#amp;").replace('"', "#quot;").replace("<", "#lt;")
 
 
 def mermaid(d: Diagram) -> str:
