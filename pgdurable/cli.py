@@ -399,8 +399,8 @@ def top(dsn: str | None, once: bool, interval: float, width: int | None,
 DEMO_WORKFLOW = """
 df.sql('insert into demo_orders(amount) select g * 10 from generate_series(1, 5) g
         returning id') |=> 'ins'
-~> (df.sql('select count(*) as n from demo_orders') |=> 'cnt'
-    & df.sql('select sum(amount) as total from demo_orders') |=> 'sum')
+~> ((df.sql('select count(*) as n from demo_orders') |=> 'cnt')
+    & (df.sql('select sum(amount) as total from demo_orders') |=> 'sum'))
 ~> df.if(df.sql('select $sum.total > 100'),
          df.sql('select ''big batch'' as verdict, $cnt.n as orders'),
          df.sql('select ''small batch'' as verdict'))

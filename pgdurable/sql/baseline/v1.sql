@@ -1997,7 +1997,9 @@ begin
             when 'LOOP' then case when v_node ->> 'c' is null then 'LOOP (infinite)' else 'LOOP (while)' end
             when 'IF' then case when v_node ->> 'c' is null
                                 then 'IF has rows: ' || coalesce(v_cfg ->> 'result_name', '?') else 'IF' end
-            when 'JOIN' then 'JOIN (' || (2 + coalesce(jsonb_array_length(v_node -> 'x'), 0)) || ')'
+            -- 'x' is JSON null (not SQL NULL) for a two-branch JOIN of a live instance
+            when 'JOIN' then 'JOIN (' || (2 + jsonb_array_length(
+                coalesce(nullif(v_node -> 'x', 'null'::jsonb), '[]'::jsonb))) || ')'
             when 'RACE' then 'RACE'
             when 'THEN' then 'THEN'
             else coalesce(v_node ->> 't', '?') end
@@ -2016,7 +2018,8 @@ begin
                 v_roles := array['body: ', 'while: '];
             when 'JOIN' then
                 v_kids := array[v_node ->> 'l', v_node ->> 'r']
-                          || coalesce(array(select jsonb_array_elements_text(v_node -> 'x')), '{}');
+                          || coalesce(array(select jsonb_array_elements_text(
+                                 coalesce(nullif(v_node -> 'x', 'null'::jsonb), '[]'::jsonb))), '{}');
                 v_roles := array(select 'branch ' || g || ': ' from generate_series(1, cardinality(v_kids)) g);
             when 'RACE' then
                 v_kids := array[v_node ->> 'l', v_node ->> 'r'];
