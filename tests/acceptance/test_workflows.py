@@ -252,3 +252,39 @@ def test_steps_in_another_database(db, running, tenant):
     finally:
         with db.connect() as conn:
             conn.execute(f'drop database if exists "{other}" with (force)')
+
+
+def test_loop_iteration_cap_fails_the_loop(db, running, tenant):
+    with db.connect() as conn:
+        conn.execute(f'alter database "{db.name}" set pg_durable.loop_max_iterations = 3')
+        conn.execute(f'alter database "{db.name}" set pg_durable.loop_min_interval_ms = 0')
+    running.stop()
+    s = running.__class__(db, {}, log_path=running.log_path).start()  # re-read settings
+    try:
+        s.wait_workers(2)
+        _, status, _, err = run(db, tenant, "@> df.sql('select 1')")
+        assert status == "failed"
+        assert "loop_max_iterations" in err["error"]
+    finally:
+        s.cleanup()
+
+
+def test_sigterm_drains_and_exits_zero(db, serve_factory, tenant):
+    s = serve_factory(db)
+    s.wait_workers(2)
+    with db.connect(tenant) as conn:
+        iid = conn.execute("select df.start('select pg_sleep(1)' ~> 'select 2 as x')"
+                           ).fetchone()[0]
+        deadline = time.monotonic() + 20
+        while conn.execute("select count(*) from df.nodes where instance_id = %s and "
+                           "status = 'running' and node_type = 'SQL'", (iid,)).fetchone()[0] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert s.stop() == 0, s.log()
+    assert "worker stopped" in s.log()
+    # whatever was not finished is picked up by the next service
+    s2 = serve_factory(db)
+    s2.wait_workers(2)
+    with db.connect(tenant) as conn:
+        assert conn.execute("select df.await_instance(%s, 30)", (iid,)).fetchone()[0] == \
+            "completed"
