@@ -74,7 +74,8 @@ def test_commands_text_and_json(db, running, tenant):
     iid = cli(dsn, "start", expr, "--label", "cli-ok").output.strip()
     assert ID.match(iid)
     started = cli_json(dsn, "start", "'select 1 as one'", "--label", "cli-ok")
-    assert ID.match(started["instance_id"]) and started["label"] == "cli-ok"
+    assert ID.match(started["instance_id"])
+    assert started["label"] == "cli-ok"
 
     assert cli(dsn, "await", iid, "--timeout", "30").output.strip() == "completed"
     assert cli_json(dsn, "await", started["instance_id"]) == {
@@ -83,13 +84,15 @@ def test_commands_text_and_json(db, running, tenant):
     assert cli_json(dsn, "status", iid) == {"instance_id": iid, "status": "completed"}
     assert json.loads(cli(dsn, "result", iid).output)["rows"] == [{"b": 21}]
     res = cli_json(dsn, "result", iid)
-    assert res["status"] == "completed" and res["result"]["rows"] == [{"b": 21}]
+    assert res["status"] == "completed"
+    assert res["result"]["rows"] == [{"b": 21}]
     assert cli(dsn, "error", iid).output == ""  # not failed: nothing
 
     bad = cli(dsn, "start", "'select 1/0'", "--label", "cli-bad").output.strip()
     assert cli(dsn, "await", bad).output.strip() == "failed"
     err = cli_json(dsn, "error", bad)["error"]
-    assert err["sqlstate"] == "22012" and "division by zero" in err["error"]
+    assert err["sqlstate"] == "22012"
+    assert "division by zero" in err["error"]
     assert json.loads(cli(dsn, "error", bad).output)["node_type"] == "SQL"
 
     # signal: the instance waits for 'go', then finishes
@@ -110,9 +113,11 @@ def test_commands_text_and_json(db, running, tenant):
     assert {line.split()[0] for line in table[1:]} == {iid, started["instance_id"]}
     listed = cli_json(dsn, "list", "--status", "failed")
     assert [r["instance_id"] for r in listed["instances"]] == [bad]
-    assert listed["instances"][0]["label"] == "cli-bad" and listed["next_cursor"] is None
+    assert listed["instances"][0]["label"] == "cli-bad"
+    assert listed["next_cursor"] is None
     page = cli_json(dsn, "list", "--limit", "1")
-    assert len(page["instances"]) == 1 and page["next_cursor"]
+    assert len(page["instances"]) == 1
+    assert page["next_cursor"]
     assert "(more: --after" in cli(dsn, "list", "--limit", "1").output
 
     # explain: live instance as text, mermaid, dot and JSON
@@ -121,10 +126,12 @@ def test_commands_text_and_json(db, running, tenant):
     assert "✓ SQL: select 20 as n |=> 'x'" in text
     mer = cli(dsn, "explain", iid, "--format", "mermaid").output
     assert mer.startswith(f"%% instance {iid} (completed)\nflowchart TD")
-    assert mer.count(":::completed") == 3 and "-->|then|" in mer
+    assert mer.count(":::completed") == 3
+    assert "-->|then|" in mer
     assert "classDef completed fill:#b7e4c7" in mer
     dot = cli(dsn, "explain", bad, "--format", "dot").output
-    assert dot.startswith("digraph pgdurable {") and 'fillcolor="#f4a6a6"' in dot
+    assert dot.startswith("digraph pgdurable {")
+    assert 'fillcolor="#f4a6a6"' in dot
     doc = cli_json(dsn, "explain", iid, "--format", "mermaid")
     assert doc["text"] == mer.rstrip("\n")
     assert [n["status"] for n in doc["graph"]["nodes"]] == ["completed"] * 3
@@ -136,9 +143,11 @@ def test_commands_text_and_json(db, running, tenant):
 
     # errors: one line, exit code 1
     res = cli(dsn, "status", "00000000", ok=False)
-    assert res.exit_code == 1 and "not found or access denied" in res.output
+    assert res.exit_code == 1
+    assert "not found or access denied" in res.output
     res = cli(dsn, "start", "df.sql(", ok=False)
-    assert res.exit_code == 1 and "Error:" in res.output
+    assert res.exit_code == 1
+    assert "Error:" in res.output
 
 
 def test_explain_dry_run(db, tenant):
@@ -171,9 +180,11 @@ def test_top_once_and_metrics(db, running, tenant):
                          env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     assert "instances  pending 0  running 0  completed 5  failed 1  cancelled 0  total 6" in out
     assert re.search(r"workers \([23]\)", out), out
-    assert f"  {bad}  boom" in out and "division by zero" in out
+    assert f"  {bad}  boom" in out
+    assert "division by zero" in out
     state = cli_json(db.dsn, "top")
-    assert state["counts"]["completed"] == 5 and state["steps_per_min"] >= 15
+    assert state["counts"]["completed"] == 5
+    assert state["steps_per_min"] >= 15
 
     # /metrics: counters move and agree with the database
     port = running.metrics_port

@@ -63,7 +63,8 @@ def test_mermaid_escapes_and_colours():
     dot = diagram.dot(d)
     assert '"cccccccc" [label="SQL: select \\"q\\"", fillcolor="#f4a6a6", xlabel="failed"];' \
         in dot
-    assert 'style="rounded,filled,dashed"' in dot and '"aaaaaaaa" -> "dddddddd" [label="else"]' \
+    assert 'style="rounded,filled,dashed"' in dot
+    assert '"aaaaaaaa" -> "dddddddd" [label="else"]' \
         in dot
 
 
@@ -73,7 +74,9 @@ def test_join3_loop_and_long_labels():
         "extra_nodes": [sql("c")]}}
     d = diagram.from_graph(g)
     labels = [n.label for n in d.nodes.values()]
-    assert labels[0] == "LOOP (infinite)" and labels[1] == "JOIN (3)"
-    assert len(labels[2]) == len("SQL: ") + diagram.LABEL_MAX and labels[2].endswith("…")
+    assert labels[0] == "LOOP (infinite)"
+    assert labels[1] == "JOIN (3)"
+    assert len(labels[2]) == len("SQL: ") + diagram.LABEL_MAX
+    assert labels[2].endswith("…")
     assert [r for _, _, r in d.edges()] == ["body", "branch 1", "branch 2", "branch 3"]
     assert diagram.to_json(d)["nodes"][1]["children"][2] == {"role": "branch 3", "id": "n4"}

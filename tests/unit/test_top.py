@@ -20,7 +20,8 @@ def test_empty_sections():
     assert out[2] == ("instances  pending 1  running 2  completed 30  failed 1  cancelled 0"
                       "  total 34")
     assert out[3] == ("last 1 min  steps completed 120  steps failed 1  instances finished 31")
-    assert "in-flight steps (0)" in out and "  (none)" in out
+    assert "in-flight steps (0)" in out
+    assert "  (none)" in out
     assert "  (none: is `pgdurable serve` running?)" in out
 
 
@@ -38,8 +39,10 @@ def test_rows_are_cut_to_width():
     lines = out.splitlines()
     assert all(len(line) <= 80 for line in lines)
     row = next(line for line in lines if line.startswith("  abcd1234"))
-    assert "  1m15s  select pg_sleep(100), xxx" in row and row.endswith("…")
+    assert "  1m15s  select pg_sleep(100), xxx" in row
+    assert row.endswith("…")
     assert any("h1" in line and "2h01m" in line for line in lines)
     assert any("h2" in line and "(stale)" in line for line in lines)
     assert "  ffff0000  nightly         SQL: division by zero" in lines
-    assert "workers (2)" in lines and "recent failures (1)" in lines
+    assert "workers (2)" in lines
+    assert "recent failures (1)" in lines
