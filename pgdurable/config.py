@@ -73,6 +73,14 @@ class ServeConfig:
         if self.http_policy not in ("deny-all", "public", "allow-list"):
             raise ConfigError(
                 f"http_policy: must be deny-all, public or allow-list, got {self.http_policy!r}")
+        # the workers build their HTTP policy after fork; a bad combination must fail here,
+        # once, not crash-loop every worker
+        from .steps.http_step import HttpPolicy
+
+        try:
+            HttpPolicy.from_strings(self.http_policy, list(self.http_allow))
+        except ConfigError as exc:
+            raise ConfigError(f"http_policy/http_allow: {exc}") from None
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
         return self

@@ -51,9 +51,6 @@ logger = logging.getLogger(__name__)
 # How many instance contexts a worker keeps (graph + scheduler + results). A miss costs
 # one reload of the instance's rows.
 CTX_CACHE_SIZE = 2048
-# Retries of a checkpoint that found the instance's state moved on (another worker
-# checkpointed a sibling branch in between); each retry reloads the instance.
-STALE_RETRIES = 20
 # Retention: every minute (spread over workers by a random start), at most this many finished
 # instances are deleted per batch so pruning never holds long locks.
 PRUNE_INTERVAL = 60.0
@@ -115,7 +112,10 @@ class Worker:
             self.config.dsn, min_size=2, max_size=self.config.slots + 4, open=False,
             kwargs={"autocommit": True,
                     "application_name": f"pgdurable worker {os.getpid()}"},
-            check=AsyncConnectionPool.check_connection, name="pgdurable")
+            # No check-on-checkout round trip on the hot pool: a broken connection surfaces
+            # as OperationalError, the step is released and re-claimed, and the pool
+            # replaces the connection.
+            name="pgdurable")
         await self.pool.open(wait=True, timeout=60)
         await self._load_settings()
         try:
@@ -423,6 +423,7 @@ class Worker:
                 await self._run_sql(conn, ctx, task, idx)
                 return
             ok, value, err = True, None, None
+            http = False
             try:
                 if ntype == A.BREAK:
                     cfg = orjson.loads(ctx.configs[idx])
@@ -451,12 +452,18 @@ class Worker:
                     cfg = orjson.loads(ctx.configs[idx])
                     name = cfg["signal_name"]
                     while True:
-                        cur = await conn.execute(self.q("take_signal_row"),
-                                                 (ctx.instance_id, name))
-                        row = await cur.fetchone()  # a row even when data is JSON null
-                        if row is not None:
-                            value = {"signal_name": name, "timed_out": False, "data": row[0]}
-                            break
+                        # the signal is consumed in the checkpoint's transaction: a crash in
+                        # between rolls the consumption back, so no signal is ever lost
+                        async with conn.transaction():
+                            cur = await conn.execute(self.q("take_signal_row"),
+                                                     (ctx.instance_id, name))
+                            row = await cur.fetchone()  # a row even when data is JSON null
+                            if row is not None:
+                                value = {"signal_name": name, "timed_out": False,
+                                         "data": row[0]}
+                                await self._complete(conn, ctx, task, idx, True, value, None,
+                                                     in_tx=True)
+                                return
                         if task.deadline is not None and task.deadline <= task.clock:
                             value = {"signal_name": name, "timed_out": True, "data": None}
                             break
@@ -471,12 +478,24 @@ class Worker:
                         if parked or not pending:
                             return  # parked, or the task is no longer ours
                 elif ntype in (A.HTTP, A.HTTP_MULTIPART):
-                    value = await self._run_http(ctx, task, idx, ntype)
+                    http = True  # runs below, after the connection went back to the pool
                 else:  # pragma: no cover - composites never become tasks
                     raise StepError(f"node type {TYPE_NAMES[ntype]} cannot run as a step")
-                check_size(value, self.config.result_max_bytes, "step result")
+                if not http:
+                    check_size(value, self.config.result_max_bytes, "step result")
             except StepError as exc:
                 ok, err = False, exc
+            if not http:
+                await self._complete(conn, ctx, task, idx, ok, value, err)
+                return
+        # An HTTP request holds no database connection while it waits on the network, so
+        # fan-out is bounded by slots, not by the pool.
+        try:
+            value = await self._run_http(ctx, task, idx, ntype)
+            check_size(value, self.config.result_max_bytes, "step result")
+        except StepError as exc:
+            ok, err = False, exc
+        async with self.pool.connection() as conn:
             await self._complete(conn, ctx, task, idx, ok, value, err)
 
     async def _run_http(self, ctx: InstanceCtx, task: Task, idx: int, ntype: int) -> Any:
@@ -570,10 +589,12 @@ class Worker:
         t0 = time.monotonic()
         try:
             async with conn.transaction():
-                await conn.execute(self.q("step_settings"))
                 self.running_pids[key] = pid
                 try:
-                    cur = await conn.execute(call, (text,))
+                    # one round trip: settings + slot, then the statement, pipelined
+                    async with conn.pipeline():
+                        await conn.execute(self.q("step_settings"))
+                        cur = await conn.execute(call, (text,))
                     rows = await cur.fetchall()
                 finally:
                     self.running_pids.pop(key, None)
@@ -676,29 +697,37 @@ class Worker:
     async def _complete(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                         idx: int, ok: bool, value: Any, err: StepError | None, *,
                         in_tx: bool = False, decision: bool | None = None) -> None:
-        """Checkpoint one leaf outcome; inside the step's transaction when ``in_tx``."""
-        reloaded = False
-        for _ in range(STALE_RETRIES):
-            async with ctx.lock:
+        """Checkpoint one leaf outcome; inside the step's transaction when ``in_tx``.
+
+        First optimistically, on the cached state (``_apply_v1`` compares the version).
+        If another worker checkpointed the instance meanwhile (a sibling JOIN branch),
+        retry pessimistically: lock the runs row first, reload under the lock, compute
+        and apply — nobody can move the instance on in between, so there is no retry
+        loop that contention could exhaust.
+        """
+        async with ctx.lock:
+            try:
+                if in_tx:
+                    await self._complete_once(conn, ctx, task, idx, ok, value, err, decision,
+                                              False)
+                else:
+                    async with conn.transaction():
+                        await self._complete_once(conn, ctx, task, idx, ok, value, err,
+                                                  decision, False)
+                return
+            except _Stale:
+                pass
+            tx = contextlib.nullcontext() if in_tx else conn.transaction()
+            async with tx:
+                await conn.execute(self.q("lock_run"), (task.instance_id,))
+                fresh = await self._ctx(conn, task.instance_id, fresh=True)
+                if fresh is None:
+                    raise Fenced()
                 try:
-                    if in_tx:
-                        await self._complete_once(conn, ctx, task, idx, ok, value, err, decision,
-                                                  reloaded)
-                    else:
-                        async with conn.transaction():
-                            await self._complete_once(conn, ctx, task, idx, ok, value, err,
-                                                      decision, reloaded)
-                    return
-                except _Stale:
-                    pass
-            # reload (outside the lock, inside the step's transaction if any: the state
-            # committed by the other worker is visible to our next statement)
-            fresh = await self._ctx(conn, task.instance_id, fresh=True)
-            if fresh is None:
-                raise Fenced()
-            ctx = fresh
-            reloaded = True
-        raise Fenced()
+                    await self._complete_once(conn, fresh, task, idx, ok, value, err, decision,
+                                              True)
+                except _Stale:  # pragma: no cover - impossible while we hold the row lock
+                    raise Fenced() from None
 
     async def _complete_once(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
                              task: Task, idx: int, ok: bool, value: Any, err: StepError | None,

@@ -2185,7 +2185,7 @@ as $$ select '@engine@'::text $$;
 
 -- The live service processes; a view (owner's rights) so users need no engine privilege.
 create view df.workers as
-    select w.host, w.pid, w.version, w.started_at, w.last_seen_at, w.in_flight
+    select w.host, w.pid, w.kind, w.version, w.started_at, w.last_seen_at, w.in_flight
     from @engine@.workers w;
 
 ------------------------------------------------------------------------------------------
