@@ -178,7 +178,17 @@ class InstanceCtx:
             upd["details"]["finished_at"] = ts
             upd["details"]["abandoned"] = True
         ready = {n for n, _ in step.ready}
-        iter_loops = {loop for loop, _k in step.iterations}
+        # Iteration floor (SPEC §3.5, D14): iteration k+1 begins no earlier than
+        # loop_min_interval after iteration k *began* (its first step's due time, not the
+        # checkpoint that scheduled it). Unknown start (another worker ran it) → full floor.
+        mono = time.monotonic()
+        iter_loops: dict[int, float] = {}
+        for loop, _k in step.iterations:
+            began = self.loop_started.get(loop)
+            wait = self.loop_min_interval if began is None else \
+                max(0.0, self.loop_min_interval - (mono - began))
+            iter_loops[loop] = wait
+            self.loop_started[loop] = mono + wait
         for loop, k in step.iterations:
             upd = cp.node(g.node_ids[loop])
             upd["details"]["iteration"] = k
@@ -198,8 +208,6 @@ class InstanceCtx:
                 self.loop_started[node] = time.monotonic()
             if node in ready:
                 cp.new_tasks.append(self._task_for(node, gen, now, iter_loops))
-        for loop in iter_loops:
-            self.loop_started[loop] = time.monotonic()
         if step.terminal == A.T_COMPLETED:
             cp.inst_status = "completed"
         elif step.terminal == A.T_FAILED:
@@ -216,18 +224,16 @@ class InstanceCtx:
         return False
 
     def _task_for(self, node: int, gen: int, now: datetime,
-                  iter_loops: set[int]) -> dict[str, Any]:
+                  iter_loops: dict[int, float]) -> dict[str, Any]:
         t = self.graph.types[node]
         nid = self.graph.node_ids[node]
         task: dict[str, Any] = {"node_id": nid, "gen": gen, "kind": "run"}
         delay = 0.0
         # Iteration floor (SPEC §3.5, D14): the first steps of a new iteration wait until
         # loop_min_interval has passed since the previous iteration began.
-        for loop in iter_loops:
+        for loop, wait in iter_loops.items():
             if self._in_subtree(node, loop):
-                started = self.loop_started.get(loop)
-                elapsed = time.monotonic() - started if started is not None else 0.0
-                delay = max(delay, self.loop_min_interval - elapsed)
+                delay = max(delay, wait)
         if t == A.SLEEP:
             task["kind"] = "timer"
             delay += float(self.configs[node] or 0)
