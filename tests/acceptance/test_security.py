@@ -281,6 +281,9 @@ def test_step_session_state_does_not_leak_to_service_or_other_tenants(db, serve_
 def test_step_cannot_use_engine_helpers_on_other_tenants(db, serve_factory, tenants):
     a, b = tenants
     svc = service_role(db)
+    with db.connect() as admin:
+        # the worst case for _new_start_v1: 'new' mode is usable (dblink installed)
+        admin.execute("create extension if not exists dblink")
     s = serve_factory(db)
     s.wait_workers(2)
     with db.connect(b) as cb:
@@ -517,6 +520,6 @@ def test_step_error_of_class_55_fails_the_step(db, serve_factory, tenants):
     with db.connect(a) as ca:
         iid = start(ca, "do $$ begin raise exception 'tenant says no' using errcode = '55000'; "
                         "end $$")
-        status = one(ca, "select df.await_instance(%s, 10)", (iid,))
+        status = one(ca, "select df.await_instance(%s, 6)", (iid,))
         err = one(ca, "select df.error(%s)", (iid,))
     assert status == "failed" and "tenant says no" in err["error"]
