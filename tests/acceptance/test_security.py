@@ -32,7 +32,7 @@ ROLE_MSG = 'cannot set parameter "role" within security-definer function'
 AUTH_MSG = 'cannot set parameter "session_authorization" within security-definer function'
 
 
-# -- helpers ----------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 def one(conn, query, params=()):
@@ -90,7 +90,7 @@ def tenants(db):
     return a, b
 
 
-# -- 1. a step cannot leave its role -------------------------------------------------------------
+# -- 1. a step cannot leave its role ---------------------------------------------------------------
 
 
 def test_step_runs_as_tenant_and_cannot_change_identity(db, serve_factory, tenants):
@@ -264,7 +264,7 @@ def test_step_session_state_does_not_leak_to_service_or_other_tenants(db, serve_
     assert b_rows == 6, "B's rows went into A's temp table"
 
 
-# -- 3. the engine's SECURITY DEFINER helpers, called from a step -----------------------------------
+# -- 3. the engine's SECURITY DEFINER helpers, called from a step ----------------------------------
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -307,7 +307,7 @@ def test_step_cannot_use_engine_helpers_on_other_tenants(db, serve_factory, tena
     assert (problems, b_status) == ([], ["running", "running"])
 
 
-# -- 4. tenants are isolated end to end -------------------------------------------------------------
+# -- 4. tenants are isolated end to end ------------------------------------------------------------
 
 
 def test_tenants_isolated_and_ungranted_role_denied(db, serve_factory, tenants):
@@ -354,7 +354,8 @@ def test_tenants_isolated_and_ungranted_role_denied(db, serve_factory, tenants):
                 assert status == "completed", err
                 assert result["row_count"] == 0
             else:
-                assert status == "failed" and want in err["error"], (step, status, err)
+                assert status == "failed", (step, status, err)
+                assert want in err["error"], (step, err)
         peek = start(ca, f"select (select count(*) from df.instances where id = '{b_wait}') as i, "
                          f"(select count(*) from df.nodes where instance_id = '{b_wait}') as n, "
                          "(select count(*) from df.vars where name = 'b_secret') as v, "
@@ -398,7 +399,7 @@ def test_tenants_isolated_and_ungranted_role_denied(db, serve_factory, tenants):
         assert one(cb, "select df.getvar('b_secret')") == "b var value"
 
 
-# -- 5. identities are re-checked when the executor loads an instance --------------------------------
+# -- 5. identities are re-checked when the executor loads an instance ------------------------------
 
 
 def test_identity_rechecked_at_load_before_any_step(db, serve_factory, tenants):
@@ -449,15 +450,18 @@ def test_identity_rechecked_at_load_before_any_step(db, serve_factory, tenants):
                       ([f"step_{one(admin, 'select %s::regrole::oid', (r,))}"
                         for r in (su, nolog)],))
     assert got["control"] == ("completed", None)
-    assert got["dropped"][0] == "failed" and "no longer exists" in got["dropped"][1]
-    assert got["nologin"][0] == "failed" and "LOGIN" in got["nologin"][1]
-    assert got["forged"][0] == "failed" and "superuser" in got["forged"][1]
+    assert got["dropped"][0] == "failed", got
+    assert "no longer exists" in got["dropped"][1]
+    assert got["nologin"][0] == "failed", got
+    assert "LOGIN" in got["nologin"][1]
+    assert got["forged"][0] == "failed", got
+    assert "superuser" in got["forged"][1]
     assert "enable_superuser_instances" in got["forged"][1]
     assert marker == [(a, "control")], "a refused instance ran a step"
     assert runners == 0, "a step runner was created for a refused role"
 
 
-# -- 6. limits fail with their documented errors and lose nothing else -------------------------------
+# -- 6. limits fail with their documented errors and lose nothing else -----------------------------
 
 
 def test_limits_fail_cleanly(db, serve_factory, tenants):
@@ -522,4 +526,5 @@ def test_step_error_of_class_55_fails_the_step(db, serve_factory, tenants):
                         "end $$")
         status = one(ca, "select df.await_instance(%s, 6)", (iid,))
         err = one(ca, "select df.error(%s)", (iid,))
-    assert status == "failed" and "tenant says no" in err["error"]
+    assert status == "failed"
+    assert "tenant says no" in err["error"]
