@@ -66,7 +66,7 @@ select id, '{{"ok": true}}'::jsonb from unnest(%s::bigint[]) as u(id)
 
 @dataclass(frozen=True)
 class FloorResult:
-    """One floor variant: rows per commit × clients → rows/s."""
+    """One floor variant: rows per commit x clients → rows/s."""
 
     batch: int
     clients: int

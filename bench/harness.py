@@ -1,0 +1,786 @@
+"""The benchmark harness: ``python -m bench`` / ``pgdurable bench`` (STYLE B19, DESIGN §3).
+
+For each workload it creates a fresh database, installs pgdurable, creates a tenant
+role with ``df.grant_usage``, enqueues the workload's instances (serve not running:
+enqueue and drain are reported separately), starts ``python -m pgdurable serve`` as a
+subprocess, waits for the backlog to drain while sampling worker RSS and CPU, then
+probes latency under light load (instances started one at a time into the idle
+service). In the same invocation and on the same server it measures the raw floor
+(``bench/floor.py``) and prints pgdurable's steps/s as a ratio of it.
+
+Workloads (sizes x ``--scale``):
+  W1  10,000 one-step workflows (enqueue: one df.start per transaction, and per-row
+      starts ``select df.start(…) from generate_series(1, 1000)``)
+  W2  1,000 ten-step sequences
+  W3  100 x (fan-out 100 → join → one more step)
+  W4  100 x (HTTP fan-out 10 → join) against a local HTTP server on 127.0.0.1
+
+How figures are derived (docs/performance.md):
+  drain window   first claim of the backlog (min ``status_details.started_at``) → last
+                 ``df.instances.completed_at``
+  steps          completed leaves (SQL/HTTP nodes)
+  start→first    first leaf's claim clock (its ``status_details.finished_at``, which the
+                 worker stamps with the clock of the claim that ran it) - ``created_at``
+  step→step      claim clock of leaf k+1 - claim clock of leaf k in a sequence
+  commits/step   ``pg_stat_database.xact_commit`` delta over the drain / steps (the
+                 harness's own polling transactions subtracted)
+  RSS / CPU      psutil on serve's children (workers) and on the postgres processes
+
+Owns: this orchestration and the results table. SQL literals are fine here (bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from psycopg import sql
+
+from pgdurable import __version__
+from pgdurable import schema as schema_mod
+from pgdurable.embedded import EmbeddedPostgres
+
+from . import floor, peers
+
+ROOT = Path(__file__).resolve().parents[1]
+TENANT = "pgdurable_bench"
+# per-row starts per statement: how SQL users start per-row work (DESIGN §3)
+START_BATCH = 1000
+# how often the harness polls progress; each poll is one (subtracted) transaction
+POLL_S = 0.25
+# after the drain, idle backends flush their pending stats within PGSTAT_MIN_INTERVAL (1 s)
+STATS_FLUSH_S = 1.2
+LEAF_TYPES = ("SQL", "HTTP", "HTTP_MULTIPART")
+TERMINAL = ("completed", "failed", "cancelled")
+
+# DESIGN §3 targets (steps/s) and the best peer it measured, for the ratio columns
+TARGETS = {"W1": 5_000, "W2": 6_300, "W3": 8_500}
+DESIGN_BEST_PEER = {"W1": 631, "W2": 1_265, "W3": 1_707}
+DESIGN_DBOS = {"W1": 162, "W2": 224, "W3": 62}
+
+
+# -- progress -------------------------------------------------------------------------
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, throttled lines otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, msg: str, *, force: bool = True) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + msg)
+            if force:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif force or now - self.last >= 2.0:
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+            self.last = now
+
+    def tick(self, msg: str) -> None:
+        self(msg, force=False)
+
+
+# -- the server -----------------------------------------------------------------------
+
+class Server:
+    """The PostgreSQL under test: ``--dsn`` or an embedded PostgreSQL 18 of our own."""
+
+    def __init__(self, dsn: str | None, profile: bool) -> None:
+        self.tmp: Path | None = None
+        self.embedded: EmbeddedPostgres | None = None
+        if dsn:
+            self.admin_dsn = dsn
+        else:
+            self.tmp = Path(tempfile.mkdtemp(prefix="pgdurable-bench-"))
+            settings = {"max_connections": "300"}
+            if profile:
+                settings["shared_preload_libraries"] = "'pg_stat_statements'"
+            # everything else stays at PostgreSQL's defaults (fsync, synchronous_commit on)
+            self.embedded = EmbeddedPostgres(self.tmp / "data", settings=settings)
+            self.admin_dsn = self.embedded.start()
+        with self.admin() as conn:
+            row = conn.execute("select current_setting('server_version'), "
+                               "current_setting('synchronous_commit'), current_setting('fsync'), "
+                               "current_setting('shared_buffers'), "
+                               "current_setting('shared_preload_libraries')").fetchone()
+        assert row is not None
+        self.version, self.sync_commit, self.fsync, self.shared_buffers, preload = row
+        self.has_pgss = "pg_stat_statements" in preload
+
+    def admin(self, dbname: str | None = None) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn(dbname) if dbname else self.admin_dsn, autocommit=True)
+
+    def dsn(self, dbname: str, user: str | None = None) -> str:
+        info = psycopg.conninfo.conninfo_to_dict(self.admin_dsn)
+        info["dbname"] = dbname
+        if user:
+            info["user"] = user
+        return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+    def fresh_db(self, name: str) -> str:
+        with self.admin() as conn:
+            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
+                sql.Identifier(name)))
+            conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+        return self.dsn(name)
+
+    def drop_db(self, name: str) -> None:
+        with contextlib.suppress(psycopg.Error), self.admin() as conn:
+            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
+                sql.Identifier(name)))
+
+    def xact_commit(self, dbname: str) -> int:
+        with self.admin() as conn:
+            row = conn.execute("select xact_commit from pg_stat_database where datname = %s",
+                               (dbname,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def postgres_pids(self) -> list[psutil.Process]:
+        out = []
+        for p in psutil.process_iter(["name"]):
+            if p.info["name"] in ("postgres", "postmaster"):
+                out.append(p)
+        return out
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.destroy()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# -- the local HTTP server (W4) -------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the worker's client reuses connections
+    body = b'{"ok": true}'
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_POST = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server() -> Iterator[str]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, name="bench-http", daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/ok"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# -- serve as a subprocess ------------------------------------------------------------
+
+class Serve:
+    """``python -m pgdurable serve`` against one database, like the acceptance tier."""
+
+    def __init__(self, dsn: str, workers: int, log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        e = dict(os.environ)
+        e.update({
+            "PGDURABLE_DSN": dsn,
+            "PGDURABLE_WORKERS": str(workers),
+            "PGDURABLE_HTTP_POLICY": "allow-list",
+            "PGDURABLE_HTTP_ALLOW": "127.0.0.1",
+        })
+        e.update(env)
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pgdurable", "serve"], env=e,
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.workers = workers
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_workers(self, timeout: float = 60) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            kids = self.children()
+            if len(kids) >= self.workers:
+                return kids
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"serve did not start {self.workers} workers:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                for c in self.children():
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        c.kill()
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- workloads ------------------------------------------------------------------------
+
+def _join_tree(leaves: list[str]) -> str:
+    """A balanced tree of df.join over DSL expressions (keeps the graph shallow)."""
+    while len(leaves) > 1:
+        nxt = [f"df.join({leaves[i]}, {leaves[i + 1]})" for i in range(0, len(leaves) - 1, 2)]
+        if len(leaves) % 2:
+            nxt.append(leaves[-1])
+        leaves = nxt
+    return leaves[0]
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    instances: int
+    steps_per_instance: int
+    expr: str  # DSL expression (SQL) of one instance
+    http: bool = False
+    sequence: bool = False  # leaves run one after another: step→step latency is meaningful
+    probes: int = 10
+
+
+def workloads(scale: float, http_url: str) -> list[Workload]:
+    def n(base: int) -> int:
+        return max(1, round(base * scale))
+
+    one = "df.sql('select 1')"
+    seq10 = " ~> ".join([one] * 10)
+    fan = _join_tree([one] * 100) + " ~> " + one
+    http = _join_tree([f"df.http('{http_url}', 'GET')"] * 10)
+    return [
+        Workload("W1", "10,000 one-step workflows", n(10_000), 1, one, probes=50),
+        Workload("W2", "1,000 ten-step sequences", n(1_000), 10, seq10, sequence=True,
+                 probes=20),
+        Workload("W3", "100 × (fan-out 100 → join)", n(100), 101, fan, probes=5),
+        Workload("W4", "100 × (HTTP fan-out 10 → join)", n(100), 10, http, http=True,
+                 probes=10),
+    ]
+
+
+@dataclass
+class Row:
+    """One workload's figures (None: not measured)."""
+
+    workload: str
+    title: str
+    instances: int = 0
+    steps: int = 0
+    failed: int = 0
+    drain_s: float = 0.0
+    wf_per_s: float = 0.0
+    steps_per_s: float = 0.0
+    enqueue_txn_per_s: float | None = None
+    enqueue_batch_per_s: float | None = None
+    commits_per_step: float | None = None
+    worker_rss_mb: float | None = None
+    worker_cores: float | None = None
+    postgres_cores: float | None = None
+    first_p50_ms: float | None = None
+    first_p99_ms: float | None = None
+    step_p50_ms: float | None = None
+    step_p99_ms: float | None = None
+    load_step_p50_ms: float | None = None
+    note: str = ""
+    top_statements: list[tuple[str, float, int]] = field(default_factory=list)
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def _tenant(server: Server, dsn: str, http: bool) -> str:
+    with server.admin() as conn:
+        if not conn.execute("select 1 from pg_roles where rolname = %s", (TENANT,)).fetchone():
+            conn.execute(sql.SQL("create role {} login").format(sql.Identifier(TENANT)))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("select df.grant_usage(%s, include_http => %s)", (TENANT, http))
+    return server.dsn(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"], TENANT)  # type: ignore[arg-type]
+
+
+def _graph(tenant_dsn: str, expr: str) -> str:
+    with psycopg.connect(tenant_dsn, autocommit=True) as conn:
+        row = conn.execute(f"select {expr}").fetchone()  # our own expression
+    assert row is not None
+    return str(row[0])
+
+
+def enqueue_per_txn(tenant_dsn: str, graph: str, n: int, label: str,
+                    tick: Callable[[str], None]) -> float:
+    """``n`` df.start calls, one transaction each (autocommit); returns starts/s."""
+    with psycopg.connect(tenant_dsn, autocommit=True) as conn:
+        conn.execute("select 1")
+        t0 = time.monotonic()
+        for i in range(n):
+            conn.execute("select df.start(%s::text, %s)", (graph, label))
+            if i % 500 == 0:
+                tick(f"  enqueue 1/txn {i:,}/{n:,}")
+        return n / (time.monotonic() - t0)
+
+
+def enqueue_batched(tenant_dsn: str, graph: str, n: int, label: str,
+                    tick: Callable[[str], None]) -> float:
+    """``n`` df.start calls as per-row starts, START_BATCH per statement; starts/s."""
+    with psycopg.connect(tenant_dsn, autocommit=True) as conn:
+        conn.execute("select 1")
+        t0 = time.monotonic()
+        done = 0
+        while done < n:
+            k = min(START_BATCH, n - done)
+            conn.execute("select count(df.start(%s::text, %s)) from generate_series(1, %s)",
+                         (graph, label, k))
+            done += k
+            tick(f"  enqueue {START_BATCH}/stmt {done:,}/{n:,}")
+        return n / (time.monotonic() - t0)
+
+
+def _reset_instances(dsn: str) -> None:
+    """Forget every instance (between W1's two enqueue measurements)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("truncate df.nodes, df.instances, pgdurable.tasks, pgdurable.runs, "
+                     "pgdurable.results, pgdurable.signals")
+        conn.execute("vacuum analyze df.nodes, df.instances, pgdurable.tasks, pgdurable.runs")
+
+
+def _latencies(conn: psycopg.Connection[Any], label: str,
+               sequence: bool) -> tuple[list[float], list[float]]:
+    """(start→first-step, step→step) in ms for the instances labelled ``label``."""
+    rows = conn.execute(
+        """
+        select i.id, extract(epoch from i.created_at),
+               array_agg(extract(epoch from (n.status_details->>'finished_at')::timestamptz)
+                         order by (n.status_details->>'finished_at')::timestamptz)
+        from df.instances i join df.nodes n on n.instance_id = i.id
+        where i.label = %s and n.node_type = any (%s) and n.status = 'completed'
+        group by i.id, i.created_at
+        """, (label, list(LEAF_TYPES))).fetchall()
+    first, step = [], []
+    for _id, created, claims in rows:
+        claims = [float(c) for c in claims if c is not None]
+        if not claims:
+            continue
+        first.append((claims[0] - float(created)) * 1000)
+        if sequence:
+            step += [(b - a) * 1000 for a, b in itertools.pairwise(claims)]
+    return first, step
+
+
+def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
+    out = {}
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+    return out
+
+
+def _cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(v - before.get(pid, 0.0) for pid, v in after.items())
+
+
+def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir: Path,
+                 progress: Progress) -> Row:
+    row = Row(w.name, w.title)
+    dbname = f"pgdurable_bench_{w.name.lower()}"
+    progress(f"[{w.name}] {w.title}: {w.instances:,} instances × {w.steps_per_instance} steps")
+    dsn = server.fresh_db(dbname)
+    try:
+        schema_mod.install(dsn)
+        tenant_dsn = _tenant(server, dsn, w.http)
+        graph = _graph(tenant_dsn, w.expr)
+        tick = progress.tick
+        label = w.name.lower()
+        # -- enqueue (serve not running) -------------------------------------------------
+        if w.name == "W1":
+            row.enqueue_txn_per_s = enqueue_per_txn(tenant_dsn, graph, w.instances, label, tick)
+            _reset_instances(dsn)
+            row.enqueue_batch_per_s = enqueue_batched(tenant_dsn, graph, w.instances, label,
+                                                      tick)
+        else:
+            row.enqueue_txn_per_s = enqueue_per_txn(tenant_dsn, graph, w.instances, label, tick)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("vacuum analyze")
+            if server.has_pgss:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("create extension if not exists pg_stat_statements")
+                    conn.execute("select pg_stat_statements_reset()")
+        time.sleep(STATS_FLUSH_S)
+        # -- drain -----------------------------------------------------------------------
+        commits0 = server.xact_commit(dbname)
+        pg0 = _cpu(server.postgres_pids())
+        t0 = time.monotonic()
+        serve = Serve(dsn, args.workers, workdir / f"serve-{w.name}.log", {})
+        polls = 0
+        try:
+            kids = serve.wait_workers()
+            w0 = _cpu(kids)
+            peak_rss = 0
+            profilers = _start_profilers(kids, workdir, w.name) if args.profile else []
+            deadline = time.monotonic() + args.timeout
+            last_cps, last_move, stalled = -1, time.monotonic(), ""
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                while True:
+                    done, _failed, cps = conn.execute(
+                        "select count(*) filter (where status = any (%s)), "
+                        "count(*) filter (where status = 'failed'), "
+                        "(select coalesce(sum(state_version), 0) from pgdurable.runs) "
+                        "from df.instances",
+                        (list(TERMINAL),)).fetchone()  # type: ignore[misc]
+                    polls += 1
+                    if cps != last_cps:
+                        last_cps, last_move = cps, time.monotonic()
+                    for k in kids:
+                        with contextlib.suppress(psutil.Error):
+                            peak_rss = max(peak_rss, k.memory_info().rss)
+                    elapsed = time.monotonic() - t0
+                    tick(f"  [{w.name}] drained {done:,}/{w.instances:,} instances, "
+                         f"{cps:,} checkpoints ({elapsed:.1f} s, "
+                         f"peak worker RSS {peak_rss / 2**20:.0f} MB)")
+                    if done >= w.instances:
+                        break
+                    if time.monotonic() - last_move > args.stall_seconds:
+                        stalled = (f"STALLED: {done:,}/{w.instances:,} instances finished, "
+                                   f"no checkpoint for {args.stall_seconds:.0f} s")
+                        progress(f"  [{w.name}] {stalled}")
+                        break
+                    if time.monotonic() > deadline or serve.proc.poll() is not None:
+                        raise RuntimeError(f"{w.name}: {done}/{w.instances} finished before "
+                                           f"the timeout; serve log:\n{serve.log()}")
+                    time.sleep(POLL_S)
+                wall = time.monotonic() - t0
+                w1 = _cpu(kids)
+                pg1 = _cpu(server.postgres_pids())
+                for p in profilers:
+                    p.send_signal(signal.SIGINT)
+                time.sleep(STATS_FLUSH_S)
+                commits1 = server.xact_commit(dbname)
+                # -- figures from the database --------------------------------------------
+                r = conn.execute(
+                    """
+                    select count(*), count(*) filter (where status = 'failed'),
+                           extract(epoch from max(completed_at))
+                    from df.instances where label = %s
+                    """, (label,)).fetchone()
+                assert r is not None
+                row.instances, row.failed = int(r[0]), int(r[1])
+                last = float(r[2] or 0)
+                r2 = conn.execute(
+                    """
+                    select count(*) filter (where n.node_type = any (%s)
+                                              and n.status = 'completed'),
+                           extract(epoch from min((n.status_details->>'started_at')::timestamptz))
+                    from df.nodes n join df.instances i on i.id = n.instance_id
+                    where i.label = %s
+                    """, (list(LEAF_TYPES), label)).fetchone()
+                assert r2 is not None
+                row.steps = int(r2[0])
+                first_claim = float(r2[1] or last)
+                row.drain_s = max(last - first_claim, 1e-6)
+                row.wf_per_s = row.instances / row.drain_s
+                row.steps_per_s = row.steps / row.drain_s
+                row.commits_per_step = (commits1 - commits0 - polls) / max(row.steps, 1)
+                row.worker_rss_mb = peak_rss / 2**20
+                row.worker_cores = _cpu_delta(w0, w1) / wall
+                row.postgres_cores = _cpu_delta(pg0, pg1) / wall
+                _first, load_step = _latencies(conn, label, w.sequence)
+                row.load_step_p50_ms = _pct(load_step, 50)
+                if server.has_pgss:
+                    with contextlib.suppress(psycopg.Error):
+                        row.top_statements = [
+                            (" ".join(str(q).split())[:90], float(t), int(c)) for q, t, c in
+                            conn.execute(
+                                "select query, total_exec_time, calls from pg_stat_statements "
+                                "where dbid = (select oid from pg_database "
+                                "where datname = current_database()) "
+                                "order by total_exec_time desc limit 8").fetchall()]
+                # -- latency under light load: probes started one at a time ---------------
+                if stalled:
+                    row.note = stalled
+                    raise _Stalled()
+                probes = max(2, round(w.probes * min(1.0, max(args.scale, 0.1))))
+                with psycopg.connect(tenant_dsn, autocommit=True) as tconn:
+                    for i in range(probes):
+                        tconn.execute("select df.start(%s::text, 'probe')", (graph,))
+                        tick(f"  [{w.name}] latency probe {i + 1}/{probes}")
+                        time.sleep(args.probe_gap)
+                probe_deadline = time.monotonic() + args.stall_seconds
+                while True:
+                    r3 = conn.execute("select count(*) from df.instances where label = 'probe' "
+                                      "and status <> all (%s)", (list(TERMINAL),)).fetchone()
+                    if not r3 or r3[0] == 0:
+                        break
+                    if time.monotonic() > probe_deadline:
+                        row.note = (f"latency probe STALLED: {r3[0]} of {probes} probe "
+                                    f"instances unfinished after {args.stall_seconds:.0f} s")
+                        progress(f"  [{w.name}] {row.note}")
+                        break
+                    time.sleep(0.05)
+                first, step = _latencies(conn, "probe", w.sequence)
+                row.first_p50_ms, row.first_p99_ms = _pct(first, 50), _pct(first, 99)
+                row.step_p50_ms, row.step_p99_ms = _pct(step, 50), _pct(step, 99)
+            for p in profilers:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=30)
+        except _Stalled:
+            pass
+        finally:
+            serve.stop()
+        if row.failed:
+            row.note = "; ".join(x for x in (row.note, f"{row.failed} instance(s) failed") if x)
+        progress(f"  [{w.name}] {row.steps_per_s:,.0f} steps/s, {row.wf_per_s:,.0f} workflows/s "
+                 f"over {row.drain_s:.2f} s")
+        return row
+    finally:
+        if not args.keep:
+            server.drop_db(dbname)
+
+
+class _Stalled(Exception):
+    """The drain made no progress for --stall-seconds: report what finished, move on."""
+
+
+def _start_profilers(kids: list[psutil.Process], workdir: Path,
+                     name: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each worker for the drain (``--profile``); raw collapsed stacks."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return []
+    out = []
+    for k in kids:
+        path = workdir / f"pyspy-{name}-{k.pid}.txt"
+        out.append(subprocess.Popen(
+            [spy, "record", "--pid", str(k.pid), "--format", "raw", "--rate", "200",
+             "--nonblocking", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return out
+
+
+def summarize_profiles(workdir: Path, name: str) -> list[tuple[str, float]]:
+    """Share of worker samples by component (own frames, leaf-most pgdurable/library)."""
+    buckets: dict[str, int] = {}
+    total = 0
+    for path in workdir.glob(f"pyspy-{name}-*.txt"):
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            leaf = frames[-1] if frames else ""
+            bucket = _bucket(leaf, frames)
+            buckets[bucket] = buckets.get(bucket, 0) + n
+    if not total:
+        return []
+    return sorted(((b, c / total) for b, c in buckets.items()), key=lambda x: -x[1])
+
+
+def _bucket(leaf: str, frames: list[str]) -> str:
+    if "graph/sched" in leaf or "_sched_" in leaf or "graph/_" in leaf:
+        return "scheduler (pgdurable/graph)"
+    for key, label in (("psycopg_pool", "psycopg_pool"), ("psycopg", "psycopg (driver)"),
+                       ("uvloop", "event loop"), ("asyncio", "event loop"),
+                       ("orjson", "orjson"), ("logging", "logging"), ("httpx", "httpx/httpcore"),
+                       ("httpcore", "httpx/httpcore"), ("pgdurable/", "pgdurable (other)")):
+        if key in leaf:
+            return label
+    if "select" in leaf or "epoll" in leaf or "poll" in leaf:
+        return "idle/waiting"
+    return "other: " + leaf.split(" (")[0][:40]
+
+
+# -- the table ------------------------------------------------------------------------
+
+def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def render(rows: list[Row], floors: list[floor.FloorResult], peer_rows: list[peers.PeerRow],
+           server: Server, args: argparse.Namespace) -> str:
+    best64 = max((f.rows_per_s for f in floors if f.batch > 1), default=0.0)
+    best1 = max((f.rows_per_s for f in floors if f.batch == 1), default=0.0)
+    out = []
+    out.append(f"pgdurable {__version__} · PostgreSQL {server.version} "
+               f"(synchronous_commit={server.sync_commit}, fsync={server.fsync}, "
+               f"shared_buffers={server.shared_buffers}) · {os.cpu_count()} cores · "
+               f"Python {platform.python_version()} · serve workers={args.workers} · "
+               f"scale={args.scale:g}")
+    out.append("")
+    out.append("| measurement | rows/s |")
+    out.append("|---|---:|")
+    for f in floors:
+        out.append(f"| {f.label} | {f.rows_per_s:,.0f} |")
+    out.append("")
+    hdr = ("| workload | instances | steps | workflows/s | steps/s | ÷ floor 64/commit "
+           "| ÷ floor 1/commit | ÷ DESIGN target | start→1st p50/p99 ms | step→step p50/p99 ms "
+           "| commits/step | worker RSS MB | worker / PG cores |")
+    out.append(hdr)
+    out.append("|---|" + "---:|" * 12)
+    for r in rows:
+        target = TARGETS.get(r.workload)
+        out.append(
+            f"| {r.workload} {r.title} | {r.instances:,} | {r.steps:,} | {r.wf_per_s:,.0f} "
+            f"| {r.steps_per_s:,.0f} "
+            f"| {_f(r.steps_per_s / best64 if best64 else None, '{:.1%}')} "
+            f"| {_f(r.steps_per_s / best1 if best1 else None, '{:.2f}×')} "
+            f"| {_f(r.steps_per_s / target if target else None, '{:.1%}')} "
+            f"| {_f(r.first_p50_ms, '{:.1f}')} / {_f(r.first_p99_ms, '{:.1f}')} "
+            f"| {_f(r.step_p50_ms, '{:.1f}')} / {_f(r.step_p99_ms, '{:.1f}')} "
+            f"| {_f(r.commits_per_step, '{:.2f}')} | {_f(r.worker_rss_mb)} "
+            f"| {_f(r.worker_cores, '{:.2f}')} / {_f(r.postgres_cores, '{:.2f}')} |")
+    out.append("")
+    enq = [r for r in rows if r.enqueue_txn_per_s]
+    if enq:
+        out.append("| enqueue | df.start per transaction (starts/s) "
+                   f"| per-row starts, {START_BATCH:,} per statement (starts/s) |")
+        out.append("|---|---:|---:|")
+        for r in enq:
+            out.append(f"| {r.workload} | {_f(r.enqueue_txn_per_s)} "
+                       f"| {_f(r.enqueue_batch_per_s)} |")
+        out.append("")
+    if peer_rows:
+        out.append("| peer | workload | steps/s | pgdurable ÷ peer | note |")
+        out.append("|---|---|---:|---:|---|")
+        ours = {r.workload: r.steps_per_s for r in rows}
+        for p in peer_rows:
+            ratio = (ours.get(p.workload, 0) / p.steps_per_s) if p.steps_per_s else None
+            out.append(f"| {p.peer} | {p.workload} | {_f(p.steps_per_s or None)} "
+                       f"| {_f(ratio, '{:.2f}×')} | {p.note} |")
+        out.append("")
+    notes = [f"{r.workload}: {r.note}" for r in rows if r.note]
+    if notes:
+        out.append("notes: " + "; ".join(notes))
+    return "\n".join(out)
+
+
+# -- main -----------------------------------------------------------------------------
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dsn", help="an existing PostgreSQL (superuser); default: an embedded "
+                                 "PostgreSQL 18 in a temporary directory")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every workload size")
+    p.add_argument("--workers", type=int, default=2, help="serve worker processes")
+    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma separated subset")
+    p.add_argument("--floor-seconds", type=float, default=None,
+                   help="seconds per floor variant (default 3 × scale, 0.3–3)")
+    p.add_argument("--peers", default="", help="comma separated: dbos,procrastinate "
+                   "(installed with the 'bench' extra)")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the workers and pg_stat_statements (embedded PG only)")
+    p.add_argument("--probe-gap", type=float, default=0.02,
+                   help="seconds between latency probe starts (light load)")
+    p.add_argument("--timeout", type=float, default=1800, help="per workload drain timeout")
+    p.add_argument("--stall-seconds", type=float, default=60,
+                   help="give up on a workload after this long without a checkpoint")
+    p.add_argument("--json", dest="json_path", help="also write the figures as JSON here")
+    p.add_argument("--keep", action="store_true", help="keep the benchmark databases")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = Progress(args.quiet)
+    # SIGTERM (CI timeouts, kill) unwinds like ^C so serve and the embedded server stop
+    signal.signal(signal.SIGTERM, _interrupt)
+    server = Server(args.dsn, args.profile)
+    workdir = Path(tempfile.mkdtemp(prefix="pgdurable-bench-run-"))
+    progress(f"PostgreSQL {server.version} at "
+             f"{psycopg.conninfo.conninfo_to_dict(server.admin_dsn).get('port')}; "
+             f"logs in {workdir}")
+    try:
+        wanted = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
+        secs = args.floor_seconds or min(3.0, max(0.3, 3.0 * args.scale))
+        scratch = "pgdurable_bench_floor"
+        floor_dsn = server.fresh_db(scratch)
+        try:
+            floors = floor.measure(floor_dsn, secs, progress)
+        finally:
+            server.drop_db(scratch)
+        with http_server() as url:
+            rows = [run_workload(server, w, args, workdir, progress)
+                    for w in workloads(args.scale, url) if w.name in wanted]
+        peer_rows: list[peers.PeerRow] = []
+        for name in [p.strip() for p in args.peers.split(",") if p.strip()]:
+            peer_rows += peers.run(name, server, args, progress)
+        table = render(rows, floors, peer_rows, server, args)
+        print(table)
+        if args.profile:
+            for r in rows:
+                shares = summarize_profiles(workdir, r.workload)
+                if shares:
+                    print(f"\n{r.workload} worker samples (py-spy): " + ", ".join(
+                        f"{b} {s:.0%}" for b, s in shares[:8]))
+                if r.top_statements:
+                    print(f"{r.workload} top statements by total time (pg_stat_statements):")
+                    for q, t, c in r.top_statements:
+                        print(f"  {t:10,.0f} ms {c:8,} calls  {q}")
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps({
+                "server": {"version": server.version, "synchronous_commit": server.sync_commit,
+                           "fsync": server.fsync},
+                "scale": args.scale, "workers": args.workers,
+                "workloads": [asdict(r) for r in rows],
+                "floor": [asdict(f) | {"rows_per_s": f.rows_per_s} for f in floors],
+                "peers": [asdict(p) for p in peer_rows],
+            }, indent=2, default=str))
+        bad = [r for r in rows if r.failed or r.instances == 0]
+        return 1 if bad else 0
+    finally:
+        server.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
