@@ -544,7 +544,7 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
                 if stalled:
                     row.note = stalled
                     raise _Stalled()
-                probes = max(2, round(w.probes * min(1.0, max(args.scale, 0.1))))
+                probes = max(1, round(w.probes * min(1.0, args.scale * 10)))
                 with psycopg.connect(tenant_dsn, autocommit=True) as tconn:
                     for i in range(probes):
                         tconn.execute("select df.start(%s::text, 'probe')", (graph,))

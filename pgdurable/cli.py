@@ -447,3 +447,20 @@ def demo(dsn: str | None, data_dir: str | None) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the benchmark harness (python -m bench; a source checkout's bench/). --help for more."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "harness.py").exists():
+        raise click.ClickException("the benchmark harness ships with the source tree "
+                                   "(bench/), not with the installed package")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    os.chdir(root)
+    os.execve(sys.executable, [sys.executable, "-m", "bench", *args], env)
