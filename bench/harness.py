@@ -522,9 +522,10 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
                 assert r2 is not None
                 row.steps = int(r2[0])
                 first_claim = float(r2[1] or last)
-                row.drain_s = max(last - first_claim, 1e-6)
-                row.wf_per_s = row.instances / row.drain_s
-                row.steps_per_s = row.steps / row.drain_s
+                row.drain_s = max(last - first_claim, 0.0)
+                finished = done if stalled else row.instances
+                row.wf_per_s = finished / row.drain_s if row.drain_s else 0.0
+                row.steps_per_s = row.steps / row.drain_s if row.drain_s else 0.0
                 row.commits_per_step = (commits1 - commits0 - polls) / max(row.steps, 1)
                 row.worker_rss_mb = peak_rss / 2**20
                 row.worker_cores = _cpu_delta(w0, w1) / wall
