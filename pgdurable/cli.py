@@ -25,6 +25,7 @@ from . import DF_API_LEVEL, __version__, diagram
 from . import schema as schema_mod
 from .config import (
     LEASE_SECONDS_DEFAULT,
+    RESULT_MAX_BYTES_DEFAULT,
     SLOTS_DEFAULT,
     WORKERS_DEFAULT,
     ServeConfig,
@@ -120,10 +121,14 @@ def uninstall(dsn: str | None) -> None:
               show_envvar=True, help="serve Prometheus metrics on this port (/metrics)")
 @click.option("--log-format", envvar=_env("LOG_FORMAT"), type=click.Choice(["text", "json"]),
               default="text", show_envvar=True)
-@click.option("--data-dir", show_envvar=True, help="embedded PostgreSQL data directory")
+@click.option("--result-max-bytes", envvar=_env("RESULT_MAX_BYTES"), type=int,
+              default=RESULT_MAX_BYTES_DEFAULT, show_envvar=True,
+              help="largest result a step may store; a larger one fails the step")
+@click.option("--data-dir", envvar=_env("DATA_DIR"), show_envvar=True,
+              help="embedded PostgreSQL data directory")
 def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_policy: str,
           http_allow: tuple[str, ...], metrics_port: int | None, log_format: str,
-          data_dir: str | None) -> None:
+          result_max_bytes: int, data_dir: str | None) -> None:
     """Run the executor: install/upgrade the schema, fork workers, run workflows."""
     from . import log
     from .worker.supervisor import supervise
@@ -135,7 +140,7 @@ def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_po
     config = ServeConfig(
         dsn=_dsn_or_embedded(dsn, data_dir), workers=workers, slots=slots,
         lease_seconds=lease_seconds, http_policy=http_policy, http_allow=tuple(allow),
-        metrics_port=metrics_port, log_format=log_format,
+        metrics_port=metrics_port, log_format=log_format, result_max_bytes=result_max_bytes,
     ).validate()
     res = schema_mod.install(config.dsn)
     logging.getLogger("pgdurable").info("schema version %d ready", res.to_version)

@@ -3,13 +3,13 @@
 
 -- name: claim
 -- lease up to N runnable tasks for this worker
-select instance_id, node_id, gen, kind, attempts, submitted_by::oid, database, deadline, clock,
+select instance_id, node_id, gen, kind, attempts, submitted_by::pg_catalog.oid, database, deadline, clock,
        state_version
 from @engine@._claim_v1(%s, %s, %s)
 
 -- name: load_instance
 -- everything a worker needs about one instance, except its nodes
-select i.label, i.status, i.submitted_by::oid, i.submitted_by::text, i.database, i.root_node,
+select i.label, i.status, i.submitted_by::pg_catalog.oid, i.submitted_by::pg_catalog.text, i.database, i.root_node,
        r.vars, r.state, r.state_version, r.cancel_reason
 from df.instances i join @engine@.runs r on r.instance_id = i.id
 where i.id = %s
@@ -32,7 +32,8 @@ from pg_roles r where r.oid = %s
 
 -- name: apply
 -- one checkpoint (see @engine@._apply_v1 for the return codes)
-select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s::jsonb)
+select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.jsonb,
+                          %s::pg_catalog.jsonb, %s, %s::pg_catalog.jsonb)
 
 -- name: release
 -- give a leased task back (infrastructure error, shutdown); NULL instance = all of ours
@@ -56,7 +57,7 @@ select @engine@._take_signal_v1(%s, %s)
 
 -- name: runner
 -- the submitting role's step runner, created on first use
-select @engine@._runner_v1(%s::oid::regrole)
+select @engine@._runner_v1(%s::pg_catalog.oid::pg_catalog.regrole)
 
 -- name: heartbeat
 -- this process is alive
@@ -70,10 +71,21 @@ on conflict (epoch_id) do update set last_seen_at = now()
 -- name: step_settings
 -- per-step settings (marks the session as a workflow, bounds the statement) and one of the
 -- deployment-wide max_user_connections slots, all in the step's transaction
-select set_config('df.in_workflow', 'true', true),
-       set_config('statement_timeout',
-                  @engine@.setting('step_statement_timeout', '0'), true),
-       @engine@._step_slot_v1()
+select pg_catalog.set_config('df.in_workflow', 'true', true),
+       pg_catalog.set_config('statement_timeout',
+                             @engine@.setting('step_statement_timeout', '0'), true),
+       @engine@._step_slot_v1(),
+       @engine@._step_begin_v1(%s)
+
+-- name: step_after
+-- right after a step's statement, in its transaction: whatever the statement did to the
+-- session, our checkpoint queries resolve names in pg_catalog only
+select pg_catalog.set_config('search_path', 'pg_catalog', true)
+
+-- name: reset_session
+-- before a step connection goes back to the pool: nothing a step set (GUCs, temp objects,
+-- prepared statements, advisory locks, LISTENs) survives into the next step or the service
+discard all
 
 -- name: prune
 -- retention: delete a batch of old terminal instances (one worker at a time)
@@ -82,8 +94,8 @@ select case when pg_try_advisory_xact_lock(1346913362)
 
 -- name: settings
 -- workflow settings the worker reads (pg_durable.*)
-select @engine@.setting('loop_min_interval_ms', '1000')::integer,
-       @engine@.setting('loop_max_iterations', '100000')::integer,
+select @engine@.setting('loop_min_interval_ms', '1000')::pg_catalog.int4,
+       @engine@.setting('loop_max_iterations', '100000')::pg_catalog.int4,
        current_database()
 
 -- name: cancel_backend
@@ -105,8 +117,8 @@ select status from df.instances where id = %s
 -- name: http_privilege
 -- HTTP gate 0 (SPEC §3.8): may the submitting role still call df.http / df.http_multipart?
 -- NULL (false) when the role no longer exists
-select case when exists (select 1 from pg_roles r where r.oid = %s::oid)
-            then has_function_privilege(%s::oid, %s, 'execute') end
+select case when exists (select 1 from pg_roles r where r.oid = %s::pg_catalog.oid)
+            then has_function_privilege(%s::pg_catalog.oid, %s, 'execute') end
 
 -- name: take_signal_row
 -- consume the oldest signal of a name (FIFO); no row = none waiting (data may be JSON null)
@@ -131,20 +143,20 @@ select 1 from @engine@.runs where instance_id = %s for update
 with upd as (
     update @engine@.tasks t
     set lease_owner = null, lease_expires_at = null,
-        due_at = coalesce(t.deadline, 'infinity'::timestamptz)
+        due_at = coalesce(t.deadline, 'infinity'::pg_catalog.timestamptz)
     where t.lease_owner = %s and t.instance_id = %s and t.node_id = %s
       and not exists (select 1 from @engine@.signals s
                       where s.instance_id = t.instance_id and s.name = %s)
     returning t.instance_id
 )
 select exists (select 1 from upd),
-       exists (select 1 from @engine@.signals s, (select %s::varchar as i, %s::text as n) k
+       exists (select 1 from @engine@.signals s, (select %s::pg_catalog.varchar as i, %s::pg_catalog.text as n) k
                where s.instance_id = k.i and s.name = k.n)
 
 -- name: runner_ddl
 -- the CREATE FUNCTION text of a role's step runner, for another database
-select @engine@._runner_ddl_v1(%s::oid::regrole, '@engine@_exec'),
-       has_database_privilege(%s::oid, %s, 'CONNECT')
+select @engine@._runner_ddl_v1(%s::pg_catalog.oid::pg_catalog.regrole, '@engine@_exec'),
+       has_database_privilege(%s::pg_catalog.oid, %s, 'CONNECT')
 
 -- name: remote_exec_schema
 -- the runner schema in another database (nobody but the service may use it)
@@ -153,8 +165,14 @@ create schema if not exists @engine@_exec
 -- name: remote_runner_exists
 -- does the role's runner exist in this (other) database
 select exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-               where n.nspname = '@engine@_exec' and p.proname = 'step_' || %s::text)
+               where n.nspname = '@engine@_exec' and p.proname = 'step_' || %s::pg_catalog.text)
 
 -- name: remote_step_settings
 -- per-step settings in another database (no engine there: plain set_config)
 select set_config('df.in_workflow', 'true', true)
+
+-- name: still_ours
+-- is this running step still ours and its instance live (NOTIFY can be sent by anyone)
+select exists (select 1 from @engine@.tasks t join df.instances i on i.id = t.instance_id
+               where t.instance_id = %s and t.node_id = %s and t.lease_owner = %s
+                 and i.status not in ('completed', 'failed', 'cancelled'))

@@ -104,6 +104,9 @@ class InstanceCtx:
         for r in rows:
             if r[6] == "completed":
                 ctx.results[index[r[0]]] = r[7]
+            began = (r[8] or {}).get("iter_begins_at")
+            if r[1] == "LOOP" and began is not None:
+                ctx.loop_started[index[r[0]]] = float(began)
         ctx.named = dict(named)
         for r in rows:
             if r[6] == "failed":
@@ -181,14 +184,17 @@ class InstanceCtx:
         # Iteration floor (SPEC §3.5, D14): iteration k+1 begins no earlier than
         # loop_min_interval after iteration k *began* (its first step's due time, not the
         # checkpoint that scheduled it). Unknown start (another worker ran it) → full floor.
-        mono = time.monotonic()
+        # Times are the database clock (the claim's clock()), stored on the LOOP node as
+        # iter_begins_at, so every worker of every host measures the same floor.
+        t = now.timestamp()
         iter_loops: dict[int, float] = {}
         for loop, _k in step.iterations:
             began = self.loop_started.get(loop)
             wait = self.loop_min_interval if began is None else \
-                max(0.0, self.loop_min_interval - (mono - began))
+                max(0.0, self.loop_min_interval - (t - began))
             iter_loops[loop] = wait
-            self.loop_started[loop] = mono + wait
+            self.loop_started[loop] = t + wait
+            cp.node(g.node_ids[loop])["details"]["iter_begins_at"] = t + wait
         for loop, k in step.iterations:
             upd = cp.node(g.node_ids[loop])
             upd["details"]["iteration"] = k
@@ -205,7 +211,8 @@ class InstanceCtx:
             if g.types[node] == A.LOOP and node not in iter_loops:
                 upd["details"]["iteration"] = 1
                 upd["details"]["iter_seq"] = seq
-                self.loop_started[node] = time.monotonic()
+                upd["details"]["iter_begins_at"] = t
+                self.loop_started[node] = t
             if node in ready:
                 cp.new_tasks.append(self._task_for(node, gen, now, iter_loops))
         if step.terminal == A.T_COMPLETED:

@@ -44,6 +44,7 @@ from ..log import instance_var, node_type_var, node_var
 from ..queries import q
 from ..subst import substitute
 from ..values import break_value, check_size, sql_envelope, truthy
+from .completer import Busy, Completer
 from .instance import TYPE_NAMES, Checkpoint, InstanceCtx, dump
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ CTX_CACHE_SIZE = 2048
 # Retention: every minute (spread over workers by a random start), at most this many finished
 # instances are deleted per batch so pruning never holds long locks.
 PRUNE_INTERVAL = 60.0
+# A step whose handling keeps failing for reasons that are not the step's own (our
+# checkpoint, the database going away) is retried; after this many claims it is failed
+# with the last error instead of looping forever ("poison" step).
+MAX_ATTEMPTS = 10
+RESULT_CAP_SETTING = "pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES)"
 PRUNE_BATCH = 500
 
 
@@ -90,6 +96,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.runners: dict[int, str] = {}
         self.remote_pools: dict[str, AsyncConnectionPool] = {}
+        self.completer: Completer | None = None
         self.max_iterations = 100_000
         self.loop_min_interval = 1.0
         self.current_db = ""
@@ -118,6 +125,8 @@ class Worker:
             name="pgdurable")
         await self.pool.open(wait=True, timeout=60)
         await self._load_settings()
+        self.completer = Completer(self.pool, Fenced)
+        self.completer.start()
         try:
             from ..steps.http_step import HttpPolicy, make_client
 
@@ -144,6 +153,7 @@ class Worker:
         # drain: let running steps finish (they checkpoint), bounded by the lease
         if self.inflight:
             await asyncio.wait(list(self.inflight.values()), timeout=self.config.lease_seconds)
+        await self.completer.stop()  # final flush before the pool closes
         with contextlib.suppress(Exception):
             async with self.pool.connection() as conn:
                 await conn.execute(self.q("release"), (self.worker_id, None, None))
@@ -230,6 +240,13 @@ class Worker:
             if inst == instance_id and (node_id is None or nid == node_id):
                 with contextlib.suppress(psycopg.Error):
                     async with self.pool.connection() as conn:
+                        # anyone may NOTIFY: interrupt only what the database confirms is
+                        # cancelled or no longer ours
+                        cur = await conn.execute(self.q("still_ours"),
+                                                 (inst, nid, self.worker_id))
+                        row = await cur.fetchone()
+                        if row and row[0]:
+                            continue
                         await conn.execute(self.q("cancel_backend"), (pid,))
                 logger.info("interrupted step %s of %s", nid, inst,
                             extra={"event": "step.interrupted"})
@@ -303,7 +320,6 @@ class Worker:
                      extra={"event": "instance.loaded"})
         if old is not None:
             ctx.lock = old.lock
-            ctx.loop_started = old.loop_started
         self.ctxs[instance_id] = ctx
         while len(self.ctxs) > CTX_CACHE_SIZE:
             self.ctxs.popitem(last=False)
@@ -326,19 +342,34 @@ class Worker:
             self.ctxs.pop(task.instance_id, None)
             # if the task is somehow still ours, give it back rather than sit on it
             await self._release(task)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            # infrastructure, not the step: give the task back so it runs again
-            logger.warning("database unavailable during step: %s", exc,
-                           extra={"event": "step.infra_error"})
-            self.ctxs.pop(task.instance_id, None)
-            await self._release(task)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            logger.exception("internal error while running a step; releasing it",
-                             extra={"event": "step.internal_error"})
+        except Exception as exc:
+            # not the step's own failure (the database went away, our checkpoint failed):
+            # give the task back so it runs again — a bounded number of times
             self.ctxs.pop(task.instance_id, None)
+            if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
+                logger.warning("database unavailable during step: %s", exc,
+                               extra={"event": "step.infra_error"})
+            else:
+                logger.exception("internal error while running a step (attempt %d)",
+                                 task.attempts, extra={"event": "step.internal_error"})
+            if task.attempts >= MAX_ATTEMPTS and task.kind != "start":
+                with contextlib.suppress(Exception):
+                    await self._poison(task, exc)
+                    return
             await self._release(task)
+
+    async def _poison(self, task: Task, exc: BaseException) -> None:
+        """Fail a step that could not be handled in MAX_ATTEMPTS claims."""
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            ctx = await self._ctx(conn, task.instance_id, fresh=True)
+        if ctx is None or task.node_id not in ctx.index:
+            raise Fenced()
+        err = StepError(f"step abandoned after {task.attempts} attempts; last error: {exc}",
+                        sqlstate=getattr(exc, "sqlstate", None))
+        await self._group_complete(ctx, task, ctx.index[task.node_id], False, None, err)
 
     async def _release(self, task: Task) -> None:
         assert self.pool is not None
@@ -424,6 +455,7 @@ class Worker:
                 return
             ok, value, err = True, None, None
             http = False
+            decision: bool | None = None
             try:
                 if ntype == A.BREAK:
                     cfg = orjson.loads(ctx.configs[idx])
@@ -438,10 +470,8 @@ class Worker:
                     if not isinstance(res, dict) or "row_count" not in res:
                         raise StepError(f"if_rows: result {name!r} is missing or has no rows "
                                         "(it must name an earlier SQL step)")
-                    value = res
-                    await self._complete(conn, ctx, task, idx, True, None, None,
-                                         decision=res["row_count"] > 0)
-                    return
+                    value = None
+                    decision = res["row_count"] > 0
                 elif ntype == A.SLEEP:
                     value = {"slept": True, "seconds": int(ctx.configs[idx] or 0)}
                 elif ntype == A.WAIT_SCHEDULE:
@@ -481,22 +511,37 @@ class Worker:
                     http = True  # runs below, after the connection went back to the pool
                 else:  # pragma: no cover - composites never become tasks
                     raise StepError(f"node type {TYPE_NAMES[ntype]} cannot run as a step")
-                if not http:
-                    check_size(value, self.config.result_max_bytes, "step result")
+                if not http and decision is None:
+                    check_size(value, self.config.result_max_bytes, "step result",
+                               setting=RESULT_CAP_SETTING)
             except StepError as exc:
                 ok, err = False, exc
-            if not http:
-                await self._complete(conn, ctx, task, idx, ok, value, err)
-                return
-        # An HTTP request holds no database connection while it waits on the network, so
-        # fan-out is bounded by slots, not by the pool.
-        try:
-            value = await self._run_http(ctx, task, idx, ntype)
-            check_size(value, self.config.result_max_bytes, "step result")
-        except StepError as exc:
-            ok, err = False, exc
-        async with self.pool.connection() as conn:
-            await self._complete(conn, ctx, task, idx, ok, value, err)
+                decision = None
+        if http:
+            # An HTTP request holds no database connection while it waits on the network,
+            # so fan-out is bounded by slots, not by the pool.
+            try:
+                value = await self._run_http(ctx, task, idx, ntype)
+                check_size(value, self.config.result_max_bytes, "step result",
+                           setting=RESULT_CAP_SETTING)
+            except StepError as exc:
+                ok, err = False, exc
+        await self._group_complete(ctx, task, idx, ok, value, err, decision)
+
+    async def _group_complete(self, ctx: InstanceCtx, task: Task, idx: int, ok: bool,
+                              value: Any, err: StepError | None,
+                              decision: bool | None = None) -> None:
+        """Checkpoint through the completer: committed with others, acknowledged after."""
+        assert self.completer is not None
+
+        async def apply(conn: psycopg.AsyncConnection[Any]) -> None:
+            current = self.ctxs.get(ctx.instance_id, ctx)
+            if current.lock.locked() or ctx.lock.locked():
+                raise Busy()
+            await self._complete(conn, ctx, task, idx, ok, value, err, in_tx=True,
+                                 decision=decision)
+
+        await self.completer.submit(ctx.instance_id, apply)
 
     async def _run_http(self, ctx: InstanceCtx, task: Task, idx: int, ntype: int) -> Any:
         from ..steps.http_step import run_http
@@ -580,47 +625,59 @@ class Worker:
         if ctx.database and ctx.database != self.current_db:
             await self._run_sql_elsewhere(conn, ctx, task, idx, text)
             return
-        runner = await self._runner(ctx.role_oid)
-        schema_name, _, fn = runner.partition(".")
-        call = sql.SQL("select * from {}.{}(%s)").format(
-            sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
         key = (task.instance_id, task.node_id)
         pid = conn.info.backend_pid
         t0 = time.monotonic()
+        stage = "statement"
         try:
+            runner = await self._runner(ctx.role_oid)
+            schema_name, _, fn = runner.partition(".")
+            call = sql.SQL("select * from {}.{}(%s)").format(
+                sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
             async with conn.transaction():
                 self.running_pids[key] = pid
                 try:
-                    # one round trip: settings + slot, then the statement, pipelined
+                    # one round trip: settings + slot + step identity, the statement, and the
+                    # search_path pin for our own queries after it — pipelined
                     async with conn.pipeline():
-                        await conn.execute(self.q("step_settings"))
+                        await conn.execute(self.q("step_settings"), (ctx.role_oid,))
                         cur = await conn.execute(call, (text,))
+                        await conn.execute(self.q("step_after"))
                     rows = await cur.fetchall()
                 finally:
                     self.running_pids.pop(key, None)
                 value = sql_envelope([r[0] if isinstance(r[0], str)
                                       else orjson.dumps(r[0]).decode() for r in rows])
                 try:
-                    check_size(value, self.config.result_max_bytes, "step result")
+                    check_size(value, self.config.result_max_bytes, "step result",
+                               setting=RESULT_CAP_SETTING)
                 except StepError as exc:
                     raise _StepFailed(exc) from None
                 # exactly-once: the checkpoint commits with the statement (SPEC D4)
+                stage = "checkpoint"
                 await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
         except _StepFailed as failed:
+            await self._reset(conn)
             await self._complete(conn, ctx, task, idx, False, None, failed.err)
-        except psycopg.errors.QueryCanceled as exc:
-            # interrupted (cancel / abandoned) or statement_timeout: the checkpoint will be
-            # fenced if the task was taken away; otherwise it is a failed step
-            await self._complete(conn, ctx, task, idx, False, None,
-                                 StepError(_pg_message(exc), sqlstate=exc.sqlstate))
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            raise
         except psycopg.Error as exc:
-            if isinstance(exc, Fenced):  # pragma: no cover - Fenced is not a psycopg error
+            await self._reset(conn)
+            if conn.broken or conn.closed or stage == "checkpoint":
+                # the database went away, or our own checkpoint failed (not the user's
+                # statement): release and retry, bounded by the attempts cap in _handle
                 raise
+            # the step's statement failed (whatever its SQLSTATE class: 40, 53, 55, 57…
+            # are the user's errors too): interrupted steps are fenced at checkpoint
             await self._complete(conn, ctx, task, idx, False, None,
                                  StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+        else:
+            await self._reset(conn)
         logger.debug("sql step took %.1f ms", (time.monotonic() - t0) * 1000)
+
+    async def _reset(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """DISCARD ALL after a step: nothing it did to the session outlives it."""
+        if not (conn.broken or conn.closed):
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute(self.q("reset_session"))
 
     async def _remote_pool(self, dbname: str) -> AsyncConnectionPool:
         pool = self.remote_pools.get(dbname)
@@ -671,28 +728,32 @@ class Worker:
                 call = sql.SQL("select * from {}.{}(%s)").format(
                     sql.Identifier(f"{self.engine}_exec"),
                     sql.Identifier(f"step_{ctx.role_oid}"))
-                async with rconn.transaction():
-                    await rconn.execute(self.q("remote_step_settings"))
-                    self.running_pids[key] = rconn.info.backend_pid
-                    try:
-                        cur = await rconn.execute(call, (text,))
-                        rows = await cur.fetchall()
-                    finally:
-                        self.running_pids.pop(key, None)
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            raise
+                try:
+                    async with rconn.transaction():
+                        await rconn.execute(self.q("remote_step_settings"))
+                        self.running_pids[key] = rconn.info.backend_pid
+                        try:
+                            cur = await rconn.execute(call, (text,))
+                            rows = await cur.fetchall()
+                        finally:
+                            self.running_pids.pop(key, None)
+                finally:
+                    await self._reset(rconn)
         except psycopg.Error as exc:
+            if exc.sqlstate is None:
+                raise  # no SQLSTATE: the connection itself failed — release and retry
             await self._complete(conn, ctx, task, idx, False, None,
                                  StepError(_pg_message(exc), sqlstate=exc.sqlstate))
             return
         value = sql_envelope([r[0] if isinstance(r[0], str) else orjson.dumps(r[0]).decode()
                               for r in rows])
         try:
-            check_size(value, self.config.result_max_bytes, "step result")
+            check_size(value, self.config.result_max_bytes, "step result",
+                       setting=RESULT_CAP_SETTING)
         except StepError as exc:
-            await self._complete(conn, ctx, task, idx, False, None, exc)
+            await self._group_complete(ctx, task, idx, False, None, exc)
             return
-        await self._complete(conn, ctx, task, idx, True, value, None)
+        await self._group_complete(ctx, task, idx, True, value, None)
 
     async def _complete(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                         idx: int, ok: bool, value: Any, err: StepError | None, *,

@@ -205,17 +205,9 @@ def test_step_runs_as_tenant_and_cannot_change_identity(db, serve_factory, tenan
 # -- 2. a step's session state does not outlive the step -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "VULNERABILITY: pooled step connections are not reset between steps. A step can run "
-    "pg_catalog.set_config('search_path', '<its schema>, pg_catalog', false) (only role and "
-    "session_authorization are refused inside the SECURITY DEFINER runner) and create temp "
-    "tables; both persist on the service's pooled connection after the step commits. The next "
-    "worker query on that connection (process.py _run_sql -> queries.sql step_settings calls "
-    "unqualified set_config) then resolves the tenant's trojan set_config and runs it AS THE "
-    "SERVICE ROLE (superuser), and later steps of other tenants resolve the tenant's "
-    "functions/temp tables first. Fix: reset session state after every step (e.g. "
-    "DISCARD ALL / RESET ALL + pg_catalog-qualified worker queries, or a pool reset= callback) "
-    "and give the runner `set search_path` from the submitting role's defaults."))
+# Regression guard: pooled step connections leaked session state (search_path, temp objects)
+# into the service's queries and other tenants' steps; fixed by DISCARD ALL after every step,
+# a pg_catalog search_path pin after the statement and pg_catalog-qualified worker queries.
 def test_step_session_state_does_not_leak_to_service_or_other_tenants(db, serve_factory,
                                                                      tenants):
     a, b = tenants
@@ -267,17 +259,8 @@ def test_step_session_state_does_not_leak_to_service_or_other_tenants(db, serve_
 # -- 3. the engine's SECURITY DEFINER helpers, called from a step ----------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "VULNERABILITY: @engine@._invoker() (30_control.sql) identifies the caller of the "
-    "SECURITY DEFINER helpers by session_user / the `role` setting. Inside a workflow step the "
-    "session is the service's own login (superuser) and the runner changes only current_user, "
-    "so _may_act() is true for every instance: a tenant's step can call "
-    "pgdurable._cancel_v1 / _signal_v1 on ANY tenant's instance (ids are not secrets), and "
-    "pgdurable._new_start_v1(<service role>, ...) passes its identity check and opens a dblink "
-    "session as the service role. Fix: make _invoker() return the step's role in workflow "
-    "sessions (e.g. refuse or map when session_user is the service role and current_user "
-    "differs inside the runner, or record the step's role in an engine table the worker writes "
-    "in the step transaction)."))
+# Regression guard: engine helpers identified a step's caller as the service's session_user;
+# fixed by @engine@.step_sessions (the worker records the step's role per transaction).
 def test_step_cannot_use_engine_helpers_on_other_tenants(db, serve_factory, tenants):
     a, b = tenants
     svc = service_role(db)
@@ -510,13 +493,8 @@ def test_limits_fail_cleanly(db, serve_factory, tenants):
     assert big_node == "failed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (DoS): process.py Worker._run_sql re-raises every psycopg.OperationalError and "
-    "_handle() treats it as 'database unavailable' (release + immediate re-claim). psycopg "
-    "maps SQLSTATE classes 40, 53, 54, 55, 57, 58 to OperationalError, so a step that raises "
-    "e.g. 55000/55P03 (FOR UPDATE NOWAIT), 54000 or 40001 is retried in a hot loop forever "
-    "and the instance never fails. Fix: decide by connection state "
-    "(conn.closed / conn.broken), not by exception class."))
+# Regression guard: SQLSTATE classes psycopg maps to OperationalError (40, 53-58) were
+# retried forever; now a statement's error fails the step whatever its class.
 def test_step_error_of_class_55_fails_the_step(db, serve_factory, tenants):
     a, _ = tenants
     s = serve_factory(db)

@@ -202,6 +202,17 @@ create table @engine@.signals (
 );
 create index signals_instance_name_idx on @engine@.signals (instance_id, name, id);
 
+-- Which role a step transaction runs for (SPEC D5). The worker writes its row inside the
+-- step's own transaction, keyed by backend pid and stamped with that transaction's id, so
+-- @engine@._invoker() inside an engine helper called from a step identifies the step's role
+-- (session_user there is the service's). Unforgeable: tenants cannot write this table, and a
+-- stale row never matches another transaction's id.
+create table @engine@.step_sessions (
+    pid  integer not null primary key,
+    xid  bigint  not null,
+    role oid     not null
+);
+
 -- Live processes of every `serve` (supervisors and workers); df.workers is a view over it.
 create table @engine@.workers (
     worker_id    text        not null primary key,
@@ -1194,12 +1205,19 @@ $$;
 ------------------------------------------------------------------------------------------
 
 -- The role that called into a SECURITY DEFINER helper (see the header). Not a definer itself.
+-- Inside a workflow step, session_user is the service's role: the step's own role comes from
+-- the row the worker wrote for this very transaction (@engine@.step_sessions).
 create function @engine@._invoker() returns name
 language sql stable
 set search_path = pg_catalog
 as $$
-    select case when coalesce(current_setting('role', true), 'none') in ('none', '')
-                then session_user else current_setting('role', true)::name end
+    select coalesce(
+        (select r.rolname from @engine@.step_sessions s
+         join pg_catalog.pg_roles r on r.oid = s.role
+         where s.pid = pg_catalog.pg_backend_pid()
+           and s.xid = pg_catalog.txid_current_if_assigned()),
+        case when coalesce(current_setting('role', true), 'none') in ('none', '')
+             then session_user else current_setting('role', true)::name end)
 $$;
 
 -- May the calling role act on an instance submitted by p_owner? Owners, and roles that bypass
@@ -2646,6 +2664,17 @@ as $$
         delete from @engine@.runs r using gone where r.instance_id = gone.id returning 1
     )
     select count(*)::integer from gone
+$$;
+
+-- Mark the current transaction as a step of p_role (see @engine@.step_sessions).
+create function @engine@._step_begin_v1(p_role oid)
+returns void
+language sql volatile
+set search_path = pg_catalog
+as $$
+    insert into @engine@.step_sessions as s (pid, xid, role)
+    values (pg_backend_pid(), txid_current(), p_role)
+    on conflict (pid) do update set xid = excluded.xid, role = excluded.role
 $$;
 -- pgdurable schema, part 90: privileges (SPEC §4 "Grants"), applied after every other part.
 --

@@ -202,6 +202,17 @@ create table @engine@.signals (
 );
 create index signals_instance_name_idx on @engine@.signals (instance_id, name, id);
 
+-- Which role a step transaction runs for (SPEC D5). The worker writes its row inside the
+-- step's own transaction, keyed by backend pid and stamped with that transaction's id, so
+-- @engine@._invoker() inside an engine helper called from a step identifies the step's role
+-- (session_user there is the service's). Unforgeable: tenants cannot write this table, and a
+-- stale row never matches another transaction's id.
+create table @engine@.step_sessions (
+    pid  integer not null primary key,
+    xid  bigint  not null,
+    role oid     not null
+);
+
 -- Live processes of every `serve` (supervisors and workers); df.workers is a view over it.
 create table @engine@.workers (
     worker_id    text        not null primary key,

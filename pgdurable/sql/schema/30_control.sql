@@ -324,12 +324,19 @@ $$;
 ------------------------------------------------------------------------------------------
 
 -- The role that called into a SECURITY DEFINER helper (see the header). Not a definer itself.
+-- Inside a workflow step, session_user is the service's role: the step's own role comes from
+-- the row the worker wrote for this very transaction (@engine@.step_sessions).
 create function @engine@._invoker() returns name
 language sql stable
 set search_path = pg_catalog
 as $$
-    select case when coalesce(current_setting('role', true), 'none') in ('none', '')
-                then session_user else current_setting('role', true)::name end
+    select coalesce(
+        (select r.rolname from @engine@.step_sessions s
+         join pg_catalog.pg_roles r on r.oid = s.role
+         where s.pid = pg_catalog.pg_backend_pid()
+           and s.xid = pg_catalog.txid_current_if_assigned()),
+        case when coalesce(current_setting('role', true), 'none') in ('none', '')
+             then session_user else current_setting('role', true)::name end)
 $$;
 
 -- May the calling role act on an instance submitted by p_owner? Owners, and roles that bypass

@@ -375,3 +375,14 @@ as $$
     )
     select count(*)::integer from gone
 $$;
+
+-- Mark the current transaction as a step of p_role (see @engine@.step_sessions).
+create function @engine@._step_begin_v1(p_role oid)
+returns void
+language sql volatile
+set search_path = pg_catalog
+as $$
+    insert into @engine@.step_sessions as s (pid, xid, role)
+    values (pg_backend_pid(), txid_current(), p_role)
+    on conflict (pid) do update set xid = excluded.xid, role = excluded.role
+$$;
