@@ -718,9 +718,8 @@ def test_hand_written_leaf_configs_are_validated(tx: Conn, user: str, node: dict
     assert err is not None and err.sqlstate == "22023"
 
 
-@pytest.mark.xfail(strict=True, reason="df.explain evaluates DSL text as "
-                   "EXECUTE 'select (' || input || ')': a ')' in the input closes the "
-                   "expression and further statements run (writes included) in a dry run")
+# regression guard: a ')' in the input used to close the expression and let further
+# statements run in a dry run; the expression is now evaluated through a cursor
 def test_explain_dry_run_runs_one_expression_only(tx: Conn, user: str) -> None:
     payload = "df.sql('x')); select df.setvar('pwned', '1'); select (df.sql('y')"
     attempt(tx, "select df.explain(%s)", (payload,))

@@ -416,6 +416,7 @@ declare
     v_inst  record;
     v_nodes jsonb;
     v_text  text := input;
+    v_row   record;
     v_flat  jsonb;
 begin
     if input is null then
@@ -447,7 +448,12 @@ begin
     if input !~ '^\s*\{'
        and (input ~* '\mdf\s*\.\s*(sql|seq|as|join|join3|race|if|if_rows|loop|break|sleep|wait_for_schedule|wait_for_signal|http|http_multipart)\s*\('
             or input ~ '~>|\|=>|\?>|!>|^\s*@>') then
-        execute 'select (' || regexp_replace(input, ';\s*$', '') || e'\n)::text' into v_text;
+        -- through a cursor: PostgreSQL refuses to open a multi-statement string as one, so
+        -- `x); <another statement>; select (y` cannot smuggle extra statements into a dry run
+        for v_row in execute 'select (' || regexp_replace(input, ';\s*$', '') || e'\n)::text as t' loop
+            v_text := v_row.t;
+            exit;
+        end loop;
         if v_text is null then
             return 'Invalid durable function graph: root: the expression returned NULL';
         end if;
