@@ -350,8 +350,13 @@ begin
         -- json (not jsonb) only validates the text, and its operators return verbatim
         -- substrings, so subtrees keep their formatting
         v_json := v_trimmed::json;
-    exception when data_exception then
-        return df._mk('SQL', p_arg, null, null, null, null);
+    exception
+        when data_exception then
+            return df._mk('SQL', p_arg, null, null, null, null);
+        when program_limit_exceeded then  -- stack depth: JSON nested absurdly deep
+            raise exception using errcode = '22023',
+                message = 'a node argument is JSON nested too deeply to parse '
+                          '(a graph may nest at most 256 levels)';
     end;
     v_type := v_json -> 'node_type';
     if v_type is null then
@@ -821,7 +826,7 @@ declare
 begin
     begin
         v_json := btrim(partial, E' \t\r\n')::json;
-    exception when data_exception then
+    exception when data_exception or program_limit_exceeded then
         v_json := null;
     end;
     if v_json is null or json_typeof(v_json) <> 'object'
@@ -934,6 +939,16 @@ begin
         v_json := df._try_jsonb(p_input);
         if jsonb_typeof(v_json) = 'object' and v_json ? 'node_type' then
             return v_json;
+        end if;
+        -- Text that starts like a graph value but does not parse (the DSL embeds its own
+        -- output unparsed; a NUL escape; absurd nesting) must not silently become one SQL
+        -- step with the rest of the graph gone.
+        if v_json is null and p_input ~ '^\s*\{\s*"node_type"\s*:' then
+            raise exception using errcode = '22023',
+                message = 'Invalid durable function graph: root: the value starts like a '
+                          'graph but is not valid JSON (or nests deeper than PostgreSQL parses)',
+                hint = 'Build graphs with the df.* functions and operators; check any '
+                       'hand-written JSON.';
         end if;
     end if;
     return jsonb_build_object('node_type', 'SQL', 'query', p_input);

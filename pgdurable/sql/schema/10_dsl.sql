@@ -95,8 +95,13 @@ begin
         -- json (not jsonb) only validates the text, and its operators return verbatim
         -- substrings, so subtrees keep their formatting
         v_json := v_trimmed::json;
-    exception when data_exception then
-        return df._mk('SQL', p_arg, null, null, null, null);
+    exception
+        when data_exception then
+            return df._mk('SQL', p_arg, null, null, null, null);
+        when program_limit_exceeded then  -- stack depth: JSON nested absurdly deep
+            raise exception using errcode = '22023',
+                message = 'a node argument is JSON nested too deeply to parse '
+                          '(a graph may nest at most 256 levels)';
     end;
     v_type := v_json -> 'node_type';
     if v_type is null then
@@ -566,7 +571,7 @@ declare
 begin
     begin
         v_json := btrim(partial, E' \t\r\n')::json;
-    exception when data_exception then
+    exception when data_exception or program_limit_exceeded then
         v_json := null;
     end;
     if v_json is null or json_typeof(v_json) <> 'object'

@@ -54,6 +54,16 @@ begin
         if jsonb_typeof(v_json) = 'object' and v_json ? 'node_type' then
             return v_json;
         end if;
+        -- Text that starts like a graph value but does not parse (the DSL embeds its own
+        -- output unparsed; a NUL escape; absurd nesting) must not silently become one SQL
+        -- step with the rest of the graph gone.
+        if v_json is null and p_input ~ '^\s*\{\s*"node_type"\s*:' then
+            raise exception using errcode = '22023',
+                message = 'Invalid durable function graph: root: the value starts like a '
+                          'graph but is not valid JSON (or nests deeper than PostgreSQL parses)',
+                hint = 'Build graphs with the df.* functions and operators; check any '
+                       'hand-written JSON.';
+        end if;
     end if;
     return jsonb_build_object('node_type', 'SQL', 'query', p_input);
 end;
