@@ -695,10 +695,7 @@ def test_unparseable_graph_is_not_a_sql_step(tx: Conn, user: str, case: str) -> 
         f"{tx.execute('select node_type from df.nodes where instance_id = %s', (iid,)).fetchall()}")
 
 
-@pytest.mark.xfail(strict=True, reason="df.start validates hand-written leaf configs only "
-                   "structurally (SPEC §5 says cron and HTTP arguments too): a bad cron, a "
-                   "non-http URL, an unknown method, a negative/huge timeout, a non-numeric "
-                   "signal timeout and an out-of-range SLEEP are accepted and fail at run time")
+# regression guard: hand-written leaf configs used to be checked only structurally
 @pytest.mark.parametrize("node", [
     {"node_type": "WAIT_SCHEDULE", "query": '{"cron_expr":"bogus"}'},
     {"node_type": "HTTP", "query": '{"url":"ftp://x","method":"GET","timeout_seconds":30}'},

@@ -284,4 +284,4 @@ def test_misc(tx, user):
     tx.execute("select df.run()")
     tx.execute("select df.run('abcdef01')")
     cols = [d.name for d in tx.execute("select * from df.workers").description]
-    assert cols == ["host", "pid", "version", "started_at", "last_seen_at", "in_flight"]
+    assert cols == ["host", "pid", "kind", "version", "started_at", "last_seen_at", "in_flight"]

@@ -1119,6 +1119,36 @@ begin
                         using errcode = '22023';
                 end if;
             end if;
+            -- Hand-written configs get the same checks as the DSL builders (SPEC §5: df.start
+            -- validates cron and HTTP arguments too): re-build the leaf with its builder.
+            begin
+                case v_type
+                    when 'SLEEP' then
+                        perform df.sleep((v_query #>> '{}')::bigint);
+                    when 'WAIT_SCHEDULE' then
+                        perform df.wait_for_schedule(v_cfg ->> 'cron_expr');
+                    when 'SIGNAL' then
+                        perform df.wait_for_signal(v_cfg ->> 'signal_name',
+                                                   (v_cfg ->> 'timeout_seconds')::integer);
+                    when 'HTTP' then
+                        perform df.http(v_cfg ->> 'url', v_cfg ->> 'method', v_cfg ->> 'body',
+                                        nullif(v_cfg -> 'headers', 'null'::jsonb),
+                                        coalesce((v_cfg ->> 'timeout_seconds')::integer, 30));
+                    when 'HTTP_MULTIPART' then
+                        perform df.http_multipart(v_cfg ->> 'url', v_cfg ->> 'method',
+                                                  nullif(v_cfg -> 'parts', 'null'::jsonb),
+                                                  nullif(v_cfg -> 'headers', 'null'::jsonb),
+                                                  coalesce((v_cfg ->> 'timeout_seconds')::integer, 30));
+                    else
+                        null;
+                end case;
+            exception
+                when sqlstate '22023' then
+                    raise exception '% (at %)', sqlerrm, v_where using errcode = '22023';
+                when invalid_text_representation or numeric_value_out_of_range then
+                    raise exception 'invalid number in the % node''s config: % (at %)',
+                        v_type, sqlerrm, v_where using errcode = '22023';
+            end;
         else
             if jsonb_typeof(v_node #> '{c,left_node}') is distinct from 'object' then
                 raise exception '% node needs a left_node (at %)', v_type, v_where using errcode = '22023';
