@@ -572,6 +572,11 @@ begin
         raise exception 'df.start(transaction_mode => ''new'') cannot be called inside a workflow'
             using errcode = '0A000';
     end if;
+    -- labels are indexed (btree rows stop near 2.7 kB): say so instead of an index error
+    if octet_length(label) > 1024 then
+        raise exception 'label is too long (% bytes; at most 1024): %…', octet_length(label),
+            left(label, 40) using errcode = '22023';
+    end if;
     -- 1. strict parse
     if fut is null then
         raise exception 'df.start: fut must not be NULL' using errcode = '22023';
