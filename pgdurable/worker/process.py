@@ -117,7 +117,9 @@ class Worker:
                                 lambda: asyncio.ensure_future(self._load_settings()))
         self.pool = AsyncConnectionPool(
             self.config.dsn, min_size=2, max_size=self.config.slots + 4, open=False,
-            kwargs={"autocommit": True,
+            # prepare_threshold None: step connections are reset with DISCARD ALL after every
+            # step (security), which drops server-side prepared statements psycopg would reuse
+            kwargs={"autocommit": True, "prepare_threshold": None,
                     "application_name": f"pgdurable worker {os.getpid()}"},
             # No check-on-checkout round trip on the hot pool: a broken connection surfaces
             # as OperationalError, the step is released and re-claimed, and the pool
@@ -687,7 +689,7 @@ class Worker:
             pool = AsyncConnectionPool(
                 psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
                 min_size=0, max_size=self.config.slots, open=False,
-                kwargs={"autocommit": True,
+                kwargs={"autocommit": True, "prepare_threshold": None,
                         "application_name": f"pgdurable worker {os.getpid()}"},
                 check=AsyncConnectionPool.check_connection, name=f"pgdurable:{dbname}")
             await pool.open(wait=False)
