@@ -59,6 +59,9 @@ PRUNE_INTERVAL = 60.0
 # checkpoint, the database going away) is retried; after this many claims it is failed
 # with the last error instead of looping forever ("poison" step).
 MAX_ATTEMPTS = 10
+# HTTP requests in flight per worker beyond its slots (they wait on the network only; the
+# shared httpx client's connection limits bound the sockets).
+HTTP_INFLIGHT_MAX = 256
 RESULT_CAP_SETTING = "pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES)"
 PRUNE_BATCH = 500
 
@@ -97,6 +100,7 @@ class Worker:
         self.runners: dict[int, str] = {}
         self.remote_pools: dict[str, AsyncConnectionPool] = {}
         self.completer: Completer | None = None
+        self.http_waiting = 0
         self.max_iterations = 100_000
         self.loop_min_interval = 1.0
         self.current_db = ""
@@ -180,7 +184,11 @@ class Worker:
     async def _producer(self) -> None:
         assert self.pool is not None
         while not self.stopping.is_set():
-            free = self.config.slots - len(self.inflight)
+            # steps waiting on an HTTP response hold no connection and no CPU: they give
+            # their slot back while they wait, bounded by HTTP_INFLIGHT_MAX in total
+            busy = len(self.inflight) - self.http_waiting
+            free = min(self.config.slots - busy,
+                       self.config.slots + HTTP_INFLIGHT_MAX - len(self.inflight))
             claimed: list[Task] = []
             if free > 0:
                 try:
@@ -523,7 +531,12 @@ class Worker:
             # An HTTP request holds no database connection while it waits on the network,
             # so fan-out is bounded by slots, not by the pool.
             try:
-                value = await self._run_http(ctx, task, idx, ntype)
+                self.http_waiting += 1
+                self.wake.set()  # a slot just became free
+                try:
+                    value = await self._run_http(ctx, task, idx, ntype)
+                finally:
+                    self.http_waiting -= 1
                 check_size(value, self.config.result_max_bytes, "step result",
                            setting=RESULT_CAP_SETTING)
             except StepError as exc:
