@@ -74,7 +74,7 @@ on conflict (epoch_id) do update set last_seen_at = now()
 select pg_catalog.set_config('df.in_workflow', 'true', true),
        pg_catalog.set_config('statement_timeout',
                              @engine@.setting('step_statement_timeout', '0'), true),
-       @engine@._step_slot_v1(),
+       @engine@._step_slot_v1(%s),
        @engine@._step_begin_v1(%s)
 
 -- name: step_after

@@ -655,7 +655,8 @@ class Worker:
                     # one round trip: settings + slot + step identity, the statement, and the
                     # search_path pin for our own queries after it — pipelined
                     async with conn.pipeline():
-                        await conn.execute(self.q("step_settings"), (ctx.role_oid,))
+                        await conn.execute(self.q("step_settings"),
+                                           (ctx.role_oid, ctx.role_oid))
                         cur = await conn.execute(call, (text,))
                         await conn.execute(self.q("step_after"))
                     rows = await cur.fetchall()

@@ -288,3 +288,17 @@ def test_sigterm_drains_and_exits_zero(db, serve_factory, tenant):
     with db.connect(tenant) as conn:
         assert conn.execute("select df.await_instance(%s, 30)", (iid,)).fetchone()[0] == \
             "completed"
+
+
+def test_per_role_connection_cap(db, serve_factory, tenant):
+    """pg_durable.max_connections_per_role: a role's parallel SQL steps queue behind its slots."""
+    with db.connect() as conn:
+        conn.execute(f'alter database "{db.name}" set pg_durable.max_connections_per_role = 1')
+        conn.execute(f'alter database "{db.name}" set pg_durable.execution_acquire_timeout = 1')
+    s = serve_factory(db)
+    s.wait_workers(2)
+    # two 2 s steps in parallel: with one slot the second waits, past the 1 s acquire timeout
+    _, status, _, err = run(db, tenant, "df.sql('select pg_sleep(2)') & df.sql('select pg_sleep(2)')")
+    assert status == "failed"
+    assert "connection limit reached" in err["error"]
+    assert "max_connections_per_role=1" in err["error"]

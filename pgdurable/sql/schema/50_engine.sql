@@ -319,28 +319,52 @@ as $$
     delete from @engine@.workers w where w.last_seen_at < now() - interval '60 seconds';
 $$;
 
--- Deployment-wide cap on connections running step SQL (SPEC D13): pg_durable.max_user_connections
--- slots, each a transaction-scoped advisory lock (class 'PGDU') taken inside the step's own
--- transaction, so a slot is released by the commit/rollback that ends the step — even when
--- the worker dies. Polls every 50 ms up to pg_durable.execution_acquire_timeout seconds.
-create function @engine@._step_slot_v1()
+-- Caps on connections running step SQL (SPEC D13), each slot a transaction-scoped advisory
+-- lock taken inside the step's own transaction, so the commit/rollback that ends the step
+-- releases it — even when the worker dies:
+--   pg_durable.max_user_connections (default 10): deployment-wide, class 'PGDU';
+--   pg_durable.max_connections_per_role (default 0 = no per-role cap): per submitting role,
+--     so one tenant cannot take every slot.
+-- Polls every 50 ms up to pg_durable.execution_acquire_timeout seconds, then fails the step.
+create function @engine@._step_slot_v1(p_role oid)
 returns integer
 language plpgsql volatile
 set search_path = pg_catalog
 as $$
 declare
     v_max      integer := @engine@.setting('max_user_connections', '10')::integer;
+    v_role_max integer := @engine@.setting('max_connections_per_role', '0')::integer;
     v_timeout  integer := @engine@.setting('execution_acquire_timeout', '30')::integer;
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => v_timeout);
     v_start    integer := floor(random() * v_max)::integer;
+    v_got      integer;
+    v_role_ok  boolean := v_role_max <= 0;
 begin
     loop
-        for i in 0 .. v_max - 1 loop
-            if pg_try_advisory_xact_lock(1346913365, (v_start + i) % v_max) then
-                return (v_start + i) % v_max;
-            end if;
-        end loop;
+        if not v_role_ok then
+            -- per-role slots: key hash((role oid << 16) + slot) in their own key space PGDV
+            for i in 0 .. v_role_max - 1 loop
+                if pg_try_advisory_xact_lock(1346913366, hashint8((p_role::bigint << 16) + i)) then
+                    v_role_ok := true;
+                    exit;
+                end if;
+            end loop;
+        end if;
+        if v_role_ok then
+            for i in 0 .. v_max - 1 loop
+                if pg_try_advisory_xact_lock(1346913365, (v_start + i) % v_max) then
+                    return (v_start + i) % v_max;
+                end if;
+            end loop;
+        end if;
         if clock_timestamp() >= v_deadline then
+            if not v_role_ok then
+                raise exception 'connection limit reached: all max_connections_per_role=% step '
+                                'slots of role % stayed busy for execution_acquire_timeout=%s',
+                                v_role_max, p_role::regrole, v_timeout
+                    using errcode = '53300',
+                          hint = 'raise pg_durable.max_connections_per_role or lower the fan-out';
+            end if;
             raise exception 'connection limit reached: all max_user_connections=% step slots '
                             'stayed busy for execution_acquire_timeout=%s', v_max, v_timeout
                 using errcode = '53300',
