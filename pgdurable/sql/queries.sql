@@ -33,7 +33,7 @@ from pg_roles r where r.oid = %s
 -- name: apply
 -- one checkpoint (see @engine@._apply_v1 for the return codes)
 select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.jsonb,
-                          %s::pg_catalog.jsonb, %s, %s::pg_catalog.jsonb)
+                          %s::pg_catalog.jsonb, %s, %s::pg_catalog.jsonb, %s)
 
 -- name: release
 -- give a leased task back (infrastructure error, shutdown); NULL instance = all of ours

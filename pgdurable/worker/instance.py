@@ -48,6 +48,8 @@ class Checkpoint:
     named: dict[str, Any] = field(default_factory=dict)
     drop_tasks: list[str] = field(default_factory=list)
     inst_status: str | None = None
+    take_budget: int = 0
+    """How many immediately runnable successors this worker takes itself (free slots)."""
 
     def node(self, node_id: str) -> dict[str, Any]:
         return self.nodes.setdefault(node_id, {"id": node_id, "details": {}})
@@ -214,7 +216,11 @@ class InstanceCtx:
                 upd["details"]["iter_begins_at"] = t
                 self.loop_started[node] = t
             if node in ready:
-                cp.new_tasks.append(self._task_for(node, gen, now, iter_loops))
+                task = self._task_for(node, gen, now, iter_loops)
+                if task["kind"] == "run" and task["delay"] == 0 and cp.take_budget > 0:
+                    task["take"] = True
+                    cp.take_budget -= 1
+                cp.new_tasks.append(task)
         if step.terminal == A.T_COMPLETED:
             cp.inst_status = "completed"
         elif step.terminal == A.T_FAILED:

@@ -26,7 +26,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -82,6 +82,8 @@ class Task:
     deadline: datetime | None
     clock: datetime
     version: int | None
+    handoff: list[Task] = field(default_factory=list)
+    """Successors this step's checkpoint inserted already leased to us (run after commit)."""
 
 
 class Worker:
@@ -202,10 +204,7 @@ class Worker:
                     await asyncio.sleep(0.5)
                     continue
             for task in claimed:
-                key = (task.instance_id, task.node_id)
-                t = asyncio.create_task(self._handle(task), name=f"step {key}")
-                self.inflight[key] = t
-                t.add_done_callback(lambda _t, k=key: self._done(k))
+                self._launch(task)
             if claimed and len(claimed) == free:
                 continue  # there may be more: claim again right away
             self.wake.clear()
@@ -213,6 +212,17 @@ class Worker:
             timeout = self.config.poll_interval * (1 + random.random() * 0.1)  # noqa: S311
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _launch(self, task: Task) -> None:
+        key = (task.instance_id, task.node_id)
+        if key in self.inflight:  # pragma: no cover - a task is leased to one step at a time
+            return
+        t = asyncio.create_task(self._handle(task), name=f"step {key}")
+        self.inflight[key] = t
+        t.add_done_callback(lambda _t, k=key: self._done(k))
+
+    def _free_slots(self) -> int:
+        return max(0, self.config.slots - (len(self.inflight) - self.http_waiting))
 
     def _done(self, key: tuple[str, str]) -> None:
         self.inflight.pop(key, None)
@@ -346,6 +356,10 @@ class Worker:
                 await self._start_instance(task)
             else:
                 await self._run_node(task)
+            # every checkpoint of this step has committed: run the successors it took
+            for nxt in task.handoff:
+                if not self.stopping.is_set():
+                    self._launch(nxt)
         except Fenced:
             logger.info("step fenced (lease lost, abandoned or instance finished)",
                         extra={"event": "step.fenced"})
@@ -412,7 +426,7 @@ class Worker:
                 sched = ctx.sched
                 if problem is None:
                     step = sched.start()
-                    cp = Checkpoint(inst_status="running")
+                    cp = Checkpoint(inst_status="running", take_budget=self._free_slots() + 1)
                     ctx.build(step, cp, task.clock)
                     if step.terminal != A.T_RUNNING:
                         cp.inst_status = _terminal_name(step.terminal)
@@ -435,7 +449,8 @@ class Worker:
             orjson.dumps(list(cp.nodes.values())).decode(),
             orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
             cp.drop_tasks or None,
-            orjson.dumps(cp.named).decode() if cp.named else None))
+            orjson.dumps(cp.named).decode() if cp.named else None,
+            self.config.lease_seconds))
         row = await cur.fetchone()
         metrics.checkpoint(time.monotonic() - t0)
         got = row[0] if row else -2
@@ -444,6 +459,10 @@ class Worker:
         if got < 0:
             raise Fenced()
         ctx.version = got
+        task.handoff = [
+            Task(ctx.instance_id, t["node_id"], t["gen"], "run", 1, ctx.role_oid, ctx.database,
+                 None, task.clock, got)
+            for t in cp.new_tasks if t.get("take")]
         if cp.inst_status in ("completed", "failed", "cancelled"):
             self.ctxs.pop(ctx.instance_id, None)
             logger.info("instance %s", cp.inst_status, extra={"event": "instance.finished"})
@@ -813,7 +832,7 @@ class Worker:
         if sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
             # our cached copy may be behind: reload once; _apply_v1 fences for real
             raise Fenced() if reloaded else _Stale()
-        cp = Checkpoint()
+        cp = Checkpoint(take_budget=self._free_slots() + 1)  # +1: this step's slot frees
         upd = cp.node(task.node_id)
         if ok:
             if decision is None:

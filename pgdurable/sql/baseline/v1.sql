@@ -2400,7 +2400,7 @@ $$;
 create function @engine@._apply_v1(
     p_owner text, p_instance varchar, p_task_node varchar, p_task_gen integer,
     p_expected_version bigint, p_state bytea, p_inst_status text, p_nodes jsonb,
-    p_new_tasks jsonb, p_drop_tasks text[], p_named jsonb)
+    p_new_tasks jsonb, p_drop_tasks text[], p_named jsonb, p_lease_seconds integer)
 returns bigint
 language plpgsql volatile
 set search_path = pg_catalog
@@ -2459,21 +2459,31 @@ begin
     end if;
 
     if p_new_tasks is not null then
+        -- "take": the successor is handed straight to a free slot of this worker (DESIGN §2.5):
+        -- inserted already leased to it, so no NOTIFY and no claim round trip. If the worker
+        -- dies before running it, the lease expires and the rescuer frees it like any other.
         insert into @engine@.tasks as t (instance_id, node_id, gen, kind, due_at, deadline,
-                                          submitted_by, database)
+                                          submitted_by, database, lease_owner, lease_expires_at,
+                                          attempts)
         select p_instance, n.node_id, n.gen, n.kind,
                coalesce(n.due_at, @engine@.clock() + make_interval(secs => coalesce(n.delay, 0))),
-               n.deadline, i.submitted_by, i.database
+               n.deadline, i.submitted_by, i.database,
+               case when n.take then p_owner end,
+               case when n.take then now() + make_interval(secs => p_lease_seconds) end,
+               case when n.take then 1 else 0 end
         from jsonb_to_recordset(p_new_tasks)
                  as n(node_id varchar, gen integer, kind text, due_at timestamptz,
-                      delay double precision, deadline timestamptz)
+                      delay double precision, deadline timestamptz, take boolean)
         cross join df.instances i
         where i.id = p_instance
         on conflict (instance_id, node_id) do update
             set gen = excluded.gen, kind = excluded.kind, due_at = excluded.due_at,
-                deadline = excluded.deadline, lease_owner = null, lease_expires_at = null,
-                attempts = 0;
-        perform pg_notify('pgdurable_work', p_instance);
+                deadline = excluded.deadline, lease_owner = excluded.lease_owner,
+                lease_expires_at = excluded.lease_expires_at, attempts = excluded.attempts;
+        if exists (select 1 from jsonb_to_recordset(p_new_tasks) as n(take boolean)
+                   where n.take is not true) then
+            perform pg_notify('pgdurable_work', p_instance);
+        end if;
     end if;
 
     if p_named is not null then
