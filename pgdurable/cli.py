@@ -427,8 +427,8 @@ def demo(dsn: str | None, data_dir: str | None) -> None:
         if not exists:
             conn.execute(f"create role {role} login")
         conn.execute("select df.grant_usage(%s)", (role,))
-        conn.execute(f"create table if not exists public.demo_orders "
-                     f"(id serial primary key, amount int not null)")
+        conn.execute("create table if not exists public.demo_orders "
+                     "(id serial primary key, amount int not null)")
         conn.execute(f"grant all on public.demo_orders to {role}")
         conn.execute(f"grant usage on sequence public.demo_orders_id_seq to {role}")
     env = dict(os.environ, PGDURABLE_DSN=dsn, PGDURABLE_WORKERS="2")

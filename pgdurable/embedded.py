@@ -69,7 +69,7 @@ class EmbeddedPostgres:
         if self._as_root:
             kwargs["user"] = SYSTEM_USER
             kwargs["group"] = pwd.getpwnam(SYSTEM_USER).pw_gid
-        return subprocess.run(  # noqa: PLW1510 - check passed explicitly
+        return subprocess.run(
             cmd, check=check, capture_output=True, text=True, timeout=120, **kwargs  # type: ignore[call-overload]
         )
 

@@ -137,8 +137,8 @@ class Completer:
         if busy and len(busy) == len(batch):
             await asyncio.sleep(0.001)  # only busy items: let their holders finish first
         bad = {id(i) for i, _ in fenced} | {id(i) for i in busy}
-        for item, exc in fenced:
-            item.done.set_exception(exc)
+        for item, fence in fenced:
+            item.done.set_exception(fence)
         for item in batch:
             if id(item) not in bad and not item.done.done():
                 item.done.set_result(None)

@@ -11,7 +11,6 @@ the database is the only truth).
 from __future__ import annotations
 
 import asyncio
-import time
 from array import array
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from .. import cron
-from ..graph import _abc as A
-from ..graph.compile import CompiledGraph, compile_rows
-from ..graph.sched import Scheduler
+from pgdurable import cron
+from pgdurable.graph import _abc as A
+from pgdurable.graph.compile import CompiledGraph, compile_rows
+from pgdurable.graph.sched import Scheduler
 
 TYPE_NAMES = {v: k for k, v in A.NODE_TYPE_CODES.items()}
 STATUS_NAMES = {A.PENDING: "pending", A.RUNNING: "running", A.COMPLETED: "completed",
@@ -128,7 +127,7 @@ class InstanceCtx:
                 cp.named[name] = value
 
     def truthy_of(self, value: Any) -> bool:
-        from ..values import truthy
+        from pgdurable.values import truthy
 
         return truthy(value)
 

@@ -33,17 +33,17 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from .. import __version__, metrics
-from ..config import ServeConfig
-from ..errors import StepError
-from ..graph import _abc as A
-from ..log import instance_var, node_type_var, node_var
-from ..queries import q
-from ..subst import substitute
-from ..values import break_value, check_size, sql_envelope, truthy
+from pgdurable import __version__, metrics
+from pgdurable.config import ServeConfig
+from pgdurable.errors import StepError
+from pgdurable.graph import _abc as A
+from pgdurable.log import instance_var, node_type_var, node_var
+from pgdurable.queries import q
+from pgdurable.subst import substitute
+from pgdurable.values import break_value, check_size, sql_envelope, truthy
+
 from .completer import Busy, Completer
 from .instance import TYPE_NAMES, Checkpoint, InstanceCtx, dump
 
@@ -136,7 +136,7 @@ class Worker:
         self.completer = Completer(self.pool, Fenced)
         self.completer.start()
         try:
-            from ..steps.http_step import HttpPolicy, make_client
+            from pgdurable.steps.http_step import HttpPolicy, make_client
 
             self.http_policy = HttpPolicy.from_strings(self.config.http_policy,
                                                        list(self.config.http_allow))
@@ -209,7 +209,7 @@ class Worker:
                 continue  # there may be more: claim again right away
             self.wake.clear()
             # jittered poll (STYLE B7): NOTIFY is the fast path, this is the safety net
-            timeout = self.config.poll_interval * (1 + random.random() * 0.1)  # noqa: S311
+            timeout = self.config.poll_interval * (1 + random.random() * 0.1)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
 
@@ -278,7 +278,7 @@ class Worker:
         epoch = uuid.uuid4()
         host = socket.gethostname()
         parent = os.getppid()
-        next_prune = time.monotonic() + random.random() * PRUNE_INTERVAL  # noqa: S311
+        next_prune = time.monotonic() + random.random() * PRUNE_INTERVAL
         while not self.stopping.is_set():
             if os.getppid() != parent:
                 # the supervisor died (kill -9): drain and exit rather than run unsupervised
@@ -578,9 +578,8 @@ class Worker:
         await self.completer.submit(ctx.instance_id, apply)
 
     async def _run_http(self, ctx: InstanceCtx, task: Task, idx: int, ntype: int) -> Any:
-        from ..steps.http_step import run_http
-
-        from ..subst import substitute_whole_value
+        from pgdurable.steps.http_step import run_http
+        from pgdurable.subst import substitute_whole_value
 
         if self.http_client is None:
             raise StepError("HTTP steps are not available in this build")
@@ -891,7 +890,7 @@ def _terminal_name(code: int) -> str:
 
 
 def _impl() -> str:
-    from ..graph import sched
+    from pgdurable.graph import sched
 
     return sched.__impl__
 

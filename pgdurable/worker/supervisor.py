@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -21,9 +22,9 @@ import uuid
 
 import psycopg
 
-from .. import __version__, metrics
-from ..config import ServeConfig
-from ..queries import q
+from pgdurable import __version__, metrics
+from pgdurable.config import ServeConfig
+from pgdurable.queries import q
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,8 @@ def supervise(config: ServeConfig) -> int:
 
     def on_hup(signum: int, frame: object) -> None:
         for pid in list(children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -118,10 +117,8 @@ def supervise(config: ServeConfig) -> int:
     logger.info("supervisor draining %d workers", len(children),
                 extra={"event": "supervisor.draining"})
     for pid in children:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + DRAIN_GRACE
     while children and time.monotonic() < deadline:
         try:
@@ -133,9 +130,7 @@ def supervise(config: ServeConfig) -> int:
         else:
             time.sleep(0.05)
     for pid in children:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     logger.info("supervisor stopped", extra={"event": "supervisor.stopped"})
     return 0
