@@ -15,6 +15,7 @@ What is recorded, and where (``pgdurable/worker``):
 
 ====================================== ===============================================
 ``pgdurable_tasks_claimed_total``      tasks leased by the producer (claim)
+``pgdurable_tasks_handed_off_total``   successors a checkpoint leased straight to its worker
 ``pgdurable_claim_batch_size``         histogram of tasks per non-empty claim
 ``pgdurable_steps_claimed_total``      steps that began to run, by ``node_type``
 ``pgdurable_steps_completed_total``    steps checkpointed as completed, by ``node_type``
@@ -66,6 +67,9 @@ class _Metrics:
         from prometheus_client import Counter, Histogram
 
         self.tasks_claimed = Counter("pgdurable_tasks_claimed", "Tasks leased by claims.")
+        self.tasks_handed_off = Counter(
+            "pgdurable_tasks_handed_off",
+            "Successors inserted already leased to the worker that checkpointed them.")
         self.claim_batch = Histogram("pgdurable_claim_batch_size",
                                      "Tasks leased per non-empty claim.", buckets=BATCH_BUCKETS)
         self.steps_claimed = Counter("pgdurable_steps_claimed", "Steps that began to run.",
@@ -123,6 +127,12 @@ def claimed(n: int) -> None:
     if _m is not None and n:
         _m.tasks_claimed.inc(n)
         _m.claim_batch.observe(n)
+
+
+def handed_off(n: int) -> None:
+    """A checkpoint handed ``n`` runnable successors straight to this worker (no claim)."""
+    if _m is not None and n:
+        _m.tasks_handed_off.inc(n)
 
 
 def step_started(node_type: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from array import array
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -136,7 +136,9 @@ class InstanceCtx:
     def build(self, step: A.Step, cp: Checkpoint, now: datetime) -> None:
         """Translate a scheduler step into checkpoint writes (and update the caches)."""
         seq = self.version + 1
-        ts = now.isoformat()
+        # timings shown by df.explain / instance_nodes are wall-clock (this host); due times
+        # below use `now`, the database clock of the claim (tests shift it)
+        ts = datetime.now(UTC).isoformat()
         g = self.graph
         for node, status, how, srcs in step.finished:
             nid = g.node_ids[node]
@@ -207,7 +209,8 @@ class InstanceCtx:
             upd.pop("result", None)
             upd["details"].update({
                 "gen": gen, "seq": seq, "execution_id": f"{self.instance_id}::{gen}",
-                "started_at": ts, "finished_at": None, "sqlstate": None,
+                "queued_at": ts, "started_at": ts, "finished_at": None, "duration_ms": None,
+                "sqlstate": None,
             })
             if g.types[node] == A.LOOP and node not in iter_loops:
                 upd["details"]["iteration"] = 1

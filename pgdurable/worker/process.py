@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -82,6 +82,8 @@ class Task:
     deadline: datetime | None
     clock: datetime
     version: int | None
+    started: datetime | None = None
+    """When this process began running the step (wall clock; df.explain timings)."""
     handoff: list[Task] = field(default_factory=list)
     """Successors this step's checkpoint inserted already leased to us (run after commit)."""
 
@@ -350,6 +352,7 @@ class Worker:
     async def _handle(self, task: Task) -> None:
         instance_var.set(task.instance_id)
         node_var.set(task.node_id)
+        task.started = datetime.now(UTC)
         assert self.pool is not None
         try:
             if task.kind == "start":
@@ -357,6 +360,7 @@ class Worker:
             else:
                 await self._run_node(task)
             # every checkpoint of this step has committed: run the successors it took
+            metrics.handed_off(len(task.handoff))
             for nxt in task.handoff:
                 if not self.stopping.is_set():
                     self._launch(nxt)
@@ -833,6 +837,8 @@ class Worker:
             raise Fenced() if reloaded else _Stale()
         cp = Checkpoint(take_budget=self._free_slots() + 1)  # +1: this step's slot frees
         upd = cp.node(task.node_id)
+        if task.started is not None:
+            upd["details"]["started_at"] = task.started.isoformat()
         if ok:
             if decision is None:
                 ctx.record_result(idx, value, cp)

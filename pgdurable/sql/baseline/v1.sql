@@ -2071,7 +2071,9 @@ begin
             when 'RACE' then 'RACE'
             when 'THEN' then 'THEN'
             else coalesce(v_node ->> 't', '?') end
-            || coalesce(' |=> ' || quote_literal(v_node ->> 'n'), '');
+            || coalesce(' |=> ' || quote_literal(v_node ->> 'n'), '')
+            -- per-node timing of a live instance (status_details.duration_ms)
+            || coalesce(' (' || (v_node ->> 'd') || ' ms)', '');
         v_mark := case v_node ->> 'm'
             when 'completed' then '✓ ' when 'failed' then '✗ ' when 'running' then '⏳ '
             when 'pending' then '○ ' when 'skipped' then '⊘ ' else '' end;
@@ -2136,6 +2138,8 @@ begin
         select jsonb_object_agg(n.id, jsonb_build_object(
                    't', n.node_type, 'q', n.query, 'n', n.result_name, 'l', n.left_node,
                    'r', n.right_node, 'm', t.inferred_status,
+                   'd', case when t.inferred_status in ('completed', 'failed')
+                             then n.status_details ->> 'duration_ms' end,
                    'c', case when n.node_type in ('IF', 'LOOP') then df._try_jsonb(n.query) ->> 'condition_node' end,
                    'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end))
         into v_nodes
@@ -2452,7 +2456,14 @@ begin
         set status = coalesce(u.status, n.status),
             result = case when u.status is null then n.result
                           when u.status in ('completed', 'failed') then u.result end,
-            status_details = coalesce(n.status_details, '{}'::jsonb) || coalesce(u.details, '{}'::jsonb),
+            status_details = coalesce(n.status_details, '{}'::jsonb) || coalesce(u.details, '{}'::jsonb)
+                || coalesce(case when u.status in ('completed', 'failed')
+                                  and u.details ? 'finished_at' then
+                    jsonb_build_object('duration_ms', round(1000 * extract(epoch from
+                        (u.details ->> 'finished_at')::timestamptz
+                        - coalesce(u.details ->> 'started_at',
+                                   n.status_details ->> 'started_at')::timestamptz))) end,
+                            '{}'::jsonb),
             updated_at = now()
         from jsonb_to_recordset(p_nodes) as u(id varchar, status text, result jsonb, details jsonb)
         where n.instance_id = p_instance and n.id = u.id;

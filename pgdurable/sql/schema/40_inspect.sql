@@ -368,7 +368,9 @@ begin
             when 'RACE' then 'RACE'
             when 'THEN' then 'THEN'
             else coalesce(v_node ->> 't', '?') end
-            || coalesce(' |=> ' || quote_literal(v_node ->> 'n'), '');
+            || coalesce(' |=> ' || quote_literal(v_node ->> 'n'), '')
+            -- per-node timing of a live instance (status_details.duration_ms)
+            || coalesce(' (' || (v_node ->> 'd') || ' ms)', '');
         v_mark := case v_node ->> 'm'
             when 'completed' then '✓ ' when 'failed' then '✗ ' when 'running' then '⏳ '
             when 'pending' then '○ ' when 'skipped' then '⊘ ' else '' end;
@@ -433,6 +435,8 @@ begin
         select jsonb_object_agg(n.id, jsonb_build_object(
                    't', n.node_type, 'q', n.query, 'n', n.result_name, 'l', n.left_node,
                    'r', n.right_node, 'm', t.inferred_status,
+                   'd', case when t.inferred_status in ('completed', 'failed')
+                             then n.status_details ->> 'duration_ms' end,
                    'c', case when n.node_type in ('IF', 'LOOP') then df._try_jsonb(n.query) ->> 'condition_node' end,
                    'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end))
         into v_nodes

@@ -106,7 +106,14 @@ begin
         set status = coalesce(u.status, n.status),
             result = case when u.status is null then n.result
                           when u.status in ('completed', 'failed') then u.result end,
-            status_details = coalesce(n.status_details, '{}'::jsonb) || coalesce(u.details, '{}'::jsonb),
+            status_details = coalesce(n.status_details, '{}'::jsonb) || coalesce(u.details, '{}'::jsonb)
+                || coalesce(case when u.status in ('completed', 'failed')
+                                  and u.details ? 'finished_at' then
+                    jsonb_build_object('duration_ms', round(1000 * extract(epoch from
+                        (u.details ->> 'finished_at')::timestamptz
+                        - coalesce(u.details ->> 'started_at',
+                                   n.status_details ->> 'started_at')::timestamptz))) end,
+                            '{}'::jsonb),
             updated_at = now()
         from jsonb_to_recordset(p_nodes) as u(id varchar, status text, result jsonb, details jsonb)
         where n.instance_id = p_instance and n.id = u.id;
