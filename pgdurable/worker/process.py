@@ -837,7 +837,9 @@ class Worker:
             raise Fenced() if reloaded else _Stale()
         cp = Checkpoint(take_budget=self._free_slots() + 1)  # +1: this step's slot frees
         upd = cp.node(task.node_id)
-        if task.started is not None:
+        if task.started is not None and task.kind == "run":
+            # a step's run starts when a worker picks it up; a wait (sleep, schedule, signal)
+            # keeps its activation time, so its duration is the wait
             upd["details"]["started_at"] = task.started.isoformat()
         if ok:
             if decision is None:
