@@ -244,15 +244,23 @@ begin
                     when 'SIGNAL' then
                         perform df.wait_for_signal(v_cfg ->> 'signal_name',
                                                    (v_cfg ->> 'timeout_seconds')::integer);
+                    -- the builders' checks without df.http's EXECUTE privilege: a role without
+                    -- it may start the graph and fails at run time (SPEC §3.8 gate 0)
                     when 'HTTP' then
-                        perform df.http(v_cfg ->> 'url', v_cfg ->> 'method', v_cfg ->> 'body',
-                                        nullif(v_cfg -> 'headers', 'null'::jsonb),
-                                        coalesce((v_cfg ->> 'timeout_seconds')::integer, 30));
+                        perform df._check_http('df.http', v_cfg ->> 'url', v_cfg ->> 'method',
+                                               array['GET', 'POST', 'PUT', 'DELETE', 'PATCH'],
+                                               nullif(v_cfg -> 'headers', 'null'::jsonb),
+                                               coalesce((v_cfg ->> 'timeout_seconds')::integer, 30));
                     when 'HTTP_MULTIPART' then
-                        perform df.http_multipart(v_cfg ->> 'url', v_cfg ->> 'method',
-                                                  nullif(v_cfg -> 'parts', 'null'::jsonb),
-                                                  nullif(v_cfg -> 'headers', 'null'::jsonb),
-                                                  coalesce((v_cfg ->> 'timeout_seconds')::integer, 30));
+                        perform df._check_http('df.http_multipart', v_cfg ->> 'url',
+                                               v_cfg ->> 'method', array['POST', 'PUT', 'PATCH'],
+                                               nullif(v_cfg -> 'headers', 'null'::jsonb),
+                                               coalesce((v_cfg ->> 'timeout_seconds')::integer, 30));
+                        if jsonb_typeof(v_cfg -> 'parts') is distinct from 'array'
+                           or jsonb_array_length(v_cfg -> 'parts') = 0 then
+                            raise exception 'df.http_multipart: parts must be a non-empty JSON array'
+                                using errcode = '22023';
+                        end if;
                     else
                         null;
                 end case;
