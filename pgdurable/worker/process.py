@@ -85,6 +85,7 @@ class Task:
     started: datetime | None = None
     """When this process began running the step (wall clock; df.explain timings)."""
     handoff: list[Task] = field(default_factory=list)
+    handoff_ready: bool = False
     """Successors this step's checkpoint inserted already leased to us (run after commit)."""
 
 
@@ -217,17 +218,22 @@ class Worker:
 
     def _launch(self, task: Task) -> None:
         key = (task.instance_id, task.node_id)
-        if key in self.inflight:  # pragma: no cover - a task is leased to one step at a time
+        if key in self.inflight:
+            # defensive: never sit on a lease we cannot run now — give it back to the queue
+            asyncio.ensure_future(self._release(task))  # noqa: RUF006
             return
         t = asyncio.create_task(self._handle(task), name=f"step {key}")
         self.inflight[key] = t
-        t.add_done_callback(lambda _t, k=key: self._done(k))
+        t.add_done_callback(lambda _t, k=key, tk=task: self._done(k, tk))
 
     def _free_slots(self) -> int:
         return max(0, self.config.slots - (len(self.inflight) - self.http_waiting))
 
-    def _done(self, key: tuple[str, str]) -> None:
+    def _done(self, key: tuple[str, str], task: Task | None = None) -> None:
         self.inflight.pop(key, None)
+        if task is not None and task.handoff_ready and not self.stopping.is_set():
+            for nxt in task.handoff:
+                self._launch(nxt)
         self.wake.set()
 
     # -- listener --------------------------------------------------------------------
@@ -359,11 +365,10 @@ class Worker:
                 await self._start_instance(task)
             else:
                 await self._run_node(task)
-            # every checkpoint of this step has committed: run the successors it took
+            # every checkpoint of this step has committed: the successors it took run once
+            # this step has left `inflight` (a start task shares its key with a root leaf)
+            task.handoff_ready = True
             metrics.handed_off(len(task.handoff))
-            for nxt in task.handoff:
-                if not self.stopping.is_set():
-                    self._launch(nxt)
         except Fenced:
             logger.info("step fenced (lease lost, abandoned or instance finished)",
                         extra={"event": "step.fenced"})

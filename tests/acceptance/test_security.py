@@ -160,7 +160,7 @@ def test_step_runs_as_tenant_and_cannot_change_identity(db, serve_factory, tenan
             "delete from pgdurable.tasks": ("42501", "permission denied"),
             "select * from pgdurable._claim_v1('x', 100, 30)": ("42501", "permission denied"),
             ("select pgdurable._apply_v1('x', 'i', 'n', 0, 0, null, 'completed', null, null, "
-             "null, null)"): ("42501", "permission denied"),
+             "null, null, 5)"): ("42501", "permission denied"),
             "select pgdurable._rescue_v1(1000)": ("42501", "permission denied"),
             f"select pgdurable._runner_v1('{b}'::regrole)": ("42501", "permission denied"),
             f"alter function {runner}(text) security invoker": ("42501", "permission denied"),
