@@ -251,7 +251,9 @@ def test_step_session_state_does_not_leak_to_service_or_other_tenants(db, serve_
     assert trojans == [], f"A's trojan ran as another role: {trojans}"
     for status, result, err in probes:
         assert status == "completed", err
-        assert result["rows"][0]["leak"] is None
+        # the value must not survive; after DISCARD ALL PostgreSQL keeps a once-set custom
+        # GUC defined for the session with its default '' (no value leaks, only the name)
+        assert result["rows"][0]["leak"] in (None, "")
         assert a not in result["rows"][0]["sp"]
     assert b_rows == 6, "B's rows went into A's temp table"
 
