@@ -860,7 +860,8 @@ class Worker:
             if err.sqlstate:
                 upd["details"]["sqlstate"] = err.sqlstate
             truth = False
-            logger.info("step failed: %s", err, extra={"event": "step.failed"})
+            logger.info("step failed (sqlstate %s): %s", err.sqlstate or "-", err,
+                        extra={"event": "step.failed", "sqlstate": err.sqlstate})
         try:
             step = sched.complete(idx, task.gen, ok, truth)
         except Exception:

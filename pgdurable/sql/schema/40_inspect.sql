@@ -369,8 +369,12 @@ begin
             when 'THEN' then 'THEN'
             else coalesce(v_node ->> 't', '?') end
             || coalesce(' |=> ' || quote_literal(v_node ->> 'n'), '')
-            -- per-node timing of a live instance (status_details.duration_ms)
-            || coalesce(' (' || (v_node ->> 'd') || ' ms)', '');
+            -- per-node timings of a live instance: run time, and time queued before a worker
+            -- picked it up (status_details: queued_at, started_at, finished_at, duration_ms)
+            || coalesce(' (' || (v_node ->> 'd') || ' ms'
+                        || case when (v_node ->> 'w')::numeric > 0
+                                then ', queued ' || (v_node ->> 'w') || ' ms' else '' end
+                        || ')', '');
         v_mark := case v_node ->> 'm'
             when 'completed' then '✓ ' when 'failed' then '✗ ' when 'running' then '⏳ '
             when 'pending' then '○ ' when 'skipped' then '⊘ ' else '' end;
@@ -437,6 +441,11 @@ begin
                    'r', n.right_node, 'm', t.inferred_status,
                    'd', case when t.inferred_status in ('completed', 'failed')
                              then n.status_details ->> 'duration_ms' end,
+                   'w', case when t.inferred_status in ('completed', 'failed', 'running')
+                                  and n.status_details ? 'queued_at'
+                             then round(1000 * extract(epoch from
+                                  (n.status_details ->> 'started_at')::timestamptz
+                                  - (n.status_details ->> 'queued_at')::timestamptz)) end,
                    'c', case when n.node_type in ('IF', 'LOOP') then df._try_jsonb(n.query) ->> 'condition_node' end,
                    'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end))
         into v_nodes
