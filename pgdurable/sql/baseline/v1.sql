@@ -983,6 +983,13 @@ declare
     v_leaf   boolean;
     v_result jsonb;
 begin
+    -- Cheap guard first: a value nested far past the limit is rejected in one C-level
+    -- jsonpath scan, before the walk below (which copies subtrees per level) ever sees it.
+    -- 600 JSON levels > the deepest legal graph (256 node levels, ≤ 2 JSON levels each).
+    if jsonb_path_exists(p_graph, 'lax $.**{600}') then
+        raise exception 'durable function graph exceeds the maximum nesting depth of % (at root)',
+            c_max_depth using errcode = '54000';
+    end if;
     if p_graph is null or jsonb_typeof(p_graph) <> 'object' then
         raise exception 'a durable function graph must be a JSON object'
             using errcode = '22023';
