@@ -469,3 +469,20 @@ def bench(args: tuple[str, ...]) -> None:
         [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
     os.chdir(root)
     os.execve(sys.executable, [sys.executable, "-m", "bench", *args], env)
+
+
+@main.command()
+@dsn_option
+@click.option("--faults", type=int, default=200, help="faults to inject")
+@click.option("--duration", type=float, default=900.0, help="seconds the fault phase may last")
+@click.option("--seed", type=int, default=None, help="random seed (printed; for reproducing)")
+@click.option("--keep", is_flag=True, help="keep the work dir and database (kept anyway on "
+              "violations)")
+def verify(dsn: str | None, faults: int, duration: float, seed: int | None, keep: bool) -> None:
+    """Crash verifier: a mixed workload under random faults, then check SPEC §5's guarantees.
+    Without --dsn: an embedded PostgreSQL 18 of its own (restarted as a fault). Last line:
+    `violations: N`; exit code 1 when N > 0."""
+    from . import verify as verify_mod
+
+    n = verify_mod.main(faults, duration, seed, dsn, keep, click.echo)
+    sys.exit(1 if n else 0)
