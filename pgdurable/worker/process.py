@@ -650,7 +650,7 @@ class Worker:
                         assert row is not None
                         name = str(row[0])
                         break
-                except psycopg.errors.UniqueViolation:
+                except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateFunction):
                     if attempt == 2:
                         raise
             assert name is not None

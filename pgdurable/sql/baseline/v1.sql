@@ -2688,6 +2688,8 @@ as $$
 declare
     v_name text := 'step_' || p_role::oid::text;
 begin
+    -- two workers meeting a new role at once: one creates, the other waits and finds it
+    perform pg_advisory_xact_lock(1346913367, hashint8(p_role::oid::bigint));
     if not exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
                    where n.nspname = '@engine@_exec' and p.proname = v_name) then
         execute @engine@._runner_ddl_v1(p_role, '@engine@_exec');
