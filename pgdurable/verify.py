@@ -693,8 +693,9 @@ class Run:
                     for name in ("go", "go2"):
                         waiting = conn.execute(
                             "select 1 from df.nodes where instance_id = %s and node_type = "
-                            "'SIGNAL' and query::jsonb->>'signal_name' = %s and status <> "
-                            "'completed'", (iid, name)).fetchone()
+                            "'SIGNAL' and status <> 'completed' and case when node_type = "
+                            "'SIGNAL' then query::jsonb->>'signal_name' end = %s",
+                            (iid, name)).fetchone()
                         queued = conn.execute("select 1 from pgdurable.signals where "
                                               "instance_id = %s and name = %s",
                                               (iid, name)).fetchone()

@@ -1,0 +1,209 @@
+"""`pgdurable verify` (issue 8): a CI-sized crash run reports `violations: 0`, and the checker
+can fail — fed database states written by hand (a duplicated ledger row, a stuck node, a lost
+signal, a changed Idempotency-Key, ...) it reports each violation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from pgdurable import verify
+from tests.acceptance.conftest import ROOT
+
+URL = "http://127.0.0.1:9"
+
+
+@pytest.mark.timeout(150)
+def test_ci_sized_run_reports_no_violation() -> None:
+    """~20 faults of every kind on the tool's own embedded PostgreSQL 18 (< 90 s)."""
+    res = subprocess.run([sys.executable, "-m", "pgdurable", "verify", "--faults", "20",
+                          "--duration", "40", "--seed", "20"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=140)
+    out = res.stdout.strip()
+    assert out.splitlines()[-1] == "violations: 0", out + "\n" + res.stderr[-3000:]
+    assert res.returncode == 0
+    total = next(line for line in out.splitlines() if line.strip().startswith("total"))
+    assert int(total.split()[-1]) >= 15, out
+
+
+# -- the checker can fail: hand-written states ----------------------------------------------
+
+@pytest.fixture
+def scratch(db):
+    tenant = db.create_role("verify", grant=False)
+    verify.setup_database(db.dsn, tenant)
+    return db, tenant
+
+
+def start(db, tenant, kind: str, n: int = 0) -> str:
+    with db.connect(tenant) as conn:
+        return conn.execute(f"select df.start({verify.templates(URL)[kind]}, %s)",
+                            (f"{verify.LABEL_PREFIX}{kind}:{n}",)).fetchone()[0]
+
+
+def finish_by_hand(conn, iid: str, *, ledger: bool = True) -> None:
+    """What a correct run leaves: every node completed, one ledger row per SQL step, no task."""
+    conn.execute("update df.nodes set status = 'completed' where instance_id = %s", (iid,))
+    conn.execute("update df.instances set status = 'completed' where id = %s", (iid,))
+    conn.execute("delete from pgdurable.tasks where instance_id = %s", (iid,))
+    if ledger:
+        for (query,) in conn.execute("select query from df.nodes where instance_id = %s and "
+                                     "node_type = 'SQL'", (iid,)).fetchall():
+            m = verify.LEDGER_RE.search(query)
+            if m:
+                conn.execute("insert into verify_ledger values (%s, %s)", (iid, m.group(1)))
+
+
+def kinds(violations) -> list[str]:
+    return sorted(v.kind for v in violations)
+
+
+def test_checker_accepts_a_correct_state(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "chain")
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        stats = verify.Stats()
+        assert verify.check(conn, [], [], http_cut=False, stats=stats) == []
+    assert stats.statuses["completed"] == 1
+    assert stats.steps["sql steps completed"] == 6
+
+
+def test_checker_reports_a_duplicated_ledger_row(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "join")
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        conn.execute("insert into verify_ledger values (%s, 'j2')", (iid,))
+        v = verify.check(conn, [], [], http_cut=False)
+    assert kinds(v) == ["duplicate_effect"]
+    assert v[0].instance_id == iid and "j2 applied 2 times" in v[0].detail
+
+
+def test_checker_reports_missing_and_phantom_effects(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "chain")
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        conn.execute("delete from verify_ledger where instance = %s and step = 'c1'", (iid,))
+        # c5 never completed, yet its side effect is there (a step re-run after its rollback
+        # would look like this)
+        conn.execute("update df.nodes set status = 'pending' where instance_id = %s and "
+                     "query like '%%''c5''%%'", (iid,))
+        assert kinds(verify.check(conn, [], [], http_cut=False)) == ["missing_effect",
+                                                                     "phantom_effect"]
+
+
+def test_checker_reports_loop_totals(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "loop")
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        for tag in ["la"] * 3 + ["lb"]:  # finish_by_hand wrote l0, lb, l1 once
+            conn.execute("insert into verify_ledger values (%s, %s)", (iid, tag))
+        assert verify.check(conn, [], [], http_cut=False) == []
+        conn.execute("insert into verify_ledger values (%s, 'lb')", (iid,))
+        assert kinds(verify.check(conn, [], [], http_cut=False)) == ["duplicate_effect"]
+
+
+def test_checker_reports_a_stuck_node_and_a_left_task(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "sleep")
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        conn.execute("update df.nodes set status = 'running' where instance_id = %s and "
+                     "node_type = 'SLEEP'", (iid,))
+        v = verify.check(conn, [], [], http_cut=False)
+        assert kinds(v) == ["stuck_node", "stuck_node"]
+        conn.execute("insert into pgdurable.tasks (instance_id, node_id, submitted_by) "
+                     "select instance_id, id, submitted_by from df.nodes where "
+                     "instance_id = %s and node_type = 'SLEEP' limit 1", (iid,))
+        assert "stuck_task" in kinds(verify.check(conn, [], [], http_cut=False))
+
+
+def test_checker_reports_an_instance_not_terminal_or_failed(scratch) -> None:
+    db, tenant = scratch
+    a = start(db, tenant, "chain", 0)  # left pending: no serve runs here
+    b = start(db, tenant, "race", 1)
+    with db.connect() as conn:
+        finish_by_hand(conn, b)
+        conn.execute("update df.instances set status = 'failed' where id = %s", (b,))
+        v = verify.check(conn, [], [], http_cut=True)
+    assert [(x.kind, x.instance_id) for x in sorted(v, key=lambda x: x.kind)] == [
+        ("not_terminal", a), ("unexpected_status", b)]
+
+
+def test_checker_reports_a_lost_signal(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "signal")
+    with db.connect(tenant) as conn:
+        for name, tok in (("go", "t-go"), ("extra", "t-extra")):
+            conn.execute("select df.signal(%s, %s, %s)", (iid, name, json.dumps({"tok": tok})))
+    sent = [verify.SentSignal(iid, "go", "t-go"), verify.SentSignal(iid, "extra", "t-extra")]
+    with db.connect() as conn:
+        # both still in the inbox of a live instance: nothing lost
+        assert kinds(verify.check(conn, sent, [], http_cut=False)) == ["not_terminal"]
+        conn.execute("delete from pgdurable.signals where instance_id = %s and name = 'go'",
+                     (iid,))
+        v = verify.check(conn, sent, [], http_cut=False)
+        assert kinds(v) == ["not_terminal", "signal_lost"]
+        assert "t-go" in next(x.detail for x in v if x.kind == "signal_lost")
+
+
+def test_checker_reports_a_signal_consumed_twice_and_a_lost_wait(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "signal")
+    sent = [verify.SentSignal(iid, "go", "t1"), verify.SentSignal(iid, "go2", "t2")]
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        conn.execute("update df.nodes set result = jsonb_build_object('signal_name', "
+                     "query::jsonb->>'signal_name', 'timed_out', false, 'data', "
+                     "jsonb_build_object('tok', 't1')) where instance_id = %s and "
+                     "node_type = 'SIGNAL'", (iid,))
+        v = verify.check(conn, sent, [], http_cut=False)
+        # t1 taken by both waits; t2 taken by none — but every wait completed, so t2 counts as
+        # discarded with the instance unless a wait of its name is left open
+        assert kinds(v) == ["signal_duplicated"]
+        conn.execute("update df.nodes set status = 'pending', result = null where "
+                     "instance_id = %s and node_type = 'SIGNAL' and query like '%%\"go2\"%%'", (iid,))
+        assert kinds(verify.check(conn, sent, [], http_cut=False)) == ["signal_lost"]
+
+
+def test_checker_reports_http_key_changes_and_lost_requests(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "http")
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        good = [(f"/{iid}/h1", "k1"), (f"/{iid}/h1", "k1"), (f"/{iid}/h2", "k2")]
+        stats = verify.Stats()
+        assert verify.check(conn, [], good, http_cut=False, stats=stats) == []
+        assert stats.steps["http nodes retried (>1 request)"] == 1
+        changed = [(f"/{iid}/h1", "k1"), (f"/{iid}/h1", "k1b"), (f"/{iid}/h2", "k2")]
+        assert kinds(verify.check(conn, [], changed, http_cut=False)) == ["http_key_changed"]
+        shared = [(f"/{iid}/h1", "k1"), (f"/{iid}/h2", "k1")]
+        assert kinds(verify.check(conn, [], shared, http_cut=False)) == ["http_key_shared"]
+        lost = [(f"/{iid}/h1", "k1")]
+        assert kinds(verify.check(conn, [], lost, http_cut=False)) == ["http_lost"]
+
+
+def test_checker_accepts_an_http_failure_only_when_the_endpoint_was_cut(scratch) -> None:
+    db, tenant = scratch
+    iid = start(db, tenant, "http")
+    with db.connect() as conn:
+        conn.execute("update df.nodes set status = 'failed', result = '\"connection refused\"' "
+                     "where instance_id = %s", (iid,))
+        conn.execute("update df.instances set status = 'failed' where id = %s", (iid,))
+        conn.execute("delete from pgdurable.tasks where instance_id = %s", (iid,))
+        assert verify.check(conn, [], [], http_cut=True) == []
+        assert kinds(verify.check(conn, [], [], http_cut=False)) == ["unexpected_status"]
+
+
+def test_checker_needs_a_superuser_view(scratch) -> None:
+    """The checker reads the engine schema: a tenant session cannot run it."""
+    db, tenant = scratch
+    with db.connect(tenant) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        verify.check(conn, [], [], http_cut=False)
