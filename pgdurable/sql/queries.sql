@@ -83,9 +83,13 @@ select pg_catalog.set_config('df.in_workflow', 'true', true),
 select pg_catalog.set_config('search_path', 'pg_catalog', true)
 
 -- name: reset_session
--- before a step connection goes back to the pool: nothing a step set (GUCs, temp objects,
--- prepared statements, advisory locks, LISTENs) survives into the next step or the service
-discard all
+-- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,
+-- temp objects, prepared statements, cursors, advisory locks, LISTENs) survives into the next
+-- step or the service. DISCARD ALL minus DISCARD PLANS: dropping every cached plan made each
+-- step re-plan the engine's plpgsql functions (most of PostgreSQL's CPU per step); plans
+-- are keyed by search_path, which RESET ALL restores, so keeping them is safe.
+reset all; discard temp; discard sequences; close all; deallocate all; unlisten *;
+select pg_catalog.pg_advisory_unlock_all()
 
 -- name: prune
 -- retention: delete a batch of old terminal instances (one worker at a time)
