@@ -431,10 +431,15 @@ class Worker:
                            "unless pg_durable.enable_superuser_instances is on")
             elif not role[2]:
                 problem = f"role {role[0]!r} lacks the LOGIN attribute"
+
+        # The start checkpoint goes through the completer: many instances' starts share one
+        # commit (W1-style bursts of one-step workflows are commit-bound otherwise).
+        async def apply(aconn: psycopg.AsyncConnection[Any]) -> None:
+            if ctx.lock.locked():
+                raise Busy()
             async with ctx.lock:
-                sched = ctx.sched
                 if problem is None:
-                    step = sched.start()
+                    step = ctx.sched.start()
                     cp = Checkpoint(inst_status="running", take_budget=self._free_slots() + 1)
                     ctx.build(step, cp, task.clock)
                     if step.terminal != A.T_RUNNING:
@@ -445,9 +450,14 @@ class Worker:
                     root = ctx.graph.node_ids[0]
                     cp = Checkpoint(inst_status="failed")
                     cp.node(root).update(status="failed", result=problem)
-                async with conn.transaction():
-                    await self._apply(conn, ctx, task, cp)
-            logger.info("instance started", extra={"event": "instance.started"})
+                try:
+                    await self._apply(aconn, ctx, task, cp)
+                except _Stale:  # someone else started it (a rescued duplicate start task)
+                    raise Fenced() from None
+
+        assert self.completer is not None
+        await self.completer.submit(ctx.instance_id, apply)
+        logger.info("instance started", extra={"event": "instance.started"})
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                      cp: Checkpoint) -> None:
