@@ -56,12 +56,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 from psycopg import sql
 
 from . import schema as schema_mod
 from .embedded import EmbeddedPostgres
+
+try:  # finds serve's worker processes; in the 'test' extra, not a runtime dependency
+    import psutil  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover
+    psutil = None
 
 TERMINAL = ("completed", "failed", "cancelled")
 LEDGER = "verify_ledger"
@@ -78,14 +82,14 @@ LEDGER_RE = re.compile(r"insert into verify_ledger values \('\{sys_instance_id\}
 
 def _l(tag: str) -> str:
     """A SQL step with one side effect: a ledger row (instance, tag)."""
-    return f"df.sql('insert into {LEDGER} values (''{{sys_instance_id}}'', ''{tag}'')')"
+    return f"df.sql('insert into {LEDGER} values (''{{sys_instance_id}}'', ''{tag}'')')"  # noqa: S608
 
 
 def _http(url: str, tag: str) -> str:
     return f"df.http('{url}/{{sys_instance_id}}/{tag}', 'POST', 'verify', null, 10)"
 
 
-_LOOP_A = (f"df.sql('insert into {LEDGER} select ''{{sys_instance_id}}'', ''la'' returning "
+_LOOP_A = (f"df.sql('insert into {LEDGER} select ''{{sys_instance_id}}'', ''la'' returning "  # noqa: S608
            f"(select count(*) + 1 from {LEDGER} where instance = ''{{sys_instance_id}}'' "
            f"and step = ''la'')') |=> 'n'")
 
@@ -324,7 +328,7 @@ def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
         nodes[iid].append((nid, ntype, query, status, result))
     ledger: dict[str, Counter[str]] = defaultdict(Counter)
     for iid, step, n in conn.execute(
-            f"select instance, step, count(*) from public.{LEDGER} group by 1, 2"):
+            f"select instance, step, count(*) from public.{LEDGER} group by 1, 2"):  # noqa: S608
         ledger[iid][step] = n
     tasks = dict(conn.execute("select instance_id, count(*) from pgdurable.tasks "
                               "where instance_id = any(%s) group by 1", (ids,)).fetchall())
@@ -352,7 +356,7 @@ def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
                 out.append(Violation("stuck_task", iid, f"{tasks[iid]} task row(s) left"))
         # side effects: exactly once per completed step, never for a step not completed
         tags: dict[str, str] = {}
-        for nid, ntype, query, nstatus, _r in ns:
+        for _nid, ntype, query, nstatus, _r in ns:
             m = LEDGER_RE.search(query or "") if ntype == "SQL" else None
             if m:
                 tags[m.group(1)] = nstatus
@@ -379,7 +383,7 @@ def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
             if tag not in tags and not (kind == "loop" and tag in LOOP_TOTALS):
                 out.append(Violation("phantom_effect", iid, f"ledger row {tag} x{n}: no step"))
         # signals consumed by waits (tokens)
-        for nid, ntype, _q, nstatus, result in ns:
+        for _nid, ntype, _q, nstatus, _result in ns:
             if ntype == "SIGNAL" and nstatus == "completed":
                 st.steps["signal waits completed"] += 1
 
@@ -627,9 +631,9 @@ class Run:
                     os.kill(pid, signal.SIGCONT)
                 self.stopped.discard(pid)
 
-            t = threading.Timer(LEASE_SECONDS + 2, resume)
-            t.start()
-            self.bg.append(t)
+            timer = threading.Timer(LEASE_SECONDS + 2, resume)
+            timer.start()
+            self.bg.append(timer)
         elif kind == "http_cut":
             if any(t.name == "http_cut" and t.is_alive() for t in self.bg):
                 return False
@@ -740,6 +744,8 @@ def render(stats: Stats, violations: list[Violation], seed: int) -> str:
 def main(faults: int, duration: float, seed: int | None, dsn: str | None, keep: bool,
          echo: Any) -> int:
     """Run the verifier; print the table; return the number of violations."""
+    if psutil is None:
+        raise RuntimeError("pgdurable verify needs psutil (pip install 'pgdurable[test]')")
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
     workdir = Path(tempfile.mkdtemp(prefix="pgdurable-verify-"))
     run = Run(faults, duration, seed, dsn, workdir, echo)

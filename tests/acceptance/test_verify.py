@@ -81,7 +81,8 @@ def test_checker_reports_a_duplicated_ledger_row(scratch) -> None:
         conn.execute("insert into verify_ledger values (%s, 'j2')", (iid,))
         v = verify.check(conn, [], [], http_cut=False)
     assert kinds(v) == ["duplicate_effect"]
-    assert v[0].instance_id == iid and "j2 applied 2 times" in v[0].detail
+    assert v[0].instance_id == iid
+    assert "j2 applied 2 times" in v[0].detail
 
 
 def test_checker_reports_missing_and_phantom_effects(scratch) -> None:
@@ -168,8 +169,8 @@ def test_checker_reports_a_signal_consumed_twice_and_a_lost_wait(scratch) -> Non
         # t1 taken by both waits; t2 taken by none — but every wait completed, so t2 counts as
         # discarded with the instance unless a wait of its name is left open
         assert kinds(v) == ["signal_duplicated"]
-        conn.execute("update df.nodes set status = 'pending', result = null where "
-                     "instance_id = %s and node_type = 'SIGNAL' and query like '%%\"go2\"%%'", (iid,))
+        conn.execute("update df.nodes set status = 'pending', result = null where instance_id"
+                     " = %s and node_type = 'SIGNAL' and query like '%%\"go2\"%%'", (iid,))
         assert kinds(verify.check(conn, sent, [], http_cut=False)) == ["signal_lost"]
 
 
