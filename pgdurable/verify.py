@@ -651,6 +651,7 @@ class Run:
         kinds = [k for k in FAULT_KINDS if not (self.emb is None and k.startswith("pg_"))]
         weights = [w for k, w in zip(FAULT_KINDS, FAULT_WEIGHTS, strict=True) if k in kinds]
         if self.emb is None:
+            self.stats.skipped.update(k for k in FAULT_KINDS if k.startswith("pg_"))
             self.stats.notes.append("--dsn: PostgreSQL restarts skipped (the tool cannot "
                                     "restart an external server)")
         self.pump(10)
@@ -716,7 +717,7 @@ class Run:
 def render(stats: Stats, violations: list[Violation], seed: int) -> str:
     lines = [f"pgdurable verify (seed {seed})", "", "faults injected"]
     for k in FAULT_KINDS:
-        extra = f"  (skipped {stats.skipped[k]}: --dsn)" if stats.skipped[k] else ""
+        extra = "  (skipped: --dsn, external server)" if stats.skipped[k] else ""
         lines.append(f"  {k:<34}{stats.faults[k]:>6}{extra}")
     lines.append(f"  {'total':<34}{sum(stats.faults.values()):>6}")
     lines += ["", "instances by status"]
