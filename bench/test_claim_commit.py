@@ -91,7 +91,7 @@ class Cycle:
         new = orjson.dumps([{"node_id": self.node, "gen": self.gen + 1, "kind": "run"}])
         row = self.conn.execute(
             f"select {ENGINE}._apply_v1('bench', %s, %s, %s, %s, %s, null, %s::jsonb, "
-            f"%s::jsonb, null, null)",
+            f"%s::jsonb, null, null, 30)",
             (self.instance, self.node, self.gen, self.version, b"state", nodes.decode(),
              new.decode())).fetchone()
         assert row is not None

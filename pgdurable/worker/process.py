@@ -35,7 +35,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from pgdurable import __version__, metrics
+from pgdurable import __version__, _testing, metrics
 from pgdurable.config import ServeConfig
 from pgdurable.errors import StepError
 from pgdurable.graph import _abc as A
@@ -708,7 +708,11 @@ class Worker:
                     raise _StepFailed(exc) from None
                 # exactly-once: the checkpoint commits with the statement (SPEC D4)
                 stage = "checkpoint"
-                await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
+                if not _testing.BROKEN_CHECKPOINT:
+                    await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
+            if _testing.BROKEN_CHECKPOINT:  # the deliberately broken build (pgdurable._testing)
+                await asyncio.sleep(_testing.BROKEN_WINDOW_SECONDS)
+                await self._complete(conn, ctx, task, idx, True, value, None)
         except _StepFailed as failed:
             await self._reset(conn)
             await self._complete(conn, ctx, task, idx, False, None, failed.err)

@@ -5,6 +5,7 @@ signal, a changed Idempotency-Key, ...) it reports each violation."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -208,3 +209,21 @@ def test_checker_needs_a_superuser_view(scratch) -> None:
     db, tenant = scratch
     with db.connect(tenant) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         verify.check(conn, [], [], http_cut=False)
+
+
+@pytest.mark.timeout(150)
+def test_a_deliberately_broken_build_is_caught() -> None:
+    """The checker fails a build that commits a SQL step apart from its checkpoint.
+
+    PGDURABLE_TEST_BROKEN_CHECKPOINT=1 (pgdurable._testing) commits each statement alone and
+    checkpoints it 200 ms later; a worker killed or paused in between re-runs the statement, so
+    verify must report duplicated side effects and exit 1."""
+    env = dict(os.environ, PGDURABLE_TEST_BROKEN_CHECKPOINT="1")
+    res = subprocess.run([sys.executable, "-m", "pgdurable", "verify", "--faults", "20",
+                          "--duration", "40", "--seed", "20"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=140, env=env)
+    out = res.stdout.strip()
+    last = out.splitlines()[-1]
+    assert last.startswith("violations: ") and int(last.split()[-1]) > 0, out[-3000:]
+    assert res.returncode == 1
+    assert "duplicate_effect" in out, out[-3000:]
