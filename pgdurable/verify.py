@@ -305,6 +305,8 @@ class Stats:
     statuses: Counter[str] = field(default_factory=Counter)
     steps: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    samples: list[tuple[float, float, int, int, int]] = field(default_factory=list)
+    """Soak watch: (t seconds, worker RSS MB, connections to the db, dead tuples, kB)."""
 
 
 # -- the checker ---------------------------------------------------------------------------
@@ -668,11 +670,29 @@ class Run:
                 self.serve.start()
             if time.monotonic() - last_report > 15:
                 last_report = time.monotonic()
+                self.sample(last_report - t0)
                 self.echo(f"  t={last_report - t0:4.0f}s faults={sum(self.stats.faults.values())}"
                           f" instances={self.started}", err=True)
         self.stats.notes.append(f"fault phase {time.monotonic() - t0:.0f}s, "
                                 f"{self.started} instances started")
         return self.settle(t0)
+
+    def sample(self, t: float) -> None:
+        """Soak watch: workers' memory, connections and table bloat over the run."""
+        rss = 0.0
+        for pid in self.serve.workers():
+            with contextlib.suppress(Exception):
+                rss += psutil.Process(pid).memory_info().rss / 2**20
+        with contextlib.suppress(psycopg.Error), self.connect() as conn:
+            row = conn.execute(
+                "select (select count(*) from pg_stat_activity where datname = current_database()),"
+                " (select coalesce(sum(n_dead_tup), 0) from pg_stat_user_tables"
+                "   where schemaname in ('df', 'pgdurable')),"
+                " (select coalesce(sum(pg_total_relation_size(relid)), 0) / 1024"
+                "   from pg_stat_user_tables where schemaname in ('df', 'pgdurable'))"
+            ).fetchone()
+            if row:
+                self.stats.samples.append((t, rss, int(row[0]), int(row[1]), int(row[2])))
 
     def settle(self, t0: float, timeout: float = 240) -> list[Violation]:
         for t in self.bg:
@@ -736,6 +756,12 @@ def render(stats: Stats, violations: list[Violation], seed: int) -> str:
     if violations:
         lines += ["", "violations (first 50)"]
         lines += [f"  {v.kind} {v.instance_id}: {v.detail}" for v in violations[:50]]
+    if stats.samples:
+        lines += ["", "soak watch (first / max / last sample)"]
+        for i, name in ((1, "worker RSS MB (all workers)"), (2, "connections to the db"),
+                        (3, "dead tuples in df + engine"), (4, "df + engine size kB")):
+            vals = [smp[i] for smp in stats.samples]
+            lines.append(f"  {name:<34}{vals[0]:>8.0f} {max(vals):>8.0f} {vals[-1]:>8.0f}")
     if stats.notes:
         lines += ["", "notes"] + [f"  {n}" for n in stats.notes]
     lines += ["", f"violations: {len(violations)}"]
