@@ -88,7 +88,7 @@ select pg_catalog.set_config('search_path', 'pg_catalog', true)
 -- step or the service. DISCARD ALL minus DISCARD PLANS: dropping every cached plan made each
 -- step re-plan the engine's plpgsql functions (most of PostgreSQL's CPU per step); plans
 -- are keyed by search_path, which RESET ALL restores, so keeping them is safe.
-reset all; discard temp; discard sequences; close all; deallocate all; unlisten *;
+reset role; reset all; discard temp; discard sequences; close all; deallocate all; unlisten *;
 select pg_catalog.pg_advisory_unlock_all()
 
 -- name: prune
@@ -180,3 +180,12 @@ select set_config('df.in_workflow', 'true', true)
 select exists (select 1 from @engine@.tasks t join df.instances i on i.id = t.instance_id
                where t.instance_id = %s and t.node_id = %s and t.lease_owner = %s
                  and i.status not in ('completed', 'failed', 'cancelled'))
+
+-- name: autocommit_role
+-- a maintenance step (VACUUM, CREATE INDEX CONCURRENTLY, …) runs outside any transaction,
+-- so outside the runner: as the submitting role, marked as a workflow session
+select pg_catalog.set_config('role', r.rolname, false),
+       pg_catalog.set_config('df.in_workflow', 'true', false),
+       pg_catalog.set_config('statement_timeout',
+                             @engine@.setting('step_statement_timeout', '0'), false)
+from pg_catalog.pg_roles r where r.oid = %s

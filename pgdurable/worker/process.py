@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import time
@@ -62,6 +63,12 @@ MAX_ATTEMPTS = 10
 # HTTP requests in flight per worker beyond its slots (they wait on the network only; the
 # shared httpx client's connection limits bound the sockets).
 HTTP_INFLIGHT_MAX = 256
+# Statements that PostgreSQL refuses inside transaction blocks and functions, which steps may
+# still run (maintenance runbooks, SPEC D4): one statement, no ';' inside.
+AUTOCOMMIT_RE = re.compile(
+    r"\s*(vacuum|create\s+(unique\s+)?index\s+concurrently|drop\s+index\s+concurrently"
+    r"|reindex\s.*\bconcurrently|create\s+database|drop\s+database|alter\s+system)\b"
+    r"[^;]*;?\s*\Z", re.IGNORECASE | re.DOTALL)
 RESULT_CAP_SETTING = "pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES)"
 PRUNE_BATCH = 500
 
@@ -722,6 +729,12 @@ class Worker:
                 # the database went away, or our own checkpoint failed (not the user's
                 # statement): release and retry, bounded by the attempts cap in _handle
                 raise
+            if exc.sqlstate == "25001" and AUTOCOMMIT_RE.match(text):
+                # VACUUM, CREATE INDEX CONCURRENTLY, … refuse transaction blocks and
+                # functions: run alone in autocommit, checkpoint right after (SPEC D4:
+                # at-least-once for these)
+                await self._run_autocommit(conn, ctx, task, idx, text)
+                return
             # the step's statement failed (whatever its SQLSTATE class: 40, 53, 55, 57…
             # are the user's errors too): interrupted steps are fenced at checkpoint
             await self._complete(conn, ctx, task, idx, False, None,
@@ -729,6 +742,35 @@ class Worker:
         else:
             await self._reset(conn)
         logger.debug("sql step took %.1f ms", (time.monotonic() - t0) * 1000)
+
+    async def _run_autocommit(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
+                              task: Task, idx: int, text: str) -> None:
+        """A maintenance statement that refuses transaction blocks (SQLSTATE 25001).
+
+        It cannot run inside the SECURITY DEFINER runner, so it runs under SET ROLE of the
+        submitting role — safe only because AUTOCOMMIT_RE admits nothing but these utility
+        commands, as one statement (no ';'): they run no user code except index expressions,
+        which PostgreSQL evaluates as the table owner in a security-restricted operation
+        (SET ROLE refused there too). At-least-once: a crash before the checkpoint re-runs it.
+        """
+        key = (task.instance_id, task.node_id)
+        try:
+            await conn.execute(self.q("autocommit_role"), (ctx.role_oid,))
+            self.running_pids[key] = conn.info.backend_pid
+            try:
+                await conn.execute(text.strip().rstrip(";").encode())
+            finally:
+                self.running_pids.pop(key, None)
+        except psycopg.Error as exc:
+            await self._reset(conn)
+            if conn.broken or conn.closed:
+                raise
+            await self._complete(conn, ctx, task, idx, False, None,
+                                 StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+            return
+        await self._reset(conn)
+        await self._complete(conn, ctx, task, idx, True,
+                             {"rows": [], "row_count": 0, "columns": []}, None)
 
     async def _reset(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """DISCARD ALL after a step: nothing it did to the session outlives it."""

@@ -302,3 +302,32 @@ def test_per_role_connection_cap(db, serve_factory, tenant):
     assert status == "failed"
     assert "connection limit reached" in err["error"]
     assert "max_connections_per_role=1" in err["error"]
+
+
+def test_maintenance_statements_run_in_autocommit(db, running, tenant):
+    """VACUUM / CREATE INDEX CONCURRENTLY refuse transactions: they still run, as the tenant."""
+    with db.connect() as conn:
+        conn.execute(f'alter table public.ledger owner to "{tenant}"')
+    expr = ("'insert into ledger(instance, k) values (''v'', 1)' ~> 'vacuum analyze ledger'"
+            " ~> 'create index concurrently ledger_k on ledger (k)'"
+            " ~> 'select current_user as who'")
+    # poll instead of df.await_instance: CREATE INDEX CONCURRENTLY waits for every open
+    # snapshot, including that of a long-running await call
+    with db.connect(tenant) as conn:
+        iid = conn.execute(f"select df.start({expr})").fetchone()[0]
+        deadline = time.monotonic() + 60
+        while conn.execute("select df.status(%s)", (iid,)).fetchone()[0] in ("pending",
+                                                                            "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)  # polling a workflow that another process runs
+        status = conn.execute("select df.status(%s)", (iid,)).fetchone()[0]
+        err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
+        result = json.loads(conn.execute("select df.result(%s)", (iid,)).fetchone()[0] or "{}")
+    assert status == "completed", err
+    assert result["rows"] == [{"who": tenant}]
+    with db.connect() as conn:
+        assert conn.execute("select count(*) from pg_indexes where indexname = 'ledger_k'"
+                            ).fetchone()[0] == 1
+    # anything else that refuses a transaction block is not run outside the runner
+    _, status, _, err = run(db, tenant, "'vacuum ledger; select 1'")
+    assert status == "failed"
