@@ -32,6 +32,8 @@ FLUSH_MAX = 64
 FLUSH_WINDOW = 0.002
 # Backpressure: submitters wait when this many outcomes are queued.
 BACKLOG_MAX = 1024
+# The final flush on shutdown gives up after this long.
+STOP_TIMEOUT = 10.0
 
 
 class Busy(Exception):
@@ -74,7 +76,10 @@ class Completer:
         """Flush what is queued (final flush on shutdown), then stop."""
         if self.task is None:
             return
-        while not self.queue.empty():
+        # bounded: with the database gone the queue may never drain, and a worker that cannot
+        # exit keeps its connections (the submitters' tasks are released by lease expiry)
+        deadline = asyncio.get_running_loop().time() + STOP_TIMEOUT
+        while not self.queue.empty() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -163,6 +163,17 @@ class Worker:
         await self.stopping.wait()
         logger.info("worker draining %d steps", len(self.inflight),
                     extra={"event": "worker.draining"})
+        try:
+            # bounded: a worker that cannot finish draining (database gone) must still exit
+            # and free its connections; unfinished steps come back by lease expiry
+            await asyncio.wait_for(self._shutdown(tasks), self.config.lease_seconds + 20)
+        except TimeoutError:
+            logger.warning("drain did not finish in time; exiting anyway",
+                           extra={"event": "worker.drain_timeout"})
+        logger.info("worker stopped", extra={"event": "worker.stopped"})
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        assert self.pool is not None and self.completer is not None
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -179,8 +190,7 @@ class Worker:
             await self.http_client.aclose()
         for rpool in self.remote_pools.values():
             await rpool.close()
-        await self.pool.close()
-        logger.info("worker stopped", extra={"event": "worker.stopped"})
+        await self.pool.close(timeout=5)
 
     async def _load_settings(self) -> None:
         assert self.pool is not None
