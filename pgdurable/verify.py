@@ -779,11 +779,19 @@ def main(faults: int, duration: float, seed: int | None, dsn: str | None, keep: 
     echo(f"pgdurable verify: seed {seed}, up to {faults} faults in {duration:.0f}s, "
          f"work dir {workdir}", err=True)
     violations: list[Violation] = []
+    crashed: BaseException | None = None
     try:
         run.setup()
         violations = run.run()
+    except BaseException as exc:
+        crashed = exc
+        raise
     finally:
-        keep_it = keep or bool(violations)
+        # a run that could not finish keeps its evidence and still prints what it measured
+        keep_it = keep or bool(violations) or crashed is not None
+        if crashed is not None:
+            run.stats.notes.append(f"the run did not finish: {crashed!r}")
+            echo(render(run.stats, violations, seed), err=True)
         run.teardown(keep_it)
         if keep_it:
             run.stats.notes.append(f"evidence kept in {workdir} (serve.log, pg18/ data dir, "
