@@ -47,14 +47,6 @@ select @engine@._rescue_v1(%s)
 -- keep our leases alive while steps run
 select @engine@._extend_v1(%s, %s, %s, %s)
 
--- name: park
--- a signal wait found nothing: sleep until the deadline or the next df.signal
-select @engine@._park_v1(%s, %s, %s)
-
--- name: take_signal
--- consume the oldest signal of a name (FIFO)
-select @engine@._take_signal_v1(%s, %s)
-
 -- name: runner
 -- the submitting role's step runner, created on first use
 select @engine@._runner_v1(%s::pg_catalog.oid::pg_catalog.regrole)
@@ -106,17 +98,9 @@ select @engine@.setting('loop_min_interval_ms', '1000')::pg_catalog.int4,
 -- interrupt a running step (RACE loser, cancelled instance)
 select pg_cancel_backend(%s)
 
--- name: backend_pid
--- the backend running a pooled connection
-select pg_backend_pid()
-
 -- name: listen
 -- wake-ups: new work, cancels, abandoned steps
 listen pgdurable_work; listen pgdurable_cancel; listen pgdurable_abandon
-
--- name: instance_status
--- is the instance still live (cancel check)
-select status from df.instances where id = %s
 
 -- name: http_privilege
 -- HTTP gate 0 (SPEC §3.8): may the submitting role still call df.http / df.http_multipart?

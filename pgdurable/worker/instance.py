@@ -126,11 +126,6 @@ class InstanceCtx:
             if cp is not None:
                 cp.named[name] = value
 
-    def truthy_of(self, value: Any) -> bool:
-        from pgdurable.values import truthy
-
-        return truthy(value)
-
     # -- checkpoint building ---------------------------------------------------------
 
     def build(self, step: A.Step, cp: Checkpoint, now: datetime) -> None:

@@ -173,7 +173,8 @@ class Worker:
         logger.info("worker stopped", extra={"event": "worker.stopped"})
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
-        assert self.pool is not None and self.completer is not None
+        assert self.pool is not None
+        assert self.completer is not None
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -716,8 +717,7 @@ class Worker:
                     rows = await cur.fetchall()
                 finally:
                     self.running_pids.pop(key, None)
-                value = sql_envelope([r[0] if isinstance(r[0], str)
-                                      else orjson.dumps(r[0]).decode() for r in rows])
+                value = _envelope(rows)
                 try:
                     check_size(value, self.config.result_max_bytes, "step result",
                                setting=RESULT_CAP_SETTING)
@@ -854,8 +854,7 @@ class Worker:
             await self._complete(conn, ctx, task, idx, False, None,
                                  StepError(_pg_message(exc), sqlstate=exc.sqlstate))
             return
-        value = sql_envelope([r[0] if isinstance(r[0], str) else orjson.dumps(r[0]).decode()
-                              for r in rows])
+        value = _envelope(rows)
         try:
             check_size(value, self.config.result_max_bytes, "step result",
                        setting=RESULT_CAP_SETTING)
@@ -957,6 +956,12 @@ class _StepFailed(Exception):
     def __init__(self, err: StepError) -> None:
         super().__init__(str(err))
         self.err = err
+
+
+def _envelope(rows: list[Any]) -> dict[str, Any]:
+    """The SQL result envelope of a runner's rows (json values, text or already parsed)."""
+    return sql_envelope([r[0] if isinstance(r[0], str) else orjson.dumps(r[0]).decode()
+                         for r in rows])
 
 
 def _pg_message(exc: psycopg.Error) -> str:
