@@ -92,7 +92,8 @@ select case when pg_try_advisory_xact_lock(1346913362)
 -- workflow settings the worker reads (pg_durable.*)
 select @engine@.setting('loop_min_interval_ms', '1000')::pg_catalog.int4,
        @engine@.setting('loop_max_iterations', '100000')::pg_catalog.int4,
-       current_database()
+       current_database(),
+       @engine@.setting('max_user_connections', '10')::pg_catalog.int4
 
 -- name: cancel_backend
 -- interrupt a running step (RACE loser, cancelled instance)

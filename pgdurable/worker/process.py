@@ -118,6 +118,11 @@ class Worker:
         self.current_db = ""
         self.http_client: Any = None
         self.http_policy: Any = None
+        self.sql_sem = asyncio.Semaphore(1)
+        # the session reset as separate statements, so it can share a pipeline with COMMIT
+        body = "\n".join(ln for ln in self.q("reset_session").splitlines()
+                          if not ln.lstrip().startswith("--"))
+        self.commit_reset = ("commit;\n" + body).encode()
 
     def q(self, name: str) -> Any:
         return q(name, self.engine)
@@ -201,6 +206,9 @@ class Worker:
             self.loop_min_interval = row[0] / 1000.0
             self.max_iterations = row[1]
             self.current_db = row[2]
+            # never open more step transactions than the deployment has step slots: the
+            # rest would only wait for a slot inside PostgreSQL, holding a connection
+            self.sql_sem = asyncio.Semaphore(max(1, min(self.config.slots, row[3])))
 
     # -- producer --------------------------------------------------------------------
 
@@ -699,34 +707,40 @@ class Worker:
         pid = conn.info.backend_pid
         t0 = time.monotonic()
         stage = "statement"
+        held = False
         try:
             runner = await self._runner(ctx.role_oid)
             schema_name, _, fn = runner.partition(".")
             call = sql.SQL("select * from {}.{}(%s)").format(
                 sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
-            async with conn.transaction():
-                self.running_pids[key] = pid
-                try:
-                    # one round trip: settings + slot + step identity, the statement, and the
-                    # search_path pin for our own queries after it — pipelined
-                    async with conn.pipeline():
-                        await conn.execute(self.q("step_settings"),
-                                           (ctx.role_oid, ctx.role_oid))
-                        cur = await conn.execute(call, (text,))
-                        await conn.execute(self.q("step_after"))
-                    rows = await cur.fetchall()
-                finally:
-                    self.running_pids.pop(key, None)
-                value = _envelope(rows)
-                try:
-                    check_size(value, self.config.result_max_bytes, "step result",
-                               setting=RESULT_CAP_SETTING)
-                except StepError as exc:
-                    raise _StepFailed(exc) from None
-                # exactly-once: the checkpoint commits with the statement (SPEC D4)
-                stage = "checkpoint"
-                if not _testing.BROKEN_CHECKPOINT:
-                    await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
+            await self.sql_sem.acquire()
+            held = True
+            self.running_pids[key] = pid
+            try:
+                # one round trip: BEGIN, settings + slot + step identity, the statement, and
+                # the search_path pin for our own queries after it — pipelined
+                async with conn.pipeline():
+                    await conn.execute(b"begin")
+                    await conn.execute(self.q("step_settings"), (ctx.role_oid, ctx.role_oid))
+                    cur = await conn.execute(call, (text,))
+                    await conn.execute(self.q("step_after"))
+                rows = await cur.fetchall()
+            finally:
+                self.running_pids.pop(key, None)
+            value = _envelope(rows)
+            try:
+                check_size(value, self.config.result_max_bytes, "step result",
+                           setting=RESULT_CAP_SETTING)
+            except StepError as exc:
+                raise _StepFailed(exc) from None
+            # exactly-once: the checkpoint commits with the statement (SPEC D4)
+            stage = "checkpoint"
+            if not _testing.BROKEN_CHECKPOINT:
+                await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
+            # one round trip (simple query protocol): COMMIT and the session reset
+            await conn.execute(self.commit_reset)
+            self.sql_sem.release()
+            held = False
             if _testing.BROKEN_CHECKPOINT:  # the deliberately broken build (pgdurable._testing)
                 await asyncio.sleep(_testing.BROKEN_WINDOW_SECONDS)
                 await self._complete(conn, ctx, task, idx, True, value, None)
@@ -749,8 +763,13 @@ class Worker:
             # are the user's errors too): interrupted steps are fenced at checkpoint
             await self._complete(conn, ctx, task, idx, False, None,
                                  StepError(_pg_message(exc), sqlstate=exc.sqlstate))
-        else:
+        except BaseException:
+            # fenced, stale or cancelled: nothing of the step's transaction may commit
             await self._reset(conn)
+            raise
+        finally:
+            if held:
+                self.sql_sem.release()
         logger.debug("sql step took %.1f ms", (time.monotonic() - t0) * 1000)
 
     async def _run_autocommit(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
@@ -783,9 +802,11 @@ class Worker:
                              {"rows": [], "row_count": 0, "columns": []}, None)
 
     async def _reset(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """DISCARD ALL after a step: nothing it did to the session outlives it."""
+        """After a step: roll back what is left of its transaction, reset the session."""
         if not (conn.broken or conn.closed):
             with contextlib.suppress(psycopg.Error):
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    await conn.execute(b"rollback")
                 await conn.execute(self.q("reset_session"))
 
     async def _remote_pool(self, dbname: str) -> AsyncConnectionPool:
