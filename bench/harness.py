@@ -691,7 +691,8 @@ def render(rows: list[Row], floors: list[floor.FloorResult], peer_rows: list[pee
         out.append("|---|---|---:|---:|---|")
         ours = {r.workload: r.steps_per_s for r in rows}
         for p in peer_rows:
-            ratio = (ours.get(p.workload, 0) / p.steps_per_s) if p.steps_per_s else None
+            mine = ours.get(p.workload, 0.0)  # 0: pgdurable did not measure it: '-', not 0x
+            ratio = mine / p.steps_per_s if p.steps_per_s and mine else None
             out.append(f"| {p.peer} | {p.workload} | {_f(p.steps_per_s or None)} "
                        f"| {_f(ratio, '{:.2f}×')} | {p.note} |")
         out.append("")
