@@ -22,6 +22,8 @@ What is recorded, and where (``pgdurable/worker``):
 ``pgdurable_steps_failed_total``       steps checkpointed as failed, by ``node_type``
 ``pgdurable_step_duration_seconds``    histogram, start of the step to its checkpoint
 ``pgdurable_checkpoint_seconds``       histogram of one checkpoint statement (``_apply``)
+``pgdurable_sql_batch_size``           histogram of SQL steps per committed batch
+``pgdurable_sql_batches_rolled_back_total`` batches rolled back (their steps re-ran alone)
 ``pgdurable_leases_rescued_total``     expired leases cleared by a worker's maintenance
 ``pgdurable_worker_restarts_total``    workers re-forked by the supervisor after dying
 ``pgdurable_queue_depth``              runnable, unleased tasks (read at scrape time)
@@ -84,6 +86,12 @@ class _Metrics:
         self.checkpoint_seconds = Histogram("pgdurable_checkpoint_seconds",
                                             "Seconds one checkpoint statement took.",
                                             buckets=CHECKPOINT_BUCKETS)
+        self.sql_batch = Histogram("pgdurable_sql_batch_size",
+                                   "SQL steps committed per batch transaction.",
+                                   buckets=BATCH_BUCKETS)
+        self.sql_batch_rollbacks = Counter(
+            "pgdurable_sql_batches_rolled_back",
+            "SQL step batches rolled back; their steps ran again one per transaction.")
         self.rescued = Counter("pgdurable_leases_rescued", "Expired leases rescued.")
         self.restarts = Counter("pgdurable_worker_restarts",
                                 "Worker processes re-forked after dying.")
@@ -127,6 +135,15 @@ def claimed(n: int) -> None:
     if _m is not None and n:
         _m.tasks_claimed.inc(n)
         _m.claim_batch.observe(n)
+
+
+def batch(n: int, committed: bool) -> None:
+    """A batch of ``n`` SQL steps committed, or rolled back (its steps will run alone)."""
+    if _m is not None:
+        if committed:
+            _m.sql_batch.observe(n)
+        else:
+            _m.sql_batch_rollbacks.inc()
 
 
 def handed_off(n: int) -> None:

@@ -24,7 +24,7 @@ from .sql import MIGRATIONS_DIR, schema_parts
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this package installs and expects."""
 
 ENGINE_SCHEMA_DEFAULT = "pgdurable"

@@ -8,10 +8,16 @@ select instance_id, node_id, gen, kind, attempts, submitted_by::pg_catalog.oid, 
 from @engine@._claim_v1(%s, %s, %s)
 
 -- name: load_instance
--- everything a worker needs about one instance, except its nodes
+-- everything a worker needs about one instance, except its nodes; then the submitting role
+-- as the worker must check it before starting the instance (SPEC §9): rolname, rolsuper,
+-- rolcanlogin (null when the role is gone), superuser instances enabled
 select i.label, i.status, i.submitted_by::pg_catalog.oid, i.submitted_by::pg_catalog.text, i.database, i.root_node,
-       r.vars, r.state, r.state_version, r.cancel_reason
+       r.vars, r.state, r.state_version, r.cancel_reason,
+       ro.rolname, ro.rolsuper, ro.rolcanlogin,
+       coalesce(@engine@.setting('enable_superuser_instances', 'off') in ('on', 'true', '1'),
+                false)
 from df.instances i join @engine@.runs r on r.instance_id = i.id
+left join pg_catalog.pg_roles ro on ro.oid = i.submitted_by::pg_catalog.oid
 where i.id = %s
 
 -- name: load_nodes
@@ -23,16 +29,13 @@ from df.nodes where instance_id = %s
 -- the instance's named results in the order they were produced
 select name, value from @engine@.results where instance_id = %s order by seq
 
--- name: role_info
--- the submitting role as the worker must check it before running anything (SPEC §9)
-select r.rolname, r.rolsuper, r.rolcanlogin,
-       coalesce(@engine@.setting('enable_superuser_instances', 'off') in ('on', 'true', '1'),
-                false)
-from pg_roles r where r.oid = %s
-
 -- name: apply
--- one checkpoint (see @engine@._apply_v1 for the return codes)
-select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.jsonb,
+-- one checkpoint (see @engine@._apply_v1 for the return codes, the last column). After a
+-- step's statement, in its transaction, whatever that statement did to the session: this
+-- query names only qualified objects, and pins search_path to pg_catalog for the queries
+-- after it (the first column)
+select pg_catalog.set_config('search_path', 'pg_catalog', true),
+       @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.jsonb,
                           %s::pg_catalog.jsonb, %s, %s::pg_catalog.jsonb, %s)
 
 -- name: release
@@ -69,10 +72,13 @@ select pg_catalog.set_config('df.in_workflow', 'true', true),
        @engine@._step_slot_v1(%s),
        @engine@._step_begin_v1(%s)
 
--- name: step_after
--- right after a step's statement, in its transaction: whatever the statement did to the
--- session, our checkpoint queries resolve names in pg_catalog only
-select pg_catalog.set_config('search_path', 'pg_catalog', true)
+-- name: step_next
+-- the next step of a batch, in the same transaction, after a RESET ALL (nothing the last
+-- statement set to the session survives into it): the per-step settings again (the slot and
+-- the step identity stay the batch's)
+select pg_catalog.set_config('df.in_workflow', 'true', true),
+       pg_catalog.set_config('statement_timeout',
+                             @engine@.setting('step_statement_timeout', '0'), true)
 
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,

@@ -77,13 +77,16 @@ class InstanceCtx:
     origins: dict[int, int] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loop_min_interval: float = 1.0
+    role_info: tuple[Any, ...] | None = None
+    """The submitting role as loaded (rolname, rolsuper, rolcanlogin, superuser instances
+    enabled), or None when the role no longer exists."""
 
     @classmethod
     def from_rows(cls, instance_id: str, inst: tuple[Any, ...], rows: list[tuple[Any, ...]],
                   named: list[tuple[str, Any]], max_iterations: int,
                   loop_min_interval: float) -> InstanceCtx:
         (label, status, role_oid, role_name, database, root, vars_, state, version,
-         _cancel) = inst
+         _cancel) = inst[:10]
         node_rows = [
             {"id": r[0], "node_type": r[1], "query": r[2], "result_name": r[3],
              "left_node": r[4], "right_node": r[5]}
@@ -101,7 +104,9 @@ class InstanceCtx:
             configs.append(by_id[nid][2])
         ctx = cls(instance_id, label, status, role_oid, role_name, database, graph, index,
                   sched, version, dict(vars_ or {}), configs,
-                  loop_min_interval=loop_min_interval)
+                  loop_min_interval=loop_min_interval,
+                  role_info=tuple(inst[10:14]) if len(inst) >= 14 and inst[10] is not None
+                  else None)
         for r in rows:
             if r[6] == "completed":
                 ctx.results[index[r[0]]] = r[7]

@@ -71,6 +71,20 @@ AUTOCOMMIT_RE = re.compile(
     r"[^;]*;?\s*\Z", re.IGNORECASE | re.DOTALL)
 RESULT_CAP_SETTING = "pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES)"
 PRUNE_BATCH = 500
+# SQL step batching (SPEC D13: "a batch of steps sharing one connection takes one slot"): a
+# runner keeps its transaction open for more queued SQL steps of the same role while it is
+# younger than this window and smaller than this size; one slot, one BEGIN/COMMIT, one
+# session reset and one WAL flush per batch. Under light load a batch holds one step.
+BATCH_MAX = 32
+BATCH_WINDOW_S = 0.05
+# Runners started at once per worker; more (up to the step slots) only for steps that waited
+# this long in the queue (the runners are busy with slow statements).
+BATCH_RUNNERS = 2
+BATCH_SPAWN_DELAY_S = 0.1
+BATCH_LOCK_WAIT_S = 0.5
+# A single step waits this long at most for its instance's lock (held by a batch's or the
+# completer's checkpoint) before giving its transaction up (released, retried).
+LOCK_WAIT_S = 10.0
 
 
 class Fenced(Exception):
@@ -94,6 +108,19 @@ class Task:
     handoff: list[Task] = field(default_factory=list)
     handoff_ready: bool = False
     """Successors this step's checkpoint inserted already leased to us (run after commit)."""
+    alone: bool = False
+    """Run this SQL step in a transaction of its own (a batch it was in rolled back)."""
+
+
+@dataclass
+class _Item:
+    """A SQL step waiting for a batch runner (see :meth:`Worker._run_batch`)."""
+
+    ctx: InstanceCtx
+    task: Task
+    idx: int
+    text: str
+    fut: asyncio.Future[None]
 
 
 class Worker:
@@ -119,6 +146,11 @@ class Worker:
         self.http_client: Any = None
         self.http_policy: Any = None
         self.sql_sem = asyncio.Semaphore(1)
+        self.sql_limit = 1
+        self.sql_queue: list[_Item] = []
+        self.batch_runners: set[asyncio.Task[None]] = set()
+        self.batch_running = 0
+        self.runner_busy: dict[object, float] = {}
         # the session reset as separate statements, so it can share a pipeline with COMMIT
         body = "\n".join(ln for ln in self.q("reset_session").splitlines()
                           if not ln.lstrip().startswith("--"))
@@ -208,7 +240,8 @@ class Worker:
             self.current_db = row[2]
             # never open more step transactions than the deployment has step slots: the
             # rest would only wait for a slot inside PostgreSQL, holding a connection
-            self.sql_sem = asyncio.Semaphore(max(1, min(self.config.slots, row[3])))
+            self.sql_limit = max(1, min(self.config.slots, row[3]))
+            self.sql_sem = asyncio.Semaphore(self.sql_limit)
 
     # -- producer --------------------------------------------------------------------
 
@@ -359,14 +392,16 @@ class Worker:
         if ctx is not None:
             self.ctxs.move_to_end(instance_id)
             return ctx
-        cur = await conn.execute(self.q("load_instance"), (instance_id,))
-        inst = await cur.fetchone()
+        # one round trip for the three reads
+        async with conn.pipeline():
+            c_inst = await conn.execute(self.q("load_instance"), (instance_id,))
+            c_nodes = await conn.execute(self.q("load_nodes"), (instance_id,))
+            c_named = await conn.execute(self.q("load_results"), (instance_id,))
+        inst = await c_inst.fetchone()
         if inst is None:
             return None
-        cur = await conn.execute(self.q("load_nodes"), (instance_id,))
-        rows = await cur.fetchall()
-        cur = await conn.execute(self.q("load_results"), (instance_id,))
-        named = await cur.fetchall()
+        rows = await c_nodes.fetchall()
+        named = await c_named.fetchall()
         old = self.ctxs.get(instance_id)
         ctx = InstanceCtx.from_rows(instance_id, inst, rows, named, self.max_iterations,
                                     self.loop_min_interval)
@@ -390,7 +425,14 @@ class Worker:
             if task.kind == "start":
                 await self._start_instance(task)
             else:
-                await self._run_node(task)
+                try:
+                    await self._run_node(task)
+                except _Retry:
+                    # the batch this step ran in rolled back (another step of it failed):
+                    # run it again in a transaction of its own, which decides its outcome
+                    task.handoff = []
+                    task.alone = True
+                    await self._run_node(task)
             # every checkpoint of this step has committed: the successors it took run once
             # this step has left `inflight` (a start task shares its key with a root leaf)
             task.handoff_ready = True
@@ -447,8 +489,7 @@ class Worker:
             ctx = await self._ctx(conn, task.instance_id, fresh=True)
             if ctx is None:
                 return
-            cur = await conn.execute(self.q("role_info"), (ctx.role_oid,))
-            role = await cur.fetchone()
+            role = ctx.role_info  # loaded with the instance, just now (fresh)
             problem = None
             if role is None:
                 problem = f"the submitting role (oid {ctx.role_oid}) no longer exists"
@@ -498,7 +539,7 @@ class Worker:
             self.config.lease_seconds))
         row = await cur.fetchone()
         metrics.checkpoint(time.monotonic() - t0)
-        got = row[0] if row else -2
+        got = row[-1] if row else -2
         if got == -1:
             raise _Stale()
         if got < 0:
@@ -514,7 +555,10 @@ class Worker:
 
     async def _run_node(self, task: Task) -> None:
         assert self.pool is not None
-        async with self.pool.connection() as conn:
+        if await self._batch_from_cache(task):
+            return
+        async with contextlib.AsyncExitStack() as held:
+            conn = await held.enter_async_context(self.pool.connection())
             ctx = await self._ctx(conn, task.instance_id, version=task.version)
             if ctx is None:
                 return
@@ -525,7 +569,12 @@ class Worker:
             node_type_var.set(TYPE_NAMES[ntype])
             metrics.step_started(TYPE_NAMES[ntype])
             if ntype == A.SQL:
-                await self._run_sql(conn, ctx, task, idx)
+                text = await self._prepare_sql(conn, ctx, task, idx)
+                if text is None:
+                    return
+                # the connection goes back to the pool; a batch runner takes the step
+                await held.aclose()
+                await self._submit_batch(ctx, task, idx, text)
                 return
             ok, value, err = True, None, None
             http = False
@@ -693,16 +742,46 @@ class Worker:
             self.runners[role_oid] = name
         return name
 
-    async def _run_sql(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
-                       idx: int) -> None:
+    async def _batch_from_cache(self, task: Task) -> bool:
+        """The fast path of a SQL step whose instance is cached: straight to a batch runner,
+        without taking a connection (a successor handed to us, a JOIN's branches)."""
+        ctx = self.ctxs.get(task.instance_id)
+        if (ctx is None or task.alone or _testing.BROKEN_CHECKPOINT
+                or (task.version is not None and ctx.version < task.version)
+                or (ctx.database and ctx.database != self.current_db)):
+            return False
+        idx = ctx.index.get(task.node_id)
+        if idx is None or ctx.graph.types[idx] != A.SQL:
+            return False
+        try:
+            text = self._subst(ctx, ctx.configs[idx], "sql")
+        except StepError:
+            return False  # the slow path checkpoints the failure
+        self.ctxs.move_to_end(task.instance_id)
+        node_type_var.set("SQL")
+        metrics.step_started("SQL")
+        await self._submit_batch(ctx, task, idx, text)
+        return True
+
+    async def _prepare_sql(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
+                           task: Task, idx: int) -> str | None:
+        """Substitute a SQL step; run it here unless it can join a batch (its text then)."""
         try:
             text = self._subst(ctx, ctx.configs[idx], "sql")
         except StepError as exc:
             await self._complete(conn, ctx, task, idx, False, None, exc)
-            return
+            return None
         if ctx.database and ctx.database != self.current_db:
             await self._run_sql_elsewhere(conn, ctx, task, idx, text)
-            return
+            return None
+        if task.alone or _testing.BROKEN_CHECKPOINT:
+            await self._run_sql(conn, ctx, task, idx, text)
+            return None
+        return text
+
+    async def _run_sql(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
+                       idx: int, text: str) -> None:
+        """One SQL step in a transaction of its own; its failure is checkpointed here."""
         key = (task.instance_id, task.node_id)
         pid = conn.info.backend_pid
         t0 = time.monotonic()
@@ -717,13 +796,12 @@ class Worker:
             held = True
             self.running_pids[key] = pid
             try:
-                # one round trip: BEGIN, settings + slot + step identity, the statement, and
-                # the search_path pin for our own queries after it — pipelined
+                # one round trip: BEGIN, settings + slot + step identity and the statement,
+                # pipelined (the checkpoint query pins search_path after it)
                 async with conn.pipeline():
                     await conn.execute(b"begin")
                     await conn.execute(self.q("step_settings"), (ctx.role_oid, ctx.role_oid))
                     cur = await conn.execute(call, (text,))
-                    await conn.execute(self.q("step_after"))
                 rows = await cur.fetchall()
             finally:
                 self.running_pids.pop(key, None)
@@ -746,23 +824,14 @@ class Worker:
                 await self._complete(conn, ctx, task, idx, True, value, None)
         except _StepFailed as failed:
             await self._reset(conn)
-            await self._complete(conn, ctx, task, idx, False, None, failed.err)
+            await self._statement_failed(conn, ctx, task, idx, text, failed.err)
         except psycopg.Error as exc:
             await self._reset(conn)
             if conn.broken or conn.closed or stage == "checkpoint":
                 # the database went away, or our own checkpoint failed (not the user's
                 # statement): release and retry, bounded by the attempts cap in _handle
                 raise
-            if exc.sqlstate == "25001" and AUTOCOMMIT_RE.match(text):
-                # VACUUM, CREATE INDEX CONCURRENTLY, … refuse transaction blocks and
-                # functions: run alone in autocommit, checkpoint right after (SPEC D4:
-                # at-least-once for these)
-                await self._run_autocommit(conn, ctx, task, idx, text)
-                return
-            # the step's statement failed (whatever its SQLSTATE class: 40, 53, 55, 57…
-            # are the user's errors too): interrupted steps are fenced at checkpoint
-            await self._complete(conn, ctx, task, idx, False, None,
-                                 StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+            await self._statement_failed(conn, ctx, task, idx, text, exc)
         except BaseException:
             # fenced, stale or cancelled: nothing of the step's transaction may commit
             await self._reset(conn)
@@ -771,6 +840,185 @@ class Worker:
             if held:
                 self.sql_sem.release()
         logger.debug("sql step took %.1f ms", (time.monotonic() - t0) * 1000)
+
+    async def _statement_failed(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
+                                task: Task, idx: int, text: str,
+                                exc: psycopg.Error | StepError) -> None:
+        """A step's statement failed and its transaction rolled back: its outcome."""
+        if isinstance(exc, StepError):  # e.g. an oversized result
+            await self._complete(conn, ctx, task, idx, False, None, exc)
+            return
+        if exc.sqlstate == "25001" and AUTOCOMMIT_RE.match(text):
+            # VACUUM, CREATE INDEX CONCURRENTLY, … refuse transaction blocks and functions:
+            # run alone in autocommit, checkpoint right after (SPEC D4: at-least-once)
+            await self._run_autocommit(conn, ctx, task, idx, text)
+            return
+        # the step's statement failed (whatever its SQLSTATE class: 40, 53, 55, 57… are the
+        # user's errors too): interrupted steps are fenced at checkpoint
+        await self._complete(conn, ctx, task, idx, False, None,
+                             StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+
+    # -- SQL step batches ----------------------------------------------------------------
+
+    async def _submit_batch(self, ctx: InstanceCtx, task: Task, idx: int, text: str) -> None:
+        """Queue a SQL step for a batch runner; returns once its checkpoint committed."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item = _Item(ctx, task, idx, text, fut)
+        self.sql_queue.append(item)
+        if self.batch_running < BATCH_RUNNERS:
+            self._spawn_runner()
+        elif self.batch_running < self.sql_limit:
+            # runners busy with slow statements must not hold this step back: if nobody
+            # took it within the batching window, another runner (up to the slots) will
+            asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_if_waiting,
+                                                  item)
+        await fut
+
+    def _spawn_runner(self) -> None:
+        self.batch_running += 1  # counted down by the runner itself, synchronously
+        runner = asyncio.create_task(self._batch_runner(), name="sql batch runner")
+        self.batch_runners.add(runner)
+        runner.add_done_callback(self.batch_runners.discard)
+
+    def _spawn_if_waiting(self, item: _Item) -> None:
+        """Another runner for a step still queued, if every runner is stuck on a statement."""
+        if item not in self.sql_queue or self.batch_running >= self.sql_limit:
+            return
+        now = time.monotonic()
+        stuck = [t for t in self.runner_busy.values() if now - t >= BATCH_SPAWN_DELAY_S]
+        if len(stuck) >= self.batch_running:
+            self._spawn_runner()
+        else:  # the runners are moving: they will take it; look again later
+            asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_if_waiting,
+                                                  item)
+
+    def _pick(self, after: str | None, role: int | None) -> _Item | None:
+        """The next queued step for a batch: the lowest instance id first.
+
+        A batch holds one role (one runner, one step identity, one session) and visits
+        instances in ascending order, as the completer does: transactions that take runs
+        rows in one order cannot deadlock on them.
+        """
+        best = -1
+        for i, it in enumerate(self.sql_queue):
+            inst = it.task.instance_id
+            if after is not None and (it.ctx.role_oid != role or inst < after):
+                continue
+            if best < 0 or inst < self.sql_queue[best].task.instance_id:
+                best = i
+                if inst == after:
+                    break
+        return self.sql_queue.pop(best) if best >= 0 else None
+
+    async def _batch_runner(self) -> None:
+        me = object()
+        try:
+            while True:
+                first = self._pick(None, None)
+                if first is None:
+                    return
+                async with self.sql_sem:
+                    await self._run_batch(first, me)
+        finally:
+            self.batch_running -= 1
+            self.runner_busy.pop(me, None)
+
+    async def _run_batch(self, first: _Item, me: object) -> None:
+        """Run queued SQL steps of one role in one transaction, each with its checkpoint.
+
+        Exactly-once as for a single step: every statement commits with its checkpoint, in
+        the one COMMIT. Any failure (a statement's error, an oversized result, a fenced
+        checkpoint, a busy instance, the connection) rolls the whole batch back; the steps
+        that ran then run again one per transaction (``_Retry``), which decides each one's
+        outcome. An instance's lock is held only around its checkpoint (as for a single
+        step) and, inside a batch, waited for at most BATCH_LOCK_WAIT_S: a batch holds
+        database locks, so an unbounded wait there could close a cycle PostgreSQL cannot see.
+        """
+        assert self.pool is not None
+        done: list[_Item] = []
+        item: _Item | None = first
+        role = first.ctx.role_oid
+        t0 = None  # the window opens once the first step ran (not while waiting for a slot)
+        try:
+            runner = await self._runner(role)
+            schema_name, _, fn = runner.partition(".")
+            call = sql.SQL("select * from {}.{}(%s)").format(
+                sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
+            async with self.pool.connection() as conn:
+                try:
+                    while item is not None:
+                        stage = "statement"
+                        instance_var.set(item.task.instance_id)
+                        node_var.set(item.task.node_id)
+                        key = (item.task.instance_id, item.task.node_id)
+                        self.running_pids[key] = conn.info.backend_pid
+                        self.runner_busy[me] = time.monotonic()
+                        try:
+                            async with conn.pipeline():
+                                if not done:
+                                    # once per batch: BEGIN, settings, one slot, the identity
+                                    await conn.execute(b"begin")
+                                    await conn.execute(self.q("step_settings"), (role, role))
+                                else:
+                                    # GUCs the last statement set (search_path, …) end here
+                                    await conn.execute(b"reset all")
+                                    await conn.execute(self.q("step_next"))
+                                cur = await conn.execute(call, (item.text,))
+                            rows = await cur.fetchall()
+                        finally:
+                            self.running_pids.pop(key, None)
+                            self.runner_busy.pop(me, None)
+                        value = _envelope(rows)
+                        check_size(value, self.config.result_max_bytes, "step result",
+                                   setting=RESULT_CAP_SETTING)
+                        stage = "checkpoint"
+                        await self._complete(conn, item.ctx, item.task, item.idx, True, value,
+                                             None, in_tx=True, lock_wait=BATCH_LOCK_WAIT_S)
+                        done.append(item)
+                        item = None
+                        if t0 is None:
+                            t0 = time.monotonic()
+                        if len(done) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S:
+                            item = self._pick(done[-1].task.instance_id, role)
+                    await conn.execute(self.commit_reset)
+                except BaseException as exc:
+                    await self._reset(conn)
+                    if not (item is first and stage == "statement"
+                            and isinstance(exc, psycopg.Error | StepError)
+                            and not (conn.broken or conn.closed)):
+                        raise
+                    # the batch held this step alone: its statement's failure is its
+                    # outcome, checkpointed as for a step run on its own (not run again)
+                    await self._statement_failed(conn, first.ctx, first.task, first.idx,
+                                                 first.text, exc)
+                    item = None
+                    done.append(first)
+        except BaseException as exc:
+            ran = done + ([item] if item is not None else [])
+            metrics.batch(len(ran), False)
+            for it in ran:
+                self.ctxs.pop(it.task.instance_id, None)  # its cached state moved on: stale
+                if it.fut.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    it.fut.cancel()
+                elif it is item and isinstance(exc, Fenced) and not done:
+                    it.fut.set_exception(Fenced())
+                else:
+                    it.fut.set_exception(_Retry())
+            if len(ran) > 1:
+                logger.info("batch of %d SQL steps rolled back (%s: %s); running them alone",
+                            len(ran), type(exc).__name__, exc, extra={"event": "batch.retry"})
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            metrics.batch(len(done), True)
+            for it in done:
+                if not it.fut.done():
+                    it.fut.set_result(None)
+        finally:
+            instance_var.set(None)
+            node_var.set(None)
 
     async def _run_autocommit(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
                               task: Task, idx: int, text: str) -> None:
@@ -886,7 +1134,8 @@ class Worker:
 
     async def _complete(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                         idx: int, ok: bool, value: Any, err: StepError | None, *,
-                        in_tx: bool = False, decision: bool | None = None) -> None:
+                        in_tx: bool = False, decision: bool | None = None,
+                        lock_wait: float | None = None) -> None:
         """Checkpoint one leaf outcome; inside the step's transaction when ``in_tx``.
 
         First optimistically, on the cached state (``_apply_v1`` compares the version).
@@ -895,29 +1144,45 @@ class Worker:
         and apply — nobody can move the instance on in between, so there is no retry
         loop that contention could exhaust.
         """
-        async with ctx.lock:
+        if in_tx:
+            # inside a transaction that holds locks: bounded wait (see _run_batch)
             try:
-                if in_tx:
-                    await self._complete_once(conn, ctx, task, idx, ok, value, err, decision,
-                                              False)
-                else:
-                    async with conn.transaction():
-                        await self._complete_once(conn, ctx, task, idx, ok, value, err,
-                                                  decision, False)
-                return
-            except _Stale:
-                pass
-            tx = contextlib.nullcontext() if in_tx else conn.transaction()
-            async with tx:
-                await conn.execute(self.q("lock_run"), (task.instance_id,))
-                fresh = await self._ctx(conn, task.instance_id, fresh=True)
-                if fresh is None:
-                    raise Fenced()
-                try:
-                    await self._complete_once(conn, fresh, task, idx, ok, value, err, decision,
-                                              True)
-                except _Stale:  # pragma: no cover - impossible while we hold the row lock
-                    raise Fenced() from None
+                await asyncio.wait_for(ctx.lock.acquire(), lock_wait or LOCK_WAIT_S)
+            except TimeoutError:
+                raise _LockBusy(f"instance {ctx.instance_id} stayed busy") from None
+        else:
+            await ctx.lock.acquire()
+        try:
+            await self._complete_locked(conn, ctx, task, idx, ok, value, err, in_tx, decision)
+        finally:
+            ctx.lock.release()
+
+    async def _complete_locked(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
+                               task: Task, idx: int, ok: bool, value: Any,
+                               err: StepError | None, in_tx: bool,
+                               decision: bool | None) -> None:
+        try:
+            if in_tx:
+                await self._complete_once(conn, ctx, task, idx, ok, value, err, decision,
+                                          False)
+            else:
+                async with conn.transaction():
+                    await self._complete_once(conn, ctx, task, idx, ok, value, err,
+                                              decision, False)
+            return
+        except _Stale:
+            pass
+        tx = contextlib.nullcontext() if in_tx else conn.transaction()
+        async with tx:
+            await conn.execute(self.q("lock_run"), (task.instance_id,))
+            fresh = await self._ctx(conn, task.instance_id, fresh=True)
+            if fresh is None:
+                raise Fenced()
+            try:
+                await self._complete_once(conn, fresh, task, idx, ok, value, err, decision,
+                                          True)
+            except _Stale:  # pragma: no cover - impossible while we hold the row lock
+                raise Fenced() from None
 
     async def _complete_once(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
                              task: Task, idx: int, ok: bool, value: Any, err: StepError | None,
@@ -971,6 +1236,14 @@ class Worker:
 
 class _Stale(Exception):
     pass
+
+
+class _LockBusy(Exception):
+    """An instance's lock stayed taken while our transaction held locks: give it up."""
+
+
+class _Retry(Exception):
+    """The batch a SQL step ran in rolled back: run the step again on its own."""
 
 
 class _StepFailed(Exception):

@@ -215,12 +215,21 @@ returns integer
 language sql volatile
 set search_path = pg_catalog
 as $$
-    with upd as (
+    -- SKIP LOCKED: a task row locked right now is being checkpointed (its lease ends with
+    -- that transaction); waiting for it while holding the rows already extended could
+    -- close a deadlock with a batch of steps that checkpoints those rows next
+    with mine as (
+        select t.instance_id, t.node_id
+        from @engine@.tasks t
+        join unnest(p_instances, p_nodes) as k(instance_id, node_id)
+          on t.instance_id = k.instance_id and t.node_id = k.node_id
+        where t.lease_owner = p_owner
+        for update of t skip locked
+    ), upd as (
         update @engine@.tasks t
         set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-        from unnest(p_instances, p_nodes) as k(instance_id, node_id)
-        where t.lease_owner = p_owner
-          and t.instance_id = k.instance_id and t.node_id = k.node_id
+        from mine
+        where t.instance_id = mine.instance_id and t.node_id = mine.node_id
         returning 1
     )
     select count(*)::integer from upd
@@ -299,11 +308,13 @@ $$;
 --   pg_durable.max_user_connections (default 10): deployment-wide, class 'PGDU';
 --   pg_durable.max_connections_per_role (default 0 = no per-role cap): per submitting role,
 --     so one tenant cannot take every slot.
--- Polls every 50 ms up to pg_durable.execution_acquire_timeout seconds, then fails the step.
+-- Waits (on one taken slot at a time, 100 ms each) up to pg_durable.execution_acquire_timeout
+-- seconds, then fails the step.
 create function @engine@._step_slot_v1(p_role oid)
 returns integer
 language plpgsql volatile
 set search_path = pg_catalog
+set lock_timeout = '100ms'
 as $$
 declare
     v_max      integer := @engine@.setting('max_user_connections', '10')::integer;
@@ -344,7 +355,18 @@ begin
                 using errcode = '53300',
                       hint = 'raise pg_durable.max_user_connections or lower the fan-out';
         end if;
-        perform pg_sleep(0.05);
+        if v_role_ok then
+            -- every slot is taken: wait on one (woken the moment its holder commits, not
+            -- after a fixed sleep), at most lock_timeout, then look at all of them again
+            begin
+                perform pg_advisory_xact_lock(1346913365, v_start);
+                return v_start;
+            exception when lock_not_available then
+                v_start := (v_start + 1) % v_max;
+            end;
+        else
+            perform pg_sleep(0.05);
+        end if;
     end loop;
 end
 $$;
