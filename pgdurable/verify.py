@@ -213,14 +213,13 @@ class HttpRecorder:
 # -- serve ---------------------------------------------------------------------------------
 
 class Serve:
-    """``python -m pgdurable serve`` as a subprocess; every process it forked is remembered."""
+    """``python -m pgdurable serve`` as a subprocess (started again after each kill)."""
 
     def __init__(self, dsn: str, log_path: Path, workers: int = 2) -> None:
         self.dsn = dsn
         self.log_path = log_path
         self.workers_n = workers
         self.proc: subprocess.Popen[bytes] | None = None
-        self.seen: set[int] = set()
         self.starts = 0
 
     def start(self) -> None:
@@ -244,7 +243,6 @@ class Serve:
             pids = [c.pid for c in psutil.Process(self.proc.pid).children()]
         except psutil.NoSuchProcess:
             return []
-        self.seen.update(pids)
         return pids
 
     def wait_workers(self, timeout: float = 30) -> list[int]:
@@ -272,13 +270,23 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        # stragglers: orphaned workers of killed supervisors (ours, by pid)
-        for pid in self.seen:
+        # stragglers: orphaned workers of killed supervisors, seen or not (a worker forked
+        # just before its supervisor was killed never showed up as a child)
+        for p in self.leftovers():
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                p = psutil.Process(pid)
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    p.send_signal(signal.SIGCONT)
-                    p.kill()
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+
+    def leftovers(self) -> list[Any]:
+        """Processes of this run's serves still alive: ours by their PGDURABLE_DSN (the scratch
+        database's name carries the tool's pid), not by a pid that may have been reused."""
+        out = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if p.pid != os.getpid() and p.environ().get("PGDURABLE_DSN") == self.dsn \
+                        and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+        return out
 
 
 # -- what the tool recorded ----------------------------------------------------------------
@@ -307,6 +315,35 @@ class Stats:
     notes: list[str] = field(default_factory=list)
     samples: list[tuple[float, float, int, int, int]] = field(default_factory=list)
     """Soak watch: (t seconds, worker RSS MB, connections to the db, dead tuples, kB)."""
+    holders: list[Counter[str]] = field(default_factory=list)
+    """Soak watch, one per sample: the connections to the db by holder (HOLDERS)."""
+
+
+HOLDERS = ("running serve", "orphaned workers", "client gone", "supervisor heartbeat",
+           "verify itself", "other")
+"""Who holds a connection, from its application_name ("pgdurable worker <pid>", "pgdurable
+listener <pid>", …): a worker of the serve now running, a worker still alive whose supervisor
+was killed, a worker pid that no longer exists (the server has not noticed), the rest."""
+
+
+def holder_of(app: str, current: set[int]) -> tuple[str, int | None]:
+    """(holder, worker pid) of one connection; ``current``: the running serve's workers."""
+    parts = app.split()
+    if len(parts) == 3 and parts[0] == "pgdurable" and parts[1] in ("worker", "listener") \
+            and parts[2].isdigit():
+        pid = int(parts[2])
+        if pid in current:
+            return "running serve", pid
+        alive = psutil is not None and psutil.pid_exists(pid)
+        if alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return ("orphaned workers" if alive else "client gone"), pid
+    if app == "pgdurable supervisor":
+        return "supervisor heartbeat", None
+    if app == "pgdurable verify":
+        return "verify itself", None
+    return "other", None
 
 
 # -- the checker ---------------------------------------------------------------------------
@@ -524,6 +561,15 @@ class Run:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         with contextlib.suppress(Exception):
+            running = set(self.serve.workers())
+            if self.serve.proc is not None:
+                running.add(self.serve.proc.pid)
+            stray = [p.pid for p in self.serve.leftovers() if p.pid not in running]
+            if stray:
+                self.stats.notes.append(f"{len(stray)} orphaned worker(s) of killed "
+                                        f"supervisors still running at teardown (killed): "
+                                        f"{stray[:10]}")
+        with contextlib.suppress(Exception):
             self.serve.stop()
         with contextlib.suppress(Exception):
             self.http.close()
@@ -575,12 +621,14 @@ class Run:
                              (iid, name, json.dumps({"tok": tok})))
             self.sent.append(SentSignal(iid, name, tok))
             return True
-        except psycopg.OperationalError:
-            self.sent.append(SentSignal(iid, name, tok, certain=False))
-            return False
         except psycopg.Error as exc:
+            # refused, the instance is terminal: SQLSTATE 55000, an OperationalError subclass,
+            # so tested first (else the settle phase retried it until its timeout)
             if "signals can only be sent" in str(exc):
                 return True
+            if isinstance(exc, psycopg.OperationalError):
+                self.sent.append(SentSignal(iid, name, tok, certain=False))
+                return False
             raise
 
     def pump(self, inflight: int) -> None:
@@ -671,19 +719,32 @@ class Run:
             if time.monotonic() - last_report > 15:
                 last_report = time.monotonic()
                 self.sample(last_report - t0)
+                conns = (f" connections={self.stats.samples[-1][2]} orphaned workers="
+                         f"{self.stats.holders[-1]['orphaned worker processes']}"
+                         if self.stats.samples else "")
                 self.echo(f"  t={last_report - t0:4.0f}s faults={sum(self.stats.faults.values())}"
-                          f" instances={self.started}", err=True)
+                          f" instances={self.started}{conns}", err=True)
         self.stats.notes.append(f"fault phase {time.monotonic() - t0:.0f}s, "
                                 f"{self.started} instances started")
         return self.settle(t0)
 
     def sample(self, t: float) -> None:
-        """Soak watch: workers' memory, connections and table bloat over the run."""
+        """Soak watch: workers' memory, connections (and who holds them), table bloat."""
         rss = 0.0
-        for pid in self.serve.workers():
+        current = set(self.serve.workers())
+        for pid in current:
             with contextlib.suppress(Exception):
                 rss += psutil.Process(pid).memory_info().rss / 2**20
         with contextlib.suppress(psycopg.Error), self.connect() as conn:
+            holders: Counter[str] = Counter()
+            orphans: set[int] = set()
+            for (app,) in conn.execute("select coalesce(application_name, '') from "
+                                       "pg_stat_activity where datname = current_database()"):
+                who, wpid = holder_of(app, current)
+                holders[who] += 1
+                if who == "orphaned workers" and wpid is not None:
+                    orphans.add(wpid)
+            holders["orphaned worker processes"] = len(orphans)
             row = conn.execute(
                 "select (select count(*) from pg_stat_activity where datname = current_database()),"
                 " (select coalesce(sum(n_dead_tup), 0) from pg_stat_user_tables"
@@ -693,6 +754,7 @@ class Run:
             ).fetchone()
             if row:
                 self.stats.samples.append((t, rss, int(row[0]), int(row[1]), int(row[2])))
+                self.stats.holders.append(holders)
 
     def settle(self, t0: float, timeout: float = 240) -> list[Violation]:
         for t in self.bg:
@@ -729,6 +791,7 @@ class Run:
                             self.pending_signals.append((now, iid, name))
             time.sleep(1)
         self.stats.notes.append(f"settled at t={time.monotonic() - t0:.0f}s")
+        self.sample(time.monotonic() - t0)  # the watch's last sample: after the settle phase
         with self.connect() as conn:
             return check(conn, self.sent, list(self.http.requests), http_cut=self.http_cut,
                          stats=self.stats)
@@ -757,11 +820,18 @@ def render(stats: Stats, violations: list[Violation], seed: int) -> str:
         lines += ["", "violations (first 50)"]
         lines += [f"  {v.kind} {v.instance_id}: {v.detail}" for v in violations[:50]]
     if stats.samples:
-        lines += ["", "soak watch (first / max / last sample)"]
+        lines += ["", "soak watch (first / max / last sample; the last after the settle phase)"]
         for i, name in ((1, "worker RSS MB (all workers)"), (2, "connections to the db"),
                         (3, "dead tuples in df + engine"), (4, "df + engine size kB")):
             vals = [smp[i] for smp in stats.samples]
             lines.append(f"  {name:<34}{vals[0]:>8.0f} {max(vals):>8.0f} {vals[-1]:>8.0f}")
+        if stats.holders:
+            lines.append("  connections by holder")
+            for name in (*HOLDERS, "orphaned worker processes"):
+                vals = [h[name] for h in stats.holders]
+                if any(vals):
+                    lines.append(f"    {name:<32}{vals[0]:>8.0f} {max(vals):>8.0f} "
+                                 f"{vals[-1]:>8.0f}")
     if stats.notes:
         lines += ["", "notes"] + [f"  {n}" for n in stats.notes]
     lines += ["", f"violations: {len(violations)}"]

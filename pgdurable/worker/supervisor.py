@@ -7,7 +7,8 @@
   waits up to a grace period, SIGKILLs stragglers, exits 0;
 - SIGHUP: forwarded, workers reload settings (they re-read pg_durable.* on start of
   each instance anyway);
-- heartbeats a supervisor row in ``<engine>.workers``.
+- heartbeats a supervisor row in ``<engine>.workers``;
+- a worker whose supervisor dies (kill -9) drains and exits by itself (:func:`_watch_parent`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 
@@ -35,9 +37,36 @@ BACKOFF_MAX = 30.0
 BACKOFF_RESET_AFTER = 60.0
 # How long SIGTERM waits for workers to drain before SIGKILL.
 DRAIN_GRACE = 40.0
+# How often a worker checks that its supervisor is still its parent.
+ORPHAN_POLL = 0.5
+
+
+def _watch_parent(parent: int) -> None:
+    """In a worker: drain and exit once the supervisor that forked it is gone (kill -9).
+
+    Runs as a daemon thread started right after fork, so it knows the real parent even when
+    the supervisor dies while the worker is still starting (importing, opening its pool
+    against a restarting database, up to a minute): a check made later, against whatever
+    ``getppid()`` says by then, would take init for the parent and never fire — such a
+    worker ran on unsupervised with its pool open, one more after every supervisor kill,
+    until the server ran out of connections. SIGTERM is the worker's drain (bounded by the
+    lease); a worker still alive after the supervisor's own drain grace exits hard, as the
+    supervisor would have SIGKILLed it.
+    """
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL)
+    logger.warning("supervisor %d is gone; worker %d stops", parent, os.getpid(),
+                   extra={"event": "worker.orphaned"})
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(DRAIN_GRACE)
+    logger.error("orphaned worker %d still running after %.0fs; exiting",
+                 os.getpid(), DRAIN_GRACE, extra={"event": "worker.orphan_killed"})
+    os._exit(1)
 
 
 def _fork_worker(config: ServeConfig) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child
         code = 0
@@ -45,6 +74,8 @@ def _fork_worker(config: ServeConfig) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
+            threading.Thread(target=_watch_parent, args=(parent,), daemon=True,
+                             name="pgdurable-parent-watch").start()
             from .process import run_worker
 
             run_worker(config)

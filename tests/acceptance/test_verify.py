@@ -4,10 +4,12 @@ signal, a changed Idempotency-Key, ...) it reports each violation."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 
 import psycopg
 import pytest
@@ -32,6 +34,66 @@ def test_ci_sized_run_reports_no_violation() -> None:
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
     assert int(total.split()[-1]) >= 40, out
     assert "soak watch" in out, out
+
+
+def test_connections_are_told_apart_by_holder() -> None:
+    """The soak watch groups connections by application_name: a worker of the running serve,
+    an orphaned one (alive, not the running serve's), one whose process is gone."""
+    me, gone = os.getpid(), 2**22 + 12345  # above pid_max's default: no such process
+    assert verify.holder_of(f"pgdurable worker {me}", {me}) == ("running serve", me)
+    assert verify.holder_of(f"pgdurable listener {me}", set()) == ("orphaned workers", me)
+    assert verify.holder_of(f"pgdurable worker {gone}", set()) == ("client gone", gone)
+    assert verify.holder_of("pgdurable supervisor", {me})[0] == "supervisor heartbeat"
+    assert verify.holder_of("pgdurable verify", set())[0] == "verify itself"
+    assert verify.holder_of("psql", set())[0] == "other"
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys, time
+import pgdurable.worker.process as process
+from pgdurable.worker import supervisor
+supervisor.DRAIN_GRACE = 1.0
+
+def starting(config):  # a worker still starting (its pool waits for a restarting database)
+    if sys.argv[1] == "deaf":  # one that does not act on SIGTERM either
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(120)
+
+process.run_worker = starting
+print(supervisor._fork_worker(None), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("worker", ["starting", "deaf"])
+def test_a_worker_exits_when_its_supervisor_is_killed_while_it_starts(worker: str) -> None:
+    """The soak's connection holder: a supervisor killed (-9) while its worker was still
+    starting left a worker that took init for its parent and never noticed; it ran on with its
+    pool open, one more after every such kill, until 'too many clients'. The worker watches
+    the pid that forked it from the fork on: SIGTERM (drain), a hard exit after the grace."""
+    import psutil
+
+    sup = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, worker], cwd=ROOT,
+                           stdout=subprocess.PIPE, text=True)
+    assert sup.stdout is not None
+    child = psutil.Process(int(sup.stdout.readline()))
+    try:
+        time.sleep(0.5)
+        assert child.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        sup.kill()
+        sup.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if not child.is_running() or child.status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the orphaned {worker} worker {child.pid} is still running")
+    finally:
+        sup.stdout.close()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 # -- the checker can fail: hand-written states ----------------------------------------------
