@@ -42,8 +42,13 @@ test: $(BIN)/.installed ## run the whole suite (embedded PG 18 + local PG 15 whe
 test-python: $(BIN)/.installed ## the suite with the pure-Python scheduler
 	PGDURABLE_IMPL=python $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(BIN)/.installed ## benchmark harness: prints a table of ratios
-	$(BIN)/python -m bench
+bench: $(BIN)/.installed ## W1-W3 side by side with the raw floor, DBOS and Procrastinate (BENCH_ARGS=...)
+	@$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench --peers dbos,procrastinate $(BENCH_ARGS)
+
+bench-scale: $(BIN)/.installed ## the scale checks: 1M finished instances, two serves, memory at 10k in flight
+	@$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
 lint: $(BIN)/.installed ## ruff + mypy
 	$(BIN)/ruff check pgdurable tests bench && $(BIN)/mypy pgdurable

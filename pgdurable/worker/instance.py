@@ -49,6 +49,10 @@ class Checkpoint:
     inst_status: str | None = None
     take_budget: int = 0
     """How many immediately runnable successors this worker takes itself (free slots)."""
+    take_sql: int = 0
+    """How many more runnable SQL successors (df database) it takes on top: they wait in its
+    batch queue, not in a slot, and an instance's fan-out then stays on one worker (no
+    checkpoint races with another worker, no reloads)."""
 
     def node(self, node_id: str) -> dict[str, Any]:
         return self.nodes.setdefault(node_id, {"id": node_id, "details": {}})
@@ -77,6 +81,10 @@ class InstanceCtx:
     origins: dict[int, int] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loop_min_interval: float = 1.0
+    dead: bool = False
+    """Its in-memory state may hold changes that were rolled back: whoever still holds this
+    object must reload (a version number alone cannot tell: another transaction may have
+    committed the same number meanwhile)."""
     role_info: tuple[Any, ...] | None = None
     """The submitting role as loaded (rolname, rolsuper, rolcanlogin, superuser instances
     enabled), or None when the role no longer exists."""
@@ -219,9 +227,13 @@ class InstanceCtx:
                 self.loop_started[node] = t
             if node in ready:
                 task = self._task_for(node, gen, now, iter_loops)
-                if task["kind"] == "run" and task["delay"] == 0 and cp.take_budget > 0:
-                    task["take"] = True
-                    cp.take_budget -= 1
+                if task["kind"] == "run" and task["delay"] == 0:
+                    if cp.take_sql > 0 and g.types[node] == A.SQL and not self.database:
+                        task["take"] = True
+                        cp.take_sql -= 1
+                    elif cp.take_budget > 0:
+                        task["take"] = True
+                        cp.take_budget -= 1
                 cp.new_tasks.append(task)
         if step.terminal == A.T_COMPLETED:
             cp.inst_status = "completed"

@@ -82,6 +82,9 @@ BATCH_WINDOW_S = 0.05
 BATCH_RUNNERS = 2
 BATCH_SPAWN_DELAY_S = 0.1
 BATCH_LOCK_WAIT_S = 0.5
+# Runnable SQL successors a checkpoint hands to its own worker's queue beyond the free slots
+# (bounded by what is queued already): a fan-out stays on the worker that has its instance.
+SQL_TAKE_MAX = 256
 # A single step waits this long at most for its instance's lock (held by a batch's or the
 # completer's checkpoint) before giving its transaction up (released, retried).
 LOCK_WAIT_S = 10.0
@@ -285,6 +288,10 @@ class Worker:
         self.inflight[key] = t
         t.add_done_callback(lambda _t, k=key, tk=task: self._done(k, tk))
 
+    def _take_sql(self) -> int:
+        """SQL successors a checkpoint may still hand to this worker's batch queue."""
+        return max(0, SQL_TAKE_MAX - len(self.sql_queue))
+
     def _free_slots(self) -> int:
         return max(0, self.config.slots - (len(self.inflight) - self.http_waiting))
 
@@ -310,7 +317,7 @@ class Worker:
                         if note.channel == "pgdurable_work":
                             self.wake.set()
                         elif note.channel == "pgdurable_cancel":
-                            self.ctxs.pop(note.payload, None)
+                            self._forget(note.payload)
                             await self._interrupt(note.payload, None)
                         elif note.channel == "pgdurable_abandon":
                             inst, _, nodes = note.payload.partition(":")
@@ -384,8 +391,17 @@ class Worker:
 
     # -- instance contexts -----------------------------------------------------------
 
+    def _forget(self, instance_id: str, ctx: InstanceCtx | None = None) -> None:
+        """Drop an instance's cached state, and mark it (and ``ctx``) dead for every holder."""
+        cached = self.ctxs.pop(instance_id, None)
+        if cached is not None:
+            cached.dead = True
+        if ctx is not None:
+            ctx.dead = True
+
     async def _ctx(self, conn: psycopg.AsyncConnection[Any], instance_id: str,
-                   fresh: bool = False, version: int | None = None) -> InstanceCtx | None:
+                   fresh: bool = False, version: int | None = None,
+                   lock: asyncio.Lock | None = None) -> InstanceCtx | None:
         ctx = None if fresh else self.ctxs.get(instance_id)
         if ctx is not None and version is not None and ctx.version < version:
             ctx = None  # another worker checkpointed this instance since we cached it
@@ -407,7 +423,9 @@ class Worker:
                                     self.loop_min_interval)
         logger.debug("loaded instance (version %d)", ctx.version,
                      extra={"event": "instance.loaded"})
-        if old is not None:
+        if lock is not None:  # the caller holds it: the reloaded state is under it too
+            ctx.lock = lock
+        elif old is not None:
             ctx.lock = old.lock
         self.ctxs[instance_id] = ctx
         while len(self.ctxs) > CTX_CACHE_SIZE:
@@ -440,7 +458,7 @@ class Worker:
         except Fenced:
             logger.info("step fenced (lease lost, abandoned or instance finished)",
                         extra={"event": "step.fenced"})
-            self.ctxs.pop(task.instance_id, None)
+            self._forget(task.instance_id)
             # if the task is somehow still ours, give it back rather than sit on it
             await self._release(task)
         except asyncio.CancelledError:
@@ -448,7 +466,7 @@ class Worker:
         except Exception as exc:
             # not the step's own failure (the database went away, our checkpoint failed):
             # give the task back so it runs again — a bounded number of times
-            self.ctxs.pop(task.instance_id, None)
+            self._forget(task.instance_id)
             if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
                 logger.warning("database unavailable during step: %s", exc,
                                extra={"event": "step.infra_error"})
@@ -507,7 +525,8 @@ class Worker:
             async with ctx.lock:
                 if problem is None:
                     step = ctx.sched.start()
-                    cp = Checkpoint(inst_status="running", take_budget=self._free_slots() + 1)
+                    cp = Checkpoint(inst_status="running", take_budget=self._free_slots() + 1,
+                                    take_sql=self._take_sql())
                     ctx.build(step, cp, task.clock)
                     if step.terminal != A.T_RUNNING:
                         cp.inst_status = _terminal_name(step.terminal)
@@ -550,7 +569,7 @@ class Worker:
                  None, task.clock, got)
             for t in cp.new_tasks if t.get("take")]
         if cp.inst_status in ("completed", "failed", "cancelled"):
-            self.ctxs.pop(ctx.instance_id, None)
+            self._forget(ctx.instance_id, ctx)
             logger.info("instance %s", cp.inst_status, extra={"event": "instance.finished"})
 
     async def _run_node(self, task: Task) -> None:
@@ -926,19 +945,25 @@ class Worker:
     async def _run_batch(self, first: _Item, me: object) -> None:
         """Run queued SQL steps of one role in one transaction, each with its checkpoint.
 
-        Exactly-once as for a single step: every statement commits with its checkpoint, in
-        the one COMMIT. Any failure (a statement's error, an oversized result, a fenced
-        checkpoint, a busy instance, the connection) rolls the whole batch back; the steps
-        that ran then run again one per transaction (``_Retry``), which decides each one's
-        outcome. An instance's lock is held only around its checkpoint (as for a single
-        step) and, inside a batch, waited for at most BATCH_LOCK_WAIT_S: a batch holds
-        database locks, so an unbounded wait there could close a cycle PostgreSQL cannot see.
+        First the statements, one after another (``RESET ALL`` and the per-step settings
+        between them), then every step's checkpoint in ascending instance order, then one
+        COMMIT: runs rows are locked only for that short last phase, as for a single step,
+        not while later statements run. Exactly-once as for a single step: each statement
+        commits with its checkpoint. Any failure (a later statement's error, an oversized
+        result, a fenced checkpoint, a busy instance, the connection) rolls the whole batch
+        back; the steps that ran then run again one per transaction (``_Retry``), which
+        decides each one's outcome. A batch of one handles its statement's failure in place.
+        A checkpoint waits at most BATCH_LOCK_WAIT_S for its instance's asyncio lock: the
+        batch holds database locks, so an unbounded wait could close a cycle PostgreSQL cannot
+        see.
         """
         assert self.pool is not None
-        done: list[_Item] = []
+        ran: list[tuple[_Item, Any]] = []
+        held: dict[int, asyncio.Lock] = {}
         item: _Item | None = first
         role = first.ctx.role_oid
         t0 = None  # the window opens once the first step ran (not while waiting for a slot)
+        committed = False
         try:
             runner = await self._runner(role)
             schema_name, _, fn = runner.partition(".")
@@ -947,7 +972,6 @@ class Worker:
             async with self.pool.connection() as conn:
                 try:
                     while item is not None:
-                        stage = "statement"
                         instance_var.set(item.task.instance_id)
                         node_var.set(item.task.node_id)
                         key = (item.task.instance_id, item.task.node_id)
@@ -955,7 +979,7 @@ class Worker:
                         self.runner_busy[me] = time.monotonic()
                         try:
                             async with conn.pipeline():
-                                if not done:
+                                if not ran:
                                     # once per batch: BEGIN, settings, one slot, the identity
                                     await conn.execute(b"begin")
                                     await conn.execute(self.q("step_settings"), (role, role))
@@ -971,49 +995,74 @@ class Worker:
                         value = _envelope(rows)
                         check_size(value, self.config.result_max_bytes, "step result",
                                    setting=RESULT_CAP_SETTING)
-                        stage = "checkpoint"
-                        await self._complete(conn, item.ctx, item.task, item.idx, True, value,
-                                             None, in_tx=True, lock_wait=BATCH_LOCK_WAIT_S)
-                        done.append(item)
+                        ran.append((item, value))
                         item = None
                         if t0 is None:
                             t0 = time.monotonic()
-                        if len(done) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S:
-                            item = self._pick(done[-1].task.instance_id, role)
-                    await conn.execute(self.commit_reset)
+                        if len(ran) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S:
+                            item = self._pick(ran[-1][0].task.instance_id, role)
                 except BaseException as exc:
                     await self._reset(conn)
-                    if not (item is first and stage == "statement"
-                            and isinstance(exc, psycopg.Error | StepError)
+                    if not (item is first and isinstance(exc, psycopg.Error | StepError)
                             and not (conn.broken or conn.closed)):
                         raise
                     # the batch held this step alone: its statement's failure is its
                     # outcome, checkpointed as for a step run on its own (not run again)
                     await self._statement_failed(conn, first.ctx, first.task, first.idx,
                                                  first.text, exc)
-                    item = None
-                    done.append(first)
+                    first.fut.set_result(None)
+                    return
+                try:
+                    # the checkpoints, in the order the statements ran (ascending instances),
+                    # each instance's lock held from its first checkpoint to the COMMIT: its
+                    # runs row stays locked that long, and nobody in this process may then
+                    # compute on state that another open transaction is about to change
+                    for it, value in ran:
+                        instance_var.set(it.task.instance_id)
+                        node_var.set(it.task.node_id)
+                        if id(it.ctx.lock) not in held:
+                            try:
+                                await asyncio.wait_for(it.ctx.lock.acquire(),
+                                                       BATCH_LOCK_WAIT_S)
+                            except TimeoutError:
+                                raise _LockBusy(f"instance {it.task.instance_id} stayed "
+                                                "busy") from None
+                            held[id(it.ctx.lock)] = it.ctx.lock
+                        await self._complete(conn, it.ctx, it.task, it.idx, True, value, None,
+                                             in_tx=True, lock_held=True)
+                    await conn.execute(self.commit_reset)
+                    committed = True
+                except BaseException:
+                    await self._reset(conn)
+                    raise
+                finally:
+                    for lock in held.values():
+                        lock.release()
         except BaseException as exc:
-            ran = done + ([item] if item is not None else [])
-            metrics.batch(len(ran), False)
-            for it in ran:
-                self.ctxs.pop(it.task.instance_id, None)  # its cached state moved on: stale
+            failed = [it for it, _ in ran] + ([item] if item is not None else [])
+            if not committed:
+                metrics.batch(len(failed), False)
+            for it in failed:
+                self._forget(it.task.instance_id, it.ctx)  # rolled back: reload
                 if it.fut.done():
                     continue
                 if isinstance(exc, asyncio.CancelledError):
                     it.fut.cancel()
-                elif it is item and isinstance(exc, Fenced) and not done:
+                elif isinstance(exc, Fenced) and len(failed) == 1:
                     it.fut.set_exception(Fenced())
+                elif committed:
+                    it.fut.set_result(None)  # the session reset after COMMIT failed
                 else:
                     it.fut.set_exception(_Retry())
-            if len(ran) > 1:
+            if len(failed) > 1 and not committed:
                 logger.info("batch of %d SQL steps rolled back (%s: %s); running them alone",
-                            len(ran), type(exc).__name__, exc, extra={"event": "batch.retry"})
+                            len(failed), type(exc).__name__, exc,
+                            extra={"event": "batch.retry"})
             if not isinstance(exc, Exception):
                 raise
         else:
-            metrics.batch(len(done), True)
-            for it in done:
+            metrics.batch(len(ran), True)
+            for it, _ in ran:
                 if not it.fut.done():
                     it.fut.set_result(None)
         finally:
@@ -1135,7 +1184,7 @@ class Worker:
     async def _complete(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                         idx: int, ok: bool, value: Any, err: StepError | None, *,
                         in_tx: bool = False, decision: bool | None = None,
-                        lock_wait: float | None = None) -> None:
+                        lock_held: bool = False) -> None:
         """Checkpoint one leaf outcome; inside the step's transaction when ``in_tx``.
 
         First optimistically, on the cached state (``_apply_v1`` compares the version).
@@ -1144,10 +1193,13 @@ class Worker:
         and apply — nobody can move the instance on in between, so there is no retry
         loop that contention could exhaust.
         """
+        if lock_held:  # a batch holds the instance's lock until its COMMIT
+            await self._complete_locked(conn, ctx, task, idx, ok, value, err, in_tx, decision)
+            return
         if in_tx:
             # inside a transaction that holds locks: bounded wait (see _run_batch)
             try:
-                await asyncio.wait_for(ctx.lock.acquire(), lock_wait or LOCK_WAIT_S)
+                await asyncio.wait_for(ctx.lock.acquire(), LOCK_WAIT_S)
             except TimeoutError:
                 raise _LockBusy(f"instance {ctx.instance_id} stayed busy") from None
         else:
@@ -1175,7 +1227,7 @@ class Worker:
         tx = contextlib.nullcontext() if in_tx else conn.transaction()
         async with tx:
             await conn.execute(self.q("lock_run"), (task.instance_id,))
-            fresh = await self._ctx(conn, task.instance_id, fresh=True)
+            fresh = await self._ctx(conn, task.instance_id, fresh=True, lock=ctx.lock)
             if fresh is None:
                 raise Fenced()
             try:
@@ -1188,10 +1240,11 @@ class Worker:
                              task: Task, idx: int, ok: bool, value: Any, err: StepError | None,
                              decision: bool | None, reloaded: bool) -> None:
         sched = ctx.sched
-        if sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
+        if ctx.dead or sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
             # our cached copy may be behind: reload once; _apply_v1 fences for real
             raise Fenced() if reloaded else _Stale()
-        cp = Checkpoint(take_budget=self._free_slots() + 1)  # +1: this step's slot frees
+        # +1: this step's slot frees
+        cp = Checkpoint(take_budget=self._free_slots() + 1, take_sql=self._take_sql())
         upd = cp.node(task.node_id)
         if task.started is not None and task.kind == "run":
             # a step's run starts when a worker picks it up; a wait (sleep, schedule, signal)
@@ -1216,7 +1269,7 @@ class Worker:
         try:
             step = sched.complete(idx, task.gen, ok, truth)
         except Exception:
-            self.ctxs.pop(ctx.instance_id, None)
+            self._forget(ctx.instance_id, ctx)
             raise
         if decision is None and ok:
             # a leaf's own result: written even if the scheduler finishes it in `finished`
@@ -1226,10 +1279,10 @@ class Worker:
         try:
             await self._apply(conn, ctx, task, cp)
         except (_Stale, Fenced):
-            self.ctxs.pop(ctx.instance_id, None)
+            self._forget(ctx.instance_id, ctx)
             raise
         except BaseException:
-            self.ctxs.pop(ctx.instance_id, None)
+            self._forget(ctx.instance_id, ctx)
             raise
         metrics.step_finished(TYPE_NAMES[ctx.graph.types[idx]], ok)
 

@@ -3,7 +3,9 @@
 -- _extend_v1 skips task rows locked by a checkpoint in progress (a batch of steps holds
 -- several until it commits; waiting on them while holding others could deadlock), and
 -- _step_slot_v1 waits on a taken slot's lock instead of polling with pg_sleep(0.05).
--- Both keep their signatures: workers of version 1 and 2 can run side by side.
+-- _claim_v1 leaves the runnable steps of an instance to the worker that is running other
+-- steps of it (instance affinity: no checkpoint races and reloads between workers).
+-- All keep their signatures: workers of version 1 and 2 can run side by side.
 
 create or replace function @engine@._extend_v1(p_owner text, p_lease_seconds integer,
                                     p_instances text[], p_nodes text[])
@@ -90,4 +92,39 @@ begin
         end if;
     end loop;
 end
+$$;
+
+create or replace function @engine@._claim_v1(p_owner text, p_limit integer, p_lease_seconds integer)
+returns table (instance_id varchar, node_id varchar, gen integer, kind text, attempts integer,
+               submitted_by regrole, database text, deadline timestamptz, clock timestamptz,
+               state_version bigint)
+language sql volatile
+set search_path = pg_catalog
+as $$
+    with picked as (
+        select t.instance_id, t.node_id
+        from @engine@.tasks t
+        where t.lease_owner is null and t.due_at <= @engine@.clock()
+          -- instance affinity: while another worker runs steps of an instance, its other
+          -- runnable steps stay for that worker (it has the instance loaded, and two
+          -- workers checkpointing one instance race and reload it); leases end, so a dead
+          -- worker's instances come free with its leases
+          and not exists (select 1 from @engine@.tasks o
+                          where o.instance_id = t.instance_id and o.lease_owner is not null
+                            and o.lease_owner <> p_owner)
+        order by t.due_at
+        limit p_limit
+        for update skip locked
+    )
+    update @engine@.tasks t
+    set lease_owner = p_owner,
+        lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+        attempts = t.attempts + 1
+    from picked
+    where t.instance_id = picked.instance_id and t.node_id = picked.node_id
+    returning t.instance_id, t.node_id, t.gen, t.kind, t.attempts, t.submitted_by, t.database,
+              t.deadline, @engine@.clock(),
+              -- the instance's checkpoint counter: a worker whose cached copy is older
+              -- reloads before substituting results into the step
+              (select r.state_version from @engine@.runs r where r.instance_id = t.instance_id)
 $$;

@@ -11,7 +11,8 @@
 -- Only the service role calls these; no grants are given to anyone else.
 
 -- Claim: lock candidate rows with SKIP LOCKED so concurrent workers of any number of
--- `serve` processes never wait on each other, and never take more than the free slots.
+-- `serve` processes never wait on each other, and never take more than the free slots;
+-- steps of an instance another worker is running steps of are left to that worker.
 -- The lease is measured on the server clock (now()), due times on @engine@.clock() so
 -- tests can move time for timers and schedules.
 create function @engine@._claim_v1(p_owner text, p_limit integer, p_lease_seconds integer)
@@ -25,6 +26,13 @@ as $$
         select t.instance_id, t.node_id
         from @engine@.tasks t
         where t.lease_owner is null and t.due_at <= @engine@.clock()
+          -- instance affinity: while another worker runs steps of an instance, its other
+          -- runnable steps stay for that worker (it has the instance loaded, and two
+          -- workers checkpointing one instance race and reload it); leases end, so a dead
+          -- worker's instances come free with its leases
+          and not exists (select 1 from @engine@.tasks o
+                          where o.instance_id = t.instance_id and o.lease_owner is not null
+                            and o.lease_owner <> p_owner)
         order by t.due_at
         limit p_limit
         for update skip locked
