@@ -115,7 +115,7 @@ class Task:
     """Run this SQL step in a transaction of its own (a batch it was in rolled back)."""
 
 
-@dataclass
+@dataclass(eq=False)  # `item in queue` by identity, not field by field
 class _Item:
     """A SQL step waiting for a batch runner (see :meth:`Worker._run_batch`)."""
 
