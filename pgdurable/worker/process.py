@@ -84,7 +84,7 @@ BATCH_SPAWN_DELAY_S = 0.1
 BATCH_LOCK_WAIT_S = 0.5
 # Runnable SQL successors a checkpoint hands to its own worker's queue beyond the free slots
 # (bounded by what is queued already): a fan-out stays on the worker that has its instance.
-SQL_TAKE_MAX = 256
+SQL_TAKE_MAX = 1024
 # A single step waits this long at most for its instance's lock (held by a batch's or the
 # completer's checkpoint) before giving its transaction up (released, retried).
 LOCK_WAIT_S = 10.0
