@@ -937,7 +937,12 @@ class Worker:
                 if first is None:
                     return
                 async with self.sql_sem:
-                    await self._run_batch(first, me)
+                    try:
+                        await self._run_batch(first, me)
+                    except Exception:  # a bug of ours: never leave queued steps unattended
+                        logger.exception("batch runner error", extra={"event": "batch.error"})
+                        if not first.fut.done():
+                            first.fut.set_exception(_Retry())
         finally:
             self.batch_running -= 1
             self.runner_busy.pop(me, None)
