@@ -60,7 +60,11 @@ schema-freeze: ## freeze pgdurable/sql/schema/*.sql as the baseline of the curre
 	v=$$($(BIN)/python -c 'from pgdurable.schema import SCHEMA_VERSION as v; print(v)'); \
 	cat pgdurable/sql/schema/*.sql > pgdurable/sql/baseline/v$$v.sql; echo "froze v$$v"
 
-clean: ## remove the venv, build products and the embedded cluster data
+embedded-stop: $(BIN)/.installed ## stop the embedded PostgreSQL that make demo / serve left running
+	$(BIN)/python -c 'from pgdurable.embedded import EmbeddedPostgres, default_data_dir; EmbeddedPostgres(default_data_dir()).stop()'
+
+clean: ## stop the embedded PostgreSQL, remove the venv, build products and its data
+	@test -x $(BIN)/python && $(BIN)/python -c 'from pgdurable.embedded import EmbeddedPostgres, default_data_dir; EmbeddedPostgres(default_data_dir()).stop()' || true
 	rm -rf $(VENV) build *.egg-info native/*.c pgdurable/graph/*.so .pgdurable
 
-.PHONY: help install native demo serve test test-python bench lint schema-freeze clean
+.PHONY: help install native demo serve test test-python bench bench-scale lint schema-freeze embedded-stop clean
