@@ -139,7 +139,7 @@ class Worker:
         self.running_pids: dict[tuple[str, str], int] = {}
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.runners: dict[int, str] = {}
+        self.runners: dict[int, sql.Composed] = {}
         self.remote_pools: dict[str, AsyncConnectionPool] = {}
         self.completer: Completer | None = None
         self.http_waiting = 0
@@ -154,7 +154,8 @@ class Worker:
         self.batch_runners: set[asyncio.Task[None]] = set()
         self.batch_running = 0
         self.runner_busy: dict[object, float] = {}
-        # the session reset as separate statements, so it can share a pipeline with COMMIT
+        self.spawn_check_armed = False
+        # COMMIT and the session reset as one simple query (one round trip)
         body = "\n".join(ln for ln in self.q("reset_session").splitlines()
                           if not ln.lstrip().startswith("--"))
         self.commit_reset = ("commit;\n" + body).encode()
@@ -742,9 +743,11 @@ class Worker:
                           results=ctx.named, vars=ctx.vars,
                           instance_id=ctx.instance_id, label=ctx.label)
 
-    async def _runner(self, role_oid: int) -> str:
-        name = self.runners.get(role_oid)
-        if name is None:
+    async def _step_call(self, role_oid: int) -> sql.Composed:
+        """``select * from <the role's runner>(%s)``: the runner is created on first use."""
+        call = self.runners.get(role_oid)
+        if call is None:
+            name = None
             assert self.pool is not None
             for attempt in range(3):
                 try:
@@ -758,8 +761,11 @@ class Worker:
                     if attempt == 2:
                         raise
             assert name is not None
-            self.runners[role_oid] = name
-        return name
+            schema_name, _, fn = name.partition(".")
+            call = sql.SQL("select * from {}.{}(%s)").format(
+                sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
+            self.runners[role_oid] = call
+        return call
 
     async def _batch_from_cache(self, task: Task) -> bool:
         """The fast path of a SQL step whose instance is cached: straight to a batch runner,
@@ -807,10 +813,7 @@ class Worker:
         stage = "statement"
         held = False
         try:
-            runner = await self._runner(ctx.role_oid)
-            schema_name, _, fn = runner.partition(".")
-            call = sql.SQL("select * from {}.{}(%s)").format(
-                sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
+            call = await self._step_call(ctx.role_oid)
             await self.sql_sem.acquire()
             held = True
             self.running_pids[key] = pid
@@ -882,15 +885,14 @@ class Worker:
     async def _submit_batch(self, ctx: InstanceCtx, task: Task, idx: int, text: str) -> None:
         """Queue a SQL step for a batch runner; returns once its checkpoint committed."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        item = _Item(ctx, task, idx, text, fut)
-        self.sql_queue.append(item)
+        self.sql_queue.append(_Item(ctx, task, idx, text, fut))
         if self.batch_running < BATCH_RUNNERS:
             self._spawn_runner()
-        elif self.batch_running < self.sql_limit:
-            # runners busy with slow statements must not hold this step back: if nobody
-            # took it within the batching window, another runner (up to the slots) will
-            asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_if_waiting,
-                                                  item)
+        elif self.batch_running < self.sql_limit and not self.spawn_check_armed:
+            # runners busy with slow statements must not hold queued steps back: one timer
+            # for the whole queue (not one per step) adds a runner when they all are stuck
+            self.spawn_check_armed = True
+            asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_check)
         await fut
 
     def _spawn_runner(self) -> None:
@@ -899,17 +901,18 @@ class Worker:
         self.batch_runners.add(runner)
         runner.add_done_callback(self.batch_runners.discard)
 
-    def _spawn_if_waiting(self, item: _Item) -> None:
-        """Another runner for a step still queued, if every runner is stuck on a statement."""
-        if item not in self.sql_queue or self.batch_running >= self.sql_limit:
+    def _spawn_check(self) -> None:
+        """Another runner while steps are queued, if every runner is stuck on a statement."""
+        self.spawn_check_armed = False
+        if not self.sql_queue or self.batch_running >= self.sql_limit:
             return
         now = time.monotonic()
         stuck = [t for t in self.runner_busy.values() if now - t >= BATCH_SPAWN_DELAY_S]
         if len(stuck) >= self.batch_running:
             self._spawn_runner()
-        else:  # the runners are moving: they will take it; look again later
-            asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_if_waiting,
-                                                  item)
+        if self.batch_running < self.sql_limit:  # steps still queued: look again later
+            self.spawn_check_armed = True
+            asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_check)
 
     def _pick(self, after: str | None, role: int | None) -> _Item | None:
         """The next queued step for a batch: the lowest instance id first.
@@ -968,12 +971,8 @@ class Worker:
         item: _Item | None = first
         role = first.ctx.role_oid
         t0 = None  # the window opens once the first step ran (not while waiting for a slot)
-        committed = False
         try:
-            runner = await self._runner(role)
-            schema_name, _, fn = runner.partition(".")
-            call = sql.SQL("select * from {}.{}(%s)").format(
-                sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
+            call = await self._step_call(role)
             async with self.pool.connection() as conn:
                 try:
                     while item is not None:
@@ -1026,17 +1025,11 @@ class Worker:
                         instance_var.set(it.task.instance_id)
                         node_var.set(it.task.node_id)
                         if id(it.ctx.lock) not in held:
-                            try:
-                                await asyncio.wait_for(it.ctx.lock.acquire(),
-                                                       BATCH_LOCK_WAIT_S)
-                            except TimeoutError:
-                                raise _LockBusy(f"instance {it.task.instance_id} stayed "
-                                                "busy") from None
+                            await _acquire(it.ctx, BATCH_LOCK_WAIT_S)
                             held[id(it.ctx.lock)] = it.ctx.lock
                         await self._complete(conn, it.ctx, it.task, it.idx, True, value, None,
                                              in_tx=True, lock_held=True)
                     await conn.execute(self.commit_reset)
-                    committed = True
                 except BaseException:
                     await self._reset(conn)
                     raise
@@ -1045,8 +1038,7 @@ class Worker:
                         lock.release()
         except BaseException as exc:
             failed = [it for it, _ in ran] + ([item] if item is not None else [])
-            if not committed:
-                metrics.batch(len(failed), False)
+            metrics.batch(len(failed), False)
             for it in failed:
                 self._forget(it.task.instance_id, it.ctx)  # rolled back: reload
                 if it.fut.done():
@@ -1055,11 +1047,9 @@ class Worker:
                     it.fut.cancel()
                 elif isinstance(exc, Fenced) and len(failed) == 1:
                     it.fut.set_exception(Fenced())
-                elif committed:
-                    it.fut.set_result(None)  # the session reset after COMMIT failed
                 else:
                     it.fut.set_exception(_Retry())
-            if len(failed) > 1 and not committed:
+            if len(failed) > 1:
                 logger.info("batch of %d SQL steps rolled back (%s: %s); running them alone",
                             len(failed), type(exc).__name__, exc,
                             extra={"event": "batch.retry"})
@@ -1203,10 +1193,7 @@ class Worker:
             return
         if in_tx:
             # inside a transaction that holds locks: bounded wait (see _run_batch)
-            try:
-                await asyncio.wait_for(ctx.lock.acquire(), LOCK_WAIT_S)
-            except TimeoutError:
-                raise _LockBusy(f"instance {ctx.instance_id} stayed busy") from None
+            await _acquire(ctx, LOCK_WAIT_S)
         else:
             await ctx.lock.acquire()
         try:
@@ -1298,6 +1285,14 @@ class _Stale(Exception):
 
 class _LockBusy(Exception):
     """An instance's lock stayed taken while our transaction held locks: give it up."""
+
+
+async def _acquire(ctx: InstanceCtx, seconds: float) -> None:
+    """Take an instance's lock, or raise _LockBusy after ``seconds``."""
+    try:
+        await asyncio.wait_for(ctx.lock.acquire(), seconds)
+    except TimeoutError:
+        raise _LockBusy(f"instance {ctx.instance_id} stayed busy") from None
 
 
 class _Retry(Exception):
