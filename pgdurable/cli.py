@@ -23,6 +23,7 @@ from psycopg.rows import dict_row
 
 from . import DF_API_LEVEL, __version__, diagram
 from . import schema as schema_mod
+from .errors import ConfigError
 from .config import (
     LEASE_SECONDS_DEFAULT,
     RESULT_MAX_BYTES_DEFAULT,
@@ -80,7 +81,10 @@ def version(as_json: bool) -> None:
               "(default: pg_catalog as superuser, else public)")
 def install(dsn: str | None, operator_schema: str | None) -> None:
     """Create (or upgrade) the df schema and the engine schema."""
-    res = schema_mod.install(_dsn_or_embedded(dsn), operator_schema=operator_schema)
+    try:
+        res = schema_mod.install(_dsn_or_embedded(dsn), operator_schema=operator_schema)
+    except schema_mod.InstallError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"pgdurable schema version {res.to_version} "
                f"({'installed' if res.from_version == 0 else 'up to date' if not res.changed else 'upgraded from ' + str(res.from_version)}); "
                f"operators in {res.operator_schema}")
@@ -124,25 +128,45 @@ def uninstall(dsn: str | None) -> None:
 @click.option("--result-max-bytes", envvar=_env("RESULT_MAX_BYTES"), type=int,
               default=RESULT_MAX_BYTES_DEFAULT, show_envvar=True,
               help="largest result a step may store; a larger one fails the step")
+@click.option("--step-dsn", envvar=_env("STEP_DSN"), show_envvar=True,
+              help="connection string of the step sessions, as pgdurable_step (default: "
+                   "--dsn with that user; passwords from ~/.pgpass)")
 @click.option("--data-dir", envvar=_env("DATA_DIR"), show_envvar=True,
               help="embedded PostgreSQL data directory")
 def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_policy: str,
           http_allow: tuple[str, ...], metrics_port: int | None, log_format: str,
-          result_max_bytes: int, data_dir: str | None) -> None:
-    """Run the executor: install/upgrade the schema, fork workers, run workflows."""
+          result_max_bytes: int, step_dsn: str | None, data_dir: str | None) -> None:
+    """Run the executor: install/upgrade the schema, fork workers, run workflows.
+
+    --dsn should log in as pgdurable_service. Given another role (an administrator, as in
+    development with trust authentication), serve uses it only to install or upgrade the
+    schema, then logs in as pgdurable_service: no session of the service is ever that
+    administrator, and tenants' statements run only in sessions of pgdurable_step.
+    """
     from . import log
+    from .roles import check_logins, service_dsns
     from .worker.supervisor import supervise
 
     log.setup(log_format)
     allow: list[str] = []
     for item in http_allow:
         allow += [p.strip() for p in item.split(",") if p.strip()]
-    config = ServeConfig(
-        dsn=_dsn_or_embedded(dsn, data_dir), workers=workers, slots=slots,
-        lease_seconds=lease_seconds, http_policy=http_policy, http_allow=tuple(allow),
-        metrics_port=metrics_port, log_format=log_format, result_max_bytes=result_max_bytes,
-    ).validate()
-    res = schema_mod.install(config.dsn)
+    given = _dsn_or_embedded(dsn, data_dir)
+    try:
+        res = schema_mod.install(given)
+    except schema_mod.InstallError as exc:
+        raise click.ClickException(str(exc)) from None
+    service, step = service_dsns(given, step_dsn)
+    try:
+        config = ServeConfig(
+            dsn=service, step_dsn=step, workers=workers, slots=slots,
+            lease_seconds=lease_seconds, http_policy=http_policy, http_allow=tuple(allow),
+            metrics_port=metrics_port, log_format=log_format,
+            result_max_bytes=result_max_bytes,
+        ).validate()
+        check_logins(config.dsn, config.step_dsn)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     logging.getLogger("pgdurable").info("schema version %d ready", res.to_version)
     sys.exit(supervise(config))
 

@@ -36,8 +36,12 @@ class ServeConfig:
     """Configuration of ``pgdurable serve`` and its worker processes."""
 
     dsn: str
-    """PostgreSQL connection string of the df database. Required (serve starts an
-    embedded PostgreSQL and fills this in when none is given)."""
+    """PostgreSQL connection string of the df database, logging in as the service role
+    (pgdurable_service). Required (serve starts an embedded PostgreSQL and fills this in
+    when none is given)."""
+    step_dsn: str = ""
+    """Connection string of the step sessions, logging in as pgdurable_step. Defaults to
+    ``dsn`` with that user (and libpq's password lookup: ~/.pgpass)."""
     workers: int = WORKERS_DEFAULT
     """Worker processes forked by the supervisor. Defaults to the CPU count."""
     slots: int = SLOTS_DEFAULT
@@ -64,6 +68,8 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         if not self.dsn:
             raise ConfigError("dsn: a PostgreSQL connection string is required")
+        if not self.step_dsn:
+            raise ConfigError("step_dsn: the step sessions' connection string is required")
         if self.workers < 1:
             raise ConfigError(f"workers: must be at least 1, got {self.workers!r}")
         if self.slots < 1:

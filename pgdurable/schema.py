@@ -2,7 +2,11 @@
 
 Install applies ``pgdurable/sql/schema/*.sql`` (the current schema, one truth) in
 one transaction under an advisory lock, then records the version in
-``<engine>.migrations`` and marks ``<engine>._worker_ready.schema_version``.
+``<engine>.migrations`` and marks ``<engine>._worker_ready.schema_version``. It runs as
+an administrator (a superuser, or a managed cloud's admin role: no superuser needed):
+it makes pgdurable's roles (:mod:`pgdurable.roles`) and creates every object as
+``pgdurable_owner``; the operators alone are the administrator's (``pg_catalog`` needs a
+superuser; otherwise they go to ``public``).
 Upgrade applies the forward-only ``sql/migrations/<from>-<to>.sql`` files between
 the recorded version and :data:`SCHEMA_VERSION`. Every step is idempotent: a
 second install is an upgrade with nothing to do. ``serve`` calls :func:`install`
@@ -20,11 +24,14 @@ import psycopg
 from psycopg import sql
 
 from . import __version__
+from .roles import OWNER_ROLE, InstallError, ensure_roles
+
+__all__ = ["InstallError", "InstallResult", "install", "installed_version", "uninstall"]
 from .sql import MIGRATIONS_DIR, schema_parts
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this package installs and expects."""
 
 ENGINE_SCHEMA_DEFAULT = "pgdurable"
@@ -104,9 +111,21 @@ def install(
                 f"database has pgdurable schema version {current}, newer than this package's "
                 f"{target_version}; upgrade the package"
             )
+        if current == target_version:
+            conn.rollback()  # nothing to do: no rights needed (serve's own login lands here)
+            return InstallResult(current, current, op_schema)
+        ensure_roles(conn)
         if current == 0:
+            for name in ("df", engine, engine + "_exec"):
+                conn.execute(sql.SQL("create schema if not exists {} authorization {}").format(
+                    sql.Identifier(name), sql.Identifier(OWNER_ROLE)))
             for part in schema_parts():
+                # every object belongs to the owner role; the operators to the admin
+                as_owner = "operators" not in part.name
+                if as_owner:
+                    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(OWNER_ROLE)))
                 conn.execute(render(part.read_text(), engine=engine, op_schema=op_schema).encode())
+                conn.execute("reset role")
             current = target_version
             _record(conn, engine, current)
             logger.info("installed pgdurable schema version %d", current)
@@ -118,7 +137,13 @@ def install(
             path = migrations.get(current)
             if path is None:
                 raise RuntimeError(f"no migration from schema version {current}")
-            conn.execute(render(path.read_text(), engine=engine, op_schema=op_schema).encode())
+            text = path.read_text()
+            # a migration runs as the owner role, unless it says it needs the installer
+            # (2-3.sql hands every object of older versions over to the owner role)
+            if "-- run-as: installer" not in text.split("\n", 1)[0]:
+                conn.execute(sql.SQL("set local role {}").format(sql.Identifier(OWNER_ROLE)))
+            conn.execute(render(text, engine=engine, op_schema=op_schema).encode())
+            conn.execute("reset role")
             current += 1
             _record(conn, engine, current)
             logger.info("migrated pgdurable schema to version %d", current)

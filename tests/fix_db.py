@@ -8,6 +8,14 @@ Servers:
 - more from ``--test-dsn DSN`` (repeatable) or ``PGDURABLE_TEST_DSN`` (comma separated);
   a configured server that cannot be reached aborts the run, loudly.
 
+Roles, as a managed cloud has them: ``admin_dsn`` is the cluster's superuser (the cloud
+provider; the harness uses it to create and drop databases and to look at anything);
+``install_dsn`` is ``pgdurable_test_admin``, a LOGIN role with CREATEROLE and CREATEDB but
+not SUPERUSER (an RDS ``rds_superuser`` / Cloud SQL ``cloudsqlsuperuser`` / Azure
+``azure_pg_admin`` user). It creates the test databases (it owns them), runs
+``pgdurable install`` and ``df.grant_usage``; ``serve`` logs in as ``pgdurable_service``
+and ``pgdurable_step``. No superuser takes part in pgdurable's own work.
+
 Every database test is parametrised over the servers. Isolation without sleeping:
 - ``tx``: a connection to a shared database with ``df`` installed, inside a transaction
   that is rolled back after the test (fast; roles created in it vanish too);
@@ -35,6 +43,8 @@ from pgdurable.embedded import EmbeddedPostgres
 LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 # per test session, so concurrent runs against one shared server do not collide
 TEMPLATE_DB = f"pgdurable_tmpl_{os.getpid()}"
+# the managed cloud's administrator: not a superuser
+INSTALL_ROLE = "pgdurable_test_admin"
 SHARED_DB = f"pgdurable_shared_{os.getpid()}"
 
 
@@ -56,6 +66,10 @@ class Server:
     ready: bool = False
     _roles: list[str] = field(default_factory=list)
 
+    def install_dsn(self, dbname: str) -> str:
+        """As the cloud-style administrator (CREATEROLE, CREATEDB, not SUPERUSER)."""
+        return self.dsn(dbname, user=INSTALL_ROLE)
+
     def dsn(self, dbname: str, user: str | None = None) -> str:
         info = psycopg.conninfo.conninfo_to_dict(self.admin_dsn)
         info["dbname"] = dbname
@@ -70,12 +84,15 @@ class Server:
             self.admin_dsn = self.embedded.start()
         with psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5) as conn:
             self.version = conn.info.server_version // 10000
+            make_install_role(conn)
             for name in (TEMPLATE_DB, SHARED_DB):
                 conn.execute(sql.SQL("drop database if exists {} with (force)").format(
                     sql.Identifier(name)))
+        with psycopg.connect(self.install_dsn("postgres"), autocommit=True) as conn:
+            for name in (TEMPLATE_DB, SHARED_DB):
                 conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        schema.install(self.dsn(TEMPLATE_DB))
-        schema.install(self.dsn(SHARED_DB))
+        schema.install(self.install_dsn(TEMPLATE_DB))
+        schema.install(self.install_dsn(SHARED_DB))
         self.ready = True
 
     def restart(self, mode: str = "fast") -> None:
@@ -83,6 +100,24 @@ class Server:
         assert self.embedded is not None, "only the embedded server can be restarted"
         self.embedded.stop(mode)
         self.embedded.start()
+
+
+def make_install_role(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """The cloud-style administrator (idempotent; cluster-wide, shared by test sessions)."""
+    with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+        if not conn.execute("select 1 from pg_roles where rolname = %s",
+                            (INSTALL_ROLE,)).fetchone():
+            conn.execute(sql.SQL("create role {} login createrole createdb").format(
+                sql.Identifier(INSTALL_ROLE)))
+    # as a managed cloud's admin has it: may end other roles' sessions
+    conn.execute(sql.SQL("grant pg_signal_backend to {}").format(sql.Identifier(INSTALL_ROLE)))
+    # pgdurable's own roles made by an earlier run as another role: the administrator of a
+    # managed cloud would have created them itself (PostgreSQL 16+ then gives it ADMIN OPTION)
+    for role in ("pgdurable_owner", "pgdurable_service", "pgdurable_step"):
+        if conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone():
+            opts = " with admin option" if conn.info.server_version >= 160000 else ""
+            conn.execute(sql.SQL("grant {} to {}" + opts).format(
+                sql.Identifier(role), sql.Identifier(INSTALL_ROLE)))
 
 
 def _discover(config: pytest.Config) -> list[Server]:
@@ -176,6 +211,16 @@ class TestDB:
     def dsn(self) -> str:
         return self.server.dsn(self.name)
 
+    @property
+    def install_dsn(self) -> str:
+        """As the cloud-style administrator that installed pgdurable here."""
+        return self.server.install_dsn(self.name)
+
+    @property
+    def service_dsn(self) -> str:
+        """As pgdurable_service: what serve logs in as."""
+        return self.server.dsn(self.name, user="pgdurable_service")
+
     def dsn_as(self, role: str) -> str:
         return self.server.dsn(self.name, user=role)
 
@@ -187,7 +232,9 @@ class TestDB:
                     superuser: bool = False, login: bool = True) -> str:
         """Create a cluster-wide role with a unique name (dropped after the test)."""
         name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-        with self.connect() as conn:
+        # as the cloud-style administrator; only a superuser can make a superuser
+        dsn = self.dsn if superuser else self.install_dsn
+        with psycopg.connect(dsn, autocommit=True) as conn:
             opts = sql.SQL(" ").join(
                 [sql.SQL("login" if login else "nologin")]
                 + ([sql.SQL("superuser")] if superuser else []))
@@ -203,7 +250,7 @@ def db(server: Server) -> Iterator[TestDB]:
     """A fresh database cloned from the server's template (df already installed)."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     strategy = sql.SQL(" strategy file_copy") if server.version >= 15 else sql.SQL("")
-    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+    with psycopg.connect(server.install_dsn("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("create database {} template {}{}").format(
             sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy))
     tdb = TestDB(server, name)

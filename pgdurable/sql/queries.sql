@@ -11,32 +11,51 @@ from @engine@._claim_v1(%s, %s, %s)
 -- everything a worker needs about one instance, except its nodes; then the submitting role
 -- as the worker must check it before starting the instance (SPEC §9): rolname, rolsuper,
 -- rolcanlogin (null when the role is gone), superuser instances enabled
-select i.label, i.status, i.submitted_by::pg_catalog.oid, i.submitted_by::pg_catalog.text, i.database, i.root_node,
-       r.vars, r.state, r.state_version, r.cancel_reason,
-       ro.rolname, ro.rolsuper, ro.rolcanlogin,
-       coalesce(@engine@.setting('enable_superuser_instances', 'off') in ('on', 'true', '1'),
-                false)
-from df.instances i join @engine@.runs r on r.instance_id = i.id
-left join pg_catalog.pg_roles ro on ro.oid = i.submitted_by::pg_catalog.oid
-where i.id = %s
+select * from @engine@._load_instance_v1(%s)
 
 -- name: load_nodes
 -- the stored graph and the latest outcome of every node
-select id, node_type, query, result_name, left_node, right_node, status, result, status_details
-from df.nodes where instance_id = %s
+select * from @engine@._load_nodes_v1(%s)
 
 -- name: load_results
 -- the instance's named results in the order they were produced
-select name, value from @engine@.results where instance_id = %s order by seq
+select * from @engine@._load_results_v1(%s)
+
+-- name: step_load_instance
+-- load_instance from a step session (after the step's statement): behind its capability
+select * from @engine@._step_load_instance_v1(%s, %s)
+
+-- name: step_load_nodes
+select * from @engine@._step_load_nodes_v1(%s, %s)
+
+-- name: step_load_results
+select * from @engine@._step_load_results_v1(%s, %s)
+
+-- name: step_lock_run
+select @engine@._step_lock_run_v1(%s, %s)
+
+-- name: step_apply
+-- the checkpoint inside a step transaction: the capability, then apply's arguments
+select @engine@._step_apply_v1(%s, %s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.jsonb,
+                               %s::pg_catalog.jsonb, %s::pg_catalog.text[],
+                               %s::pg_catalog.jsonb, %s)
+
+-- name: cap_grant
+-- register a step connection's capability (its backend pid, the token's SHA-256)
+select @engine@._cap_grant_v1(%s, %s, %s)
+
+-- name: runner_ok
+-- is the role's runner the engine's own (owner, SECURITY DEFINER, body)?
+select @engine@._runner_ok_v1(%s::pg_catalog.oid)
+
+-- name: fail_instance
+-- a task over the attempts cap (a start included): fail its instance with the reason
+select @engine@._fail_instance_v1(%s, %s, %s, %s)
 
 -- name: apply
--- one checkpoint (see @engine@._apply_v1 for the return codes, the last column). After a
--- step's statement, in its transaction, whatever that statement did to the session: this
--- query names only qualified objects, and pins search_path to pg_catalog for the queries
--- after it (the first column)
-select pg_catalog.set_config('search_path', 'pg_catalog', true),
-       @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.jsonb,
-                          %s::pg_catalog.jsonb, %s, %s::pg_catalog.jsonb, %s)
+-- one checkpoint on a service connection (see @engine@._apply_v1 for the return codes)
+select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.jsonb,
+                          %s::pg_catalog.jsonb, %s::pg_catalog.text[], %s::pg_catalog.jsonb, %s)
 
 -- name: release
 -- give a leased task back (infrastructure error, shutdown); NULL instance = all of ours
@@ -50,10 +69,6 @@ select @engine@._rescue_v1(%s)
 -- keep our leases alive while steps run
 select @engine@._extend_v1(%s, %s, %s, %s)
 
--- name: runner
--- the submitting role's step runner, created on first use
-select @engine@._runner_v1(%s::pg_catalog.oid::pg_catalog.regrole)
-
 -- name: heartbeat
 -- this process is alive
 select @engine@._heartbeat_v1(%s, %s, %s, %s, %s, %s)
@@ -64,13 +79,13 @@ insert into df._worker_epoch (epoch_id) values (%s)
 on conflict (epoch_id) do update set last_seen_at = now()
 
 -- name: step_settings
--- per-step settings (marks the session as a workflow, bounds the statement) and one of the
--- deployment-wide max_user_connections slots, all in the step's transaction
+-- per-step settings (marks the session as a workflow, bounds the statement), then the step
+-- capability, one of the deployment-wide max_user_connections slots and the step's identity,
+-- all in the step's transaction (a step session: every name qualified)
 select pg_catalog.set_config('df.in_workflow', 'true', true),
        pg_catalog.set_config('statement_timeout',
                              @engine@.setting('step_statement_timeout', '0'), true),
-       @engine@._step_slot_v1(%s),
-       @engine@._step_begin_v1(%s)
+       @engine@._step_begin_v1(%s, %s::pg_catalog.oid)
 
 -- name: step_next
 -- the next step of a batch, in the same transaction, after a RESET ALL (nothing the last
@@ -83,16 +98,17 @@ select pg_catalog.set_config('df.in_workflow', 'true', true),
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,
 -- temp objects, prepared statements, cursors, advisory locks, LISTENs) survives into the next
--- step or the service. DISCARD ALL minus DISCARD PLANS: dropping every cached plan made each
--- step re-plan the engine's plpgsql functions (most of PostgreSQL's CPU per step); plans
--- are keyed by search_path, which RESET ALL restores, so keeping them is safe.
+-- step. DISCARD ALL minus DISCARD PLANS: dropping every cached plan made each step re-plan
+-- the engine's plpgsql functions (most of PostgreSQL's CPU per step); the engine's functions
+-- pin search_path to pg_catalog, pg_temp and qualify every other name, so a tenant's temp
+-- object can never be what one of their plans points at. The worker appends a setseed() with
+-- a fresh random value: a seed a step set must not make the next step's random() guessable.
 reset role; reset all; discard temp; discard sequences; close all; deallocate all; unlisten *;
 select pg_catalog.pg_advisory_unlock_all()
 
 -- name: prune
 -- retention: delete a batch of old terminal instances (one worker at a time)
-select case when pg_try_advisory_xact_lock(1346913362)
-            then @engine@._prune_v1(%s) else 0 end
+select @engine@._prune_v1(%s)
 
 -- name: settings
 -- workflow settings the worker reads (pg_durable.*)
@@ -148,35 +164,23 @@ select exists (select 1 from upd),
        exists (select 1 from @engine@.signals s, (select %s::pg_catalog.varchar as i, %s::pg_catalog.text as n) k
                where s.instance_id = k.i and s.name = k.n)
 
--- name: runner_ddl
--- the CREATE FUNCTION text of a role's step runner, for another database
-select @engine@._runner_ddl_v1(%s::pg_catalog.oid::pg_catalog.regrole, '@engine@_exec'),
-       has_database_privilege(%s::pg_catalog.oid, %s, 'CONNECT')
-
--- name: remote_exec_schema
--- the runner schema in another database (nobody but the service may use it)
-create schema if not exists @engine@_exec
-
--- name: remote_runner_exists
--- does the role's runner exist in this (other) database
-select exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-               where n.nspname = '@engine@_exec' and p.proname = 'step_' || %s::pg_catalog.text)
+-- name: remote_runner_ok
+-- in a `database =>` target (pgdurable installed there too): is the role's runner the
+-- engine's own? NULL when pgdurable is not installed in that database
+select case when pg_catalog.to_regprocedure('@engine@._runner_ok_v1(oid)') is not null
+            then @engine@._runner_ok_v1(%s::pg_catalog.oid) end
 
 -- name: remote_step_settings
--- per-step settings in another database (no engine there: plain set_config)
-select set_config('df.in_workflow', 'true', true)
+-- per-step settings in another database: the capability (registered there), no slot
+select pg_catalog.set_config('df.in_workflow', 'true', true),
+       @engine@._cap_check_v1(%s)
 
 -- name: still_ours
--- is this running step still ours and its instance live (NOTIFY can be sent by anyone)
-select exists (select 1 from @engine@.tasks t join df.instances i on i.id = t.instance_id
-               where t.instance_id = %s and t.node_id = %s and t.lease_owner = %s
+-- which of our running steps are still ours with their instance live (a NOTIFY on
+-- pgdurable_cancel / pgdurable_abandon carries no ids: we ask)
+select k.instance_id, k.node_id,
+       exists (select 1 from @engine@.tasks t join df.instances i on i.id = t.instance_id
+               where t.instance_id = k.instance_id and t.node_id = k.node_id
+                 and t.lease_owner = %s
                  and i.status not in ('completed', 'failed', 'cancelled'))
-
--- name: autocommit_role
--- a maintenance step (VACUUM, CREATE INDEX CONCURRENTLY, …) runs outside any transaction,
--- so outside the runner: as the submitting role, marked as a workflow session
-select pg_catalog.set_config('role', r.rolname, false),
-       pg_catalog.set_config('df.in_workflow', 'true', false),
-       pg_catalog.set_config('statement_timeout',
-                             @engine@.setting('step_statement_timeout', '0'), false)
-from pg_catalog.pg_roles r where r.oid = %s
+from pg_catalog.unnest(%s::pg_catalog.text[], %s::pg_catalog.text[]) as k(instance_id, node_id)

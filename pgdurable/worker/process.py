@@ -11,13 +11,21 @@ Parts (one asyncio task each, all in this process's uvloop loop):
   statements of cancelled instances and abandoned branches;
 - maintenance: extends our leases, rescues expired ones, heartbeats.
 
-The pool is created here, after fork (STYLE B9).
+Two pools, created here after fork (STYLE B9): the service's (``config.dsn``, the
+``pgdurable_service`` role: claims, loads, group commits) and the step sessions'
+(``config.step_dsn``, the ``pgdurable_step`` role, which holds nothing). A tenant's
+statement runs only on a step connection, inside the tenant's runner; each step
+connection gets a random capability when it opens (registered by the service, only its
+hash stored), which the worker passes as a bind parameter to the runner and to the
+token-gated checkpoint, so nothing left behind in the session can call either
+(docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -25,7 +33,9 @@ import re
 import signal
 import socket
 import time
+import secrets
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,12 +73,15 @@ MAX_ATTEMPTS = 10
 # HTTP requests in flight per worker beyond its slots (they wait on the network only; the
 # shared httpx client's connection limits bound the sockets).
 HTTP_INFLIGHT_MAX = 256
-# Statements that PostgreSQL refuses inside transaction blocks and functions, which steps may
-# still run (maintenance runbooks, SPEC D4): one statement, no ';' inside.
+# Statements that PostgreSQL refuses inside transaction blocks and functions: a step cannot
+# run them (it runs inside its runner, in a transaction with its checkpoint); say so.
 AUTOCOMMIT_RE = re.compile(
     r"\s*(vacuum|create\s+(unique\s+)?index\s+concurrently|drop\s+index\s+concurrently"
-    r"|reindex\s.*\bconcurrently|create\s+database|drop\s+database|alter\s+system)\b"
-    r"[^;]*;?\s*\Z", re.IGNORECASE | re.DOTALL)
+    r"|reindex\s.*\bconcurrently|create\s+database|drop\s+database|alter\s+system)\b",
+    re.IGNORECASE | re.DOTALL)
+# Startup options of every service connection: search_path fixed whatever the database's or
+# the role's defaults say (a database owner may ALTER DATABASE ... SET search_path).
+SERVICE_OPTIONS = "-c search_path=pg_catalog,pg_temp"
 RESULT_CAP_SETTING = "pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES)"
 PRUNE_BATCH = 500
 # SQL step batching (SPEC D13: "a batch of steps sharing one connection takes one slot"): a
@@ -134,13 +147,18 @@ class Worker:
         self.engine = config.engine_schema
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.pool: AsyncConnectionPool | None = None
+        self.step_pool: AsyncConnectionPool | None = None
+        # step connection -> its capability token (never sent but as a bind parameter)
+        self.caps: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self.ctxs: OrderedDict[str, InstanceCtx] = OrderedDict()
         self.inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.running_pids: dict[tuple[str, str], int] = {}
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.runners: dict[int, sql.Composed] = {}
+        self.remote_runners: set[tuple[str, int]] = set()
         self.remote_pools: dict[str, AsyncConnectionPool] = {}
+        self.remote_step_pools: dict[str, AsyncConnectionPool] = {}
         self.completer: Completer | None = None
         self.http_waiting = 0
         self.max_iterations = 100_000
@@ -158,7 +176,12 @@ class Worker:
         # COMMIT and the session reset as one simple query (one round trip)
         body = "\n".join(ln for ln in self.q("reset_session").splitlines()
                           if not ln.lstrip().startswith("--"))
-        self.commit_reset = ("commit;\n" + body).encode()
+        self.reset_body = body
+
+    @property
+    def commit_reset(self) -> bytes:
+        """COMMIT, the session reset and a fresh random seed, as one simple query."""
+        return f"commit;\n{self.reset_body};\n{_reseed()}".encode()
 
     def q(self, name: str) -> Any:
         return q(name, self.engine)
@@ -174,15 +197,19 @@ class Worker:
                                 lambda: asyncio.ensure_future(self._load_settings()))
         self.pool = AsyncConnectionPool(
             self.config.dsn, min_size=2, max_size=self.config.slots + 4, open=False,
-            # prepare_threshold None: step connections are reset with DISCARD ALL after every
-            # step (security), which drops server-side prepared statements psycopg would reuse
             kwargs={"autocommit": True, "prepare_threshold": None,
-                    "application_name": f"pgdurable worker {os.getpid()}"},
+                    "application_name": f"pgdurable worker {os.getpid()}",
+                    # no database or role default (ALTER DATABASE ... SET search_path, which
+                    # a database's owner may set) reaches the service's statements
+                    "options": SERVICE_OPTIONS},
             # No check-on-checkout round trip on the hot pool: a broken connection surfaces
             # as OperationalError, the step is released and re-claimed, and the pool
             # replaces the connection.
             name="pgdurable")
         await self.pool.open(wait=True, timeout=60)
+        self.step_pool = self._make_step_pool(self.config.step_dsn, self.pool,
+                                              self.config.slots + 2, "pgdurable:step")
+        await self.step_pool.open(wait=True, timeout=60)
         await self._load_settings()
         self.completer = Completer(self.pool, Fenced)
         self.completer.start()
@@ -230,9 +257,35 @@ class Worker:
                 await conn.execute(self.q("release"), (self.worker_id, None, None))
         if self.http_client is not None:
             await self.http_client.aclose()
-        for rpool in self.remote_pools.values():
+        for rpool in [*self.remote_step_pools.values(), *self.remote_pools.values()]:
             await rpool.close()
+        if self.step_pool is not None:
+            await self.step_pool.close(timeout=5)
         await self.pool.close(timeout=5)
+
+    def _make_step_pool(self, dsn: str, service: AsyncConnectionPool, size: int,
+                        name: str) -> AsyncConnectionPool:
+        """A pool of step sessions; each connection's capability is registered on open."""
+
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            token = secrets.token_hex(16)
+            digest = hashlib.sha256(token.encode()).digest()
+            async with service.connection() as sconn:
+                await sconn.execute(self.q("cap_grant"),
+                                    (conn.info.backend_pid, digest, self.worker_id))
+            self.caps[conn] = token
+
+        # prepare_threshold None: step connections are reset with DISCARD-like statements
+        # after every step (security), which drop server-side prepared statements
+        return AsyncConnectionPool(
+            dsn, min_size=0, max_size=size, open=False, configure=configure,
+            kwargs={"autocommit": True, "prepare_threshold": None,
+                    "application_name": f"pgdurable step {os.getpid()}"},
+            name=name)
+
+    def _cap(self, conn: psycopg.AsyncConnection[Any]) -> str | None:
+        """The capability of a step connection; None for a service connection."""
+        return self.caps.get(conn)
 
     async def _load_settings(self) -> None:
         assert self.pool is not None
@@ -309,42 +362,46 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self.config.dsn, autocommit=True,
+                    self.config.dsn, autocommit=True, options=SERVICE_OPTIONS,
                     application_name=f"pgdurable listener {os.getpid()}")
                 async with conn:
                     await conn.execute(self.q("listen"))
                     self.wake.set()  # anything missed while we were away
                     async for note in conn.notifies():
+                        # payloads carry nothing (any role may LISTEN): ask what changed
                         if note.channel == "pgdurable_work":
                             self.wake.set()
-                        elif note.channel == "pgdurable_cancel":
-                            self._forget(note.payload)
-                            await self._interrupt(note.payload, None)
-                        elif note.channel == "pgdurable_abandon":
-                            inst, _, nodes = note.payload.partition(":")
-                            for nid in nodes.split(","):
-                                await self._interrupt(inst, nid)
+                        elif note.channel in ("pgdurable_cancel", "pgdurable_abandon"):
+                            await self._interrupt()
             except psycopg.Error as exc:
                 logger.warning("listener lost its connection: %s", exc,
                                extra={"event": "listener.error"})
                 await asyncio.sleep(0.5)
 
-    async def _interrupt(self, instance_id: str, node_id: str | None) -> None:
+    async def _interrupt(self) -> None:
+        """Interrupt our running steps that the database says are no longer ours (their
+        instance cancelled or finished, their branch abandoned)."""
         assert self.pool is not None
-        for (inst, nid), pid in list(self.running_pids.items()):
-            if inst == instance_id and (node_id is None or nid == node_id):
-                with contextlib.suppress(psycopg.Error):
-                    async with self.pool.connection() as conn:
-                        # anyone may NOTIFY: interrupt only what the database confirms is
-                        # cancelled or no longer ours
-                        cur = await conn.execute(self.q("still_ours"),
-                                                 (inst, nid, self.worker_id))
-                        row = await cur.fetchone()
-                        if row and row[0]:
-                            continue
-                        await conn.execute(self.q("cancel_backend"), (pid,))
-                logger.info("interrupted step %s of %s", nid, inst,
-                            extra={"event": "step.interrupted"})
+        running = dict(self.running_pids)
+        if not running:
+            return
+        keys = list(running)
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(self.q("still_ours"), (
+                    self.worker_id, [k[0] for k in keys], [k[1] for k in keys]))
+                gone = [(r[0], r[1]) for r in await cur.fetchall() if not r[2]]
+                for inst, nid in gone:
+                    pid = running.get((inst, nid))
+                    if pid is None or self.running_pids.get((inst, nid)) != pid:
+                        continue  # finished meanwhile
+                    self._forget(inst)
+                    await conn.execute(self.q("cancel_backend"), (pid,))
+                    logger.info("interrupted step %s of %s", nid, inst,
+                                extra={"event": "step.interrupted"})
+        except psycopg.Error as exc:
+            logger.warning("could not check running steps: %s", exc,
+                           extra={"event": "listener.error"})
 
     # -- maintenance -----------------------------------------------------------------
 
@@ -409,11 +466,14 @@ class Worker:
         if ctx is not None:
             self.ctxs.move_to_end(instance_id)
             return ctx
-        # one round trip for the three reads
+        # one round trip for the three reads (behind the capability on a step connection)
+        cap = self._cap(conn)
+        pre = "step_" if cap is not None else ""
+        args: tuple[Any, ...] = (cap, instance_id) if cap is not None else (instance_id,)
         async with conn.pipeline():
-            c_inst = await conn.execute(self.q("load_instance"), (instance_id,))
-            c_nodes = await conn.execute(self.q("load_nodes"), (instance_id,))
-            c_named = await conn.execute(self.q("load_results"), (instance_id,))
+            c_inst = await conn.execute(self.q(pre + "load_instance"), args)
+            c_nodes = await conn.execute(self.q(pre + "load_nodes"), args)
+            c_named = await conn.execute(self.q(pre + "load_results"), args)
         inst = await c_inst.fetchone()
         if inst is None:
             return None
@@ -474,22 +534,32 @@ class Worker:
             else:
                 logger.exception("internal error while running a step (attempt %d)",
                                  task.attempts, extra={"event": "step.internal_error"})
-            if task.attempts >= MAX_ATTEMPTS and task.kind != "start":
+            if task.attempts >= MAX_ATTEMPTS:
                 with contextlib.suppress(Exception):
                     await self._poison(task, exc)
                     return
             await self._release(task)
 
     async def _poison(self, task: Task, exc: BaseException) -> None:
-        """Fail a step that could not be handled in MAX_ATTEMPTS claims."""
+        """Fail a step that could not be handled in MAX_ATTEMPTS claims (a start task too:
+        an instance whose graph cannot even load fails instead of being retried forever)."""
         assert self.pool is not None
+        reason = f"step abandoned after {task.attempts} attempts; last error: {exc}"
+        if task.kind != "start":
+            try:
+                async with self.pool.connection() as conn:
+                    ctx = await self._ctx(conn, task.instance_id, fresh=True)
+                if ctx is not None and task.node_id in ctx.index:
+                    err = StepError(reason, sqlstate=getattr(exc, "sqlstate", None))
+                    await self._group_complete(ctx, task, ctx.index[task.node_id], False,
+                                               None, err)
+                    return
+            except Exception:  # noqa: BLE001 - the instance itself is broken: fail it whole
+                logger.warning("cannot load instance to fail its step; failing the instance",
+                               extra={"event": "step.poison"})
         async with self.pool.connection() as conn:
-            ctx = await self._ctx(conn, task.instance_id, fresh=True)
-        if ctx is None or task.node_id not in ctx.index:
-            raise Fenced()
-        err = StepError(f"step abandoned after {task.attempts} attempts; last error: {exc}",
-                        sqlstate=getattr(exc, "sqlstate", None))
-        await self._group_complete(ctx, task, ctx.index[task.node_id], False, None, err)
+            await conn.execute(self.q("fail_instance"),
+                               (self.worker_id, task.instance_id, task.node_id, reason))
 
     async def _release(self, task: Task) -> None:
         assert self.pool is not None
@@ -549,8 +619,9 @@ class Worker:
     async def _apply(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                      cp: Checkpoint) -> None:
         t0 = time.monotonic()
-        cur = await conn.execute(self.q("apply"), (
-            self.worker_id, ctx.instance_id, task.node_id, task.gen, ctx.version,
+        cap = self._cap(conn)
+        cur = await conn.execute(self.q("apply" if cap is None else "step_apply"), (
+            *(() if cap is None else (cap,)), self.worker_id, ctx.instance_id, task.node_id, task.gen, ctx.version,
             dump(ctx.sched.dump_state()), cp.inst_status,
             orjson.dumps(list(cp.nodes.values())).decode(),
             orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
@@ -562,6 +633,9 @@ class Worker:
         got = row[-1] if row else -2
         if got == -1:
             raise _Stale()
+        if got == -3:
+            # the instance's row is locked by someone else (its owner may): try later
+            raise Busy()
         if got < 0:
             raise Fenced()
         ctx.version = got
@@ -743,27 +817,19 @@ class Worker:
                           results=ctx.named, vars=ctx.vars,
                           instance_id=ctx.instance_id, label=ctx.label)
 
-    async def _step_call(self, role_oid: int) -> sql.Composed:
-        """``select * from <the role's runner>(%s)``: the runner is created on first use."""
+    async def _step_call(self, role_oid: int, role_name: str) -> sql.Composed:
+        """``select * from <the role's runner>(cap, sql, max bytes)``, once the runner is
+        verified to be the engine's own (df.grant_usage makes it; the service cannot)."""
         call = self.runners.get(role_oid)
         if call is None:
-            name = None
             assert self.pool is not None
-            for attempt in range(3):
-                try:
-                    async with self.pool.connection() as conn:
-                        cur = await conn.execute(self.q("runner"), (role_oid,))
-                        row = await cur.fetchone()
-                        assert row is not None
-                        name = str(row[0])
-                        break
-                except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateFunction):
-                    if attempt == 2:
-                        raise
-            assert name is not None
-            schema_name, _, fn = name.partition(".")
-            call = sql.SQL("select * from {}.{}(%s)").format(
-                sql.Identifier(schema_name.strip('"')), sql.Identifier(fn.strip('"')))
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(self.q("runner_ok"), (role_oid,))
+                row = await cur.fetchone()
+            if not (row and row[0]):
+                raise StepError(_runner_missing(role_name), sqlstate="42501")
+            call = sql.SQL("select * from {}.{}(%s, %s, %s)").format(
+                sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}"))
             self.runners[role_oid] = call
         return call
 
@@ -800,30 +866,38 @@ class Worker:
             await self._run_sql_elsewhere(conn, ctx, task, idx, text)
             return None
         if task.alone or _testing.BROKEN_CHECKPOINT:
-            await self._run_sql(conn, ctx, task, idx, text)
+            assert self.step_pool is not None
+            async with self.step_pool.connection() as sconn:
+                await self._run_sql(sconn, ctx, task, idx, text)
             return None
         return text
 
     async def _run_sql(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                        idx: int, text: str) -> None:
-        """One SQL step in a transaction of its own; its failure is checkpointed here."""
+        """One SQL step in a transaction of its own on a step connection; its failure is
+        checkpointed here."""
         key = (task.instance_id, task.node_id)
         pid = conn.info.backend_pid
+        cap = self._cap(conn)
+        assert cap is not None, "a SQL step runs on a step connection"
         t0 = time.monotonic()
         stage = "statement"
         held = False
         try:
-            call = await self._step_call(ctx.role_oid)
+            try:
+                call = await self._step_call(ctx.role_oid, ctx.role_name)
+            except StepError as exc:
+                raise _StepFailed(exc) from None
             await self.sql_sem.acquire()
             held = True
             self.running_pids[key] = pid
             try:
-                # one round trip: BEGIN, settings + slot + step identity and the statement,
-                # pipelined (the checkpoint query pins search_path after it)
+                # one round trip: BEGIN, settings + capability + slot + step identity and the
+                # statement, pipelined
                 async with conn.pipeline():
                     await conn.execute(b"begin")
-                    await conn.execute(self.q("step_settings"), (ctx.role_oid, ctx.role_oid))
-                    cur = await conn.execute(call, (text,))
+                    await conn.execute(self.q("step_settings"), (cap, ctx.role_oid))
+                    cur = await conn.execute(call, (cap, text, self.config.result_max_bytes))
                 rows = await cur.fetchall()
             finally:
                 self.running_pids.pop(key, None)
@@ -871,9 +945,14 @@ class Worker:
             await self._complete(conn, ctx, task, idx, False, None, exc)
             return
         if exc.sqlstate == "25001" and AUTOCOMMIT_RE.match(text):
-            # VACUUM, CREATE INDEX CONCURRENTLY, … refuse transaction blocks and functions:
-            # run alone in autocommit, checkpoint right after (SPEC D4: at-least-once)
-            await self._run_autocommit(conn, ctx, task, idx, text)
+            # VACUUM, CREATE INDEX CONCURRENTLY, … refuse transaction blocks and functions;
+            # a step runs inside its runner, in one transaction with its checkpoint
+            await self._complete(conn, ctx, task, idx, False, None, StepError(
+                f"{_pg_message(exc)}: a workflow step runs inside a transaction (its "
+                "checkpoint commits with it), so statements that refuse one (VACUUM, "
+                "CREATE INDEX CONCURRENTLY, REINDEX CONCURRENTLY, CREATE/DROP DATABASE, ALTER "
+                "SYSTEM) cannot be steps; schedule them with cron or pg_cron, or use the "
+                "transactional form (ANALYZE, CREATE INDEX)", sqlstate=exc.sqlstate))
             return
         # the step's statement failed (whatever its SQLSTATE class: 40, 53, 55, 57… are the
         # user's errors too): interrupted steps are fenced at checkpoint
@@ -972,8 +1051,11 @@ class Worker:
         role = first.ctx.role_oid
         t0 = None  # the window opens once the first step ran (not while waiting for a slot)
         try:
-            call = await self._step_call(role)
-            async with self.pool.connection() as conn:
+            call = await self._step_call(role, first.ctx.role_name)
+            assert self.step_pool is not None
+            async with self.step_pool.connection() as conn:
+                cap = self._cap(conn)
+                assert cap is not None
                 try:
                     while item is not None:
                         instance_var.set(item.task.instance_id)
@@ -986,12 +1068,13 @@ class Worker:
                                 if not ran:
                                     # once per batch: BEGIN, settings, one slot, the identity
                                     await conn.execute(b"begin")
-                                    await conn.execute(self.q("step_settings"), (role, role))
+                                    await conn.execute(self.q("step_settings"), (cap, role))
                                 else:
                                     # GUCs the last statement set (search_path, …) end here
                                     await conn.execute(b"reset all")
                                     await conn.execute(self.q("step_next"))
-                                cur = await conn.execute(call, (item.text,))
+                                cur = await conn.execute(
+                                    call, (cap, item.text, self.config.result_max_bytes))
                             rows = await cur.fetchall()
                         finally:
                             self.running_pids.pop(key, None)
@@ -1064,106 +1147,84 @@ class Worker:
             instance_var.set(None)
             node_var.set(None)
 
-    async def _run_autocommit(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
-                              task: Task, idx: int, text: str) -> None:
-        """A maintenance statement that refuses transaction blocks (SQLSTATE 25001).
-
-        It cannot run inside the SECURITY DEFINER runner, so it runs under SET ROLE of the
-        submitting role — safe only because AUTOCOMMIT_RE admits nothing but these utility
-        commands, as one statement (no ';'): they run no user code except index expressions,
-        which PostgreSQL evaluates as the table owner in a security-restricted operation
-        (SET ROLE refused there too). At-least-once: a crash before the checkpoint re-runs it.
-        """
-        key = (task.instance_id, task.node_id)
-        try:
-            await conn.execute(self.q("autocommit_role"), (ctx.role_oid,))
-            self.running_pids[key] = conn.info.backend_pid
-            try:
-                await conn.execute(text.strip().rstrip(";").encode())
-            finally:
-                self.running_pids.pop(key, None)
-        except psycopg.Error as exc:
-            await self._reset(conn)
-            if conn.broken or conn.closed:
-                raise
-            await self._complete(conn, ctx, task, idx, False, None,
-                                 StepError(_pg_message(exc), sqlstate=exc.sqlstate))
-            return
-        await self._reset(conn)
-        await self._complete(conn, ctx, task, idx, True,
-                             {"rows": [], "row_count": 0, "columns": []}, None)
-
     async def _reset(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """After a step: roll back what is left of its transaction, reset the session."""
         if not (conn.broken or conn.closed):
             with contextlib.suppress(psycopg.Error):
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     await conn.execute(b"rollback")
-                await conn.execute(self.q("reset_session"))
+                await conn.execute(f"{self.reset_body};\n{_reseed()}".encode())
 
-    async def _remote_pool(self, dbname: str) -> AsyncConnectionPool:
+    async def _remote_pools(self, dbname: str) -> tuple[AsyncConnectionPool,
+                                                           AsyncConnectionPool]:
+        """The service's and the step sessions' pools for another database."""
         pool = self.remote_pools.get(dbname)
         if pool is None:
-            info = psycopg.conninfo.conninfo_to_dict(self.config.dsn)
-            info["dbname"] = dbname
             pool = AsyncConnectionPool(
-                psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
-                min_size=0, max_size=self.config.slots, open=False,
+                _with_db(self.config.dsn, dbname), min_size=0, max_size=2, open=False,
                 kwargs={"autocommit": True, "prepare_threshold": None,
-                        "application_name": f"pgdurable worker {os.getpid()}"},
+                        "application_name": f"pgdurable worker {os.getpid()}",
+                        "options": SERVICE_OPTIONS},
                 check=AsyncConnectionPool.check_connection, name=f"pgdurable:{dbname}")
             await pool.open(wait=False)
             self.remote_pools[dbname] = pool
-        return pool
+        spool = self.remote_step_pools.get(dbname)
+        if spool is None:
+            spool = self._make_step_pool(_with_db(self.config.step_dsn, dbname), pool,
+                                         self.config.slots, f"pgdurable:step:{dbname}")
+            await spool.open(wait=False)
+            self.remote_step_pools[dbname] = spool
+        return pool, spool
 
     async def _run_sql_elsewhere(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
                                  task: Task, idx: int, text: str) -> None:
         """A step of a `database =>` instance: at-least-once (SPEC D4).
 
         The statement commits in the other database, then the checkpoint commits here; a
-        crash between the two re-runs the statement. The runner (SPEC D5) is created in
-        that database on first use.
+        crash between the two re-runs the statement. That database has pgdurable installed
+        too (its engine idle) and the role granted there (df.grant_usage makes its runner);
+        the worker verifies the runner there as here, and runs the statement on a step
+        connection with a capability registered in that database.
         """
         assert ctx.database is not None
-        cur = await conn.execute(self.q("runner_ddl"), (ctx.role_oid, ctx.role_oid,
-                                                        ctx.database))
-        row = await cur.fetchone()
-        assert row is not None
-        ddl, can_connect = row
-        if not can_connect:
-            await self._complete(conn, ctx, task, idx, False, None, StepError(
-                f"role {ctx.role_name!r} has no CONNECT privilege on database "
-                f"{ctx.database!r}"))
-            return
-        pool = await self._remote_pool(ctx.database)
         key = (task.instance_id, task.node_id)
         try:
-            async with pool.connection() as rconn:
-                cur = await rconn.execute(self.q("remote_runner_exists"), (ctx.role_oid,))
-                exists = await cur.fetchone()
-                if not (exists and exists[0]):
-                    with contextlib.suppress(psycopg.errors.UniqueViolation,
-                                             psycopg.errors.DuplicateFunction):
-                        async with rconn.transaction():
-                            await rconn.execute(self.q("remote_exec_schema"))
-                            await rconn.execute(ddl.encode())
-                call = sql.SQL("select * from {}.{}(%s)").format(
-                    sql.Identifier(f"{self.engine}_exec"),
-                    sql.Identifier(f"step_{ctx.role_oid}"))
+            pool, spool = await self._remote_pools(ctx.database)
+            if (ctx.database, ctx.role_oid) not in self.remote_runners:
+                async with pool.connection() as sconn:
+                    cur = await sconn.execute(self.q("remote_runner_ok"), (ctx.role_oid,))
+                    ok = await cur.fetchone()
+                if not ok or ok[0] is None:
+                    raise StepError(
+                        f"database {ctx.database!r} has no pgdurable: install it there "
+                        f"(pgdurable install --dsn .../{ctx.database}) and run "
+                        f"select df.grant_usage({ctx.role_name!r}) in it", sqlstate="55000")
+                if not ok[0]:
+                    raise StepError(_runner_missing(ctx.role_name) + f" in database "
+                                    f"{ctx.database!r}", sqlstate="42501")
+                self.remote_runners.add((ctx.database, ctx.role_oid))
+            call = sql.SQL("select * from {}.{}(%s, %s, %s)").format(
+                sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{ctx.role_oid}"))
+            async with spool.connection() as rconn:
+                cap = self._cap(rconn)
                 try:
                     async with rconn.transaction():
-                        await rconn.execute(self.q("remote_step_settings"))
+                        await rconn.execute(self.q("remote_step_settings"), (cap,))
                         self.running_pids[key] = rconn.info.backend_pid
                         try:
-                            cur = await rconn.execute(call, (text,))
+                            cur = await rconn.execute(
+                                call, (cap, text, self.config.result_max_bytes))
                             rows = await cur.fetchall()
                         finally:
                             self.running_pids.pop(key, None)
                 finally:
                     await self._reset(rconn)
+        except StepError as exc:
+            await self._complete(conn, ctx, task, idx, False, None, exc)
+            return
         except psycopg.Error as exc:
-            if exc.sqlstate is None:
-                raise  # no SQLSTATE: the connection itself failed — release and retry
+            if exc.sqlstate is None or exc.sqlstate.startswith("08"):
+                raise  # the connection itself failed: release and retry
             await self._complete(conn, ctx, task, idx, False, None,
                                  StepError(_pg_message(exc), sqlstate=exc.sqlstate))
             return
@@ -1218,7 +1279,11 @@ class Worker:
             pass
         tx = contextlib.nullcontext() if in_tx else conn.transaction()
         async with tx:
-            await conn.execute(self.q("lock_run"), (task.instance_id,))
+            cap = self._cap(conn)
+            if cap is None:
+                await conn.execute(self.q("lock_run"), (task.instance_id,))
+            else:
+                await conn.execute(self.q("step_lock_run"), (cap, task.instance_id))
             fresh = await self._ctx(conn, task.instance_id, fresh=True, lock=ctx.lock)
             if fresh is None:
                 raise Fenced()
@@ -1309,6 +1374,24 @@ def _envelope(rows: list[Any]) -> dict[str, Any]:
     """The SQL result envelope of a runner's rows (json values, text or already parsed)."""
     return sql_envelope([r[0] if isinstance(r[0], str) else orjson.dumps(r[0]).decode()
                          for r in rows])
+
+
+def _with_db(dsn: str, dbname: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+def _reseed() -> str:
+    """A setseed() with a fresh random value: random() after a step a tenant seeded must not
+    be predictable to the next step on the connection."""
+    return f"select pg_catalog.setseed({random.SystemRandom().uniform(-1.0, 1.0)!r})"
+
+
+def _runner_missing(role: str) -> str:
+    return (f"the step runner of role {role!r} is missing or is not the one pgdurable made "
+            f"(it runs the role's steps as that role); an administrator must run "
+            f"select df.grant_usage({role!r})")
 
 
 def _pg_message(exc: psycopg.Error) -> str:

@@ -35,7 +35,8 @@ class Serve:
     def start(self) -> Serve:
         env = dict(os.environ)
         env.update({
-            "PGDURABLE_DSN": self.db.dsn,
+            # serve logs in as pgdurable_service (not the superuser, not the installer)
+            "PGDURABLE_DSN": self.db.service_dsn,
             "PGDURABLE_WORKERS": "2",
             "PGDURABLE_LEASE_SECONDS": "5",
             "PGDURABLE_HTTP_POLICY": "allow-list",

@@ -20,11 +20,10 @@
 -- Conventions: lower-case keywords; p_ parameters, v_ locals; identifiers composed only with
 -- format('%I'); every engine function a worker calls carries a _v1 suffix (STYLE B4).
 
-create schema if not exists df;
-create schema if not exists @engine@;
--- the per-role step runners (see worker/identity notes in docs/security.md) live in a schema
--- nobody but the service can even name: a tenant owns its runner but cannot ALTER it.
-create schema if not exists @engine@_exec;
+-- The schemas df, @engine@ and @engine@_exec are created by pgdurable install (schema.py),
+-- owned by pgdurable_owner, before this file runs as that role. @engine@_exec holds the
+-- per-role step runners (docs/security.md): nobody but the engine can even name it, so a
+-- tenant owns its runner but cannot ALTER it.
 
 ------------------------------------------------------------------------------------------
 -- df: the user-facing contract tables (SPEC §2)
@@ -202,11 +201,42 @@ create table @engine@.signals (
 );
 create index signals_instance_name_idx on @engine@.signals (instance_id, name, id);
 
+-- Step capabilities (docs/security.md, "The step session"). A worker registers one random
+-- token per step connection, keyed by that connection's backend pid; only its SHA-256 is
+-- stored. The token reaches the step session solely as a bind parameter of the worker's own
+-- calls, so tenant code in that session (including code PostgreSQL runs at COMMIT, as the
+-- unprivileged step role) never sees it. The runners and every step_* engine function refuse
+-- a call without it: escaped code can call nothing useful.
+create table @engine@.step_caps (
+    pid        integer     not null primary key,
+    token_hash bytea       not null,
+    worker_id  text        not null,
+    created_at timestamptz not null default now()
+);
+
+-- Step slots (SPEC D13): a step transaction locks one row here until it ends. Rows, not
+-- advisory locks: no role but the engine's owner may lock them (a tenant cannot name them).
+create table @engine@.step_slots (
+    slot integer not null primary key
+);
+create table @engine@.role_slots (
+    role oid     not null,
+    slot integer not null,
+    primary key (role, slot)
+);
+
+-- Named engine mutexes taken with FOR UPDATE SKIP LOCKED (prune, 'new'-mode launch slots).
+create table @engine@.locks (
+    name text not null primary key
+);
+insert into @engine@.locks (name) values ('prune');
+
 -- Which role a step transaction runs for (SPEC D5). The worker writes its row inside the
--- step's own transaction, keyed by backend pid and stamped with that transaction's id, so
--- @engine@._invoker() inside an engine helper called from a step identifies the step's role
--- (session_user there is the service's). Unforgeable: tenants cannot write this table, and a
--- stale row never matches another transaction's id.
+-- step's own transaction (through the token-gated @engine@._step_begin_v1), keyed by backend
+-- pid and stamped with that transaction's id, so @engine@._invoker() inside an engine helper
+-- called from a step identifies the step's role (session_user there is the step role).
+-- Unforgeable: tenants cannot write this table, and a stale row never matches another
+-- transaction's id.
 create table @engine@.step_sessions (
     pid  integer not null primary key,
     xid  bigint  not null,
@@ -233,8 +263,8 @@ create table @engine@.workers (
 -- ALTER DATABASE/ALTER SYSTEM/SET work without an extension (SPEC §1).
 create function @engine@.setting(p_name text, p_default text) returns text
 language sql stable parallel safe
-set search_path = pg_catalog
-as $$ select coalesce(nullif(current_setting('pg_durable.' || p_name, true), ''), p_default) $$;
+set search_path = pg_catalog, pg_temp
+as $$ select coalesce(nullif(pg_catalog.current_setting('pg_durable.' || p_name, true), ''), p_default) $$;
 
 -- The clock every df function and engine query uses for due times. Tests control it
 -- (STYLE B16): pg_durable.fake_now pins it (SQL tests), pg_durable.clock_offset shifts a
@@ -242,14 +272,14 @@ as $$ select coalesce(nullif(current_setting('pg_durable.' || p_name, true), '')
 -- starts). Production sets neither.
 create function @engine@.clock() returns timestamptz
 language sql stable parallel safe
-set search_path = pg_catalog
-as $$ select coalesce(nullif(current_setting('pg_durable.fake_now', true), '')::timestamptz,
-                      now())
-             + coalesce(nullif(current_setting('pg_durable.clock_offset', true), '')::interval,
-                        interval '0') $$;
+set search_path = pg_catalog, pg_temp
+as $$ select coalesce(nullif(pg_catalog.current_setting('pg_durable.fake_now', true), '')::pg_catalog.timestamptz,
+                      pg_catalog.now())
+             + coalesce(nullif(pg_catalog.current_setting('pg_durable.clock_offset', true), '')::pg_catalog.interval,
+                        '0'::pg_catalog.interval) $$;
 
 -- True inside a workflow step session (the worker sets df.in_workflow = 'true').
 create function @engine@.in_workflow() returns boolean
 language sql stable parallel safe
-set search_path = pg_catalog
-as $$ select coalesce(current_setting('df.in_workflow', true), '') = 'true' $$;
+set search_path = pg_catalog, pg_temp
+as $$ select coalesce(pg_catalog.current_setting('df.in_workflow', true), '') = 'true' $$;

@@ -578,79 +578,139 @@ create view df.workers as
 
 -- SPEC §4: additive, SECURITY INVOKER (the caller must hold what it hands out). Besides the
 -- df grants, the role gets USAGE on the engine schema and EXECUTE on the engine helpers the
--- df functions call (they are SECURITY DEFINER and check ownership themselves).
+-- df functions call (they are SECURITY DEFINER and check ownership themselves). Tenants get
+-- SELECT on df.vars, not INSERT/UPDATE/DELETE: df.setvar/unsetvar/clearvars write it, and
+-- table-level DML would let any tenant LOCK the shared table and stall every df.start.
+--
+-- Then the role's step runner (50_engine.sql): a SECURITY DEFINER function owned by the role
+-- in @engine@_exec. Only a role that can act as the tenant can make a function it owns, so
+-- this part needs an administrator (a superuser, or a managed cloud's admin role with
+-- CREATEROLE); a delegated admin without that gets an error saying what to run. The role is
+-- given CREATE on @engine@_exec only for the moment it takes to make the runner.
 create function df.grant_usage(p_role text, include_http boolean default false,
                                with_grant boolean default false)
 returns text
 language plpgsql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_opt text := case when with_grant then ' with grant option' else '' end;
-    v_fn  text;
+    v_opt  text := case when with_grant then ' with grant option' else '' end;
+    v_fn   text;
+    v_oid  pg_catalog.oid;
+    v_me   pg_catalog.text := current_user;
+    v_ddl  pg_catalog.text;
 begin
-    if p_role is null or not exists (select 1 from pg_roles r where r.rolname = p_role) then
+    select r.oid into v_oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) p_role;
+    if p_role is null or v_oid is null then
         raise exception 'role "%" does not exist', p_role using errcode = '42704';
     end if;
-    execute format('grant usage on schema df to %I%s', p_role, v_opt);
-    execute format('grant select on df.instances, df.nodes, df.workers to %I%s', p_role, v_opt);
-    execute format('grant update (status, updated_at) on df.instances to %I%s', p_role, v_opt);
-    execute format('grant insert (id, label, root_node, submitted_by, database) on df.instances to %I%s',
+    if p_role operator(pg_catalog.=) any ('{pgdurable_owner,pgdurable_service,pgdurable_step}'::pg_catalog.text[]) then
+        raise exception 'role "%" is one of pgdurable''s own roles and cannot submit workflows', p_role
+            using errcode = '42501';
+    end if;
+    execute pg_catalog.format('grant usage on schema df to %I%s', p_role, v_opt);
+    execute pg_catalog.format('grant select on df.instances, df.nodes, df.workers, df.vars to %I%s', p_role, v_opt);
+    execute pg_catalog.format('grant update (status, updated_at) on df.instances to %I%s', p_role, v_opt);
+    execute pg_catalog.format('grant insert (id, label, root_node, submitted_by, database) on df.instances to %I%s',
                    p_role, v_opt);
-    execute format('grant insert (id, instance_id, node_type, query, result_name, left_node, right_node, '
+    execute pg_catalog.format('grant insert (id, instance_id, node_type, query, result_name, left_node, right_node, '
                    'submitted_by, database) on df.nodes to %I%s', p_role, v_opt);
-    execute format('grant select, insert, update, delete on df.vars to %I%s', p_role, v_opt);
-    execute format('grant usage on schema @engine@ to %I%s', p_role, v_opt);
+    execute pg_catalog.format('grant usage on schema @engine@ to %I%s', p_role, v_opt);
     foreach v_fn in array array[
         '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
         '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
         '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
-        '@engine@._new_start_v1(name,text,text,text)'] loop
-        execute format('grant execute on function %s to %I%s', v_fn::regprocedure, p_role, v_opt);
+        '@engine@._new_start_v1(name,text,text,text)', '@engine@._vars_v1(text,text,text)'] loop
+        if pg_catalog.to_regprocedure(v_fn) is not null then
+            execute pg_catalog.format('grant execute on function %s to %I%s',
+                                      pg_catalog.to_regprocedure(v_fn), p_role, v_opt);
+        end if;
     end loop;
     if include_http then
         -- defined by 10_dsl.sql
         foreach v_fn in array array['df.http(text,text,text,jsonb,integer)',
                                     'df.http_multipart(text,text,jsonb,jsonb,integer)'] loop
-            if to_regprocedure(v_fn) is not null then
-                execute format('grant execute on function %s to %I%s', v_fn::regprocedure, p_role, v_opt);
+            if pg_catalog.to_regprocedure(v_fn) is not null then
+                execute pg_catalog.format('grant execute on function %s to %I%s',
+                                          pg_catalog.to_regprocedure(v_fn), p_role, v_opt);
             end if;
         end loop;
     end if;
     if with_grant then
-        execute format('grant execute on function df.grant_usage(text,boolean,boolean), '
+        execute pg_catalog.format('grant execute on function df.grant_usage(text,boolean,boolean), '
                        'df.revoke_usage(text), df.metrics() to %I with grant option', p_role);
+    end if;
+    -- the runner, made (or remade after an upgrade) as the role itself
+    if not @engine@._runner_ok_v1(v_oid) then
+        if not pg_catalog.pg_has_role(v_me, v_oid, 'USAGE') then
+            begin
+                -- an admin with CREATEROLE (PostgreSQL 15 and older) or ADMIN OPTION on the role
+                execute pg_catalog.format('grant %I to %I', p_role, v_me);
+            exception when insufficient_privilege or invalid_grant_operation then
+                raise exception 'df.grant_usage(%): the step runner of "%" must be created as that role, and "%" cannot act as it',
+                    pg_catalog.quote_literal(p_role), p_role, v_me
+                    using errcode = '42501',
+                          hint = pg_catalog.format('run df.grant_usage(%L) as a superuser or as the administrator that created the role (CREATEROLE), or first: GRANT %I TO %I',
+                                                   p_role, p_role, v_me);
+            end;
+        end if;
+        execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
+                                  'step_' || v_oid::pg_catalog.text);
+        execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text)',
+                                  'step_' || v_oid::pg_catalog.text);
+        execute pg_catalog.format('grant create on schema @engine@_exec to %I', p_role);
+        v_ddl := @engine@._runner_ddl_v1(v_oid::pg_catalog.regrole, '@engine@_exec');
+        execute pg_catalog.format('set local role %I', p_role);
+        execute v_ddl;
+        reset role;
+        -- as the administrator, which can act as the role (the function's owner)
+        execute pg_catalog.format('revoke all on function @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8) from public',
+                                  'step_' || v_oid::pg_catalog.text);
+        execute pg_catalog.format('grant execute on function @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8) to pgdurable_step',
+                                  'step_' || v_oid::pg_catalog.text);
+        execute pg_catalog.format('revoke create on schema @engine@_exec from %I', p_role);
+        if not @engine@._runner_ok_v1(v_oid) then
+            raise exception 'df.grant_usage(%): the step runner was made but does not verify', pg_catalog.quote_literal(p_role)
+                using errcode = 'XX000';
+        end if;
     end if;
     return 'OK';
 end;
 $$;
 
--- The mirror of df.grant_usage; CASCADE also removes what the role handed on.
+-- The mirror of df.grant_usage; CASCADE also removes what the role handed on. The role's
+-- runner is dropped too (as the owner of its schema).
 create function df.revoke_usage(p_role text) returns text
 language plpgsql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_fn text;
+    v_fn  text;
+    v_oid pg_catalog.oid;
 begin
-    if p_role is null or not exists (select 1 from pg_roles r where r.rolname = p_role) then
+    select r.oid into v_oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) p_role;
+    if p_role is null or v_oid is null then
         raise exception 'role "%" does not exist', p_role using errcode = '42704';
     end if;
     -- REVOKE ALL on a table also revokes the column privileges
-    execute format('revoke all on df.instances, df.nodes, df.vars, df.workers from %I cascade', p_role);
+    execute pg_catalog.format('revoke all on df.instances, df.nodes, df.vars, df.workers from %I cascade', p_role);
     foreach v_fn in array array[
         '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
         '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
         '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
-        '@engine@._new_start_v1(name,text,text,text)', 'df.grant_usage(text,boolean,boolean)',
+        '@engine@._new_start_v1(name,text,text,text)', '@engine@._vars_v1(text,text,text)',
+        'df.grant_usage(text,boolean,boolean)',
         'df.revoke_usage(text)', 'df.metrics()', 'df.http(text,text,text,jsonb,integer)',
         'df.http_multipart(text,text,jsonb,jsonb,integer)'] loop
-        if to_regprocedure(v_fn) is not null then
-            execute format('revoke all on function %s from %I cascade', v_fn::regprocedure, p_role);
+        if pg_catalog.to_regprocedure(v_fn) is not null then
+            execute pg_catalog.format('revoke all on function %s from %I cascade',
+                                      pg_catalog.to_regprocedure(v_fn), p_role);
         end if;
     end loop;
-    execute format('revoke all on schema @engine@ from %I cascade', p_role);
-    execute format('revoke all on schema df from %I cascade', p_role);
+    execute pg_catalog.format('revoke all on schema @engine@ from %I cascade', p_role);
+    execute pg_catalog.format('revoke all on schema df from %I cascade', p_role);
+    execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
+                              'step_' || v_oid::pg_catalog.text);
     return 'OK';
 end;
 $$;

@@ -6,9 +6,13 @@
 --   _release_v1    give leased tasks back (shutdown, infrastructure errors)
 --   _rescue_v1     clear expired leases (maintenance), bounded
 --   _extend_v1     extend the leases of a worker's in-flight tasks (heartbeat)
---   _runner_v1     create (once) the per-role step runner in @engine@_exec (docs/security.md)
+--   _runner_*      the per-role step runner's text and its verification (docs/security.md)
+--   _step_*        what a step transaction calls, behind the step capability
 --
--- Only the service role calls these; no grants are given to anyone else.
+-- Only the service role calls the others; the step role gets EXECUTE on the _step_* ones.
+-- Every function pins search_path to pg_catalog, pg_temp (pg_temp last: a session's temp
+-- tables and types never shadow a catalog name) and names everything else with its schema;
+-- operators are written operator(pg_catalog.x) where a step session may reach them.
 
 -- Claim: lock candidate rows with SKIP LOCKED so concurrent workers of any number of
 -- `serve` processes never wait on each other, and never take more than the free slots;
@@ -20,7 +24,7 @@ returns table (instance_id varchar, node_id varchar, gen integer, kind text, att
                submitted_by regrole, database text, deadline timestamptz, clock timestamptz,
                state_version bigint)
 language sql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     with picked as (
         select t.instance_id, t.node_id
@@ -33,6 +37,11 @@ as $$
           and not exists (select 1 from @engine@.tasks o
                           where o.instance_id = t.instance_id and o.lease_owner is not null
                             and o.lease_owner <> p_owner)
+          -- a task of an instance its owner marked terminal (tenants may UPDATE status) is
+          -- never claimed; the rescuer deletes it
+          and not exists (select 1 from df.instances i
+                          where i.id = t.instance_id
+                            and i.status in ('completed', 'failed', 'cancelled'))
         order by t.due_at
         limit p_limit
         for update skip locked
@@ -54,7 +63,10 @@ $$;
 --   -1  stale: state_version moved on since the worker loaded it (reload and recompute;
 --       nothing was written, the caller's transaction can retry);
 --   -2  fenced: the task is no longer ours (lease lost/rescued, abandoned, instance terminal
---       or cancelled) — the caller must roll back everything, including a step's own SQL.
+--       or cancelled) — the caller must roll back everything, including a step's own SQL;
+--   -3  busy: the checkpoint must change the instance's row and someone else holds a lock on
+--       it (its owner may: tenants hold UPDATE (status) on their instances); nothing was
+--       written, try again later. Never waits on a lock a tenant can take.
 -- Lock order: the runs row first (serialises all checkpoints of one instance across every
 -- worker), then tasks, nodes, instances — every writer of an instance takes runs first
 -- (df.cancel's helper does too), so checkpoints cannot deadlock each other.
@@ -64,7 +76,7 @@ create function @engine@._apply_v1(
     p_new_tasks jsonb, p_drop_tasks text[], p_named jsonb, p_lease_seconds integer)
 returns bigint
 language plpgsql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_version bigint;
@@ -83,6 +95,12 @@ begin
     end if;
     if v_version <> p_expected_version then
         return -1;
+    end if;
+    if p_inst_status is not null then
+        perform 1 from df.instances i where i.id = p_instance for update skip locked;
+        if not found then
+            return -3;
+        end if;
     end if;
     if p_task_node is not null then
         delete from @engine@.tasks t
@@ -103,7 +121,9 @@ begin
         )
         select array_agg(d.node_id) into v_dropped from d where d.lease_owner is not null;
         if v_dropped is not null then
-            perform pg_notify('pgdurable_abandon', p_instance || ':' || array_to_string(v_dropped, ','));
+            -- no payload: a channel tells a listener nothing (any role may LISTEN); the
+            -- workers look up which of their running steps are no longer theirs
+            perform pg_catalog.pg_notify('pgdurable_abandon', '');
         end if;
     end if;
 
@@ -150,7 +170,7 @@ begin
                 lease_expires_at = excluded.lease_expires_at, attempts = excluded.attempts;
         if exists (select 1 from jsonb_to_recordset(p_new_tasks) as n(take boolean)
                    where n.take is not true) then
-            perform pg_notify('pgdurable_work', p_instance);
+            perform pg_catalog.pg_notify('pgdurable_work', '');
         end if;
     end if;
 
@@ -170,7 +190,6 @@ begin
             delete from @engine@.tasks t where t.instance_id = p_instance;
             delete from @engine@.signals s where s.instance_id = p_instance;
             delete from @engine@.results r where r.instance_id = p_instance;
-            perform pg_notify('pgdurable_done', p_instance);
         end if;
     end if;
 
@@ -184,10 +203,16 @@ $$;
 create function @engine@._release_v1(p_owner text, p_instance varchar, p_node varchar)
 returns void
 language sql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
+    -- one task given back after an error backs off with its attempts (0.1 s doubling, at
+    -- most 30 s), so a task that keeps failing cannot spin a worker; a shutdown (NULL
+    -- instance) gives everything back as it is
     update @engine@.tasks t
-    set lease_owner = null, lease_expires_at = null
+    set lease_owner = null, lease_expires_at = null,
+        due_at = case when p_instance is null then t.due_at
+                      else greatest(t.due_at, @engine@.clock() + make_interval(
+                               secs => least(30, 0.1 * power(2, least(t.attempts, 10))))) end
     where t.lease_owner = p_owner
       and (p_instance is null or (t.instance_id = p_instance and t.node_id = p_node))
 $$;
@@ -197,7 +222,7 @@ $$;
 create function @engine@._rescue_v1(p_limit integer)
 returns integer
 language sql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     with expired as (
         select t.instance_id, t.node_id
@@ -211,8 +236,21 @@ as $$
         from expired e
         where t.instance_id = e.instance_id and t.node_id = e.node_id
         returning 1
+    ), orphaned as (
+        -- tasks of instances their owner marked terminal, or whose instance row is gone
+        select t.instance_id, t.node_id
+        from @engine@.tasks t
+        left join df.instances i on i.id = t.instance_id
+        where t.lease_owner is null
+          and (i.id is null or i.status in ('completed', 'failed', 'cancelled'))
+        limit p_limit
+        for update of t skip locked
+    ), dropped as (
+        delete from @engine@.tasks t using orphaned o
+        where t.instance_id = o.instance_id and t.node_id = o.node_id
+        returning 1
     )
-    select count(*)::integer from upd
+    select (count(*) + (select count(*) from dropped))::integer from upd
 $$;
 
 -- Only the tasks the worker is really running are extended: a task it lost track of must
@@ -221,7 +259,7 @@ create function @engine@._extend_v1(p_owner text, p_lease_seconds integer,
                                     p_instances text[], p_nodes text[])
 returns integer
 language sql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     -- SKIP LOCKED: a task row locked right now is being checkpointed (its lease ends with
     -- that transaction); waiting for it while holding the rows already extended could
@@ -243,64 +281,103 @@ as $$
     select count(*)::integer from upd
 $$;
 
--- The text of the runner's CREATE FUNCTION for a role, in a given schema: executed here by
--- _runner_v1, and by the worker in another database for `database =>` instances (the
--- runner must live in the database the step runs in).
+-- The runner: a SECURITY DEFINER function owned by the submitting role, so a step's statement
+-- runs as that role and cannot leave it (PostgreSQL refuses SET ROLE / SET SESSION
+-- AUTHORIZATION inside a definer call). It lives in @engine@_exec, where no tenant has USAGE
+-- or CREATE: a tenant owns its runner but cannot name, alter or replace it. It is created by
+-- df.grant_usage (run by an administrator), never by the service. Its body:
+--   1. refuses a caller without this backend's step capability (@engine@.step_caps): code a
+--      tenant leaves to run at COMMIT, as the unprivileged step role, cannot call it;
+--   2. runs the statement and counts result bytes as rows arrive: an oversized result fails
+--      the step before it is all read (the worker's memory stays bounded);
+--   3. fires the deferred constraint triggers the statement queued, now, as the role
+--      (SET CONSTRAINTS ALL IMMEDIATE), and refuses a WITH HOLD cursor (materialised at COMMIT):
+--      what would otherwise run at COMMIT, outside the runner, runs inside it or not at all.
+-- Everything it names is schema-qualified; it does not pin search_path, so the statement
+-- sees the session's usual one ("$user" is the submitting role inside the call).
+create function @engine@._runner_body_v1()
+returns text
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $f$
+    select $body$
+declare
+    r record;
+    v_row pg_catalog.json;
+    v_bytes pg_catalog.int8 := 0;
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    begin
+        for r in execute p_sql loop
+            v_row := pg_catalog.to_json(r);
+            v_bytes := v_bytes operator(pg_catalog.+) pg_catalog.octet_length(v_row::pg_catalog.text);
+            if v_bytes operator(pg_catalog.>) p_max_bytes then
+                raise exception 'step result is over the limit of % bytes', p_max_bytes
+                    using errcode = '54000',
+                          hint = 'return fewer or smaller rows, or raise serve''s --result-max-bytes';
+            end if;
+            return next v_row;
+        end loop;
+    exception when invalid_cursor_definition then
+        if pg_catalog.strpos(sqlerrm, 'multi-query') operator(pg_catalog.>) 0 then
+            raise exception 'a workflow SQL step must be exactly one statement'
+                using errcode = '42601',
+                      hint = 'split it into several steps joined with ~>';
+        end if;
+        execute p_sql;
+    end;
+    set constraints all immediate;
+    if exists (select 1 from pg_catalog.pg_cursors c where c.is_holdable) then
+        raise exception 'a workflow step may not leave a WITH HOLD cursor open'
+            using errcode = '0A000';
+    end if;
+end
+$body$::pg_catalog.text
+$f$;
+
+-- The CREATE FUNCTION of a role's runner in a schema (df.grant_usage runs it as the role).
 create function @engine@._runner_ddl_v1(p_role regrole, p_schema text)
 returns text
 language sql immutable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
-    select format($f$
-        create function %I.%I(p_sql text) returns setof json
-        language plpgsql volatile security definer
-        as $body$
-        declare
-            r record;
-        begin
-            begin
-                for r in execute p_sql loop
-                    return next to_json(r);
-                end loop;
-            exception when invalid_cursor_definition then
-                if sqlerrm like '%%multi-query%%' then
-                    raise exception 'a workflow SQL step must be exactly one statement'
-                        using errcode = '42601',
-                              hint = 'split it into several steps joined with ~>';
-                end if;
-                execute p_sql;
-            end;
-        end
-        $body$;
-        alter function %I.%I(text) owner to %s;
-        revoke all on function %I.%I(text) from public;
-        $f$, p_schema, 'step_' || p_role::oid::text, p_schema, 'step_' || p_role::oid::text,
-        p_role, p_schema, 'step_' || p_role::oid::text)
+    select pg_catalog.format(
+        'create or replace function %I.%I(p_cap pg_catalog.text, p_sql pg_catalog.text, '
+        'p_max_bytes pg_catalog.int8) returns setof pg_catalog.json '
+        'language plpgsql volatile security definer as %L',
+        p_schema, 'step_' || p_role::pg_catalog.oid::pg_catalog.text, @engine@._runner_body_v1())
 $$;
 
-create function @engine@._runner_v1(p_role regrole)
-returns text
-language plpgsql volatile
-set search_path = pg_catalog
+-- Is the role's runner the one the engine made: in @engine@_exec (owned by the engine's
+-- owner), owned by the role, SECURITY DEFINER, plpgsql, with exactly the engine's body, and
+-- no SET clause? The worker checks before it first calls a role's runner (here and in a
+-- `database =>` target); anything else fails the step instead of running it.
+create function @engine@._runner_ok_v1(p_role oid)
+returns boolean
+language sql stable
+set search_path = pg_catalog, pg_temp
 as $$
-declare
-    v_name text := 'step_' || p_role::oid::text;
-begin
-    -- two workers meeting a new role at once: one creates, the other waits and finds it
-    perform pg_advisory_xact_lock(1346913367, hashint8(p_role::oid::bigint));
-    if not exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-                   where n.nspname = '@engine@_exec' and p.proname = v_name) then
-        execute @engine@._runner_ddl_v1(p_role, '@engine@_exec');
-    end if;
-    return format('%I.%I', '@engine@_exec', v_name);
-end
+    select pg_catalog.count(*) operator(pg_catalog.=) 1
+    from pg_catalog.pg_proc p
+    join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) p.pronamespace
+    join pg_catalog.pg_language l on l.oid operator(pg_catalog.=) p.prolang
+    where n.nspname operator(pg_catalog.=) '@engine@_exec'
+      and n.nspowner operator(pg_catalog.=) (select c.relowner from pg_catalog.pg_class c
+                                              where c.oid operator(pg_catalog.=) '@engine@.tasks'::pg_catalog.regclass)
+      and p.proname operator(pg_catalog.=) ('step_' || p_role::pg_catalog.text)
+      and p.proowner operator(pg_catalog.=) p_role
+      and p.prosecdef and p.proconfig is null
+      and l.lanname operator(pg_catalog.=) 'plpgsql'
+      and p.prosrc operator(pg_catalog.=) @engine@._runner_body_v1()
+      and pg_catalog.pg_get_function_identity_arguments(p.oid) operator(pg_catalog.=)
+          'p_cap text, p_sql text, p_max_bytes bigint'
 $$;
 
 create function @engine@._heartbeat_v1(p_worker_id text, p_kind text, p_host text, p_pid integer,
                                        p_version text, p_in_flight integer)
 returns void
 language sql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     insert into @engine@.workers as w (worker_id, kind, host, pid, version, in_flight)
     values (p_worker_id, p_kind, p_host, p_pid, p_version, p_in_flight)
@@ -308,53 +385,77 @@ as $$
         set last_seen_at = now(), in_flight = excluded.in_flight;
     -- forget processes silent for a minute (crashed hosts); live ones re-insert themselves
     delete from @engine@.workers w where w.last_seen_at < now() - interval '60 seconds';
+    -- and the step capabilities of connections that are gone
+    delete from @engine@.step_caps c
+    where not exists (select 1 from pg_catalog.pg_stat_activity a where a.pid = c.pid);
 $$;
 
--- Caps on connections running step SQL (SPEC D13), each slot a transaction-scoped advisory
--- lock taken inside the step's own transaction, so the commit/rollback that ends the step
--- releases it — even when the worker dies:
---   pg_durable.max_user_connections (default 10): deployment-wide, class 'PGDU';
+-- Caps on connections running step SQL (SPEC D13): each slot is a row of @engine@.step_slots
+-- (and, per role, of @engine@.role_slots) locked by the step's own transaction, so the
+-- commit/rollback that ends the step releases it, even when the worker dies:
+--   pg_durable.max_user_connections (default 10): deployment-wide;
 --   pg_durable.max_connections_per_role (default 0 = no per-role cap): per submitting role,
 --     so one tenant cannot take every slot.
+-- Rows, not advisory locks: only the engine's owner can lock them (a tenant holds no
+-- privilege on these tables), so no connected role can take the slots away from the steps.
 -- Waits (on one taken slot at a time, 100 ms each) up to pg_durable.execution_acquire_timeout
--- seconds, then fails the step.
+-- seconds, then fails the step. Not callable by anyone but the engine (_step_begin_v1).
 create function @engine@._step_slot_v1(p_role oid)
 returns integer
 language plpgsql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 set lock_timeout = '100ms'
 as $$
 declare
-    v_max      integer := @engine@.setting('max_user_connections', '10')::integer;
-    v_role_max integer := @engine@.setting('max_connections_per_role', '0')::integer;
-    v_timeout  integer := @engine@.setting('execution_acquire_timeout', '30')::integer;
-    v_deadline timestamptz := clock_timestamp() + make_interval(secs => v_timeout);
-    v_start    integer := floor(random() * v_max)::integer;
-    v_got      integer;
-    v_role_ok  boolean := v_role_max <= 0;
+    v_max      pg_catalog.int4 := greatest(1,
+                   @engine@.setting('max_user_connections', '10')::pg_catalog.int4);
+    v_role_max pg_catalog.int4 := @engine@.setting('max_connections_per_role', '0')::pg_catalog.int4;
+    v_timeout  pg_catalog.int4 := @engine@.setting('execution_acquire_timeout', '30')::pg_catalog.int4;
+    v_deadline pg_catalog.timestamptz := pg_catalog.clock_timestamp()
+                   operator(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout);
+    v_start    pg_catalog.int4 := pg_catalog.floor(pg_catalog.random() * v_max)::pg_catalog.int4;
+    v_got      pg_catalog.int4;
+    v_role_ok  boolean := v_role_max operator(pg_catalog.<=) 0;
 begin
+    -- the slot rows exist up to the current settings (made on first need; settings change)
+    if (select pg_catalog.count(*) from @engine@.step_slots s
+        where s.slot operator(pg_catalog.<) v_max) operator(pg_catalog.<) v_max then
+        insert into @engine@.step_slots (slot)
+        select g from pg_catalog.generate_series(0, v_max - 1) g
+        on conflict do nothing;
+    end if;
+    if not v_role_ok
+       and (select pg_catalog.count(*) from @engine@.role_slots s
+            where s.role operator(pg_catalog.=) p_role
+              and s.slot operator(pg_catalog.<) v_role_max) operator(pg_catalog.<) v_role_max then
+        insert into @engine@.role_slots (role, slot)
+        select p_role, g from pg_catalog.generate_series(0, v_role_max - 1) g
+        on conflict do nothing;
+    end if;
     loop
         if not v_role_ok then
-            -- per-role slots: key hash((role oid << 16) + slot) in their own key space PGDV
-            for i in 0 .. v_role_max - 1 loop
-                if pg_try_advisory_xact_lock(1346913366, hashint8((p_role::bigint << 16) + i)) then
-                    v_role_ok := true;
-                    exit;
-                end if;
-            end loop;
+            perform 1 from @engine@.role_slots s
+            where s.role operator(pg_catalog.=) p_role and s.slot operator(pg_catalog.<) v_role_max
+            limit 1
+            for update skip locked;
+            v_role_ok := found;
         end if;
         if v_role_ok then
-            for i in 0 .. v_max - 1 loop
-                if pg_try_advisory_xact_lock(1346913365, (v_start + i) % v_max) then
-                    return (v_start + i) % v_max;
-                end if;
-            end loop;
+            select s.slot into v_got from @engine@.step_slots s
+            where s.slot operator(pg_catalog.<) v_max
+            order by (s.slot operator(pg_catalog.-) v_start operator(pg_catalog.+) v_max)
+                     operator(pg_catalog.%) v_max
+            limit 1
+            for update skip locked;
+            if found then
+                return v_got;
+            end if;
         end if;
-        if clock_timestamp() >= v_deadline then
+        if pg_catalog.clock_timestamp() operator(pg_catalog.>=) v_deadline then
             if not v_role_ok then
                 raise exception 'connection limit reached: all max_connections_per_role=% step '
                                 'slots of role % stayed busy for execution_acquire_timeout=%s',
-                                v_role_max, p_role::regrole, v_timeout
+                                v_role_max, p_role::pg_catalog.regrole, v_timeout
                     using errcode = '53300',
                           hint = 'raise pg_durable.max_connections_per_role or lower the fan-out';
             end if;
@@ -364,53 +465,299 @@ begin
                       hint = 'raise pg_durable.max_user_connections or lower the fan-out';
         end if;
         if v_role_ok then
-            -- every slot is taken: wait on one (woken the moment its holder commits, not
-            -- after a fixed sleep), at most lock_timeout, then look at all of them again
+            -- every slot is taken: wait on one (woken the moment its holder ends, not after a
+            -- fixed sleep), at most lock_timeout, then look at all of them again
             begin
-                perform pg_advisory_xact_lock(1346913365, v_start);
+                perform 1 from @engine@.step_slots s where s.slot operator(pg_catalog.=) v_start
+                for update;
                 return v_start;
             exception when lock_not_available then
-                v_start := (v_start + 1) % v_max;
+                v_start := (v_start operator(pg_catalog.+) 1) operator(pg_catalog.%) v_max;
             end;
         else
-            perform pg_sleep(0.05);
+            perform pg_catalog.pg_sleep(0.05);
         end if;
     end loop;
 end
 $$;
 
 -- Retention (SPEC §5): terminal instances older than pg_durable.retention_days are pruned in
--- bounded batches; pending/running work is never touched. One worker at a time (the caller
--- holds a try-advisory lock) so batches do not fight.
+-- bounded batches; pending/running work is never touched. One worker at a time (the 'prune'
+-- row of @engine@.locks, skipped when another holds it) so batches do not fight.
 create function @engine@._prune_v1(p_limit integer)
 returns integer
-language sql volatile
-set search_path = pg_catalog
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_days pg_catalog.int4 := @engine@.setting('retention_days', '30')::pg_catalog.int4;
+    v_n    pg_catalog.int4;
+begin
+    if v_days operator(pg_catalog.<=) 0 then
+        return 0;
+    end if;
+    perform 1 from @engine@.locks l where l.name operator(pg_catalog.=) 'prune'
+    for update skip locked;
+    if not found then
+        return 0;
+    end if;
     with old as (
         select i.id from df.instances i
-        where i.status in ('completed', 'failed', 'cancelled')
-          and i.updated_at < now() - make_interval(
-                days => @engine@.setting('retention_days', '30')::integer)
-          and @engine@.setting('retention_days', '30')::integer > 0
+        where i.status operator(pg_catalog.=) any ('{completed,failed,cancelled}'::pg_catalog.text[])
+          and i.updated_at operator(pg_catalog.<) (pg_catalog.now()
+              operator(pg_catalog.-) pg_catalog.make_interval(days => v_days))
         order by i.updated_at
         limit p_limit
         for update skip locked
     ), gone as (
-        delete from df.instances i using old where i.id = old.id returning i.id
+        delete from df.instances i using old where i.id operator(pg_catalog.=) old.id
+        returning i.id
     ), runs as (
-        delete from @engine@.runs r using gone where r.instance_id = gone.id returning 1
+        delete from @engine@.runs r using gone where r.instance_id operator(pg_catalog.=) gone.id
+        returning 1
     )
-    select count(*)::integer from gone
+    select pg_catalog.count(*)::pg_catalog.int4 into v_n from gone;
+    return v_n;
+end
 $$;
 
--- Mark the current transaction as a step of p_role (see @engine@.step_sessions).
-create function @engine@._step_begin_v1(p_role oid)
+------------------------------------------------------------------------------------------
+-- the step session (docs/security.md): token-gated, called by the unprivileged step role
+------------------------------------------------------------------------------------------
+
+-- Register a step connection's capability (the service, when it opens the connection).
+create function @engine@._cap_grant_v1(p_pid integer, p_token_hash bytea, p_worker text)
 returns void
 language sql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
+    insert into @engine@.step_caps as c (pid, token_hash, worker_id)
+    values (p_pid, p_token_hash, p_worker)
+    on conflict (pid) do update
+        set token_hash = excluded.token_hash, worker_id = excluded.worker_id,
+            created_at = pg_catalog.now()
+$$;
+
+-- Raise unless p_cap is this backend's step capability. EXECUTE is PUBLIC (a runner calls it
+-- as its owning tenant): it answers nothing but "yes" or an error, and the token is 128
+-- random bits.
+create function @engine@._cap_check_v1(p_cap text)
+returns void
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if p_cap is null or not exists (
+        select 1 from @engine@.step_caps c
+        where c.pid operator(pg_catalog.=) pg_catalog.pg_backend_pid()
+          and c.token_hash operator(pg_catalog.=)
+              pg_catalog.sha256(pg_catalog.convert_to(p_cap, 'UTF8'))) then
+        raise exception 'not a pgdurable step session: missing or wrong step capability'
+            using errcode = '42501';
+    end if;
+end
+$$;
+
+-- The start of a step transaction: the capability, one step slot, and the step's identity
+-- for @engine@._invoker() (the row is stamped with this transaction's id).
+create function @engine@._step_begin_v1(p_cap text, p_role oid)
+returns integer
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_slot pg_catalog.int4;
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    v_slot := @engine@._step_slot_v1(p_role);
     insert into @engine@.step_sessions as s (pid, xid, role)
-    values (pg_backend_pid(), txid_current(), p_role)
-    on conflict (pid) do update set xid = excluded.xid, role = excluded.role
+    values (pg_catalog.pg_backend_pid(), pg_catalog.txid_current(), p_role)
+    on conflict (pid) do update set xid = excluded.xid, role = excluded.role;
+    return v_slot;
+end
+$$;
+
+-- What a worker reads to load an instance: its row, the engine's data and the submitting
+-- role as the worker must check it before starting the instance (SPEC §9).
+create function @engine@._load_instance_v1(p_instance varchar)
+returns table (label text, status text, role_oid oid, role_text text, database text,
+               root_node varchar, vars jsonb, state bytea, state_version bigint,
+               cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
+               superuser_ok boolean)
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select i.label, i.status, i.submitted_by::pg_catalog.oid, i.submitted_by::pg_catalog.text,
+           i.database, i.root_node, r.vars, r.state, r.state_version, r.cancel_reason,
+           ro.rolname, ro.rolsuper, ro.rolcanlogin,
+           coalesce(@engine@.setting('enable_superuser_instances', 'off')
+                    operator(pg_catalog.=) any ('{on,true,1}'::pg_catalog.text[]), false)
+    from df.instances i
+    join @engine@.runs r on r.instance_id operator(pg_catalog.=) i.id
+    left join pg_catalog.pg_roles ro on ro.oid operator(pg_catalog.=) i.submitted_by::pg_catalog.oid
+    where i.id operator(pg_catalog.=) p_instance
+$$;
+
+create function @engine@._load_nodes_v1(p_instance varchar)
+returns table (id varchar, node_type text, query text, result_name text, left_node varchar,
+               right_node varchar, status text, result jsonb, status_details jsonb)
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
+           n.result, n.status_details
+    from df.nodes n where n.instance_id operator(pg_catalog.=) p_instance
+$$;
+
+create function @engine@._load_results_v1(p_instance varchar)
+returns table (name text, value jsonb)
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select r.name, r.value from @engine@.results r
+    where r.instance_id operator(pg_catalog.=) p_instance
+    order by r.seq
+$$;
+
+-- The same reads and the checkpoint from inside a step transaction, behind the capability.
+create function @engine@._step_load_instance_v1(p_cap text, p_instance varchar)
+returns table (label text, status text, role_oid oid, role_text text, database text,
+               root_node varchar, vars jsonb, state bytea, state_version bigint,
+               cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
+               superuser_ok boolean)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    return query select * from @engine@._load_instance_v1(p_instance);
+end
+$$;
+
+create function @engine@._step_load_nodes_v1(p_cap text, p_instance varchar)
+returns table (id varchar, node_type text, query text, result_name text, left_node varchar,
+               right_node varchar, status text, result jsonb, status_details jsonb)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    return query select * from @engine@._load_nodes_v1(p_instance);
+end
+$$;
+
+create function @engine@._step_load_results_v1(p_cap text, p_instance varchar)
+returns table (name text, value jsonb)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    return query select * from @engine@._load_results_v1(p_instance);
+end
+$$;
+
+create function @engine@._step_lock_run_v1(p_cap text, p_instance varchar)
+returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    perform 1 from @engine@.runs r where r.instance_id operator(pg_catalog.=) p_instance
+    for update;
+end
+$$;
+
+create function @engine@._step_apply_v1(
+    p_cap text, p_owner text, p_instance varchar, p_task_node varchar, p_task_gen integer,
+    p_expected_version bigint, p_state bytea, p_inst_status text, p_nodes jsonb,
+    p_new_tasks jsonb, p_drop_tasks text[], p_named jsonb, p_lease_seconds integer)
+returns bigint
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    return @engine@._apply_v1(p_owner, p_instance, p_task_node, p_task_gen, p_expected_version,
+                              p_state, p_inst_status, p_nodes, p_new_tasks, p_drop_tasks,
+                              p_named, p_lease_seconds);
+end
+$$;
+
+-- A task that could not be handled in the attempts cap (its start included: a graph that
+-- cannot even load): fail its instance with the reason, if the task is still ours.
+create function @engine@._fail_instance_v1(p_owner text, p_instance varchar, p_node varchar,
+                                           p_reason text)
+returns boolean
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform 1 from @engine@.runs r where r.instance_id operator(pg_catalog.=) p_instance
+    for update;
+    delete from @engine@.tasks t
+    where t.instance_id operator(pg_catalog.=) p_instance
+      and t.node_id operator(pg_catalog.=) p_node
+      and t.lease_owner operator(pg_catalog.=) p_owner;
+    if not found then
+        return false;
+    end if;
+    update df.instances i
+    set status = 'failed', updated_at = pg_catalog.now()
+    where i.id operator(pg_catalog.=) p_instance
+      and i.status operator(pg_catalog.<>) all ('{completed,failed,cancelled}'::pg_catalog.text[]);
+    update df.nodes n
+    set status = 'failed', result = pg_catalog.to_jsonb(p_reason), updated_at = pg_catalog.now()
+    where n.instance_id operator(pg_catalog.=) p_instance
+      and n.id operator(pg_catalog.=) p_node
+      and n.status operator(pg_catalog.<>) 'completed';
+    delete from @engine@.tasks t where t.instance_id operator(pg_catalog.=) p_instance;
+    delete from @engine@.signals s where s.instance_id operator(pg_catalog.=) p_instance;
+    delete from @engine@.results r where r.instance_id operator(pg_catalog.=) p_instance;
+    return true;
+end
+$$;
+
+-- df.setvar / df.unsetvar / df.clearvars write through this (tenants hold only SELECT on
+-- df.vars: table-level DML would let one LOCK the shared table). Acts for the calling role
+-- (@engine@._invoker()), on its own rows only. A role's vars are capped (they are frozen into
+-- every instance it starts): pg_durable.vars_max_bytes, default 1 MiB in all.
+create function @engine@._vars_v1(p_op text, p_name text, p_value text)
+returns text
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_me    pg_catalog.regrole;
+    v_max   pg_catalog.int8 := @engine@.setting('vars_max_bytes', '1048576')::pg_catalog.int8;
+    v_total pg_catalog.int8;
+begin
+    select r.oid::pg_catalog.regrole into v_me
+    from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) @engine@._invoker();
+    if v_me is null then
+        raise exception 'no role to act for' using errcode = '42501';
+    end if;
+    if p_op operator(pg_catalog.=) 'set' then
+        insert into df.vars as v (name, value, owner) values (p_name, p_value, v_me)
+        on conflict on constraint vars_pkey do update set value = excluded.value;
+        select pg_catalog.sum(pg_catalog.octet_length(v.name) operator(pg_catalog.+)
+                              coalesce(pg_catalog.octet_length(v.value), 0))
+        into v_total from df.vars v where v.owner operator(pg_catalog.=) v_me;
+        if v_total operator(pg_catalog.>) v_max then
+            raise exception 'df.setvar: the vars of role % would hold % bytes, over pg_durable.vars_max_bytes (%)',
+                v_me, v_total, v_max
+                using errcode = '54000',
+                      hint = 'vars are copied into every instance the role starts: keep large data in a table and pass its key';
+        end if;
+    elsif p_op operator(pg_catalog.=) 'unset' then
+        delete from df.vars v
+        where v.owner operator(pg_catalog.=) v_me and v.name operator(pg_catalog.=) p_name;
+    elsif p_op operator(pg_catalog.=) 'clear' then
+        delete from df.vars v where v.owner operator(pg_catalog.=) v_me;
+    else
+        raise exception 'unknown vars operation %', p_op using errcode = '22023';
+    end if;
+    return 'OK';
+end
 $$;

@@ -1,5 +1,11 @@
 -- pgdurable schema, part 90: privileges (SPEC §4 "Grants"), applied after every other part.
 --
+-- Roles (created by pgdurable install, docs/security.md): pgdurable_owner (NOLOGIN) owns every
+-- object here; pgdurable_service (LOGIN) is a member of it and runs the engine, never a
+-- tenant's statement; pgdurable_step (LOGIN, member of nothing, owns nothing) is the session
+-- a tenant's statement runs in: it may call only the runners and the token-gated _step_*
+-- functions below, so code a tenant leaves behind in that session can do nothing with it.
+--
 -- The model: schema USAGE on df is the gate (df.grant_usage hands it out with the table and
 -- column grants); ordinary df functions keep PUBLIC EXECUTE so a granted role needs nothing
 -- more; the sensitive ones (HTTP, metrics, the grant helpers) are granted explicitly. The
@@ -35,3 +41,21 @@ revoke all on all sequences in schema @engine@ from public;
 revoke all on all functions in schema @engine@ from public;
 revoke all on schema @engine@_exec from public;
 revoke all on all functions in schema @engine@_exec from public;
+
+-- the step role: the runners' schema (EXECUTE on each runner is granted when it is made) and
+-- the token-gated functions of a step transaction; the settings helper its settings query uses
+grant usage on schema @engine@ to pgdurable_step;
+grant usage on schema @engine@_exec to pgdurable_step;
+grant execute on function
+    @engine@.setting(text, text),
+    @engine@._step_begin_v1(text, oid),
+    @engine@._step_apply_v1(text, text, varchar, varchar, integer, bigint, bytea, text, jsonb,
+                            jsonb, text[], jsonb, integer),
+    @engine@._step_load_instance_v1(text, varchar),
+    @engine@._step_load_nodes_v1(text, varchar),
+    @engine@._step_load_results_v1(text, varchar),
+    @engine@._step_lock_run_v1(text, varchar)
+    to pgdurable_step;
+-- a runner checks its caller's capability as its owning tenant: anyone may ask (USAGE on the
+-- engine schema is still needed, which df.grant_usage gives)
+grant execute on function @engine@._cap_check_v1(text) to public;
