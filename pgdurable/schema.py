@@ -84,6 +84,43 @@ def _operator_schema(conn: psycopg.Connection[object], requested: str | None) ->
     return "pg_catalog" if row and row[0] else "public"
 
 
+_BLOCK_START = re.compile(r"^create (function|view) ", re.IGNORECASE)
+
+
+def definitions_of(path: Path) -> str:
+    """The ``create function`` / ``create view`` statements of a schema file, as ``create or
+    replace``: what a migration's ``-- @definitions-of <file>`` line stands for, so a
+    migration re-applies the current definitions instead of copying them (one truth)."""
+    out: list[str] = []
+    block: list[str] | None = None
+    view = False
+    for line in path.read_text().splitlines():
+        if block is None:
+            m = _BLOCK_START.match(line)
+            if not m:
+                continue
+            view = m.group(1).lower() == "view"
+            block = [_BLOCK_START.sub(lambda mm: f"create or replace {mm.group(1)} ", line)]
+        else:
+            block.append(line)
+        end = line.rstrip()
+        if end.endswith(";") if view else (end.endswith("$$;") or end.endswith("$f$;")):
+            out.append("\n".join(block))
+            block = None
+    return "\n\n".join(out) + "\n"
+
+
+def expand(text: str) -> str:
+    """A migration's text with its ``-- @definitions-of <file>`` (the file's functions and
+    views, as create or replace) and ``-- @include <file>`` (the whole file) lines expanded."""
+    from .sql import SCHEMA_DIR
+
+    text = re.sub(r"^-- @definitions-of (\S+)$",
+                  lambda m: definitions_of(SCHEMA_DIR / m.group(1)), text, flags=re.MULTILINE)
+    return re.sub(r"^-- @include (\S+)$", lambda m: (SCHEMA_DIR / m.group(1)).read_text(),
+                  text, flags=re.MULTILINE)
+
+
 def _migrations() -> dict[int, Path]:
     out: dict[int, Path] = {}
     for path in MIGRATIONS_DIR.glob("*.sql"):
@@ -137,10 +174,11 @@ def install(
             path = migrations.get(current)
             if path is None:
                 raise RuntimeError(f"no migration from schema version {current}")
-            text = path.read_text()
+            text = expand(path.read_text())
             # a migration runs as the owner role, unless it says it needs the installer
-            # (2-3.sql hands every object of older versions over to the owner role)
-            if "-- run-as: installer" not in text.split("\n", 1)[0]:
+            # (2-3.sql hands every object of older versions over to the owner role; before
+            # it, the installer owned everything)
+            if current >= 3 and "-- run-as: installer" not in text.split("\n", 1)[0]:
                 conn.execute(sql.SQL("set local role {}").format(sql.Identifier(OWNER_ROLE)))
             conn.execute(render(text, engine=engine, op_schema=op_schema).encode())
             conn.execute("reset role")

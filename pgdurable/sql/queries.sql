@@ -48,6 +48,10 @@ select @engine@._cap_grant_v1(%s, %s, %s)
 -- is the role's runner the engine's own (owner, SECURITY DEFINER, body)?
 select @engine@._runner_ok_v1(%s::pg_catalog.oid)
 
+-- name: slots_ensure
+-- the step slot rows up to the current settings (NULL: every role with queued work)
+select @engine@._slots_ensure_v1(%s::pg_catalog.oid)
+
 -- name: fail_instance
 -- a task over the attempts cap (a start included): fail its instance with the reason
 select @engine@._fail_instance_v1(%s, %s, %s, %s)
@@ -164,11 +168,9 @@ select exists (select 1 from upd),
        exists (select 1 from @engine@.signals s, (select %s::pg_catalog.varchar as i, %s::pg_catalog.text as n) k
                where s.instance_id = k.i and s.name = k.n)
 
--- name: remote_runner_ok
--- in a `database =>` target (pgdurable installed there too): is the role's runner the
--- engine's own? NULL when pgdurable is not installed in that database
-select case when pg_catalog.to_regprocedure('@engine@._runner_ok_v1(oid)') is not null
-            then @engine@._runner_ok_v1(%s::pg_catalog.oid) end
+-- name: remote_engine_present
+-- in a `database =>` target: is pgdurable installed there (its runner check)?
+select pg_catalog.to_regprocedure('@engine@._runner_ok_v1(oid)') is not null
 
 -- name: remote_step_settings
 -- per-step settings in another database: the capability (registered there), no slot

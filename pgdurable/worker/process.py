@@ -299,6 +299,7 @@ class Worker:
             # rest would only wait for a slot inside PostgreSQL, holding a connection
             self.sql_limit = max(1, min(self.config.slots, row[3]))
             self.sql_sem = asyncio.Semaphore(self.sql_limit)
+            await conn.execute(self.q("slots_ensure"), (None,))
 
     # -- producer --------------------------------------------------------------------
 
@@ -435,6 +436,7 @@ class Worker:
                         self.worker_id, "worker", host, os.getpid(), __version__,
                         len(self.inflight)))
                     await conn.execute(self.q("epoch"), (epoch,))
+                    await conn.execute(self.q("slots_ensure"), (None,))
                     if time.monotonic() >= next_prune:
                         next_prune = time.monotonic() + PRUNE_INTERVAL
                         cur = await conn.execute(self.q("prune"), (PRUNE_BATCH,))
@@ -579,6 +581,8 @@ class Worker:
             if ctx is None:
                 return
             role = ctx.role_info  # loaded with the instance, just now (fresh)
+            # the role's step slots (max_connections_per_role) exist before its first step
+            await conn.execute(self.q("slots_ensure"), (ctx.role_oid,))
             problem = None
             if role is None:
                 problem = f"the submitting role (oid {ctx.role_oid}) no longer exists"
@@ -1150,10 +1154,15 @@ class Worker:
     async def _reset(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """After a step: roll back what is left of its transaction, reset the session."""
         if not (conn.broken or conn.closed):
-            with contextlib.suppress(psycopg.Error):
+            try:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     await conn.execute(b"rollback")
                 await conn.execute(f"{self.reset_body};\n{_reseed()}".encode())
+            except psycopg.Error as exc:
+                # a session we cannot vouch for is not reused: the pool replaces it
+                logger.warning("closing a step connection whose reset failed: %s", exc,
+                               extra={"event": "step.reset_failed"})
+                await conn.close()
 
     async def _remote_pools(self, dbname: str) -> tuple[AsyncConnectionPool,
                                                            AsyncConnectionPool]:
@@ -1192,8 +1201,13 @@ class Worker:
             pool, spool = await self._remote_pools(ctx.database)
             if (ctx.database, ctx.role_oid) not in self.remote_runners:
                 async with pool.connection() as sconn:
-                    cur = await sconn.execute(self.q("remote_runner_ok"), (ctx.role_oid,))
+                    cur = await sconn.execute(self.q("remote_engine_present"))
                     ok = await cur.fetchone()
+                    if ok and ok[0]:
+                        cur = await sconn.execute(self.q("runner_ok"), (ctx.role_oid,))
+                        ok = await cur.fetchone()
+                    else:
+                        ok = (None,)
                 if not ok or ok[0] is None:
                     raise StepError(
                         f"database {ctx.database!r} has no pgdurable: install it there "

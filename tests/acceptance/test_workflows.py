@@ -229,26 +229,39 @@ def test_superuser_submitted_instance_is_refused_at_load(db, running):
 
 
 def test_steps_in_another_database(db, running, tenant):
-    """database => runs steps there (at-least-once), the control plane stays here."""
+    """database => runs steps there (at-least-once), the control plane stays here. The other
+    database needs pgdurable installed and the role granted there (its runner); without
+    them the step fails saying what to do."""
+    import psycopg
+
+    from pgdurable import schema
+
     other = f"{db.name}_other"
-    with db.connect() as conn:
+    with psycopg.connect(db.server.install_dsn("postgres"), autocommit=True) as conn:
         conn.execute(f'create database "{other}"')
     try:
         odsn = db.server.dsn(other)
-        import psycopg
-
         with psycopg.connect(odsn, autocommit=True) as oc:
             oc.execute("create table t (v int)")
             oc.execute(f'grant all on t to "{tenant}"')
+        expr = ("'insert into t values (7) returning v' ~> "
+                "'select current_database() as db, sum(v) as s, current_user::text as u from t'")
         with db.connect(tenant) as conn:
-            iid = conn.execute(
-                "select df.start('insert into t values (7) returning v' ~> "
-                "'select current_database() as db, sum(v) as s from t', null, %s)",
-                (other,)).fetchone()[0]
+            iid = conn.execute(f"select df.start({expr}, null, %s)", (other,)).fetchone()[0]
+            status = conn.execute("select df.await_instance(%s, 60)", (iid,)).fetchone()[0]
+            err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
+        assert status == "failed"
+        assert "has no pgdurable: install it there" in err["error"], err
+        # installed by the administrator, the role granted there
+        schema.install(db.server.install_dsn(other))
+        with psycopg.connect(db.server.install_dsn(other), autocommit=True) as oc:
+            oc.execute("select df.grant_usage(%s)", (tenant,))
+        with db.connect(tenant) as conn:
+            iid = conn.execute(f"select df.start({expr}, null, %s)", (other,)).fetchone()[0]
             status = conn.execute("select df.await_instance(%s, 60)", (iid,)).fetchone()[0]
             result = json.loads(conn.execute("select df.result(%s)", (iid,)).fetchone()[0])
         assert status == "completed"
-        assert result["rows"] == [{"db": other, "s": 7}]
+        assert result["rows"] == [{"db": other, "s": 7, "u": tenant}]
     finally:
         with db.connect() as conn:
             conn.execute(f'drop database if exists "{other}" with (force)')
@@ -304,30 +317,24 @@ def test_per_role_connection_cap(db, serve_factory, tenant):
     assert "max_connections_per_role=1" in err["error"]
 
 
-def test_maintenance_statements_run_in_autocommit(db, running, tenant):
-    """VACUUM / CREATE INDEX CONCURRENTLY refuse transactions: they still run, as the tenant."""
+def test_maintenance_statements_fail_clearly(db, running, tenant):
+    """VACUUM / CREATE INDEX CONCURRENTLY refuse transactions, and a step runs in one (with
+    its checkpoint) in a session that cannot become the tenant outside its runner: the step
+    fails saying so, the instance's earlier steps stay committed, nothing runs as anyone
+    else. (Before least privilege these ran in autocommit under SET ROLE of the tenant, in a
+    session that could SET ROLE to any tenant: docs/security.md.)"""
     with db.connect() as conn:
         conn.execute(f'alter table public.ledger owner to "{tenant}"')
-    expr = ("'insert into ledger(instance, k) values (''v'', 1)' ~> 'vacuum analyze ledger'"
-            " ~> 'create index concurrently ledger_k on ledger (k)'"
-            " ~> 'select current_user as who'")
-    # poll instead of df.await_instance: CREATE INDEX CONCURRENTLY waits for every open
-    # snapshot, including that of a long-running await call
-    with db.connect(tenant) as conn:
-        iid = conn.execute(f"select df.start({expr})").fetchone()[0]
-        deadline = time.monotonic() + 60
-        while conn.execute("select df.status(%s)", (iid,)).fetchone()[0] in ("pending",
-                                                                            "running"):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)  # polling a workflow that another process runs
-        status = conn.execute("select df.status(%s)", (iid,)).fetchone()[0]
-        err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
-        result = json.loads(conn.execute("select df.result(%s)", (iid,)).fetchone()[0] or "{}")
-    assert status == "completed", err
-    assert result["rows"] == [{"who": tenant}]
+    for stmt in ("vacuum analyze ledger", "create index concurrently ledger_k on ledger (k)"):
+        expr = f"'insert into ledger(instance, k) values (''v'', 1)' ~> '{stmt}'"
+        _, status, _, err = run(db, tenant, expr)
+        assert status == "failed", err
+        assert err["sqlstate"] == "25001", err
+        assert "cannot be steps" in err["error"] and "ANALYZE" in err["error"], err
     with db.connect() as conn:
         assert conn.execute("select count(*) from pg_indexes where indexname = 'ledger_k'"
-                            ).fetchone()[0] == 1
-    # anything else that refuses a transaction block is not run outside the runner
-    _, status, _, err = run(db, tenant, "'vacuum ledger; select 1'")
-    assert status == "failed"
+                            ).fetchone()[0] == 0
+        assert conn.execute("select count(*) from ledger where instance = 'v'").fetchone()[0] == 2
+    # the transactional forms work
+    _, status, _, err = run(db, tenant, "'analyze ledger' ~> 'create index ledger_k2 on ledger (k)'")
+    assert status == "completed", err

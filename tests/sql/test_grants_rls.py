@@ -111,8 +111,13 @@ def test_grant_usage_exact_grants_and_revoke(db):
         assert not one(admin, "select has_column_privilege(%s, 'df.instances', 'status', 'insert')", (r,))
         assert one(admin, "select has_column_privilege(%s, 'df.nodes', 'query', 'insert')", (r,))
         assert not one(admin, "select has_column_privilege(%s, 'df.nodes', 'result', 'insert')", (r,))
-        for p in ["select", "insert", "update", "delete"]:
-            assert has("table", "df.vars", p)
+        # df.vars: SELECT only (pg_durable grants DML too, which lets any tenant LOCK the
+        # shared table ACCESS EXCLUSIVE and stall every df.start); df.setvar writes it
+        assert has("table", "df.vars", "select")
+        for p in ["insert", "update", "delete", "truncate"]:
+            assert not has("table", "df.vars", p)
+        # the step runner, made as the role, verified by the engine
+        assert one(admin, "select pgdurable._runner_ok_v1(%s::regrole::oid)", (r,))
         assert has("table", "df.workers", "select")
         assert has("function", "df.http(text,text,text,jsonb,integer)", "execute")
         assert not has("function", "df.http(text,text,text,jsonb,integer)", "execute", plain)
@@ -138,7 +143,12 @@ def test_delegated_admin_can_grant(db):
     with db.connect() as admin:
         admin.execute("select df.grant_usage(%s, false, true)", (boss,))
     with db.connect(boss) as cb:
+        notices: list[str] = []
+        cb.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
         cb.execute("select df.grant_usage(%s)", (worker,))
+        # boss cannot act as worker: the grants are made, the runner is not, and it says so
+        assert any("step runner" in n and "was not made" in n for n in notices), notices
+        assert not one(cb, "select pgdurable._runner_ok_v1(%s::regrole::oid)", (worker,))
     with db.connect(worker) as cw:
         iid = one(cw, "select df.start('select 1')")
         assert one(cw, "select df.status(%s)", (iid,)) == "pending"

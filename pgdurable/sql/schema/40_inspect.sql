@@ -463,6 +463,9 @@ begin
             or input ~ '~>|\|=>|\?>|!>|^\s*@>') then
         -- through a cursor: PostgreSQL refuses to open a multi-statement string as one, so
         -- `x); <another statement>; select (y` cannot smuggle extra statements into a dry run
+        -- the DSL text may use the operators, which a non-superuser install puts in
+        -- @opschema@ (scoped to this call: the function's SET clause restores it)
+        perform pg_catalog.set_config('search_path', 'pg_catalog, @opschema@, pg_temp', true);
         for v_row in execute 'select (' || regexp_replace(input, ';\s*$', '') || e'\n)::text as t' loop
             v_text := v_row.t;
             exit;
@@ -494,7 +497,7 @@ $$;
 
 create function df.setvar(name text, value text) returns text
 language plpgsql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if @engine@.in_workflow() then
@@ -503,10 +506,8 @@ begin
     if coalesce(name, '') = '' then
         raise exception 'df.setvar: name must be non-empty' using errcode = '22023';
     end if;
-    insert into df.vars as v (name, value, owner)
-    values (setvar.name, setvar.value, quote_ident(current_user)::regrole)
-    on conflict on constraint vars_pkey do update set value = excluded.value;
-    return 'OK';
+    -- tenants hold only SELECT on df.vars: the write goes through the engine (50_engine.sql)
+    return @engine@._vars_v1('set', setvar.name, setvar.value);
 end;
 $$;
 
@@ -517,27 +518,25 @@ as $$ select v.value from df.vars v where v.name = $1 and v.owner = quote_ident(
 
 create function df.unsetvar(name text) returns text
 language plpgsql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if @engine@.in_workflow() then
         raise exception 'df.unsetvar cannot be called inside a workflow' using errcode = '0A000';
     end if;
-    delete from df.vars v where v.name = unsetvar.name and v.owner = quote_ident(current_user)::regrole;
-    return 'OK';
+    return @engine@._vars_v1('unset', unsetvar.name, null);
 end;
 $$;
 
 create function df.clearvars() returns text
 language plpgsql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if @engine@.in_workflow() then
         raise exception 'df.clearvars cannot be called inside a workflow' using errcode = '0A000';
     end if;
-    delete from df.vars v where v.owner = quote_ident(current_user)::regrole;
-    return 'OK';
+    return @engine@._vars_v1('clear', null, null);
 end;
 $$;
 
@@ -640,18 +639,27 @@ begin
         execute pg_catalog.format('grant execute on function df.grant_usage(text,boolean,boolean), '
                        'df.revoke_usage(text), df.metrics() to %I with grant option', p_role);
     end if;
-    -- the runner, made (or remade after an upgrade) as the role itself
+    -- the runner, made (or remade after an upgrade) as the role itself; none for a superuser:
+    -- its steps would run as one (and are refused unless enable_superuser_instances is on)
+    if (select r.rolsuper from pg_catalog.pg_roles r where r.oid operator(pg_catalog.=) v_oid) then
+        raise warning 'df.grant_usage(%): "%" is a superuser; no step runner is made for it, so its SQL steps cannot run',
+            pg_catalog.quote_literal(p_role), p_role
+            using hint = 'submit workflows as an ordinary role';
+        return 'OK';
+    end if;
     if not @engine@._runner_ok_v1(v_oid) then
         if not pg_catalog.pg_has_role(v_me, v_oid, 'USAGE') then
             begin
                 -- an admin with CREATEROLE (PostgreSQL 15 and older) or ADMIN OPTION on the role
                 execute pg_catalog.format('grant %I to %I', p_role, v_me);
             exception when insufficient_privilege or invalid_grant_operation then
-                raise exception 'df.grant_usage(%): the step runner of "%" must be created as that role, and "%" cannot act as it',
+                -- a delegated admin (with_grant) hands out the grants; the runner needs
+                -- someone who can act as the role: say so, loudly, and what to run
+                raise warning 'df.grant_usage(%): granted, but the step runner of "%" was not made: it must be created as that role, and "%" cannot act as it; the role''s SQL steps fail until it exists',
                     pg_catalog.quote_literal(p_role), p_role, v_me
-                    using errcode = '42501',
-                          hint = pg_catalog.format('run df.grant_usage(%L) as a superuser or as the administrator that created the role (CREATEROLE), or first: GRANT %I TO %I',
+                    using hint = pg_catalog.format('run select df.grant_usage(%L) as a superuser or as the administrator that created the role (CREATEROLE), or first: GRANT %I TO %I',
                                                    p_role, p_role, v_me);
+                return 'OK';
             end;
         end if;
         execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',

@@ -417,21 +417,8 @@ declare
     v_got      pg_catalog.int4;
     v_role_ok  boolean := v_role_max operator(pg_catalog.<=) 0;
 begin
-    -- the slot rows exist up to the current settings (made on first need; settings change)
-    if (select pg_catalog.count(*) from @engine@.step_slots s
-        where s.slot operator(pg_catalog.<) v_max) operator(pg_catalog.<) v_max then
-        insert into @engine@.step_slots (slot)
-        select g from pg_catalog.generate_series(0, v_max - 1) g
-        on conflict do nothing;
-    end if;
-    if not v_role_ok
-       and (select pg_catalog.count(*) from @engine@.role_slots s
-            where s.role operator(pg_catalog.=) p_role
-              and s.slot operator(pg_catalog.<) v_role_max) operator(pg_catalog.<) v_role_max then
-        insert into @engine@.role_slots (role, slot)
-        select p_role, g from pg_catalog.generate_series(0, v_role_max - 1) g
-        on conflict do nothing;
-    end if;
+    -- the slot rows are made by the service (_slots_ensure_v1), never here: rows a step's
+    -- transaction inserted would stay locked by it, every slot taken, until it ends
     loop
         if not v_role_ok then
             perform 1 from @engine@.role_slots s
@@ -478,6 +465,35 @@ begin
             perform pg_catalog.pg_sleep(0.05);
         end if;
     end loop;
+end
+$$;
+
+-- The step slot rows up to the current settings (they change at run time): all of
+-- max_user_connections, and max_connections_per_role for every role with work queued.
+-- Called by the service at start, in maintenance, and when it starts an instance.
+create function @engine@._slots_ensure_v1(p_role oid)
+returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_max      pg_catalog.int4 := greatest(1,
+                   @engine@.setting('max_user_connections', '10')::pg_catalog.int4);
+    v_role_max pg_catalog.int4 := @engine@.setting('max_connections_per_role', '0')::pg_catalog.int4;
+begin
+    insert into @engine@.step_slots (slot)
+    select g from pg_catalog.generate_series(0, v_max - 1) g
+    on conflict do nothing;
+    if v_role_max > 0 then
+        insert into @engine@.role_slots (role, slot)
+        select r.role, g
+        from (select p_role as role where p_role is not null
+              union
+              select distinct t.submitted_by::pg_catalog.oid from @engine@.tasks t
+              where p_role is null) r
+        cross join pg_catalog.generate_series(0, v_role_max - 1) g
+        on conflict do nothing;
+    end if;
 end
 $$;
 

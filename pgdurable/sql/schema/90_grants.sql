@@ -59,3 +59,6 @@ grant execute on function
 -- a runner checks its caller's capability as its owning tenant: anyone may ask (USAGE on the
 -- engine schema is still needed, which df.grant_usage gives)
 grant execute on function @engine@._cap_check_v1(text) to public;
+-- df.grant_usage (SECURITY INVOKER) asks whether a role's runner is in place; a catalog read
+grant execute on function @engine@._runner_ok_v1(oid), @engine@._runner_body_v1(),
+    @engine@._runner_ddl_v1(regrole, text) to public;
