@@ -23,7 +23,6 @@ from psycopg.rows import dict_row
 
 from . import DF_API_LEVEL, __version__, diagram
 from . import schema as schema_mod
-from .errors import ConfigError
 from .config import (
     LEASE_SECONDS_DEFAULT,
     RESULT_MAX_BYTES_DEFAULT,
@@ -32,6 +31,7 @@ from .config import (
     ServeConfig,
 )
 from .embedded import EmbeddedPostgres, default_data_dir
+from .errors import ConfigError
 
 CONTEXT = {"auto_envvar_prefix": "PGDURABLE", "show_default": True}
 

@@ -72,7 +72,8 @@ def ensure_roles(conn: psycopg.Connection[Any]) -> None:
     administrator must run where this role lacks a right (no CREATEROLE, no ADMIN OPTION).
     """
     me = _one(conn, "select current_user::text")
-    is_super = bool(_one(conn, "select rolsuper from pg_catalog.pg_roles where rolname = current_user"))
+    is_super = bool(_one(conn, "select rolsuper from pg_catalog.pg_roles "
+                               "where rolname = current_user"))
     version = conn.info.server_version // 10000
     todo: list[str] = []
     for role in ALL_ROLES:

@@ -104,7 +104,7 @@ def definitions_of(path: Path) -> str:
         else:
             block.append(line)
         end = line.rstrip()
-        if end.endswith(";") if view else (end.endswith("$$;") or end.endswith("$f$;")):
+        if end.endswith(";") if view else end.endswith(("$$;", "$f$;")):
             out.append("\n".join(block))
             block = None
     return "\n\n".join(out) + "\n"

@@ -30,10 +30,10 @@ import logging
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import time
-import secrets
 import uuid
 import weakref
 from collections import OrderedDict
@@ -556,7 +556,7 @@ class Worker:
                     await self._group_complete(ctx, task, ctx.index[task.node_id], False,
                                                None, err)
                     return
-            except Exception:  # noqa: BLE001 - the instance itself is broken: fail it whole
+            except Exception:
                 logger.warning("cannot load instance to fail its step; failing the instance",
                                extra={"event": "step.poison"})
         async with self.pool.connection() as conn:
@@ -625,7 +625,8 @@ class Worker:
         t0 = time.monotonic()
         cap = self._cap(conn)
         cur = await conn.execute(self.q("apply" if cap is None else "step_apply"), (
-            *(() if cap is None else (cap,)), self.worker_id, ctx.instance_id, task.node_id, task.gen, ctx.version,
+            *(() if cap is None else (cap,)), self.worker_id, ctx.instance_id, task.node_id,
+            task.gen, ctx.version,
             dump(ctx.sched.dump_state()), cp.inst_status,
             orjson.dumps(list(cp.nodes.values())).decode(),
             orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,

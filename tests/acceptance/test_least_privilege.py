@@ -273,6 +273,11 @@ def assert_harmless(w: World, *, allow_step_role: bool = True) -> list[dict]:
     and every privileged action failed; A is no superuser; the secret is not readable."""
     rows = w.log()
     counters = w.counters()
+    import os
+    if os.environ.get("LP_DEBUG"):
+        for r in rows:
+            print("LOG", r["tag"], r["cu"], r["su"], r["ok"], r["action"][:60], "|", r["err"])
+        print("COUNTERS", counters)
     bad = [r for r in rows if r["ok"]]
     assert bad == [], f"a privileged action succeeded: {bad}"
     assert counters["priv_ok"] == 0, f"a privileged action succeeded (rolled back): {counters}"
