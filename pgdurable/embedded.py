@@ -127,6 +127,13 @@ class EmbeddedPostgres:
         with (self.data_dir / "postgresql.auto.conf").open("a") as fh:
             for key, value in conf.items():
                 fh.write(f"{key} = {value}\n")
+        # trust for everyone (a local development server), except pgdurable's launcher roles
+        # ('new'-mode starts): dblink lets a non-superuser connect only with a password the
+        # server asked for, as on any managed PostgreSQL
+        hba = self.data_dir / "pg_hba.conf"
+        launcher = ("local all /^pgdurable_launcher_ scram-sha-256\n"
+                    "host all /^pgdurable_launcher_ 127.0.0.1/32 scram-sha-256\n")
+        hba.write_text(launcher + hba.read_text())
 
     def is_running(self) -> bool:
         res = self._run("pg_ctl", "-D", str(self.data_dir), "status", check=False)

@@ -11,7 +11,9 @@ the database is the only truth).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,6 +59,30 @@ class Checkpoint:
     def node(self, node_id: str) -> dict[str, Any]:
         return self.nodes.setdefault(node_id, {"id": node_id, "details": {}})
 
+
+
+# Vars snapshots are frozen per instance but usually the same for many instances of one role
+# (SPEC §3.3): identical snapshots share one dict instead of one copy per cached instance
+# (a 1 MiB snapshot times 2,048 cached instances would be 2 GiB). Bounded, least recently
+# used first out; never mutated (substitution only reads it).
+_VARS_SHARED: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+_VARS_SHARED_MAX = 256
+
+
+def shared_vars(raw: Any) -> dict[str, Any]:
+    """The one shared dict equal to this vars snapshot."""
+    if not raw:
+        return {}
+    key = hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).digest()
+    got = _VARS_SHARED.get(key)
+    if got is None:
+        got = dict(raw)
+        _VARS_SHARED[key] = got
+        if len(_VARS_SHARED) > _VARS_SHARED_MAX:
+            _VARS_SHARED.popitem(last=False)
+    else:
+        _VARS_SHARED.move_to_end(key)
+    return got
 
 @dataclass
 class InstanceCtx:
@@ -111,7 +137,7 @@ class InstanceCtx:
         for nid in graph.node_ids:
             configs.append(by_id[nid][2])
         ctx = cls(instance_id, label, status, role_oid, role_name, database, graph, index,
-                  sched, version, dict(vars_ or {}), configs,
+                  sched, version, shared_vars(vars_), configs,
                   loop_min_interval=loop_min_interval,
                   role_info=tuple(inst[10:14]) if len(inst) >= 14 and inst[10] is not None
                   else None)

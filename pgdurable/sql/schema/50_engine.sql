@@ -712,6 +712,12 @@ as $$
 begin
     perform 1 from @engine@.runs r where r.instance_id operator(pg_catalog.=) p_instance
     for update;
+    -- never wait on a lock the instance's owner may hold on its row: try again later
+    perform 1 from df.instances i where i.id operator(pg_catalog.=) p_instance
+    for update skip locked;
+    if not found then
+        return false;
+    end if;
     delete from @engine@.tasks t
     where t.instance_id operator(pg_catalog.=) p_instance
       and t.node_id operator(pg_catalog.=) p_node
