@@ -20,6 +20,7 @@ CREATEROLE) creates them; where it lacks a right it stops with the statements to
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 import psycopg
@@ -114,6 +115,39 @@ def ensure_roles(conn: psycopg.Connection[Any]) -> None:
         raise InstallError(
             f"role {me!r} cannot grant pgdurable's role memberships; as an administrator "
             "run:\n  " + "\n  ".join(todo) + "\nthen install again")
+
+
+def ensure_launcher(conn: psycopg.Connection[Any], engine: str) -> str:
+    """The launcher role of this install ('new'-mode starts), made once: LOGIN with a random
+    password kept in ``<engine>.launcher`` (readable by the owner alone), member of nothing,
+    allowed to call ``<engine>._launch_v1`` only. Returns its name."""
+    eng = sql.Identifier(engine)
+    row = conn.execute(sql.SQL("select l.rolname::text from {}.launcher l").format(eng)).fetchone()
+    name = str(row[0]) if row else ""
+    if not name or not _one(conn, "select count(*) from pg_catalog.pg_roles where rolname = %s",
+                            (name,)):
+        name = f"pgdurable_launcher_{secrets.token_hex(4)}"
+        password = secrets.token_urlsafe(32)
+        # the server gets a SCRAM verifier, never the password (statement logs show this text)
+        verifier = conn.pgconn.encrypt_password(password.encode(), name.encode(),
+                                                b"scram-sha-256").decode()
+        try:
+            conn.execute(sql.SQL("create role {} login password {}").format(
+                sql.Identifier(name), sql.Literal(verifier)))
+        except psycopg.errors.InsufficientPrivilege:
+            raise InstallError(
+                f"cannot create the launcher role {name!r} (CREATEROLE needed); "
+                "run pgdurable install as an administrator") from None
+        conn.execute(sql.SQL(
+            "insert into {}.launcher (rolname, password) values (%s, %s) "
+            "on conflict (sentinel) do update set rolname = excluded.rolname, "
+            "password = excluded.password").format(eng), (name, password))
+        logger.info("created the launcher role %s", name)
+    conn.execute(sql.SQL("grant usage on schema {} to {}").format(eng, sql.Identifier(name)))
+    conn.execute(sql.SQL(
+        "grant execute on function {}._launch_v1(oid, text, text, text) to {}").format(
+        eng, sql.Identifier(name)))
+    return name
 
 
 def check_step_role(conn: psycopg.Connection[Any], role: str = STEP_ROLE) -> None:

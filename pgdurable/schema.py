@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from . import __version__
-from .roles import OWNER_ROLE, InstallError, ensure_roles
+from .roles import OWNER_ROLE, InstallError, ensure_launcher, ensure_roles
 
 __all__ = ["InstallError", "InstallResult", "install", "installed_version", "uninstall"]
 from .sql import MIGRATIONS_DIR, schema_parts
@@ -164,6 +164,7 @@ def install(
                 conn.execute(render(part.read_text(), engine=engine, op_schema=op_schema).encode())
                 conn.execute("reset role")
             current = target_version
+            ensure_launcher(conn, engine)
             _record(conn, engine, current)
             logger.info("installed pgdurable schema version %d", current)
             conn.commit()
@@ -185,6 +186,7 @@ def install(
             current += 1
             _record(conn, engine, current)
             logger.info("migrated pgdurable schema to version %d", current)
+        ensure_launcher(conn, engine)
         conn.commit()
         return InstallResult(start, current, op_schema)
 
@@ -207,12 +209,20 @@ def _record(conn: psycopg.Connection[object], engine: str, version: int) -> None
 
 
 def uninstall(dsn: str, *, engine: str = ENGINE_SCHEMA_DEFAULT) -> None:
-    """Drop df, the engine schemas and the operators (they depend on df functions)."""
+    """Drop df, the engine schemas, the operators (they depend on df functions) and this
+    install's launcher role (the three shared roles stay: other databases may use them)."""
     with psycopg.connect(dsn, autocommit=False, application_name="pgdurable uninstall") as conn:
         conn.execute("select pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
+        launcher = None
+        if conn.execute("select to_regclass(%s)", (f"{engine}.launcher",)).fetchone() != (None,):
+            row = conn.execute(sql.SQL("select rolname::text from {}.launcher").format(
+                sql.Identifier(engine))).fetchone()
+            launcher = row[0] if row else None
         conn.execute("drop schema if exists df cascade")
         conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(engine)))
         conn.execute(
             sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(engine + "_exec"))
         )
+        if launcher:
+            conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(launcher)))
         conn.commit()

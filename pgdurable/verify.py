@@ -321,7 +321,7 @@ class Stats:
 
 HOLDERS = ("running serve", "orphaned workers", "client gone", "supervisor heartbeat",
            "verify itself", "other")
-"""Who holds a connection, from its application_name ("pgdurable worker <pid>", "pgdurable
+"""Who holds a connection, from its application_name ("pgdurable worker/step <pid>", "pgdurable
 listener <pid>", …): a worker of the serve now running, a worker still alive whose supervisor
 was killed, a worker pid that no longer exists (the server has not noticed), the rest."""
 
@@ -329,7 +329,7 @@ was killed, a worker pid that no longer exists (the server has not noticed), the
 def holder_of(app: str, current: set[int]) -> tuple[str, int | None]:
     """(holder, worker pid) of one connection; ``current``: the running serve's workers."""
     parts = app.split()
-    if len(parts) == 3 and parts[0] == "pgdurable" and parts[1] in ("worker", "listener") \
+    if len(parts) == 3 and parts[0] == "pgdurable" and parts[1] in ("worker", "listener", "step") \
             and parts[2].isdigit():
         pid = int(parts[2])
         if pid in current:

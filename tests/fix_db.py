@@ -159,6 +159,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
                 for name in (TEMPLATE_DB, SHARED_DB):
                     conn.execute(sql.SQL("drop database if exists {} with (force)").format(
                         sql.Identifier(name)))
+                # each install made a launcher role; those whose database is gone go too (a
+                # role some database still grants to cannot be dropped: left alone)
+                for (role,) in conn.execute("select rolname from pg_roles where rolname like "
+                                            "'pgdurable\\_launcher\\_%'").fetchall():
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute(sql.SQL("drop role {}").format(sql.Identifier(role)))
         if s.embedded is not None:
             with contextlib.suppress(Exception):
                 s.embedded.destroy()

@@ -57,8 +57,10 @@ order by 1
 def catalog(dsn: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(CATALOG, {"s": list(SCHEMAS)}).fetchall()
-    # constraint/index names embed no oids; strip volatile whitespace only
-    return [re.sub(r"\s+", " ", r[0]) for r in rows]
+    # constraint/index names embed no oids; strip volatile whitespace only. Each install has
+    # a launcher role of its own (random name, roles.ensure_launcher): one name for all
+    return [re.sub(r"pgdurable_launcher_[0-9a-f]{8}", "pgdurable_launcher_X",
+                   re.sub(r"\s+", " ", r[0])) for r in rows]
 
 
 def baselines() -> dict[int, Path]:

@@ -265,8 +265,8 @@ def lint(src: str, lang: str) -> list[str]:
                 typ = typ.strip()
                 if typ == "record" or typ.endswith(("%type", "%rowtype")) or _qualified(typ):
                     continue
-                bad.append(f"declared type {m.group(1)} {typ} "
-                           f"(body line {_line(text, block.start(1) + piece.start() + m.start(2))})")
+                at = block.start(1) + piece.start() + m.start(2)
+                bad.append(f"declared type {m.group(1)} {typ} (body line {_line(text, at)})")
     return bad
 
 

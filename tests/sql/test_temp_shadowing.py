@@ -1,4 +1,4 @@
-"""A tenant's temporary objects must not redirect df/engine functions (30_control.sql, 40_inspect.sql).
+"""A tenant's temp objects must not redirect df/engine functions (30_control.sql, 40_inspect.sql).
 
 PostgreSQL searches the session's temporary schema FIRST for relations and types whenever it
 is not listed in search_path, so ``set search_path = pg_catalog`` still let a tenant's temp
@@ -20,6 +20,7 @@ past the limits with a clear error, writing nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any
@@ -37,7 +38,7 @@ def one(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> Any:
 
 
 def tenant(db: Any) -> str:
-    """A LOGIN role given df.grant_usage that owns schema trap (the trap, its counter, its log)."""
+    """A LOGIN role given df.grant_usage that owns schema trap (the trap and its counter)."""
     role = db.create_role("tsh")
     with db.connect() as admin:
         admin.execute(sql.SQL("create schema trap authorization {}").format(sql.Identifier(role)))
@@ -75,18 +76,21 @@ def hits(conn: Conn) -> int:
 # -- catalog relations shadowed by temp tables/views ---------------------------------------------
 
 
-def shadow_catalogs(conn: Conn, kind: str, role: str) -> None:
+def shadow_catalogs(conn: Conn, kind: str) -> None:
     """Temp pg_roles/pg_database/pg_extension/pg_namespace in this session.
 
     kind 'view': the catalog's rows, filtered through the trap (reading them runs it).
     kind 'table': plain tables holding lies: the tenant cannot log in, no database exists,
     dblink is installed in schema trap (so 'new' mode would call trap.dblink_connect).
     """
+    rels = ("pg_roles", "pg_database", "pg_extension", "pg_namespace")
     if kind == "view":
-        for rel in ("pg_roles", "pg_database", "pg_extension", "pg_namespace"):
+        for rel in rels:
             # OFFSET 0: no qual of the caller's query is pushed below the trap
             conn.execute(f"create temp view {rel} as select c.* from pg_catalog.{rel} c "
                          f"where trap.hit('{rel}') offset 0")
+            # readable by whoever ends up reading it (a definer's owner role included)
+            conn.execute(f"grant select on pg_temp.{rel} to public")
         return
     conn.execute("create temp table pg_roles as select * from pg_catalog.pg_roles "
                  "where rolname = current_user")
@@ -99,13 +103,15 @@ def shadow_catalogs(conn: Conn, kind: str, role: str) -> None:
                  "from pg_catalog.pg_namespace n where n.nspname = 'trap'")
     conn.execute("insert into pg_temp.pg_extension select 1, 'dblink', n.oid, '1.2' "
                  "from pg_catalog.pg_namespace n where n.nspname = 'trap'")
+    for rel in rels:
+        conn.execute(f"grant select on pg_temp.{rel} to public")
 
 
 @pytest.mark.parametrize("kind", ["view", "table"])
 def test_temp_catalog_relations_do_not_reach_start(db, kind):
     role = tenant(db)
     with db.connect(role) as conn:
-        shadow_catalogs(conn, kind, role)
+        shadow_catalogs(conn, kind)
         # the database argument makes df.start look the database up too
         iid = one(conn, "select df.start('select 1', 'shadow', current_database())")
         assert one(conn, "select df.status(%s)", (iid,)) == "pending"
@@ -114,10 +120,8 @@ def test_temp_catalog_relations_do_not_reach_start(db, kind):
         assert hits(conn) == 0, "a temp catalog relation was read by df.start"
         # 'new' mode may fail here for reasons of its own (no dblink in the test database);
         # it must not have read the temp catalogs nor called trap.dblink_*
-        try:
+        with contextlib.suppress(psycopg.Error):
             conn.execute("select df.start('select 1', null, null, transaction_mode => 'new')")
-        except psycopg.Error as exc:
-            assert "TRAP" not in str(exc)
         assert hits(conn) == 0, "a temp catalog relation was read by df.start(..., 'new')"
 
 
@@ -137,7 +141,8 @@ def test_temp_regrole_domain_is_not_used(db):
             {"node_type": "SIGNAL", "query": json.dumps({"signal_name": "go"})}),))
         assert one(conn, "select df.status(%s)", (iid,)) == "pending"
         assert one(conn, "select df.signal(%s, 'go', '{\"x\": 1}')", (iid,)) == "OK"
-        assert one(conn, "select df.cancel(%s, 'stop')", (iid,)) == f"Instance {iid} cancelled: stop"
+        assert one(conn, "select df.cancel(%s, 'stop')",
+                   (iid,)) == f"Instance {iid} cancelled: stop"
         assert one(conn, "select df.status(%s)", (iid,)) == "cancelled"
         assert hits(conn) == 0, "the temp regrole domain was used"
     with db.connect() as admin:
@@ -273,10 +278,8 @@ def expect_rejected(db: Any, role: str, iid: str, root: str,
         conn.execute("rollback to savepoint enqueue")
         # most of these rows satisfy every constraint and commit, yet nothing will run them
         # (a missing root or left/right child fails its deferred foreign key here instead)
-        try:
+        with contextlib.suppress(psycopg.errors.ForeignKeyViolation):
             conn.commit()
-        except psycopg.errors.ForeignKeyViolation:
-            pass
     assert engine_rows(db, iid) == (0, 0)
 
 
@@ -319,7 +322,27 @@ def test_enqueue_accepts_a_valid_hand_written_graph(db):
         conn.execute("select pgdurable._enqueue_v1(%s, '{\"v\": \"1\"}')", (iid,))
         conn.commit()
     with db.connect() as admin:
-        assert admin.execute("select kind, node_id, gen from pgdurable.tasks where instance_id = %s",
-                             (iid,)).fetchall() == [("start", "a0000001", 0)]
+        assert admin.execute(
+            "select kind, node_id, gen from pgdurable.tasks where instance_id = %s",
+            (iid,)).fetchall() == [("start", "a0000001", 0)]
         assert one(admin, "select vars from pgdurable.runs where instance_id = %s",
                    (iid,)) == {"v": "1"}
+
+
+def test_start_rejects_a_join_of_more_than_three_branches(db):
+    # the stored form the worker compiles holds one extra branch (df.join3); df.start used to
+    # store a longer extra_nodes list, which then failed every load of the instance
+    role = db.create_role("tsj")
+    leaf = {"node_type": "SQL", "query": "select 1"}
+    graph = {"node_type": "JOIN", "left_node": leaf, "right_node": leaf,
+             "extra_nodes": [leaf, leaf]}
+    with db.connect(role) as conn:
+        with pytest.raises(psycopg.errors.InvalidParameterValue,
+                           match=r"a JOIN has at most three branches: extra_nodes holds at most "
+                                 r"one node \(df.join3\), got 2 \(at root\)"):
+            conn.execute("select df.start(%s)", (json.dumps(graph),))
+        assert one(conn, "select df.explain(%s)", (json.dumps(graph),)).startswith(
+            "Invalid durable function graph: root: a JOIN has at most three branches")
+        assert one(conn, "select count(*) from df.instances") == 0
+        graph["extra_nodes"] = [leaf]
+        assert one(conn, "select df.start(%s)", (json.dumps(graph),)) is not None

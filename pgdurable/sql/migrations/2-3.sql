@@ -49,6 +49,12 @@ create table @engine@.locks (
     name text not null primary key
 );
 insert into @engine@.locks (name) values ('prune');
+create table @engine@.launcher (
+    sentinel boolean not null primary key default true check (sentinel),
+    rolname  name    not null,
+    password text    not null
+);
+alter table @engine@.launcher owner to pgdurable_owner;
 alter table @engine@.step_caps owner to pgdurable_owner;
 alter table @engine@.step_slots owner to pgdurable_owner;
 alter table @engine@.role_slots owner to pgdurable_owner;

@@ -231,6 +231,17 @@ create table @engine@.locks (
 );
 insert into @engine@.locks (name) values ('prune');
 
+-- transaction_mode 'new' (df.start in a session of its own, committed whatever the caller
+-- does): the login the engine's dblink session uses. A LOGIN role per install, member of
+-- nothing, allowed to call only @engine@._launch_v1; its random password lives here, readable
+-- by the engine's owner alone (dblink lets a non-superuser connect only with a password the
+-- server asks for). Filled by pgdurable install.
+create table @engine@.launcher (
+    sentinel boolean not null primary key default true check (sentinel),
+    rolname  name    not null,
+    password text    not null
+);
+
 -- Which role a step transaction runs for (SPEC D5). The worker writes its row inside the
 -- step's own transaction (through the token-gated @engine@._step_begin_v1), keyed by backend
 -- pid and stamped with that transaction's id, so @engine@._invoker() inside an engine helper

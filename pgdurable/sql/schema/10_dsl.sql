@@ -4,7 +4,10 @@
 -- {"node_type", "query"?, "result_name"?, "condition_node"?, "left_node"?, "right_node"?,
 -- "extra_nodes"?} with keys in that order. Nothing is stored: df.start flattens and
 -- validates the whole value later. The functions are pure (IMMUTABLE, no table access) and
--- run with search_path = pg_catalog, so they behave the same under any caller search_path.
+-- run with search_path = pg_catalog, pg_temp, so they behave the same under any caller
+-- search_path: pg_temp listed last keeps a caller's temp DOMAIN named text or json from
+-- standing in for pg_catalog's (the temporary schema is searched first for types when it is
+-- not listed); casts and declared types name pg_catalog anyway (30_control.sql header).
 --
 -- Conventions of this file:
 -- * Public functions keep the original's parameter names (`df.http(url => …, method => …)`
@@ -26,7 +29,7 @@
 -- The twelve node types of SPEC §2.
 create function df._node_types() returns text[]
 language sql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$ select array['SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK', 'SLEEP',
                    'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART'] $$;
 
@@ -36,13 +39,13 @@ as $$ select array['SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK', 'SLEEP'
 create function df._mk(p_type text, p_query text, p_cond text, p_left text, p_right text,
                        p_extra text) returns text
 language plpgsql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     -- One concat() call, in plpgsql: children are copied once. (Chains of || copy the
     -- growing text per operator; a SQL-language version measured 3x slower on deep graphs.)
-    return concat('{"node_type":', to_json(p_type)::text,
-                  ',"query":' || to_json(p_query)::text,
+    return concat('{"node_type":', to_json(p_type)::pg_catalog.text,
+                  ',"query":' || to_json(p_query)::pg_catalog.text,
                   case when p_cond is not null then ',"condition_node":' end, p_cond,
                   case when p_left is not null then ',"left_node":' end, p_left,
                   case when p_right is not null then ',"right_node":' end, p_right,
@@ -64,13 +67,13 @@ $$;
 -- run-time syntax error (`SELECT df.start(df.setvar('x','1'))`) into a clear build-time one.
 create function df._node(p_arg text) returns text
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_trimmed text;
-    v_json    json;
-    v_type    json;
-    v_name    text;
+    v_trimmed pg_catalog.text;
+    v_json    pg_catalog.json;
+    v_type    pg_catalog.json;
+    v_name    pg_catalog.text;
 begin
     if p_arg in ('OK', 'completed', 'failed', 'cancelled') then
         raise exception using errcode = '22023',
@@ -94,7 +97,7 @@ begin
     begin
         -- json (not jsonb) only validates the text, and its operators return verbatim
         -- substrings, so subtrees keep their formatting
-        v_json := v_trimmed::json;
+        v_json := v_trimmed::pg_catalog.json;
     exception
         when data_exception then
             return df._mk('SQL', p_arg, null, null, null, null);
@@ -118,7 +121,7 @@ begin
         raise exception using errcode = '22023',
             message = format('Unknown node_type ''%s''',
                              case json_typeof(v_type) when 'string' then v_json ->> 'node_type'
-                                                      else v_type::text end),
+                                                      else v_type::pg_catalog.text end),
             hint = 'A node_type is one of ' || array_to_string(df._node_types(), ', ')
                    || '; build graph values with the df functions rather than by hand.';
     end if;
@@ -129,7 +132,7 @@ $$;
 -- Result names and if_rows names: SQL-identifier-like names (SPEC §2 result_name CHECK).
 create function df._check_identifier(p_name text, p_what text) returns void
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if p_name !~ '^[A-Za-z_][A-Za-z0-9_]*$' then
@@ -146,13 +149,13 @@ $$;
 create function df._cron_value(p_expr text, p_field text, p_value text, p_min int, p_max int,
                                p_names text[]) returns int
 language plpgsql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_n int;
+    v_n pg_catalog.int4;
 begin
     if p_value ~ '^[0-9]{1,4}$' then
-        v_n := p_value::int;
+        v_n := p_value::pg_catalog.int4;
     elsif p_names is not null and upper(p_value) = any (p_names) then
         return p_min + array_position(p_names, upper(p_value)) - 1;
     else
@@ -182,23 +185,24 @@ $$;
 -- (`0 0 30 2 *`) pass this check and fail when the node runs.
 create function df._check_cron(p_expr text) returns void
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    c_fields  constant text[] := array['minute', 'hour', 'day-of-month', 'month', 'day-of-week'];
-    c_min     constant int[] := array[0, 0, 1, 1, 0];
-    c_max     constant int[] := array[59, 23, 31, 12, 7];
-    c_months  constant text[] := array['JAN', 'FEB', 'MAR', 'APR', 'MAY', 'JUN', 'JUL', 'AUG',
-                                       'SEP', 'OCT', 'NOV', 'DEC'];
-    c_days    constant text[] := array['SUN', 'MON', 'TUE', 'WED', 'THU', 'FRI', 'SAT'];
-    v_expr    text := btrim(p_expr);
-    v_parts   text[];
-    v_names   text[];
-    v_item    text;
-    v_base    text;
-    v_step    text;
-    v_lo      int;
-    v_hi      int;
+    c_fields  constant pg_catalog.text[] := array['minute', 'hour', 'day-of-month', 'month',
+                                                  'day-of-week'];
+    c_min     constant pg_catalog.int4[] := array[0, 0, 1, 1, 0];
+    c_max     constant pg_catalog.int4[] := array[59, 23, 31, 12, 7];
+    c_months  constant pg_catalog.text[] := array['JAN', 'FEB', 'MAR', 'APR', 'MAY', 'JUN', 'JUL',
+                                                  'AUG', 'SEP', 'OCT', 'NOV', 'DEC'];
+    c_days    constant pg_catalog.text[] := array['SUN', 'MON', 'TUE', 'WED', 'THU', 'FRI', 'SAT'];
+    v_expr    pg_catalog.text := btrim(p_expr);
+    v_parts   pg_catalog.text[];
+    v_names   pg_catalog.text[];
+    v_item    pg_catalog.text;
+    v_base    pg_catalog.text;
+    v_step    pg_catalog.text;
+    v_lo      pg_catalog.int4;
+    v_hi      pg_catalog.int4;
 begin
     if left(v_expr, 1) = '@' then
         if lower(v_expr) not in ('@hourly', '@daily', '@midnight', '@weekly', '@monthly',
@@ -230,7 +234,7 @@ begin
             v_base := split_part(v_item, '/', 1);
             v_step := nullif(split_part(v_item, '/', 2), '');
             if v_item like '%/%' and (v_step is null or v_step !~ '^[0-9]{1,4}$'
-                                      or v_step::int = 0) then
+                                      or v_step::pg_catalog.int4 = 0) then
                 raise exception using errcode = '22023',
                     message = format('invalid cron expression %L: %s step in %L must be a '
                                      'positive number', p_expr, c_fields[i], v_item);
@@ -262,11 +266,11 @@ $$;
 create function df._check_http(p_func text, p_url text, p_method text, p_methods text[],
                                p_headers jsonb, p_timeout int) returns text
 language plpgsql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     -- pgdurable's cap (SPEC D12); the service may lower it at run time, SQL cannot raise it
-    c_max_timeout constant int := 300;
+    c_max_timeout constant pg_catalog.int4 := 300;
 begin
     -- URLs with {var} placeholders are only known after substitution: checked at run time
     if strpos(p_url, '{') = 0 and p_url !~* '^https?://' then
@@ -282,7 +286,7 @@ begin
     if p_headers is not null and jsonb_typeof(p_headers) <> 'object' then
         raise exception using errcode = '22023',
             message = format('%s: headers must be a JSON object, got %s %s',
-                             p_func, jsonb_typeof(p_headers), left(p_headers::text, 100)),
+                             p_func, jsonb_typeof(p_headers), left(p_headers::pg_catalog.text, 100)),
             hint = 'Pass headers as an object of strings, e.g. ''{"Accept": "application/json"}''.';
     end if;
     if p_timeout <= 0 or p_timeout > c_max_timeout then
@@ -303,7 +307,7 @@ $$;
 -- A SQL step. Explicit, so no JSON detection; the helper-output check still applies.
 create function df.sql(query text) returns text
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if query in ('OK', 'completed', 'failed', 'cancelled') then
@@ -317,16 +321,16 @@ $$;
 -- decided by the worker). NULL (the default) is a null break value.
 create function df."break"(value text default null) returns text
 language sql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
-    select df._mk('BREAK', '{"break_value":' || coalesce(to_json(value)::text, 'null') || '}',
+    select df._mk('BREAK', '{"break_value":' || coalesce(to_json(value)::pg_catalog.text, 'null') || '}',
                   null, null, null, null)
 $$;
 
 -- A durable timer of `seconds` (0 allowed: yields once).
 create function df.sleep(seconds bigint) returns text
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if seconds < 0 then
@@ -334,18 +338,18 @@ begin
             message = format('df.sleep: seconds must be >= 0, got %s', seconds),
             hint = 'Pass a number of seconds, e.g. df.sleep(30); 0 sleeps not at all.';
     end if;
-    return df._mk('SLEEP', seconds::text, null, null, null, null);
+    return df._mk('SLEEP', seconds::pg_catalog.text, null, null, null, null);
 end
 $$;
 
 -- Wait for the next tick of a cron schedule (UTC, computed when the node runs).
 create function df.wait_for_schedule(cron_expr text) returns text
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform df._check_cron(cron_expr);
-    return df._mk('WAIT_SCHEDULE', '{"cron_expr":' || to_json(cron_expr)::text || '}',
+    return df._mk('WAIT_SCHEDULE', '{"cron_expr":' || to_json(cron_expr)::pg_catalog.text || '}',
                   null, null, null, null);
 end
 $$;
@@ -353,7 +357,7 @@ $$;
 -- Wait for df.signal(instance, name, data); timeout_seconds NULL (the default) waits forever.
 create function df.wait_for_signal(name text, timeout_seconds int default null) returns text
 language plpgsql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     if name is null then
@@ -371,8 +375,8 @@ begin
                              timeout_seconds),
             hint = 'Pass a positive number of seconds, or NULL to wait without a timeout.';
     end if;
-    return df._mk('SIGNAL', '{"signal_name":' || to_json(name)::text || ',"timeout_seconds":'
-                            || coalesce(timeout_seconds::text, 'null') || '}',
+    return df._mk('SIGNAL', '{"signal_name":' || to_json(name)::pg_catalog.text || ',"timeout_seconds":'
+                            || coalesce(timeout_seconds::pg_catalog.text, 'null') || '}',
                   null, null, null, null);
 end
 $$;
@@ -383,10 +387,10 @@ create function df.http(url text, method text default 'POST', body text default 
                         headers jsonb default null, timeout_seconds int default 30)
 returns text
 language plpgsql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_method text;
+    v_method pg_catalog.text;
 begin
     if url is null or method is null or timeout_seconds is null then
         return null;
@@ -395,11 +399,11 @@ begin
                                array['GET', 'POST', 'PUT', 'DELETE', 'PATCH'],
                                headers, timeout_seconds);
     return df._mk('HTTP',
-                  '{"url":' || to_json(url)::text
-                  || ',"method":' || to_json(v_method)::text
-                  || ',"body":' || coalesce(to_json(body)::text, 'null')
-                  || ',"headers":' || coalesce(headers::text, 'null')
-                  || ',"timeout_seconds":' || timeout_seconds::text || '}',
+                  '{"url":' || to_json(url)::pg_catalog.text
+                  || ',"method":' || to_json(v_method)::pg_catalog.text
+                  || ',"body":' || coalesce(to_json(body)::pg_catalog.text, 'null')
+                  || ',"headers":' || coalesce(headers::pg_catalog.text, 'null')
+                  || ',"timeout_seconds":' || timeout_seconds::pg_catalog.text || '}',
                   null, null, null, null);
 end
 $$;
@@ -410,10 +414,10 @@ create function df.http_multipart(url text, method text default 'POST', parts js
                                   headers jsonb default null, timeout_seconds int default 30)
 returns text
 language plpgsql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_method text;
+    v_method pg_catalog.text;
 begin
     if url is null or method is null or timeout_seconds is null then
         return null;
@@ -423,16 +427,16 @@ begin
     if parts is null or jsonb_typeof(parts) <> 'array' or jsonb_array_length(parts) = 0 then
         raise exception using errcode = '22023',
             message = format('df.http_multipart: parts must be a non-empty JSON array, got %s',
-                             coalesce(left(parts::text, 100), 'NULL')),
+                             coalesce(left(parts::pg_catalog.text, 100), 'NULL')),
             hint = 'Pass parts => ''[{"name": "file", "data_b64": "aGk=", '
                    '"filename": "hi.txt"}]''.';
     end if;
     return df._mk('HTTP_MULTIPART',
-                  '{"url":' || to_json(url)::text
-                  || ',"method":' || to_json(v_method)::text
-                  || ',"parts":' || parts::text
-                  || ',"headers":' || coalesce(headers::text, 'null')
-                  || ',"timeout_seconds":' || timeout_seconds::text || '}',
+                  '{"url":' || to_json(url)::pg_catalog.text
+                  || ',"method":' || to_json(v_method)::pg_catalog.text
+                  || ',"parts":' || parts::pg_catalog.text
+                  || ',"headers":' || coalesce(headers::pg_catalog.text, 'null')
+                  || ',"timeout_seconds":' || timeout_seconds::pg_catalog.text || '}',
                   null, null, null, null);
 end
 $$;
@@ -444,32 +448,32 @@ $$;
 -- a, then b (b sees a's named results). Operator ~>.
 create function df.seq(a text, b text) returns text
 language sql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$ select df._mk('THEN', null, null, df._node(a), df._node(b), null) $$;
 
 -- Both branches concurrently; the result is the array of their results. Operator &.
 create function df."join"(a text, b text) returns text
 language sql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$ select df._mk('JOIN', null, null, df._node(a), df._node(b), null) $$;
 
 -- Three branches concurrently (the third rides in extra_nodes).
 create function df.join3(a text, b text, c text) returns text
 language sql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$ select df._mk('JOIN', null, null, df._node(a), df._node(b), df._node(c)) $$;
 
 -- Both branches concurrently; the first to finish (success or failure) wins. Operator |.
 create function df.race(a text, b text) returns text
 language sql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$ select df._mk('RACE', null, null, df._node(a), df._node(b), null) $$;
 
 -- Run condition (any node), then then_branch if its result is truthy (SPEC §3.4), else
 -- else_branch.
 create function df."if"(condition text, then_branch text, else_branch text) returns text
 language sql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     select df._mk('IF', null, df._node(condition), df._node(then_branch), df._node(else_branch),
                   null)
@@ -478,12 +482,12 @@ $$;
 -- then_branch if the named SQL result has rows, else else_branch; runs no SQL itself.
 create function df.if_rows(result_name text, then_branch text, else_branch text) returns text
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform df._check_identifier(result_name, 'result name');
     return df._mk('IF', '{"condition_type":"result_has_rows","result_name":'
-                        || to_json(result_name)::text || '}',
+                        || to_json(result_name)::pg_catalog.text || '}',
                   null, df._node(then_branch), df._node(else_branch), null);
 end
 $$;
@@ -492,7 +496,7 @@ $$;
 -- while condition is truthy after each iteration (do-while).
 create function df.loop(body text, condition text default null) returns text
 language sql immutable parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     select case when body is not null
                 then df._mk('LOOP', null, df._node(condition), df._node(body), null, null) end
@@ -502,11 +506,11 @@ $$;
 -- previous name.
 create function df."as"(fut text, name text) returns text
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_node text;
-    v_head text[];
+    v_node pg_catalog.text;
+    v_head pg_catalog.text[];
 begin
     perform df._check_identifier(name, 'result name');
     v_node := df._node(fut);
@@ -520,19 +524,19 @@ begin
                            '(,"result_name":"[A-Za-z0-9_]*")?(?!,"query")[,}]');
     if v_head is not null then
         -- right(t, -n) skips n characters without counting the rest (substr would)
-        return v_head[1] || ',"result_name":' || to_json(name)::text
+        return v_head[1] || ',"result_name":' || to_json(name)::pg_catalog.text
             || right(v_node, -(length(v_head[1]) + coalesce(length(v_head[2]), 0)));
     end if;
     -- Anything else (hand-written JSON): re-emit the top level in canonical key order from
     -- json_each, whose values are verbatim substrings, so the subtrees keep their text.
     return (
-        select '{' || string_agg(to_json(k)::text || ':' || v, ',' order by ord, n) || '}'
-        from (select e.key as k, e.value::text as v, e.n,
+        select '{' || string_agg(to_json(k)::pg_catalog.text || ':' || v, ',' order by ord, n) || '}'
+        from (select e.key as k, e.value::pg_catalog.text as v, e.n,
                      case e.key when 'node_type' then 1 when 'query' then 2 else 4 end as ord
-              from json_each(v_node::json) with ordinality as e(key, value, n)
+              from json_each(v_node::pg_catalog.json) with ordinality as e(key, value, n)
               where e.key <> 'result_name'
               union all
-              select 'result_name', to_json(name)::text, 0, 3) as parts);
+              select 'result_name', to_json(name)::pg_catalog.text, 0, 3) as parts);
 end
 $$;
 
@@ -543,19 +547,19 @@ $$;
 -- `f |=> 'name'` = df.as(f, 'name').
 create function df.as_op(fut text, name text) returns text
 language sql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$ select df."as"(fut, name) $$;
 
 -- `@> body` = df.loop(body): a prefix operator needs a one-argument function.
 create function df.loop_op(body text) returns text
 language sql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$ select df.loop(body) $$;
 
 -- `c ?> t`: the first half of an IF, a partial object only !> accepts (ARCHITECTURE §1).
 create function df.if_then_op(condition text, then_branch text) returns text
 language sql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     select '{"_partial_if":true,"condition":' || df._node(condition)
         || ',"then_branch":' || df._node(then_branch) || '}'
@@ -564,13 +568,13 @@ $$;
 -- `p !> e`: completes a ?> partial into df.if(condition, then_branch, else_branch).
 create function df.if_else_op(partial text, else_branch text) returns text
 language plpgsql immutable strict parallel safe
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_json json;
+    v_json pg_catalog.json;
 begin
     begin
-        v_json := btrim(partial, E' \t\r\n')::json;
+        v_json := btrim(partial, E' \t\r\n')::pg_catalog.json;
     exception when data_exception or program_limit_exceeded then
         v_json := null;
     end;
@@ -585,6 +589,7 @@ begin
             hint = 'All df operators share one precedence level and group left to right: '
                    'write c ?> (a ~> b) !> e, or use df.if(c, then_branch, else_branch).';
     end if;
-    return df."if"((v_json -> 'condition')::text, (v_json -> 'then_branch')::text, else_branch);
+    return df."if"((v_json -> 'condition')::pg_catalog.text,
+                   (v_json -> 'then_branch')::pg_catalog.text, else_branch);
 end
 $$;

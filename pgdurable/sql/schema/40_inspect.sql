@@ -11,6 +11,8 @@
 --
 -- Everything here is SECURITY INVOKER and reads df.instances/df.nodes under RLS, so a role
 -- sees only its own instances; df.metrics (engine-wide, admin-only) is the one definer.
+-- Every function pins search_path = pg_catalog, pg_temp and casts/declares with pg_catalog
+-- types (why: the 30_control.sql header).
 --
 -- Our choices where SPEC §4 leaves room (documented in docs too):
 --   function_name        always 'pgdurable' (the orchestration name; labels are in `label`)
@@ -37,7 +39,7 @@ create function df._node_tree(p_instance_id text)
 returns table (node_id varchar, path integer[], role text, inferred_status text,
                inferred_from varchar)
 language sql stable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     with recursive inst as (
         select i.id, i.root_node, i.status from df.instances i where i.id = p_instance_id
@@ -46,13 +48,13 @@ as $$
                case when x.node_type in ('IF', 'LOOP', 'JOIN') and x.query like '{%'
                     then df._try_jsonb(x.query) end as qj,
                case when jsonb_typeof(x.status_details -> 'seq') = 'number'
-                    then (x.status_details ->> 'seq')::numeric end as seq,
+                    then (x.status_details ->> 'seq')::pg_catalog.numeric end as seq,
                case when x.node_type = 'LOOP' and jsonb_typeof(x.status_details -> 'iter_seq') = 'number'
-                    then (x.status_details ->> 'iter_seq')::numeric end as iter_seq
+                    then (x.status_details ->> 'iter_seq')::pg_catalog.numeric end as iter_seq
         from df.nodes x where x.instance_id = p_instance_id
     ), walk(node_id, path, role, depth, skip_from, loop_seq, loop_id) as (
-        select i.root_node::varchar, array[]::integer[], 'root'::text, 1, null::varchar, null::numeric,
-               null::varchar
+        select i.root_node::pg_catalog.varchar, array[]::pg_catalog.int4[], 'root'::pg_catalog.text,
+               1, null::pg_catalog.varchar, null::pg_catalog.numeric, null::pg_catalog.varchar
         from inst i
         union all
         select c.child, w.path || c.ord, c.role, w.depth + 1,
@@ -63,9 +65,9 @@ as $$
         from walk w
         join n p on p.id = w.node_id
         cross join lateral (
-            select (p.qj ->> 'condition_node')::varchar as child, 0 as ord,
+            select (p.qj ->> 'condition_node')::pg_catalog.varchar as child, 0 as ord,
                    case p.node_type when 'LOOP' then 'while' else 'condition' end as role,
-                   null::varchar as skip_here
+                   null::pg_catalog.varchar as skip_here
             where p.node_type in ('IF', 'LOOP') and jsonb_typeof(p.qj -> 'condition_node') = 'string'
             union all
             select p.left_node, 1,
@@ -86,7 +88,8 @@ as $$
                         then p.id end
             where p.right_node is not null
             union all
-            select e.value::varchar, 2 + e.ord::integer, 'branch ' || (2 + e.ord), null::varchar
+            select e.value::pg_catalog.varchar, 2 + e.ord::pg_catalog.int4, 'branch ' || (2 + e.ord),
+                   null::pg_catalog.varchar
             from jsonb_array_elements_text(case when p.node_type = 'JOIN'
                                                      and jsonb_typeof(p.qj -> 'extra_nodes') = 'array'
                                                 then p.qj -> 'extra_nodes' end)
@@ -121,10 +124,11 @@ returns table (node_id varchar, node_type text, query text, result_name text, le
                inferred_status text, inferred_status_from_ancestor_id varchar,
                updated_at timestamptz)
 language sql stable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     select n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
-           n.result::text, n.status_details::text, t.inferred_status, t.inferred_from, n.updated_at
+           n.result::pg_catalog.text, n.status_details::pg_catalog.text, t.inferred_status,
+           t.inferred_from, n.updated_at
     from df.nodes n
     join df._node_tree($1) t on t.node_id = n.id
     where n.instance_id = $1
@@ -137,7 +141,7 @@ create function df.instance_nodes(instance_id text, limit_count integer)
 returns table (node_id varchar, node_type text, query text, result_name text, left_node varchar,
                right_node varchar, status text, result text, updated_at timestamptz)
 language sql stable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     select x.node_id, x.node_type, x.query, x.result_name, x.left_node, x.right_node, x.status,
            x.result, x.updated_at
@@ -158,16 +162,16 @@ returns table (instance_id varchar, label text, function_name text, status text,
                execution_count integer, output text, created_at timestamptz,
                completed_at timestamptz, next_cursor text)
 language plpgsql stable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 declare
-    v_max    integer := @engine@.setting('list_instances_max_limit', '1000')::integer;
-    v_limit  integer := coalesce(limit_count, 100);
-    v_plain  text;
-    v_parts  text[];
-    v_at     timestamptz;
-    v_id     varchar;
+    v_max    pg_catalog.int4 := @engine@.setting('list_instances_max_limit', '1000')::pg_catalog.int4;
+    v_limit  pg_catalog.int4 := coalesce(limit_count, 100);
+    v_plain  pg_catalog.text;
+    v_parts  pg_catalog.text[];
+    v_at     pg_catalog.timestamptz;
+    v_id     pg_catalog.varchar;
 begin
     if v_limit < 1 then
         raise exception 'limit_count must be at least 1, got %', v_limit using errcode = '22023';
@@ -186,7 +190,8 @@ begin
             raise exception 'invalid list_instances cursor %', quote_literal(after_cursor)
                 using errcode = '22023', hint = 'pass a next_cursor value returned by df.list_instances';
         end if;
-        v_at := timestamptz 'epoch' + v_parts[1]::bigint * interval '1 microsecond';
+        v_at := 'epoch'::pg_catalog.timestamptz
+                + v_parts[1]::pg_catalog.int8 * '1 microsecond'::pg_catalog.interval;
         v_id := v_parts[2];
     end if;
     return query
@@ -203,19 +208,19 @@ begin
                count(*) over () as total
         from page p
     )
-    select x.id, x.label, 'pgdurable'::text, x.status,
+    select x.id, x.label, 'pgdurable'::pg_catalog.text, x.status,
            -- 0 until a worker stamped a node, then at least 1
            (select case when count(*) = 0 then 0
                         else greatest(1, coalesce(max(greatest(
                             case when jsonb_typeof(n.status_details -> 'gen') = 'number'
-                                 then (n.status_details ->> 'gen')::numeric end,
+                                 then (n.status_details ->> 'gen')::pg_catalog.numeric end,
                             case when jsonb_typeof(n.status_details -> 'iteration') = 'number'
-                                 then (n.status_details ->> 'iteration')::numeric end)), 1))::integer end
+                                 then (n.status_details ->> 'iteration')::pg_catalog.numeric end)), 1))::pg_catalog.int4 end
             from df.nodes n where n.instance_id = x.id and n.status_details is not null),
-           (select r.result::text from df.nodes r where r.instance_id = x.id and r.id = x.root_node),
+           (select r.result::pg_catalog.text from df.nodes r where r.instance_id = x.id and r.id = x.root_node),
            x.created_at, x.completed_at,
            max(case when x.total > v_limit and x.rn = v_limit
-                    then encode(convert_to('v1:' || (extract(epoch from x.created_at) * 1000000)::bigint
+                    then encode(convert_to('v1:' || (extract(epoch from x.created_at) * 1000000)::pg_catalog.int8
                                            || ':' || x.id, 'SQL_ASCII'), 'hex') end) over ()
     from numbered x
     where x.rn <= v_limit
@@ -227,24 +232,24 @@ create function df.list_instances(status_filter text default null, limit_count i
 returns table (instance_id varchar, label text, function_name text, status text,
                execution_count integer, output text)
 language sql stable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     select l.instance_id, l.label, l.function_name, l.status, l.execution_count, l.output
-    from df.list_instances($1, $2, null::text, null::text) l
+    from df.list_instances($1, $2, null::pg_catalog.text, null::pg_catalog.text) l
 $$;
 
 create function df.instance_info(instance_id text)
 returns table (instance_id varchar, label text, function_name text, function_version text,
                current_execution_id text, status text, output text)
 language sql stable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
-    select i.id, i.label, 'pgdurable'::text, '@version@'::text,
+    select i.id, i.label, 'pgdurable'::pg_catalog.text, '@version@'::pg_catalog.text,
            (select n.status_details ->> 'execution_id' from df.nodes n
             where n.instance_id = i.id and n.status_details ? 'execution_id'
             order by n.updated_at desc, n.id limit 1),
            i.status,
-           (select r.result::text from df.nodes r where r.instance_id = i.id and r.id = i.root_node)
+           (select r.result::pg_catalog.text from df.nodes r where r.instance_id = i.id and r.id = i.root_node)
     from df.instances i where i.id = $1
 $$;
 
@@ -252,21 +257,21 @@ $$;
 create function df.instance_executions(instance_id text, limit_count integer default 5)
 returns table (execution_id text, status text, event_count bigint, duration_ms bigint, output text)
 language sql stable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
     select e.execution_id,
            case when bool_or(n.status = 'failed') then 'failed'
                 when bool_or(n.status in ('running', 'pending')) then 'running'
                 else 'completed' end,
            count(*),
-           (extract(epoch from max(f.finished_at) - min(f.started_at)) * 1000)::bigint,
-           max(n.result::text) filter (where n.id = i.root_node)
+           (extract(epoch from max(f.finished_at) - min(f.started_at)) * 1000)::pg_catalog.int8,
+           max(n.result::pg_catalog.text) filter (where n.id = i.root_node)
     from df.instances i
     join df.nodes n on n.instance_id = i.id
     cross join lateral (select n.status_details ->> 'execution_id' as execution_id) e
     cross join lateral (
-        select case when n.status_details ->> 'started_at' ~ '^\d{4}-' then (n.status_details ->> 'started_at')::timestamptz end as started_at,
-               case when n.status_details ->> 'finished_at' ~ '^\d{4}-' then (n.status_details ->> 'finished_at')::timestamptz end as finished_at
+        select case when n.status_details ->> 'started_at' ~ '^\d{4}-' then (n.status_details ->> 'started_at')::pg_catalog.timestamptz end as started_at,
+               case when n.status_details ->> 'finished_at' ~ '^\d{4}-' then (n.status_details ->> 'finished_at')::pg_catalog.timestamptz end as finished_at
     ) f
     where i.id = $1 and e.execution_id is not null
     group by e.execution_id
@@ -282,15 +287,15 @@ create function df.metrics()
 returns table (total_instances bigint, running_instances bigint, completed_instances bigint,
                failed_instances bigint, total_executions bigint, total_events bigint)
 language sql stable security definer
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
-    select (select count(*) from df.instances),
-           (select count(*) from df.instances where status = 'running'),
-           (select count(*) from df.instances where status = 'completed'),
-           (select count(*) from df.instances where status = 'failed'),
-           (select count(distinct status_details ->> 'execution_id') from df.nodes),
-           (select count(*) from df.nodes where status <> 'pending')
-             + (select count(*) from @engine@.signals)
+    select (select pg_catalog.count(*) from df.instances i),
+           (select pg_catalog.count(*) from df.instances i where i.status = 'running'),
+           (select pg_catalog.count(*) from df.instances i where i.status = 'completed'),
+           (select pg_catalog.count(*) from df.instances i where i.status = 'failed'),
+           (select pg_catalog.count(distinct n.status_details ->> 'execution_id') from df.nodes n),
+           (select pg_catalog.count(*) from df.nodes n where n.status <> 'pending')
+             + (select pg_catalog.count(*) from @engine@.signals s)
 $$;
 
 ------------------------------------------------------------------------------------------
@@ -303,31 +308,31 @@ $$;
 -- there is exactly one → per THEN edge. m is the inferred status (NULL = no mark, dry run).
 create function df._explain_render(p_nodes jsonb, p_root text) returns text
 language plpgsql stable
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_ids    text[] := array[p_root];
-    v_ind    integer[] := array[0];
-    v_pre    text[] := array[''];
-    v_lines  text[] := array[]::text[];
-    v_id     text;
-    v_indent integer;
-    v_prefix text;
-    v_node   jsonb;
-    v_cfg    jsonb;
-    v_label  text;
-    v_mark   text;
-    v_kids   text[];
-    v_roles  text[];
-    v_k      integer;
-    v_top    integer;
+    v_ids    pg_catalog.text[] := array[p_root];
+    v_ind    pg_catalog.int4[] := array[0];
+    v_pre    pg_catalog.text[] := array[''];
+    v_lines  pg_catalog.text[] := array[]::pg_catalog.text[];
+    v_id     pg_catalog.text;
+    v_indent pg_catalog.int4;
+    v_prefix pg_catalog.text;
+    v_node   pg_catalog.jsonb;
+    v_cfg    pg_catalog.jsonb;
+    v_label  pg_catalog.text;
+    v_mark   pg_catalog.text;
+    v_kids   pg_catalog.text[];
+    v_roles  pg_catalog.text[];
+    v_k      pg_catalog.int4;
+    v_top    pg_catalog.int4;
 begin
     while cardinality(v_ids) > 0 loop
         v_top := cardinality(v_ids);
         v_id := v_ids[v_top]; v_indent := v_ind[v_top]; v_prefix := v_pre[v_top];
         v_ids := v_ids[1:v_top - 1]; v_ind := v_ind[1:v_top - 1]; v_pre := v_pre[1:v_top - 1];
         if cardinality(v_lines) > 20000 then
-            v_lines := v_lines || '…'::text;
+            v_lines := v_lines || '…'::pg_catalog.text;
             exit;
         end if;
         v_node := p_nodes -> v_id;
@@ -364,7 +369,7 @@ begin
                                 then 'IF has rows: ' || coalesce(v_cfg ->> 'result_name', '?') else 'IF' end
             -- 'x' is JSON null (not SQL NULL) for a two-branch JOIN of a live instance
             when 'JOIN' then 'JOIN (' || (2 + jsonb_array_length(
-                coalesce(nullif(v_node -> 'x', 'null'::jsonb), '[]'::jsonb))) || ')'
+                coalesce(nullif(v_node -> 'x', 'null'::pg_catalog.jsonb), '[]'::pg_catalog.jsonb))) || ')'
             when 'RACE' then 'RACE'
             when 'THEN' then 'THEN'
             else coalesce(v_node ->> 't', '?') end
@@ -372,7 +377,7 @@ begin
             -- per-node timings of a live instance: run time, and time queued before a worker
             -- picked it up (status_details: queued_at, started_at, finished_at, duration_ms)
             || coalesce(' (' || (v_node ->> 'd') || ' ms'
-                        || case when (v_node ->> 'w')::numeric > 0
+                        || case when (v_node ->> 'w')::pg_catalog.numeric > 0
                                 then ', queued ' || (v_node ->> 'w') || ' ms' else '' end
                         || ')', '');
         v_mark := case v_node ->> 'm'
@@ -390,7 +395,7 @@ begin
             when 'JOIN' then
                 v_kids := array[v_node ->> 'l', v_node ->> 'r']
                           || coalesce(array(select jsonb_array_elements_text(
-                                 coalesce(nullif(v_node -> 'x', 'null'::jsonb), '[]'::jsonb))), '{}');
+                                 coalesce(nullif(v_node -> 'x', 'null'::pg_catalog.jsonb), '[]'::pg_catalog.jsonb))), '{}');
                 v_roles := array(select 'branch ' || g || ': ' from generate_series(1, cardinality(v_kids)) g);
             when 'RACE' then
                 v_kids := array[v_node ->> 'l', v_node ->> 'r'];
@@ -416,21 +421,21 @@ $$;
 
 create function df.explain(input text) returns text
 language plpgsql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_inst  record;
-    v_nodes jsonb;
-    v_text  text := input;
+    v_nodes pg_catalog.jsonb;
+    v_text  pg_catalog.text := input;
     v_row   record;
-    v_flat  jsonb;
+    v_flat  pg_catalog.jsonb;
 begin
     if input is null then
         return null;
     end if;
     if input ~ '^[0-9a-f]{8}$' then
         select i.id, i.status, i.root_node,
-               (select r.result::text from df.nodes r where r.instance_id = i.id and r.id = i.root_node) as output
+               (select r.result::pg_catalog.text from df.nodes r where r.instance_id = i.id and r.id = i.root_node) as output
         into v_inst
         from df.instances i where i.id = input;
         if not found then
@@ -444,8 +449,8 @@ begin
                    'w', case when t.inferred_status in ('completed', 'failed', 'running')
                                   and n.status_details ? 'queued_at'
                              then round(1000 * extract(epoch from
-                                  (n.status_details ->> 'started_at')::timestamptz
-                                  - (n.status_details ->> 'queued_at')::timestamptz)) end,
+                                  (n.status_details ->> 'started_at')::pg_catalog.timestamptz
+                                  - (n.status_details ->> 'queued_at')::pg_catalog.timestamptz)) end,
                    'c', case when n.node_type in ('IF', 'LOOP') then df._try_jsonb(n.query) ->> 'condition_node' end,
                    'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end))
         into v_nodes
@@ -484,8 +489,9 @@ begin
                'c', case when n.node_type in ('IF', 'LOOP') then df._try_jsonb(n.query) ->> 'condition_node' end,
                'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end))
     into v_nodes
-    from jsonb_to_recordset(v_flat) as n(id text, node_type text, query text, result_name text,
-                                         left_node text, right_node text);
+    from jsonb_to_recordset(v_flat)
+         as n(id pg_catalog.text, node_type pg_catalog.text, query pg_catalog.text,
+              result_name pg_catalog.text, left_node pg_catalog.text, right_node pg_catalog.text);
     return format(e'Dry run (not started): %s nodes\n\n', jsonb_array_length(v_flat))
            || df._explain_render(v_nodes, v_flat -> 0 ->> 'id');
 end;
@@ -513,8 +519,11 @@ $$;
 
 create function df.getvar(name text) returns text
 language sql stable
-set search_path = pg_catalog
-as $$ select v.value from df.vars v where v.name = $1 and v.owner = quote_ident(current_user)::regrole $$;
+set search_path = pg_catalog, pg_temp
+as $$
+    select v.value from df.vars v
+    where v.name = $1 and v.owner = quote_ident(current_user)::pg_catalog.regrole
+$$;
 
 create function df.unsetvar(name text) returns text
 language plpgsql volatile
@@ -546,25 +555,25 @@ $$;
 
 create function df.version() returns text
 language sql immutable
-set search_path = pg_catalog
-as $$ select '@version@ (df API 0.2.6)'::text $$;
+set search_path = pg_catalog, pg_temp
+as $$ select '@version@ (df API 0.2.6)'::pg_catalog.text $$;
 
 -- The original's manual trigger; pgdurable's service picks work up by itself.
 create function df.run(instance_id text default null) returns void
 language sql volatile
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$ select $$;
 
 -- The database holding df and the engine (pg_durable.database in the original): this one.
 create function df.target_database() returns text
 language sql stable
-set search_path = pg_catalog
-as $$ select current_database()::text $$;
+set search_path = pg_catalog, pg_temp
+as $$ select current_database()::pg_catalog.text $$;
 
 create function df.duroxide_schema() returns text
 language sql immutable
-set search_path = pg_catalog
-as $$ select '@engine@'::text $$;
+set search_path = pg_catalog, pg_temp
+as $$ select '@engine@'::pg_catalog.text $$;
 
 -- The live service processes; a view (owner's rights) so users need no engine privilege.
 create view df.workers as

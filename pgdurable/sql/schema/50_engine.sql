@@ -783,3 +783,20 @@ begin
     return 'OK';
 end
 $$;
+
+-- transaction_mode 'new', the far side: called in the engine's dblink session, logged in as
+-- the launcher role (the only role with EXECUTE), after @engine@._new_start_v1 checked that
+-- its caller is p_role. Starts the instance for p_role exactly as df.start would in that
+-- role's own session (the snapshot of its committed vars), and commits with this session.
+create function @engine@._launch_v1(p_role oid, p_fut text, p_label text, p_database text)
+returns varchar
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if session_user operator(pg_catalog.<>) (select l.rolname from @engine@.launcher l) then
+        raise exception 'only the engine''s launcher session may launch' using errcode = '42501';
+    end if;
+    return @engine@._start_v1(p_role::pg_catalog.regrole, p_fut, p_label, p_database);
+end
+$$;
