@@ -258,18 +258,40 @@ def _dblink(db):
             pytest.skip(f"dblink is not available on this server: {exc}")
 
 
+def _launcher_needs_password(db) -> bool:
+    """Does this server ask the launcher role for its password? (The embedded PostgreSQL does,
+    as managed PostgreSQL does; the local trust-everyone test cluster does not, and dblink
+    then refuses a non-superuser's connection: 'new' mode fails saying so.)"""
+    with db.connect() as admin:
+        launcher = one(admin, "select rolname::text from pgdurable.launcher")
+    try:
+        with psycopg.connect(db.server.dsn(db.name, user=launcher), connect_timeout=5):
+            return False
+    except psycopg.OperationalError:
+        return True
+
+
 def test_new_mode_survives_caller_rollback(db):
     _dblink(db)
     role = db.create_role("st")
+    if not _launcher_needs_password(db):
+        with db.connect(role) as conn, pytest.raises(
+                psycopg.errors.InvalidAuthorizationSpecification, match="without a password") as exc:
+            conn.execute("select df.start('select 1', 'new-lbl', null, 'New')")
+        assert "scram-sha-256" in (exc.value.diag.message_hint or "")
+        with db.connect() as admin:
+            assert counts(admin) == (0, 0, 0, 0)
+        return
     with db.connect(role, autocommit=False) as conn:
         conn.execute("select df.setvar('k', 'committed')")
         conn.commit()
         conn.execute("select df.setvar('k', 'uncommitted')")
         iid = one(conn, "select df.start('select 1', 'new-lbl', null, 'New')")
         conn.rollback()
-        # the slot was released
-        assert one(conn, "select count(*) from pg_locks where locktype = 'advisory' "
-                         "and classid = x'50474446'::int and pid = pg_backend_pid()") == 0
+        # the launch slot was released with the launch, not held until the caller's commit
+        conn.execute("set pg_durable.max_new_transaction_starts = 1")
+        conn.execute("set pg_durable.new_transaction_start_timeout = 1")
+        second = one(conn, "select df.start('select 2', transaction_mode => 'new')")
         conn.rollback()
     with db.connect() as admin:
         row = admin.execute("select label, status, submitted_by::text from df.instances where id = %s",
@@ -277,6 +299,8 @@ def test_new_mode_survives_caller_rollback(db):
         assert row == ("new-lbl", "pending", role)
         assert one(admin, "select vars from pgdurable.runs where instance_id = %s", (iid,)) == \
             {"k": "committed"}
+        assert one(admin, "select submitted_by::text from df.instances where id = %s",
+                   (second,)) == role
 
 
 def test_new_mode_validation_errors_surface(db):
@@ -291,8 +315,9 @@ def test_new_mode_validation_errors_surface(db):
 def test_new_mode_slot_timeout(db):
     _dblink(db)
     role = db.create_role("st")
-    with db.connect() as holder, db.connect(role) as conn:
-        holder.execute("select pg_advisory_lock(x'50474446'::int, 0)")
+    with db.connect(autocommit=False) as holder, db.connect(role) as conn:
+        # the launch slots are engine rows no tenant can lock; here the superuser holds one
+        holder.execute("select 1 from pgdurable.locks where name = 'launch:0' for update")
         conn.execute("set pg_durable.max_new_transaction_starts = 1")
         conn.execute("set pg_durable.new_transaction_start_timeout = 1")
         with pytest.raises(psycopg.errors.LockNotAvailable) as exc:
@@ -301,4 +326,12 @@ def test_new_mode_slot_timeout(db):
         assert "max_new_transaction_starts=1" in str(exc.value)
         # a second slot is free
         conn.execute("set pg_durable.max_new_transaction_starts = 2")
-        assert one(conn, "select df.start('select 1', transaction_mode => 'new')")
+        if _launcher_needs_password(db):
+            assert one(conn, "select df.start('select 1', transaction_mode => 'new')")
+        else:
+            with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+                conn.execute("select df.start('select 1', transaction_mode => 'new')")
+        holder.rollback()
+    with db.connect(role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        # a tenant cannot take (or hold) a launch slot
+        conn.execute("select 1 from pgdurable.locks for update")

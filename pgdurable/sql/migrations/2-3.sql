@@ -49,6 +49,7 @@ create table @engine@.locks (
     name text not null primary key
 );
 insert into @engine@.locks (name) values ('prune');
+insert into @engine@.locks (name) select 'launch:' || g from generate_series(0, 15) g;
 create table @engine@.launcher (
     sentinel boolean not null primary key default true check (sentinel),
     rolname  name    not null,

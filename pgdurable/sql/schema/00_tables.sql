@@ -230,6 +230,7 @@ create table @engine@.locks (
     name text not null primary key
 );
 insert into @engine@.locks (name) values ('prune');
+insert into @engine@.locks (name) select 'launch:' || g from generate_series(0, 15) g;
 
 -- transaction_mode 'new' (df.start in a session of its own, committed whatever the caller
 -- does): the login the engine's dblink session uses. A LOGIN role per install, member of

@@ -657,7 +657,7 @@ begin
     insert into @engine@.signals (instance_id, name, data) values (p_instance_id, p_name, p_data);
     update @engine@.tasks t set due_at = pg_catalog.now()
     where t.instance_id = p_instance_id and t.kind = 'signal' and t.lease_owner is null;
-    perform pg_catalog.pg_notify('pgdurable_work', p_instance_id);
+    perform pg_catalog.pg_notify('pgdurable_work', '');  -- no payload: LISTEN is open to all
 end;
 $$;
 
@@ -690,58 +690,111 @@ begin
         updated_at = pg_catalog.now()
     where n.instance_id = p_instance_id and n.status = 'running';
     -- the worker running a step of this instance interrupts it (pg_cancel_backend)
-    perform pg_catalog.pg_notify('pgdurable_cancel', p_instance_id);
+    perform pg_catalog.pg_notify('pgdurable_cancel', '');  -- no payload: LISTEN is open to all
     return pg_catalog.format('Instance %s cancelled: %s', p_instance_id, p_reason);
 end;
 $$;
 
--- transaction_mode 'new': run a caller-mode df.start in a separate session as the calling
--- role and commit it there. SECURITY DEFINER because dblink refuses password-less connections
--- for non-superusers; the connection is opened only for the invoker's own role (checked
--- against the role df.start ran as), so this gives no one another identity.
+-- transaction_mode 'new': start the instance in a session of its own and commit it there,
+-- whatever the caller's transaction does. That session is a dblink connection logged in as
+-- this install's launcher role (pgdurable install made it: LOGIN, member of nothing, its
+-- password in @engine@.launcher, which only the engine's owner reads), which may call only
+-- @engine@._launch_v1: the caller's identity was checked here, the instance is the caller's.
+-- dblink lets a non-superuser open a connection only with a password the server asked for:
+-- where the server trusts the launcher role (pg_hba 'trust'), 'new' mode fails saying so.
+-- At most pg_durable.max_new_transaction_starts launches at once: rows 'launch:<n>' of
+-- @engine@.locks, held by a subtransaction that ends with the launch.
 create function @engine@._new_start_v1(p_role name, p_fut text, p_label text, p_database text)
 returns varchar
 language plpgsql volatile security definer
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_dblink name;
-    v_host   text;
-    v_conn   text;
-    v_name   text := 'pgdurable_start_' || pg_backend_pid();
-    v_id     varchar;
+    v_dblink   pg_catalog.name;
+    v_launcher record;
+    v_host     pg_catalog.text;
+    v_conn     pg_catalog.text;
+    v_name     pg_catalog.text := 'pgdurable_start_' || pg_catalog.pg_backend_pid();
+    v_id       pg_catalog.varchar;
+    v_slots    pg_catalog.int4 := greatest(1,
+                   @engine@.setting('max_new_transaction_starts', '2')::pg_catalog.int4);
+    v_timeout  pg_catalog.numeric := greatest(1,
+                   @engine@.setting('new_transaction_start_timeout', '5')::pg_catalog.numeric);
+    v_deadline pg_catalog.timestamptz;
 begin
     if p_role is distinct from @engine@._invoker() then
         raise exception 'transaction_mode ''new'' must be called directly by the submitting role (%)', p_role
             using errcode = '42501';
     end if;
     select n.nspname into v_dblink
-    from pg_extension e join pg_namespace n on n.oid = e.extnamespace
+    from pg_catalog.pg_extension e join pg_catalog.pg_namespace n on n.oid = e.extnamespace
     where e.extname = 'dblink';
     if v_dblink is null then
         raise exception 'transaction_mode ''new'' needs the dblink extension (CREATE EXTENSION dblink)'
             using errcode = '55000';
     end if;
-    -- reach this server the way the caller did: its TCP address, else the first socket dir
-    v_host := coalesce(host(inet_server_addr()),
-                       nullif(btrim(split_part(current_setting('unix_socket_directories'), ',', 1)), ''),
-                       '127.0.0.1');
-    v_conn := format('dbname=%s user=%s host=%s port=%s application_name=%s',
-                     quote_literal(current_database()), quote_literal(p_role),
-                     quote_literal(v_host),
-                     coalesce(inet_server_port()::text, current_setting('port')),
-                     quote_literal('pgdurable df.start new'));
-    execute format('select %I.dblink_connect(%L, %L)', v_dblink, v_name, v_conn);
+    select l.rolname, l.password into v_launcher from @engine@.launcher l;
+    if not found then
+        raise exception 'transaction_mode ''new'' needs the launcher role that pgdurable install makes; run pgdurable install again'
+            using errcode = '55000';
+    end if;
+    v_deadline := pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => v_timeout);
     begin
-        execute format('select %I.dblink_exec(%L, %L)', v_dblink, v_name,
-                       'set lock_timeout = ''30s''; set statement_timeout = ''30s''');
-        execute format('select t.id from %I.dblink(%L, %L) as t(id varchar)', v_dblink, v_name,
-                       format('select df.start(%L, %L, %L, ''caller'')', p_fut, p_label, p_database))
-            into v_id;
-        execute format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
-    exception when others then
-        execute format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
-        raise;
+        -- a launch slot, held by this subtransaction (ended below, right after the launch)
+        loop
+            perform 1 from @engine@.locks l
+            where l.name = any (select 'launch:' || g from pg_catalog.generate_series(0, v_slots - 1) g)
+            limit 1
+            for update skip locked;
+            exit when found;
+            if pg_catalog.clock_timestamp() >= v_deadline then
+                raise exception 'Timed out after %s waiting for a launch slot (pg_durable.max_new_transaction_starts=%)',
+                    v_timeout, v_slots using errcode = '55P03';
+            end if;
+            perform pg_catalog.pg_sleep(0.1);
+        end loop;
+        -- reach this server the way the caller did: its TCP address, else the first socket dir
+        v_host := coalesce(pg_catalog.host(pg_catalog.inet_server_addr()),
+                           nullif(pg_catalog.btrim(pg_catalog.split_part(
+                               pg_catalog.current_setting('unix_socket_directories'), ',', 1)), ''),
+                           '127.0.0.1');
+        v_conn := pg_catalog.format('dbname=%s user=%s password=%s host=%s port=%s application_name=%s',
+                         pg_catalog.quote_literal(pg_catalog.current_database()),
+                         pg_catalog.quote_literal(v_launcher.rolname),
+                         pg_catalog.quote_literal(v_launcher.password),
+                         pg_catalog.quote_literal(v_host),
+                         coalesce(pg_catalog.inet_server_port()::pg_catalog.text,
+                                  pg_catalog.current_setting('port')),
+                         pg_catalog.quote_literal('pgdurable df.start new'));
+        begin
+            execute pg_catalog.format('select %I.dblink_connect(%L, %L)', v_dblink, v_name, v_conn);
+        exception when others then
+            if sqlerrm like '%password is required%' then
+                raise exception 'transaction_mode ''new'': this server lets the launcher role % in without a password, and dblink refuses that to anyone but a superuser', v_launcher.rolname
+                    using errcode = '28000',
+                          hint = pg_catalog.format('make pg_hba.conf ask %s for its password (scram-sha-256), as managed PostgreSQL does', v_launcher.rolname);
+            end if;
+            raise exception 'transaction_mode ''new'': cannot open the launch session: %', sqlerrm
+                using errcode = '08001';
+        end;
+        begin
+            execute pg_catalog.format('select %I.dblink_exec(%L, %L)', v_dblink, v_name,
+                           'set lock_timeout = ''30s''; set statement_timeout = ''30s''');
+            execute pg_catalog.format('select t.id from %I.dblink(%L, %L) as t(id pg_catalog.varchar)',
+                           v_dblink, v_name,
+                           pg_catalog.format('select %I._launch_v1(%s, %L, %L, %L)', '@engine@',
+                                             (select r.oid from pg_catalog.pg_roles r where r.rolname = p_role),
+                                             p_fut, p_label, p_database))
+                into v_id;
+            execute pg_catalog.format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
+        exception when others then
+            execute pg_catalog.format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
+            raise;
+        end;
+        -- end the subtransaction (releasing the slot); v_id keeps its value
+        raise exception 'launched' using errcode = 'PGDLN';
+    exception when sqlstate 'PGDLN' then
+        null;
     end;
     return v_id;
 end;
@@ -751,16 +804,14 @@ $$;
 -- df.start
 ------------------------------------------------------------------------------------------
 
-create function df.start(fut text, label text default null, database text default null,
-                         transaction_mode text default 'caller')
+-- The body of df.start for a role (see df.start below).
+create function @engine@._start_v1(p_me pg_catalog.regrole, fut text, label text, database text,
+                                   p_dry boolean default false)
 returns varchar
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    -- 'PGDF': the class of the 'new' launch slots (advisory locks, one key per slot)
-    c_slot_class constant pg_catalog.int4 := x'50474446'::pg_catalog.int4;
-    v_mode     pg_catalog.text := lower(btrim(coalesce(transaction_mode, '')));
     v_graph    pg_catalog.jsonb;
     v_nodes    pg_catalog.jsonb;
     v_me       pg_catalog.regrole;
@@ -768,19 +819,7 @@ declare
     v_id       pg_catalog.varchar;
     v_tries    pg_catalog.int4 := 0;
     v_vars     pg_catalog.jsonb;
-    v_slots    pg_catalog.int4;
-    v_timeout  pg_catalog.numeric;
-    v_deadline pg_catalog.timestamptz;
-    v_slot     pg_catalog.int4;
 begin
-    if v_mode not in ('caller', 'new') then
-        raise exception 'invalid transaction_mode ''%'': expected ''caller'' or ''new''', transaction_mode
-            using errcode = '22023';
-    end if;
-    if v_mode = 'new' and @engine@.in_workflow() then
-        raise exception 'df.start(transaction_mode => ''new'') cannot be called inside a workflow'
-            using errcode = '0A000';
-    end if;
     -- labels are indexed (btree rows stop near 2.7 kB): say so instead of an index error
     if octet_length(label) > 1024 then
         raise exception 'label is too long (% bytes; at most 1024): %…', octet_length(label),
@@ -803,17 +842,17 @@ begin
     end if;
     -- 3. identity: the submitting role must be able to log in, and not be a superuser unless allowed
     select r.oid, r.rolname, r.rolcanlogin, r.rolsuper into v_role
-    from pg_catalog.pg_roles r where r.rolname = current_user;
-    v_me := v_role.oid::pg_catalog.regrole;
+    from pg_catalog.pg_roles r where r.oid = p_me::pg_catalog.oid;
+    v_me := p_me;
     if not v_role.rolcanlogin then
-        raise exception 'role "%" cannot submit durable functions: it lacks the LOGIN attribute', current_user
+        raise exception 'role "%" cannot submit durable functions: it lacks the LOGIN attribute', v_role.rolname
             using errcode = '42501',
                   hint = 'steps run as the submitting role; ALTER ROLE ... LOGIN or submit as another role';
     end if;
     if v_role.rolsuper and lower(@engine@.setting('enable_superuser_instances', 'off'))
                            not in ('on', 'true', 'yes', '1') then
         raise exception 'superuser "%" cannot submit durable functions while pg_durable.enable_superuser_instances is off',
-            current_user using errcode = '42501',
+            v_role.rolname using errcode = '42501',
                                hint = 'submit as an ordinary role given df.grant_usage';
     end if;
     -- 4. readiness (SPEC D3)
@@ -824,34 +863,8 @@ begin
     -- 5. validate + flatten (raises before anything is written)
     v_nodes := df._graph_flatten(v_graph);
 
-    if v_mode = 'new' then
-        -- take one of max_new_transaction_starts cluster-wide slots (session advisory locks,
-        -- released below); poll every 100 ms and give up before any session is opened
-        v_slots := greatest(1, @engine@.setting('max_new_transaction_starts', '2')::integer);
-        v_timeout := greatest(1, @engine@.setting('new_transaction_start_timeout', '5')::numeric);
-        v_deadline := clock_timestamp() + make_interval(secs => v_timeout);
-        <<wait>>
-        loop
-            for v_try in 0 .. v_slots - 1 loop
-                if pg_try_advisory_lock(c_slot_class, v_try) then
-                    v_slot := v_try;
-                    exit wait;
-                end if;
-            end loop;
-            if clock_timestamp() >= v_deadline then
-                raise exception 'Timed out after %s waiting for a launch slot (pg_durable.max_new_transaction_starts=%)',
-                    v_timeout, v_slots using errcode = '55P03';
-            end if;
-            perform pg_sleep(0.1);
-        end loop;
-        begin
-            v_id := @engine@._new_start_v1(current_user, fut, label, database);
-        exception when others then
-            perform pg_advisory_unlock(c_slot_class, v_slot);
-            raise;
-        end;
-        perform pg_advisory_unlock(c_slot_class, v_slot);
-        return v_id;
+    if p_dry then
+        return null;
     end if;
 
     -- 6. reserve an instance id: ON CONFLICT sees every row (past RLS), so ids stay global
@@ -880,10 +893,44 @@ begin
     from df.vars v where v.owner = v_me;
     -- 9. the engine's first task, then wake a worker (delivered at commit)
     perform @engine@._enqueue_v1(v_id, v_vars);
-    perform pg_notify('pgdurable_work', v_id);
+    perform pg_catalog.pg_notify('pgdurable_work', '');  -- no payload: LISTEN is open to all
     return v_id;
 end;
 $$;
+
+
+-- df.start: checks and writes in the caller's own transaction (caller mode), or in a session
+-- of its own (transaction_mode 'new', @engine@._new_start_v1). The work is
+-- @engine@._start_v1, for a role: here the caller (RLS admits only its own rows), in the
+-- launch session the role that @engine@._new_start_v1 vouched for.
+create function df.start(fut text, label text default null, database text default null,
+                         transaction_mode text default 'caller')
+returns varchar
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_mode pg_catalog.text := lower(btrim(coalesce(transaction_mode, '')));
+    v_me   pg_catalog.regrole := (select r.oid::pg_catalog.regrole from pg_catalog.pg_roles r
+                                  where r.rolname = current_user);
+begin
+    if v_mode not in ('caller', 'new') then
+        raise exception 'invalid transaction_mode ''%'': expected ''caller'' or ''new''', transaction_mode
+            using errcode = '22023';
+    end if;
+    if v_mode = 'new' then
+        if @engine@.in_workflow() then
+            raise exception 'df.start(transaction_mode => ''new'') cannot be called inside a workflow'
+                using errcode = '0A000';
+        end if;
+        -- every check here, in the caller's session, so errors read as in caller mode
+        perform @engine@._start_v1(v_me, fut, label, database, true);
+        return @engine@._new_start_v1(current_user, fut, label, database);
+    end if;
+    return @engine@._start_v1(v_me, fut, label, database);
+end;
+$$;
+
 
 ------------------------------------------------------------------------------------------
 -- signal, cancel, status, result, error, await

@@ -628,7 +628,7 @@ begin
         '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
         '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
         '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
-        '@engine@._new_start_v1(name,text,text,text)', '@engine@._vars_v1(text,text,text)'] loop
+        '@engine@._new_start_v1(name,text,text,text)', '@engine@._start_v1(regrole,text,text,text,boolean)', '@engine@._vars_v1(text,text,text)'] loop
         if pg_catalog.to_regprocedure(v_fn) is not null then
             execute pg_catalog.format('grant execute on function %s to %I%s',
                                       pg_catalog.to_regprocedure(v_fn), p_role, v_opt);
@@ -715,7 +715,7 @@ begin
         '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
         '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
         '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
-        '@engine@._new_start_v1(name,text,text,text)', '@engine@._vars_v1(text,text,text)',
+        '@engine@._new_start_v1(name,text,text,text)', '@engine@._start_v1(regrole,text,text,text,boolean)', '@engine@._vars_v1(text,text,text)',
         'df.grant_usage(text,boolean,boolean)',
         'df.revoke_usage(text)', 'df.metrics()', 'df.http(text,text,text,jsonb,integer)',
         'df.http_multipart(text,text,jsonb,jsonb,integer)'] loop

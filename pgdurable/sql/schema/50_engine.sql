@@ -484,6 +484,11 @@ begin
     insert into @engine@.step_slots (slot)
     select g from pg_catalog.generate_series(0, v_max - 1) g
     on conflict do nothing;
+    -- 'new'-mode launch slots (@engine@._new_start_v1); 16 are made at install
+    insert into @engine@.locks (name)
+    select 'launch:' || g
+    from pg_catalog.generate_series(0, greatest(1, @engine@.setting('max_new_transaction_starts', '2')::pg_catalog.int4) - 1) g
+    on conflict do nothing;
     if v_role_max > 0 then
         insert into @engine@.role_slots (role, slot)
         select r.role, g
@@ -797,6 +802,10 @@ begin
     if session_user operator(pg_catalog.<>) (select l.rolname from @engine@.launcher l) then
         raise exception 'only the engine''s launcher session may launch' using errcode = '42501';
     end if;
+    -- this transaction acts for p_role (@engine@._invoker(), as in a step)
+    insert into @engine@.step_sessions as s (pid, xid, role)
+    values (pg_catalog.pg_backend_pid(), pg_catalog.txid_current(), p_role)
+    on conflict (pid) do update set xid = excluded.xid, role = excluded.role;
     return @engine@._start_v1(p_role::pg_catalog.regrole, p_fut, p_label, p_database);
 end
 $$;
