@@ -139,7 +139,9 @@ def install(
     target_version: int = SCHEMA_VERSION,
 ) -> InstallResult:
     """Install or upgrade to ``target_version``; returns what changed."""
-    with psycopg.connect(dsn, autocommit=False, application_name="pgdurable install") as conn:
+    # search_path fixed whatever the database or role defaults say (its owner may set them)
+    with psycopg.connect(dsn, autocommit=False, application_name="pgdurable install",
+                         options="-c search_path=pg_catalog,pg_temp") as conn:
         conn.execute("select pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
         op_schema = _operator_schema(conn, operator_schema)
         current = installed_version(conn, engine)

@@ -654,6 +654,7 @@ def test_commit_time_code_cannot_cancel_other_tenants_steps(db, serve_factory, w
         f"A's side channel: {cancels}")
     assert b_result["rows"] == [{"slept": False}]
     assert not [c for c in cancels if not c[3].startswith("0 cancelled")], cancels
+    assert_harmless(w)
 
 
 # -- 3. pooled step sessions: nothing a step leaves behind reaches the next one --------------------
@@ -803,6 +804,7 @@ def test_advisory_locks_of_any_role_do_not_block_steps(db, serve_factory, world)
         assert time.monotonic() - t0 < 15
     finally:
         holder.close()
+    assert_harmless(w)
 
 
 def test_tenant_cannot_lock_engine_tables(db, serve_factory, world):
@@ -828,6 +830,7 @@ def test_tenant_cannot_lock_engine_tables(db, serve_factory, world):
     assert status == "failed", err
     assert "permission denied" in err["error"], err
     b_finish(w, b_ids)
+    assert_harmless(w)
 
 
 def test_tenant_row_lock_on_its_instance_does_not_stall_others(db, serve_factory, world):
@@ -864,6 +867,7 @@ def test_tenant_row_lock_on_its_instance_does_not_stall_others(db, serve_factory
     with db.connect(w.a) as ca:
         assert outcome(ca, a_sleep, 20)[0] == "completed"
         assert outcome(ca, a_wait, 20)[0] == "completed"
+    assert_harmless(w)
 
 
 def test_install_lock_key_held_by_any_role_does_not_block_serve(db, serve_factory, world):
@@ -887,10 +891,12 @@ def test_install_lock_key_held_by_any_role_does_not_block_serve(db, serve_factor
                     (db.name, SERVICE, STEP)).fetchall()
             raise AssertionError(
                 f"a role without any grant holding pg_advisory_lock({schema_mod.INSTALL_LOCK_KEY})"
-                f" keeps serve from starting: {exc!s:.200}; serve's sessions waiting on a lock: "
+                f" keeps serve from starting: {str(exc).splitlines()[0]}; serve's sessions "
+                "waiting on a lock: "
                 f"{waiting}; workers forked: {s.workers()}") from None
     finally:
         holder.close()
+    assert_harmless(w)
 
 
 # -- 5. starvation ---------------------------------------------------------------------------------
@@ -926,6 +932,7 @@ def test_tenant_marking_its_instance_terminal_leaves_no_spinning_task(db, serve_
         cpu = (worker_cpu(s) - cpu0) / elapsed
     run_b(w)
     assert cpu < 0.6, f"workers burned {cpu:.0%} of a CPU on A's leftover tasks"
+    assert_harmless(w)
 
 
 @pytest.mark.parametrize("shape", ["self_then", "two_cycle", "self_loop"])
@@ -967,6 +974,7 @@ def test_cyclic_graph_is_rejected_at_enqueue(db, serve_factory, world, shape):
         f"B afterwards: {b_problem or 'completed'}")
     assert queued == []
     assert b_problem is None, b_problem
+    assert_harmless(w)
 
 
 # -- 6. memory -------------------------------------------------------------------------------------
@@ -1007,6 +1015,7 @@ def test_oversized_result_fails_without_growing_the_worker(db, serve_factory, wo
     assert ok[0] == "completed", ok
     assert ok[1]["rows"] == [{"s": "x" * 1000}], ok
     assert peak[0] < 200 * 1024 * 1024, f"a worker grew to {peak[0] / 2**20:.0f} MB"
+    assert_harmless(w)
 
 
 # -- 7. LISTEN -------------------------------------------------------------------------------------
@@ -1045,6 +1054,7 @@ def test_listen_learns_no_instance_ids(db, serve_factory, world):
     assert leaked == [], (
         f"any role that can LISTEN learns instance ids: {len(leaked)} of {len(notes)} "
         f"notifications carry a payload, {sorted({n for n in leaked if n[1] in ids})}")
+    assert_harmless(w)
 
 
 # -- 8. `database =>` steps into a database the tenant owns ----------------------------------------
@@ -1149,6 +1159,7 @@ def test_database_step_into_a_tenant_owned_database(db, serve_factory, world):
     others = [t for t in traps if t[1] != w.a]
     assert others == [], f"the trap ran with another role's rights: {others}"
     assert traps, "the trap was never reachable (nothing was tested)"
+    assert_harmless(w)
 
 
 # -- 9. who the service's sessions are -------------------------------------------------------------
@@ -1180,3 +1191,4 @@ def test_service_sessions_are_only_the_service_and_step_roles(db, serve_factory,
     users = {u for u, *_ in seen}
     assert users == {SERVICE, STEP}, (seen, apps)
     assert not any(sup or byp for _, _, sup, byp in seen), seen
+    assert_harmless(w)

@@ -79,9 +79,9 @@ language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_version bigint;
-    v_status  text;
-    v_dropped text[];
+    v_version pg_catalog.int8;
+    v_status  pg_catalog.text;
+    v_dropped pg_catalog.text[];
 begin
     select r.state_version into v_version
     from @engine@.runs r where r.instance_id = p_instance
@@ -133,16 +133,16 @@ begin
         set status = coalesce(u.status, n.status),
             result = case when u.status is null then n.result
                           when u.status in ('completed', 'failed') then u.result end,
-            status_details = coalesce(n.status_details, '{}'::jsonb) || coalesce(u.details, '{}'::jsonb)
+            status_details = coalesce(n.status_details, '{}'::pg_catalog.jsonb) || coalesce(u.details, '{}'::pg_catalog.jsonb)
                 || coalesce(case when u.status in ('completed', 'failed')
                                   and u.details ? 'finished_at' then
                     jsonb_build_object('duration_ms', round(1000 * extract(epoch from
-                        (u.details ->> 'finished_at')::timestamptz
+                        (u.details ->> 'finished_at')::pg_catalog.timestamptz
                         - coalesce(u.details ->> 'started_at',
-                                   n.status_details ->> 'started_at')::timestamptz))) end,
-                            '{}'::jsonb),
+                                   n.status_details ->> 'started_at')::pg_catalog.timestamptz))) end,
+                            '{}'::pg_catalog.jsonb),
             updated_at = now()
-        from jsonb_to_recordset(p_nodes) as u(id varchar, status text, result jsonb, details jsonb)
+        from jsonb_to_recordset(p_nodes) as u(id pg_catalog.varchar, status pg_catalog.text, result pg_catalog.jsonb, details pg_catalog.jsonb)
         where n.instance_id = p_instance and n.id = u.id;
     end if;
 
@@ -160,15 +160,16 @@ begin
                case when n.take then now() + make_interval(secs => p_lease_seconds) end,
                case when n.take then 1 else 0 end
         from jsonb_to_recordset(p_new_tasks)
-                 as n(node_id varchar, gen integer, kind text, due_at timestamptz,
-                      delay double precision, deadline timestamptz, take boolean)
+                 as n(node_id pg_catalog.varchar, gen pg_catalog.int4, kind pg_catalog.text,
+                      due_at pg_catalog.timestamptz, delay pg_catalog.float8,
+                      deadline pg_catalog.timestamptz, take pg_catalog.bool)
         cross join df.instances i
         where i.id = p_instance
         on conflict (instance_id, node_id) do update
             set gen = excluded.gen, kind = excluded.kind, due_at = excluded.due_at,
                 deadline = excluded.deadline, lease_owner = excluded.lease_owner,
                 lease_expires_at = excluded.lease_expires_at, attempts = excluded.attempts;
-        if exists (select 1 from jsonb_to_recordset(p_new_tasks) as n(take boolean)
+        if exists (select 1 from jsonb_to_recordset(p_new_tasks) as n(take pg_catalog.bool)
                    where n.take is not true) then
             perform pg_catalog.pg_notify('pgdurable_work', '');
         end if;
@@ -250,7 +251,7 @@ as $$
         where t.instance_id = o.instance_id and t.node_id = o.node_id
         returning 1
     )
-    select (count(*) + (select count(*) from dropped))::integer from upd
+    select (pg_catalog.count(*) + (select pg_catalog.count(*) from dropped))::pg_catalog.int4 from upd
 $$;
 
 -- Only the tasks the worker is really running are extended: a task it lost track of must
@@ -278,7 +279,7 @@ as $$
         where t.instance_id = mine.instance_id and t.node_id = mine.node_id
         returning 1
     )
-    select count(*)::integer from upd
+    select pg_catalog.count(*)::pg_catalog.int4 from upd
 $$;
 
 -- The runner: a SECURITY DEFINER function owned by the submitting role, so a step's statement
@@ -384,7 +385,7 @@ as $$
     on conflict (worker_id) do update
         set last_seen_at = now(), in_flight = excluded.in_flight;
     -- forget processes silent for a minute (crashed hosts); live ones re-insert themselves
-    delete from @engine@.workers w where w.last_seen_at < now() - interval '60 seconds';
+    delete from @engine@.workers w where w.last_seen_at < pg_catalog.now() - '60 seconds'::pg_catalog.interval;
     -- and the step capabilities of connections that are gone
     delete from @engine@.step_caps c
     where not exists (select 1 from pg_catalog.pg_stat_activity a where a.pid = c.pid);
@@ -415,7 +416,7 @@ declare
                    operator(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout);
     v_start    pg_catalog.int4 := pg_catalog.floor(pg_catalog.random() * v_max)::pg_catalog.int4;
     v_got      pg_catalog.int4;
-    v_role_ok  boolean := v_role_max operator(pg_catalog.<=) 0;
+    v_role_ok  pg_catalog.bool := v_role_max operator(pg_catalog.<=) 0;
 begin
     -- the slot rows are made by the service (_slots_ensure_v1), never here: rows a step's
     -- transaction inserted would stay locked by it, every slot taken, until it ends
