@@ -142,8 +142,13 @@ def install(
     # search_path fixed whatever the database or role defaults say (its owner may set them)
     with psycopg.connect(dsn, autocommit=False, application_name="pgdurable install",
                          options="-c search_path=pg_catalog,pg_temp") as conn:
-        conn.execute("select pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
         op_schema = _operator_schema(conn, operator_schema)
+        # up to date: no lock at all (serve's start lands here; a lock any role can take
+        # must not keep the service from starting)
+        if installed_version(conn, engine) == target_version:
+            conn.rollback()
+            return InstallResult(target_version, target_version, op_schema)
+        _install_lock(conn, engine)
         current = installed_version(conn, engine)
         if current > target_version:
             raise RuntimeError(
@@ -191,6 +196,25 @@ def install(
         ensure_launcher(conn, engine)
         conn.commit()
         return InstallResult(start, current, op_schema)
+
+
+def _install_lock(conn: psycopg.Connection[object], engine: str) -> None:
+    """Serialise installs and upgrades. Once the schema exists: a lock on its migrations
+    table, which only its owner's members may take; before (a first install): the advisory
+    key, bounded, since any role can hold an advisory key."""
+    if installed_version(conn, engine) > 0:
+        conn.execute(sql.SQL("lock table {}.migrations in share row exclusive mode").format(
+            sql.Identifier(engine)))
+        return
+    conn.execute("set local lock_timeout = '30s'")
+    try:
+        conn.execute("select pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
+    except psycopg.errors.LockNotAvailable:
+        raise InstallError(
+            f"another session has held pgdurable's install lock (advisory key "
+            f"{INSTALL_LOCK_KEY}) for 30 s: another install running, or a role holding the "
+            "key; see pg_locks") from None
+    conn.execute("set local lock_timeout = 0")
 
 
 def _record(conn: psycopg.Connection[object], engine: str, version: int) -> None:

@@ -153,6 +153,9 @@ class Worker:
         self.ctxs: OrderedDict[str, InstanceCtx] = OrderedDict()
         self.inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.running_pids: dict[tuple[str, str], int] = {}
+        # steps this worker interrupted itself (RACE losers, cancelled instances): only their
+        # "canceling statement due to user request" is the step's outcome
+        self.interrupted: set[tuple[str, str]] = set()
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.runners: dict[int, sql.Composed] = {}
@@ -397,6 +400,7 @@ class Worker:
                     if pid is None or self.running_pids.get((inst, nid)) != pid:
                         continue  # finished meanwhile
                     self._forget(inst)
+                    self.interrupted.add((inst, nid))
                     await conn.execute(self.q("cancel_backend"), (pid,))
                     logger.info("interrupted step %s of %s", nid, inst,
                                 extra={"event": "step.interrupted"})
@@ -518,6 +522,14 @@ class Worker:
             # this step has left `inflight` (a start task shares its key with a root leaf)
             task.handoff_ready = True
             metrics.handed_off(len(task.handoff))
+        except _Requeue as exc:
+            logger.warning("%s; it runs again", exc, extra={"event": "step.requeued"})
+            self._forget(task.instance_id)
+            if task.attempts >= MAX_ATTEMPTS:
+                with contextlib.suppress(Exception):
+                    await self._poison(task, exc)
+                    return
+            await self._release(task)
         except Fenced:
             logger.info("step fenced (lease lost, abandoned or instance finished)",
                         extra={"event": "step.fenced"})
@@ -917,6 +929,7 @@ class Worker:
             if not _testing.BROKEN_CHECKPOINT:
                 await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
             # one round trip (simple query protocol): COMMIT and the session reset
+            stage = "commit"
             await conn.execute(self.commit_reset)
             self.sql_sem.release()
             held = False
@@ -928,10 +941,14 @@ class Worker:
             await self._statement_failed(conn, ctx, task, idx, text, failed.err)
         except psycopg.Error as exc:
             await self._reset(conn)
-            if conn.broken or conn.closed or stage == "checkpoint":
+            if conn.broken or conn.closed or stage == "checkpoint" or exc.sqlstate is None:
                 # the database went away, or our own checkpoint failed (not the user's
                 # statement): release and retry, bounded by the attempts cap in _handle
                 raise
+            if stage == "commit":
+                # code the statement left for COMMIT (a deferred trigger that escaped the
+                # runner) failed it: the transaction, checkpoint included, rolled back
+                self._forget(task.instance_id, ctx)
             await self._statement_failed(conn, ctx, task, idx, text, exc)
         except BaseException:
             # fenced, stale or cancelled: nothing of the step's transaction may commit
@@ -949,6 +966,13 @@ class Worker:
         if isinstance(exc, StepError):  # e.g. an oversized result
             await self._complete(conn, ctx, task, idx, False, None, exc)
             return
+        key = (task.instance_id, task.node_id)
+        ours = key in self.interrupted
+        self.interrupted.discard(key)
+        if exc.sqlstate == "57014" and not ours and "user request" in str(exc):
+            # cancelled, but not by us (a statement_timeout says so): another session of the
+            # step role signalled it (docs/security.md, known gaps); run the step again
+            raise _Requeue(f"step interrupted by another session: {_pg_message(exc)}")
         if exc.sqlstate == "25001" and AUTOCOMMIT_RE.match(text):
             # VACUUM, CREATE INDEX CONCURRENTLY, … refuse transaction blocks and functions;
             # a step runs inside its runner, in one transaction with its checkpoint
@@ -1373,6 +1397,10 @@ async def _acquire(ctx: InstanceCtx, seconds: float) -> None:
         await asyncio.wait_for(ctx.lock.acquire(), seconds)
     except TimeoutError:
         raise _LockBusy(f"instance {ctx.instance_id} stayed busy") from None
+
+
+class _Requeue(Exception):
+    """Not the step's outcome (its statement was cancelled by someone else): run it again."""
 
 
 class _Retry(Exception):
