@@ -26,7 +26,7 @@ scaleout   The same ten-step workload with one ``serve`` vs two ``serve`` proces
            ``insert into public.scale_ledger (instance_id, k) values ('{sys_instance_id}', k)``
            run in the step's own transaction, so the ledger holds exactly one row per executed
            step: the check requires count = distinct (instance, k) = instances x 10.
-           The ledger also records each row's ``application_name`` (``pgdurable worker <pid>``)
+           The ledger also records each row's ``application_name`` (``pgdurable step <pid>``)
            to show how the steps split between the two serves.
 memory     10,000 instances ``df.sql('select 1') ~> df.wait_for_signal('go')`` started (serve
            stopped), then serve runs until every instance has executed its first step and is
@@ -639,7 +639,8 @@ def check_scaleout(server: Server, args: argparse.Namespace, workdir: Path,
         res.steps_by_serve = [0, 0]
         for run in res.two:
             for si, pids in enumerate(run.worker_pids):
-                res.steps_by_serve[si] += sum(int(by_app.get(f"pgdurable worker {p}", 0))
+                # steps run on the worker's step connections ("pgdurable step <pid>")
+                res.steps_by_serve[si] += sum(int(by_app.get(f"pgdurable step {p}", 0))
                                               for p in pids)
     res.rate_one, res.rate_two = _best_rate(res.one), _best_rate(res.two)
     res.ratio = _ratio(res.rate_two, res.rate_one)
