@@ -1,6 +1,11 @@
 """The ``pgdurable`` command line (click). Every option has a ``PGDURABLE_*`` env var.
 
 Admin tooling: this module may spell SQL for the df functions it wraps (STYLE B1).
+
+Labels, results, errors and the like are tenants' text: every human-format output passes
+through :func:`pgdurable.sanitize.visible` (controls and escape sequences shown, not sent),
+field by field, so a newline cannot add a row and an escape cannot reach the terminal.
+``--json`` output is left as it is: JSON escapes control characters itself.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .config import (
 )
 from .embedded import EmbeddedPostgres, default_data_dir
 from .errors import ConfigError
+from .sanitize import visible, visible_lines
 
 CONTEXT = {"auto_envvar_prefix": "PGDURABLE", "show_default": True}
 
@@ -85,8 +91,9 @@ def install(dsn: str | None, operator_schema: str | None) -> None:
         res = schema_mod.install(_dsn_or_embedded(dsn), operator_schema=operator_schema)
     except schema_mod.InstallError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"pgdurable schema version {res.to_version} "
-               f"({'installed' if res.from_version == 0 else 'up to date' if not res.changed else 'upgraded from ' + str(res.from_version)}); "
+    how = ("installed" if res.from_version == 0 else "up to date" if not res.changed
+           else f"upgraded from {res.from_version}")
+    click.echo(f"pgdurable schema version {res.to_version} ({how}); "
                f"operators in {res.operator_schema}")
 
 
@@ -176,7 +183,7 @@ def _connect(dsn: str | None) -> psycopg.Connection[Any]:
         return psycopg.connect(_dsn_or_embedded(dsn), autocommit=True,
                                application_name="pgdurable cli")
     except psycopg.OperationalError as exc:
-        raise click.ClickException(f"cannot connect: {str(exc).strip()}") from exc
+        raise click.ClickException(f"cannot connect: {visible(str(exc).strip())}") from exc
 
 
 @contextlib.contextmanager
@@ -187,7 +194,7 @@ def _db(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
             yield conn
         except psycopg.Error as exc:
             msg = exc.diag.message_primary or str(exc).strip()
-            raise click.ClickException(msg) from exc
+            raise click.ClickException(visible(msg)) from exc
 
 
 def _scalar(dsn: str | None, query: str, params: tuple[Any, ...]) -> Any:
@@ -215,7 +222,9 @@ def _ts(value: datetime | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain left-aligned table (two spaces between columns)."""
+    """A plain left-aligned table (two spaces between columns), one line per row: every cell
+    is shown with its control characters escaped."""
+    rows = [[visible(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -243,7 +252,7 @@ def start(dsn: str | None, expr: str, label: str | None, as_json: bool) -> None:
     if as_json:
         _emit({"instance_id": iid, "label": label})
     else:
-        click.echo(iid or "")
+        click.echo(visible(iid or ""))
 
 
 def _instance_command(name: str, doc: str, key: str, parse: bool) -> None:
@@ -265,7 +274,7 @@ def _instance_command(name: str, doc: str, key: str, parse: bool) -> None:
             _emit({"instance_id": instance_id, key: out}
                   | ({"status": status} if key != "status" else {}))
         elif out is not None:
-            click.echo(out if isinstance(out, str) else json.dumps(out))
+            click.echo(visible(out if isinstance(out, str) else json.dumps(out)))
 
 
 _instance_command("status", "Print df.status(INSTANCE_ID): pending, running, completed, failed "
@@ -287,7 +296,7 @@ def await_(dsn: str | None, instance_id: str, timeout: int, as_json: bool) -> No
     if as_json:
         _emit({"instance_id": instance_id, "status": status})
     else:
-        click.echo(status)
+        click.echo(visible(status))
 
 
 @main.command()
@@ -302,7 +311,7 @@ def signal(dsn: str | None, instance_id: str, name: str, data: str, as_json: boo
     if as_json:
         _emit({"instance_id": instance_id, "signal": name, "result": out})
     else:
-        click.echo(out)
+        click.echo(visible(out))
 
 
 @main.command()
@@ -316,7 +325,7 @@ def cancel(dsn: str | None, instance_id: str, reason: str, as_json: bool) -> Non
     if as_json:
         _emit({"instance_id": instance_id, "result": out})
     else:
-        click.echo(out)
+        click.echo(visible(out))
 
 
 @main.command(name="list")
@@ -364,7 +373,7 @@ def _diagram_of(conn: psycopg.Connection[Any], target: str, text: str) -> diagra
             rows = cur.execute("select * from df.instance_nodes(%s)", (target,)).fetchall()
         return diagram.from_rows(rows, inst[1], title=f"instance {target} ({inst[0]})")
     if text.startswith("Invalid durable function graph"):
-        raise click.ClickException(text)
+        raise click.ClickException(visible(text))
     value: str | None = target
     if not target.lstrip().startswith("{") and (
             _DSL_MARKERS.search(target) or re.search(r"~>|\|=>|\?>|!>|^\s*@>", target)):
@@ -391,7 +400,9 @@ def explain(dsn: str | None, target: str, fmt: str, as_json: bool) -> None:
                 raise
             text = ""  # the diagram does not depend on df.explain's rendering
         if fmt == "text" and not as_json:
-            click.echo(text)
+            # df.explain escapes tenants' text itself (df._visible); this also covers a server
+            # with an older schema: each line of the tree made visible, the tree's lines kept
+            click.echo(visible_lines(text))
             return
         d = _diagram_of(conn, target, text)
     if as_json:
@@ -399,7 +410,8 @@ def explain(dsn: str | None, target: str, fmt: str, as_json: bool) -> None:
             else diagram.dot(d)
         _emit({"target": target, "format": fmt, "text": body, "graph": diagram.to_json(d)})
     else:
-        click.echo(diagram.mermaid(d) if fmt == "mermaid" else diagram.dot(d))
+        # labels are made visible in diagram.label; the lines are the renderer's own
+        click.echo(visible_lines(diagram.mermaid(d) if fmt == "mermaid" else diagram.dot(d)))
 
 
 @main.command()
@@ -471,7 +483,8 @@ def demo(dsn: str | None, data_dir: str | None) -> None:
             click.echo("result: " + str(conn.execute("select df.result(%s)", (iid,)).fetchone()[0]))  # type: ignore[index]
             click.echo(conn.execute("select df.explain(%s)", (iid,)).fetchone()[0])  # type: ignore[index]
             if status != "completed":
-                click.echo("error: " + str(conn.execute("select df.error(%s)", (iid,)).fetchone()[0]))  # type: ignore[index]
+                err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]  # type: ignore[index]
+                click.echo("error: " + str(err))
                 sys.exit(1)
     finally:
         proc.terminate()

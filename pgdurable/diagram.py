@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .sanitize import visible
+
 # Fill colours by status (mermaid classDef and dot fillcolor share them).
 STATUS_COLOURS = {
     "completed": "#b7e4c7",
@@ -77,7 +79,9 @@ def _cut(text: str) -> str:
 
 
 def label(node_type: str, query: str | None, name: str | None, n_children: int = 0) -> str:
-    """The one-line label of a node (the same words as ``df.explain``)."""
+    """The one-line label of a node (the same words as ``df.explain``); tenants' text in it
+    (queries, names, URLs) shows its control characters escaped (:mod:`pgdurable.sanitize`),
+    so a label is one line of the picture and sends nothing to a terminal."""
     cfg = _cfg(query)
     if node_type == "SQL":
         text = "SQL: " + _cut(query or "")
@@ -106,7 +110,7 @@ def label(node_type: str, query: str | None, name: str | None, n_children: int =
         text = node_type
     if name:
         text += f" |=> '{name}'"
-    return text
+    return visible(text)
 
 
 def _roles(node_type: str, n: int) -> list[str]:

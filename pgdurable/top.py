@@ -7,6 +7,10 @@ state into text (pure), :func:`run` loops (or prints one frame with ``--once``).
 Everything is read through the ``df`` API tables/views, so a non-admin role sees its own
 instances (RLS) and the workers. Throughput counts nodes/instances whose ``updated_at``
 falls in the last minute.
+
+Labels, queries and errors are tenants' text: :func:`render` shows every value through
+:func:`pgdurable.sanitize.visible` (one line each, escape sequences shown, not sent), so a
+tenant cannot add rows to the frame or drive the operator's terminal.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+
+from .sanitize import visible
 
 STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 # Rows shown per section: a terminal of ~40 lines fits all of them.
@@ -111,7 +117,7 @@ def fetch(conn: psycopg.Connection[Any]) -> TopState:
 
 
 def _cut(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
+    text = visible(" ".join(str(text).split()))
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
@@ -142,7 +148,8 @@ def render(state: TopState, width: int = 100) -> str:
         rest = width - 2 - 8 - 2 - 8 - 2 - 13 - 2 - 8 - 2
         for s in state.inflight:
             what = s["query"] if s["node_type"] == "SQL" else s["label"] or s["query"]
-            out.append(f"  {s['instance_id']:8}  {s['node_id']:8}  {s['node_type']:13}  "
+            out.append(f"  {visible(s['instance_id']):8}  {visible(s['node_id']):8}  "
+                       f"{visible(s['node_type']):13}  "
                        f"{_dur(s['seconds']):>8}  {_cut(what, rest)}")
     else:
         out.append("  (none)")
@@ -156,7 +163,7 @@ def render(state: TopState, width: int = 100) -> str:
             if w["seen_seconds_ago"] > STALE_AFTER:
                 seen += " (stale)"
             out.append(f"  {_cut(w['host'], 20):20}  {w['pid']:>7}  {w['in_flight']:>9}  "
-                       f"{_dur(w['up_seconds']):>8}  {seen:>8}  {w['version']}")
+                       f"{_dur(w['up_seconds']):>8}  {seen:>8}  {visible(w['version'])}")
     else:
         out.append("  (none: is `pgdurable serve` running?)")
     out.append("")
@@ -166,10 +173,12 @@ def render(state: TopState, width: int = 100) -> str:
         for f in state.failures:
             label = _cut(f["label"] or "-", 14)
             err = f"{f['node_type'] or '?'}: {f['error'] or '?'}"
-            out.append(f"  {f['instance_id']:8}  {label:14}  {_cut(err, rest)}")
+            out.append(f"  {visible(f['instance_id']):8}  {label:14}  {_cut(err, rest)}")
     else:
         out.append("  (none)")
-    return "\n".join(_cut(line, width) if len(line) > width else line for line in out)
+    # every value above is visible already; this pass keeps the frame one line per row even
+    # for a value a future edit forgets to wrap
+    return "\n".join(_cut(line, width) if len(line) > width else visible(line) for line in out)
 
 
 def run(connect: Any, *, once: bool = False, interval: float = INTERVAL_DEFAULT,
@@ -192,7 +201,7 @@ def run(connect: Any, *, once: bool = False, interval: float = INTERVAL_DEFAULT,
                 if once:
                     raise
                 conn = None
-                frame = f"pgdurable top: database unavailable ({exc}); retrying"
+                frame = f"pgdurable top: database unavailable ({visible(exc)}); retrying"
             if once:
                 echo(frame)
                 return

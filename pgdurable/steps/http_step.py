@@ -1,19 +1,20 @@
 """Run ``HTTP`` and ``HTTP_MULTIPART`` nodes from the worker, under the service's HTTP policy.
 
-Owns: the policy (:class:`HttpPolicy`, SPEC D12, §9 allow-list patterns), the URL gate
-(:func:`check_url`), the per-process client (:func:`make_client`) and the request itself
-(:func:`run_http`, SPEC §3.8 and §3.2's result envelope). No database access here: the worker
-substitutes the node's config, calls :func:`run_http` and checkpoints what it returns.
+Owns the per-process client (:func:`make_client`) and the request itself (:func:`run_http`,
+SPEC §3.8 and §3.2's result envelope). Where a request may go is decided by
+:mod:`pgdurable.steps.http_policy` (:class:`HttpPolicy`, :func:`check_url` and the connect-time
+guard), re-exported here. No database access: the worker substitutes the node's config, calls
+:func:`run_http` and checkpoints what it returns.
 
 Delivery is at-least-once (D4): a crash between the response and the checkpoint repeats the
 request, so every request carries ``Idempotency-Key`` (stable per instance and node, chosen by
 the caller) for servers that deduplicate.
 
-Address checks happen twice under ``public``: :func:`check_url` resolves the host up front so the
-step fails with a clear message before anything is sent, and the client's network backend
-resolves again at connect time and connects only to the address it just checked. The second
-check is the one that counts: it closes the DNS-rebinding gap between the first lookup and
-httpx's own (a name that answers 8.8.8.8 once and 127.0.0.1 the next time).
+The one client is shared by every tenant's steps on the worker, so it must carry no state from
+one request to the next: its cookie jar stores nothing (:class:`_NoCookieJar`); only the
+connection pool is shared. A response is read raw and capped twice as it streams, in bytes
+received and in bytes after decoding at most one gzip/deflate layer with bounded output
+(:func:`_read_capped`): a few kilobytes of nested gzip cannot inflate in the worker.
 """
 
 from __future__ import annotations
@@ -22,33 +23,55 @@ import asyncio
 import base64
 import binascii
 import codecs
-import ipaddress
+import http.cookiejar
 import logging
 import re
 import secrets
-import socket
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+import zlib
+from collections.abc import Mapping
+from typing import Any, Final, Literal
 
 import httpcore
 import httpx
 import orjson
 
 from pgdurable import __version__
-from pgdurable.errors import ConfigError, HttpStepError
+from pgdurable.errors import HttpStepError
+from pgdurable.steps.http_policy import (
+    ALLOW_DEFAULT,
+    MAX_REQUEST_BYTES_DEFAULT,
+    MAX_RESPONSE_BYTES_DEFAULT,
+    MAX_TIMEOUT_SECONDS_DEFAULT,
+    MODE_DEFAULT,
+    GuardedBackend,
+    HttpPolicy,
+    PolicyMode,
+    blocked_reason,
+    check_url,
+    shown_url,
+)
+
+__all__ = [
+    "ALLOW_DEFAULT",
+    "MAX_REQUEST_BYTES_DEFAULT",
+    "MAX_RESPONSE_BYTES_DEFAULT",
+    "MAX_TIMEOUT_SECONDS_DEFAULT",
+    "MODE_DEFAULT",
+    "HttpPolicy",
+    "NodeType",
+    "PolicyMode",
+    "blocked_reason",
+    "check_url",
+    "is_textual",
+    "make_client",
+    "render_body",
+    "run_http",
+]
 
 logger = logging.getLogger(__name__)
 
-PolicyMode = Literal["deny-all", "public", "allow-list"]
 NodeType = Literal["HTTP", "HTTP_MULTIPART"]
-
-MODE_DEFAULT: Final[PolicyMode] = "public"
-ALLOW_DEFAULT: Final[tuple[str, ...]] = ()
-MAX_REQUEST_BYTES_DEFAULT: Final = 10 * 1024 * 1024
-MAX_RESPONSE_BYTES_DEFAULT: Final = 10 * 1024 * 1024
-MAX_TIMEOUT_SECONDS_DEFAULT: Final = 300.0
 
 # df.http / df.http_multipart default timeout_seconds (SPEC §3 table); used when a stored
 # config has none.
@@ -86,8 +109,6 @@ _RESERVED_REQUEST_HEADERS: Final = frozenset(
     }
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
 
 _TEXTUAL_SUBTYPES: Final = frozenset(
     {
@@ -104,391 +125,50 @@ _TEXTUAL_SUBTYPES: Final = frozenset(
     }
 )
 
-# Blocked under ``public`` (D12). The metadata address sits inside link-local; it is listed
-# first so the message names it.
-_BLOCKED_NETWORKS: Final[tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...]] = (
-    (ipaddress.ip_network("169.254.169.254/32"), "cloud metadata"),
-    (ipaddress.ip_network("0.0.0.0/8"), "this-network"),
-    (ipaddress.ip_network("10.0.0.0/8"), "private"),
-    (ipaddress.ip_network("100.64.0.0/10"), "carrier-grade NAT"),
-    (ipaddress.ip_network("127.0.0.0/8"), "loopback"),
-    (ipaddress.ip_network("169.254.0.0/16"), "link-local"),
-    (ipaddress.ip_network("172.16.0.0/12"), "private"),
-    (ipaddress.ip_network("192.168.0.0/16"), "private"),
-    (ipaddress.ip_network("::/128"), "unspecified"),
-    (ipaddress.ip_network("::1/128"), "loopback"),
-    (ipaddress.ip_network("fe80::/10"), "link-local"),
-    (ipaddress.ip_network("fc00::/7"), "unique-local"),
-)
-# NAT64 well-known prefix: the last 32 bits are an IPv4 address and are checked as such.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Content codings decoded (one layer at most) and what we advertise: exactly these, whatever
+# optional decoders (brotli, zstandard) httpx would otherwise pick up from the environment.
+_DECODED_CODINGS: Final = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
+ACCEPT_ENCODING: Final = "gzip, deflate"
+# Largest piece one zlib call may produce: bounds the decoder's own buffers, whatever the cap.
+_INFLATE_STEP: Final = 256 * 1024
 
 
-@dataclass(frozen=True)
-class HttpPolicy:
-    """Where HTTP steps may connect and how much they may move (D12).
+class _RefuseCookies(http.cookiejar.DefaultCookiePolicy):
+    """Accept no cookie and return none."""
 
-    Set from the service's configuration (CLI / ``PGDURABLE_*`` env), never from SQL.
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
+class _NoCookieJar(http.cookiejar.CookieJar):
+    """The worker client's cookie jar: it stores nothing, so it sends nothing.
+
+    The client is shared by every tenant's steps on the worker; a stored ``Set-Cookie`` would
+    be sent with another tenant's later request to a matching host (cookies ignore the port,
+    and without a public-suffix list ``Domain=co.uk`` matches every ``*.co.uk``). A workflow
+    that needs a cookie passes it on explicitly, from ``$resp.headers`` into a ``Cookie``
+    header of its own next request (docs/http.md shows how).
     """
 
-    mode: PolicyMode = MODE_DEFAULT
-    """``deny-all`` blocks every request; ``public`` admits any host whose every DNS answer is a
-    public address (bare IP literals rejected); ``allow-list`` admits only hosts matching
-    :attr:`allow`, whatever they resolve to. Defaults to ``"public"``."""
+    def __init__(self) -> None:
+        super().__init__(policy=_RefuseCookies())
 
-    allow: tuple[str, ...] = ALLOW_DEFAULT
-    """Host patterns for ``allow-list``: ``api.example.com`` (exact), ``*.example.com``
-    (subdomains only), either with an optional ``:port`` (no port = any port); IP literals such
-    as ``127.0.0.1:8080`` or ``[::1]`` and ``localhost`` may be named explicitly.
-    Defaults to ``()``."""
-
-    max_request_bytes: int = MAX_REQUEST_BYTES_DEFAULT
-    """Largest request body sent (after multipart encoding). Defaults to 10 MiB."""
-
-    max_response_bytes: int = MAX_RESPONSE_BYTES_DEFAULT
-    """Largest response body read (after content decoding); larger fails the step.
-    Defaults to 10 MiB."""
-
-    max_timeout_seconds: float = MAX_TIMEOUT_SECONDS_DEFAULT
-    """Ceiling on a node's ``timeout_seconds``; larger values are lowered to it.
-    Defaults to 300."""
-
-    def validate(self) -> None:
-        """Raise :class:`~pgdurable.errors.ConfigError` naming the first invalid field."""
-        if self.mode not in get_args(PolicyMode):
-            raise ConfigError(
-                f"http policy mode {self.mode!r} is invalid: use one of 'deny-all', 'public', "
-                "'allow-list'"
-            )
-        if not isinstance(self.allow, tuple) or not all(isinstance(p, str) for p in self.allow):
-            raise ConfigError(f"http policy allow must be a tuple of strings, got {self.allow!r}")
-        for pattern in self.allow:
-            try:
-                _parse_pattern(pattern)
-            except ValueError as exc:
-                raise ConfigError(
-                    f"http policy allow pattern {pattern!r} is invalid: {exc}"
-                ) from None
-        if self.mode == "allow-list" and not self.allow:
-            raise ConfigError(
-                "http policy allow is empty but mode is 'allow-list': give at least one host "
-                "pattern, or use mode 'deny-all'"
-            )
-        if self.mode != "allow-list" and self.allow:
-            # Ignoring the list would silently widen (public) or be a no-op (deny-all): refuse.
-            raise ConfigError(
-                f"http policy allow {list(self.allow)!r} is set but mode is {self.mode!r}: "
-                "set mode 'allow-list' to use it"
-            )
-        for name in ("max_request_bytes", "max_response_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"http policy {name} must be a positive integer, got {value!r}")
-        timeout = self.max_timeout_seconds
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-            raise ConfigError(
-                f"http policy max_timeout_seconds must be a positive number, got {timeout!r}"
-            )
-
-    @classmethod
-    def from_strings(
-        cls,
-        mode: str | None,
-        allow_csv_or_list: str | Iterable[str] | None = None,
-        *,
-        max_request_bytes: int = MAX_REQUEST_BYTES_DEFAULT,
-        max_response_bytes: int = MAX_RESPONSE_BYTES_DEFAULT,
-        max_timeout_seconds: float = MAX_TIMEOUT_SECONDS_DEFAULT,
-    ) -> HttpPolicy:
-        """Build and validate a policy from CLI/env text.
-
-        ``mode`` is case-insensitive; empty or ``None`` means ``allow-list`` when patterns are
-        given, else ``public``. Patterns come as one comma/whitespace-separated string or as a
-        list of such strings (repeated ``--http-allow``); they are lower-cased.
-        """
-        if allow_csv_or_list is None:
-            chunks: list[str] = []
-        elif isinstance(allow_csv_or_list, str):
-            chunks = [allow_csv_or_list]
-        else:
-            chunks = list(allow_csv_or_list)
-        allow = tuple(p.lower() for chunk in chunks for p in re.split(r"[,\s]+", chunk) if p)
-        text = (mode or "").strip().lower().replace("_", "-")
-        if not text:
-            text = "allow-list" if allow else MODE_DEFAULT
-        policy = cls(
-            mode=text,  # type: ignore[arg-type]  # checked by validate()
-            allow=allow,
-            max_request_bytes=max_request_bytes,
-            max_response_bytes=max_response_bytes,
-            max_timeout_seconds=max_timeout_seconds,
-        )
-        policy.validate()
-        return policy
-
-
-@dataclass(frozen=True)
-class _Pattern:
-    host: str  # normalised host, or the suffix after "*." when wildcard
-    wildcard: bool
-    port: int | None
-
-
-def _parse_pattern(pattern: str) -> _Pattern:
-    """Parse one allow-list pattern; ValueError says what is wrong."""
-    text = pattern.strip().lower()
-    port_text: str | None = None
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError("a bracketed IPv6 address must look like [::1] or [::1]:8080")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host = text  # a bare IPv6 address (several colons) or a host without port
-    port: int | None = None
-    if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
-        port = int(port_text)
-    host = host.rstrip(".")
-    wildcard = host.startswith("*.")
-    if wildcard:
-        host = host[2:]
-    if not host:
-        raise ValueError("the host is empty")
-    if not host.isascii():
-        raise ValueError("use the punycode (xn--…) form of an internationalised host name")
-    literal = _ip_literal(host)
-    if literal is not None:
-        if wildcard:
-            raise ValueError("'*.' applies to host names, not IP addresses")
-        return _Pattern(literal, False, port)
-    if ":" in host or not _HOSTNAME.fullmatch(host):
-        raise ValueError(
-            "expected a host name (api.example.com), *.domain, or an IP address, "
-            "each with an optional :port"
-        )
-    return _Pattern(host, wildcard, port)
-
-
-def _ip_literal(host: str) -> str | None:
-    """The canonical text of ``host`` if it is an IP address literal, else None."""
-    try:
-        return ipaddress.ip_address(host).compressed
-    except ValueError:
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
         return None
 
-
-def _is_bare_ip(host: str) -> bool:
-    """True for any IP literal the resolver would accept, incl. ``127.1`` and ``2130706433``."""
-    if _ip_literal(host) is not None:
-        return True
-    try:
-        socket.inet_aton(host)
-    except OSError:
-        return False
-    return True
-
-
-def blocked_reason(address: str) -> str | None:
-    """Why ``address`` may not be reached under ``public`` (e.g. ``"loopback"``), or None.
-
-    IPv4-mapped, 6to4 and NAT64 IPv6 addresses are unwrapped and judged by their IPv4 address.
-    Anything else that is not globally routable (multicast, reserved, documentation, …) is
-    blocked as ``"non-public"``.
-    """
-    ip = ipaddress.ip_address(address.partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return blocked_reason(str(embedded))
-    for network, reason in _BLOCKED_NETWORKS:
-        if ip.version == network.version and ip in network:
-            return reason
-    if ip.is_multicast:
-        return "multicast"
-    if not ip.is_global:
-        return "non-public"
-    return None
-
-
-@dataclass(frozen=True)
-class _Target:
-    scheme: str
-    host: str  # ASCII (IDNA) host as httpx will connect to it, no trailing dot, no brackets
-    port: int  # effective port
-
-
-def _parse_url(url: str) -> _Target:
-    """Parse ``url`` the way httpx will (no parser differential); HttpStepError if unusable."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, UnicodeError) as exc:
-        raise HttpStepError(f"invalid URL {_shown(url)!r}: {exc}") from None
-    scheme = parsed.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise HttpStepError(
-            f"unsupported URL scheme {scheme!r} in {_shown(url)!r}: use http or https"
-        )
-    host = parsed.raw_host.decode("ascii").lower().rstrip(".")
-    if not host:
-        raise HttpStepError(f"invalid URL {_shown(url)!r}: it has no host")
-    port = parsed.port if parsed.port is not None else (443 if scheme == "https" else 80)
-    if not 0 < port < 65536:
-        raise HttpStepError(f"invalid URL {_shown(url)!r}: port {port} is out of range")
-    return _Target(scheme, _ip_literal(host) or host, port)
-
-
-def _shown(url: str) -> str:
-    """``url`` for messages, without a password in its userinfo."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, UnicodeError):
-        return url
-    if parsed.password:
-        return str(parsed.copy_with(password="***"))
-    return url
-
-
-def _matches(pattern: _Pattern, target: _Target) -> bool:
-    if pattern.port is not None and pattern.port != target.port:
-        return False
-    if pattern.wildcard:
-        return target.host.endswith("." + pattern.host)
-    return target.host == pattern.host
-
-
-async def _resolve_checked(host: str, port: int, shown_url: str) -> list[str]:
-    """Resolve ``host`` and return its addresses; HttpStepError if any answer is blocked."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise HttpStepError(
-            f"could not resolve host {host!r} for {shown_url!r}: {exc.strerror or exc}"
-        ) from None
-    addresses: list[str] = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        address = str(sockaddr[0]).partition("%")[0]
-        reason = blocked_reason(address)
-        if reason is not None:
-            raise HttpStepError(
-                f"host {host!r} resolves to a blocked address {address} ({reason}) for "
-                f"{shown_url!r}: the public http policy only reaches public addresses; use the "
-                "allow-list policy to name internal hosts"
-            )
-        if address not in addresses:
-            addresses.append(address)
-    if not addresses:
-        raise HttpStepError(f"could not resolve host {host!r} for {shown_url!r}: no addresses")
-    return addresses
-
-
-def _disabled(shown_url: str) -> HttpStepError:
-    return HttpStepError(
-        f"outbound HTTP requests are disabled by the service's http policy 'deny-all'; "
-        f"{shown_url!r} was not requested (start pgdurable serve with --http-policy public or "
-        "allow-list to enable them)"
-    )
-
-
-async def check_url(policy: HttpPolicy, url: str) -> None:
-    """Raise :class:`~pgdurable.errors.HttpStepError` unless ``policy`` admits ``url``.
-
-    Checks the scheme, then the mode: ``deny-all`` refuses, ``allow-list`` matches the host and
-    effective port against the patterns, ``public`` rejects IP literals and resolves the host
-    with the running loop's resolver, refusing it if any answer is a blocked address.
-    """
-    target = _parse_url(url)
-    shown = _shown(url)
-    if policy.mode == "deny-all":
-        raise _disabled(shown)
-    if policy.mode == "allow-list":
-        patterns = [_parse_pattern(p) for p in policy.allow]
-        if not any(_matches(p, target) for p in patterns):
-            raise HttpStepError(
-                f"host {target.host!r} (port {target.port}) of {shown!r} is not in the allowed "
-                f"hosts list {list(policy.allow)!r}: add it to the service's --http-allow"
-            )
-        return
-    if _is_bare_ip(target.host):
-        raise HttpStepError(
-            f"bare IP address {target.host!r} in {shown!r} is not allowed under the public http "
-            "policy: use a host name, or name the address in an allow-list policy"
-        )
-    await _resolve_checked(target.host, target.port, shown)
-
-
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Network backend that applies the policy's address rules at connect time.
-
-    Under ``public`` it resolves the host itself, refuses if any answer is blocked and connects
-    to the checked addresses in order, so a second DNS answer can never differ from the one
-    checked. TLS still verifies and sends SNI for the host name (httpcore passes it to
-    ``start_tls`` separately).
-    """
-
-    def __init__(self, policy: HttpPolicy) -> None:
-        self._policy = policy
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109  # httpcore's backend interface
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        shown = f"{host}:{port}"
-        if self._policy.mode == "deny-all":
-            raise _disabled(shown)
-        if self._policy.mode != "public":
-            return await self._inner.connect_tcp(
-                host,
-                port,
-                timeout=timeout,
-                local_address=local_address,
-                socket_options=socket_options,
-            )
-        addresses = await _resolve_checked(host, port, shown)
-        last: httpcore.ConnectError | None = None
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(
-                    address,
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except httpcore.ConnectError as exc:
-                last = exc
-        assert last is not None  # _resolve_checked returns at least one address
-        raise last
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109  # httpcore's backend interface
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise HttpStepError(f"unix socket {path!r}: HTTP steps only use TCP")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
 
 
 def make_client(policy: HttpPolicy) -> httpx.AsyncClient:
     """The HTTP client of one worker process (create it after fork, close it at shutdown).
 
     Never follows redirects, ignores proxy/CA environment variables (``trust_env=False``: the
-    policy, not the environment, decides where requests go) and enforces the policy's address
-    rules at connect time.
+    policy, not the environment, decides where requests go), enforces the policy's address
+    rules at connect time and keeps no cookies. Only connections are pooled.
     """
     policy.validate()
     limits = httpx.Limits(
@@ -510,15 +190,19 @@ def make_client(policy: HttpPolicy) -> httpx.AsyncClient:
         http1=True,
         http2=False,
         retries=0,
-        network_backend=_GuardedBackend(policy),
+        network_backend=GuardedBackend(policy),
     )
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         transport=transport,
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(TIMEOUT_SECONDS_DEFAULT),
-        headers={"User-Agent": USER_AGENT},
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
+        cookies=_NoCookieJar(),
     )
+    if not isinstance(client.cookies.jar, _NoCookieJar):
+        raise RuntimeError("unsupported httpx version: cannot install the empty cookie jar")
+    return client
 
 
 def _timeout(value: object, policy: HttpPolicy) -> float:
@@ -708,23 +392,113 @@ def render_body(body: bytes, content_type: str | None) -> tuple[str, Literal["te
     return base64.b64encode(body).decode("ascii"), "base64"
 
 
+def _content_coding(response: httpx.Response, cap: int, shown: str) -> str | None:
+    """The one coding to undo (``"gzip"`` / ``"deflate"``), or None for an unencoded body.
+
+    HttpStepError for more than one layer (``gzip, gzip``: each layer multiplies what a few
+    bytes inflate to) and for codings we do not decode (httpx would pass ``br`` through raw).
+    ``identity`` and empty entries are ignored.
+    """
+    values = response.headers.get_list("content-encoding", split_commas=True)
+    codings = [c for c in (v.strip().lower() for v in values) if c and c != "identity"]
+    if len(codings) > 1:
+        raise HttpStepError(
+            f"response from {shown!r} has {len(codings)} Content-Encoding layers "
+            f"({', '.join(codings)!r}): HTTP steps decode at most one layer, up to the "
+            f"{cap}-byte response cap (max_response_bytes)"
+        )
+    if not codings:
+        return None
+    coding = _DECODED_CODINGS.get(codings[0])
+    if coding is None:
+        raise HttpStepError(
+            f"response from {shown!r} has Content-Encoding {codings[0]!r}, which HTTP steps do "
+            f"not decode (they accept {ACCEPT_ENCODING})"
+        )
+    return coding
+
+
+class _Inflater:
+    """Undo one gzip or deflate layer incrementally, never producing more than asked for.
+
+    ``zlib``'s ``max_length`` bounds each call's output; what was not consumed stays in
+    ``unconsumed_tail`` and is fed again only while the caller's room lasts. Data after the
+    end of the (first) compressed stream is ignored, as httpx does.
+    """
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        # gzip: a gzip header; deflate: a zlib header, or (as some servers send) raw deflate
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
+        self._may_fall_back = coding == "deflate"
+
+    def decode(self, data: bytes, room: int) -> list[bytes]:
+        """The decoded pieces of ``data``: at most ``room + 1`` bytes in all (more than ``room``
+        means the body is over the cap; the caller stops). Raises ``zlib.error``."""
+        out: list[bytes] = []
+        produced = 0
+        while not self._zlib.eof and produced <= room:
+            limit = min(room - produced + 1, _INFLATE_STEP)
+            try:
+                piece = self._zlib.decompress(data, limit)
+            except zlib.error:
+                if not self._may_fall_back:
+                    raise
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._may_fall_back = False
+                continue
+            self._may_fall_back = False
+            out.append(piece)
+            produced += len(piece)
+            data = self._zlib.unconsumed_tail
+            # a full piece may leave output pending inside zlib even with no input left
+            if not data and len(piece) < limit:
+                break
+        return out
+
+
 async def _read_capped(response: httpx.Response, cap: int, shown: str) -> bytes:
+    """The response body, decoded, or HttpStepError once ``cap`` bytes are passed.
+
+    The cap applies twice as the body streams: to the bytes received (the declared
+    Content-Length is checked first) and to the bytes after decoding, which are produced in
+    bounded steps, so neither a long body nor a small compressed one holds more than about
+    ``cap`` bytes in memory.
+    """
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
         raise HttpStepError(
             f"response from {shown!r} declares {declared} bytes, over the {cap}-byte response "
             "cap (max_response_bytes)"
         )
+    coding = _content_coding(response, cap, shown)
+    inflater = _Inflater(coding) if coding else None
     chunks: list[bytes] = []
+    received = 0
     size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > cap:
+    async for raw in response.aiter_raw():
+        received += len(raw)
+        if received > cap:
             raise HttpStepError(
                 f"response from {shown!r} exceeds the {cap}-byte response cap "
                 "(max_response_bytes); reading stopped"
             )
-        chunks.append(chunk)
+        if inflater is None:
+            pieces = [raw]
+        else:
+            try:
+                pieces = inflater.decode(raw, cap - size)
+            except zlib.error as exc:
+                raise HttpStepError(
+                    f"response from {shown!r} has a corrupt {inflater.coding} body: {exc}"
+                ) from None
+        size += sum(len(piece) for piece in pieces)
+        if size > cap:
+            raise HttpStepError(
+                f"response from {shown!r} decodes ({coding}) to more than the {cap}-byte "
+                "response cap (max_response_bytes); decoding stopped"
+            )
+        chunks.extend(pieces)
     return b"".join(chunks)
 
 
@@ -747,7 +521,7 @@ async def run_http(
     url = config.get("url")
     if not isinstance(url, str) or not url:
         raise HttpStepError(f"{node_type} config needs a non-empty string 'url', got {url!r}")
-    shown = _shown(url)
+    shown = shown_url(url)
     multipart = node_type == "HTTP_MULTIPART"
     method = config.get("method") or "POST"
     allowed = MULTIPART_METHODS if multipart else METHODS
@@ -770,6 +544,9 @@ async def run_http(
             f"request body of {len(content)} bytes for {shown!r} exceeds the "
             f"{policy.max_request_bytes}-byte request cap (max_request_bytes)"
         )
+    if not isinstance(client.cookies.jar, _NoCookieJar) or len(client.cookies.jar):
+        # the shared client must not carry one tenant's cookies into another's request
+        raise HttpStepError("the worker's HTTP client keeps cookies: build it with make_client")
     headers.append((b"Idempotency-Key", idempotency_key.encode("utf-8")))
     headers.append((b"User-Agent", USER_AGENT.encode("ascii")))
     await check_url(policy, url)

@@ -11,26 +11,31 @@ from __future__ import annotations
 import base64
 import contextlib
 import email.parser
+import functools
+import gzip
 import json
 import os
 import signal
 import socket
+import textwrap
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from psycopg import sql
 
-from tests.acceptance.conftest import Serve
 from tests import fix_db
+from tests.acceptance.conftest import Serve
 from tests.fix_db import TEMPLATE_DB, Server
-
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -122,6 +127,20 @@ def _handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 with contextlib.suppress(OSError):
                     self.wfile.write(b"x" * 1024)
+            elif kind == "setcookie":  # /setcookie/<name>/<value>
+                self._send(200, b"cookie set", "text/plain",
+                           [("Set-Cookie", f"{parts[1]}={parts[2]}; Path=/")])
+            elif kind == "headers":  # what the server received, for the step's result
+                self._send(200, json.dumps(dict(self.headers.items())).encode(),
+                           "application/json")
+            elif kind == "bomb":  # /bomb/<Content-Encoding>
+                coding = parts[1]
+                body = gzip_gzip_bomb() if coding == "gzip,gzip" else gzip_bomb()
+                self._send(200, body, "application/octet-stream",
+                           [("Content-Encoding", coding.replace(",", ", "))])
+            elif kind == "gzip-ok":
+                self._send(200, gzip.compress(b"fine " * 200_000), "text/plain",
+                           [("Content-Encoding", "gzip")])
             elif kind == "slow-once":
                 tag = parts[1]
                 with rec.lock:
@@ -152,17 +171,44 @@ def http(_http: Recorder) -> Recorder:
     return _http
 
 
-@pytest.fixture(scope="module")
-def _http() -> Iterator[Recorder]:
+@contextlib.contextmanager
+def recording() -> Iterator[Recorder]:
     srv = _Server(("127.0.0.1", 0), BaseHTTPRequestHandler)
     rec = Recorder(srv)
     srv.RequestHandlerClass = _handler(rec)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
-    yield rec
-    rec.stop.set()
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield rec
+    finally:
+        rec.stop.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def _http() -> Iterator[Recorder]:
+    with recording() as rec:
+        yield rec
+
+
+def gzip_zeros(n: int) -> bytes:
+    """gzip of ``n`` zero bytes, made in 1 MiB steps."""
+    z = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    zeros = bytes(MiB)
+    return b"".join([*(z.compress(zeros) for _ in range(n // MiB)), z.flush()])
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """One gzip layer: about 1 MB that inflates to 1 GiB."""
+    return gzip_zeros(1024 * MiB)
+
+
+@functools.cache
+def gzip_gzip_bomb() -> bytes:
+    """Two layers (``Content-Encoding: gzip, gzip``): 1,827 bytes that inflate to 1 GiB."""
+    return gzip.compress(gzip_bomb(), 9)
 
 
 # --------------------------------------------------------------------------- database + serve
@@ -279,11 +325,14 @@ def test_envelope_text_base64_headers_and_statuses(env: Env, http: Recorder) -> 
     status, res, err = out["json"]
     assert status == "completed", err
     assert set(res) == {"status", "body", "encoding", "headers", "ok", "duration_ms"}
-    assert res["status"] == 200 and res["ok"] is True and res["encoding"] == "text"
+    assert res["status"] == 200
+    assert res["ok"] is True
+    assert res["encoding"] == "text"
     assert json.loads(res["body"]) == {"method": "GET", "path": "/echo/json"}
     assert res["headers"]["content-type"] == "application/json"
     assert res["headers"]["x-multi"] == "a, b"  # repeated headers joined, names lower-case
-    assert isinstance(res["duration_ms"], int) and res["duration_ms"] >= 0
+    assert isinstance(res["duration_ms"], int)
+    assert res["duration_ms"] >= 0
 
     status, res, err = out["text"]
     assert status == "completed", err
@@ -313,7 +362,8 @@ def test_envelope_text_base64_headers_and_statuses(env: Env, http: Recorder) -> 
     assert status == "failed"
     assert res is None
     assert err["node_type"] == "HTTP"
-    assert "503" in err["error"] and "status 503 body" in err["error"]
+    assert "503" in err["error"]
+    assert "status 503 body" in err["error"]
 
 
 def test_timeout_refused_and_caps(env: Env, http: Recorder) -> None:
@@ -366,7 +416,9 @@ def test_substitution_headers_body_and_idempotency_key(env: Env, http: Recorder)
     assert hit.method == "PUT"
     assert json.loads(hit.body) == {"n": 42, "s": "abc", "k": "hello"}
     h = {k.lower(): v for k, v in hit.headers.items()}
-    assert h["x-label"] == "lbl-1" and h["x-n"] == "42" and h["x-var"] == "hello"
+    assert h["x-label"] == "lbl-1"
+    assert h["x-n"] == "42"
+    assert h["x-var"] == "hello"
     assert "x-num" not in h  # non-string header values are dropped
     assert h["user-agent"].startswith("pgdurable/")
     assert h["idempotency-key"] == f"pgdurable-{iid}-{node_id(env.db, iid, 'HTTP')}"
@@ -374,10 +426,11 @@ def test_substitution_headers_body_and_idempotency_key(env: Env, http: Recorder)
 
 
 def test_defaults_post_no_body(env: Env, http: Recorder) -> None:
-    iid, status, res, err = run(env.db, env.role, "df.http(%s)", (f"{http.base}/echo/dflt",))
+    _iid, status, _res, err = run(env.db, env.role, "df.http(%s)", (f"{http.base}/echo/dflt",))
     assert status == "completed", err
     (hit,) = http.hits("/echo/dflt")
-    assert hit.method == "POST" and hit.body == b""
+    assert hit.method == "POST"
+    assert hit.body == b""
 
 
 # --------------------------------------------------------------------------- multipart
@@ -421,7 +474,8 @@ def test_multipart_as_received(env: Env, http: Recorder) -> None:
     assert got[1] == ("file", "blob.bin", "application/octet-stream", blob)
     assert got[2][:2] == ("vv_field", f"{iid}-abc.txt")
     assert got[2][3] == b"hello"
-    assert got[3][0] == "plain" and got[3][3] == b"from var"
+    assert got[3][0] == "plain"
+    assert got[3][3] == b"from var"
 
 
 def test_multipart_data_b64_only_whole_value(env: Env, http: Recorder) -> None:
@@ -446,7 +500,7 @@ def test_join_of_50_http_calls_runs_concurrently(env: Env, http: Recorder) -> No
         return f"df.join({tree(lo, mid)}, {tree(mid, hi)})"
 
     t0 = time.monotonic()
-    iid, status, res, err = run(env.db, env.role, tree(0, 50))
+    _iid, status, _res, err = run(env.db, env.role, tree(0, 50))
     elapsed = time.monotonic() - t0
     assert status == "completed", err
     hits = http.hits("/sleep/1?")
@@ -536,12 +590,14 @@ def _policy_run(db: fix_db.TestDB, serve_factory: Any, env_vars: dict[str, str],
     return out
 
 
-def test_public_policy_blocks_loopback(db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None:
+def test_public_policy_blocks_loopback(db: fix_db.TestDB, serve_factory: Any,
+                                       http: Recorder) -> None:
     out = _policy_run(db, serve_factory,
                       {**BASE_ENV, **serve_env(http_policy="public", http_allow="")},
                       {"ip": f"{http.base}/echo/pub-ip",
                        "name": f"http://localhost:{http.port}/echo/pub-name"})
-    assert out["ip"][0] == "failed" and "bare IP" in out["ip"][2]["error"]
+    assert out["ip"][0] == "failed"
+    assert "bare IP" in out["ip"][2]["error"]
     assert out["name"][0] == "failed"
     assert "resolves to a blocked address" in out["name"][2]["error"]
     assert http.hits("/echo/pub-") == []
@@ -556,8 +612,10 @@ def test_allow_list_admits_only_its_patterns(db: fix_db.TestDB, serve_factory: A
                        "port": f"http://127.0.0.1:{refused_port()}/echo/al-port",
                        "name": f"http://localhost:{http.port}/echo/al-name"})
     assert out["ok"][0] == "completed", out["ok"][2]
-    assert out["port"][0] == "failed" and "not in the allowed" in out["port"][2]["error"]
-    assert out["name"][0] == "failed" and "not in the allowed" in out["name"][2]["error"]
+    assert out["port"][0] == "failed"
+    assert "not in the allowed" in out["port"][2]["error"]
+    assert out["name"][0] == "failed"
+    assert "not in the allowed" in out["name"][2]["error"]
     assert len(http.hits("/echo/al-")) == 1
 
 
@@ -569,3 +627,183 @@ def test_deny_all(db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None
     assert "outbound HTTP requests are disabled" in out["x"][2]["error"]
     assert http.hits("/echo/deny") == []
 
+
+
+# --------------------------------------------------------------------------- hostile world
+
+
+ONE_WORKER = {**BASE_ENV, **serve_env(workers="1")}
+
+
+def run_logged(serve: Serve, db: fix_db.TestDB, role: str, expr: str,
+               params: tuple[Any, ...] = ()) -> tuple[str, str, Any, Any]:
+    """:func:`run`, with serve's log in the failure if the instance never finishes."""
+    try:
+        return run(db, role, expr, params)
+    except psycopg.Error as exc:
+        raise AssertionError(f"{exc}\n--- serve log ---\n{serve.log()}") from exc
+
+
+def test_tenants_share_no_cookies(db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None:
+    """One worker runs both tenants' steps with its one client: B's session cookie never
+    reaches A's request (nor A's df.result), and a cookie A's own server plants (another
+    port; cookies ignore ports) never reaches B."""
+    tenant_a = db.create_role("tenant_a", http=True)
+    tenant_b = db.create_role("tenant_b", http=True)
+    serve = serve_factory(db, **ONE_WORKER)
+    serve.wait_workers(1)
+    with recording() as a_site:
+        steps = [
+            (tenant_b, f"{http.base}/setcookie/session/b-secret"),
+            (tenant_a, f"{http.base}/headers/a"),
+            (tenant_a, f"{a_site.base}/setcookie/planted/a-evil"),
+            (tenant_b, f"{http.base}/headers/b"),
+            (tenant_b, f"http://localhost:{http.port}/headers/b-by-name"),
+        ]
+        results = []
+        for role, url in steps:  # one after another: each step sees what came before
+            _, status, res, err = run_logged(serve, db, role, "df.http(%s, 'GET')", (url,))
+            assert status == "completed", err
+            results.append(res)
+        assert a_site.hits("/setcookie/")[0].headers.get("Cookie") is None
+    assert results[0]["headers"]["set-cookie"] == "session=b-secret; Path=/"  # B's own
+    assert results[2]["headers"]["set-cookie"] == "planted=a-evil; Path=/"
+    assert [h.headers.get("Cookie") for h in http.hits("/")] == [None] * 4
+    a_saw = json.loads(results[1]["body"])
+    assert "Cookie" not in a_saw
+    assert "b-secret" not in json.dumps(results[1])
+    assert "a-evil" not in json.dumps(results[3]) + json.dumps(results[4])
+    # a workflow that wants its session passes the cookie on itself (docs/http.md)
+    _, status, _, err = run_logged(
+        serve, db, tenant_a,
+        "df.http(%s, 'GET') |=> 'login' ~> "
+        "df.sql($q$select split_part(($login.headers)::jsonb ->> 'set-cookie', ';', 1) as c$q$)"
+        " |=> 'ck' ~> df.http(%s, 'GET', null, '{\"Cookie\": \"$ck.c\"}')",
+        (f"{http.base}/setcookie/mine/a-own", f"{http.base}/headers/a-explicit"))
+    assert status == "completed", err
+    assert http.hits("/headers/a-explicit")[0].headers.get("Cookie") == "mine=a-own"
+    assert len(serve.workers()) == 1
+
+
+class RssSampler:
+    """Peak resident memory of a set of processes, sampled every 5 ms in a thread."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.procs = [psutil.Process(pid) for pid in pids]
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        total = 0
+        for proc in self.procs:
+            with contextlib.suppress(psutil.Error):
+                total = max(total, proc.memory_info().rss)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_decompression_bombs_fail_and_worker_rss_stays_bounded(
+        db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None:
+    """A 1,827-byte ``gzip, gzip`` response (1 GiB inside) and a 1 MB single-layer gzip bomb
+    fail their step naming the cap; the worker's RSS stays under 150 MB throughout."""
+    bombs = {"gzip,gzip": gzip_gzip_bomb(), "gzip": gzip_bomb()}  # made before serve runs
+    assert len(bombs["gzip,gzip"]) < 2048
+    role = db.create_role("bomb", http=True)
+    serve = serve_factory(db, **ONE_WORKER)
+    (worker,) = serve.wait_workers(1)
+    # warm up: the worker's client and a real (small) gzip response decode fine
+    _, status, res, err = run_logged(serve, db, role, "df.http(%s, 'GET')",
+                                     (f"{http.base}/gzip-ok",))
+    assert status == "completed", err
+    assert res["body"] == "fine " * 200_000
+    with RssSampler([worker]) as rss:
+        before = rss.rss()
+        out = {coding: run_logged(serve, db, role, "df.http(%s, 'GET')",
+                                  (f"{http.base}/bomb/{coding}",))
+               for coding in bombs}
+        time.sleep(0.2)
+        after = rss.rss()
+    print(f"worker RSS: {before / MiB:.1f} MiB before the bombs, peak {rss.peak / MiB:.1f} MiB,"
+          f" {after / MiB:.1f} MiB after")
+    assert rss.peak < 150 * MiB, f"worker RSS peaked at {rss.peak / MiB:.0f} MiB"
+    _, status, _, err = out["gzip,gzip"]
+    assert status == "failed"
+    assert "2 Content-Encoding layers ('gzip, gzip')" in err["error"]
+    assert f"{10 * MiB}-byte response cap" in err["error"]
+    _, status, _, err = out["gzip"]
+    assert status == "failed"
+    assert f"decodes (gzip) to more than the {10 * MiB}-byte response cap" in err["error"]
+    assert serve.workers() == [worker]  # the worker survived
+
+
+# A test-only resolver for serve's workers: the names below answer from this table. Loaded as
+# sitecustomize (PYTHONPATH) in serve's processes; it wraps uvloop's loop, whose getaddrinfo
+# is what the HTTP policy and anyio resolve with. /etc/hosts is not touched.
+_DNS_OVERRIDE = textwrap.dedent('''
+    import json, os, socket
+
+    _ANSWERS = json.loads(os.environ.get("PGDURABLE_TEST_DNS", "{}"))
+
+    def _override(base):
+        class Loop(base):
+            async def getaddrinfo(self, host, port, *args, **kwargs):
+                name = host.decode("ascii") if isinstance(host, bytes) else host
+                if name not in _ANSWERS:
+                    return await super().getaddrinfo(host, port, *args, **kwargs)
+                port = int(port or 0)
+                return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, port, 0, 0))
+                        if ":" in a else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                        for a in _ANSWERS[name]]
+        return Loop
+
+    if _ANSWERS:
+        import uvloop
+        uvloop.Loop = _override(uvloop.Loop)
+''')
+
+V6_FORMS = {  # name -> (its only DNS answer, the reason the public policy gives)
+    "nat64-local.pgdurable.test": ("64:ff9b:1::7f00:1", "local-use NAT64"),
+    "translated.pgdurable.test": ("::ffff:0:7f00:1", "IPv4-translated"),
+    "compat.pgdurable.test": ("::7f00:1", "IPv4-compatible"),
+    "site-local.pgdurable.test": ("fec0::1", "site-local"),
+    "mapped.pgdurable.test": ("::ffff:127.0.0.1", "IPv4-mapped"),
+    "nat64.pgdurable.test": ("64:ff9b::7f00:1", "NAT64"),
+}
+
+
+def test_public_policy_blocks_ipv6_forms_of_internal_addresses(
+        db: fix_db.TestDB, serve_factory: Any, http: Recorder, tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(_DNS_OVERRIDE)
+    dns = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH"))
+                                      if p),
+        "PGDURABLE_TEST_DNS": json.dumps({name: [a] for name, (a, _) in V6_FORMS.items()}),
+    }
+    # control: the override is live in serve's workers, and ::ffff:127.0.0.1 really is a way
+    # to this 127.0.0.1 server (an allow-list that names it reaches it)
+    control = _policy_run(db, serve_factory,
+                          {**BASE_ENV, **dns, **serve_env(http_allow="*.pgdurable.test")},
+                          {"mapped": f"http://mapped.pgdurable.test:{http.port}/echo/v6-ok"})
+    assert control["mapped"][0] == "completed", control["mapped"][2]
+    assert len(http.hits("/echo/v6-ok")) == 1
+    out = _policy_run(db, serve_factory,
+                      {**BASE_ENV, **dns, **serve_env(http_policy="public", http_allow="")},
+                      {name: f"http://{name}:{http.port}/echo/v6-{name}" for name in V6_FORMS})
+    for name, (address, reason) in V6_FORMS.items():
+        status, _, err = out[name]
+        assert status == "failed", (name, err)
+        assert f"resolves to a blocked address {address} ({reason})" in err["error"], err
+    assert http.hits("/echo/v6-") == http.hits("/echo/v6-ok")  # nothing else got through

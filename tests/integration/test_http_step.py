@@ -621,19 +621,20 @@ def test_fifty_concurrent_slow_requests_overlap(slow: str) -> None:
         ("fe80::1%eth0", "link-local"),
         ("fc00::1", "unique-local"),
         ("fd00:ec2::254", "unique-local"),
-        ("::ffff:127.0.0.1", "loopback"),
-        ("::ffff:169.254.169.254", "cloud metadata"),
-        ("::ffff:10.0.0.1", "private"),
-        ("64:ff9b::a9fe:a9fe", "cloud metadata"),
-        ("2002:7f00:1::1", "loopback"),
+        ("::ffff:127.0.0.1", "IPv4-mapped"),
+        ("::ffff:169.254.169.254", "IPv4-mapped"),
+        ("::ffff:10.0.0.1", "IPv4-mapped"),
+        ("64:ff9b::a9fe:a9fe", "NAT64"),
+        ("2002:7f00:1::1", "6to4 of a loopback address"),
         ("224.0.0.1", "multicast"),
-        ("255.255.255.255", "non-public"),
+        ("255.255.255.255", "broadcast"),
         ("8.8.8.8", None),
         ("1.1.1.1", None),
         ("172.32.0.1", None),
         ("100.128.0.1", None),
         ("2606:4700:4700::1111", None),
-        ("::ffff:8.8.8.8", None),
+        ("::ffff:8.8.8.8", "IPv4-mapped"),  # global unicast only (see test_http_hostile)
+        ("2002:808:808::1", None),  # 6to4 of a public address
     ],
 )
 def test_blocked_reason(address: str, reason: str | None) -> None:
