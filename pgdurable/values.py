@@ -7,9 +7,18 @@ Pure functions, no I/O; the worker calls them once per step.
   select order because ``df.nodes.result`` is jsonb and sorts keys).
 - :func:`truthy` judges a condition's result (SPEC §3.4).
 - :func:`break_value` turns the (already substituted) ``df.break`` text into its value (§9).
-- :func:`check_size` encodes a result and enforces the configured cap.
+- :func:`check_size` encodes a result and enforces the configured cap: the worker records
+  every leaf result (SQL rows, signal data, HTTP bodies, BREAK values, timers) through it,
+  at one place (``Worker._complete_once``), so one cap covers them all.
+- :func:`error_text` bounds an error message before it is stored (a failure is copied to
+  every enclosing composite, up to 256 levels).
 - :func:`json_text` encodes any JSON value to text (orjson, with a stdlib fallback for the
   integers beyond 64 bits that orjson refuses).
+
+Storage bounds (docs/security.md, "Amplification"): a step result is stored once (composites
+refer to it, ``pgdurable.worker.instance``); one checkpoint carries at most
+:data:`CHECKPOINT_MAX_BYTES`; one instance holds at most ``pg_durable.max_instance_bytes``
+(:data:`INSTANCE_MAX_BYTES_DEFAULT`) of results.
 """
 
 from __future__ import annotations
@@ -24,19 +33,35 @@ import orjson
 from pgdurable.errors import ResultTooLarge, StepError
 
 __all__ = [
+    "CHECKPOINT_MAX_BYTES",
+    "ERROR_TEXT_MAX",
+    "INSTANCE_MAX_BYTES_DEFAULT",
     "MAX_RESULT_BYTES_SETTING",
     "break_value",
     "check_size",
+    "effective_limit",
+    "error_text",
     "first_column",
     "is_row_set",
     "json_bytes",
     "json_text",
+    "loads",
     "sql_envelope",
+    "too_large",
     "truthy",
 ]
 
 #: The setting named by :class:`ResultTooLarge` messages unless the caller names another.
 MAX_RESULT_BYTES_SETTING = "pg_durable.max_result_bytes"
+#: The most one checkpoint may carry (node results + named results), whatever the result cap
+#: says: far below PostgreSQL's 256 MB jsonb and 1 GB parameter limits, so a checkpoint never
+#: fails there (and is retried) but fails its step cleanly here.
+CHECKPOINT_MAX_BYTES = 64 * 1024 * 1024
+#: Default of pg_durable.max_instance_bytes: the results one instance may hold at once (the
+#: nodes' results and its named results).
+INSTANCE_MAX_BYTES_DEFAULT = 256 * 1024 * 1024
+#: An error message is stored (and copied up the failed composites) up to this many bytes.
+ERROR_TEXT_MAX = 16 * 1024
 
 # Condition words (SPEC §3.4), compared after strip() + lower().
 _TRUE_WORDS = frozenset({"true", "t", "yes"})
@@ -46,6 +71,9 @@ _FALSE_WORDS = frozenset({"false", "f", "no"})
 # 19 digits in a row: possibly an integer orjson would not keep exactly (beyond int64).
 _LONG_DIGITS = re.compile(r"\d{19}")
 _NUMERIC_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# A NUL character in compact JSON: \u0000 after an even number of backslashes (jsonb refuses
+# it, so a checkpoint holding one would fail every time)
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def json_bytes(value: Any) -> bytes:
@@ -57,7 +85,11 @@ def json_bytes(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        # beyond 64 bits, or nested deeper than orjson's 254 levels
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        except RecursionError:
+            raise ValueError("the value nests too deeply to be stored as JSON") from None
 
 
 def json_text(value: Any) -> str:
@@ -81,7 +113,17 @@ def _loads(text: str) -> Any:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass  # maybe 1e400; the stdlib decides (and raises ValueError if not JSON)
-    return json.loads(text, parse_constant=_reject_constant)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        # deeper than Python can represent (orjson stops at 1024 levels, the stdlib near 1000)
+        raise ValueError("it nests too deeply") from None
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON text exactly (see :func:`_loads`); ValueError when it is not JSON or nests
+    deeper than Python can hold. The worker's psycopg JSON loader."""
+    return _loads(bytes(text).decode() if not isinstance(text, str) else text)
 
 
 def is_row_set(result: Any) -> bool:
@@ -186,18 +228,50 @@ def break_value(text: str | None) -> Any:
         return text
 
 
+def effective_limit(limit_bytes: int) -> int:
+    """The cap a ``limit_bytes`` setting gives: itself, but never more than one checkpoint
+    carries (≤ 0 = that bound alone)."""
+    return limit_bytes if 0 < limit_bytes <= CHECKPOINT_MAX_BYTES else CHECKPOINT_MAX_BYTES
+
+
+def too_large(what: str, size: int, limit_bytes: int,
+              setting: str = MAX_RESULT_BYTES_SETTING) -> ResultTooLarge:
+    """The error of a value of ``size`` bytes over the cap ``limit_bytes`` gives."""
+    limit = effective_limit(limit_bytes)
+    if limit != limit_bytes:
+        return ResultTooLarge(f"{what} is {size} bytes, over the limit of {limit} bytes that "
+                              "one checkpoint may carry")
+    return ResultTooLarge(f"{what} is {size} bytes, over the limit of {limit} bytes; "
+                          f"raise {setting} to allow it")
+
+
 def check_size(
     value: Any, limit_bytes: int, what: str, *, setting: str = MAX_RESULT_BYTES_SETTING
 ) -> bytes:
     """Return the compact JSON encoding of ``value``, or raise if it exceeds ``limit_bytes``.
 
     ``what`` names the value in the message (e.g. ``"result of node 'load'"``); ``setting``
-    is the setting that raises the limit. A ``limit_bytes`` ≤ 0 means no limit.
+    is the setting that raises the limit. A ``limit_bytes`` ≤ 0 means no limit but the one
+    every checkpoint has (:data:`CHECKPOINT_MAX_BYTES`), which no setting raises. A value
+    that cannot be encoded (nested too deeply) fails too: it could not be stored either.
     """
-    data = json_bytes(value)
-    if 0 < limit_bytes < len(data):
-        raise ResultTooLarge(
-            f"{what} is {len(data)} bytes, over the limit of {limit_bytes} bytes; "
-            f"raise {setting} to allow it"
-        )
+    try:
+        data = json_bytes(value)
+    except ValueError as exc:  # too deep, or a lone surrogate (not UTF-8)
+        raise StepError(f"{what} cannot be stored: {exc}") from None
+    if len(data) > effective_limit(limit_bytes):
+        raise too_large(what, len(data), limit_bytes, setting)
+    if b"\\u0000" in data and _JSON_NUL.search(data):
+        raise StepError(f"{what} cannot be stored: it holds a NUL character (\\u0000), which "
+                        "PostgreSQL's jsonb refuses")
     return data
+
+
+def error_text(message: str) -> str:
+    """An error message as stored: at most :data:`ERROR_TEXT_MAX` bytes of UTF-8 (cut at a
+    character boundary, with a note saying how long it was)."""
+    data = message.encode("utf-8", "surrogatepass")
+    if len(data) <= ERROR_TEXT_MAX:
+        return message
+    cut = data[:ERROR_TEXT_MAX].decode("utf-8", "ignore")
+    return f"{cut}… (error message cut: {len(data)} bytes)"

@@ -84,6 +84,9 @@ def _query_object(node_id: str, node_type: str, query: Any) -> dict[str, Any] | 
             query = json.loads(query)
         except ValueError:
             raise ValueError(f"{_label(node_id, node_type)}: query is not valid JSON") from None
+        except RecursionError:
+            # valid JSON nested deeper than Python parses (df.start refuses such configs)
+            raise ValueError(f"{_label(node_id, node_type)}: query nests too deeply") from None
     if not isinstance(query, dict):
         raise ValueError(f"{_label(node_id, node_type)}: query is not a JSON object")
     return query

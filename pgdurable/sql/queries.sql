@@ -119,7 +119,8 @@ select @engine@._prune_v1(%s)
 select @engine@.setting('loop_min_interval_ms', '1000')::pg_catalog.int4,
        @engine@.setting('loop_max_iterations', '100000')::pg_catalog.int4,
        current_database(),
-       @engine@.setting('max_user_connections', '10')::pg_catalog.int4
+       @engine@.setting('max_user_connections', '10')::pg_catalog.int4,
+       @engine@.setting('max_instance_bytes', '268435456')::pg_catalog.int8
 
 -- name: cancel_backend
 -- interrupt a running step (RACE loser, cancelled instance)
@@ -136,16 +137,22 @@ select case when exists (select 1 from pg_roles r where r.oid = %s::pg_catalog.o
             then has_function_privilege(%s::pg_catalog.oid, %s, 'execute') end
 
 -- name: take_signal_row
--- consume the oldest signal of a name (FIFO); no row = none waiting (data may be JSON null)
+-- consume the oldest signal of a name (FIFO); no row = none waiting (data may be JSON null).
+-- Returns (data as JSON text, or NULL when it is over the byte limit given, ≤ 0 = none; its
+-- size): oversized data never reaches the worker's memory, the step fails saying so
 with oldest as (
     select s.id from @engine@.signals s
     where s.instance_id = %s and s.name = %s
     order by s.id
     limit 1
     for update skip locked
+), taken as (
+    delete from @engine@.signals s using oldest where s.id = oldest.id
+    returning s.data::pg_catalog.text as data
 )
-delete from @engine@.signals s using oldest where s.id = oldest.id
-returning s.data
+select case when pg_catalog.octet_length(t.data) <= %s then t.data end,
+       pg_catalog.octet_length(t.data)
+from taken t
 
 -- name: lock_run
 -- the instance's runs row, locked first like every writer of an instance

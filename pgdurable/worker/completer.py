@@ -6,8 +6,11 @@ rolled back), steps run in another database — are queued here. One flusher per
 process takes up to :data:`FLUSH_MAX` of them, applies each checkpoint inside one
 transaction on one pooled connection, commits once, and only then acknowledges each
 submitter (ack after commit). A checkpoint that is fenced is dropped alone (it wrote
-nothing); any other error fails the whole batch back to the submitters, who release their
-tasks so they run again (these outcomes are at-least-once by nature).
+nothing). Any other error rolls the batch back; unless the connection itself failed, each of
+its outcomes is then applied again in a transaction of its own, so one instance's error (a
+value PostgreSQL refuses, say) fails that one outcome and never its neighbours'. What is
+left failed goes back to its submitter, who releases its task so it runs again (these
+outcomes are at-least-once by nature), or fails it when the error is deterministic.
 
 SQL steps in the df database are not queued: exactly-once needs their statement and their
 checkpoint in the same transaction (SPEC D4).
@@ -52,6 +55,9 @@ class _Item:
     processes lock runs rows in one global order and cannot deadlock each other."""
     apply: Callable[[Any], Awaitable[None]]
     """Applies the checkpoint on the given connection (inside the batch's transaction)."""
+    rollback: Callable[[], None] | None = None
+    """Called when a transaction this item applied in rolled back (its in-memory state is
+    no longer the database's)."""
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop()
                                        .create_future())
 
@@ -78,8 +84,9 @@ class Completer:
             return
         # bounded: with the database gone the queue may never drain, and a worker that cannot
         # exit keeps its connections (the submitters' tasks are released by lease expiry)
-        deadline = asyncio.get_running_loop().time() + STOP_TIMEOUT
-        while not self.queue.empty() and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TIMEOUT
+        while not self.queue.empty() and loop.time() < deadline:  # noqa: ASYNC110 - bounded
             await asyncio.sleep(0.01)
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -88,8 +95,9 @@ class Completer:
         logger.debug("completer stopped after %d batches / %d outcomes", self.batches,
                      self.items)
 
-    async def submit(self, key: str, apply: Callable[[Any], Awaitable[None]]) -> None:
-        item = _Item(key, apply)
+    async def submit(self, key: str, apply: Callable[[Any], Awaitable[None]],
+                     rollback: Callable[[], None] | None = None) -> None:
+        item = _Item(key, apply, rollback)
         await self.queue.put(item)
         # shield: a submitter being cancelled must not cancel a batch in flight
         await asyncio.shield(item.done)
@@ -127,6 +135,19 @@ class Completer:
                         busy.append(item)
         except BaseException as exc:
             for item in batch:
+                if item.rollback is not None:
+                    item.rollback()
+            if (len(batch) > 1 and isinstance(exc, Exception)
+                    and not _connection_error(exc)):
+                # whose error was it? each on its own: the others commit
+                logger.info("batch of %d outcomes rolled back (%s: %s); applying them one by "
+                            "one", len(batch), type(exc).__name__, exc,
+                            extra={"event": "completer.split"})
+                for item in batch:
+                    if not item.done.done():
+                        await self._flush([item])
+                return
+            for item in batch:
                 if not item.done.done():
                     item.done.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
@@ -148,3 +169,16 @@ class Completer:
         for item in batch:
             if id(item) not in bad and not item.done.done():
                 item.done.set_result(None)
+
+
+def _connection_error(exc: BaseException) -> bool:
+    """The connection (or the server) failed, not one item: retrying items alone won't help."""
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.Error):
+        return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
+    return False

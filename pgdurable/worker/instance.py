@@ -6,12 +6,28 @@ scheduler :class:`Step` into the arguments of ``_apply_v1`` (node writes, succes
 tasks, dropped tasks, instance status). The scheduler is mutated in place; a failed
 or stale checkpoint makes the caller drop the context and reload it (cheap, and
 the database is the only truth).
+
+Results are stored once (docs/security.md, "Amplification"). A leaf's value is written
+on its own ``df.nodes`` row, encoded once (:func:`pgdurable.values.check_size`, where the
+result cap lives) and embedded in the checkpoint as is. A completed composite stores no
+value: ``result`` is NULL and ``status_details`` names where its value is,
+``"result_from": "<node id>"`` (THEN, IF, RACE, LOOP: the child whose value it has; a
+break: the BREAK) or ``"result_of": [ids]`` (JOIN: its branches, in order). Readers
+resolve them (``df._node_result`` in SQL, :meth:`InstanceCtx.from_rows` here); in memory
+a composite's value is the same Python object as its source's. Named results are the one
+copy (``<engine>.results``, until the instance ends). Sizes are tracked per node so one
+instance's stored results stay under ``pg_durable.max_instance_bytes``.
+
+A stored graph the worker cannot run (a config it cannot parse, a sleep or schedule that
+cannot be scheduled) raises :class:`BadGraph` at load: deterministic, so the worker fails the
+instance at once instead of retrying it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,10 +40,27 @@ from pgdurable import cron
 from pgdurable.graph import _abc as A
 from pgdurable.graph.compile import CompiledGraph, compile_rows
 from pgdurable.graph.sched import Scheduler
+from pgdurable.values import error_text, json_bytes, loads
 
 TYPE_NAMES = {v: k for k, v in A.NODE_TYPE_CODES.items()}
 STATUS_NAMES = {A.PENDING: "pending", A.RUNNING: "running", A.COMPLETED: "completed",
                 A.FAILED: "failed"}
+
+
+#: The longest df.sleep (seconds, ~317 years): due times stay far inside PostgreSQL's interval
+#: and timestamp ranges (df.sleep refuses more; a stored graph with more is a BadGraph).
+SLEEP_MAX_SECONDS = 10_000_000_000
+#: Signal timeouts are df.wait_for_signal's integer argument.
+SIGNAL_TIMEOUT_MAX = 2**31 - 1
+#: Node details the worker keeps for itself (resolution, accounting); df.instance_nodes hides
+#: them.
+INTERNAL_DETAILS = ("result_from", "result_of", "result_bytes")
+_NULL_BYTES = 4  # len(b"null")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class BadGraph(Exception):
+    """The stored instance cannot run, whatever the attempt (a deterministic failure)."""
 
 
 def dump(state: list[int]) -> bytes:
@@ -55,6 +88,13 @@ class Checkpoint:
     """How many more runnable SQL successors (df database) it takes on top: they wait in its
     batch queue, not in a slot, and an instance's fan-out then stays on one worker (no
     checkpoint races with another worker, no reloads)."""
+
+    weight: int = 0
+    """Bytes of the values this checkpoint carries (leaf results, named results, error
+    texts), known before it is encoded: the per-checkpoint cap is checked on it."""
+    fragments: dict[int, orjson.Fragment] = field(default_factory=dict)
+    """Encoded values of this checkpoint by node (a leaf's, and the composites that copy
+    it): a named copy embeds the same bytes instead of encoding the value again."""
 
     def node(self, node_id: str) -> dict[str, Any]:
         return self.nodes.setdefault(node_id, {"id": node_id, "details": {}})
@@ -114,6 +154,14 @@ class InstanceCtx:
     role_info: tuple[Any, ...] | None = None
     """The submitting role as loaded (rolname, rolsuper, rolcanlogin, superuser instances
     enabled), or None when the role no longer exists."""
+    sizes: dict[int, int] = field(default_factory=dict)
+    """Encoded size of each completed node's value (a composite's derived from its sources)."""
+    leaf_bytes: dict[int, int] = field(default_factory=dict)
+    """Bytes of the values stored on leaf rows (what df.nodes holds)."""
+    named_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes of each named result (what <engine>.results holds)."""
+    stored: int = 0
+    """sum(leaf_bytes) + sum(named_bytes): the results this instance holds in storage."""
 
     @classmethod
     def from_rows(cls, instance_id: str, inst: tuple[Any, ...], rows: list[tuple[Any, ...]],
@@ -126,7 +174,10 @@ class InstanceCtx:
              "left_node": r[4], "right_node": r[5]}
             for r in rows
         ]
-        graph = compile_rows(node_rows, root)
+        try:
+            graph = compile_rows(node_rows, root)
+        except (ValueError, RecursionError) as exc:
+            raise BadGraph(str(exc)) from None
         index = {nid: i for i, nid in enumerate(graph.node_ids)}
         if state:
             sched = Scheduler.load_state(graph, max_iterations, undump(bytes(state)))
@@ -136,18 +187,47 @@ class InstanceCtx:
         configs: list[Any] = []
         for nid in graph.node_ids:
             configs.append(by_id[nid][2])
+        check_configs(graph, configs)
         ctx = cls(instance_id, label, status, role_oid, role_name, database, graph, index,
                   sched, version, shared_vars(vars_), configs,
                   loop_min_interval=loop_min_interval,
                   role_info=tuple(inst[10:14]) if len(inst) >= 14 and inst[10] is not None
                   else None)
+        # composites completed with a reference: resolved from their sources, deepest first
+        # (a source is a descendant: a larger pre-order index)
+        refs: dict[int, tuple[Any, Any]] = {}
         for r in rows:
+            i = index[r[0]]
+            details = r[8] or {}
             if r[6] == "completed":
-                ctx.results[index[r[0]]] = r[7]
-            began = (r[8] or {}).get("iter_begins_at")
+                if graph.types[i] in A.LEAF_TYPES:
+                    ctx.results[i] = r[7]
+                    size = details.get("result_bytes")
+                    if not isinstance(size, int):
+                        size = len(json_bytes(r[7]))
+                    ctx.sizes[i] = ctx.leaf_bytes[i] = size
+                elif (isinstance(details.get("result_from"), str)
+                      or isinstance(details.get("result_of"), list)):
+                    refs[i] = (details.get("result_from"), details.get("result_of"))
+                else:  # a copy written before results were stored once
+                    ctx.results[i] = r[7]
+                    ctx.sizes[i] = len(json_bytes(r[7]))
+            began = details.get("iter_begins_at")
             if r[1] == "LOOP" and began is not None:
-                ctx.loop_started[index[r[0]]] = float(began)
+                ctx.loop_started[i] = float(began)
+        for i in sorted(refs, reverse=True):
+            src, srcs = refs[i]
+            if isinstance(src, str):
+                j = index.get(src, A.NONE)
+                ctx.results[i] = ctx.results.get(j)
+                ctx.sizes[i] = ctx.sizes.get(j, _NULL_BYTES)
+            else:
+                js = [index.get(s, A.NONE) if isinstance(s, str) else A.NONE for s in srcs]
+                ctx.results[i] = [ctx.results.get(j) for j in js]
+                ctx.sizes[i] = _array_size([ctx.sizes.get(j, _NULL_BYTES) for j in js])
         ctx.named = dict(named)
+        ctx.named_bytes = {name: len(json_bytes(v)) for name, v in ctx.named.items()}
+        ctx.stored = sum(ctx.leaf_bytes.values()) + sum(ctx.named_bytes.values())
         for r in rows:
             if r[6] == "failed":
                 err = r[7] if isinstance(r[7], str) else orjson.dumps(r[7]).decode()
@@ -156,14 +236,40 @@ class InstanceCtx:
 
     # -- results ---------------------------------------------------------------------
 
-    def record_result(self, node: int, value: Any, cp: Checkpoint | None = None) -> None:
+    def record_leaf(self, node: int, value: Any, data: bytes, cp: Checkpoint) -> None:
+        """A leaf completed with ``value``, encoded as ``data`` (by values.check_size, where
+        the cap lives): its row gets the bytes as they are, once."""
+        frag = orjson.Fragment(data)
+        cp.fragments[node] = frag
+        upd = cp.node(self.graph.node_ids[node])
+        upd["status"] = "completed"
+        upd["result"] = frag
+        upd["details"]["result_bytes"] = len(data)
+        cp.weight += len(data)
+        self._set_leaf_bytes(node, len(data))
+        self.record_result(node, value, len(data), cp)
+
+    def record_result(self, node: int, value: Any, size: int,
+                      cp: Checkpoint | None = None) -> None:
         self.results[node] = value
+        self.sizes[node] = size
         name = self.graph.result_names[node]
         if name:
             self.named.pop(name, None)
             self.named[name] = value
+            self.stored += size - self.named_bytes.get(name, 0)
+            self.named_bytes[name] = size
             if cp is not None:
-                cp.named[name] = value
+                frag = cp.fragments.get(node)
+                cp.named[name] = value if frag is None else frag
+                cp.weight += size
+
+    def _set_leaf_bytes(self, node: int, size: int | None) -> None:
+        """A leaf's row now holds ``size`` bytes of value (None: none, e.g. running, failed)."""
+        self.stored -= self.leaf_bytes.pop(node, 0)
+        if size is not None:
+            self.leaf_bytes[node] = size
+            self.stored += size
 
     # -- checkpoint building ---------------------------------------------------------
 
@@ -181,23 +287,34 @@ class InstanceCtx:
             upd["details"]["finished_seq"] = seq
             if status == A.COMPLETED:
                 if how == A.HOW_LEAF:
-                    value = self.results.get(node)
-                elif how in (A.HOW_COPY, A.HOW_BREAK):
-                    value = self.results.get(srcs[0])
-                elif how == A.HOW_ARRAY:
+                    # recorded by the caller (record_leaf) before the scheduler ran
+                    continue
+                # a composite: a reference to where its value is stored, never a copy
+                if how in (A.HOW_COPY, A.HOW_BREAK):
+                    src = srcs[0]
+                    value = self.results.get(src)
+                    size = self.sizes.get(src, _NULL_BYTES)
+                    upd["details"]["result_from"] = g.node_ids[src]
+                    upd["details"]["result_of"] = None
+                    if src in cp.fragments:
+                        cp.fragments[node] = cp.fragments[src]
+                else:  # HOW_ARRAY (JOIN)
                     value = [self.results.get(s) for s in srcs]
-                else:  # pragma: no cover - a completed node has one of the above
-                    value = None
-                self.record_result(node, value, cp)
+                    size = _array_size([self.sizes.get(s, _NULL_BYTES) for s in srcs])
+                    upd["details"]["result_from"] = None
+                    upd["details"]["result_of"] = [g.node_ids[s] for s in srcs]
                 upd["status"] = "completed"
-                upd["result"] = value
+                upd["result"] = None
+                self.record_result(node, value, size, cp)
                 if g.types[node] == A.IF and srcs:
                     upd["details"]["branch"] = "then" if srcs[0] == g.left[node] else "else"
                 if g.types[node] == A.RACE and srcs:
                     upd["details"]["winner"] = g.node_ids[srcs[0]]
             else:
                 msg, sqlstate = self._failure_text(node, how, srcs)
+                msg = error_text(msg)
                 self.errors[node] = (msg, sqlstate)
+                self._set_leaf_bytes(node, None)
                 # where the failure started: df.error reports that node (ARCHITECTURE §4)
                 origin = self.origins.get(srcs[0], srcs[0]) if how == A.HOW_FAIL and srcs \
                     else node
@@ -205,12 +322,14 @@ class InstanceCtx:
                 upd["details"]["error_node"] = g.node_ids[origin]
                 upd["status"] = "failed"
                 upd["result"] = msg
+                cp.weight += len(msg)
                 if sqlstate:
                     upd["details"]["sqlstate"] = sqlstate
                 if g.types[node] == A.RACE and srcs:
                     upd["details"]["winner"] = g.node_ids[srcs[0]]
-        for node, gen in step.abandoned:
+        for node, _gen in step.abandoned:
             nid = g.node_ids[node]
+            self._set_leaf_bytes(node, None)
             cp.drop_tasks.append(nid)
             upd = cp.node(nid)
             upd["status"] = "failed"
@@ -241,6 +360,7 @@ class InstanceCtx:
             upd = cp.node(nid)
             upd["status"] = "running"
             upd.pop("result", None)
+            self._set_leaf_bytes(node, None)  # a running node's row holds no value
             upd["details"].update({
                 "gen": gen, "seq": seq, "execution_id": f"{self.instance_id}::{gen}",
                 "queued_at": ts, "started_at": ts, "finished_at": None, "duration_ms": None,
@@ -289,16 +409,16 @@ class InstanceCtx:
                 delay = max(delay, wait)
         if t == A.SLEEP:
             task["kind"] = "timer"
-            delay += float(self.configs[node] or 0)
+            delay += int(self.configs[node] or 0)
         elif t == A.WAIT_SCHEDULE:
             task["kind"] = "timer"
-            expr = orjson.loads(self.configs[node])["cron_expr"]
+            expr = loads(self.configs[node])["cron_expr"]
             base = now + timedelta(seconds=delay)
             task["due_at"] = cron.next_tick(expr, base).isoformat()
             delay = 0.0
         elif t == A.SIGNAL:
             task["kind"] = "signal"
-            timeout = orjson.loads(self.configs[node]).get("timeout_seconds")
+            timeout = loads(self.configs[node]).get("timeout_seconds")
             if timeout is not None:
                 task["deadline"] = (now + timedelta(seconds=delay + float(timeout))).isoformat()
         task["delay"] = max(delay, 0.0)
@@ -326,3 +446,65 @@ class InstanceCtx:
 
     def sched_max_iterations(self) -> int:
         return int(getattr(self.sched, "max_iterations", 0))
+
+
+def _array_size(sizes: list[int]) -> int:
+    """Bytes of the compact JSON array of values encoded in ``sizes`` bytes each."""
+    return 2 + sum(sizes) + max(0, len(sizes) - 1)
+
+
+def _config(graph: CompiledGraph, i: int, text: Any) -> dict[str, Any]:
+    where = f"node {graph.node_ids[i]!r} ({TYPE_NAMES[graph.types[i]]})"
+    if not isinstance(text, str):
+        raise BadGraph(f"{where}: its config is missing")
+    try:
+        cfg = loads(text)
+    except ValueError as exc:
+        raise BadGraph(f"{where}: its config is not JSON the worker can read ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise BadGraph(f"{where}: its config is not a JSON object")
+    return cfg
+
+
+def check_configs(graph: CompiledGraph, configs: list[Any]) -> None:
+    """Raise BadGraph when a node's stored config is one the worker cannot run.
+
+    The same rules as df.start's (30_control.sql, df._graph_flatten, through the DSL
+    builders): a graph df.start accepts always passes; one written into df.nodes by hand
+    that would fail when its node runs fails here, once, when the instance is loaded.
+    """
+    for i, t in enumerate(graph.types):
+        text = configs[i]
+        where = f"node {graph.node_ids[i]!r} ({TYPE_NAMES[t]})"
+        if t == A.SLEEP:
+            raw = text.strip() if isinstance(text, str) else ""
+            if not raw.isascii() or not raw.isdigit() or int(raw) > SLEEP_MAX_SECONDS:
+                raise BadGraph(f"{where}: a sleep is a whole number of seconds from 0 to "
+                               f"{SLEEP_MAX_SECONDS}, got {str(text)[:40]!r}")
+        elif t == A.WAIT_SCHEDULE:
+            expr = _config(graph, i, text).get("cron_expr")
+            if not isinstance(expr, str):
+                raise BadGraph(f"{where}: its config has no cron_expr string")
+            try:
+                cron.validate(expr)
+            except ValueError as exc:
+                raise BadGraph(f"{where}: {exc}") from None
+        elif t == A.SIGNAL:
+            cfg = _config(graph, i, text)
+            name, timeout = cfg.get("signal_name"), cfg.get("timeout_seconds")
+            if not isinstance(name, str) or not name:
+                raise BadGraph(f"{where}: its config has no signal_name")
+            if timeout is not None and (type(timeout) is not int
+                                        or not 0 < timeout <= SIGNAL_TIMEOUT_MAX):
+                raise BadGraph(f"{where}: timeout_seconds must be a whole number of seconds "
+                               f"from 1 to {SIGNAL_TIMEOUT_MAX}, got {timeout!r}")
+        elif t == A.BREAK:
+            value = _config(graph, i, text).get("break_value")
+            if value is not None and not isinstance(value, str):
+                raise BadGraph(f"{where}: break_value must be text or null")
+        elif t in (A.HTTP, A.HTTP_MULTIPART):
+            _config(graph, i, text)
+        elif t == A.IF and graph.cond[i] == A.COND_IF_ROWS:
+            name = _config(graph, i, text).get("result_name")
+            if not isinstance(name, str) or not _IDENT.fullmatch(name):
+                raise BadGraph(f"{where}: result_name must be an identifier")

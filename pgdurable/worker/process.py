@@ -44,19 +44,32 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb, set_json_loads
+from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
 from pgdurable import __version__, _testing, metrics
 from pgdurable.config import ServeConfig
-from pgdurable.errors import StepError
+from pgdurable.errors import ResultTooLarge, StepError
 from pgdurable.graph import _abc as A
 from pgdurable.log import instance_var, node_type_var, node_var
 from pgdurable.queries import q
 from pgdurable.subst import substitute
-from pgdurable.values import break_value, check_size, sql_envelope, truthy
+from pgdurable.values import (
+    CHECKPOINT_MAX_BYTES,
+    INSTANCE_MAX_BYTES_DEFAULT,
+    break_value,
+    check_size,
+    effective_limit,
+    error_text,
+    loads,
+    sql_envelope,
+    too_large,
+    truthy,
+)
 
 from .completer import Busy, Completer
-from .instance import TYPE_NAMES, Checkpoint, InstanceCtx, dump
+from .instance import TYPE_NAMES, BadGraph, Checkpoint, InstanceCtx, dump
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +96,11 @@ AUTOCOMMIT_RE = re.compile(
 # the role's defaults say (a database owner may ALTER DATABASE ... SET search_path).
 SERVICE_OPTIONS = "-c search_path=pg_catalog,pg_temp"
 RESULT_CAP_SETTING = "pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES)"
+INSTANCE_CAP_SETTING = "pg_durable.max_instance_bytes"
+# SQLSTATE classes of an error in the worker's own statements (a checkpoint) that the same
+# input raises every time: data exceptions (an interval or timestamp out of range, …) and
+# program limits. Retrying cannot help; the step fails at once.
+DETERMINISTIC_SQLSTATE_CLASSES = ("22", "54")
 PRUNE_BATCH = 500
 # SQL step batching (SPEC D13: "a batch of steps sharing one connection takes one slot"): a
 # runner keeps its transaction open for more queued SQL steps of the same role while it is
@@ -166,6 +184,7 @@ class Worker:
         self.http_waiting = 0
         self.max_iterations = 100_000
         self.loop_min_interval = 1.0
+        self.max_instance_bytes = INSTANCE_MAX_BYTES_DEFAULT
         self.current_db = ""
         self.http_client: Any = None
         self.http_policy: Any = None
@@ -188,6 +207,12 @@ class Worker:
 
     def q(self, name: str) -> Any:
         return q(name, self.engine)
+
+    @property
+    def _runner_cap(self) -> int:
+        """The bytes a runner lets a statement return: the result cap, at most what one
+        checkpoint carries (≤ 0 = that bound), counted in the database as rows arrive."""
+        return effective_limit(self.config.result_max_bytes)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -271,6 +296,8 @@ class Worker:
         """A pool of step sessions; each connection's capability is registered on open."""
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            # a runner's rows (json) arrive as text, parsed once by sql_envelope (not twice)
+            conn.adapters.register_loader("json", TextLoader)
             token = secrets.token_hex(16)
             digest = hashlib.sha256(token.encode()).digest()
             async with service.connection() as sconn:
@@ -302,6 +329,7 @@ class Worker:
             # rest would only wait for a slot inside PostgreSQL, holding a connection
             self.sql_limit = max(1, min(self.config.slots, row[3]))
             self.sql_sem = asyncio.Semaphore(self.sql_limit)
+            self.max_instance_bytes = row[4]
             await conn.execute(self.q("slots_ensure"), (None,))
 
     # -- producer --------------------------------------------------------------------
@@ -536,29 +564,60 @@ class Worker:
             self._forget(task.instance_id)
             # if the task is somehow still ours, give it back rather than sit on it
             await self._release(task)
+        except BadGraph as exc:
+            # the stored graph cannot run (a config df.start would have refused): the same
+            # on every attempt, so the instance fails now, once, without a traceback
+            self._forget(task.instance_id)
+            reason = f"the instance's stored graph cannot run: {exc}"
+            logger.warning("failing instance: %s", reason, extra={"event": "instance.bad_graph"})
+            if not await self._fail_instance(task, reason):
+                await self._release(task)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # not the step's own failure (the database went away, our checkpoint failed):
-            # give the task back so it runs again — a bounded number of times
+            # give the task back so it runs again — a bounded number of times, unless the
+            # same input fails the same way every time (then the step fails now)
             self._forget(task.instance_id)
+            final = _deterministic(exc)
             if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
                 logger.warning("database unavailable during step: %s", exc,
                                extra={"event": "step.infra_error"})
+            elif final:
+                logger.warning("step cannot go on (%s: %s); failing it", type(exc).__name__,
+                               exc, extra={"event": "step.deterministic_error"})
             else:
                 logger.exception("internal error while running a step (attempt %d)",
                                  task.attempts, extra={"event": "step.internal_error"})
-            if task.attempts >= MAX_ATTEMPTS:
+            if final or task.attempts >= MAX_ATTEMPTS:
                 with contextlib.suppress(Exception):
-                    await self._poison(task, exc)
+                    await self._poison(task, exc, final=final)
                     return
             await self._release(task)
 
-    async def _poison(self, task: Task, exc: BaseException) -> None:
-        """Fail a step that could not be handled in MAX_ATTEMPTS claims (a start task too:
-        an instance whose graph cannot even load fails instead of being retried forever)."""
+    async def _fail_instance(self, task: Task, reason: str) -> bool:
+        """Fail the task's instance with ``reason`` (on its node), if the task is still ours."""
         assert self.pool is not None
-        reason = f"step abandoned after {task.attempts} attempts; last error: {exc}"
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(self.q("fail_instance"),
+                                         (self.worker_id, task.instance_id, task.node_id,
+                                          error_text(reason)))
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            logger.warning("could not fail the instance: %s", exc,
+                           extra={"event": "instance.fail_error"})
+            return False
+        return bool(row and row[0])
+
+    async def _poison(self, task: Task, exc: BaseException, *, final: bool = False) -> None:
+        """Fail a step that could not be handled in MAX_ATTEMPTS claims (a start task too:
+        an instance whose graph cannot even load fails instead of being retried forever),
+        or at once when its failure is deterministic (``final``)."""
+        assert self.pool is not None
+        reason = (f"step failed: {exc} (the same input fails the same way: not retried)"
+                  if final else
+                  f"step abandoned after {task.attempts} attempts; last error: {exc}")
         if task.kind != "start":
             try:
                 async with self.pool.connection() as conn:
@@ -571,9 +630,8 @@ class Worker:
             except Exception:
                 logger.warning("cannot load instance to fail its step; failing the instance",
                                extra={"event": "step.poison"})
-        async with self.pool.connection() as conn:
-            await conn.execute(self.q("fail_instance"),
-                               (self.worker_id, task.instance_id, task.node_id, reason))
+        if not await self._fail_instance(task, reason):
+            raise Fenced()  # not ours any more, or its row is busy: released, tried later
 
     async def _release(self, task: Task) -> None:
         assert self.pool is not None
@@ -606,45 +664,69 @@ class Worker:
 
         # The start checkpoint goes through the completer: many instances' starts share one
         # commit (W1-style bursts of one-step workflows are commit-bound otherwise).
+        cur_ctx = ctx
+
         async def apply(aconn: psycopg.AsyncConnection[Any]) -> None:
-            if ctx.lock.locked():
+            nonlocal cur_ctx
+            c = cur_ctx
+            if c.lock.locked():
                 raise Busy()
-            async with ctx.lock:
-                if problem is None:
-                    step = ctx.sched.start()
-                    cp = Checkpoint(inst_status="running", take_budget=self._free_slots() + 1,
-                                    take_sql=self._take_sql())
-                    ctx.build(step, cp, task.clock)
-                    if step.terminal != A.T_RUNNING:
-                        cp.inst_status = _terminal_name(step.terminal)
-                else:
-                    logger.warning("refusing instance: %s", problem,
-                                   extra={"event": "instance.refused"})
-                    root = ctx.graph.node_ids[0]
-                    cp = Checkpoint(inst_status="failed")
-                    cp.node(root).update(status="failed", result=problem)
+            async with c.lock:
+                if c.dead:  # an earlier try rolled back after starting it in memory
+                    fresh = await self._ctx(aconn, task.instance_id, fresh=True, lock=c.lock)
+                    if fresh is None:
+                        raise Fenced()
+                    cur_ctx = c = fresh
                 try:
-                    await self._apply(aconn, ctx, task, cp)
+                    if problem is None:
+                        step = c.sched.start()
+                        cp = Checkpoint(inst_status="running",
+                                        take_budget=self._free_slots() + 1,
+                                        take_sql=self._take_sql())
+                        c.build(step, cp, task.clock)
+                        if step.terminal != A.T_RUNNING:
+                            cp.inst_status = _terminal_name(step.terminal)
+                    else:
+                        logger.warning("refusing instance: %s", problem,
+                                       extra={"event": "instance.refused"})
+                        root = c.graph.node_ids[0]
+                        cp = Checkpoint(inst_status="failed")
+                        cp.node(root).update(status="failed", result=problem)
+                    await self._apply(aconn, c, task, cp)
                 except _Stale:  # someone else started it (a rescued duplicate start task)
+                    self._forget(c.instance_id, c)
                     raise Fenced() from None
+                except BaseException:
+                    self._forget(c.instance_id, c)
+                    raise
 
         assert self.completer is not None
-        await self.completer.submit(ctx.instance_id, apply)
+        await self.completer.submit(ctx.instance_id, apply,
+                                    lambda: self._forget(cur_ctx.instance_id, cur_ctx))
         logger.info("instance started", extra={"event": "instance.started"})
 
     async def _apply(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                      cp: Checkpoint) -> None:
         t0 = time.monotonic()
         cap = self._cap(conn)
+        # what the checkpoint carries is known before it is encoded (a value's size, once):
+        # over the bound, nothing large is built, and the step fails instead
+        _check_checkpoint(cp.weight)
+        # results are embedded as the bytes their leaf was encoded to (never re-encoded), and
+        # sent as bytes: no text copy of a large checkpoint
+        nodes = orjson.dumps(list(cp.nodes.values()))
+        named = orjson.dumps(cp.named) if cp.named else None
+        _check_checkpoint(len(nodes) + (len(named) if named else 0))
         cur = await conn.execute(self.q("apply" if cap is None else "step_apply"), (
             *(() if cap is None else (cap,)), self.worker_id, ctx.instance_id, task.node_id,
             task.gen, ctx.version,
             dump(ctx.sched.dump_state()), cp.inst_status,
-            orjson.dumps(list(cp.nodes.values())).decode(),
+            _jsonb_bytes(nodes),
             orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
             cp.drop_tasks or None,
-            orjson.dumps(cp.named).decode() if cp.named else None,
+            None if named is None else _jsonb_bytes(named),
             self.config.lease_seconds))
+        del nodes, named
         row = await cur.fetchone()
         metrics.checkpoint(time.monotonic() - t0)
         got = row[-1] if row else -2
@@ -692,13 +774,13 @@ class Worker:
             decision: bool | None = None
             try:
                 if ntype == A.BREAK:
-                    cfg = orjson.loads(ctx.configs[idx])
+                    cfg = loads(ctx.configs[idx])
                     raw = cfg.get("break_value")
                     if raw is not None:
                         raw = self._subst(ctx, raw, "raw")
                     value = break_value(raw)
                 elif ntype == A.IF:
-                    cfg = orjson.loads(ctx.configs[idx])
+                    cfg = loads(ctx.configs[idx])
                     name = cfg["result_name"]
                     res = ctx.named.get(name)
                     if not isinstance(res, dict) or "row_count" not in res:
@@ -713,19 +795,36 @@ class Worker:
                 elif ntype == A.SIGNAL:
                     # durable inbox (SPEC D6): consume the oldest signal of this name; none →
                     # time out if the durable timer fired, else park until df.signal wakes us
-                    cfg = orjson.loads(ctx.configs[idx])
+                    cfg = loads(ctx.configs[idx])
                     name = cfg["signal_name"]
                     while True:
                         # the signal is consumed in the checkpoint's transaction: a crash in
                         # between rolls the consumption back, so no signal is ever lost
                         async with conn.transaction():
-                            cur = await conn.execute(self.q("take_signal_row"),
-                                                     (ctx.instance_id, name))
+                            cur = await conn.execute(self.q("take_signal_row"), (
+                                ctx.instance_id, name,
+                                effective_limit(self.config.result_max_bytes)))
                             row = await cur.fetchone()  # a row even when data is JSON null
                             if row is not None:
-                                value = {"signal_name": name, "timed_out": False,
-                                         "data": row[0]}
-                                await self._complete(conn, ctx, task, idx, True, value, None,
+                                # data over the cap stayed in the database (row[0] NULL): the
+                                # wait fails; the signal is consumed with its failure
+                                ok, err = True, None
+                                value = None
+                                try:
+                                    if row[0] is None and row[1] is not None:
+                                        raise too_large("signal data", row[1],
+                                                        self.config.result_max_bytes,
+                                                        RESULT_CAP_SETTING)
+                                    try:
+                                        data = None if row[0] is None else loads(row[0])
+                                    except ValueError as exc:
+                                        raise StepError(
+                                            f"signal data cannot be read: {exc}") from None
+                                    value = {"signal_name": name, "timed_out": False,
+                                             "data": data}
+                                except StepError as exc:
+                                    ok, err = False, exc
+                                await self._complete(conn, ctx, task, idx, ok, value, err,
                                                      in_tx=True)
                                 return
                         if task.deadline is not None and task.deadline <= task.clock:
@@ -745,9 +844,6 @@ class Worker:
                     http = True  # runs below, after the connection went back to the pool
                 else:  # pragma: no cover - composites never become tasks
                     raise StepError(f"node type {TYPE_NAMES[ntype]} cannot run as a step")
-                if not http and decision is None:
-                    check_size(value, self.config.result_max_bytes, "step result",
-                               setting=RESULT_CAP_SETTING)
             except StepError as exc:
                 ok, err = False, exc
                 decision = None
@@ -761,8 +857,6 @@ class Worker:
                     value = await self._run_http(ctx, task, idx, ntype)
                 finally:
                     self.http_waiting -= 1
-                check_size(value, self.config.result_max_bytes, "step result",
-                           setting=RESULT_CAP_SETTING)
             except StepError as exc:
                 ok, err = False, exc
         await self._group_complete(ctx, task, idx, ok, value, err, decision)
@@ -780,7 +874,10 @@ class Worker:
             await self._complete(conn, ctx, task, idx, ok, value, err, in_tx=True,
                                  decision=decision)
 
-        await self.completer.submit(ctx.instance_id, apply)
+        # rolled back with its batch (another item's error): whatever it changed in memory is
+        # gone from the database; a retry on its own reloads the instance
+        await self.completer.submit(ctx.instance_id, apply,
+                                    lambda: self._forget(ctx.instance_id, ctx))
 
     async def _run_http(self, ctx: InstanceCtx, task: Task, idx: int, ntype: int) -> Any:
         from pgdurable.steps.http_step import run_http
@@ -914,20 +1011,20 @@ class Worker:
                 async with conn.pipeline():
                     await conn.execute(b"begin")
                     await conn.execute(self.q("step_settings"), (cap, ctx.role_oid))
-                    cur = await conn.execute(call, (cap, text, self.config.result_max_bytes))
+                    cur = await conn.execute(call, (cap, text, self._runner_cap))
                 rows = await cur.fetchall()
             finally:
                 self.running_pids.pop(key, None)
-            value = _envelope(rows)
             try:
-                check_size(value, self.config.result_max_bytes, "step result",
-                           setting=RESULT_CAP_SETTING)
+                value = _envelope(rows)
+                del rows, cur
+                # exactly-once: the checkpoint commits with the statement (SPEC D4); a result
+                # over a cap fails the step (its statement rolled back), in _complete_once
+                stage = "checkpoint"
+                if not _testing.BROKEN_CHECKPOINT:
+                    await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
             except StepError as exc:
                 raise _StepFailed(exc) from None
-            # exactly-once: the checkpoint commits with the statement (SPEC D4)
-            stage = "checkpoint"
-            if not _testing.BROKEN_CHECKPOINT:
-                await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
             # one round trip (simple query protocol): COMMIT and the session reset
             stage = "commit"
             await conn.execute(self.commit_reset)
@@ -1103,14 +1200,13 @@ class Worker:
                                     await conn.execute(b"reset all")
                                     await conn.execute(self.q("step_next"))
                                 cur = await conn.execute(
-                                    call, (cap, item.text, self.config.result_max_bytes))
+                                    call, (cap, item.text, self._runner_cap))
                             rows = await cur.fetchall()
                         finally:
                             self.running_pids.pop(key, None)
                             self.runner_busy.pop(me, None)
-                        value = _envelope(rows)
-                        check_size(value, self.config.result_max_bytes, "step result",
-                                   setting=RESULT_CAP_SETTING)
+                        value = _envelope(rows)  # capped at its checkpoint (_complete_once)
+                        del rows, cur
                         ran.append((item, value))
                         item = None
                         if t0 is None:
@@ -1128,6 +1224,7 @@ class Worker:
                                                  first.text, exc)
                     first.fut.set_result(None)
                     return
+                refused: StepError | None = None
                 try:
                     # the checkpoints, in the order the statements ran (ascending instances),
                     # each instance's lock held from its first checkpoint to the COMMIT: its
@@ -1142,12 +1239,24 @@ class Worker:
                         await self._complete(conn, it.ctx, it.task, it.idx, True, value, None,
                                              in_tx=True, lock_held=True)
                     await conn.execute(self.commit_reset)
+                except StepError as exc:
+                    await self._reset(conn)
+                    if len(ran) != 1 or (conn.broken or conn.closed):
+                        raise
+                    refused = exc  # handled below, once the instance's lock is released
                 except BaseException:
                     await self._reset(conn)
                     raise
                 finally:
                     for lock in held.values():
                         lock.release()
+                if refused is not None:
+                    # a batch of one whose result (or the checkpoint it makes) is over a cap:
+                    # its statement rolled back with it, and that is its outcome (not run again)
+                    await self._statement_failed(conn, first.ctx, first.task, first.idx,
+                                                 first.text, refused)
+                    first.fut.set_result(None)
+                    return
         except BaseException as exc:
             failed = [it for it, _ in ran] + ([item] if item is not None else [])
             metrics.batch(len(failed), False)
@@ -1252,7 +1361,7 @@ class Worker:
                         self.running_pids[key] = rconn.info.backend_pid
                         try:
                             cur = await rconn.execute(
-                                call, (cap, text, self.config.result_max_bytes))
+                                call, (cap, text, self._runner_cap))
                             rows = await cur.fetchall()
                         finally:
                             self.running_pids.pop(key, None)
@@ -1267,10 +1376,8 @@ class Worker:
             await self._complete(conn, ctx, task, idx, False, None,
                                  StepError(_pg_message(exc), sqlstate=exc.sqlstate))
             return
-        value = _envelope(rows)
         try:
-            check_size(value, self.config.result_max_bytes, "step result",
-                       setting=RESULT_CAP_SETTING)
+            value = _envelope(rows)
         except StepError as exc:
             await self._group_complete(ctx, task, idx, False, None, exc)
             return
@@ -1316,6 +1423,15 @@ class Worker:
             return
         except _Stale:
             pass
+        except StepError as exc:
+            # the result, or the checkpoint it makes, is over a cap (nothing was written).
+            # On a step connection the step's own statement is in this transaction: its
+            # caller rolls it back and fails the step. Elsewhere the outcome becomes the
+            # failure, on a reloaded state (the cached one moved on in memory).
+            if not ok or self._cap(conn) is not None:
+                raise
+            ok, value, err, decision = False, None, exc, None
+            logger.info("step result refused: %s", exc, extra={"event": "step.too_large"})
         tx = contextlib.nullcontext() if in_tx else conn.transaction()
         async with tx:
             cap = self._cap(conn)
@@ -1348,15 +1464,20 @@ class Worker:
             upd["details"]["started_at"] = task.started.isoformat()
         if ok:
             if decision is None:
-                ctx.record_result(idx, value, cp)
+                # every leaf result (SQL rows, signal data, HTTP bodies, BREAK values,
+                # timers) is encoded and capped here, once, before anything changes
+                data = check_size(value, self.config.result_max_bytes, "step result",
+                                  setting=RESULT_CAP_SETTING)
+                ctx.record_leaf(idx, value, data, cp)
                 truth = truthy(value)
             else:
                 truth = decision
         else:
             assert err is not None
-            ctx.errors[idx] = (str(err), err.sqlstate)
+            msg = error_text(str(err))
+            ctx.errors[idx] = (msg, err.sqlstate)
             upd["status"] = "failed"
-            upd["result"] = str(err)
+            upd["result"] = msg
             if err.sqlstate:
                 upd["details"]["sqlstate"] = err.sqlstate
             truth = False
@@ -1364,20 +1485,15 @@ class Worker:
                         extra={"event": "step.failed", "sqlstate": err.sqlstate})
         try:
             step = sched.complete(idx, task.gen, ok, truth)
-        except Exception:
-            self._forget(ctx.instance_id, ctx)
-            raise
-        if decision is None and ok:
-            # a leaf's own result: written even if the scheduler finishes it in `finished`
-            upd["status"] = "completed"
-            upd["result"] = value
-        ctx.build(step, cp, task.clock)
-        try:
+            ctx.build(step, cp, task.clock)
+            if ok and ctx.stored > self.max_instance_bytes > 0:
+                raise ResultTooLarge(
+                    f"the results of instance {ctx.instance_id} would hold {ctx.stored} "
+                    f"bytes, over the limit of {self.max_instance_bytes} bytes per instance; "
+                    f"raise {INSTANCE_CAP_SETTING} to allow it")
             await self._apply(conn, ctx, task, cp)
-        except (_Stale, Fenced):
-            self._forget(ctx.instance_id, ctx)
-            raise
         except BaseException:
+            # the cached state moved on in memory and nothing of it committed: reload
             self._forget(ctx.instance_id, ctx)
             raise
         metrics.step_finished(TYPE_NAMES[ctx.graph.types[idx]], ok)
@@ -1419,6 +1535,32 @@ def _envelope(rows: list[Any]) -> dict[str, Any]:
                          for r in rows])
 
 
+def _check_checkpoint(size: int) -> None:
+    if size > CHECKPOINT_MAX_BYTES:
+        raise ResultTooLarge(f"the checkpoint of this step would carry {size} bytes, over the "
+                             f"limit of {CHECKPOINT_MAX_BYTES} bytes per checkpoint (a named "
+                             "composite stores its value once more: name fewer large ones)")
+
+
+def _jsonb_bytes(data: bytes) -> Jsonb:
+    """A jsonb parameter sent as the JSON bytes given (psycopg's text dumper passes them)."""
+    return Jsonb(data, dumps=_identity)
+
+
+def _identity(data: Any) -> Any:
+    return data
+
+
+def _deterministic(exc: BaseException) -> bool:
+    """Would the same step fail the same way again? An error of the worker's own statement in
+    a data-exception or program-limit class, or a ValueError/OverflowError/RecursionError of
+    its own computation on the stored graph (a schedule, a due time): retrying cannot help."""
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate or ""
+        return state[:2] in DETERMINISTIC_SQLSTATE_CLASSES
+    return isinstance(exc, ValueError | OverflowError | RecursionError)
+
+
 def _with_db(dsn: str, dbname: str) -> str:
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     info["dbname"] = dbname
@@ -1457,4 +1599,7 @@ def run_worker(config: ServeConfig) -> None:
     """Child-process entry point: uvloop, pool opened after fork, run until SIGTERM."""
     import uvloop
 
+    # JSON from the database is parsed like every result (orjson, exact big integers); a
+    # value nested deeper than Python holds fails as a ValueError, not a RecursionError
+    set_json_loads(loads)
     uvloop.run(Worker(config).run())

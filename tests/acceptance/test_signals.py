@@ -78,9 +78,11 @@ def test_signals_sent_before_the_wait_are_kept_fifo_per_name(env: Env) -> None:
     assert status == "completed", err
     assert res["rows"] == [{"first": {"n": 1}, "a": "a"}]
     with env.db.connect() as conn:
-        b2 = conn.execute("select result from df.nodes where instance_id = %s and "
+        # 'b2' names the THEN ending in the second wait: a composite's value is stored once,
+        # on the wait's row, and df.instance_nodes shows it on the THEN's
+        b2 = conn.execute("select result from df.instance_nodes(%s) where "
                           "result_name = 'b2'", (iid,)).fetchone()[0]
-    assert b2 == {"signal_name": "b", "timed_out": False, "data": {"n": 2}}
+    assert json.loads(b2) == {"signal_name": "b", "timed_out": False, "data": {"n": 2}}
 
 
 def test_signal_during_the_wait_with_other_names_queued(env: Env) -> None:
@@ -143,7 +145,8 @@ def test_wait_survives_a_serve_restart(db: fix_db.TestDB, serve_factory: Any) ->
     role = db.create_role("sigr")
     s = serve_factory(db, **BASE_ENV)
     s.wait_workers(2)
-    iid = start(db, role, "df.wait_for_signal('go') |=> 'g' ~> df.sql('select ($g.data)::jsonb as d')")
+    iid = start(db, role, "df.wait_for_signal('go') |=> 'g' ~> "
+                          "df.sql('select ($g.data)::jsonb as d')")
     wait_running(db, iid, "SIGNAL")
     assert s.stop() == 0
     # the wait is durable: the signal is sent while no serve runs, then a new one picks it up

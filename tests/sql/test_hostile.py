@@ -1,4 +1,4 @@
-# ruff: noqa: PT017, PT018  (property checks: compound asserts and asserts on caught errors)
+# ruff: noqa: PT018  (property checks: compound asserts)
 """Hostile input to the SQL side (issue 8, part 2): DSL builders, graph JSON, names, limits.
 
 Every input either works or raises a clear error: a PostgreSQL error with a SQLSTATE of a

@@ -478,8 +478,10 @@ $$;
 -- @hourly/@daily/@midnight/@weekly/@monthly/@yearly/@annually macros, or 5 fields (minute
 -- 0-59, hour 0-23, day-of-month 1-31, month 1-12 or JAN-DEC, day-of-week 0-7 or SUN-SAT
 -- with 0 and 7 = Sunday), each a comma list of `*`, `n`, `a-b`, optionally followed by `/step`. cronsim's extensions (L, LW,
--- 5L, 5#2) and a seconds or year field are rejected here. Calendar-impossible dates
--- (`0 0 30 2 *`) pass this check and fail when the node runs.
+-- 5L, 5#2) and a seconds or year field are rejected here. A schedule that never fires is
+-- rejected too, as the worker's cronsim would (`0 3 31 2 *`: when day-of-month and
+-- day-of-week are not both restricted, the smallest day must exist in some chosen month), so
+-- the worker never meets one it cannot schedule.
 create function df._check_cron(p_expr text) returns void
 language plpgsql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
@@ -500,6 +502,10 @@ declare
     v_step    pg_catalog.text;
     v_lo      pg_catalog.int4;
     v_hi      pg_catalog.int4;
+    -- the longest month (February has 29 days: leap years come within cronsim's horizon)
+    c_mdays   constant pg_catalog.int4[] := array[31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    v_dom_min pg_catalog.int4 := 31;
+    v_mdays   pg_catalog.int4 := 0;
 begin
     if left(v_expr, 1) = '@' then
         if lower(v_expr) not in ('@hourly', '@daily', '@midnight', '@weekly', '@monthly',
@@ -537,9 +543,9 @@ begin
                                      'positive number', p_expr, c_fields[i], v_item);
             end if;
             if v_base = '*' then
-                continue;
-            end if;
-            if v_base ~ '^[^-]+-[^-]+$' then
+                v_lo := c_min[i];
+                v_hi := c_max[i];
+            elsif v_base ~ '^[^-]+-[^-]+$' then
                 v_lo := df._cron_value(p_expr, c_fields[i], split_part(v_base, '-', 1),
                                        c_min[i], c_max[i], v_names);
                 v_hi := df._cron_value(p_expr, c_fields[i], split_part(v_base, '-', 2),
@@ -551,10 +557,26 @@ begin
                         hint = 'Write ranges low-high; use a list (e.g. 22-23,0-2) to wrap around.';
                 end if;
             else
-                perform df._cron_value(p_expr, c_fields[i], v_base, c_min[i], c_max[i], v_names);
+                v_lo := df._cron_value(p_expr, c_fields[i], v_base, c_min[i], c_max[i], v_names);
+                -- n/step means n-max/step
+                v_hi := case when v_step is null then v_lo else c_max[i] end;
+            end if;
+            if i = 3 then
+                v_dom_min := least(v_dom_min, v_lo);
+            elsif i = 4 then
+                select greatest(v_mdays, max(c_mdays[m])) into v_mdays
+                from generate_series(v_lo, v_hi, coalesce(v_step::pg_catalog.int4, 1)) m;
             end if;
         end loop;
     end loop;
+    -- as cronsim: day-of-month and day-of-week must both match when either starts with `*`
+    if (left(v_parts[3], 1) = '*' or left(v_parts[5], 1) = '*') and v_dom_min > v_mdays then
+        raise exception using errcode = '22023',
+            message = format('invalid cron expression %L: it never fires (no month it names has '
+                             'a day %s)', p_expr, v_dom_min),
+            hint = 'Pick days that exist in the months (February has 29 at most), or restrict '
+                   'day-of-week too to fire on either.';
+    end if;
 end
 $$;
 
@@ -624,7 +646,10 @@ as $$
                   null, null, null, null)
 $$;
 
--- A durable timer of `seconds` (0 allowed: yields once).
+-- A durable timer of `seconds` (0 allowed: yields once), at most 10,000,000,000 (~317 years):
+-- its due time must stay inside PostgreSQL's interval and timestamp ranges, or the
+-- checkpoint that schedules it fails every time (the worker refuses a stored graph with more,
+-- pgdurable/worker/instance.py SLEEP_MAX_SECONDS).
 create function df.sleep(seconds bigint) returns text
 language plpgsql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
@@ -634,6 +659,12 @@ begin
         raise exception using errcode = '22023',
             message = format('df.sleep: seconds must be >= 0, got %s', seconds),
             hint = 'Pass a number of seconds, e.g. df.sleep(30); 0 sleeps not at all.';
+    end if;
+    if seconds > 10000000000 then
+        raise exception using errcode = '22023',
+            message = format('df.sleep: seconds must be at most 10000000000 (about 317 years), got %s',
+                             seconds),
+            hint = 'To wait for an event rather than a time, use df.wait_for_signal without a timeout.';
     end if;
     return df._mk('SLEEP', seconds::pg_catalog.text, null, null, null, null);
 end
@@ -1184,6 +1215,12 @@ begin
                     raise exception 'query of a % node must be valid JSON config (at %)', v_type, v_where
                         using errcode = '22023';
                 end if;
+                -- the worker parses configs in Python (1,024 levels at most): refuse here what
+                -- it could never read (no builder writes more than 3 levels)
+                if jsonb_path_exists(v_cfg, 'lax $.**{64}') then
+                    raise exception 'the config of a % node nests deeper than 64 levels (at %)',
+                        v_type, v_where using errcode = '54000';
+                end if;
                 if v_type = 'WAIT_SCHEDULE' and jsonb_typeof(v_cfg -> 'cron_expr') is distinct from 'string' then
                     raise exception 'WAIT_SCHEDULE config needs a cron_expr string (at %)', v_where
                         using errcode = '22023';
@@ -1288,6 +1325,10 @@ begin
                       or (v_cfg ->> 'result_name') !~ '^[A-Za-z_][A-Za-z0-9_]*$' then
                     raise exception 'query in IF must be valid JSON config: {"condition_type":"result_has_rows","result_name":<identifier>} (at %)',
                         v_where using errcode = '22023';
+                elsif jsonb_path_exists(v_cfg, 'lax $.**{64}') then
+                    -- as for leaves' configs: the worker could never read it
+                    raise exception 'the config of an IF node nests deeper than 64 levels (at %)',
+                        v_where using errcode = '54000';
                 end if;
             elsif v_query is not null then
                 raise exception '% node cannot have a query (at %)', v_type, v_where using errcode = '22023';
@@ -1589,7 +1630,24 @@ as $$
 declare
     v_owner  pg_catalog.regrole;
     v_status pg_catalog.text;
+    v_max    pg_catalog.int8 := @engine@.setting('max_signal_bytes', '10485760')::pg_catalog.int8;
+    v_size   pg_catalog.int8 := pg_catalog.octet_length(p_data::pg_catalog.text);
 begin
+    -- pg_durable.max_signal_bytes, but never more than one checkpoint carries (64 MiB,
+    -- pgdurable/values.py CHECKPOINT_MAX_BYTES), whatever a session sets; 0 = that bound
+    if v_max <= 0 or v_max > 67108864 then
+        v_max := 67108864;
+    end if;
+    -- the stored form, as the worker will read it (df.signal measured the text it was given)
+    if v_size > v_max then
+        raise exception 'df.signal: data is % bytes, over the limit of % bytes', v_size, v_max
+            using errcode = '54000',
+                  hint = 'signal data becomes the wait''s result and is capped like a step result '
+                         '(pg_durable.max_signal_bytes): send a key to data kept in a table';
+    end if;
+    if pg_catalog.jsonb_path_exists(p_data, 'lax $.**{256}') then
+        raise exception 'df.signal: data nests deeper than 256 levels' using errcode = '54000';
+    end if;
     perform 1 from @engine@.runs r where r.instance_id = p_instance_id for update;
     select i.submitted_by, i.status into v_owner, v_status
     from df.instances i where i.id = p_instance_id;
@@ -1882,6 +1940,11 @@ $$;
 -- signal, cancel, status, result, error, await
 ------------------------------------------------------------------------------------------
 
+-- Signal data is capped like a step result (it becomes the wait's result):
+-- pg_durable.max_signal_bytes (default 10 MiB, as serve's --result-max-bytes), and never more
+-- than 64 MiB, whatever a session sets; nested at most 256 levels. @engine@._signal_v1 checks
+-- the stored form again (any granted role may call it directly), and the worker checks its
+-- own cap before it reads the data.
 create function df.signal(instance_id text, signal_name text, data text default '{}')
 returns text
 language plpgsql volatile
@@ -1889,9 +1952,20 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_data pg_catalog.jsonb;
+    v_max  pg_catalog.int8 := @engine@.setting('max_signal_bytes', '10485760')::pg_catalog.int8;
 begin
+    if v_max <= 0 or v_max > 67108864 then
+        v_max := 67108864;  -- never more than one checkpoint carries (as _signal_v1)
+    end if;
     if coalesce(instance_id, '') = '' or coalesce(signal_name, '') = '' then
         raise exception 'df.signal: instance_id and signal_name must be non-empty' using errcode = '22023';
+    end if;
+    -- at once, before the text is parsed or anything is looked up
+    if octet_length(data) > v_max then
+        raise exception 'df.signal: data is % bytes, over the limit of % bytes', octet_length(data), v_max
+            using errcode = '54000',
+                  hint = 'signal data becomes the wait''s result and is capped like a step result '
+                         '(pg_durable.max_signal_bytes): send a key to data kept in a table';
     end if;
     -- visibility under RLS is the ownership check users see
     if not exists (select 1 from df.instances i where i.id = instance_id) then
@@ -1921,14 +1995,73 @@ language sql stable
 set search_path = pg_catalog, pg_temp
 as $$ select i.status from df.instances i where i.id = $1 $$;
 
+-- A node's result as every reader shows it (df.result, df.instance_nodes, df.explain, …).
+-- The worker stores each value once (ARCHITECTURE §4): a leaf's on its row; a completed
+-- composite's result is NULL and its status_details refer to where the value is:
+-- "result_from": "<id>" (THEN/IF/RACE/LOOP, a break: the node whose value it has) or
+-- "result_of": ["<id>", …] (JOIN: the array of its branches' values, in order). This returns
+-- what the row held when composites stored copies, byte for byte the same jsonb: references
+-- are followed (only from completed nodes), JOIN arrays built, iteratively (an explicit
+-- stack: chains nest up to 256 deep). A node that is not completed, or a row without
+-- references (older rows hold copies), gives its own result. Read under the caller's RLS.
+create function df._node_result(p_instance text, p_node text) returns jsonb
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    -- node ids to resolve, top = last; '#k' = build the array of the last k values
+    v_todo  pg_catalog.text[] := array[p_node];
+    v_vals  pg_catalog.jsonb[] := '{}';
+    v_id    pg_catalog.text;
+    v_n     record;
+    v_k     pg_catalog.int4;
+    v_top   pg_catalog.int4;
+    v_steps pg_catalog.int4 := 0;
+begin
+    while cardinality(v_todo) > 0 loop
+        v_top := cardinality(v_todo);
+        v_id := v_todo[v_top];
+        v_todo := v_todo[1:v_top - 1];
+        if left(v_id, 1) = '#' then
+            v_k := substr(v_id, 2)::pg_catalog.int4;
+            v_top := cardinality(v_vals);
+            v_vals := array_append(v_vals[1:v_top - v_k],
+                (select coalesce(jsonb_agg(u.x order by u.o), '[]'::pg_catalog.jsonb)
+                 from unnest(v_vals[v_top - v_k + 1:v_top]) with ordinality u(x, o)));
+            continue;
+        end if;
+        v_steps := v_steps + 1;
+        if v_steps > 100000 then
+            return null;  -- references that do not end (never written by the worker)
+        end if;
+        select n.status, n.result, n.status_details -> 'result_from' as rf,
+               n.status_details -> 'result_of' as ro
+        into v_n
+        from df.nodes n where n.instance_id = p_instance and n.id = v_id;
+        if not found then
+            v_vals := array_append(v_vals, null::pg_catalog.jsonb);
+        elsif v_n.status = 'completed' and jsonb_typeof(v_n.rf) = 'string' then
+            v_todo := array_append(v_todo, v_n.rf #>> '{}');
+        elsif v_n.status = 'completed' and jsonb_typeof(v_n.ro) = 'array' then
+            -- the marker under the branches, pushed last-first: the first branch resolves first
+            v_todo := array_append(v_todo, '#' || jsonb_array_length(v_n.ro))
+                      || array(select e.id from jsonb_array_elements_text(v_n.ro)
+                                    with ordinality e(id, o) order by e.o desc);
+        else
+            v_vals := array_append(v_vals, v_n.result);
+        end if;
+    end loop;
+    return v_vals[1];
+end;
+$$;
+
 -- The root node's result, only for a completed instance (SPEC §4: not the error of a failed one).
 create function df.result(instance_id text) returns text
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
-    select n.result::pg_catalog.text
+    select df._node_result(i.id, i.root_node)::pg_catalog.text
     from df.instances i
-    join df.nodes n on n.instance_id = i.id and n.id = i.root_node
     where i.id = $1 and i.status = 'completed'
 $$;
 
@@ -2027,6 +2160,7 @@ $$;
 --   df.list_instances           basic and paged (opaque keyset cursor) overloads
 --   df.instance_info / df.instance_executions / df.metrics
 --   df.explain                  live instance tree or dry run of a graph / DSL text / SQL
+--   df._visible                 tenants' text with its control characters shown (explain)
 --   df.setvar/getvar/unsetvar/clearvars, df.version/run/target_database/duroxide_schema
 --   df.workers                  view over @engine@.workers
 --   df.grant_usage / df.revoke_usage
@@ -2041,6 +2175,10 @@ $$;
 --   execution_count      highest generation / loop iteration any node reports, 0 before a
 --                        worker loaded the instance
 --   output               the root node's result (JSON text), whatever the status
+--   result               as df.nodes held it when composites stored copies: a completed
+--                        composite's reference is resolved (df._node_result, 30_control.sql),
+--                        and the worker's own keys (result_from, result_of, result_bytes) are
+--                        left out of status_details
 --   instance_executions  one row per execution_id found in status_details ('<id>::<gen>')
 --   status words         df's own (pending/running/completed/failed/cancelled) everywhere
 
@@ -2149,8 +2287,11 @@ language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
     select n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
-           n.result::pg_catalog.text, n.status_details::pg_catalog.text, t.inferred_status,
-           t.inferred_from, n.updated_at
+           case when n.status = 'completed'
+                     and (n.status_details ? 'result_from' or n.status_details ? 'result_of')
+                then df._node_result($1, n.id) else n.result end::pg_catalog.text,
+           (n.status_details - 'result_from' - 'result_of' - 'result_bytes')::pg_catalog.text,
+           t.inferred_status, t.inferred_from, n.updated_at
     from df.nodes n
     join df._node_tree($1) t on t.node_id = n.id
     where n.instance_id = $1
@@ -2239,7 +2380,7 @@ begin
                             case when jsonb_typeof(n.status_details -> 'iteration') = 'number'
                                  then (n.status_details ->> 'iteration')::pg_catalog.numeric end)), 1))::pg_catalog.int4 end
             from df.nodes n where n.instance_id = x.id and n.status_details is not null),
-           (select r.result::pg_catalog.text from df.nodes r where r.instance_id = x.id and r.id = x.root_node),
+           df._node_result(x.id, x.root_node)::pg_catalog.text,
            x.created_at, x.completed_at,
            max(case when x.total > v_limit and x.rn = v_limit
                     then encode(convert_to('v1:' || (extract(epoch from x.created_at) * 1000000)::pg_catalog.int8
@@ -2271,7 +2412,7 @@ as $$
             where n.instance_id = i.id and n.status_details ? 'execution_id'
             order by n.updated_at desc, n.id limit 1),
            i.status,
-           (select r.result::pg_catalog.text from df.nodes r where r.instance_id = i.id and r.id = i.root_node)
+           df._node_result(i.id, i.root_node)::pg_catalog.text
     from df.instances i where i.id = $1
 $$;
 
@@ -2287,7 +2428,8 @@ as $$
                 else 'completed' end,
            count(*),
            (extract(epoch from max(f.finished_at) - min(f.started_at)) * 1000)::pg_catalog.int8,
-           max(n.result::pg_catalog.text) filter (where n.id = i.root_node)
+           max(case when n.id = i.root_node
+                    then df._node_result(i.id, n.id)::pg_catalog.text end)
     from df.instances i
     join df.nodes n on n.instance_id = i.id
     cross join lateral (select n.status_details ->> 'execution_id' as execution_id) e
@@ -2324,10 +2466,39 @@ $$;
 -- explain
 ------------------------------------------------------------------------------------------
 
+-- Tenants' text shown, not sent (the convention of pgdurable/sanitize.py, its Python twin):
+-- newline, carriage return and tab become the two characters \n \r \t; the other C0
+-- controls (ESC, so every CSI/OSC sequence loses its introducer), DEL, the C1 controls, the
+-- separators U+2028/U+2029 and the bidi embeddings/overrides/isolates U+202A-U+202E and
+-- U+2066-U+2069 become \u and four lower-case hex digits (JSON's escape: JSON text stays
+-- valid JSON); everything else, the backslash too, is kept, so ordinary text is unchanged.
+create function df._visible(p_text text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    -- E'' literals: their meaning does not depend on the caller's standard_conforming_strings
+    select case
+        when p_text operator(pg_catalog.!~)
+             e'[\\x01-\\x1f\\x7f-\\x9f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]'
+            then p_text
+        else (select pg_catalog.string_agg(
+                  case when c.ch operator(pg_catalog.=) e'\n' then e'\\n'
+                       when c.ch operator(pg_catalog.=) e'\r' then e'\\r'
+                       when c.ch operator(pg_catalog.=) e'\t' then e'\\t'
+                       when c.ch operator(pg_catalog.~)
+                            e'[\\x01-\\x1f\\x7f-\\x9f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]'
+                           then e'\\u' operator(pg_catalog.||)
+                                pg_catalog.lpad(pg_catalog.to_hex(pg_catalog.ascii(c.ch)), 4, '0')
+                       else c.ch end, '' order by c.ord)
+              from pg_catalog.regexp_split_to_table(p_text, '') with ordinality as c(ch, ord))
+    end
+$$;
+
 -- Render a node map {id: {t, q, n, l, r, c, x, m}} as an indented tree, iteratively (an
 -- explicit stack; plpgsql recursion 256 deep could exhaust the C stack). Unnamed THEN chains
 -- are flattened into one line per element, every element after the first prefixed `→ `, so
 -- there is exactly one → per THEN edge. m is the inferred status (NULL = no mark, dry run).
+-- Every label and id is tenants' text, shown through df._visible: one line per node.
 create function df._explain_render(p_nodes jsonb, p_root text) returns text
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
@@ -2359,7 +2530,8 @@ begin
         end if;
         v_node := p_nodes -> v_id;
         if v_node is null then
-            v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || '? missing node ' || coalesce(v_id, 'null'));
+            v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || '? missing node '
+                                   || df._visible(coalesce(v_id, 'null')));
             continue;
         end if;
         if v_node ->> 't' = 'THEN' and v_node ->> 'n' is null then
@@ -2405,7 +2577,7 @@ begin
         v_mark := case v_node ->> 'm'
             when 'completed' then '✓ ' when 'failed' then '✗ ' when 'running' then '⏳ '
             when 'pending' then '○ ' when 'skipped' then '⊘ ' else '' end;
-        v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || v_mark || v_label);
+        v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || v_mark || df._visible(v_label));
         -- children in display order
         case v_node ->> 't'
             when 'IF' then
@@ -2457,7 +2629,7 @@ begin
     end if;
     if input ~ '^[0-9a-f]{8}$' then
         select i.id, i.status, i.root_node,
-               (select r.result::pg_catalog.text from df.nodes r where r.instance_id = i.id and r.id = i.root_node) as output
+               df._node_result(i.id, i.root_node)::pg_catalog.text as output
         into v_inst
         from df.instances i where i.id = input;
         if not found then
@@ -2479,7 +2651,7 @@ begin
         from df.nodes n join df._node_tree(input) t on t.node_id = n.id
         where n.instance_id = input;
         return format(e'Instance: %s\nStatus: %s\nOutput: %s\n\n', v_inst.id, v_inst.status,
-                      coalesce(v_inst.output, '(none)'))
+                      df._visible(coalesce(v_inst.output, '(none)')))
                || df._explain_render(coalesce(v_nodes, '{}'), v_inst.root_node);
     end if;
 
@@ -2504,7 +2676,7 @@ begin
     begin
         v_flat := df._graph_flatten(df._graph_value(v_text));
     exception when sqlstate '22023' or sqlstate '54000' then
-        return 'Invalid durable function graph: root: ' || sqlerrm;
+        return 'Invalid durable function graph: root: ' || df._visible(sqlerrm);
     end;
     select jsonb_object_agg(n.id, jsonb_build_object(
                't', n.node_type, 'q', n.query, 'n', n.result_name, 'l', n.left_node, 'r', n.right_node,

@@ -181,8 +181,10 @@ $$;
 -- @hourly/@daily/@midnight/@weekly/@monthly/@yearly/@annually macros, or 5 fields (minute
 -- 0-59, hour 0-23, day-of-month 1-31, month 1-12 or JAN-DEC, day-of-week 0-7 or SUN-SAT
 -- with 0 and 7 = Sunday), each a comma list of `*`, `n`, `a-b`, optionally followed by `/step`. cronsim's extensions (L, LW,
--- 5L, 5#2) and a seconds or year field are rejected here. Calendar-impossible dates
--- (`0 0 30 2 *`) pass this check and fail when the node runs.
+-- 5L, 5#2) and a seconds or year field are rejected here. A schedule that never fires is
+-- rejected too, as the worker's cronsim would (`0 3 31 2 *`: when day-of-month and
+-- day-of-week are not both restricted, the smallest day must exist in some chosen month), so
+-- the worker never meets one it cannot schedule.
 create function df._check_cron(p_expr text) returns void
 language plpgsql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
@@ -203,6 +205,10 @@ declare
     v_step    pg_catalog.text;
     v_lo      pg_catalog.int4;
     v_hi      pg_catalog.int4;
+    -- the longest month (February has 29 days: leap years come within cronsim's horizon)
+    c_mdays   constant pg_catalog.int4[] := array[31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    v_dom_min pg_catalog.int4 := 31;
+    v_mdays   pg_catalog.int4 := 0;
 begin
     if left(v_expr, 1) = '@' then
         if lower(v_expr) not in ('@hourly', '@daily', '@midnight', '@weekly', '@monthly',
@@ -240,9 +246,9 @@ begin
                                      'positive number', p_expr, c_fields[i], v_item);
             end if;
             if v_base = '*' then
-                continue;
-            end if;
-            if v_base ~ '^[^-]+-[^-]+$' then
+                v_lo := c_min[i];
+                v_hi := c_max[i];
+            elsif v_base ~ '^[^-]+-[^-]+$' then
                 v_lo := df._cron_value(p_expr, c_fields[i], split_part(v_base, '-', 1),
                                        c_min[i], c_max[i], v_names);
                 v_hi := df._cron_value(p_expr, c_fields[i], split_part(v_base, '-', 2),
@@ -254,10 +260,26 @@ begin
                         hint = 'Write ranges low-high; use a list (e.g. 22-23,0-2) to wrap around.';
                 end if;
             else
-                perform df._cron_value(p_expr, c_fields[i], v_base, c_min[i], c_max[i], v_names);
+                v_lo := df._cron_value(p_expr, c_fields[i], v_base, c_min[i], c_max[i], v_names);
+                -- n/step means n-max/step
+                v_hi := case when v_step is null then v_lo else c_max[i] end;
+            end if;
+            if i = 3 then
+                v_dom_min := least(v_dom_min, v_lo);
+            elsif i = 4 then
+                select greatest(v_mdays, max(c_mdays[m])) into v_mdays
+                from generate_series(v_lo, v_hi, coalesce(v_step::pg_catalog.int4, 1)) m;
             end if;
         end loop;
     end loop;
+    -- as cronsim: day-of-month and day-of-week must both match when either starts with `*`
+    if (left(v_parts[3], 1) = '*' or left(v_parts[5], 1) = '*') and v_dom_min > v_mdays then
+        raise exception using errcode = '22023',
+            message = format('invalid cron expression %L: it never fires (no month it names has '
+                             'a day %s)', p_expr, v_dom_min),
+            hint = 'Pick days that exist in the months (February has 29 at most), or restrict '
+                   'day-of-week too to fire on either.';
+    end if;
 end
 $$;
 
@@ -327,7 +349,10 @@ as $$
                   null, null, null, null)
 $$;
 
--- A durable timer of `seconds` (0 allowed: yields once).
+-- A durable timer of `seconds` (0 allowed: yields once), at most 10,000,000,000 (~317 years):
+-- its due time must stay inside PostgreSQL's interval and timestamp ranges, or the
+-- checkpoint that schedules it fails every time (the worker refuses a stored graph with more,
+-- pgdurable/worker/instance.py SLEEP_MAX_SECONDS).
 create function df.sleep(seconds bigint) returns text
 language plpgsql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
@@ -337,6 +362,12 @@ begin
         raise exception using errcode = '22023',
             message = format('df.sleep: seconds must be >= 0, got %s', seconds),
             hint = 'Pass a number of seconds, e.g. df.sleep(30); 0 sleeps not at all.';
+    end if;
+    if seconds > 10000000000 then
+        raise exception using errcode = '22023',
+            message = format('df.sleep: seconds must be at most 10000000000 (about 317 years), got %s',
+                             seconds),
+            hint = 'To wait for an event rather than a time, use df.wait_for_signal without a timeout.';
     end if;
     return df._mk('SLEEP', seconds::pg_catalog.text, null, null, null, null);
 end

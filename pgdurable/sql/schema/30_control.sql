@@ -238,6 +238,12 @@ begin
                     raise exception 'query of a % node must be valid JSON config (at %)', v_type, v_where
                         using errcode = '22023';
                 end if;
+                -- the worker parses configs in Python (1,024 levels at most): refuse here what
+                -- it could never read (no builder writes more than 3 levels)
+                if jsonb_path_exists(v_cfg, 'lax $.**{64}') then
+                    raise exception 'the config of a % node nests deeper than 64 levels (at %)',
+                        v_type, v_where using errcode = '54000';
+                end if;
                 if v_type = 'WAIT_SCHEDULE' and jsonb_typeof(v_cfg -> 'cron_expr') is distinct from 'string' then
                     raise exception 'WAIT_SCHEDULE config needs a cron_expr string (at %)', v_where
                         using errcode = '22023';
@@ -342,6 +348,10 @@ begin
                       or (v_cfg ->> 'result_name') !~ '^[A-Za-z_][A-Za-z0-9_]*$' then
                     raise exception 'query in IF must be valid JSON config: {"condition_type":"result_has_rows","result_name":<identifier>} (at %)',
                         v_where using errcode = '22023';
+                elsif jsonb_path_exists(v_cfg, 'lax $.**{64}') then
+                    -- as for leaves' configs: the worker could never read it
+                    raise exception 'the config of an IF node nests deeper than 64 levels (at %)',
+                        v_where using errcode = '54000';
                 end if;
             elsif v_query is not null then
                 raise exception '% node cannot have a query (at %)', v_type, v_where using errcode = '22023';
@@ -643,7 +653,24 @@ as $$
 declare
     v_owner  pg_catalog.regrole;
     v_status pg_catalog.text;
+    v_max    pg_catalog.int8 := @engine@.setting('max_signal_bytes', '10485760')::pg_catalog.int8;
+    v_size   pg_catalog.int8 := pg_catalog.octet_length(p_data::pg_catalog.text);
 begin
+    -- pg_durable.max_signal_bytes, but never more than one checkpoint carries (64 MiB,
+    -- pgdurable/values.py CHECKPOINT_MAX_BYTES), whatever a session sets; 0 = that bound
+    if v_max <= 0 or v_max > 67108864 then
+        v_max := 67108864;
+    end if;
+    -- the stored form, as the worker will read it (df.signal measured the text it was given)
+    if v_size > v_max then
+        raise exception 'df.signal: data is % bytes, over the limit of % bytes', v_size, v_max
+            using errcode = '54000',
+                  hint = 'signal data becomes the wait''s result and is capped like a step result '
+                         '(pg_durable.max_signal_bytes): send a key to data kept in a table';
+    end if;
+    if pg_catalog.jsonb_path_exists(p_data, 'lax $.**{256}') then
+        raise exception 'df.signal: data nests deeper than 256 levels' using errcode = '54000';
+    end if;
     perform 1 from @engine@.runs r where r.instance_id = p_instance_id for update;
     select i.submitted_by, i.status into v_owner, v_status
     from df.instances i where i.id = p_instance_id;
@@ -936,6 +963,11 @@ $$;
 -- signal, cancel, status, result, error, await
 ------------------------------------------------------------------------------------------
 
+-- Signal data is capped like a step result (it becomes the wait's result):
+-- pg_durable.max_signal_bytes (default 10 MiB, as serve's --result-max-bytes), and never more
+-- than 64 MiB, whatever a session sets; nested at most 256 levels. @engine@._signal_v1 checks
+-- the stored form again (any granted role may call it directly), and the worker checks its
+-- own cap before it reads the data.
 create function df.signal(instance_id text, signal_name text, data text default '{}')
 returns text
 language plpgsql volatile
@@ -943,9 +975,20 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_data pg_catalog.jsonb;
+    v_max  pg_catalog.int8 := @engine@.setting('max_signal_bytes', '10485760')::pg_catalog.int8;
 begin
+    if v_max <= 0 or v_max > 67108864 then
+        v_max := 67108864;  -- never more than one checkpoint carries (as _signal_v1)
+    end if;
     if coalesce(instance_id, '') = '' or coalesce(signal_name, '') = '' then
         raise exception 'df.signal: instance_id and signal_name must be non-empty' using errcode = '22023';
+    end if;
+    -- at once, before the text is parsed or anything is looked up
+    if octet_length(data) > v_max then
+        raise exception 'df.signal: data is % bytes, over the limit of % bytes', octet_length(data), v_max
+            using errcode = '54000',
+                  hint = 'signal data becomes the wait''s result and is capped like a step result '
+                         '(pg_durable.max_signal_bytes): send a key to data kept in a table';
     end if;
     -- visibility under RLS is the ownership check users see
     if not exists (select 1 from df.instances i where i.id = instance_id) then
@@ -975,14 +1018,73 @@ language sql stable
 set search_path = pg_catalog, pg_temp
 as $$ select i.status from df.instances i where i.id = $1 $$;
 
+-- A node's result as every reader shows it (df.result, df.instance_nodes, df.explain, …).
+-- The worker stores each value once (ARCHITECTURE §4): a leaf's on its row; a completed
+-- composite's result is NULL and its status_details refer to where the value is:
+-- "result_from": "<id>" (THEN/IF/RACE/LOOP, a break: the node whose value it has) or
+-- "result_of": ["<id>", …] (JOIN: the array of its branches' values, in order). This returns
+-- what the row held when composites stored copies, byte for byte the same jsonb: references
+-- are followed (only from completed nodes), JOIN arrays built, iteratively (an explicit
+-- stack: chains nest up to 256 deep). A node that is not completed, or a row without
+-- references (older rows hold copies), gives its own result. Read under the caller's RLS.
+create function df._node_result(p_instance text, p_node text) returns jsonb
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    -- node ids to resolve, top = last; '#k' = build the array of the last k values
+    v_todo  pg_catalog.text[] := array[p_node];
+    v_vals  pg_catalog.jsonb[] := '{}';
+    v_id    pg_catalog.text;
+    v_n     record;
+    v_k     pg_catalog.int4;
+    v_top   pg_catalog.int4;
+    v_steps pg_catalog.int4 := 0;
+begin
+    while cardinality(v_todo) > 0 loop
+        v_top := cardinality(v_todo);
+        v_id := v_todo[v_top];
+        v_todo := v_todo[1:v_top - 1];
+        if left(v_id, 1) = '#' then
+            v_k := substr(v_id, 2)::pg_catalog.int4;
+            v_top := cardinality(v_vals);
+            v_vals := array_append(v_vals[1:v_top - v_k],
+                (select coalesce(jsonb_agg(u.x order by u.o), '[]'::pg_catalog.jsonb)
+                 from unnest(v_vals[v_top - v_k + 1:v_top]) with ordinality u(x, o)));
+            continue;
+        end if;
+        v_steps := v_steps + 1;
+        if v_steps > 100000 then
+            return null;  -- references that do not end (never written by the worker)
+        end if;
+        select n.status, n.result, n.status_details -> 'result_from' as rf,
+               n.status_details -> 'result_of' as ro
+        into v_n
+        from df.nodes n where n.instance_id = p_instance and n.id = v_id;
+        if not found then
+            v_vals := array_append(v_vals, null::pg_catalog.jsonb);
+        elsif v_n.status = 'completed' and jsonb_typeof(v_n.rf) = 'string' then
+            v_todo := array_append(v_todo, v_n.rf #>> '{}');
+        elsif v_n.status = 'completed' and jsonb_typeof(v_n.ro) = 'array' then
+            -- the marker under the branches, pushed last-first: the first branch resolves first
+            v_todo := array_append(v_todo, '#' || jsonb_array_length(v_n.ro))
+                      || array(select e.id from jsonb_array_elements_text(v_n.ro)
+                                    with ordinality e(id, o) order by e.o desc);
+        else
+            v_vals := array_append(v_vals, v_n.result);
+        end if;
+    end loop;
+    return v_vals[1];
+end;
+$$;
+
 -- The root node's result, only for a completed instance (SPEC §4: not the error of a failed one).
 create function df.result(instance_id text) returns text
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
-    select n.result::pg_catalog.text
+    select df._node_result(i.id, i.root_node)::pg_catalog.text
     from df.instances i
-    join df.nodes n on n.instance_id = i.id and n.id = i.root_node
     where i.id = $1 and i.status = 'completed'
 $$;
 

@@ -5,6 +5,7 @@
 --   df.list_instances           basic and paged (opaque keyset cursor) overloads
 --   df.instance_info / df.instance_executions / df.metrics
 --   df.explain                  live instance tree or dry run of a graph / DSL text / SQL
+--   df._visible                 tenants' text with its control characters shown (explain)
 --   df.setvar/getvar/unsetvar/clearvars, df.version/run/target_database/duroxide_schema
 --   df.workers                  view over @engine@.workers
 --   df.grant_usage / df.revoke_usage
@@ -19,6 +20,10 @@
 --   execution_count      highest generation / loop iteration any node reports, 0 before a
 --                        worker loaded the instance
 --   output               the root node's result (JSON text), whatever the status
+--   result               as df.nodes held it when composites stored copies: a completed
+--                        composite's reference is resolved (df._node_result, 30_control.sql),
+--                        and the worker's own keys (result_from, result_of, result_bytes) are
+--                        left out of status_details
 --   instance_executions  one row per execution_id found in status_details ('<id>::<gen>')
 --   status words         df's own (pending/running/completed/failed/cancelled) everywhere
 
@@ -127,8 +132,11 @@ language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
     select n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
-           n.result::pg_catalog.text, n.status_details::pg_catalog.text, t.inferred_status,
-           t.inferred_from, n.updated_at
+           case when n.status = 'completed'
+                     and (n.status_details ? 'result_from' or n.status_details ? 'result_of')
+                then df._node_result($1, n.id) else n.result end::pg_catalog.text,
+           (n.status_details - 'result_from' - 'result_of' - 'result_bytes')::pg_catalog.text,
+           t.inferred_status, t.inferred_from, n.updated_at
     from df.nodes n
     join df._node_tree($1) t on t.node_id = n.id
     where n.instance_id = $1
@@ -217,7 +225,7 @@ begin
                             case when jsonb_typeof(n.status_details -> 'iteration') = 'number'
                                  then (n.status_details ->> 'iteration')::pg_catalog.numeric end)), 1))::pg_catalog.int4 end
             from df.nodes n where n.instance_id = x.id and n.status_details is not null),
-           (select r.result::pg_catalog.text from df.nodes r where r.instance_id = x.id and r.id = x.root_node),
+           df._node_result(x.id, x.root_node)::pg_catalog.text,
            x.created_at, x.completed_at,
            max(case when x.total > v_limit and x.rn = v_limit
                     then encode(convert_to('v1:' || (extract(epoch from x.created_at) * 1000000)::pg_catalog.int8
@@ -249,7 +257,7 @@ as $$
             where n.instance_id = i.id and n.status_details ? 'execution_id'
             order by n.updated_at desc, n.id limit 1),
            i.status,
-           (select r.result::pg_catalog.text from df.nodes r where r.instance_id = i.id and r.id = i.root_node)
+           df._node_result(i.id, i.root_node)::pg_catalog.text
     from df.instances i where i.id = $1
 $$;
 
@@ -265,7 +273,8 @@ as $$
                 else 'completed' end,
            count(*),
            (extract(epoch from max(f.finished_at) - min(f.started_at)) * 1000)::pg_catalog.int8,
-           max(n.result::pg_catalog.text) filter (where n.id = i.root_node)
+           max(case when n.id = i.root_node
+                    then df._node_result(i.id, n.id)::pg_catalog.text end)
     from df.instances i
     join df.nodes n on n.instance_id = i.id
     cross join lateral (select n.status_details ->> 'execution_id' as execution_id) e
@@ -302,10 +311,39 @@ $$;
 -- explain
 ------------------------------------------------------------------------------------------
 
+-- Tenants' text shown, not sent (the convention of pgdurable/sanitize.py, its Python twin):
+-- newline, carriage return and tab become the two characters \n \r \t; the other C0
+-- controls (ESC, so every CSI/OSC sequence loses its introducer), DEL, the C1 controls, the
+-- separators U+2028/U+2029 and the bidi embeddings/overrides/isolates U+202A-U+202E and
+-- U+2066-U+2069 become \u and four lower-case hex digits (JSON's escape: JSON text stays
+-- valid JSON); everything else, the backslash too, is kept, so ordinary text is unchanged.
+create function df._visible(p_text text) returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    -- E'' literals: their meaning does not depend on the caller's standard_conforming_strings
+    select case
+        when p_text operator(pg_catalog.!~)
+             e'[\\x01-\\x1f\\x7f-\\x9f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]'
+            then p_text
+        else (select pg_catalog.string_agg(
+                  case when c.ch operator(pg_catalog.=) e'\n' then e'\\n'
+                       when c.ch operator(pg_catalog.=) e'\r' then e'\\r'
+                       when c.ch operator(pg_catalog.=) e'\t' then e'\\t'
+                       when c.ch operator(pg_catalog.~)
+                            e'[\\x01-\\x1f\\x7f-\\x9f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]'
+                           then e'\\u' operator(pg_catalog.||)
+                                pg_catalog.lpad(pg_catalog.to_hex(pg_catalog.ascii(c.ch)), 4, '0')
+                       else c.ch end, '' order by c.ord)
+              from pg_catalog.regexp_split_to_table(p_text, '') with ordinality as c(ch, ord))
+    end
+$$;
+
 -- Render a node map {id: {t, q, n, l, r, c, x, m}} as an indented tree, iteratively (an
 -- explicit stack; plpgsql recursion 256 deep could exhaust the C stack). Unnamed THEN chains
 -- are flattened into one line per element, every element after the first prefixed `→ `, so
 -- there is exactly one → per THEN edge. m is the inferred status (NULL = no mark, dry run).
+-- Every label and id is tenants' text, shown through df._visible: one line per node.
 create function df._explain_render(p_nodes jsonb, p_root text) returns text
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
@@ -337,7 +375,8 @@ begin
         end if;
         v_node := p_nodes -> v_id;
         if v_node is null then
-            v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || '? missing node ' || coalesce(v_id, 'null'));
+            v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || '? missing node '
+                                   || df._visible(coalesce(v_id, 'null')));
             continue;
         end if;
         if v_node ->> 't' = 'THEN' and v_node ->> 'n' is null then
@@ -383,7 +422,7 @@ begin
         v_mark := case v_node ->> 'm'
             when 'completed' then '✓ ' when 'failed' then '✗ ' when 'running' then '⏳ '
             when 'pending' then '○ ' when 'skipped' then '⊘ ' else '' end;
-        v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || v_mark || v_label);
+        v_lines := v_lines || (repeat(' ', v_indent) || v_prefix || v_mark || df._visible(v_label));
         -- children in display order
         case v_node ->> 't'
             when 'IF' then
@@ -435,7 +474,7 @@ begin
     end if;
     if input ~ '^[0-9a-f]{8}$' then
         select i.id, i.status, i.root_node,
-               (select r.result::pg_catalog.text from df.nodes r where r.instance_id = i.id and r.id = i.root_node) as output
+               df._node_result(i.id, i.root_node)::pg_catalog.text as output
         into v_inst
         from df.instances i where i.id = input;
         if not found then
@@ -457,7 +496,7 @@ begin
         from df.nodes n join df._node_tree(input) t on t.node_id = n.id
         where n.instance_id = input;
         return format(e'Instance: %s\nStatus: %s\nOutput: %s\n\n', v_inst.id, v_inst.status,
-                      coalesce(v_inst.output, '(none)'))
+                      df._visible(coalesce(v_inst.output, '(none)')))
                || df._explain_render(coalesce(v_nodes, '{}'), v_inst.root_node);
     end if;
 
@@ -482,7 +521,7 @@ begin
     begin
         v_flat := df._graph_flatten(df._graph_value(v_text));
     exception when sqlstate '22023' or sqlstate '54000' then
-        return 'Invalid durable function graph: root: ' || sqlerrm;
+        return 'Invalid durable function graph: root: ' || df._visible(sqlerrm);
     end;
     select jsonb_object_agg(n.id, jsonb_build_object(
                't', n.node_type, 'q', n.query, 'n', n.result_name, 'l', n.left_node, 'r', n.right_node,
