@@ -120,7 +120,8 @@ select @engine@.setting('loop_min_interval_ms', '1000')::pg_catalog.int4,
        @engine@.setting('loop_max_iterations', '100000')::pg_catalog.int4,
        current_database(),
        @engine@.setting('max_user_connections', '10')::pg_catalog.int4,
-       @engine@.setting('max_instance_bytes', '268435456')::pg_catalog.int8
+       @engine@.setting('max_instance_bytes', '268435456')::pg_catalog.int8,
+       @engine@.setting('max_connections_per_role', '0')::pg_catalog.int4
 
 -- name: cancel_backend
 -- interrupt a running step (RACE loser, cancelled instance)

@@ -174,6 +174,8 @@ class Worker:
         # steps this worker interrupted itself (RACE losers, cancelled instances): only their
         # "canceling statement due to user request" is the step's outcome
         self.interrupted: set[tuple[str, str]] = set()
+        self.role_cap = 0  # pg_durable.max_connections_per_role
+        self.slotted_roles: set[int] = set()  # roles whose per-role slot rows we made
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.runners: dict[int, sql.Composed] = {}
@@ -330,6 +332,9 @@ class Worker:
             self.sql_limit = max(1, min(self.config.slots, row[3]))
             self.sql_sem = asyncio.Semaphore(self.sql_limit)
             self.max_instance_bytes = row[4]
+            # per-role step slots exist only where a per-role cap is set (re-made on SIGHUP)
+            self.role_cap = row[5]
+            self.slotted_roles.clear()
             await conn.execute(self.q("slots_ensure"), (None,))
 
     # -- producer --------------------------------------------------------------------
@@ -652,7 +657,9 @@ class Worker:
                 return
             role = ctx.role_info  # loaded with the instance, just now (fresh)
             # the role's step slots (max_connections_per_role) exist before its first step
-            await conn.execute(self.q("slots_ensure"), (ctx.role_oid,))
+            if self.role_cap > 0 and ctx.role_oid not in self.slotted_roles:
+                await conn.execute(self.q("slots_ensure"), (ctx.role_oid,))
+                self.slotted_roles.add(ctx.role_oid)
             problem = None
             if role is None:
                 problem = f"the submitting role (oid {ctx.role_oid}) no longer exists"
