@@ -61,7 +61,7 @@ schema-freeze: ## freeze pgdurable/sql/schema/*.sql as the baseline of the curre
 	cat pgdurable/sql/schema/*.sql > pgdurable/sql/baseline/v$$v.sql; echo "froze v$$v"
 
 embedded-stop: $(BIN)/.installed ## stop the embedded PostgreSQL that make demo / serve left running
-	$(BIN)/python -c 'from pgdurable.embedded import EmbeddedPostgres, default_data_dir; EmbeddedPostgres(default_data_dir()).stop()'
+	@$(BIN)/python -c 'from pgdurable.embedded import EmbeddedPostgres, default_data_dir; e = EmbeddedPostgres(default_data_dir()); up = e.data_dir.exists() and e.is_running(); e.stop(); print(f"stopped the embedded PostgreSQL in {e.data_dir}" if up else f"no embedded PostgreSQL was running in {e.data_dir}")'
 
 clean: ## stop the embedded PostgreSQL, remove the venv, build products and its data
 	@test -x $(BIN)/python && $(BIN)/python -c 'from pgdurable.embedded import EmbeddedPostgres, default_data_dir; EmbeddedPostgres(default_data_dir()).stop()' || true
