@@ -1,4 +1,4 @@
-"""The raw floor: what this PostgreSQL does with no scheduler at all (DESIGN §3).
+"""The raw floor: what this PostgreSQL does with no scheduler at all (docs/performance.md, Targets).
 
 A Python loop claims rows of a scratch queue table with ``FOR UPDATE SKIP LOCKED``,
 marks them done and inserts a history row per claimed row, then commits: the
@@ -145,7 +145,7 @@ def run(dsn: str, batch: int, clients: int, seconds: float, rows: int | None = N
     return FloorResult(batch=batch, clients=clients, rows=sum(done), seconds=elapsed)
 
 
-# (rows per commit, clients): the figures DESIGN §3 quotes, on the same server
+# (rows per commit, clients): the figures docs/performance.md, Targets quotes, on the same server
 VARIANTS = [(1, 1), (1, 4), (64, 1), (64, 4)]
 
 

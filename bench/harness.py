@@ -1,4 +1,4 @@
-"""The benchmark harness: ``python -m bench`` / ``pgdurable bench`` (STYLE B19, DESIGN §3).
+"""The benchmark harness: ``python -m bench`` / ``pgdurable bench`` (docs/performance.md).
 
 For each workload it creates a fresh database, installs pgdurable, creates a tenant
 role with ``df.grant_usage``, enqueues the workload's instances (serve not running:
@@ -27,6 +27,7 @@ How figures are derived (docs/performance.md):
   RSS / CPU      psutil on serve's children (workers) and on the postgres processes
 
 Owns: this orchestration and the results table. SQL literals are fine here (bench).
+Over 500 lines: the workloads, probes, floor comparison and table share one run's state.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from . import floor, peers
 
 ROOT = Path(__file__).resolve().parents[1]
 TENANT = "pgdurable_bench"
-# per-row starts per statement: how SQL users start per-row work (DESIGN §3)
+# per-row starts per statement: how SQL users start per-row work (docs/performance.md, Targets)
 START_BATCH = 1000
 # how often the harness polls progress; each poll is one (subtracted) transaction
 POLL_S = 0.25
@@ -71,7 +72,7 @@ STATS_FLUSH_S = 1.2
 LEAF_TYPES = ("SQL", "HTTP", "HTTP_MULTIPART")
 TERMINAL = ("completed", "failed", "cancelled")
 
-# DESIGN §3 targets (steps/s) and the best peer it measured, for the ratio columns
+# the targets of docs/performance.md (steps/s) and the best peer measured, for the ratio columns
 TARGETS = {"W1": 5_000, "W2": 6_300, "W3": 8_500}
 DESIGN_BEST_PEER = {"W1": 631, "W2": 1_265, "W3": 1_707}
 DESIGN_DBOS = {"W1": 162, "W2": 224, "W3": 62}

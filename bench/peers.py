@@ -1,4 +1,4 @@
-"""Peers in the same invocation (DESIGN §3): DBOS Transact and Procrastinate.
+"""Peers in the same invocation (docs/performance.md, Targets): DBOS Transact and Procrastinate.
 
 ``python -m bench --peers dbos,procrastinate`` runs W1-W3 (the ones in ``--workloads``,
 sized exactly like pgdurable's: ``harness.workloads(args.scale)``) against each peer on
@@ -18,7 +18,7 @@ leaf step finished for ``--stall-seconds``) are notes too, never exceptions.
 Method, as for pgdurable: enqueue everything with no worker running, then start the
 workers and wait until every instance is done. steps/s = leaf steps executed / drain
 window, both read back from the peer's own tables afterwards (one run per workload:
-DESIGN §3's peer table is a median of 3, so rerun before quoting a figure):
+docs/performance.md's peer table is a median of 3, so rerun before quoting a figure):
 
   DBOS 3.4     steps = the ``select1`` transaction's checkpoints in
                ``dbos.operation_outputs`` (one per executed leaf step); window = first
@@ -50,7 +50,7 @@ Workloads:
       lose the final step: acceptable in a benchmark, not in production).
       The parent/fanout jobs are not counted as steps (pgdurable's join nodes are not).
 
-Tuning for 2 cores (DESIGN §3's "each tuned for 2 cores"), the same for both peers:
+Tuning for 2 cores (docs/performance.md's "each tuned for 2 cores"), the same for both peers:
 2 worker processes x 8 concurrent workflows/jobs (16 in flight), matching pgdurable's
 ``serve`` default of 2 worker processes; one Python process cannot use both cores.
   DBOS: ``worker_concurrency=8`` per queue per process, distinct ``executor_id`` per
@@ -64,6 +64,8 @@ Tuning for 2 cores (DESIGN §3's "each tuned for 2 cores"), the same for both pe
   Procrastinate: ``run_worker_async(concurrency=8)`` async tasks, LISTEN/NOTIFY on
   (the default), ``delete_jobs="never"`` (the default; the jobs are the step count), a
   psycopg pool of 12 per process.
+
+Over 500 lines: two peers, each driver with its own set-up, workloads and teardown.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ Labels, results, errors and the like are tenants' text: every human-format outpu
 through :func:`pgdurable.sanitize.visible` (controls and escape sequences shown, not sent),
 field by field, so a newline cannot add a row and an escape cannot reach the terminal.
 ``--json`` output is left as it is: JSON escapes control characters itself.
+
+Over 500 lines because it is one click command per function (install, serve, demo, the
+read and control commands); each is short and a reader looks for one by name.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Install, upgrade and uninstall the ``df`` schema and the engine schema (SPEC D1).
+"""Install, upgrade and uninstall the ``df`` schema and the engine schema (docs/decisions.md D1).
 
 Install applies ``pgdurable/sql/schema/*.sql`` (the current schema, one truth) in
 one transaction under an advisory lock, then records the version in

@@ -33,6 +33,9 @@ Then :func:`check` reads the database and reports violations:
 
 The checker reads only the database and what the tool recorded, so tests feed it hand-written
 states (tests/acceptance/test_verify.py) to prove it can fail.
+
+Over 500 lines: workload, fault injector, soak watch, checker and report live together
+because they share one run's records; the checker is the piece to split out first.
 """
 
 from __future__ import annotations

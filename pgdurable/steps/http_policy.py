@@ -1,4 +1,4 @@
-"""The HTTP egress policy: where an HTTP step may connect (SPEC D12, §9 allow-list patterns).
+"""The HTTP egress policy: where an HTTP step may connect (docs/decisions.md D12).
 
 Security-critical and meant to be reviewed on its own. Owns :class:`HttpPolicy` (set from the
 service's configuration, never from SQL), the URL gate :func:`check_url`, the address rules of

@@ -15,6 +15,9 @@ one request to the next: its cookie jar stores nothing (:class:`_NoCookieJar`); 
 connection pool is shared. A response is read raw and capped twice as it streams, in bytes
 received and in bytes after decoding at most one gzip/deflate layer with bounded output
 (:func:`_read_capped`): a few kilobytes of nested gzip cannot inflate in the worker.
+
+Over 500 lines: request building, header checks and the capped, decoding body reader are
+one request/response path; the egress policy already lives apart (http_policy.py).
 """
 
 from __future__ import annotations

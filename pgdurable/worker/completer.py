@@ -13,7 +13,7 @@ left failed goes back to its submitter, who releases its task so it runs again (
 outcomes are at-least-once by nature), or fails it when the error is deterministic.
 
 SQL steps in the df database are not queued: exactly-once needs their statement and their
-checkpoint in the same transaction (SPEC D4).
+checkpoint in the same transaction (docs/decisions.md D4).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Outcomes per transaction. 64 matches the batched-commit floor of DESIGN §3 (64 rows per
-# commit reach ~20-40 k rows/s on this class of machine) while keeping a batch's locks short.
+# Outcomes per transaction. 64 matches the batched-commit floor in docs/performance.md (64 rows
+# per commit reach ~20-40 k rows/s on this class of machine) while keeping a batch's locks short.
 FLUSH_MAX = 64
 # After the first outcome arrives, wait this long for more before flushing: long enough to
 # gather a fan-out's siblings, short against the ~1 ms a step costs anyway.

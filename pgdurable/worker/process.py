@@ -6,7 +6,7 @@ Parts (one asyncio task each, all in this process's uvloop loop):
   statement), woken by NOTIFY ``pgdurable_work`` and by a jittered poll;
 - executor: one task per claimed step; SQL steps run as the submitting role inside
   its step runner *in the same transaction as their checkpoint* (exactly-once,
-  SPEC D4); other outcomes are checkpointed in a transaction of their own;
+  docs/decisions.md D4); other outcomes are checkpointed in a transaction of their own;
 - listener: NOTIFY ``pgdurable_cancel`` / ``pgdurable_abandon`` interrupt running
   statements of cancelled instances and abandoned branches;
 - maintenance: extends our leases, rescues expired ones, heartbeats.
@@ -19,6 +19,10 @@ connection gets a random capability when it opens (registered by the service, on
 hash stored), which the worker passes as a bind parameter to the runner and to the
 token-gated checkpoint, so nothing left behind in the session can call either
 (docs/security.md).
+
+Over 500 lines, knowingly: the Worker class is still lifecycle, producer, listener,
+maintenance, cache, dispatch, SQL batches and checkpoints in one room. Splitting it by
+responsibility (one module per step kind, one Outcome value) is issue #13.
 """
 
 from __future__ import annotations
@@ -102,8 +106,8 @@ INSTANCE_CAP_SETTING = "pg_durable.max_instance_bytes"
 # program limits. Retrying cannot help; the step fails at once.
 DETERMINISTIC_SQLSTATE_CLASSES = ("22", "54")
 PRUNE_BATCH = 500
-# SQL step batching (SPEC D13: "a batch of steps sharing one connection takes one slot"): a
-# runner keeps its transaction open for more queued SQL steps of the same role while it is
+# SQL step batching (docs/decisions.md D13: "a batch of steps sharing one connection takes one
+# slot"): a runner keeps its transaction open for more queued SQL steps of the same role while it is
 # younger than this window and smaller than this size; one slot, one BEGIN/COMMIT, one
 # session reset and one WAL flush per batch. Under light load a batch holds one step.
 BATCH_MAX = 32
@@ -800,8 +804,9 @@ class Worker:
                 elif ntype == A.WAIT_SCHEDULE:
                     value = {"scheduled": True}
                 elif ntype == A.SIGNAL:
-                    # durable inbox (SPEC D6): consume the oldest signal of this name; none →
-                    # time out if the durable timer fired, else park until df.signal wakes us
+                    # durable inbox (docs/decisions.md D6): consume the oldest signal of this
+                    # name; none → time out if the durable timer fired, else park until
+                    # df.signal wakes us
                     cfg = loads(ctx.configs[idx])
                     name = cfg["signal_name"]
                     while True:
@@ -928,7 +933,7 @@ class Worker:
                             instance_id=ctx.instance_id, label=ctx.label)
                 parts.append(part)
             cfg["parts"] = parts
-        # stable per (instance, node), attempt-independent (SPEC D4)
+        # stable per (instance, node), attempt-independent (docs/decisions.md D4)
         key = f"pgdurable-{ctx.instance_id}-{task.node_id}"
         return await run_http(self.http_client, self.http_policy,
                               "HTTP_MULTIPART" if multipart else "HTTP", cfg, key)
@@ -1025,8 +1030,9 @@ class Worker:
             try:
                 value = _envelope(rows)
                 del rows, cur
-                # exactly-once: the checkpoint commits with the statement (SPEC D4); a result
-                # over a cap fails the step (its statement rolled back), in _complete_once
+                # exactly-once: the checkpoint commits with the statement
+                # (docs/decisions.md D4); a result over a cap fails the step (its statement
+                # rolled back), in _complete_once
                 stage = "checkpoint"
                 if not _testing.BROKEN_CHECKPOINT:
                     await self._complete(conn, ctx, task, idx, True, value, None, in_tx=True)
@@ -1328,7 +1334,7 @@ class Worker:
 
     async def _run_sql_elsewhere(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
                                  task: Task, idx: int, text: str) -> None:
-        """A step of a `database =>` instance: at-least-once (SPEC D4).
+        """A step of a `database =>` instance: at-least-once (docs/decisions.md D4).
 
         The statement commits in the other database, then the checkpoint commits here; a
         crash between the two re-runs the statement. That database has pgdurable installed

@@ -1,4 +1,4 @@
-"""End-to-end signals through `pgdurable serve`: the durable inbox (SPEC D6, §3.6).
+"""End-to-end signals through `pgdurable serve`: the durable inbox (docs/decisions.md D6).
 
 One database and one serve per PostgreSQL server for most tests; the restart test starts
 and stops its own.

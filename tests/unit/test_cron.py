@@ -1,4 +1,4 @@
-"""Unit tests of pgdurable.cron: standard 5-field cron in UTC via cronsim (SPEC D7)."""
+"""Unit tests of pgdurable.cron: standard 5-field cron in UTC via cronsim (docs/decisions.md D7)."""
 
 from __future__ import annotations
 

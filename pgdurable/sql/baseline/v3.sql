@@ -126,7 +126,7 @@ create policy vars_owner on df.vars for all
 -- engine schema: private to the service (STYLE B4: layout may change through migrations)
 ------------------------------------------------------------------------------------------
 
--- Readiness (SPEC D2/D3): df.start refuses to write while schema_version < 1.
+-- Readiness (docs/decisions.md D2/D3): df.start refuses to write while schema_version < 1.
 create table @engine@._worker_ready (
     sentinel       boolean     not null primary key default true check (sentinel),
     schema_version integer     not null default 0,
@@ -191,7 +191,7 @@ create table @engine@.tasks (
 create index tasks_ready_idx on @engine@.tasks (due_at) where lease_owner is null;
 create index tasks_leased_idx on @engine@.tasks (lease_expires_at) where lease_owner is not null;
 
--- Durable signal inbox (SPEC D6): kept until a matching wait consumes it, FIFO per name.
+-- Durable signal inbox (docs/decisions.md D6): kept until a matching wait consumes it, FIFO per name.
 create table @engine@.signals (
     id          bigint generated always as identity primary key,
     instance_id varchar(8)  not null,
@@ -214,7 +214,7 @@ create table @engine@.step_caps (
     created_at timestamptz not null default now()
 );
 
--- Step slots (SPEC D13): a step transaction locks one row here until it ends. Rows, not
+-- Step slots (docs/decisions.md D13): a step transaction locks one row here until it ends. Rows, not
 -- advisory locks: no role but the engine's owner may lock them (a tenant cannot name them).
 create table @engine@.step_slots (
     slot integer not null primary key
@@ -243,7 +243,7 @@ create table @engine@.launcher (
     password text    not null
 );
 
--- Which role a step transaction runs for (SPEC D5). The worker writes its row inside the
+-- Which role a step transaction runs for (docs/decisions.md D5). The worker writes its row inside the
 -- step's own transaction (through the token-gated @engine@._step_begin_v1), keyed by backend
 -- pid and stamped with that transaction's id, so @engine@._invoker() inside an engine helper
 -- called from a step identifies the step's role (session_user there is the step role).
@@ -588,7 +588,7 @@ language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    -- pgdurable's cap (SPEC D12); the service may lower it at run time, SQL cannot raise it
+    -- pgdurable's cap (docs/decisions.md D12); the service may lower it at run time, SQL cannot raise it
     c_max_timeout constant pg_catalog.int4 := 300;
 begin
     -- URLs with {var} placeholders are only known after substitution: checked at run time
@@ -983,10 +983,10 @@ comment on operator @opschema@.@> (none, pg_catalog.text)
 --   df._graph_value(text)      auto-wrap a df.start/df.explain argument into a graph jsonb
 --   df.start                   SPEC §4 validation order, then instances + nodes + enqueue
 --   @engine@._invoker()        the role that called into a SECURITY DEFINER helper
---   @engine@._schema_ready_v1  readiness (SPEC D3)
+--   @engine@._schema_ready_v1  readiness (docs/decisions.md D3)
 --   @engine@._enqueue_v1       validate the stored graph, then runs row + the 'start' task (ARCH §2)
 --   @engine@._new_start_v1     transaction_mode 'new': df.start through a dblink session
---   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (SPEC D16, D17)
+--   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (docs/decisions.md D16, D17)
 --
 -- SQLSTATEs: standard codes where one fits — 22023 invalid_parameter_value (bad arguments,
 -- bad graphs), 54000 program_limit_exceeded (graph limits), 3D000 (unknown database),
@@ -1665,7 +1665,7 @@ begin
 end;
 $$;
 
--- df.cancel's write (SPEC D16/D17). Lock order as every writer: runs row, then the instance.
+-- df.cancel's write (docs/decisions.md D16/D17). Lock order as every writer: runs row, then the instance.
 create function @engine@._cancel_v1(p_instance_id varchar, p_reason text) returns text
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
@@ -1859,7 +1859,7 @@ begin
             v_role.rolname using errcode = '42501',
                                hint = 'submit as an ordinary role given df.grant_usage';
     end if;
-    -- 4. readiness (SPEC D3)
+    -- 4. readiness (docs/decisions.md D3)
     if @engine@._schema_ready_v1() < 1 then
         raise exception 'pg_durable background worker not yet initialized — try again in a moment'
             using errcode = '55000';
@@ -3074,7 +3074,7 @@ begin
     end if;
 
     if p_new_tasks is not null then
-        -- "take": the successor is handed straight to a free slot of this worker (DESIGN §2.5):
+        -- "take": the successor is handed straight to a free slot of this worker (ARCHITECTURE.md §7, hand-off):
         -- inserted already leased to it, so no NOTIFY and no claim round trip. If the worker
         -- dies before running it, the lease expires and the rescuer frees it like any other.
         insert into @engine@.tasks as t (instance_id, node_id, gen, kind, due_at, deadline,
@@ -3318,7 +3318,7 @@ as $$
     where not exists (select 1 from pg_catalog.pg_stat_activity a where a.pid = c.pid);
 $$;
 
--- Caps on connections running step SQL (SPEC D13): each slot is a row of @engine@.step_slots
+-- Caps on connections running step SQL (docs/decisions.md D13): each slot is a row of @engine@.step_slots
 -- (and, per role, of @engine@.role_slots) locked by the step's own transaction, so the
 -- commit/rollback that ends the step releases it, even when the worker dies:
 --   pg_durable.max_user_connections (default 10): deployment-wide;

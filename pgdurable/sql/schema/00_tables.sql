@@ -126,7 +126,7 @@ create policy vars_owner on df.vars for all
 -- engine schema: private to the service (STYLE B4: layout may change through migrations)
 ------------------------------------------------------------------------------------------
 
--- Readiness (SPEC D2/D3): df.start refuses to write while schema_version < 1.
+-- Readiness (docs/decisions.md D2/D3): df.start refuses to write while schema_version < 1.
 create table @engine@._worker_ready (
     sentinel       boolean     not null primary key default true check (sentinel),
     schema_version integer     not null default 0,
@@ -191,7 +191,7 @@ create table @engine@.tasks (
 create index tasks_ready_idx on @engine@.tasks (due_at) where lease_owner is null;
 create index tasks_leased_idx on @engine@.tasks (lease_expires_at) where lease_owner is not null;
 
--- Durable signal inbox (SPEC D6): kept until a matching wait consumes it, FIFO per name.
+-- Durable signal inbox (docs/decisions.md D6): kept until a matching wait consumes it, FIFO per name.
 create table @engine@.signals (
     id          bigint generated always as identity primary key,
     instance_id varchar(8)  not null,
@@ -214,7 +214,7 @@ create table @engine@.step_caps (
     created_at timestamptz not null default now()
 );
 
--- Step slots (SPEC D13): a step transaction locks one row here until it ends. Rows, not
+-- Step slots (docs/decisions.md D13): a step transaction locks one row here until it ends. Rows, not
 -- advisory locks: no role but the engine's owner may lock them (a tenant cannot name them).
 create table @engine@.step_slots (
     slot integer not null primary key
@@ -243,7 +243,7 @@ create table @engine@.launcher (
     password text    not null
 );
 
--- Which role a step transaction runs for (SPEC D5). The worker writes its row inside the
+-- Which role a step transaction runs for (docs/decisions.md D5). The worker writes its row inside the
 -- step's own transaction (through the token-gated @engine@._step_begin_v1), keyed by backend
 -- pid and stamped with that transaction's id, so @engine@._invoker() inside an engine helper
 -- called from a step identifies the step's role (session_user there is the step role).

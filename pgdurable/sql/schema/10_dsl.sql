@@ -291,7 +291,7 @@ language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    -- pgdurable's cap (SPEC D12); the service may lower it at run time, SQL cannot raise it
+    -- pgdurable's cap (docs/decisions.md D12); the service may lower it at run time, SQL cannot raise it
     c_max_timeout constant pg_catalog.int4 := 300;
 begin
     -- URLs with {var} placeholders are only known after substitution: checked at run time

@@ -6,10 +6,10 @@
 --   df._graph_value(text)      auto-wrap a df.start/df.explain argument into a graph jsonb
 --   df.start                   SPEC §4 validation order, then instances + nodes + enqueue
 --   @engine@._invoker()        the role that called into a SECURITY DEFINER helper
---   @engine@._schema_ready_v1  readiness (SPEC D3)
+--   @engine@._schema_ready_v1  readiness (docs/decisions.md D3)
 --   @engine@._enqueue_v1       validate the stored graph, then runs row + the 'start' task (ARCH §2)
 --   @engine@._new_start_v1     transaction_mode 'new': df.start through a dblink session
---   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (SPEC D16, D17)
+--   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (docs/decisions.md D16, D17)
 --
 -- SQLSTATEs: standard codes where one fits — 22023 invalid_parameter_value (bad arguments,
 -- bad graphs), 54000 program_limit_exceeded (graph limits), 3D000 (unknown database),
@@ -688,7 +688,7 @@ begin
 end;
 $$;
 
--- df.cancel's write (SPEC D16/D17). Lock order as every writer: runs row, then the instance.
+-- df.cancel's write (docs/decisions.md D16/D17). Lock order as every writer: runs row, then the instance.
 create function @engine@._cancel_v1(p_instance_id varchar, p_reason text) returns text
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
@@ -882,7 +882,7 @@ begin
             v_role.rolname using errcode = '42501',
                                hint = 'submit as an ordinary role given df.grant_usage';
     end if;
-    -- 4. readiness (SPEC D3)
+    -- 4. readiness (docs/decisions.md D3)
     if @engine@._schema_ready_v1() < 1 then
         raise exception 'pg_durable background worker not yet initialized — try again in a moment'
             using errcode = '55000';

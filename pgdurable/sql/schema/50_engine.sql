@@ -147,7 +147,7 @@ begin
     end if;
 
     if p_new_tasks is not null then
-        -- "take": the successor is handed straight to a free slot of this worker (DESIGN §2.5):
+        -- "take": the successor is handed straight to a free slot of this worker (ARCHITECTURE.md §7, hand-off):
         -- inserted already leased to it, so no NOTIFY and no claim round trip. If the worker
         -- dies before running it, the lease expires and the rescuer frees it like any other.
         insert into @engine@.tasks as t (instance_id, node_id, gen, kind, due_at, deadline,
@@ -391,7 +391,7 @@ as $$
     where not exists (select 1 from pg_catalog.pg_stat_activity a where a.pid = c.pid);
 $$;
 
--- Caps on connections running step SQL (SPEC D13): each slot is a row of @engine@.step_slots
+-- Caps on connections running step SQL (docs/decisions.md D13): each slot is a row of @engine@.step_slots
 -- (and, per role, of @engine@.role_slots) locked by the step's own transaction, so the
 -- commit/rollback that ends the step releases it, even when the worker dies:
 --   pg_durable.max_user_connections (default 10): deployment-wide;
