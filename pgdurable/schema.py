@@ -145,11 +145,12 @@ def install(
         op_schema = _operator_schema(conn, operator_schema)
         # up to date: no lock at all (serve's start lands here; a lock any role can take
         # must not keep the service from starting)
-        if installed_version(conn, engine) == target_version:
+        seen = installed_version(conn, engine)
+        if seen == target_version:
             conn.rollback()
             return InstallResult(target_version, target_version, op_schema)
-        _install_lock(conn, engine)
-        current = installed_version(conn, engine)
+        _install_lock(conn, engine, exists=seen > 0)
+        current = installed_version(conn, engine)  # again, under the lock
         if current > target_version:
             raise RuntimeError(
                 f"database has pgdurable schema version {current}, newer than this package's "
@@ -198,11 +199,11 @@ def install(
         return InstallResult(start, current, op_schema)
 
 
-def _install_lock(conn: psycopg.Connection[object], engine: str) -> None:
+def _install_lock(conn: psycopg.Connection[object], engine: str, *, exists: bool) -> None:
     """Serialise installs and upgrades. Once the schema exists: a lock on its migrations
     table, which only its owner's members may take; before (a first install): the advisory
     key, bounded, since any role can hold an advisory key."""
-    if installed_version(conn, engine) > 0:
+    if exists:
         conn.execute(sql.SQL("lock table {}.migrations in share row exclusive mode").format(
             sql.Identifier(engine)))
         return

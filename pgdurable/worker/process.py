@@ -206,10 +206,15 @@ class Worker:
                           if not ln.lstrip().startswith("--"))
         self.reset_body = body
 
+    def reset_sql(self) -> str:
+        """The session reset and a fresh random seed (a seed a step set must not make the
+        next step's random() predictable), as one simple query."""
+        return f"{self.reset_body};\n{_reseed()}"
+
     @property
     def commit_reset(self) -> bytes:
-        """COMMIT, the session reset and a fresh random seed, as one simple query."""
-        return f"commit;\n{self.reset_body};\n{_reseed()}".encode()
+        """COMMIT and the session reset, as one simple query (one round trip)."""
+        return f"commit;\n{self.reset_sql()}".encode()
 
     def q(self, name: str) -> Any:
         return q(name, self.engine)
@@ -322,6 +327,20 @@ class Worker:
     def _cap(self, conn: psycopg.AsyncConnection[Any]) -> str | None:
         """The capability of a step connection; None for a service connection."""
         return self.caps.get(conn)
+
+    def _engine_query(self, conn: psycopg.AsyncConnection[Any], name: str,
+                      args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+        """The named engine query and its arguments for this connection: as is on a service
+        connection; its ``step_`` twin behind the capability on a step connection."""
+        cap = self._cap(conn)
+        if cap is None:
+            return self.q(name), args
+        return self.q("step_" + name), (cap, *args)
+
+    def _runner_call(self, role_oid: int) -> sql.Composed:
+        """``select * from <the role's runner>(cap, sql, max bytes)``."""
+        return sql.SQL("select * from {}.{}(%s, %s, %s)").format(
+            sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}"))
 
     async def _load_settings(self) -> None:
         assert self.pool is not None
@@ -510,13 +529,10 @@ class Worker:
             self.ctxs.move_to_end(instance_id)
             return ctx
         # one round trip for the three reads (behind the capability on a step connection)
-        cap = self._cap(conn)
-        pre = "step_" if cap is not None else ""
-        args: tuple[Any, ...] = (cap, instance_id) if cap is not None else (instance_id,)
         async with conn.pipeline():
-            c_inst = await conn.execute(self.q(pre + "load_instance"), args)
-            c_nodes = await conn.execute(self.q(pre + "load_nodes"), args)
-            c_named = await conn.execute(self.q(pre + "load_results"), args)
+            c_inst = await conn.execute(*self._engine_query(conn, "load_instance", (instance_id,)))
+            c_nodes = await conn.execute(*self._engine_query(conn, "load_nodes", (instance_id,)))
+            c_named = await conn.execute(*self._engine_query(conn, "load_results", (instance_id,)))
         inst = await c_inst.fetchone()
         if inst is None:
             return None
@@ -719,7 +735,6 @@ class Worker:
     async def _apply(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
                      cp: Checkpoint) -> None:
         t0 = time.monotonic()
-        cap = self._cap(conn)
         # what the checkpoint carries is known before it is encoded (a value's size, once):
         # over the bound, nothing large is built, and the step fails instead
         _check_checkpoint(cp.weight)
@@ -728,15 +743,14 @@ class Worker:
         nodes = orjson.dumps(list(cp.nodes.values()))
         named = orjson.dumps(cp.named) if cp.named else None
         _check_checkpoint(len(nodes) + (len(named) if named else 0))
-        cur = await conn.execute(self.q("apply" if cap is None else "step_apply"), (
-            *(() if cap is None else (cap,)), self.worker_id, ctx.instance_id, task.node_id,
-            task.gen, ctx.version,
+        cur = await conn.execute(*self._engine_query(conn, "apply", (
+            self.worker_id, ctx.instance_id, task.node_id, task.gen, ctx.version,
             dump(ctx.sched.dump_state()), cp.inst_status,
             _jsonb_bytes(nodes),
             orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
             cp.drop_tasks or None,
             None if named is None else _jsonb_bytes(named),
-            self.config.lease_seconds))
+            self.config.lease_seconds)))
         del nodes, named
         row = await cur.fetchone()
         metrics.checkpoint(time.monotonic() - t0)
@@ -954,8 +968,7 @@ class Worker:
                 row = await cur.fetchone()
             if not (row and row[0]):
                 raise StepError(_runner_missing(role_name), sqlstate="42501")
-            call = sql.SQL("select * from {}.{}(%s, %s, %s)").format(
-                sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}"))
+            call = self._runner_call(role_oid)
             self.runners[role_oid] = call
         return call
 
@@ -1304,7 +1317,7 @@ class Worker:
             try:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     await conn.execute(b"rollback")
-                await conn.execute(f"{self.reset_body};\n{_reseed()}".encode())
+                await conn.execute(self.reset_sql().encode())
             except psycopg.Error as exc:
                 # a session we cannot vouch for is not reused: the pool replaces it
                 logger.warning("closing a step connection whose reset failed: %s", exc,
@@ -1364,8 +1377,7 @@ class Worker:
                     raise StepError(_runner_missing(ctx.role_name) + f" in database "
                                     f"{ctx.database!r}", sqlstate="42501")
                 self.remote_runners.add((ctx.database, ctx.role_oid))
-            call = sql.SQL("select * from {}.{}(%s, %s, %s)").format(
-                sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{ctx.role_oid}"))
+            call = self._runner_call(ctx.role_oid)
             async with spool.connection() as rconn:
                 cap = self._cap(rconn)
                 try:
@@ -1447,11 +1459,7 @@ class Worker:
             logger.info("step result refused: %s", exc, extra={"event": "step.too_large"})
         tx = contextlib.nullcontext() if in_tx else conn.transaction()
         async with tx:
-            cap = self._cap(conn)
-            if cap is None:
-                await conn.execute(self.q("lock_run"), (task.instance_id,))
-            else:
-                await conn.execute(self.q("step_lock_run"), (cap, task.instance_id))
+            await conn.execute(*self._engine_query(conn, "lock_run", (task.instance_id,)))
             fresh = await self._ctx(conn, task.instance_id, fresh=True, lock=ctx.lock)
             if fresh is None:
                 raise Fenced()

@@ -623,7 +623,20 @@ create view df.workers as
 -- grants
 ------------------------------------------------------------------------------------------
 
--- SPEC §4: additive, SECURITY INVOKER (the caller must hold what it hands out). Besides the
+-- The engine helpers the df functions call as the caller: df.grant_usage gives a role EXECUTE
+-- on them, df.revoke_usage takes it back (one list for both).
+create function df._usage_helpers() returns text[]
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $$ select array[
+    '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
+    '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
+    '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
+    '@engine@._new_start_v1(name,text,text,text)',
+    '@engine@._start_v1(regrole,text,text,text,boolean)',
+    '@engine@._vars_v1(text,text,text)']::pg_catalog.text[] $$;
+
+-- Additive, SECURITY INVOKER (the caller must hold what it hands out). Besides the
 -- df grants, the role gets USAGE on the engine schema and EXECUTE on the engine helpers the
 -- df functions call (they are SECURITY DEFINER and check ownership themselves). Tenants get
 -- SELECT on df.vars, not INSERT/UPDATE/DELETE: df.setvar/unsetvar/clearvars write it, and
@@ -663,11 +676,7 @@ begin
     execute pg_catalog.format('grant insert (id, instance_id, node_type, query, result_name, left_node, right_node, '
                    'submitted_by, database) on df.nodes to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant usage on schema @engine@ to %I%s', p_role, v_opt);
-    foreach v_fn in array array[
-        '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
-        '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
-        '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
-        '@engine@._new_start_v1(name,text,text,text)', '@engine@._start_v1(regrole,text,text,text,boolean)', '@engine@._vars_v1(text,text,text)'] loop
+    foreach v_fn in array df._usage_helpers() loop
         if pg_catalog.to_regprocedure(v_fn) is not null then
             execute pg_catalog.format('grant execute on function %s to %I%s',
                                       pg_catalog.to_regprocedure(v_fn), p_role, v_opt);
@@ -750,11 +759,7 @@ begin
     end if;
     -- REVOKE ALL on a table also revokes the column privileges
     execute pg_catalog.format('revoke all on df.instances, df.nodes, df.vars, df.workers from %I cascade', p_role);
-    foreach v_fn in array array[
-        '@engine@.setting(text,text)', '@engine@.clock()', '@engine@.in_workflow()',
-        '@engine@._schema_ready_v1()', '@engine@._enqueue_v1(varchar,jsonb)',
-        '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
-        '@engine@._new_start_v1(name,text,text,text)', '@engine@._start_v1(regrole,text,text,text,boolean)', '@engine@._vars_v1(text,text,text)',
+    foreach v_fn in array df._usage_helpers() || array[
         'df.grant_usage(text,boolean,boolean)',
         'df.revoke_usage(text)', 'df.metrics()', 'df.http(text,text,text,jsonb,integer)',
         'df.http_multipart(text,text,jsonb,jsonb,integer)'] loop
