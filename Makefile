@@ -56,8 +56,8 @@ bench-scale: $(BIN)/.installed ## the scale checks: 1M finished instances, two s
 lint: $(BIN)/.installed ## ruff + mypy
 	$(BIN)/ruff check pgdurable tests bench && $(BIN)/mypy pgdurable
 
-schema-freeze: ## freeze pgdurable/sql/schema/*.sql as the baseline of the current SCHEMA_VERSION
-	v=$$($(BIN)/python -c 'from pgdurable.schema import SCHEMA_VERSION as v; print(v)'); \
+schema-freeze: $(BIN)/.installed ## freeze pgdurable/sql/schema/*.sql as the baseline of the current SCHEMA_VERSION
+	v=$$($(BIN)/python -c 'from pgdurable.schema import SCHEMA_VERSION as v; print(v)') && test -n "$$v" && \
 	cat pgdurable/sql/schema/*.sql > pgdurable/sql/baseline/v$$v.sql; echo "froze v$$v"
 
 embedded-stop: $(BIN)/.installed ## stop the embedded PostgreSQL that make demo / serve left running

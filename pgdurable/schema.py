@@ -31,7 +31,7 @@ from .sql import MIGRATIONS_DIR, schema_parts
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema version this package installs and expects."""
 
 ENGINE_SCHEMA_DEFAULT = "pgdurable"
