@@ -18,9 +18,7 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -45,11 +43,19 @@ from .sanitize import visible, visible_lines
 CONTEXT = {"auto_envvar_prefix": "PGDURABLE", "show_default": True}
 
 
-def _dsn_or_embedded(dsn: str | None, data_dir: str | None = None) -> str:
+def _dsn_or_embedded(dsn: str | None, data_dir: str | None = None, *,
+                     start: bool = False) -> str:
+    """``dsn``, or the embedded PostgreSQL's. Only ``demo`` and ``serve`` start the embedded
+    server (``start``); any other command without a DSN asks for one when it is not running,
+    rather than silently starting a server the user stopped."""
     if dsn:
         return dsn
     emb = EmbeddedPostgres(default_data_dir() if data_dir is None else
                            __import__("pathlib").Path(data_dir).absolute())
+    if not start and not (emb.data_dir.exists() and emb.is_running()):
+        raise click.ClickException(
+            f"no --dsn given (nor PGDURABLE_DSN) and the embedded PostgreSQL in {emb.data_dir} "
+            "is not running: give --dsn, or start it with `make demo` or `make serve`")
     out = emb.start()
     click.echo(f"embedded PostgreSQL 18 running at {out} (data: {emb.data_dir})", err=True)
     return out
@@ -161,7 +167,7 @@ def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_po
     allow: list[str] = []
     for item in http_allow:
         allow += [p.strip() for p in item.split(",") if p.strip()]
-    given = _dsn_or_embedded(dsn, data_dir)
+    given = _dsn_or_embedded(dsn, data_dir, start=True)
     try:
         res = schema_mod.install(given)
     except schema_mod.InstallError as exc:
@@ -440,58 +446,24 @@ def top(dsn: str | None, once: bool, interval: float, width: int | None,
         raise click.ClickException(exc.diag.message_primary or str(exc).strip()) from exc
 
 
-DEMO_WORKFLOW = """
-df.sql('insert into demo_orders(amount) select g * 10 from generate_series(1, 5) g
-        returning id') |=> 'ins'
-~> ((df.sql('select count(*) as n from demo_orders') |=> 'cnt')
-    & (df.sql('select sum(amount) as total from demo_orders') |=> 'sum'))
-~> df.if(df.sql('select $sum.total > 100'),
-         df.sql('select ''big batch'' as verdict, $cnt.n as orders'),
-         df.sql('select ''small batch'' as verdict'))
-~> df.sleep(1)
-~> df.sql('select $sum.total as total, $cnt.n as orders, now() as finished_at')
-"""
-
-
 @main.command()
 @dsn_option
 @click.option("--data-dir", help="embedded PostgreSQL data directory")
-def demo(dsn: str | None, data_dir: str | None) -> None:
-    """Run serve and a sample workflow (SQL, a join, a condition, a sleep) to completion."""
-    dsn = _dsn_or_embedded(dsn, data_dir)
-    schema_mod.install(dsn)
-    role = "pgdurable_demo"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        exists = conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone()
-        if not exists:
-            conn.execute(f"create role {role} login")
-        conn.execute("select df.grant_usage(%s)", (role,))
-        conn.execute("create table if not exists public.demo_orders "
-                     "(id serial primary key, amount int not null)")
-        conn.execute(f"grant all on public.demo_orders to {role}")
-        conn.execute(f"grant usage on sequence public.demo_orders_id_seq to {role}")
-    env = dict(os.environ, PGDURABLE_DSN=dsn, PGDURABLE_WORKERS="2")
-    proc = subprocess.Popen([sys.executable, "-m", "pgdurable", "serve"], env=env)
+@click.option("--role", default="pgdurable_demo", show_default=True,
+              help="the tour's role (made if missing; not a superuser)")
+def demo(dsn: str | None, data_dir: str | None, role: str) -> None:
+    """Run serve and a sample workflow (SQL, a join, a condition, a sleep) to completion,
+    and set up the README tour's role and tables."""
+    from . import demo as demo_mod
+
+    target = _dsn_or_embedded(dsn, data_dir, start=True)
     try:
-        info = psycopg.conninfo.conninfo_to_dict(dsn)
-        info["user"] = role
-        with psycopg.connect(psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
-                             autocommit=True) as conn:
-            click.echo("workflow:" + DEMO_WORKFLOW)
-            iid = conn.execute(f"select df.start({DEMO_WORKFLOW}, 'demo')").fetchone()[0]  # type: ignore[index]
-            click.echo(f"started instance {iid}; waiting for it to finish...")
-            t0 = time.monotonic()
-            status = conn.execute("select df.await_instance(%s, 60)", (iid,)).fetchone()[0]  # type: ignore[index]
-            click.echo(f"instance {iid} {status} in {time.monotonic() - t0:.2f}s")
-            click.echo("result: " + str(conn.execute("select df.result(%s)", (iid,)).fetchone()[0]))  # type: ignore[index]
-            click.echo(conn.execute("select df.explain(%s)", (iid,)).fetchone()[0])  # type: ignore[index]
-            if status != "completed":
-                err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]  # type: ignore[index]
-                click.echo("error: " + str(err))
-                sys.exit(1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        ok = demo_mod.run(target, role=role, embedded=not dsn, echo=click.echo)
+    except (psycopg.Error, schema_mod.InstallError) as exc:
+        msg = getattr(getattr(exc, "diag", None), "message_primary", None) or str(exc).strip()
+        raise click.ClickException(visible(msg)) from None
+    if not ok:
+        sys.exit(1)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
