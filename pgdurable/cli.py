@@ -498,3 +498,7 @@ def verify(dsn: str | None, faults: int, duration: float, seed: int | None, keep
 
     n = verify_mod.main(faults, duration, seed, dsn, keep, click.echo)
     sys.exit(1 if n else 0)
+
+
+# the recurring-job commands live in a module of their own; importing it registers them
+from . import cli_schedules  # noqa: E402,F401

@@ -29,6 +29,7 @@ STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 INFLIGHT_ROWS = 10
 FAILURE_ROWS = 5
 WORKER_ROWS = 12
+SCHEDULE_ROWS = 5
 # Refresh period of the live view (seconds).
 INTERVAL_DEFAULT = 2.0
 # A worker whose heartbeat is older than this is shown as stale.
@@ -48,6 +49,7 @@ class TopState:
     inflight: list[dict[str, Any]] = field(default_factory=list)
     workers: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    schedules: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,9 +88,14 @@ from df.instances i where i.status = 'failed'
 order by i.updated_at desc limit %s
 """
 
+_SCHEDULES = """
+select name, cron, next_run_at, last_status, owner from df.list_schedules()
+where enabled order by next_run_at nulls last, name limit %s
+"""
+
 
 def fetch(conn: psycopg.Connection[Any]) -> TopState:
-    """Read one snapshot (five short queries)."""
+    """Read one snapshot (six short queries)."""
     state = TopState(taken_at=datetime.now().astimezone().isoformat(timespec="seconds"),
                      database=conn.info.dbname)
     counts = dict.fromkeys(STATUSES, 0)
@@ -113,6 +120,10 @@ def fetch(conn: psycopg.Connection[Any]) -> TopState:
                          "at": r[2].isoformat(timespec="seconds") if r[2] else None,
                          "node_type": err.get("node_type"), "error": err.get("error")})
     state.failures = failures
+    state.schedules = [
+        {"name": r[0], "cron": r[1], "next_run_at": r[2].isoformat(timespec="seconds")
+         if r[2] else None, "last_status": r[3], "owner": r[4]}
+        for r in conn.execute(_SCHEDULES, (SCHEDULE_ROWS,)).fetchall()]
     return state
 
 
@@ -176,6 +187,14 @@ def render(state: TopState, width: int = 100) -> str:
             out.append(f"  {visible(f['instance_id']):8}  {label:14}  {_cut(err, rest)}")
     else:
         out.append("  (none)")
+    out.append("")
+    out.append(f"next scheduled runs ({len(state.schedules)})")
+    for j in state.schedules:
+        when = (j["next_run_at"] or "computing…").replace("T", " ")
+        out.append(f"  {when[:19]:19}  {_cut(j['name'], 24):24}  {_cut(j['cron'], 16):16}  "
+                   f"last {visible(j['last_status'] or '-')}")
+    if not state.schedules:
+        out.append("  (none: df.schedule makes recurring jobs)")
     # every value above is visible already; this pass keeps the frame one line per row even
     # for a value a future edit forgets to wrap
     return "\n".join(_cut(line, width) if len(line) > width else visible(line) for line in out)

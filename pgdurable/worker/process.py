@@ -72,6 +72,7 @@ from pgdurable.values import (
     truthy,
 )
 
+from . import schedules
 from .completer import Busy, Completer
 from .instance import TYPE_NAMES, BadGraph, Checkpoint, InstanceCtx, dump
 
@@ -497,6 +498,8 @@ class Worker:
                         len(self.inflight)))
                     await conn.execute(self.q("epoch"), (epoch,))
                     await conn.execute(self.q("slots_ensure"), (None,))
+                    if await schedules.tick(conn, self.engine):
+                        self.wake.set()
                     if time.monotonic() >= next_prune:
                         next_prune = time.monotonic() + PRUNE_INTERVAL
                         cur = await conn.execute(self.q("prune"), (PRUNE_BATCH,))

@@ -14,7 +14,9 @@ import json
 import re
 import subprocess
 import sys
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -49,7 +51,7 @@ def tour_statements() -> list[tuple[str, str]]:
 def test_the_tour_reads_as_statements():
     stmts = [s for s, _ in tour_statements()]
     assert len(stmts) >= 10
-    assert all(s.startswith("select df.") for s in stmts), stmts
+    assert all(re.match(r"select (df\.|.* from df\.)", s, re.S) for s in stmts), stmts
 
 
 def test_tour_runs_as_written(db, serve_factory):
@@ -90,16 +92,18 @@ def test_tour_runs_as_written(db, serve_factory):
             got = one(stmt)
             if isinstance(got, str) and got[:1] in "{[":
                 got = json.loads(got)  # df.result returns JSON as text, as pg_durable's does
-            fn = re.match(r"select (df\.\w+)", stmt).group(1)  # type: ignore[union-attr]
+            fn = re.search(r"(df\.\w+)", stmt).group(1)  # type: ignore[union-attr]
             if fn == "df.start":
-                assert isinstance(got, str) and ID.match(got), (stmt, got)
+                assert isinstance(got, str), (stmt, got)
+                assert ID.match(got), (stmt, got)
                 started.append(got)
             elif fn == "df.status":
                 allowed = {w.strip() for w in comment.removeprefix(">").split("|")}
                 assert got in allowed, (got, allowed)
             elif fn == "df.result":
                 claim = json.loads(re.sub(r"\[\.\.\.\]", "null", comment.removeprefix(">")))
-                assert isinstance(got, dict) and got["row_count"] == claim["row_count"], got
+                assert isinstance(got, dict), got
+                assert got["row_count"] == claim["row_count"], got
                 assert len(got["rows"]) == claim["row_count"]
                 assert list(got) == list(claim) or set(got) >= set(claim), (got.keys(), claim)
             elif fn == "df.error":
@@ -107,10 +111,23 @@ def test_tour_runs_as_written(db, serve_factory):
             elif fn == "df.await_instance":
                 assert got == "completed"
             elif fn == "df.explain":
-                assert "✓" in str(got) and "✗" not in str(got), got
+                assert "✓" in str(got), got
+                assert "✗" not in str(got), got
+            elif fn == "df.schedule":
+                assert got == "nightly"
+            elif fn == "df.list_schedules":
+                # the next slot is the workers' to compute: a serve does within seconds
+                deadline = time.monotonic() + 15
+                while conn.execute(stmt.rstrip(";").encode()).fetchone()[1] is None:
+                    assert time.monotonic() < deadline, "no worker computed the next run"
+                    time.sleep(0.2)
+                name, nxt, last = conn.execute(stmt.rstrip(";").encode()).fetchone()
+                assert (name, last) == ("nightly", None)
+                assert (nxt.astimezone(UTC).hour, nxt.minute) == (3, 0)
+                assert nxt - datetime.now(UTC) <= timedelta(days=1)
 
-        assert len(started) == 5, started
-        first, approval, drain, race, nightly = started
+        assert len(started) == 4, started
+        _first, approval, drain, race = started
         # the approval wait consumed the signal and the update ran
         assert finish(approval) == "completed", one("select df.error(%s)::text", approval)
         assert one("select count(*) from orders where status = 'approved'") == 100
@@ -122,9 +139,4 @@ def test_tour_runs_as_written(db, serve_factory):
         # the race: the select beat the 10 s sleep
         assert finish(race) == "completed"
         assert json.loads(str(one("select df.result(%s)", race)))["rows"] == [{"?column?": 1}]
-        # the nightly job waits for 03:00 UTC
-        assert one("select df.status(%s)", nightly) in ("pending", "running")
-        waiting = one("select count(*) from df.instance_nodes(%s) "
-                      "where node_type = 'WAIT_SCHEDULE' and status = 'running'", nightly)
-        assert waiting == 1, one("select df.explain(%s)", nightly)
-        one("select df.cancel(%s)", nightly)
+        one("select df.unschedule('nightly')")

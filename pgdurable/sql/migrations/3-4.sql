@@ -14,4 +14,5 @@
 -- @definitions-of 30_control.sql
 -- @definitions-of 40_inspect.sql
 -- @definitions-of 50_engine.sql
+-- @include 60_schedules.sql
 -- @include 90_grants.sql
