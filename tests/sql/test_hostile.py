@@ -198,7 +198,11 @@ def _cfg(d: dict[str, Any]) -> str:
 
 nonblank = any_text.filter(lambda s: s.strip() != "")
 leaf_nodes = st.one_of(
-    st.builds(lambda q: {"node_type": "SQL", "query": q}, nonblank),
+    # a SQL step may not refer to a name no step defines (35_references.sql): a $ followed
+    # by a letter is left out of the texts every valid graph may hold (the hostile texts
+    # with it are tested by test_sql_and_as_store_text_verbatim)
+    st.builds(lambda q: {"node_type": "SQL", "query": q},
+              nonblank.filter(lambda q: not re.search(r"\$[A-Za-z_]", q))),
     st.builds(lambda s: {"node_type": "SLEEP", "query": str(s)}, st.integers(0, 10**6)),
     st.builds(lambda v: {"node_type": "BREAK", "query": _cfg({"break_value": v})},
               st.none() | any_text),
@@ -371,13 +375,13 @@ def _nest(depth: int, kind: str) -> dict[str, Any]:
 
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(depth=st.sampled_from([1, 2, 254, 255, 256, 257, 258, 300, 600]),
+@given(depth=st.sampled_from([1, 2, 255, 256, 257, 258, 259, 300, 600]),
        kind=st.sampled_from(["LOOP", "THEN", "IF", "JOIN"]))
 def test_depth_limit_is_exact(tx: Conn, user: str, depth: int, kind: str) -> None:
     g = _nest(depth, kind)
     text = json.dumps(g)
     iid, err = start(tx, user, text)
-    if depth <= 256:
+    if depth <= 257:  # node levels: nesting depth 256 is 257 levels (the root at depth 0)
         assert err is None, err
         assert iid is not None and node_count(tx, iid) == walk_count(g)
     else:
@@ -453,7 +457,12 @@ def test_sql_and_as_store_text_verbatim(tx: Conn, user: str, q: str, name: str) 
     assert g == {"node_type": "SQL", "query": q, "result_name": name}
     if q.strip():
         iid, serr = start(tx, user, value)
-        assert serr is None, serr
+        if serr is not None:
+            # the one refusal: a $ref no step defines (35_references.sql), named in the error
+            m = re.match(r"unknown reference \$(\w+) in step ", serr.diag.message_primary or "")
+            assert serr.sqlstate == "22023" and m, serr
+            assert m.group(1) != name and "$" + m.group(1) in q, serr
+            return
         assert iid is not None
         assert tx.execute("select query, result_name from df.nodes where instance_id = %s",
                           (iid,)).fetchall() == [(q, name)]

@@ -11,6 +11,7 @@
 
 -- @definitions-of 00_tables.sql
 -- @definitions-of 10_dsl.sql
+-- @include 35_references.sql
 -- @definitions-of 30_control.sql
 -- @definitions-of 40_inspect.sql
 -- @definitions-of 50_engine.sql

@@ -401,6 +401,7 @@ begin
     into v_result
     from ided i
     left join kids k on k.parent = i.path;
+    perform df._check_refs(v_result);  -- a $name no step defines (35_references.sql)
     return v_result;
 end;
 $$;
