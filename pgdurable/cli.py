@@ -139,6 +139,9 @@ def uninstall(dsn: str | None) -> None:
               help="host pattern admitted under allow-list (repeatable; env: comma separated)")
 @click.option("--metrics-port", envvar=_env("METRICS_PORT"), type=int, default=None,
               show_envvar=True, help="serve Prometheus metrics on this port (/metrics)")
+@click.option("--metrics-host", envvar=_env("METRICS_HOST"), default="127.0.0.1",
+              show_envvar=True, help="address the metrics port listens on (0.0.0.0: every "
+                                     "interface, for a scraper on another host)")
 @click.option("--log-format", envvar=_env("LOG_FORMAT"), type=click.Choice(["text", "json"]),
               default="text", show_envvar=True)
 @click.option("--result-max-bytes", envvar=_env("RESULT_MAX_BYTES"), type=int,
@@ -150,7 +153,8 @@ def uninstall(dsn: str | None) -> None:
 @click.option("--data-dir", envvar=_env("DATA_DIR"), show_envvar=True,
               help="embedded PostgreSQL data directory")
 def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_policy: str,
-          http_allow: tuple[str, ...], metrics_port: int | None, log_format: str,
+          http_allow: tuple[str, ...], metrics_port: int | None, metrics_host: str,
+          log_format: str,
           result_max_bytes: int, step_dsn: str | None, data_dir: str | None) -> None:
     """Run the executor: install/upgrade the schema, fork workers, run workflows.
 
@@ -177,7 +181,7 @@ def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_po
         config = ServeConfig(
             dsn=service, step_dsn=step, workers=workers, slots=slots,
             lease_seconds=lease_seconds, http_policy=http_policy, http_allow=tuple(allow),
-            metrics_port=metrics_port, log_format=log_format,
+            metrics_port=metrics_port, metrics_host=metrics_host, log_format=log_format,
             result_max_bytes=result_max_bytes,
         ).validate()
         check_logins(config.dsn, config.step_dsn)

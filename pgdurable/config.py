@@ -64,6 +64,8 @@ class ServeConfig:
     """text or json. Defaults to text."""
     metrics_port: int | None = None
     """Port for Prometheus metrics, or None. Defaults to None."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics port listens on. Defaults to 127.0.0.1 (this host only)."""
 
     def validate(self) -> ServeConfig:
         if not self.dsn:

@@ -241,7 +241,7 @@ def registry(dsn: str | None = None, engine_schema: str = "pgdurable") -> Any:
 
 
 def serve_metrics(port: int, dsn: str | None = None, engine_schema: str = "pgdurable",
-                  addr: str = "0.0.0.0") -> Any:  # scraped from other hosts
+                  addr: str = "127.0.0.1") -> Any:
     """Enable metrics (if not yet) and serve ``/metrics`` on ``port`` from a daemon thread."""
     from prometheus_client import start_http_server
 

@@ -107,7 +107,8 @@ def supervise(config: ServeConfig) -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     if config.metrics_port is not None:  # before the first fork (multiprocess mode)
-        metrics.serve_metrics(config.metrics_port, config.dsn, config.engine_schema)
+        metrics.serve_metrics(config.metrics_port, config.dsn, config.engine_schema,
+                              addr=config.metrics_host)
     for slot in range(config.workers):
         children[_fork_worker(config)] = (slot, time.monotonic())
     logger.info("supervisor %d started %d workers", os.getpid(), config.workers,

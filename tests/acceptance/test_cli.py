@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -189,6 +190,11 @@ def test_top_once_and_metrics(db, running, tenant):
     # /metrics: counters move and agree with the database
     port = running.metrics_port
     m = scrape(port)
+    # by default the port listens on this host only (--metrics-host)
+
+    listening = {c.laddr for c in psutil.Process(running.proc.pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+    assert {(a.ip, a.port) for a in listening} == {("127.0.0.1", port)}, listening
     with db.connect() as conn:
         done_sql = conn.execute("select count(*) from df.nodes where node_type = 'SQL'"
                                 " and status = 'completed'").fetchone()[0]

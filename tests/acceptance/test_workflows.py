@@ -338,3 +338,18 @@ def test_maintenance_statements_fail_clearly(db, running, tenant):
     # the transactional forms work
     _, status, _, err = run(db, tenant, "'analyze ledger' ~> 'create index ledger_k2 on ledger (k)'")
     assert status == "completed", err
+
+
+def test_every_terminal_instance_has_a_completion_time(db, running, tenant):
+    """completed, failed and cancelled instances each say when they ended (list_instances)."""
+    ok, status, _, _ = run(db, tenant, "'select 1'")
+    assert status == "completed"
+    bad, status, _, _ = run(db, tenant, "'select 1/0'")
+    assert status == "failed"
+    with db.connect(tenant) as conn:
+        waiting = conn.execute("select df.start(df.wait_for_signal('never', 600))").fetchone()[0]
+        conn.execute("select df.cancel(%s, 'not needed')", (waiting,))
+        got = dict(conn.execute(
+            "select instance_id, completed_at >= created_at from df.list_instances(null, 10, null)"
+        ).fetchall())
+    assert got == {ok: True, bad: True, waiting: True}

@@ -1686,7 +1686,8 @@ begin
         -- terminal states are sticky: report, change nothing
         return pg_catalog.format('Instance %s is already %s', p_instance_id, v_status);
     end if;
-    update df.instances i set status = 'cancelled', updated_at = pg_catalog.now()
+    update df.instances i set status = 'cancelled', updated_at = pg_catalog.now(),
+                              completed_at = pg_catalog.now()
     where i.id = p_instance_id;
     update @engine@.runs r set cancel_reason = p_reason where r.instance_id = p_instance_id;
     delete from @engine@.tasks t where t.instance_id = p_instance_id;
@@ -3253,7 +3254,10 @@ begin
         update df.instances i
         set status = p_inst_status,
             updated_at = now(),
-            completed_at = case when p_inst_status = 'completed' then now() else i.completed_at end
+            -- the time it ended, for every terminal status (pg_durable sets it on completed
+            -- only; a DBA asks when a failed run failed too: docs/api.md)
+            completed_at = case when p_inst_status in ('completed', 'failed', 'cancelled')
+                                then now() else i.completed_at end
         where i.id = p_instance;
         if p_inst_status in ('completed', 'failed', 'cancelled') then
             delete from @engine@.tasks t where t.instance_id = p_instance;
@@ -3800,7 +3804,7 @@ begin
         return false;
     end if;
     update df.instances i
-    set status = 'failed', updated_at = pg_catalog.now()
+    set status = 'failed', updated_at = pg_catalog.now(), completed_at = pg_catalog.now()
     where i.id operator(pg_catalog.=) p_instance
       and i.status operator(pg_catalog.<>) all ('{completed,failed,cancelled}'::pg_catalog.text[]);
     update df.nodes n

@@ -709,7 +709,8 @@ begin
         -- terminal states are sticky: report, change nothing
         return pg_catalog.format('Instance %s is already %s', p_instance_id, v_status);
     end if;
-    update df.instances i set status = 'cancelled', updated_at = pg_catalog.now()
+    update df.instances i set status = 'cancelled', updated_at = pg_catalog.now(),
+                              completed_at = pg_catalog.now()
     where i.id = p_instance_id;
     update @engine@.runs r set cancel_reason = p_reason where r.instance_id = p_instance_id;
     delete from @engine@.tasks t where t.instance_id = p_instance_id;

@@ -185,7 +185,10 @@ begin
         update df.instances i
         set status = p_inst_status,
             updated_at = now(),
-            completed_at = case when p_inst_status = 'completed' then now() else i.completed_at end
+            -- the time it ended, for every terminal status (pg_durable sets it on completed
+            -- only; a DBA asks when a failed run failed too: docs/api.md)
+            completed_at = case when p_inst_status in ('completed', 'failed', 'cancelled')
+                                then now() else i.completed_at end
         where i.id = p_instance;
         if p_inst_status in ('completed', 'failed', 'cancelled') then
             delete from @engine@.tasks t where t.instance_id = p_instance;
@@ -732,7 +735,7 @@ begin
         return false;
     end if;
     update df.instances i
-    set status = 'failed', updated_at = pg_catalog.now()
+    set status = 'failed', updated_at = pg_catalog.now(), completed_at = pg_catalog.now()
     where i.id operator(pg_catalog.=) p_instance
       and i.status operator(pg_catalog.<>) all ('{completed,failed,cancelled}'::pg_catalog.text[]);
     update df.nodes n
