@@ -108,6 +108,7 @@ cdef class Scheduler:
     # output buffers of the call in progress
     cdef list _ready
     cdef list _abandoned
+    cdef list _stopped
     cdef list _started_out
     cdef list _finished
     cdef list _iterations
@@ -182,6 +183,7 @@ cdef class Scheduler:
     cdef void _reset_out(self):
         self._ready = []
         self._abandoned = []
+        self._stopped = []
         self._started_out = []
         self._finished = []
         self._iterations = []
@@ -191,9 +193,12 @@ cdef class Scheduler:
             self._ready.sort()
         if len(self._abandoned) > 1:
             self._abandoned.sort()
+        if len(self._stopped) > 1:
+            self._stopped.sort()
         # tuple.__new__ skips the NamedTuple's Python-level __new__ (same object)
         step = tuple.__new__(Step, (self._ready, self._abandoned, self._started_out,
-                                    self._finished, self._iterations, self._terminal))
+                                    self._finished, self._iterations, self._terminal,
+                                    self._stopped))
         self._reset_out()
         return step
 
@@ -367,6 +372,8 @@ cdef class Scheduler:
                 if _is_leaf(t) or (t == IF_ and self._cond[i] == COND_IF_ROWS
                                    and self._aux[i] == 0):
                     self._abandoned.append((i, self._gen[i]))
+                else:
+                    self._stopped.append((i, self._gen[i]))
 
     cdef void _abandon_siblings(self, int node, int child):
         cdef int k, b

@@ -14,18 +14,20 @@ read and control commands); each is short and a reader looks for one by name.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Iterator
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import click
+import orjson
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 
 from . import DF_API_LEVEL, __version__, diagram
 from . import schema as schema_mod
@@ -39,8 +41,12 @@ from .config import (
 from .embedded import EmbeddedPostgres, default_data_dir
 from .errors import ConfigError
 from .sanitize import visible, visible_lines
+from .values import json_text, loads, number_text
 
 CONTEXT = {"auto_envvar_prefix": "PGDURABLE", "show_default": True}
+# --json output: types JSON has no word for go through _json_default (as their text)
+_PASSTHROUGH = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+                | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_NON_STR_KEYS)
 
 
 def _dsn_or_embedded(dsn: str | None, data_dir: str | None = None, *,
@@ -64,7 +70,16 @@ def _dsn_or_embedded(dsn: str | None, data_dir: str | None = None, *,
 dsn_option = click.option("--dsn", envvar="PGDURABLE_DSN", show_envvar=True,
                           help="PostgreSQL connection string of the df database "
                                "(none: the embedded PostgreSQL 18)")
-json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
+
+
+def _note_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:  # errors of this command are printed as JSON too (_Main.invoke)
+        ctx.meta["pgdurable.json"] = True
+    return value
+
+
+json_option = click.option("--json", "as_json", is_flag=True, callback=_note_json,
+                           help="print JSON (errors too)")
 
 
 def _env(name: str) -> list[str]:
@@ -73,7 +88,77 @@ def _env(name: str) -> list[str]:
     return [f"PGDURABLE_{name}", f"PGDURABLE_SERVE_{name}"]
 
 
-@click.group(context_settings=CONTEXT)
+def _hint(exc: psycopg.Error) -> str | None:
+    """What to do about a database error a user can cause: PostgreSQL's own hint, else ours."""
+    diag_hint = exc.diag.message_hint if exc.diag else None
+    if diag_hint:
+        return diag_hint
+    msg = (exc.diag.message_primary if exc.diag else None) or str(exc)
+    if isinstance(exc, psycopg.OperationalError):
+        return ("check --dsn (or PGDURABLE_DSN): is the server up, the database name right, and "
+                "this user allowed in by pg_hba.conf?")
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege) and re.search(
+            r'schema "?df"?|function df\.', msg):
+        return ("an administrator must give this role the df API: select df.grant_usage('<role>')"
+                " (add include_http => true for df.http)")
+    if isinstance(exc, psycopg.errors.InvalidSchemaName | psycopg.errors.UndefinedFunction) \
+            and re.search(r'\bdf\b', msg):
+        return ("pgdurable is not installed in this database: an administrator runs "
+                "`pgdurable install --dsn ...`")
+    return None
+
+
+class Problem(click.ClickException):
+    """An ordinary failure, with what to do about it."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class _Main(click.Group):
+    """The command group: an ordinary failure (a database error, a refused connection, a port
+    in use) is one line naming the problem and, where there is one, what to do, with exit code
+    1, never a traceback; with --json the error is a JSON object on stdout."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["pgdurable.argv"] = list(args)  # --json, even when parsing fails later
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except click.UsageError as exc:
+            if not _json_wanted(ctx):
+                raise
+            _fail(ctx, exc.format_message(), None, exc.exit_code)
+        except click.ClickException as exc:
+            _fail(ctx, exc.format_message(), getattr(exc, "hint", None), exc.exit_code)
+        except psycopg.Error as exc:
+            msg = (exc.diag.message_primary if exc.diag else None) or str(exc).strip()
+            _fail(ctx, msg.splitlines()[0] if msg else type(exc).__name__, _hint(exc), 1)
+        except OSError as exc:  # a port in use, a file that cannot be written
+            _fail(ctx, str(exc), None, 1)
+        return None
+
+
+def _json_wanted(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get("pgdurable.json")) or "--json" in ctx.meta.get("pgdurable.argv", ())
+
+
+def _fail(ctx: click.Context, message: str, hint: str | None, code: int) -> None:
+    if _json_wanted(ctx):
+        click.echo(_json_text({"error": message} | ({"hint": hint} if hint else {})))
+    else:
+        click.echo(f"Error: {visible(message)}", err=True)
+        if hint:
+            click.echo(f"Hint: {visible(hint)}", err=True)
+    ctx.exit(code)
+
+
+@click.group(cls=_Main, context_settings=CONTEXT)
 def main() -> None:
     """pgdurable: durable execution for PostgreSQL (the pg_durable df API)."""
 
@@ -104,6 +189,11 @@ def install(dsn: str | None, operator_schema: str | None) -> None:
            else f"upgraded from {res.from_version}")
     click.echo(f"pgdurable schema version {res.to_version} ({how}); "
                f"operators in {res.operator_schema}")
+    if res.new_mode_problem:
+        # caller mode works; 'new' needs what the message names (an administrator's statement)
+        click.echo(f"WARNING: {visible(res.new_mode_problem)}", err=True)
+    else:
+        click.echo(f"transaction_mode 'new' ready (dblink in schema {res.dblink_schema})")
 
 
 @main.command()
@@ -193,21 +283,23 @@ def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_po
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
     try:
-        return psycopg.connect(_dsn_or_embedded(dsn), autocommit=True,
+        conn = psycopg.connect(_dsn_or_embedded(dsn), autocommit=True,
                                application_name="pgdurable cli")
     except psycopg.OperationalError as exc:
-        raise click.ClickException(f"cannot connect: {visible(str(exc).strip())}") from exc
+        # the last line is the server's reason (the first names the address tried)
+        reason = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or [""]
+        raise Problem(f"cannot connect: {reason[-1]}", _hint(exc)) from exc
+    # json/jsonb columns parsed exactly (numbers keep every digit and their scale)
+    set_json_loads(loads, conn)
+    return conn
 
 
 @contextlib.contextmanager
 def _db(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
-    """A connection; database errors become one-line click errors (exit code 1)."""
+    """A connection; a database error reaches _Main, which prints it as one line with a hint
+    (exit code 1)."""
     with _connect(dsn) as conn:
-        try:
-            yield conn
-        except psycopg.Error as exc:
-            msg = exc.diag.message_primary or str(exc).strip()
-            raise click.ClickException(visible(msg)) from exc
+        yield conn
 
 
 def _scalar(dsn: str | None, query: str, params: tuple[Any, ...]) -> Any:
@@ -216,16 +308,47 @@ def _scalar(dsn: str | None, query: str, params: tuple[Any, ...]) -> Any:
         return row[0] if row else None
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(number_text(value))  # every digit, the scale kept
+    return str(value)  # a timestamp, …
+
+
+def _json_text(data: Any) -> str:
+    """JSON text of CLI output: numbers exactly as PostgreSQL's jsonb keeps them, anything
+    else that is not JSON (a timestamp, …) as its text, and ASCII only (every other
+    character as a \\u escape, as JSON allows) so no control or bidi character of a
+    tenant's text reaches the terminal."""
+    try:
+        text = orjson.dumps(data, default=_json_default, option=_PASSTHROUGH).decode()
+    except TypeError:  # nested deeper than orjson's 254 levels
+        text = json_text(data)
+    return text if text.isascii() and "\x7f" not in text else _NOT_ASCII.sub(_u_escape, text)
+
+
+# orjson escapes the C0 controls itself; these are the rest (DEL, C1, bidi, all non-ASCII)
+_NOT_ASCII = re.compile("[\x7f-\U0010ffff]")
+
+
+def _u_escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    if c > 0xFFFF:  # a surrogate pair, as JSON spells it
+        c -= 0x10000
+        return f"\\u{0xD800 | c >> 10:04x}\\u{0xDC00 | c & 0x3FF:04x}"
+    return f"\\u{c:04x}"
+
+
 def _emit(data: Any) -> None:
-    click.echo(json.dumps(data, default=str))
+    click.echo(_json_text(data))
 
 
 def _as_json(text: str | None) -> Any:
-    """A JSON text column as a value (text that does not parse stays a string)."""
+    """A JSON text column as a value, numbers exact (text that does not parse stays a
+    string)."""
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return loads(text)
     except ValueError:
         return text
 
@@ -281,13 +404,21 @@ def _instance_command(name: str, doc: str, key: str, parse: bool) -> None:
         out, status = row
         if status is None:
             raise click.ClickException(f"instance {instance_id!r} not found or access denied")
+        if name == "result" and out is None:
+            why = ("failed: `pgdurable error " + instance_id + "` says why" if status == "failed"
+                   else "was cancelled" if status == "cancelled"
+                   else f"is {status}: there is no result yet")
+            raise click.ClickException(f"instance {instance_id} {why}")
+        text = out
         if isinstance(out, str) and parse:
             out = _as_json(out)
         if as_json:
             _emit({"instance_id": instance_id, key: out}
                   | ({"status": status} if key != "status" else {}))
         elif out is not None:
-            click.echo(visible(out if isinstance(out, str) else json.dumps(out)))
+            # a JSON string bare; other JSON as PostgreSQL wrote it (its digits as stored)
+            click.echo(visible(out if isinstance(out, str) else
+                               text if isinstance(text, str) else _json_text(out)))
 
 
 _instance_command("status", "Print df.status(INSTANCE_ID): pending, running, completed, failed "
@@ -304,12 +435,17 @@ _instance_command("error", "Print df.error(INSTANCE_ID): {node_id, node_type, er
 @click.option("--timeout", type=int, default=30, help="seconds to wait")
 @json_option
 def await_(dsn: str | None, instance_id: str, timeout: int, as_json: bool) -> None:
-    """Wait for the instance to finish; print its status (completed, failed or cancelled)."""
+    """Wait for the instance to finish; print its status (completed, failed or cancelled).
+
+    Exit code 0 when it completed, 1 when it failed or was cancelled (or on an error, such as
+    the timeout passing)."""
     status = _scalar(dsn, "select df.await_instance(%s, %s)", (instance_id, timeout))
     if as_json:
         _emit({"instance_id": instance_id, "status": status})
     else:
         click.echo(visible(status))
+    if status != "completed":
+        sys.exit(1)
 
 
 @main.command()
@@ -343,9 +479,10 @@ def cancel(dsn: str | None, instance_id: str, reason: str, as_json: bool) -> Non
 
 @main.command(name="list")
 @dsn_option
-@click.option("--status", default=None, help="only instances with this status")
+@click.option("--status", default=None, help="only instances with this status",
+              type=click.Choice(["pending", "running", "completed", "failed", "cancelled"]))
 @click.option("--label", default=None, help="only instances with this label")
-@click.option("--limit", type=int, default=100, help="page size")
+@click.option("--limit", type=click.IntRange(1), default=100, help="page size")
 @click.option("--after", default=None, help="cursor printed by the previous page")
 @json_option
 def list_(dsn: str | None, status: str | None, label: str | None, limit: int,

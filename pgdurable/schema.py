@@ -6,7 +6,9 @@ one transaction under an advisory lock, then records the version in
 an administrator (a superuser, or a managed cloud's admin role: no superuser needed):
 it makes pgdurable's roles (:mod:`pgdurable.roles`) and creates every object as
 ``pgdurable_owner``; the operators alone are the administrator's (``pg_catalog`` needs a
-superuser; otherwise they go to ``public``).
+superuser; otherwise they go to ``public``). Then it makes ``transaction_mode => 'new'``
+work where it may (:func:`ensure_new_mode`: the dblink extension, in a schema of the owner's)
+and says clearly, with the statement to run, where it may not.
 Upgrade applies the forward-only ``sql/migrations/<from>-<to>.sql`` files between
 the recorded version and :data:`SCHEMA_VERSION`. Every step is idempotent: a
 second install is an upgrade with nothing to do. ``serve`` calls :func:`install`
@@ -15,10 +17,13 @@ at start, so several services starting together serialise on the lock.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -47,6 +52,10 @@ class InstallResult:
     from_version: int
     to_version: int
     operator_schema: str
+    dblink_schema: str | None = None
+    """Where the dblink extension that ``transaction_mode => 'new'`` uses is (None: missing)."""
+    new_mode_problem: str | None = None
+    """Why ``transaction_mode => 'new'`` cannot work here, with what to run; None when it can."""
 
     @property
     def changed(self) -> bool:
@@ -138,7 +147,98 @@ def install(
     operator_schema: str | None = None,
     target_version: int = SCHEMA_VERSION,
 ) -> InstallResult:
-    """Install or upgrade to ``target_version``; returns what changed."""
+    """Install or upgrade to ``target_version``; returns what changed, and whether
+    ``transaction_mode => 'new'`` works (:func:`ensure_new_mode`: dblink created where this
+    role may, a warning logged with the statement to run where it may not)."""
+    res = _install(dsn, engine=engine, operator_schema=operator_schema,
+                   target_version=target_version)
+    if res.to_version != SCHEMA_VERSION:
+        return res
+    schema_name, problem = ensure_new_mode(dsn, engine)
+    return dataclasses.replace(res, dblink_schema=schema_name, new_mode_problem=problem)
+
+
+def dblink_schema_name(engine: str = ENGINE_SCHEMA_DEFAULT) -> str:
+    """The schema install creates dblink in: the engine owner's, no USAGE for anyone else."""
+    return f"{engine}_dblink"
+
+
+def ensure_new_mode(dsn: str, engine: str = ENGINE_SCHEMA_DEFAULT) -> tuple[str | None, str | None]:
+    """Make ``transaction_mode => 'new'`` work where this login may: create the dblink
+    extension in :func:`dblink_schema_name` (a schema of ``pgdurable_owner`` on which no other
+    role has USAGE: tenants gain no dblink function they did not have, and none can put
+    look-alikes there), then ask the database whether a launch session opens
+    (``<engine>._new_mode_check_v1``, as the engine's owner, exactly as a 'new' start would).
+
+    Returns (the schema dblink is in or None, the problem or None). A problem is logged as a
+    warning naming what an administrator must run; install goes on: caller mode works.
+    """
+    dbl = dblink_schema_name(engine)
+    reason = ""
+    with psycopg.connect(dsn, autocommit=False, application_name="pgdurable install",
+                         options="-c search_path=pg_catalog,pg_temp") as conn:
+        me, is_super = conn.execute("select current_user::text, rolsuper from pg_catalog.pg_roles "
+                                    "where rolname = current_user").fetchone() or ("?", False)
+        where = _dblink_where(conn)
+        if where is None:
+            if not conn.execute("select count(*) from pg_catalog.pg_available_extensions "
+                                "where name = 'dblink'").fetchone()[0]:  # type: ignore[index]
+                reason = ("this PostgreSQL server has no dblink extension to install (it comes "
+                          "with PostgreSQL's contrib modules, e.g. the postgresql-contrib package)")
+            else:
+                # the schema first, on its own: where dblink cannot be made now, an
+                # administrator's statement then only needs to create the extension in it
+                with contextlib.suppress(psycopg.Error), \
+                        conn.transaction():
+                    if not conn.execute("select count(*) from pg_catalog.pg_namespace "
+                                        "where nspname = %s", (dbl,)).fetchone()[0]:  # type: ignore[index]
+                        conn.execute(sql.SQL("create schema {} authorization {}").format(
+                            sql.Identifier(dbl), sql.Identifier(OWNER_ROLE)))
+                        conn.execute(sql.SQL("revoke all on schema {} from public").format(
+                            sql.Identifier(dbl)))
+                try:
+                    with conn.transaction():
+                        conn.execute(sql.SQL("create extension if not exists dblink schema {}")
+                                     .format(sql.Identifier(dbl)))
+                    logger.info("created the dblink extension in schema %s "
+                                "(transaction_mode 'new')", dbl)
+                except psycopg.Error as exc:
+                    reason = (f"role {me!r}{' (a superuser)' if is_super else ''} could not: "
+                              f"{exc.diag.message_primary or str(exc).strip()}")
+                where = _dblink_where(conn)
+        conn.commit()
+        try:
+            row = conn.execute(sql.SQL("select {}._new_mode_check_v1()").format(
+                sql.Identifier(engine))).fetchone()
+            problem = row[0] if row else None
+        except psycopg.Error as exc:
+            problem = f"could not check it: {exc.diag.message_primary or str(exc).strip()}"
+        conn.rollback()
+    if problem:
+        if not problem.startswith("transaction_mode 'new'"):
+            problem = f"transaction_mode 'new' is unavailable: {problem}"
+        if reason:
+            problem += f" [pgdurable install did not create dblink: {reason}]"
+        logger.warning("%s", problem, extra={"event": "install.new_mode_unavailable"})
+    else:
+        logger.info("transaction_mode 'new' is ready (dblink in schema %s)", where)
+    return where, problem
+
+
+def _dblink_where(conn: psycopg.Connection[Any]) -> str | None:
+    row = conn.execute("select n.nspname::text from pg_catalog.pg_extension e "
+                       "join pg_catalog.pg_namespace n on n.oid = e.extnamespace "
+                       "where e.extname = 'dblink'").fetchone()
+    return str(row[0]) if row else None
+
+
+def _install(
+    dsn: str,
+    *,
+    engine: str,
+    operator_schema: str | None,
+    target_version: int,
+) -> InstallResult:
     # search_path fixed whatever the database or role defaults say (its owner may set them)
     with psycopg.connect(dsn, autocommit=False, application_name="pgdurable install",
                          options="-c search_path=pg_catalog,pg_temp") as conn:
@@ -252,4 +352,15 @@ def uninstall(dsn: str, *, engine: str = ENGINE_SCHEMA_DEFAULT) -> None:
         )
         if launcher:
             conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(launcher)))
+        # the schema install made for dblink, with the extension when it is there (created by
+        # a superuser, only one may drop it: then both stay, with a warning)
+        dbl = dblink_schema_name(engine)
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("drop schema if exists {} cascade").format(
+                    sql.Identifier(dbl)))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            logger.warning("schema %s (the dblink extension) stays: %s; a superuser may run "
+                           "DROP SCHEMA %s CASCADE", dbl, exc.diag.message_primary, dbl,
+                           extra={"event": "uninstall.dblink_kept"})
         conn.commit()

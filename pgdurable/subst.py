@@ -33,6 +33,8 @@ objects/arrays as compact JSON. SQL mode: numbers and booleans bare (a negative 
 parentheses, so ``10-$n`` cannot become a ``--`` comment), strings and objects/arrays
 (their JSON text) as string literals, NULL as ``NULL``. Inside ``$n.*`` a string cell is
 ``'…'::text`` and an object/array cell ``'…'::jsonb`` so ``VALUES`` gets a definite type.
+A number is written with every digit and its scale, in both modes (``12.50`` stays
+``12.50``; a Decimal as PostgreSQL's numeric text, :func:`pgdurable.values.number_text`).
 
 Injection. A SQL-mode literal is one self-contained token whatever the value holds and
 whatever ``standard_conforming_strings`` is: a plain ``'…'`` (quotes doubled) when the
@@ -51,11 +53,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
 
 from pgdurable.errors import SubstitutionError
-from pgdurable.values import first_column, is_row_set, json_text
+from pgdurable.values import first_column, is_row_set, json_text, number_text
 
 __all__ = [
     "MAX_STAR_ROWS_DEFAULT",
@@ -96,13 +99,21 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _sql_number(value: int | float) -> str:
+def _sql_number(value: int | float | Decimal) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "'NaN'::float8"
         if math.isinf(value):
             return "'Infinity'::float8" if value > 0 else "'-Infinity'::float8"
         text = repr(value)
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            return f"{number_text(value)[1:-1]!r}::numeric"  # 'NaN', 'Infinity', '-Infinity'
+        try:
+            # a numeric literal with every digit and the scale: 12.50 stays 12.50
+            text = number_text(value)
+        except ValueError as exc:
+            raise SubstitutionError(str(exc)) from None
     else:
         text = str(value)
     # A bare negative number after '-' would start a '--' comment: parenthesise it.
@@ -113,11 +124,11 @@ def _render_sql(value: Any) -> str:
     """Render a non-null JSON value for SQL mode."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, int | float | Decimal):
         return _sql_number(value)
     if isinstance(value, str):
         return sql_literal(value)
-    return sql_literal(json_text(value))
+    return sql_literal(_json(value))
 
 
 def _render_raw(value: Any) -> str:
@@ -129,18 +140,26 @@ def _render_raw(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    return json_text(value)
+    return _json(value)
+
+
+def _json(value: Any) -> str:
+    """A value's JSON text (numbers exact); a value JSON cannot hold fails the reference."""
+    try:
+        return json_text(value)
+    except ValueError as exc:
+        raise SubstitutionError(str(exc)) from None
 
 
 def _render_cell(value: Any) -> str:
     """Render one ``$n.*`` cell for SQL mode, with a definite type for VALUES."""
     if value is None:
         return "NULL"
-    if isinstance(value, bool | int | float):
+    if isinstance(value, bool | int | float | Decimal):
         return _render_sql(value)
     if isinstance(value, str):
         return sql_literal(value) + "::text"
-    return sql_literal(json_text(value)) + "::jsonb"
+    return sql_literal(_json(value)) + "::jsonb"
 
 
 @lru_cache(maxsize=512)
@@ -220,7 +239,10 @@ def _star(ref: str, name: str, result: Any, mode: Mode, max_rows: int) -> str:
             f"a {ref} reference may expand"
         )
     if mode == "raw":
-        return json_text(rows)
+        try:
+            return _json(rows)
+        except SubstitutionError as exc:
+            raise SubstitutionError(f"{ref}: {exc}") from None
     try:
         return _star_sql(name, result, rows)
     except SubstitutionError as exc:
@@ -235,6 +257,9 @@ def _star_sql(name: str, result: Any, rows: list[Any]) -> str:
     if not isinstance(columns, list):
         first = rows[0]
         columns = list(first) if isinstance(first, dict) else []
+    elif not all(isinstance(c, str) for c in columns):
+        # a value shaped like rows (a break value) whose columns are not names
+        raise SubstitutionError(f"result {name!r} has a malformed columns list (not names)")
     if not columns:
         # rows without columns (SELECT FROM t): as many empty rows
         return f"(SELECT FROM generate_series(1, {len(rows)})) AS {alias}"
@@ -266,12 +291,10 @@ def _pass2(text: str, mode: Mode, results: Mapping[str, Any], max_star_rows: int
             if mode == "sql":
                 return ref
             raise SubstitutionError(f"{ref}: result {name!r} has no column {col!r}") from None
-        if mode == "raw":
-            return _render_raw(value)
-        if value is None:
+        if value is None and mode == "sql":
             return "NULL"
         try:
-            return _render_sql(value)
+            return _render_raw(value) if mode == "raw" else _render_sql(value)
         except SubstitutionError as exc:
             raise SubstitutionError(f"{ref}: {exc}") from None
 

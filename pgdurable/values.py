@@ -12,8 +12,19 @@ Pure functions, no I/O; the worker calls them once per step.
   at one place (``Worker._complete_once``), so one cap covers them all.
 - :func:`error_text` bounds an error message before it is stored (a failure is copied to
   every enclosing composite, up to 256 levels).
-- :func:`json_text` encodes any JSON value to text (orjson, with a stdlib fallback for the
-  integers beyond 64 bits that orjson refuses).
+- :func:`loads` parses JSON text exactly and :func:`json_bytes` / :func:`json_text` encode
+  it back exactly (see "Numbers" below).
+
+Numbers. Results stay JSON numbers, exact, as PostgreSQL's jsonb stores them: every digit
+and the scale (``12.50`` stays ``12.50``, a 40-digit numeric keeps its 40 digits). A number
+that a float or a 64-bit integer cannot hold exactly (a fraction, an exponent, an integer
+beyond 64 bits) is parsed as a :class:`~decimal.Decimal` (an integer within 64 bits stays an
+``int``) and written back as PostgreSQL's numeric text (plain notation, its scale kept)
+through an ``orjson.Fragment``. ``NaN``/``Infinity`` arrive from PostgreSQL as JSON strings
+and stay strings. The one number that fails is one jsonb cannot store either (beyond
+numeric's range: more than 131072 digits before the point or 16383 after it, possible only
+inside a json column), with a message saying so. Texts without such a number (most rows)
+cost one orjson parse and a check of its value's types.
 
 Storage bounds (docs/security.md, "Amplification"): a step result is stored once (composites
 refer to it, ``pgdurable.worker.instance``); one checkpoint carries at most
@@ -46,6 +57,7 @@ __all__ = [
     "json_bytes",
     "json_text",
     "loads",
+    "number_text",
     "sql_envelope",
     "too_large",
     "truthy",
@@ -68,28 +80,112 @@ _TRUE_WORDS = frozenset({"true", "t", "yes"})
 _FALSE_WORDS = frozenset({"false", "f", "no"})
 # "numeric text": a plain decimal number. Deliberately narrower than float(): no "nan",
 # "inf", "1_000" or hex, which are "other text" and therefore true.
-# 19 digits in a row: possibly an integer orjson would not keep exactly (beyond int64).
-_LONG_DIGITS = re.compile(r"\d{19}")
 _NUMERIC_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 # A NUL character in compact JSON: \u0000 after an even number of backslashes (jsonb refuses
 # it, so a checkpoint holding one would fail every time)
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+# PostgreSQL's numeric (what jsonb stores every number as) holds at most 131072 digits before
+# the decimal point (the leading one at 10**131071) and 16383 after it.
+_NUMERIC_MAX_ADJUSTED = 131071
+_NUMERIC_MAX_SCALE = 16383
+# The integers orjson reads and writes exactly (beyond them it reads a float, writes nothing)
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+_NESTED = (dict, list)
+
+
+def number_text(value: Decimal) -> str:
+    """A Decimal as PostgreSQL's numeric renders it: plain notation, every digit, its scale
+    (``Decimal("12.50")`` → ``12.50``, ``Decimal("1E-7")`` → ``0.0000001``).
+
+    ValueError for a finite number numeric (and so jsonb) cannot hold. NaN and ±Infinity
+    give the JSON strings PostgreSQL's ``to_json`` gives them (``"NaN"``, ``"Infinity"``,
+    ``"-Infinity"``); they are not numbers in JSON.
+    """
+    if not value.is_finite():
+        if value.is_nan():
+            return '"NaN"'
+        return '"-Infinity"' if value.is_signed() else '"Infinity"'
+    text = str(value)
+    if "E" not in text:
+        return text  # the common case: str() already is plain notation
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    zero = not any(digits)
+    if -exponent > _NUMERIC_MAX_SCALE or (
+            not zero and exponent + len(digits) - 1 > _NUMERIC_MAX_ADJUSTED):
+        shown = text if len(text) <= 40 else f"{text[:20]}…{text[-12:]}"
+        raise ValueError(f"the number {shown} is beyond the range of PostgreSQL's numeric "
+                         "(at most 131072 digits before the decimal point and 16383 after "
+                         "it), which jsonb stores every number as")
+    if zero and exponent > 0:
+        return "-0" if sign else "0"  # numeric's zero has no exponent: 0E+5 is 0
+    return format(value, "f")
+
+
+def _default(value: Any) -> Any:
+    """orjson's ``default``: a Decimal is written as its exact text (a Fragment)."""
+    if isinstance(value, Decimal):
+        return orjson.Fragment(number_text(value))
+    raise TypeError
+
+
+def _encode_slow(value: Any) -> bytes:
+    """Encode what orjson refuses as a whole (integers beyond 64 bits, nesting deeper than its
+    254 levels) without recursion, every scalar exactly as :func:`json_bytes` would."""
+    out = bytearray()
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bytes):  # punctuation pushed below
+            out += item
+        elif isinstance(item, dict):
+            parts: list[Any] = [b"{"]
+            for i, (key, val) in enumerate(item.items()):
+                if not isinstance(key, str):
+                    raise ValueError(f"object key {key!r} is not text")
+                parts += [b"," if i else b"", _scalar(key), b":", val]
+            parts.append(b"}")
+            stack.extend(reversed(parts))
+        elif isinstance(item, list | tuple):
+            parts = [b"["]
+            for i, val in enumerate(item):
+                parts += [b"," if i else b"", val]
+            parts.append(b"]")
+            stack.extend(reversed(parts))
+        else:
+            out += _scalar(item)
+    return bytes(out)
+
+
+def _scalar(value: Any) -> bytes:
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+            _INT_MIN <= value <= _INT_MAX):
+        value = Decimal(value)  # exact, and not bound by int's 4300-digit str() limit
+    try:
+        return orjson.dumps(value, default=_default)
+    except TypeError as exc:
+        if isinstance(exc.__cause__, ValueError):
+            raise exc.__cause__ from None
+        if isinstance(value, str):
+            raise ValueError("a string holds a lone surrogate (it is not UTF-8)") from None
+        raise ValueError(f"a {type(value).__name__} value is not JSON") from None
 
 
 def json_bytes(value: Any) -> bytes:
-    """Encode a JSON value compactly as UTF-8 bytes, keeping key order.
+    """Encode a JSON value compactly as UTF-8 bytes, keeping key order and every number's
+    digits and scale (a Decimal as PostgreSQL's numeric text, see :func:`number_text`).
 
-    orjson refuses integers beyond 64 bits (possible inside json/jsonb columns); those fall
-    back to the standard library, which renders them exactly.
+    ValueError when the value cannot be JSON stored by PostgreSQL: a number beyond numeric's
+    range, a string with a lone surrogate, a key that is not text.
     """
     try:
-        return orjson.dumps(value)
-    except TypeError:
-        # beyond 64 bits, or nested deeper than orjson's 254 levels
-        try:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-        except RecursionError:
-            raise ValueError("the value nests too deeply to be stored as JSON") from None
+        return orjson.dumps(value, default=_default)
+    except TypeError as exc:
+        if isinstance(exc.__cause__, ValueError):  # number_text refused a number
+            raise exc.__cause__ from None
+    # an integer beyond 64 bits, nesting deeper than orjson's 254 levels, a lone surrogate
+    return _encode_slow(value)
 
 
 def json_text(value: Any) -> str:
@@ -101,29 +197,70 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not json")
 
 
-def _loads(text: str) -> Any:
-    """Parse JSON text exactly.
+def _parse_int(text: str) -> int | Decimal:
+    """A JSON integer: an int where orjson reads one too (64 bits), else a Decimal (exact,
+    and not bound by int's 4300-digit limit)."""
+    if len(text) < 19:
+        return int(text)
+    value = Decimal(text)
+    return int(value) if _INT_MIN <= value <= _INT_MAX else value
 
-    orjson turns integers beyond 64 bits into (lossy) floats and refuses numbers beyond the
-    double range (``1e400``); texts that may hold either go through the stdlib, which keeps
-    integers exact. Both refuse ``NaN``/``Infinity``, which are not JSON.
+
+def _inexact(value: Any) -> bool:
+    """Whether orjson's parse holds a float: it reads every number with a fraction or an
+    exponent, and every integer beyond 64 bits, as one (losing digits and the scale), and
+    every other number exactly. One pass over the containers, their items' types collected
+    in C (cheaper than scanning the text); no recursion, whatever the depth."""
+    kind = type(value)
+    if kind is float:
+        return True
+    if kind is not dict and kind is not list:
+        return False
+    if kind is dict:  # a row of scalars, the common case: one look
+        kinds = set(map(type, value.values()))
+        if float in kinds:
+            return True
+        if dict not in kinds and list not in kinds:
+            return False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        items = item.values() if type(item) is dict else item
+        kinds = set(map(type, items))
+        if float in kinds:
+            return True
+        if dict in kinds or list in kinds:
+            stack.extend(x for x in items if type(x) in _NESTED)
+    return False
+
+
+def _loads(text: str | bytes) -> Any:
+    """Parse JSON text exactly (see "Numbers" in the module docstring).
+
+    orjson first; when what it read holds a float (a number it may have lost digits or the
+    scale of), the text is parsed again by the standard library with Decimals for fractions,
+    exponents and integers beyond 64 bits. Both refuse ``NaN``/``Infinity`` (not JSON;
+    PostgreSQL writes them as strings).
     """
-    if _LONG_DIGITS.search(text) is None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass  # maybe 1e400; the stdlib decides (and raises ValueError if not JSON)
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass  # 1e400, or deeper than orjson reads: the stdlib decides (ValueError if not JSON)
+    else:
+        if not _inexact(value):
+            return value
+    try:
+        return json.loads(text, parse_float=Decimal, parse_int=_parse_int,
+                          parse_constant=_reject_constant)
     except RecursionError:
         # deeper than Python can represent (orjson stops at 1024 levels, the stdlib near 1000)
         raise ValueError("it nests too deeply") from None
 
 
-def loads(text: str | bytes) -> Any:
+def loads(text: str | bytes | memoryview) -> Any:
     """Parse JSON text exactly (see :func:`_loads`); ValueError when it is not JSON or nests
     deeper than Python can hold. The worker's psycopg JSON loader."""
-    return _loads(bytes(text).decode() if not isinstance(text, str) else text)
+    return _loads(text if isinstance(text, str | bytes) else bytes(text))
 
 
 def is_row_set(result: Any) -> bool:
@@ -138,8 +275,9 @@ def first_column(result: dict[str, Any], row: dict[str, Any]) -> tuple[bool, Any
     from the row's first key. A row without columns gives ``(False, None)``.
     """
     columns = result.get("columns")
-    if isinstance(columns, list) and columns:
+    if isinstance(columns, list) and columns and isinstance(columns[0], str):
         return True, row.get(columns[0])
+    # no usable columns list (a break value shaped like rows may carry anything there)
     for key in row:
         return True, row[key]
     return False, None
@@ -152,6 +290,8 @@ def _judge(value: Any) -> bool:
         return value
     if isinstance(value, int | float):
         return value != 0
+    if isinstance(value, Decimal):
+        return not value.is_zero()  # NaN (never parsed: PostgreSQL writes "NaN") is true
     if isinstance(value, str):
         text = value.strip()
         if not text:
@@ -170,7 +310,7 @@ def _judge(value: Any) -> bool:
         return True
     if isinstance(value, list | dict):
         return len(value) > 0
-    # Anything else (Decimal from a caller, …): judged by Python truthiness.
+    # Anything else: judged by Python truthiness.
     return bool(value)
 
 
@@ -253,11 +393,12 @@ def check_size(
     ``what`` names the value in the message (e.g. ``"result of node 'load'"``); ``setting``
     is the setting that raises the limit. A ``limit_bytes`` ≤ 0 means no limit but the one
     every checkpoint has (:data:`CHECKPOINT_MAX_BYTES`), which no setting raises. A value
-    that cannot be encoded (nested too deeply) fails too: it could not be stored either.
+    that cannot be encoded (a lone surrogate, a number beyond numeric's range) fails too: it
+    could not be stored either.
     """
     try:
         data = json_bytes(value)
-    except ValueError as exc:  # too deep, or a lone surrogate (not UTF-8)
+    except ValueError as exc:  # a lone surrogate (not UTF-8), a number jsonb cannot hold
         raise StepError(f"{what} cannot be stored: {exc}") from None
     if len(data) > effective_limit(limit_bytes):
         raise too_large(what, len(data), limit_bytes, setting)

@@ -51,8 +51,10 @@ Semantics (SPEC §3; the twins must agree on every detail):
 - Abandoned nodes (RACE losers, other branches of a failed JOIN, what runs
   below a broken loop, everything on cancel) become FAILED without a
   ``finished`` entry; the ones the executor works on (leaves, undecided if_rows
-  IFs) are listed in ``abandoned``. Their generation is kept, so their late
-  completions are ignored.
+  IFs) are listed in ``abandoned``, every other one (the composites: THEN, IF,
+  LOOP, JOIN, RACE) in ``stopped``, so the executor can record each of them as
+  ended (no node of an abandoned branch stays running, a loop included). Their
+  generation is kept, so their late completions are ignored.
 - A successful if_rows decision has no ``finished`` entry: the IF keeps running
   its arm and finishes (HOW_COPY) with it; a failed one finishes it HOW_LEAF.
 - The root finishing sets ``terminal`` to COMPLETED or FAILED.
@@ -125,6 +127,9 @@ class Step(NamedTuple):
     """(loop node, iteration number ≥ 2) loops that began a new iteration."""
     terminal: int
     """T_RUNNING, T_COMPLETED, T_FAILED or T_CANCELLED after this call."""
+    stopped: list[tuple[int, int]]
+    """(node, gen) active composites abandoned with their branch (they have no task of their
+    own), ascending node; the executor records them failed like the ``abandoned`` leaves."""
 
 
 class SchedulerProto(Protocol):

@@ -92,16 +92,18 @@ class Scheduler:
     def _reset_out(self) -> None:
         self._ready: list[tuple[int, int]] = []
         self._abandoned: list[tuple[int, int]] = []
+        self._stopped: list[tuple[int, int]] = []
         self._started_out: list[tuple[int, int]] = []
         self._finished: list[tuple[int, int, int, list[int]]] = []
         self._iterations: list[tuple[int, int]] = []
 
     def _step(self) -> Step:
-        """Package the buffers as a Step (ready/abandoned ascending) and clear them."""
+        """Package the buffers as a Step (ready/abandoned/stopped ascending) and clear them."""
         self._ready.sort()
         self._abandoned.sort()
+        self._stopped.sort()
         step = Step(self._ready, self._abandoned, self._started_out, self._finished,
-                    self._iterations, self._terminal)
+                    self._iterations, self._terminal, self._stopped)
         self._reset_out()
         return step
 
@@ -249,8 +251,9 @@ class Scheduler:
 
         Running nodes become FAILED without a ``finished`` entry; the ones the
         executor is working on (leaves, undecided if_rows IFs) are reported in
-        ``abandoned`` so it can stop them. Their generation is kept, so their
-        late completions are fenced off.
+        ``abandoned`` so it can stop them, the other composites in ``stopped`` so
+        it can record them ended. Their generation is kept, so their late
+        completions are fenced off.
         """
         status, types = self._status, self._types
         for i in range(lo, hi):
@@ -260,6 +263,8 @@ class Scheduler:
                 if t in LEAF_TYPES or (t == IF and self._cond[i] == COND_IF_ROWS
                                        and self._aux[i] == 0):
                     self._abandoned.append((i, self._gen[i]))
+                else:
+                    self._stopped.append((i, self._gen[i]))
 
     def _abandon_siblings(self, node: int, child: int) -> None:
         """Abandon the running branches of JOIN/RACE ``node`` other than ``child``."""

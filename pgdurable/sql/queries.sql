@@ -85,11 +85,14 @@ on conflict (epoch_id) do update set last_seen_at = now()
 -- name: step_settings
 -- per-step settings (marks the session as a workflow, bounds the statement), then the step
 -- capability, one of the deployment-wide max_user_connections slots and the step's identity,
--- all in the step's transaction (a step session: every name qualified)
+-- all in the step's transaction (a step session: every name qualified); last the step's
+-- application_name, pgdurable:<instance>:<node>, for the transaction only (what a DBA sees
+-- in pg_stat_activity; docs/operating.md)
 select pg_catalog.set_config('df.in_workflow', 'true', true),
        pg_catalog.set_config('statement_timeout',
                              @engine@.setting('step_statement_timeout', '0'), true),
-       @engine@._step_begin_v1(%s, %s::pg_catalog.oid)
+       @engine@._step_begin_v1(%s, %s::pg_catalog.oid),
+       pg_catalog.set_config('application_name', %s, true)
 
 -- name: step_next
 -- the next step of a batch, in the same transaction, after a RESET ALL (nothing the last
@@ -97,7 +100,8 @@ select pg_catalog.set_config('df.in_workflow', 'true', true),
 -- the step identity stay the batch's)
 select pg_catalog.set_config('df.in_workflow', 'true', true),
        pg_catalog.set_config('statement_timeout',
-                             @engine@.setting('step_statement_timeout', '0'), true)
+                             @engine@.setting('step_statement_timeout', '0'), true),
+       pg_catalog.set_config('application_name', %s, true)
 
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,
@@ -181,9 +185,11 @@ select exists (select 1 from upd),
 select pg_catalog.to_regprocedure('@engine@._runner_ok_v1(oid)') is not null
 
 -- name: remote_step_settings
--- per-step settings in another database: the capability (registered there), no slot
+-- per-step settings in another database: the capability (registered there), no slot; the
+-- step's application_name as in step_settings
 select pg_catalog.set_config('df.in_workflow', 'true', true),
-       @engine@._cap_check_v1(%s)
+       @engine@._cap_check_v1(%s),
+       pg_catalog.set_config('application_name', %s, true)
 
 -- name: still_ours
 -- which of our running steps are still ours with their instance live (a NOTIFY on

@@ -372,8 +372,10 @@ async def _resolve_checked(host: str, port: int, shown: str) -> list[str]:
 
 
 def _disabled(shown: str) -> HttpStepError:
+    # "df.http() is disabled": pg_durable's text for the same refusal, which scripts match
     return HttpStepError(
-        f"outbound HTTP requests are disabled by the service's http policy 'deny-all'; "
+        "df.http() is disabled: outbound HTTP requests are disabled by the service's http "
+        "policy 'deny-all'; "
         f"{shown!r} was not requested (start pgdurable serve with --http-policy public or "
         "allow-list to enable them)"
     )

@@ -33,11 +33,11 @@ import secrets
 import time
 import zlib
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, Final, Literal
 
 import httpcore
 import httpx
-import orjson
 
 from pgdurable import __version__
 from pgdurable.errors import HttpStepError
@@ -54,6 +54,7 @@ from pgdurable.steps.http_policy import (
     check_url,
     shown_url,
 )
+from pgdurable.values import json_bytes
 
 __all__ = [
     "ALLOW_DEFAULT",
@@ -211,7 +212,7 @@ def make_client(policy: HttpPolicy) -> httpx.AsyncClient:
 def _timeout(value: object, policy: HttpPolicy) -> float:
     if value is None:
         seconds = TIMEOUT_SECONDS_DEFAULT
-    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+    elif isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
         raise HttpStepError(f"http timeout_seconds must be a positive number, got {value!r}")
     else:
         try:
@@ -277,7 +278,10 @@ def _request_body(raw: object) -> bytes | None:
         return None
     if isinstance(raw, str):
         return raw.encode("utf-8")
-    return orjson.dumps(raw)
+    try:
+        return json_bytes(raw)  # numbers exactly as written (12.50 stays 12.50)
+    except ValueError as exc:
+        raise HttpStepError(f"http body cannot be sent as JSON: {exc}") from None
 
 
 def _quote(value: str) -> str:

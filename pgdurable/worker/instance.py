@@ -59,6 +59,12 @@ SIGNAL_TIMEOUT_MAX = 2**31 - 1
 #: them.
 INTERNAL_DETAILS = ("result_from", "result_of", "result_bytes")
 _NULL_BYTES = 4  # len(b"null")
+#: The result of a node abandoned with its branch (its details say ``"abandoned": true``).
+ABANDONED = "cancelled: abandoned (lost a RACE, a sibling failed, or a break)"
+#: Details of an earlier activation that a re-activated node must not keep (null removes a
+#: key's meaning: readers test the values).
+STALE_DECISIONS = {"branch": None, "winner": None, "decided_seq": None, "abandoned": None,
+                   "error_node": None}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -309,10 +315,7 @@ class InstanceCtx:
                 upd["status"] = "completed"
                 upd["result"] = None
                 self.record_result(node, value, size, cp)
-                if g.types[node] == A.IF and srcs:
-                    upd["details"]["branch"] = "then" if srcs[0] == g.left[node] else "else"
-                if g.types[node] == A.RACE and srcs:
-                    upd["details"]["winner"] = g.node_ids[srcs[0]]
+                self._record_decision(node, srcs, upd)
             else:
                 msg, sqlstate = self._failure_text(node, how, srcs)
                 msg = error_text(msg)
@@ -328,16 +331,22 @@ class InstanceCtx:
                 cp.weight += len(msg)
                 if sqlstate:
                     upd["details"]["sqlstate"] = sqlstate
-                if g.types[node] == A.RACE and srcs:
-                    upd["details"]["winner"] = g.node_ids[srcs[0]]
-        for node, _gen in step.abandoned:
+                self._record_decision(node, srcs, upd)
+        # abandoned with their branch (a RACE's loser, the other branches of a failed JOIN,
+        # what ran below a break): every one ends failed, the composites (``stopped``: a LOOP
+        # on a RACE's losing side, …) as well as the leaves, so no row of it stays running
+        # (docs/decisions.md D17); only the executor's own work (``abandoned``) has a task
+        for node, has_task in [(n, True) for n, _ in step.abandoned] + \
+                [(n, False) for n, _ in step.stopped]:
             nid = g.node_ids[node]
             self._set_leaf_bytes(node, None)
-            cp.drop_tasks.append(nid)
+            if has_task:
+                cp.drop_tasks.append(nid)
             upd = cp.node(nid)
             upd["status"] = "failed"
-            upd["result"] = "cancelled: abandoned (lost a RACE, a sibling failed, or a break)"
+            upd["result"] = ABANDONED
             upd["details"]["finished_at"] = ts
+            upd["details"]["finished_seq"] = seq
             upd["details"]["abandoned"] = True
         ready = {n for n, _ in step.ready}
         # Iteration floor (SPEC §3.5, D14): iteration k+1 begins no earlier than
@@ -369,6 +378,17 @@ class InstanceCtx:
                 "queued_at": ts, "started_at": ts, "finished_at": None, "duration_ms": None,
                 "sqlstate": None,
             })
+            if gen > 1:
+                # re-activated by a loop: what the row says about an earlier activation
+                # (an IF's arm, a RACE's winner, being abandoned) does not describe this one
+                upd["details"].update(STALE_DECISIONS)
+            p = g.parent[node]
+            if p != A.NONE and g.types[p] == A.IF and node != g.cond[p]:
+                # an IF took this arm now: readers (df.instance_nodes, df.explain) show the
+                # other arm skipped while this one runs, not only once the IF has finished
+                pd = cp.node(g.node_ids[p])["details"]
+                pd["branch"] = "then" if node == g.left[p] else "else"
+                pd["decided_seq"] = seq
             if g.types[node] == A.LOOP and node not in iter_loops:
                 upd["details"]["iteration"] = 1
                 upd["details"]["iter_seq"] = seq
@@ -390,6 +410,24 @@ class InstanceCtx:
             cp.inst_status = "failed"
         elif step.terminal == A.T_CANCELLED:
             cp.inst_status = "cancelled"
+
+    def _record_decision(self, node: int, srcs: list[int], upd: dict[str, Any]) -> None:
+        """A finished IF's arm / RACE's winner, from the source of its result: the child on
+        the way to it (a break's source is the BREAK, deeper down; an IF whose condition
+        failed or broke took no arm)."""
+        g = self.graph
+        t = g.types[node]
+        if t not in (A.IF, A.RACE) or not srcs:
+            return
+        child = srcs[0]
+        while child != A.NONE and g.parent[child] != node:
+            child = g.parent[child]
+        if child == A.NONE:
+            return
+        if t == A.RACE:
+            upd["details"]["winner"] = g.node_ids[child]
+        elif child in (g.left[node], g.right[node]):
+            upd["details"]["branch"] = "then" if child == g.left[node] else "else"
 
     def _in_subtree(self, node: int, root: int) -> bool:
         p = node

@@ -43,6 +43,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -66,6 +67,8 @@ from pgdurable.values import (
     check_size,
     effective_limit,
     error_text,
+    json_bytes,
+    json_text,
     loads,
     sql_envelope,
     too_large,
@@ -106,6 +109,9 @@ INSTANCE_CAP_SETTING = "pg_durable.max_instance_bytes"
 # input raises every time: data exceptions (an interval or timestamp out of range, …) and
 # program limits. Retrying cannot help; the step fails at once.
 DETERMINISTIC_SQLSTATE_CLASSES = ("22", "54")
+# What a failure that is not the step's own outcome calls for (see _failure_kind): another
+# attempt, or failing the step now (PostgreSQL refused our data; a bug of ours).
+RETRY, DATA, INTERNAL = "retry", "data", "internal"
 PRUNE_BATCH = 500
 # SQL step batching (docs/decisions.md D13: "a batch of steps sharing one connection takes one
 # slot"): a runner keeps its transaction open for more queued SQL steps of the same role while it is
@@ -124,6 +130,10 @@ SQL_TAKE_MAX = 1024
 # A single step waits this long at most for its instance's lock (held by a batch's or the
 # completer's checkpoint) before giving its transaction up (released, retried).
 LOCK_WAIT_S = 10.0
+# Pools of another database (`database =>` steps) are closed once idle this long: a worker
+# keeping sessions there would make DROP DATABASE of it fail ("being accessed by other
+# users"; PostgreSQL waits 5 s for them to go). Checked every REMOTE_IDLE_S / 4.
+REMOTE_IDLE_S = 2.0
 
 
 class Fenced(Exception):
@@ -187,6 +197,8 @@ class Worker:
         self.remote_runners: set[tuple[str, int]] = set()
         self.remote_pools: dict[str, AsyncConnectionPool] = {}
         self.remote_step_pools: dict[str, AsyncConnectionPool] = {}
+        self.remote_used: dict[str, float] = {}  # database -> when last used (monotonic)
+        self.remote_reaper: asyncio.Task[None] | None = None
         self.completer: Completer | None = None
         self.http_waiting = 0
         self.max_iterations = 100_000
@@ -603,23 +615,33 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # not the step's own failure (the database went away, our checkpoint failed):
-            # give the task back so it runs again — a bounded number of times, unless the
-            # same input fails the same way every time (then the step fails now)
+            # not the step's own failure: the database went away or refused our checkpoint
+            # for a while (the task is given back and runs again, a bounded number of times),
+            # or the same input fails the same way every time (the step fails now)
             self._forget(task.instance_id)
-            final = _deterministic(exc)
-            if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
+            kind = _failure_kind(exc, stopping=self.stopping.is_set())
+            final = kind != RETRY
+            what = f"{type(exc).__name__}: {exc}"
+            if kind == INTERNAL:
+                # a bug of ours: its traceback is logged here, once, and the step fails
+                logger.error("internal error in pgdurable while %s (%s); failing it, not "
+                             "retrying it", _where(task), what, exc_info=exc,
+                             extra={"event": "step.internal_error"})
+            elif kind == DATA:
+                logger.warning("step cannot go on (%s); failing it", what,
+                               extra={"event": "step.deterministic_error"})
+            elif task.attempts >= MAX_ATTEMPTS:
+                logger.error("step abandoned after %d attempts (%s)", task.attempts, what,
+                             exc_info=exc, extra={"event": "step.abandoned"})
+            elif isinstance(exc, psycopg.Error) and exc.sqlstate is None:
                 logger.warning("database unavailable during step: %s", exc,
                                extra={"event": "step.infra_error"})
-            elif final:
-                logger.warning("step cannot go on (%s: %s); failing it", type(exc).__name__,
-                               exc, extra={"event": "step.deterministic_error"})
             else:
-                logger.exception("internal error while running a step (attempt %d)",
-                                 task.attempts, extra={"event": "step.internal_error"})
+                logger.warning("step runs again (attempt %d of %d failed: %s)", task.attempts,
+                               MAX_ATTEMPTS, what, extra={"event": "step.retry"})
             if final or task.attempts >= MAX_ATTEMPTS:
                 with contextlib.suppress(Exception):
-                    await self._poison(task, exc, final=final)
+                    await self._poison(task, exc, kind=kind)
                     return
             await self._release(task)
 
@@ -638,20 +660,19 @@ class Worker:
             return False
         return bool(row and row[0])
 
-    async def _poison(self, task: Task, exc: BaseException, *, final: bool = False) -> None:
+    async def _poison(self, task: Task, exc: BaseException, *, kind: str = RETRY) -> None:
         """Fail a step that could not be handled in MAX_ATTEMPTS claims (a start task too:
         an instance whose graph cannot even load fails instead of being retried forever),
-        or at once when its failure is deterministic (``final``)."""
+        or at once when its failure is deterministic (``kind`` DATA or INTERNAL)."""
         assert self.pool is not None
-        reason = (f"step failed: {exc} (the same input fails the same way: not retried)"
-                  if final else
-                  f"step abandoned after {task.attempts} attempts; last error: {exc}")
+        reason = _failure_reason(task, exc, kind)
+        sqlstate = "XX000" if kind == INTERNAL else getattr(exc, "sqlstate", None)
         if task.kind != "start":
             try:
                 async with self.pool.connection() as conn:
                     ctx = await self._ctx(conn, task.instance_id, fresh=True)
                 if ctx is not None and task.node_id in ctx.index:
-                    err = StepError(reason, sqlstate=getattr(exc, "sqlstate", None))
+                    err = StepError(reason, sqlstate=sqlstate)
                     await self._group_complete(ctx, task, ctx.index[task.node_id], False,
                                                None, err)
                     return
@@ -743,8 +764,9 @@ class Worker:
         _check_checkpoint(cp.weight)
         # results are embedded as the bytes their leaf was encoded to (never re-encoded), and
         # sent as bytes: no text copy of a large checkpoint
-        nodes = orjson.dumps(list(cp.nodes.values()))
-        named = orjson.dumps(cp.named) if cp.named else None
+        # json_bytes: a named composite's value is Python values, numbers maybe Decimals
+        nodes = json_bytes(list(cp.nodes.values()))
+        named = json_bytes(cp.named) if cp.named else None
         _check_checkpoint(len(nodes) + (len(named) if named else 0))
         cur = await conn.execute(*self._engine_query(conn, "apply", (
             self.worker_id, ctx.instance_id, task.node_id, task.gen, ctx.version,
@@ -811,11 +833,13 @@ class Worker:
                     cfg = loads(ctx.configs[idx])
                     name = cfg["result_name"]
                     res = ctx.named.get(name)
-                    if not isinstance(res, dict) or "row_count" not in res:
+                    count = res.get("row_count") if isinstance(res, dict) else None
+                    if isinstance(count, bool) or not isinstance(count, int | Decimal):
+                        # missing, or a value shaped like rows (a break value) that is not
                         raise StepError(f"if_rows: result {name!r} is missing or has no rows "
                                         "(it must name an earlier SQL step)")
                     value = None
-                    decision = res["row_count"] > 0
+                    decision = count > 0
                 elif ntype == A.SLEEP:
                     value = {"slept": True, "seconds": int(ctx.configs[idx] or 0)}
                 elif ntype == A.WAIT_SCHEDULE:
@@ -928,7 +952,7 @@ class Worker:
             raise StepError(f"role {ctx.role_name!r} does not have EXECUTE privilege on {fn}; "
                             f"grant it with df.grant_usage({ctx.role_name!r}, "
                             "include_http => true)")
-        cfg = orjson.loads(ctx.configs[idx])
+        cfg = loads(ctx.configs[idx])  # exact: a JSON body's numbers are sent as written
         if isinstance(cfg.get("url"), str):
             cfg["url"] = self._subst(ctx, cfg["url"], "raw")
         if not multipart and isinstance(cfg.get("body"), str):
@@ -1038,7 +1062,8 @@ class Worker:
                 # statement, pipelined
                 async with conn.pipeline():
                     await conn.execute(b"begin")
-                    await conn.execute(self.q("step_settings"), (cap, ctx.role_oid))
+                    await conn.execute(self.q("step_settings"),
+                                       (cap, ctx.role_oid, step_app_name(task)))
                     cur = await conn.execute(call, (cap, text, self._runner_cap))
                 rows = await cur.fetchall()
             finally:
@@ -1223,11 +1248,13 @@ class Worker:
                                 if not ran:
                                     # once per batch: BEGIN, settings, one slot, the identity
                                     await conn.execute(b"begin")
-                                    await conn.execute(self.q("step_settings"), (cap, role))
+                                    await conn.execute(self.q("step_settings"), (
+                                        cap, role, step_app_name(item.task)))
                                 else:
                                     # GUCs the last statement set (search_path, …) end here
                                     await conn.execute(b"reset all")
-                                    await conn.execute(self.q("step_next"))
+                                    await conn.execute(self.q("step_next"),
+                                                       (step_app_name(item.task),))
                                 cur = await conn.execute(
                                     call, (cap, item.text, self._runner_cap))
                             rows = await cur.fetchall()
@@ -1297,6 +1324,8 @@ class Worker:
                     it.fut.cancel()
                 elif isinstance(exc, Fenced) and len(failed) == 1:
                     it.fut.set_exception(Fenced())
+                elif isinstance(exc, _Requeue) and len(failed) == 1:
+                    it.fut.set_exception(exc)  # interrupted by another session: logged, backs off
                 else:
                     it.fut.set_exception(_Retry())
             if len(failed) > 1:
@@ -1329,11 +1358,20 @@ class Worker:
 
     async def _remote_pools(self, dbname: str) -> tuple[AsyncConnectionPool,
                                                            AsyncConnectionPool]:
-        """The service's and the step sessions' pools for another database."""
+        """The service's and the step sessions' pools for another database.
+
+        Both are closed together once every connection of both has been idle for
+        REMOTE_IDLE_S (and forgotten with the runners verified there), so DROP DATABASE of a
+        database whose workflows are done does not find this worker's sessions in it. A
+        reaper task does it: psycopg_pool's own max_idle closes one connection per max_idle
+        period, which leaves a pool of n connections open n times as long.
+        """
+        self.remote_used[dbname] = time.monotonic()
         pool = self.remote_pools.get(dbname)
         if pool is None:
             pool = AsyncConnectionPool(
                 _with_db(self.config.dsn, dbname), min_size=0, max_size=2, open=False,
+                max_idle=REMOTE_IDLE_S,
                 kwargs={"autocommit": True, "prepare_threshold": None,
                         "application_name": f"pgdurable worker {os.getpid()}",
                         "options": SERVICE_OPTIONS},
@@ -1346,6 +1384,33 @@ class Worker:
                                          self.config.slots, f"pgdurable:step:{dbname}")
             await spool.open(wait=False)
             self.remote_step_pools[dbname] = spool
+
+        async def reap() -> None:
+            while self.remote_used:
+                await asyncio.sleep(REMOTE_IDLE_S / 4)
+                now = time.monotonic()
+                for db, used in list(self.remote_used.items()):
+                    pools = [p for p in (self.remote_pools.get(db),
+                                         self.remote_step_pools.get(db)) if p is not None]
+                    stats = [p.get_stats() for p in pools]
+                    if any(st.get("pool_size", 0) != st.get("pool_available", 0)
+                           or st.get("requests_waiting", 0) for st in stats):
+                        self.remote_used[db] = now  # a connection is out: in use
+                        continue
+                    if now - used < REMOTE_IDLE_S:
+                        continue
+                    # forgotten first (synchronously): a step from now on opens new pools
+                    del self.remote_used[db]
+                    self.remote_pools.pop(db, None)
+                    self.remote_step_pools.pop(db, None)
+                    self.remote_runners -= {k for k in self.remote_runners if k[0] == db}
+                    for p in pools:
+                        with contextlib.suppress(Exception):
+                            await p.close(timeout=5)
+                    logger.debug("closed the idle pools of database %s", db)
+
+        if self.remote_reaper is None or self.remote_reaper.done():
+            self.remote_reaper = asyncio.create_task(reap(), name="remote pool reaper")
         return pool, spool
 
     async def _run_sql_elsewhere(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
@@ -1385,7 +1450,8 @@ class Worker:
                 cap = self._cap(rconn)
                 try:
                     async with rconn.transaction():
-                        await rconn.execute(self.q("remote_step_settings"), (cap,))
+                        await rconn.execute(self.q("remote_step_settings"),
+                                            (cap, step_app_name(task)))
                         self.running_pids[key] = rconn.info.backend_pid
                         try:
                             cur = await rconn.execute(
@@ -1555,7 +1621,7 @@ class _StepFailed(Exception):
 
 def _envelope(rows: list[Any]) -> dict[str, Any]:
     """The SQL result envelope of a runner's rows (json values, text or already parsed)."""
-    return sql_envelope([r[0] if isinstance(r[0], str) else orjson.dumps(r[0]).decode()
+    return sql_envelope([r[0] if isinstance(r[0], str) else json_text(r[0])
                          for r in rows])
 
 
@@ -1575,14 +1641,67 @@ def _identity(data: Any) -> Any:
     return data
 
 
-def _deterministic(exc: BaseException) -> bool:
-    """Would the same step fail the same way again? An error of the worker's own statement in
-    a data-exception or program-limit class, or a ValueError/OverflowError/RecursionError of
-    its own computation on the stored graph (a schedule, a due time): retrying cannot help."""
+def _failure_kind(exc: BaseException, *, stopping: bool = False) -> str:
+    """How a step's handling failed, when the failure is not the step's own outcome.
+
+    RETRY: it may pass on another attempt — the connection or the server went away
+    (OperationalError: connection lost, admin shutdown 57P01, query_canceled 57014 when we
+    shut down), a conflict (serialization failure 40001, deadlock 40P01, lock timeout 55P03),
+    any other error PostgreSQL raised for our statements (bounded by MAX_ATTEMPTS: an
+    operator may fix a revoked privilege), an instance busy in this process, a network or
+    memory error, or anything while the worker is shutting down. A worker that died is
+    retried the same way, by lease expiry.
+    DATA: PostgreSQL refused our statement for the data it carries (data exception 22,
+    program limit 54), or a StepError reached this far (a value over a cap): the same input
+    fails the same way.
+    INTERNAL: an exception of pgdurable's own code (TypeError, KeyError, ValueError, …
+    while processing a result or a stored state): a bug of ours, deterministic, not retried.
+    """
+    if stopping:
+        return RETRY
+    if isinstance(exc, StepError):
+        return DATA
     if isinstance(exc, psycopg.Error):
         state = exc.sqlstate or ""
-        return state[:2] in DETERMINISTIC_SQLSTATE_CLASSES
-    return isinstance(exc, ValueError | OverflowError | RecursionError)
+        return DATA if state[:2] in DETERMINISTIC_SQLSTATE_CLASSES else RETRY
+    if isinstance(exc, _LockBusy | Busy | TimeoutError | OSError | MemoryError):
+        return RETRY
+    return INTERNAL
+
+
+def _deterministic(exc: BaseException) -> bool:
+    """Would the same step fail the same way again? (see :func:`_failure_kind`)"""
+    return _failure_kind(exc) != RETRY
+
+
+def _where(task: Task) -> str:
+    return (f"starting the instance (node {task.node_id!r})" if task.kind == "start"
+            else f"running node {task.node_id!r}")
+
+
+def _failure_reason(task: Task, exc: BaseException, kind: str) -> str:
+    """The error stored for a step that failed for a reason not its own."""
+    if kind == INTERNAL:
+        return (f"internal error in pgdurable while {_where(task)}: {type(exc).__name__}: {exc} "
+                "(a bug in pgdurable, not in the step: it would fail the same way again, so "
+                "it was not retried; the worker's log has the traceback)")
+    if kind == DATA:
+        return f"step failed: {exc} (the same input fails the same way: not retried)"
+    return f"step abandoned after {task.attempts} attempts; last error: {exc}"
+
+
+def step_app_name(task: Task) -> str:
+    """The ``application_name`` of a step's transaction, ``pgdurable:<instance>:<node>``: what
+    a DBA finds a step's backend by in pg_stat_activity (docs/operating.md). Both ids are
+    8 hex digits when df.start wrote them; rows written by hand may hold anything, so only
+    ASCII letters, digits, ``_`` and ``-`` pass (others become ``?``) and each part is cut to
+    24 characters: within NAMEDATALEN (63 bytes), nothing a terminal would interpret."""
+    def clean(text: str) -> str:
+        return _APP_NAME_UNSAFE.sub("?", text[:24])
+    return f"pgdurable:{clean(task.instance_id)}:{clean(task.node_id)}"
+
+
+_APP_NAME_UNSAFE = re.compile(r"[^0-9A-Za-z_-]")
 
 
 def _with_db(dsn: str, dbname: str) -> str:
@@ -1623,7 +1742,8 @@ def run_worker(config: ServeConfig) -> None:
     """Child-process entry point: uvloop, pool opened after fork, run until SIGTERM."""
     import uvloop
 
-    # JSON from the database is parsed like every result (orjson, exact big integers); a
-    # value nested deeper than Python holds fails as a ValueError, not a RecursionError
+    # JSON from the database is parsed like every result (values.loads: every number exact,
+    # with its scale); a value nested deeper than Python holds fails as a ValueError, not a
+    # RecursionError
     set_json_loads(loads)
     uvloop.run(Worker(config).run())

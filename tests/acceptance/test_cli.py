@@ -90,7 +90,8 @@ def test_commands_text_and_json(db, running, tenant):
     assert cli(dsn, "error", iid).output == ""  # not failed: nothing
 
     bad = cli(dsn, "start", "'select 1/0'", "--label", "cli-bad").output.strip()
-    assert cli(dsn, "await", bad).output.strip() == "failed"
+    res = cli(dsn, "await", bad, ok=False)  # await's exit code says it failed
+    assert (res.exit_code, res.output.strip()) == (1, "failed")
     err = cli_json(dsn, "error", bad)["error"]
     assert err["sqlstate"] == "22012"
     assert "division by zero" in err["error"]
@@ -173,7 +174,7 @@ def test_top_once_and_metrics(db, running, tenant):
                ).output.strip() for _ in range(5)]
     bad = cli(dsn, "start", "'select 1/0'", "--label", "boom").output.strip()
     for iid in [*ids, bad]:
-        cli(dsn, "await", iid)
+        cli(dsn, "await", iid, ok=iid != bad)
 
     # one frame of top, through the real entry point, as the admin (sees the workers)
     env = dict(os.environ, PGDURABLE_DSN=db.dsn)

@@ -148,7 +148,8 @@ def test_cli_shows_tenant_text_escaped(db, serve_factory):
     frame = out.rstrip("\n").split("\n")
     fail_at = frame.index("recent failures (1)")
     assert frame[fail_at + 1].startswith(f"  {failed}  ")
-    assert fail_at + 2 == len(frame), frame
+    assert frame[fail_at + 2] == "", frame  # one row for the failure, then the next section
+    assert frame[fail_at + 3] == "next scheduled runs (0)", frame
     inflight_at = next(i for i, line in enumerate(frame) if line.startswith("in-flight steps"))
     assert frame[inflight_at] == "in-flight steps (1)", frame
     assert frame[inflight_at + 2].startswith(f"  {waiting}  ")

@@ -144,8 +144,14 @@ def test_instance_nodes_columns_and_if_inference(tx, user):
     assert got[then_] == ("running", None)
     assert got[els] == ("skipped", root)
     assert got[e1] == ("skipped", root) and got[e2] == ("skipped", root)
+    # pg_durable's compat overload: every node (its second argument is ignored), with the
+    # execution its state is from first (1 for a node that has not run)
     legacy = tx.execute("select * from df.instance_nodes(%s, 2)", (iid,)).fetchall()
-    assert len(legacy) == 2 and len(legacy[0]) == 9
+    assert [r[1] for r in legacy] == [r[0] for r in tx.execute(
+        "select node_id from df.instance_nodes(%s)", (iid,)).fetchall()]
+    assert len(legacy) == 6
+    assert {len(r) for r in legacy} == {10}
+    assert {r[0] for r in legacy} == {1}
     # the instance finishes: leftover pending nodes are skipped from the root
     owner_update(tx, user, iid, then_, status="completed")
     owner_update(tx, user, iid, root, status="completed")
@@ -247,8 +253,8 @@ def test_instance_info_and_executions(tx, user):
                                  "started_at": "2026-01-01T00:00:00Z",
                                  "finished_at": "2026-01-01T00:00:01.5Z"})
     ex = tx.execute("select * from df.instance_executions(%s)", (iid,)).fetchall()
-    assert ex == [(f"{iid}::1", "completed", 1, 1500, '{"rows": [], "row_count": 0}')]
-    assert one(tx, "select current_execution_id from df.instance_info(%s)", (iid,)) == f"{iid}::1"
+    assert ex == [(1, "completed", 1, 1500, '{"rows": [], "row_count": 0}')]
+    assert one(tx, "select current_execution_id from df.instance_info(%s)", (iid,)) == 1
 
 
 def test_metrics_admin_only(tx):

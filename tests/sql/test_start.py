@@ -127,7 +127,7 @@ BAD = [
     (json.dumps(sqln("a", result_name="1bad")), "not a valid identifier"),
     (json.dumps(node("THEN", left_node=sqln("a"))), "needs a right_node"),
     (json.dumps(node("SLEEP", query="soon")), "SLEEP"),
-    (nest(257), "maximum nesting depth of 256"),
+    (nest(258), "maximum nesting depth of 256"),
 ]
 
 
@@ -146,8 +146,9 @@ def test_invalid_graphs_raise_and_write_nothing(tx, user, graph, message):
 
 
 def test_depth_256_is_allowed(tx, user):
-    iid = one(tx, "select df.start(%s)", (nest(256),))
-    assert one(tx, "select count(*) from df.nodes where instance_id = %s", (iid,)) == 256
+    # nesting depth 256: the root at depth 0 and its deepest node 256 levels below it
+    iid = one(tx, "select df.start(%s)", (nest(257),))
+    assert one(tx, "select count(*) from df.nodes where instance_id = %s", (iid,)) == 257
 
 
 def test_node_limit(tx, user):
@@ -246,7 +247,8 @@ def test_new_mode_without_dblink(db):
     role = db.create_role("st")
     with db.connect(role) as conn, pytest.raises(
             psycopg.errors.ObjectNotInPrerequisiteState,
-            match=r"transaction_mode 'new' needs the dblink extension \(CREATE EXTENSION dblink\)"):
+            match=r"transaction_mode 'new' needs the dblink extension, .* must run in that "
+                  r"database: CREATE EXTENSION dblink SCHEMA pgdurable_dblink;"):
         conn.execute("select df.start('select 1', transaction_mode => 'new')")
     with db.connect() as admin:
         assert counts(admin) == (0, 0, 0, 0)

@@ -292,11 +292,12 @@ def test_enqueue_rejects_invalid_stored_graphs(db, case):
 
 def test_enqueue_rejects_graphs_past_the_limits(db):
     role = db.create_role("tsl")
-    # 300 THENs deep (a leaf on the left of each): deeper than df.start allows (256)
+    # 300 THENs deep (a leaf on the left of each): deeper than df.start allows (nesting
+    # depth 256 with the root at depth 0: d0000100 is at 256, d0000101 the first one past)
     chain = [(f"d{i:07x}", "THEN", None, f"e{i:07x}", f"d{i + 1:07x}") for i in range(300)]
     chain += [sql_leaf(f"e{i:07x}") for i in range(300)] + [sql_leaf(f"d{300:07x}")]
     expect_rejected(db, role, "c0ffee02", "d0000000", chain, "54000",
-                    r"nests deeper than 256 levels \(at node 'd0000100'\)")
+                    r"nests deeper than the maximum nesting depth of 256 \(at node 'd0000101'\)")
     # 10,001 nodes (one root and 10,000 orphans: the count is checked first)
     expect_rejected(db, role, "c0ffee03", "00000001", None, "54000",
                     r"has 10001 nodes, more than 10000",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from pgdurable.graph._abc import (
     COMPLETED,
+    COND_IF_ROWS,
     FAILED,
     HOW_ARRAY,
     HOW_BREAK,
@@ -14,6 +17,7 @@ from pgdurable.graph._abc import (
     HOW_FAIL,
     HOW_ITERCAP,
     HOW_LEAF,
+    LEAF_TYPES,
     PENDING,
     RUNNING,
     T_CANCELLED,
@@ -24,6 +28,7 @@ from pgdurable.graph._abc import (
 )
 from pgdurable.graph.compile import CompiledGraph, compile_value
 from tests.graphs import brk, if_, if_rows, join, loop, race, sleep, sql, then
+from tests.native.parity import random_graph
 
 
 class Run:
@@ -55,7 +60,7 @@ EMPTY_LISTS = ([], [], [], [], [])
 
 
 def is_empty(step: Step) -> bool:
-    return tuple(step[:5]) == EMPTY_LISTS
+    return tuple(step[:5]) == EMPTY_LISTS and step.stopped == []
 
 
 # -- leaves and THEN -------------------------------------------------------------------
@@ -476,6 +481,78 @@ def test_loop_resets_abandoned_race_loser(impl):
     assert is_empty(r.s.complete(r["b"], 1, True, True))
 
 
+# -- stopped composites (no node of an abandoned branch stays running) -----------------
+
+
+def test_race_loser_loop_is_stopped(impl):
+    # a LOOP on a RACE's losing side: its leaf is abandoned, the LOOP and the THEN in its
+    # body are reported stopped, and every one of them is FAILED in the scheduler
+    r = Run(impl, race(sql("w"), loop(then(sql("x"), sleep("s"), name="t"), name="l"),
+                       name="r"))
+    r.start()
+    r.done("x")
+    st = r.done("w")
+    assert r.names(st.abandoned) == ["s"]
+    assert r.names(st.stopped) == ["l", "t"]  # ascending index
+    assert [g for _, g in st.stopped] == [1, 1]
+    assert r.fin(st) == [("w", COMPLETED, HOW_LEAF, []), ("r", COMPLETED, HOW_COPY, ["w"])]
+    for name in ("l", "t", "s"):
+        assert r.s.status(r[name]) == FAILED
+    assert r.s.status(r["x"]) == COMPLETED
+
+
+def test_race_loser_in_a_later_iteration_is_stopped_with_its_generation(impl):
+    r = Run(impl, loop(race(sql("w"), then(sql("x"), sql("y"), name="t"), name="r"),
+                       sql("c"), name="l"))
+    r.start()
+    st = r.done("w")
+    assert st.stopped == [(r["t"], 1)]
+    st = r.done("c", truthy=True)  # iteration 2 re-activates the RACE and both branches
+    assert r.s.status(r["t"]) == RUNNING
+    assert r.s.gen(r["t"]) == 2
+    st = r.done("w")
+    assert st.stopped == [(r["t"], 2)]
+    assert st.abandoned == [(r["x"], 2)]
+
+
+def test_failed_join_stops_sibling_composites(impl):
+    r = Run(impl, join(then(sql("a1"), sql("a2"), name="ta"), sql("b"), name="j"))
+    r.start()
+    st = r.done("b", ok=False)
+    assert r.names(st.abandoned) == ["a1"]
+    assert r.names(st.stopped) == ["ta"]
+
+
+def test_break_stops_composites_of_other_branches(impl):
+    body = join(then(sql("a"), brk("k")), then(sql("x"), sql("y"), name="tx"), name="j")
+    r = Run(impl, loop(body, name="l"))
+    r.start()
+    r.done("a")
+    st = r.done("k")
+    assert r.names(st.stopped) == ["tx"]
+    # the composites the break unwinds through are finished, not stopped
+    assert [name for name, *_ in r.fin(st)] == ["k", None, "j", "l"]  # None: the THEN
+
+
+def test_cancel_stops_every_running_composite(impl):
+    r = Run(impl, join(sql("a"), then(sql("b"), sql("c"), name="t"), name="j"))
+    r.start()
+    r.done("b")
+    st = r.s.cancel()
+    assert r.names(st.abandoned) == ["a", "c"]
+    assert r.names(st.stopped) == ["j", "t"]
+
+
+def test_decided_if_rows_is_stopped_not_abandoned(impl):
+    # decided: the executor no longer works on it, so it has no task to drop
+    r = Run(impl, race(sql("w"), if_rows(sql("x"), sql("y"), name="i"), name="r"))
+    r.start()
+    r.s.complete(r["i"], 1, True, True)
+    st = r.done("w")
+    assert r.names(st.abandoned) == ["x"]
+    assert r.names(st.stopped) == ["i"]
+
+
 # -- generation fence, cancel, state ---------------------------------------------------
 
 
@@ -642,3 +719,42 @@ def test_selector_exports():
 
     assert sched.__impl__ in ("python", "cython")
     assert callable(sched.Scheduler)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_every_node_that_stops_running_is_reported(impl, seed):
+    """No node leaves RUNNING silently: each one that was running before a call and is not
+    after it is in that call's ``finished``, ``abandoned`` or ``stopped`` (so the executor
+    writes every such row; none stays running, D17). ``stopped`` holds composites only."""
+    rnd = random.Random(seed)
+    g = compile_value(random_graph(rnd, rnd.randint(3, 80)))
+    n = len(g.types)
+    s = impl(g, 3)
+
+    def call(fn, *args):
+        before = [s.status(i) for i in range(n)]
+        step = fn(*args)
+        reported = ({x for x, *_ in step.finished} | {x for x, _ in step.abandoned}
+                    | {x for x, _ in step.stopped})
+        for i in range(n):
+            if before[i] == RUNNING and s.status(i) != RUNNING:
+                assert i in reported, (seed, i, step)
+        assert all(g.types[x] not in LEAF_TYPES for x, _ in step.stopped), step
+        return step
+
+    call(s.start)
+    for _ in range(400):
+        if s.terminal != T_RUNNING:
+            break
+        # what the executor works on: running leaves, and if_rows IFs not yet decided (running
+        # with nothing running below them)
+        choices = [i for i in range(n) if s.status(i) == RUNNING and (
+            g.types[i] in LEAF_TYPES
+            or (g.cond[i] == COND_IF_ROWS
+                and not any(s.status(j) == RUNNING for j in range(i + 1, g.end[i]))))]
+        assert choices, "a running instance with nothing to run"
+        node = rnd.choice(choices)
+        if rnd.random() < 0.01:
+            call(s.cancel)
+            break
+        call(s.complete, node, s.gen(node), rnd.random() > 0.05, rnd.random() < 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -181,8 +182,12 @@ def test_negative_numbers_parenthesised():
 
 
 def test_floats():
-    assert sql("select $flt") == "select 1.5e-07"
-    assert raw("$flt") == "1.5e-7"  # orjson's JSON spelling
+    # a fraction or exponent from a result is kept exactly, as jsonb stores it (numeric text)
+    assert sql("select $flt") == "select 0.00000015"
+    assert raw("$flt") == "0.00000015"
+    # a Python float (never one parsed from a result) keeps its shortest exact spelling
+    assert sql("select $r", results={"r": 1.5e-7}) == "select 1.5e-07"
+    assert raw("$r", results={"r": 1.5e-7}) == "1.5e-7"  # orjson's JSON spelling
 
 
 def test_non_finite_floats_sql():
@@ -201,6 +206,44 @@ def test_big_ints_exact():
     r = {"r": {"rows": [{"a": 10**30}]}, "o": {"x": [10**30]}}
     assert sql("$r", results=r) == str(10**30)
     assert raw("$o", results=r) == '{"x":[' + str(10**30) + "]}"
+
+
+def test_numerics_keep_every_digit_and_their_scale():
+    # rows as the worker parses them: fractions, exponents and big integers exact (Decimal)
+    r = {"r": sql_envelope(['{"n": 12345678901234567890.123456789, "m": 12.50, "neg": -0.50,'
+                            ' "tiny": 1e-30, "big": 123456789012345678901234567890,'
+                            ' "nan": "NaN"}'])}
+    assert sql("select $r.n, $r.m", results=r) == \
+        "select 12345678901234567890.123456789, 12.50"
+    assert sql("select 1-$r.neg", results=r) == "select 1-(-0.50)"
+    assert sql("select $r.tiny", results=r) == "select 0." + "0" * 29 + "1"
+    assert sql("select $r.big", results=r) == "select 123456789012345678901234567890"
+    assert sql("select $r.nan", results=r) == "select 'NaN'"  # PostgreSQL's NaN is a string
+    assert raw('{"m": $r.m, "n": $r.n}', results=r) == \
+        '{"m": 12.50, "n": 12345678901234567890.123456789}'
+    assert raw("$r.*", results=r).startswith('[{"n":12345678901234567890.123456789,"m":12.50,')
+    assert sql("$r.*", results=r).startswith(
+        "(VALUES (12345678901234567890.123456789,12.50,(-0.50),")
+    # a Decimal NaN/Infinity (not parsed from JSON, which writes them as strings) still works
+    d = {"d": {"rows": [{"a": Decimal("NaN"), "b": Decimal("-Infinity")}]}}
+    assert sql("$d.a $d.b", results=d) == "'NaN'::numeric '-Infinity'::numeric"
+
+
+def test_a_number_beyond_numeric_fails_its_reference():
+    r = {"r": {"rows": [{"n": Decimal("1e999999")}]}}
+    with pytest.raises(SubstitutionError, match=r"\$r\.n: the number 1E\+999999 is beyond"):
+        sql("select $r.n", results=r)
+    with pytest.raises(SubstitutionError, match=r"\$r\.n: the number 1E\+999999 is beyond"):
+        raw("$r.n", results=r)
+
+
+def test_rows_shaped_values_with_odd_columns():
+    # a break value shaped like rows: columns that are not names are not used to pick the
+    # first column, and $r.* refuses them (it needs names)
+    r = {"r": {"rows": [{"a": 1}], "columns": [[1]]}}
+    assert sql("select $r", results=r) == "select 1"
+    with pytest.raises(SubstitutionError, match=r"\$r\.\*: result 'r' has a malformed columns"):
+        sql("select * from $r.*", results=r)
 
 
 def test_raw_mode_strings_unquoted_objects_json():
@@ -268,7 +311,10 @@ def test_star_empty():
 
 
 def test_star_raw():
-    assert raw("$multi.*") == orjson.dumps(RESULTS["multi"]["rows"]).decode()
+    assert raw("$multi.*") == (
+        '[{"id":1,"s":"a","j":{"k":[1]},"b":true,"z":null},'
+        '{"id":2,"s":"b\'c","j":[],"b":false,"z":2.5}]'
+    )
 
 
 def test_star_column_order_from_columns():

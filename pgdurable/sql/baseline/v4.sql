@@ -99,7 +99,7 @@ alter table df.instances add constraint instances_root_fk foreign key (id, root_
 create table df.vars (
     name  text    not null,
     value text,
-    owner regrole not null default current_user::regrole,
+    owner regrole not null default quote_ident(current_user)::regrole,
     primary key (owner, name)
 );
 
@@ -874,7 +874,7 @@ $$;
 
 -- `f |=> 'name'` = df.as(f, 'name').
 create function df.as_op(fut text, name text) returns text
-language sql immutable strict parallel safe
+language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select df."as"(fut, name) $$;
 
@@ -884,9 +884,15 @@ language sql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select df.loop(body) $$;
 
+-- pg_durable's name for the same helper (its @> calls it); kept callable under that name.
+create function df.loop_prefix_op(body text) returns text
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select df.loop(body) $$;
+
 -- `c ?> t`: the first half of an IF, a partial object only !> accepts (ARCHITECTURE §1).
 create function df.if_then_op(condition text, then_branch text) returns text
-language sql immutable strict parallel safe
+language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
     select '{"_partial_if":true,"condition":' || df._node(condition)
@@ -895,12 +901,15 @@ $$;
 
 -- `p !> e`: completes a ?> partial into df.if(condition, then_branch, else_branch).
 create function df.if_else_op(partial text, else_branch text) returns text
-language plpgsql immutable strict parallel safe
+language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_json pg_catalog.json;
 begin
+    if partial is null or else_branch is null then
+        return null;  -- as df.if (strict) would give
+    end if;
     begin
         v_json := btrim(partial, E' \t\r\n')::pg_catalog.json;
     exception when data_exception or program_limit_exceeded then
@@ -986,6 +995,7 @@ comment on operator @opschema@.@> (none, pg_catalog.text)
 --   @engine@._schema_ready_v1  readiness (docs/decisions.md D3)
 --   @engine@._enqueue_v1       validate the stored graph, then runs row + the 'start' task (ARCH §2)
 --   @engine@._new_start_v1     transaction_mode 'new': df.start through a dblink session
+--   @engine@._dblink_v1, _launch_connect_v1, _new_mode_check_v1   its dblink and launch session
 --   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (docs/decisions.md D16, D17)
 --
 -- SQLSTATEs: standard codes where one fits — 22023 invalid_parameter_value (bad arguments,
@@ -1069,6 +1079,10 @@ $$;
 -- The walk is one recursive CTE; a child is only descended into when it is a JSON object,
 -- and the walk stops one level past the depth limit (so a hostile value cannot make it run
 -- away) and one row past the node limit (LIMIT stops a recursive CTE early).
+--
+-- Nesting depth: the root is at depth 0, each child one deeper than its parent; a graph may
+-- nest 256 deep (its deepest node at depth 256, so 257 node levels), one nested deeper is
+-- refused. @engine@._enqueue_v1 counts the same way.
 create function df._graph_flatten(p_graph jsonb) returns jsonb
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -1090,7 +1104,7 @@ declare
 begin
     -- Cheap guard first: a value nested far past the limit is rejected in one C-level
     -- jsonpath scan, before the walk below (which copies subtrees per level) ever sees it.
-    -- 600 JSON levels > the deepest legal graph (256 node levels, ≤ 2 JSON levels each).
+    -- 600 JSON levels > the deepest legal graph (257 node levels, ≤ 2 JSON levels each).
     if jsonb_path_exists(p_graph, 'lax $.**{600}') then
         raise exception 'durable function graph exceeds the maximum nesting depth of % (at root)',
             c_max_depth using errcode = '54000';
@@ -1100,7 +1114,7 @@ begin
             using errcode = '22023';
     end if;
     with recursive walk(obj, path, names, depth) as (
-        select p_graph, array[]::pg_catalog.int4[], 'root'::pg_catalog.text, 1
+        select p_graph, array[]::pg_catalog.int4[], 'root'::pg_catalog.text, 0
         union all
         select c.obj, w.path || c.ord, w.names || '.' || c.name, w.depth + 1
         from walk w
@@ -1305,7 +1319,11 @@ begin
             end if;
             if v_type = 'IF' then
                 v_cfg := df._try_jsonb(v_query #>> '{}');
-                if jsonb_typeof(v_node #> '{c,condition_node}') = 'object' then
+                -- a query that is no JSON config is that first, whatever else is wrong
+                if v_query is not null and jsonb_typeof(v_cfg) is distinct from 'object' then
+                    raise exception 'query in IF must be valid JSON config (at %)', v_where
+                        using errcode = '22023';
+                elsif jsonb_typeof(v_node #> '{c,condition_node}') = 'object' then
                     if v_query is not null then
                         raise exception 'IF node has both a condition_node and a query (at %)', v_where
                             using errcode = '22023';
@@ -1313,9 +1331,6 @@ begin
                 elsif v_query is null then
                     raise exception 'IF node needs a condition_node or a result_has_rows query (at %)',
                         v_where using errcode = '22023';
-                elsif v_cfg is null or jsonb_typeof(v_cfg) <> 'object' then
-                    raise exception 'query in IF must be valid JSON config (at %)', v_where
-                        using errcode = '22023';
                 elsif v_cfg ? 'condition_node' then
                     -- the stored (flattened) form: ids inside query are not a graph value
                     raise exception 'condition_node in IF must be a first-class Durofut field, not part of query (at %)',
@@ -1416,6 +1431,23 @@ as $$
                      and (r.oid = p_owner::pg_catalog.oid or r.rolsuper or r.rolbypassrls))
 $$;
 
+-- Was a row with this xmin written by the current transaction (or one of its subtransactions)?
+-- Every transaction holds an ExclusiveLock on its own transaction ids until it ends, and rows
+-- of other transactions still in progress are invisible, so a visible row whose xmin this
+-- backend holds locked was written here. What proves that a SECURITY DEFINER function's owner
+-- called df.start: RLS let the row be written with submitted_by = current_user, the owner
+-- (docs/security.md, "df.start inside a SECURITY DEFINER function").
+create function @engine@._written_here_v1(p_xmin xid) returns boolean
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select exists (select 1 from pg_catalog.pg_locks l
+                   where l.locktype operator(pg_catalog.=) 'transactionid'
+                     and l.pid operator(pg_catalog.=) pg_catalog.pg_backend_pid()
+                     and l.transactionid operator(pg_catalog.=) p_xmin
+                     and l.mode operator(pg_catalog.=) 'ExclusiveLock' and l.granted)
+$$;
+
 create function @engine@._schema_ready_v1() returns integer
 language sql stable security definer
 set search_path = pg_catalog, pg_temp
@@ -1431,7 +1463,8 @@ as $$ select coalesce((select w.schema_version from @engine@._worker_ready w), 0
 -- children the worker's compiler reads (pgdurable/graph/compile.py): condition_node (the id in
 -- an IF/LOOP query), left_node, right_node, extra_nodes (the one id in a JOIN query). Every node
 -- reachable exactly once (a cycle or a shared node would fail every load of the instance), no
--- orphans, no missing children, at most 256 levels and 10,000 nodes (df.start's limits).
+-- orphans, no missing children, a nesting depth of at most 256 (the root at depth 0: 257 node
+-- levels) and 10,000 nodes (df.start's limits).
 -- Two set-based statements: one pass over the instance's rows (primary key prefix) checks each
 -- row and builds the child map {id: [condition, left, right, extra]}; a recursive CTE walks the
 -- map from the root, stopping one level past the depth limit and one row past the node count
@@ -1457,10 +1490,13 @@ declare
     v_deep     pg_catalog.text;
     v_order    pg_catalog.text[];
 begin
-    select i.id, i.root_node, i.status, i.submitted_by, i.database into v_inst
+    select i.id, i.root_node, i.status, i.submitted_by, i.database, i.xmin into v_inst
     from df.instances i where i.id = p_instance_id
     for update;
-    if not found or not @engine@._may_act(v_inst.submitted_by) then
+    -- the caller's own instance, or one this transaction wrote as its submitter (df.start in a
+    -- SECURITY DEFINER function: the owner, whom RLS let write it)
+    if not found or not (@engine@._may_act(v_inst.submitted_by)
+                         or @engine@._written_here_v1(v_inst.xmin)) then
         raise exception 'Instance % not found or access denied', p_instance_id using errcode = 'P0002';
     end if;
     if v_inst.status <> 'pending' then
@@ -1557,7 +1593,7 @@ begin
     else
         -- 2. the walk from the root (it comes out level by level: v_order is in depth order)
         with recursive walk(id, depth) as (
-            select v_inst.root_node::pg_catalog.text, 1
+            select v_inst.root_node::pg_catalog.text, 0
             union all
             select k.child, w.depth + 1
             from walk w
@@ -1589,8 +1625,8 @@ begin
             group by u.id having pg_catalog.count(*) > 1
             order by (pg_catalog.array_agg(u.pos order by u.pos))[2], u.id limit 1;
         elsif v_deep is not null then
-            v_problem := pg_catalog.format('54000 it nests deeper than %s levels (at node %L)',
-                                           c_max_depth, v_deep);
+            v_problem := pg_catalog.format('54000 it nests deeper than the maximum nesting depth '
+                                           'of %s (at node %L)', c_max_depth, v_deep);
         elsif v_distinct < v_total then
             select pg_catalog.format('22023 node %L is not reachable from the root %L (an orphan)',
                                      k.id, v_inst.root_node)
@@ -1701,13 +1737,145 @@ begin
 end;
 $$;
 
+-- transaction_mode 'new' needs the dblink extension. pgdurable install creates it, when the
+-- installing role may (a superuser, a managed cloud's admin role), in @engine@_dblink: a
+-- schema of the engine's owner on which no other role has USAGE or CREATE, so no tenant can
+-- call dblink's functions through it or put look-alikes beside them (tenants keep exactly
+-- what PostgreSQL grants them where an administrator installed dblink elsewhere). An
+-- administrator may have created it in any schema: wherever it is, the four functions 'new'
+-- mode calls must be the extension's own members (a schema's owner could add functions
+-- beside them; every call passes pg_catalog.text arguments, so only these exact signatures
+-- can be chosen). Returns the schema; raises 55000 with the statement an administrator must
+-- run when dblink is missing. Not SECURITY DEFINER: called by the definers below.
+create function @engine@._dblink_v1() returns name
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_ext    pg_catalog.oid;
+    v_schema pg_catalog.name;
+    v_fn     pg_catalog.text;
+    v_stmt   pg_catalog.text := 'CREATE EXTENSION dblink SCHEMA @engine@_dblink;';
+begin
+    select e.oid, n.nspname into v_ext, v_schema
+    from pg_catalog.pg_extension e
+    join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) e.extnamespace
+    where e.extname operator(pg_catalog.=) 'dblink';
+    if v_ext is null then
+        if not exists (select 1 from pg_catalog.pg_namespace n
+                       where n.nspname operator(pg_catalog.=) '@engine@_dblink') then
+            v_stmt := 'CREATE SCHEMA @engine@_dblink AUTHORIZATION pgdurable_owner; '
+                      'REVOKE ALL ON SCHEMA @engine@_dblink FROM PUBLIC; ' || v_stmt;
+        end if;
+        raise exception 'transaction_mode ''new'' needs the dblink extension, which database "%" does not have; an administrator (a superuser, or the managed cloud''s admin role such as rds_superuser) must run in that database: %',
+            pg_catalog.current_database(), v_stmt
+            using errcode = '55000',
+                  hint = 'pgdurable install creates it when the installing role may; on stock PostgreSQL only a superuser can create dblink. Until then, use transaction_mode => ''caller''.';
+    end if;
+    if not pg_catalog.has_schema_privilege(v_schema, 'USAGE') then
+        raise exception 'transaction_mode ''new'': the dblink extension is in schema "%", on which % has no USAGE; an administrator must run: GRANT USAGE ON SCHEMA % TO %',
+            v_schema, current_user, pg_catalog.quote_ident(v_schema), current_user
+            using errcode = '55000';
+    end if;
+    foreach v_fn in array array['dblink_connect(pg_catalog.text,pg_catalog.text)',
+                                'dblink_exec(pg_catalog.text,pg_catalog.text)',
+                                'dblink(pg_catalog.text,pg_catalog.text)',
+                                'dblink_disconnect(pg_catalog.text)'] loop
+        if not exists (
+            select 1 from pg_catalog.pg_depend d
+            where d.classid operator(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+              and d.objid operator(pg_catalog.=)
+                  pg_catalog.to_regprocedure(pg_catalog.quote_ident(v_schema) || '.' || v_fn)
+              and d.refclassid operator(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+              and d.refobjid operator(pg_catalog.=) v_ext
+              and d.deptype operator(pg_catalog.=) 'e') then
+            raise exception 'transaction_mode ''new'': %.% is not a function of the dblink extension', v_schema, v_fn
+                using errcode = '55000',
+                      hint = 'update or re-create the extension: ALTER EXTENSION dblink UPDATE';
+        end if;
+    end loop;
+    return v_schema;
+end;
+$$;
+
+-- Open the launch session: the dblink connection p_name, logged in as this install's launcher
+-- role (pgdurable install made it: LOGIN, member of nothing, its password in
+-- @engine@.launcher, which only the engine's owner reads), to this server the way the caller
+-- reached it: its TCP address, else the first socket directory. dblink lets a non-superuser
+-- open a connection only with a password the server asked for: where the server trusts the
+-- launcher role (pg_hba 'trust'), this fails (28000) saying what to change. Not SECURITY
+-- DEFINER: called by the definers @engine@._new_start_v1 and @engine@._new_mode_check_v1.
+create function @engine@._launch_connect_v1(p_dblink name, p_name text) returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_launcher record;
+    v_host     pg_catalog.text;
+    v_conn     pg_catalog.text;
+begin
+    select l.rolname, l.password into v_launcher from @engine@.launcher l;
+    if not found then
+        raise exception 'transaction_mode ''new'' needs the launcher role that pgdurable install makes; run pgdurable install again'
+            using errcode = '55000';
+    end if;
+    v_host := coalesce(pg_catalog.host(pg_catalog.inet_server_addr()),
+                       nullif(pg_catalog.btrim(pg_catalog.split_part(
+                           pg_catalog.current_setting('unix_socket_directories'), ',', 1)), ''),
+                       '127.0.0.1');
+    v_conn := pg_catalog.format('dbname=%s user=%s password=%s host=%s port=%s application_name=%s',
+                     pg_catalog.quote_literal(pg_catalog.current_database()),
+                     pg_catalog.quote_literal(v_launcher.rolname),
+                     pg_catalog.quote_literal(v_launcher.password),
+                     pg_catalog.quote_literal(v_host),
+                     coalesce(pg_catalog.inet_server_port()::pg_catalog.text,
+                              pg_catalog.current_setting('port')),
+                     pg_catalog.quote_literal('pgdurable df.start new'));
+    begin
+        execute pg_catalog.format('select %I.dblink_connect($1::pg_catalog.text, $2::pg_catalog.text)',
+                                  p_dblink)
+            using p_name, v_conn;
+    exception when others then
+        if sqlerrm like '%password is required%' or sqlerrm like '%password or GSSAPI%' then
+            raise exception 'transaction_mode ''new'': this server lets the launcher role % in without a password, and dblink refuses that to anyone but a superuser', v_launcher.rolname
+                using errcode = '28000',
+                      hint = pg_catalog.format('make pg_hba.conf ask %s for its password (scram-sha-256), as managed PostgreSQL does: lines "host all %s all scram-sha-256" and "local all %s scram-sha-256" before the trust lines, then SELECT pg_reload_conf()',
+                                               v_launcher.rolname, v_launcher.rolname, v_launcher.rolname);
+        end if;
+        raise exception 'transaction_mode ''new'': cannot open the launch session: %', sqlerrm
+            using errcode = '08001';
+    end;
+end;
+$$;
+
+-- Can transaction_mode 'new' work here? NULL when it can; else what is wrong and what to run
+-- (the errors df.start(…, transaction_mode => 'new') would raise). pgdurable install and serve
+-- ask, to say so at once. Opens and closes a launch session as the engine's owner, a
+-- non-superuser, exactly as @engine@._new_start_v1 does.
+create function @engine@._new_mode_check_v1() returns text
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_dblink pg_catalog.name;
+    v_name   pg_catalog.text := 'pgdurable_check_' || pg_catalog.pg_backend_pid();
+    v_hint   pg_catalog.text;
+begin
+    v_dblink := @engine@._dblink_v1();
+    perform @engine@._launch_connect_v1(v_dblink, v_name);
+    execute pg_catalog.format('select %I.dblink_disconnect($1::pg_catalog.text)', v_dblink)
+        using v_name;
+    return null;
+exception when others then
+    get stacked diagnostics v_hint = pg_exception_hint;
+    return sqlerrm || case when coalesce(v_hint, '') = '' then '' else ' (' || v_hint || ')' end;
+end;
+$$;
+
 -- transaction_mode 'new': start the instance in a session of its own and commit it there,
 -- whatever the caller's transaction does. That session is a dblink connection logged in as
--- this install's launcher role (pgdurable install made it: LOGIN, member of nothing, its
--- password in @engine@.launcher, which only the engine's owner reads), which may call only
+-- this install's launcher role (@engine@._launch_connect_v1), which may call only
 -- @engine@._launch_v1: the caller's identity was checked here, the instance is the caller's.
--- dblink lets a non-superuser open a connection only with a password the server asked for:
--- where the server trusts the launcher role (pg_hba 'trust'), 'new' mode fails saying so.
 -- At most pg_durable.max_new_transaction_starts launches at once: rows 'launch:<n>' of
 -- @engine@.locks, held by a subtransaction that ends with the launch.
 create function @engine@._new_start_v1(p_role name, p_fut text, p_label text, p_database text)
@@ -1717,9 +1885,6 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_dblink   pg_catalog.name;
-    v_launcher record;
-    v_host     pg_catalog.text;
-    v_conn     pg_catalog.text;
     v_name     pg_catalog.text := 'pgdurable_start_' || pg_catalog.pg_backend_pid();
     v_id       pg_catalog.varchar;
     v_slots    pg_catalog.int4 := greatest(1,
@@ -1732,18 +1897,7 @@ begin
         raise exception 'transaction_mode ''new'' must be called directly by the submitting role (%)', p_role
             using errcode = '42501';
     end if;
-    select n.nspname into v_dblink
-    from pg_catalog.pg_extension e join pg_catalog.pg_namespace n on n.oid = e.extnamespace
-    where e.extname = 'dblink';
-    if v_dblink is null then
-        raise exception 'transaction_mode ''new'' needs the dblink extension (CREATE EXTENSION dblink)'
-            using errcode = '55000';
-    end if;
-    select l.rolname, l.password into v_launcher from @engine@.launcher l;
-    if not found then
-        raise exception 'transaction_mode ''new'' needs the launcher role that pgdurable install makes; run pgdurable install again'
-            using errcode = '55000';
-    end if;
+    v_dblink := @engine@._dblink_v1();
     v_deadline := pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => v_timeout);
     begin
         -- a launch slot, held by this subtransaction (ended below, right after the launch)
@@ -1759,42 +1913,23 @@ begin
             end if;
             perform pg_catalog.pg_sleep(0.1);
         end loop;
-        -- reach this server the way the caller did: its TCP address, else the first socket dir
-        v_host := coalesce(pg_catalog.host(pg_catalog.inet_server_addr()),
-                           nullif(pg_catalog.btrim(pg_catalog.split_part(
-                               pg_catalog.current_setting('unix_socket_directories'), ',', 1)), ''),
-                           '127.0.0.1');
-        v_conn := pg_catalog.format('dbname=%s user=%s password=%s host=%s port=%s application_name=%s',
-                         pg_catalog.quote_literal(pg_catalog.current_database()),
-                         pg_catalog.quote_literal(v_launcher.rolname),
-                         pg_catalog.quote_literal(v_launcher.password),
-                         pg_catalog.quote_literal(v_host),
-                         coalesce(pg_catalog.inet_server_port()::pg_catalog.text,
-                                  pg_catalog.current_setting('port')),
-                         pg_catalog.quote_literal('pgdurable df.start new'));
+        perform @engine@._launch_connect_v1(v_dblink, v_name);
         begin
-            execute pg_catalog.format('select %I.dblink_connect(%L, %L)', v_dblink, v_name, v_conn);
+            execute pg_catalog.format('select %I.dblink_exec($1::pg_catalog.text, $2::pg_catalog.text)',
+                                      v_dblink)
+                using v_name, 'set lock_timeout = ''30s''; set statement_timeout = ''30s''';
+            execute pg_catalog.format('select t.id from %I.dblink($1::pg_catalog.text, $2::pg_catalog.text) as t(id pg_catalog.varchar)',
+                                      v_dblink)
+                into v_id
+                using v_name,
+                      pg_catalog.format('select %I._launch_v1(%s, %L, %L, %L)', '@engine@',
+                                        (select r.oid from pg_catalog.pg_roles r where r.rolname = p_role),
+                                        p_fut, p_label, p_database);
+            execute pg_catalog.format('select %I.dblink_disconnect($1::pg_catalog.text)', v_dblink)
+                using v_name;
         exception when others then
-            if sqlerrm like '%password is required%' then
-                raise exception 'transaction_mode ''new'': this server lets the launcher role % in without a password, and dblink refuses that to anyone but a superuser', v_launcher.rolname
-                    using errcode = '28000',
-                          hint = pg_catalog.format('make pg_hba.conf ask %s for its password (scram-sha-256), as managed PostgreSQL does', v_launcher.rolname);
-            end if;
-            raise exception 'transaction_mode ''new'': cannot open the launch session: %', sqlerrm
-                using errcode = '08001';
-        end;
-        begin
-            execute pg_catalog.format('select %I.dblink_exec(%L, %L)', v_dblink, v_name,
-                           'set lock_timeout = ''30s''; set statement_timeout = ''30s''');
-            execute pg_catalog.format('select t.id from %I.dblink(%L, %L) as t(id pg_catalog.varchar)',
-                           v_dblink, v_name,
-                           pg_catalog.format('select %I._launch_v1(%s, %L, %L, %L)', '@engine@',
-                                             (select r.oid from pg_catalog.pg_roles r where r.rolname = p_role),
-                                             p_fut, p_label, p_database))
-                into v_id;
-            execute pg_catalog.format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
-        exception when others then
-            execute pg_catalog.format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
+            execute pg_catalog.format('select %I.dblink_disconnect($1::pg_catalog.text)', v_dblink)
+                using v_name;
             raise;
         end;
         -- end the subtransaction (releasing the slot); v_id keeps its value
@@ -1861,6 +1996,19 @@ begin
             v_role.rolname using errcode = '42501',
                                hint = 'submit as an ordinary role given df.grant_usage';
     end if;
+    -- df.start in a SECURITY DEFINER function submits as the function's owner (current_user
+    -- there, not the session's role), as pg_durable does: that role's step runner must exist,
+    -- checked now rather than at its first step (a workflow step runs in its tenant's runner)
+    if v_role.rolname operator(pg_catalog.=) current_user
+       and current_user operator(pg_catalog.<>)
+           coalesce(nullif(pg_catalog.current_setting('role', true), 'none'), session_user)
+       and not @engine@.in_workflow()
+       and not @engine@._runner_ok_v1(v_role.oid) then
+        raise exception 'role "%" cannot submit durable functions: it has no step runner (df.grant_usage was not run for it); df.start runs as "%" here (the owner of the SECURITY DEFINER function that called it, for session role "%")',
+            v_role.rolname, v_role.rolname, session_user
+            using errcode = '42501',
+                  hint = pg_catalog.format('an administrator runs: select df.grant_usage(%L)', v_role.rolname);
+    end if;
     -- 4. readiness (docs/decisions.md D3)
     if @engine@._schema_ready_v1() < 1 then
         raise exception 'pg_durable background worker not yet initialized — try again in a moment'
@@ -1911,7 +2059,7 @@ $$;
 -- launch session the role that @engine@._new_start_v1 vouched for.
 create function df.start(fut text, label text default null, database text default null,
                          transaction_mode text default 'caller')
-returns varchar
+returns text
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
@@ -1928,6 +2076,13 @@ begin
         if @engine@.in_workflow() then
             raise exception 'df.start(transaction_mode => ''new'') cannot be called inside a workflow'
                 using errcode = '0A000';
+        end if;
+        if current_user operator(pg_catalog.<>)
+               coalesce(nullif(pg_catalog.current_setting('role', true), 'none'), session_user) then
+            -- the launch session acts for the session's role, which here is not current_user
+            raise exception 'df.start(transaction_mode => ''new'') cannot be called inside a SECURITY DEFINER function (it runs as "%" for session role "%")', current_user, session_user
+                using errcode = '0A000',
+                      hint = 'use transaction_mode => ''caller'' there: the instance is submitted as the function''s owner and commits with the calling transaction';
         end if;
         -- every check here, in the caller's session, so errors read as in caller mode
         perform @engine@._start_v1(v_me, fut, label, database, true);
@@ -1947,9 +2102,9 @@ $$;
 -- than 64 MiB, whatever a session sets; nested at most 256 levels. @engine@._signal_v1 checks
 -- the stored form again (any granted role may call it directly), and the worker checks its
 -- own cap before it reads the data.
-create function df.signal(instance_id text, signal_name text, data text default '{}')
+create function df.signal(instance_id text, signal_name text, signal_data text default '{}')
 returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -1963,8 +2118,8 @@ begin
         raise exception 'df.signal: instance_id and signal_name must be non-empty' using errcode = '22023';
     end if;
     -- at once, before the text is parsed or anything is looked up
-    if octet_length(data) > v_max then
-        raise exception 'df.signal: data is % bytes, over the limit of % bytes', octet_length(data), v_max
+    if octet_length(signal_data) > v_max then
+        raise exception 'df.signal: data is % bytes, over the limit of % bytes', octet_length(signal_data), v_max
             using errcode = '54000',
                   hint = 'signal data becomes the wait''s result and is capped like a step result '
                          '(pg_durable.max_signal_bytes): send a key to data kept in a table';
@@ -1973,7 +2128,7 @@ begin
     if not exists (select 1 from df.instances i where i.id = instance_id) then
         raise exception 'Instance not found or access denied: %', instance_id using errcode = 'P0002';
     end if;
-    v_data := coalesce(df._try_jsonb(data), to_jsonb(data), 'null'::pg_catalog.jsonb);
+    v_data := coalesce(df._try_jsonb(signal_data), to_jsonb(signal_data), 'null'::pg_catalog.jsonb);
     perform @engine@._signal_v1(instance_id, signal_name, v_data);
     return 'OK';
 end;
@@ -1981,7 +2136,7 @@ $$;
 
 create function df.cancel(instance_id text, reason text default 'Cancelled by user')
 returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -1993,7 +2148,7 @@ end;
 $$;
 
 create function df.status(instance_id text) returns text
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$ select i.status from df.instances i where i.id = $1 $$;
 
@@ -2059,7 +2214,7 @@ $$;
 
 -- The root node's result, only for a completed instance (SPEC §4: not the error of a failed one).
 create function df.result(instance_id text) returns text
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
     select df._node_result(i.id, i.root_node)::pg_catalog.text
@@ -2071,7 +2226,7 @@ $$;
 -- leaf where the failure started; children include the ids inside IF/LOOP/JOIN query config);
 -- with several (JOIN branches) the one that finished first.
 create function df.error(instance_id text) returns jsonb
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
     with inst as (
@@ -2114,7 +2269,7 @@ $$;
 -- READ COMMITTED; under REPEATABLE READ the status cannot change and this times out).
 create function df.await_instance(instance_id text, timeout_seconds integer default 30)
 returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -2147,7 +2302,7 @@ $$;
 
 create function df.wait_for_completion(instance_id text, timeout_seconds integer default 30)
 returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -2316,7 +2471,9 @@ $$;
 --                        composite's reference is resolved (df._node_result, 30_control.sql),
 --                        and the worker's own keys (result_from, result_of, result_bytes) are
 --                        left out of status_details
---   instance_executions  one row per execution_id found in status_details ('<id>::<gen>')
+--   execution_id         a bigint, as in pg_durable: the activation generation ("gen" in
+--                        status_details; a node's k-th activation is in execution k), one
+--                        row per generation in instance_executions (df._execution_id)
 --   status words         df's own (pending/running/completed/failed/cancelled) everywhere
 
 ------------------------------------------------------------------------------------------
@@ -2330,7 +2487,13 @@ $$;
 --               and are not applied to its children
 --   skipped     a pending/running node under an IF's untaken arm, right of a THEN whose left
 --               failed, under a decided RACE's loser (inferred_from = the deciding ancestor,
---               the outermost one), or of a terminal instance (inferred_from = the root)
+--               the outermost one), or of a terminal instance (inferred_from = the root);
+--               also a node of a RACE's loser that the worker abandoned when the RACE was
+--               decided (failed, "abandoned": true)
+-- Everything describes the current iteration of every enclosing LOOP: a node's seq is the
+-- checkpoint that last activated it, and an IF's arm (branch) or a RACE's winner counts only
+-- when it was decided in that activation (decided_seq or finished_seq >= seq), so a decision
+-- left on the row by an earlier iteration is never applied to the re-activated node.
 -- The walk stops at depth 300 so hand-written cyclic rows cannot loop forever.
 create function df._node_tree(p_instance_id text)
 returns table (node_id varchar, path integer[], role text, inferred_status text,
@@ -2347,7 +2510,18 @@ as $$
                case when jsonb_typeof(x.status_details -> 'seq') = 'number'
                     then (x.status_details ->> 'seq')::pg_catalog.numeric end as seq,
                case when x.node_type = 'LOOP' and jsonb_typeof(x.status_details -> 'iter_seq') = 'number'
-                    then (x.status_details ->> 'iter_seq')::pg_catalog.numeric end as iter_seq
+                    then (x.status_details ->> 'iter_seq')::pg_catalog.numeric end as iter_seq,
+               -- false when the row's IF arm / RACE winner was decided in an earlier activation
+               coalesce(greatest(
+                   case when jsonb_typeof(x.status_details -> 'decided_seq') = 'number'
+                        then (x.status_details ->> 'decided_seq')::pg_catalog.numeric end,
+                   case when jsonb_typeof(x.status_details -> 'finished_seq') = 'number'
+                        then (x.status_details ->> 'finished_seq')::pg_catalog.numeric end)
+                   >= (case when jsonb_typeof(x.status_details -> 'seq') = 'number'
+                            then (x.status_details ->> 'seq')::pg_catalog.numeric end),
+                   true) as fresh,
+               x.status = 'failed' and x.status_details -> 'abandoned' = 'true'::pg_catalog.jsonb
+                   as abandoned
         from df.nodes x where x.instance_id = p_instance_id
     ), walk(node_id, path, role, depth, skip_from, loop_seq, loop_id) as (
         select i.root_node::pg_catalog.varchar, array[]::pg_catalog.int4[], 'root'::pg_catalog.text,
@@ -2370,18 +2544,19 @@ as $$
             select p.left_node, 1,
                    case p.node_type when 'IF' then 'then' when 'LOOP' then 'body'
                                     when 'THEN' then 'first' else 'branch 1' end,
-                   case when (p.node_type = 'IF' and p.sd ->> 'branch' = 'else')
-                          or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.left_node)
+                   case when p.fresh and ((p.node_type = 'IF' and p.sd ->> 'branch' = 'else')
+                                          or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.left_node))
                         then p.id end
             where p.left_node is not null
             union all
             select p.right_node, 2,
                    case p.node_type when 'IF' then 'else' when 'THEN' then 'then' else 'branch 2' end,
-                   case when (p.node_type = 'IF' and p.sd ->> 'branch' = 'then')
-                          or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.right_node)
+                   case when (p.fresh and ((p.node_type = 'IF' and p.sd ->> 'branch' = 'then')
+                                           or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.right_node)))
                           or (p.node_type = 'THEN' and exists (select 1 from n l
                                                                where l.id = p.left_node
-                                                                 and l.status = 'failed'))
+                                                                 and l.status = 'failed'
+                                                                 and not coalesce(l.seq < w.loop_seq, false)))
                         then p.id end
             where p.right_node is not null
             union all
@@ -2397,11 +2572,11 @@ as $$
         select distinct on (w.node_id) w.* from walk w order by w.node_id, w.path
     )
     select x.id, w.path, w.role,
-           case when v.eff in ('pending', 'running') and w.skip_from is not null then 'skipped'
+           case when v.open and w.skip_from is not null then 'skipped'
                 when v.eff in ('pending', 'running') and i.status in ('completed', 'failed', 'cancelled')
                     then 'skipped'
                 else v.eff end,
-           case when v.eff in ('pending', 'running') and w.skip_from is not null then w.skip_from
+           case when v.open and w.skip_from is not null then w.skip_from
                 when v.eff in ('pending', 'running') and i.status in ('completed', 'failed', 'cancelled')
                     then i.root_node
                 when v.superseded then w.loop_id end
@@ -2411,16 +2586,36 @@ as $$
     cross join lateral (
         select coalesce(x.seq < w.loop_seq, false) as superseded,
                case when coalesce(x.seq < w.loop_seq, false) then 'pending' else x.status end as eff
+    ) v0
+    cross join lateral (
+        -- open: what a deciding ancestor turns into skipped (never-run, still running, or
+        -- abandoned when its branch lost)
+        select v0.*, v0.eff in ('pending', 'running') or (x.abandoned and not v0.superseded) as open
     ) v
     order by w.path nulls last, x.id
 $$;
 
-create function df.instance_nodes(instance_id text)
-returns table (node_id varchar, node_type text, query text, result_name text, left_node varchar,
-               right_node varchar, status text, result text, status_details text,
-               inferred_status text, inferred_status_from_ancestor_id varchar,
+-- The execution a node's row belongs to (df.instance_executions): its activation generation,
+-- stamped by the worker as "gen" (and inside "execution_id": "<instance>::<gen>"); NULL for a
+-- node no worker has activated.
+create function df._execution_id(p_details jsonb) returns bigint
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    select case
+        when p_details ->> 'gen' operator(pg_catalog.~) '^[0-9]{1,18}$'
+            then (p_details ->> 'gen')::pg_catalog.int8
+        when p_details ->> 'execution_id' operator(pg_catalog.~) '::[0-9]{1,18}$'
+            then pg_catalog.substring(p_details ->> 'execution_id', '::([0-9]{1,18})$')::pg_catalog.int8
+    end
+$$;
+
+create function df.instance_nodes(instance_id_param text)
+returns table (node_id text, node_type text, query text, result_name text, left_node text,
+               right_node text, status text, result text, status_details text,
+               inferred_status text, inferred_status_from_ancestor_id text,
                updated_at timestamptz)
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
     select n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
@@ -2435,18 +2630,20 @@ as $$
     order by t.path nulls last, n.id
 $$;
 
--- Legacy overload (before inferred status existed): the physical columns only, at most
--- limit_count rows in tree order.
-create function df.instance_nodes(instance_id text, limit_count integer)
-returns table (node_id varchar, node_type text, query text, result_name text, left_node varchar,
-               right_node varchar, status text, result text, updated_at timestamptz)
-language sql stable
+-- Legacy overload (before inferred status existed): the physical columns, every node in tree
+-- order, each with the execution its state is from (1 for a node that has not run). The
+-- second argument is accepted and ignored, as in pg_durable 0.2.6.
+create function df.instance_nodes(instance_id_param text, _last_n_executions integer)
+returns table (execution_id bigint, node_id text, node_type text, query text, result_name text,
+               left_node text, right_node text, status text, result text,
+               updated_at timestamptz)
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
-    select x.node_id, x.node_type, x.query, x.result_name, x.left_node, x.right_node, x.status,
+    select coalesce(df._execution_id(x.status_details::pg_catalog.jsonb), 1),
+           x.node_id, x.node_type, x.query, x.result_name, x.left_node, x.right_node, x.status,
            x.result, x.updated_at
     from df.instance_nodes($1) x
-    limit greatest(coalesce($2, 100), 0)
 $$;
 
 ------------------------------------------------------------------------------------------
@@ -2458,8 +2655,8 @@ $$;
 -- page's last row, repeated on every row of the page and NULL on the last page.
 create function df.list_instances(status_filter text, limit_count integer, label_filter text,
                                   after_cursor text default null)
-returns table (instance_id varchar, label text, function_name text, status text,
-               execution_count integer, output text, created_at timestamptz,
+returns table (instance_id text, label text, function_name text, status text,
+               execution_count bigint, output text, created_at timestamptz,
                completed_at timestamptz, next_cursor text)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
@@ -2508,14 +2705,14 @@ begin
                count(*) over () as total
         from page p
     )
-    select x.id, x.label, 'pgdurable'::pg_catalog.text, x.status,
+    select x.id::pg_catalog.text, x.label, 'pgdurable'::pg_catalog.text, x.status,
            -- 0 until a worker stamped a node, then at least 1
            (select case when count(*) = 0 then 0
                         else greatest(1, coalesce(max(greatest(
                             case when jsonb_typeof(n.status_details -> 'gen') = 'number'
                                  then (n.status_details ->> 'gen')::pg_catalog.numeric end,
                             case when jsonb_typeof(n.status_details -> 'iteration') = 'number'
-                                 then (n.status_details ->> 'iteration')::pg_catalog.numeric end)), 1))::pg_catalog.int4 end
+                                 then (n.status_details ->> 'iteration')::pg_catalog.numeric end)), 1))::pg_catalog.int8 end
             from df.nodes n where n.instance_id = x.id and n.status_details is not null),
            df._node_result(x.id, x.root_node)::pg_catalog.text,
            x.created_at, x.completed_at,
@@ -2529,8 +2726,8 @@ end;
 $$;
 
 create function df.list_instances(status_filter text default null, limit_count integer default 100)
-returns table (instance_id varchar, label text, function_name text, status text,
-               execution_count integer, output text)
+returns table (instance_id text, label text, function_name text, status text,
+               execution_count bigint, output text)
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
@@ -2539,45 +2736,60 @@ as $$
 $$;
 
 create function df.instance_info(instance_id text)
-returns table (instance_id varchar, label text, function_name text, function_version text,
-               current_execution_id text, status text, output text)
-language sql stable
+returns table (instance_id text, label text, function_name text, function_version text,
+               current_execution_id bigint, status text, output text)
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
-    select i.id, i.label, 'pgdurable'::pg_catalog.text, '@version@'::pg_catalog.text,
-           (select n.status_details ->> 'execution_id' from df.nodes n
-            where n.instance_id = i.id and n.status_details ? 'execution_id'
-            order by n.updated_at desc, n.id limit 1),
+    select i.id::pg_catalog.text, i.label, 'pgdurable'::pg_catalog.text,
+           '@version@'::pg_catalog.text,
+           -- the newest execution (the first row of df.instance_executions); NULL before a
+           -- worker activated a node
+           (select pg_catalog.max(df._execution_id(n.status_details)) from df.nodes n
+            where n.instance_id operator(pg_catalog.=) i.id),
            i.status,
            df._node_result(i.id, i.root_node)::pg_catalog.text
-    from df.instances i where i.id = $1
+    from df.instances i where i.id operator(pg_catalog.=) $1
 $$;
 
--- Executions = the distinct execution_ids the worker stamped on the nodes, newest first.
+-- Executions: a node's k-th activation belongs to execution k (its generation; a loop's body
+-- runs once per execution), so the executions of an instance are the distinct generations
+-- its nodes report, newest (highest) first. Each node row is counted in the execution of its
+-- latest activation. At most limit_count rows (1 to 10,000).
 create function df.instance_executions(instance_id text, limit_count integer default 5)
-returns table (execution_id text, status text, event_count bigint, duration_ms bigint, output text)
-language sql stable
+returns table (execution_id bigint, status text, event_count bigint, duration_ms bigint, output text)
+language plpgsql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
-    select e.execution_id,
-           case when bool_or(n.status = 'failed') then 'failed'
-                when bool_or(n.status in ('running', 'pending')) then 'running'
-                else 'completed' end,
-           count(*),
-           (extract(epoch from max(f.finished_at) - min(f.started_at)) * 1000)::pg_catalog.int8,
-           max(case when n.id = i.root_node
-                    then df._node_result(i.id, n.id)::pg_catalog.text end)
+begin
+    if limit_count < 1 then
+        raise exception 'limit_count must be at least 1, got %', limit_count using errcode = '22023';
+    end if;
+    return query
+    select e.id,
+           case when bool_or(n.status operator(pg_catalog.=) 'failed') then 'failed'
+                when bool_or(n.status operator(pg_catalog.=) any ('{running,pending}'::pg_catalog.text[]))
+                    then 'running'
+                else 'completed' end::pg_catalog.text,
+           pg_catalog.count(*),
+           (extract(epoch from pg_catalog.max(f.finished_at) operator(pg_catalog.-) pg_catalog.min(f.started_at))
+                operator(pg_catalog.*) 1000)::pg_catalog.int8,
+           pg_catalog.max(case when n.id operator(pg_catalog.=) i.root_node
+                               then df._node_result(i.id, n.id)::pg_catalog.text end)
     from df.instances i
-    join df.nodes n on n.instance_id = i.id
-    cross join lateral (select n.status_details ->> 'execution_id' as execution_id) e
+    join df.nodes n on n.instance_id operator(pg_catalog.=) i.id
+    cross join lateral (select df._execution_id(n.status_details) as id) e
     cross join lateral (
-        select case when n.status_details ->> 'started_at' ~ '^\d{4}-' then (n.status_details ->> 'started_at')::pg_catalog.timestamptz end as started_at,
-               case when n.status_details ->> 'finished_at' ~ '^\d{4}-' then (n.status_details ->> 'finished_at')::pg_catalog.timestamptz end as finished_at
+        select case when n.status_details ->> 'started_at' operator(pg_catalog.~) '^\d{4}-'
+                    then (n.status_details ->> 'started_at')::pg_catalog.timestamptz end as started_at,
+               case when n.status_details ->> 'finished_at' operator(pg_catalog.~) '^\d{4}-'
+                    then (n.status_details ->> 'finished_at')::pg_catalog.timestamptz end as finished_at
     ) f
-    where i.id = $1 and e.execution_id is not null
-    group by e.execution_id
-    order by max(n.updated_at) desc, e.execution_id desc
-    limit least(greatest(coalesce($2, 5), 0), 10000)
+    where i.id operator(pg_catalog.=) instance_executions.instance_id and e.id is not null
+    group by e.id
+    order by e.id desc
+    limit least(limit_count, 10000);
+end;
 $$;
 
 -- Engine-wide counters (admin-only: PUBLIC EXECUTE is revoked in 90_grants.sql, so the
@@ -2587,7 +2799,7 @@ $$;
 create function df.metrics()
 returns table (total_instances bigint, running_instances bigint, completed_instances bigint,
                failed_instances bigint, total_executions bigint, total_events bigint)
-language sql stable security definer
+language sql stable strict security definer
 set search_path = pg_catalog, pg_temp
 as $$
     select (select pg_catalog.count(*) from df.instances i),
@@ -2751,7 +2963,7 @@ end;
 $$;
 
 create function df.explain(input text) returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -2833,7 +3045,7 @@ $$;
 ------------------------------------------------------------------------------------------
 
 create function df.setvar(name text, value text) returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -2849,7 +3061,7 @@ end;
 $$;
 
 create function df.getvar(name text) returns text
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
     select v.value from df.vars v
@@ -2857,7 +3069,7 @@ as $$
 $$;
 
 create function df.unsetvar(name text) returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -2869,7 +3081,7 @@ end;
 $$;
 
 create function df.clearvars() returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -2885,24 +3097,24 @@ $$;
 ------------------------------------------------------------------------------------------
 
 create function df.version() returns text
-language sql immutable
+language sql immutable strict
 set search_path = pg_catalog, pg_temp
 as $$ select '@version@ (df API 0.2.6)'::pg_catalog.text $$;
 
 -- The original's manual trigger; pgdurable's service picks work up by itself.
-create function df.run(instance_id text default null) returns void
+create function df.run(instance_id text default null) returns text
 language sql volatile
 set search_path = pg_catalog, pg_temp
-as $$ select $$;
+as $$ select 'df.run has nothing to do: pgdurable serve picks work up by itself'::pg_catalog.text $$;
 
 -- The database holding df and the engine (pg_durable.database in the original): this one.
 create function df.target_database() returns text
-language sql stable
+language sql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select current_database()::pg_catalog.text $$;
 
 create function df.duroxide_schema() returns text
-language sql immutable
+language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select '@engine@'::pg_catalog.text $$;
 
@@ -2941,7 +3153,7 @@ as $$ select array[
 -- given CREATE on @engine@_exec only for the moment it takes to make the runner.
 create function df.grant_usage(p_role text, include_http boolean default false,
                                with_grant boolean default false)
-returns text
+returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
@@ -2994,7 +3206,7 @@ begin
         raise warning 'df.grant_usage(%): "%" is a superuser; no step runner is made for it, so its SQL steps cannot run',
             pg_catalog.quote_literal(p_role), p_role
             using hint = 'submit workflows as an ordinary role';
-        return 'OK';
+        return;
     end if;
     if not @engine@._runner_ok_v1(v_oid) then
         if not pg_catalog.pg_has_role(v_me, v_oid, 'USAGE') then
@@ -3008,7 +3220,7 @@ begin
                     pg_catalog.quote_literal(p_role), p_role, v_me
                     using hint = pg_catalog.format('run select df.grant_usage(%L) as a superuser or as the administrator that created the role (CREATEROLE), or first: GRANT %I TO %I',
                                                    p_role, p_role, v_me);
-                return 'OK';
+                return;
             end;
         end if;
         execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
@@ -3031,40 +3243,69 @@ begin
                 using errcode = 'XX000';
         end if;
     end if;
-    return 'OK';
+    return;
 end;
 $$;
 
--- The mirror of df.grant_usage; CASCADE also removes what the role handed on. The role's
--- runner is dropped too (as the owner of its schema).
-create function df.revoke_usage(p_role text) returns text
+-- The mirror of df.grant_usage; CASCADE also removes what the role handed on. It revokes what
+-- the caller may revoke: REVOKE fails on an object the caller holds no privilege on at all
+-- (a delegated admin given with_grant but not include_http has none on df.http), so each
+-- object is revoked only where the caller holds a grant option on it. Then, when the role no
+-- longer has USAGE on df (another grantor's grant may remain), its runner is dropped; that
+-- needs the owner of the runners' schema (a delegated admin is not: a WARNING says who must).
+create function df.revoke_usage(p_role text) returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_fn  text;
-    v_oid pg_catalog.oid;
+    v_fn     text;
+    v_tab    text;
+    v_oid    pg_catalog.oid;
+    v_runner pg_catalog.text;
 begin
     select r.oid into v_oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) p_role;
     if p_role is null or v_oid is null then
         raise exception 'role "%" does not exist', p_role using errcode = '42704';
     end if;
     -- REVOKE ALL on a table also revokes the column privileges
-    execute pg_catalog.format('revoke all on df.instances, df.nodes, df.vars, df.workers from %I cascade', p_role);
+    foreach v_tab in array array['df.instances', 'df.nodes', 'df.vars', 'df.workers'] loop
+        if pg_catalog.to_regclass(v_tab) is not null
+           and (pg_catalog.has_any_column_privilege(v_tab,
+                    'SELECT WITH GRANT OPTION, INSERT WITH GRANT OPTION, UPDATE WITH GRANT OPTION, REFERENCES WITH GRANT OPTION')
+                or pg_catalog.has_table_privilege(v_tab,
+                    'DELETE WITH GRANT OPTION, TRUNCATE WITH GRANT OPTION, TRIGGER WITH GRANT OPTION')) then
+            execute pg_catalog.format('revoke all on %s from %I cascade', v_tab, p_role);
+        end if;
+    end loop;
     foreach v_fn in array df._usage_helpers() || array[
         'df.grant_usage(text,boolean,boolean)',
         'df.revoke_usage(text)', 'df.metrics()', 'df.http(text,text,text,jsonb,integer)',
         'df.http_multipart(text,text,jsonb,jsonb,integer)'] loop
-        if pg_catalog.to_regprocedure(v_fn) is not null then
+        if pg_catalog.to_regprocedure(v_fn) is not null
+           and pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(v_fn),
+                                                 'EXECUTE WITH GRANT OPTION') then
             execute pg_catalog.format('revoke all on function %s from %I cascade',
                                       pg_catalog.to_regprocedure(v_fn), p_role);
         end if;
     end loop;
-    execute pg_catalog.format('revoke all on schema @engine@ from %I cascade', p_role);
-    execute pg_catalog.format('revoke all on schema df from %I cascade', p_role);
-    execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
-                              'step_' || v_oid::pg_catalog.text);
-    return 'OK';
+    foreach v_tab in array array['@engine@', 'df'] loop
+        if pg_catalog.has_schema_privilege(v_tab, 'USAGE WITH GRANT OPTION, CREATE WITH GRANT OPTION') then
+            execute pg_catalog.format('revoke all on schema %I from %I cascade', v_tab, p_role);
+        end if;
+    end loop;
+    v_runner := pg_catalog.format('@engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
+                                  'step_' || v_oid::pg_catalog.text);
+    if not pg_catalog.has_schema_privilege(v_oid, 'df', 'USAGE') then
+        begin
+            execute 'drop function if exists ' || v_runner;
+        exception when insufficient_privilege then
+            raise warning 'df.revoke_usage(%): revoked, but the step runner of "%" stays: "%" may not drop it',
+                pg_catalog.quote_literal(p_role), p_role, current_user
+                using hint = pg_catalog.format('run select df.revoke_usage(%L) as the administrator that installed pgdurable, or: DROP FUNCTION %s',
+                                               p_role, v_runner);
+        end;
+    end if;
+    return;
 end;
 $$;
 -- pgdurable schema, part 50: the worker protocol (STYLE B4: every function a worker calls has
@@ -4176,7 +4417,9 @@ revoke all on all tables in schema @engine@ from public;
 revoke all on all sequences in schema @engine@ from public;
 revoke all on all functions in schema @engine@ from public;
 revoke all on schema @engine@_exec from public;
-revoke all on all functions in schema @engine@_exec from public;
+-- (the runners in @engine@_exec belong to their tenants: df.grant_usage revokes PUBLIC's
+-- EXECUTE on each one it makes. A blanket REVOKE here would fail in an upgrade, which runs as
+-- pgdurable_owner, once tenants' runners exist.)
 
 -- the step role: the runners' schema (EXECUTE on each runner is granted when it is made) and
 -- the token-gated functions of a step transaction; the settings helper its settings query uses

@@ -64,6 +64,19 @@ alter table @engine@.locks owner to pgdurable_owner;
 -- functions gone or with a new signature
 drop function @engine@._runner_v1(regrole);
 drop function @engine@._step_begin_v1(oid);
+-- ... and those whose result type or argument names changed in a later version (the
+-- definitions below are the current ones; 3-4.sql says what changed)
+drop function if exists df.start(text, text, text, text);
+drop function if exists df.signal(text, text, text);
+drop function if exists df.run(text);
+drop function if exists df.list_instances(text, integer, text, text);
+drop function if exists df.list_instances(text, integer);
+drop function if exists df.instance_info(text);
+drop function if exists df.instance_executions(text, integer);
+drop function if exists df.instance_nodes(text);
+drop function if exists df.instance_nodes(text, integer);
+drop function if exists df.grant_usage(text, boolean, boolean);
+drop function if exists df.revoke_usage(text);
 
 set local role pgdurable_owner;
 -- @definitions-of 00_tables.sql

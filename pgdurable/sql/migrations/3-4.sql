@@ -7,7 +7,45 @@
 
 -- == functions whose signature or result type changed (dropped, re-made below) ==
 
+-- Result types, argument names and return types as pg_durable 0.2.6 has them (docs/api.md).
+-- A role given EXECUTE on one of these explicitly (df.grant_usage(..., with_grant => true)
+-- hands out grant_usage/revoke_usage) keeps it: the grants are noted here, in a setting local
+-- to this transaction, and given again (by the owner) after the functions are re-made.
+select pg_catalog.set_config('pgdurable.migrate_acl', coalesce((
+    select pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+               'fn', p.oid::pg_catalog.regprocedure::pg_catalog.text,
+               'role', a.grantee::pg_catalog.regrole::pg_catalog.text,
+               'grantable', a.is_grantable))
+    from pg_catalog.pg_proc p
+    cross join lateral pg_catalog.aclexplode(p.proacl) a
+    where p.oid operator(pg_catalog.=) any (array[
+              'df.start(text,text,text,text)', 'df.signal(text,text,text)', 'df.run(text)',
+              'df.list_instances(text,integer,text,text)', 'df.list_instances(text,integer)',
+              'df.instance_info(text)', 'df.instance_executions(text,integer)',
+              'df.instance_nodes(text)', 'df.instance_nodes(text,integer)',
+              'df.grant_usage(text,boolean,boolean)', 'df.revoke_usage(text)'
+          ]::pg_catalog.regprocedure[]::pg_catalog.oid[])
+      and a.privilege_type operator(pg_catalog.=) 'EXECUTE'
+      and a.grantee operator(pg_catalog.<>) 0
+      and a.grantee operator(pg_catalog.<>) p.proowner)::pg_catalog.text, '[]'), true);
+
+drop function df.start(text, text, text, text);              -- returns text (was varchar)
+drop function df.signal(text, text, text);                   -- data -> signal_data
+drop function df.run(text);                                  -- returns text (was void)
+drop function df.list_instances(text, integer, text, text);  -- instance_id text, execution_count bigint
+drop function df.list_instances(text, integer);              -- the same
+drop function df.instance_info(text);                        -- instance_id text, current_execution_id bigint
+drop function df.instance_executions(text, integer);         -- execution_id bigint
+drop function df.instance_nodes(text);                       -- instance_id_param; id columns text
+drop function df.instance_nodes(text, integer);              -- + execution_id; _last_n_executions
+drop function df.grant_usage(text, boolean, boolean);        -- returns void (was text)
+drop function df.revoke_usage(text);                         -- returns void (was text)
+
 -- == tables ==
+
+-- df.vars.owner defaults to the caller as pg_durable has it (a role name that needs quoting
+-- resolves too)
+alter table df.vars alter column owner set default quote_ident(current_user)::regrole;
 
 -- @definitions-of 00_tables.sql
 -- @definitions-of 10_dsl.sql
@@ -17,3 +55,19 @@
 -- @definitions-of 50_engine.sql
 -- @include 60_schedules.sql
 -- @include 90_grants.sql
+
+-- the explicit grants on the functions dropped in the first section, given again
+do $$
+declare
+    r record;
+begin
+    for r in select x.fn, x.role, x.grantable
+             from pg_catalog.jsonb_to_recordset(
+                      pg_catalog.current_setting('pgdurable.migrate_acl')::pg_catalog.jsonb)
+                  as x(fn pg_catalog.text, role pg_catalog.text, grantable boolean) loop
+        execute pg_catalog.format('grant execute on function %s to %s%s',
+                                  pg_catalog.to_regprocedure(r.fn), r.role,
+                                  case when r.grantable then ' with grant option' else '' end);
+    end loop;
+end;
+$$;

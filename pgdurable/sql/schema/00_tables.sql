@@ -99,7 +99,7 @@ alter table df.instances add constraint instances_root_fk foreign key (id, root_
 create table df.vars (
     name  text    not null,
     value text,
-    owner regrole not null default current_user::regrole,
+    owner regrole not null default quote_ident(current_user)::regrole,
     primary key (owner, name)
 );
 

@@ -577,7 +577,7 @@ $$;
 
 -- `f |=> 'name'` = df.as(f, 'name').
 create function df.as_op(fut text, name text) returns text
-language sql immutable strict parallel safe
+language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select df."as"(fut, name) $$;
 
@@ -587,9 +587,15 @@ language sql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select df.loop(body) $$;
 
+-- pg_durable's name for the same helper (its @> calls it); kept callable under that name.
+create function df.loop_prefix_op(body text) returns text
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select df.loop(body) $$;
+
 -- `c ?> t`: the first half of an IF, a partial object only !> accepts (ARCHITECTURE §1).
 create function df.if_then_op(condition text, then_branch text) returns text
-language sql immutable strict parallel safe
+language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
     select '{"_partial_if":true,"condition":' || df._node(condition)
@@ -598,12 +604,15 @@ $$;
 
 -- `p !> e`: completes a ?> partial into df.if(condition, then_branch, else_branch).
 create function df.if_else_op(partial text, else_branch text) returns text
-language plpgsql immutable strict parallel safe
+language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_json pg_catalog.json;
 begin
+    if partial is null or else_branch is null then
+        return null;  -- as df.if (strict) would give
+    end if;
     begin
         v_json := btrim(partial, E' \t\r\n')::pg_catalog.json;
     exception when data_exception or program_limit_exceeded then

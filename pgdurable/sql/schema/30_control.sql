@@ -9,6 +9,7 @@
 --   @engine@._schema_ready_v1  readiness (docs/decisions.md D3)
 --   @engine@._enqueue_v1       validate the stored graph, then runs row + the 'start' task (ARCH §2)
 --   @engine@._new_start_v1     transaction_mode 'new': df.start through a dblink session
+--   @engine@._dblink_v1, _launch_connect_v1, _new_mode_check_v1   its dblink and launch session
 --   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (docs/decisions.md D16, D17)
 --
 -- SQLSTATEs: standard codes where one fits — 22023 invalid_parameter_value (bad arguments,
@@ -92,6 +93,10 @@ $$;
 -- The walk is one recursive CTE; a child is only descended into when it is a JSON object,
 -- and the walk stops one level past the depth limit (so a hostile value cannot make it run
 -- away) and one row past the node limit (LIMIT stops a recursive CTE early).
+--
+-- Nesting depth: the root is at depth 0, each child one deeper than its parent; a graph may
+-- nest 256 deep (its deepest node at depth 256, so 257 node levels), one nested deeper is
+-- refused. @engine@._enqueue_v1 counts the same way.
 create function df._graph_flatten(p_graph jsonb) returns jsonb
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -113,7 +118,7 @@ declare
 begin
     -- Cheap guard first: a value nested far past the limit is rejected in one C-level
     -- jsonpath scan, before the walk below (which copies subtrees per level) ever sees it.
-    -- 600 JSON levels > the deepest legal graph (256 node levels, ≤ 2 JSON levels each).
+    -- 600 JSON levels > the deepest legal graph (257 node levels, ≤ 2 JSON levels each).
     if jsonb_path_exists(p_graph, 'lax $.**{600}') then
         raise exception 'durable function graph exceeds the maximum nesting depth of % (at root)',
             c_max_depth using errcode = '54000';
@@ -123,7 +128,7 @@ begin
             using errcode = '22023';
     end if;
     with recursive walk(obj, path, names, depth) as (
-        select p_graph, array[]::pg_catalog.int4[], 'root'::pg_catalog.text, 1
+        select p_graph, array[]::pg_catalog.int4[], 'root'::pg_catalog.text, 0
         union all
         select c.obj, w.path || c.ord, w.names || '.' || c.name, w.depth + 1
         from walk w
@@ -328,7 +333,11 @@ begin
             end if;
             if v_type = 'IF' then
                 v_cfg := df._try_jsonb(v_query #>> '{}');
-                if jsonb_typeof(v_node #> '{c,condition_node}') = 'object' then
+                -- a query that is no JSON config is that first, whatever else is wrong
+                if v_query is not null and jsonb_typeof(v_cfg) is distinct from 'object' then
+                    raise exception 'query in IF must be valid JSON config (at %)', v_where
+                        using errcode = '22023';
+                elsif jsonb_typeof(v_node #> '{c,condition_node}') = 'object' then
                     if v_query is not null then
                         raise exception 'IF node has both a condition_node and a query (at %)', v_where
                             using errcode = '22023';
@@ -336,9 +345,6 @@ begin
                 elsif v_query is null then
                     raise exception 'IF node needs a condition_node or a result_has_rows query (at %)',
                         v_where using errcode = '22023';
-                elsif v_cfg is null or jsonb_typeof(v_cfg) <> 'object' then
-                    raise exception 'query in IF must be valid JSON config (at %)', v_where
-                        using errcode = '22023';
                 elsif v_cfg ? 'condition_node' then
                     -- the stored (flattened) form: ids inside query are not a graph value
                     raise exception 'condition_node in IF must be a first-class Durofut field, not part of query (at %)',
@@ -439,6 +445,23 @@ as $$
                      and (r.oid = p_owner::pg_catalog.oid or r.rolsuper or r.rolbypassrls))
 $$;
 
+-- Was a row with this xmin written by the current transaction (or one of its subtransactions)?
+-- Every transaction holds an ExclusiveLock on its own transaction ids until it ends, and rows
+-- of other transactions still in progress are invisible, so a visible row whose xmin this
+-- backend holds locked was written here. What proves that a SECURITY DEFINER function's owner
+-- called df.start: RLS let the row be written with submitted_by = current_user, the owner
+-- (docs/security.md, "df.start inside a SECURITY DEFINER function").
+create function @engine@._written_here_v1(p_xmin xid) returns boolean
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select exists (select 1 from pg_catalog.pg_locks l
+                   where l.locktype operator(pg_catalog.=) 'transactionid'
+                     and l.pid operator(pg_catalog.=) pg_catalog.pg_backend_pid()
+                     and l.transactionid operator(pg_catalog.=) p_xmin
+                     and l.mode operator(pg_catalog.=) 'ExclusiveLock' and l.granted)
+$$;
+
 create function @engine@._schema_ready_v1() returns integer
 language sql stable security definer
 set search_path = pg_catalog, pg_temp
@@ -454,7 +477,8 @@ as $$ select coalesce((select w.schema_version from @engine@._worker_ready w), 0
 -- children the worker's compiler reads (pgdurable/graph/compile.py): condition_node (the id in
 -- an IF/LOOP query), left_node, right_node, extra_nodes (the one id in a JOIN query). Every node
 -- reachable exactly once (a cycle or a shared node would fail every load of the instance), no
--- orphans, no missing children, at most 256 levels and 10,000 nodes (df.start's limits).
+-- orphans, no missing children, a nesting depth of at most 256 (the root at depth 0: 257 node
+-- levels) and 10,000 nodes (df.start's limits).
 -- Two set-based statements: one pass over the instance's rows (primary key prefix) checks each
 -- row and builds the child map {id: [condition, left, right, extra]}; a recursive CTE walks the
 -- map from the root, stopping one level past the depth limit and one row past the node count
@@ -480,10 +504,13 @@ declare
     v_deep     pg_catalog.text;
     v_order    pg_catalog.text[];
 begin
-    select i.id, i.root_node, i.status, i.submitted_by, i.database into v_inst
+    select i.id, i.root_node, i.status, i.submitted_by, i.database, i.xmin into v_inst
     from df.instances i where i.id = p_instance_id
     for update;
-    if not found or not @engine@._may_act(v_inst.submitted_by) then
+    -- the caller's own instance, or one this transaction wrote as its submitter (df.start in a
+    -- SECURITY DEFINER function: the owner, whom RLS let write it)
+    if not found or not (@engine@._may_act(v_inst.submitted_by)
+                         or @engine@._written_here_v1(v_inst.xmin)) then
         raise exception 'Instance % not found or access denied', p_instance_id using errcode = 'P0002';
     end if;
     if v_inst.status <> 'pending' then
@@ -580,7 +607,7 @@ begin
     else
         -- 2. the walk from the root (it comes out level by level: v_order is in depth order)
         with recursive walk(id, depth) as (
-            select v_inst.root_node::pg_catalog.text, 1
+            select v_inst.root_node::pg_catalog.text, 0
             union all
             select k.child, w.depth + 1
             from walk w
@@ -612,8 +639,8 @@ begin
             group by u.id having pg_catalog.count(*) > 1
             order by (pg_catalog.array_agg(u.pos order by u.pos))[2], u.id limit 1;
         elsif v_deep is not null then
-            v_problem := pg_catalog.format('54000 it nests deeper than %s levels (at node %L)',
-                                           c_max_depth, v_deep);
+            v_problem := pg_catalog.format('54000 it nests deeper than the maximum nesting depth '
+                                           'of %s (at node %L)', c_max_depth, v_deep);
         elsif v_distinct < v_total then
             select pg_catalog.format('22023 node %L is not reachable from the root %L (an orphan)',
                                      k.id, v_inst.root_node)
@@ -724,13 +751,145 @@ begin
 end;
 $$;
 
+-- transaction_mode 'new' needs the dblink extension. pgdurable install creates it, when the
+-- installing role may (a superuser, a managed cloud's admin role), in @engine@_dblink: a
+-- schema of the engine's owner on which no other role has USAGE or CREATE, so no tenant can
+-- call dblink's functions through it or put look-alikes beside them (tenants keep exactly
+-- what PostgreSQL grants them where an administrator installed dblink elsewhere). An
+-- administrator may have created it in any schema: wherever it is, the four functions 'new'
+-- mode calls must be the extension's own members (a schema's owner could add functions
+-- beside them; every call passes pg_catalog.text arguments, so only these exact signatures
+-- can be chosen). Returns the schema; raises 55000 with the statement an administrator must
+-- run when dblink is missing. Not SECURITY DEFINER: called by the definers below.
+create function @engine@._dblink_v1() returns name
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_ext    pg_catalog.oid;
+    v_schema pg_catalog.name;
+    v_fn     pg_catalog.text;
+    v_stmt   pg_catalog.text := 'CREATE EXTENSION dblink SCHEMA @engine@_dblink;';
+begin
+    select e.oid, n.nspname into v_ext, v_schema
+    from pg_catalog.pg_extension e
+    join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) e.extnamespace
+    where e.extname operator(pg_catalog.=) 'dblink';
+    if v_ext is null then
+        if not exists (select 1 from pg_catalog.pg_namespace n
+                       where n.nspname operator(pg_catalog.=) '@engine@_dblink') then
+            v_stmt := 'CREATE SCHEMA @engine@_dblink AUTHORIZATION pgdurable_owner; '
+                      'REVOKE ALL ON SCHEMA @engine@_dblink FROM PUBLIC; ' || v_stmt;
+        end if;
+        raise exception 'transaction_mode ''new'' needs the dblink extension, which database "%" does not have; an administrator (a superuser, or the managed cloud''s admin role such as rds_superuser) must run in that database: %',
+            pg_catalog.current_database(), v_stmt
+            using errcode = '55000',
+                  hint = 'pgdurable install creates it when the installing role may; on stock PostgreSQL only a superuser can create dblink. Until then, use transaction_mode => ''caller''.';
+    end if;
+    if not pg_catalog.has_schema_privilege(v_schema, 'USAGE') then
+        raise exception 'transaction_mode ''new'': the dblink extension is in schema "%", on which % has no USAGE; an administrator must run: GRANT USAGE ON SCHEMA % TO %',
+            v_schema, current_user, pg_catalog.quote_ident(v_schema), current_user
+            using errcode = '55000';
+    end if;
+    foreach v_fn in array array['dblink_connect(pg_catalog.text,pg_catalog.text)',
+                                'dblink_exec(pg_catalog.text,pg_catalog.text)',
+                                'dblink(pg_catalog.text,pg_catalog.text)',
+                                'dblink_disconnect(pg_catalog.text)'] loop
+        if not exists (
+            select 1 from pg_catalog.pg_depend d
+            where d.classid operator(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+              and d.objid operator(pg_catalog.=)
+                  pg_catalog.to_regprocedure(pg_catalog.quote_ident(v_schema) || '.' || v_fn)
+              and d.refclassid operator(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+              and d.refobjid operator(pg_catalog.=) v_ext
+              and d.deptype operator(pg_catalog.=) 'e') then
+            raise exception 'transaction_mode ''new'': %.% is not a function of the dblink extension', v_schema, v_fn
+                using errcode = '55000',
+                      hint = 'update or re-create the extension: ALTER EXTENSION dblink UPDATE';
+        end if;
+    end loop;
+    return v_schema;
+end;
+$$;
+
+-- Open the launch session: the dblink connection p_name, logged in as this install's launcher
+-- role (pgdurable install made it: LOGIN, member of nothing, its password in
+-- @engine@.launcher, which only the engine's owner reads), to this server the way the caller
+-- reached it: its TCP address, else the first socket directory. dblink lets a non-superuser
+-- open a connection only with a password the server asked for: where the server trusts the
+-- launcher role (pg_hba 'trust'), this fails (28000) saying what to change. Not SECURITY
+-- DEFINER: called by the definers @engine@._new_start_v1 and @engine@._new_mode_check_v1.
+create function @engine@._launch_connect_v1(p_dblink name, p_name text) returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_launcher record;
+    v_host     pg_catalog.text;
+    v_conn     pg_catalog.text;
+begin
+    select l.rolname, l.password into v_launcher from @engine@.launcher l;
+    if not found then
+        raise exception 'transaction_mode ''new'' needs the launcher role that pgdurable install makes; run pgdurable install again'
+            using errcode = '55000';
+    end if;
+    v_host := coalesce(pg_catalog.host(pg_catalog.inet_server_addr()),
+                       nullif(pg_catalog.btrim(pg_catalog.split_part(
+                           pg_catalog.current_setting('unix_socket_directories'), ',', 1)), ''),
+                       '127.0.0.1');
+    v_conn := pg_catalog.format('dbname=%s user=%s password=%s host=%s port=%s application_name=%s',
+                     pg_catalog.quote_literal(pg_catalog.current_database()),
+                     pg_catalog.quote_literal(v_launcher.rolname),
+                     pg_catalog.quote_literal(v_launcher.password),
+                     pg_catalog.quote_literal(v_host),
+                     coalesce(pg_catalog.inet_server_port()::pg_catalog.text,
+                              pg_catalog.current_setting('port')),
+                     pg_catalog.quote_literal('pgdurable df.start new'));
+    begin
+        execute pg_catalog.format('select %I.dblink_connect($1::pg_catalog.text, $2::pg_catalog.text)',
+                                  p_dblink)
+            using p_name, v_conn;
+    exception when others then
+        if sqlerrm like '%password is required%' or sqlerrm like '%password or GSSAPI%' then
+            raise exception 'transaction_mode ''new'': this server lets the launcher role % in without a password, and dblink refuses that to anyone but a superuser', v_launcher.rolname
+                using errcode = '28000',
+                      hint = pg_catalog.format('make pg_hba.conf ask %s for its password (scram-sha-256), as managed PostgreSQL does: lines "host all %s all scram-sha-256" and "local all %s scram-sha-256" before the trust lines, then SELECT pg_reload_conf()',
+                                               v_launcher.rolname, v_launcher.rolname, v_launcher.rolname);
+        end if;
+        raise exception 'transaction_mode ''new'': cannot open the launch session: %', sqlerrm
+            using errcode = '08001';
+    end;
+end;
+$$;
+
+-- Can transaction_mode 'new' work here? NULL when it can; else what is wrong and what to run
+-- (the errors df.start(…, transaction_mode => 'new') would raise). pgdurable install and serve
+-- ask, to say so at once. Opens and closes a launch session as the engine's owner, a
+-- non-superuser, exactly as @engine@._new_start_v1 does.
+create function @engine@._new_mode_check_v1() returns text
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_dblink pg_catalog.name;
+    v_name   pg_catalog.text := 'pgdurable_check_' || pg_catalog.pg_backend_pid();
+    v_hint   pg_catalog.text;
+begin
+    v_dblink := @engine@._dblink_v1();
+    perform @engine@._launch_connect_v1(v_dblink, v_name);
+    execute pg_catalog.format('select %I.dblink_disconnect($1::pg_catalog.text)', v_dblink)
+        using v_name;
+    return null;
+exception when others then
+    get stacked diagnostics v_hint = pg_exception_hint;
+    return sqlerrm || case when coalesce(v_hint, '') = '' then '' else ' (' || v_hint || ')' end;
+end;
+$$;
+
 -- transaction_mode 'new': start the instance in a session of its own and commit it there,
 -- whatever the caller's transaction does. That session is a dblink connection logged in as
--- this install's launcher role (pgdurable install made it: LOGIN, member of nothing, its
--- password in @engine@.launcher, which only the engine's owner reads), which may call only
+-- this install's launcher role (@engine@._launch_connect_v1), which may call only
 -- @engine@._launch_v1: the caller's identity was checked here, the instance is the caller's.
--- dblink lets a non-superuser open a connection only with a password the server asked for:
--- where the server trusts the launcher role (pg_hba 'trust'), 'new' mode fails saying so.
 -- At most pg_durable.max_new_transaction_starts launches at once: rows 'launch:<n>' of
 -- @engine@.locks, held by a subtransaction that ends with the launch.
 create function @engine@._new_start_v1(p_role name, p_fut text, p_label text, p_database text)
@@ -740,9 +899,6 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_dblink   pg_catalog.name;
-    v_launcher record;
-    v_host     pg_catalog.text;
-    v_conn     pg_catalog.text;
     v_name     pg_catalog.text := 'pgdurable_start_' || pg_catalog.pg_backend_pid();
     v_id       pg_catalog.varchar;
     v_slots    pg_catalog.int4 := greatest(1,
@@ -755,18 +911,7 @@ begin
         raise exception 'transaction_mode ''new'' must be called directly by the submitting role (%)', p_role
             using errcode = '42501';
     end if;
-    select n.nspname into v_dblink
-    from pg_catalog.pg_extension e join pg_catalog.pg_namespace n on n.oid = e.extnamespace
-    where e.extname = 'dblink';
-    if v_dblink is null then
-        raise exception 'transaction_mode ''new'' needs the dblink extension (CREATE EXTENSION dblink)'
-            using errcode = '55000';
-    end if;
-    select l.rolname, l.password into v_launcher from @engine@.launcher l;
-    if not found then
-        raise exception 'transaction_mode ''new'' needs the launcher role that pgdurable install makes; run pgdurable install again'
-            using errcode = '55000';
-    end if;
+    v_dblink := @engine@._dblink_v1();
     v_deadline := pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => v_timeout);
     begin
         -- a launch slot, held by this subtransaction (ended below, right after the launch)
@@ -782,42 +927,23 @@ begin
             end if;
             perform pg_catalog.pg_sleep(0.1);
         end loop;
-        -- reach this server the way the caller did: its TCP address, else the first socket dir
-        v_host := coalesce(pg_catalog.host(pg_catalog.inet_server_addr()),
-                           nullif(pg_catalog.btrim(pg_catalog.split_part(
-                               pg_catalog.current_setting('unix_socket_directories'), ',', 1)), ''),
-                           '127.0.0.1');
-        v_conn := pg_catalog.format('dbname=%s user=%s password=%s host=%s port=%s application_name=%s',
-                         pg_catalog.quote_literal(pg_catalog.current_database()),
-                         pg_catalog.quote_literal(v_launcher.rolname),
-                         pg_catalog.quote_literal(v_launcher.password),
-                         pg_catalog.quote_literal(v_host),
-                         coalesce(pg_catalog.inet_server_port()::pg_catalog.text,
-                                  pg_catalog.current_setting('port')),
-                         pg_catalog.quote_literal('pgdurable df.start new'));
+        perform @engine@._launch_connect_v1(v_dblink, v_name);
         begin
-            execute pg_catalog.format('select %I.dblink_connect(%L, %L)', v_dblink, v_name, v_conn);
+            execute pg_catalog.format('select %I.dblink_exec($1::pg_catalog.text, $2::pg_catalog.text)',
+                                      v_dblink)
+                using v_name, 'set lock_timeout = ''30s''; set statement_timeout = ''30s''';
+            execute pg_catalog.format('select t.id from %I.dblink($1::pg_catalog.text, $2::pg_catalog.text) as t(id pg_catalog.varchar)',
+                                      v_dblink)
+                into v_id
+                using v_name,
+                      pg_catalog.format('select %I._launch_v1(%s, %L, %L, %L)', '@engine@',
+                                        (select r.oid from pg_catalog.pg_roles r where r.rolname = p_role),
+                                        p_fut, p_label, p_database);
+            execute pg_catalog.format('select %I.dblink_disconnect($1::pg_catalog.text)', v_dblink)
+                using v_name;
         exception when others then
-            if sqlerrm like '%password is required%' then
-                raise exception 'transaction_mode ''new'': this server lets the launcher role % in without a password, and dblink refuses that to anyone but a superuser', v_launcher.rolname
-                    using errcode = '28000',
-                          hint = pg_catalog.format('make pg_hba.conf ask %s for its password (scram-sha-256), as managed PostgreSQL does', v_launcher.rolname);
-            end if;
-            raise exception 'transaction_mode ''new'': cannot open the launch session: %', sqlerrm
-                using errcode = '08001';
-        end;
-        begin
-            execute pg_catalog.format('select %I.dblink_exec(%L, %L)', v_dblink, v_name,
-                           'set lock_timeout = ''30s''; set statement_timeout = ''30s''');
-            execute pg_catalog.format('select t.id from %I.dblink(%L, %L) as t(id pg_catalog.varchar)',
-                           v_dblink, v_name,
-                           pg_catalog.format('select %I._launch_v1(%s, %L, %L, %L)', '@engine@',
-                                             (select r.oid from pg_catalog.pg_roles r where r.rolname = p_role),
-                                             p_fut, p_label, p_database))
-                into v_id;
-            execute pg_catalog.format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
-        exception when others then
-            execute pg_catalog.format('select %I.dblink_disconnect(%L)', v_dblink, v_name);
+            execute pg_catalog.format('select %I.dblink_disconnect($1::pg_catalog.text)', v_dblink)
+                using v_name;
             raise;
         end;
         -- end the subtransaction (releasing the slot); v_id keeps its value
@@ -884,6 +1010,19 @@ begin
             v_role.rolname using errcode = '42501',
                                hint = 'submit as an ordinary role given df.grant_usage';
     end if;
+    -- df.start in a SECURITY DEFINER function submits as the function's owner (current_user
+    -- there, not the session's role), as pg_durable does: that role's step runner must exist,
+    -- checked now rather than at its first step (a workflow step runs in its tenant's runner)
+    if v_role.rolname operator(pg_catalog.=) current_user
+       and current_user operator(pg_catalog.<>)
+           coalesce(nullif(pg_catalog.current_setting('role', true), 'none'), session_user)
+       and not @engine@.in_workflow()
+       and not @engine@._runner_ok_v1(v_role.oid) then
+        raise exception 'role "%" cannot submit durable functions: it has no step runner (df.grant_usage was not run for it); df.start runs as "%" here (the owner of the SECURITY DEFINER function that called it, for session role "%")',
+            v_role.rolname, v_role.rolname, session_user
+            using errcode = '42501',
+                  hint = pg_catalog.format('an administrator runs: select df.grant_usage(%L)', v_role.rolname);
+    end if;
     -- 4. readiness (docs/decisions.md D3)
     if @engine@._schema_ready_v1() < 1 then
         raise exception 'pg_durable background worker not yet initialized — try again in a moment'
@@ -934,7 +1073,7 @@ $$;
 -- launch session the role that @engine@._new_start_v1 vouched for.
 create function df.start(fut text, label text default null, database text default null,
                          transaction_mode text default 'caller')
-returns varchar
+returns text
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
@@ -951,6 +1090,13 @@ begin
         if @engine@.in_workflow() then
             raise exception 'df.start(transaction_mode => ''new'') cannot be called inside a workflow'
                 using errcode = '0A000';
+        end if;
+        if current_user operator(pg_catalog.<>)
+               coalesce(nullif(pg_catalog.current_setting('role', true), 'none'), session_user) then
+            -- the launch session acts for the session's role, which here is not current_user
+            raise exception 'df.start(transaction_mode => ''new'') cannot be called inside a SECURITY DEFINER function (it runs as "%" for session role "%")', current_user, session_user
+                using errcode = '0A000',
+                      hint = 'use transaction_mode => ''caller'' there: the instance is submitted as the function''s owner and commits with the calling transaction';
         end if;
         -- every check here, in the caller's session, so errors read as in caller mode
         perform @engine@._start_v1(v_me, fut, label, database, true);
@@ -970,9 +1116,9 @@ $$;
 -- than 64 MiB, whatever a session sets; nested at most 256 levels. @engine@._signal_v1 checks
 -- the stored form again (any granted role may call it directly), and the worker checks its
 -- own cap before it reads the data.
-create function df.signal(instance_id text, signal_name text, data text default '{}')
+create function df.signal(instance_id text, signal_name text, signal_data text default '{}')
 returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -986,8 +1132,8 @@ begin
         raise exception 'df.signal: instance_id and signal_name must be non-empty' using errcode = '22023';
     end if;
     -- at once, before the text is parsed or anything is looked up
-    if octet_length(data) > v_max then
-        raise exception 'df.signal: data is % bytes, over the limit of % bytes', octet_length(data), v_max
+    if octet_length(signal_data) > v_max then
+        raise exception 'df.signal: data is % bytes, over the limit of % bytes', octet_length(signal_data), v_max
             using errcode = '54000',
                   hint = 'signal data becomes the wait''s result and is capped like a step result '
                          '(pg_durable.max_signal_bytes): send a key to data kept in a table';
@@ -996,7 +1142,7 @@ begin
     if not exists (select 1 from df.instances i where i.id = instance_id) then
         raise exception 'Instance not found or access denied: %', instance_id using errcode = 'P0002';
     end if;
-    v_data := coalesce(df._try_jsonb(data), to_jsonb(data), 'null'::pg_catalog.jsonb);
+    v_data := coalesce(df._try_jsonb(signal_data), to_jsonb(signal_data), 'null'::pg_catalog.jsonb);
     perform @engine@._signal_v1(instance_id, signal_name, v_data);
     return 'OK';
 end;
@@ -1004,7 +1150,7 @@ $$;
 
 create function df.cancel(instance_id text, reason text default 'Cancelled by user')
 returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -1016,7 +1162,7 @@ end;
 $$;
 
 create function df.status(instance_id text) returns text
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$ select i.status from df.instances i where i.id = $1 $$;
 
@@ -1082,7 +1228,7 @@ $$;
 
 -- The root node's result, only for a completed instance (SPEC §4: not the error of a failed one).
 create function df.result(instance_id text) returns text
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
     select df._node_result(i.id, i.root_node)::pg_catalog.text
@@ -1094,7 +1240,7 @@ $$;
 -- leaf where the failure started; children include the ids inside IF/LOOP/JOIN query config);
 -- with several (JOIN branches) the one that finished first.
 create function df.error(instance_id text) returns jsonb
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
     with inst as (
@@ -1137,7 +1283,7 @@ $$;
 -- READ COMMITTED; under REPEATABLE READ the status cannot change and this times out).
 create function df.await_instance(instance_id text, timeout_seconds integer default 30)
 returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -1170,7 +1316,7 @@ $$;
 
 create function df.wait_for_completion(instance_id text, timeout_seconds integer default 30)
 returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin

@@ -24,7 +24,9 @@
 --                        composite's reference is resolved (df._node_result, 30_control.sql),
 --                        and the worker's own keys (result_from, result_of, result_bytes) are
 --                        left out of status_details
---   instance_executions  one row per execution_id found in status_details ('<id>::<gen>')
+--   execution_id         a bigint, as in pg_durable: the activation generation ("gen" in
+--                        status_details; a node's k-th activation is in execution k), one
+--                        row per generation in instance_executions (df._execution_id)
 --   status words         df's own (pending/running/completed/failed/cancelled) everywhere
 
 ------------------------------------------------------------------------------------------
@@ -38,7 +40,13 @@
 --               and are not applied to its children
 --   skipped     a pending/running node under an IF's untaken arm, right of a THEN whose left
 --               failed, under a decided RACE's loser (inferred_from = the deciding ancestor,
---               the outermost one), or of a terminal instance (inferred_from = the root)
+--               the outermost one), or of a terminal instance (inferred_from = the root);
+--               also a node of a RACE's loser that the worker abandoned when the RACE was
+--               decided (failed, "abandoned": true)
+-- Everything describes the current iteration of every enclosing LOOP: a node's seq is the
+-- checkpoint that last activated it, and an IF's arm (branch) or a RACE's winner counts only
+-- when it was decided in that activation (decided_seq or finished_seq >= seq), so a decision
+-- left on the row by an earlier iteration is never applied to the re-activated node.
 -- The walk stops at depth 300 so hand-written cyclic rows cannot loop forever.
 create function df._node_tree(p_instance_id text)
 returns table (node_id varchar, path integer[], role text, inferred_status text,
@@ -55,7 +63,18 @@ as $$
                case when jsonb_typeof(x.status_details -> 'seq') = 'number'
                     then (x.status_details ->> 'seq')::pg_catalog.numeric end as seq,
                case when x.node_type = 'LOOP' and jsonb_typeof(x.status_details -> 'iter_seq') = 'number'
-                    then (x.status_details ->> 'iter_seq')::pg_catalog.numeric end as iter_seq
+                    then (x.status_details ->> 'iter_seq')::pg_catalog.numeric end as iter_seq,
+               -- false when the row's IF arm / RACE winner was decided in an earlier activation
+               coalesce(greatest(
+                   case when jsonb_typeof(x.status_details -> 'decided_seq') = 'number'
+                        then (x.status_details ->> 'decided_seq')::pg_catalog.numeric end,
+                   case when jsonb_typeof(x.status_details -> 'finished_seq') = 'number'
+                        then (x.status_details ->> 'finished_seq')::pg_catalog.numeric end)
+                   >= (case when jsonb_typeof(x.status_details -> 'seq') = 'number'
+                            then (x.status_details ->> 'seq')::pg_catalog.numeric end),
+                   true) as fresh,
+               x.status = 'failed' and x.status_details -> 'abandoned' = 'true'::pg_catalog.jsonb
+                   as abandoned
         from df.nodes x where x.instance_id = p_instance_id
     ), walk(node_id, path, role, depth, skip_from, loop_seq, loop_id) as (
         select i.root_node::pg_catalog.varchar, array[]::pg_catalog.int4[], 'root'::pg_catalog.text,
@@ -78,18 +97,19 @@ as $$
             select p.left_node, 1,
                    case p.node_type when 'IF' then 'then' when 'LOOP' then 'body'
                                     when 'THEN' then 'first' else 'branch 1' end,
-                   case when (p.node_type = 'IF' and p.sd ->> 'branch' = 'else')
-                          or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.left_node)
+                   case when p.fresh and ((p.node_type = 'IF' and p.sd ->> 'branch' = 'else')
+                                          or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.left_node))
                         then p.id end
             where p.left_node is not null
             union all
             select p.right_node, 2,
                    case p.node_type when 'IF' then 'else' when 'THEN' then 'then' else 'branch 2' end,
-                   case when (p.node_type = 'IF' and p.sd ->> 'branch' = 'then')
-                          or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.right_node)
+                   case when (p.fresh and ((p.node_type = 'IF' and p.sd ->> 'branch' = 'then')
+                                           or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.right_node)))
                           or (p.node_type = 'THEN' and exists (select 1 from n l
                                                                where l.id = p.left_node
-                                                                 and l.status = 'failed'))
+                                                                 and l.status = 'failed'
+                                                                 and not coalesce(l.seq < w.loop_seq, false)))
                         then p.id end
             where p.right_node is not null
             union all
@@ -105,11 +125,11 @@ as $$
         select distinct on (w.node_id) w.* from walk w order by w.node_id, w.path
     )
     select x.id, w.path, w.role,
-           case when v.eff in ('pending', 'running') and w.skip_from is not null then 'skipped'
+           case when v.open and w.skip_from is not null then 'skipped'
                 when v.eff in ('pending', 'running') and i.status in ('completed', 'failed', 'cancelled')
                     then 'skipped'
                 else v.eff end,
-           case when v.eff in ('pending', 'running') and w.skip_from is not null then w.skip_from
+           case when v.open and w.skip_from is not null then w.skip_from
                 when v.eff in ('pending', 'running') and i.status in ('completed', 'failed', 'cancelled')
                     then i.root_node
                 when v.superseded then w.loop_id end
@@ -119,16 +139,36 @@ as $$
     cross join lateral (
         select coalesce(x.seq < w.loop_seq, false) as superseded,
                case when coalesce(x.seq < w.loop_seq, false) then 'pending' else x.status end as eff
+    ) v0
+    cross join lateral (
+        -- open: what a deciding ancestor turns into skipped (never-run, still running, or
+        -- abandoned when its branch lost)
+        select v0.*, v0.eff in ('pending', 'running') or (x.abandoned and not v0.superseded) as open
     ) v
     order by w.path nulls last, x.id
 $$;
 
-create function df.instance_nodes(instance_id text)
-returns table (node_id varchar, node_type text, query text, result_name text, left_node varchar,
-               right_node varchar, status text, result text, status_details text,
-               inferred_status text, inferred_status_from_ancestor_id varchar,
+-- The execution a node's row belongs to (df.instance_executions): its activation generation,
+-- stamped by the worker as "gen" (and inside "execution_id": "<instance>::<gen>"); NULL for a
+-- node no worker has activated.
+create function df._execution_id(p_details jsonb) returns bigint
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    select case
+        when p_details ->> 'gen' operator(pg_catalog.~) '^[0-9]{1,18}$'
+            then (p_details ->> 'gen')::pg_catalog.int8
+        when p_details ->> 'execution_id' operator(pg_catalog.~) '::[0-9]{1,18}$'
+            then pg_catalog.substring(p_details ->> 'execution_id', '::([0-9]{1,18})$')::pg_catalog.int8
+    end
+$$;
+
+create function df.instance_nodes(instance_id_param text)
+returns table (node_id text, node_type text, query text, result_name text, left_node text,
+               right_node text, status text, result text, status_details text,
+               inferred_status text, inferred_status_from_ancestor_id text,
                updated_at timestamptz)
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
     select n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
@@ -143,18 +183,20 @@ as $$
     order by t.path nulls last, n.id
 $$;
 
--- Legacy overload (before inferred status existed): the physical columns only, at most
--- limit_count rows in tree order.
-create function df.instance_nodes(instance_id text, limit_count integer)
-returns table (node_id varchar, node_type text, query text, result_name text, left_node varchar,
-               right_node varchar, status text, result text, updated_at timestamptz)
-language sql stable
+-- Legacy overload (before inferred status existed): the physical columns, every node in tree
+-- order, each with the execution its state is from (1 for a node that has not run). The
+-- second argument is accepted and ignored, as in pg_durable 0.2.6.
+create function df.instance_nodes(instance_id_param text, _last_n_executions integer)
+returns table (execution_id bigint, node_id text, node_type text, query text, result_name text,
+               left_node text, right_node text, status text, result text,
+               updated_at timestamptz)
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
-    select x.node_id, x.node_type, x.query, x.result_name, x.left_node, x.right_node, x.status,
+    select coalesce(df._execution_id(x.status_details::pg_catalog.jsonb), 1),
+           x.node_id, x.node_type, x.query, x.result_name, x.left_node, x.right_node, x.status,
            x.result, x.updated_at
     from df.instance_nodes($1) x
-    limit greatest(coalesce($2, 100), 0)
 $$;
 
 ------------------------------------------------------------------------------------------
@@ -166,8 +208,8 @@ $$;
 -- page's last row, repeated on every row of the page and NULL on the last page.
 create function df.list_instances(status_filter text, limit_count integer, label_filter text,
                                   after_cursor text default null)
-returns table (instance_id varchar, label text, function_name text, status text,
-               execution_count integer, output text, created_at timestamptz,
+returns table (instance_id text, label text, function_name text, status text,
+               execution_count bigint, output text, created_at timestamptz,
                completed_at timestamptz, next_cursor text)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
@@ -216,14 +258,14 @@ begin
                count(*) over () as total
         from page p
     )
-    select x.id, x.label, 'pgdurable'::pg_catalog.text, x.status,
+    select x.id::pg_catalog.text, x.label, 'pgdurable'::pg_catalog.text, x.status,
            -- 0 until a worker stamped a node, then at least 1
            (select case when count(*) = 0 then 0
                         else greatest(1, coalesce(max(greatest(
                             case when jsonb_typeof(n.status_details -> 'gen') = 'number'
                                  then (n.status_details ->> 'gen')::pg_catalog.numeric end,
                             case when jsonb_typeof(n.status_details -> 'iteration') = 'number'
-                                 then (n.status_details ->> 'iteration')::pg_catalog.numeric end)), 1))::pg_catalog.int4 end
+                                 then (n.status_details ->> 'iteration')::pg_catalog.numeric end)), 1))::pg_catalog.int8 end
             from df.nodes n where n.instance_id = x.id and n.status_details is not null),
            df._node_result(x.id, x.root_node)::pg_catalog.text,
            x.created_at, x.completed_at,
@@ -237,8 +279,8 @@ end;
 $$;
 
 create function df.list_instances(status_filter text default null, limit_count integer default 100)
-returns table (instance_id varchar, label text, function_name text, status text,
-               execution_count integer, output text)
+returns table (instance_id text, label text, function_name text, status text,
+               execution_count bigint, output text)
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
@@ -247,45 +289,60 @@ as $$
 $$;
 
 create function df.instance_info(instance_id text)
-returns table (instance_id varchar, label text, function_name text, function_version text,
-               current_execution_id text, status text, output text)
-language sql stable
+returns table (instance_id text, label text, function_name text, function_version text,
+               current_execution_id bigint, status text, output text)
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
-    select i.id, i.label, 'pgdurable'::pg_catalog.text, '@version@'::pg_catalog.text,
-           (select n.status_details ->> 'execution_id' from df.nodes n
-            where n.instance_id = i.id and n.status_details ? 'execution_id'
-            order by n.updated_at desc, n.id limit 1),
+    select i.id::pg_catalog.text, i.label, 'pgdurable'::pg_catalog.text,
+           '@version@'::pg_catalog.text,
+           -- the newest execution (the first row of df.instance_executions); NULL before a
+           -- worker activated a node
+           (select pg_catalog.max(df._execution_id(n.status_details)) from df.nodes n
+            where n.instance_id operator(pg_catalog.=) i.id),
            i.status,
            df._node_result(i.id, i.root_node)::pg_catalog.text
-    from df.instances i where i.id = $1
+    from df.instances i where i.id operator(pg_catalog.=) $1
 $$;
 
--- Executions = the distinct execution_ids the worker stamped on the nodes, newest first.
+-- Executions: a node's k-th activation belongs to execution k (its generation; a loop's body
+-- runs once per execution), so the executions of an instance are the distinct generations
+-- its nodes report, newest (highest) first. Each node row is counted in the execution of its
+-- latest activation. At most limit_count rows (1 to 10,000).
 create function df.instance_executions(instance_id text, limit_count integer default 5)
-returns table (execution_id text, status text, event_count bigint, duration_ms bigint, output text)
-language sql stable
+returns table (execution_id bigint, status text, event_count bigint, duration_ms bigint, output text)
+language plpgsql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
-    select e.execution_id,
-           case when bool_or(n.status = 'failed') then 'failed'
-                when bool_or(n.status in ('running', 'pending')) then 'running'
-                else 'completed' end,
-           count(*),
-           (extract(epoch from max(f.finished_at) - min(f.started_at)) * 1000)::pg_catalog.int8,
-           max(case when n.id = i.root_node
-                    then df._node_result(i.id, n.id)::pg_catalog.text end)
+begin
+    if limit_count < 1 then
+        raise exception 'limit_count must be at least 1, got %', limit_count using errcode = '22023';
+    end if;
+    return query
+    select e.id,
+           case when bool_or(n.status operator(pg_catalog.=) 'failed') then 'failed'
+                when bool_or(n.status operator(pg_catalog.=) any ('{running,pending}'::pg_catalog.text[]))
+                    then 'running'
+                else 'completed' end::pg_catalog.text,
+           pg_catalog.count(*),
+           (extract(epoch from pg_catalog.max(f.finished_at) operator(pg_catalog.-) pg_catalog.min(f.started_at))
+                operator(pg_catalog.*) 1000)::pg_catalog.int8,
+           pg_catalog.max(case when n.id operator(pg_catalog.=) i.root_node
+                               then df._node_result(i.id, n.id)::pg_catalog.text end)
     from df.instances i
-    join df.nodes n on n.instance_id = i.id
-    cross join lateral (select n.status_details ->> 'execution_id' as execution_id) e
+    join df.nodes n on n.instance_id operator(pg_catalog.=) i.id
+    cross join lateral (select df._execution_id(n.status_details) as id) e
     cross join lateral (
-        select case when n.status_details ->> 'started_at' ~ '^\d{4}-' then (n.status_details ->> 'started_at')::pg_catalog.timestamptz end as started_at,
-               case when n.status_details ->> 'finished_at' ~ '^\d{4}-' then (n.status_details ->> 'finished_at')::pg_catalog.timestamptz end as finished_at
+        select case when n.status_details ->> 'started_at' operator(pg_catalog.~) '^\d{4}-'
+                    then (n.status_details ->> 'started_at')::pg_catalog.timestamptz end as started_at,
+               case when n.status_details ->> 'finished_at' operator(pg_catalog.~) '^\d{4}-'
+                    then (n.status_details ->> 'finished_at')::pg_catalog.timestamptz end as finished_at
     ) f
-    where i.id = $1 and e.execution_id is not null
-    group by e.execution_id
-    order by max(n.updated_at) desc, e.execution_id desc
-    limit least(greatest(coalesce($2, 5), 0), 10000)
+    where i.id operator(pg_catalog.=) instance_executions.instance_id and e.id is not null
+    group by e.id
+    order by e.id desc
+    limit least(limit_count, 10000);
+end;
 $$;
 
 -- Engine-wide counters (admin-only: PUBLIC EXECUTE is revoked in 90_grants.sql, so the
@@ -295,7 +352,7 @@ $$;
 create function df.metrics()
 returns table (total_instances bigint, running_instances bigint, completed_instances bigint,
                failed_instances bigint, total_executions bigint, total_events bigint)
-language sql stable security definer
+language sql stable strict security definer
 set search_path = pg_catalog, pg_temp
 as $$
     select (select pg_catalog.count(*) from df.instances i),
@@ -459,7 +516,7 @@ end;
 $$;
 
 create function df.explain(input text) returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -541,7 +598,7 @@ $$;
 ------------------------------------------------------------------------------------------
 
 create function df.setvar(name text, value text) returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -557,7 +614,7 @@ end;
 $$;
 
 create function df.getvar(name text) returns text
-language sql stable
+language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
     select v.value from df.vars v
@@ -565,7 +622,7 @@ as $$
 $$;
 
 create function df.unsetvar(name text) returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -577,7 +634,7 @@ end;
 $$;
 
 create function df.clearvars() returns text
-language plpgsql volatile
+language plpgsql volatile strict
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -593,24 +650,24 @@ $$;
 ------------------------------------------------------------------------------------------
 
 create function df.version() returns text
-language sql immutable
+language sql immutable strict
 set search_path = pg_catalog, pg_temp
 as $$ select '@version@ (df API 0.2.6)'::pg_catalog.text $$;
 
 -- The original's manual trigger; pgdurable's service picks work up by itself.
-create function df.run(instance_id text default null) returns void
+create function df.run(instance_id text default null) returns text
 language sql volatile
 set search_path = pg_catalog, pg_temp
-as $$ select $$;
+as $$ select 'df.run has nothing to do: pgdurable serve picks work up by itself'::pg_catalog.text $$;
 
 -- The database holding df and the engine (pg_durable.database in the original): this one.
 create function df.target_database() returns text
-language sql stable
+language sql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select current_database()::pg_catalog.text $$;
 
 create function df.duroxide_schema() returns text
-language sql immutable
+language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select '@engine@'::pg_catalog.text $$;
 
@@ -649,7 +706,7 @@ as $$ select array[
 -- given CREATE on @engine@_exec only for the moment it takes to make the runner.
 create function df.grant_usage(p_role text, include_http boolean default false,
                                with_grant boolean default false)
-returns text
+returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
@@ -702,7 +759,7 @@ begin
         raise warning 'df.grant_usage(%): "%" is a superuser; no step runner is made for it, so its SQL steps cannot run',
             pg_catalog.quote_literal(p_role), p_role
             using hint = 'submit workflows as an ordinary role';
-        return 'OK';
+        return;
     end if;
     if not @engine@._runner_ok_v1(v_oid) then
         if not pg_catalog.pg_has_role(v_me, v_oid, 'USAGE') then
@@ -716,7 +773,7 @@ begin
                     pg_catalog.quote_literal(p_role), p_role, v_me
                     using hint = pg_catalog.format('run select df.grant_usage(%L) as a superuser or as the administrator that created the role (CREATEROLE), or first: GRANT %I TO %I',
                                                    p_role, p_role, v_me);
-                return 'OK';
+                return;
             end;
         end if;
         execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
@@ -739,39 +796,68 @@ begin
                 using errcode = 'XX000';
         end if;
     end if;
-    return 'OK';
+    return;
 end;
 $$;
 
--- The mirror of df.grant_usage; CASCADE also removes what the role handed on. The role's
--- runner is dropped too (as the owner of its schema).
-create function df.revoke_usage(p_role text) returns text
+-- The mirror of df.grant_usage; CASCADE also removes what the role handed on. It revokes what
+-- the caller may revoke: REVOKE fails on an object the caller holds no privilege on at all
+-- (a delegated admin given with_grant but not include_http has none on df.http), so each
+-- object is revoked only where the caller holds a grant option on it. Then, when the role no
+-- longer has USAGE on df (another grantor's grant may remain), its runner is dropped; that
+-- needs the owner of the runners' schema (a delegated admin is not: a WARNING says who must).
+create function df.revoke_usage(p_role text) returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_fn  text;
-    v_oid pg_catalog.oid;
+    v_fn     text;
+    v_tab    text;
+    v_oid    pg_catalog.oid;
+    v_runner pg_catalog.text;
 begin
     select r.oid into v_oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) p_role;
     if p_role is null or v_oid is null then
         raise exception 'role "%" does not exist', p_role using errcode = '42704';
     end if;
     -- REVOKE ALL on a table also revokes the column privileges
-    execute pg_catalog.format('revoke all on df.instances, df.nodes, df.vars, df.workers from %I cascade', p_role);
+    foreach v_tab in array array['df.instances', 'df.nodes', 'df.vars', 'df.workers'] loop
+        if pg_catalog.to_regclass(v_tab) is not null
+           and (pg_catalog.has_any_column_privilege(v_tab,
+                    'SELECT WITH GRANT OPTION, INSERT WITH GRANT OPTION, UPDATE WITH GRANT OPTION, REFERENCES WITH GRANT OPTION')
+                or pg_catalog.has_table_privilege(v_tab,
+                    'DELETE WITH GRANT OPTION, TRUNCATE WITH GRANT OPTION, TRIGGER WITH GRANT OPTION')) then
+            execute pg_catalog.format('revoke all on %s from %I cascade', v_tab, p_role);
+        end if;
+    end loop;
     foreach v_fn in array df._usage_helpers() || array[
         'df.grant_usage(text,boolean,boolean)',
         'df.revoke_usage(text)', 'df.metrics()', 'df.http(text,text,text,jsonb,integer)',
         'df.http_multipart(text,text,jsonb,jsonb,integer)'] loop
-        if pg_catalog.to_regprocedure(v_fn) is not null then
+        if pg_catalog.to_regprocedure(v_fn) is not null
+           and pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(v_fn),
+                                                 'EXECUTE WITH GRANT OPTION') then
             execute pg_catalog.format('revoke all on function %s from %I cascade',
                                       pg_catalog.to_regprocedure(v_fn), p_role);
         end if;
     end loop;
-    execute pg_catalog.format('revoke all on schema @engine@ from %I cascade', p_role);
-    execute pg_catalog.format('revoke all on schema df from %I cascade', p_role);
-    execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
-                              'step_' || v_oid::pg_catalog.text);
-    return 'OK';
+    foreach v_tab in array array['@engine@', 'df'] loop
+        if pg_catalog.has_schema_privilege(v_tab, 'USAGE WITH GRANT OPTION, CREATE WITH GRANT OPTION') then
+            execute pg_catalog.format('revoke all on schema %I from %I cascade', v_tab, p_role);
+        end if;
+    end loop;
+    v_runner := pg_catalog.format('@engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
+                                  'step_' || v_oid::pg_catalog.text);
+    if not pg_catalog.has_schema_privilege(v_oid, 'df', 'USAGE') then
+        begin
+            execute 'drop function if exists ' || v_runner;
+        exception when insufficient_privilege then
+            raise warning 'df.revoke_usage(%): revoked, but the step runner of "%" stays: "%" may not drop it',
+                pg_catalog.quote_literal(p_role), p_role, current_user
+                using hint = pg_catalog.format('run select df.revoke_usage(%L) as the administrator that installed pgdurable, or: DROP FUNCTION %s',
+                                               p_role, v_runner);
+        end;
+    end if;
+    return;
 end;
 $$;

@@ -40,7 +40,9 @@ revoke all on all tables in schema @engine@ from public;
 revoke all on all sequences in schema @engine@ from public;
 revoke all on all functions in schema @engine@ from public;
 revoke all on schema @engine@_exec from public;
-revoke all on all functions in schema @engine@_exec from public;
+-- (the runners in @engine@_exec belong to their tenants: df.grant_usage revokes PUBLIC's
+-- EXECUTE on each one it makes. A blanket REVOKE here would fail in an upgrade, which runs as
+-- pgdurable_owner, once tenants' runners exist.)
 
 -- the step role: the runners' schema (EXECUTE on each runner is granted when it is made) and
 -- the token-gated functions of a step transaction; the settings helper its settings query uses
