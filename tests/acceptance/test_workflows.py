@@ -212,6 +212,16 @@ def test_cancel_interrupts_running_sql(db, running, tenant):
         rows = conn.execute("select status from df.nodes where instance_id = %s "
                             "and query = 'select 1'", (iid,)).fetchall()
     assert rows == [("pending",)]
+    # what the cancel stopped reads as skipped (⊘), not as failed (✗)
+    with db.connect(tenant) as conn:
+        inferred = dict(conn.execute(
+            "select coalesce(query, node_type), inferred_status from df.instance_nodes(%s)",
+            (iid,)).fetchall())
+        text = conn.execute("select df.explain(%s)", (iid,)).fetchone()[0]
+    assert inferred == {"THEN": "skipped", "select pg_sleep(60)": "skipped",
+                        "select 1": "skipped"}, inferred
+    assert "✗" not in text, text
+    assert "⊘ SQL: select pg_sleep(60)" in text, text
 
 
 def test_superuser_submitted_instance_is_refused_at_load(db, running):

@@ -741,8 +741,12 @@ begin
     where i.id = p_instance_id;
     update @engine@.runs r set cancel_reason = p_reason where r.instance_id = p_instance_id;
     delete from @engine@.tasks t where t.instance_id = p_instance_id;
+    -- failed, as pg_durable has them, and marked abandoned: df.instance_nodes and df.explain
+    -- show them skipped (⊘), stopped by the cancel, not failed by their own doing (✗)
     update df.nodes n
     set status = 'failed', result = pg_catalog.to_jsonb('cancelled: ' || p_reason),
+        status_details = coalesce(n.status_details, '{}'::pg_catalog.jsonb)
+                         || '{"abandoned": true}'::pg_catalog.jsonb,
         updated_at = pg_catalog.now()
     where n.instance_id = p_instance_id and n.status = 'running';
     -- the worker running a step of this instance interrupts it (pg_cancel_backend)

@@ -128,10 +128,13 @@ as $$
            case when v.open and w.skip_from is not null then 'skipped'
                 when v.eff in ('pending', 'running') and i.status in ('completed', 'failed', 'cancelled')
                     then 'skipped'
+                -- stopped by df.cancel while running (30_control.sql): skipped, not failed
+                when x.abandoned and not v.superseded and i.status = 'cancelled' then 'skipped'
                 else v.eff end,
            case when v.open and w.skip_from is not null then w.skip_from
                 when v.eff in ('pending', 'running') and i.status in ('completed', 'failed', 'cancelled')
                     then i.root_node
+                when x.abandoned and not v.superseded and i.status = 'cancelled' then i.root_node
                 when v.superseded then w.loop_id end
     from n x
     cross join inst i
