@@ -341,17 +341,28 @@ def sql_envelope(row_texts: list[str]) -> dict[str, Any]:
     select order (orjson keeps key order) and ``[]`` when there are no rows. A statement
     that selects one column name twice keeps the last value under that name (a JSON object
     cannot hold both), as PostgreSQL's own ``to_jsonb`` does.
+
+    A statement without result rows (DML without RETURNING, DDL, CALL) gets ``rows`` ``[]``
+    and ``row_count`` 0, as in pg_durable, plus ``rows_affected``: the rows it processed
+    (its command tag's count), which the runner sends as one bare JSON number (a result row
+    is always an object, so the two cannot be confused).
     """
     rows: list[Any] = []
+    affected: int | None = None
     for text in row_texts:
         try:
             row = _loads(text)
         except ValueError as exc:
             raise StepError(f"row {text[:200]!r} from postgresql is not valid json: {exc}") from exc
+        if isinstance(row, int) and not isinstance(row, bool) and len(row_texts) == 1:
+            affected = row
+            continue
         if not isinstance(row, dict):
             raise StepError(f"row {text[:200]!r} from postgresql is not a json object")
         rows.append(row)
     columns = list(rows[0]) if rows else []
+    if affected is not None:
+        return {"rows": rows, "row_count": 0, "columns": columns, "rows_affected": affected}
     return {"rows": rows, "row_count": len(rows), "columns": columns}
 
 

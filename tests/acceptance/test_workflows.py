@@ -363,3 +363,24 @@ def test_every_terminal_instance_has_a_completion_time(db, running, tenant):
             "select instance_id, completed_at >= created_at from df.list_instances(null, 10, null)"
         ).fetchall())
     assert got == {ok: True, bad: True, waiting: True}
+
+
+def test_statements_without_rows_report_rows_affected(db, running, tenant):
+    with db.connect() as conn:
+        conn.execute("insert into public.ledger (instance, k) select 'aff', g "
+                     "from generate_series(1, 7) g")
+    expr = ("df.sql('update ledger set k = k + 1 where instance = ''aff''') |=> 'u' "
+            "~> df.sql('delete from ledger where instance = ''aff'' and k > 5') |=> 'd' "
+            "~> df.sql('create temp table t_aff (x int)') |=> 'ddl'")
+    iid, status, result, err = run(db, tenant, expr)
+    assert status == "completed", err
+    with db.connect(tenant) as conn:
+        got = dict(conn.execute("select result_name, result from df.instance_nodes(%s) "
+                                "where result_name is not null", (iid,)).fetchall())
+    assert json.loads(got["u"]) == {"rows": [], "row_count": 0, "columns": [], "rows_affected": 7}
+    assert json.loads(got["d"])["rows_affected"] == 3
+    assert json.loads(got["ddl"])["rows_affected"] == 0
+    # if_rows still judges row_count (pg_durable's rule): a DML's is 0
+    _, status, result, err = run(db, tenant, "df.sql('update ledger set k = k where false') |=> 'z'"
+                                 " ~> df.if_rows('z', 'select 1 as r', 'select 2 as r')")
+    assert result["rows"] == [{"r": 2}], err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from psycopg import sql
 
 
 def one(conn, query, params=()):
@@ -152,3 +153,35 @@ def test_delegated_admin_can_grant(db):
     with db.connect(worker) as cw:
         iid = one(cw, "select df.start('select 1')")
         assert one(cw, "select df.status(%s)", (iid,)) == "pending"
+
+
+def test_runners_of_schema_version_3_stay_valid_and_nothing_else_does(db):
+    """A runner made before the runner body reported rows_affected (schema 3) keeps working
+    until df.grant_usage re-makes it; any other body, or a SET clause, is refused."""
+    r = db.create_role("rv")
+    with db.connect() as admin:
+        fn = f"pgdurable_exec.step_{one(admin, 'select %s::regrole::oid', (r,))}"
+        assert one(admin, "select pgdurable._runner_ok_v1(%s::regrole::oid)", (r,))
+
+        def remake(body_sql):
+            body = one(admin, body_sql)
+            admin.execute("begin")
+            # as df.grant_usage makes it: the role, given CREATE on the schema for the moment
+            admin.execute(sql.SQL("grant create on schema pgdurable_exec to {}").format(
+                sql.Identifier(r)))
+            admin.execute(sql.SQL("set local role {}").format(sql.Identifier(r)))
+            admin.execute(
+                sql.SQL("create or replace function {}(p_cap pg_catalog.text, p_sql "
+                        "pg_catalog.text, p_max_bytes pg_catalog.int8) returns setof "
+                        "pg_catalog.json language plpgsql volatile security definer as {}")
+                .format(sql.SQL(fn), sql.Literal(body)))
+            admin.execute("reset role")
+            admin.execute(sql.SQL("revoke create on schema pgdurable_exec from {}").format(
+                sql.Identifier(r)))
+            admin.execute("commit")
+            return one(admin, "select pgdurable._runner_ok_v1(%s::regrole::oid)", (r,))
+
+        assert remake("select pgdurable._runner_body_schema3_v1()")
+        assert not remake("select replace(pgdurable._runner_body_v1(), 'set constraints all "
+                          "immediate;', '')")
+        assert remake("select pgdurable._runner_body_v1()")

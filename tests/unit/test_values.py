@@ -220,3 +220,15 @@ def test_check_size_zero_limit_is_unlimited():
 def test_json_text_big_ints_fall_back_to_stdlib():
     assert json_text({"a": [10**30, "ü"]}) == '{"a":[' + str(10**30) + ',"ü"]}'
     assert json_text({"a": 1}) == '{"a":1}'
+
+
+def test_statements_without_rows_say_how_many_they_affected():
+    # the runner's one bare number: a DML without RETURNING (pg_durable's rows/row_count kept)
+    assert sql_envelope(["100"]) == {"rows": [], "row_count": 0, "columns": [],
+                                     "rows_affected": 100}
+    assert sql_envelope(["0"]) == {"rows": [], "row_count": 0, "columns": [], "rows_affected": 0}
+    # a runner made by schema version 3 sends nothing for them: no rows_affected then
+    assert sql_envelope([]) == {"rows": [], "row_count": 0, "columns": []}
+    # a bare number among result rows is not a count: rows are objects
+    with pytest.raises(StepError, match="is not a json object"):
+        sql_envelope(['{"a": 1}', "5"])

@@ -3626,6 +3626,54 @@ declare
     r record;
     v_row pg_catalog.json;
     v_bytes pg_catalog.int8 := 0;
+    v_count pg_catalog.int8;
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    begin
+        for r in execute p_sql loop
+            v_row := pg_catalog.to_json(r);
+            v_bytes := v_bytes operator(pg_catalog.+) pg_catalog.octet_length(v_row::pg_catalog.text);
+            if v_bytes operator(pg_catalog.>) p_max_bytes then
+                raise exception 'step result is over the limit of % bytes', p_max_bytes
+                    using errcode = '54000',
+                          hint = 'return fewer or smaller rows, or raise serve''s --result-max-bytes';
+            end if;
+            return next v_row;
+        end loop;
+    exception when invalid_cursor_definition then
+        if pg_catalog.strpos(sqlerrm, 'multi-query') operator(pg_catalog.>) 0 then
+            raise exception 'a workflow SQL step must be exactly one statement'
+                using errcode = '42601',
+                      hint = 'split it into several steps joined with ~>';
+        end if;
+        execute p_sql;
+        -- a statement without result rows (DML without RETURNING, DDL, CALL): how many rows
+        -- it processed, as a bare JSON number (a result row is always an object)
+        get diagnostics v_count = row_count;
+        return next pg_catalog.to_json(v_count);
+    end;
+    set constraints all immediate;
+    if exists (select 1 from pg_catalog.pg_cursors c where c.is_holdable) then
+        raise exception 'a workflow step may not leave a WITH HOLD cursor open'
+            using errcode = '0A000';
+    end if;
+end
+$body$::pg_catalog.text
+$f$;
+
+-- The runner body of schema version 3 (before the row count of statements without result
+-- rows): runners made then stay valid (_runner_ok_v1) until df.grant_usage re-makes them; the
+-- worker reads both. Frozen: never edit.
+create function @engine@._runner_body_schema3_v1()
+returns text
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $f$
+    select $body$
+declare
+    r record;
+    v_row pg_catalog.json;
+    v_bytes pg_catalog.int8 := 0;
 begin
     perform @engine@._cap_check_v1(p_cap);
     begin
@@ -3689,7 +3737,8 @@ as $$
       and p.proowner operator(pg_catalog.=) p_role
       and p.prosecdef and p.proconfig is null
       and l.lanname operator(pg_catalog.=) 'plpgsql'
-      and p.prosrc operator(pg_catalog.=) @engine@._runner_body_v1()
+      and p.prosrc operator(pg_catalog.=) any (array[@engine@._runner_body_v1(),
+                                                       @engine@._runner_body_schema3_v1()])
       and pg_catalog.pg_get_function_identity_arguments(p.oid) operator(pg_catalog.=)
           'p_cap text, p_sql text, p_max_bytes bigint'
 $$;
