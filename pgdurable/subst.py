@@ -21,8 +21,8 @@ a reference. Inserted values are never rescanned.
                signal, JOIN array, break value…) the whole value.
 ``$n?``        the same, but no rows or NULL gives SQL ``NULL`` / raw ``null``
 ``$n.col``     the named column of the first row, or the top-level field of a
-               non-row object; fails on no rows or NULL; a missing column is kept
-               as written in SQL mode (PostgreSQL reports it) and fails in raw mode
+               non-row object; fails on no rows or NULL; a missing column fails,
+               naming the columns (or fields) the result has
 ``$n.col?``    the same, null-safe
 ``$n.*``       every row: SQL ``(VALUES (…),(…)) AS "n"("c1",…)``, raw a JSON array
                of the row objects; more than ``max_star_rows`` rows fails
@@ -189,7 +189,26 @@ def _pass1(text: str, vars: Mapping[str, str], instance_id: str, label: str | No
 
 
 class _Missing(Exception):
-    """A ``$n.col`` whose column does not exist (kept in SQL mode, an error in raw mode)."""
+    """A ``$n.col`` whose column does not exist (an error naming what the result has)."""
+
+
+def _has(result: Any) -> str:
+    """What a result offers to ``$n.col``, for an error message."""
+    if is_row_set(result):
+        columns = result.get("columns")
+        if not isinstance(columns, list) or not columns:
+            first = result["rows"][0] if result["rows"] else None
+            columns = list(first) if isinstance(first, dict) else []
+        shown = ", ".join(str(c) for c in columns[:20]) + (", …" if len(columns) > 20 else "")
+        return f"its columns: {shown}" if columns else "it has no columns"
+    if isinstance(result, dict):
+        keys = list(result)
+        shown = ", ".join(str(k) for k in keys[:20]) + (", …" if len(keys) > 20 else "")
+        return f"its fields: {shown}" if keys else "it has no fields"
+    kind = ("an array" if isinstance(result, list) else "a string" if isinstance(result, str)
+            else "null" if result is None else "a boolean" if isinstance(result, bool)
+            else "a number")
+    return f"it is {kind}, not an object"
 
 
 def _lookup(ref: str, name: str, result: Any, col: str | None, optional: bool) -> Any:
@@ -288,9 +307,9 @@ def _pass2(text: str, mode: Mode, results: Mapping[str, Any], max_star_rows: int
         try:
             value = _lookup(ref, name, result, col, optional)
         except _Missing:
-            if mode == "sql":
-                return ref
-            raise SubstitutionError(f"{ref}: result {name!r} has no column {col!r}") from None
+            # in either mode: kept as written it could only become a syntax error
+            raise SubstitutionError(f"{ref}: result {name!r} has no column {col!r} "
+                                    f"({_has(result)})") from None
         if value is None and mode == "sql":
             return "NULL"
         try:

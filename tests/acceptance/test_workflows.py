@@ -384,3 +384,10 @@ def test_statements_without_rows_report_rows_affected(db, running, tenant):
     _, status, result, err = run(db, tenant, "df.sql('update ledger set k = k where false') |=> 'z'"
                                  " ~> df.if_rows('z', 'select 1 as r', 'select 2 as r')")
     assert result["rows"] == [{"r": 2}], err
+
+
+def test_a_missing_column_names_the_result_and_its_columns(db, running, tenant):
+    _, status, _, err = run(db, tenant, "df.sql('select 1 as a, 2 as b') |=> 'x' "
+                                        "~> 'select $x.c + 1'")
+    assert status == "failed"
+    assert "$x.c: result 'x' has no column 'c' (its columns: a, b)" in err["error"], err

@@ -160,8 +160,12 @@ def test_dot_not_followed_by_identifier():
     assert sql("$total.5") == "42.5"
 
 
-def test_missing_column_sql_kept_raw_fails():
-    assert sql("select $total.nope, $total.nope?") == "select $total.nope, $total.nope?"
+def test_missing_column_fails_naming_what_the_result_has():
+    # in SQL mode too (#18): kept as written it could only be a syntax error at "$"
+    for text in ("select $total.nope", "select $total.nope?"):
+        with pytest.raises(SubstitutionError, match=r"\$total\.nope\??: result 'total' has no "
+                           r"column 'nope' \(its columns: sum, label\)"):
+            sql(text)
     with pytest.raises(
         SubstitutionError, match=r"\$total\.nope: result 'total' has no column 'nope'"
     ):
@@ -280,11 +284,16 @@ def test_non_row_top_level_field():
 
 
 def test_non_row_missing_field():
-    assert sql("$http.nope") == "$http.nope"
+    with pytest.raises(SubstitutionError, match=r"no column 'nope' \(its fields: status, body"):
+        sql("$http.nope")
     with pytest.raises(SubstitutionError, match="no column 'nope'"):
         raw("$http.nope")
     # a field of an array or a string does not exist either
-    assert sql("$joined.a $brk.a") == "$joined.a $brk.a"
+    with pytest.raises(SubstitutionError,
+                       match=r"\$joined\.a: .* \(it is an array, not an object\)"):
+        sql("$joined.a")
+    with pytest.raises(SubstitutionError, match=r"\$brk\.a: .* \(it is a string, not an object\)"):
+        sql("$brk.a")
 
 
 def test_rows_key_that_is_not_a_list_is_not_a_row_set():
