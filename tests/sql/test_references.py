@@ -60,3 +60,23 @@ def test_start_refuses_an_unknown_reference_naming_it_and_the_names(tx, user):  
 ])
 def test_start_accepts_defined_quoted_and_non_references(tx, user, expr):  # noqa: F811
     assert tx.execute(f"select df.start({expr})").fetchone()[0]
+
+
+def test_sql_braces_outside_quotes(tx):
+    assert tx.execute("select df._sql_refs(%s, true)",
+                      ("select {a}, '{b}', {sys_label}, {not a name}, {a}, $c",)).fetchone()[0] \
+        == ["a", "sys_label"]
+
+
+def test_start_refuses_an_unknown_variable(tx, user):  # noqa: F811
+    tx.execute("select df.setvar('region', 'eu')")
+    assert tx.execute("select df.start('select {region}, {sys_instance_id}, {sys_label}, "
+                      "''{not_checked}''')").fetchone()[0]
+    tx.execute("savepoint s")
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
+        tx.execute("select df.start('select {regoin}')")
+    tx.execute("rollback to savepoint s")
+    assert err.value.diag.message_primary == ("unknown variable {regoin} in step "
+                                              "'select {regoin}': df.setvar has not set 'regoin'")
+    assert err.value.diag.message_hint == ("your variables: region; and {sys_instance_id}, "
+                                           "{sys_label}")

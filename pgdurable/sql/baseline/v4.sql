@@ -2049,6 +2049,7 @@ begin
     -- 8. the vars snapshot (this transaction's view: own uncommitted rows included)
     select coalesce(jsonb_object_agg(v.name, v.value), '{}') into v_vars
     from df.vars v where v.owner = v_me;
+    perform df._check_vars(v_nodes, v_vars);  -- a {var} it does not hold (35_references.sql)
     -- 9. the engine's first task, then wake a worker (delivered at commit)
     perform @engine@._enqueue_v1(v_id, v_vars);
     perform pg_catalog.pg_notify('pgdurable_work', '');  -- no payload: LISTEN is open to all
@@ -2329,8 +2330,9 @@ $$;
 -- ordinary text.
 
 -- The `$name` references of a SQL text that sit outside quotes and comments, in order, once
--- each. A scanner, not a regular expression: dollar-quote tags must match their own end.
-create function df._sql_refs(p_sql text) returns text[]
+-- each; with p_braces, the `{name}` references instead (a name that is an identifier). A
+-- scanner, not a regular expression: dollar-quote tags must match their own end.
+create function df._sql_refs(p_sql text, p_braces boolean default false) returns text[]
 language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $f$
@@ -2343,7 +2345,8 @@ declare
     v_name pg_catalog.text;
     v_out  pg_catalog.text[] := '{}';
 begin
-    if p_sql is null or p_sql !~ '\$[A-Za-z_]' then
+    if p_sql is null or (not p_braces and p_sql !~ '\$[A-Za-z_]')
+       or (p_braces and p_sql !~ '\{[A-Za-z_][A-Za-z0-9_]*\}') then
         return v_out;
     end if;
     while v_i <= v_len loop
@@ -2376,7 +2379,12 @@ begin
             v_i := case when v_end = 0 then v_len + 1 else v_i + v_end + 1 end;
         elsif v_c = '{' and pg_catalog.substr(p_sql, v_i + 1) ~ '^[^{}]+\}' then
             -- {var}: replaced before any $name is (a var's name may hold a $)
-            v_i := v_i + pg_catalog.strpos(pg_catalog.substr(p_sql, v_i), '}');
+            v_end := pg_catalog.strpos(pg_catalog.substr(p_sql, v_i), '}');
+            v_name := pg_catalog.substr(p_sql, v_i + 1, v_end - 2);
+            if p_braces and v_name ~ '^[A-Za-z_][A-Za-z0-9_]*$' and not v_name = any (v_out) then
+                v_out := v_out || v_name;
+            end if;
+            v_i := v_i + v_end;
         elsif v_c = '-' and pg_catalog.substr(p_sql, v_i + 1, 1) = '-' then
             v_end := pg_catalog.strpos(pg_catalog.substr(p_sql, v_i), pg_catalog.chr(10));
             v_i := case when v_end = 0 then v_len + 1 else v_i + v_end end;
@@ -2393,7 +2401,7 @@ begin
                             else v_i + pg_catalog.length(v_tag) + v_end - 1 + pg_catalog.length(v_tag) end;
             else
                 v_name := pg_catalog.substring(pg_catalog.substr(p_sql, v_i + 1), '^[A-Za-z_][A-Za-z0-9_]*');
-                if v_name is not null then
+                if v_name is not null and not p_braces then
                     -- PostgreSQL's identifier characters include $: `$a$b` is no reference to a
                     if pg_catalog.substr(p_sql, v_i + 1 + pg_catalog.length(v_name), 1) <> '$'
                        and not v_name = any (v_out) then
@@ -2444,6 +2452,36 @@ begin
                          else 'its names: ' || pg_catalog.array_to_string(v_names, ', ') end
                     using errcode = '22023',
                           hint = 'a $ that is not a reference belongs inside quotes: ''$' || v_ref || '''';
+            end if;
+        end loop;
+    end loop;
+end;
+$$;
+
+-- Refuse a graph whose SQL steps name a `{var}` that is neither a variable of the starting
+-- role's snapshot (df.setvar) nor {sys_instance_id} / {sys_label}: left as written, it could
+-- only become a syntax error. Called by df.start once the snapshot is taken.
+create function df._check_vars(p_nodes jsonb, p_vars jsonb) returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_node pg_catalog.jsonb;
+    v_ref  pg_catalog.text;
+    v_names pg_catalog.text;
+begin
+    for v_node in select n from pg_catalog.jsonb_array_elements(p_nodes) n
+                  where n ->> 'node_type' = 'SQL' and n ->> 'query' ~ '\{[A-Za-z_]' loop
+        foreach v_ref in array df._sql_refs(v_node ->> 'query', true) loop
+            if v_ref not in ('sys_instance_id', 'sys_label') and not p_vars ? v_ref then
+                select pg_catalog.string_agg(k, ', ' order by k) into v_names
+                from pg_catalog.jsonb_object_keys(p_vars) k;
+                raise exception 'unknown variable {%} in step %: df.setvar has not set %',
+                    v_ref, pg_catalog.quote_literal(pg_catalog.left(v_node ->> 'query', 200)),
+                    pg_catalog.quote_literal(v_ref)
+                    using errcode = '22023',
+                          hint = 'your variables: ' || coalesce(v_names, '(none)')
+                                 || '; and {sys_instance_id}, {sys_label}';
             end if;
         end loop;
     end loop;
@@ -4496,4 +4534,4 @@ grant execute on function
 grant execute on function @engine@._cap_check_v1(text) to public;
 -- df.grant_usage (SECURITY INVOKER) asks whether a role's runner is in place; a catalog read
 grant execute on function @engine@._runner_ok_v1(oid), @engine@._runner_body_v1(),
-    @engine@._runner_ddl_v1(regrole, text) to public;
+    @engine@._runner_body_schema3_v1(), @engine@._runner_ddl_v1(regrole, text) to public;

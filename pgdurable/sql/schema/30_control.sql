@@ -1063,6 +1063,7 @@ begin
     -- 8. the vars snapshot (this transaction's view: own uncommitted rows included)
     select coalesce(jsonb_object_agg(v.name, v.value), '{}') into v_vars
     from df.vars v where v.owner = v_me;
+    perform df._check_vars(v_nodes, v_vars);  -- a {var} it does not hold (35_references.sql)
     -- 9. the engine's first task, then wake a worker (delivered at commit)
     perform @engine@._enqueue_v1(v_id, v_vars);
     perform pg_catalog.pg_notify('pgdurable_work', '');  -- no payload: LISTEN is open to all
