@@ -34,7 +34,14 @@ demo: $(BIN)/.installed ## run pgdurable serve + a sample workflow on an embedde
 serve: $(BIN)/.installed ## run the long-lived service (embedded PostgreSQL unless DSN=... is given)
 	$(BIN)/python -m pgdurable serve $(if $(DSN),--dsn '$(DSN)')
 
-test: $(BIN)/.installed ## run the whole suite (embedded PG 18 + local PG 15 when reachable), both schedulers
+ui: $(BIN)/.installed ## the web dashboard on http://127.0.0.1:8080 (DSN=... of the role to show; default: the demo's tour role)
+	$(BIN)/python -m pgdurable ui $(if $(DSN),--dsn '$(DSN)') $(UI_ARGS)
+
+browser: ## Debian's chromium + chromedriver for tests/ui (installed when missing; needs root)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local PG 15 when reachable), both schedulers
 	PGDURABLE_IMPL=cython $(BIN)/python -m pytest $(PYTEST_ARGS)
 	PGDURABLE_IMPL=python $(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS)
 	@# the peer drivers (DBOS, Procrastinate) are benchmarks too: install them so their smoke
@@ -60,11 +67,13 @@ schema-freeze: $(BIN)/.installed ## freeze pgdurable/sql/schema/*.sql as the bas
 	v=$$($(BIN)/python -c 'from pgdurable.schema import SCHEMA_VERSION as v; print(v)') && test -n "$$v" && \
 	cat pgdurable/sql/schema/*.sql > pgdurable/sql/baseline/v$$v.sql; echo "froze v$$v"
 
-embedded-stop: $(BIN)/.installed ## stop the embedded PostgreSQL that make demo / serve left running
+embedded-stop: $(BIN)/.installed ## stop the embedded PostgreSQL that make demo / serve left running (and the demo's dashboard)
+	@$(BIN)/python -c 'from pgdurable.ui.launch import stop_detached; from pgdurable.embedded import default_data_dir; stop_detached(default_data_dir().parent) and print("stopped the demo'"'"'s dashboard")'
 	@$(BIN)/python -c 'from pgdurable.embedded import EmbeddedPostgres, default_data_dir; e = EmbeddedPostgres(default_data_dir()); up = e.data_dir.exists() and e.is_running(); e.stop(); print(f"stopped the embedded PostgreSQL in {e.data_dir}" if up else f"no embedded PostgreSQL was running in {e.data_dir}")'
 
 clean: ## stop the embedded PostgreSQL, remove the venv, build products and its data
+	@test -x $(BIN)/python && $(BIN)/python -c 'from pgdurable.ui.launch import stop_detached; from pgdurable.embedded import default_data_dir; stop_detached(default_data_dir().parent)' || true
 	@test -x $(BIN)/python && $(BIN)/python -c 'from pgdurable.embedded import EmbeddedPostgres, default_data_dir; EmbeddedPostgres(default_data_dir()).stop()' || true
 	rm -rf $(VENV) build *.egg-info native/*.c pgdurable/graph/*.so .pgdurable
 
-.PHONY: help install native demo serve test test-python bench bench-scale lint schema-freeze embedded-stop clean
+.PHONY: help install native demo serve ui browser test test-python bench bench-scale lint schema-freeze embedded-stop clean

@@ -242,10 +242,23 @@ def uninstall(dsn: str | None) -> None:
                    "--dsn with that user; passwords from ~/.pgpass)")
 @click.option("--data-dir", envvar=_env("DATA_DIR"), show_envvar=True,
               help="embedded PostgreSQL data directory")
+@click.option("--ui-port", envvar="PGDURABLE_SERVE_UI_PORT", type=int, default=None,
+              show_envvar=True, help="also run the web dashboard (pgdurable ui) on this port")
+@click.option("--ui-dsn", envvar="PGDURABLE_UI_DSN", show_envvar=True,
+              help="the dashboard's login: it shows and does what this role may (default: "
+                   "--dsn, unless that is pgdurable_service)")
+@click.option("--ui-host", envvar="PGDURABLE_UI_HOST", default="127.0.0.1", show_envvar=True,
+              help="address the dashboard listens on")
+@click.option("--ui-read-only", envvar="PGDURABLE_UI_READ_ONLY", is_flag=True,
+              show_envvar=True, help="the dashboard hides and refuses every action")
+@click.option("--ui-token", envvar="PGDURABLE_UI_TOKEN", show_envvar=True, default=None,
+              help="the dashboard requires this token on every request")
 def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_policy: str,
           http_allow: tuple[str, ...], metrics_port: int | None, metrics_host: str,
           log_format: str,
-          result_max_bytes: int, step_dsn: str | None, data_dir: str | None) -> None:
+          result_max_bytes: int, step_dsn: str | None, data_dir: str | None,
+          ui_port: int | None, ui_dsn: str | None, ui_host: str, ui_read_only: bool,
+          ui_token: str | None) -> None:
     """Run the executor: install/upgrade the schema, fork workers, run workflows.
 
     --dsn should log in as pgdurable_service. Given another role (an administrator, as in
@@ -272,9 +285,14 @@ def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_po
             dsn=service, step_dsn=step, workers=workers, slots=slots,
             lease_seconds=lease_seconds, http_policy=http_policy, http_allow=tuple(allow),
             metrics_port=metrics_port, metrics_host=metrics_host, log_format=log_format,
-            result_max_bytes=result_max_bytes,
+            result_max_bytes=result_max_bytes, ui_port=ui_port, ui_dsn=ui_dsn or given,
+            ui_host=ui_host, ui_read_only=ui_read_only, ui_token=ui_token or None,
         ).validate()
         check_logins(config.dsn, config.step_dsn)
+        if config.ui_port is not None:
+            from .ui.app import check_serve_ui
+
+            check_serve_ui(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     logging.getLogger("pgdurable").info("schema version %d ready", res.to_version)
@@ -375,15 +393,20 @@ INSTANCE_ID = re.compile(r"^[0-9a-f]{8}$")
 @dsn_option
 @click.argument("expr")
 @click.option("--label", default=None, help="label stored with the instance")
+@click.option("--idempotency-key", default=None,
+              help="start at most one instance per key: again with the same key prints the "
+                   "first one's id")
 @json_option
-def start(dsn: str | None, expr: str, label: str | None, as_json: bool) -> None:
+def start(dsn: str | None, expr: str, label: str | None, idempotency_key: str | None,
+          as_json: bool) -> None:
     """Start EXPR (a DSL expression, e.g. "df.sql('select 1') ~> 'select 2'"); print the id.
 
     EXPR is SQL text evaluated as `SELECT df.start(EXPR)`: a quoted SQL string
     ('select 1') auto-wraps into one SQL step.
     """
     with _db(dsn) as conn:
-        row = conn.execute(f"select df.start({expr}, %s)".encode(), (label,)).fetchone()
+        row = conn.execute(f"select df.start({expr}, %s, idempotency_key => %s)".encode(),
+                           (label, idempotency_key)).fetchone()
     iid = row[0] if row else None
     if as_json:
         _emit({"instance_id": iid, "label": label})
@@ -641,5 +664,6 @@ def verify(dsn: str | None, faults: int, duration: float, seed: int | None, keep
     sys.exit(1 if n else 0)
 
 
-# the recurring-job commands live in a module of their own; importing it registers them
-from . import cli_schedules  # noqa: E402,F401
+# the recurring-job commands and the dashboard (`ui`) live in modules of their own;
+# importing them registers them
+from . import cli_schedules, cli_ui  # noqa: E402,F401

@@ -66,6 +66,18 @@ class ServeConfig:
     """Port for Prometheus metrics, or None. Defaults to None."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics port listens on. Defaults to 127.0.0.1 (this host only)."""
+    ui_port: int | None = None
+    """Port of the web dashboard (``pgdurable ui``) run beside the workers, or None.
+    Defaults to None."""
+    ui_dsn: str = ""
+    """The dashboard's login: it shows and does what this role may (never the service
+    role). Required with ``ui_port``."""
+    ui_host: str = "127.0.0.1"
+    """Address the dashboard listens on. Defaults to 127.0.0.1 (this host only)."""
+    ui_read_only: bool = False
+    """The dashboard hides and refuses every action. Defaults to False."""
+    ui_token: str | None = None
+    """Token the dashboard requires on every request, or None. Defaults to None."""
 
     def validate(self) -> ServeConfig:
         if not self.dsn:
@@ -91,4 +103,10 @@ class ServeConfig:
             raise ConfigError(f"http_policy/http_allow: {exc}") from None
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
+        if self.ui_port is not None:
+            if not self.ui_dsn:
+                raise ConfigError("ui_dsn: the dashboard (ui_port) needs the login of the role "
+                                  "whose runs it shows")
+            if self.metrics_port == self.ui_port:
+                raise ConfigError(f"ui_port: {self.ui_port} is the metrics port too")
         return self

@@ -3,9 +3,10 @@
 The demo installs the schema, creates the tour's role (not a superuser, given
 ``df.grant_usage``) and the tables the README's five-minute tour uses, runs ``pgdurable
 serve`` just long enough to run one sample workflow (SQL steps, a join, a condition, a
-sleep), and prints what to do next: ``make serve`` for a service that keeps running, and the
-DSN of the tour's role. Running it again is harmless: what exists is kept, the tour's tables
-are refilled only when empty.
+sleep), and prints what to do next: ``make serve`` for a service that keeps running, the
+DSN of the tour's role, and the dashboard's URL (on the embedded server it starts ``pgdurable
+ui`` for the tour's role in the background). Running it again is harmless: what exists is
+kept, the tour's tables are refilled only when empty.
 
 Admin tooling: this module spells the SQL of the set-up it makes.
 """
@@ -126,7 +127,24 @@ def run(dsn: str, *, role: str = TOUR_ROLE, embedded: bool = False,
     echo(f"       psql '{role_dsn}'")
     echo("     its tables: orders (250 new), queue (250 rows), procedure nightly()")
     echo(f"  3. the CLI:  PGDURABLE_DSN='{role_dsn}' .venv/bin/pgdurable list")
+    echo(f"  4. the dashboard, as {role}:  {_dashboard(role_dsn, embedded)}")
     return True
+
+
+def _dashboard(role_dsn: str, embedded: bool) -> str:
+    """On the embedded server: start ``pgdurable ui`` for the tour's role in the background
+    (it stays up while the server runs; ``make embedded-stop`` stops both) and return its
+    URL. Elsewhere: how to start it."""
+    if not embedded:
+        return f"make ui DSN='{role_dsn}'  (then open http://127.0.0.1:8080/)"
+    from .embedded import default_data_dir
+    from .ui.launch import start_detached
+
+    try:
+        url = start_detached(role_dsn, default_data_dir().parent)
+    except (RuntimeError, OSError) as exc:
+        return f"did not start ({str(exc).splitlines()[0]}); try `make ui`"
+    return f"{url}  (running in the background; make embedded-stop stops it too)"
 
 
 def _one(conn: psycopg.Connection[tuple[object, ...]], query: str, *args: object) -> object:

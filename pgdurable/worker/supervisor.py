@@ -8,7 +8,9 @@
 - SIGHUP: forwarded, workers reload settings (they re-read pg_durable.* on start of
   each instance anyway);
 - heartbeats a supervisor row in ``<engine>.workers``;
-- a worker whose supervisor dies (kill -9) drains and exits by itself (:func:`_watch_parent`).
+- a worker whose supervisor dies (kill -9) drains and exits by itself (:func:`_watch_parent`);
+- with ``--ui-port``, runs the web dashboard (pgdurable/ui) in one more child, restarted
+  and stopped like the workers (:func:`_fork_ui`).
 """
 
 from __future__ import annotations
@@ -87,6 +89,31 @@ def _fork_worker(config: ServeConfig) -> int:
     return pid
 
 
+def _fork_ui(config: ServeConfig) -> int:
+    """The web dashboard (``--ui-port``) in a child of its own, supervised like a worker:
+    restarted when it dies, SIGTERM on drain, gone with the supervisor (uvicorn's own
+    SIGTERM handler stops it)."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            threading.Thread(target=_watch_parent, args=(parent,), daemon=True,
+                             name="pgdurable-parent-watch").start()
+            from pgdurable.ui.app import from_serve, serve_forever
+
+            serve_forever(from_serve(config))
+        except BaseException:
+            logger.exception("dashboard crashed")
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
 def supervise(config: ServeConfig) -> int:
     """Run until SIGTERM; returns the exit code."""
     stopping = False
@@ -96,7 +123,12 @@ def supervise(config: ServeConfig) -> int:
         stopping = True
 
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
-    backoff = [BACKOFF_START] * config.workers
+    # one slot per worker, and the last for the dashboard (--ui-port)
+    ui_slot = config.workers
+    backoff = [BACKOFF_START] * (config.workers + 1)
+
+    def fork(slot: int) -> int:
+        return _fork_ui(config) if slot == ui_slot else _fork_worker(config)
 
     def on_hup(signum: int, frame: object) -> None:
         for pid in list(children):
@@ -111,6 +143,10 @@ def supervise(config: ServeConfig) -> int:
                               addr=config.metrics_host)
     for slot in range(config.workers):
         children[_fork_worker(config)] = (slot, time.monotonic())
+    if config.ui_port is not None:
+        children[_fork_ui(config)] = (ui_slot, time.monotonic())
+        logger.info("dashboard on http://%s:%d/", config.ui_host, config.ui_port,
+                    extra={"event": "supervisor.ui_started"})
     logger.info("supervisor %d started %d workers", os.getpid(), config.workers,
                 extra={"event": "supervisor.started"})
     sup_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -132,8 +168,9 @@ def supervise(config: ServeConfig) -> int:
                 time.sleep(0.05)
             backoff[slot] = min(backoff[slot] * 2, BACKOFF_MAX)
             if not stopping:
-                children[_fork_worker(config)] = (slot, time.monotonic())
-                metrics.worker_restarted()
+                children[fork(slot)] = (slot, time.monotonic())
+                if slot != ui_slot:
+                    metrics.worker_restarted()
             continue
         if time.monotonic() - last_beat > config.maintenance_interval:
             last_beat = time.monotonic()
@@ -142,7 +179,7 @@ def supervise(config: ServeConfig) -> int:
                                      application_name="pgdurable supervisor") as conn:
                     conn.execute(q("heartbeat", config.engine_schema), (
                         sup_id, "supervisor", socket.gethostname(), os.getpid(),
-                        __version__, len(children)))
+                        __version__, sum(1 for s, _ in children.values() if s != ui_slot)))
             except psycopg.Error as exc:
                 logger.warning("supervisor heartbeat failed: %s", exc)
         time.sleep(0.1)

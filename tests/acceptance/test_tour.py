@@ -126,8 +126,8 @@ def test_tour_runs_as_written(db, serve_factory):
                 assert (nxt.astimezone(UTC).hour, nxt.minute) == (3, 0)
                 assert nxt - datetime.now(UTC) <= timedelta(days=1)
 
-        assert len(started) == 4, started
-        _first, approval, drain, race = started
+        assert len(started) == 5, started
+        _first, approval, drain, race, keyed = started
         # the approval wait consumed the signal and the update ran
         assert finish(approval) == "completed", one("select df.error(%s)::text", approval)
         assert one("select count(*) from orders where status = 'approved'") == 100
@@ -140,3 +140,7 @@ def test_tour_runs_as_written(db, serve_factory):
         assert finish(race) == "completed"
         assert json.loads(str(one("select df.result(%s)", race)))["rows"] == [{"?column?": 1}]
         one("select df.unschedule('nightly')")
+        # the keyed start: the same statement again starts nothing and answers the same id
+        again = next(st for st, _ in tour_statements() if "idempotency_key" in st)
+        assert one(again) == keyed
+        assert finish(keyed) == "completed"

@@ -82,7 +82,7 @@ def test_public_privileges(db):
         def fn(name):
             return one(admin, "select has_function_privilege('public', %s, 'execute')", (name,))
 
-        assert fn("df.start(text,text,text,text)")
+        assert fn("df.start(text,text,text,text,text)")
         assert fn("df.status(text)")
         assert fn("df.sql(text)")
         for name in ["df.metrics()", "df.grant_usage(text,boolean,boolean)", "df.revoke_usage(text)",

@@ -641,7 +641,14 @@ def test_labels_vars_and_reasons_are_stored_verbatim(tx: Conn, user: str, label:
     assert err is None and ok == "OK", err
     assert attempt(tx, "select df.getvar(%s)", (name,)) == (value, None)
     iid, serr = start(tx, user, "select {" + name + "}", label)
-    assert serr is None and iid is not None, serr
+    if serr is not None:
+        # the one refusal: a {var} inside it that is not the variable (a name holding braces
+        # encloses another, such as {A in {{A}), named in the error (35_references.sql)
+        m = re.match(r"unknown variable \{(\w+)\} in step ", serr.diag.message_primary or "")
+        assert serr.sqlstate == "22023" and m, serr
+        assert m.group(1) != name and "{" + m.group(1) + "}" in "{" + name + "}", serr
+        return
+    assert iid is not None
     row = tx.execute("select label, status from df.instances where id = %s", (iid,)).fetchone()
     assert row == (label, "pending")
     tx.execute("reset role")

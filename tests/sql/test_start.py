@@ -339,3 +339,23 @@ def test_new_mode_slot_timeout(db):
     with db.connect(role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         # a tenant cannot take (or hold) a launch slot
         conn.execute("select 1 from pgdurable.locks for update")
+
+
+def test_new_mode_keeps_the_idempotency_key(db):
+    """transaction_mode 'new' hands the key to the launch session: the second start with it,
+    in either mode, answers the first instance."""
+    _dblink(db)
+    if not _launcher_needs_password(db):
+        pytest.skip("this server lets the launcher in without a password: 'new' cannot run "
+                    "(test_new_mode_survives_caller_rollback pins that error)")
+    role = db.create_role("sk")
+    with db.connect(role, autocommit=False) as conn:
+        first = one(conn, "select df.start('select 1', transaction_mode => 'new', "
+                          "idempotency_key => 'nk')")
+        conn.rollback()  # the launch committed on its own
+        assert one(conn, "select df.start('select 1', transaction_mode => 'new', "
+                         "idempotency_key => 'nk')") == first
+        assert one(conn, "select df.start('select 1', idempotency_key => 'nk')") == first
+        conn.commit()
+        assert one(conn, "select count(*) from df.instances") == 1
+        assert one(conn, "select idempotency_key from df.instance_info(%s)", (first,)) == "nk"

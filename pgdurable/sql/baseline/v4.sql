@@ -39,6 +39,8 @@ create table df.instances (
     created_at   timestamptz not null default now(),
     updated_at   timestamptz not null default now(),
     completed_at timestamptz,
+    -- df.start(…, idempotency_key => k): one instance per role and key (not in pg_durable)
+    idempotency_key text,
     constraint instances_id_format check (id ~ '^[0-9a-f]{8}$') not valid,
     constraint instances_status_check
         check (status in ('pending', 'running', 'completed', 'failed', 'cancelled')) not valid,
@@ -47,6 +49,8 @@ create table df.instances (
 create index instances_status_created_idx on df.instances (status, created_at desc, id);
 create index instances_created_idx on df.instances (created_at desc, id);
 create index instances_label_idx on df.instances (label, created_at desc, id) where label is not null;
+create unique index instances_idempotency_idx on df.instances (submitted_by, idempotency_key)
+    where idempotency_key is not null;
 
 create table df.nodes (
     id             varchar(8)  not null,
@@ -1921,7 +1925,10 @@ begin
         begin
             execute pg_catalog.format('select %I.dblink_exec($1::pg_catalog.text, $2::pg_catalog.text)',
                                       v_dblink)
-                using v_name, 'set lock_timeout = ''30s''; set statement_timeout = ''30s''';
+                using v_name, 'set lock_timeout = ''30s''; set statement_timeout = ''30s''; '
+                              -- df.start's idempotency_key, for @engine@._start_v1 there
+                              || pg_catalog.format('set pgdurable.start_key = %L',
+                                                   coalesce(pg_catalog.current_setting('pgdurable.start_key', true), ''));
             execute pg_catalog.format('select t.id from %I.dblink($1::pg_catalog.text, $2::pg_catalog.text) as t(id pg_catalog.varchar)',
                                       v_dblink)
                 into v_id
@@ -1964,7 +1971,14 @@ declare
     v_id       pg_catalog.varchar;
     v_tries    pg_catalog.int4 := 0;
     v_vars     pg_catalog.jsonb;
+    -- df.start's idempotency_key, handed over in a setting of this transaction (and through
+    -- the launch session for transaction_mode 'new'); NULL: none
+    v_key      pg_catalog.text := nullif(pg_catalog.current_setting('pgdurable.start_key', true), '');
 begin
+    if octet_length(v_key) > 512 then
+        raise exception 'idempotency_key is too long (% bytes; at most 512)', octet_length(v_key)
+            using errcode = '22023';
+    end if;
     -- labels are indexed (btree rows stop near 2.7 kB): say so instead of an index error
     if octet_length(label) > 1024 then
         raise exception 'label is too long (% bytes; at most 1024): %…', octet_length(label),
@@ -2025,20 +2039,46 @@ begin
         return null;
     end if;
 
-    -- 6. reserve an instance id: ON CONFLICT sees every row (past RLS), so ids stay global
+    -- 6. an idempotency key (df.start sets it for this call): the role's instance started
+    --    with it before, whatever its status, is the answer and nothing is written
+    if v_key is not null then
+        select i.id into v_id from df.instances i
+        where i.submitted_by operator(pg_catalog.=) v_me
+          and i.idempotency_key operator(pg_catalog.=) v_key;
+        if v_id is not null then
+            return v_id;
+        end if;
+    end if;
+    -- 7. reserve an instance id: ON CONFLICT sees every row (past RLS), so ids stay global.
+    --    With a key, a concurrent start with the same key makes this insert wait on the key's
+    --    unique index and then do nothing once the other commits: its instance is the answer.
+    --    (No subtransaction here: the row must carry this transaction's xid, which
+    --    @engine@._enqueue_v1 checks for df.start in a SECURITY DEFINER function.)
     loop
         v_tries := v_tries + 1;
-        insert into df.instances (id, label, root_node, submitted_by, database)
-        values (right(replace(gen_random_uuid()::pg_catalog.text, '-', ''), 8), label, v_nodes -> 0 ->> 'id',
-                v_me, database)
-        on conflict (id) do nothing
+        insert into df.instances (id, label, root_node, submitted_by, database, idempotency_key)
+        values (right(replace(gen_random_uuid()::pg_catalog.text, '-', ''), 8), label,
+                v_nodes -> 0 ->> 'id', v_me, database, v_key)
+        on conflict do nothing
         returning id into v_id;
         exit when v_id is not null;
+        if v_key is not null then
+            select i.id into v_id from df.instances i
+            where i.submitted_by operator(pg_catalog.=) v_me
+              and i.idempotency_key operator(pg_catalog.=) v_key;
+            if v_id is not null then
+                return v_id;
+            end if;
+            if v_tries > 1 then  -- e.g. a REPEATABLE READ snapshot older than the other start
+                raise exception 'an instance with idempotency key % is being started by another transaction; retry',
+                    pg_catalog.quote_literal(v_key) using errcode = '40001';
+            end if;
+        end if;
         if v_tries > 10 then
             raise exception 'could not reserve an instance id after 10 attempts' using errcode = '55000';
         end if;
     end loop;
-    -- 7. all nodes in one statement (FKs are deferred to commit)
+    -- 8. all nodes in one statement (FKs are deferred to commit)
     insert into df.nodes (id, instance_id, node_type, query, result_name, left_node, right_node,
                           submitted_by, database)
     select n.id, v_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, v_me, database
@@ -2046,11 +2086,11 @@ begin
          as n(id pg_catalog.varchar, node_type pg_catalog.text, query pg_catalog.text,
               result_name pg_catalog.text, left_node pg_catalog.varchar,
               right_node pg_catalog.varchar);
-    -- 8. the vars snapshot (this transaction's view: own uncommitted rows included)
+    -- 9. the vars snapshot (this transaction's view: own uncommitted rows included)
     select coalesce(jsonb_object_agg(v.name, v.value), '{}') into v_vars
     from df.vars v where v.owner = v_me;
     perform df._check_vars(v_nodes, v_vars);  -- a {var} it does not hold (35_references.sql)
-    -- 9. the engine's first task, then wake a worker (delivered at commit)
+    -- 10. the engine's first task, then wake a worker (delivered at commit)
     perform @engine@._enqueue_v1(v_id, v_vars);
     perform pg_catalog.pg_notify('pgdurable_work', '');  -- no payload: LISTEN is open to all
     return v_id;
@@ -2063,7 +2103,7 @@ $$;
 -- @engine@._start_v1, for a role: here the caller (RLS admits only its own rows), in the
 -- launch session the role that @engine@._new_start_v1 vouched for.
 create function df.start(fut text, label text default null, database text default null,
-                         transaction_mode text default 'caller')
+                         transaction_mode text default 'caller', idempotency_key text default null)
 returns text
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -2072,7 +2112,14 @@ declare
     v_mode pg_catalog.text := lower(btrim(coalesce(transaction_mode, '')));
     v_me   pg_catalog.regrole := (select r.oid::pg_catalog.regrole from pg_catalog.pg_roles r
                                   where r.rolname = current_user);
+    v_id   pg_catalog.text;
 begin
+    -- the key travels to @engine@._start_v1 in a setting of this transaction (set every time:
+    -- a role default of the name cannot reach it)
+    perform pg_catalog.set_config('pgdurable.start_key', coalesce(idempotency_key, ''), true);
+    if idempotency_key operator(pg_catalog.=) '' then
+        raise exception 'idempotency_key must not be empty (NULL: no key)' using errcode = '22023';
+    end if;
     if v_mode not in ('caller', 'new') then
         raise exception 'invalid transaction_mode ''%'': expected ''caller'' or ''new''', transaction_mode
             using errcode = '22023';
@@ -2091,9 +2138,12 @@ begin
         end if;
         -- every check here, in the caller's session, so errors read as in caller mode
         perform @engine@._start_v1(v_me, fut, label, database, true);
-        return @engine@._new_start_v1(current_user, fut, label, database);
+        v_id := @engine@._new_start_v1(current_user, fut, label, database);
+    else
+        v_id := @engine@._start_v1(v_me, fut, label, database);
     end if;
-    return @engine@._start_v1(v_me, fut, label, database);
+    perform pg_catalog.set_config('pgdurable.start_key', '', true);
+    return v_id;
 end;
 $$;
 
@@ -2782,7 +2832,7 @@ $$;
 
 create function df.instance_info(instance_id text)
 returns table (instance_id text, label text, function_name text, function_version text,
-               current_execution_id bigint, status text, output text)
+               current_execution_id bigint, status text, output text, idempotency_key text)
 language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
@@ -2793,7 +2843,8 @@ as $$
            (select pg_catalog.max(df._execution_id(n.status_details)) from df.nodes n
             where n.instance_id operator(pg_catalog.=) i.id),
            i.status,
-           df._node_result(i.id, i.root_node)::pg_catalog.text
+           df._node_result(i.id, i.root_node)::pg_catalog.text,
+           i.idempotency_key
     from df.instances i where i.id operator(pg_catalog.=) $1
 $$;
 
@@ -3220,8 +3271,8 @@ begin
     execute pg_catalog.format('grant usage on schema df to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant select on df.instances, df.nodes, df.workers, df.vars to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant update (status, updated_at) on df.instances to %I%s', p_role, v_opt);
-    execute pg_catalog.format('grant insert (id, label, root_node, submitted_by, database) on df.instances to %I%s',
-                   p_role, v_opt);
+    execute pg_catalog.format('grant insert (id, label, root_node, submitted_by, database, idempotency_key) '
+                   'on df.instances to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant insert (id, instance_id, node_type, query, result_name, left_node, right_node, '
                    'submitted_by, database) on df.nodes to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant usage on schema @engine@ to %I%s', p_role, v_opt);

@@ -79,6 +79,9 @@ drop function if exists df.grant_usage(text, boolean, boolean);
 drop function if exists df.revoke_usage(text);
 
 set local role pgdurable_owner;
+-- the definitions below are the CURRENT ones (they may name columns a later migration adds):
+-- created without checking their bodies, and re-made by each later migration in turn
+set local check_function_bodies = off;
 -- @definitions-of 00_tables.sql
 -- @definitions-of 10_dsl.sql
 -- @definitions-of 30_control.sql

@@ -18,30 +18,55 @@ select pg_catalog.set_config('pgdurable.migrate_acl', coalesce((
                'grantable', a.is_grantable))
     from pg_catalog.pg_proc p
     cross join lateral pg_catalog.aclexplode(p.proacl) a
-    where p.oid operator(pg_catalog.=) any (array[
+    -- (to_regprocedure: a database that came from version 2 through 2-3.sql, which makes the
+    -- current definitions, may already have some of them in their new form)
+    where p.oid operator(pg_catalog.=) any (select pg_catalog.to_regprocedure(f)::pg_catalog.oid
+                                            from pg_catalog.unnest(array[
               'df.start(text,text,text,text)', 'df.signal(text,text,text)', 'df.run(text)',
               'df.list_instances(text,integer,text,text)', 'df.list_instances(text,integer)',
               'df.instance_info(text)', 'df.instance_executions(text,integer)',
               'df.instance_nodes(text)', 'df.instance_nodes(text,integer)',
               'df.grant_usage(text,boolean,boolean)', 'df.revoke_usage(text)'
-          ]::pg_catalog.regprocedure[]::pg_catalog.oid[])
+          ]) f)
       and a.privilege_type operator(pg_catalog.=) 'EXECUTE'
       and a.grantee operator(pg_catalog.<>) 0
       and a.grantee operator(pg_catalog.<>) p.proowner)::pg_catalog.text, '[]'), true);
 
-drop function df.start(text, text, text, text);              -- returns text (was varchar)
-drop function df.signal(text, text, text);                   -- data -> signal_data
-drop function df.run(text);                                  -- returns text (was void)
-drop function df.list_instances(text, integer, text, text);  -- instance_id text, execution_count bigint
-drop function df.list_instances(text, integer);              -- the same
-drop function df.instance_info(text);                        -- instance_id text, current_execution_id bigint
-drop function df.instance_executions(text, integer);         -- execution_id bigint
-drop function df.instance_nodes(text);                       -- instance_id_param; id columns text
-drop function df.instance_nodes(text, integer);              -- + execution_id; _last_n_executions
-drop function df.grant_usage(text, boolean, boolean);        -- returns void (was text)
-drop function df.revoke_usage(text);                         -- returns void (was text)
+drop function if exists df.start(text, text, text, text);    -- returns text (was varchar); + idempotency_key
+drop function if exists df.signal(text, text, text);                   -- data -> signal_data
+drop function if exists df.run(text);                                  -- returns text (was void)
+drop function if exists df.list_instances(text, integer, text, text);  -- instance_id text, execution_count bigint
+drop function if exists df.list_instances(text, integer);              -- the same
+drop function if exists df.instance_info(text);                        -- instance_id text, current_execution_id bigint
+drop function if exists df.instance_executions(text, integer);         -- execution_id bigint
+drop function if exists df.instance_nodes(text);                       -- instance_id_param; id columns text
+drop function if exists df.instance_nodes(text, integer);              -- + execution_id; _last_n_executions
+drop function if exists df.grant_usage(text, boolean, boolean);        -- returns void (was text)
+drop function if exists df.revoke_usage(text);                         -- returns void (was text)
 
 -- == tables ==
+
+-- idempotent starts: the key, one instance per role and key; every role that may insert
+-- instances may give one (df.grant_usage grants it from now on)
+alter table df.instances add column idempotency_key text;
+create unique index instances_idempotency_idx on df.instances (submitted_by, idempotency_key)
+    where idempotency_key is not null;
+do $$
+declare
+    r record;
+begin
+    for r in select a.rolname,
+                    pg_catalog.has_column_privilege(a.oid, 'df.instances', 'label',
+                                                    'insert with grant option') as opt
+             from pg_catalog.pg_roles a
+             where pg_catalog.has_column_privilege(a.oid, 'df.instances', 'label', 'insert')
+               and not a.rolsuper
+               and not pg_catalog.pg_has_role(a.oid, 'pgdurable_owner', 'usage') loop
+        execute format('grant insert (idempotency_key) on df.instances to %I%s', r.rolname,
+                       case when r.opt then ' with grant option' else '' end);
+    end loop;
+end;
+$$;
 
 -- df.vars.owner defaults to the caller as pg_durable has it (a role name that needs quoting
 -- resolves too)
@@ -65,6 +90,11 @@ begin
              from pg_catalog.jsonb_to_recordset(
                       pg_catalog.current_setting('pgdurable.migrate_acl')::pg_catalog.jsonb)
                   as x(fn pg_catalog.text, role pg_catalog.text, grantable boolean) loop
+        -- df.start gained an argument (idempotency_key): its grant goes to the new form
+        if r.fn operator(pg_catalog.=) 'df.start(text,text,text,text)' then
+            r.fn := 'df.start(text,text,text,text,text)';
+        end if;
+        continue when pg_catalog.to_regprocedure(r.fn) is null;
         execute pg_catalog.format('grant execute on function %s to %s%s',
                                   pg_catalog.to_regprocedure(r.fn), r.role,
                                   case when r.grantable then ' with grant option' else '' end);

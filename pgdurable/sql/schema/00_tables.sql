@@ -39,6 +39,8 @@ create table df.instances (
     created_at   timestamptz not null default now(),
     updated_at   timestamptz not null default now(),
     completed_at timestamptz,
+    -- df.start(…, idempotency_key => k): one instance per role and key (not in pg_durable)
+    idempotency_key text,
     constraint instances_id_format check (id ~ '^[0-9a-f]{8}$') not valid,
     constraint instances_status_check
         check (status in ('pending', 'running', 'completed', 'failed', 'cancelled')) not valid,
@@ -47,6 +49,8 @@ create table df.instances (
 create index instances_status_created_idx on df.instances (status, created_at desc, id);
 create index instances_created_idx on df.instances (created_at desc, id);
 create index instances_label_idx on df.instances (label, created_at desc, id) where label is not null;
+create unique index instances_idempotency_idx on df.instances (submitted_by, idempotency_key)
+    where idempotency_key is not null;
 
 create table df.nodes (
     id             varchar(8)  not null,

@@ -293,7 +293,7 @@ $$;
 
 create function df.instance_info(instance_id text)
 returns table (instance_id text, label text, function_name text, function_version text,
-               current_execution_id bigint, status text, output text)
+               current_execution_id bigint, status text, output text, idempotency_key text)
 language sql stable strict
 set search_path = pg_catalog, pg_temp
 as $$
@@ -304,7 +304,8 @@ as $$
            (select pg_catalog.max(df._execution_id(n.status_details)) from df.nodes n
             where n.instance_id operator(pg_catalog.=) i.id),
            i.status,
-           df._node_result(i.id, i.root_node)::pg_catalog.text
+           df._node_result(i.id, i.root_node)::pg_catalog.text,
+           i.idempotency_key
     from df.instances i where i.id operator(pg_catalog.=) $1
 $$;
 
@@ -731,8 +732,8 @@ begin
     execute pg_catalog.format('grant usage on schema df to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant select on df.instances, df.nodes, df.workers, df.vars to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant update (status, updated_at) on df.instances to %I%s', p_role, v_opt);
-    execute pg_catalog.format('grant insert (id, label, root_node, submitted_by, database) on df.instances to %I%s',
-                   p_role, v_opt);
+    execute pg_catalog.format('grant insert (id, label, root_node, submitted_by, database, idempotency_key) '
+                   'on df.instances to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant insert (id, instance_id, node_type, query, result_name, left_node, right_node, '
                    'submitted_by, database) on df.nodes to %I%s', p_role, v_opt);
     execute pg_catalog.format('grant usage on schema @engine@ to %I%s', p_role, v_opt);
