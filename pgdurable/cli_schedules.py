@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import _db, _emit, _table, _ts, dsn_option, json_option, main
+from .cli_common import _db, _emit, _table, _ts, dsn_option, json_option, main
 from .sanitize import visible
 
 __all__: list[str] = []

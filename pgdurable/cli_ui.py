@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import _dsn_or_embedded, main
+from .cli_common import _dsn_or_embedded, main
 from .errors import ConfigError
 
 __all__: list[str] = []
@@ -33,7 +33,8 @@ def ui(dsn: str | None, host: str, port: int, read_only: bool, token: str | None
     and the system's workers and throughput. Everything is read and done as the DSN's role
     (row-level security decides what it sees); the browser never gets a credential."""
     try:
-        from .ui.app import UiConfig, check_login, is_loopback, port_free, serve_forever
+        from .ui.app import check_login, port_free, serve_forever
+        from .ui.base import UiConfig, is_loopback
     except ImportError as exc:
         raise click.ClickException(
             f"the dashboard needs the ui extra ({exc.name} is missing): "

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -40,12 +37,11 @@ import psycopg
 from pgdurable.config import ServeConfig
 from pgdurable.errors import ConfigError
 
+from .base import CSRF_COOKIE, HERE, LOOPBACK_NAMES, TOKEN_COOKIE, UiConfig
+
 __all__ = ["CSRF_COOKIE", "TOKEN_COOKIE", "UiConfig", "check_login", "create_app",
            "serve_forever"]
 
-CSRF_COOKIE = "pgdurable_ui_csrf"
-TOKEN_COOKIE = "pgdurable_ui_session"
-HERE = Path(__file__).resolve().parent
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS = (
@@ -56,7 +52,6 @@ SECURITY_HEADERS = (
     ("cross-origin-opener-policy", "same-origin"),
     ("cache-control", "no-store"),
 )
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 # roles of pgdurable itself: the dashboard never runs as them (docs/security.md, "Roles")
 SERVICE_ROLES = {
     "pgdurable_service": "it is a member of pgdurable_owner, which owns df's tables, so it "
@@ -70,45 +65,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class UiConfig:
-    """Settings of ``pgdurable ui`` (and of ``serve --ui-port``)."""
-
-    dsn: str
-    """Connection string; the dashboard shows and does what this login's role may."""
-    host: str = "127.0.0.1"
-    """Address to listen on. Defaults to 127.0.0.1 (this host only)."""
-    port: int = 8080
-    """TCP port. Defaults to 8080."""
-    read_only: bool = False
-    """Hide and refuse every action (cancel, signal, restart, start)."""
-    token: str | None = None
-    """When set, every request must present it (for access from other hosts)."""
-
-    def validate(self) -> UiConfig:
-        if not self.dsn:
-            raise ConfigError("ui dsn: a PostgreSQL connection string is required")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"ui port: must be 1-65535, got {self.port!r}")
-        if self.token is not None and len(self.token) < 16:
-            raise ConfigError("ui token: use at least 16 characters (e.g. the output of "
-                              "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
-        return self
-
-    @property
-    def loopback(self) -> bool:
-        return is_loopback(self.host)
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_login(dsn: str) -> str:

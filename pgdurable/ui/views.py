@@ -38,7 +38,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from pgdurable import diagram
 
 from . import data, svg
-from .app import CSRF_COOKIE, HERE, UiConfig
+from .base import CSRF_COOKIE, HERE, UiConfig
 
 STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 INSTANCE_ID = re.compile(r"^[0-9a-f]{8}$")
