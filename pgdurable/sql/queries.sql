@@ -83,25 +83,36 @@ insert into df._worker_epoch (epoch_id) values (%s)
 on conflict (epoch_id) do update set last_seen_at = now()
 
 -- name: step_settings
--- per-step settings (marks the session as a workflow, bounds the statement), then the step
--- capability, one of the deployment-wide max_user_connections slots and the step's identity,
--- all in the step's transaction (a step session: every name qualified); last the step's
--- application_name, pgdurable:<instance>:<node>, for the transaction only (what a DBA sees
--- in pg_stat_activity; docs/operating.md)
-select pg_catalog.set_config('df.in_workflow', 'true', true),
-       pg_catalog.set_config('statement_timeout',
-                             @engine@.setting('step_statement_timeout', '0'), true),
+-- per-step settings, all in the step's transaction (a step session: every name qualified):
+-- first the submitting role's own settings (FROM: applied before the select list, so the
+-- engine's below win; its search_path, the one _role_settings_v1 cannot apply itself), the
+-- workflow mark, statement_timeout (the engine's limit, only ever tightened by the role),
+-- then the step capability, one of the deployment-wide max_user_connections slots and the
+-- step's identity; last the step's application_name, pgdurable:<instance>:<node>, for the
+-- transaction only (what a DBA sees in pg_stat_activity; docs/operating.md).
+-- Parameters: capability, role, application_name, role, NULL (the deployment's
+-- step_statement_timeout: read here)
+select pg_catalog.set_config('search_path',
+                             coalesce(r.search_path, pg_catalog.current_setting('search_path')),
+                             true),
+       pg_catalog.set_config('df.in_workflow', 'true', true),
+       pg_catalog.set_config('statement_timeout', r.statement_timeout, true),
        @engine@._step_begin_v1(%s, %s::pg_catalog.oid),
        pg_catalog.set_config('application_name', %s, true)
+from @engine@._role_settings_v1(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: step_next
 -- the next step of a batch, in the same transaction, after a RESET ALL (nothing the last
--- statement set to the session survives into it): the per-step settings again (the slot and
--- the step identity stay the batch's)
-select pg_catalog.set_config('df.in_workflow', 'true', true),
-       pg_catalog.set_config('statement_timeout',
-                             @engine@.setting('step_statement_timeout', '0'), true),
+-- statement set to the session survives into it): the per-step settings again, the role's
+-- included (the slot and the step identity stay the batch's). Parameters: application_name,
+-- role, NULL
+select pg_catalog.set_config('search_path',
+                             coalesce(r.search_path, pg_catalog.current_setting('search_path')),
+                             true),
+       pg_catalog.set_config('df.in_workflow', 'true', true),
+       pg_catalog.set_config('statement_timeout', r.statement_timeout, true),
        pg_catalog.set_config('application_name', %s, true)
+from @engine@._role_settings_v1(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,
@@ -119,13 +130,34 @@ select pg_catalog.pg_advisory_unlock_all()
 select @engine@._prune_v1(%s)
 
 -- name: settings
--- workflow settings the worker reads (pg_durable.*)
-select @engine@.setting('loop_min_interval_ms', '1000')::pg_catalog.int4,
-       @engine@.setting('loop_max_iterations', '100000')::pg_catalog.int4,
-       current_database(),
-       @engine@.setting('max_user_connections', '10')::pg_catalog.int4,
-       @engine@.setting('max_instance_bytes', '268435456')::pg_catalog.int8,
-       @engine@.setting('max_connections_per_role', '0')::pg_catalog.int4
+-- the deployment-wide pg_durable.* settings the worker reads every maintenance round (as
+-- text: it parses them, naming a bad one), then the pg_durable.* names this database sets
+-- (ALTER DATABASE … SET: one that goes means the service's sessions still hold its old value,
+-- see @engine@.setting_db) and a fingerprint of the roles' loop settings here (a change makes
+-- the worker reload the instances it holds)
+select @engine@.setting_db('loop_min_interval_ms', '1000'),
+       @engine@.setting_db('loop_max_iterations', '100000'),
+       pg_catalog.current_database(),
+       @engine@.setting_db('max_user_connections', '10'),
+       @engine@.setting_db('max_instance_bytes', '268435456'),
+       @engine@.setting_db('max_connections_per_role', '0'),
+       @engine@.setting_db('step_statement_timeout', '0'),
+       array(
+           select pg_catalog.lower(pg_catalog.split_part(c.item, '=', 1))
+           from pg_catalog.pg_db_role_setting s
+           cross join lateral pg_catalog.unnest(s.setconfig) as c(item)
+           where s.setrole = 0 and s.setdatabase = d.oid
+             and pg_catalog.lower(c.item) like 'pg\_durable.%%'
+           order by 1),
+       (select pg_catalog.md5(coalesce(pg_catalog.string_agg(
+                   s.setrole::pg_catalog.text || '/' || s.setdatabase::pg_catalog.text || '/' || c.item,
+                   ',' order by s.setrole, s.setdatabase, c.item), ''))
+        from pg_catalog.pg_db_role_setting s
+        cross join lateral pg_catalog.unnest(s.setconfig) as c(item)
+        where s.setrole <> 0 and s.setdatabase in (0, d.oid)
+          and pg_catalog.lower(c.item) like 'pg\_durable.loop\_%%')
+from pg_catalog.pg_database d
+where d.datname = pg_catalog.current_database()
 
 -- name: cancel_backend
 -- interrupt a running step (RACE loser, cancelled instance)
@@ -181,15 +213,26 @@ select exists (select 1 from upd),
                where s.instance_id = k.i and s.name = k.n)
 
 -- name: remote_engine_present
--- in a `database =>` target: is pgdurable installed there (its runner check)?
-select pg_catalog.to_regprocedure('@engine@._runner_ok_v1(oid)') is not null
+-- in a `database =>` target: is pgdurable installed there (its runner check), and recent
+-- enough for remote_step_settings?
+select pg_catalog.to_regprocedure('@engine@._runner_ok_v1(oid)') is not null,
+       pg_catalog.to_regprocedure('@engine@._role_settings_v1(oid,text)') is not null
 
 -- name: remote_step_settings
--- per-step settings in another database: the capability (registered there), no slot; the
--- step's application_name as in step_settings
-select pg_catalog.set_config('df.in_workflow', 'true', true),
+-- per-step settings in another database: the role's settings there (as a session of the
+-- role in that database would have them) and statement_timeout as in step_settings, but the
+-- deployment's step_statement_timeout is the worker's (its own database's, passed in: the
+-- target database's owner must not set the engine's limit); the capability (registered
+-- there), no slot; the step's application_name. Parameters: capability, application_name,
+-- role, the deployment's step_statement_timeout
+select pg_catalog.set_config('search_path',
+                             coalesce(r.search_path, pg_catalog.current_setting('search_path')),
+                             true),
+       pg_catalog.set_config('df.in_workflow', 'true', true),
+       pg_catalog.set_config('statement_timeout', r.statement_timeout, true),
        @engine@._cap_check_v1(%s),
        pg_catalog.set_config('application_name', %s, true)
+from @engine@._role_settings_v1(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: still_ours
 -- which of our running steps are still ours with their instance live (a NOTIFY on

@@ -72,6 +72,37 @@ class BadGraph(Exception):
     """The stored instance cannot run, whatever the attempt (a deterministic failure)."""
 
 
+class BadSetting(BadGraph):
+    """A pg_durable.* value of the submitting role that cannot be used: the instance fails,
+    its error naming the setting, the role and the value."""
+
+
+_INT_RE = re.compile(r"\s*[-+]?[0-9]{1,18}\s*")
+
+
+def loop_limits(inst: tuple[Any, ...], min_interval_ms: int,
+                max_iterations: int) -> tuple[float, int]:
+    """An instance's loop limits (seconds between iteration starts, iterations): the
+    deployment's (``min_interval_ms``/``max_iterations``: the worker's ``settings``),
+    tightened by the submitting role's own ``ALTER ROLE … SET pg_durable.loop_min_interval_ms``
+    / ``loop_max_iterations`` (the last two columns of ``load_instance``, NULL when the role
+    has none): the longer interval and the lower cap. A role, which may ALTER itself, can
+    never loosen them (docs/operating.md, "Settings")."""
+    role = inst[3]
+    raw_min, raw_max = (inst[14], inst[15]) if len(inst) >= 16 else (None, None)
+    if raw_min is not None:
+        if not _INT_RE.fullmatch(raw_min):
+            raise BadSetting(f"pg_durable.loop_min_interval_ms of role {role} is {raw_min!r}, "
+                             "not a whole number of milliseconds")
+        min_interval_ms = max(min_interval_ms, int(raw_min))
+    if raw_max is not None:
+        if not _INT_RE.fullmatch(raw_max) or int(raw_max) < 1:
+            raise BadSetting(f"pg_durable.loop_max_iterations of role {role} is {raw_max!r}, "
+                             "not a whole number of at least 1")
+        max_iterations = min(max_iterations, int(raw_max))
+    return max(0, min_interval_ms) / 1000.0, max_iterations
+
+
 def dump(state: list[int]) -> bytes:
     return array("q", state).tobytes()
 
@@ -156,6 +187,10 @@ class InstanceCtx:
     origins: dict[int, int] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     loop_min_interval: float = 1.0
+    max_iterations: int = 0
+    """pg_durable.loop_max_iterations as it applies to this instance (loop_limits)."""
+    limits_epoch: int = 0
+    """The worker's settings epoch its loop limits were computed in (a newer one: reload)."""
     dead: bool = False
     """Its in-memory state may hold changes that were rolled back: whoever still holds this
     object must reload (a version number alone cannot tell: another transaction may have
@@ -199,7 +234,7 @@ class InstanceCtx:
         check_configs(graph, configs)
         ctx = cls(instance_id, label, status, role_oid, role_name, database, graph, index,
                   sched, version, shared_vars(vars_), configs,
-                  loop_min_interval=loop_min_interval,
+                  loop_min_interval=loop_min_interval, max_iterations=max_iterations,
                   role_info=tuple(inst[10:14]) if len(inst) >= 14 and inst[10] is not None
                   else None)
         # composites completed with a reference: resolved from their sources, deepest first
@@ -486,7 +521,9 @@ class InstanceCtx:
         return "failed", None
 
     def sched_max_iterations(self) -> int:
-        return int(getattr(self.sched, "max_iterations", 0))
+        """The iteration cap this instance's scheduler was loaded with (the schedulers do not
+        expose it)."""
+        return self.max_iterations
 
 
 def _array_size(sizes: list[int]) -> int:

@@ -77,7 +77,7 @@ from pgdurable.values import (
 
 from . import schedules
 from .completer import Busy, Completer
-from .instance import TYPE_NAMES, BadGraph, Checkpoint, InstanceCtx, dump
+from .instance import TYPE_NAMES, BadGraph, BadSetting, Checkpoint, InstanceCtx, dump, loop_limits
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ DETERMINISTIC_SQLSTATE_CLASSES = ("22", "54")
 # attempt, or failing the step now (PostgreSQL refused our data; a bug of ours).
 RETRY, DATA, INTERNAL = "retry", "data", "internal"
 PRUNE_BATCH = 500
+# A checkpoint that queues work due within this many seconds wakes its worker's producer then
+# (a timer per task; later work is found by the poll)
+WAKE_AHEAD_MAX_S = 60.0
 # SQL step batching (docs/decisions.md D13: "a batch of steps sharing one connection takes one
 # slot"): a runner keeps its transaction open for more queued SQL steps of the same role while it is
 # younger than this window and smaller than this size; one slot, one BEGIN/COMMIT, one
@@ -201,9 +204,17 @@ class Worker:
         self.remote_reaper: asyncio.Task[None] | None = None
         self.completer: Completer | None = None
         self.http_waiting = 0
+        # the deployment-wide pg_durable.* settings (_load_settings, every maintenance round)
         self.max_iterations = 100_000
-        self.loop_min_interval = 1.0
+        self.loop_min_interval_ms = 1000
         self.max_instance_bytes = INSTANCE_MAX_BYTES_DEFAULT
+        self.max_user_connections = 10
+        self.step_timeout = "0"  # step_statement_timeout, for `database =>` steps
+        self.db_setting_names: set[str] | None = None  # pg_durable.* this database sets
+        self.limits_key: tuple[Any, ...] | None = None
+        self.limits_epoch = 0  # bumped when the loop limits may have changed
+        self.bad_settings: dict[str, str] = {}  # setting -> the unusable value last logged
+        self.settings_seen: dict[str, str] | None = None  # as last read (to log changes)
         self.current_db = ""
         self.http_client: Any = None
         self.http_policy: Any = None
@@ -355,23 +366,88 @@ class Worker:
         return sql.SQL("select * from {}.{}(%s, %s, %s)").format(
             sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}"))
 
-    async def _load_settings(self) -> None:
-        assert self.pool is not None
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(self.q("settings"))).fetchone()
-            assert row is not None
-            self.loop_min_interval = row[0] / 1000.0
-            self.max_iterations = row[1]
-            self.current_db = row[2]
-            # never open more step transactions than the deployment has step slots: the
-            # rest would only wait for a slot inside PostgreSQL, holding a connection
-            self.sql_limit = max(1, min(self.config.slots, row[3]))
-            self.sql_sem = asyncio.Semaphore(self.sql_limit)
-            self.max_instance_bytes = row[4]
-            # per-role step slots exist only where a per-role cap is set (re-made on SIGHUP)
-            self.role_cap = row[5]
+    async def _load_settings(self, conn: psycopg.AsyncConnection[Any] | None = None) -> None:
+        """Read the deployment-wide pg_durable.* settings (@engine@.setting_db: ALTER DATABASE
+        … SET read fresh, else ALTER SYSTEM / postgresql.conf): at start, every maintenance
+        round (so a change applies within seconds) and on SIGHUP. One query; what did not
+        change is left alone."""
+        if conn is None:
+            assert self.pool is not None
+            async with self.pool.connection() as c:
+                await self._load_settings(c)
+                await c.execute(self.q("slots_ensure"), (None,))
+            return
+        row = await (await conn.execute(self.q("settings"))).fetchone()
+        assert row is not None
+        self.current_db = row[2]
+        seen = dict(zip(("loop_min_interval_ms", "loop_max_iterations", "max_user_connections",
+                         "max_instance_bytes", "max_connections_per_role",
+                         "step_statement_timeout"), (*row[0:2], *row[3:7]), strict=True))
+        if self.settings_seen is not None:
+            changed = [f"pg_durable.{k} = {v}" for k, v in seen.items()
+                       if self.settings_seen.get(k) != v]
+            if changed:
+                logger.info("deployment settings changed: %s", "; ".join(changed),
+                            extra={"event": "settings.changed"})
+        self.settings_seen = seen
+        loop_min = self._int_setting("loop_min_interval_ms", row[0], 0, self.loop_min_interval_ms)
+        max_iter = self._int_setting("loop_max_iterations", row[1], 1, self.max_iterations)
+        # never open more step transactions than the deployment has step slots: the rest
+        # would only wait for a slot inside PostgreSQL, holding a connection
+        self.max_user_connections = self._int_setting("max_user_connections", row[3], None,
+                                                      self.max_user_connections)
+        limit = max(1, min(self.config.slots, self.max_user_connections))
+        if limit != self.sql_limit:
+            # steps holding the old semaphore release it (each keeps the object it acquired);
+            # the slot rows in the database stay the real cap meanwhile
+            self.sql_limit = limit
+            self.sql_sem = asyncio.Semaphore(limit)
+        self.max_instance_bytes = self._int_setting("max_instance_bytes", row[4], None,
+                                                    self.max_instance_bytes)
+        role_cap = self._int_setting("max_connections_per_role", row[5], None, self.role_cap)
+        if role_cap != self.role_cap:
+            # per-role step slots exist only where a per-role cap is set: made again for it
+            self.role_cap = role_cap
             self.slotted_roles.clear()
-            await conn.execute(self.q("slots_ensure"), (None,))
+        self.step_timeout = row[6]
+        names = set(row[7] or ())
+        if self.db_setting_names is not None and self.db_setting_names - names:
+            # ALTER DATABASE … RESET: sessions opened before still hold the value they
+            # connected with, which setting_db would fall back to; open fresh ones
+            logger.info("database settings %s were reset; reopening the service's sessions",
+                        ", ".join(sorted(self.db_setting_names - names)),
+                        extra={"event": "settings.reset"})
+            for pool in (self.pool, self.step_pool):
+                drain = getattr(pool, "drain", None)
+                if drain is not None:
+                    await drain()
+        self.db_setting_names = names
+        key = (loop_min, max_iter, row[8])
+        if key != self.limits_key:
+            # loop limits (the deployment's or a role's) changed: the instances held in
+            # memory reload before their next step (_ctx)
+            if self.limits_key is not None:
+                self.limits_epoch += 1
+            self.limits_key = key
+        self.loop_min_interval_ms, self.max_iterations = loop_min, max_iter
+
+    def _int_setting(self, name: str, raw: str, minimum: int | None, current: int) -> int:
+        """A deployment-wide integer setting, or (logging why, once per value) the value in
+        use when it is not a whole number (at least ``minimum``)."""
+        try:
+            value = int(raw.strip())
+            if minimum is None or value >= minimum:
+                self.bad_settings.pop(name, None)
+                return value
+        except ValueError:
+            pass
+        if self.bad_settings.get(name) != raw:
+            self.bad_settings[name] = raw
+            need = "a whole number" + (f" of at least {minimum}" if minimum is not None else "")
+            logger.error("pg_durable.%s is %r, not %s: keeping %d; fix it with ALTER DATABASE "
+                         "… SET pg_durable.%s or RESET it", name, raw, need, current, name,
+                         extra={"event": "settings.invalid"})
+        return current
 
     # -- producer --------------------------------------------------------------------
 
@@ -509,6 +585,8 @@ class Worker:
                         self.worker_id, "worker", host, os.getpid(), __version__,
                         len(self.inflight)))
                     await conn.execute(self.q("epoch"), (epoch,))
+                    # the deployment-wide settings, fresh: a change applies within a round
+                    await self._load_settings(conn)
                     await conn.execute(self.q("slots_ensure"), (None,))
                     if await schedules.tick(conn, self.engine):
                         self.wake.set()
@@ -540,6 +618,8 @@ class Worker:
         ctx = None if fresh else self.ctxs.get(instance_id)
         if ctx is not None and version is not None and ctx.version < version:
             ctx = None  # another worker checkpointed this instance since we cached it
+        if ctx is not None and ctx.limits_epoch != self.limits_epoch:
+            ctx = None  # loop settings changed since it was loaded: its limits are stale
         if ctx is not None:
             self.ctxs.move_to_end(instance_id)
             return ctx
@@ -554,8 +634,12 @@ class Worker:
         rows = await c_nodes.fetchall()
         named = await c_named.fetchall()
         old = self.ctxs.get(instance_id)
-        ctx = InstanceCtx.from_rows(instance_id, inst, rows, named, self.max_iterations,
-                                    self.loop_min_interval)
+        epoch = self.limits_epoch
+        min_interval, max_iterations = loop_limits(inst, self.loop_min_interval_ms,
+                                                   self.max_iterations)
+        ctx = InstanceCtx.from_rows(instance_id, inst, rows, named, max_iterations,
+                                    min_interval)
+        ctx.limits_epoch = epoch
         logger.debug("loaded instance (version %d)", ctx.version,
                      extra={"event": "instance.loaded"})
         if lock is not None:  # the caller holds it: the reloaded state is under it too
@@ -608,7 +692,9 @@ class Worker:
             # the stored graph cannot run (a config df.start would have refused): the same
             # on every attempt, so the instance fails now, once, without a traceback
             self._forget(task.instance_id)
-            reason = f"the instance's stored graph cannot run: {exc}"
+            # (or its role's settings cannot be used: BadSetting names which)
+            reason = str(exc) if isinstance(exc, BadSetting) else \
+                f"the instance's stored graph cannot run: {exc}"
             logger.warning("failing instance: %s", reason, extra={"event": "instance.bad_graph"})
             if not await self._fail_instance(task, reason):
                 await self._release(task)
@@ -788,6 +874,13 @@ class Worker:
         if got < 0:
             raise Fenced()
         ctx.version = got
+        # work due soon (a loop's next iteration after loop_min_interval_ms, a short sleep):
+        # wake the producer when it is due, not at its next poll (up to poll_interval late)
+        loop = asyncio.get_running_loop()
+        for t in cp.new_tasks:
+            delay = t.get("delay") or 0.0
+            if 0 < delay <= WAKE_AHEAD_MAX_S:
+                loop.call_later(delay + 0.005, self.wake.set)
         task.handoff = [
             Task(ctx.instance_id, t["node_id"], t["gen"], "run", 1, ctx.role_oid, ctx.database,
                  None, task.clock, got)
@@ -1004,6 +1097,7 @@ class Worker:
         without taking a connection (a successor handed to us, a JOIN's branches)."""
         ctx = self.ctxs.get(task.instance_id)
         if (ctx is None or task.alone or _testing.BROKEN_CHECKPOINT
+                or ctx.limits_epoch != self.limits_epoch
                 or (task.version is not None and ctx.version < task.version)
                 or (ctx.database and ctx.database != self.current_db)):
             return False
@@ -1049,21 +1143,22 @@ class Worker:
         t0 = time.monotonic()
         stage = "statement"
         held = False
+        sem = self.sql_sem  # released to the one acquired (_load_settings may replace it)
         try:
             try:
                 call = await self._step_call(ctx.role_oid, ctx.role_name)
             except StepError as exc:
                 raise _StepFailed(exc) from None
-            await self.sql_sem.acquire()
+            await sem.acquire()
             held = True
             self.running_pids[key] = pid
             try:
-                # one round trip: BEGIN, settings + capability + slot + step identity and the
-                # statement, pipelined
+                # one round trip: BEGIN, settings (the role's, then the engine's) +
+                # capability + slot + step identity and the statement, pipelined
                 async with conn.pipeline():
                     await conn.execute(b"begin")
-                    await conn.execute(self.q("step_settings"),
-                                       (cap, ctx.role_oid, step_app_name(task)))
+                    await conn.execute(self.q("step_settings"), (
+                        cap, ctx.role_oid, step_app_name(task), ctx.role_oid, None))
                     cur = await conn.execute(call, (cap, text, self._runner_cap))
                 rows = await cur.fetchall()
             finally:
@@ -1082,7 +1177,7 @@ class Worker:
             # one round trip (simple query protocol): COMMIT and the session reset
             stage = "commit"
             await conn.execute(self.commit_reset)
-            self.sql_sem.release()
+            sem.release()
             held = False
             if _testing.BROKEN_CHECKPOINT:  # the deliberately broken build (pgdurable._testing)
                 await asyncio.sleep(_testing.BROKEN_WINDOW_SECONDS)
@@ -1107,7 +1202,7 @@ class Worker:
             raise
         finally:
             if held:
-                self.sql_sem.release()
+                sem.release()
         logger.debug("sql step took %.1f ms", (time.monotonic() - t0) * 1000)
 
     async def _statement_failed(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
@@ -1249,12 +1344,12 @@ class Worker:
                                     # once per batch: BEGIN, settings, one slot, the identity
                                     await conn.execute(b"begin")
                                     await conn.execute(self.q("step_settings"), (
-                                        cap, role, step_app_name(item.task)))
+                                        cap, role, step_app_name(item.task), role, None))
                                 else:
                                     # GUCs the last statement set (search_path, …) end here
                                     await conn.execute(b"reset all")
-                                    await conn.execute(self.q("step_next"),
-                                                       (step_app_name(item.task),))
+                                    await conn.execute(self.q("step_next"), (
+                                        step_app_name(item.task), role, None))
                                 cur = await conn.execute(
                                     call, (cap, item.text, self._runner_cap))
                             rows = await cur.fetchall()
@@ -1431,6 +1526,11 @@ class Worker:
                 async with pool.connection() as sconn:
                     cur = await sconn.execute(self.q("remote_engine_present"))
                     ok = await cur.fetchone()
+                    if ok and ok[0] and not ok[1]:
+                        raise StepError(
+                            f"pgdurable in database {ctx.database!r} is older than this serve "
+                            f"(it cannot apply a role's settings to its steps): upgrade it "
+                            f"(pgdurable install --dsn .../{ctx.database})", sqlstate="55000")
                     if ok and ok[0]:
                         cur = await sconn.execute(self.q("runner_ok"), (ctx.role_oid,))
                         ok = await cur.fetchone()
@@ -1450,8 +1550,10 @@ class Worker:
                 cap = self._cap(rconn)
                 try:
                     async with rconn.transaction():
-                        await rconn.execute(self.q("remote_step_settings"),
-                                            (cap, step_app_name(task)))
+                        # the role's settings there; the engine's step_statement_timeout
+                        # is this deployment's, not the target database's
+                        await rconn.execute(self.q("remote_step_settings"), (
+                            cap, step_app_name(task), ctx.role_oid, self.step_timeout))
                         self.running_pids[key] = rconn.info.backend_pid
                         try:
                             cur = await rconn.execute(

@@ -5,8 +5,8 @@
   cannot spin;
 - SIGTERM/SIGINT: forwards SIGTERM (workers drain: finish or release claimed work),
   waits up to a grace period, SIGKILLs stragglers, exits 0;
-- SIGHUP: forwarded, workers reload settings (they re-read pg_durable.* on start of
-  each instance anyway);
+- SIGHUP: forwarded, workers reload settings at once (they re-read the deployment-wide
+  pg_durable.* settings every maintenance round anyway);
 - heartbeats a supervisor row in ``<engine>.workers``;
 - a worker whose supervisor dies (kill -9) drains and exits by itself (:func:`_watch_parent`);
 - with ``--ui-port``, runs the web dashboard (pgdurable/ui) in one more child, restarted

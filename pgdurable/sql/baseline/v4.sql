@@ -276,11 +276,207 @@ create table @engine@.workers (
 ------------------------------------------------------------------------------------------
 
 -- pg_durable.* settings are plain custom GUCs read at call time with a default, so
--- ALTER DATABASE/ALTER SYSTEM/SET work without an extension (SPEC §1).
+-- ALTER DATABASE/ALTER SYSTEM/SET work without an extension (SPEC §1). Where each one is read
+-- (docs/operating.md, "Settings"):
+--   @engine@.setting     in the caller's session, by the df.* functions it calls: what that
+--                        session sees (SET, ALTER ROLE … SET, ALTER DATABASE … SET as of when
+--                        it connected, postgresql.conf)
+--   @engine@.setting_db  by the engine, on behalf of the whole deployment (step slots,
+--                        retention, the worker's limits): the database's own default, read
+--                        fresh, else the server's value; never a tenant's
+--   @engine@._role_setting_v1 / _role_settings_v1: a role's own values, which apply inside
+--                        its steps and may only tighten the engine's limits
 create function @engine@.setting(p_name text, p_default text) returns text
 language sql stable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select coalesce(nullif(pg_catalog.current_setting('pg_durable.' || p_name, true), ''), p_default) $$;
+
+-- A deployment-wide setting: the database's own default (ALTER DATABASE … SET), read from the
+-- catalog on every call so a change applies within seconds, without anyone reconnecting;
+-- else the server's value (postgresql.conf / ALTER SYSTEM, reloaded by PostgreSQL); else
+-- p_default. The engine calls it only in its own sessions, where nothing SETs pg_durable.*
+-- (a step session is RESET before each step, and reads it before the step's statement), so
+-- no tenant's SET or ALTER ROLE … SET reaches it. A session keeps a database default it
+-- connected with after ALTER DATABASE … RESET: the worker recycles its sessions when it sees
+-- one go (pgdurable/worker/process.py, _load_settings).
+create function @engine@.setting_db(p_name text, p_default text) returns text
+language sql stable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(
+        (select nullif(pg_catalog.substr(c.item, pg_catalog.strpos(c.item, '=') operator(pg_catalog.+) 1), '')
+         from pg_catalog.pg_db_role_setting s
+         cross join lateral pg_catalog.unnest(s.setconfig) as c(item)
+         where s.setrole operator(pg_catalog.=) 0::pg_catalog.oid
+           and s.setdatabase operator(pg_catalog.=)
+               (select d.oid from pg_catalog.pg_database d
+                where d.datname operator(pg_catalog.=) pg_catalog.current_database())
+           and pg_catalog.lower(pg_catalog.split_part(c.item, '=', 1)) operator(pg_catalog.=)
+               pg_catalog.lower('pg_durable.' operator(pg_catalog.||) p_name)
+         limit 1),
+        nullif(pg_catalog.current_setting('pg_durable.' operator(pg_catalog.||) p_name, true), ''),
+        p_default)
+$$;
+
+-- An integer setting's value, or an error naming the setting (p_name: pg_durable.<name>, or
+-- "pg_durable.<name> of role <role>").
+create function @engine@._setting_int_v1(p_name text, p_value text) returns integer
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if p_value operator(pg_catalog.~) '^\s*[-+]?[0-9]{1,9}\s*$' then
+        return p_value::pg_catalog.int4;
+    end if;
+    raise exception '% is %, not an integer', p_name, pg_catalog.quote_literal(p_value)
+        using errcode = '22023', hint = 'set it to a whole number, or RESET it';
+end
+$$;
+
+-- A role's own value of a setting, as a session of the role in this database gets it from
+-- ALTER ROLE … IN DATABASE … SET (first) or ALTER ROLE … SET; NULL when it has none. Catalog
+-- only: nothing a session SETs.
+create function @engine@._role_setting_v1(p_role oid, p_name text) returns text
+language sql stable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    select pg_catalog.substr(c.item, pg_catalog.strpos(c.item, '=') operator(pg_catalog.+) 1)
+    from pg_catalog.pg_db_role_setting s
+    cross join lateral pg_catalog.unnest(s.setconfig) as c(item)
+    where s.setrole operator(pg_catalog.=) p_role
+      and s.setdatabase operator(pg_catalog.=) any (array[0::pg_catalog.oid,
+              (select d.oid from pg_catalog.pg_database d
+               where d.datname operator(pg_catalog.=) pg_catalog.current_database())])
+      and pg_catalog.lower(pg_catalog.split_part(c.item, '=', 1)) operator(pg_catalog.=)
+          pg_catalog.lower(p_name)
+    order by s.setdatabase operator(pg_catalog.=) 0::pg_catalog.oid  -- this database first
+    limit 1
+$$;
+
+-- The settings a role's ALTER ROLE … SET cannot bring into its steps (docs/operating.md,
+-- "Settings"; docs/security.md): who runs the statement (role, session_authorization: the
+-- runner decides), the engine's connection and transaction (client_encoding,
+-- application_name, which names each step; transaction_* and default_transaction_*: the step's
+-- transaction is begun by the engine, read-write, and carries its checkpoint;
+-- idle_in_transaction_session_timeout would end the session while it checkpoints), and every
+-- df.*, pgdurable.* and pg_durable.* name (engine-internal, or the engine's limits, which a
+-- role may only tighten: statement_timeout and the pg_durable.* limits are combined in
+-- _role_settings_v1 and the worker, not applied as they are).
+create function @engine@._setting_pinned_v1(p_name text) returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    select pg_catalog.lower(p_name) operator(pg_catalog.=) any (array[
+               'role', 'session_authorization', 'client_encoding', 'application_name',
+               'idle_in_transaction_session_timeout', 'statement_timeout'])
+        or pg_catalog.lower(p_name) operator(pg_catalog.~)
+               '^(transaction_|default_transaction_|df\.|pgdurable\.|pg_durable\.)'
+$$;
+
+-- A duration setting in milliseconds, parsed as PostgreSQL parses statement_timeout (a bare
+-- number is milliseconds; us, ms, s, min, h, d), or an error naming the setting (p_what).
+create function @engine@._timeout_ms_v1(p_value text, p_what text) returns bigint
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_m    pg_catalog.text[];
+    v_norm pg_catalog.text;
+    v_old  pg_catalog.text;
+begin
+    if p_value is null or pg_catalog.btrim(p_value) operator(pg_catalog.=) '' then
+        return null;
+    end if;
+    v_m := pg_catalog.regexp_match(p_value, '^\s*(0|[1-9][0-9]{0,9})\s*(ms|s|min|h|d)?\s*$');
+    if v_m is null then
+        -- anything else PostgreSQL accepts (1.5s, 100us, …): its own parser, then put back
+        v_old := pg_catalog.current_setting('statement_timeout');
+        begin
+            v_norm := pg_catalog.set_config('statement_timeout', p_value, true);
+        exception when others then
+            raise exception '% is %, not a duration', p_what, pg_catalog.quote_literal(p_value)
+                using errcode = '22023',
+                      hint = 'give milliseconds or a number with a unit: 500ms, 30s, 5min';
+        end;
+        perform pg_catalog.set_config('statement_timeout', v_old, true);
+        v_m := pg_catalog.regexp_match(v_norm, '^([0-9]+)(ms|s|min|h|d)?$');
+    end if;
+    return v_m[1]::pg_catalog.int8 operator(pg_catalog.*)
+           case v_m[2] when 's' then 1000 when 'min' then 60000 when 'h' then 3600000
+                       when 'd' then 86400000 else 1 end;
+end
+$$;
+
+-- What a step of p_role runs with, applied at the start of every step transaction (the step
+-- queries step_settings / step_next / remote_step_settings, pgdurable/sql/queries.sql): a
+-- session of the role would have its ALTER ROLE … IN DATABASE … SET, ALTER ROLE … SET,
+-- ALTER DATABASE … SET and ALTER ROLE ALL … SET values (the more specific wins), read fresh
+-- here. Every one but the pinned names (_setting_pinned_v1) is applied with SET LOCAL
+-- semantics, except search_path, returned for the caller's query to apply (this function's
+-- own pinned search_path would undo it at return). One the step session may not set (a
+-- superuser-only parameter, one fixed at connection start) or no longer valid is skipped,
+-- as PostgreSQL skips it at login with a warning.
+-- statement_timeout is returned as the engine's limit, tightened by the role: the shortest
+-- non-zero of the deployment's pg_durable.step_statement_timeout (p_step_timeout, or
+-- setting_db when NULL), the role's own pg_durable.step_statement_timeout and the
+-- statement_timeout a session of the role would have; '0' when none is set. A role can
+-- shorten its steps' limit, never lengthen it.
+create function @engine@._role_settings_v1(p_role oid, p_step_timeout text)
+returns table (search_path text, statement_timeout text)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    r          record;
+    v_db       pg_catalog.oid := (select d.oid from pg_catalog.pg_database d
+                                  where d.datname operator(pg_catalog.=) pg_catalog.current_database());
+    v_who      pg_catalog.text := p_role::pg_catalog.regrole::pg_catalog.text;
+    v_path     pg_catalog.text;
+    v_timeout  pg_catalog.text;
+    v_ms       pg_catalog.int8;
+    v_best     pg_catalog.int8 := 0;
+begin
+    for r in
+        select distinct on (x.name) x.name, x.value
+        from (select pg_catalog.lower(pg_catalog.split_part(c.item, '=', 1)) as name,
+                     pg_catalog.substr(c.item, pg_catalog.strpos(c.item, '=') operator(pg_catalog.+) 1) as value,
+                     (s.setrole operator(pg_catalog.=) 0::pg_catalog.oid)::pg_catalog.int4 operator(pg_catalog.*) 2
+                     operator(pg_catalog.+) (s.setdatabase operator(pg_catalog.=) 0::pg_catalog.oid)::pg_catalog.int4 as rank
+              from pg_catalog.pg_db_role_setting s
+              cross join lateral pg_catalog.unnest(s.setconfig) as c(item)
+              where s.setrole operator(pg_catalog.=) any (array[0::pg_catalog.oid, p_role])
+                and s.setdatabase operator(pg_catalog.=) any (array[0::pg_catalog.oid, v_db])) x
+        order by x.name, x.rank
+    loop
+        if r.name operator(pg_catalog.=) 'search_path' then
+            v_path := r.value;
+        elsif r.name operator(pg_catalog.=) 'statement_timeout' then
+            v_timeout := r.value;
+        elsif not @engine@._setting_pinned_v1(r.name) then
+            begin
+                perform pg_catalog.set_config(r.name, r.value, true);
+            exception when others then
+                null;
+            end;
+        end if;
+    end loop;
+    foreach v_ms in array array[
+        @engine@._timeout_ms_v1(coalesce(p_step_timeout,
+                                         @engine@.setting_db('step_statement_timeout', '0')),
+                                'pg_durable.step_statement_timeout'),
+        @engine@._timeout_ms_v1(@engine@._role_setting_v1(p_role, 'pg_durable.step_statement_timeout'),
+                                'pg_durable.step_statement_timeout of role ' operator(pg_catalog.||) v_who),
+        @engine@._timeout_ms_v1(v_timeout, 'statement_timeout of role ' operator(pg_catalog.||) v_who)]
+    loop
+        if v_ms operator(pg_catalog.>) 0
+           and (v_best operator(pg_catalog.=) 0 or v_ms operator(pg_catalog.<) v_best) then
+            v_best := v_ms;
+        end if;
+    end loop;
+    -- statement_timeout's own ceiling (INT_MAX milliseconds, some 24 days)
+    return query select v_path, least(v_best, 2147483647)::pg_catalog.text;
+end
+$$;
 
 -- The clock every df function and engine query uses for due times. Tests control it
 -- (STYLE B16): pg_durable.fake_now pins it (SQL tests), pg_durable.clock_offset shifts a
@@ -3859,6 +4055,7 @@ $$;
 -- privilege on these tables), so no connected role can take the slots away from the steps.
 -- Waits (on one taken slot at a time, 100 ms each) up to pg_durable.execution_acquire_timeout
 -- seconds, then fails the step. Not callable by anyone but the engine (_step_begin_v1).
+-- The three settings are deployment-wide (setting_db): read fresh for every step.
 create function @engine@._step_slot_v1(p_role oid)
 returns integer
 language plpgsql volatile
@@ -3866,10 +4063,13 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '100ms'
 as $$
 declare
-    v_max      pg_catalog.int4 := greatest(1,
-                   @engine@.setting('max_user_connections', '10')::pg_catalog.int4);
-    v_role_max pg_catalog.int4 := @engine@.setting('max_connections_per_role', '0')::pg_catalog.int4;
-    v_timeout  pg_catalog.int4 := @engine@.setting('execution_acquire_timeout', '30')::pg_catalog.int4;
+    v_max      pg_catalog.int4 := greatest(1, @engine@._setting_int_v1(
+                   'pg_durable.max_user_connections',
+                   @engine@.setting_db('max_user_connections', '10')));
+    v_role_max pg_catalog.int4 := @engine@._setting_int_v1('pg_durable.max_connections_per_role',
+                   @engine@.setting_db('max_connections_per_role', '0'));
+    v_timeout  pg_catalog.int4 := @engine@._setting_int_v1('pg_durable.execution_acquire_timeout',
+                   @engine@.setting_db('execution_acquire_timeout', '30'));
     v_deadline pg_catalog.timestamptz := pg_catalog.clock_timestamp()
                    operator(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout);
     v_start    pg_catalog.int4 := pg_catalog.floor(pg_catalog.random() * v_max)::pg_catalog.int4;
@@ -3929,16 +4129,19 @@ $$;
 
 -- The step slot rows up to the current settings (they change at run time): all of
 -- max_user_connections, and max_connections_per_role for every role with work queued.
--- Called by the service at start, in maintenance, and when it starts an instance.
+-- Called by the service at start, in maintenance, and when it starts an instance. The
+-- settings are deployment-wide (setting_db), read fresh.
 create function @engine@._slots_ensure_v1(p_role oid)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_max      pg_catalog.int4 := greatest(1,
-                   @engine@.setting('max_user_connections', '10')::pg_catalog.int4);
-    v_role_max pg_catalog.int4 := @engine@.setting('max_connections_per_role', '0')::pg_catalog.int4;
+    v_max      pg_catalog.int4 := greatest(1, @engine@._setting_int_v1(
+                   'pg_durable.max_user_connections',
+                   @engine@.setting_db('max_user_connections', '10')));
+    v_role_max pg_catalog.int4 := @engine@._setting_int_v1('pg_durable.max_connections_per_role',
+                   @engine@.setting_db('max_connections_per_role', '0'));
 begin
     insert into @engine@.step_slots (slot)
     select g from pg_catalog.generate_series(0, v_max - 1) g
@@ -3946,7 +4149,9 @@ begin
     -- 'new'-mode launch slots (@engine@._new_start_v1); 16 are made at install
     insert into @engine@.locks (name)
     select 'launch:' || g
-    from pg_catalog.generate_series(0, greatest(1, @engine@.setting('max_new_transaction_starts', '2')::pg_catalog.int4) - 1) g
+    from pg_catalog.generate_series(0, greatest(1, @engine@._setting_int_v1(
+             'pg_durable.max_new_transaction_starts',
+             @engine@.setting_db('max_new_transaction_starts', '2'))) - 1) g
     on conflict do nothing;
     if v_role_max > 0 then
         insert into @engine@.role_slots (role, slot)
@@ -3970,7 +4175,8 @@ language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_days pg_catalog.int4 := @engine@.setting('retention_days', '30')::pg_catalog.int4;
+    v_days pg_catalog.int4 := @engine@._setting_int_v1('pg_durable.retention_days',
+                                  @engine@.setting_db('retention_days', '30'));
     v_n    pg_catalog.int4;
 begin
     if v_days operator(pg_catalog.<=) 0 then
@@ -4058,20 +4264,28 @@ end
 $$;
 
 -- What a worker reads to load an instance: its row, the engine's data and the submitting
--- role as the worker must check it before starting the instance (SPEC §9).
+-- role as the worker must check it before starting the instance (SPEC §9); last the role's
+-- own pg_durable.loop_min_interval_ms / loop_max_iterations (ALTER ROLE … SET, as text, NULL
+-- when it has none): the worker combines them with the deployment's, a role's value only
+-- tightening them (pgdurable/worker/instance.py, loop_limits).
 create function @engine@._load_instance_v1(p_instance varchar)
 returns table (label text, status text, role_oid oid, role_text text, database text,
                root_node varchar, vars jsonb, state bytea, state_version bigint,
                cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
-               superuser_ok boolean)
+               superuser_ok boolean, role_loop_min_interval_ms text,
+               role_loop_max_iterations text)
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
     select i.label, i.status, i.submitted_by::pg_catalog.oid, i.submitted_by::pg_catalog.text,
            i.database, i.root_node, r.vars, r.state, r.state_version, r.cancel_reason,
            ro.rolname, ro.rolsuper, ro.rolcanlogin,
-           coalesce(@engine@.setting('enable_superuser_instances', 'off')
-                    operator(pg_catalog.=) any ('{on,true,1}'::pg_catalog.text[]), false)
+           coalesce(@engine@.setting_db('enable_superuser_instances', 'off')
+                    operator(pg_catalog.=) any ('{on,true,1}'::pg_catalog.text[]), false),
+           @engine@._role_setting_v1(i.submitted_by::pg_catalog.oid,
+                                     'pg_durable.loop_min_interval_ms'),
+           @engine@._role_setting_v1(i.submitted_by::pg_catalog.oid,
+                                     'pg_durable.loop_max_iterations')
     from df.instances i
     join @engine@.runs r on r.instance_id operator(pg_catalog.=) i.id
     left join pg_catalog.pg_roles ro on ro.oid operator(pg_catalog.=) i.submitted_by::pg_catalog.oid
@@ -4104,7 +4318,8 @@ create function @engine@._step_load_instance_v1(p_cap text, p_instance varchar)
 returns table (label text, status text, role_oid oid, role_text text, database text,
                root_node varchar, vars jsonb, state bytea, state_version bigint,
                cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
-               superuser_ok boolean)
+               superuser_ok boolean, role_loop_min_interval_ms text,
+               role_loop_max_iterations text)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -4525,8 +4740,9 @@ $$;
 -- Roles (created by pgdurable install, docs/security.md): pgdurable_owner (NOLOGIN) owns every
 -- object here; pgdurable_service (LOGIN) is a member of it and runs the engine, never a
 -- tenant's statement; pgdurable_step (LOGIN, member of nothing, owns nothing) is the session
--- a tenant's statement runs in: it may call only the runners and the token-gated _step_*
--- functions below, so code a tenant leaves behind in that session can do nothing with it.
+-- a tenant's statement runs in: it may call only the runners, the token-gated _step_*
+-- functions below and the settings helpers its step queries use (catalog reads), so code a
+-- tenant leaves behind in that session can do nothing with it.
 --
 -- The model: schema USAGE on df is the gate (df.grant_usage hands it out with the table and
 -- column grants); ordinary df functions keep PUBLIC EXECUTE so a granted role needs nothing
@@ -4572,6 +4788,13 @@ grant usage on schema @engine@ to pgdurable_step;
 grant usage on schema @engine@_exec to pgdurable_step;
 grant execute on function
     @engine@.setting(text, text),
+    -- a step's own settings (00_tables.sql), applied by the step queries: catalog reads and
+    -- set_config as the step role, nothing it could not do itself
+    @engine@._role_settings_v1(oid, text),
+    @engine@.setting_db(text, text),
+    @engine@._role_setting_v1(oid, text),
+    @engine@._setting_pinned_v1(text),
+    @engine@._timeout_ms_v1(text, text),
     @engine@._step_begin_v1(text, oid),
     @engine@._step_apply_v1(text, text, varchar, varchar, integer, bigint, bytea, text, jsonb,
                             jsonb, text[], jsonb, integer),

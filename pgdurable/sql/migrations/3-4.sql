@@ -43,6 +43,8 @@ drop function if exists df.instance_nodes(text);                       -- instan
 drop function if exists df.instance_nodes(text, integer);              -- + execution_id; _last_n_executions
 drop function if exists df.grant_usage(text, boolean, boolean);        -- returns void (was text)
 drop function if exists df.revoke_usage(text);                         -- returns void (was text)
+drop function @engine@._load_instance_v1(varchar);           -- + the role's loop settings
+drop function @engine@._step_load_instance_v1(text, varchar);  -- the same
 
 -- == tables ==
 

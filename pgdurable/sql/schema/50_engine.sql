@@ -453,6 +453,7 @@ $$;
 -- privilege on these tables), so no connected role can take the slots away from the steps.
 -- Waits (on one taken slot at a time, 100 ms each) up to pg_durable.execution_acquire_timeout
 -- seconds, then fails the step. Not callable by anyone but the engine (_step_begin_v1).
+-- The three settings are deployment-wide (setting_db): read fresh for every step.
 create function @engine@._step_slot_v1(p_role oid)
 returns integer
 language plpgsql volatile
@@ -460,10 +461,13 @@ set search_path = pg_catalog, pg_temp
 set lock_timeout = '100ms'
 as $$
 declare
-    v_max      pg_catalog.int4 := greatest(1,
-                   @engine@.setting('max_user_connections', '10')::pg_catalog.int4);
-    v_role_max pg_catalog.int4 := @engine@.setting('max_connections_per_role', '0')::pg_catalog.int4;
-    v_timeout  pg_catalog.int4 := @engine@.setting('execution_acquire_timeout', '30')::pg_catalog.int4;
+    v_max      pg_catalog.int4 := greatest(1, @engine@._setting_int_v1(
+                   'pg_durable.max_user_connections',
+                   @engine@.setting_db('max_user_connections', '10')));
+    v_role_max pg_catalog.int4 := @engine@._setting_int_v1('pg_durable.max_connections_per_role',
+                   @engine@.setting_db('max_connections_per_role', '0'));
+    v_timeout  pg_catalog.int4 := @engine@._setting_int_v1('pg_durable.execution_acquire_timeout',
+                   @engine@.setting_db('execution_acquire_timeout', '30'));
     v_deadline pg_catalog.timestamptz := pg_catalog.clock_timestamp()
                    operator(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout);
     v_start    pg_catalog.int4 := pg_catalog.floor(pg_catalog.random() * v_max)::pg_catalog.int4;
@@ -523,16 +527,19 @@ $$;
 
 -- The step slot rows up to the current settings (they change at run time): all of
 -- max_user_connections, and max_connections_per_role for every role with work queued.
--- Called by the service at start, in maintenance, and when it starts an instance.
+-- Called by the service at start, in maintenance, and when it starts an instance. The
+-- settings are deployment-wide (setting_db), read fresh.
 create function @engine@._slots_ensure_v1(p_role oid)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_max      pg_catalog.int4 := greatest(1,
-                   @engine@.setting('max_user_connections', '10')::pg_catalog.int4);
-    v_role_max pg_catalog.int4 := @engine@.setting('max_connections_per_role', '0')::pg_catalog.int4;
+    v_max      pg_catalog.int4 := greatest(1, @engine@._setting_int_v1(
+                   'pg_durable.max_user_connections',
+                   @engine@.setting_db('max_user_connections', '10')));
+    v_role_max pg_catalog.int4 := @engine@._setting_int_v1('pg_durable.max_connections_per_role',
+                   @engine@.setting_db('max_connections_per_role', '0'));
 begin
     insert into @engine@.step_slots (slot)
     select g from pg_catalog.generate_series(0, v_max - 1) g
@@ -540,7 +547,9 @@ begin
     -- 'new'-mode launch slots (@engine@._new_start_v1); 16 are made at install
     insert into @engine@.locks (name)
     select 'launch:' || g
-    from pg_catalog.generate_series(0, greatest(1, @engine@.setting('max_new_transaction_starts', '2')::pg_catalog.int4) - 1) g
+    from pg_catalog.generate_series(0, greatest(1, @engine@._setting_int_v1(
+             'pg_durable.max_new_transaction_starts',
+             @engine@.setting_db('max_new_transaction_starts', '2'))) - 1) g
     on conflict do nothing;
     if v_role_max > 0 then
         insert into @engine@.role_slots (role, slot)
@@ -564,7 +573,8 @@ language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_days pg_catalog.int4 := @engine@.setting('retention_days', '30')::pg_catalog.int4;
+    v_days pg_catalog.int4 := @engine@._setting_int_v1('pg_durable.retention_days',
+                                  @engine@.setting_db('retention_days', '30'));
     v_n    pg_catalog.int4;
 begin
     if v_days operator(pg_catalog.<=) 0 then
@@ -652,20 +662,28 @@ end
 $$;
 
 -- What a worker reads to load an instance: its row, the engine's data and the submitting
--- role as the worker must check it before starting the instance (SPEC §9).
+-- role as the worker must check it before starting the instance (SPEC §9); last the role's
+-- own pg_durable.loop_min_interval_ms / loop_max_iterations (ALTER ROLE … SET, as text, NULL
+-- when it has none): the worker combines them with the deployment's, a role's value only
+-- tightening them (pgdurable/worker/instance.py, loop_limits).
 create function @engine@._load_instance_v1(p_instance varchar)
 returns table (label text, status text, role_oid oid, role_text text, database text,
                root_node varchar, vars jsonb, state bytea, state_version bigint,
                cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
-               superuser_ok boolean)
+               superuser_ok boolean, role_loop_min_interval_ms text,
+               role_loop_max_iterations text)
 language sql stable
 set search_path = pg_catalog, pg_temp
 as $$
     select i.label, i.status, i.submitted_by::pg_catalog.oid, i.submitted_by::pg_catalog.text,
            i.database, i.root_node, r.vars, r.state, r.state_version, r.cancel_reason,
            ro.rolname, ro.rolsuper, ro.rolcanlogin,
-           coalesce(@engine@.setting('enable_superuser_instances', 'off')
-                    operator(pg_catalog.=) any ('{on,true,1}'::pg_catalog.text[]), false)
+           coalesce(@engine@.setting_db('enable_superuser_instances', 'off')
+                    operator(pg_catalog.=) any ('{on,true,1}'::pg_catalog.text[]), false),
+           @engine@._role_setting_v1(i.submitted_by::pg_catalog.oid,
+                                     'pg_durable.loop_min_interval_ms'),
+           @engine@._role_setting_v1(i.submitted_by::pg_catalog.oid,
+                                     'pg_durable.loop_max_iterations')
     from df.instances i
     join @engine@.runs r on r.instance_id operator(pg_catalog.=) i.id
     left join pg_catalog.pg_roles ro on ro.oid operator(pg_catalog.=) i.submitted_by::pg_catalog.oid
@@ -698,7 +716,8 @@ create function @engine@._step_load_instance_v1(p_cap text, p_instance varchar)
 returns table (label text, status text, role_oid oid, role_text text, database text,
                root_node varchar, vars jsonb, state bytea, state_version bigint,
                cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
-               superuser_ok boolean)
+               superuser_ok boolean, role_loop_min_interval_ms text,
+               role_loop_max_iterations text)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
 as $$

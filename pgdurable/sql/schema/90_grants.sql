@@ -3,8 +3,9 @@
 -- Roles (created by pgdurable install, docs/security.md): pgdurable_owner (NOLOGIN) owns every
 -- object here; pgdurable_service (LOGIN) is a member of it and runs the engine, never a
 -- tenant's statement; pgdurable_step (LOGIN, member of nothing, owns nothing) is the session
--- a tenant's statement runs in: it may call only the runners and the token-gated _step_*
--- functions below, so code a tenant leaves behind in that session can do nothing with it.
+-- a tenant's statement runs in: it may call only the runners, the token-gated _step_*
+-- functions below and the settings helpers its step queries use (catalog reads), so code a
+-- tenant leaves behind in that session can do nothing with it.
 --
 -- The model: schema USAGE on df is the gate (df.grant_usage hands it out with the table and
 -- column grants); ordinary df functions keep PUBLIC EXECUTE so a granted role needs nothing
@@ -50,6 +51,13 @@ grant usage on schema @engine@ to pgdurable_step;
 grant usage on schema @engine@_exec to pgdurable_step;
 grant execute on function
     @engine@.setting(text, text),
+    -- a step's own settings (00_tables.sql), applied by the step queries: catalog reads and
+    -- set_config as the step role, nothing it could not do itself
+    @engine@._role_settings_v1(oid, text),
+    @engine@.setting_db(text, text),
+    @engine@._role_setting_v1(oid, text),
+    @engine@._setting_pinned_v1(text),
+    @engine@._timeout_ms_v1(text, text),
     @engine@._step_begin_v1(text, oid),
     @engine@._step_apply_v1(text, text, varchar, varchar, integer, bigint, bytea, text, jsonb,
                             jsonb, text[], jsonb, integer),
