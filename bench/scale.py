@@ -26,8 +26,9 @@ scaleout   The same ten-step workload with one ``serve`` vs two ``serve`` proces
            ``insert into public.scale_ledger (instance_id, k) values ('{sys_instance_id}', k)``
            run in the step's own transaction, so the ledger holds exactly one row per executed
            step: the check requires count = distinct (instance, k) = instances x 10.
-           The ledger also records each row's ``application_name`` (``pgdurable step <pid>``)
-           to show how the steps split between the two serves.
+           The ledger also records which worker ran each row (the worker id its step
+           connection registered in ``pgdurable.step_caps``, ``host:<pid>:…``) to show how
+           the steps split between the two serves.
 memory     10,000 instances ``df.sql('select 1') ~> df.wait_for_signal('go')`` started (serve
            stopped), then serve runs until every instance has executed its first step and is
            parked on its signal (one ``signal`` task each); worker RSS is sampled (psutil on
@@ -606,11 +607,19 @@ def check_scaleout(server: Server, args: argparse.Namespace, workdir: Path,
              f"({args.workers} worker(s) each)")
     with Db(server, "pgdurable_scale_scaleout", args) as db:
         with db.admin() as conn:
+            # the worker that ran a step: its step connection's registration (a step's
+            # application_name names the instance and node, not the worker)
+            conn.execute("create function public.scale_worker() returns text language sql "
+                         "stable security definer set search_path = pg_catalog, pg_temp as "
+                         "$$ select c.worker_id from pgdurable.step_caps c "
+                         "where c.pid = pg_backend_pid() $$")
             conn.execute(f"create table {LEDGER} (instance_id text not null, k int not null, "
-                         "app text default current_setting('application_name'), "
+                         "app text default public.scale_worker(), "
                          "at timestamptz default clock_timestamp())")
             conn.execute(sql.SQL("grant insert on {} to {}").format(
                 sql.SQL(LEDGER), sql.Identifier(TENANT)))
+            conn.execute(sql.SQL("grant execute on function public.scale_worker() to {}").format(
+                sql.Identifier(TENANT)))
         graph = _graph(db.tenant_dsn, seq10(ledger_step))
         for i in range(args.repeats):
             res.one.append(measure(server, db.dsn, db.tenant_dsn, graph, n, f"one-{i + 1}", 1,
@@ -641,9 +650,11 @@ def check_scaleout(server: Server, args: argparse.Namespace, workdir: Path,
         res.steps_by_serve = [0, 0]
         for run in res.two:
             for si, pids in enumerate(run.worker_pids):
-                # steps run on the worker's step connections ("pgdurable step <pid>")
-                res.steps_by_serve[si] += sum(int(by_app.get(f"pgdurable step {p}", 0))
-                                              for p in pids)
+                # steps run on the worker's step connections (worker id host:<pid>:<hex>)
+                mine = {str(p) for p in pids}
+                res.steps_by_serve[si] += sum(int(n) for app, n in by_app.items()
+                                              if app and app.split(":")[1:2] and
+                                              app.split(":")[1] in mine)
     res.rate_one, res.rate_two = _best_rate(res.one), _best_rate(res.two)
     res.ratio = _ratio(res.rate_two, res.rate_one)
     res.median_one, res.median_two = _median_rate(res.one), _median_rate(res.two)
