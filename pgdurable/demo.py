@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
@@ -70,10 +71,15 @@ grant execute on procedure public.nightly() to {role};
 
 
 def tour_dsn(dsn: str, role: str = TOUR_ROLE) -> str:
-    """``dsn`` with the tour's role as its user (no password: trust or your .pgpass)."""
+    """``dsn`` with the tour's role as its user (no password: trust or your .pgpass), as a
+    ``postgresql://`` URL when it names a host (what the README shows), else as given."""
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     info["user"] = role
     info.pop("password", None)
+    host, port, db = info.get("host"), info.get("port"), info.get("dbname") or role
+    if host and not str(host).startswith("/") and set(info) <= {"user", "host", "port", "dbname"}:
+        where = f"{host}:{port}" if port else str(host)
+        return f"postgresql://{quote(role, safe='')}@{where}/{quote(str(db), safe='')}"
     return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
