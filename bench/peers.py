@@ -66,6 +66,10 @@ Tuning for 2 cores (docs/performance.md's "each tuned for 2 cores"), the same fo
   psycopg pool of 12 per process.
 
 Over 500 lines: two peers, each driver with its own set-up, workloads and teardown.
+
+Over 500 lines: one driver per peer (DBOS, Procrastinate) with its W1-W3 workloads,
+its worker entry and the subprocess isolation they share; a split would scatter one peer
+across files.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Property tests of result conversion against PostgreSQL itself (SPEC D8, issue 12 item 1).
+"""Property tests of result conversion against PostgreSQL itself (docs/decisions.md D8;
+issue 12 item 1).
 
 A SQL step's rows reach the worker as PostgreSQL's ``to_json(record)`` text; the worker parses
 them (:func:`pgdurable.values.sql_envelope`) and encodes them again for ``df.nodes``

@@ -127,7 +127,7 @@ create policy vars_owner on df.vars for all
 -- engine schema: private to the service (STYLE B4: layout may change through migrations)
 ------------------------------------------------------------------------------------------
 
--- Readiness (SPEC D2/D3): df.start refuses to write while schema_version < 1.
+-- Readiness (docs/decisions.md D2/D3): df.start refuses to write while schema_version < 1.
 create table @engine@._worker_ready (
     sentinel       boolean     not null primary key default true check (sentinel),
     schema_version integer     not null default 0,
@@ -192,7 +192,7 @@ create table @engine@.tasks (
 create index tasks_ready_idx on @engine@.tasks (due_at) where lease_owner is null;
 create index tasks_leased_idx on @engine@.tasks (lease_expires_at) where lease_owner is not null;
 
--- Durable signal inbox (SPEC D6): kept until a matching wait consumes it, FIFO per name.
+-- Durable signal inbox (docs/decisions.md D6): kept until a matching wait consumes it, FIFO per name.
 create table @engine@.signals (
     id          bigint generated always as identity primary key,
     instance_id varchar(8)  not null,
@@ -202,7 +202,7 @@ create table @engine@.signals (
 );
 create index signals_instance_name_idx on @engine@.signals (instance_id, name, id);
 
--- Which role a step transaction runs for (SPEC D5). The worker writes its row inside the
+-- Which role a step transaction runs for (docs/decisions.md D5). The worker writes its row inside the
 -- step's own transaction, keyed by backend pid and stamped with that transaction's id, so
 -- @engine@._invoker() inside an engine helper called from a step identifies the step's role
 -- (session_user there is the service's). Unforgeable: tenants cannot write this table, and a
@@ -520,7 +520,7 @@ language plpgsql immutable parallel safe
 set search_path = pg_catalog
 as $$
 declare
-    -- pgdurable's cap (SPEC D12); the service may lower it at run time, SQL cannot raise it
+    -- pgdurable's cap (docs/decisions.md D12); the service may lower it at run time, SQL cannot raise it
     c_max_timeout constant int := 300;
 begin
     -- URLs with {var} placeholders are only known after substitution: checked at run time
@@ -892,10 +892,10 @@ comment on operator @opschema@.@> (none, text) is 'pg_durable DSL: infinite loop
 --   df._graph_value(text)      auto-wrap a df.start/df.explain argument into a graph jsonb
 --   df.start                   SPEC §4 validation order, then instances + nodes + enqueue
 --   @engine@._invoker()        the role that called into a SECURITY DEFINER helper
---   @engine@._schema_ready_v1  readiness (SPEC D3)
+--   @engine@._schema_ready_v1  readiness (docs/decisions.md D3)
 --   @engine@._enqueue_v1       runs row + the 'start' task (ARCHITECTURE §2)
 --   @engine@._new_start_v1     transaction_mode 'new': df.start through a dblink session
---   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (SPEC D16, D17)
+--   @engine@._signal_v1 / _cancel_v1   transactional signal / cancel (docs/decisions.md D16, D17)
 --
 -- SQLSTATEs: standard codes where one fits — 22023 invalid_parameter_value (bad arguments,
 -- bad graphs), 54000 program_limit_exceeded (graph limits), 3D000 (unknown database),
@@ -1355,7 +1355,7 @@ begin
 end;
 $$;
 
--- df.cancel's write (SPEC D16/D17). Lock order as every writer: runs row, then the instance.
+-- df.cancel's write (docs/decisions.md D16/D17). Lock order as every writer: runs row, then the instance.
 create function @engine@._cancel_v1(p_instance_id varchar, p_reason text) returns text
 language plpgsql volatile security definer
 set search_path = pg_catalog
@@ -1507,7 +1507,7 @@ begin
             current_user using errcode = '42501',
                                hint = 'submit as an ordinary role given df.grant_usage';
     end if;
-    -- 4. readiness (SPEC D3)
+    -- 4. readiness (docs/decisions.md D3)
     if @engine@._schema_ready_v1() < 1 then
         raise exception 'pg_durable background worker not yet initialized — try again in a moment'
             using errcode = '55000';
@@ -2501,7 +2501,7 @@ begin
     end if;
 
     if p_new_tasks is not null then
-        -- "take": the successor is handed straight to a free slot of this worker (DESIGN §2.5):
+        -- "take": the successor is handed straight to a free slot of this worker (docs/performance.md.5):
         -- inserted already leased to it, so no NOTIFY and no claim round trip. If the worker
         -- dies before running it, the lease expires and the rescuer frees it like any other.
         insert into @engine@.tasks as t (instance_id, node_id, gen, kind, due_at, deadline,
@@ -2684,7 +2684,7 @@ as $$
     delete from @engine@.workers w where w.last_seen_at < now() - interval '60 seconds';
 $$;
 
--- Caps on connections running step SQL (SPEC D13), each slot a transaction-scoped advisory
+-- Caps on connections running step SQL (docs/decisions.md D13), each slot a transaction-scoped advisory
 -- lock taken inside the step's own transaction, so the commit/rollback that ends the step
 -- releases it — even when the worker dies:
 --   pg_durable.max_user_connections (default 10): deployment-wide, class 'PGDU';
