@@ -60,8 +60,15 @@ bench-scale: $(BIN)/.installed ## the scale checks: 1M finished instances, two s
 	@$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
-lint: $(BIN)/.installed ## ruff + mypy
-	$(BIN)/ruff check pgdurable tests bench && $(BIN)/mypy pgdurable
+$(BIN)/.lint-installed: $(BIN)/.installed pyproject.toml
+	@$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+lint: $(BIN)/.lint-installed ## ruff check + ruff format --check, mypy strict on the package, cython-lint
+	$(BIN)/ruff check pgdurable tests bench native
+	$(BIN)/ruff format --check pgdurable tests bench native
+	$(BIN)/mypy pgdurable
+	PATH=$(BIN):$$PATH $(BIN)/cython-lint --max-line-length 100 native/_sched_c.pyx
 
 schema-freeze: $(BIN)/.installed ## freeze pgdurable/sql/schema/*.sql as the baseline of the current SCHEMA_VERSION
 	v=$$($(BIN)/python -c 'from pgdurable.schema import SCHEMA_VERSION as v; print(v)') && test -n "$$v" && \

@@ -79,16 +79,21 @@ class FloorResult:
 
     @property
     def label(self) -> str:
-        return f"floor {self.batch} row{'s' if self.batch > 1 else ''}/commit, " \
-               f"{self.clients} client{'s' if self.clients > 1 else ''}"
+        return (
+            f"floor {self.batch} row{'s' if self.batch > 1 else ''}/commit, "
+            f"{self.clients} client{'s' if self.clients > 1 else ''}"
+        )
 
 
 def setup(dsn: str, rows: int) -> None:
     """(Re)create the scratch schema with ``rows`` ready rows."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(DDL)
-        conn.execute(f"insert into {SCHEMA}.tasks (due_at) "
-                     f"select now() - interval '1 hour' from generate_series(1, %s)", (rows,))
+        conn.execute(
+            f"insert into {SCHEMA}.tasks (due_at) "
+            f"select now() - interval '1 hour' from generate_series(1, %s)",
+            (rows,),
+        )
         conn.execute(f"vacuum analyze {SCHEMA}.tasks")
 
 

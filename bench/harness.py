@@ -80,6 +80,7 @@ DESIGN_DBOS = {"W1": 162, "W2": 224, "W3": 62}
 
 # -- progress -------------------------------------------------------------------------
 
+
 class Progress:
     """One status line on stderr: rewritten in place on a terminal, throttled lines otherwise."""
 
@@ -108,6 +109,7 @@ class Progress:
 
 # -- the server -----------------------------------------------------------------------
 
+
 class Server:
     """The PostgreSQL under test: ``--dsn`` or an embedded PostgreSQL 18 of our own."""
 
@@ -125,10 +127,12 @@ class Server:
             self.embedded = EmbeddedPostgres(self.tmp / "data", settings=settings)
             self.admin_dsn = self.embedded.start()
         with self.admin() as conn:
-            row = conn.execute("select current_setting('server_version'), "
-                               "current_setting('synchronous_commit'), current_setting('fsync'), "
-                               "current_setting('shared_buffers'), "
-                               "current_setting('shared_preload_libraries')").fetchone()
+            row = conn.execute(
+                "select current_setting('server_version'), "
+                "current_setting('synchronous_commit'), current_setting('fsync'), "
+                "current_setting('shared_buffers'), "
+                "current_setting('shared_preload_libraries')"
+            ).fetchone()
         assert row is not None
         self.version, self.sync_commit, self.fsync, self.shared_buffers, preload = row
         self.has_pgss = "pg_stat_statements" in preload
@@ -145,20 +149,23 @@ class Server:
 
     def fresh_db(self, name: str) -> str:
         with self.admin() as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+            )
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
         return self.dsn(name)
 
     def drop_db(self, name: str) -> None:
         with contextlib.suppress(psycopg.Error), self.admin() as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+            )
 
     def xact_commit(self, dbname: str) -> int:
         with self.admin() as conn:
-            row = conn.execute("select xact_commit from pg_stat_database where datname = %s",
-                               (dbname,)).fetchone()
+            row = conn.execute(
+                "select xact_commit from pg_stat_database where datname = %s", (dbname,)
+            ).fetchone()
         return int(row[0]) if row else 0
 
     def postgres_pids(self) -> list[psutil.Process]:
@@ -176,6 +183,7 @@ class Server:
 
 
 # -- the local HTTP server (W4) -------------------------------------------------------
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the worker's client reuses connections
@@ -209,22 +217,30 @@ def http_server() -> Iterator[str]:
 
 # -- serve as a subprocess ------------------------------------------------------------
 
+
 class Serve:
     """``python -m pgdurable serve`` against one database, like the acceptance tier."""
 
     def __init__(self, dsn: str, workers: int, log_path: Path, env: dict[str, str]) -> None:
         self.log_path = log_path
         e = dict(os.environ)
-        e.update({
-            "PGDURABLE_DSN": dsn,
-            "PGDURABLE_WORKERS": str(workers),
-            "PGDURABLE_HTTP_POLICY": "allow-list",
-            "PGDURABLE_HTTP_ALLOW": "127.0.0.1",
-        })
+        e.update(
+            {
+                "PGDURABLE_DSN": dsn,
+                "PGDURABLE_WORKERS": str(workers),
+                "PGDURABLE_HTTP_POLICY": "allow-list",
+                "PGDURABLE_HTTP_ALLOW": "127.0.0.1",
+            }
+        )
         e.update(env)
         with log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pgdurable", "serve"], env=e,
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pgdurable", "serve"],
+                env=e,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         self.workers = workers
 
     def children(self) -> list[psutil.Process]:
@@ -262,6 +278,7 @@ class Serve:
 
 # -- workloads ------------------------------------------------------------------------
 
+
 def _join_tree(leaves: list[str]) -> str:
     """A balanced tree of df.join over DSL expressions (keeps the graph shallow)."""
     while len(leaves) > 1:
@@ -294,11 +311,9 @@ def workloads(scale: float, http_url: str) -> list[Workload]:
     http = _join_tree([f"df.http('{http_url}', 'GET')"] * 10)
     return [
         Workload("W1", "10,000 one-step workflows", n(10_000), 1, one, probes=50),
-        Workload("W2", "1,000 ten-step sequences", n(1_000), 10, seq10, sequence=True,
-                 probes=20),
+        Workload("W2", "1,000 ten-step sequences", n(1_000), 10, seq10, sequence=True, probes=20),
         Workload("W3", "100 × (fan-out 100 → join)", n(100), 101, fan, probes=5),
-        Workload("W4", "100 × (HTTP fan-out 10 → join)", n(100), 10, http, http=True,
-                 probes=10),
+        Workload("W4", "100 × (HTTP fan-out 10 → join)", n(100), 10, http, http=True, probes=10),
     ]
 
 
@@ -353,8 +368,9 @@ def _graph(tenant_dsn: str, expr: str) -> str:
     return str(row[0])
 
 
-def enqueue_per_txn(tenant_dsn: str, graph: str, n: int, label: str,
-                    tick: Callable[[str], None]) -> float:
+def enqueue_per_txn(
+    tenant_dsn: str, graph: str, n: int, label: str, tick: Callable[[str], None]
+) -> float:
     """``n`` df.start calls, one transaction each (autocommit); returns starts/s."""
     with psycopg.connect(tenant_dsn, autocommit=True) as conn:
         conn.execute("select 1")
@@ -366,8 +382,9 @@ def enqueue_per_txn(tenant_dsn: str, graph: str, n: int, label: str,
         return n / (time.monotonic() - t0)
 
 
-def enqueue_batched(tenant_dsn: str, graph: str, n: int, label: str,
-                    tick: Callable[[str], None]) -> float:
+def enqueue_batched(
+    tenant_dsn: str, graph: str, n: int, label: str, tick: Callable[[str], None]
+) -> float:
     """``n`` df.start calls as per-row starts, START_BATCH per statement; starts/s."""
     with psycopg.connect(tenant_dsn, autocommit=True) as conn:
         conn.execute("select 1")
@@ -375,8 +392,10 @@ def enqueue_batched(tenant_dsn: str, graph: str, n: int, label: str,
         done = 0
         while done < n:
             k = min(START_BATCH, n - done)
-            conn.execute("select count(df.start(%s::text, %s)) from generate_series(1, %s)",
-                         (graph, label, k))
+            conn.execute(
+                "select count(df.start(%s::text, %s)) from generate_series(1, %s)",
+                (graph, label, k),
+            )
             done += k
             tick(f"  enqueue {START_BATCH}/stmt {done:,}/{n:,}")
         return n / (time.monotonic() - t0)
@@ -385,13 +404,16 @@ def enqueue_batched(tenant_dsn: str, graph: str, n: int, label: str,
 def _reset_instances(dsn: str) -> None:
     """Forget every instance (between W1's two enqueue measurements)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("truncate df.nodes, df.instances, pgdurable.tasks, pgdurable.runs, "
-                     "pgdurable.results, pgdurable.signals")
+        conn.execute(
+            "truncate df.nodes, df.instances, pgdurable.tasks, pgdurable.runs, "
+            "pgdurable.results, pgdurable.signals"
+        )
         conn.execute("vacuum analyze df.nodes, df.instances, pgdurable.tasks, pgdurable.runs")
 
 
-def _latencies(conn: psycopg.Connection[Any], label: str,
-               sequence: bool) -> tuple[list[float], list[float]]:
+def _latencies(
+    conn: psycopg.Connection[Any], label: str, sequence: bool
+) -> tuple[list[float], list[float]]:
     """(start→first-step, step→step) in ms for the instances labelled ``label``."""
     rows = conn.execute(
         """
@@ -401,7 +423,9 @@ def _latencies(conn: psycopg.Connection[Any], label: str,
         from df.instances i join df.nodes n on n.instance_id = i.id
         where i.label = %s and n.node_type = any (%s) and n.status = 'completed'
         group by i.id, i.created_at
-        """, (label, list(LEAF_TYPES))).fetchall()
+        """,
+        (label, list(LEAF_TYPES)),
+    ).fetchall()
     first, step = [], []
     for _id, created, claims in rows:
         claims = [float(c) for c in claims if c is not None]
@@ -426,8 +450,9 @@ def _cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(v - before.get(pid, 0.0) for pid, v in after.items())
 
 
-def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir: Path,
-                 progress: Progress) -> Row:
+def run_workload(
+    server: Server, w: Workload, args: argparse.Namespace, workdir: Path, progress: Progress
+) -> Row:
     row = Row(w.name, w.title)
     dbname = f"pgdurable_bench_{w.name.lower()}"
     progress(f"[{w.name}] {w.title}: {w.instances:,} instances × {w.steps_per_instance} steps")
@@ -442,8 +467,7 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
         if w.name == "W1":
             row.enqueue_txn_per_s = enqueue_per_txn(tenant_dsn, graph, w.instances, label, tick)
             _reset_instances(dsn)
-            row.enqueue_batch_per_s = enqueue_batched(tenant_dsn, graph, w.instances, label,
-                                                      tick)
+            row.enqueue_batch_per_s = enqueue_batched(tenant_dsn, graph, w.instances, label, tick)
         else:
             row.enqueue_txn_per_s = enqueue_per_txn(tenant_dsn, graph, w.instances, label, tick)
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -473,7 +497,8 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
                         "count(*) filter (where status = 'failed'), "
                         "(select coalesce(sum(state_version), 0) from pgdurable.runs) "
                         "from df.instances",
-                        (list(TERMINAL),)).fetchone()  # type: ignore[misc]
+                        (list(TERMINAL),),
+                    ).fetchone()  # type: ignore[misc]
                     polls += 1
                     if cps != last_cps:
                         last_cps, last_move = cps, time.monotonic()
@@ -481,19 +506,25 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
                         with contextlib.suppress(psutil.Error):
                             peak_rss = max(peak_rss, k.memory_info().rss)
                     elapsed = time.monotonic() - t0
-                    tick(f"  [{w.name}] drained {done:,}/{w.instances:,} instances, "
-                         f"{cps:,} checkpoints ({elapsed:.1f} s, "
-                         f"peak worker RSS {peak_rss / 2**20:.0f} MB)")
+                    tick(
+                        f"  [{w.name}] drained {done:,}/{w.instances:,} instances, "
+                        f"{cps:,} checkpoints ({elapsed:.1f} s, "
+                        f"peak worker RSS {peak_rss / 2**20:.0f} MB)"
+                    )
                     if done >= w.instances:
                         break
                     if time.monotonic() - last_move > args.stall_seconds:
-                        stalled = (f"STALLED: {done:,}/{w.instances:,} instances finished, "
-                                   f"no checkpoint for {args.stall_seconds:.0f} s")
+                        stalled = (
+                            f"STALLED: {done:,}/{w.instances:,} instances finished, "
+                            f"no checkpoint for {args.stall_seconds:.0f} s"
+                        )
                         progress(f"  [{w.name}] {stalled}")
                         break
                     if time.monotonic() > deadline or serve.proc.poll() is not None:
-                        raise RuntimeError(f"{w.name}: {done}/{w.instances} finished before "
-                                           f"the timeout; serve log:\n{serve.log()}")
+                        raise RuntimeError(
+                            f"{w.name}: {done}/{w.instances} finished before "
+                            f"the timeout; serve log:\n{serve.log()}"
+                        )
                     time.sleep(POLL_S)
                 wall = time.monotonic() - t0
                 w1 = _cpu(kids)
@@ -508,7 +539,9 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
                     select count(*), count(*) filter (where status = 'failed'),
                            extract(epoch from max(completed_at))
                     from df.instances where label = %s
-                    """, (label,)).fetchone()
+                    """,
+                    (label,),
+                ).fetchone()
                 assert r is not None
                 row.instances, row.failed = int(r[0]), int(r[1])
                 last = float(r[2] or 0)
@@ -519,7 +552,9 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
                            extract(epoch from min((n.status_details->>'started_at')::timestamptz))
                     from df.nodes n join df.instances i on i.id = n.instance_id
                     where i.label = %s
-                    """, (list(LEAF_TYPES), label)).fetchone()
+                    """,
+                    (list(LEAF_TYPES), label),
+                ).fetchone()
                 assert r2 is not None
                 row.steps = int(r2[0])
                 first_claim = float(r2[1] or last)
@@ -536,12 +571,14 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
                 if server.has_pgss:
                     with contextlib.suppress(psycopg.Error):
                         row.top_statements = [
-                            (" ".join(str(q).split())[:90], float(t), int(c)) for q, t, c in
-                            conn.execute(
+                            (" ".join(str(q).split())[:90], float(t), int(c))
+                            for q, t, c in conn.execute(
                                 "select query, total_exec_time, calls from pg_stat_statements "
                                 "where dbid = (select oid from pg_database "
                                 "where datname = current_database()) "
-                                "order by total_exec_time desc limit 8").fetchall()]
+                                "order by total_exec_time desc limit 8"
+                            ).fetchall()
+                        ]
                 # -- latency under light load: probes started one at a time ---------------
                 if stalled:
                     row.note = stalled
@@ -554,13 +591,18 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
                         time.sleep(args.probe_gap)
                 probe_deadline = time.monotonic() + args.stall_seconds
                 while True:
-                    r3 = conn.execute("select count(*) from df.instances where label = 'probe' "
-                                      "and status <> all (%s)", (list(TERMINAL),)).fetchone()
+                    r3 = conn.execute(
+                        "select count(*) from df.instances where label = 'probe' "
+                        "and status <> all (%s)",
+                        (list(TERMINAL),),
+                    ).fetchone()
                     if not r3 or r3[0] == 0:
                         break
                     if time.monotonic() > probe_deadline:
-                        row.note = (f"latency probe STALLED: {r3[0]} of {probes} probe "
-                                    f"instances unfinished after {args.stall_seconds:.0f} s")
+                        row.note = (
+                            f"latency probe STALLED: {r3[0]} of {probes} probe "
+                            f"instances unfinished after {args.stall_seconds:.0f} s"
+                        )
                         progress(f"  [{w.name}] {row.note}")
                         break
                     time.sleep(0.05)
@@ -576,8 +618,10 @@ def run_workload(server: Server, w: Workload, args: argparse.Namespace, workdir:
             serve.stop()
         if row.failed:
             row.note = "; ".join(x for x in (row.note, f"{row.failed} instance(s) failed") if x)
-        progress(f"  [{w.name}] {row.steps_per_s:,.0f} steps/s, {row.wf_per_s:,.0f} workflows/s "
-                 f"over {row.drain_s:.2f} s")
+        progress(
+            f"  [{w.name}] {row.steps_per_s:,.0f} steps/s, {row.wf_per_s:,.0f} workflows/s "
+            f"over {row.drain_s:.2f} s"
+        )
         return row
     finally:
         if not args.keep:
@@ -588,8 +632,9 @@ class _Stalled(Exception):
     """The drain made no progress for --stall-seconds: report what finished, move on."""
 
 
-def _start_profilers(kids: list[psutil.Process], workdir: Path,
-                     name: str) -> list[subprocess.Popen[bytes]]:
+def _start_profilers(
+    kids: list[psutil.Process], workdir: Path, name: str
+) -> list[subprocess.Popen[bytes]]:
     """py-spy on each worker for the drain (``--profile``); raw collapsed stacks."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -597,10 +642,25 @@ def _start_profilers(kids: list[psutil.Process], workdir: Path,
     out = []
     for k in kids:
         path = workdir / f"pyspy-{name}-{k.pid}.txt"
-        out.append(subprocess.Popen(
-            [spy, "record", "--pid", str(k.pid), "--format", "raw", "--rate", "200",
-             "--nonblocking", "--output", str(path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        out.append(
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(k.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "--output",
+                    str(path),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     return out
 
 
@@ -627,10 +687,17 @@ def summarize_profiles(workdir: Path, name: str) -> list[tuple[str, float]]:
 def _bucket(leaf: str, frames: list[str]) -> str:
     if "graph/sched" in leaf or "_sched_" in leaf or "graph/_" in leaf:
         return "scheduler (pgdurable/graph)"
-    for key, label in (("psycopg_pool", "psycopg_pool"), ("psycopg", "psycopg (driver)"),
-                       ("uvloop", "event loop"), ("asyncio", "event loop"),
-                       ("orjson", "orjson"), ("logging", "logging"), ("httpx", "httpx/httpcore"),
-                       ("httpcore", "httpx/httpcore"), ("pgdurable/", "pgdurable (other)")):
+    for key, label in (
+        ("psycopg_pool", "psycopg_pool"),
+        ("psycopg", "psycopg (driver)"),
+        ("uvloop", "event loop"),
+        ("asyncio", "event loop"),
+        ("orjson", "orjson"),
+        ("logging", "logging"),
+        ("httpx", "httpx/httpcore"),
+        ("httpcore", "httpx/httpcore"),
+        ("pgdurable/", "pgdurable (other)"),
+    ):
         if key in leaf:
             return label
     if "select" in leaf or "epoll" in leaf or "poll" in leaf:
@@ -640,29 +707,39 @@ def _bucket(leaf: str, frames: list[str]) -> str:
 
 # -- the table ------------------------------------------------------------------------
 
+
 def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
-def render(rows: list[Row], floors: list[floor.FloorResult], peer_rows: list[peers.PeerRow],
-           server: Server, args: argparse.Namespace) -> str:
+def render(
+    rows: list[Row],
+    floors: list[floor.FloorResult],
+    peer_rows: list[peers.PeerRow],
+    server: Server,
+    args: argparse.Namespace,
+) -> str:
     best64 = max((f.rows_per_s for f in floors if f.batch > 1), default=0.0)
     best1 = max((f.rows_per_s for f in floors if f.batch == 1), default=0.0)
     out = []
-    out.append(f"pgdurable {__version__} · PostgreSQL {server.version} "
-               f"(synchronous_commit={server.sync_commit}, fsync={server.fsync}, "
-               f"shared_buffers={server.shared_buffers}) · {os.cpu_count()} cores · "
-               f"Python {platform.python_version()} · serve workers={args.workers} · "
-               f"scale={args.scale:g}")
+    out.append(
+        f"pgdurable {__version__} · PostgreSQL {server.version} "
+        f"(synchronous_commit={server.sync_commit}, fsync={server.fsync}, "
+        f"shared_buffers={server.shared_buffers}) · {os.cpu_count()} cores · "
+        f"Python {platform.python_version()} · serve workers={args.workers} · "
+        f"scale={args.scale:g}"
+    )
     out.append("")
     out.append("| measurement | rows/s |")
     out.append("|---|---:|")
     for f in floors:
         out.append(f"| {f.label} | {f.rows_per_s:,.0f} |")
     out.append("")
-    hdr = ("| workload | instances | steps | workflows/s | steps/s | ÷ floor 64/commit "
-           "| ÷ floor 1/commit | ÷ DESIGN target | start→1st p50/p99 ms | step→step p50/p99 ms "
-           "| commits/step | worker RSS MB | worker / PG cores |")
+    hdr = (
+        "| workload | instances | steps | workflows/s | steps/s | ÷ floor 64/commit "
+        "| ÷ floor 1/commit | ÷ DESIGN target | start→1st p50/p99 ms | step→step p50/p99 ms "
+        "| commits/step | worker RSS MB | worker / PG cores |"
+    )
     out.append(hdr)
     out.append("|---|" + "---:|" * 12)
     for r in rows:
@@ -676,16 +753,20 @@ def render(rows: list[Row], floors: list[floor.FloorResult], peer_rows: list[pee
             f"| {_f(r.first_p50_ms, '{:.1f}')} / {_f(r.first_p99_ms, '{:.1f}')} "
             f"| {_f(r.step_p50_ms, '{:.1f}')} / {_f(r.step_p99_ms, '{:.1f}')} "
             f"| {_f(r.commits_per_step, '{:.2f}')} | {_f(r.worker_rss_mb)} "
-            f"| {_f(r.worker_cores, '{:.2f}')} / {_f(r.postgres_cores, '{:.2f}')} |")
+            f"| {_f(r.worker_cores, '{:.2f}')} / {_f(r.postgres_cores, '{:.2f}')} |"
+        )
     out.append("")
     enq = [r for r in rows if r.enqueue_txn_per_s]
     if enq:
-        out.append("| enqueue | df.start per transaction (starts/s) "
-                   f"| per-row starts, {START_BATCH:,} per statement (starts/s) |")
+        out.append(
+            "| enqueue | df.start per transaction (starts/s) "
+            f"| per-row starts, {START_BATCH:,} per statement (starts/s) |"
+        )
         out.append("|---|---:|---:|")
         for r in enq:
-            out.append(f"| {r.workload} | {_f(r.enqueue_txn_per_s)} "
-                       f"| {_f(r.enqueue_batch_per_s)} |")
+            out.append(
+                f"| {r.workload} | {_f(r.enqueue_txn_per_s)} | {_f(r.enqueue_batch_per_s)} |"
+            )
         out.append("")
     if peer_rows:
         out.append("| peer | workload | steps/s | pgdurable ÷ peer | note |")
@@ -694,8 +775,10 @@ def render(rows: list[Row], floors: list[floor.FloorResult], peer_rows: list[pee
         for p in peer_rows:
             mine = ours.get(p.workload, 0.0)  # 0: pgdurable did not measure it: '-', not 0x
             ratio = mine / p.steps_per_s if p.steps_per_s and mine else None
-            out.append(f"| {p.peer} | {p.workload} | {_f(p.steps_per_s or None)} "
-                       f"| {_f(ratio, '{:.2f}×')} | {p.note} |")
+            out.append(
+                f"| {p.peer} | {p.workload} | {_f(p.steps_per_s or None)} "
+                f"| {_f(ratio, '{:.2f}×')} | {p.note} |"
+            )
         out.append("")
     notes = [f"{r.workload}: {r.note}" for r in rows if r.note]
     if notes:
@@ -705,29 +788,54 @@ def render(rows: list[Row], floors: list[floor.FloorResult], peer_rows: list[pee
 
 # -- main -----------------------------------------------------------------------------
 
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dsn", help="an existing PostgreSQL (superuser); default: an embedded "
-                                 "PostgreSQL 18 in a temporary directory")
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--dsn",
+        help="an existing PostgreSQL (superuser); default: an embedded "
+        "PostgreSQL 18 in a temporary directory",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="multiply every workload size")
     p.add_argument("--workers", type=int, default=2, help="serve worker processes")
     p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma separated subset")
-    p.add_argument("--floor-seconds", type=float, default=None,
-                   help="seconds per floor variant (default 3 × scale, 0.3–3)")
-    p.add_argument("--peers", default="", help="comma separated: dbos,procrastinate "
-                   "(installed with the 'bench' extra)")
-    p.add_argument("--profile", action="store_true",
-                   help="py-spy the workers and pg_stat_statements (embedded PG only)")
-    p.add_argument("--probe-gap", type=float, default=0.02,
-                   help="seconds between latency probe starts (light load)")
+    p.add_argument(
+        "--floor-seconds",
+        type=float,
+        default=None,
+        help="seconds per floor variant (default 3 × scale, 0.3–3)",
+    )
+    p.add_argument(
+        "--peers",
+        default="",
+        help="comma separated: dbos,procrastinate (installed with the 'bench' extra)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the workers and pg_stat_statements (embedded PG only)",
+    )
+    p.add_argument(
+        "--probe-gap",
+        type=float,
+        default=0.02,
+        help="seconds between latency probe starts (light load)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="per workload drain timeout")
-    p.add_argument("--stall-seconds", type=float, default=60,
-                   help="give up on a workload after this long without a checkpoint")
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=60,
+        help="give up on a workload after this long without a checkpoint",
+    )
     p.add_argument("--json", dest="json_path", help="also write the figures as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the benchmark databases")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -741,9 +849,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     server = Server(args.dsn, args.profile)
     workdir = Path(tempfile.mkdtemp(prefix="pgdurable-bench-run-"))
-    progress(f"PostgreSQL {server.version} at "
-             f"{psycopg.conninfo.conninfo_to_dict(server.admin_dsn).get('port')}; "
-             f"logs in {workdir}")
+    progress(
+        f"PostgreSQL {server.version} at "
+        f"{psycopg.conninfo.conninfo_to_dict(server.admin_dsn).get('port')}; "
+        f"logs in {workdir}"
+    )
     try:
         wanted = {w.strip().upper() for w in args.workloads.split(",") if w.strip()}
         secs = args.floor_seconds or min(3.0, max(0.3, 3.0 * args.scale))
@@ -754,8 +864,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.drop_db(scratch)
         with http_server() as url:
-            rows = [run_workload(server, w, args, workdir, progress)
-                    for w in workloads(args.scale, url) if w.name in wanted]
+            rows = [
+                run_workload(server, w, args, workdir, progress)
+                for w in workloads(args.scale, url)
+                if w.name in wanted
+            ]
         peer_rows: list[peers.PeerRow] = []
         for name in [p.strip() for p in args.peers.split(",") if p.strip()]:
             peer_rows += peers.run(name, server, args, progress)
@@ -765,25 +878,36 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 shares = summarize_profiles(workdir, r.workload)
                 if shares:
-                    print(f"\n{r.workload} worker samples (py-spy): " + ", ".join(
-                        f"{b} {s:.0%}" for b, s in shares[:8]))
+                    print(
+                        f"\n{r.workload} worker samples (py-spy): "
+                        + ", ".join(f"{b} {s:.0%}" for b, s in shares[:8])
+                    )
                 if r.top_statements:
                     print(f"{r.workload} top statements by total time (pg_stat_statements):")
                     for q, t, c in r.top_statements:
                         print(f"  {t:10,.0f} ms {c:8,} calls  {q}")
         if args.json_path:
-            Path(args.json_path).write_text(json.dumps({
-                "server": {"version": server.version, "synchronous_commit": server.sync_commit,
-                           "fsync": server.fsync},
-                "scale": args.scale, "workers": args.workers,
-                "workloads": [asdict(r) for r in rows],
-                "floor": [asdict(f) | {"rows_per_s": f.rows_per_s} for f in floors],
-                "peers": [asdict(p) for p in peer_rows],
-            }, indent=2, default=str))
+            Path(args.json_path).write_text(
+                json.dumps(
+                    {
+                        "server": {
+                            "version": server.version,
+                            "synchronous_commit": server.sync_commit,
+                            "fsync": server.fsync,
+                        },
+                        "scale": args.scale,
+                        "workers": args.workers,
+                        "workloads": [asdict(r) for r in rows],
+                        "floor": [asdict(f) | {"rows_per_s": f.rows_per_s} for f in floors],
+                        "peers": [asdict(p) for p in peer_rows],
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
         bad = [r for r in rows if r.failed or r.instances == 0]
         return 1 if bad else 0
     finally:
         server.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-

@@ -113,12 +113,16 @@ class PeerRow:
 
 # -- harness side ---------------------------------------------------------------------
 
+
 def _sizes(scale: float, wanted: set[str]) -> list[tuple[str, int, int]]:
     """(workload, instances, leaf steps per instance), exactly pgdurable's sizes."""
     from .harness import workloads  # lazy: harness imports this module
 
-    return [(w.name, w.instances, w.steps_per_instance) for w in workloads(scale, "")
-            if w.name in PEER_WORKLOADS and w.name in wanted]
+    return [
+        (w.name, w.instances, w.steps_per_instance)
+        for w in workloads(scale, "")
+        if w.name in PEER_WORKLOADS and w.name in wanted
+    ]
 
 
 def run(name: str, server: Any, args: Any, progress: Any) -> list[PeerRow]:
@@ -135,21 +139,31 @@ def run(name: str, server: Any, args: Any, progress: Any) -> list[PeerRow]:
     version = _version(module)
     rows = []
     for workload, instances, steps_each in sizes:
-        progress(f"[peer {peer} {version}] {workload}: {instances:,} instances × "
-                 f"{steps_each} steps, {PROCS} processes × {CONCURRENCY}")
+        progress(
+            f"[peer {peer} {version}] {workload}: {instances:,} instances × "
+            f"{steps_each} steps, {PROCS} processes × {CONCURRENCY}"
+        )
         dbname = f"pgdurable_peer_{peer}_{workload.lower()}"
         try:
             dsn = server.fresh_db(dbname)
-            res = measure(peer, workload, dsn, instances, timeout=args.timeout,
-                          stall=args.stall_seconds, tick=progress.tick)
+            res = measure(
+                peer,
+                workload,
+                dsn,
+                instances,
+                timeout=args.timeout,
+                stall=args.stall_seconds,
+                tick=progress.tick,
+            )
         except Exception as exc:  # a peer's failure is a note, never the harness's crash
             res = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             if not getattr(args, "keep", False):
                 server.drop_db(dbname)
         rows.append(_row(peer, version, workload, instances, steps_each, res))
-        progress(f"  [peer {peer}] {workload}: {rows[-1].steps_per_s:,.0f} steps/s "
-                 f"({rows[-1].note})")
+        progress(
+            f"  [peer {peer}] {workload}: {rows[-1].steps_per_s:,.0f} steps/s ({rows[-1].note})"
+        )
     return rows
 
 
@@ -162,17 +176,20 @@ def _version(module: str) -> str:
         return "?"
 
 
-def _row(peer: str, version: str, workload: str, instances: int, steps_each: int,
-         res: dict[str, Any]) -> PeerRow:
+def _row(
+    peer: str, version: str, workload: str, instances: int, steps_each: int, res: dict[str, Any]
+) -> PeerRow:
     expected = instances * steps_each
     if "error" in res and not res.get("steps"):
         return PeerRow(peer, workload, 0.0, f"{peer} {version}: {res['error']}")
     steps, drain = int(res.get("steps", 0)), float(res.get("drain_s", 0.0))
     # a run that did not finish is not measured (its counts are in the note)
     sps = steps / drain if drain > 0 and steps and not res.get("error") else 0.0
-    parts = [f"{peer} {version}, {res.get('done', 0):,}/{instances:,} instances, "
-             f"{steps:,}/{expected:,} steps, drain {drain:.2f} s, "
-             f"enqueue {res.get('enqueue_s', 0):.2f} s, {PROCS}×{CONCURRENCY}"]
+    parts = [
+        f"{peer} {version}, {res.get('done', 0):,}/{instances:,} instances, "
+        f"{steps:,}/{expected:,} steps, drain {drain:.2f} s, "
+        f"enqueue {res.get('enqueue_s', 0):.2f} s, {PROCS}×{CONCURRENCY}"
+    ]
     if res.get("error"):
         parts.append(str(res["error"]))
     if steps != expected and not res.get("error"):
@@ -180,31 +197,51 @@ def _row(peer: str, version: str, workload: str, instances: int, steps_each: int
     return PeerRow(peer, workload, sps, "; ".join(parts))
 
 
-def measure(peer: str, workload: str, dsn: str, instances: int, *, timeout: float = 1800,
-            stall: float = 60, tick: Any = None) -> dict[str, Any]:
+def measure(
+    peer: str,
+    workload: str,
+    dsn: str,
+    instances: int,
+    *,
+    timeout: float = 1800,
+    stall: float = 60,
+    tick: Any = None,
+) -> dict[str, Any]:
     """Run one (peer, workload) in a driver subprocess against the (fresh) database ``dsn``.
 
     Returns the driver's figures: ``steps`` (read back from the peer's tables), ``done``
     instances, ``drain_s``, ``enqueue_s``, ``failed``, and ``error`` when it did not
     finish; a timeout kills the driver's process group (its workers included).
     """
-    spec = {"peer": peer, "workload": workload, "dsn": dsn, "instances": instances,
-            "timeout": timeout, "stall": stall, "procs": PROCS, "concurrency": CONCURRENCY}
-    fd, log_name = tempfile.mkstemp(prefix=f"pgdurable-peer-{peer}-{workload}-",
-                                    suffix=".log")
+    spec = {
+        "peer": peer,
+        "workload": workload,
+        "dsn": dsn,
+        "instances": instances,
+        "timeout": timeout,
+        "stall": stall,
+        "procs": PROCS,
+        "concurrency": CONCURRENCY,
+    }
+    fd, log_name = tempfile.mkstemp(prefix=f"pgdurable-peer-{peer}-{workload}-", suffix=".log")
     with open(fd, "wb") as log:  # the driver's (and its workers') stderr
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.peers", "drive", json.dumps(spec)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=log, start_new_session=True, text=True)
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            text=True,
+        )
     result: dict[str, Any] = {}
 
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("@result "):
-                result.update(json.loads(line[len("@result "):]))
+                result.update(json.loads(line[len("@result ") :]))
             elif line.startswith("@progress ") and tick is not None:
-                tick(line[len("@progress "):].rstrip())
+                tick(line[len("@progress ") :].rstrip())
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -223,8 +260,9 @@ def measure(peer: str, workload: str, dsn: str, instances: int, *, timeout: floa
         proc.stdout.close()
     if not result:
         tail = Path(log_name).read_text(errors="replace").strip().splitlines()[-3:]
-        result["error"] = (f"driver exited {proc.returncode} without a result: "
-                           + " | ".join(tail))[:400]
+        result["error"] = (
+            f"driver exited {proc.returncode} without a result: " + " | ".join(tail)
+        )[:400]
     else:
         Path(log_name).unlink(missing_ok=True)
     return result
@@ -239,6 +277,7 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
 
 # -- driver side (python -m bench.peers drive SPEC) -----------------------------------
 
+
 def _url(dsn: str) -> str:
     """A libpq DSN as a ``postgresql://`` URL (SQLAlchemy, hence DBOS, only takes URLs)."""
     if dsn.startswith(("postgresql://", "postgres://")):
@@ -252,8 +291,11 @@ def _url(dsn: str) -> str:
     host, port, dbname = info.pop("host", ""), info.pop("port", ""), info.pop("dbname", "")
     if host.startswith("/"):  # a Unix socket directory goes in the query
         info["host"], host = host, ""
-    auth = (quote(user, safe="") + (":" + quote(password, safe="") if password else "") + "@"
-            if user else "")
+    auth = (
+        quote(user, safe="") + (":" + quote(password, safe="") if password else "") + "@"
+        if user
+        else ""
+    )
     netloc = auth + host + (f":{port}" if port else "")
     query = ("?" + urlencode(info)) if info else ""
     return f"postgresql://{netloc}/{quote(dbname, safe='')}{query}"
@@ -280,15 +322,19 @@ class _Peer:
 class _Dbos(_Peer):
     top: ClassVar[dict[str, str]] = {"W1": "bench_w1", "W2": "bench_w2", "W3": "bench_w3"}
     # each executed step's checkpoint (the datasource's own checkpoint rows are swept)
-    leaf_total = ("select count(*) from dbos.operation_outputs "
-                  "where function_name = 'select1' and error is null")
+    leaf_total = (
+        "select count(*) from dbos.operation_outputs "
+        "where function_name = 'select1' and error is null"
+    )
 
     @property
     def done_sql(self) -> str:
-        return ("select count(*) filter (where status = 'SUCCESS'), "
-                "count(*) filter (where status in ('ERROR', 'CANCELLED', "
-                "'MAX_RECOVERY_ATTEMPTS_EXCEEDED')) "
-                f"from dbos.workflow_status where name = '{self.top[self.workload]}'")
+        return (
+            "select count(*) filter (where status = 'SUCCESS'), "
+            "count(*) filter (where status in ('ERROR', 'CANCELLED', "
+            "'MAX_RECOVERY_ATTEMPTS_EXCEEDED')) "
+            f"from dbos.workflow_status where name = '{self.top[self.workload]}'"
+        )
 
     def setup(self) -> None:
         from dbos import DBOS, DBOSClient, SQLAlchemyDatasource
@@ -298,8 +344,9 @@ class _Dbos(_Peer):
         client = DBOSClient(system_database_url=_url(self.dsn))
         try:
             for q in ("bench", "leaves"):
-                client.register_queue(q, worker_concurrency=CONCURRENCY,
-                                      polling_interval_sec=DBOS_POLL_S)
+                client.register_queue(
+                    q, worker_concurrency=CONCURRENCY, polling_interval_sec=DBOS_POLL_S
+                )
         finally:
             client.destroy()
 
@@ -308,8 +355,11 @@ class _Dbos(_Peer):
 
         client = DBOSClient(system_database_url=_url(self.dsn))
         try:
-            opts: Any = {"workflow_name": self.top[self.workload], "queue_name": "bench",
-                         "app_version": DBOS_VERSION_TAG}
+            opts: Any = {
+                "workflow_name": self.top[self.workload],
+                "queue_name": "bench",
+                "app_version": DBOS_VERSION_TAG,
+            }
             for i in range(n):
                 client.enqueue(opts)
                 if i % 500 == 0:
@@ -320,29 +370,39 @@ class _Dbos(_Peer):
     def window(self, conn: Any) -> float:
         row = conn.execute(
             "select min(started_at_epoch_ms), max(coalesce(completed_at, updated_at)) "
-            "from dbos.workflow_status where status = 'SUCCESS'").fetchone()
+            "from dbos.workflow_status where status = 'SUCCESS'"
+        ).fetchone()
         return max(0.0, (row[1] - row[0]) / 1000) if row and row[0] else 0.0
 
 
 class _Procrastinate(_Peer):
     leaves: ClassVar[dict[str, tuple[str, ...]]] = {
-        "W1": ("bench_step",), "W2": ("bench_seq",), "W3": ("bench_leaf", "bench_final")}
+        "W1": ("bench_step",),
+        "W2": ("bench_seq",),
+        "W3": ("bench_leaf", "bench_final"),
+    }
 
     @property
     def leaf_total(self) -> str:  # type: ignore[override]
         names = ", ".join(f"'{t}'" for t in self.leaves[self.workload])
-        return (f"select count(*) from procrastinate_jobs where task_name in ({names}) "
-                "and status = 'succeeded'")
+        return (
+            f"select count(*) from procrastinate_jobs where task_name in ({names}) "
+            "and status = 'succeeded'"
+        )
 
     @property
     def done_sql(self) -> str:  # type: ignore[override]
         # an instance is done when its last leaf succeeded
-        last = {"W1": "task_name = 'bench_step'",
-                "W2": f"task_name = 'bench_seq' and (args->>'k')::int = {SEQ}",
-                "W3": "task_name = 'bench_final'"}[self.workload]
-        return ("select count(*) filter (where status = 'succeeded' and "
-                f"{last}), count(*) filter (where status in ('failed', 'aborted')) "
-                "from procrastinate_jobs")
+        last = {
+            "W1": "task_name = 'bench_step'",
+            "W2": f"task_name = 'bench_seq' and (args->>'k')::int = {SEQ}",
+            "W3": "task_name = 'bench_final'",
+        }[self.workload]
+        return (
+            "select count(*) filter (where status = 'succeeded' and "
+            f"{last}), count(*) filter (where status in ('failed', 'aborted')) "
+            "from procrastinate_jobs"
+        )
 
     def setup(self) -> None:
         import psycopg
@@ -370,7 +430,8 @@ class _Procrastinate(_Peer):
         row = conn.execute(
             "select extract(epoch from min(at) filter (where type = 'started')), "
             "extract(epoch from max(at) filter (where type = 'succeeded')) "
-            "from procrastinate_events").fetchone()
+            "from procrastinate_events"
+        ).fetchone()
         return max(0.0, float(row[1] - row[0])) if row and row[0] else 0.0
 
 
@@ -391,9 +452,14 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         for i in range(int(spec["procs"])):
             wspec = dict(spec, index=i)
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.peers", "worker", json.dumps(wspec)],
-                cwd=ROOT, stdout=sys.stderr, stderr=sys.stderr))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench.peers", "worker", json.dumps(wspec)],
+                    cwd=ROOT,
+                    stdout=sys.stderr,
+                    stderr=sys.stderr,
+                )
+            )
         t0 = time.monotonic()
         deadline = t0 + float(spec["timeout"])
         last, moved = -1, t0
@@ -402,8 +468,10 @@ def _drive(spec: dict[str, Any]) -> dict[str, Any]:
                 steps = int(conn.execute(peer.leaf_total).fetchone()[0])  # type: ignore[index]
                 done, failed = conn.execute(peer.done_sql).fetchone()  # type: ignore[misc]
                 now = time.monotonic()
-                _say(f"  [{spec['peer']} {spec['workload']}] {done:,}/{n:,} instances, "
-                     f"{steps:,} steps ({now - t0:.1f} s)")
+                _say(
+                    f"  [{spec['peer']} {spec['workload']}] {done:,}/{n:,} instances, "
+                    f"{steps:,} steps ({now - t0:.1f} s)"
+                )
                 if steps != last:
                     last, moved = steps, now
                 if done + failed >= n:
@@ -445,6 +513,7 @@ def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
 
 # -- worker side (python -m bench.peers worker SPEC) ----------------------------------
 
+
 def _orphan_watch() -> None:
     """Exit when the driver that started us is gone (it stops us itself otherwise)."""
     parent = os.getppid()
@@ -462,16 +531,19 @@ def _dbos_worker(spec: dict[str, Any]) -> None:
     from dbos import DBOS, SQLAlchemyDatasource
 
     url = _url(spec["dsn"])
-    DBOS(config={
-        "name": "pgdurable-bench",
-        "system_database_url": url,
-        "application_version": DBOS_VERSION_TAG,
-        "executor_id": f"bench-{spec['index']}",
-        "sys_db_pool_size": 12,
-        "log_level": "WARNING",
-    })
-    ds = SQLAlchemyDatasource.create(url, engine_kwargs={"pool_size": 8, "max_overflow": 0},
-                                     run_migrations=False)
+    DBOS(
+        config={
+            "name": "pgdurable-bench",
+            "system_database_url": url,
+            "application_version": DBOS_VERSION_TAG,
+            "executor_id": f"bench-{spec['index']}",
+            "sys_db_pool_size": 12,
+            "log_level": "WARNING",
+        }
+    )
+    ds = SQLAlchemyDatasource.create(
+        url, engine_kwargs={"pool_size": 8, "max_overflow": 0}, run_migrations=False
+    )
 
     @ds.transaction(name="select1", isolation_level="READ COMMITTED")
     def select1() -> int:
@@ -505,8 +577,9 @@ def _dbos_worker(spec: dict[str, Any]) -> None:
 def _procrastinate_app(dsn: str, pool: int) -> Any:
     import procrastinate
 
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-        conninfo=dsn, min_size=pool, max_size=pool))
+    app = procrastinate.App(
+        connector=procrastinate.PsycopgConnector(conninfo=dsn, min_size=pool, max_size=pool)
+    )
 
     async def select1() -> None:
         await app.connector.execute_query_one_async("select 1")
@@ -524,8 +597,8 @@ def _procrastinate_app(dsn: str, pool: int) -> Any:
     @app.task(name="bench_fanout")
     async def fanout(inst: int) -> None:
         await app.connector.execute_query_async(
-            "insert into bench_join (id, remaining) values (%(inst)s, %(n)s)",
-            inst=inst, n=FANOUT)
+            "insert into bench_join (id, remaining) values (%(inst)s, %(n)s)", inst=inst, n=FANOUT
+        )
         await leaf.batch_defer_async(*[{"inst": inst}] * FANOUT)
 
     @app.task(name="bench_leaf")
@@ -533,7 +606,9 @@ def _procrastinate_app(dsn: str, pool: int) -> Any:
         await select1()
         row = await app.connector.execute_query_one_async(
             "update bench_join set remaining = remaining - 1 where id = %(inst)s "
-            "returning remaining", inst=inst)
+            "returning remaining",
+            inst=inst,
+        )
         if row["remaining"] == 0:
             await final.defer_async(inst=inst)
 
@@ -551,9 +626,13 @@ def _procrastinate_worker(spec: dict[str, Any]) -> None:
 
     async def main() -> None:
         async with app.open_async():
-            await app.run_worker_async(concurrency=int(spec["concurrency"]),
-                                       name=f"bench-{spec['index']}", wait=True,
-                                       delete_jobs="never", shutdown_graceful_timeout=5)
+            await app.run_worker_async(
+                concurrency=int(spec["concurrency"]),
+                name=f"bench-{spec['index']}",
+                wait=True,
+                delete_jobs="never",
+                shutdown_graceful_timeout=5,
+            )
 
     asyncio.run(main())
 

@@ -134,11 +134,14 @@ def w2(scale: float) -> tuple[int, str]:
 
 def ledger_step(k: int) -> str:
     """A DSL step that records its own execution (SQL text inside a DSL string literal)."""
-    return ("df.sql('insert into " + LEDGER + " (instance_id, k) "
-            "values (''{sys_instance_id}'', " + str(k) + ")')")
+    return (
+        "df.sql('insert into " + LEDGER + " (instance_id, k) "
+        "values (''{sys_instance_id}'', " + str(k) + ")')"
+    )
 
 
 # -- the PostgreSQL cluster's processes -------------------------------------------------
+
 
 def cluster_procs(server: Server) -> list[psutil.Process]:
     """The postmaster of the server under test and its children (backends, walwriter…).
@@ -175,6 +178,7 @@ def _max_rss(kids: list[psutil.Process]) -> dict[int, int]:
 
 # -- one throughput run -----------------------------------------------------------------
 
+
 @dataclass
 class Run:
     """One drain of ``instances`` ten-step sequences by ``serves`` serve processes."""
@@ -198,8 +202,9 @@ class Run:
     note: str = ""
 
 
-def enqueue_atomic(tenant_dsn: str, graph: str, n: int, label: str,
-                   before_commit: Callable[[], None]) -> None:
+def enqueue_atomic(
+    tenant_dsn: str, graph: str, n: int, label: str, before_commit: Callable[[], None]
+) -> None:
     """``n`` per-row starts, START_BATCH per statement, all in ONE transaction.
 
     harness.enqueue_batched commits every statement (it measures enqueue); here every serve
@@ -209,24 +214,36 @@ def enqueue_atomic(tenant_dsn: str, graph: str, n: int, label: str,
         done = 0
         while done < n:
             k = min(START_BATCH, n - done)
-            conn.execute("select count(df.start(%s::text, %s)) from generate_series(1, %s)",
-                         (graph, label, k))
+            conn.execute(
+                "select count(df.start(%s::text, %s)) from generate_series(1, %s)",
+                (graph, label, k),
+            )
             done += k
         before_commit()
         conn.commit()
 
 
-def measure(server: Server, dsn: str, tenant_dsn: str, graph: str, n: int, label: str,
-            serves_n: int, args: argparse.Namespace, workdir: Path,
-            progress: Progress) -> Run:
+def measure(
+    server: Server,
+    dsn: str,
+    tenant_dsn: str,
+    graph: str,
+    n: int,
+    label: str,
+    serves_n: int,
+    args: argparse.Namespace,
+    workdir: Path,
+    progress: Progress,
+) -> Run:
     run = Run(label, serves_n, args.workers)
     # every run starts without a backlog of dirty pages (a bulk load's writeback would
     # compete with the steps' WAL fsyncs)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("checkpoint")
     env = {"PGDURABLE_SLOTS": str(args.slots)} if args.slots else {}
-    serves = [Serve(dsn, args.workers, workdir / f"serve-{label}-{i}.log", env)
-              for i in range(serves_n)]
+    serves = [
+        Serve(dsn, args.workers, workdir / f"serve-{label}-{i}.log", env) for i in range(serves_n)
+    ]
     try:
         kids = [s.wait_workers() for s in serves]
         run.worker_pids = [[k.pid for k in ks] for ks in kids]
@@ -254,27 +271,34 @@ def measure(server: Server, dsn: str, tenant_dsn: str, graph: str, n: int, label
                             where datname = current_database() and wait_event = 'PgSleep')
                     from df.instances i join df.nodes n on n.instance_id = i.id
                     where i.label = %s
-                    """, (list(TERMINAL), label)).fetchone()
+                    """,
+                    (list(TERMINAL), label),
+                ).fetchone()
                 assert r is not None
                 done, moved = int(r[0]), int(r[1])
                 waiters.append(int(r[2]))
                 for ks in kids:
                     peak = max([peak, *_max_rss(ks).values()])
-                progress.tick(f"  [{label}] {done:,}/{n:,} instances finished "
-                              f"({time.monotonic() - mark['t']:.1f} s)")
+                progress.tick(
+                    f"  [{label}] {done:,}/{n:,} instances finished "
+                    f"({time.monotonic() - mark['t']:.1f} s)"
+                )
                 if done >= n:
                     break
                 if (done, moved) != last:
                     last, last_move = (done, moved), time.monotonic()
                 if time.monotonic() - last_move > args.stall_seconds:
-                    run.note = (f"STALLED: {done:,}/{n:,} instances finished, no progress "
-                                f"for {args.stall_seconds:.0f} s")
+                    run.note = (
+                        f"STALLED: {done:,}/{n:,} instances finished, no progress "
+                        f"for {args.stall_seconds:.0f} s"
+                    )
                     progress(f"  [{label}] {run.note}")
                     break
                 dead = [s for s in serves if s.proc.poll() is not None]
                 if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"{label}: {done}/{n} finished; serve log:\n"
-                                       f"{(dead or serves)[0].log()}")
+                    raise RuntimeError(
+                        f"{label}: {done}/{n} finished; serve log:\n{(dead or serves)[0].log()}"
+                    )
                 time.sleep(POLL_S)
             wall = time.monotonic() - mark["t"]
             w_cpu = [_cpu_delta(w0, _cpu(ks)) for w0, ks in zip(mark["w"], kids, strict=True)]
@@ -289,7 +313,9 @@ def measure(server: Server, dsn: str, tenant_dsn: str, graph: str, n: int, label
                 select count(*), count(*) filter (where status = 'failed'),
                        extract(epoch from max(completed_at))
                 from df.instances where label = %s
-                """, (label,)).fetchone()
+                """,
+                (label,),
+            ).fetchone()
             assert r is not None
             run.instances, run.failed = int(r[0]), int(r[1])
             last_done = float(r[2] or 0)
@@ -299,7 +325,9 @@ def measure(server: Server, dsn: str, tenant_dsn: str, graph: str, n: int, label
                        extract(epoch from min((n.status_details->>'started_at')::timestamptz))
                 from df.nodes n join df.instances i on i.id = n.instance_id
                 where i.label = %s
-                """, (list(LEAF_TYPES), label)).fetchone()
+                """,
+                (list(LEAF_TYPES), label),
+            ).fetchone()
             assert r2 is not None
             run.steps = int(r2[0])
             first = float(r2[1] or last_done)
@@ -315,9 +343,11 @@ def measure(server: Server, dsn: str, tenant_dsn: str, graph: str, n: int, label
             s.stop()
     if run.failed:
         run.note = "; ".join(x for x in (run.note, f"{run.failed} instance(s) failed") if x)
-    progress(f"  [{label}] {serves_n} serve(s): {run.steps:,} steps in {run.drain_s:.2f} s = "
-             f"{run.steps_per_s:,.0f} steps/s (workers {sum(run.worker_cores):.2f} cores, "
-             f"PostgreSQL {run.postgres_cores:.2f}, box {run.box_cores:.2f})")
+    progress(
+        f"  [{label}] {serves_n} serve(s): {run.steps:,} steps in {run.drain_s:.2f} s = "
+        f"{run.steps_per_s:,.0f} steps/s (workers {sum(run.worker_cores):.2f} cores, "
+        f"PostgreSQL {run.postgres_cores:.2f}, box {run.box_cores:.2f})"
+    )
     return run
 
 
@@ -336,6 +366,7 @@ def _ratio(a: float, b: float) -> float:
 
 # -- fresh database per check -----------------------------------------------------------
 
+
 class Db:
     """A fresh database with pgdurable installed and the bench tenant, dropped on exit."""
 
@@ -348,9 +379,11 @@ class Db:
         schema_mod.install(self.dsn)
         if self.max_user_connections:
             with self.admin() as conn:
-                conn.execute(sql.SQL("alter database {} set pg_durable.max_user_connections "
-                                     "= {}").format(sql.Identifier(self.name),
-                                                    sql.Literal(str(self.max_user_connections))))
+                conn.execute(
+                    sql.SQL("alter database {} set pg_durable.max_user_connections = {}").format(
+                        sql.Identifier(self.name), sql.Literal(str(self.max_user_connections))
+                    )
+                )
         self.tenant_dsn = _tenant(self.server, self.dsn, False)
         return self
 
@@ -363,6 +396,7 @@ class Db:
 
 
 # -- check 1: finished instances --------------------------------------------------------
+
 
 @dataclass
 class FinishedResult:
@@ -394,16 +428,20 @@ class FinishedResult:
 TEMPLATES = [
     ("one step", ONE),
     ("ten steps", seq10(lambda k: ONE)),
-    ("named results", "df.sql('select 1 as a') |=> 'a' ~> df.sql('select $a + 1 as b') "
-                      "|=> 'b' ~> df.sql('select $b * 2')"),
+    (
+        "named results",
+        "df.sql('select 1 as a') |=> 'a' ~> df.sql('select $a + 1 as b') "
+        "|=> 'b' ~> df.sql('select $b * 2')",
+    ),
     ("signal wait", ONE + " ~> df.wait_for_signal('go')"),
     ("failed", "df.sql('select 1/0')"),
     ("cancelled", ONE + " ~> df.sleep(3600)"),
 ]
 
 
-def _run_templates(db: Db, args: argparse.Namespace, workdir: Path,
-                   progress: Progress) -> dict[str, tuple[str, str]]:
+def _run_templates(
+    db: Db, args: argparse.Namespace, workdir: Path, progress: Progress
+) -> dict[str, tuple[str, str]]:
     """Run one instance of each template shape to a terminal state: shape -> (id, status)."""
     ids: dict[str, str] = {}
     with psycopg.connect(db.tenant_dsn, autocommit=True) as t:
@@ -420,14 +458,23 @@ def _run_templates(db: Db, args: argparse.Namespace, workdir: Path,
         cancelled = False
         with db.admin() as conn, psycopg.connect(db.tenant_dsn, autocommit=True) as t:
             while True:
-                if not cancelled and conn.execute(
+                if (
+                    not cancelled
+                    and conn.execute(
                         f"select 1 from {ENGINE}.tasks where instance_id = %s and kind = 'timer'",
-                        (ids["cancelled"],)).fetchone():
-                    t.execute("select df.cancel(%s, 'bench: a cancelled shape')",
-                              (ids["cancelled"],))
+                        (ids["cancelled"],),
+                    ).fetchone()
+                ):
+                    t.execute(
+                        "select df.cancel(%s, 'bench: a cancelled shape')", (ids["cancelled"],)
+                    )
                     cancelled = True
-                st = dict(conn.execute("select id, status from df.instances where id = any (%s)",
-                                       (list(ids.values()),)).fetchall())
+                st = dict(
+                    conn.execute(
+                        "select id, status from df.instances where id = any (%s)",
+                        (list(ids.values()),),
+                    ).fetchall()
+                )
                 if all(s in TERMINAL for s in st.values()):
                     break
                 if time.monotonic() > deadline or serve.proc.poll() is not None:
@@ -441,13 +488,18 @@ def _run_templates(db: Db, args: argparse.Namespace, workdir: Path,
 
 def _columns(conn: psycopg.Connection[Any], table: str) -> list[tuple[str, str]]:
     schema, name = table.split(".")
-    return [(str(c), str(t)) for c, t in conn.execute(
-        """
+    return [
+        (str(c), str(t))
+        for c, t in conn.execute(
+            """
         select column_name, data_type from information_schema.columns
         where table_schema = %s and table_name = %s
           and is_generated = 'NEVER' and is_identity = 'NO'
         order by ordinal_position
-        """, (schema, name)).fetchall()]
+        """,
+            (schema, name),
+        ).fetchall()
+    ]
 
 
 def _clone_sql(conn: psycopg.Connection[Any], table: str, id_col: str) -> sql.Composed:
@@ -469,16 +521,23 @@ def _clone_sql(conn: psycopg.Connection[Any], table: str, id_col: str) -> sql.Co
     schema, name = table.split(".")
     return sql.SQL(
         "insert into {tbl} ({cols}) select {exprs} from scale_clone_map m "
-        "join {tbl} s on s.{idc} = m.tmpl where m.g between %s and %s").format(
-        tbl=sql.Identifier(schema, name), cols=sql.SQL(", ").join(
-            sql.Identifier(c) for c, _ in cols),
-        exprs=sql.SQL(", ").join(exprs), idc=sql.Identifier(id_col))
+        "join {tbl} s on s.{idc} = m.tmpl where m.g between %s and %s"
+    ).format(
+        tbl=sql.Identifier(schema, name),
+        cols=sql.SQL(", ").join(sql.Identifier(c) for c, _ in cols),
+        exprs=sql.SQL(", ").join(exprs),
+        idc=sql.Identifier(id_col),
+    )
 
 
 # engine/contract tables that keep rows of a terminal instance, and their instance id column
 # (pgdurable.tasks rows are deleted by the checkpoint that ends them; signals are consumed)
-CLONED = [("df.instances", "id"), ("df.nodes", "instance_id"), (f"{ENGINE}.runs", "instance_id"),
-          (f"{ENGINE}.results", "instance_id")]
+CLONED = [
+    ("df.instances", "id"),
+    ("df.nodes", "instance_id"),
+    (f"{ENGINE}.runs", "instance_id"),
+    (f"{ENGINE}.results", "instance_id"),
+]
 
 
 def load_finished(db: Db, n: int, template_ids: list[str], progress: Progress) -> float:
@@ -486,8 +545,10 @@ def load_finished(db: Db, n: int, template_ids: list[str], progress: Progress) -
     t0 = time.monotonic()
     with db.admin() as conn:
         conn.execute("drop table if exists scale_clone_map")
-        conn.execute("create unlogged table scale_clone_map (g integer primary key, "
-                     "id varchar(8) not null, tmpl varchar(8) not null, age interval not null)")
+        conn.execute(
+            "create unlogged table scale_clone_map (g integer primary key, "
+            "id varchar(8) not null, tmpl varchar(8) not null, age interval not null)"
+        )
         # ids: g * ID_MULT mod 2^32 (distinct), minus any that a live instance already has
         conn.execute(
             """
@@ -496,7 +557,9 @@ def load_finished(db: Db, n: int, template_ids: list[str], progress: Progress) -
                    (%s::varchar[])[1 + g %% %s],
                    make_interval(secs => random() * 3 * 86400)
             from generate_series(1, %s) g
-            """, (ID_MULT, template_ids, len(template_ids), n))
+            """,
+            (ID_MULT, template_ids, len(template_ids), n),
+        )
         conn.execute("delete from scale_clone_map m using df.instances i where i.id = m.id")
         conn.execute("analyze scale_clone_map")
         stmts = [_clone_sql(conn, table, idc) for table, idc in CLONED]
@@ -508,27 +571,45 @@ def load_finished(db: Db, n: int, template_ids: list[str], progress: Progress) -
             with conn.transaction():
                 for stmt in stmts:
                     conn.execute(stmt, (lo, hi))
-            progress.tick(f"  cloned {hi:,}/{n:,} finished instances "
-                          f"({time.monotonic() - t0:.0f} s)")
+            progress.tick(
+                f"  cloned {hi:,}/{n:,} finished instances ({time.monotonic() - t0:.0f} s)"
+            )
         conn.execute("reset session_replication_role")
         conn.execute("drop table scale_clone_map")
     return time.monotonic() - t0
 
 
-def check_finished(server: Server, args: argparse.Namespace, workdir: Path,
-                   progress: Progress) -> FinishedResult:
+def check_finished(
+    server: Server, args: argparse.Namespace, workdir: Path, progress: Progress
+) -> FinishedResult:
     res = FinishedResult()
     n_fin = _n(FINISHED_N, args.scale)
     n_wl, expr = w2(args.scale)
-    progress(f"[finished] {n_wl:,} ten-step sequences on an empty database, then with "
-             f"{n_fin:,} finished instances")
-    with Db(server, "pgdurable_scale_finished", args) as db, \
-            Db(server, "pgdurable_scale_control", args) as ctl:
+    progress(
+        f"[finished] {n_wl:,} ten-step sequences on an empty database, then with "
+        f"{n_fin:,} finished instances"
+    )
+    with (
+        Db(server, "pgdurable_scale_finished", args) as db,
+        Db(server, "pgdurable_scale_control", args) as ctl,
+    ):
         graph = _graph(db.tenant_dsn, expr)
         ctl_graph = _graph(ctl.tenant_dsn, expr)
         for i in range(args.repeats):
-            res.before.append(measure(server, db.dsn, db.tenant_dsn, graph, n_wl,
-                                      f"empty-{i + 1}", 1, args, workdir, progress))
+            res.before.append(
+                measure(
+                    server,
+                    db.dsn,
+                    db.tenant_dsn,
+                    graph,
+                    n_wl,
+                    f"empty-{i + 1}",
+                    1,
+                    args,
+                    workdir,
+                    progress,
+                )
+            )
         tmpl = _run_templates(db, args, workdir, progress)
         res.templates = {k: st for k, (_id, st) in tmpl.items()}
         res.load_s = load_finished(db, n_fin, [i for i, _st in tmpl.values()], progress)
@@ -536,30 +617,55 @@ def check_finished(server: Server, args: argparse.Namespace, workdir: Path,
         with db.admin() as conn:
             conn.execute("vacuum analyze")
             res.vacuum_s = time.monotonic() - t0
-            r = conn.execute("select count(*) from df.instances where label = 'history'"
-                             ).fetchone()
+            r = conn.execute("select count(*) from df.instances where label = 'history'").fetchone()
             assert r is not None
             res.finished = int(r[0])
-            r = conn.execute("select count(*) from df.nodes n join df.instances i "
-                             "on i.id = n.instance_id where i.label = 'history'").fetchone()
+            r = conn.execute(
+                "select count(*) from df.nodes n join df.instances i "
+                "on i.id = n.instance_id where i.label = 'history'"
+            ).fetchone()
             assert r is not None
             res.node_rows = int(r[0])
             for table, _idc in CLONED:
-                r = conn.execute("select pg_total_relation_size(%s::regclass)",
-                                 (table,)).fetchone()
+                r = conn.execute("select pg_total_relation_size(%s::regclass)", (table,)).fetchone()
                 res.table_mb[table] = int(r[0]) / 2**20 if r else 0.0
-        progress(f"  loaded {res.finished:,} finished instances ({res.node_rows:,} nodes) in "
-                 f"{res.load_s:.0f} s, vacuum analyze {res.vacuum_s:.0f} s")
+        progress(
+            f"  loaded {res.finished:,} finished instances ({res.node_rows:,} nodes) in "
+            f"{res.load_s:.0f} s, vacuum analyze {res.vacuum_s:.0f} s"
+        )
         # interleaved with an empty control database on the same server, so other work on
         # the box (which comes and goes over minutes) hits both alike
         for i in range(args.repeats):
-            res.control.append(measure(server, ctl.dsn, ctl.tenant_dsn, ctl_graph, n_wl,
-                                       f"control-{i + 1}", 1, args, workdir, progress))
-            res.after.append(measure(server, db.dsn, db.tenant_dsn, graph, n_wl,
-                                     f"full-{i + 1}", 1, args, workdir, progress))
+            res.control.append(
+                measure(
+                    server,
+                    ctl.dsn,
+                    ctl.tenant_dsn,
+                    ctl_graph,
+                    n_wl,
+                    f"control-{i + 1}",
+                    1,
+                    args,
+                    workdir,
+                    progress,
+                )
+            )
+            res.after.append(
+                measure(
+                    server,
+                    db.dsn,
+                    db.tenant_dsn,
+                    graph,
+                    n_wl,
+                    f"full-{i + 1}",
+                    1,
+                    args,
+                    workdir,
+                    progress,
+                )
+            )
         with db.admin() as conn:
-            r = conn.execute("select count(*) from df.instances where label = 'history'"
-                             ).fetchone()
+            r = conn.execute("select count(*) from df.instances where label = 'history'").fetchone()
             assert r is not None
             res.pruned = res.finished - int(r[0])
     res.rate_before, res.rate_after = _best_rate(res.before), _best_rate(res.after)
@@ -569,8 +675,11 @@ def check_finished(server: Server, args: argparse.Namespace, workdir: Path,
     res.rate_control, res.median_control = _best_rate(res.control), _median_rate(res.control)
     res.control_ratio = _ratio(res.rate_after, res.rate_control)
     res.control_median_ratio = _ratio(res.median_after, res.median_control)
-    pairs = [_ratio(a.pg_ms_per_step, c.pg_ms_per_step)
-             for c, a in zip(res.control, res.after, strict=True) if c.pg_ms_per_step]
+    pairs = [
+        _ratio(a.pg_ms_per_step, c.pg_ms_per_step)
+        for c, a in zip(res.control, res.after, strict=True)
+        if c.pg_ms_per_step
+    ]
     res.pg_cpu_ratio = statistics.mean(pairs) if pairs else 0.0
     notes = [f"{r.label}: {r.note}" for r in res.before + res.control + res.after if r.note]
     if res.pruned:
@@ -580,6 +689,7 @@ def check_finished(server: Server, args: argparse.Namespace, workdir: Path,
 
 
 # -- check 2: scale-out -----------------------------------------------------------------
+
 
 @dataclass
 class ScaleoutResult:
@@ -601,63 +711,105 @@ class ScaleoutResult:
     note: str = ""
 
 
-def check_scaleout(server: Server, args: argparse.Namespace, workdir: Path,
-                   progress: Progress) -> ScaleoutResult:
+def check_scaleout(
+    server: Server, args: argparse.Namespace, workdir: Path, progress: Progress
+) -> ScaleoutResult:
     res = ScaleoutResult()
     n, _expr = w2(args.scale)
     res.instances = n
-    progress(f"[scaleout] {n:,} ten-step ledger sequences: 1 serve vs 2 serves "
-             f"({args.workers} worker(s) each)")
+    progress(
+        f"[scaleout] {n:,} ten-step ledger sequences: 1 serve vs 2 serves "
+        f"({args.workers} worker(s) each)"
+    )
     with Db(server, "pgdurable_scale_scaleout", args) as db:
         with db.admin() as conn:
             # the worker that ran a step: its step connection's registration (a step's
             # application_name names the instance and node, not the worker)
-            conn.execute("create function public.scale_worker() returns text language sql "
-                         "stable security definer set search_path = pg_catalog, pg_temp as "
-                         "$$ select c.worker_id from pgdurable.step_caps c "
-                         "where c.pid = pg_backend_pid() $$")
-            conn.execute(f"create table {LEDGER} (instance_id text not null, k int not null, "
-                         "app text default public.scale_worker(), "
-                         "at timestamptz default clock_timestamp())")
-            conn.execute(sql.SQL("grant insert on {} to {}").format(
-                sql.SQL(LEDGER), sql.Identifier(TENANT)))
-            conn.execute(sql.SQL("grant execute on function public.scale_worker() to {}").format(
-                sql.Identifier(TENANT)))
+            conn.execute(
+                "create function public.scale_worker() returns text language sql "
+                "stable security definer set search_path = pg_catalog, pg_temp as "
+                "$$ select c.worker_id from pgdurable.step_caps c "
+                "where c.pid = pg_backend_pid() $$"
+            )
+            conn.execute(
+                f"create table {LEDGER} (instance_id text not null, k int not null, "
+                "app text default public.scale_worker(), "
+                "at timestamptz default clock_timestamp())"
+            )
+            conn.execute(
+                sql.SQL("grant insert on {} to {}").format(sql.SQL(LEDGER), sql.Identifier(TENANT))
+            )
+            conn.execute(
+                sql.SQL("grant execute on function public.scale_worker() to {}").format(
+                    sql.Identifier(TENANT)
+                )
+            )
         graph = _graph(db.tenant_dsn, seq10(ledger_step))
         for i in range(args.repeats):
-            res.one.append(measure(server, db.dsn, db.tenant_dsn, graph, n, f"one-{i + 1}", 1,
-                                   args, workdir, progress))
-            res.two.append(measure(server, db.dsn, db.tenant_dsn, graph, n, f"two-{i + 1}", 2,
-                                   args, workdir, progress))
+            res.one.append(
+                measure(
+                    server,
+                    db.dsn,
+                    db.tenant_dsn,
+                    graph,
+                    n,
+                    f"one-{i + 1}",
+                    1,
+                    args,
+                    workdir,
+                    progress,
+                )
+            )
+            res.two.append(
+                measure(
+                    server,
+                    db.dsn,
+                    db.tenant_dsn,
+                    graph,
+                    n,
+                    f"two-{i + 1}",
+                    2,
+                    args,
+                    workdir,
+                    progress,
+                )
+            )
         with db.admin() as conn:
             r = conn.execute(
                 f"""
                 select count(*), count(distinct (l.instance_id, l.k))
                 from {LEDGER} l join df.instances i on i.id = l.instance_id
                 where i.label ~ '^(one|two)-'
-                """).fetchone()
+                """
+            ).fetchone()
             assert r is not None
             res.ledger_rows, res.distinct_rows = int(r[0]), int(r[1])
             res.expected_rows = 10 * sum(x.instances for x in res.one + res.two)
             res.duplicates = res.ledger_rows - res.distinct_rows
             res.missing = res.expected_rows - res.distinct_rows
-            stray = conn.execute(f"select count(*) from {LEDGER} l where not exists "
-                                 "(select 1 from df.instances i where i.id = l.instance_id)"
-                                 ).fetchone()
-            by_app = dict(conn.execute(
-                f"""
+            stray = conn.execute(
+                f"select count(*) from {LEDGER} l where not exists "
+                "(select 1 from df.instances i where i.id = l.instance_id)"
+            ).fetchone()
+            by_app = dict(
+                conn.execute(
+                    f"""
                 select l.app, count(*) from {LEDGER} l
                 join df.instances i on i.id = l.instance_id
                 where i.label ~ '^two-' group by l.app
-                """).fetchall())
+                """
+                ).fetchall()
+            )
         res.steps_by_serve = [0, 0]
         for run in res.two:
             for si, pids in enumerate(run.worker_pids):
                 # steps run on the worker's step connections (worker id host:<pid>:<hex>)
                 mine = {str(p) for p in pids}
-                res.steps_by_serve[si] += sum(int(n) for app, n in by_app.items()
-                                              if app and app.split(":")[1:2] and
-                                              app.split(":")[1] in mine)
+                res.steps_by_serve[si] += sum(
+                    int(n)
+                    for app, n in by_app.items()
+                    if app and app.split(":")[1:2] and app.split(":")[1] in mine
+                )
     res.rate_one, res.rate_two = _best_rate(res.one), _best_rate(res.two)
     res.ratio = _ratio(res.rate_two, res.rate_one)
     res.median_one, res.median_two = _median_rate(res.one), _median_rate(res.two)
@@ -670,6 +822,7 @@ def check_scaleout(server: Server, args: argparse.Namespace, workdir: Path,
 
 
 # -- check 3: memory --------------------------------------------------------------------
+
 
 @dataclass
 class MemoryResult:
@@ -690,8 +843,9 @@ class MemoryResult:
         return max([self.peak_rss_load_mb, self.peak_rss_resume_mb, *self.rss_parked_mb])
 
 
-def check_memory(server: Server, args: argparse.Namespace, workdir: Path,
-                 progress: Progress) -> MemoryResult:
+def check_memory(
+    server: Server, args: argparse.Namespace, workdir: Path, progress: Progress
+) -> MemoryResult:
     res = MemoryResult()
     n = _n(MEMORY_N, args.scale, 2)
     res.instances, res.workers = n, args.memory_workers
@@ -711,13 +865,17 @@ def check_memory(server: Server, args: argparse.Namespace, workdir: Path,
             with db.admin() as conn:
                 # phase 1: every instance runs its SQL step and parks on its signal
                 while True:
-                    r = conn.execute(f"select count(*) filter (where kind = 'signal'), count(*) "
-                                     f"from {ENGINE}.tasks").fetchone()
+                    r = conn.execute(
+                        f"select count(*) filter (where kind = 'signal'), count(*) "
+                        f"from {ENGINE}.tasks"
+                    ).fetchone()
                     assert r is not None
                     parked, left = int(r[0]), int(r[1])
                     peak = max([peak, *_max_rss(kids).values()])
-                    progress.tick(f"  [memory] {parked:,}/{n:,} parked "
-                                  f"(peak worker RSS {peak / 2**20:.0f} MB)")
+                    progress.tick(
+                        f"  [memory] {parked:,}/{n:,} parked "
+                        f"(peak worker RSS {peak / 2**20:.0f} MB)"
+                    )
                     if parked >= n and left == parked:
                         break
                     if parked != last:
@@ -741,35 +899,53 @@ def check_memory(server: Server, args: argparse.Namespace, workdir: Path,
                 for k in kids:
                     with contextlib.suppress(psutil.Error):
                         res.uss_parked_mb.append(k.memory_full_info().uss / 2**20)
-                progress(f"  [memory] {parked:,} parked in {res.park_s:.1f} s; worker RSS "
-                         + ", ".join(f"{v:.0f} MB" for v in res.rss_parked_mb))
+                progress(
+                    f"  [memory] {parked:,} parked in {res.park_s:.1f} s; worker RSS "
+                    + ", ".join(f"{v:.0f} MB" for v in res.rss_parked_mb)
+                )
                 # phase 2: signal them all (1,000 per statement) and let them finish
                 t1 = time.monotonic()
                 peak = 0
                 with psycopg.connect(db.tenant_dsn, autocommit=True) as t:
-                    ids = [x for (x,) in t.execute(
-                        "select id from df.instances where label = 'mem' order by id")]
+                    ids = [
+                        x
+                        for (x,) in t.execute(
+                            "select id from df.instances where label = 'mem' order by id"
+                        )
+                    ]
                     for lo in range(0, len(ids), START_BATCH):
-                        t.execute("select count(df.signal(x, 'go')) from unnest(%s::text[]) x",
-                                  (ids[lo:lo + START_BATCH],))
+                        t.execute(
+                            "select count(df.signal(x, 'go')) from unnest(%s::text[]) x",
+                            (ids[lo : lo + START_BATCH],),
+                        )
                         peak = max([peak, *_max_rss(kids).values()])
                 last, last_move = -1, time.monotonic()
                 while True:
-                    r = conn.execute("select count(*) from df.instances "
-                                     "where label = 'mem' and status = any (%s)",
-                                     (list(TERMINAL),)).fetchone()
+                    r = conn.execute(
+                        "select count(*) from df.instances "
+                        "where label = 'mem' and status = any (%s)",
+                        (list(TERMINAL),),
+                    ).fetchone()
                     assert r is not None
                     done = int(r[0])
                     peak = max([peak, *_max_rss(kids).values()])
-                    progress.tick(f"  [memory] signalled: {done:,}/{n:,} finished "
-                                  f"(peak worker RSS {peak / 2**20:.0f} MB)")
+                    progress.tick(
+                        f"  [memory] signalled: {done:,}/{n:,} finished "
+                        f"(peak worker RSS {peak / 2**20:.0f} MB)"
+                    )
                     if done >= n:
                         break
                     if done != last:
                         last, last_move = done, time.monotonic()
                     if time.monotonic() - last_move > args.stall_seconds:
-                        res.note = "; ".join(x for x in (res.note, f"STALLED at {done:,}/{n:,} "
-                                                         "finished after the signals") if x)
+                        res.note = "; ".join(
+                            x
+                            for x in (
+                                res.note,
+                                f"STALLED at {done:,}/{n:,} finished after the signals",
+                            )
+                            if x
+                        )
                         break
                     if serve.proc.poll() is not None or time.monotonic() - t1 > args.timeout:
                         raise RuntimeError(f"memory: {done}/{n} finished\n{serve.log()}")
@@ -777,11 +953,14 @@ def check_memory(server: Server, args: argparse.Namespace, workdir: Path,
                 res.completed = done
                 res.resume_s = time.monotonic() - t1
                 res.peak_rss_resume_mb = peak / 2**20
-                r = conn.execute("select count(*) from df.instances where label = 'mem' "
-                                 "and status <> 'completed'").fetchone()
+                r = conn.execute(
+                    "select count(*) from df.instances where label = 'mem' "
+                    "and status <> 'completed'"
+                ).fetchone()
                 if r and r[0]:
-                    res.note = "; ".join(x for x in (res.note, f"{r[0]} instance(s) did not "
-                                                     "complete") if x)
+                    res.note = "; ".join(
+                        x for x in (res.note, f"{r[0]} instance(s) did not complete") if x
+                    )
         finally:
             serve.stop()
     return res
@@ -789,125 +968,188 @@ def check_memory(server: Server, args: argparse.Namespace, workdir: Path,
 
 # -- the table ----------------------------------------------------------------------------
 
+
 def _verdict(ok: bool) -> str:
     return "pass" if ok else "**FAIL**"
 
 
-def render(server: Server, args: argparse.Namespace, fin: FinishedResult | None,
-           so: ScaleoutResult | None, mem: MemoryResult | None) -> str:
-    out = [f"pgdurable {__version__} · PostgreSQL {server.version} "
-           f"(synchronous_commit={server.sync_commit}, fsync={server.fsync}, "
-           f"shared_buffers={server.shared_buffers}) · {os.cpu_count()} cores · "
-           f"Python {platform.python_version()} · workers/serve={args.workers} · "
-           f"slots={args.slots or 'default'} · "
-           f"pg_durable.max_user_connections={args.max_user_connections or 'default (10)'} · "
-           f"repeats={args.repeats} · "
-           f"scale={args.scale:g}", ""]
+def render(
+    server: Server,
+    args: argparse.Namespace,
+    fin: FinishedResult | None,
+    so: ScaleoutResult | None,
+    mem: MemoryResult | None,
+) -> str:
+    out = [
+        f"pgdurable {__version__} · PostgreSQL {server.version} "
+        f"(synchronous_commit={server.sync_commit}, fsync={server.fsync}, "
+        f"shared_buffers={server.shared_buffers}) · {os.cpu_count()} cores · "
+        f"Python {platform.python_version()} · workers/serve={args.workers} · "
+        f"slots={args.slots or 'default'} · "
+        f"pg_durable.max_user_connections={args.max_user_connections or 'default (10)'} · "
+        f"repeats={args.repeats} · "
+        f"scale={args.scale:g}",
+        "",
+    ]
     out.append("| check | figure | value | target | verdict |")
     out.append("|---|---|---:|---:|---|")
     if fin:
-        out.append(f"| finished | steps/s, empty database (best / median) "
-                   f"| {fin.rate_before:,.0f} / {fin.median_before:,.0f} | | |")
-        out.append(f"| finished | steps/s with {fin.finished:,} finished instances "
-                   f"({fin.node_rows:,} nodes) (best / median) "
-                   f"| {fin.rate_after:,.0f} / {fin.median_after:,.0f} | | |")
-        out.append(f"| finished | ratio, same database after ÷ before (best / median) "
-                   f"| {fin.ratio:.2f} / {fin.median_ratio:.2f} | ≥ {TARGET_FINISHED_RATIO:.2f} "
-                   f"| {_verdict(fin.ratio >= TARGET_FINISHED_RATIO)} |")
-        out.append(f"| finished | steps/s, empty control database alternating with the "
-                   f"runs above (best / median) "
-                   f"| {fin.rate_control:,.0f} / {fin.median_control:,.0f} | | |")
-        out.append(f"| finished | ratio, after ÷ interleaved control (best / median) "
-                   f"| {fin.control_ratio:.2f} / {fin.control_median_ratio:.2f} "
-                   f"| ≥ {TARGET_FINISHED_RATIO:.2f} "
-                   f"| {_verdict(fin.control_ratio >= TARGET_FINISHED_RATIO)} |")
-        out.append(f"| finished | PostgreSQL CPU per step, after ÷ interleaved control "
-                   f"(mean of the pairs) | {fin.pg_cpu_ratio:.2f} | | |")
-        out.append(f"| finished | finished instances pruned during the runs | {fin.pruned:,} "
-                   f"| 0 | {_verdict(fin.pruned == 0)} |")
+        out.append(
+            f"| finished | steps/s, empty database (best / median) "
+            f"| {fin.rate_before:,.0f} / {fin.median_before:,.0f} | | |"
+        )
+        out.append(
+            f"| finished | steps/s with {fin.finished:,} finished instances "
+            f"({fin.node_rows:,} nodes) (best / median) "
+            f"| {fin.rate_after:,.0f} / {fin.median_after:,.0f} | | |"
+        )
+        out.append(
+            f"| finished | ratio, same database after ÷ before (best / median) "
+            f"| {fin.ratio:.2f} / {fin.median_ratio:.2f} | ≥ {TARGET_FINISHED_RATIO:.2f} "
+            f"| {_verdict(fin.ratio >= TARGET_FINISHED_RATIO)} |"
+        )
+        out.append(
+            f"| finished | steps/s, empty control database alternating with the "
+            f"runs above (best / median) "
+            f"| {fin.rate_control:,.0f} / {fin.median_control:,.0f} | | |"
+        )
+        out.append(
+            f"| finished | ratio, after ÷ interleaved control (best / median) "
+            f"| {fin.control_ratio:.2f} / {fin.control_median_ratio:.2f} "
+            f"| ≥ {TARGET_FINISHED_RATIO:.2f} "
+            f"| {_verdict(fin.control_ratio >= TARGET_FINISHED_RATIO)} |"
+        )
+        out.append(
+            f"| finished | PostgreSQL CPU per step, after ÷ interleaved control "
+            f"(mean of the pairs) | {fin.pg_cpu_ratio:.2f} | | |"
+        )
+        out.append(
+            f"| finished | finished instances pruned during the runs | {fin.pruned:,} "
+            f"| 0 | {_verdict(fin.pruned == 0)} |"
+        )
     if so:
-        out.append(f"| scaleout | steps/s, 1 serve (best / median) "
-                   f"| {so.rate_one:,.0f} / {so.median_one:,.0f} | | |")
-        out.append(f"| scaleout | steps/s, 2 serves (best / median) "
-                   f"| {so.rate_two:,.0f} / {so.median_two:,.0f} | | |")
-        out.append(f"| scaleout | ratio (best / median) | {so.ratio:.2f}× / {so.median_ratio:.2f}× "
-                   f"| ≥ {TARGET_SCALEOUT_RATIO:.1f}× "
-                   f"| {_verdict(so.ratio >= TARGET_SCALEOUT_RATIO)} |")
-        out.append(f"| scaleout | ledger rows / expected steps | {so.ledger_rows:,} / "
-                   f"{so.expected_rows:,} | equal "
-                   f"| {_verdict(so.ledger_rows == so.expected_rows)} |")
-        out.append(f"| scaleout | steps run twice / never | {so.duplicates:,} / {so.missing:,} "
-                   f"| 0 / 0 | {_verdict(so.duplicates == 0 and so.missing == 0)} |")
-        out.append(f"| scaleout | steps by serve A / B (2-serve runs) | "
-                   f"{so.steps_by_serve[0]:,} / {so.steps_by_serve[1]:,} | both > 0 "
-                   f"| {_verdict(min(so.steps_by_serve) > 0)} |")
+        out.append(
+            f"| scaleout | steps/s, 1 serve (best / median) "
+            f"| {so.rate_one:,.0f} / {so.median_one:,.0f} | | |"
+        )
+        out.append(
+            f"| scaleout | steps/s, 2 serves (best / median) "
+            f"| {so.rate_two:,.0f} / {so.median_two:,.0f} | | |"
+        )
+        out.append(
+            f"| scaleout | ratio (best / median) | {so.ratio:.2f}× / {so.median_ratio:.2f}× "
+            f"| ≥ {TARGET_SCALEOUT_RATIO:.1f}× "
+            f"| {_verdict(so.ratio >= TARGET_SCALEOUT_RATIO)} |"
+        )
+        out.append(
+            f"| scaleout | ledger rows / expected steps | {so.ledger_rows:,} / "
+            f"{so.expected_rows:,} | equal "
+            f"| {_verdict(so.ledger_rows == so.expected_rows)} |"
+        )
+        out.append(
+            f"| scaleout | steps run twice / never | {so.duplicates:,} / {so.missing:,} "
+            f"| 0 / 0 | {_verdict(so.duplicates == 0 and so.missing == 0)} |"
+        )
+        out.append(
+            f"| scaleout | steps by serve A / B (2-serve runs) | "
+            f"{so.steps_by_serve[0]:,} / {so.steps_by_serve[1]:,} | both > 0 "
+            f"| {_verdict(min(so.steps_by_serve) > 0)} |"
+        )
     if mem:
-        out.append(f"| memory | instances parked (in flight) | {mem.parked:,} / "
-                   f"{mem.instances:,} | all | {_verdict(mem.parked >= mem.instances)} |")
-        out.append(f"| memory | worker RSS with all parked, MB ({mem.workers} worker(s)) | "
-                   + " / ".join(f"{v:.0f}" for v in mem.rss_parked_mb)
-                   + f" | < {TARGET_RSS_MB:.0f} "
-                   f"| {_verdict(max(mem.rss_parked_mb, default=0) < TARGET_RSS_MB)} |")
-        out.append("| memory | worker USS (unique, not shared with the supervisor) with all "
-                   "parked, MB | " + " / ".join(f"{v:.0f}" for v in mem.uss_parked_mb)
-                   + " | | |")
-        out.append(f"| memory | peak worker RSS while loading / while all finish, MB "
-                   f"| {mem.peak_rss_load_mb:.0f} / {mem.peak_rss_resume_mb:.0f} "
-                   f"| < {TARGET_RSS_MB:.0f} | {_verdict(mem.max_rss_mb < TARGET_RSS_MB)} |")
-        out.append(f"| memory | completed after the signals | {mem.completed:,} / "
-                   f"{mem.instances:,} | all | {_verdict(mem.completed >= mem.instances)} |")
+        out.append(
+            f"| memory | instances parked (in flight) | {mem.parked:,} / "
+            f"{mem.instances:,} | all | {_verdict(mem.parked >= mem.instances)} |"
+        )
+        out.append(
+            f"| memory | worker RSS with all parked, MB ({mem.workers} worker(s)) | "
+            + " / ".join(f"{v:.0f}" for v in mem.rss_parked_mb)
+            + f" | < {TARGET_RSS_MB:.0f} "
+            f"| {_verdict(max(mem.rss_parked_mb, default=0) < TARGET_RSS_MB)} |"
+        )
+        out.append(
+            "| memory | worker USS (unique, not shared with the supervisor) with all "
+            "parked, MB | " + " / ".join(f"{v:.0f}" for v in mem.uss_parked_mb) + " | | |"
+        )
+        out.append(
+            f"| memory | peak worker RSS while loading / while all finish, MB "
+            f"| {mem.peak_rss_load_mb:.0f} / {mem.peak_rss_resume_mb:.0f} "
+            f"| < {TARGET_RSS_MB:.0f} | {_verdict(mem.max_rss_mb < TARGET_RSS_MB)} |"
+        )
+        out.append(
+            f"| memory | completed after the signals | {mem.completed:,} / "
+            f"{mem.instances:,} | all | {_verdict(mem.completed >= mem.instances)} |"
+        )
     out.append("")
-    runs = (fin.before + [r for pair in zip(fin.control, fin.after, strict=True)
-                          for r in pair] if fin else []) + (
-        [r for pair in zip(so.one, so.two, strict=True) for r in pair] if so else [])
+    runs = (
+        fin.before + [r for pair in zip(fin.control, fin.after, strict=True) for r in pair]
+        if fin
+        else []
+    ) + ([r for pair in zip(so.one, so.two, strict=True) for r in pair] if so else [])
     if runs:
-        out.append("| run | serves | instances | steps | drain s | steps/s "
-                   "| worker cores (per serve) | PostgreSQL cores | box busy cores "
-                   "| rest of box (other work) | step-slot waiters "
-                   "| CPU ms/step worker / PostgreSQL |")
+        out.append(
+            "| run | serves | instances | steps | drain s | steps/s "
+            "| worker cores (per serve) | PostgreSQL cores | box busy cores "
+            "| rest of box (other work) | step-slot waiters "
+            "| CPU ms/step worker / PostgreSQL |"
+        )
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in runs:
-            out.append(f"| {r.label} | {r.serves} | {r.instances:,} | {r.steps:,} "
-                       f"| {r.drain_s:.2f} | {r.steps_per_s:,.0f} "
-                       f"| {' + '.join(f'{c:.2f}' for c in r.worker_cores)} "
-                       f"| {r.postgres_cores:.2f} | {r.box_cores:.2f} "
-                       f"| {max(r.box_cores - sum(r.worker_cores) - r.postgres_cores, 0):.2f} "
-                       f"| {r.slot_waiters:.1f} "
-                       f"| {r.worker_ms_per_step:.2f} / {r.pg_ms_per_step:.2f} |")
+            out.append(
+                f"| {r.label} | {r.serves} | {r.instances:,} | {r.steps:,} "
+                f"| {r.drain_s:.2f} | {r.steps_per_s:,.0f} "
+                f"| {' + '.join(f'{c:.2f}' for c in r.worker_cores)} "
+                f"| {r.postgres_cores:.2f} | {r.box_cores:.2f} "
+                f"| {max(r.box_cores - sum(r.worker_cores) - r.postgres_cores, 0):.2f} "
+                f"| {r.slot_waiters:.1f} "
+                f"| {r.worker_ms_per_step:.2f} / {r.pg_ms_per_step:.2f} |"
+            )
         out.append("")
-        out.append("cores = CPU seconds / drain wall time; rest of box = box busy − workers − "
-                   "PostgreSQL (other work, kernel); step-slot waiters = backends sleeping in "
-                   "_step_slot_v1 for one of the pg_durable.max_user_connections slots "
-                   "(mean); CPU ms/step = CPU seconds over the drain / completed steps")
+        out.append(
+            "cores = CPU seconds / drain wall time; rest of box = box busy − workers − "
+            "PostgreSQL (other work, kernel); step-slot waiters = backends sleeping in "
+            "_step_slot_v1 for one of the pg_durable.max_user_connections slots "
+            "(mean); CPU ms/step = CPU seconds over the drain / completed steps"
+        )
         out.append("")
     if fin:
         shapes = ", ".join(f"{k} ({v})" for k, v in fin.templates.items())
-        out.append(f"finished: templates {shapes} cloned in {fin.load_s:.0f} s, "
-                   f"VACUUM ANALYZE {fin.vacuum_s:.0f} s; sizes "
-                   + ", ".join(f"{t} {mb:,.0f} MB" for t, mb in fin.table_mb.items()))
+        out.append(
+            f"finished: templates {shapes} cloned in {fin.load_s:.0f} s, "
+            f"VACUUM ANALYZE {fin.vacuum_s:.0f} s; sizes "
+            + ", ".join(f"{t} {mb:,.0f} MB" for t, mb in fin.table_mb.items())
+        )
     if mem:
-        out.append(f"memory: {mem.parked:,} parked in {mem.park_s:.1f} s; all signalled and "
-                   f"finished in {mem.resume_s:.1f} s")
-    notes = [f"{c}: {x.note}" for c, x in (("finished", fin), ("scaleout", so), ("memory", mem))
-             if x is not None and x.note]
+        out.append(
+            f"memory: {mem.parked:,} parked in {mem.park_s:.1f} s; all signalled and "
+            f"finished in {mem.resume_s:.1f} s"
+        )
+    notes = [
+        f"{c}: {x.note}"
+        for c, x in (("finished", fin), ("scaleout", so), ("memory", mem))
+        if x is not None and x.note
+    ]
     if notes:
         out.append("notes: " + "; ".join(notes))
     return "\n".join(out)
 
 
-def problems(fin: FinishedResult | None, so: ScaleoutResult | None,
-             mem: MemoryResult | None) -> list[str]:
+def problems(
+    fin: FinishedResult | None, so: ScaleoutResult | None, mem: MemoryResult | None
+) -> list[str]:
     """Outcomes that are wrong, not slow (timing targets do not fail the run)."""
     bad = []
     for r in (fin.before + fin.control + fin.after if fin else []) + (
-            so.one + so.two if so else []):
+        so.one + so.two if so else []
+    ):
         if r.failed or r.note or r.instances == 0 or r.steps != 10 * r.instances:
             bad.append(f"{r.label}: {r.instances} instances, {r.steps} steps, {r.note}")
     if fin and fin.pruned:
         bad.append(f"finished: {fin.pruned} pruned")
     if so and (so.duplicates or so.missing or so.ledger_rows != so.expected_rows):
-        bad.append(f"scaleout: ledger {so.ledger_rows} rows, {so.distinct_rows} distinct, "
-                   f"expected {so.expected_rows}")
+        bad.append(
+            f"scaleout: ledger {so.ledger_rows} rows, {so.distinct_rows} distinct, "
+            f"expected {so.expected_rows}"
+        )
     if mem and (mem.note or mem.parked < mem.instances or mem.completed < mem.instances):
         bad.append(f"memory: {mem.parked} parked, {mem.completed} completed; {mem.note}")
     return bad
@@ -915,33 +1157,66 @@ def problems(fin: FinishedResult | None, so: ScaleoutResult | None,
 
 # -- main ---------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 2)[2].split("Owns:")[0])
-    p.add_argument("--dsn", help="an existing PostgreSQL (superuser); default: an embedded "
-                                 "PostgreSQL 18 in a temporary directory")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every size (1: 1,000,000 finished, 1,000 sequences per run, "
-                        "10,000 parked)")
-    p.add_argument("--checks", default="finished,scaleout,memory",
-                   help="comma separated subset of finished,scaleout,memory")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes per serve in finished/scaleout (default 1: on a "
-                        "2-core box each serve stands for one host and leaves PostgreSQL a core)")
-    p.add_argument("--memory-workers", type=int, default=1,
-                   help="worker processes in the memory check (default 1: that worker holds "
-                        "every in-flight instance)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.scale",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2].split("Owns:")[0],
+    )
+    p.add_argument(
+        "--dsn",
+        help="an existing PostgreSQL (superuser); default: an embedded "
+        "PostgreSQL 18 in a temporary directory",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every size (1: 1,000,000 finished, 1,000 sequences per run, 10,000 parked)",
+    )
+    p.add_argument(
+        "--checks",
+        default="finished,scaleout,memory",
+        help="comma separated subset of finished,scaleout,memory",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes per serve in finished/scaleout (default 1: on a "
+        "2-core box each serve stands for one host and leaves PostgreSQL a core)",
+    )
+    p.add_argument(
+        "--memory-workers",
+        type=int,
+        default=1,
+        help="worker processes in the memory check (default 1: that worker holds "
+        "every in-flight instance)",
+    )
     p.add_argument("--slots", type=int, default=0, help="serve --slots (default: serve's)")
-    p.add_argument("--max-user-connections", type=int, default=0,
-                   help="ALTER DATABASE … SET pg_durable.max_user_connections (the engine-wide "
-                        "cap on concurrently executing SQL steps; default: the engine's, 10)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="throughput runs per configuration; ratios of the best runs (other "
-                        "work on a shared box only slows runs down), medians shown too")
+    p.add_argument(
+        "--max-user-connections",
+        type=int,
+        default=0,
+        help="ALTER DATABASE … SET pg_durable.max_user_connections (the engine-wide "
+        "cap on concurrently executing SQL steps; default: the engine's, 10)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="throughput runs per configuration; ratios of the best runs (other "
+        "work on a shared box only slows runs down), medians shown too",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="per drain timeout, seconds")
-    p.add_argument("--stall-seconds", type=float, default=60,
-                   help="give up on a drain after this long without progress")
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=60,
+        help="give up on a drain after this long without progress",
+    )
     p.add_argument("--json", dest="json_path", help="also write the figures as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the databases and serve logs")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -959,27 +1234,39 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     server = Server(args.dsn, False)
     workdir = Path(tempfile.mkdtemp(prefix="pgdurable-scale-"))
-    progress(f"PostgreSQL {server.version} at "
-             f"{psycopg.conninfo.conninfo_to_dict(server.admin_dsn).get('port')}; "
-             f"logs in {workdir}")
+    progress(
+        f"PostgreSQL {server.version} at "
+        f"{psycopg.conninfo.conninfo_to_dict(server.admin_dsn).get('port')}; "
+        f"logs in {workdir}"
+    )
     try:
-        fin = (check_finished(server, args, workdir, progress)
-               if "finished" in wanted else None)
-        so = (check_scaleout(server, args, workdir, progress)
-              if "scaleout" in wanted else None)
+        fin = check_finished(server, args, workdir, progress) if "finished" in wanted else None
+        so = check_scaleout(server, args, workdir, progress) if "scaleout" in wanted else None
         mem = check_memory(server, args, workdir, progress) if "memory" in wanted else None
         print(render(server, args, fin, so, mem))
         bad = problems(fin, so, mem)
         if args.json_path:
-            Path(args.json_path).write_text(json.dumps({
-                "server": {"version": server.version, "synchronous_commit": server.sync_commit,
-                           "fsync": server.fsync, "shared_buffers": server.shared_buffers},
-                "scale": args.scale, "workers": args.workers, "repeats": args.repeats,
-                "finished": asdict(fin) if fin else None,
-                "scaleout": asdict(so) if so else None,
-                "memory": asdict(mem) | {"max_rss_mb": mem.max_rss_mb} if mem else None,
-                "problems": bad,
-            }, indent=2, default=str))
+            Path(args.json_path).write_text(
+                json.dumps(
+                    {
+                        "server": {
+                            "version": server.version,
+                            "synchronous_commit": server.sync_commit,
+                            "fsync": server.fsync,
+                            "shared_buffers": server.shared_buffers,
+                        },
+                        "scale": args.scale,
+                        "workers": args.workers,
+                        "repeats": args.repeats,
+                        "finished": asdict(fin) if fin else None,
+                        "scaleout": asdict(so) if so else None,
+                        "memory": asdict(mem) | {"max_rss_mb": mem.max_rss_mb} if mem else None,
+                        "problems": bad,
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
         for b in bad:
             print(f"PROBLEM: {b}", file=sys.stderr)
         return 1 if bad else 0

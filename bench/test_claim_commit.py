@@ -56,15 +56,18 @@ class Cycle:
     def __init__(self, dsn: str) -> None:
         info = psycopg.conninfo.conninfo_to_dict(dsn)
         info["user"] = ROLE
-        with psycopg.connect(psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
-                             autocommit=True) as tenant:
+        with psycopg.connect(
+            psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
+            autocommit=True,
+        ) as tenant:
             row = tenant.execute("select df.start(df.sql('select 1'))").fetchone()
         assert row is not None
         self.instance = str(row[0])
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.conn.execute(f"truncate {ENGINE}.tasks")
-        root = self.conn.execute("select root_node from df.instances where id = %s",
-                                 (self.instance,)).fetchone()
+        root = self.conn.execute(
+            "select root_node from df.instances where id = %s", (self.instance,)
+        ).fetchone()
         assert root is not None
         self.node = str(root[0])
         self.gen = 1
@@ -75,7 +78,8 @@ class Cycle:
         self.conn.execute(
             f"insert into {ENGINE}.tasks (instance_id, node_id, gen, kind, submitted_by) "
             f"select %s, %s, %s, 'run', submitted_by from df.instances where id = %s",
-            (self.instance, self.node, gen, self.instance))
+            (self.instance, self.node, gen, self.instance),
+        )
 
     def claim(self) -> list[Any]:
         return self.conn.execute(f"select * from {ENGINE}._claim_v1('bench', 1, 30)").fetchall()
@@ -86,14 +90,30 @@ class Cycle:
     def claim_apply(self) -> int:
         rows = self.claim()
         assert rows, "no runnable task"
-        nodes = orjson.dumps([{"id": self.node, "status": "completed", "result": 1,
-                               "details": {"finished_at": "2026-01-01T00:00:00+00:00"}}])
+        nodes = orjson.dumps(
+            [
+                {
+                    "id": self.node,
+                    "status": "completed",
+                    "result": 1,
+                    "details": {"finished_at": "2026-01-01T00:00:00+00:00"},
+                }
+            ]
+        )
         new = orjson.dumps([{"node_id": self.node, "gen": self.gen + 1, "kind": "run"}])
         row = self.conn.execute(
             f"select {ENGINE}._apply_v1('bench', %s, %s, %s, %s, %s, null, %s::jsonb, "
             f"%s::jsonb, null, null, 30)",
-            (self.instance, self.node, self.gen, self.version, b"state", nodes.decode(),
-             new.decode())).fetchone()
+            (
+                self.instance,
+                self.node,
+                self.gen,
+                self.version,
+                b"state",
+                nodes.decode(),
+                new.decode(),
+            ),
+        ).fetchone()
         assert row is not None
         assert row[0] == self.version + 1, row
         self.version = int(row[0])

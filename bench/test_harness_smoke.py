@@ -19,8 +19,21 @@ pytestmark = pytest.mark.benchmark
 
 def test_harness_smallest_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    rc = harness.main(["--scale", "0.0001", "--floor-seconds", "0.2", "--probe-gap", "0",
-                       "--stall-seconds", "40", "--quiet", "--json", str(out)])
+    rc = harness.main(
+        [
+            "--scale",
+            "0.0001",
+            "--floor-seconds",
+            "0.2",
+            "--probe-gap",
+            "0",
+            "--stall-seconds",
+            "40",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     table = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert [w["workload"] for w in data["workloads"]] == ["W1", "W2", "W3", "W4"], table

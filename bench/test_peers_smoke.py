@@ -21,14 +21,17 @@ pytestmark = pytest.mark.benchmark
 
 # what each peer's own tables say was executed (leaf steps, finished instances)
 EXECUTED = {
-    "dbos": ("select count(*) from dbos.operation_outputs "
-             "where function_name = 'select1' and error is null and output is not null",
-             "select count(*) from dbos.workflow_status "
-             "where name = %(top)s and status = 'SUCCESS'"),
-    "procrastinate": ("select count(*) from procrastinate_jobs "
-                      "where task_name = any (%(leaves)s) and status = 'succeeded'",
-                      "select count(*) from procrastinate_jobs "
-                      "where task_name = %(last)s and status = 'succeeded'"),
+    "dbos": (
+        "select count(*) from dbos.operation_outputs "
+        "where function_name = 'select1' and error is null and output is not null",
+        "select count(*) from dbos.workflow_status where name = %(top)s and status = 'SUCCESS'",
+    ),
+    "procrastinate": (
+        "select count(*) from procrastinate_jobs "
+        "where task_name = any (%(leaves)s) and status = 'succeeded'",
+        "select count(*) from procrastinate_jobs "
+        "where task_name = %(last)s and status = 'succeeded'",
+    ),
 }
 SIZES = {"W1": 20, "W3": 1}  # instances
 
@@ -49,16 +52,19 @@ def test_peer_tiny(pg_server: harness.Server, peer: str, workload: str) -> None:
     if importlib.util.find_spec(peers.KNOWN[peer]) is None:
         pytest.skip(f"{peer} is not installed (pip install -e '.[bench]')")
     instances = SIZES[workload]
-    steps_each = next(w.steps_per_instance for w in harness.workloads(1.0, "")
-                      if w.name == workload)
+    steps_each = next(
+        w.steps_per_instance for w in harness.workloads(1.0, "") if w.name == workload
+    )
     dbname = f"pgdurable_peer_smoke_{peer}_{workload.lower()}"
     dsn = pg_server.fresh_db(dbname)
     try:
         res = peers.measure(peer, workload, dsn, instances, timeout=30, stall=20)
         assert "error" not in res, res
-        params = {"top": f"bench_{workload.lower()}",
-                  "leaves": list(peers._Procrastinate.leaves[workload]),
-                  "last": {"W1": "bench_step", "W3": "bench_final"}[workload]}
+        params = {
+            "top": f"bench_{workload.lower()}",
+            "leaves": list(peers._Procrastinate.leaves[workload]),
+            "last": {"W1": "bench_step", "W3": "bench_final"}[workload],
+        }
         steps_sql, done_sql = EXECUTED[peer]
         with psycopg.connect(dsn) as conn:
             steps = conn.execute(steps_sql, params).fetchone()[0]  # type: ignore[index]

@@ -21,8 +21,21 @@ pytestmark = pytest.mark.benchmark
 
 def test_scale_checks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "scale.json"
-    rc = scale.main(["--scale", "0.002", "--repeats", "1", "--stall-seconds", "30",
-                     "--timeout", "120", "--quiet", "--json", str(out)])
+    rc = scale.main(
+        [
+            "--scale",
+            "0.002",
+            "--repeats",
+            "1",
+            "--stall-seconds",
+            "30",
+            "--timeout",
+            "120",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     table = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["problems"] == [], table
@@ -31,9 +44,14 @@ def test_scale_checks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert fin["finished"] >= 2000, table  # clones + the six templates
     assert fin["node_rows"] > fin["finished"], table
     assert fin["pruned"] == 0, table
-    assert fin["templates"] == {"one step": "completed", "ten steps": "completed",
-                                "named results": "completed", "signal wait": "completed",
-                                "failed": "failed", "cancelled": "cancelled"}, table
+    assert fin["templates"] == {
+        "one step": "completed",
+        "ten steps": "completed",
+        "named results": "completed",
+        "signal wait": "completed",
+        "failed": "failed",
+        "cancelled": "cancelled",
+    }, table
     assert len(fin["control"]) == len(fin["after"]) == 1, table
     for run in fin["before"] + fin["control"] + fin["after"]:
         assert run["failed"] == 0, table

@@ -41,8 +41,8 @@ cdef enum:
     HOW_ITERCAP = 5
     HOW_BREAK_OUTSIDE = 6
 
-if ((_abc.SQL, _abc.THEN, getattr(_abc, "IF"), _abc.LOOP, _abc.JOIN, _abc.RACE, _abc.BREAK, _abc.NONE,
-     _abc.COND_IF_ROWS, _abc.FAILED, _abc.T_CANCELLED, _abc.HOW_BREAK_OUTSIDE)
+if ((_abc.SQL, _abc.THEN, getattr(_abc, "IF"), _abc.LOOP, _abc.JOIN, _abc.RACE, _abc.BREAK,
+     _abc.NONE, _abc.COND_IF_ROWS, _abc.FAILED, _abc.T_CANCELLED, _abc.HOW_BREAK_OUTSIDE)
         != (SQL, THEN, IF_, LOOP, JOIN, RACE, BREAK, NONE, COND_IF_ROWS, FAILED, T_CANCELLED,
             HOW_BREAK_OUTSIDE)
         or _abc.LEAF_TYPES != frozenset(t for t in range(12) if t == SQL or t >= BREAK)):

@@ -65,18 +65,27 @@ def version(as_json: bool) -> None:
 
 @main.command()
 @dsn_option
-@click.option("--operator-schema", show_envvar=True, help="schema for the seven operators "
-              "(default: pg_catalog as superuser, else public)")
+@click.option(
+    "--operator-schema",
+    show_envvar=True,
+    help="schema for the seven operators (default: pg_catalog as superuser, else public)",
+)
 def install(dsn: str | None, operator_schema: str | None) -> None:
     """Create (or upgrade) the df schema and the engine schema."""
     try:
         res = schema_mod.install(_dsn_or_embedded(dsn), operator_schema=operator_schema)
     except schema_mod.InstallError as exc:
         raise click.ClickException(str(exc)) from None
-    how = ("installed" if res.from_version == 0 else "up to date" if not res.changed
-           else f"upgraded from {res.from_version}")
-    click.echo(f"pgdurable schema version {res.to_version} ({how}); "
-               f"operators in {res.operator_schema}")
+    how = (
+        "installed"
+        if res.from_version == 0
+        else "up to date"
+        if not res.changed
+        else f"upgraded from {res.from_version}"
+    )
+    click.echo(
+        f"pgdurable schema version {res.to_version} ({how}); operators in {res.operator_schema}"
+    )
     if res.new_mode_problem:
         # caller mode works; 'new' needs what the message names (an administrator's statement)
         click.echo(f"WARNING: {visible(res.new_mode_problem)}", err=True)
@@ -89,8 +98,10 @@ def install(dsn: str | None, operator_schema: str | None) -> None:
 def upgrade(dsn: str | None) -> None:
     """Apply pending schema migrations."""
     res = schema_mod.install(_dsn_or_embedded(dsn))
-    click.echo(f"pgdurable schema version {res.to_version}"
-               + (f" (from {res.from_version})" if res.changed else " (nothing to do)"))
+    click.echo(
+        f"pgdurable schema version {res.to_version}"
+        + (f" (from {res.from_version})" if res.changed else " (nothing to do)")
+    )
 
 
 @main.command()
@@ -104,49 +115,144 @@ def uninstall(dsn: str | None) -> None:
 
 @main.command()
 @dsn_option
-@click.option("--workers", envvar=_env("WORKERS"), type=int, default=WORKERS_DEFAULT,
-              show_envvar=True, help="worker processes")
-@click.option("--slots", envvar=_env("SLOTS"), type=int, default=SLOTS_DEFAULT,
-              show_envvar=True, help="concurrent steps per worker")
-@click.option("--lease-seconds", envvar=_env("LEASE_SECONDS"), type=int,
-              default=LEASE_SECONDS_DEFAULT, show_envvar=True, help="lease of a claimed step")
-@click.option("--http-policy", envvar=_env("HTTP_POLICY"),
-              type=click.Choice(["deny-all", "public", "allow-list"]),
-              default="public", show_envvar=True, help="HTTP egress policy")
-@click.option("--http-allow", envvar=_env("HTTP_ALLOW"), multiple=True, show_envvar=True,
-              help="host pattern admitted under allow-list (repeatable; env: comma separated)")
-@click.option("--metrics-port", envvar=_env("METRICS_PORT"), type=int, default=None,
-              show_envvar=True, help="serve Prometheus metrics on this port (/metrics)")
-@click.option("--metrics-host", envvar=_env("METRICS_HOST"), default="127.0.0.1",
-              show_envvar=True, help="address the metrics port listens on (0.0.0.0: every "
-                                     "interface, for a scraper on another host)")
-@click.option("--log-format", envvar=_env("LOG_FORMAT"), type=click.Choice(["text", "json"]),
-              default="text", show_envvar=True)
-@click.option("--result-max-bytes", envvar=_env("RESULT_MAX_BYTES"), type=int,
-              default=RESULT_MAX_BYTES_DEFAULT, show_envvar=True,
-              help="largest result a step may store; a larger one fails the step")
-@click.option("--step-dsn", envvar=_env("STEP_DSN"), show_envvar=True,
-              help="connection string of the step sessions, as pgdurable_step (default: "
-                   "--dsn with that user; passwords from ~/.pgpass)")
-@click.option("--data-dir", envvar=_env("DATA_DIR"), show_envvar=True,
-              help="embedded PostgreSQL data directory")
-@click.option("--ui-port", envvar="PGDURABLE_SERVE_UI_PORT", type=int, default=None,
-              show_envvar=True, help="also run the web dashboard (pgdurable ui) on this port")
-@click.option("--ui-dsn", envvar="PGDURABLE_UI_DSN", show_envvar=True,
-              help="the dashboard's login: it shows and does what this role may (default: "
-                   "--dsn, unless that is pgdurable_service)")
-@click.option("--ui-host", envvar="PGDURABLE_UI_HOST", default="127.0.0.1", show_envvar=True,
-              help="address the dashboard listens on")
-@click.option("--ui-read-only", envvar="PGDURABLE_UI_READ_ONLY", is_flag=True,
-              show_envvar=True, help="the dashboard hides and refuses every action")
-@click.option("--ui-token", envvar="PGDURABLE_UI_TOKEN", show_envvar=True, default=None,
-              help="the dashboard requires this token on every request")
-def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_policy: str,
-          http_allow: tuple[str, ...], metrics_port: int | None, metrics_host: str,
-          log_format: str,
-          result_max_bytes: int, step_dsn: str | None, data_dir: str | None,
-          ui_port: int | None, ui_dsn: str | None, ui_host: str, ui_read_only: bool,
-          ui_token: str | None) -> None:
+@click.option(
+    "--workers",
+    envvar=_env("WORKERS"),
+    type=int,
+    default=WORKERS_DEFAULT,
+    show_envvar=True,
+    help="worker processes",
+)
+@click.option(
+    "--slots",
+    envvar=_env("SLOTS"),
+    type=int,
+    default=SLOTS_DEFAULT,
+    show_envvar=True,
+    help="concurrent steps per worker",
+)
+@click.option(
+    "--lease-seconds",
+    envvar=_env("LEASE_SECONDS"),
+    type=int,
+    default=LEASE_SECONDS_DEFAULT,
+    show_envvar=True,
+    help="lease of a claimed step",
+)
+@click.option(
+    "--http-policy",
+    envvar=_env("HTTP_POLICY"),
+    type=click.Choice(["deny-all", "public", "allow-list"]),
+    default="public",
+    show_envvar=True,
+    help="HTTP egress policy",
+)
+@click.option(
+    "--http-allow",
+    envvar=_env("HTTP_ALLOW"),
+    multiple=True,
+    show_envvar=True,
+    help="host pattern admitted under allow-list (repeatable; env: comma separated)",
+)
+@click.option(
+    "--metrics-port",
+    envvar=_env("METRICS_PORT"),
+    type=int,
+    default=None,
+    show_envvar=True,
+    help="serve Prometheus metrics on this port (/metrics)",
+)
+@click.option(
+    "--metrics-host",
+    envvar=_env("METRICS_HOST"),
+    default="127.0.0.1",
+    show_envvar=True,
+    help="address the metrics port listens on (0.0.0.0: every "
+    "interface, for a scraper on another host)",
+)
+@click.option(
+    "--log-format",
+    envvar=_env("LOG_FORMAT"),
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_envvar=True,
+)
+@click.option(
+    "--result-max-bytes",
+    envvar=_env("RESULT_MAX_BYTES"),
+    type=int,
+    default=RESULT_MAX_BYTES_DEFAULT,
+    show_envvar=True,
+    help="largest result a step may store; a larger one fails the step",
+)
+@click.option(
+    "--step-dsn",
+    envvar=_env("STEP_DSN"),
+    show_envvar=True,
+    help="connection string of the step sessions, as pgdurable_step (default: "
+    "--dsn with that user; passwords from ~/.pgpass)",
+)
+@click.option(
+    "--data-dir",
+    envvar=_env("DATA_DIR"),
+    show_envvar=True,
+    help="embedded PostgreSQL data directory",
+)
+@click.option(
+    "--ui-port",
+    envvar="PGDURABLE_SERVE_UI_PORT",
+    type=int,
+    default=None,
+    show_envvar=True,
+    help="also run the web dashboard (pgdurable ui) on this port",
+)
+@click.option(
+    "--ui-dsn",
+    envvar="PGDURABLE_UI_DSN",
+    show_envvar=True,
+    help="the dashboard's login: it shows and does what this role may (default: "
+    "--dsn, unless that is pgdurable_service)",
+)
+@click.option(
+    "--ui-host",
+    envvar="PGDURABLE_UI_HOST",
+    default="127.0.0.1",
+    show_envvar=True,
+    help="address the dashboard listens on",
+)
+@click.option(
+    "--ui-read-only",
+    envvar="PGDURABLE_UI_READ_ONLY",
+    is_flag=True,
+    show_envvar=True,
+    help="the dashboard hides and refuses every action",
+)
+@click.option(
+    "--ui-token",
+    envvar="PGDURABLE_UI_TOKEN",
+    show_envvar=True,
+    default=None,
+    help="the dashboard requires this token on every request",
+)
+def serve(
+    dsn: str | None,
+    workers: int,
+    slots: int,
+    lease_seconds: int,
+    http_policy: str,
+    http_allow: tuple[str, ...],
+    metrics_port: int | None,
+    metrics_host: str,
+    log_format: str,
+    result_max_bytes: int,
+    step_dsn: str | None,
+    data_dir: str | None,
+    ui_port: int | None,
+    ui_dsn: str | None,
+    ui_host: str,
+    ui_read_only: bool,
+    ui_token: str | None,
+) -> None:
     """Run the executor: install/upgrade the schema, fork workers, run workflows.
 
     --dsn should log in as pgdurable_service. Given another role (an administrator, as in
@@ -170,11 +276,22 @@ def serve(dsn: str | None, workers: int, slots: int, lease_seconds: int, http_po
     service, step = service_dsns(given, step_dsn)
     try:
         config = ServeConfig(
-            dsn=service, step_dsn=step, workers=workers, slots=slots,
-            lease_seconds=lease_seconds, http_policy=http_policy, http_allow=tuple(allow),
-            metrics_port=metrics_port, metrics_host=metrics_host, log_format=log_format,
-            result_max_bytes=result_max_bytes, ui_port=ui_port, ui_dsn=ui_dsn or given,
-            ui_host=ui_host, ui_read_only=ui_read_only, ui_token=ui_token or None,
+            dsn=service,
+            step_dsn=step,
+            workers=workers,
+            slots=slots,
+            lease_seconds=lease_seconds,
+            http_policy=http_policy,
+            http_allow=tuple(allow),
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            log_format=log_format,
+            result_max_bytes=result_max_bytes,
+            ui_port=ui_port,
+            ui_dsn=ui_dsn or given,
+            ui_host=ui_host,
+            ui_read_only=ui_read_only,
+            ui_token=ui_token or None,
         ).validate()
         check_logins(config.dsn, config.step_dsn)
         if config.ui_port is not None:
@@ -194,20 +311,24 @@ INSTANCE_ID = re.compile(r"^[0-9a-f]{8}$")
 @dsn_option
 @click.argument("expr")
 @click.option("--label", default=None, help="label stored with the instance")
-@click.option("--idempotency-key", default=None,
-              help="start at most one instance per key: again with the same key prints the "
-                   "first one's id")
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="start at most one instance per key: again with the same key prints the first one's id",
+)
 @json_option
-def start(dsn: str | None, expr: str, label: str | None, idempotency_key: str | None,
-          as_json: bool) -> None:
+def start(
+    dsn: str | None, expr: str, label: str | None, idempotency_key: str | None, as_json: bool
+) -> None:
     """Start EXPR (a DSL expression, e.g. "df.sql('select 1') ~> 'select 2'"); print the id.
 
     EXPR is SQL text evaluated as `SELECT df.start(EXPR)`: a quoted SQL string
     ('select 1') auto-wraps into one SQL step.
     """
     with _db(dsn) as conn:
-        row = conn.execute(f"select df.start({expr}, %s, idempotency_key => %s)".encode(),
-                           (label, idempotency_key)).fetchone()
+        row = conn.execute(
+            f"select df.start({expr}, %s, idempotency_key => %s)".encode(), (label, idempotency_key)
+        ).fetchone()
     iid = row[0] if row else None
     if as_json:
         _emit({"instance_id": iid, "label": label})
@@ -222,35 +343,63 @@ def _instance_command(name: str, doc: str, key: str, parse: bool) -> None:
     @json_option
     def _cmd(dsn: str | None, instance_id: str, as_json: bool) -> None:
         with _db(dsn) as conn:
-            row = conn.execute(f"select df.{name}(%s), df.status(%s)".encode(),
-                               (instance_id, instance_id)).fetchone()
+            row = conn.execute(
+                f"select df.{name}(%s), df.status(%s)".encode(), (instance_id, instance_id)
+            ).fetchone()
         assert row is not None
         out, status = row
         if status is None:
             raise click.ClickException(f"instance {instance_id!r} not found or access denied")
         if name == "result" and out is None:
-            why = ("failed: `pgdurable error " + instance_id + "` says why" if status == "failed"
-                   else "was cancelled" if status == "cancelled"
-                   else f"is {status}: there is no result yet")
+            why = (
+                "failed: `pgdurable error " + instance_id + "` says why"
+                if status == "failed"
+                else "was cancelled"
+                if status == "cancelled"
+                else f"is {status}: there is no result yet"
+            )
             raise click.ClickException(f"instance {instance_id} {why}")
         text = out
         if isinstance(out, str) and parse:
             out = _as_json(out)
         if as_json:
-            _emit({"instance_id": instance_id, key: out}
-                  | ({"status": status} if key != "status" else {}))
+            _emit(
+                {"instance_id": instance_id, key: out}
+                | ({"status": status} if key != "status" else {})
+            )
         elif out is not None:
             # a JSON string bare; other JSON as PostgreSQL wrote it (its digits as stored)
-            click.echo(visible(out if isinstance(out, str) else
-                               text if isinstance(text, str) else _json_text(out)))
+            click.echo(
+                visible(
+                    out
+                    if isinstance(out, str)
+                    else text
+                    if isinstance(text, str)
+                    else _json_text(out)
+                )
+            )
 
 
-_instance_command("status", "Print df.status(INSTANCE_ID): pending, running, completed, failed "
-                  "or cancelled.", "status", False)
-_instance_command("result", "Print df.result(INSTANCE_ID): the root result (JSON) of a "
-                  "completed instance, nothing otherwise.", "result", True)
-_instance_command("error", "Print df.error(INSTANCE_ID): {node_id, node_type, error, sqlstate} "
-                  "of a failed instance, nothing otherwise.", "error", False)
+_instance_command(
+    "status",
+    "Print df.status(INSTANCE_ID): pending, running, completed, failed or cancelled.",
+    "status",
+    False,
+)
+_instance_command(
+    "result",
+    "Print df.result(INSTANCE_ID): the root result (JSON) of a "
+    "completed instance, nothing otherwise.",
+    "result",
+    True,
+)
+_instance_command(
+    "error",
+    "Print df.error(INSTANCE_ID): {node_id, node_type, error, sqlstate} "
+    "of a failed instance, nothing otherwise.",
+    "error",
+    False,
+)
 
 
 @main.command(name="await")
@@ -303,44 +452,73 @@ def cancel(dsn: str | None, instance_id: str, reason: str, as_json: bool) -> Non
 
 @main.command(name="list")
 @dsn_option
-@click.option("--status", default=None, help="only instances with this status",
-              type=click.Choice(["pending", "running", "completed", "failed", "cancelled"]))
+@click.option(
+    "--status",
+    default=None,
+    help="only instances with this status",
+    type=click.Choice(["pending", "running", "completed", "failed", "cancelled"]),
+)
 @click.option("--label", default=None, help="only instances with this label")
 @click.option("--limit", type=click.IntRange(1), default=100, help="page size")
 @click.option("--after", default=None, help="cursor printed by the previous page")
 @json_option
-def list_(dsn: str | None, status: str | None, label: str | None, limit: int,
-          after: str | None, as_json: bool) -> None:
+def list_(
+    dsn: str | None,
+    status: str | None,
+    label: str | None,
+    limit: int,
+    after: str | None,
+    as_json: bool,
+) -> None:
     """List instances (df.list_instances), newest first."""
     with _db(dsn) as conn:
         rows = conn.execute(
             "select instance_id, label, status, execution_count, created_at, completed_at,"
             " output, next_cursor from df.list_instances(%s, %s, %s, %s)",
-            (status, limit, label, after)).fetchall()
+            (status, limit, label, after),
+        ).fetchall()
     cursor = rows[0][7] if rows else None
     if as_json:
-        _emit({"instances": [
-            {"instance_id": r[0], "label": r[1], "status": r[2], "execution_count": r[3],
-             "created_at": r[4].isoformat() if r[4] else None,
-             "completed_at": r[5].isoformat() if r[5] else None,
-             "output": _as_json(r[6])} for r in rows], "next_cursor": cursor})
+        _emit(
+            {
+                "instances": [
+                    {
+                        "instance_id": r[0],
+                        "label": r[1],
+                        "status": r[2],
+                        "execution_count": r[3],
+                        "created_at": r[4].isoformat() if r[4] else None,
+                        "completed_at": r[5].isoformat() if r[5] else None,
+                        "output": _as_json(r[6]),
+                    }
+                    for r in rows
+                ],
+                "next_cursor": cursor,
+            }
+        )
         return
-    click.echo(_table(["ID", "STATUS", "EXECS", "CREATED", "COMPLETED", "LABEL"],
-                      [[r[0], r[2], str(r[3] or 0), _ts(r[4]), _ts(r[5]), r[1] or ""]
-                       for r in rows]))
+    click.echo(
+        _table(
+            ["ID", "STATUS", "EXECS", "CREATED", "COMPLETED", "LABEL"],
+            [[r[0], r[2], str(r[3] or 0), _ts(r[4]), _ts(r[5]), r[1] or ""] for r in rows],
+        )
+    )
     if cursor:
         click.echo(f"(more: --after {cursor})")
 
 
 _DSL_MARKERS = re.compile(
     r"\bdf\s*\.\s*(sql|seq|as|join|join3|race|if|if_rows|loop|break|sleep|wait_for_schedule"
-    r"|wait_for_signal|http|http_multipart)\s*\(", re.IGNORECASE)
+    r"|wait_for_signal|http|http_multipart)\s*\(",
+    re.IGNORECASE,
+)
 
 
 def _diagram_of(conn: psycopg.Connection[Any], target: str, text: str) -> diagram.Diagram:
     if INSTANCE_ID.match(target):
-        inst = conn.execute("select status, root_node from df.instances where id = %s",
-                            (target,)).fetchone()
+        inst = conn.execute(
+            "select status, root_node from df.instances where id = %s", (target,)
+        ).fetchone()
         if inst is None:
             raise click.ClickException(f"Instance not found or access denied: {target}")
         with conn.cursor(row_factory=dict_row) as cur:
@@ -350,10 +528,10 @@ def _diagram_of(conn: psycopg.Connection[Any], target: str, text: str) -> diagra
         raise click.ClickException(visible(text))
     value: str | None = target
     if not target.lstrip().startswith("{") and (
-            _DSL_MARKERS.search(target) or re.search(r"~>|\|=>|\?>|!>|^\s*@>", target)):
+        _DSL_MARKERS.search(target) or re.search(r"~>|\|=>|\?>|!>|^\s*@>", target)
+    ):
         # the graph value itself (ARCHITECTURE §1), evaluated as the caller like df.explain
-        row = conn.execute(
-            f"select ({target.rstrip().rstrip(';')}\n)::text".encode()).fetchone()
+        row = conn.execute(f"select ({target.rstrip().rstrip(';')}\n)::text".encode()).fetchone()
         value = row[0] if row else None
     return diagram.from_graph(value or "", title="dry run (not started)")
 
@@ -361,8 +539,13 @@ def _diagram_of(conn: psycopg.Connection[Any], target: str, text: str) -> diagra
 @main.command()
 @dsn_option
 @click.argument("target")
-@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text",
-              help="text: df.explain's tree; mermaid/dot: a diagram coloured by status")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "mermaid", "dot"]),
+    default="text",
+    help="text: df.explain's tree; mermaid/dot: a diagram coloured by status",
+)
 @json_option
 def explain(dsn: str | None, target: str, fmt: str, as_json: bool) -> None:
     """Explain TARGET: an instance id (live, with statuses) or a DSL expression (dry run)."""
@@ -380,8 +563,7 @@ def explain(dsn: str | None, target: str, fmt: str, as_json: bool) -> None:
             return
         d = _diagram_of(conn, target, text)
     if as_json:
-        body = text if fmt == "text" else diagram.mermaid(d) if fmt == "mermaid" \
-            else diagram.dot(d)
+        body = text if fmt == "text" else diagram.mermaid(d) if fmt == "mermaid" else diagram.dot(d)
         _emit({"target": target, "format": fmt, "text": body, "graph": diagram.to_json(d)})
     else:
         # labels are made visible in diagram.label; the lines are the renderer's own
@@ -394,8 +576,7 @@ def explain(dsn: str | None, target: str, fmt: str, as_json: bool) -> None:
 @click.option("--interval", type=float, default=2.0, help="seconds between refreshes")
 @click.option("--width", type=int, default=None, help="columns (default: the terminal's)")
 @json_option
-def top(dsn: str | None, once: bool, interval: float, width: int | None,
-        as_json: bool) -> None:
+def top(dsn: str | None, once: bool, interval: float, width: int | None, as_json: bool) -> None:
     """Live view: instances by status, throughput, in-flight steps, workers, failures."""
     from . import top as top_mod
 
@@ -405,8 +586,9 @@ def top(dsn: str | None, once: bool, interval: float, width: int | None,
         return
     target = _dsn_or_embedded(dsn)
     try:
-        top_mod.run(lambda: _connect(target), once=once, interval=interval, width=width,
-                    echo=click.echo)
+        top_mod.run(
+            lambda: _connect(target), once=once, interval=interval, width=width, echo=click.echo
+        )
     except psycopg.Error as exc:
         raise click.ClickException(exc.diag.message_primary or str(exc).strip()) from exc
 
@@ -414,8 +596,12 @@ def top(dsn: str | None, once: bool, interval: float, width: int | None,
 @main.command()
 @dsn_option
 @click.option("--data-dir", help="embedded PostgreSQL data directory")
-@click.option("--role", default="pgdurable_demo", show_default=True,
-              help="the tour's role (made if missing; not a superuser)")
+@click.option(
+    "--role",
+    default="pgdurable_demo",
+    show_default=True,
+    help="the tour's role (made if missing; not a superuser)",
+)
 def demo(dsn: str | None, data_dir: str | None, role: str) -> None:
     """Run serve and a sample workflow (SQL, a join, a condition, a sleep) to completion,
     and set up the README tour's role and tables."""
@@ -431,8 +617,13 @@ def demo(dsn: str | None, data_dir: str | None, role: str) -> None:
         sys.exit(1)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                "help_option_names": []})
+@main.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
     """Run the benchmark harness (python -m bench; a source checkout's bench/). --help for more."""
@@ -440,10 +631,14 @@ def bench(args: tuple[str, ...]) -> None:
 
     root = Path(__file__).resolve().parents[1]
     if not (root / "bench" / "harness.py").exists():
-        raise click.ClickException("the benchmark harness ships with the source tree "
-                                   "(bench/), not with the installed package")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        raise click.ClickException(
+            "the benchmark harness ships with the source tree "
+            "(bench/), not with the installed package"
+        )
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
     os.chdir(root)
     os.execve(sys.executable, [sys.executable, "-m", "bench", *args], env)
 
@@ -453,8 +648,9 @@ def bench(args: tuple[str, ...]) -> None:
 @click.option("--faults", type=int, default=200, help="faults to inject")
 @click.option("--duration", type=float, default=900.0, help="seconds the fault phase may last")
 @click.option("--seed", type=int, default=None, help="random seed (printed; for reproducing)")
-@click.option("--keep", is_flag=True, help="keep the work dir and database (kept anyway on "
-              "violations)")
+@click.option(
+    "--keep", is_flag=True, help="keep the work dir and database (kept anyway on violations)"
+)
 def verify(dsn: str | None, faults: int, duration: float, seed: int | None, keep: bool) -> None:
     """Crash verifier: a mixed workload under random faults, then check SPEC §5's guarantees.
     Without --dsn: an embedded PostgreSQL 18 of its own (restarted as a fault). Last line:

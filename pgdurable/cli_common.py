@@ -31,31 +31,37 @@ __all__ = ["CONTEXT", "Problem", "dsn_option", "json_option", "main"]
 
 CONTEXT = {"auto_envvar_prefix": "PGDURABLE", "show_default": True}
 # --json output: types JSON has no word for go through _json_default (as their text)
-_PASSTHROUGH = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
-                | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_NON_STR_KEYS)
+_PASSTHROUGH = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_NON_STR_KEYS
+)
 
 
-def _dsn_or_embedded(dsn: str | None, data_dir: str | None = None, *,
-                     start: bool = False) -> str:
+def _dsn_or_embedded(dsn: str | None, data_dir: str | None = None, *, start: bool = False) -> str:
     """``dsn``, or the embedded PostgreSQL's. Only ``demo`` and ``serve`` start the embedded
     server (``start``); any other command without a DSN asks for one when it is not running,
     rather than silently starting a server the user stopped."""
     if dsn:
         return dsn
-    emb = EmbeddedPostgres(default_data_dir() if data_dir is None else
-                           Path(data_dir).absolute())
+    emb = EmbeddedPostgres(default_data_dir() if data_dir is None else Path(data_dir).absolute())
     if not start and not (emb.data_dir.exists() and emb.is_running()):
         raise click.ClickException(
             f"no --dsn given (nor PGDURABLE_DSN) and the embedded PostgreSQL in {emb.data_dir} "
-            "is not running: give --dsn, or start it with `make demo` or `make serve`")
+            "is not running: give --dsn, or start it with `make demo` or `make serve`"
+        )
     out = emb.start()
     click.echo(f"embedded PostgreSQL 18 running at {out} (data: {emb.data_dir})", err=True)
     return out
 
 
-dsn_option = click.option("--dsn", envvar="PGDURABLE_DSN", show_envvar=True,
-                          help="PostgreSQL connection string of the df database "
-                               "(none: the embedded PostgreSQL 18)")
+dsn_option = click.option(
+    "--dsn",
+    envvar="PGDURABLE_DSN",
+    show_envvar=True,
+    help="PostgreSQL connection string of the df database (none: the embedded PostgreSQL 18)",
+)
 
 
 def _note_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -64,8 +70,9 @@ def _note_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
     return value
 
 
-json_option = click.option("--json", "as_json", is_flag=True, callback=_note_json,
-                           help="print JSON (errors too)")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, callback=_note_json, help="print JSON (errors too)"
+)
 
 
 def _env(name: str) -> list[str]:
@@ -81,16 +88,24 @@ def _hint(exc: psycopg.Error) -> str | None:
         return diag_hint
     msg = (exc.diag.message_primary if exc.diag else None) or str(exc)
     if isinstance(exc, psycopg.OperationalError):
-        return ("check --dsn (or PGDURABLE_DSN): is the server up, the database name right, and "
-                "this user allowed in by pg_hba.conf?")
+        return (
+            "check --dsn (or PGDURABLE_DSN): is the server up, the database name right, and "
+            "this user allowed in by pg_hba.conf?"
+        )
     if isinstance(exc, psycopg.errors.InsufficientPrivilege) and re.search(
-            r'schema "?df"?|function df\.', msg):
-        return ("an administrator must give this role the df API: select df.grant_usage('<role>')"
-                " (add include_http => true for df.http)")
-    if isinstance(exc, psycopg.errors.InvalidSchemaName | psycopg.errors.UndefinedFunction) \
-            and re.search(r'\bdf\b', msg):
-        return ("pgdurable is not installed in this database: an administrator runs "
-                "`pgdurable install --dsn ...`")
+        r'schema "?df"?|function df\.', msg
+    ):
+        return (
+            "an administrator must give this role the df API: select df.grant_usage('<role>')"
+            " (add include_http => true for df.http)"
+        )
+    if isinstance(
+        exc, psycopg.errors.InvalidSchemaName | psycopg.errors.UndefinedFunction
+    ) and re.search(r"\bdf\b", msg):
+        return (
+            "pgdurable is not installed in this database: an administrator runs "
+            "`pgdurable install --dsn ...`"
+        )
     return None
 
 
@@ -149,11 +164,11 @@ def main() -> None:
     """pgdurable: durable execution for PostgreSQL (the pg_durable df API)."""
 
 
-
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
     try:
-        conn = psycopg.connect(_dsn_or_embedded(dsn), autocommit=True,
-                               application_name="pgdurable cli")
+        conn = psycopg.connect(
+            _dsn_or_embedded(dsn), autocommit=True, application_name="pgdurable cli"
+        )
     except psycopg.OperationalError as exc:
         # the last line is the server's reason (the first names the address tried)
         reason = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or [""]
@@ -232,6 +247,5 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     rows = [[visible(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-              for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)

@@ -18,24 +18,35 @@ __all__: list[str] = []
 @click.argument("name")
 @click.argument("cron")
 @click.argument("expr")
-@click.option("--overlap", type=click.Choice(["skip", "queue", "allow"]), default="skip",
-              help="while the previous run is still going: skip the slot, queue it, or start "
-                   "anyway")
+@click.option(
+    "--overlap",
+    type=click.Choice(["skip", "queue", "allow"]),
+    default="skip",
+    help="while the previous run is still going: skip the slot, queue it, or start anyway",
+)
 @json_option
-def schedule(dsn: str | None, name: str, cron: str, expr: str, overlap: str,
-             as_json: bool) -> None:
+def schedule(dsn: str | None, name: str, cron: str, expr: str, overlap: str, as_json: bool) -> None:
     """Create or replace the recurring job NAME: EXPR (a DSL expression, as for `start`)
     started at each CRON slot (5-field cron, UTC), as you, labelled NAME."""
     with _db(dsn) as conn:
         conn.execute(f"select df.schedule(%s, %s, {expr}, %s)".encode(), (name, cron, overlap))
-        row = conn.execute("select next_run_at from df.list_schedules() where name = %s "
-                           "and owner = current_user", (name,)).fetchone()
+        row = conn.execute(
+            "select next_run_at from df.list_schedules() where name = %s and owner = current_user",
+            (name,),
+        ).fetchone()
     if as_json:
         _emit({"name": name, "cron": cron, "overlap": overlap})
     else:
-        click.echo(visible(f"scheduled {name} ({cron}, overlap {overlap})"
-                           + ("" if row and row[0] else "; a running serve computes its next "
-                              "run within seconds")))
+        click.echo(
+            visible(
+                f"scheduled {name} ({cron}, overlap {overlap})"
+                + (
+                    ""
+                    if row and row[0]
+                    else "; a running serve computes its next run within seconds"
+                )
+            )
+        )
 
 
 @main.command()
@@ -74,8 +85,9 @@ def _toggle(dsn: str | None, fn: str, name: str, as_json: bool, done: str) -> No
     elif found:
         click.echo(visible(f"{done} {name}"))
     if not found:
-        raise click.ClickException(visible(f"no recurring job named {name!r} of yours "
-                                           "(pgdurable schedules lists them)"))
+        raise click.ClickException(
+            visible(f"no recurring job named {name!r} of yours (pgdurable schedules lists them)")
+        )
 
 
 @main.command()
@@ -88,13 +100,43 @@ def schedules(dsn: str | None, as_json: bool) -> None:
         names = [d.name for d in cur.description or []]
         rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     if as_json:
-        _emit({"schedules": [{k: (v.isoformat() if hasattr(v, "isoformat") else v)
-                              for k, v in r.items()} for r in rows]})
+        _emit(
+            {
+                "schedules": [
+                    {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()}
+                    for r in rows
+                ]
+            }
+        )
         return
-    click.echo(_table(
-        ["NAME", "CRON", "STATE", "NEXT RUN (UTC)", "LAST RUN", "LAST", "STATUS", "RUNS",
-         "FAILED", "OWNER"],
-        [[r["name"], r["cron"], "on" if r["enabled"] else "paused", _ts(r["next_run_at"]),
-          _ts(r["last_run_at"]), r["last_instance_id"] or "",
-          r["last_status"] or ("start failed" if r["last_error"] else ""), str(r["runs"]),
-          str(r["failures"]), r["owner"]] for r in rows]))
+    click.echo(
+        _table(
+            [
+                "NAME",
+                "CRON",
+                "STATE",
+                "NEXT RUN (UTC)",
+                "LAST RUN",
+                "LAST",
+                "STATUS",
+                "RUNS",
+                "FAILED",
+                "OWNER",
+            ],
+            [
+                [
+                    r["name"],
+                    r["cron"],
+                    "on" if r["enabled"] else "paused",
+                    _ts(r["next_run_at"]),
+                    _ts(r["last_run_at"]),
+                    r["last_instance_id"] or "",
+                    r["last_status"] or ("start failed" if r["last_error"] else ""),
+                    str(r["runs"]),
+                    str(r["failures"]),
+                    r["owner"],
+                ]
+                for r in rows
+            ],
+        )
+    )

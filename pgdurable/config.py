@@ -92,7 +92,8 @@ class ServeConfig:
             raise ConfigError(f"lease_seconds: must be at least 2, got {self.lease_seconds!r}")
         if self.http_policy not in ("deny-all", "public", "allow-list"):
             raise ConfigError(
-                f"http_policy: must be deny-all, public or allow-list, got {self.http_policy!r}")
+                f"http_policy: must be deny-all, public or allow-list, got {self.http_policy!r}"
+            )
         # the workers build their HTTP policy after fork; a bad combination must fail here,
         # once, not crash-loop every worker
         from .steps.http_step import HttpPolicy
@@ -105,8 +106,10 @@ class ServeConfig:
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
         if self.ui_port is not None:
             if not self.ui_dsn:
-                raise ConfigError("ui_dsn: the dashboard (ui_port) needs the login of the role "
-                                  "whose runs it shows")
+                raise ConfigError(
+                    "ui_dsn: the dashboard (ui_port) needs the login of the role "
+                    "whose runs it shows"
+                )
             if self.metrics_port == self.ui_port:
                 raise ConfigError(f"ui_port: {self.ui_port} is the metrics port too")
         return self

@@ -90,8 +90,9 @@ def prepare(dsn: str, role: str = TOUR_ROLE) -> str:
     """
     schema_mod.install(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        if not conn.execute("select 1 from pg_catalog.pg_roles where rolname = %s",
-                            (role,)).fetchone():
+        if not conn.execute(
+            "select 1 from pg_catalog.pg_roles where rolname = %s", (role,)
+        ).fetchone():
             conn.execute(sql.SQL("create role {} login").format(sql.Identifier(role)))
         conn.execute("select df.grant_usage(%s)", (role,))
         with conn.transaction():
@@ -100,8 +101,9 @@ def prepare(dsn: str, role: str = TOUR_ROLE) -> str:
     return tour_dsn(dsn, role)
 
 
-def run(dsn: str, *, role: str = TOUR_ROLE, embedded: bool = False,
-        echo: Callable[[str], None] = print) -> bool:
+def run(
+    dsn: str, *, role: str = TOUR_ROLE, embedded: bool = False, echo: Callable[[str], None] = print
+) -> bool:
     """Prepare, run serve and the sample workflow to its end; True when it completed."""
     role_dsn = prepare(dsn, role)
     env = dict(os.environ, PGDURABLE_DSN=dsn, PGDURABLE_WORKERS="2")
@@ -124,9 +126,14 @@ def run(dsn: str, *, role: str = TOUR_ROLE, embedded: bool = False,
         proc.wait(timeout=60)
     serve_cmd = "make serve" if embedded else f"make serve DSN='{dsn}'"
     echo("")
-    echo("The demo's service has stopped" + (
-        "; the embedded PostgreSQL keeps running (make embedded-stop stops it)." if embedded
-        else "."))
+    echo(
+        "The demo's service has stopped"
+        + (
+            "; the embedded PostgreSQL keeps running (make embedded-stop stops it)."
+            if embedded
+            else "."
+        )
+    )
     echo("Next, the README's five-minute tour:")
     echo(f"  1. in another terminal, start the service:  {serve_cmd}")
     echo("  2. connect as the tour's role (not a superuser; df.grant_usage given):")

@@ -31,8 +31,13 @@ STATUS_COLOURS = {
     "skipped": "#ffffff",
 }
 # How a node type is drawn in dot (composites stand out from the steps that do work).
-DOT_SHAPES = {"THEN": "circle", "IF": "diamond", "LOOP": "hexagon", "JOIN": "trapezium",
-              "RACE": "invtrapezium"}
+DOT_SHAPES = {
+    "THEN": "circle",
+    "IF": "diamond",
+    "LOOP": "hexagon",
+    "JOIN": "trapezium",
+    "RACE": "invtrapezium",
+}
 # Longest label text; SQL is cut with an ellipsis so pictures stay legible.
 LABEL_MAX = 60
 
@@ -102,8 +107,11 @@ def label(node_type: str, query: str | None, name: str | None, n_children: int =
     elif node_type == "LOOP":
         text = "LOOP (while)" if "condition_node" in cfg else "LOOP (infinite)"
     elif node_type == "IF":
-        text = "IF" if "condition_node" in cfg or not cfg else \
-            f"IF has rows: {cfg.get('result_name', '?')}"
+        text = (
+            "IF"
+            if "condition_node" in cfg or not cfg
+            else f"IF has rows: {cfg.get('result_name', '?')}"
+        )
     elif node_type == "JOIN":
         text = f"JOIN ({n_children})"
     else:
@@ -141,9 +149,12 @@ def from_rows(rows: Iterable[Mapping[str, Any]], root: str, title: str = "") -> 
         roles = _roles(ntype, len(kids))
         children = [(role, str(k)) for role, k in zip(roles, kids, strict=True) if k]
         nodes[str(r["node_id"])] = Node(
-            id=str(r["node_id"]), type=ntype,
+            id=str(r["node_id"]),
+            type=ntype,
             label=label(ntype, r.get("query"), r.get("result_name"), len(children)),
-            status=r.get("inferred_status") or r.get("status"), children=children)
+            status=r.get("inferred_status") or r.get("status"),
+            children=children,
+        )
     # unreachable ids (hand-edited rows) are left out of edges rather than drawn dangling
     for node in nodes.values():
         node.children = [(role, c) for role, c in node.children if c in nodes]
@@ -182,16 +193,27 @@ def from_graph(value: str | Mapping[str, Any], title: str = "") -> Diagram:
             kids = [g.get("left_node"), g.get("right_node"), *(g.get("extra_nodes") or [])]
         roles = _roles(ntype, len(kids))
         # ids in df.start's pre-order: condition, left, right, extra
-        order = [g.get("condition_node"), g.get("left_node"), g.get("right_node"),
-                 *(g.get("extra_nodes") or [])]
+        order = [
+            g.get("condition_node"),
+            g.get("left_node"),
+            g.get("right_node"),
+            *(g.get("extra_nodes") or []),
+        ]
         ids = {id(k): new_id() for k in order if isinstance(k, Mapping)}
-        children = [(role, ids[id(k)]) for role, k in zip(roles, kids, strict=True)
-                    if isinstance(k, Mapping)]
+        children = [
+            (role, ids[id(k)])
+            for role, k in zip(roles, kids, strict=True)
+            if isinstance(k, Mapping)
+        ]
         query = g.get("query")
         if ntype in ("IF", "LOOP") and isinstance(g.get("condition_node"), Mapping):
             query = json.dumps({"condition_node": "?"})
-        nodes[gid] = Node(id=gid, type=ntype, label=label(ntype, query, g.get("result_name"),
-                                                        len(children)), children=children)
+        nodes[gid] = Node(
+            id=gid,
+            type=ntype,
+            label=label(ntype, query, g.get("result_name"), len(children)),
+            children=children,
+        )
         # push in reverse pre-order so the condition is expanded first (ids are already
         # fixed; this only keeps `nodes` in pre-order)
         for k in reversed(order):
@@ -213,8 +235,13 @@ def mermaid(d: Diagram) -> str:
     lines = ["flowchart TD"]
     if d.title:
         lines.insert(0, f"%% {d.title}")
-    shapes = {"IF": ('{{"', '"}}'), "THEN": ('(["', '"])'), "LOOP": ('[["', '"]]'),
-              "JOIN": ('[/"', '"\\]'), "RACE": ('[\\"', '"/]')}
+    shapes = {
+        "IF": ('{{"', '"}}'),
+        "THEN": ('(["', '"])'),
+        "LOOP": ('[["', '"]]'),
+        "JOIN": ('[/"', '"\\]'),
+        "RACE": ('[\\"', '"/]'),
+    }
     used: set[str] = set()
     for node in d.nodes.values():
         left, right = shapes.get(node.type, ('["', '"]'))
@@ -229,8 +256,7 @@ def mermaid(d: Diagram) -> str:
     for status in STATUS_COLOURS:
         if status in used:
             dash = ",stroke-dasharray: 4 3" if status == "skipped" else ""
-            lines.append(f"    classDef {status} fill:{STATUS_COLOURS[status]},"
-                         f"stroke:#555{dash}")
+            lines.append(f"    classDef {status} fill:{STATUS_COLOURS[status]},stroke:#555{dash}")
     return "\n".join(lines)
 
 
@@ -240,10 +266,13 @@ def _dot_text(text: str) -> str:
 
 def dot(d: Diagram) -> str:
     """A Graphviz ``digraph``; statuses are fill colours (skipped nodes dashed)."""
-    lines = ["digraph pgdurable {", "    rankdir=TB;",
-             '    node [shape=box, style="rounded,filled", fillcolor="#ffffff", '
-             'fontname="Helvetica", fontsize=11];',
-             '    edge [fontname="Helvetica", fontsize=9];']
+    lines = [
+        "digraph pgdurable {",
+        "    rankdir=TB;",
+        '    node [shape=box, style="rounded,filled", fillcolor="#ffffff", '
+        'fontname="Helvetica", fontsize=11];',
+        '    edge [fontname="Helvetica", fontsize=9];',
+    ]
     if d.title:
         lines.append(f'    label="{_dot_text(d.title)}"; labelloc=t;')
     for node in d.nodes.values():
@@ -268,7 +297,17 @@ def dot(d: Diagram) -> str:
 
 def to_json(d: Diagram) -> dict[str, Any]:
     """The diagram as plain data (``explain --json``)."""
-    return {"root": d.root, "title": d.title,
-            "nodes": [{"id": n.id, "type": n.type, "label": n.label, "status": n.status,
-                       "children": [{"role": r, "id": c} for r, c in n.children]}
-                      for n in d.nodes.values()]}
+    return {
+        "root": d.root,
+        "title": d.title,
+        "nodes": [
+            {
+                "id": n.id,
+                "type": n.type,
+                "label": n.label,
+                "status": n.status,
+                "children": [{"role": r, "id": c} for r, c in n.children],
+            }
+            for n in d.nodes.values()
+        ],
+    }

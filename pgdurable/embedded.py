@@ -69,9 +69,15 @@ class EmbeddedPostgres:
         if self._as_root:
             kwargs["user"] = SYSTEM_USER
             kwargs["group"] = pwd.getpwnam(SYSTEM_USER).pw_gid
-        return subprocess.run(
-            cmd, check=check, capture_output=True, text=True, timeout=120, **kwargs  # type: ignore[call-overload]
+        done: subprocess.CompletedProcess[str] = subprocess.run(
+            cmd,
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **kwargs,  # type: ignore[call-overload]
         )
+        return done
 
     def _prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +85,9 @@ class EmbeddedPostgres:
             try:
                 pwd.getpwnam(SYSTEM_USER)
             except KeyError:
-                subprocess.run(["useradd", "-s", "/bin/false", SYSTEM_USER], check=True,
-                               capture_output=True)
+                subprocess.run(
+                    ["useradd", "-s", "/bin/false", SYSTEM_USER], check=True, capture_output=True
+                )
             entry = pwd.getpwnam(SYSTEM_USER)
             # every parent must be traversable by the postgres system user
             for parent in self.data_dir.parents:
@@ -116,8 +123,16 @@ class EmbeddedPostgres:
         self._prepare()
         if (self.data_dir / "PG_VERSION").exists():
             return
-        self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                  "--encoding=UTF8", "--no-instructions")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-instructions",
+        )
         conf = {
             "listen_addresses": "'127.0.0.1'",
             "max_connections": "300",
@@ -131,8 +146,10 @@ class EmbeddedPostgres:
         # ('new'-mode starts): dblink lets a non-superuser connect only with a password the
         # server asked for, as on any managed PostgreSQL
         hba = self.data_dir / "pg_hba.conf"
-        launcher = ("local all /^pgdurable_launcher_ scram-sha-256\n"
-                    "host all /^pgdurable_launcher_ 127.0.0.1/32 scram-sha-256\n")
+        launcher = (
+            "local all /^pgdurable_launcher_ scram-sha-256\n"
+            "host all /^pgdurable_launcher_ 127.0.0.1/32 scram-sha-256\n"
+        )
         hba.write_text(launcher + hba.read_text())
 
     def is_running(self) -> bool:
@@ -146,17 +163,39 @@ class EmbeddedPostgres:
             return self.dsn()
         if not self.port_file.exists():
             self.port_file.write_text(str(_free_port()))
-        res = self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60",
-                        "-l", str(self.data_dir / "server.log"),
-                        "-o", f"-p {self.port}", "start", check=False)
+        res = self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.data_dir / "server.log"),
+            "-o",
+            f"-p {self.port}",
+            "start",
+            check=False,
+        )
         if res.returncode != 0:
             # the remembered port may have been taken meanwhile: pick another once
             self.port_file.write_text(str(_free_port()))
-            res = self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60",
-                            "-l", str(self.data_dir / "server.log"),
-                            "-o", f"-p {self.port}", "start", check=False)
+            res = self._run(
+                "pg_ctl",
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(self.data_dir / "server.log"),
+                "-o",
+                f"-p {self.port}",
+                "start",
+                check=False,
+            )
             if res.returncode != 0:
-                log = (self.data_dir / "server.log")
+                log = self.data_dir / "server.log"
                 tail = log.read_text()[-2000:] if log.exists() else ""
                 raise RuntimeError(f"embedded PostgreSQL failed to start: {res.stderr}\n{tail}")
         return self.dsn()
@@ -164,8 +203,18 @@ class EmbeddedPostgres:
     def stop(self, mode: str = "fast") -> None:
         """Stop the cluster; ``mode`` is a pg_ctl shutdown mode (smart, fast, immediate)."""
         if self.data_dir.exists() and self.is_running():
-            self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-m", mode, "stop",
-                      check=False)
+            self._run(
+                "pg_ctl",
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                mode,
+                "stop",
+                check=False,
+            )
 
     def destroy(self) -> None:
         self.stop("immediate")

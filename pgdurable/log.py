@@ -31,8 +31,9 @@ from .sanitize import for_log, mask_userinfo, visible
 
 instance_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("instance", default=None)
 node_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("node", default=None)
-node_type_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("node_type",
-                                                                           default=None)
+node_type_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "node_type", default=None
+)
 
 
 class ContextFilter(logging.Filter):
@@ -104,8 +105,10 @@ class TextFormatter(logging.Formatter):
         node = getattr(record, "node", None)
         if node:
             ctx += f" node={for_log(node)} type={for_log(getattr(record, 'node_type', ''))}"
-        base = (f"{self.formatTime(record)} {for_log(record.levelname.lower())} "
-                f"{for_log(record.name)}{ctx}: ")
+        base = (
+            f"{self.formatTime(record)} {for_log(record.levelname.lower())} "
+            f"{for_log(record.name)}{ctx}: "
+        )
         msg = base + for_log(_message(record))
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)

@@ -47,8 +47,24 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Step durations span milliseconds (SQL) to minutes (HTTP, long statements).
-STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                30.0, 60.0, 300.0)
+STEP_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
 # One checkpoint is one round trip plus the writes of one transaction.
 CHECKPOINT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # A claim leases at most the free slots (16 by default).
@@ -71,30 +87,44 @@ class _Metrics:
         self.tasks_claimed = Counter("pgdurable_tasks_claimed", "Tasks leased by claims.")
         self.tasks_handed_off = Counter(
             "pgdurable_tasks_handed_off",
-            "Successors inserted already leased to the worker that checkpointed them.")
-        self.claim_batch = Histogram("pgdurable_claim_batch_size",
-                                     "Tasks leased per non-empty claim.", buckets=BATCH_BUCKETS)
-        self.steps_claimed = Counter("pgdurable_steps_claimed", "Steps that began to run.",
-                                     ["node_type"])
-        self.steps_completed = Counter("pgdurable_steps_completed",
-                                       "Steps checkpointed as completed.", ["node_type"])
-        self.steps_failed = Counter("pgdurable_steps_failed",
-                                    "Steps checkpointed as failed.", ["node_type"])
-        self.step_seconds = Histogram("pgdurable_step_duration_seconds",
-                                      "Seconds from the start of a step to its checkpoint.",
-                                      ["node_type"], buckets=STEP_BUCKETS)
-        self.checkpoint_seconds = Histogram("pgdurable_checkpoint_seconds",
-                                            "Seconds one checkpoint statement took.",
-                                            buckets=CHECKPOINT_BUCKETS)
-        self.sql_batch = Histogram("pgdurable_sql_batch_size",
-                                   "SQL steps committed per batch transaction.",
-                                   buckets=BATCH_BUCKETS)
+            "Successors inserted already leased to the worker that checkpointed them.",
+        )
+        self.claim_batch = Histogram(
+            "pgdurable_claim_batch_size", "Tasks leased per non-empty claim.", buckets=BATCH_BUCKETS
+        )
+        self.steps_claimed = Counter(
+            "pgdurable_steps_claimed", "Steps that began to run.", ["node_type"]
+        )
+        self.steps_completed = Counter(
+            "pgdurable_steps_completed", "Steps checkpointed as completed.", ["node_type"]
+        )
+        self.steps_failed = Counter(
+            "pgdurable_steps_failed", "Steps checkpointed as failed.", ["node_type"]
+        )
+        self.step_seconds = Histogram(
+            "pgdurable_step_duration_seconds",
+            "Seconds from the start of a step to its checkpoint.",
+            ["node_type"],
+            buckets=STEP_BUCKETS,
+        )
+        self.checkpoint_seconds = Histogram(
+            "pgdurable_checkpoint_seconds",
+            "Seconds one checkpoint statement took.",
+            buckets=CHECKPOINT_BUCKETS,
+        )
+        self.sql_batch = Histogram(
+            "pgdurable_sql_batch_size",
+            "SQL steps committed per batch transaction.",
+            buckets=BATCH_BUCKETS,
+        )
         self.sql_batch_rollbacks = Counter(
             "pgdurable_sql_batches_rolled_back",
-            "SQL step batches rolled back; their steps ran again one per transaction.")
+            "SQL step batches rolled back; their steps ran again one per transaction.",
+        )
         self.rescued = Counter("pgdurable_leases_rescued", "Expired leases rescued.")
-        self.restarts = Counter("pgdurable_worker_restarts",
-                                "Worker processes re-forked after dying.")
+        self.restarts = Counter(
+            "pgdurable_worker_restarts", "Worker processes re-forked after dying."
+        )
 
 
 def enabled() -> bool:
@@ -214,18 +244,20 @@ class _QueueCollector:
             " count(*) filter (where lease_owner is not null) from {}.tasks"
         ).format(sql.Identifier(self.engine_schema))
         try:
-            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3,
-                                 application_name="pgdurable metrics") as conn:
+            with psycopg.connect(
+                self.dsn, autocommit=True, connect_timeout=3, application_name="pgdurable metrics"
+            ) as conn:
                 row = conn.execute(query).fetchone()
         except psycopg.Error as exc:
-            logger.warning("metrics: cannot read the queue depth: %s", exc,
-                           extra={"event": "metrics.error"})
+            logger.warning(
+                "metrics: cannot read the queue depth: %s", exc, extra={"event": "metrics.error"}
+            )
             return
         assert row is not None
-        yield GaugeMetricFamily("pgdurable_queue_depth",
-                                "Runnable tasks no worker has leased yet.", value=row[0])
-        yield GaugeMetricFamily("pgdurable_tasks_leased", "Tasks leased right now.",
-                                value=row[1])
+        yield GaugeMetricFamily(
+            "pgdurable_queue_depth", "Runnable tasks no worker has leased yet.", value=row[0]
+        )
+        yield GaugeMetricFamily("pgdurable_tasks_leased", "Tasks leased right now.", value=row[1])
 
 
 def registry(dsn: str | None = None, engine_schema: str = "pgdurable") -> Any:
@@ -240,13 +272,13 @@ def registry(dsn: str | None = None, engine_schema: str = "pgdurable") -> Any:
     return reg
 
 
-def serve_metrics(port: int, dsn: str | None = None, engine_schema: str = "pgdurable",
-                  addr: str = "127.0.0.1") -> Any:
+def serve_metrics(
+    port: int, dsn: str | None = None, engine_schema: str = "pgdurable", addr: str = "127.0.0.1"
+) -> Any:
     """Enable metrics (if not yet) and serve ``/metrics`` on ``port`` from a daemon thread."""
     from prometheus_client import start_http_server
 
     enable()
     server, _thread = start_http_server(port, addr=addr, registry=registry(dsn, engine_schema))
-    logger.info("metrics on http://%s:%d/metrics", addr, port,
-                extra={"event": "metrics.started"})
+    logger.info("metrics on http://%s:%d/metrics", addr, port, extra={"event": "metrics.started"})
     return server

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from typing import LiteralString, cast
+from typing import LiteralString
 
 from .sql import query
 
@@ -12,4 +12,4 @@ from .sql import query
 def q(name: str, engine: str = "pgdurable") -> LiteralString:
     """The named query of queries.sql for the given engine schema."""
     # engine is validated as an identifier by the config; the text is our own file
-    return cast(LiteralString, query(name).replace("@engine@", engine))
+    return query(name).replace("@engine@", engine)

@@ -73,8 +73,9 @@ def ensure_roles(conn: psycopg.Connection[Any]) -> None:
     administrator must run where this role lacks a right (no CREATEROLE, no ADMIN OPTION).
     """
     me = _one(conn, "select current_user::text")
-    is_super = bool(_one(conn, "select rolsuper from pg_catalog.pg_roles "
-                               "where rolname = current_user"))
+    is_super = bool(
+        _one(conn, "select rolsuper from pg_catalog.pg_roles where rolname = current_user")
+    )
     version = conn.info.server_version // 10000
     todo: list[str] = []
     for role in ALL_ROLES:
@@ -92,20 +93,22 @@ def ensure_roles(conn: psycopg.Connection[Any]) -> None:
     if todo:
         raise InstallError(
             f"role {me!r} cannot create pgdurable's roles (it needs CREATEROLE); as an "
-            "administrator run:\n  " + "\n  ".join(todo)
-            + "\nthen give the LOGIN roles passwords (ALTER ROLE ... PASSWORD) and install again")
+            "administrator run:\n  "
+            + "\n  ".join(todo)
+            + "\nthen give the LOGIN roles passwords (ALTER ROLE ... PASSWORD) and install again"
+        )
     check_step_role(conn)
     # the admin acts as the owner to create the engine's objects; the service inherits it
     # (its tables, past RLS) and the step role (to cancel step backends)
     grants = [] if is_super else [(OWNER_ROLE, me)]
     grants += [(OWNER_ROLE, SERVICE_ROLE), (STEP_ROLE, SERVICE_ROLE)]
     for role, member in grants:
-        if version < 16 and _one(conn, "select pg_catalog.pg_has_role(%s, %s, 'USAGE')",
-                                 (member, role)):
+        if version < 16 and _one(
+            conn, "select pg_catalog.pg_has_role(%s, %s, 'USAGE')", (member, role)
+        ):
             continue
         opts = " with inherit true, set true" if version >= 16 else ""
-        stmt = sql.SQL("grant {} to {}" + opts).format(sql.Identifier(role),
-                                                        sql.Identifier(member))
+        stmt = sql.SQL("grant {} to {}" + opts).format(sql.Identifier(role), sql.Identifier(member))
         try:
             with conn.transaction():
                 conn.execute(stmt)
@@ -114,7 +117,8 @@ def ensure_roles(conn: psycopg.Connection[Any]) -> None:
     if todo:
         raise InstallError(
             f"role {me!r} cannot grant pgdurable's role memberships; as an administrator "
-            "run:\n  " + "\n  ".join(todo) + "\nthen install again")
+            "run:\n  " + "\n  ".join(todo) + "\nthen install again"
+        )
 
 
 def ensure_launcher(conn: psycopg.Connection[Any], engine: str) -> str:
@@ -124,29 +128,41 @@ def ensure_launcher(conn: psycopg.Connection[Any], engine: str) -> str:
     eng = sql.Identifier(engine)
     row = conn.execute(sql.SQL("select l.rolname::text from {}.launcher l").format(eng)).fetchone()
     name = str(row[0]) if row else ""
-    if not name or not _one(conn, "select count(*) from pg_catalog.pg_roles where rolname = %s",
-                            (name,)):
+    if not name or not _one(
+        conn, "select count(*) from pg_catalog.pg_roles where rolname = %s", (name,)
+    ):
         name = f"pgdurable_launcher_{secrets.token_hex(4)}"
         password = secrets.token_urlsafe(32)
         # the server gets a SCRAM verifier, never the password (statement logs show this text)
-        verifier = conn.pgconn.encrypt_password(password.encode(), name.encode(),
-                                                b"scram-sha-256").decode()
+        verifier = conn.pgconn.encrypt_password(
+            password.encode(), name.encode(), b"scram-sha-256"
+        ).decode()
         try:
-            conn.execute(sql.SQL("create role {} login password {}").format(
-                sql.Identifier(name), sql.Literal(verifier)))
+            conn.execute(
+                sql.SQL("create role {} login password {}").format(
+                    sql.Identifier(name), sql.Literal(verifier)
+                )
+            )
         except psycopg.errors.InsufficientPrivilege:
             raise InstallError(
                 f"cannot create the launcher role {name!r} (CREATEROLE needed); "
-                "run pgdurable install as an administrator") from None
-        conn.execute(sql.SQL(
-            "insert into {}.launcher (rolname, password) values (%s, %s) "
-            "on conflict (sentinel) do update set rolname = excluded.rolname, "
-            "password = excluded.password").format(eng), (name, password))
+                "run pgdurable install as an administrator"
+            ) from None
+        conn.execute(
+            sql.SQL(
+                "insert into {}.launcher (rolname, password) values (%s, %s) "
+                "on conflict (sentinel) do update set rolname = excluded.rolname, "
+                "password = excluded.password"
+            ).format(eng),
+            (name, password),
+        )
         logger.info("created the launcher role %s", name)
     conn.execute(sql.SQL("grant usage on schema {} to {}").format(eng, sql.Identifier(name)))
-    conn.execute(sql.SQL(
-        "grant execute on function {}._launch_v1(oid, text, text, text) to {}").format(
-        eng, sql.Identifier(name)))
+    conn.execute(
+        sql.SQL("grant execute on function {}._launch_v1(oid, text, text, text) to {}").format(
+            eng, sql.Identifier(name)
+        )
+    )
     return name
 
 
@@ -163,7 +179,9 @@ def check_step_role(conn: psycopg.Connection[Any], role: str = STEP_ROLE) -> Non
                or exists (select 1 from pg_catalog.pg_proc p where p.proowner = r.oid)
                or exists (select 1 from pg_catalog.pg_namespace n where n.nspowner = r.oid)
         from pg_catalog.pg_roles r where r.rolname = %s
-        """, (role,)).fetchone()
+        """,
+        (role,),
+    ).fetchone()
     if row is None:
         raise InstallError(f"role {role!r} does not exist; run pgdurable install first")
     problems = []
@@ -181,7 +199,8 @@ def check_step_role(conn: psycopg.Connection[Any], role: str = STEP_ROLE) -> Non
         raise InstallError(
             f"role {role!r}, which runs tenants' statements, {' and '.join(problems)}; it must "
             f"hold nothing: ALTER ROLE {role} NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB, "
-            "revoke its memberships and reassign what it owns")
+            "revoke its memberships and reassign what it owns"
+        )
 
 
 def service_dsns(dsn: str, step_dsn: str | None) -> tuple[str, str]:
@@ -200,16 +219,22 @@ def check_logins(service_dsn: str, step_dsn: str) -> None:
     """Connect as both roles and refuse to run with rights a session must not hold."""
     try:
         with psycopg.connect(service_dsn, connect_timeout=10) as conn:
-            row = conn.execute("select current_user::text, rolsuper from pg_catalog.pg_roles "
-                               "where rolname = current_user").fetchone()
+            row = conn.execute(
+                "select current_user::text, rolsuper from pg_catalog.pg_roles "
+                "where rolname = current_user"
+            ).fetchone()
     except psycopg.OperationalError as exc:
-        raise ConfigError(f"cannot log in as the service role ({dsn_user(service_dsn)}): "
-                          f"{str(exc).strip()}; give it a password (ALTER ROLE "
-                          f"{SERVICE_ROLE} PASSWORD ...) and pass --dsn with it") from None
+        raise ConfigError(
+            f"cannot log in as the service role ({dsn_user(service_dsn)}): "
+            f"{str(exc).strip()}; give it a password (ALTER ROLE "
+            f"{SERVICE_ROLE} PASSWORD ...) and pass --dsn with it"
+        ) from None
     assert row is not None
     if row[1]:
-        raise ConfigError(f"the service logs in as {row[0]!r}, a superuser: serve runs as "
-                          f"{SERVICE_ROLE}, which pgdurable install creates")
+        raise ConfigError(
+            f"the service logs in as {row[0]!r}, a superuser: serve runs as "
+            f"{SERVICE_ROLE}, which pgdurable install creates"
+        )
     try:
         with psycopg.connect(step_dsn, connect_timeout=10) as conn:
             user = _one(conn, "select current_user::text")
@@ -218,6 +243,8 @@ def check_logins(service_dsn: str, step_dsn: str) -> None:
             except InstallError as exc:
                 raise ConfigError(str(exc)) from None
     except psycopg.OperationalError as exc:
-        raise ConfigError(f"cannot log in as the step role ({dsn_user(step_dsn)}): "
-                          f"{str(exc).strip()}; give it a password (ALTER ROLE {STEP_ROLE} "
-                          "PASSWORD ...) and pass --step-dsn with it") from None
+        raise ConfigError(
+            f"cannot log in as the step role ({dsn_user(step_dsn)}): "
+            f"{str(exc).strip()}; give it a password (ALTER ROLE {STEP_ROLE} "
+            "PASSWORD ...) and pass --step-dsn with it"
+        ) from None

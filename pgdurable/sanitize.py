@@ -66,7 +66,8 @@ def visible_lines(text: object) -> str:
 # (an RFC 3986 parser ends the authority there too) and a userinfo without a password.
 _USERINFO = re.compile(
     r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]{0,30}://[^\s:/?#@'\"<>\\]{0,256})"
-    r":(?P<pw>[^/?#\r\n]{0,1024}?)@(?=[^@/?#\s'\"<>\\]*(?:[/?#\s'\"<>\\]|$))")
+    r":(?P<pw>[^/?#\r\n]{0,1024}?)@(?=[^@/?#\s'\"<>\\]*(?:[/?#\s'\"<>\\]|$))"
+)
 
 
 def mask_userinfo(text: str) -> str:

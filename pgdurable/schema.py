@@ -71,11 +71,9 @@ def render(text: str, *, engine: str, op_schema: str) -> str:
     )
 
 
-def installed_version(conn: psycopg.Connection[object], engine: str = ENGINE_SCHEMA_DEFAULT) -> int:
+def installed_version(conn: psycopg.Connection[Any], engine: str = ENGINE_SCHEMA_DEFAULT) -> int:
     """The recorded schema version, 0 when nothing is installed."""
-    row = conn.execute(
-        "select to_regclass(%s) is not null", (f"{engine}.migrations",)
-    ).fetchone()
+    row = conn.execute("select to_regclass(%s) is not null", (f"{engine}.migrations",)).fetchone()
     if not row or not row[0]:
         return 0
     got = conn.execute(
@@ -86,7 +84,7 @@ def installed_version(conn: psycopg.Connection[object], engine: str = ENGINE_SCH
     return int(got[0]) if got else 0
 
 
-def _operator_schema(conn: psycopg.Connection[object], requested: str | None) -> str:
+def _operator_schema(conn: psycopg.Connection[Any], requested: str | None) -> str:
     if requested:
         return requested
     row = conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone()
@@ -124,10 +122,18 @@ def expand(text: str) -> str:
     views, as create or replace) and ``-- @include <file>`` (the whole file) lines expanded."""
     from .sql import SCHEMA_DIR
 
-    text = re.sub(r"^-- @definitions-of (\S+)$",
-                  lambda m: definitions_of(SCHEMA_DIR / m.group(1)), text, flags=re.MULTILINE)
-    return re.sub(r"^-- @include (\S+)$", lambda m: (SCHEMA_DIR / m.group(1)).read_text(),
-                  text, flags=re.MULTILINE)
+    text = re.sub(
+        r"^-- @definitions-of (\S+)$",
+        lambda m: definitions_of(SCHEMA_DIR / m.group(1)),
+        text,
+        flags=re.MULTILINE,
+    )
+    return re.sub(
+        r"^-- @include (\S+)$",
+        lambda m: (SCHEMA_DIR / m.group(1)).read_text(),
+        text,
+        flags=re.MULTILINE,
+    )
 
 
 def _migrations() -> dict[int, Path]:
@@ -150,8 +156,9 @@ def install(
     """Install or upgrade to ``target_version``; returns what changed, and whether
     ``transaction_mode => 'new'`` works (:func:`ensure_new_mode`: dblink created where this
     role may, a warning logged with the statement to run where it may not)."""
-    res = _install(dsn, engine=engine, operator_schema=operator_schema,
-                   target_version=target_version)
+    res = _install(
+        dsn, engine=engine, operator_schema=operator_schema, target_version=target_version
+    )
     if res.to_version != SCHEMA_VERSION:
         return res
     schema_name, problem = ensure_new_mode(dsn, engine)
@@ -175,41 +182,63 @@ def ensure_new_mode(dsn: str, engine: str = ENGINE_SCHEMA_DEFAULT) -> tuple[str 
     """
     dbl = dblink_schema_name(engine)
     reason = ""
-    with psycopg.connect(dsn, autocommit=False, application_name="pgdurable install",
-                         options="-c search_path=pg_catalog,pg_temp") as conn:
-        me, is_super = conn.execute("select current_user::text, rolsuper from pg_catalog.pg_roles "
-                                    "where rolname = current_user").fetchone() or ("?", False)
+    with psycopg.connect(
+        dsn,
+        autocommit=False,
+        application_name="pgdurable install",
+        options="-c search_path=pg_catalog,pg_temp",
+    ) as conn:
+        me, is_super = conn.execute(
+            "select current_user::text, rolsuper from pg_catalog.pg_roles "
+            "where rolname = current_user"
+        ).fetchone() or ("?", False)
         where = _dblink_where(conn)
         if where is None:
-            if not conn.execute("select count(*) from pg_catalog.pg_available_extensions "
-                                "where name = 'dblink'").fetchone()[0]:  # type: ignore[index]
-                reason = ("this PostgreSQL server has no dblink extension to install (it comes "
-                          "with PostgreSQL's contrib modules, e.g. the postgresql-contrib package)")
+            if not conn.execute(
+                "select count(*) from pg_catalog.pg_available_extensions where name = 'dblink'"
+            ).fetchone()[0]:  # type: ignore[index]
+                reason = (
+                    "this PostgreSQL server has no dblink extension to install (it comes "
+                    "with PostgreSQL's contrib modules, e.g. the postgresql-contrib package)"
+                )
             else:
                 # the schema first, on its own: where dblink cannot be made now, an
                 # administrator's statement then only needs to create the extension in it
-                with contextlib.suppress(psycopg.Error), \
-                        conn.transaction():
-                    if not conn.execute("select count(*) from pg_catalog.pg_namespace "
-                                        "where nspname = %s", (dbl,)).fetchone()[0]:  # type: ignore[index]
-                        conn.execute(sql.SQL("create schema {} authorization {}").format(
-                            sql.Identifier(dbl), sql.Identifier(OWNER_ROLE)))
-                        conn.execute(sql.SQL("revoke all on schema {} from public").format(
-                            sql.Identifier(dbl)))
+                with contextlib.suppress(psycopg.Error), conn.transaction():
+                    if not conn.execute(
+                        "select count(*) from pg_catalog.pg_namespace where nspname = %s", (dbl,)
+                    ).fetchone()[0]:  # type: ignore[index]
+                        conn.execute(
+                            sql.SQL("create schema {} authorization {}").format(
+                                sql.Identifier(dbl), sql.Identifier(OWNER_ROLE)
+                            )
+                        )
+                        conn.execute(
+                            sql.SQL("revoke all on schema {} from public").format(
+                                sql.Identifier(dbl)
+                            )
+                        )
                 try:
                     with conn.transaction():
-                        conn.execute(sql.SQL("create extension if not exists dblink schema {}")
-                                     .format(sql.Identifier(dbl)))
-                    logger.info("created the dblink extension in schema %s "
-                                "(transaction_mode 'new')", dbl)
+                        conn.execute(
+                            sql.SQL("create extension if not exists dblink schema {}").format(
+                                sql.Identifier(dbl)
+                            )
+                        )
+                    logger.info(
+                        "created the dblink extension in schema %s (transaction_mode 'new')", dbl
+                    )
                 except psycopg.Error as exc:
-                    reason = (f"role {me!r}{' (a superuser)' if is_super else ''} could not: "
-                              f"{exc.diag.message_primary or str(exc).strip()}")
+                    reason = (
+                        f"role {me!r}{' (a superuser)' if is_super else ''} could not: "
+                        f"{exc.diag.message_primary or str(exc).strip()}"
+                    )
                 where = _dblink_where(conn)
         conn.commit()
         try:
-            row = conn.execute(sql.SQL("select {}._new_mode_check_v1()").format(
-                sql.Identifier(engine))).fetchone()
+            row = conn.execute(
+                sql.SQL("select {}._new_mode_check_v1()").format(sql.Identifier(engine))
+            ).fetchone()
             problem = row[0] if row else None
         except psycopg.Error as exc:
             problem = f"could not check it: {exc.diag.message_primary or str(exc).strip()}"
@@ -226,9 +255,11 @@ def ensure_new_mode(dsn: str, engine: str = ENGINE_SCHEMA_DEFAULT) -> tuple[str 
 
 
 def _dblink_where(conn: psycopg.Connection[Any]) -> str | None:
-    row = conn.execute("select n.nspname::text from pg_catalog.pg_extension e "
-                       "join pg_catalog.pg_namespace n on n.oid = e.extnamespace "
-                       "where e.extname = 'dblink'").fetchone()
+    row = conn.execute(
+        "select n.nspname::text from pg_catalog.pg_extension e "
+        "join pg_catalog.pg_namespace n on n.oid = e.extnamespace "
+        "where e.extname = 'dblink'"
+    ).fetchone()
     return str(row[0]) if row else None
 
 
@@ -240,8 +271,12 @@ def _install(
     target_version: int,
 ) -> InstallResult:
     # search_path fixed whatever the database or role defaults say (its owner may set them)
-    with psycopg.connect(dsn, autocommit=False, application_name="pgdurable install",
-                         options="-c search_path=pg_catalog,pg_temp") as conn:
+    with psycopg.connect(
+        dsn,
+        autocommit=False,
+        application_name="pgdurable install",
+        options="-c search_path=pg_catalog,pg_temp",
+    ) as conn:
         op_schema = _operator_schema(conn, operator_schema)
         # up to date: no lock at all (serve's start lands here; a lock any role can take
         # must not keep the service from starting)
@@ -262,8 +297,11 @@ def _install(
         ensure_roles(conn)
         if current == 0:
             for name in ("df", engine, engine + "_exec"):
-                conn.execute(sql.SQL("create schema if not exists {} authorization {}").format(
-                    sql.Identifier(name), sql.Identifier(OWNER_ROLE)))
+                conn.execute(
+                    sql.SQL("create schema if not exists {} authorization {}").format(
+                        sql.Identifier(name), sql.Identifier(OWNER_ROLE)
+                    )
+                )
             for part in schema_parts():
                 # every object belongs to the owner role; the operators to the admin
                 as_owner = "operators" not in part.name
@@ -299,13 +337,16 @@ def _install(
         return InstallResult(start, current, op_schema)
 
 
-def _install_lock(conn: psycopg.Connection[object], engine: str, *, exists: bool) -> None:
+def _install_lock(conn: psycopg.Connection[Any], engine: str, *, exists: bool) -> None:
     """Serialise installs and upgrades. Once the schema exists: a lock on its migrations
     table, which only its owner's members may take; before (a first install): the advisory
     key, bounded, since any role can hold an advisory key."""
     if exists:
-        conn.execute(sql.SQL("lock table {}.migrations in share row exclusive mode").format(
-            sql.Identifier(engine)))
+        conn.execute(
+            sql.SQL("lock table {}.migrations in share row exclusive mode").format(
+                sql.Identifier(engine)
+            )
+        )
         return
     conn.execute("set local lock_timeout = '30s'")
     try:
@@ -314,11 +355,12 @@ def _install_lock(conn: psycopg.Connection[object], engine: str, *, exists: bool
         raise InstallError(
             f"another session has held pgdurable's install lock (advisory key "
             f"{INSTALL_LOCK_KEY}) for 30 s: another install running, or a role holding the "
-            "key; see pg_locks") from None
+            "key; see pg_locks"
+        ) from None
     conn.execute("set local lock_timeout = 0")
 
 
-def _record(conn: psycopg.Connection[object], engine: str, version: int) -> None:
+def _record(conn: psycopg.Connection[Any], engine: str, version: int) -> None:
     conn.execute(
         sql.SQL("insert into {}.migrations (version, package) values (%s, %s)").format(
             sql.Identifier(engine)
@@ -342,8 +384,9 @@ def uninstall(dsn: str, *, engine: str = ENGINE_SCHEMA_DEFAULT) -> None:
         conn.execute("select pg_advisory_xact_lock(%s)", (INSTALL_LOCK_KEY,))
         launcher = None
         if conn.execute("select to_regclass(%s)", (f"{engine}.launcher",)).fetchone() != (None,):
-            row = conn.execute(sql.SQL("select rolname::text from {}.launcher").format(
-                sql.Identifier(engine))).fetchone()
+            row = conn.execute(
+                sql.SQL("select rolname::text from {}.launcher").format(sql.Identifier(engine))
+            ).fetchone()
             launcher = row[0] if row else None
         conn.execute("drop schema if exists df cascade")
         conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(engine)))
@@ -357,10 +400,16 @@ def uninstall(dsn: str, *, engine: str = ENGINE_SCHEMA_DEFAULT) -> None:
         dbl = dblink_schema_name(engine)
         try:
             with conn.transaction():
-                conn.execute(sql.SQL("drop schema if exists {} cascade").format(
-                    sql.Identifier(dbl)))
+                conn.execute(
+                    sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(dbl))
+                )
         except psycopg.errors.InsufficientPrivilege as exc:
-            logger.warning("schema %s (the dblink extension) stays: %s; a superuser may run "
-                           "DROP SCHEMA %s CASCADE", dbl, exc.diag.message_primary, dbl,
-                           extra={"event": "uninstall.dblink_kept"})
+            logger.warning(
+                "schema %s (the dblink extension) stays: %s; a superuser may run "
+                "DROP SCHEMA %s CASCADE",
+                dbl,
+                exc.diag.message_primary,
+                dbl,
+                extra={"event": "uninstall.dblink_kept"},
+            )
         conn.commit()

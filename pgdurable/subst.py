@@ -205,9 +205,17 @@ def _has(result: Any) -> str:
         keys = list(result)
         shown = ", ".join(str(k) for k in keys[:20]) + (", …" if len(keys) > 20 else "")
         return f"its fields: {shown}" if keys else "it has no fields"
-    kind = ("an array" if isinstance(result, list) else "a string" if isinstance(result, str)
-            else "null" if result is None else "a boolean" if isinstance(result, bool)
-            else "a number")
+    kind = (
+        "an array"
+        if isinstance(result, list)
+        else "a string"
+        if isinstance(result, str)
+        else "null"
+        if result is None
+        else "a boolean"
+        if isinstance(result, bool)
+        else "a number"
+    )
     return f"it is {kind}, not an object"
 
 
@@ -308,8 +316,9 @@ def _pass2(text: str, mode: Mode, results: Mapping[str, Any], max_star_rows: int
             value = _lookup(ref, name, result, col, optional)
         except _Missing:
             # in either mode: kept as written it could only become a syntax error
-            raise SubstitutionError(f"{ref}: result {name!r} has no column {col!r} "
-                                    f"({_has(result)})") from None
+            raise SubstitutionError(
+                f"{ref}: result {name!r} has no column {col!r} ({_has(result)})"
+            ) from None
         if value is None and mode == "sql":
             return "NULL"
         try:

@@ -96,8 +96,10 @@ where enabled order by next_run_at nulls last, name limit %s
 
 def fetch(conn: psycopg.Connection[Any]) -> TopState:
     """Read one snapshot (six short queries)."""
-    state = TopState(taken_at=datetime.now().astimezone().isoformat(timespec="seconds"),
-                     database=conn.info.dbname)
+    state = TopState(
+        taken_at=datetime.now().astimezone().isoformat(timespec="seconds"),
+        database=conn.info.dbname,
+    )
     counts = dict.fromkeys(STATUSES, 0)
     for status, n in conn.execute(_COUNTS).fetchall():
         counts[status] = n
@@ -106,24 +108,50 @@ def fetch(conn: psycopg.Connection[Any]) -> TopState:
     if row:
         state.steps_per_min, state.failed_steps_per_min, state.finished_per_min = row
     state.inflight = [
-        {"instance_id": r[0], "node_id": r[1], "node_type": r[2], "label": r[3],
-         "seconds": round(r[4] or 0.0, 1), "query": r[5]}
-        for r in conn.execute(_INFLIGHT, (INFLIGHT_ROWS,)).fetchall()]
+        {
+            "instance_id": r[0],
+            "node_id": r[1],
+            "node_type": r[2],
+            "label": r[3],
+            "seconds": round(r[4] or 0.0, 1),
+            "query": r[5],
+        }
+        for r in conn.execute(_INFLIGHT, (INFLIGHT_ROWS,)).fetchall()
+    ]
     state.workers = [
-        {"host": r[0], "pid": r[1], "version": r[2], "in_flight": r[3],
-         "seen_seconds_ago": round(r[4], 1), "up_seconds": round(r[5], 1)}
-        for r in conn.execute(_WORKERS, (WORKER_ROWS,)).fetchall()]
+        {
+            "host": r[0],
+            "pid": r[1],
+            "version": r[2],
+            "in_flight": r[3],
+            "seen_seconds_ago": round(r[4], 1),
+            "up_seconds": round(r[5], 1),
+        }
+        for r in conn.execute(_WORKERS, (WORKER_ROWS,)).fetchall()
+    ]
     failures = []
     for r in conn.execute(_FAILURES, (FAILURE_ROWS,)).fetchall():
         err = r[3] if isinstance(r[3], dict) else {}
-        failures.append({"instance_id": r[0], "label": r[1],
-                         "at": r[2].isoformat(timespec="seconds") if r[2] else None,
-                         "node_type": err.get("node_type"), "error": err.get("error")})
+        failures.append(
+            {
+                "instance_id": r[0],
+                "label": r[1],
+                "at": r[2].isoformat(timespec="seconds") if r[2] else None,
+                "node_type": err.get("node_type"),
+                "error": err.get("error"),
+            }
+        )
     state.failures = failures
     state.schedules = [
-        {"name": r[0], "cron": r[1], "next_run_at": r[2].isoformat(timespec="seconds")
-         if r[2] else None, "last_status": r[3], "owner": r[4]}
-        for r in conn.execute(_SCHEDULES, (SCHEDULE_ROWS,)).fetchall()]
+        {
+            "name": r[0],
+            "cron": r[1],
+            "next_run_at": r[2].isoformat(timespec="seconds") if r[2] else None,
+            "last_status": r[3],
+            "owner": r[4],
+        }
+        for r in conn.execute(_SCHEDULES, (SCHEDULE_ROWS,)).fetchall()
+    ]
     return state
 
 
@@ -148,10 +176,15 @@ def render(state: TopState, width: int = 100) -> str:
     out.append(_cut(head, width))
     out.append("")
     total = sum(state.counts.values())
-    out.append("instances  " + "  ".join(f"{s} {state.counts.get(s, 0)}" for s in STATUSES)
-               + f"  total {total}")
-    out.append(f"last 1 min  steps completed {state.steps_per_min}  steps failed "
-               f"{state.failed_steps_per_min}  instances finished {state.finished_per_min}")
+    out.append(
+        "instances  "
+        + "  ".join(f"{s} {state.counts.get(s, 0)}" for s in STATUSES)
+        + f"  total {total}"
+    )
+    out.append(
+        f"last 1 min  steps completed {state.steps_per_min}  steps failed "
+        f"{state.failed_steps_per_min}  instances finished {state.finished_per_min}"
+    )
     out.append("")
     out.append(f"in-flight steps ({len(state.inflight)})")
     if state.inflight:
@@ -159,22 +192,25 @@ def render(state: TopState, width: int = 100) -> str:
         rest = width - 2 - 8 - 2 - 8 - 2 - 13 - 2 - 8 - 2
         for s in state.inflight:
             what = s["query"] if s["node_type"] == "SQL" else s["label"] or s["query"]
-            out.append(f"  {visible(s['instance_id']):8}  {visible(s['node_id']):8}  "
-                       f"{visible(s['node_type']):13}  "
-                       f"{_dur(s['seconds']):>8}  {_cut(what, rest)}")
+            out.append(
+                f"  {visible(s['instance_id']):8}  {visible(s['node_id']):8}  "
+                f"{visible(s['node_type']):13}  "
+                f"{_dur(s['seconds']):>8}  {_cut(what, rest)}"
+            )
     else:
         out.append("  (none)")
     out.append("")
     out.append(f"workers ({len(state.workers)})")
     if state.workers:
-        out.append(f"  {'host':20}  {'pid':>7}  {'in-flight':>9}  {'up':>8}  {'seen':>8}  "
-                   "version")
+        out.append(f"  {'host':20}  {'pid':>7}  {'in-flight':>9}  {'up':>8}  {'seen':>8}  version")
         for w in state.workers:
             seen = _dur(w["seen_seconds_ago"]) + " ago"
             if w["seen_seconds_ago"] > STALE_AFTER:
                 seen += " (stale)"
-            out.append(f"  {_cut(w['host'], 20):20}  {w['pid']:>7}  {w['in_flight']:>9}  "
-                       f"{_dur(w['up_seconds']):>8}  {seen:>8}  {visible(w['version'])}")
+            out.append(
+                f"  {_cut(w['host'], 20):20}  {w['pid']:>7}  {w['in_flight']:>9}  "
+                f"{_dur(w['up_seconds']):>8}  {seen:>8}  {visible(w['version'])}"
+            )
     else:
         out.append("  (none: is `pgdurable serve` running?)")
     out.append("")
@@ -191,8 +227,10 @@ def render(state: TopState, width: int = 100) -> str:
     out.append(f"next scheduled runs ({len(state.schedules)})")
     for j in state.schedules:
         when = (j["next_run_at"] or "computing…").replace("T", " ")
-        out.append(f"  {when[:19]:19}  {_cut(j['name'], 24):24}  {_cut(j['cron'], 16):16}  "
-                   f"last {visible(j['last_status'] or '-')}")
+        out.append(
+            f"  {when[:19]:19}  {_cut(j['name'], 24):24}  {_cut(j['cron'], 16):16}  "
+            f"last {visible(j['last_status'] or '-')}"
+        )
     if not state.schedules:
         out.append("  (none: df.schedule makes recurring jobs)")
     # every value above is visible already; this pass keeps the frame one line per row even
@@ -200,8 +238,14 @@ def render(state: TopState, width: int = 100) -> str:
     return "\n".join(_cut(line, width) if len(line) > width else visible(line) for line in out)
 
 
-def run(connect: Any, *, once: bool = False, interval: float = INTERVAL_DEFAULT,
-        width: int | None = None, echo: Any = print) -> None:
+def run(
+    connect: Any,
+    *,
+    once: bool = False,
+    interval: float = INTERVAL_DEFAULT,
+    width: int | None = None,
+    echo: Any = print,
+) -> None:
     """Print one frame (``once``) or redraw every ``interval`` seconds until Ctrl-C.
 
     ``connect()`` returns a connection (kept open between frames, reopened after errors).

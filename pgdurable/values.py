@@ -113,11 +113,14 @@ def number_text(value: Decimal) -> str:
     assert isinstance(exponent, int)  # finite
     zero = not any(digits)
     if -exponent > _NUMERIC_MAX_SCALE or (
-            not zero and exponent + len(digits) - 1 > _NUMERIC_MAX_ADJUSTED):
+        not zero and exponent + len(digits) - 1 > _NUMERIC_MAX_ADJUSTED
+    ):
         shown = text if len(text) <= 40 else f"{text[:20]}…{text[-12:]}"
-        raise ValueError(f"the number {shown} is beyond the range of PostgreSQL's numeric "
-                         "(at most 131072 digits before the decimal point and 16383 after "
-                         "it), which jsonb stores every number as")
+        raise ValueError(
+            f"the number {shown} is beyond the range of PostgreSQL's numeric "
+            "(at most 131072 digits before the decimal point and 16383 after "
+            "it), which jsonb stores every number as"
+        )
     if zero and exponent > 0:
         return "-0" if sign else "0"  # numeric's zero has no exponent: 0E+5 is 0
     return format(value, "f")
@@ -159,8 +162,11 @@ def _encode_slow(value: Any) -> bytes:
 
 
 def _scalar(value: Any) -> bytes:
-    if isinstance(value, int) and not isinstance(value, bool) and not (
-            _INT_MIN <= value <= _INT_MAX):
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not (_INT_MIN <= value <= _INT_MAX)
+    ):
         value = Decimal(value)  # exact, and not bound by int's 4300-digit str() limit
     try:
         return orjson.dumps(value, default=_default)
@@ -250,8 +256,9 @@ def _loads(text: str | bytes) -> Any:
         if not _inexact(value):
             return value
     try:
-        return json.loads(text, parse_float=Decimal, parse_int=_parse_int,
-                          parse_constant=_reject_constant)
+        return json.loads(
+            text, parse_float=Decimal, parse_int=_parse_int, parse_constant=_reject_constant
+        )
     except RecursionError:
         # deeper than Python can represent (orjson stops at 1024 levels, the stdlib near 1000)
         raise ValueError("it nests too deeply") from None
@@ -385,15 +392,18 @@ def effective_limit(limit_bytes: int) -> int:
     return limit_bytes if 0 < limit_bytes <= CHECKPOINT_MAX_BYTES else CHECKPOINT_MAX_BYTES
 
 
-def too_large(what: str, size: int, limit_bytes: int,
-              setting: str = MAX_RESULT_BYTES_SETTING) -> ResultTooLarge:
+def too_large(
+    what: str, size: int, limit_bytes: int, setting: str = MAX_RESULT_BYTES_SETTING
+) -> ResultTooLarge:
     """The error of a value of ``size`` bytes over the cap ``limit_bytes`` gives."""
     limit = effective_limit(limit_bytes)
     if limit != limit_bytes:
-        return ResultTooLarge(f"{what} is {size} bytes, over the limit of {limit} bytes that "
-                              "one checkpoint may carry")
-    return ResultTooLarge(f"{what} is {size} bytes, over the limit of {limit} bytes; "
-                          f"raise {setting} to allow it")
+        return ResultTooLarge(
+            f"{what} is {size} bytes, over the limit of {limit} bytes that one checkpoint may carry"
+        )
+    return ResultTooLarge(
+        f"{what} is {size} bytes, over the limit of {limit} bytes; raise {setting} to allow it"
+    )
 
 
 def check_size(
@@ -414,8 +424,10 @@ def check_size(
     if len(data) > effective_limit(limit_bytes):
         raise too_large(what, len(data), limit_bytes, setting)
     if b"\\u0000" in data and _JSON_NUL.search(data):
-        raise StepError(f"{what} cannot be stored: it holds a NUL character (\\u0000), which "
-                        "PostgreSQL's jsonb refuses")
+        raise StepError(
+            f"{what} cannot be stored: it holds a NUL character (\\u0000), which "
+            "PostgreSQL's jsonb refuses"
+        )
     return data
 
 

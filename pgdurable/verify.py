@@ -75,13 +75,20 @@ LEDGER = "verify_ledger"
 LABEL_PREFIX = "verify:"
 LEASE_SECONDS = 3
 LOOP_TOTALS = {"la": 3, "lb": 2}  # the loop template: 3 body runs of 'la', 2 of 'lb'
-FAULT_KINDS = ("kill_worker", "kill_supervisor", "pg_restart_fast", "pg_restart_immediate",
-               "sigstop_worker", "http_cut")
+FAULT_KINDS = (
+    "kill_worker",
+    "kill_supervisor",
+    "pg_restart_fast",
+    "pg_restart_immediate",
+    "sigstop_worker",
+    "http_cut",
+)
 FAULT_WEIGHTS = (3.0, 1.0, 1.0, 1.0, 1.5, 1.0)
 LEDGER_RE = re.compile(r"insert into verify_ledger values \('\{sys_instance_id\}', '([^']+)'\)")
 
 
 # -- the workload --------------------------------------------------------------------------
+
 
 def _l(tag: str) -> str:
     """A SQL step with one side effect: a ledger row (instance, tag)."""
@@ -92,9 +99,11 @@ def _http(url: str, tag: str) -> str:
     return f"df.http('{url}/{{sys_instance_id}}/{tag}', 'POST', 'verify', null, 10)"
 
 
-_LOOP_A = (f"df.sql('insert into {LEDGER} select ''{{sys_instance_id}}'', ''la'' returning "  # noqa: S608
-           f"(select count(*) + 1 from {LEDGER} where instance = ''{{sys_instance_id}}'' "
-           f"and step = ''la'')') |=> 'n'")
+_LOOP_A = (
+    f"df.sql('insert into {LEDGER} select ''{{sys_instance_id}}'', ''la'' returning "  # noqa: S608
+    f"(select count(*) + 1 from {LEDGER} where instance = ''{{sys_instance_id}}'' "
+    f"and step = ''la'')') |=> 'n'"
+)
 
 
 def templates(url: str) -> dict[str, str]:
@@ -102,21 +111,36 @@ def templates(url: str) -> dict[str, str]:
     return {
         "chain": " ~> ".join(_l(f"c{k}") for k in range(6)),
         "join": f"df.join({_l('j0')} ~> {_l('j1')}, {_l('j2')} ~> {_l('j3')}) ~> {_l('j4')}",
-        "race": (f"df.race({_l('r0')} ~> {_l('r1')}, df.sleep(600)) ~> "
-                 f"df.join3({_l('r2')}, df.race({_l('r3')}, df.sleep(600)), "
-                 f"df.sleep(1) ~> {_l('r4')}) ~> {_l('r5')}"),
+        "race": (
+            f"df.race({_l('r0')} ~> {_l('r1')}, df.sleep(600)) ~> "
+            f"df.join3({_l('r2')}, df.race({_l('r3')}, df.sleep(600)), "
+            f"df.sleep(1) ~> {_l('r4')}) ~> {_l('r5')}"
+        ),
         "sleep": f"{_l('s0')} ~> df.sleep(1) ~> {_l('s1')} ~> df.sleep(2) ~> {_l('s2')}",
-        "loop": (f"{_l('l0')} ~> df.loop({_LOOP_A} ~> df.if(df.sql('select $n >= 3'), "
-                 f"df.break('done'), {_l('lb')})) ~> {_l('l1')}"),
-        "signal": (f"{_l('g0')} ~> df.wait_for_signal('go') ~> {_l('g1')} ~> "
-                   f"df.wait_for_signal('go2') ~> {_l('g2')}"),
-        "http": (f"{_l('h0')} ~> {_http(url, 'h1')} ~> {_l('h1')} ~> "
-                 f"df.join({_http(url, 'h2')}, {_l('h2')}) ~> {_l('h3')}"),
+        "loop": (
+            f"{_l('l0')} ~> df.loop({_LOOP_A} ~> df.if(df.sql('select $n >= 3'), "
+            f"df.break('done'), {_l('lb')})) ~> {_l('l1')}"
+        ),
+        "signal": (
+            f"{_l('g0')} ~> df.wait_for_signal('go') ~> {_l('g1')} ~> "
+            f"df.wait_for_signal('go2') ~> {_l('g2')}"
+        ),
+        "http": (
+            f"{_l('h0')} ~> {_http(url, 'h1')} ~> {_l('h1')} ~> "
+            f"df.join({_http(url, 'h2')}, {_l('h2')}) ~> {_l('h3')}"
+        ),
     }
 
 
-KIND_WEIGHTS = {"chain": 2, "join": 1.5, "race": 1, "sleep": 1, "loop": 1, "signal": 1.5,
-                "http": 1.5}
+KIND_WEIGHTS = {
+    "chain": 2,
+    "join": 1.5,
+    "race": 1,
+    "sleep": 1,
+    "loop": 1,
+    "signal": 1.5,
+    "http": 1.5,
+}
 
 
 def setup_database(admin_dsn: str, tenant: str) -> None:
@@ -125,14 +149,20 @@ def setup_database(admin_dsn: str, tenant: str) -> None:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         if not conn.execute("select 1 from pg_roles where rolname = %s", (tenant,)).fetchone():
             conn.execute(sql.SQL("create role {} login").format(sql.Identifier(tenant)))
-        conn.execute(f"create table if not exists public.{LEDGER} (instance text not null, "
-                     "step text not null, at timestamptz not null default clock_timestamp())")
-        conn.execute(sql.SQL("grant all on public.{} to {}").format(
-            sql.Identifier(LEDGER), sql.Identifier(tenant)))
+        conn.execute(
+            f"create table if not exists public.{LEDGER} (instance text not null, "
+            "step text not null, at timestamptz not null default clock_timestamp())"
+        )
+        conn.execute(
+            sql.SQL("grant all on public.{} to {}").format(
+                sql.Identifier(LEDGER), sql.Identifier(tenant)
+            )
+        )
         conn.execute("select df.grant_usage(%s, include_http => true)", (tenant,))
 
 
 # -- the HTTP endpoint ---------------------------------------------------------------------
+
 
 class HttpRecorder:
     """A local HTTP server that records (path, Idempotency-Key) of every request it reads.
@@ -215,6 +245,7 @@ class HttpRecorder:
 
 # -- serve ---------------------------------------------------------------------------------
 
+
 class Serve:
     """``python -m pgdurable serve`` as a subprocess (started again after each kill)."""
 
@@ -227,16 +258,22 @@ class Serve:
 
     def start(self) -> None:
         env = dict(os.environ)
-        env.update({
-            "PGDURABLE_DSN": self.dsn,
-            "PGDURABLE_WORKERS": str(self.workers_n),
-            "PGDURABLE_LEASE_SECONDS": str(LEASE_SECONDS),
-            "PGDURABLE_HTTP_POLICY": "allow-list",
-            "PGDURABLE_HTTP_ALLOW": "127.0.0.1",
-        })
+        env.update(
+            {
+                "PGDURABLE_DSN": self.dsn,
+                "PGDURABLE_WORKERS": str(self.workers_n),
+                "PGDURABLE_LEASE_SECONDS": str(LEASE_SECONDS),
+                "PGDURABLE_HTTP_POLICY": "allow-list",
+                "PGDURABLE_HTTP_ALLOW": "127.0.0.1",
+            }
+        )
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pgdurable", "serve"], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pgdurable", "serve"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.starts += 1
 
     def workers(self) -> list[int]:
@@ -286,13 +323,17 @@ class Serve:
         out = []
         for p in psutil.process_iter():
             with contextlib.suppress(psutil.Error):
-                if p.pid != os.getpid() and p.environ().get("PGDURABLE_DSN") == self.dsn \
-                        and p.status() != psutil.STATUS_ZOMBIE:
+                if (
+                    p.pid != os.getpid()
+                    and p.environ().get("PGDURABLE_DSN") == self.dsn
+                    and p.status() != psutil.STATUS_ZOMBIE
+                ):
                     out.append(p)
         return out
 
 
 # -- what the tool recorded ----------------------------------------------------------------
+
 
 @dataclass
 class SentSignal:
@@ -322,8 +363,14 @@ class Stats:
     """Soak watch, one per sample: the connections to the db by holder (HOLDERS)."""
 
 
-HOLDERS = ("running serve", "orphaned workers", "client gone", "supervisor heartbeat",
-           "verify itself", "other")
+HOLDERS = (
+    "running serve",
+    "orphaned workers",
+    "client gone",
+    "supervisor heartbeat",
+    "verify itself",
+    "other",
+)
 """Who holds a connection, from its application_name ("pgdurable worker/step <pid>", "pgdurable
 listener <pid>", …): a worker of the serve now running, a worker still alive whose supervisor
 was killed, a worker pid that no longer exists (the server has not noticed), the rest."""
@@ -332,8 +379,12 @@ was killed, a worker pid that no longer exists (the server has not noticed), the
 def holder_of(app: str, current: set[int]) -> tuple[str, int | None]:
     """(holder, worker pid) of one connection; ``current``: the running serve's workers."""
     parts = app.split()
-    if len(parts) == 3 and parts[0] == "pgdurable" and parts[1] in ("worker", "listener", "step") \
-            and parts[2].isdigit():
+    if (
+        len(parts) == 3
+        and parts[0] == "pgdurable"
+        and parts[1] in ("worker", "listener", "step")
+        and parts[2].isdigit()
+    ):
         pid = int(parts[2])
         if pid in current:
             return "running serve", pid
@@ -351,32 +402,50 @@ def holder_of(app: str, current: set[int]) -> tuple[str, int | None]:
 
 # -- the checker ---------------------------------------------------------------------------
 
-def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
-          http_requests: list[tuple[str, str | None]], *, http_cut: bool,
-          label_prefix: str = LABEL_PREFIX, stats: Stats | None = None) -> list[Violation]:
+
+def check(
+    conn: psycopg.Connection[Any],
+    sent: list[SentSignal],
+    http_requests: list[tuple[str, str | None]],
+    *,
+    http_cut: bool,
+    label_prefix: str = LABEL_PREFIX,
+    stats: Stats | None = None,
+) -> list[Violation]:
     """Every violation of SPEC §5 visible in the database (``conn``: a superuser session of
     the df database) for the instances labelled ``label_prefix<kind>:<n>``."""
     st = stats or Stats()
     out: list[Violation] = []
-    inst = conn.execute("select id, label, status from df.instances where label like %s",
-                        (label_prefix + "%",)).fetchall()
+    inst = conn.execute(
+        "select id, label, status from df.instances where label like %s", (label_prefix + "%",)
+    ).fetchall()
     ids = [r[0] for r in inst]
-    kind_of = {r[0]: r[1][len(label_prefix):].split(":")[0] for r in inst}
+    kind_of = {r[0]: r[1][len(label_prefix) :].split(":")[0] for r in inst}
     status_of = {r[0]: r[2] for r in inst}
     nodes: dict[str, list[tuple[str, str, str, str, Any]]] = defaultdict(list)
     for iid, nid, ntype, query, status, result in conn.execute(
-            "select instance_id, id, node_type, query, status, result from df.nodes "
-            "where instance_id = any(%s)", (ids,)):
+        "select instance_id, id, node_type, query, status, result from df.nodes "
+        "where instance_id = any(%s)",
+        (ids,),
+    ):
         nodes[iid].append((nid, ntype, query, status, result))
     ledger: dict[str, Counter[str]] = defaultdict(Counter)
     for iid, step, n in conn.execute(
-            f"select instance, step, count(*) from public.{LEDGER} group by 1, 2"):  # noqa: S608
+        f"select instance, step, count(*) from public.{LEDGER} group by 1, 2"  # noqa: S608 (a constant)
+    ):
         ledger[iid][step] = n
-    tasks = dict(conn.execute("select instance_id, count(*) from pgdurable.tasks "
-                              "where instance_id = any(%s) group by 1", (ids,)).fetchall())
+    tasks = dict(
+        conn.execute(
+            "select instance_id, count(*) from pgdurable.tasks "
+            "where instance_id = any(%s) group by 1",
+            (ids,),
+        ).fetchall()
+    )
     inbox: Counter[tuple[str, str]] = Counter()
-    for iid, tok in conn.execute("select instance_id, data->>'tok' from pgdurable.signals "
-                                 "where instance_id = any(%s)", (ids,)):
+    for iid, tok in conn.execute(
+        "select instance_id, data->>'tok' from pgdurable.signals where instance_id = any(%s)",
+        (ids,),
+    ):
         inbox[(iid, tok)] += 1
 
     for iid in ids:
@@ -387,7 +456,8 @@ def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
         if status not in TERMINAL:
             out.append(Violation("not_terminal", iid, f"{kind} instance still {status}"))
         elif status != "completed" and not (
-                status == "failed" and kind == "http" and failed_http and http_cut):
+            status == "failed" and kind == "http" and failed_http and http_cut
+        ):
             errs = [f"{n[1]} {n[0]}: {json.dumps(n[4])[:160]}" for n in ns if n[3] == "failed"]
             out.append(Violation("unexpected_status", iid, f"{kind} {status}: {errs}"))
         if status in TERMINAL:
@@ -414,13 +484,21 @@ def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
             elif nstatus == "completed" and n == 0:
                 out.append(Violation("missing_effect", iid, f"completed step {tag} has no row"))
             elif nstatus != "completed" and n > 0:
-                out.append(Violation("phantom_effect", iid,
-                                     f"step {tag} is {nstatus} but applied {n} times"))
-        for tag, want in (LOOP_TOTALS.items() if kind == "loop" else ()):
+                out.append(
+                    Violation(
+                        "phantom_effect", iid, f"step {tag} is {nstatus} but applied {n} times"
+                    )
+                )
+        for tag, want in LOOP_TOTALS.items() if kind == "loop" else ():
             n = got.get(tag, 0)
             if (status == "completed" and n != want) or n > want:
-                out.append(Violation("duplicate_effect" if n > want else "missing_effect", iid,
-                                     f"loop step {tag} applied {n} times, expected {want}"))
+                out.append(
+                    Violation(
+                        "duplicate_effect" if n > want else "missing_effect",
+                        iid,
+                        f"loop step {tag} applied {n} times, expected {want}",
+                    )
+                )
         for tag, n in got.items():
             if tag not in tags and not (kind == "loop" and tag in LOOP_TOTALS):
                 out.append(Violation("phantom_effect", iid, f"ledger row {tag} x{n}: no step"))
@@ -446,8 +524,11 @@ def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
             if key is None:
                 out.append(Violation("http_key_changed", iid, f"{path}: no Idempotency-Key"))
             elif owner_of_key.setdefault(key, path) != path:
-                out.append(Violation("http_key_shared", iid,
-                                     f"{path} and {owner_of_key[key]} share key {key}"))
+                out.append(
+                    Violation(
+                        "http_key_shared", iid, f"{path} and {owner_of_key[key]} share key {key}"
+                    )
+                )
     for iid in ids:
         for nid, ntype, query, nstatus, _r in nodes[iid]:
             if ntype == "HTTP" and nstatus == "completed":
@@ -455,8 +536,11 @@ def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
                 url = json.loads(query)["url"].replace("{sys_instance_id}", iid)
                 path = "/" + url.split("/", 3)[3]
                 if count_path.get(path, 0) == 0:
-                    out.append(Violation("http_lost", iid, f"HTTP node {nid} completed, "
-                                                           f"no request to {path}"))
+                    out.append(
+                        Violation(
+                            "http_lost", iid, f"HTTP node {nid} completed, no request to {path}"
+                        )
+                    )
             elif ntype == "HTTP" and nstatus == "failed":
                 st.steps["http steps failed (endpoint cut)"] += 1
 
@@ -484,26 +568,37 @@ def check(conn: psycopg.Connection[Any], sent: list[SentSignal],
         k = (s.instance_id, s.token)
         n = consumed[k] + inbox[k]
         if n > 1:
-            out.append(Violation("signal_duplicated", s.instance_id,
-                                 f"signal {s.name} ({s.token}) consumed {consumed[k]}x, "
-                                 f"in inbox {inbox[k]}x"))
+            out.append(
+                Violation(
+                    "signal_duplicated",
+                    s.instance_id,
+                    f"signal {s.name} ({s.token}) consumed {consumed[k]}x, in inbox {inbox[k]}x",
+                )
+            )
         elif n == 0 and s.certain:
             terminal = status_of.get(s.instance_id) in TERMINAL
             if terminal and (s.instance_id, s.name) not in open_waits:
                 discarded += 1
             else:
-                out.append(Violation("signal_lost", s.instance_id,
-                                     f"signal {s.name} ({s.token}) neither consumed nor in the "
-                                     f"inbox (instance {status_of.get(s.instance_id)})"))
+                out.append(
+                    Violation(
+                        "signal_lost",
+                        s.instance_id,
+                        f"signal {s.name} ({s.token}) neither consumed nor in the "
+                        f"inbox (instance {status_of.get(s.instance_id)})",
+                    )
+                )
     st.steps["signals discarded at end (no wait)"] += discarded
     return out
 
 
 # -- the run -------------------------------------------------------------------------------
 
+
 class Run:
-    def __init__(self, faults: int, duration: float, seed: int, dsn: str | None,
-                 workdir: Path, echo: Any) -> None:
+    def __init__(
+        self, faults: int, duration: float, seed: int, dsn: str | None, workdir: Path, echo: Any
+    ) -> None:
         self.n_faults = faults
         self.duration = duration
         self.rng = random.Random(seed)
@@ -532,9 +627,12 @@ class Run:
         return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
     def connect(self, tenant: bool = False) -> psycopg.Connection[Any]:
-        return psycopg.connect(self._dsn(self.dbname, self.tenant if tenant else None),
-                               autocommit=True, connect_timeout=3,
-                               application_name="pgdurable verify")
+        return psycopg.connect(
+            self._dsn(self.dbname, self.tenant if tenant else None),
+            autocommit=True,
+            connect_timeout=3,
+            application_name="pgdurable verify",
+        )
 
     # setup / teardown ------------------------------------------------------------------
     def setup(self) -> None:
@@ -544,8 +642,11 @@ class Run:
             self.emb = EmbeddedPostgres(self.workdir / "pg18", settings={"max_connections": "200"})
             self.server_dsn = self.emb.start()
         with psycopg.connect(self.server_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(self.dbname)))
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(
+                    sql.Identifier(self.dbname)
+                )
+            )
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(self.dbname)))
         setup_database(self._dsn(self.dbname), self.tenant)
         self.http = HttpRecorder()
@@ -569,9 +670,11 @@ class Run:
                 running.add(self.serve.proc.pid)
             stray = [p.pid for p in self.serve.leftovers() if p.pid not in running]
             if stray:
-                self.stats.notes.append(f"{len(stray)} orphaned worker(s) of killed "
-                                        f"supervisors still running at teardown (killed): "
-                                        f"{stray[:10]}")
+                self.stats.notes.append(
+                    f"{len(stray)} orphaned worker(s) of killed "
+                    f"supervisors still running at teardown (killed): "
+                    f"{stray[:10]}"
+                )
         with contextlib.suppress(Exception):
             self.serve.stop()
         with contextlib.suppress(Exception):
@@ -581,12 +684,16 @@ class Run:
                 self.emb.stop("fast")
             return
         if self.external:
-            with contextlib.suppress(psycopg.Error), \
-                    psycopg.connect(self.server_dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                    sql.Identifier(self.dbname)))
-                conn.execute(sql.SQL("drop role if exists {}").format(
-                    sql.Identifier(self.tenant)))
+            with (
+                contextlib.suppress(psycopg.Error),
+                psycopg.connect(self.server_dsn, autocommit=True) as conn,
+            ):
+                conn.execute(
+                    sql.SQL("drop database if exists {} with (force)").format(
+                        sql.Identifier(self.dbname)
+                    )
+                )
+                conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(self.tenant)))
         if self.emb is not None:
             self.emb.destroy()
 
@@ -598,16 +705,18 @@ class Run:
         self.started += 1
         try:
             with self.connect(tenant=True) as conn:
-                iid = conn.execute(f"select df.start({self.exprs[kind]}, %s)",
-                                   (label,)).fetchone()[0]  # type: ignore[index]
+                iid = conn.execute(f"select df.start({self.exprs[kind]}, %s)", (label,)).fetchone()[
+                    0
+                ]  # type: ignore[index]
         except psycopg.OperationalError:
             return  # maybe committed: found by its label at the end (signals sent at settle)
         self.ids[iid] = kind
         if kind == "signal":
             now = time.monotonic()
             early = self.rng.random() < 0.5  # before the wait registers, most likely
-            self.pending_signals.append((now if early else now + self.rng.uniform(0.5, 4),
-                                         iid, "go"))
+            self.pending_signals.append(
+                (now if early else now + self.rng.uniform(0.5, 4), iid, "go")
+            )
             self.pending_signals.append((now + self.rng.uniform(0, 6), iid, "go2"))
             self.pending_signals.append((now, iid, "extra"))  # never waited for: stays
 
@@ -620,8 +729,7 @@ class Run:
             return False
         try:
             with conn:
-                conn.execute("select df.signal(%s, %s, %s)",
-                             (iid, name, json.dumps({"tok": tok})))
+                conn.execute("select df.signal(%s, %s, %s)", (iid, name, json.dumps({"tok": tok})))
             self.sent.append(SentSignal(iid, name, tok))
             return True
         except psycopg.Error as exc:
@@ -642,9 +750,11 @@ class Run:
                 self.pending_signals.remove(p)
         try:
             with self.connect() as conn:
-                live = conn.execute("select count(*) from df.instances where label like %s "
-                                    "and status not in ('completed', 'failed', 'cancelled')",
-                                    (LABEL_PREFIX + "%",)).fetchone()[0]  # type: ignore[index]
+                live = conn.execute(
+                    "select count(*) from df.instances where label like %s "
+                    "and status not in ('completed', 'failed', 'cancelled')",
+                    (LABEL_PREFIX + "%",),
+                ).fetchone()[0]  # type: ignore[index]
         except psycopg.OperationalError:
             return
         for _ in range(max(0, inflight - live)):
@@ -691,9 +801,12 @@ class Run:
             if any(t.name == "http_cut" and t.is_alive() for t in self.bg):
                 return False
             self.http_cut = True
-            t = threading.Thread(target=self.http.cut, name="http_cut",
-                                 args=(self.rng.uniform(1, 4), self.rng.random() < 0.5),
-                                 daemon=True)
+            t = threading.Thread(
+                target=self.http.cut,
+                name="http_cut",
+                args=(self.rng.uniform(1, 4), self.rng.random() < 0.5),
+                daemon=True,
+            )
             t.start()
             self.bg.append(t)
         return True
@@ -705,8 +818,9 @@ class Run:
         weights = [w for k, w in zip(FAULT_KINDS, FAULT_WEIGHTS, strict=True) if k in kinds]
         if self.emb is None:
             self.stats.skipped.update(k for k in FAULT_KINDS if k.startswith("pg_"))
-            self.stats.notes.append("--dsn: PostgreSQL restarts skipped (the tool cannot "
-                                    "restart an external server)")
+            self.stats.notes.append(
+                "--dsn: PostgreSQL restarts skipped (the tool cannot restart an external server)"
+            )
         self.pump(10)
         last_report = t0
         while sum(self.stats.faults.values()) < self.n_faults and time.monotonic() < deadline:
@@ -716,19 +830,28 @@ class Run:
             if self.fault(kind):
                 self.stats.faults[kind] += 1
             if self.serve.proc is not None and self.serve.proc.poll() is not None:
-                self.stats.notes.append(f"serve exited on its own (rc {self.serve.proc.returncode}"
-                                        f") at t={time.monotonic() - t0:.0f}s; started again")
+                self.stats.notes.append(
+                    f"serve exited on its own (rc {self.serve.proc.returncode}"
+                    f") at t={time.monotonic() - t0:.0f}s; started again"
+                )
                 self.serve.start()
             if time.monotonic() - last_report > 15:
                 last_report = time.monotonic()
                 self.sample(last_report - t0)
-                conns = (f" connections={self.stats.samples[-1][2]} orphaned workers="
-                         f"{self.stats.holders[-1]['orphaned worker processes']}"
-                         if self.stats.samples else "")
-                self.echo(f"  t={last_report - t0:4.0f}s faults={sum(self.stats.faults.values())}"
-                          f" instances={self.started}{conns}", err=True)
-        self.stats.notes.append(f"fault phase {time.monotonic() - t0:.0f}s, "
-                                f"{self.started} instances started")
+                conns = (
+                    f" connections={self.stats.samples[-1][2]} orphaned workers="
+                    f"{self.stats.holders[-1]['orphaned worker processes']}"
+                    if self.stats.samples
+                    else ""
+                )
+                self.echo(
+                    f"  t={last_report - t0:4.0f}s faults={sum(self.stats.faults.values())}"
+                    f" instances={self.started}{conns}",
+                    err=True,
+                )
+        self.stats.notes.append(
+            f"fault phase {time.monotonic() - t0:.0f}s, {self.started} instances started"
+        )
         return self.settle(t0)
 
     def sample(self, t: float) -> None:
@@ -741,8 +864,10 @@ class Run:
         with contextlib.suppress(psycopg.Error), self.connect() as conn:
             holders: Counter[str] = Counter()
             orphans: set[int] = set()
-            for (app,) in conn.execute("select coalesce(application_name, '') from "
-                                       "pg_stat_activity where datname = current_database()"):
+            for (app,) in conn.execute(
+                "select coalesce(application_name, '') from "
+                "pg_stat_activity where datname = current_database()"
+            ):
                 who, wpid = holder_of(app, current)
                 holders[who] += 1
                 if who == "orphaned workers" and wpid is not None:
@@ -772,7 +897,8 @@ class Run:
                 rows = conn.execute(
                     "select i.id, i.label, i.status from df.instances i where label like %s "
                     "and status not in ('completed', 'failed', 'cancelled')",
-                    (LABEL_PREFIX + "%",)).fetchall()
+                    (LABEL_PREFIX + "%",),
+                ).fetchall()
                 if not rows and not self.pending_signals:
                     break
                 # instances whose start call failed mid-way (found by label) and waits whose
@@ -785,10 +911,12 @@ class Run:
                             "select 1 from df.nodes where instance_id = %s and node_type = "
                             "'SIGNAL' and status <> 'completed' and case when node_type = "
                             "'SIGNAL' then query::jsonb->>'signal_name' end = %s",
-                            (iid, name)).fetchone()
-                        queued = conn.execute("select 1 from pgdurable.signals where "
-                                              "instance_id = %s and name = %s",
-                                              (iid, name)).fetchone()
+                            (iid, name),
+                        ).fetchone()
+                        queued = conn.execute(
+                            "select 1 from pgdurable.signals where instance_id = %s and name = %s",
+                            (iid, name),
+                        ).fetchone()
                         pend = any(p[1] == iid and p[2] == name for p in self.pending_signals)
                         if waiting and not queued and not pend:
                             self.pending_signals.append((now, iid, name))
@@ -796,8 +924,9 @@ class Run:
         self.stats.notes.append(f"settled at t={time.monotonic() - t0:.0f}s")
         self.sample(time.monotonic() - t0)  # the watch's last sample: after the settle phase
         with self.connect() as conn:
-            return check(conn, self.sent, list(self.http.requests), http_cut=self.http_cut,
-                         stats=self.stats)
+            return check(
+                conn, self.sent, list(self.http.requests), http_cut=self.http_cut, stats=self.stats
+            )
 
 
 def render(stats: Stats, violations: list[Violation], seed: int) -> str:
@@ -815,17 +944,32 @@ def render(stats: Stats, violations: list[Violation], seed: int) -> str:
         lines.append(f"  {k:<34}{v:>6}")
     lines += ["", "violations by kind"]
     by_kind = Counter(v.kind for v in violations)
-    for k in ("not_terminal", "unexpected_status", "duplicate_effect", "missing_effect",
-              "phantom_effect", "http_lost", "http_key_changed", "http_key_shared",
-              "signal_lost", "signal_duplicated", "stuck_node", "stuck_task"):
+    for k in (
+        "not_terminal",
+        "unexpected_status",
+        "duplicate_effect",
+        "missing_effect",
+        "phantom_effect",
+        "http_lost",
+        "http_key_changed",
+        "http_key_shared",
+        "signal_lost",
+        "signal_duplicated",
+        "stuck_node",
+        "stuck_task",
+    ):
         lines.append(f"  {k:<34}{by_kind[k]:>6}")
     if violations:
         lines += ["", "violations (first 50)"]
         lines += [f"  {v.kind} {v.instance_id}: {v.detail}" for v in violations[:50]]
     if stats.samples:
         lines += ["", "soak watch (first / max / last sample; the last after the settle phase)"]
-        for i, name in ((1, "worker RSS MB (all workers)"), (2, "connections to the db"),
-                        (3, "dead tuples in df + engine"), (4, "df + engine size kB")):
+        for i, name in (
+            (1, "worker RSS MB (all workers)"),
+            (2, "connections to the db"),
+            (3, "dead tuples in df + engine"),
+            (4, "df + engine size kB"),
+        ):
             vals = [smp[i] for smp in stats.samples]
             lines.append(f"  {name:<34}{vals[0]:>8.0f} {max(vals):>8.0f} {vals[-1]:>8.0f}")
         if stats.holders:
@@ -833,24 +977,29 @@ def render(stats: Stats, violations: list[Violation], seed: int) -> str:
             for name in (*HOLDERS, "orphaned worker processes"):
                 vals = [h[name] for h in stats.holders]
                 if any(vals):
-                    lines.append(f"    {name:<32}{vals[0]:>8.0f} {max(vals):>8.0f} "
-                                 f"{vals[-1]:>8.0f}")
+                    lines.append(
+                        f"    {name:<32}{vals[0]:>8.0f} {max(vals):>8.0f} {vals[-1]:>8.0f}"
+                    )
     if stats.notes:
         lines += ["", "notes"] + [f"  {n}" for n in stats.notes]
     lines += ["", f"violations: {len(violations)}"]
     return "\n".join(lines)
 
 
-def main(faults: int, duration: float, seed: int | None, dsn: str | None, keep: bool,
-         echo: Any) -> int:
+def main(
+    faults: int, duration: float, seed: int | None, dsn: str | None, keep: bool, echo: Any
+) -> int:
     """Run the verifier; print the table; return the number of violations."""
     if psutil is None:
         raise RuntimeError("pgdurable verify needs psutil (pip install 'pgdurable[test]')")
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
     workdir = Path(tempfile.mkdtemp(prefix="pgdurable-verify-"))
     run = Run(faults, duration, seed, dsn, workdir, echo)
-    echo(f"pgdurable verify: seed {seed}, up to {faults} faults in {duration:.0f}s, "
-         f"work dir {workdir}", err=True)
+    echo(
+        f"pgdurable verify: seed {seed}, up to {faults} faults in {duration:.0f}s, "
+        f"work dir {workdir}",
+        err=True,
+    )
     violations: list[Violation] = []
     crashed: BaseException | None = None
     try:
@@ -867,8 +1016,9 @@ def main(faults: int, duration: float, seed: int | None, dsn: str | None, keep: 
             echo(render(run.stats, violations, seed), err=True)
         run.teardown(keep_it)
         if keep_it:
-            run.stats.notes.append(f"evidence kept in {workdir} (serve.log, pg18/ data dir, "
-                                   f"database {run.dbname})")
+            run.stats.notes.append(
+                f"evidence kept in {workdir} (serve.log, pg18/ data dir, database {run.dbname})"
+            )
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     echo(render(run.stats, violations, seed))

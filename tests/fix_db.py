@@ -49,10 +49,15 @@ SHARED_DB = f"pgdurable_shared_{os.getpid()}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--test-dsn", action="append", default=[],
-                     help="a PostgreSQL server to test against (repeatable)")
-    parser.addoption("--no-embedded", action="store_true",
-                     help="do not start the embedded PostgreSQL 18")
+    parser.addoption(
+        "--test-dsn",
+        action="append",
+        default=[],
+        help="a PostgreSQL server to test against (repeatable)",
+    )
+    parser.addoption(
+        "--no-embedded", action="store_true", help="do not start the embedded PostgreSQL 18"
+    )
 
 
 @dataclass
@@ -86,8 +91,9 @@ class Server:
             self.version = conn.info.server_version // 10000
             make_install_role(conn)
             for name in (TEMPLATE_DB, SHARED_DB):
-                conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                    sql.Identifier(name)))
+                conn.execute(
+                    sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+                )
         with psycopg.connect(self.install_dsn("postgres"), autocommit=True) as conn:
             for name in (TEMPLATE_DB, SHARED_DB):
                 conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
@@ -105,10 +111,14 @@ class Server:
 def make_install_role(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """The cloud-style administrator (idempotent; cluster-wide, shared by test sessions)."""
     with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
-        if not conn.execute("select 1 from pg_roles where rolname = %s",
-                            (INSTALL_ROLE,)).fetchone():
-            conn.execute(sql.SQL("create role {} login createrole createdb").format(
-                sql.Identifier(INSTALL_ROLE)))
+        if not conn.execute(
+            "select 1 from pg_roles where rolname = %s", (INSTALL_ROLE,)
+        ).fetchone():
+            conn.execute(
+                sql.SQL("create role {} login createrole createdb").format(
+                    sql.Identifier(INSTALL_ROLE)
+                )
+            )
     # as a managed cloud's admin has it: may end other roles' sessions
     conn.execute(sql.SQL("grant pg_signal_backend to {}").format(sql.Identifier(INSTALL_ROLE)))
     # pgdurable's own roles made by an earlier run as another role: the administrator of a
@@ -116,16 +126,25 @@ def make_install_role(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     for role in ("pgdurable_owner", "pgdurable_service", "pgdurable_step"):
         if conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone():
             opts = " with admin option" if conn.info.server_version >= 160000 else ""
-            conn.execute(sql.SQL("grant {} to {}" + opts).format(
-                sql.Identifier(role), sql.Identifier(INSTALL_ROLE)))
+            conn.execute(
+                sql.SQL("grant {} to {}" + opts).format(
+                    sql.Identifier(role), sql.Identifier(INSTALL_ROLE)
+                )
+            )
 
 
 def _discover(config: pytest.Config) -> list[Server]:
     servers: list[Server] = []
     if not config.getoption("--no-embedded"):
         tmp = Path(tempfile.mkdtemp(prefix="pgdurable-test-"))
-        servers.append(Server("pg18", embedded=EmbeddedPostgres(
-            tmp / "data", settings={"fsync": "off", "full_page_writes": "off"})))
+        servers.append(
+            Server(
+                "pg18",
+                embedded=EmbeddedPostgres(
+                    tmp / "data", settings={"fsync": "off", "full_page_writes": "off"}
+                ),
+            )
+        )
     try:
         with psycopg.connect(LOCAL_PG, connect_timeout=2) as conn:
             conn.execute("select 1")
@@ -139,7 +158,9 @@ def _discover(config: pytest.Config) -> list[Server]:
             with psycopg.connect(dsn, connect_timeout=5) as conn:
                 v = conn.info.server_version // 10000
         except psycopg.Error as exc:
-            raise pytest.UsageError(f"configured test server {dsn!r} is unreachable: {exc}")
+            raise pytest.UsageError(
+                f"configured test server {dsn!r} is unreachable: {exc}"
+            ) from exc
         servers.append(Server(f"pg{v}-{i}", admin_dsn=dsn))
     return servers
 
@@ -154,15 +175,21 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for s in _SERVERS:
         if s.ready and s.embedded is None:
-            with contextlib.suppress(psycopg.Error), psycopg.connect(
-                    s.admin_dsn, autocommit=True) as conn:
+            with (
+                contextlib.suppress(psycopg.Error),
+                psycopg.connect(s.admin_dsn, autocommit=True) as conn,
+            ):
                 for name in (TEMPLATE_DB, SHARED_DB):
-                    conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                        sql.Identifier(name)))
+                    conn.execute(
+                        sql.SQL("drop database if exists {} with (force)").format(
+                            sql.Identifier(name)
+                        )
+                    )
                 # each install made a launcher role; those whose database is gone go too (a
                 # role some database still grants to cannot be dropped: left alone)
-                for (role,) in conn.execute("select rolname from pg_roles where rolname like "
-                                            "'pgdurable\\_launcher\\_%'").fetchall():
+                for (role,) in conn.execute(
+                    "select rolname from pg_roles where rolname like 'pgdurable\\_launcher\\_%'"
+                ).fetchall():
                     with contextlib.suppress(psycopg.Error):
                         conn.execute(sql.SQL("drop role {}").format(sql.Identifier(role)))
         if s.embedded is not None:
@@ -185,8 +212,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "server" in metafunc.fixturenames:
-        metafunc.parametrize("server", [s.name for s in _SERVERS], indirect=True,
-                             scope="session")
+        metafunc.parametrize("server", [s.name for s in _SERVERS], indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -230,12 +256,20 @@ class TestDB:
     def dsn_as(self, role: str) -> str:
         return self.server.dsn(self.name, user=role)
 
-    def connect(self, role: str | None = None,
-                autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
+    def connect(
+        self, role: str | None = None, autocommit: bool = True
+    ) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.server.dsn(self.name, user=role), autocommit=autocommit)
 
-    def create_role(self, prefix: str = "r", *, grant: bool = True, http: bool = False,
-                    superuser: bool = False, login: bool = True) -> str:
+    def create_role(
+        self,
+        prefix: str = "r",
+        *,
+        grant: bool = True,
+        http: bool = False,
+        superuser: bool = False,
+        login: bool = True,
+    ) -> str:
         """Create a cluster-wide role with a unique name (dropped after the test)."""
         name = f"{prefix}_{uuid.uuid4().hex[:8]}"
         # as the cloud-style administrator; only a superuser can make a superuser
@@ -243,7 +277,8 @@ class TestDB:
         with psycopg.connect(dsn, autocommit=True) as conn:
             opts = sql.SQL(" ").join(
                 [sql.SQL("login" if login else "nologin")]
-                + ([sql.SQL("superuser")] if superuser else []))
+                + ([sql.SQL("superuser")] if superuser else [])
+            )
             conn.execute(sql.SQL("create role {} {}").format(sql.Identifier(name), opts))
             if grant:
                 conn.execute("select df.grant_usage(%s, %s)", (name, http))
@@ -257,15 +292,19 @@ def db(server: Server) -> Iterator[TestDB]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     strategy = sql.SQL(" strategy file_copy") if server.version >= 15 else sql.SQL("")
     with psycopg.connect(server.install_dsn("postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("create database {} template {}{}").format(
-            sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy))
+        conn.execute(
+            sql.SQL("create database {} template {}{}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy
+            )
+        )
     tdb = TestDB(server, name)
     try:
         yield tdb
     finally:
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+            )
             for role in tdb.roles:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))

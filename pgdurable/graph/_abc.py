@@ -77,11 +77,22 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 # node type codes (CompiledGraph.types)
-SQL, THEN, IF, LOOP, JOIN, RACE, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART = range(12)
+SQL, THEN, IF, LOOP, JOIN, RACE, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART = range(
+    12
+)
 NODE_TYPE_CODES = {
-    "SQL": SQL, "THEN": THEN, "IF": IF, "LOOP": LOOP, "JOIN": JOIN, "RACE": RACE,
-    "BREAK": BREAK, "SLEEP": SLEEP, "WAIT_SCHEDULE": WAIT_SCHEDULE, "SIGNAL": SIGNAL,
-    "HTTP": HTTP, "HTTP_MULTIPART": HTTP_MULTIPART,
+    "SQL": SQL,
+    "THEN": THEN,
+    "IF": IF,
+    "LOOP": LOOP,
+    "JOIN": JOIN,
+    "RACE": RACE,
+    "BREAK": BREAK,
+    "SLEEP": SLEEP,
+    "WAIT_SCHEDULE": WAIT_SCHEDULE,
+    "SIGNAL": SIGNAL,
+    "HTTP": HTTP,
+    "HTTP_MULTIPART": HTTP_MULTIPART,
 }
 LEAF_TYPES = frozenset({SQL, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART})
 
@@ -169,7 +180,6 @@ class SchedulerProto(Protocol):
         ...
 
     @classmethod
-    def load_state(cls, graph: object, max_iterations: int,
-                   state: list[int]) -> SchedulerProto:
+    def load_state(cls, graph: object, max_iterations: int, state: list[int]) -> SchedulerProto:
         """Rebuild from :meth:`dump_state` output; ValueError names what is malformed."""
         ...

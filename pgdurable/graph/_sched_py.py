@@ -102,8 +102,15 @@ class Scheduler:
         self._ready.sort()
         self._abandoned.sort()
         self._stopped.sort()
-        step = Step(self._ready, self._abandoned, self._started_out, self._finished,
-                    self._iterations, self._terminal, self._stopped)
+        step = Step(
+            self._ready,
+            self._abandoned,
+            self._started_out,
+            self._finished,
+            self._iterations,
+            self._terminal,
+            self._stopped,
+        )
         self._reset_out()
         return step
 
@@ -123,14 +130,20 @@ class Scheduler:
         t = self._types[node]
         if_rows = t == IF and self._cond[node] == COND_IF_ROWS
         if t not in LEAF_TYPES and not if_rows:
-            raise ValueError(f"node {node} is a {_TYPE_NAMES[t]}: only leaves and if_rows IF "
-                             "decisions are completed by the executor")
+            raise ValueError(
+                f"node {node} is a {_TYPE_NAMES[t]}: only leaves and if_rows IF "
+                "decisions are completed by the executor"
+            )
         if not self._started:
             raise RuntimeError("scheduler not started")
         # the generation fence: only the active generation of a running node counts,
         # and an if_rows IF only until it has been decided (aux != 0 afterwards)
-        if (self._terminal != T_RUNNING or self._status[node] != RUNNING
-                or gen != self._gen[node] or (if_rows and self._aux[node] != 0)):
+        if (
+            self._terminal != T_RUNNING
+            or self._status[node] != RUNNING
+            or gen != self._gen[node]
+            or (if_rows and self._aux[node] != 0)
+        ):
             return self._step()
         if if_rows:
             if ok:
@@ -181,8 +194,16 @@ class Scheduler:
 
     def dump_state(self) -> list[int]:
         """``[version, n, started, terminal] + status + gen + aux + truth``."""
-        return [STATE_VERSION, self._n, int(self._started), self._terminal,
-                *self._status, *self._gen, *self._aux, *self._truth]
+        return [
+            STATE_VERSION,
+            self._n,
+            int(self._started),
+            self._terminal,
+            *self._status,
+            *self._gen,
+            *self._aux,
+            *self._truth,
+        ]
 
     @classmethod
     def load_state(cls, graph: Any, max_iterations: int, state: list[int]) -> Scheduler:
@@ -193,10 +214,10 @@ class Scheduler:
         self._started = bool(state[2])
         self._terminal = state[3]
         base = _HEADER
-        self._status = list(state[base:base + n])
-        self._gen = list(state[base + n:base + 2 * n])
-        self._aux = list(state[base + 2 * n:base + 3 * n])
-        self._truth = list(state[base + 3 * n:base + 4 * n])
+        self._status = list(state[base : base + n])
+        self._gen = list(state[base + n : base + 2 * n])
+        self._aux = list(state[base + 2 * n : base + 3 * n])
+        self._truth = list(state[base + 3 * n : base + 4 * n])
         return self
 
     # -- internals -----------------------------------------------------------------
@@ -260,8 +281,9 @@ class Scheduler:
             if status[i] == RUNNING:
                 status[i] = FAILED
                 t = types[i]
-                if t in LEAF_TYPES or (t == IF and self._cond[i] == COND_IF_ROWS
-                                       and self._aux[i] == 0):
+                if t in LEAF_TYPES or (
+                    t == IF and self._cond[i] == COND_IF_ROWS and self._aux[i] == 0
+                ):
                     self._abandoned.append((i, self._gen[i]))
                 else:
                     self._stopped.append((i, self._gen[i]))
@@ -400,8 +422,12 @@ def _check_state(state: Any, n: int) -> None:
         raise ValueError(f"state started flag {state[2]} is not 0 or 1")
     if not T_RUNNING <= state[3] <= T_CANCELLED:
         raise ValueError(f"state terminal {state[3]} is not a terminal code")
-    for part, lo, hi in (("status", PENDING, FAILED), ("gen", 0, _MAX_COUNTER - 1),
-                         ("aux", 0, _MAX_COUNTER - 1), ("truth", 0, 1)):
+    for part, lo, hi in (
+        ("status", PENDING, FAILED),
+        ("gen", 0, _MAX_COUNTER - 1),
+        ("aux", 0, _MAX_COUNTER - 1),
+        ("truth", 0, 1),
+    ):
         base = _HEADER + ("status", "gen", "aux", "truth").index(part) * n
         for i in range(n):
             v = state[base + i]

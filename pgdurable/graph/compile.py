@@ -103,9 +103,9 @@ def _as_row(row: Mapping[str, Any] | Sequence[Any]) -> tuple[Any, ...]:
     return tuple(row[: len(ROW_FIELDS)])
 
 
-def _children(node_id: str, type_name: str, code: int, query: Any,
-              left: str | None, right: str | None) -> tuple[str | None, str | None, str | None,
-                                                        str | None, bool]:
+def _children(
+    node_id: str, type_name: str, code: int, query: Any, left: str | None, right: str | None
+) -> tuple[str | None, str | None, str | None, str | None, bool]:
     """(condition, left, right, extra, if_rows) child ids of one row, with shape checks."""
     label = _label(node_id, type_name)
     cond_id: str | None = None
@@ -136,7 +136,7 @@ def _children(node_id: str, type_name: str, code: int, query: Any,
             raise ValueError(f"{label}: query must name a condition_node or be an if_rows config")
     elif code == LOOP and obj is not None:
         if not isinstance(obj.get("condition_node"), str):
-            raise ValueError(f"{label}: query must be NULL or {{\"condition_node\": id}}")
+            raise ValueError(f'{label}: query must be NULL or {{"condition_node": id}}')
         cond_id = obj["condition_node"]
     elif code == JOIN and obj is not None:
         extras = obj.get("extra_nodes")
@@ -179,8 +179,10 @@ def compile_rows(rows: Iterable[Mapping[str, Any] | Sequence[Any]], root_id: str
         node_id, par = stack.pop()
         if node_id not in by_id:
             owner = ids[par]
-            raise ValueError(f"{_label(owner, _TYPE_NAMES[types[par]])}: child {node_id!r} "
-                             "is not a node of this graph")
+            raise ValueError(
+                f"{_label(owner, _TYPE_NAMES[types[par]])}: child {node_id!r} "
+                "is not a node of this graph"
+            )
         if node_id in index:
             # reached twice: either one of its own descendants points back at it, or
             # two parents share it; both break the tree the scheduler relies on
@@ -254,8 +256,12 @@ def compile_value(graph_json: str | Mapping[str, Any]) -> CompiledGraph:
             raise ValueError(f"{where}: a partial IF (?> without !>) is not a graph")
         node_id = f"n{len(rows)}"
         row: dict[str, Any] = {
-            "id": node_id, "node_type": obj.get("node_type"), "query": obj.get("query"),
-            "result_name": obj.get("result_name"), "left_node": None, "right_node": None,
+            "id": node_id,
+            "node_type": obj.get("node_type"),
+            "query": obj.get("query"),
+            "result_name": obj.get("result_name"),
+            "left_node": None,
+            "right_node": None,
         }
         rows.append(row)
         if slot is not None:
@@ -269,10 +275,12 @@ def compile_value(graph_json: str | Mapping[str, Any]) -> CompiledGraph:
         extras = obj.get("extra_nodes")
         if extras is not None and not (isinstance(extras, list) and len(extras) == 1):
             raise ValueError(f"{_label(node_id)}: extra_nodes must hold exactly one graph")
-        children = [("condition_node", obj.get("condition_node")),
-                    ("left_node", obj.get("left_node")),
-                    ("right_node", obj.get("right_node")),
-                    ("extra_nodes", extras[0] if extras else None)]
+        children = [
+            ("condition_node", obj.get("condition_node")),
+            ("left_node", obj.get("left_node")),
+            ("right_node", obj.get("right_node")),
+            ("extra_nodes", extras[0] if extras else None),
+        ]
         for key, child in reversed(children):
             if child is not None:
                 stack.append((child, (row, key)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import cache
 from pathlib import Path
-from typing import LiteralString, cast
+from typing import LiteralString
 
 SQL_DIR = Path(__file__).parent
 SCHEMA_DIR = SQL_DIR / "schema"
@@ -34,7 +34,7 @@ def query(name: str) -> LiteralString:
     """Return the named query from queries.sql (KeyError names the missing query)."""
     try:
         # the text comes from our own package file, never from input
-        return cast(LiteralString, _queries()[name])
+        return _queries()[name]
     except KeyError:
         raise KeyError(f"no query named {name!r} in pgdurable/sql/queries.sql") from None
 

@@ -39,11 +39,12 @@ from pgdurable.errors import ConfigError
 
 from .base import CSRF_COOKIE, HERE, LOOPBACK_NAMES, TOKEN_COOKIE, UiConfig
 
-__all__ = ["CSRF_COOKIE", "TOKEN_COOKIE", "UiConfig", "check_login", "create_app",
-           "serve_forever"]
+__all__ = ["CSRF_COOKIE", "TOKEN_COOKIE", "UiConfig", "check_login", "create_app", "serve_forever"]
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 SECURITY_HEADERS = (
     ("content-security-policy", CSP),
     ("x-frame-options", "DENY"),
@@ -55,7 +56,7 @@ SECURITY_HEADERS = (
 # roles of pgdurable itself: the dashboard never runs as them (docs/security.md, "Roles")
 SERVICE_ROLES = {
     "pgdurable_service": "it is a member of pgdurable_owner, which owns df's tables, so it "
-                         "sees every tenant's instances",
+    "sees every tenant's instances",
     "pgdurable_step": "it is the session tenants' statements run in and holds no right",
     "pgdurable_owner": "it owns df's tables and sees every tenant's instances",
 }
@@ -72,13 +73,15 @@ def check_login(dsn: str) -> str:
     the fix when it cannot serve a dashboard (unreachable, a pgdurable service role, no
     ``df`` API)."""
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10,
-                             application_name="pgdurable ui") as conn:
+        with psycopg.connect(
+            dsn, autocommit=True, connect_timeout=10, application_name="pgdurable ui"
+        ) as conn:
             row = conn.execute(
                 "select current_user::text, n.oid is not null,"
                 " n.oid is not null and has_schema_privilege(n.oid, 'usage')"
                 " from (select 1) one"
-                " left join pg_catalog.pg_namespace n on n.nspname = 'df'").fetchone()
+                " left join pg_catalog.pg_namespace n on n.nspname = 'df'"
+            ).fetchone()
     except psycopg.Error as exc:
         msg = exc.diag.message_primary or str(exc).strip()
         raise ConfigError(f"ui: cannot connect: {msg}") from None
@@ -88,21 +91,28 @@ def check_login(dsn: str) -> str:
         raise ConfigError(
             f"ui: the dashboard shows and does what its DSN's role may, and {role} must not "
             f"be that role: {SERVICE_ROLES[role]}. Give the login of the role whose runs it "
-            "should show (--dsn for `pgdurable ui`, --ui-dsn / PGDURABLE_UI_DSN for serve)")
+            "should show (--dsn for `pgdurable ui`, --ui-dsn / PGDURABLE_UI_DSN for serve)"
+        )
     if not installed:
-        raise ConfigError("ui: the df schema is not installed in this database "
-                          "(pgdurable install)")
+        raise ConfigError("ui: the df schema is not installed in this database (pgdurable install)")
     if not usage:
-        raise ConfigError(f"ui: role {role} may not use the df API: an administrator runs "
-                          f"select df.grant_usage('{role}')")
+        raise ConfigError(
+            f"ui: role {role} may not use the df API: an administrator runs "
+            f"select df.grant_usage('{role}')"
+        )
     return str(role)
 
 
 def from_serve(config: ServeConfig) -> UiConfig:
     """The dashboard's settings of ``serve --ui-port``."""
     assert config.ui_port is not None
-    return UiConfig(dsn=config.ui_dsn, host=config.ui_host, port=config.ui_port,
-                    read_only=config.ui_read_only, token=config.ui_token)
+    return UiConfig(
+        dsn=config.ui_dsn,
+        host=config.ui_host,
+        port=config.ui_port,
+        read_only=config.ui_read_only,
+        token=config.ui_token,
+    )
 
 
 def check_serve_ui(config: ServeConfig) -> str:
@@ -112,11 +122,12 @@ def check_serve_ui(config: ServeConfig) -> str:
     a dashboard (:func:`check_login`). Returns the dashboard's role."""
     import importlib.util
 
-    missing = [m for m in ("starlette", "uvicorn", "jinja2") if importlib.util.find_spec(m)
-               is None]
+    missing = [m for m in ("starlette", "uvicorn", "jinja2") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(f"ui_port: the dashboard needs the ui extra ({', '.join(missing)} "
-                          "missing): pip install 'pgdurable[ui]'")
+        raise ConfigError(
+            f"ui_port: the dashboard needs the ui extra ({', '.join(missing)} "
+            "missing): pip install 'pgdurable[ui]'"
+        )
     ui = from_serve(config).validate()
     if not port_free(ui.host, ui.port):
         raise ConfigError(f"ui_port: port {ui.port} on {ui.host} is in use")
@@ -156,16 +167,21 @@ class Guard:
                     headers.append("set-cookie", cookie)
             await send(message)
 
-        if self.config.loopback and _hostname(request.headers.get("host", "")) \
-                not in LOOPBACK_NAMES:
-            await PlainTextResponse("unexpected Host header: this dashboard answers only "
-                                    "to requests for its loopback address",
-                                    400)(scope, receive, send_with_headers)
+        if (
+            self.config.loopback
+            and _hostname(request.headers.get("host", "")) not in LOOPBACK_NAMES
+        ):
+            await PlainTextResponse(
+                "unexpected Host header: this dashboard answers only "
+                "to requests for its loopback address",
+                400,
+            )(scope, receive, send_with_headers)
             return
         if self.mac is not None and self.config.token is not None:
             given = request.query_params.get("token")
-            if given is not None and hmac.compare_digest(given.encode(),
-                                                         self.config.token.encode()):
+            if given is not None and hmac.compare_digest(
+                given.encode(), self.config.token.encode()
+            ):
                 rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
                 # a local path only: never a scheme or another host (no open redirect)
                 target = "/" + request.url.path.lstrip("/\\")
@@ -177,13 +193,15 @@ class Guard:
             auth = request.headers.get("authorization", "")
             bearer = auth[7:] if auth.lower().startswith("bearer ") else ""
             cookie = request.cookies.get(TOKEN_COOKIE, "")
-            if not (hmac.compare_digest(cookie.encode(), self.mac.encode())
-                    or (bearer and hmac.compare_digest(bearer.encode(),
-                                                       self.config.token.encode()))):
+            if not (
+                hmac.compare_digest(cookie.encode(), self.mac.encode())
+                or (bearer and hmac.compare_digest(bearer.encode(), self.config.token.encode()))
+            ):
                 await PlainTextResponse(
                     "this dashboard needs its token: open it once as /?token=<token> "
                     "(or send Authorization: Bearer <token>)",
-                    401)(scope, receive, send_with_headers)
+                    401,
+                )(scope, receive, send_with_headers)
                 return
         csrf = request.cookies.get(CSRF_COOKIE, "")
         if len(csrf) < 32 or not csrf.replace("-", "").replace("_", "").isalnum():
@@ -220,9 +238,15 @@ def create_app(config: UiConfig) -> Any:
         await conn.execute("set timezone = 'UTC'")
         await conn.execute("set statement_timeout = '30s'")
 
-    pool = AsyncConnectionPool(config.dsn, min_size=1, max_size=4, open=False,
-                               configure=configure, timeout=10,
-                               kwargs={"autocommit": True, "application_name": "pgdurable ui"})
+    pool = AsyncConnectionPool(
+        config.dsn,
+        min_size=1,
+        max_size=4,
+        open=False,
+        configure=configure,
+        timeout=10,
+        kwargs={"autocommit": True, "application_name": "pgdurable ui"},
+    )
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -245,9 +269,12 @@ def create_app(config: UiConfig) -> Any:
         Route("/healthz", views.healthz),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(Guard, config=config)],
-                    exception_handlers=views.EXCEPTION_HANDLERS)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(Guard, config=config)],
+        exception_handlers=views.EXCEPTION_HANDLERS,
+    )
     app.state.config = config
     app.state.pool = pool
     return app
@@ -268,6 +295,13 @@ def serve_forever(config: UiConfig) -> None:
     """Run the dashboard until SIGTERM/SIGINT (uvicorn's own handlers)."""
     import uvicorn
 
-    uvicorn.run(create_app(config), host=config.host.strip("[]"), port=config.port,
-                log_level="warning", access_log=False, proxy_headers=False,
-                server_header=False, lifespan="on")
+    uvicorn.run(
+        create_app(config),
+        host=config.host.strip("[]"),
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        lifespan="on",
+    )

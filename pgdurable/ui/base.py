@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
+
 @dataclass(frozen=True)
 class UiConfig:
     """Settings of ``pgdurable ui`` (and of ``serve --ui-port``)."""
@@ -38,8 +39,10 @@ class UiConfig:
         if not 0 < self.port < 65536:
             raise ConfigError(f"ui port: must be 1-65535, got {self.port!r}")
         if self.token is not None and len(self.token) < 16:
-            raise ConfigError("ui token: use at least 16 characters (e.g. the output of "
-                              "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+            raise ConfigError(
+                "ui token: use at least 16 characters (e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe())'`)"
+            )
         return self
 
     @property

@@ -114,14 +114,26 @@ async def whoami(conn: Conn) -> str:
     return str(row[0]) if row else ""
 
 
-async def list_runs(conn: Conn, status: str | None, label: str | None,
-                    after: str | None, limit: int = PAGE_SIZE) -> RunPage:
+async def list_runs(
+    conn: Conn, status: str | None, label: str | None, after: str | None, limit: int = PAGE_SIZE
+) -> RunPage:
     cur = await conn.execute(
         "select instance_id, label, status, execution_count, created_at, completed_at,"
-        " next_cursor from df.list_instances(%s, %s, %s, %s)", (status, limit, label, after))
+        " next_cursor from df.list_instances(%s, %s, %s, %s)",
+        (status, limit, label, after),
+    )
     rows = await cur.fetchall()
-    runs = [Run(id=r[0], label=r[1], status=r[2], executions=int(r[3] or 0),
-                created_at=r[4], completed_at=r[5]) for r in rows]
+    runs = [
+        Run(
+            id=r[0],
+            label=r[1],
+            status=r[2],
+            executions=int(r[3] or 0),
+            created_at=r[4],
+            completed_at=r[5],
+        )
+        for r in rows
+    ]
     return RunPage(runs, rows[0][6] if rows else None)
 
 
@@ -129,12 +141,13 @@ async def get_run(conn: Conn, iid: str) -> Run | None:
     # the instance's own row, under RLS (df.status/df.instance_info lack its times)
     cur = await conn.execute(
         "select i.id::text, i.label, i.status, i.created_at, i.completed_at, i.root_node::text"
-        " from df.instances i where i.id = %s", (iid,))
+        " from df.instances i where i.id = %s",
+        (iid,),
+    )
     r = await cur.fetchone()
     if r is None:
         return None
-    return Run(id=r[0], label=r[1], status=r[2], created_at=r[3], completed_at=r[4],
-               root_node=r[5])
+    return Run(id=r[0], label=r[1], status=r[2], created_at=r[3], completed_at=r[4], root_node=r[5])
 
 
 def _details(text: str | None) -> dict[str, Any]:
@@ -175,9 +188,11 @@ async def node_detail(conn: Conn, iid: str, nid: str) -> NodeDetail | None:
     if row is None:
         return None
     cur2 = await conn.execute(
-        _SHOW.format(source="select x.result from df.instance_nodes(%(iid)s) x "
-                            "where x.node_id = %(nid)s"),
-        {"max": RESULT_SHOWN_BYTES, "iid": iid, "nid": nid})
+        _SHOW.format(
+            source="select x.result from df.instance_nodes(%(iid)s) x where x.node_id = %(nid)s"
+        ),
+        {"max": RESULT_SHOWN_BYTES, "iid": iid, "nid": nid},
+    )
     value = Value.of(await cur2.fetchone())
     det = _details(row["status_details"])
     out = NodeDetail(row=row, details=det, result=value)
@@ -194,15 +209,17 @@ async def node_detail(conn: Conn, iid: str, nid: str) -> NodeDetail | None:
 
 
 async def node_result_text(conn: Conn, iid: str, nid: str) -> str | None:
-    cur = await conn.execute("select x.result from df.instance_nodes(%s) x "
-                             "where x.node_id = %s", (iid, nid))
+    cur = await conn.execute(
+        "select x.result from df.instance_nodes(%s) x where x.node_id = %s", (iid, nid)
+    )
     row = await cur.fetchone()
     return None if row is None else row[0]
 
 
 async def run_result(conn: Conn, iid: str) -> Value | None:
-    cur = await conn.execute(_SHOW.format(source="select df.result(%(iid)s)"),
-                             {"max": RESULT_SHOWN_BYTES, "iid": iid})
+    cur = await conn.execute(
+        _SHOW.format(source="select df.result(%(iid)s)"), {"max": RESULT_SHOWN_BYTES, "iid": iid}
+    )
     return Value.of(await cur.fetchone())
 
 
@@ -221,8 +238,9 @@ async def run_error(conn: Conn, iid: str) -> dict[str, Any] | None:
 
 async def restart_available(conn: Conn) -> bool:
     """Whether this database's df API has ``df.restart(text)`` (a later schema may)."""
-    row = await (await conn.execute(
-        "select to_regprocedure('df.restart(text)') is not null")).fetchone()
+    row = await (
+        await conn.execute("select to_regprocedure('df.restart(text)') is not null")
+    ).fetchone()
     return bool(row and row[0])
 
 
@@ -235,8 +253,7 @@ async def cancel(conn: Conn, iid: str, reason: str) -> str:
 
 
 async def signal(conn: Conn, iid: str, name: str, data: str) -> str:
-    row = await (await conn.execute("select df.signal(%s, %s, %s)",
-                                    (iid, name, data))).fetchone()
+    row = await (await conn.execute("select df.signal(%s, %s, %s)", (iid, name, data))).fetchone()
     return str(row[0]) if row else ""
 
 
@@ -256,11 +273,12 @@ async def start(conn: Conn, expr: str, label: str | None) -> str:
     refuses a second one). Then ``df.start`` gets the value as a parameter."""
     async with conn.transaction():
         await conn.execute("set transaction read only")
-        await conn.execute("select set_config('statement_timeout', %s, true)",
-                           (str(START_EVAL_TIMEOUT_MS),))
+        await conn.execute(
+            "select set_config('statement_timeout', %s, true)", (str(START_EVAL_TIMEOUT_MS),)
+        )
         cur = await conn.execute(
-            ("select (\n" + expr + "\n)::pg_catalog.text where %s").encode(),
-            (True,))
+            ("select (\n" + expr + "\n)::pg_catalog.text where %s").encode(), (True,)
+        )
         row = await cur.fetchone()
     if row is None or row[0] is None:
         raise ValueError("the expression is NULL: nothing to start")

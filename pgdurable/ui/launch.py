@@ -91,11 +91,14 @@ def start_detached(dsn: str, state_dir: Path, port: int = DEFAULT_PORT) -> str:
     pid = os.posix_spawn(
         sys.executable,
         [sys.executable, "-m", "pgdurable", "ui", "--host", "127.0.0.1", "--port", str(port)],
-        env, setsid=True, file_actions=[
+        env,
+        setsid=True,
+        file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-             0o644),
-            (os.POSIX_SPAWN_DUP2, 1, 2)])
+            (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ],
+    )
     _pidfile(state_dir).write_text(f"{pid} {port}\n")
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + READY_TIMEOUT
@@ -104,8 +107,9 @@ def start_detached(dsn: str, state_dir: Path, port: int = DEFAULT_PORT) -> str:
         if done:
             _pidfile(state_dir).unlink(missing_ok=True)
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the dashboard exited (status {os.waitstatus_to_exitcode(status)})"
-                               f":\n{tail}")
+            raise RuntimeError(
+                f"the dashboard exited (status {os.waitstatus_to_exitcode(status)}):\n{tail}"
+            )
         try:
             with urllib.request.urlopen(url + "healthz", timeout=2) as r:
                 if r.status == 200:
@@ -114,5 +118,6 @@ def start_detached(dsn: str, state_dir: Path, port: int = DEFAULT_PORT) -> str:
             pass
         time.sleep(0.2)
     stop_detached(state_dir)
-    raise RuntimeError(f"the dashboard did not answer on {url} within {READY_TIMEOUT:.0f}s "
-                       f"(its log: {log_path})")
+    raise RuntimeError(
+        f"the dashboard did not answer on {url} within {READY_TIMEOUT:.0f}s (its log: {log_path})"
+    )

@@ -44,14 +44,14 @@ MAX_NESTING = 300
 
 # geometry (px)
 LEAF_W, LEAF_H = 176, 50
-ARROW_H = 30          # between two steps of a chain (the THEN circle sits on it)
+ARROW_H = 30  # between two steps of a chain (the THEN circle sits on it)
 THEN_R = 6
-PAD = 10              # inside a frame
-HEAD_H = 20           # a frame's title line
-GAP_W = 14            # between branches side by side
-ROLE_H = 14           # a role label above a branch (then / else / while / winner)
-MARGIN = 12           # around the picture
-LABEL_CHARS = 27      # characters of a label that fit a box
+PAD = 10  # inside a frame
+HEAD_H = 20  # a frame's title line
+GAP_W = 14  # between branches side by side
+ROLE_H = 14  # a role label above a branch (then / else / while / winner)
+MARGIN = 12  # around the picture
+LABEL_CHARS = 27  # characters of a label that fit a box
 
 
 @dataclass
@@ -63,7 +63,7 @@ class GraphNode:
     label: str
     status: str
     children: list[tuple[str, str]] = field(default_factory=list)  # (role, child id)
-    meta: str = ""        # one short line: duration, iteration, winner, …
+    meta: str = ""  # one short line: duration, iteration, winner, …
     winner: bool = False  # the branch that won its RACE
     abandoned: bool = False
 
@@ -97,8 +97,13 @@ class _Drawing:
     # -- pieces ----------------------------------------------------------------------
 
     def _open(self, n: GraphNode, extra: str = "") -> None:
-        cls = ["node", f"st-{n.status}", f"t-{n.type}",
-               "composite" if n.type in COMPOSITES else "leaf", *extra.split()]
+        cls = [
+            "node",
+            f"st-{n.status}",
+            f"t-{n.type}",
+            "composite" if n.type in COMPOSITES else "leaf",
+            *extra.split(),
+        ]
         if n.winner:
             cls.append("winner")
         if n.abandoned:
@@ -106,19 +111,24 @@ class _Drawing:
         if n.id == self.selected:
             cls.append("selected")
         tip = f"{n.id} {n.type} ({n.status})\n{n.label}" + (f"\n{n.meta}" if n.meta else "")
-        self.out.append(f'<a class="node-link" href="{_e(self.href)}?node={_e(n.id)}#node">'
-                        f'<g class="{_e(" ".join(cls))}" data-node="{_e(n.id)}" '
-                        f'data-status="{_e(n.status)}" data-type="{_e(n.type)}">'
-                        f"<title>{_e(tip)}</title>")
+        self.out.append(
+            f'<a class="node-link" href="{_e(self.href)}?node={_e(n.id)}#node">'
+            f'<g class="{_e(" ".join(cls))}" data-node="{_e(n.id)}" '
+            f'data-status="{_e(n.status)}" data-type="{_e(n.type)}">'
+            f"<title>{_e(tip)}</title>"
+        )
 
     def _text(self, cls: str, x: float, y: float, text: str, anchor: str = "middle") -> None:
-        self.out.append(f'<text class="{cls}" x="{x:.1f}" y="{y:.1f}" '
-                        f'text-anchor="{anchor}">{_e(text)}</text>')
+        self.out.append(
+            f'<text class="{cls}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}">{_e(text)}</text>'
+        )
 
     def _arrow(self, x: float, y1: float, y2: float) -> None:
-        self.out.append(f'<path class="edge" d="M{x:.1f},{y1:.1f} V{y2 - 4:.1f}"/>'
-                        f'<path class="arrow" d="M{x - 4:.1f},{y2 - 6:.1f} L{x:.1f},{y2:.1f} '
-                        f'L{x + 4:.1f},{y2 - 6:.1f} Z"/>')
+        self.out.append(
+            f'<path class="edge" d="M{x:.1f},{y1:.1f} V{y2 - 4:.1f}"/>'
+            f'<path class="arrow" d="M{x - 4:.1f},{y2 - 6:.1f} L{x:.1f},{y2:.1f} '
+            f'L{x + 4:.1f},{y2 - 6:.1f} Z"/>'
+        )
 
     # -- blocks ----------------------------------------------------------------------
 
@@ -150,8 +160,9 @@ class _Drawing:
     def leaf(self, n: GraphNode) -> _Block:
         def draw(x: float, y: float) -> None:
             self._open(n)
-            self.out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{LEAF_W}" '
-                            f'height="{LEAF_H}" rx="6"/>')
+            self.out.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{LEAF_W}" height="{LEAF_H}" rx="6"/>'
+            )
             cx = x + LEAF_W / 2
             label = n.label.split(": ", 1)[1] if n.label.startswith("SQL: ") else n.label
             self._text("n-type", cx, y + 14, f"{n.type} · {n.status}")
@@ -194,8 +205,9 @@ class _Drawing:
                     for k, tid in enumerate(pending):
                         cy = top - ARROW_H / 2 - (len(pending) - 1 - 2 * k) * (THEN_R + 1)
                         self._open(self.nodes[tid], "then")
-                        self.out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{THEN_R}"/>'
-                                        "</g></a>")
+                        self.out.append(
+                            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{THEN_R}"/></g></a>'
+                        )
                     pending = []
                 item.draw(x + (w - item.w) / 2, top)
                 top += item.h + ARROW_H
@@ -213,8 +225,9 @@ class _Drawing:
 
         def draw(x: float, y: float) -> None:
             self._open(n, "frame")
-            self.out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" '
-                            'rx="10"/>')
+            self.out.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" rx="10"/>'
+            )
             title = n.type + (f" · {n.meta}" if n.meta else "")
             self._text("n-head", x + PAD, y + 14, _cut(title, int(w / 7)), anchor="start")
             self.out.append("</g></a>")
@@ -230,17 +243,20 @@ class _Drawing:
                     b.draw(left, top + lh)
                     left += b.w + GAP_W
                 for c in centres if prev else []:  # a fork from the row above
-                    self.out.append(f'<path class="edge" d="M{prev[0]:.1f},'
-                                    f'{top - ARROW_H:.1f} C{prev[0]:.1f},{top - 8:.1f} '
-                                    f'{c:.1f},{top - ARROW_H + 8:.1f} {c:.1f},{top:.1f}"/>')
+                    self.out.append(
+                        f'<path class="edge" d="M{prev[0]:.1f},'
+                        f"{top - ARROW_H:.1f} C{prev[0]:.1f},{top - 8:.1f} "
+                        f'{c:.1f},{top - ARROW_H + 8:.1f} {c:.1f},{top:.1f}"/>'
+                    )
                 prev = centres
                 top += rh + ARROW_H
 
         return _Block(w, h, draw)
 
 
-def graph_svg(nodes: Mapping[str, GraphNode], root: str, *, href: str,
-              selected: str | None = None) -> str:
+def graph_svg(
+    nodes: Mapping[str, GraphNode], root: str, *, href: str, selected: str | None = None
+) -> str:
     """The run's graph as an ``<svg>`` element (module doc). ``href`` is the run page's
     path; each node links to ``href?node=<id>``."""
     d = _Drawing(nodes, href, selected)
@@ -249,13 +265,16 @@ def graph_svg(nodes: Mapping[str, GraphNode], root: str, *, href: str,
     top = d.block(root)
     width, height = top.w + 2 * MARGIN, top.h + 2 * MARGIN
     top.draw(MARGIN, MARGIN)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" role="img" '
-            f'aria-label="the run\'s graph" width="{width:.0f}" height="{height:.0f}" '
-            f'viewBox="0 0 {width:.0f} {height:.0f}">' + "".join(d.out) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" role="img" '
+        f'aria-label="the run\'s graph" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}">' + "".join(d.out) + "</svg>"
+    )
 
 
-def from_rows(rows: Sequence[Mapping[str, Any]], root: str,
-              details: Mapping[str, Mapping[str, Any]]) -> dict[str, GraphNode]:
+def from_rows(
+    rows: Sequence[Mapping[str, Any]], root: str, details: Mapping[str, Mapping[str, Any]]
+) -> dict[str, GraphNode]:
     """GraphNodes from ``df.instance_nodes`` rows (mappings with its column names) and each
     node's parsed ``status_details`` (``details``)."""
     d = diagram.from_rows(rows, root)
@@ -264,9 +283,16 @@ def from_rows(rows: Sequence[Mapping[str, Any]], root: str,
     for nid, node in d.nodes.items():
         det = details.get(nid, {})
         status = str(node.status or "pending")
-        out[nid] = GraphNode(id=nid, type=node.type, label=node.label, status=status,
-                             children=node.children, meta=node_meta(node.type, status, det),
-                             winner=nid in winners, abandoned=bool(det.get("abandoned")))
+        out[nid] = GraphNode(
+            id=nid,
+            type=node.type,
+            label=node.label,
+            status=status,
+            children=node.children,
+            meta=node_meta(node.type, status, det),
+            winner=nid in winners,
+            abandoned=bool(det.get("abandoned")),
+        )
     return out
 
 
@@ -318,14 +344,15 @@ def completions_chart(per_minute: Sequence[Mapping[str, int]], *, minutes: int =
     plot_w, plot_h = w - left - 8, h - bottom - top
     peak = max([sum(b.values()) for b in per_minute] + [1])
     bar_w = plot_w / minutes
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
-           f'aria-label="instances finished per minute, last hour" width="{w}" height="{h}" '
-           f'viewBox="0 0 {w} {h}">',
-           f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{w - 8}" '
-           f'y2="{top + plot_h}"/>',
-           f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
-           f'<text class="tick" x="{left - 4}" y="{top + 8}" text-anchor="end">{peak}</text>',
-           f'<text class="tick" x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
+        f'aria-label="instances finished per minute, last hour" width="{w}" height="{h}" '
+        f'viewBox="0 0 {w} {h}">',
+        f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{w - 8}" y2="{top + plot_h}"/>',
+        f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
+        f'<text class="tick" x="{left - 4}" y="{top + 8}" text-anchor="end">{peak}</text>',
+        f'<text class="tick" x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>',
+    ]
     for k in range(minutes):
         counts = per_minute[k] if k < len(per_minute) else {}
         x = left + (minutes - 1 - k) * bar_w
@@ -336,12 +363,13 @@ def completions_chart(per_minute: Sequence[Mapping[str, int]], *, minutes: int =
                 continue
             bh = plot_h * n / peak
             y -= bh
-            out.append(f'<rect class="bar st-{status}" x="{x + 1:.1f}" y="{y:.1f}" '
-                       f'width="{max(bar_w - 2, 1):.1f}" height="{bh:.1f}">'
-                       f'<title>{n} {status}, {k} min ago</title></rect>')
+            out.append(
+                f'<rect class="bar st-{status}" x="{x + 1:.1f}" y="{y:.1f}" '
+                f'width="{max(bar_w - 2, 1):.1f}" height="{bh:.1f}">'
+                f"<title>{n} {status}, {k} min ago</title></rect>"
+            )
     for k, text in ((minutes - 1, f"-{minutes - 1} min"), (30, "-30 min"), (0, "now")):
         x = left + (minutes - 1 - k) * bar_w + bar_w / 2
-        out.append(f'<text class="tick" x="{x:.1f}" y="{h - 6}" text-anchor="middle">'
-                   f'{text}</text>')
+        out.append(f'<text class="tick" x="{x:.1f}" y="{h - 6}" text-anchor="middle">{text}</text>')
     out.append("</svg>")
     return "".join(out)

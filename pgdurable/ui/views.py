@@ -53,7 +53,8 @@ APPROVE_DATA = '{"approved": true}'
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"),
     autoescape=True,  # every template, whatever its name
-    trim_blocks=True, lstrip_blocks=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
 )
 _env.filters["utc"] = data.utc
 _env.filters["duration"] = lambda ms: "" if ms is None else svg.duration_text(float(ms))
@@ -63,8 +64,9 @@ _env.globals["STATUSES"] = STATUSES
 class PageError(Exception):
     """Shown to the viewer as a page with ``status``."""
 
-    def __init__(self, status: int, title: str, detail: str = "",
-                 sqlstate: str | None = None) -> None:
+    def __init__(
+        self, status: int, title: str, detail: str = "", sqlstate: str | None = None
+    ) -> None:
         super().__init__(title)
         self.status, self.title, self.detail, self.sqlstate = status, title, detail, sqlstate
 
@@ -77,12 +79,20 @@ def _conn(request: Request) -> Any:
     return request.app.state.pool.connection()
 
 
-def _page(request: Request, name: str, ctx: dict[str, Any], *, status: int = 200,
-          final: bool = False) -> Response:
+def _page(
+    request: Request, name: str, ctx: dict[str, Any], *, status: int = 200, final: bool = False
+) -> Response:
     cfg = _config(request)
-    full = {"request": request, "read_only": cfg.read_only, "csrf": request.state.csrf,
-            "role": ctx.pop("role", ""), "poll": None, "poll_min": 1000, "flash": None,
-            "final": final} | ctx
+    full = {
+        "request": request,
+        "read_only": cfg.read_only,
+        "csrf": request.state.csrf,
+        "role": ctx.pop("role", ""),
+        "poll": None,
+        "poll_min": 1000,
+        "flash": None,
+        "final": final,
+    } | ctx
     tmpl = _env.get_template(name)
     headers = {"x-live-final": "1" if final else "0"}
     if full["poll"] and "live" in tmpl.blocks:
@@ -104,8 +114,15 @@ def _db_error(exc: psycopg.Error, title: str) -> PageError:
     if diag.message_hint:
         msg += f" Hint: {diag.message_hint}"
     state = diag.sqlstate
-    status = 404 if state == "P0002" else 403 if state == "42501" else 400 \
-        if state and state[:2] in ("22", "42", "54", "P0") else 500
+    status = (
+        404
+        if state == "P0002"
+        else 403
+        if state == "42501"
+        else 400
+        if state and state[:2] in ("22", "42", "54", "P0")
+        else 500
+    )
     return PageError(status, title, msg, state)
 
 
@@ -138,14 +155,23 @@ async def runs_page(request: Request) -> Response:
     groups: dict[str | None, list[data.Run]] = {}
     for run in page.runs:  # newest first, so groups are ordered by their newest run
         groups.setdefault(run.label, []).append(run)
-    return _page(request, "runs.html", {
-        "role": role, "groups": list(groups.items()), "status": status or "",
-        "label": label or "", "after": after, "next_cursor": page.next_cursor,
-        "older": _query(request, after=page.next_cursor) if page.next_cursor else None,
-        "newest": _query(request, after=None) if after else None,
-        "poll": request.url.path + _query(request), "strip": STRIP_RUNS,
-        "labels": sorted({r.label for r in page.runs if r.label}),
-    })
+    return _page(
+        request,
+        "runs.html",
+        {
+            "role": role,
+            "groups": list(groups.items()),
+            "status": status or "",
+            "label": label or "",
+            "after": after,
+            "next_cursor": page.next_cursor,
+            "older": _query(request, after=page.next_cursor) if page.next_cursor else None,
+            "newest": _query(request, after=None) if after else None,
+            "poll": request.url.path + _query(request),
+            "strip": STRIP_RUNS,
+            "labels": sorted({r.label for r in page.runs if r.label}),
+        },
+    )
 
 
 def _valid_id(iid: str) -> str:
@@ -161,17 +187,20 @@ async def run_page(request: Request) -> Response:
         role = await data.whoami(conn)
         run = await data.get_run(conn, iid)
         if run is None:
-            raise PageError(404, f"run {iid} not found",
-                            f"no instance {iid} is visible to role {role}")
+            raise PageError(
+                404, f"run {iid} not found", f"no instance {iid} is visible to role {role}"
+            )
         rows, details = await data.nodes(conn, iid)
         node = await data.node_detail(conn, iid, selected) if selected else None
         result = await data.run_result(conn, iid) if run.status == "completed" else None
         error = await data.run_error(conn, iid) if run.status == "failed" else None
         can_restart = run.status == "failed" and await data.restart_available(conn)
     graph = svg.from_rows(rows, run.root_node or "", details)
-    drawn = Markup(svg.graph_svg(graph, run.root_node or "", href=f"/runs/{iid}",
-                                 selected=selected)) \
-        if run.root_node and len(graph) <= svg.MAX_DRAWN else None
+    drawn = (
+        Markup(svg.graph_svg(graph, run.root_node or "", href=f"/runs/{iid}", selected=selected))
+        if run.root_node and len(graph) <= svg.MAX_DRAWN
+        else None
+    )
     waits = []
     if not run.finished:
         for r in rows:
@@ -179,25 +208,55 @@ async def run_page(request: Request) -> Response:
             if r["node_type"] == "SIGNAL" and st == "running":
                 cfg = _json_obj(r["query"])
                 name = str(cfg.get("signal_name", ""))
-                waits.append({"node_id": r["node_id"], "name": name,
-                              "approval": bool(APPROVAL.search(name)),
-                              "timeout": cfg.get("timeout_seconds")})
-    steps = [{"id": r["node_id"], "type": r["node_type"],
-              "label": diagram.label(r["node_type"], r["query"], r["result_name"]),
-              "status": r["inferred_status"] or r["status"], "details": details[r["node_id"]],
-              "meta": graph[r["node_id"]].meta if r["node_id"] in graph else "",
-              "queue_ms": _queue_ms(details[r["node_id"]])} for r in rows]
+                waits.append(
+                    {
+                        "node_id": r["node_id"],
+                        "name": name,
+                        "approval": bool(APPROVAL.search(name)),
+                        "timeout": cfg.get("timeout_seconds"),
+                    }
+                )
+    steps = [
+        {
+            "id": r["node_id"],
+            "type": r["node_type"],
+            "label": diagram.label(r["node_type"], r["query"], r["result_name"]),
+            "status": r["inferred_status"] or r["status"],
+            "details": details[r["node_id"]],
+            "meta": graph[r["node_id"]].meta if r["node_id"] in graph else "",
+            "queue_ms": _queue_ms(details[r["node_id"]]),
+        }
+        for r in rows
+    ]
     flash = FLASH.get(request.query_params.get("done", ""))
-    return _page(request, "run.html", {
-        "role": role, "run": run, "graph": drawn, "n_nodes": len(rows), "steps": steps,
-        "node": node, "node_label": diagram.label(
-            node.row["node_type"], node.row["query"], node.row["result_name"]) if node else "",
-        "node_queue_ms": _queue_ms(node.details) if node else None,
-        "selected": selected, "result": result, "error": error, "waits": waits,
-        "can_restart": can_restart, "flash": flash, "approve_data": APPROVE_DATA,
-        "poll": request.url.path + _query(request, done=None),
-        "max_drawn": svg.MAX_DRAWN,
-    }, final=run.finished)
+    return _page(
+        request,
+        "run.html",
+        {
+            "role": role,
+            "run": run,
+            "graph": drawn,
+            "n_nodes": len(rows),
+            "steps": steps,
+            "node": node,
+            "node_label": diagram.label(
+                node.row["node_type"], node.row["query"], node.row["result_name"]
+            )
+            if node
+            else "",
+            "node_queue_ms": _queue_ms(node.details) if node else None,
+            "selected": selected,
+            "result": result,
+            "error": error,
+            "waits": waits,
+            "can_restart": can_restart,
+            "flash": flash,
+            "approve_data": APPROVE_DATA,
+            "poll": request.url.path + _query(request, done=None),
+            "max_drawn": svg.MAX_DRAWN,
+        },
+        final=run.finished,
+    )
 
 
 FLASH = {
@@ -234,8 +293,11 @@ async def download_node_result(request: Request) -> Response:
     async with _conn(request) as conn:
         text = await data.node_result_text(conn, iid, nid)
     if text is None:
-        raise PageError(404, f"node {nid} of run {iid} has no result",
-                        "it has not finished, or the run is not visible to this role")
+        raise PageError(
+            404,
+            f"node {nid} of run {iid} has no result",
+            "it has not finished, or the run is not visible to this role",
+        )
     return _download(text, f"{iid}-{nid}-result.json")
 
 
@@ -244,14 +306,20 @@ async def download_run_result(request: Request) -> Response:
     async with _conn(request) as conn:
         text = await data.run_result_text(conn, iid)
     if text is None:
-        raise PageError(404, f"run {iid} has no result",
-                        "it has not completed, or it is not visible to this role")
+        raise PageError(
+            404,
+            f"run {iid} has no result",
+            "it has not completed, or it is not visible to this role",
+        )
     return _download(text, f"{iid}-result.json")
 
 
 def _download(text: str, filename: str) -> Response:
-    return Response(text, media_type="application/json", headers={
-        "content-disposition": f'attachment; filename="{filename}"'})
+    return Response(
+        text,
+        media_type="application/json",
+        headers={"content-disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 async def system_page(request: Request) -> Response:
@@ -259,14 +327,21 @@ async def system_page(request: Request) -> Response:
         role = await data.whoami(conn)
         view = await data.system(conn)
     now = datetime.now(UTC)
-    return _page(request, "system.html", {
-        "role": role, "view": view, "now": now,
-        "chart": Markup(svg.completions_chart(view.per_minute)),
-        "finished_last_hour": sum(sum(m.values()) for m in view.per_minute),
-        "total": sum(view.counts.values()),
-        # the workers' heartbeats change it every few seconds: poll less often
-        "poll": request.url.path, "poll_min": 5000,
-    })
+    return _page(
+        request,
+        "system.html",
+        {
+            "role": role,
+            "view": view,
+            "now": now,
+            "chart": Markup(svg.completions_chart(view.per_minute)),
+            "finished_last_hour": sum(sum(m.values()) for m in view.per_minute),
+            "total": sum(view.counts.values()),
+            # the workers' heartbeats change it every few seconds: poll less often
+            "poll": request.url.path,
+            "poll_min": 5000,
+        },
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -279,24 +354,28 @@ async def healthz(request: Request) -> Response:
 async def check_post(request: Request) -> dict[str, str]:
     """The form of an action POST, after the read-only, CSRF and Origin checks."""
     if _config(request).read_only:
-        raise PageError(403, "this dashboard is read-only",
-                        "it was started with --read-only: it shows runs and changes nothing")
+        raise PageError(
+            403,
+            "this dashboard is read-only",
+            "it was started with --read-only: it shows runs and changes nothing",
+        )
     origin = request.headers.get("origin")
     if origin and origin != "null":
         host = request.headers.get("host", "")
         if urlsplit(origin).netloc.lower() != host.lower():
-            raise PageError(403, "cross-origin form refused",
-                            "this form was sent from another site")
+            raise PageError(
+                403, "cross-origin form refused", "this form was sent from another site"
+            )
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
-        raise PageError(415, "unsupported form encoding",
-                        "actions take application/x-www-form-urlencoded forms")
+        raise PageError(
+            415, "unsupported form encoding", "actions take application/x-www-form-urlencoded forms"
+        )
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > FORM_MAX_BYTES:
-            raise PageError(413, "form too large",
-                            f"at most {FORM_MAX_BYTES // (1024 * 1024)} MiB")
+            raise PageError(413, "form too large", f"at most {FORM_MAX_BYTES // (1024 * 1024)} MiB")
     try:
         fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20)
     except (UnicodeDecodeError, ValueError):
@@ -305,9 +384,12 @@ async def check_post(request: Request) -> dict[str, str]:
     cookie = request.cookies.get(CSRF_COOKIE, "")
     given = form.get("csrf", "")
     if not cookie or not given or not hmac.compare_digest(cookie.encode(), given.encode()):
-        raise PageError(403, "CSRF check failed",
-                        "the form's token does not match this browser's session: reload "
-                        "the page and submit again")
+        raise PageError(
+            403,
+            "CSRF check failed",
+            "the form's token does not match this browser's session: reload "
+            "the page and submit again",
+        )
     return form
 
 
@@ -337,8 +419,9 @@ async def signal(request: Request) -> Response:
     try:
         json.loads(payload)
     except ValueError as exc:
-        raise PageError(400, "signal data is not JSON",
-                        f"{exc}; e.g. {APPROVE_DATA} or \"a string\"") from None
+        raise PageError(
+            400, "signal data is not JSON", f'{exc}; e.g. {APPROVE_DATA} or "a string"'
+        ) from None
     async with _conn(request) as conn:
         try:
             await data.signal(conn, iid, name, payload)
@@ -352,8 +435,9 @@ async def restart(request: Request) -> Response:
     await check_post(request)
     async with _conn(request) as conn:
         if not await data.restart_available(conn):
-            raise PageError(404, "restart is not available",
-                            "this database's df API has no df.restart(text)")
+            raise PageError(
+                404, "restart is not available", "this database's df API has no df.restart(text)"
+            )
         try:
             out = await data.restart(conn, iid)
         except psycopg.Error as exc:
@@ -383,11 +467,17 @@ async def new_page(request: Request) -> Response:
                 else:
                     return _back(iid, "started")
     if cfg.read_only:
-        raise PageError(403, "this dashboard is read-only",
-                        "it was started with --read-only: it cannot start runs")
-    return _page(request, "new.html", {"role": role, "expr": expr, "label": label,
-                                       "problem": problem},
-                 status=problem.status if problem else 200)
+        raise PageError(
+            403,
+            "this dashboard is read-only",
+            "it was started with --read-only: it cannot start runs",
+        )
+    return _page(
+        request,
+        "new.html",
+        {"role": role, "expr": expr, "label": label, "problem": problem},
+        status=problem.status if problem else 200,
+    )
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -404,9 +494,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _pool_error(request: Request, exc: Exception) -> Response:
-    return _error_page(request, 503, "cannot reach the database",
-                       "the dashboard's connections to PostgreSQL are not answering; "
-                       "this page retries when reloaded")
+    return _error_page(
+        request,
+        503,
+        "cannot reach the database",
+        "the dashboard's connections to PostgreSQL are not answering; "
+        "this page retries when reloaded",
+    )
 
 
 async def _psycopg_error(request: Request, exc: Exception) -> Response:
@@ -417,13 +511,17 @@ async def _psycopg_error(request: Request, exc: Exception) -> Response:
     return _error_page(request, err.status, err.title, err.detail, err.sqlstate)
 
 
-def _error_page(request: Request, status: int, title: str, detail: str = "",
-                sqlstate: str | None = None) -> Response:
+def _error_page(
+    request: Request, status: int, title: str, detail: str = "", sqlstate: str | None = None
+) -> Response:
     csrf = getattr(request.state, "csrf", "")
     request.state.csrf = csrf
-    return _page(request, "error.html", {"title": title, "detail": detail,
-                                         "sqlstate": sqlstate, "status": status},
-                 status=status)
+    return _page(
+        request,
+        "error.html",
+        {"title": title, "detail": detail, "sqlstate": sqlstate, "status": status},
+        status=status,
+    )
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

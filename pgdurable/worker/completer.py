@@ -58,8 +58,9 @@ class _Item:
     rollback: Callable[[], None] | None = None
     """Called when a transaction this item applied in rolled back (its in-memory state is
     no longer the database's)."""
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop()
-                                       .create_future())
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Completer:
@@ -92,11 +93,14 @@ class Completer:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         self.task = None
-        logger.debug("completer stopped after %d batches / %d outcomes", self.batches,
-                     self.items)
+        logger.debug("completer stopped after %d batches / %d outcomes", self.batches, self.items)
 
-    async def submit(self, key: str, apply: Callable[[Any], Awaitable[None]],
-                     rollback: Callable[[], None] | None = None) -> None:
+    async def submit(
+        self,
+        key: str,
+        apply: Callable[[Any], Awaitable[None]],
+        rollback: Callable[[], None] | None = None,
+    ) -> None:
         item = _Item(key, apply, rollback)
         await self.queue.put(item)
         # shield: a submitter being cancelled must not cancel a batch in flight
@@ -137,12 +141,15 @@ class Completer:
             for item in batch:
                 if item.rollback is not None:
                     item.rollback()
-            if (len(batch) > 1 and isinstance(exc, Exception)
-                    and not _connection_error(exc)):
+            if len(batch) > 1 and isinstance(exc, Exception) and not _connection_error(exc):
                 # whose error was it? each on its own: the others commit
-                logger.info("batch of %d outcomes rolled back (%s: %s); applying them one by "
-                            "one", len(batch), type(exc).__name__, exc,
-                            extra={"event": "completer.split"})
+                logger.info(
+                    "batch of %d outcomes rolled back (%s: %s); applying them one by one",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                    extra={"event": "completer.split"},
+                )
                 for item in batch:
                     if not item.done.done():
                         await self._flush([item])

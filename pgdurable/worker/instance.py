@@ -46,8 +46,12 @@ from pgdurable.graph.sched import Scheduler
 from pgdurable.values import error_text, json_bytes, loads
 
 TYPE_NAMES = {v: k for k, v in A.NODE_TYPE_CODES.items()}
-STATUS_NAMES = {A.PENDING: "pending", A.RUNNING: "running", A.COMPLETED: "completed",
-                A.FAILED: "failed"}
+STATUS_NAMES = {
+    A.PENDING: "pending",
+    A.RUNNING: "running",
+    A.COMPLETED: "completed",
+    A.FAILED: "failed",
+}
 
 
 #: The longest df.sleep (seconds, ~317 years): due times stay far inside PostgreSQL's interval
@@ -63,8 +67,13 @@ _NULL_BYTES = 4  # len(b"null")
 ABANDONED = "cancelled: abandoned (lost a RACE, a sibling failed, or a break)"
 #: Details of an earlier activation that a re-activated node must not keep (null removes a
 #: key's meaning: readers test the values).
-STALE_DECISIONS = {"branch": None, "winner": None, "decided_seq": None, "abandoned": None,
-                   "error_node": None}
+STALE_DECISIONS = {
+    "branch": None,
+    "winner": None,
+    "decided_seq": None,
+    "abandoned": None,
+    "error_node": None,
+}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -80,8 +89,9 @@ class BadSetting(BadGraph):
 _INT_RE = re.compile(r"\s*[-+]?[0-9]{1,18}\s*")
 
 
-def loop_limits(inst: tuple[Any, ...], min_interval_ms: int,
-                max_iterations: int) -> tuple[float, int]:
+def loop_limits(
+    inst: tuple[Any, ...], min_interval_ms: int, max_iterations: int
+) -> tuple[float, int]:
     """An instance's loop limits (seconds between iteration starts, iterations): the
     deployment's (``min_interval_ms``/``max_iterations``: the worker's ``settings``),
     tightened by the submitting role's own ``ALTER ROLE … SET pg_durable.loop_min_interval_ms``
@@ -92,13 +102,17 @@ def loop_limits(inst: tuple[Any, ...], min_interval_ms: int,
     raw_min, raw_max = (inst[14], inst[15]) if len(inst) >= 16 else (None, None)
     if raw_min is not None:
         if not _INT_RE.fullmatch(raw_min):
-            raise BadSetting(f"pg_durable.loop_min_interval_ms of role {role} is {raw_min!r}, "
-                             "not a whole number of milliseconds")
+            raise BadSetting(
+                f"pg_durable.loop_min_interval_ms of role {role} is {raw_min!r}, "
+                "not a whole number of milliseconds"
+            )
         min_interval_ms = max(min_interval_ms, int(raw_min))
     if raw_max is not None:
         if not _INT_RE.fullmatch(raw_max) or int(raw_max) < 1:
-            raise BadSetting(f"pg_durable.loop_max_iterations of role {role} is {raw_max!r}, "
-                             "not a whole number of at least 1")
+            raise BadSetting(
+                f"pg_durable.loop_max_iterations of role {role} is {raw_max!r}, "
+                "not a whole number of at least 1"
+            )
         max_iterations = min(max_iterations, int(raw_max))
     return max(0, min_interval_ms) / 1000.0, max_iterations
 
@@ -140,7 +154,6 @@ class Checkpoint:
         return self.nodes.setdefault(node_id, {"id": node_id, "details": {}})
 
 
-
 # Vars snapshots are frozen per instance but usually the same for many instances of one role
 # (SPEC §3.3): identical snapshots share one dict instead of one copy per cached instance
 # (a 1 MiB snapshot times 2,048 cached instances would be 2 GiB). Bounded, least recently
@@ -163,6 +176,7 @@ def shared_vars(raw: Any) -> dict[str, Any]:
     else:
         _VARS_SHARED.move_to_end(key)
     return got
+
 
 @dataclass
 class InstanceCtx:
@@ -208,14 +222,27 @@ class InstanceCtx:
     """sum(leaf_bytes) + sum(named_bytes): the results this instance holds in storage."""
 
     @classmethod
-    def from_rows(cls, instance_id: str, inst: tuple[Any, ...], rows: list[tuple[Any, ...]],
-                  named: list[tuple[str, Any]], max_iterations: int,
-                  loop_min_interval: float) -> InstanceCtx:
-        (label, status, role_oid, role_name, database, root, vars_, state, version,
-         _cancel) = inst[:10]
+    def from_rows(
+        cls,
+        instance_id: str,
+        inst: tuple[Any, ...],
+        rows: list[tuple[Any, ...]],
+        named: list[tuple[str, Any]],
+        max_iterations: int,
+        loop_min_interval: float,
+    ) -> InstanceCtx:
+        (label, status, role_oid, role_name, database, root, vars_, state, version, _cancel) = inst[
+            :10
+        ]
         node_rows = [
-            {"id": r[0], "node_type": r[1], "query": r[2], "result_name": r[3],
-             "left_node": r[4], "right_node": r[5]}
+            {
+                "id": r[0],
+                "node_type": r[1],
+                "query": r[2],
+                "result_name": r[3],
+                "left_node": r[4],
+                "right_node": r[5],
+            }
             for r in rows
         ]
         try:
@@ -232,11 +259,23 @@ class InstanceCtx:
         for nid in graph.node_ids:
             configs.append(by_id[nid][2])
         check_configs(graph, configs)
-        ctx = cls(instance_id, label, status, role_oid, role_name, database, graph, index,
-                  sched, version, shared_vars(vars_), configs,
-                  loop_min_interval=loop_min_interval, max_iterations=max_iterations,
-                  role_info=tuple(inst[10:14]) if len(inst) >= 14 and inst[10] is not None
-                  else None)
+        ctx = cls(
+            instance_id,
+            label,
+            status,
+            role_oid,
+            role_name,
+            database,
+            graph,
+            index,
+            sched,
+            version,
+            shared_vars(vars_),
+            configs,
+            loop_min_interval=loop_min_interval,
+            max_iterations=max_iterations,
+            role_info=tuple(inst[10:14]) if len(inst) >= 14 and inst[10] is not None else None,
+        )
         # composites completed with a reference: resolved from their sources, deepest first
         # (a source is a descendant: a larger pre-order index)
         refs: dict[int, tuple[Any, Any]] = {}
@@ -250,8 +289,9 @@ class InstanceCtx:
                     if not isinstance(size, int):
                         size = len(json_bytes(r[7]))
                     ctx.sizes[i] = ctx.leaf_bytes[i] = size
-                elif (isinstance(details.get("result_from"), str)
-                      or isinstance(details.get("result_of"), list)):
+                elif isinstance(details.get("result_from"), str) or isinstance(
+                    details.get("result_of"), list
+                ):
                     refs[i] = (details.get("result_from"), details.get("result_of"))
                 else:  # a copy written before results were stored once
                     ctx.results[i] = r[7]
@@ -293,8 +333,7 @@ class InstanceCtx:
         self._set_leaf_bytes(node, len(data))
         self.record_result(node, value, len(data), cp)
 
-    def record_result(self, node: int, value: Any, size: int,
-                      cp: Checkpoint | None = None) -> None:
+    def record_result(self, node: int, value: Any, size: int, cp: Checkpoint | None = None) -> None:
         self.results[node] = value
         self.sizes[node] = size
         name = self.graph.result_names[node]
@@ -357,8 +396,7 @@ class InstanceCtx:
                 self.errors[node] = (msg, sqlstate)
                 self._set_leaf_bytes(node, None)
                 # where the failure started: df.error reports that node (ARCHITECTURE §4)
-                origin = self.origins.get(srcs[0], srcs[0]) if how == A.HOW_FAIL and srcs \
-                    else node
+                origin = self.origins.get(srcs[0], srcs[0]) if how == A.HOW_FAIL and srcs else node
                 self.origins[node] = origin
                 upd["details"]["error_node"] = g.node_ids[origin]
                 upd["status"] = "failed"
@@ -371,8 +409,9 @@ class InstanceCtx:
         # what ran below a break): every one ends failed, the composites (``stopped``: a LOOP
         # on a RACE's losing side, …) as well as the leaves, so no row of it stays running
         # (docs/decisions.md D17); only the executor's own work (``abandoned``) has a task
-        for node, has_task in [(n, True) for n, _ in step.abandoned] + \
-                [(n, False) for n, _ in step.stopped]:
+        for node, has_task in [(n, True) for n, _ in step.abandoned] + [
+            (n, False) for n, _ in step.stopped
+        ]:
             nid = g.node_ids[node]
             self._set_leaf_bytes(node, None)
             if has_task:
@@ -393,8 +432,11 @@ class InstanceCtx:
         iter_loops: dict[int, float] = {}
         for loop, _k in step.iterations:
             began = self.loop_started.get(loop)
-            wait = self.loop_min_interval if began is None else \
-                max(0.0, self.loop_min_interval - (t - began))
+            wait = (
+                self.loop_min_interval
+                if began is None
+                else max(0.0, self.loop_min_interval - (t - began))
+            )
             iter_loops[loop] = wait
             self.loop_started[loop] = t + wait
             cp.node(g.node_ids[loop])["details"]["iter_begins_at"] = t + wait
@@ -408,11 +450,18 @@ class InstanceCtx:
             upd["status"] = "running"
             upd.pop("result", None)
             self._set_leaf_bytes(node, None)  # a running node's row holds no value
-            upd["details"].update({
-                "gen": gen, "seq": seq, "execution_id": f"{self.instance_id}::{gen}",
-                "queued_at": ts, "started_at": ts, "finished_at": None, "duration_ms": None,
-                "sqlstate": None,
-            })
+            upd["details"].update(
+                {
+                    "gen": gen,
+                    "seq": seq,
+                    "execution_id": f"{self.instance_id}::{gen}",
+                    "queued_at": ts,
+                    "started_at": ts,
+                    "finished_at": None,
+                    "duration_ms": None,
+                    "sqlstate": None,
+                }
+            )
             if gen > 1:
                 # re-activated by a loop: what the row says about an earlier activation
                 # (an IF's arm, a RACE's winner, being abandoned) does not describe this one
@@ -472,8 +521,9 @@ class InstanceCtx:
             p = self.graph.parent[p]
         return False
 
-    def _task_for(self, node: int, gen: int, now: datetime,
-                  iter_loops: dict[int, float]) -> dict[str, Any]:
+    def _task_for(
+        self, node: int, gen: int, now: datetime, iter_loops: dict[int, float]
+    ) -> dict[str, Any]:
         t = self.graph.types[node]
         nid = self.graph.node_ids[node]
         task: dict[str, Any] = {"node_id": nid, "gen": gen, "kind": "run"}
@@ -512,8 +562,11 @@ class InstanceCtx:
                 return f"JOIN branch {pos} failed: {child_msg}", sqlstate
             return child_msg, sqlstate
         if how == A.HOW_ITERCAP:
-            return (f"loop {g.node_ids[node]} exceeded pg_durable.loop_max_iterations "
-                    f"({self.sched_max_iterations()})", None)
+            return (
+                f"loop {g.node_ids[node]} exceeded pg_durable.loop_max_iterations "
+                f"({self.sched_max_iterations()})",
+                None,
+            )
         if how == A.HOW_BREAK_OUTSIDE:
             return "df.break() was reached outside of any loop", None
         if how == A.HOW_LEAF:
@@ -557,8 +610,10 @@ def check_configs(graph: CompiledGraph, configs: list[Any]) -> None:
         if t == A.SLEEP:
             raw = text.strip() if isinstance(text, str) else ""
             if not raw.isascii() or not raw.isdigit() or int(raw) > SLEEP_MAX_SECONDS:
-                raise BadGraph(f"{where}: a sleep is a whole number of seconds from 0 to "
-                               f"{SLEEP_MAX_SECONDS}, got {str(text)[:40]!r}")
+                raise BadGraph(
+                    f"{where}: a sleep is a whole number of seconds from 0 to "
+                    f"{SLEEP_MAX_SECONDS}, got {str(text)[:40]!r}"
+                )
         elif t == A.WAIT_SCHEDULE:
             expr = _config(graph, i, text).get("cron_expr")
             if not isinstance(expr, str):
@@ -572,10 +627,13 @@ def check_configs(graph: CompiledGraph, configs: list[Any]) -> None:
             name, timeout = cfg.get("signal_name"), cfg.get("timeout_seconds")
             if not isinstance(name, str) or not name:
                 raise BadGraph(f"{where}: its config has no signal_name")
-            if timeout is not None and (type(timeout) is not int
-                                        or not 0 < timeout <= SIGNAL_TIMEOUT_MAX):
-                raise BadGraph(f"{where}: timeout_seconds must be a whole number of seconds "
-                               f"from 1 to {SIGNAL_TIMEOUT_MAX}, got {timeout!r}")
+            if timeout is not None and (
+                type(timeout) is not int or not 0 < timeout <= SIGNAL_TIMEOUT_MAX
+            ):
+                raise BadGraph(
+                    f"{where}: timeout_seconds must be a whole number of seconds "
+                    f"from 1 to {SIGNAL_TIMEOUT_MAX}, got {timeout!r}"
+                )
         elif t == A.BREAK:
             value = _config(graph, i, text).get("break_value")
             if value is not None and not isinstance(value, str):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -99,7 +100,8 @@ HTTP_INFLIGHT_MAX = 256
 AUTOCOMMIT_RE = re.compile(
     r"\s*(vacuum|create\s+(unique\s+)?index\s+concurrently|drop\s+index\s+concurrently"
     r"|reindex\s.*\bconcurrently|create\s+database|drop\s+database|alter\s+system)\b",
-    re.IGNORECASE | re.DOTALL)
+    re.IGNORECASE | re.DOTALL,
+)
 # Startup options of every service connection: search_path fixed whatever the database's or
 # the role's defaults say (a database owner may ALTER DATABASE ... SET search_path).
 SERVICE_OPTIONS = "-c search_path=pg_catalog,pg_temp"
@@ -226,8 +228,9 @@ class Worker:
         self.runner_busy: dict[object, float] = {}
         self.spawn_check_armed = False
         # COMMIT and the session reset as one simple query (one round trip)
-        body = "\n".join(ln for ln in self.q("reset_session").splitlines()
-                          if not ln.lstrip().startswith("--"))
+        body = "\n".join(
+            ln for ln in self.q("reset_session").splitlines() if not ln.lstrip().startswith("--")
+        )
         self.reset_body = body
 
     def reset_sql(self) -> str:
@@ -256,22 +259,29 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         # SIGHUP (forwarded by the supervisor): re-read the pg_durable.* settings
-        loop.add_signal_handler(signal.SIGHUP,
-                                lambda: asyncio.ensure_future(self._load_settings()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._load_settings()))
         self.pool = AsyncConnectionPool(
-            self.config.dsn, min_size=2, max_size=self.config.slots + 4, open=False,
-            kwargs={"autocommit": True, "prepare_threshold": None,
-                    "application_name": f"pgdurable worker {os.getpid()}",
-                    # no database or role default (ALTER DATABASE ... SET search_path, which
-                    # a database's owner may set) reaches the service's statements
-                    "options": SERVICE_OPTIONS},
+            self.config.dsn,
+            min_size=2,
+            max_size=self.config.slots + 4,
+            open=False,
+            kwargs={
+                "autocommit": True,
+                "prepare_threshold": None,
+                "application_name": f"pgdurable worker {os.getpid()}",
+                # no database or role default (ALTER DATABASE ... SET search_path, which
+                # a database's owner may set) reaches the service's statements
+                "options": SERVICE_OPTIONS,
+            },
             # No check-on-checkout round trip on the hot pool: a broken connection surfaces
             # as OperationalError, the step is released and re-claimed, and the pool
             # replaces the connection.
-            name="pgdurable")
+            name="pgdurable",
+        )
         await self.pool.open(wait=True, timeout=60)
-        self.step_pool = self._make_step_pool(self.config.step_dsn, self.pool,
-                                              self.config.slots + 2, "pgdurable:step")
+        self.step_pool = self._make_step_pool(
+            self.config.step_dsn, self.pool, self.config.slots + 2, "pgdurable:step"
+        )
         await self.step_pool.open(wait=True, timeout=60)
         await self._load_settings()
         self.completer = Completer(self.pool, Fenced)
@@ -279,28 +289,37 @@ class Worker:
         try:
             from pgdurable.steps.http_step import HttpPolicy, make_client
 
-            self.http_policy = HttpPolicy.from_strings(self.config.http_policy,
-                                                       list(self.config.http_allow))
+            self.http_policy = HttpPolicy.from_strings(
+                self.config.http_policy, list(self.config.http_allow)
+            )
             self.http_client = make_client(self.http_policy)
         except ImportError:  # pragma: no cover - http step not built
             self.http_client = None
-        logger.info("worker started (id %s, %d slots, scheduler %s)", self.worker_id,
-                    self.config.slots, _impl(), extra={"event": "worker.started"})
+        logger.info(
+            "worker started (id %s, %d slots, scheduler %s)",
+            self.worker_id,
+            self.config.slots,
+            _impl(),
+            extra={"event": "worker.started"},
+        )
         tasks = [
             asyncio.create_task(self._producer(), name="producer"),
             asyncio.create_task(self._listener(), name="listener"),
             asyncio.create_task(self._maintenance(), name="maintenance"),
         ]
         await self.stopping.wait()
-        logger.info("worker draining %d steps", len(self.inflight),
-                    extra={"event": "worker.draining"})
+        logger.info(
+            "worker draining %d steps", len(self.inflight), extra={"event": "worker.draining"}
+        )
         try:
             # bounded: a worker that cannot finish draining (database gone) must still exit
             # and free its connections; unfinished steps come back by lease expiry
             await asyncio.wait_for(self._shutdown(tasks), self.config.lease_seconds + 20)
         except TimeoutError:
-            logger.warning("drain did not finish in time; exiting anyway",
-                           extra={"event": "worker.drain_timeout"})
+            logger.warning(
+                "drain did not finish in time; exiting anyway",
+                extra={"event": "worker.drain_timeout"},
+            )
         logger.info("worker stopped", extra={"event": "worker.stopped"})
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
@@ -326,8 +345,9 @@ class Worker:
             await self.step_pool.close(timeout=5)
         await self.pool.close(timeout=5)
 
-    def _make_step_pool(self, dsn: str, service: AsyncConnectionPool, size: int,
-                        name: str) -> AsyncConnectionPool:
+    def _make_step_pool(
+        self, dsn: str, service: AsyncConnectionPool, size: int, name: str
+    ) -> AsyncConnectionPool:
         """A pool of step sessions; each connection's capability is registered on open."""
 
         async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -336,24 +356,34 @@ class Worker:
             token = secrets.token_hex(16)
             digest = hashlib.sha256(token.encode()).digest()
             async with service.connection() as sconn:
-                await sconn.execute(self.q("cap_grant"),
-                                    (conn.info.backend_pid, digest, self.worker_id))
+                await sconn.execute(
+                    self.q("cap_grant"), (conn.info.backend_pid, digest, self.worker_id)
+                )
             self.caps[conn] = token
 
         # prepare_threshold None: step connections are reset with DISCARD-like statements
         # after every step (security), which drop server-side prepared statements
         return AsyncConnectionPool(
-            dsn, min_size=0, max_size=size, open=False, configure=configure,
-            kwargs={"autocommit": True, "prepare_threshold": None,
-                    "application_name": f"pgdurable step {os.getpid()}"},
-            name=name)
+            dsn,
+            min_size=0,
+            max_size=size,
+            open=False,
+            configure=configure,
+            kwargs={
+                "autocommit": True,
+                "prepare_threshold": None,
+                "application_name": f"pgdurable step {os.getpid()}",
+            },
+            name=name,
+        )
 
     def _cap(self, conn: psycopg.AsyncConnection[Any]) -> str | None:
         """The capability of a step connection; None for a service connection."""
         return self.caps.get(conn)
 
-    def _engine_query(self, conn: psycopg.AsyncConnection[Any], name: str,
-                      args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+    def _engine_query(
+        self, conn: psycopg.AsyncConnection[Any], name: str, args: tuple[Any, ...]
+    ) -> tuple[Any, tuple[Any, ...]]:
         """The named engine query and its arguments for this connection: as is on a service
         connection; its ``step_`` twin behind the capability on a step connection."""
         cap = self._cap(conn)
@@ -364,7 +394,8 @@ class Worker:
     def _runner_call(self, role_oid: int) -> sql.Composed:
         """``select * from <the role's runner>(cap, sql, max bytes)``."""
         return sql.SQL("select * from {}.{}(%s, %s, %s)").format(
-            sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}"))
+            sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
+        )
 
     async def _load_settings(self, conn: psycopg.AsyncConnection[Any] | None = None) -> None:
         """Read the deployment-wide pg_durable.* settings (@engine@.setting_db: ALTER DATABASE
@@ -380,30 +411,47 @@ class Worker:
         row = await (await conn.execute(self.q("settings"))).fetchone()
         assert row is not None
         self.current_db = row[2]
-        seen = dict(zip(("loop_min_interval_ms", "loop_max_iterations", "max_user_connections",
-                         "max_instance_bytes", "max_connections_per_role",
-                         "step_statement_timeout"), (*row[0:2], *row[3:7]), strict=True))
+        seen = dict(
+            zip(
+                (
+                    "loop_min_interval_ms",
+                    "loop_max_iterations",
+                    "max_user_connections",
+                    "max_instance_bytes",
+                    "max_connections_per_role",
+                    "step_statement_timeout",
+                ),
+                (*row[0:2], *row[3:7]),
+                strict=True,
+            )
+        )
         if self.settings_seen is not None:
-            changed = [f"pg_durable.{k} = {v}" for k, v in seen.items()
-                       if self.settings_seen.get(k) != v]
+            changed = [
+                f"pg_durable.{k} = {v}" for k, v in seen.items() if self.settings_seen.get(k) != v
+            ]
             if changed:
-                logger.info("deployment settings changed: %s", "; ".join(changed),
-                            extra={"event": "settings.changed"})
+                logger.info(
+                    "deployment settings changed: %s",
+                    "; ".join(changed),
+                    extra={"event": "settings.changed"},
+                )
         self.settings_seen = seen
         loop_min = self._int_setting("loop_min_interval_ms", row[0], 0, self.loop_min_interval_ms)
         max_iter = self._int_setting("loop_max_iterations", row[1], 1, self.max_iterations)
         # never open more step transactions than the deployment has step slots: the rest
         # would only wait for a slot inside PostgreSQL, holding a connection
-        self.max_user_connections = self._int_setting("max_user_connections", row[3], None,
-                                                      self.max_user_connections)
+        self.max_user_connections = self._int_setting(
+            "max_user_connections", row[3], None, self.max_user_connections
+        )
         limit = max(1, min(self.config.slots, self.max_user_connections))
         if limit != self.sql_limit:
             # steps holding the old semaphore release it (each keeps the object it acquired);
             # the slot rows in the database stay the real cap meanwhile
             self.sql_limit = limit
             self.sql_sem = asyncio.Semaphore(limit)
-        self.max_instance_bytes = self._int_setting("max_instance_bytes", row[4], None,
-                                                    self.max_instance_bytes)
+        self.max_instance_bytes = self._int_setting(
+            "max_instance_bytes", row[4], None, self.max_instance_bytes
+        )
         role_cap = self._int_setting("max_connections_per_role", row[5], None, self.role_cap)
         if role_cap != self.role_cap:
             # per-role step slots exist only where a per-role cap is set: made again for it
@@ -414,9 +462,11 @@ class Worker:
         if self.db_setting_names is not None and self.db_setting_names - names:
             # ALTER DATABASE … RESET: sessions opened before still hold the value they
             # connected with, which setting_db would fall back to; open fresh ones
-            logger.info("database settings %s were reset; reopening the service's sessions",
-                        ", ".join(sorted(self.db_setting_names - names)),
-                        extra={"event": "settings.reset"})
+            logger.info(
+                "database settings %s were reset; reopening the service's sessions",
+                ", ".join(sorted(self.db_setting_names - names)),
+                extra={"event": "settings.reset"},
+            )
             for pool in (self.pool, self.step_pool):
                 drain = getattr(pool, "drain", None)
                 if drain is not None:
@@ -444,9 +494,16 @@ class Worker:
         if self.bad_settings.get(name) != raw:
             self.bad_settings[name] = raw
             need = "a whole number" + (f" of at least {minimum}" if minimum is not None else "")
-            logger.error("pg_durable.%s is %r, not %s: keeping %d; fix it with ALTER DATABASE "
-                         "… SET pg_durable.%s or RESET it", name, raw, need, current, name,
-                         extra={"event": "settings.invalid"})
+            logger.error(
+                "pg_durable.%s is %r, not %s: keeping %d; fix it with ALTER DATABASE "
+                "… SET pg_durable.%s or RESET it",
+                name,
+                raw,
+                need,
+                current,
+                name,
+                extra={"event": "settings.invalid"},
+            )
         return current
 
     # -- producer --------------------------------------------------------------------
@@ -457,14 +514,16 @@ class Worker:
             # steps waiting on an HTTP response hold no connection and no CPU: they give
             # their slot back while they wait, bounded by HTTP_INFLIGHT_MAX in total
             busy = len(self.inflight) - self.http_waiting
-            free = min(self.config.slots - busy,
-                       self.config.slots + HTTP_INFLIGHT_MAX - len(self.inflight))
+            free = min(
+                self.config.slots - busy, self.config.slots + HTTP_INFLIGHT_MAX - len(self.inflight)
+            )
             claimed: list[Task] = []
             if free > 0:
                 try:
                     async with self.pool.connection() as conn:
                         cur = await conn.execute(
-                            self.q("claim"), (self.worker_id, free, self.config.lease_seconds))
+                            self.q("claim"), (self.worker_id, free, self.config.lease_seconds)
+                        )
                         claimed = [Task(*row) for row in await cur.fetchall()]
                     metrics.claimed(len(claimed))
                 except psycopg.Error as exc:
@@ -489,7 +548,7 @@ class Worker:
             return
         t = asyncio.create_task(self._handle(task), name=f"step {key}")
         self.inflight[key] = t
-        t.add_done_callback(lambda _t, k=key, tk=task: self._done(k, tk))
+        t.add_done_callback(functools.partial(self._on_done, key, task))
 
     def _take_sql(self) -> int:
         """SQL successors a checkpoint may still hand to this worker's batch queue."""
@@ -497,6 +556,9 @@ class Worker:
 
     def _free_slots(self) -> int:
         return max(0, self.config.slots - (len(self.inflight) - self.http_waiting))
+
+    def _on_done(self, key: tuple[str, str], task: Task, _t: asyncio.Task[None]) -> None:
+        self._done(key, task)
 
     def _done(self, key: tuple[str, str], task: Task | None = None) -> None:
         self.inflight.pop(key, None)
@@ -511,8 +573,11 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self.config.dsn, autocommit=True, options=SERVICE_OPTIONS,
-                    application_name=f"pgdurable listener {os.getpid()}")
+                    self.config.dsn,
+                    autocommit=True,
+                    options=SERVICE_OPTIONS,
+                    application_name=f"pgdurable listener {os.getpid()}",
+                )
                 async with conn:
                     await conn.execute(self.q("listen"))
                     self.wake.set()  # anything missed while we were away
@@ -523,8 +588,9 @@ class Worker:
                         elif note.channel in ("pgdurable_cancel", "pgdurable_abandon"):
                             await self._interrupt()
             except psycopg.Error as exc:
-                logger.warning("listener lost its connection: %s", exc,
-                               extra={"event": "listener.error"})
+                logger.warning(
+                    "listener lost its connection: %s", exc, extra={"event": "listener.error"}
+                )
                 await asyncio.sleep(0.5)
 
     async def _interrupt(self) -> None:
@@ -537,8 +603,10 @@ class Worker:
         keys = list(running)
         try:
             async with self.pool.connection() as conn:
-                cur = await conn.execute(self.q("still_ours"), (
-                    self.worker_id, [k[0] for k in keys], [k[1] for k in keys]))
+                cur = await conn.execute(
+                    self.q("still_ours"),
+                    (self.worker_id, [k[0] for k in keys], [k[1] for k in keys]),
+                )
                 gone = [(r[0], r[1]) for r in await cur.fetchall() if not r[2]]
                 for inst, nid in gone:
                     pid = running.get((inst, nid))
@@ -547,11 +615,13 @@ class Worker:
                     self._forget(inst)
                     self.interrupted.add((inst, nid))
                     await conn.execute(self.q("cancel_backend"), (pid,))
-                    logger.info("interrupted step %s of %s", nid, inst,
-                                extra={"event": "step.interrupted"})
+                    logger.info(
+                        "interrupted step %s of %s", nid, inst, extra={"event": "step.interrupted"}
+                    )
         except psycopg.Error as exc:
-            logger.warning("could not check running steps: %s", exc,
-                           extra={"event": "listener.error"})
+            logger.warning(
+                "could not check running steps: %s", exc, extra={"event": "listener.error"}
+            )
 
     # -- maintenance -----------------------------------------------------------------
 
@@ -564,26 +634,42 @@ class Worker:
         while not self.stopping.is_set():
             if os.getppid() != parent:
                 # the supervisor died (kill -9): drain and exit rather than run unsupervised
-                logger.warning("supervisor %d is gone; draining", parent,
-                               extra={"event": "worker.orphaned"})
+                logger.warning(
+                    "supervisor %d is gone; draining", parent, extra={"event": "worker.orphaned"}
+                )
                 self.stopping.set()
                 break
             try:
                 async with self.pool.connection() as conn:
                     keys = list(self.inflight)
-                    await conn.execute(self.q("extend"), (
-                        self.worker_id, self.config.lease_seconds,
-                        [k[0] for k in keys], [k[1] for k in keys]))
+                    await conn.execute(
+                        self.q("extend"),
+                        (
+                            self.worker_id,
+                            self.config.lease_seconds,
+                            [k[0] for k in keys],
+                            [k[1] for k in keys],
+                        ),
+                    )
                     cur = await conn.execute(self.q("rescue"), (1000,))
                     row = await cur.fetchone()
                     if row and row[0]:
                         metrics.rescued(row[0])
-                        logger.info("rescued %d expired leases", row[0],
-                                    extra={"event": "lease.rescued"})
+                        logger.info(
+                            "rescued %d expired leases", row[0], extra={"event": "lease.rescued"}
+                        )
                         self.wake.set()
-                    await conn.execute(self.q("heartbeat"), (
-                        self.worker_id, "worker", host, os.getpid(), __version__,
-                        len(self.inflight)))
+                    await conn.execute(
+                        self.q("heartbeat"),
+                        (
+                            self.worker_id,
+                            "worker",
+                            host,
+                            os.getpid(),
+                            __version__,
+                            len(self.inflight),
+                        ),
+                    )
                     await conn.execute(self.q("epoch"), (epoch,))
                     # the deployment-wide settings, fresh: a change applies within a round
                     await self._load_settings(conn)
@@ -595,11 +681,13 @@ class Worker:
                         cur = await conn.execute(self.q("prune"), (PRUNE_BATCH,))
                         row = await cur.fetchone()
                         if row and row[0]:
-                            logger.info("pruned %d finished instances past retention", row[0],
-                                        extra={"event": "retention.pruned"})
+                            logger.info(
+                                "pruned %d finished instances past retention",
+                                row[0],
+                                extra={"event": "retention.pruned"},
+                            )
             except psycopg.Error as exc:
-                logger.warning("maintenance failed: %s", exc,
-                               extra={"event": "maintenance.error"})
+                logger.warning("maintenance failed: %s", exc, extra={"event": "maintenance.error"})
             await asyncio.sleep(self.config.maintenance_interval)
 
     # -- instance contexts -----------------------------------------------------------
@@ -612,9 +700,14 @@ class Worker:
         if ctx is not None:
             ctx.dead = True
 
-    async def _ctx(self, conn: psycopg.AsyncConnection[Any], instance_id: str,
-                   fresh: bool = False, version: int | None = None,
-                   lock: asyncio.Lock | None = None) -> InstanceCtx | None:
+    async def _ctx(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        instance_id: str,
+        fresh: bool = False,
+        version: int | None = None,
+        lock: asyncio.Lock | None = None,
+    ) -> InstanceCtx | None:
         ctx = None if fresh else self.ctxs.get(instance_id)
         if ctx is not None and version is not None and ctx.version < version:
             ctx = None  # another worker checkpointed this instance since we cached it
@@ -635,13 +728,14 @@ class Worker:
         named = await c_named.fetchall()
         old = self.ctxs.get(instance_id)
         epoch = self.limits_epoch
-        min_interval, max_iterations = loop_limits(inst, self.loop_min_interval_ms,
-                                                   self.max_iterations)
-        ctx = InstanceCtx.from_rows(instance_id, inst, rows, named, max_iterations,
-                                    min_interval)
+        min_interval, max_iterations = loop_limits(
+            inst, self.loop_min_interval_ms, self.max_iterations
+        )
+        ctx = InstanceCtx.from_rows(instance_id, inst, rows, named, max_iterations, min_interval)
         ctx.limits_epoch = epoch
-        logger.debug("loaded instance (version %d)", ctx.version,
-                     extra={"event": "instance.loaded"})
+        logger.debug(
+            "loaded instance (version %d)", ctx.version, extra={"event": "instance.loaded"}
+        )
         if lock is not None:  # the caller holds it: the reloaded state is under it too
             ctx.lock = lock
         elif old is not None:
@@ -683,8 +777,10 @@ class Worker:
                     return
             await self._release(task)
         except Fenced:
-            logger.info("step fenced (lease lost, abandoned or instance finished)",
-                        extra={"event": "step.fenced"})
+            logger.info(
+                "step fenced (lease lost, abandoned or instance finished)",
+                extra={"event": "step.fenced"},
+            )
             self._forget(task.instance_id)
             # if the task is somehow still ours, give it back rather than sit on it
             await self._release(task)
@@ -693,8 +789,11 @@ class Worker:
             # on every attempt, so the instance fails now, once, without a traceback
             self._forget(task.instance_id)
             # (or its role's settings cannot be used: BadSetting names which)
-            reason = str(exc) if isinstance(exc, BadSetting) else \
-                f"the instance's stored graph cannot run: {exc}"
+            reason = (
+                str(exc)
+                if isinstance(exc, BadSetting)
+                else f"the instance's stored graph cannot run: {exc}"
+            )
             logger.warning("failing instance: %s", reason, extra={"event": "instance.bad_graph"})
             if not await self._fail_instance(task, reason):
                 await self._release(task)
@@ -710,21 +809,39 @@ class Worker:
             what = f"{type(exc).__name__}: {exc}"
             if kind == INTERNAL:
                 # a bug of ours: its traceback is logged here, once, and the step fails
-                logger.error("internal error in pgdurable while %s (%s); failing it, not "
-                             "retrying it", _where(task), what, exc_info=exc,
-                             extra={"event": "step.internal_error"})
+                logger.error(
+                    "internal error in pgdurable while %s (%s); failing it, not retrying it",
+                    _where(task),
+                    what,
+                    exc_info=exc,
+                    extra={"event": "step.internal_error"},
+                )
             elif kind == DATA:
-                logger.warning("step cannot go on (%s); failing it", what,
-                               extra={"event": "step.deterministic_error"})
+                logger.warning(
+                    "step cannot go on (%s); failing it",
+                    what,
+                    extra={"event": "step.deterministic_error"},
+                )
             elif task.attempts >= MAX_ATTEMPTS:
-                logger.error("step abandoned after %d attempts (%s)", task.attempts, what,
-                             exc_info=exc, extra={"event": "step.abandoned"})
+                logger.error(
+                    "step abandoned after %d attempts (%s)",
+                    task.attempts,
+                    what,
+                    exc_info=exc,
+                    extra={"event": "step.abandoned"},
+                )
             elif isinstance(exc, psycopg.Error) and exc.sqlstate is None:
-                logger.warning("database unavailable during step: %s", exc,
-                               extra={"event": "step.infra_error"})
+                logger.warning(
+                    "database unavailable during step: %s", exc, extra={"event": "step.infra_error"}
+                )
             else:
-                logger.warning("step runs again (attempt %d of %d failed: %s)", task.attempts,
-                               MAX_ATTEMPTS, what, extra={"event": "step.retry"})
+                logger.warning(
+                    "step runs again (attempt %d of %d failed: %s)",
+                    task.attempts,
+                    MAX_ATTEMPTS,
+                    what,
+                    extra={"event": "step.retry"},
+                )
             if final or task.attempts >= MAX_ATTEMPTS:
                 with contextlib.suppress(Exception):
                     await self._poison(task, exc, kind=kind)
@@ -736,13 +853,15 @@ class Worker:
         assert self.pool is not None
         try:
             async with self.pool.connection() as conn:
-                cur = await conn.execute(self.q("fail_instance"),
-                                         (self.worker_id, task.instance_id, task.node_id,
-                                          error_text(reason)))
+                cur = await conn.execute(
+                    self.q("fail_instance"),
+                    (self.worker_id, task.instance_id, task.node_id, error_text(reason)),
+                )
                 row = await cur.fetchone()
         except psycopg.Error as exc:
-            logger.warning("could not fail the instance: %s", exc,
-                           extra={"event": "instance.fail_error"})
+            logger.warning(
+                "could not fail the instance: %s", exc, extra={"event": "instance.fail_error"}
+            )
             return False
         return bool(row and row[0])
 
@@ -759,12 +878,13 @@ class Worker:
                     ctx = await self._ctx(conn, task.instance_id, fresh=True)
                 if ctx is not None and task.node_id in ctx.index:
                     err = StepError(reason, sqlstate=sqlstate)
-                    await self._group_complete(ctx, task, ctx.index[task.node_id], False,
-                                               None, err)
+                    await self._group_complete(ctx, task, ctx.index[task.node_id], False, None, err)
                     return
             except Exception:
-                logger.warning("cannot load instance to fail its step; failing the instance",
-                               extra={"event": "step.poison"})
+                logger.warning(
+                    "cannot load instance to fail its step; failing the instance",
+                    extra={"event": "step.poison"},
+                )
         if not await self._fail_instance(task, reason):
             raise Fenced()  # not ours any more, or its row is busy: released, tried later
 
@@ -773,8 +893,9 @@ class Worker:
         for _ in range(50):
             try:
                 async with self.pool.connection(timeout=5) as conn:
-                    await conn.execute(self.q("release"),
-                                       (self.worker_id, task.instance_id, task.node_id))
+                    await conn.execute(
+                        self.q("release"), (self.worker_id, task.instance_id, task.node_id)
+                    )
                 return
             except Exception:
                 await asyncio.sleep(0.5)
@@ -794,8 +915,10 @@ class Worker:
             if role is None:
                 problem = f"the submitting role (oid {ctx.role_oid}) no longer exists"
             elif role[1] and not role[3]:
-                problem = (f"role {role[0]!r} is a superuser; superuser instances are refused "
-                           "unless pg_durable.enable_superuser_instances is on")
+                problem = (
+                    f"role {role[0]!r} is a superuser; superuser instances are refused "
+                    "unless pg_durable.enable_superuser_instances is on"
+                )
             elif not role[2]:
                 problem = f"role {role[0]!r} lacks the LOGIN attribute"
 
@@ -817,15 +940,18 @@ class Worker:
                 try:
                     if problem is None:
                         step = c.sched.start()
-                        cp = Checkpoint(inst_status="running",
-                                        take_budget=self._free_slots() + 1,
-                                        take_sql=self._take_sql())
+                        cp = Checkpoint(
+                            inst_status="running",
+                            take_budget=self._free_slots() + 1,
+                            take_sql=self._take_sql(),
+                        )
                         c.build(step, cp, task.clock)
                         if step.terminal != A.T_RUNNING:
                             cp.inst_status = _terminal_name(step.terminal)
                     else:
-                        logger.warning("refusing instance: %s", problem,
-                                       extra={"event": "instance.refused"})
+                        logger.warning(
+                            "refusing instance: %s", problem, extra={"event": "instance.refused"}
+                        )
                         root = c.graph.node_ids[0]
                         cp = Checkpoint(inst_status="failed")
                         cp.node(root).update(status="failed", result=problem)
@@ -838,12 +964,14 @@ class Worker:
                     raise
 
         assert self.completer is not None
-        await self.completer.submit(ctx.instance_id, apply,
-                                    lambda: self._forget(cur_ctx.instance_id, cur_ctx))
+        await self.completer.submit(
+            ctx.instance_id, apply, lambda: self._forget(cur_ctx.instance_id, cur_ctx)
+        )
         logger.info("instance started", extra={"event": "instance.started"})
 
-    async def _apply(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
-                     cp: Checkpoint) -> None:
+    async def _apply(
+        self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, cp: Checkpoint
+    ) -> None:
         t0 = time.monotonic()
         # what the checkpoint carries is known before it is encoded (a value's size, once):
         # over the bound, nothing large is built, and the step fails instead
@@ -854,14 +982,26 @@ class Worker:
         nodes = json_bytes(list(cp.nodes.values()))
         named = json_bytes(cp.named) if cp.named else None
         _check_checkpoint(len(nodes) + (len(named) if named else 0))
-        cur = await conn.execute(*self._engine_query(conn, "apply", (
-            self.worker_id, ctx.instance_id, task.node_id, task.gen, ctx.version,
-            dump(ctx.sched.dump_state()), cp.inst_status,
-            _jsonb_bytes(nodes),
-            orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
-            cp.drop_tasks or None,
-            None if named is None else _jsonb_bytes(named),
-            self.config.lease_seconds)))
+        cur = await conn.execute(
+            *self._engine_query(
+                conn,
+                "apply",
+                (
+                    self.worker_id,
+                    ctx.instance_id,
+                    task.node_id,
+                    task.gen,
+                    ctx.version,
+                    dump(ctx.sched.dump_state()),
+                    cp.inst_status,
+                    _jsonb_bytes(nodes),
+                    orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
+                    cp.drop_tasks or None,
+                    None if named is None else _jsonb_bytes(named),
+                    self.config.lease_seconds,
+                ),
+            )
+        )
         del nodes, named
         row = await cur.fetchone()
         metrics.checkpoint(time.monotonic() - t0)
@@ -882,9 +1022,21 @@ class Worker:
             if 0 < delay <= WAKE_AHEAD_MAX_S:
                 loop.call_later(delay + 0.005, self.wake.set)
         task.handoff = [
-            Task(ctx.instance_id, t["node_id"], t["gen"], "run", 1, ctx.role_oid, ctx.database,
-                 None, task.clock, got)
-            for t in cp.new_tasks if t.get("take")]
+            Task(
+                ctx.instance_id,
+                t["node_id"],
+                t["gen"],
+                "run",
+                1,
+                ctx.role_oid,
+                ctx.database,
+                None,
+                task.clock,
+                got,
+            )
+            for t in cp.new_tasks
+            if t.get("take")
+        ]
         if cp.inst_status in ("completed", "failed", "cancelled"):
             self._forget(ctx.instance_id, ctx)
             logger.info("instance %s", cp.inst_status, extra={"event": "instance.finished"})
@@ -929,8 +1081,10 @@ class Worker:
                     count = res.get("row_count") if isinstance(res, dict) else None
                     if isinstance(count, bool) or not isinstance(count, int | Decimal):
                         # missing, or a value shaped like rows (a break value) that is not
-                        raise StepError(f"if_rows: result {name!r} is missing or has no rows "
-                                        "(it must name an earlier SQL step)")
+                        raise StepError(
+                            f"if_rows: result {name!r} is missing or has no rows "
+                            "(it must name an earlier SQL step)"
+                        )
                     value = None
                     decision = count > 0
                 elif ntype == A.SLEEP:
@@ -947,9 +1101,14 @@ class Worker:
                         # the signal is consumed in the checkpoint's transaction: a crash in
                         # between rolls the consumption back, so no signal is ever lost
                         async with conn.transaction():
-                            cur = await conn.execute(self.q("take_signal_row"), (
-                                ctx.instance_id, name,
-                                effective_limit(self.config.result_max_bytes)))
+                            cur = await conn.execute(
+                                self.q("take_signal_row"),
+                                (
+                                    ctx.instance_id,
+                                    name,
+                                    effective_limit(self.config.result_max_bytes),
+                                ),
+                            )
                             row = await cur.fetchone()  # a row even when data is JSON null
                             if row is not None:
                                 # data over the cap stayed in the database (row[0] NULL): the
@@ -958,20 +1117,24 @@ class Worker:
                                 value = None
                                 try:
                                     if row[0] is None and row[1] is not None:
-                                        raise too_large("signal data", row[1],
-                                                        self.config.result_max_bytes,
-                                                        RESULT_CAP_SETTING)
+                                        raise too_large(
+                                            "signal data",
+                                            row[1],
+                                            self.config.result_max_bytes,
+                                            RESULT_CAP_SETTING,
+                                        )
                                     try:
                                         data = None if row[0] is None else loads(row[0])
                                     except ValueError as exc:
                                         raise StepError(
-                                            f"signal data cannot be read: {exc}") from None
-                                    value = {"signal_name": name, "timed_out": False,
-                                             "data": data}
+                                            f"signal data cannot be read: {exc}"
+                                        ) from None
+                                    value = {"signal_name": name, "timed_out": False, "data": data}
                                 except StepError as exc:
                                     ok, err = False, exc
-                                await self._complete(conn, ctx, task, idx, ok, value, err,
-                                                     in_tx=True)
+                                await self._complete(
+                                    conn, ctx, task, idx, ok, value, err, in_tx=True
+                                )
                                 return
                         if task.deadline is not None and task.deadline <= task.clock:
                             value = {"signal_name": name, "timed_out": True, "data": None}
@@ -980,9 +1143,17 @@ class Worker:
                         # then either visible to the park or wakes the parked task
                         async with conn.transaction():
                             await conn.execute(self.q("lock_run"), (ctx.instance_id,))
-                            cur = await conn.execute(self.q("park_signal"), (
-                                self.worker_id, ctx.instance_id, task.node_id, name,
-                                ctx.instance_id, name))
+                            cur = await conn.execute(
+                                self.q("park_signal"),
+                                (
+                                    self.worker_id,
+                                    ctx.instance_id,
+                                    task.node_id,
+                                    name,
+                                    ctx.instance_id,
+                                    name,
+                                ),
+                            )
                             parked, pending = (await cur.fetchone()) or (False, False)
                         if parked or not pending:
                             return  # parked, or the task is no longer ours
@@ -1007,9 +1178,16 @@ class Worker:
                 ok, err = False, exc
         await self._group_complete(ctx, task, idx, ok, value, err, decision)
 
-    async def _group_complete(self, ctx: InstanceCtx, task: Task, idx: int, ok: bool,
-                              value: Any, err: StepError | None,
-                              decision: bool | None = None) -> None:
+    async def _group_complete(
+        self,
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        ok: bool,
+        value: Any,
+        err: StepError | None,
+        decision: bool | None = None,
+    ) -> None:
         """Checkpoint through the completer: committed with others, acknowledged after."""
         assert self.completer is not None
 
@@ -1017,13 +1195,15 @@ class Worker:
             current = self.ctxs.get(ctx.instance_id, ctx)
             if current.lock.locked() or ctx.lock.locked():
                 raise Busy()
-            await self._complete(conn, ctx, task, idx, ok, value, err, in_tx=True,
-                                 decision=decision)
+            await self._complete(
+                conn, ctx, task, idx, ok, value, err, in_tx=True, decision=decision
+            )
 
         # rolled back with its batch (another item's error): whatever it changed in memory is
         # gone from the database; a retry on its own reloads the instance
-        await self.completer.submit(ctx.instance_id, apply,
-                                    lambda: self._forget(ctx.instance_id, ctx))
+        await self.completer.submit(
+            ctx.instance_id, apply, lambda: self._forget(ctx.instance_id, ctx)
+        )
 
     async def _run_http(self, ctx: InstanceCtx, task: Task, idx: int, ntype: int) -> Any:
         from pgdurable.steps.http_step import run_http
@@ -1034,25 +1214,31 @@ class Worker:
         multipart = ntype == A.HTTP_MULTIPART
         # privilege re-check at run time (SPEC §3.8 gate 0): the graph may have been built
         # without calling df.http (a JSON literal) or the grant revoked since df.start
-        fn = ("df.http_multipart(text,text,jsonb,jsonb,integer)" if multipart
-              else "df.http(text,text,text,jsonb,integer)")
+        fn = (
+            "df.http_multipart(text,text,jsonb,jsonb,integer)"
+            if multipart
+            else "df.http(text,text,text,jsonb,integer)"
+        )
         assert self.pool is not None
         async with self.pool.connection() as conn:
-            cur = await conn.execute(self.q("http_privilege"),
-                                     (ctx.role_oid, ctx.role_oid, fn))
+            cur = await conn.execute(self.q("http_privilege"), (ctx.role_oid, ctx.role_oid, fn))
             row = await cur.fetchone()
         if not row or not row[0]:
-            raise StepError(f"role {ctx.role_name!r} does not have EXECUTE privilege on {fn}; "
-                            f"grant it with df.grant_usage({ctx.role_name!r}, "
-                            "include_http => true)")
+            raise StepError(
+                f"role {ctx.role_name!r} does not have EXECUTE privilege on {fn}; "
+                f"grant it with df.grant_usage({ctx.role_name!r}, "
+                "include_http => true)"
+            )
         cfg = loads(ctx.configs[idx])  # exact: a JSON body's numbers are sent as written
         if isinstance(cfg.get("url"), str):
             cfg["url"] = self._subst(ctx, cfg["url"], "raw")
         if not multipart and isinstance(cfg.get("body"), str):
             cfg["body"] = self._subst(ctx, cfg["body"], "raw")
         if isinstance(cfg.get("headers"), dict):
-            cfg["headers"] = {k: self._subst(ctx, v, "raw") if isinstance(v, str) else v
-                              for k, v in cfg["headers"].items()}
+            cfg["headers"] = {
+                k: self._subst(ctx, v, "raw") if isinstance(v, str) else v
+                for k, v in cfg["headers"].items()
+            }
         if multipart and isinstance(cfg.get("parts"), list):
             parts = []
             for part in cfg["parts"]:
@@ -1063,19 +1249,29 @@ class Worker:
                             part[field] = self._subst(ctx, part[field], "raw")
                     if isinstance(part.get("data_b64"), str):
                         part["data_b64"] = substitute_whole_value(
-                            part["data_b64"], results=ctx.named, vars=ctx.vars,
-                            instance_id=ctx.instance_id, label=ctx.label)
+                            part["data_b64"],
+                            results=ctx.named,
+                            vars=ctx.vars,
+                            instance_id=ctx.instance_id,
+                            label=ctx.label,
+                        )
                 parts.append(part)
             cfg["parts"] = parts
         # stable per (instance, node), attempt-independent (docs/decisions.md D4)
         key = f"pgdurable-{ctx.instance_id}-{task.node_id}"
-        return await run_http(self.http_client, self.http_policy,
-                              "HTTP_MULTIPART" if multipart else "HTTP", cfg, key)
+        return await run_http(
+            self.http_client, self.http_policy, "HTTP_MULTIPART" if multipart else "HTTP", cfg, key
+        )
 
     def _subst(self, ctx: InstanceCtx, text: str, mode: str) -> str:
-        return substitute(text, mode=mode,  # type: ignore[arg-type]
-                          results=ctx.named, vars=ctx.vars,
-                          instance_id=ctx.instance_id, label=ctx.label)
+        return substitute(
+            text,
+            mode=mode,  # type: ignore[arg-type]
+            results=ctx.named,
+            vars=ctx.vars,
+            instance_id=ctx.instance_id,
+            label=ctx.label,
+        )
 
     async def _step_call(self, role_oid: int, role_name: str) -> sql.Composed:
         """``select * from <the role's runner>(cap, sql, max bytes)``, once the runner is
@@ -1096,10 +1292,14 @@ class Worker:
         """The fast path of a SQL step whose instance is cached: straight to a batch runner,
         without taking a connection (a successor handed to us, a JOIN's branches)."""
         ctx = self.ctxs.get(task.instance_id)
-        if (ctx is None or task.alone or _testing.BROKEN_CHECKPOINT
-                or ctx.limits_epoch != self.limits_epoch
-                or (task.version is not None and ctx.version < task.version)
-                or (ctx.database and ctx.database != self.current_db)):
+        if (
+            ctx is None
+            or task.alone
+            or _testing.BROKEN_CHECKPOINT
+            or ctx.limits_epoch != self.limits_epoch
+            or (task.version is not None and ctx.version < task.version)
+            or (ctx.database and ctx.database != self.current_db)
+        ):
             return False
         idx = ctx.index.get(task.node_id)
         if idx is None or ctx.graph.types[idx] != A.SQL:
@@ -1114,8 +1314,9 @@ class Worker:
         await self._submit_batch(ctx, task, idx, text)
         return True
 
-    async def _prepare_sql(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
-                           task: Task, idx: int) -> str | None:
+    async def _prepare_sql(
+        self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, idx: int
+    ) -> str | None:
         """Substitute a SQL step; run it here unless it can join a batch (its text then)."""
         try:
             text = self._subst(ctx, ctx.configs[idx], "sql")
@@ -1132,8 +1333,9 @@ class Worker:
             return None
         return text
 
-    async def _run_sql(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
-                       idx: int, text: str) -> None:
+    async def _run_sql(
+        self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, idx: int, text: str
+    ) -> None:
         """One SQL step in a transaction of its own on a step connection; its failure is
         checkpointed here."""
         key = (task.instance_id, task.node_id)
@@ -1157,8 +1359,10 @@ class Worker:
                 # capability + slot + step identity and the statement, pipelined
                 async with conn.pipeline():
                     await conn.execute(b"begin")
-                    await conn.execute(self.q("step_settings"), (
-                        cap, ctx.role_oid, step_app_name(task), ctx.role_oid, None))
+                    await conn.execute(
+                        self.q("step_settings"),
+                        (cap, ctx.role_oid, step_app_name(task), ctx.role_oid, None),
+                    )
                     cur = await conn.execute(call, (cap, text, self._runner_cap))
                 rows = await cur.fetchall()
             finally:
@@ -1205,9 +1409,15 @@ class Worker:
                 sem.release()
         logger.debug("sql step took %.1f ms", (time.monotonic() - t0) * 1000)
 
-    async def _statement_failed(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
-                                task: Task, idx: int, text: str,
-                                exc: psycopg.Error | StepError) -> None:
+    async def _statement_failed(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        text: str,
+        exc: psycopg.Error | StepError,
+    ) -> None:
         """A step's statement failed and its transaction rolled back: its outcome."""
         if isinstance(exc, StepError):  # e.g. an oversized result
             await self._complete(conn, ctx, task, idx, False, None, exc)
@@ -1222,17 +1432,28 @@ class Worker:
         if exc.sqlstate == "25001" and AUTOCOMMIT_RE.match(text):
             # VACUUM, CREATE INDEX CONCURRENTLY, … refuse transaction blocks and functions;
             # a step runs inside its runner, in one transaction with its checkpoint
-            await self._complete(conn, ctx, task, idx, False, None, StepError(
-                f"{_pg_message(exc)}: a workflow step runs inside a transaction (its "
-                "checkpoint commits with it), so statements that refuse one (VACUUM, "
-                "CREATE INDEX CONCURRENTLY, REINDEX CONCURRENTLY, CREATE/DROP DATABASE, ALTER "
-                "SYSTEM) cannot be steps; schedule them with cron or pg_cron, or use the "
-                "transactional form (ANALYZE, CREATE INDEX)", sqlstate=exc.sqlstate))
+            await self._complete(
+                conn,
+                ctx,
+                task,
+                idx,
+                False,
+                None,
+                StepError(
+                    f"{_pg_message(exc)}: a workflow step runs inside a transaction (its "
+                    "checkpoint commits with it), so statements that refuse one (VACUUM, "
+                    "CREATE INDEX CONCURRENTLY, REINDEX CONCURRENTLY, CREATE/DROP DATABASE, ALTER "
+                    "SYSTEM) cannot be steps; schedule them with cron or pg_cron, or use the "
+                    "transactional form (ANALYZE, CREATE INDEX)",
+                    sqlstate=exc.sqlstate,
+                ),
+            )
             return
         # the step's statement failed (whatever its SQLSTATE class: 40, 53, 55, 57… are the
         # user's errors too): interrupted steps are fenced at checkpoint
-        await self._complete(conn, ctx, task, idx, False, None,
-                             StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+        await self._complete(
+            conn, ctx, task, idx, False, None, StepError(_pg_message(exc), sqlstate=exc.sqlstate)
+        )
 
     # -- SQL step batches ----------------------------------------------------------------
 
@@ -1343,15 +1564,17 @@ class Worker:
                                 if not ran:
                                     # once per batch: BEGIN, settings, one slot, the identity
                                     await conn.execute(b"begin")
-                                    await conn.execute(self.q("step_settings"), (
-                                        cap, role, step_app_name(item.task), role, None))
+                                    await conn.execute(
+                                        self.q("step_settings"),
+                                        (cap, role, step_app_name(item.task), role, None),
+                                    )
                                 else:
                                     # GUCs the last statement set (search_path, …) end here
                                     await conn.execute(b"reset all")
-                                    await conn.execute(self.q("step_next"), (
-                                        step_app_name(item.task), role, None))
-                                cur = await conn.execute(
-                                    call, (cap, item.text, self._runner_cap))
+                                    await conn.execute(
+                                        self.q("step_next"), (step_app_name(item.task), role, None)
+                                    )
+                                cur = await conn.execute(call, (cap, item.text, self._runner_cap))
                             rows = await cur.fetchall()
                         finally:
                             self.running_pids.pop(key, None)
@@ -1366,13 +1589,17 @@ class Worker:
                             item = self._pick(ran[-1][0].task.instance_id, role)
                 except BaseException as exc:
                     await self._reset(conn)
-                    if not (item is first and isinstance(exc, psycopg.Error | StepError)
-                            and not (conn.broken or conn.closed)):
+                    if not (
+                        item is first
+                        and isinstance(exc, psycopg.Error | StepError)
+                        and not (conn.broken or conn.closed)
+                    ):
                         raise
                     # the batch held this step alone: its statement's failure is its
                     # outcome, checkpointed as for a step run on its own (not run again)
-                    await self._statement_failed(conn, first.ctx, first.task, first.idx,
-                                                 first.text, exc)
+                    await self._statement_failed(
+                        conn, first.ctx, first.task, first.idx, first.text, exc
+                    )
                     first.fut.set_result(None)
                     return
                 refused: StepError | None = None
@@ -1387,8 +1614,17 @@ class Worker:
                         if id(it.ctx.lock) not in held:
                             await _acquire(it.ctx, BATCH_LOCK_WAIT_S)
                             held[id(it.ctx.lock)] = it.ctx.lock
-                        await self._complete(conn, it.ctx, it.task, it.idx, True, value, None,
-                                             in_tx=True, lock_held=True)
+                        await self._complete(
+                            conn,
+                            it.ctx,
+                            it.task,
+                            it.idx,
+                            True,
+                            value,
+                            None,
+                            in_tx=True,
+                            lock_held=True,
+                        )
                     await conn.execute(self.commit_reset)
                 except StepError as exc:
                     await self._reset(conn)
@@ -1404,8 +1640,9 @@ class Worker:
                 if refused is not None:
                     # a batch of one whose result (or the checkpoint it makes) is over a cap:
                     # its statement rolled back with it, and that is its outcome (not run again)
-                    await self._statement_failed(conn, first.ctx, first.task, first.idx,
-                                                 first.text, refused)
+                    await self._statement_failed(
+                        conn, first.ctx, first.task, first.idx, first.text, refused
+                    )
                     first.fut.set_result(None)
                     return
         except BaseException as exc:
@@ -1424,9 +1661,13 @@ class Worker:
                 else:
                     it.fut.set_exception(_Retry())
             if len(failed) > 1:
-                logger.info("batch of %d SQL steps rolled back (%s: %s); running them alone",
-                            len(failed), type(exc).__name__, exc,
-                            extra={"event": "batch.retry"})
+                logger.info(
+                    "batch of %d SQL steps rolled back (%s: %s); running them alone",
+                    len(failed),
+                    type(exc).__name__,
+                    exc,
+                    extra={"event": "batch.retry"},
+                )
             if not isinstance(exc, Exception):
                 raise
         else:
@@ -1447,12 +1688,14 @@ class Worker:
                 await conn.execute(self.reset_sql().encode())
             except psycopg.Error as exc:
                 # a session we cannot vouch for is not reused: the pool replaces it
-                logger.warning("closing a step connection whose reset failed: %s", exc,
-                               extra={"event": "step.reset_failed"})
+                logger.warning(
+                    "closing a step connection whose reset failed: %s",
+                    exc,
+                    extra={"event": "step.reset_failed"},
+                )
                 await conn.close()
 
-    async def _remote_pools(self, dbname: str) -> tuple[AsyncConnectionPool,
-                                                           AsyncConnectionPool]:
+    async def _remote_pools(self, dbname: str) -> tuple[AsyncConnectionPool, AsyncConnectionPool]:
         """The service's and the step sessions' pools for another database.
 
         Both are closed together once every connection of both has been idle for
@@ -1465,18 +1708,30 @@ class Worker:
         pool = self.remote_pools.get(dbname)
         if pool is None:
             pool = AsyncConnectionPool(
-                _with_db(self.config.dsn, dbname), min_size=0, max_size=2, open=False,
+                _with_db(self.config.dsn, dbname),
+                min_size=0,
+                max_size=2,
+                open=False,
                 max_idle=REMOTE_IDLE_S,
-                kwargs={"autocommit": True, "prepare_threshold": None,
-                        "application_name": f"pgdurable worker {os.getpid()}",
-                        "options": SERVICE_OPTIONS},
-                check=AsyncConnectionPool.check_connection, name=f"pgdurable:{dbname}")
+                kwargs={
+                    "autocommit": True,
+                    "prepare_threshold": None,
+                    "application_name": f"pgdurable worker {os.getpid()}",
+                    "options": SERVICE_OPTIONS,
+                },
+                check=AsyncConnectionPool.check_connection,
+                name=f"pgdurable:{dbname}",
+            )
             await pool.open(wait=False)
             self.remote_pools[dbname] = pool
         spool = self.remote_step_pools.get(dbname)
         if spool is None:
-            spool = self._make_step_pool(_with_db(self.config.step_dsn, dbname), pool,
-                                         self.config.slots, f"pgdurable:step:{dbname}")
+            spool = self._make_step_pool(
+                _with_db(self.config.step_dsn, dbname),
+                pool,
+                self.config.slots,
+                f"pgdurable:step:{dbname}",
+            )
             await spool.open(wait=False)
             self.remote_step_pools[dbname] = spool
 
@@ -1485,11 +1740,17 @@ class Worker:
                 await asyncio.sleep(REMOTE_IDLE_S / 4)
                 now = time.monotonic()
                 for db, used in list(self.remote_used.items()):
-                    pools = [p for p in (self.remote_pools.get(db),
-                                         self.remote_step_pools.get(db)) if p is not None]
+                    pools = [
+                        p
+                        for p in (self.remote_pools.get(db), self.remote_step_pools.get(db))
+                        if p is not None
+                    ]
                     stats = [p.get_stats() for p in pools]
-                    if any(st.get("pool_size", 0) != st.get("pool_available", 0)
-                           or st.get("requests_waiting", 0) for st in stats):
+                    if any(
+                        st.get("pool_size", 0) != st.get("pool_available", 0)
+                        or st.get("requests_waiting", 0)
+                        for st in stats
+                    ):
                         self.remote_used[db] = now  # a connection is out: in use
                         continue
                     if now - used < REMOTE_IDLE_S:
@@ -1508,8 +1769,9 @@ class Worker:
             self.remote_reaper = asyncio.create_task(reap(), name="remote pool reaper")
         return pool, spool
 
-    async def _run_sql_elsewhere(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
-                                 task: Task, idx: int, text: str) -> None:
+    async def _run_sql_elsewhere(
+        self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, idx: int, text: str
+    ) -> None:
         """A step of a `database =>` instance: at-least-once (docs/decisions.md D4).
 
         The statement commits in the other database, then the checkpoint commits here; a
@@ -1530,7 +1792,9 @@ class Worker:
                         raise StepError(
                             f"pgdurable in database {ctx.database!r} is older than this serve "
                             f"(it cannot apply a role's settings to its steps): upgrade it "
-                            f"(pgdurable install --dsn .../{ctx.database})", sqlstate="55000")
+                            f"(pgdurable install --dsn .../{ctx.database})",
+                            sqlstate="55000",
+                        )
                     if ok and ok[0]:
                         cur = await sconn.execute(self.q("runner_ok"), (ctx.role_oid,))
                         ok = await cur.fetchone()
@@ -1540,10 +1804,14 @@ class Worker:
                     raise StepError(
                         f"database {ctx.database!r} has no pgdurable: install it there "
                         f"(pgdurable install --dsn .../{ctx.database}) and run "
-                        f"select df.grant_usage({ctx.role_name!r}) in it", sqlstate="55000")
+                        f"select df.grant_usage({ctx.role_name!r}) in it",
+                        sqlstate="55000",
+                    )
                 if not ok[0]:
-                    raise StepError(_runner_missing(ctx.role_name) + f" in database "
-                                    f"{ctx.database!r}", sqlstate="42501")
+                    raise StepError(
+                        _runner_missing(ctx.role_name) + f" in database {ctx.database!r}",
+                        sqlstate="42501",
+                    )
                 self.remote_runners.add((ctx.database, ctx.role_oid))
             call = self._runner_call(ctx.role_oid)
             async with spool.connection() as rconn:
@@ -1552,12 +1820,13 @@ class Worker:
                     async with rconn.transaction():
                         # the role's settings there; the engine's step_statement_timeout
                         # is this deployment's, not the target database's
-                        await rconn.execute(self.q("remote_step_settings"), (
-                            cap, step_app_name(task), ctx.role_oid, self.step_timeout))
+                        await rconn.execute(
+                            self.q("remote_step_settings"),
+                            (cap, step_app_name(task), ctx.role_oid, self.step_timeout),
+                        )
                         self.running_pids[key] = rconn.info.backend_pid
                         try:
-                            cur = await rconn.execute(
-                                call, (cap, text, self._runner_cap))
+                            cur = await rconn.execute(call, (cap, text, self._runner_cap))
                             rows = await cur.fetchall()
                         finally:
                             self.running_pids.pop(key, None)
@@ -1569,8 +1838,15 @@ class Worker:
         except psycopg.Error as exc:
             if exc.sqlstate is None or exc.sqlstate.startswith("08"):
                 raise  # the connection itself failed: release and retry
-            await self._complete(conn, ctx, task, idx, False, None,
-                                 StepError(_pg_message(exc), sqlstate=exc.sqlstate))
+            await self._complete(
+                conn,
+                ctx,
+                task,
+                idx,
+                False,
+                None,
+                StepError(_pg_message(exc), sqlstate=exc.sqlstate),
+            )
             return
         try:
             value = _envelope(rows)
@@ -1579,10 +1855,20 @@ class Worker:
             return
         await self._group_complete(ctx, task, idx, True, value, None)
 
-    async def _complete(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task,
-                        idx: int, ok: bool, value: Any, err: StepError | None, *,
-                        in_tx: bool = False, decision: bool | None = None,
-                        lock_held: bool = False) -> None:
+    async def _complete(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        ok: bool,
+        value: Any,
+        err: StepError | None,
+        *,
+        in_tx: bool = False,
+        decision: bool | None = None,
+        lock_held: bool = False,
+    ) -> None:
         """Checkpoint one leaf outcome; inside the step's transaction when ``in_tx``.
 
         First optimistically, on the cached state (``_apply_v1`` compares the version).
@@ -1604,18 +1890,24 @@ class Worker:
         finally:
             ctx.lock.release()
 
-    async def _complete_locked(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
-                               task: Task, idx: int, ok: bool, value: Any,
-                               err: StepError | None, in_tx: bool,
-                               decision: bool | None) -> None:
+    async def _complete_locked(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        ok: bool,
+        value: Any,
+        err: StepError | None,
+        in_tx: bool,
+        decision: bool | None,
+    ) -> None:
         try:
             if in_tx:
-                await self._complete_once(conn, ctx, task, idx, ok, value, err, decision,
-                                          False)
+                await self._complete_once(conn, ctx, task, idx, ok, value, err, decision, False)
             else:
                 async with conn.transaction():
-                    await self._complete_once(conn, ctx, task, idx, ok, value, err,
-                                              decision, False)
+                    await self._complete_once(conn, ctx, task, idx, ok, value, err, decision, False)
             return
         except _Stale:
             pass
@@ -1635,14 +1927,22 @@ class Worker:
             if fresh is None:
                 raise Fenced()
             try:
-                await self._complete_once(conn, fresh, task, idx, ok, value, err, decision,
-                                          True)
+                await self._complete_once(conn, fresh, task, idx, ok, value, err, decision, True)
             except _Stale:  # pragma: no cover - impossible while we hold the row lock
                 raise Fenced() from None
 
-    async def _complete_once(self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx,
-                             task: Task, idx: int, ok: bool, value: Any, err: StepError | None,
-                             decision: bool | None, reloaded: bool) -> None:
+    async def _complete_once(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        ok: bool,
+        value: Any,
+        err: StepError | None,
+        decision: bool | None,
+        reloaded: bool,
+    ) -> None:
         sched = ctx.sched
         if ctx.dead or sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
             # our cached copy may be behind: reload once; _apply_v1 fences for real
@@ -1658,8 +1958,9 @@ class Worker:
             if decision is None:
                 # every leaf result (SQL rows, signal data, HTTP bodies, BREAK values,
                 # timers) is encoded and capped here, once, before anything changes
-                data = check_size(value, self.config.result_max_bytes, "step result",
-                                  setting=RESULT_CAP_SETTING)
+                data = check_size(
+                    value, self.config.result_max_bytes, "step result", setting=RESULT_CAP_SETTING
+                )
                 ctx.record_leaf(idx, value, data, cp)
                 truth = truthy(value)
             else:
@@ -1673,8 +1974,12 @@ class Worker:
             if err.sqlstate:
                 upd["details"]["sqlstate"] = err.sqlstate
             truth = False
-            logger.info("step failed (sqlstate %s): %s", err.sqlstate or "-", err,
-                        extra={"event": "step.failed", "sqlstate": err.sqlstate})
+            logger.info(
+                "step failed (sqlstate %s): %s",
+                err.sqlstate or "-",
+                err,
+                extra={"event": "step.failed", "sqlstate": err.sqlstate},
+            )
         try:
             step = sched.complete(idx, task.gen, ok, truth)
             ctx.build(step, cp, task.clock)
@@ -1682,7 +1987,8 @@ class Worker:
                 raise ResultTooLarge(
                     f"the results of instance {ctx.instance_id} would hold {ctx.stored} "
                     f"bytes, over the limit of {self.max_instance_bytes} bytes per instance; "
-                    f"raise {INSTANCE_CAP_SETTING} to allow it")
+                    f"raise {INSTANCE_CAP_SETTING} to allow it"
+                )
             await self._apply(conn, ctx, task, cp)
         except BaseException:
             # the cached state moved on in memory and nothing of it committed: reload
@@ -1723,15 +2029,16 @@ class _StepFailed(Exception):
 
 def _envelope(rows: list[Any]) -> dict[str, Any]:
     """The SQL result envelope of a runner's rows (json values, text or already parsed)."""
-    return sql_envelope([r[0] if isinstance(r[0], str) else json_text(r[0])
-                         for r in rows])
+    return sql_envelope([r[0] if isinstance(r[0], str) else json_text(r[0]) for r in rows])
 
 
 def _check_checkpoint(size: int) -> None:
     if size > CHECKPOINT_MAX_BYTES:
-        raise ResultTooLarge(f"the checkpoint of this step would carry {size} bytes, over the "
-                             f"limit of {CHECKPOINT_MAX_BYTES} bytes per checkpoint (a named "
-                             "composite stores its value once more: name fewer large ones)")
+        raise ResultTooLarge(
+            f"the checkpoint of this step would carry {size} bytes, over the "
+            f"limit of {CHECKPOINT_MAX_BYTES} bytes per checkpoint (a named "
+            "composite stores its value once more: name fewer large ones)"
+        )
 
 
 def _jsonb_bytes(data: bytes) -> Jsonb:
@@ -1777,16 +2084,21 @@ def _deterministic(exc: BaseException) -> bool:
 
 
 def _where(task: Task) -> str:
-    return (f"starting the instance (node {task.node_id!r})" if task.kind == "start"
-            else f"running node {task.node_id!r}")
+    return (
+        f"starting the instance (node {task.node_id!r})"
+        if task.kind == "start"
+        else f"running node {task.node_id!r}"
+    )
 
 
 def _failure_reason(task: Task, exc: BaseException, kind: str) -> str:
     """The error stored for a step that failed for a reason not its own."""
     if kind == INTERNAL:
-        return (f"internal error in pgdurable while {_where(task)}: {type(exc).__name__}: {exc} "
-                "(a bug in pgdurable, not in the step: it would fail the same way again, so "
-                "it was not retried; the worker's log has the traceback)")
+        return (
+            f"internal error in pgdurable while {_where(task)}: {type(exc).__name__}: {exc} "
+            "(a bug in pgdurable, not in the step: it would fail the same way again, so "
+            "it was not retried; the worker's log has the traceback)"
+        )
     if kind == DATA:
         return f"step failed: {exc} (the same input fails the same way: not retried)"
     return f"step abandoned after {task.attempts} attempts; last error: {exc}"
@@ -1798,8 +2110,10 @@ def step_app_name(task: Task) -> str:
     8 hex digits when df.start wrote them; rows written by hand may hold anything, so only
     ASCII letters, digits, ``_`` and ``-`` pass (others become ``?``) and each part is cut to
     24 characters: within NAMEDATALEN (63 bytes), nothing a terminal would interpret."""
+
     def clean(text: str) -> str:
         return _APP_NAME_UNSAFE.sub("?", text[:24])
+
     return f"pgdurable:{clean(task.instance_id)}:{clean(task.node_id)}"
 
 
@@ -1819,9 +2133,11 @@ def _reseed() -> str:
 
 
 def _runner_missing(role: str) -> str:
-    return (f"the step runner of role {role!r} is missing or is not the one pgdurable made "
-            f"(it runs the role's steps as that role); an administrator must run "
-            f"select df.grant_usage({role!r})")
+    return (
+        f"the step runner of role {role!r} is missing or is not the one pgdurable made "
+        f"(it runs the role's steps as that role); an administrator must run "
+        f"select df.grant_usage({role!r})"
+    )
 
 
 def _pg_message(exc: psycopg.Error) -> str:
@@ -1831,7 +2147,8 @@ def _pg_message(exc: psycopg.Error) -> str:
 
 def _terminal_name(code: int) -> str:
     return {A.T_COMPLETED: "completed", A.T_FAILED: "failed", A.T_CANCELLED: "cancelled"}.get(
-        code, "running")
+        code, "running"
+    )
 
 
 def _impl() -> str:

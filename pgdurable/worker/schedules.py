@@ -28,35 +28,53 @@ async def tick(conn: psycopg.AsyncConnection[Any], engine: str) -> int:
     """Fire the due jobs; return how many instances were started. ``conn`` is the service's
     connection in autocommit mode: each job is its own transaction."""
     eng = sql.Identifier(engine)
-    cur = await conn.execute(sql.SQL(
-        "select s.role, s.name, s.cron, s.next_run_at, now() from {}.schedules s "
-        "where s.enabled and (s.next_run_at is null or s.next_run_at <= now()) "
-        "order by s.next_run_at nulls first limit 100").format(eng))
+    cur = await conn.execute(
+        sql.SQL(
+            "select s.role, s.name, s.cron, s.next_run_at, now() from {}.schedules s "
+            "where s.enabled and (s.next_run_at is null or s.next_run_at <= now()) "
+            "order by s.next_run_at nulls first limit 100"
+        ).format(eng)
+    )
     rows = await cur.fetchall()
     started = 0
     for role, name, expr, due, now in rows:
         try:
             nxt = cron.next_tick(expr, now)
         except ValueError as exc:  # df.schedule validated it; a cron library change could not
-            logger.warning("schedule %r of role %s: %s", name, role, exc,
-                           extra={"event": "schedule.invalid"})
-            await conn.execute(sql.SQL(
-                "update {}.schedules set enabled = false, last_error = %s "
-                "where role = %s and name = %s").format(eng), (f"paused: {exc}", role, name))
+            logger.warning(
+                "schedule %r of role %s: %s", name, role, exc, extra={"event": "schedule.invalid"}
+            )
+            await conn.execute(
+                sql.SQL(
+                    "update {}.schedules set enabled = false, last_error = %s "
+                    "where role = %s and name = %s"
+                ).format(eng),
+                (f"paused: {exc}", role, name),
+            )
             continue
         if due is None:
-            await conn.execute(sql.SQL(
-                "update {}.schedules set next_run_at = %s "
-                "where role = %s and name = %s and next_run_at is null and enabled").format(eng),
-                (nxt, role, name))
+            await conn.execute(
+                sql.SQL(
+                    "update {}.schedules set next_run_at = %s "
+                    "where role = %s and name = %s and next_run_at is null and enabled"
+                ).format(eng),
+                (nxt, role, name),
+            )
             continue
-        cur = await conn.execute(sql.SQL("select {}._schedule_fire_v1(%s, %s, %s)").format(eng),
-                                 (role, name, nxt))
+        cur = await conn.execute(
+            sql.SQL("select {}._schedule_fire_v1(%s, %s, %s)").format(eng), (role, name, nxt)
+        )
         got = await cur.fetchone()
         if got and got[0]:
             started += 1
-            logger.info("schedule %r fired: instance %s (slot %s, next %s)", name, got[0],
-                        _iso(due), _iso(nxt), extra={"event": "schedule.fired"})
+            logger.info(
+                "schedule %r fired: instance %s (slot %s, next %s)",
+                name,
+                got[0],
+                _iso(due),
+                _iso(nxt),
+                extra={"event": "schedule.fired"},
+            )
     return started
 
 

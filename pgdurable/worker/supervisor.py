@@ -57,13 +57,21 @@ def _watch_parent(parent: int) -> None:
     """
     while os.getppid() == parent:
         time.sleep(ORPHAN_POLL)
-    logger.warning("supervisor %d is gone; worker %d stops", parent, os.getpid(),
-                   extra={"event": "worker.orphaned"})
+    logger.warning(
+        "supervisor %d is gone; worker %d stops",
+        parent,
+        os.getpid(),
+        extra={"event": "worker.orphaned"},
+    )
     with contextlib.suppress(ProcessLookupError):
         os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(DRAIN_GRACE)
-    logger.error("orphaned worker %d still running after %.0fs; exiting",
-                 os.getpid(), DRAIN_GRACE, extra={"event": "worker.orphan_killed"})
+    logger.error(
+        "orphaned worker %d still running after %.0fs; exiting",
+        os.getpid(),
+        DRAIN_GRACE,
+        extra={"event": "worker.orphan_killed"},
+    )
     os._exit(1)
 
 
@@ -76,8 +84,9 @@ def _fork_worker(config: ServeConfig) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
-            threading.Thread(target=_watch_parent, args=(parent,), daemon=True,
-                             name="pgdurable-parent-watch").start()
+            threading.Thread(
+                target=_watch_parent, args=(parent,), daemon=True, name="pgdurable-parent-watch"
+            ).start()
             from .process import run_worker
 
             run_worker(config)
@@ -101,8 +110,9 @@ def _fork_ui(config: ServeConfig) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            threading.Thread(target=_watch_parent, args=(parent,), daemon=True,
-                             name="pgdurable-parent-watch").start()
+            threading.Thread(
+                target=_watch_parent, args=(parent,), daemon=True, name="pgdurable-parent-watch"
+            ).start()
             from pgdurable.ui.app import from_serve, serve_forever
 
             serve_forever(from_serve(config))
@@ -139,16 +149,25 @@ def supervise(config: ServeConfig) -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     if config.metrics_port is not None:  # before the first fork (multiprocess mode)
-        metrics.serve_metrics(config.metrics_port, config.dsn, config.engine_schema,
-                              addr=config.metrics_host)
+        metrics.serve_metrics(
+            config.metrics_port, config.dsn, config.engine_schema, addr=config.metrics_host
+        )
     for slot in range(config.workers):
         children[_fork_worker(config)] = (slot, time.monotonic())
     if config.ui_port is not None:
         children[_fork_ui(config)] = (ui_slot, time.monotonic())
-        logger.info("dashboard on http://%s:%d/", config.ui_host, config.ui_port,
-                    extra={"event": "supervisor.ui_started"})
-    logger.info("supervisor %d started %d workers", os.getpid(), config.workers,
-                extra={"event": "supervisor.started"})
+        logger.info(
+            "dashboard on http://%s:%d/",
+            config.ui_host,
+            config.ui_port,
+            extra={"event": "supervisor.ui_started"},
+        )
+    logger.info(
+        "supervisor %d started %d workers",
+        os.getpid(),
+        config.workers,
+        extra={"event": "supervisor.started"},
+    )
     sup_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     last_beat = 0.0
     while not stopping:
@@ -161,8 +180,14 @@ def supervise(config: ServeConfig) -> int:
             up = time.monotonic() - started
             if up > BACKOFF_RESET_AFTER:
                 backoff[slot] = BACKOFF_START
-            logger.warning("worker %d exited (status %d) after %.1fs; restarting in %.1fs",
-                           pid, status, up, backoff[slot], extra={"event": "worker.died"})
+            logger.warning(
+                "worker %d exited (status %d) after %.1fs; restarting in %.1fs",
+                pid,
+                status,
+                up,
+                backoff[slot],
+                extra={"event": "worker.died"},
+            )
             deadline = time.monotonic() + backoff[slot]
             while time.monotonic() < deadline and not stopping:
                 time.sleep(0.05)
@@ -175,16 +200,29 @@ def supervise(config: ServeConfig) -> int:
         if time.monotonic() - last_beat > config.maintenance_interval:
             last_beat = time.monotonic()
             try:
-                with psycopg.connect(config.dsn, autocommit=True, connect_timeout=3,
-                                     application_name="pgdurable supervisor") as conn:
-                    conn.execute(q("heartbeat", config.engine_schema), (
-                        sup_id, "supervisor", socket.gethostname(), os.getpid(),
-                        __version__, sum(1 for s, _ in children.values() if s != ui_slot)))
+                with psycopg.connect(
+                    config.dsn,
+                    autocommit=True,
+                    connect_timeout=3,
+                    application_name="pgdurable supervisor",
+                ) as conn:
+                    conn.execute(
+                        q("heartbeat", config.engine_schema),
+                        (
+                            sup_id,
+                            "supervisor",
+                            socket.gethostname(),
+                            os.getpid(),
+                            __version__,
+                            sum(1 for s, _ in children.values() if s != ui_slot),
+                        ),
+                    )
             except psycopg.Error as exc:
                 logger.warning("supervisor heartbeat failed: %s", exc)
         time.sleep(0.1)
-    logger.info("supervisor draining %d workers", len(children),
-                extra={"event": "supervisor.draining"})
+    logger.info(
+        "supervisor draining %d workers", len(children), extra={"event": "supervisor.draining"}
+    )
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

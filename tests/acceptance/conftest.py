@@ -34,19 +34,26 @@ class Serve:
 
     def start(self) -> Serve:
         env = dict(os.environ)
-        env.update({
-            # serve logs in as pgdurable_service (not the superuser, not the installer)
-            "PGDURABLE_DSN": self.db.service_dsn,
-            "PGDURABLE_WORKERS": "2",
-            "PGDURABLE_LEASE_SECONDS": "5",
-            "PGDURABLE_HTTP_POLICY": "allow-list",
-            "PGDURABLE_HTTP_ALLOW": "127.0.0.1,localhost",
-        })
+        env.update(
+            {
+                # serve logs in as pgdurable_service (not the superuser, not the installer)
+                "PGDURABLE_DSN": self.db.service_dsn,
+                "PGDURABLE_WORKERS": "2",
+                "PGDURABLE_LEASE_SECONDS": "5",
+                "PGDURABLE_HTTP_POLICY": "allow-list",
+                "PGDURABLE_HTTP_ALLOW": "127.0.0.1,localhost",
+            }
+        )
         env.update(self.env)
         assert self.log_path is not None
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pgdurable", "serve"], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pgdurable", "serve"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         self._all.append(self.proc)
         return self
 

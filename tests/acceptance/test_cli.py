@@ -80,7 +80,9 @@ def test_commands_text_and_json(db, running, tenant):
 
     assert cli(dsn, "await", iid, "--timeout", "30").output.strip() == "completed"
     assert cli_json(dsn, "await", started["instance_id"]) == {
-        "instance_id": started["instance_id"], "status": "completed"}
+        "instance_id": started["instance_id"],
+        "status": "completed",
+    }
     assert cli(dsn, "status", iid).output.strip() == "completed"
     assert cli_json(dsn, "status", iid) == {"instance_id": iid, "status": "completed"}
     assert json.loads(cli(dsn, "result", iid).output)["rows"] == [{"b": 21}]
@@ -105,8 +107,10 @@ def test_commands_text_and_json(db, running, tenant):
     # cancel a sleeping instance
     sleeper = cli(dsn, "start", "df.sleep(600)").output.strip()
     assert cli_json(dsn, "signal", sleeper, "nobody-waits")["result"] == "OK"
-    assert cli(dsn, "cancel", sleeper, "no time").output.strip() == \
-        f"Instance {sleeper} cancelled: no time"
+    assert (
+        cli(dsn, "cancel", sleeper, "no time").output.strip()
+        == f"Instance {sleeper} cancelled: no time"
+    )
     assert cli_json(dsn, "status", sleeper)["status"] == "cancelled"
 
     # list: table and JSON, label filter
@@ -159,7 +163,7 @@ def test_explain_dry_run(db, tenant):
     assert text.startswith("Dry run (not started): 3 nodes")
     mer = cli(dsn, "explain", expr, "--format", "mermaid").output.splitlines()
     assert mer[:3] == ["%% dry run (not started)", "flowchart TD", '    n0(["THEN"])']
-    assert '    n1["SQL: select 1 |=> \'a\'"]' in mer
+    assert "    n1[\"SQL: select 1 |=> 'a'\"]" in mer
     assert "    n2 -->|branch 2| n4" in mer
     assert not any(":::" in line for line in mer)  # no statuses in a dry run
     dot = cli(dsn, "explain", "select 42", "--format", "dot").output
@@ -170,16 +174,26 @@ def test_explain_dry_run(db, tenant):
 
 def test_top_once_and_metrics(db, running, tenant):
     dsn = db.dsn_as(tenant)
-    ids = [cli(dsn, "start", "df.sql('select 1') ~> (df.sql('select 2') & df.sql('select 3'))"
-               ).output.strip() for _ in range(5)]
+    ids = [
+        cli(
+            dsn, "start", "df.sql('select 1') ~> (df.sql('select 2') & df.sql('select 3'))"
+        ).output.strip()
+        for _ in range(5)
+    ]
     bad = cli(dsn, "start", "'select 1/0'", "--label", "boom").output.strip()
     for iid in [*ids, bad]:
         cli(dsn, "await", iid, ok=iid != bad)
 
     # one frame of top, through the real entry point, as the admin (sees the workers)
     env = dict(os.environ, PGDURABLE_DSN=db.dsn)
-    out = subprocess.run([sys.executable, "-m", "pgdurable", "top", "--once", "--width", "100"],
-                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "top", "--once", "--width", "100"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "instances  pending 0  running 0  completed 5  failed 1  cancelled 0  total 6" in out
     assert re.search(r"workers \([23]\)", out), out
     assert f"  {bad}  boom" in out
@@ -193,20 +207,25 @@ def test_top_once_and_metrics(db, running, tenant):
     m = scrape(port)
     # by default the port listens on this host only (--metrics-host)
 
-    listening = {c.laddr for c in psutil.Process(running.proc.pid).net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN}
+    listening = {
+        c.laddr
+        for c in psutil.Process(running.proc.pid).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
     assert {(a.ip, a.port) for a in listening} == {("127.0.0.1", port)}, listening
     with db.connect() as conn:
-        done_sql = conn.execute("select count(*) from df.nodes where node_type = 'SQL'"
-                                " and status = 'completed'").fetchone()[0]
+        done_sql = conn.execute(
+            "select count(*) from df.nodes where node_type = 'SQL' and status = 'completed'"
+        ).fetchone()[0]
     assert done_sql == 15
     assert m['pgdurable_steps_completed_total{node_type="SQL"}'] >= done_sql
     assert m['pgdurable_steps_failed_total{node_type="SQL"}'] >= 1
     assert m['pgdurable_step_duration_seconds_count{node_type="SQL"}'] >= done_sql + 1
     # every step was taken by a claim or handed straight to the worker that checkpointed its
     # predecessor (ARCHITECTURE.md §7, hand-off), plus one start task per instance
-    assert m["pgdurable_tasks_claimed_total"] + m["pgdurable_tasks_handed_off_total"] \
-        >= done_sql + 6
+    assert (
+        m["pgdurable_tasks_claimed_total"] + m["pgdurable_tasks_handed_off_total"] >= done_sql + 6
+    )
     assert m["pgdurable_claim_batch_size_count"] >= 1
     assert m["pgdurable_checkpoint_seconds_count"] >= done_sql
     assert m["pgdurable_queue_depth"] == 0

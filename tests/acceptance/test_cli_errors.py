@@ -18,8 +18,13 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "pgdurable", *args], capture_output=True,
-                         text=True, timeout=120, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "pgdurable", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert "Traceback" not in res.stdout + res.stderr, res.stdout + res.stderr
     return res
 
@@ -48,8 +53,9 @@ def test_await_result_and_list_say_how_it_went(db, serve_factory):
     assert f"instance {bad} failed: `pgdurable error {bad}` says why" in err
     res = run("result", bad, "--dsn", dsn, "--json")
     assert res.returncode == 1
-    assert json.loads(res.stdout) == {"error": f"instance {bad} failed: `pgdurable error {bad}` "
-                                               "says why"}
+    assert json.loads(res.stdout) == {
+        "error": f"instance {bad} failed: `pgdurable error {bad}` says why"
+    }
     assert json.loads(run("result", ok, "--dsn", dsn, "--json").stdout)["result"]["row_count"] == 1
     # a bogus status is a usage error, as JSON too
     res = run("list", "--status", "bogus", "--dsn", dsn)

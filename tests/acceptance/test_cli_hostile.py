@@ -27,13 +27,22 @@ pytestmark = pytest.mark.timeout(180)
 ESC = "\x1b"
 FAKE = "2026-01-01 00:00:00,000 info pgdurable pid=1: fake"
 # the issue's payload: a forged log line and an erase-line, raised by a tenant's step
-RAISE = ("do $$ begin raise exception E'x\\n2026-01-01 00:00:00,000 info pgdurable pid=1: "
-         "fake\\x1b[2K'; end $$")
+RAISE = (
+    "do $$ begin raise exception E'x\\n2026-01-01 00:00:00,000 info pgdurable pid=1: "
+    "fake\\x1b[2K'; end $$"
+)
 # a label that adds a fake `completed` row, erases the real one, sets the window title and
 # writes the clipboard; plus an 8-bit CSI and a bidi override
-LABEL = ("evil\n00000000  completed  1      2026-01-01 00:00:00  2026-01-01 00:00:00  fake"
-         + ESC + "[2K" + ESC + "]0;pwned-title\x07" + ESC + "]52;c;cm0gLXJmIH4=\x07"
-         + "\x9b31m\u202eflipped")
+LABEL = (
+    "evil\n00000000  completed  1      2026-01-01 00:00:00  2026-01-01 00:00:00  fake"
+    + ESC
+    + "[2K"
+    + ESC
+    + "]0;pwned-title\x07"
+    + ESC
+    + "]52;c;cm0gLXJmIH4=\x07"
+    + "\x9b31m\u202eflipped"
+)
 # what may never reach a terminal raw (stdout keeps its own line breaks only)
 RAW = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 ROW = re.compile(r"^[0-9a-f]{8}  ")
@@ -41,8 +50,9 @@ ROW = re.compile(r"^[0-9a-f]{8}  ")
 
 def run_cli(dsn: str, *args: str) -> str:
     env = dict(os.environ, PGDURABLE_DSN=dsn)
-    res = subprocess.run([sys.executable, "-m", "pgdurable", *args], env=env,
-                         capture_output=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "pgdurable", *args], env=env, capture_output=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr.decode(errors="replace")
     out = res.stdout.decode("utf-8")  # strict: the output is valid UTF-8 too
     assert RAW.search(out) is None, (args, out)
@@ -92,16 +102,20 @@ def test_cli_shows_tenant_text_escaped(db, serve_factory):
     serve.wait_workers(2)
     value = LABEL  # the same payload as a result and an error
     with db.connect(tenant) as conn:
-        done = start(conn, "df.sql('select ' || quote_literal(%s::text) || ' as x') |=> 'r'",
-                     LABEL, value)
-        failed = start(conn, "format('do $b$ begin raise exception %%L; end $b$', %s::text)",
-                       LABEL, value)
+        done = start(
+            conn, "df.sql('select ' || quote_literal(%s::text) || ' as x') |=> 'r'", LABEL, value
+        )
+        failed = start(
+            conn, "format('do $b$ begin raise exception %%L; end $b$', %s::text)", LABEL, value
+        )
         waiting = start(conn, "df.wait_for_signal(%s)", LABEL, "go" + ESC + "]0;sig\x07\nx")
         assert await_(conn, done) == "completed"
         assert await_(conn, failed) == "failed"
         deadline = time.monotonic() + 30
-        while conn.execute("select status from df.instances where id = %s",
-                           (waiting,)).fetchone()[0] != "running":
+        while (
+            conn.execute("select status from df.instances where id = %s", (waiting,)).fetchone()[0]
+            != "running"
+        ):
             assert time.monotonic() < deadline, serve.log()
             time.sleep(0.1)
     dsn = db.dsn_as(tenant)
@@ -130,8 +144,11 @@ def test_cli_shows_tenant_text_escaped(db, serve_factory):
     # explain: the tree and the output line, tenants' text escaped; one line per node
     out = run_cli(dsn, "explain", done)
     lines = out.rstrip("\n").split("\n")
-    assert lines[:3] == [f"Instance: {done}", "Status: completed",
-                         "Output: " + visible(json.dumps(result, ensure_ascii=False))]
+    assert lines[:3] == [
+        f"Instance: {done}",
+        "Status: completed",
+        "Output: " + visible(json.dumps(result, ensure_ascii=False)),
+    ]
     assert json.loads(lines[2].removeprefix("Output: ")) == result
     assert len(lines) == 5, lines
     assert lines[4].startswith("✓ SQL: select "), lines

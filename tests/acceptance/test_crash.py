@@ -28,8 +28,10 @@ def tenant(db):
 
 def chain(tag: str, steps: int = STEPS) -> str:
     """A THEN chain of `steps` SQL steps, each inserting one ledger row."""
-    parts = [f"df.sql('insert into ledger values (''{tag}'' || ''{{sys_instance_id}}'', {k})')"
-             for k in range(steps)]
+    parts = [
+        f"df.sql('insert into ledger values (''{tag}'' || ''{{sys_instance_id}}'', {k})')"
+        for k in range(steps)
+    ]
     return " ~> ".join(parts)
 
 
@@ -54,25 +56,34 @@ def assert_exactly_once(db, ids, tag="c", timeout=180):
     deadline = time.monotonic() + timeout
     with db.connect() as conn:
         while True:
-            statuses = dict(conn.execute(
-                "select id, status from df.instances where id = any(%s)", (ids,)).fetchall())
+            statuses = dict(
+                conn.execute(
+                    "select id, status from df.instances where id = any(%s)", (ids,)
+                ).fetchall()
+            )
             if all(s in ("completed", "failed", "cancelled") for s in statuses.values()):
                 break
             assert time.monotonic() < deadline, f"instances not finished: {statuses}"
             time.sleep(0.2)
         assert set(statuses.values()) == {"completed"}, statuses
-        dup = conn.execute("select instance, k, count(*) from ledger group by 1, 2 "
-                           "having count(*) <> 1").fetchall()
+        dup = conn.execute(
+            "select instance, k, count(*) from ledger group by 1, 2 having count(*) <> 1"
+        ).fetchall()
         assert dup == [], f"steps ran more than once: {dup[:10]}"
         for iid in ids:
-            n = conn.execute("select count(*) from ledger where instance = %s",
-                             (tag + iid,)).fetchone()[0]
+            n = conn.execute(
+                "select count(*) from ledger where instance = %s", (tag + iid,)
+            ).fetchone()[0]
             assert n == STEPS, f"instance {iid} applied {n} of {STEPS} steps"
-        stuck = conn.execute("select count(*) from df.nodes where instance_id = any(%s) and "
-                             "status in ('pending', 'running')", (ids,)).fetchone()[0]
+        stuck = conn.execute(
+            "select count(*) from df.nodes where instance_id = any(%s) and "
+            "status in ('pending', 'running')",
+            (ids,),
+        ).fetchone()[0]
         assert stuck == 0
-        tasks = conn.execute("select count(*) from pgdurable.tasks where instance_id = any(%s)",
-                             (ids,)).fetchone()[0]
+        tasks = conn.execute(
+            "select count(*) from pgdurable.tasks where instance_id = any(%s)", (ids,)
+        ).fetchone()[0]
         assert tasks == 0
 
 
@@ -119,8 +130,9 @@ def test_two_services_share_work(db, serve_factory, tenant):
     ids = start_many(db, tenant, n=6)
     assert_exactly_once(db, ids)
     with db.connect() as conn:
-        hosts = conn.execute("select count(distinct pid) from pgdurable.workers "
-                             "where kind = 'worker'").fetchone()[0]
+        hosts = conn.execute(
+            "select count(distinct pid) from pgdurable.workers where kind = 'worker'"
+        ).fetchone()[0]
     assert hosts >= 3
 
 

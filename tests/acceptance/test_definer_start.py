@@ -21,8 +21,9 @@ def test_definer_started_workflow_runs_as_the_owner(db, serve_factory):
     owner = db.create_role("own")
     caller = db.create_role("clr", grant=False)
     with db.connect() as su:
-        su.execute(sql.SQL("grant create, usage on schema public to {}").format(
-            sql.Identifier(owner)))
+        su.execute(
+            sql.SQL("grant create, usage on schema public to {}").format(sql.Identifier(owner))
+        )
     with db.connect(owner) as conn:
         conn.execute("""
             create function public.kick() returns text language plpgsql security definer

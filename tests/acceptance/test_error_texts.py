@@ -47,14 +47,17 @@ def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         _drop_db(tdb)
 
 
-def failed_with(env_db: fix_db.TestDB, role: str, expr: str, params: tuple[Any, ...] = ()
-                ) -> dict[str, Any]:
+def failed_with(
+    env_db: fix_db.TestDB, role: str, expr: str, params: tuple[Any, ...] = ()
+) -> dict[str, Any]:
     """Run EXPR as ROLE; it must fail: df.error, plus the failing node's stored result."""
     iid, status, _, err = run(env_db, role, expr, params)
     assert status == "failed", (status, err)
     with env_db.connect(role) as conn:
-        stored = conn.execute("select result #>> '{}' from df.nodes where instance_id = %s "
-                              "and id = %s", (iid, err["node_id"])).fetchone()[0]
+        stored = conn.execute(
+            "select result #>> '{}' from df.nodes where instance_id = %s and id = %s",
+            (iid, err["node_id"]),
+        ).fetchone()[0]
     assert stored == err["error"]  # the failed node's result holds the same text
     return dict(err)
 
@@ -65,8 +68,15 @@ def test_a_steps_sql_error_surfaces_verbatim(env: Env) -> None:
     assert err["sqlstate"] == "22012"
 
 
-@pytest.mark.parametrize("call", ["df.setvar(''a'', ''b'')", "df.unsetvar(''a'')",
-                                  "df.clearvars()", "df.await_instance(''0123abcd'', 1)"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "df.setvar(''a'', ''b'')",
+        "df.unsetvar(''a'')",
+        "df.clearvars()",
+        "df.await_instance(''0123abcd'', 1)",
+    ],
+)
 def test_helpers_cannot_be_called_inside_a_workflow(env: Env, call: str) -> None:
     err = failed_with(env.db, env.role, f"df.sql('select {call}')")
     assert "cannot be called inside a workflow" in err["error"], err
@@ -83,9 +93,12 @@ def test_http_without_execute_privilege(env: Env) -> None:
 
 def test_multipart_data_needs_a_whole_value_reference(env: Env) -> None:
     parts = [{"name": "f", "data_b64": "aGk= $r.b64"}]
-    err = failed_with(env.db, env.role, "df.sql('select ''aGk='' as b64') |=> 'r' ~> "
-                                        "df.http_multipart(%s, 'POST', %s::jsonb)",
-                      (NOWHERE, json.dumps(parts)))
+    err = failed_with(
+        env.db,
+        env.role,
+        "df.sql('select ''aGk='' as b64') |=> 'r' ~> df.http_multipart(%s, 'POST', %s::jsonb)",
+        (NOWHERE, json.dumps(parts)),
+    )
     assert "whole-value reference" in err["error"], err
 
 

@@ -80,8 +80,13 @@ def _handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: Any) -> None:
             pass
 
-        def _send(self, status: int, body: bytes, ctype: str | None = "text/plain",
-                  extra: list[tuple[str, str]] | None = None) -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes,
+            ctype: str | None = "text/plain",
+            extra: list[tuple[str, str]] | None = None,
+        ) -> None:
             self.send_response(status)
             if ctype:
                 self.send_header("Content-Type", ctype)
@@ -97,14 +102,18 @@ def _handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(n) if n else b""
             path = self.path
             with rec.lock:
-                rec.seen.append(Seen(self.command, path, dict(self.headers.items()), body,
-                                     time.monotonic()))
+                rec.seen.append(
+                    Seen(self.command, path, dict(self.headers.items()), body, time.monotonic())
+                )
             parts = path.split("?")[0].strip("/").split("/")
             kind = parts[0]
             if kind == "echo":
-                self._send(200, json.dumps({"method": self.command, "path": path}).encode(),
-                           "application/json",
-                           [("X-Multi", "a"), ("X-Multi", "b"), ("X-One", "1")])
+                self._send(
+                    200,
+                    json.dumps({"method": self.command, "path": path}).encode(),
+                    "application/json",
+                    [("X-Multi", "a"), ("X-Multi", "b"), ("X-One", "1")],
+                )
             elif kind == "text":
                 self._send(200, "héllo wörld".encode("latin-1"), "text/plain; charset=latin-1")
             elif kind == "bin":
@@ -128,19 +137,30 @@ def _handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
                 with contextlib.suppress(OSError):
                     self.wfile.write(b"x" * 1024)
             elif kind == "setcookie":  # /setcookie/<name>/<value>
-                self._send(200, b"cookie set", "text/plain",
-                           [("Set-Cookie", f"{parts[1]}={parts[2]}; Path=/")])
+                self._send(
+                    200,
+                    b"cookie set",
+                    "text/plain",
+                    [("Set-Cookie", f"{parts[1]}={parts[2]}; Path=/")],
+                )
             elif kind == "headers":  # what the server received, for the step's result
-                self._send(200, json.dumps(dict(self.headers.items())).encode(),
-                           "application/json")
+                self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
             elif kind == "bomb":  # /bomb/<Content-Encoding>
                 coding = parts[1]
                 body = gzip_gzip_bomb() if coding == "gzip,gzip" else gzip_bomb()
-                self._send(200, body, "application/octet-stream",
-                           [("Content-Encoding", coding.replace(",", ", "))])
+                self._send(
+                    200,
+                    body,
+                    "application/octet-stream",
+                    [("Content-Encoding", coding.replace(",", ", "))],
+                )
             elif kind == "gzip-ok":
-                self._send(200, gzip.compress(b"fine " * 200_000), "text/plain",
-                           [("Content-Encoding", "gzip")])
+                self._send(
+                    200,
+                    gzip.compress(b"fine " * 200_000),
+                    "text/plain",
+                    [("Content-Encoding", "gzip")],
+                )
             elif kind == "slow-once":
                 tag = parts[1]
                 with rec.lock:
@@ -224,23 +244,28 @@ def serve_env(**kw: str) -> dict[str, str]:
     return out
 
 
-BASE_ENV = serve_env(http_policy="allow-list", http_allow="127.0.0.1,localhost",
-                     lease_seconds="5", workers="2")
+BASE_ENV = serve_env(
+    http_policy="allow-list", http_allow="127.0.0.1,localhost", lease_seconds="5", workers="2"
+)
 
 
 def _fresh_db(server: Server) -> fix_db.TestDB:
     name = f"t_{uuid.uuid4().hex[:12]}"
     strategy = sql.SQL(" strategy file_copy") if server.version >= 15 else sql.SQL("")
     with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("create database {} template {}{}").format(
-            sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy))
+        conn.execute(
+            sql.SQL("create database {} template {}{}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy
+            )
+        )
     return fix_db.TestDB(server, name)
 
 
 def _drop_db(tdb: fix_db.TestDB) -> None:
     with psycopg.connect(tdb.server.admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-            sql.Identifier(tdb.name)))
+        conn.execute(
+            sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(tdb.name))
+        )
         for role in tdb.roles:
             with contextlib.suppress(psycopg.Error):
                 conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
@@ -268,8 +293,14 @@ def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         _drop_db(tdb)
 
 
-def start(db: fix_db.TestDB, role: str, expr: str, params: tuple[Any, ...] = (),
-          label: str | None = None, setvars: dict[str, str] | None = None) -> str:
+def start(
+    db: fix_db.TestDB,
+    role: str,
+    expr: str,
+    params: tuple[Any, ...] = (),
+    label: str | None = None,
+    setvars: dict[str, str] | None = None,
+) -> str:
     with db.connect(role) as conn:
         for k, v in (setvars or {}).items():
             conn.execute("select df.setvar(%s, %s)", (k, v))
@@ -284,16 +315,21 @@ def finish(db: fix_db.TestDB, role: str, iid: str, timeout: int = 60) -> tuple[s
     return status, (json.loads(result) if result else None), error
 
 
-def run(db: fix_db.TestDB, role: str, expr: str, params: tuple[Any, ...] = (), **kw: Any
-        ) -> tuple[str, str, Any, Any]:
+def run(
+    db: fix_db.TestDB, role: str, expr: str, params: tuple[Any, ...] = (), **kw: Any
+) -> tuple[str, str, Any, Any]:
     iid = start(db, role, expr, params, **kw)
     return (iid, *finish(db, role, iid))
 
 
 def node_id(db: fix_db.TestDB, iid: str, node_type: str) -> str:
     with db.connect() as conn:
-        return str(conn.execute("select id from df.nodes where instance_id = %s and "
-                                "node_type = %s", (iid, node_type)).fetchone()[0])
+        return str(
+            conn.execute(
+                "select id from df.nodes where instance_id = %s and node_type = %s",
+                (iid, node_type),
+            ).fetchone()[0]
+        )
 
 
 def refused_port() -> int:
@@ -369,16 +405,22 @@ def test_envelope_text_base64_headers_and_statuses(env: Env, http: Recorder) -> 
 def test_timeout_refused_and_caps(env: Env, http: Recorder) -> None:
     b = http.base
     ids = {
-        "timeout": start(env.db, env.role, "df.http(%s, 'GET', timeout_seconds => 1)",
-                         (f"{b}/sleep/5",)),
-        "refused": start(env.db, env.role, "df.http(%s, 'GET')",
-                         (f"http://127.0.0.1:{refused_port()}/x",)),
+        "timeout": start(
+            env.db, env.role, "df.http(%s, 'GET', timeout_seconds => 1)", (f"{b}/sleep/5",)
+        ),
+        "refused": start(
+            env.db, env.role, "df.http(%s, 'GET')", (f"http://127.0.0.1:{refused_port()}/x",)
+        ),
         "huge": start(env.db, env.role, "df.http(%s, 'GET')", (f"{b}/huge",)),
         # two 5.5 MiB results substituted into one body: over the 10 MiB request cap
-        "bigreq": start(env.db, env.role,
-                        "df.sql('select repeat(''x'', 5767168) as v') |=> 'a' ~> "
-                        "df.sql('select repeat(''y'', 5767168) as v') |=> 'b' ~> "
-                        "df.http(%s, 'POST', '$a.v $b.v')", (f"{b}/echo/bigreq",)),
+        "bigreq": start(
+            env.db,
+            env.role,
+            "df.sql('select repeat(''x'', 5767168) as v') |=> 'a' ~> "
+            "df.sql('select repeat(''y'', 5767168) as v') |=> 'b' ~> "
+            "df.http(%s, 'POST', '$a.v $b.v')",
+            (f"{b}/echo/bigreq",),
+        ),
         "scheme": start(env.db, env.role, "df.http(%s, 'GET')", ("ftp://127.0.0.1/{x}",)),
     }
     t0 = time.monotonic()
@@ -399,16 +441,31 @@ def test_timeout_refused_and_caps(env: Env, http: Recorder) -> None:
 
 def test_substitution_headers_body_and_idempotency_key(env: Env, http: Recorder) -> None:
     b = http.base
-    expr = ("df.sql('select 42 as n, ''abc'' as s') |=> 'r' ~> "
-            "df.http(%s, 'PUT', %s, %s::jsonb) |=> 'h' ~> "
-            "df.sql('select $h.status as st, $h.ok as ok, $h.encoding as enc')")
-    headers = {"X-Label": "{sys_label}", "X-N": "$r.n", "X-Var": "{v}", "X-Num": 5,
-               "User-Agent": "spoofed", "Idempotency-Key": "spoofed"}
+    expr = (
+        "df.sql('select 42 as n, ''abc'' as s') |=> 'r' ~> "
+        "df.http(%s, 'PUT', %s, %s::jsonb) |=> 'h' ~> "
+        "df.sql('select $h.status as st, $h.ok as ok, $h.encoding as enc')"
+    )
+    headers = {
+        "X-Label": "{sys_label}",
+        "X-N": "$r.n",
+        "X-Var": "{v}",
+        "X-Num": 5,
+        "User-Agent": "spoofed",
+        "Idempotency-Key": "spoofed",
+    }
     iid, status, res, err = run(
-        env.db, env.role, expr,
-        (b + "/echo/sub/{sys_instance_id}?v={v}&s=$r.s", '{"n": $r.n, "s": "$r.s", "k": "{v}"}',
-         json.dumps(headers)),
-        label="lbl-1", setvars={"v": "hello"})
+        env.db,
+        env.role,
+        expr,
+        (
+            b + "/echo/sub/{sys_instance_id}?v={v}&s=$r.s",
+            '{"n": $r.n, "s": "$r.s", "k": "{v}"}',
+            json.dumps(headers),
+        ),
+        label="lbl-1",
+        setvars={"v": "hello"},
+    )
     assert status == "completed", err
     assert res["rows"] == [{"st": 200, "ok": True, "enc": "text"}]
     (hit,) = http.hits(f"/echo/sub/{iid}")
@@ -439,28 +496,47 @@ def test_defaults_post_no_body(env: Env, http: Recorder) -> None:
 def _parts(hit: Seen) -> list[tuple[str | None, str | None, str, bytes]]:
     ctype = {k.lower(): v for k, v in hit.headers.items()}["content-type"]
     msg = email.parser.BytesParser().parsebytes(
-        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + hit.body)
+        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + hit.body
+    )
     assert msg.is_multipart()
-    return [(p.get_param("name", header="content-disposition"), p.get_filename(),
-             p.get_content_type(), p.get_payload(decode=True)) for p in msg.get_payload()]
+    return [
+        (
+            p.get_param("name", header="content-disposition"),
+            p.get_filename(),
+            p.get_content_type(),
+            p.get_payload(decode=True),
+        )
+        for p in msg.get_payload()
+    ]
 
 
 def test_multipart_as_received(env: Env, http: Recorder) -> None:
     blob = bytes(range(256))
     parts = [
-        {"name": "meta", "data_b64": base64.b64encode(b'{"a": 1}').decode(),
-         "content_type": "application/json"},
+        {
+            "name": "meta",
+            "data_b64": base64.b64encode(b'{"a": 1}').decode(),
+            "content_type": "application/json",
+        },
         {"name": "file", "filename": "blob.bin", "data_b64": base64.encodebytes(blob).decode()},
         {"name": "{v}_field", "filename": "{sys_instance_id}-$r.s.txt", "data_b64": "$r.b64"},
         {"name": "plain", "data_b64": "{b64var}"},
     ]
-    expr = ("df.sql('select ''abc'' as s, encode(''hello''::bytea, ''base64'') as b64') |=> 'r'"
-            " ~> df.http_multipart(%s, 'PUT', %s::jsonb, %s::jsonb)")
+    expr = (
+        "df.sql('select ''abc'' as s, encode(''hello''::bytea, ''base64'') as b64') |=> 'r'"
+        " ~> df.http_multipart(%s, 'PUT', %s::jsonb, %s::jsonb)"
+    )
     iid, status, res, err = run(
-        env.db, env.role, expr,
-        (http.base + "/echo/mp/{v}", json.dumps(parts),
-         json.dumps({"Content-Type": "text/plain", "X-Tag": "{v}-$r.s"})),
-        setvars={"v": "vv", "b64var": base64.b64encode(b"from var").decode()})
+        env.db,
+        env.role,
+        expr,
+        (
+            http.base + "/echo/mp/{v}",
+            json.dumps(parts),
+            json.dumps({"Content-Type": "text/plain", "X-Tag": "{v}-$r.s"}),
+        ),
+        setvars={"v": "vv", "b64var": base64.b64encode(b"from var").decode()},
+    )
     assert status == "completed", err
     assert res["ok"] is True
     (hit,) = http.hits("/echo/mp/vv")
@@ -480,10 +556,12 @@ def test_multipart_as_received(env: Env, http: Recorder) -> None:
 
 def test_multipart_data_b64_only_whole_value(env: Env, http: Recorder) -> None:
     parts = [{"name": "f", "data_b64": "aGk= $r.b64"}]
-    _, status, _, err = run(env.db, env.role,
-                            "df.sql('select ''aGk='' as b64') |=> 'r' ~> "
-                            "df.http_multipart(%s, 'POST', %s::jsonb)",
-                            (f"{http.base}/echo/mpbad", json.dumps(parts)))
+    _, status, _, err = run(
+        env.db,
+        env.role,
+        "df.sql('select ''aGk='' as b64') |=> 'r' ~> df.http_multipart(%s, 'POST', %s::jsonb)",
+        (f"{http.base}/echo/mpbad", json.dumps(parts)),
+    )
     assert status == "failed"
     assert "whole-value reference" in err["error"]
     assert http.hits("/echo/mpbad") == []
@@ -505,8 +583,11 @@ def test_join_of_50_http_calls_runs_concurrently(env: Env, http: Recorder) -> No
     assert status == "completed", err
     hits = http.hits("/sleep/1?")
     keys = [{k.lower(): v for k, v in h.headers.items()}["idempotency-key"] for h in hits]
-    dups = [(h.path, k, round(h.at - hits[0].at, 3)) for h, k in zip(hits, keys, strict=True)
-            if keys.count(k) > 1]
+    dups = [
+        (h.path, k, round(h.at - hits[0].at, 3))
+        for h, k in zip(hits, keys, strict=True)
+        if keys.count(k) > 1
+    ]
     # every branch ran; a branch may occasionally run twice (a spurious fence after
     # checkpoint contention re-runs it, same Idempotency-Key: at-least-once, see docs/http.md)
     assert len({h.path for h in hits}) == 50, (dups, env.serve.log())
@@ -527,11 +608,13 @@ def test_execute_privilege_is_rechecked_at_run_time(env: Env, http: Recorder) ->
     # a role that never had EXECUTE on df.http: it submits the graph as a JSON literal
     nohttp = db.create_role("nohttp")
     with db.connect() as conn:
-        graph = conn.execute("select df.http(%s, 'GET')", (f"{http.base}/echo/priv1",)
-                             ).fetchone()[0]
-        mp = conn.execute("select df.http_multipart(%s, 'POST', '[{\"name\":\"a\","
-                          "\"data_b64\":\"aGk=\"}]')", (f"{http.base}/echo/priv1mp",)
-                          ).fetchone()[0]
+        graph = conn.execute("select df.http(%s, 'GET')", (f"{http.base}/echo/priv1",)).fetchone()[
+            0
+        ]
+        mp = conn.execute(
+            'select df.http_multipart(%s, \'POST\', \'[{"name":"a","data_b64":"aGk="}]\')',
+            (f"{http.base}/echo/priv1mp",),
+        ).fetchone()[0]
     _, status, _, err = run(db, nohttp, "%s", (graph,))
     assert status == "failed"
     assert "does not have EXECUTE privilege" in err["error"]
@@ -540,11 +623,13 @@ def test_execute_privilege_is_rechecked_at_run_time(env: Env, http: Recorder) ->
     assert "does not have EXECUTE privilege" in err["error"]
     # a role whose grant is revoked after df.start, before the step runs
     late = db.create_role("late", http=True)
-    iid = start(db, late, "df.wait_for_signal('go') ~> df.http(%s, 'GET')",
-                (f"{http.base}/echo/priv2",))
+    iid = start(
+        db, late, "df.wait_for_signal('go') ~> df.http(%s, 'GET')", (f"{http.base}/echo/priv2",)
+    )
     with db.connect() as conn:
-        conn.execute(f'revoke execute on function df.http(text,text,text,jsonb,integer) '
-                     f'from "{late}"')
+        conn.execute(
+            f'revoke execute on function df.http(text,text,text,jsonb,integer) from "{late}"'
+        )
     with db.connect(late) as conn:
         conn.execute("select df.signal(%s, 'go')", (iid,))
     status, _, err = finish(db, late, iid)
@@ -557,7 +642,8 @@ def test_execute_privilege_is_rechecked_at_run_time(env: Env, http: Recorder) ->
 
 
 def test_same_idempotency_key_when_the_step_reruns_after_a_worker_kill(
-        env: Env, http: Recorder) -> None:
+    env: Env, http: Recorder
+) -> None:
     tag = uuid.uuid4().hex[:8]
     iid = start(env.db, env.role, "df.http(%s, 'GET')", (f"{http.base}/slow-once/{tag}",))
     deadline = time.monotonic() + 30
@@ -580,8 +666,9 @@ def test_same_idempotency_key_when_the_step_reruns_after_a_worker_kill(
 # --------------------------------------------------------------------------- policy via serve
 
 
-def _policy_run(db: fix_db.TestDB, serve_factory: Any, env_vars: dict[str, str],
-                urls: dict[str, str]) -> dict[str, tuple[str, Any, Any]]:
+def _policy_run(
+    db: fix_db.TestDB, serve_factory: Any, env_vars: dict[str, str], urls: dict[str, str]
+) -> dict[str, tuple[str, Any, Any]]:
     role = db.create_role("pol", http=True)
     s = serve_factory(db, **env_vars)
     ids = {k: start(db, role, "df.http(%s, 'GET')", (u,)) for k, u in urls.items()}
@@ -590,12 +677,15 @@ def _policy_run(db: fix_db.TestDB, serve_factory: Any, env_vars: dict[str, str],
     return out
 
 
-def test_public_policy_blocks_loopback(db: fix_db.TestDB, serve_factory: Any,
-                                       http: Recorder) -> None:
-    out = _policy_run(db, serve_factory,
-                      {**BASE_ENV, **serve_env(http_policy="public", http_allow="")},
-                      {"ip": f"{http.base}/echo/pub-ip",
-                       "name": f"http://localhost:{http.port}/echo/pub-name"})
+def test_public_policy_blocks_loopback(
+    db: fix_db.TestDB, serve_factory: Any, http: Recorder
+) -> None:
+    out = _policy_run(
+        db,
+        serve_factory,
+        {**BASE_ENV, **serve_env(http_policy="public", http_allow="")},
+        {"ip": f"{http.base}/echo/pub-ip", "name": f"http://localhost:{http.port}/echo/pub-name"},
+    )
     assert out["ip"][0] == "failed"
     assert "bare IP" in out["ip"][2]["error"]
     assert out["name"][0] == "failed"
@@ -603,14 +693,24 @@ def test_public_policy_blocks_loopback(db: fix_db.TestDB, serve_factory: Any,
     assert http.hits("/echo/pub-") == []
 
 
-def test_allow_list_admits_only_its_patterns(db: fix_db.TestDB, serve_factory: Any,
-                                             http: Recorder) -> None:
-    out = _policy_run(db, serve_factory,
-                      {**BASE_ENV, **serve_env(http_policy="allow-list",
-                                                http_allow=f"127.0.0.1:{http.port},*.example.com")},
-                      {"ok": f"{http.base}/echo/al-ok",
-                       "port": f"http://127.0.0.1:{refused_port()}/echo/al-port",
-                       "name": f"http://localhost:{http.port}/echo/al-name"})
+def test_allow_list_admits_only_its_patterns(
+    db: fix_db.TestDB, serve_factory: Any, http: Recorder
+) -> None:
+    out = _policy_run(
+        db,
+        serve_factory,
+        {
+            **BASE_ENV,
+            **serve_env(
+                http_policy="allow-list", http_allow=f"127.0.0.1:{http.port},*.example.com"
+            ),
+        },
+        {
+            "ok": f"{http.base}/echo/al-ok",
+            "port": f"http://127.0.0.1:{refused_port()}/echo/al-port",
+            "name": f"http://localhost:{http.port}/echo/al-name",
+        },
+    )
     assert out["ok"][0] == "completed", out["ok"][2]
     assert out["port"][0] == "failed"
     assert "not in the allowed" in out["port"][2]["error"]
@@ -620,13 +720,15 @@ def test_allow_list_admits_only_its_patterns(db: fix_db.TestDB, serve_factory: A
 
 
 def test_deny_all(db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None:
-    out = _policy_run(db, serve_factory,
-                      {**BASE_ENV, **serve_env(http_policy="deny-all", http_allow="")},
-                      {"x": f"{http.base}/echo/deny"})
+    out = _policy_run(
+        db,
+        serve_factory,
+        {**BASE_ENV, **serve_env(http_policy="deny-all", http_allow="")},
+        {"x": f"{http.base}/echo/deny"},
+    )
     assert out["x"][0] == "failed"
     assert "outbound HTTP requests are disabled" in out["x"][2]["error"]
     assert http.hits("/echo/deny") == []
-
 
 
 # --------------------------------------------------------------------------- hostile world
@@ -635,8 +737,9 @@ def test_deny_all(db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None
 ONE_WORKER = {**BASE_ENV, **serve_env(workers="1")}
 
 
-def run_logged(serve: Serve, db: fix_db.TestDB, role: str, expr: str,
-               params: tuple[Any, ...] = ()) -> tuple[str, str, Any, Any]:
+def run_logged(
+    serve: Serve, db: fix_db.TestDB, role: str, expr: str, params: tuple[Any, ...] = ()
+) -> tuple[str, str, Any, Any]:
     """:func:`run`, with serve's log in the failure if the instance never finishes."""
     try:
         return run(db, role, expr, params)
@@ -675,11 +778,14 @@ def test_tenants_share_no_cookies(db: fix_db.TestDB, serve_factory: Any, http: R
     assert "a-evil" not in json.dumps(results[3]) + json.dumps(results[4])
     # a workflow that wants its session passes the cookie on itself (docs/http.md)
     _, status, _, err = run_logged(
-        serve, db, tenant_a,
+        serve,
+        db,
+        tenant_a,
         "df.http(%s, 'GET') |=> 'login' ~> "
         "df.sql($q$select split_part(($login.headers)::jsonb ->> 'set-cookie', ';', 1) as c$q$)"
         " |=> 'ck' ~> df.http(%s, 'GET', null, '{\"Cookie\": \"$ck.c\"}')",
-        (f"{http.base}/setcookie/mine/a-own", f"{http.base}/headers/a-explicit"))
+        (f"{http.base}/setcookie/mine/a-own", f"{http.base}/headers/a-explicit"),
+    )
     assert status == "completed", err
     assert http.hits("/headers/a-explicit")[0].headers.get("Cookie") == "mine=a-own"
     assert len(serve.workers()) == 1
@@ -716,7 +822,8 @@ class RssSampler:
 
 
 def test_decompression_bombs_fail_and_worker_rss_stays_bounded(
-        db: fix_db.TestDB, serve_factory: Any, http: Recorder) -> None:
+    db: fix_db.TestDB, serve_factory: Any, http: Recorder
+) -> None:
     """A 1,827-byte ``gzip, gzip`` response (1 GiB inside) and a 1 MB single-layer gzip bomb
     fail their step naming the cap; the worker's RSS stays under 150 MB throughout."""
     bombs = {"gzip,gzip": gzip_gzip_bomb(), "gzip": gzip_bomb()}  # made before serve runs
@@ -725,19 +832,25 @@ def test_decompression_bombs_fail_and_worker_rss_stays_bounded(
     serve = serve_factory(db, **ONE_WORKER)
     (worker,) = serve.wait_workers(1)
     # warm up: the worker's client and a real (small) gzip response decode fine
-    _, status, res, err = run_logged(serve, db, role, "df.http(%s, 'GET')",
-                                     (f"{http.base}/gzip-ok",))
+    _, status, res, err = run_logged(
+        serve, db, role, "df.http(%s, 'GET')", (f"{http.base}/gzip-ok",)
+    )
     assert status == "completed", err
     assert res["body"] == "fine " * 200_000
     with RssSampler([worker]) as rss:
         before = rss.rss()
-        out = {coding: run_logged(serve, db, role, "df.http(%s, 'GET')",
-                                  (f"{http.base}/bomb/{coding}",))
-               for coding in bombs}
+        out = {
+            coding: run_logged(
+                serve, db, role, "df.http(%s, 'GET')", (f"{http.base}/bomb/{coding}",)
+            )
+            for coding in bombs
+        }
         time.sleep(0.2)
         after = rss.rss()
-    print(f"worker RSS: {before / MiB:.1f} MiB before the bombs, peak {rss.peak / MiB:.1f} MiB,"
-          f" {after / MiB:.1f} MiB after")
+    print(
+        f"worker RSS: {before / MiB:.1f} MiB before the bombs, peak {rss.peak / MiB:.1f} MiB,"
+        f" {after / MiB:.1f} MiB after"
+    )
     assert rss.peak < 150 * MiB, f"worker RSS peaked at {rss.peak / MiB:.0f} MiB"
     _, status, _, err = out["gzip,gzip"]
     assert status == "failed"
@@ -752,7 +865,7 @@ def test_decompression_bombs_fail_and_worker_rss_stays_bounded(
 # A test-only resolver for serve's workers: the names below answer from this table. Loaded as
 # sitecustomize (PYTHONPATH) in serve's processes; it wraps uvloop's loop, whose getaddrinfo
 # is what the HTTP policy and anyio resolve with. /etc/hosts is not touched.
-_DNS_OVERRIDE = textwrap.dedent('''
+_DNS_OVERRIDE = textwrap.dedent("""
     import json, os, socket
 
     _ANSWERS = json.loads(os.environ.get("PGDURABLE_TEST_DNS", "{}"))
@@ -772,7 +885,7 @@ _DNS_OVERRIDE = textwrap.dedent('''
     if _ANSWERS:
         import uvloop
         uvloop.Loop = _override(uvloop.Loop)
-''')
+""")
 
 V6_FORMS = {  # name -> (its only DNS answer, the reason the public policy gives)
     "nat64-local.pgdurable.test": ("64:ff9b:1::7f00:1", "local-use NAT64"),
@@ -785,23 +898,31 @@ V6_FORMS = {  # name -> (its only DNS answer, the reason the public policy gives
 
 
 def test_public_policy_blocks_ipv6_forms_of_internal_addresses(
-        db: fix_db.TestDB, serve_factory: Any, http: Recorder, tmp_path: Path) -> None:
+    db: fix_db.TestDB, serve_factory: Any, http: Recorder, tmp_path: Path
+) -> None:
     (tmp_path / "sitecustomize.py").write_text(_DNS_OVERRIDE)
     dns = {
-        "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH"))
-                                      if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p
+        ),
         "PGDURABLE_TEST_DNS": json.dumps({name: [a] for name, (a, _) in V6_FORMS.items()}),
     }
     # control: the override is live in serve's workers, and ::ffff:127.0.0.1 really is a way
     # to this 127.0.0.1 server (an allow-list that names it reaches it)
-    control = _policy_run(db, serve_factory,
-                          {**BASE_ENV, **dns, **serve_env(http_allow="*.pgdurable.test")},
-                          {"mapped": f"http://mapped.pgdurable.test:{http.port}/echo/v6-ok"})
+    control = _policy_run(
+        db,
+        serve_factory,
+        {**BASE_ENV, **dns, **serve_env(http_allow="*.pgdurable.test")},
+        {"mapped": f"http://mapped.pgdurable.test:{http.port}/echo/v6-ok"},
+    )
     assert control["mapped"][0] == "completed", control["mapped"][2]
     assert len(http.hits("/echo/v6-ok")) == 1
-    out = _policy_run(db, serve_factory,
-                      {**BASE_ENV, **dns, **serve_env(http_policy="public", http_allow="")},
-                      {name: f"http://{name}:{http.port}/echo/v6-{name}" for name in V6_FORMS})
+    out = _policy_run(
+        db,
+        serve_factory,
+        {**BASE_ENV, **dns, **serve_env(http_policy="public", http_allow="")},
+        {name: f"http://{name}:{http.port}/echo/v6-{name}" for name in V6_FORMS},
+    )
     for name, (address, reason) in V6_FORMS.items():
         status, _, err = out[name]
         assert status == "failed", (name, err)

@@ -41,8 +41,10 @@ def test_internal_error_fails_the_step_at_once_with_one_traceback(db, running, t
         conn.execute("reset role")
         loop = conn.execute(
             "update df.nodes set status_details = coalesce(status_details, '{}') || "
-            "'{\"iter_begins_at\": {\"not\": \"a number\"}}' where instance_id = %s "
-            "and node_type = 'LOOP' returning id", (iid,)).fetchone()[0]
+            '\'{"iter_begins_at": {"not": "a number"}}\' where instance_id = %s '
+            "and node_type = 'LOOP' returning id",
+            (iid,),
+        ).fetchone()[0]
         conn.commit()
     t0 = time.monotonic()
     status, err, _ = _await(db, tenant, iid)
@@ -52,7 +54,8 @@ def test_internal_error_fails_the_step_at_once_with_one_traceback(db, running, t
     assert elapsed < 10, elapsed
     assert err["error"].startswith(
         f"internal error in pgdurable while starting the instance (node {err['node_id']!r}): "
-        "TypeError: float() argument must be"), err
+        "TypeError: float() argument must be"
+    ), err
     assert "not retried" in err["error"]
     assert loop  # the corrupted node exists
     log = running.log()
@@ -60,8 +63,12 @@ def test_internal_error_fails_the_step_at_once_with_one_traceback(db, running, t
     assert log.count("internal error in pgdurable while starting the instance") == 1, log
     with db.connect() as conn:
         # nothing left to claim: the instance is finished, not waiting for another attempt
-        assert conn.execute("select count(*) from pgdurable.tasks where instance_id = %s",
-                            (iid,)).fetchone()[0] == 0
+        assert (
+            conn.execute(
+                "select count(*) from pgdurable.tasks where instance_id = %s", (iid,)
+            ).fetchone()[0]
+            == 0
+        )
 
 
 def test_rows_shaped_values_no_longer_crash_the_worker(db, running, tenant):
@@ -70,8 +77,7 @@ def test_rows_shaped_values_no_longer_crash_the_worker(db, running, tenant):
     with db.connect() as conn:
         conn.execute(f"alter database {db.name} set pg_durable.loop_min_interval_ms = 0")
     shaped = '{"rows": [{"a": 1}], "columns": [[1]], "row_count": "many"}'
-    expr = (f"df.loop(df.break('{shaped}')) |=> 'r' ~> "
-            "df.sql('select $r.a as a, $r as first')")
+    expr = f"df.loop(df.break('{shaped}')) |=> 'r' ~> df.sql('select $r.a as a, $r as first')"
     with db.connect(tenant) as conn:
         iid = conn.execute(f"select df.start({expr})").fetchone()[0]
     status, err, result = _await(db, tenant, iid)

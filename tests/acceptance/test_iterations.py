@@ -44,8 +44,11 @@ def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
 
 def nodes(db: fix_db.TestDB, role: str, iid: str) -> list[dict[str, Any]]:
     with db.connect(role) as conn:
-        cur = conn.execute("select node_id, node_type, query, status, inferred_status, "
-                           "inferred_status_from_ancestor_id from df.instance_nodes(%s)", (iid,))
+        cur = conn.execute(
+            "select node_id, node_type, query, status, inferred_status, "
+            "inferred_status_from_ancestor_id from df.instance_nodes(%s)",
+            (iid,),
+        )
         cols = [d.name for d in cur.description]
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
@@ -68,10 +71,14 @@ def wait_for(what: str, check: Any, timeout: float = 60) -> Any:
 def test_a_loops_second_iteration_shows_its_running_wait(env: Env) -> None:
     # the issue's workflow: iteration 1 takes the else arm (inserts), iteration 2 the then
     # arm, and waits for 'go'
-    iid = start(env.db, env.role, """@> ( df.sql('select 1')
+    iid = start(
+        env.db,
+        env.role,
+        """@> ( df.sql('select 1')
         ~> df.if(df.sql('select (select count(*) from public.it) >= 1'),
                  df.wait_for_signal('go', 60) ~> df.break('{}'),
-                 df.sql('insert into public.it values (1)')) )""")
+                 df.sql('insert into public.it values (1)')) )""",
+    )
 
     def waiting() -> dict[str, Any] | None:
         sig = next(n for n in nodes(env.db, env.role, iid) if n["node_type"] == "SIGNAL")
@@ -94,14 +101,26 @@ def test_a_loops_second_iteration_shows_its_running_wait(env: Env) -> None:
     assert "⊘ SIGNAL" not in text, text
     assert "else: ⊘ SQL: insert into public.it values (1)" in text, text
     # the CLI's pictures colour nodes by the same inferred status
-    res = CliRunner().invoke(cli_main, ["explain", iid, "--format", "mermaid",
-                                        "--dsn", env.db.server.dsn(env.db.name, user=env.role)],
-                             catch_exceptions=False)
+    res = CliRunner().invoke(
+        cli_main,
+        [
+            "explain",
+            iid,
+            "--format",
+            "mermaid",
+            "--dsn",
+            env.db.server.dsn(env.db.name, user=env.role),
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
-    assert f"{sig['node_id']}[\"running: SIGNAL 'go' (timeout 60s)\"]:::running" in res.output, \
+    assert f"{sig['node_id']}[\"running: SIGNAL 'go' (timeout 60s)\"]:::running" in res.output, (
         res.output
-    assert f"{ins['node_id']}[\"skipped: SQL: insert into public.it values (1)\"]:::skipped" \
-        in res.output, res.output
+    )
+    assert (
+        f'{ins["node_id"]}["skipped: SQL: insert into public.it values (1)"]:::skipped'
+        in res.output
+    ), res.output
     # the approval arrives: the break ends the loop
     with env.db.connect(env.role) as conn:
         conn.execute("select df.signal(%s, 'go')", (iid,))
@@ -115,8 +134,11 @@ def test_a_loops_second_iteration_shows_its_running_wait(env: Env) -> None:
 
 def test_a_race_decided_against_a_loop_ends_the_loop(env: Env) -> None:
     # branch 2 loops (one iteration per second) until branch 1's sleep wins the RACE
-    iid = start(env.db, env.role, "df.race(df.sleep(2) ~> df.sql('select ''won'' as w'), "
-                                  "@> df.sql('select 1'))")
+    iid = start(
+        env.db,
+        env.role,
+        "df.race(df.sleep(2) ~> df.sql('select ''won'' as w'), @> df.sql('select 1'))",
+    )
     status, result, err = finish(env.db, env.role, iid)
     assert status == "completed", err
     assert result["rows"] == [{"w": "won"}]
@@ -126,11 +148,15 @@ def test_a_race_decided_against_a_loop_ends_the_loop(env: Env) -> None:
     # every node of the loser is terminal, the LOOP included (D17), and reads as skipped
     assert [n for n in rows if n["status"] == "running"] == []
     assert loop["status"] == "failed"
-    assert (loop["inferred_status"], loop["inferred_status_from_ancestor_id"]) == \
-        ("skipped", race["node_id"])
+    assert (loop["inferred_status"], loop["inferred_status_from_ancestor_id"]) == (
+        "skipped",
+        race["node_id"],
+    )
     with env.db.connect(env.role) as conn:
-        res = conn.execute("select result #>> '{}' from df.nodes where instance_id = %s "
-                           "and id = %s", (iid, loop["node_id"])).fetchone()[0]
+        res = conn.execute(
+            "select result #>> '{}' from df.nodes where instance_id = %s and id = %s",
+            (iid, loop["node_id"]),
+        ).fetchone()[0]
     assert res.startswith("cancelled: "), res
     text = explain(env.db, env.role, iid)
     assert "branch 2: ⊘ LOOP (infinite)" in text, text
@@ -145,8 +171,11 @@ def test_a_graph_nested_exactly_256_deep_runs_and_257_is_refused(env: Env) -> No
         # root (root at depth 0)
         g: dict[str, Any] = {"node_type": "SQL", "query": f"select {depth} as deepest"}
         for k in range(depth):
-            g = {"node_type": "THEN", "left_node": {"node_type": "SQL", "query": f"select {k}"},
-                 "right_node": g}
+            g = {
+                "node_type": "THEN",
+                "left_node": {"node_type": "SQL", "query": f"select {k}"},
+                "right_node": g,
+            }
         return g
 
     iid = start(env.db, env.role, "%s", (json.dumps(chain(256)),))
@@ -154,8 +183,13 @@ def test_a_graph_nested_exactly_256_deep_runs_and_257_is_refused(env: Env) -> No
     assert status == "completed", err
     assert result["rows"] == [{"deepest": 256}]
     with env.db.connect(env.role) as conn:
-        assert conn.execute("select count(*) from df.nodes where instance_id = %s",
-                            (iid,)).fetchone()[0] == 2 * 256 + 1
-        with pytest.raises(psycopg.errors.ProgramLimitExceeded,
-                           match="maximum nesting depth of 256"):
+        assert (
+            conn.execute("select count(*) from df.nodes where instance_id = %s", (iid,)).fetchone()[
+                0
+            ]
+            == 2 * 256 + 1
+        )
+        with pytest.raises(
+            psycopg.errors.ProgramLimitExceeded, match="maximum nesting depth of 256"
+        ):
             conn.execute("select df.start(%s)", (json.dumps(chain(257)),))

@@ -161,7 +161,9 @@ class World:
             cur = ca.execute(
                 f"select tag, cu, su, is_superuser, phase, action, ok, err "
                 f"from {self.A}.attacker_log "
-                "where %s::text is null or tag = %s order by at", (tag, tag))
+                "where %s::text is null or tag = %s order by at",
+                (tag, tag),
+            )
             cols = [d.name for d in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
@@ -171,7 +173,8 @@ class World:
             out = {}
             for s in ("calls", "foreign_calls", "priv_ok"):
                 last, called = ca.execute(
-                    f"select last_value, is_called from {self.A}.{s}").fetchone()
+                    f"select last_value, is_called from {self.A}.{s}"
+                ).fetchone()
                 out[s] = last if called else 0
             return out
 
@@ -185,8 +188,10 @@ PRIVILEGED = [
     "grant pgdurable_service to {A}",
     "create role evil_{uniq} superuser login",
     "select {victim_runner}('guess', 'insert into {A}.stolen select v from victim.secret', 100)",
-    ("select pgdurable._step_apply_v1('guess', 'w', '00000000', '00000000', 0, 0, null, "
-     "'completed', null, null, null, null, 5)"),
+    (
+        "select pgdurable._step_apply_v1('guess', 'w', '00000000', '00000000', 0, 0, null, "
+        "'completed', null, null, null, null, 5)"
+    ),
     "select pgdurable._step_begin_v1('guess', {a_oid})",
     "select * from pgdurable._step_load_instance_v1('guess', '00000000')",
     "select * from pgdurable._step_load_results_v1('guess', '00000000')",
@@ -216,10 +221,12 @@ def world(db) -> World:
     secret = f"TOPSECRET-{uuid.uuid4().hex}"
     with psycopg.connect(db.install_dsn, autocommit=True) as adm:
         for r in (a, b):
-            adm.execute(sql.SQL("create schema {} authorization {}").format(
-                sql.Identifier(r), sql.Identifier(r)))
-        adm.execute(sql.SQL("create schema victim authorization {}").format(
-            sql.Identifier(victim)))
+            adm.execute(
+                sql.SQL("create schema {} authorization {}").format(
+                    sql.Identifier(r), sql.Identifier(r)
+                )
+            )
+        adm.execute(sql.SQL("create schema victim authorization {}").format(sql.Identifier(victim)))
         oids = {r: one(adm, "select %s::regrole::oid::int", (r,)) for r in (a, b, victim)}
     with db.connect(victim) as cv:
         cv.execute("create table victim.secret (v text)")
@@ -249,10 +256,18 @@ def world(db) -> World:
         for s in ("calls", "foreign_calls", "priv_ok"):
             ca.execute(f"create sequence {A}.{s}")
             ca.execute(f"grant usage, select on sequence {A}.{s} to public")
-        actions = ", ".join(lit(x.format(A=A, b=b, a_oid=w.a_oid,
-                                         victim_runner=w.victim_runner,
-                                         uniq=uuid.uuid4().hex[:8]))
-                            for x in PRIVILEGED)
+        actions = ", ".join(
+            lit(
+                x.format(
+                    A=A,
+                    b=b,
+                    a_oid=w.a_oid,
+                    victim_runner=w.victim_runner,
+                    uniq=uuid.uuid4().hex[:8],
+                )
+            )
+            for x in PRIVILEGED
+        )
         ca.execute(f"""
             create function {A}.probe(p_tag text) returns void language plpgsql as $probe$
             declare
@@ -318,15 +333,19 @@ def world(db) -> World:
     return w
 
 
-def assert_harmless(w: World, *, allow_step_role: bool = True,
-                    known_gap: str | None = None) -> list[dict]:
+def assert_harmless(
+    w: World, *, allow_step_role: bool = True, known_gap: str | None = None
+) -> list[dict]:
     """Whatever A's planted code did, it did as A (or as the step role, which holds nothing)
     and every privileged action failed; A is no superuser; the secret is not readable.
     ``known_gap``: an action (prefix) whose success is the documented gap another test pins."""
     rows = w.log()
     counters = w.counters()
-    bad = [r for r in rows if r["ok"]
-           and not (known_gap is not None and r["action"].startswith(known_gap))]
+    bad = [
+        r
+        for r in rows
+        if r["ok"] and not (known_gap is not None and r["action"].startswith(known_gap))
+    ]
     assert bad == [], f"a privileged action succeeded: {bad}"
     assert counters["priv_ok"] == 0, f"a privileged action succeeded (rolled back): {counters}"
     who = {r["cu"] for r in rows}
@@ -341,12 +360,15 @@ def assert_harmless(w: World, *, allow_step_role: bool = True,
             "pg_has_role(oid, 'pgdurable_owner', 'member'), "
             "pg_has_role(oid, 'pgdurable_service', 'member'), "
             "pg_has_role(oid, 'pgdurable_step', 'member') from pg_roles where rolname = %s",
-            (w.a,)).fetchone()
+            (w.a,),
+        ).fetchone()
         assert r == (False,) * 7, f"A gained rights: {r}"
         step = adm.execute(
             "select rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, "
             "(select count(*) from pg_auth_members m where m.member = r.oid) "
-            "from pg_roles r where rolname = %s", (STEP,)).fetchone()
+            "from pg_roles r where rolname = %s",
+            (STEP,),
+        ).fetchone()
         assert step == (False, False, False, False, 0), f"the step role gained rights: {step}"
         assert one(adm, "select count(*) from pg_roles where rolname like 'evil\\_%%'") == 0
     assert_no_secret(w)
@@ -356,12 +378,15 @@ def assert_harmless(w: World, *, allow_step_role: bool = True,
 def assert_no_secret(w: World) -> None:
     """The victim's secret appears in nothing A can read."""
     with w.db.connect(w.a) as ca:
-        seen = one(ca, f"""select concat_ws('|',
+        seen = one(
+            ca,
+            f"""select concat_ws('|',
             (select string_agg(t::text, '|') from {w.A}.attacker_log t),
             (select string_agg(t::text, '|') from {w.A}.stolen t),
             (select string_agg(t::text, '|') from df.instances t),
             (select string_agg(t::text, '|') from df.nodes t),
-            (select string_agg(t::text, '|') from df.vars t))""")
+            (select string_agg(t::text, '|') from df.vars t))""",
+        )
         assert one(ca, f"select count(*) from {w.A}.stolen") == 0
     assert w.secret not in (seen or ""), "the victim's secret reached A"
 
@@ -375,8 +400,11 @@ def b_start(w: World) -> dict[str, str]:
         return {
             "sql": start(cb, f"insert into {w.B}.ledger values ('sql') returning 'b sql' as r"),
             "sleep": one(cb, "select df.start(df.sleep(1) ~> df.sql('select ''b slept'' as r'))"),
-            "signal": one(cb, "select df.start(df.wait_for_signal('go', 60) ~> "
-                              "df.sql('select ''b signalled'' as r'))"),
+            "signal": one(
+                cb,
+                "select df.start(df.wait_for_signal('go', 60) ~> "
+                "df.sql('select ''b signalled'' as r'))",
+            ),
         }
 
 
@@ -388,8 +416,11 @@ def b_finish(w: World, ids: dict[str, str], timeout: float = 15) -> None:
         cb.execute("select df.signal(%s, 'go', '{}')", (ids["signal"],))
         for k, iid in ids.items():
             got[k] = outcome(cb, iid, max(1, deadline - time.monotonic()))
-    bad = {k: v for k, v in got.items()
-           if v[0] != "completed" or (v[1] or {}).get("rows") != [{"r": want[k]}]}
+    bad = {
+        k: v
+        for k, v in got.items()
+        if v[0] != "completed" or (v[1] or {}).get("rows") != [{"r": want[k]}]
+    }
     assert bad == {}, f"B's workflows did not complete within {timeout}s: {bad}"
 
 
@@ -406,8 +437,10 @@ def _bait(w: World, name: str, trigger_fn: str, when: str) -> None:
     with w.db.connect(w.a) as ca:
         ca.execute(f"create table {A}.{name} (x int)")
         ca.execute(f"grant select, insert on {A}.{name} to public")
-        ca.execute(f"create constraint trigger {name}_t after insert on {A}.{name} {when} "
-                   f"for each row execute function {trigger_fn}")
+        ca.execute(
+            f"create constraint trigger {name}_t after insert on {A}.{name} {when} "
+            f"for each row execute function {trigger_fn}"
+        )
 
 
 def _probe_trigger(w: World, tag: str) -> str:
@@ -441,9 +474,14 @@ def test_set_constraints_deferred_in_the_step_is_undone(db, serve_factory, world
     s.wait_workers(2)
     b_ids = b_start(w)
     with db.connect(w.a) as ca:
-        status, _, err = outcome(ca, start(
-            ca, f"do $$ begin set constraints all deferred; "
-                f"insert into {w.A}.bait values (1); end $$"))
+        status, _, err = outcome(
+            ca,
+            start(
+                ca,
+                f"do $$ begin set constraints all deferred; "
+                f"insert into {w.A}.bait values (1); end $$",
+            ),
+        )
     assert status == "completed", err
     rows = assert_harmless(w)
     assert rows, "the trigger never ran"
@@ -467,7 +505,7 @@ def _redefer_trigger(w: World, tag: str, at_commit: str = "", cursor_sql: str = 
                     {at_commit}
                     if not exists (select 1 from pg_catalog.pg_cursors c
                                    where c.name operator(pg_catalog.=) 'escape') then
-                        execute {lit('declare escape cursor with hold for ' + cursor_sql)};
+                        execute {lit("declare escape cursor with hold for " + cursor_sql)};
                     end if;
                 elsif (select count(*) from {w.A}.bait) < 3 then
                     set constraints all deferred;
@@ -499,12 +537,16 @@ def test_self_redeferring_trigger_runs_at_commit_with_nothing(db, serve_factory,
     # fired early inside the runner as A; what it re-queued may still run at COMMIT (it does,
     # on every PostgreSQL this was written against) — as A (PG 18) or the step role — and
     # the cursor it leaves there is materialised at COMMIT as the step role: with nothing
-    assert by_phase <= {("redefer", "runner", w.a), ("redefer", "commit", commit_role(w)),
-                        ("redefer cursor", "commit", STEP)}, by_phase
+    assert by_phase <= {
+        ("redefer", "runner", w.a),
+        ("redefer", "commit", commit_role(w)),
+        ("redefer cursor", "commit", STEP),
+    }, by_phase
     assert ("redefer", "runner", w.a) in by_phase, by_phase
     for r in rows:
-        if r["cu"] == STEP and ("pgdurable._step_" in r["action"]
-                                or "pgdurable_exec" in r["action"]):
+        if r["cu"] == STEP and (
+            "pgdurable._step_" in r["action"] or "pgdurable_exec" in r["action"]
+        ):
             # the runners and the token-gated functions: callable by the step role, refused
             # without the token
             assert r["err"].startswith("42501"), r
@@ -518,12 +560,18 @@ def test_with_hold_cursor_is_refused(db, serve_factory, world):
     s.wait_workers(2)
     b_ids = b_start(w)
     with db.connect(w.a) as ca:
-        status, _, err = outcome(ca, start(
-            ca, f"declare c cursor with hold for select {w.A}.f('hold')"))
+        status, _, err = outcome(
+            ca, start(ca, f"declare c cursor with hold for select {w.A}.f('hold')")
+        )
         # the same from inside a DO block (the cursor outlives the block)
-        status2, _, err2 = outcome(ca, start(
-            ca, f"do $$ begin execute 'declare c2 cursor with hold for "
-                f"select {w.A}.f(''hold_do'')'; end $$"))
+        status2, _, err2 = outcome(
+            ca,
+            start(
+                ca,
+                f"do $$ begin execute 'declare c2 cursor with hold for "
+                f"select {w.A}.f(''hold_do'')'; end $$",
+            ),
+        )
     assert status == "failed", err
     assert HOLD_MSG in err["error"], err
     assert err["sqlstate"] == "0A000", err
@@ -541,10 +589,15 @@ def test_step_is_not_superuser(db, serve_factory, world):
     s = serve_factory(db)
     s.wait_workers(2)
     with db.connect(w.a) as ca:
-        status, result, err = outcome(ca, start(
-            ca, "select current_setting('is_superuser') as su, current_user::text as cu, "
+        status, result, err = outcome(
+            ca,
+            start(
+                ca,
+                "select current_setting('is_superuser') as su, current_user::text as cu, "
                 "session_user::text as sess, "
-                "(select rolsuper from pg_roles where rolname = session_user) as sess_super"))
+                "(select rolsuper from pg_roles where rolname = session_user) as sess_super",
+            ),
+        )
     assert status == "completed", err
     assert result["rows"] == [{"su": "off", "cu": w.a, "sess": STEP, "sess_super": False}]
 
@@ -555,8 +608,10 @@ def test_step_is_not_superuser(db, serve_factory, world):
 TOKEN_GATED = {
     "runner": "select * from {victim_runner}('guess', 'select 1', 100)",
     "own_runner": "select * from pgdurable_exec.step_{a_oid}('guess', 'select 1', 100)",
-    "apply": ("select pgdurable._step_apply_v1('guess', 'w', '00000000', '00000000', 0, 0, "
-              "null, 'completed', null, null, null, null, 5)"),
+    "apply": (
+        "select pgdurable._step_apply_v1('guess', 'w', '00000000', '00000000', 0, 0, "
+        "null, 'completed', null, null, null, null, 5)"
+    ),
     "begin": "select pgdurable._step_begin_v1('guess', {victim_oid})",
     "load": "select * from pgdurable._step_load_instance_v1('guess', '00000000')",
     "lock_run": "select pgdurable._step_lock_run_v1('guess', '00000000')",
@@ -565,12 +620,15 @@ TOKEN_GATED = {
 
 def test_runner_and_checkpoint_refuse_calls_without_the_token(db, serve_factory, world):
     w = world
-    guesses = {k: q.format(victim_runner=w.victim_runner, a_oid=w.a_oid,
-                           victim_oid=w.victim_oid) for k, q in TOKEN_GATED.items()}
+    guesses = {
+        k: q.format(victim_runner=w.victim_runner, a_oid=w.a_oid, victim_oid=w.victim_oid)
+        for k, q in TOKEN_GATED.items()
+    }
     # escaped code: the cursor a re-deferred trigger leaves runs them at COMMIT as the step
     # role, which holds EXECUTE on all of them
     calls = " union all ".join(
-        f"select {w.A}.try_call({lit(k)}, {lit(q)})" for k, q in guesses.items())
+        f"select {w.A}.try_call({lit(k)}, {lit(q)})" for k, q in guesses.items()
+    )
     with db.connect(w.a) as ca:
         ca.execute(f"""create function {w.A}.try_call(p_what text, p_sql text) returns int
             language plpgsql as $$
@@ -592,8 +650,9 @@ def test_runner_and_checkpoint_refuse_calls_without_the_token(db, serve_factory,
                 end;
                 return 1;
             end $$""")
-    _bait(w, "bait", _redefer_trigger(w, "escaped", cursor_sql=calls),
-          "deferrable initially deferred")
+    _bait(
+        w, "bait", _redefer_trigger(w, "escaped", cursor_sql=calls), "deferrable initially deferred"
+    )
     s = serve_factory(db)
     s.wait_workers(2)
     b_ids = b_start(w)
@@ -633,25 +692,41 @@ def _commit_time_cancel(db, serve_factory, world):
     backends (pg_cancel_backend): A's escaped code cancels B's running step. Returns B's
     outcome and A's side channel of cancels."""
     w = world
-    _bait(w, "bait", _redefer_trigger(
-        w, "canceller", at_commit=f"perform {w.A}.cancel_steps('cancel by trigger');",
-        cursor_sql=f"select {w.A}.cancel_steps('cancel by cursor')"),
-        "deferrable initially deferred")
+    _bait(
+        w,
+        "bait",
+        _redefer_trigger(
+            w,
+            "canceller",
+            at_commit=f"perform {w.A}.cancel_steps('cancel by trigger');",
+            cursor_sql=f"select {w.A}.cancel_steps('cancel by cursor')",
+        ),
+        "deferrable initially deferred",
+    )
     s = serve_factory(db)
     s.wait_workers(2)
     with db.connect(w.b) as cb:
         b_slow = start(cb, "select pg_sleep(4) is null as slept")
     with w.admin() as adm:
-        assert wait_until(lambda: one(
-            adm, "select count(*) from pg_stat_activity where usename = %s "
-                 "and wait_event = 'PgSleep' and datname = current_database()", (STEP,)), 10)
+        assert wait_until(
+            lambda: one(
+                adm,
+                "select count(*) from pg_stat_activity where usename = %s "
+                "and wait_event = 'PgSleep' and datname = current_database()",
+                (STEP,),
+            ),
+            10,
+        )
     with db.connect(w.a) as ca:
         status, _, err = outcome(ca, start(ca, f"insert into {w.A}.bait values (1)"))
     assert status == "completed", err
     with db.connect(w.b) as cb:
         b_status, b_result, b_err = outcome(cb, b_slow, 30)
-    cancels = [(r["tag"], r["cu"], r["phase"], r["err"]) for r in w.log()
-               if r["action"].startswith("pg_cancel_backend")]
+    cancels = [
+        (r["tag"], r["cu"], r["phase"], r["err"])
+        for r in w.log()
+        if r["action"].startswith("pg_cancel_backend")
+    ]
     # everything else A's escaped code tried failed (the cancel itself: the xfail below)
     assert_harmless(w, known_gap="pg_cancel_backend")
     return b_status, b_result, b_err, cancels
@@ -663,14 +738,19 @@ def test_commit_time_cancel_of_another_tenants_step_does_not_fail_it(db, serve_f
     b_status, b_result, b_err, cancels = _commit_time_cancel(db, serve_factory, world)
     assert (b_status, b_err) == ("completed", None), (
         f"B's running step failed because A's code running at COMMIT cancelled it: {b_err}; "
-        f"A's side channel: {cancels}")
+        f"A's side channel: {cancels}"
+    )
     assert b_result["rows"] == [{"slept": False}]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (docs/security.md): every tenant's step session logs in as pgdurable_step, so "
-    "code escaping to COMMIT may pg_cancel_backend other tenants' running steps (they run "
-    "again); closing it needs a step login role per tenant"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known gap (docs/security.md): every tenant's step session logs in as pgdurable_step, so "
+        "code escaping to COMMIT may pg_cancel_backend other tenants' running steps (they run "
+        "again); closing it needs a step login role per tenant"
+    ),
+)
 def test_commit_time_code_cannot_cancel_other_tenants_steps(db, serve_factory, world):
     """It must not be able to interrupt another tenant's running step at all."""
     _, _, _, cancels = _commit_time_cancel(db, serve_factory, world)
@@ -685,25 +765,48 @@ def test_pooled_session_poisoning_does_not_reach_later_steps(db, serve_factory, 
     A = w.A
     with db.connect(w.a) as ca:
         # trojans: found first by anyone whose search_path A managed to change
-        for fn, ret, body in [("random()", "double precision", "return 0.5;"),
-                              ("lower(text)", "text", "return pg_catalog.lower($1);"),
-                              ("set_config(text, text, boolean)", "text",
-                               "return pg_catalog.set_config($1, $2, $3);")]:
+        for fn, ret, body in [
+            ("random()", "double precision", "return 0.5;"),
+            ("lower(text)", "text", "return pg_catalog.lower($1);"),
+            (
+                "set_config(text, text, boolean)",
+                "text",
+                "return pg_catalog.set_config($1, $2, $3);",
+            ),
+        ]:
             ca.execute(f"""create function {A}.{fn} returns {ret} language plpgsql as $$
                 begin
-                    perform {A}.probe({lit('trojan ' + fn.split('(')[0])});
+                    perform {A}.probe({lit("trojan " + fn.split("(")[0])});
                     {body}
                 end $$""")
-    engine_names = ["tasks", "runs", "results", "signals", "step_caps", "step_slots",
-                    "role_slots", "step_sessions", "locks", "workers", "instances", "nodes",
-                    "vars", "pg_roles", "pg_stat_activity", "pg_cursors"]
+    engine_names = [
+        "tasks",
+        "runs",
+        "results",
+        "signals",
+        "step_caps",
+        "step_slots",
+        "role_slots",
+        "step_sessions",
+        "locks",
+        "workers",
+        "instances",
+        "nodes",
+        "vars",
+        "pg_roles",
+        "pg_stat_activity",
+        "pg_cursors",
+    ]
     poison = {
         "domain": "create domain pg_temp.text as pg_catalog.int4",
         "domain_jsonb": "create domain pg_temp.jsonb as pg_catalog.int4",
-        "temp_tables": "do $$ begin " + " ".join(
+        "temp_tables": "do $$ begin "
+        + " ".join(
             f"create temp table {n} (pid int, token_hash bytea, slot int, role oid, "
             f"instance_id text, node_id text); grant all on pg_temp.{n} to public;"
-            for n in engine_names) + " end $$",
+            for n in engine_names
+        )
+        + " end $$",
         "setseed": "select setseed(0.5)",
         "search_path": f"select set_config('search_path', '{w.a}, pg_catalog', false)",
         "search_path_temp": "select set_config('search_path', 'pg_temp, pg_catalog', false)",
@@ -719,7 +822,8 @@ def test_pooled_session_poisoning_does_not_reach_later_steps(db, serve_factory, 
             f"perform set_config('search_path', '{w.a}, pg_catalog', false); "
             "execute 'listen pgdurable_poison'; "
             "execute 'prepare poisoned as select 42'; "
-            "end $$"),
+            "end $$"
+        ),
     }
     # one worker with one slot: its few pooled step connections serve step after step
     s = serve_factory(db, PGDURABLE_WORKERS="1", PGDURABLE_SLOTS="1")
@@ -732,33 +836,40 @@ def test_pooled_session_poisoning_does_not_reach_later_steps(db, serve_factory, 
                 # which step sessions A reached
                 planted[f"pid after {k}#{n}"] = start(ca, "select pg_backend_pid() as pid")
         got = {k: outcome(ca, iid) for k, iid in planted.items()}
-    a_pids = {v[1]["rows"][0]["pid"] for k, v in got.items() if k.startswith("pid after")
-              and v[0] == "completed"}
+    a_pids = {
+        v[1]["rows"][0]["pid"]
+        for k, v in got.items()
+        if k.startswith("pid after") and v[0] == "completed"
+    }
     poison_failed = {k: v for k, v in got.items() if v[0] != "completed"}
-    probe = (f"insert into {w.B}.ledger values ('probe') returning "
-             "random() as r1, random() as r2, 'abc'::text as t, lower('X') as l, "
-             "current_setting('search_path') as sp, "
-             "current_setting('app.poison', true) as guc, "
-             "(select count(*) from pg_prepared_statements) as prepared, "
-             "(select count(*) from pg_listening_channels()) as listening, "
-             "(select count(*) from pg_locks where locktype = 'advisory' "
-             "   and pid = pg_backend_pid()) as advisory, "
-             "(select count(*) from pg_class where relnamespace = pg_my_temp_schema()) as temps, "
-             "(select count(*) from pg_type where typnamespace = pg_my_temp_schema()) "
-             "  as temp_types, "
-             "current_user::text as cu, pg_backend_pid() as pid")
+    probe = (
+        f"insert into {w.B}.ledger values ('probe') returning "
+        "random() as r1, random() as r2, 'abc'::text as t, lower('X') as l, "
+        "current_setting('search_path') as sp, "
+        "current_setting('app.poison', true) as guc, "
+        "(select count(*) from pg_prepared_statements) as prepared, "
+        "(select count(*) from pg_listening_channels()) as listening, "
+        "(select count(*) from pg_locks where locktype = 'advisory' "
+        "   and pid = pg_backend_pid()) as advisory, "
+        "(select count(*) from pg_class where relnamespace = pg_my_temp_schema()) as temps, "
+        "(select count(*) from pg_type where typnamespace = pg_my_temp_schema()) "
+        "  as temp_types, "
+        "current_user::text as cu, pg_backend_pid() as pid"
+    )
     b_ids = b_start(w)
     with db.connect(w.b) as cb:
         probes = [start(cb, probe) for _ in range(24)]
         b_rows = [outcome(cb, iid) for iid in probes]
     with db.connect(w.a) as ca:
-        a_after = [outcome(ca, start(ca, "select 'a ok'::text as r, 1 + 1 as two"))
-                   for _ in range(6)]
+        a_after = [
+            outcome(ca, start(ca, "select 'a ok'::text as r, 1 + 1 as two")) for _ in range(6)
+        ]
     # the sequence random() gives after setseed(0.5), in a session of our own
     with w.admin() as adm:
         adm.execute("select setseed(0.5)")
-        seeded = {r[0] for r in adm.execute(
-            "select random() from generate_series(1, 2000)").fetchall()}
+        seeded = {
+            r[0] for r in adm.execute("select random() from generate_series(1, 2000)").fetchall()
+        }
     b_finish(w, b_ids)
     failed_b = [r for r in b_rows if r[0] != "completed"]
     assert failed_b == [], f"B's steps failed after A's poison: {failed_b}"
@@ -769,15 +880,21 @@ def test_pooled_session_poisoning_does_not_reach_later_steps(db, serve_factory, 
         assert w.a not in row["sp"], row
         assert "pg_temp" not in row["sp"], row
         assert row["guc"] in (None, ""), row
-        assert (row["prepared"], row["listening"], row["advisory"], row["temps"],
-                row["temp_types"]) == (0, 0, 0, 0, 0), row
+        assert (
+            row["prepared"],
+            row["listening"],
+            row["advisory"],
+            row["temps"],
+            row["temp_types"],
+        ) == (0, 0, 0, 0, 0), row
     # the test means something only if B ran on sessions A had poisoned
     assert a_pids & {row["pid"] for row in rows}, (a_pids, {row["pid"] for row in rows})
     randoms = [row[k] for row in rows for k in ("r1", "r2")]
     assert not seeded & set(randoms), "B's random() follows the sequence of A's setseed(0.5)"
     assert len(set(randoms)) == len(randoms)
-    assert all(r[0] == "completed" and r[1]["rows"] == [{"r": "a ok", "two": 2}]
-               for r in a_after), a_after
+    assert all(
+        r[0] == "completed" and r[1]["rows"] == [{"r": "a ok", "two": 2}] for r in a_after
+    ), a_after
     # the trojans never ran as anyone (B included) but A
     trojans = [r for r in w.log() if r["tag"].startswith("trojan")]
     assert {r["cu"] for r in trojans} <= {w.a}, trojans
@@ -798,7 +915,7 @@ def test_advisory_locks_of_any_role_do_not_block_steps(db, serve_factory, world)
         holder.execute(f"""do $$
             declare c int; k int;
             begin
-                foreach c in array array[{', '.join(map(str, OLD_CLASSES))}] loop
+                foreach c in array array[{", ".join(map(str, OLD_CLASSES))}] loop
                     for k in 0..99 loop perform pg_advisory_lock(c, k); end loop;
                 end loop;
                 perform pg_advisory_lock(1346913367, hashint8({w.b_oid}::bigint));
@@ -808,8 +925,11 @@ def test_advisory_locks_of_any_role_do_not_block_steps(db, serve_factory, world)
                 end loop;
                 perform pg_advisory_lock({OLD_PRUNE_KEY}::bigint);
             end $$""")
-        held = one(holder, "select count(*) from pg_locks where locktype = 'advisory' "
-                           "and pid = pg_backend_pid() and granted")
+        held = one(
+            holder,
+            "select count(*) from pg_locks where locktype = 'advisory' "
+            "and pid = pg_backend_pid() and granted",
+        )
         assert held >= 3 * 100 + 1 + 100 + 100 + 1
         s = serve_factory(db)
         s.wait_workers(2)
@@ -833,11 +953,17 @@ def test_tenant_cannot_lock_engine_tables(db, serve_factory, world):
     s.wait_workers(2)
     b_ids = b_start(w)
     with db.connect(w.a, autocommit=False) as ca:
-        for table in ("df.vars", "df.instances", "df.nodes", "df.workers",
-                      "pgdurable.step_slots", "pgdurable.tasks", "pgdurable.runs"):
+        for table in (
+            "df.vars",
+            "df.instances",
+            "df.nodes",
+            "df.workers",
+            "pgdurable.step_slots",
+            "pgdurable.tasks",
+            "pgdurable.runs",
+        ):
             for mode in ("access exclusive", "exclusive", "share row exclusive", "share"):
-                with pytest.raises(psycopg.errors.InsufficientPrivilege,
-                                   match="permission denied"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
                     ca.execute(f"lock table {table} in {mode} mode")
                 ca.rollback()
         # FOR UPDATE on vars needs UPDATE: refused too
@@ -860,10 +986,13 @@ def test_tenant_row_lock_on_its_instance_does_not_stall_others(db, serve_factory
     with db.connect(w.a) as ca:
         # A's own instances: one mid-sleep, one whose only step must set its status
         a_sleep = one(ca, "select df.start(df.sleep(1) ~> df.sql('select 1 as x'))")
-        a_wait = one(ca, "select df.start(df.wait_for_signal('go', 60) ~> "
-                         "df.sql('select 2 as x'))")
-        assert wait_until(lambda: one(ca, "select status from df.instances where id = %s",
-                                      (a_wait,)) == "running", 10)
+        a_wait = one(ca, "select df.start(df.wait_for_signal('go', 60) ~> df.sql('select 2 as x'))")
+        assert wait_until(
+            lambda: (
+                one(ca, "select status from df.instances where id = %s", (a_wait,)) == "running"
+            ),
+            10,
+        )
     locker = db.connect(w.a, autocommit=False)
     try:
         n = locker.execute("select id from df.instances for update").fetchall()
@@ -908,12 +1037,14 @@ def test_install_lock_key_held_by_any_role_does_not_block_serve(db, serve_factor
                     "select usename::text, application_name, wait_event_type, wait_event, "
                     "left(query, 60) from pg_stat_activity where datname = %s "
                     "and usename in (%s, %s) and wait_event_type = 'Lock'",
-                    (db.name, SERVICE, STEP)).fetchall()
+                    (db.name, SERVICE, STEP),
+                ).fetchall()
             raise AssertionError(
                 f"a role without any grant holding pg_advisory_lock({schema_mod.INSTALL_LOCK_KEY})"
                 f" keeps serve from starting: {str(exc).splitlines()[0]}; serve's sessions "
                 "waiting on a lock: "
-                f"{waiting}; workers forked: {s.workers()}") from None
+                f"{waiting}; workers forked: {s.workers()}"
+            ) from None
     finally:
         holder.close()
     assert_harmless(w)
@@ -929,21 +1060,25 @@ def test_tenant_marking_its_instance_terminal_leaves_no_spinning_task(db, serve_
     with db.connect(w.a) as ca:
         ids = {
             "timer": one(ca, "select df.start(df.sleep(2) ~> df.sql('select 1'))"),
-            "signal": one(ca, "select df.start(df.wait_for_signal('go', 60) ~> "
-                              "df.sql('select 1'))"),
+            "signal": one(
+                ca, "select df.start(df.wait_for_signal('go', 60) ~> df.sql('select 1'))"
+            ),
             "running_sql": start(ca, "select pg_sleep(2)"),
         }
-        assert wait_until(lambda: one(
-            ca, "select count(*) from df.instances where status = 'running'") == 3, 10)
+        assert wait_until(
+            lambda: one(ca, "select count(*) from df.instances where status = 'running'") == 3, 10
+        )
         for iid in ids.values():
             ca.execute("update df.instances set status = 'completed' where id = %s", (iid,))
     with w.admin() as adm:
         t0 = time.monotonic()
 
         def leftover():
-            return adm.execute("select instance_id, node_id, kind, lease_owner, attempts "
-                               "from pgdurable.tasks where instance_id = any(%s)",
-                               (list(ids.values()),)).fetchall()
+            return adm.execute(
+                "select instance_id, node_id, kind, lease_owner, attempts "
+                "from pgdurable.tasks where instance_id = any(%s)",
+                (list(ids.values()),),
+            ).fetchall()
 
         cpu0 = worker_cpu(s)
         gone = wait_until(lambda: not leftover(), 12, interval=0.25)
@@ -969,21 +1104,30 @@ def test_cyclic_graph_is_rejected_at_enqueue(db, serve_factory, world, shape):
     error = None
     with db.connect(w.a, autocommit=False) as ca:
         try:
-            ca.execute("insert into df.instances (id, root_node, submitted_by) "
-                       "values (%s, %s, current_user::regrole)", (iid, n1))
+            ca.execute(
+                "insert into df.instances (id, root_node, submitted_by) "
+                "values (%s, %s, current_user::regrole)",
+                (iid, n1),
+            )
             for nid, typ, query, left, right in nodes:
-                ca.execute("insert into df.nodes (id, instance_id, node_type, query, left_node, "
-                           "right_node, submitted_by) values (%s, %s, %s, %s, %s, %s, "
-                           "current_user::regrole)", (nid, iid, typ, query, left, right))
+                ca.execute(
+                    "insert into df.nodes (id, instance_id, node_type, query, left_node, "
+                    "right_node, submitted_by) values (%s, %s, %s, %s, %s, %s, "
+                    "current_user::regrole)",
+                    (nid, iid, typ, query, left, right),
+                )
             ca.execute("select pgdurable._enqueue_v1(%s, '{}')", (iid,))
             ca.commit()
         except psycopg.Error as exc:
             error = exc
             ca.rollback()
     with w.admin() as adm:
-        queued = adm.execute("select kind from pgdurable.tasks where instance_id = %s "
-                             "union all select 'runs' from pgdurable.runs "
-                             "where instance_id = %s", (iid, iid)).fetchall()
+        queued = adm.execute(
+            "select kind from pgdurable.tasks where instance_id = %s "
+            "union all select 'runs' from pgdurable.runs "
+            "where instance_id = %s",
+            (iid, iid),
+        ).fetchall()
     b_problem = None
     try:
         run_b(w)
@@ -991,7 +1135,8 @@ def test_cyclic_graph_is_rejected_at_enqueue(db, serve_factory, world, shape):
         b_problem = str(exc)
     assert error is not None, (
         f"_enqueue_v1 accepted a cyclic graph ({shape}); engine rows: {queued}; "
-        f"B afterwards: {b_problem or 'completed'}")
+        f"B afterwards: {b_problem or 'completed'}"
+    )
     assert queued == []
     assert b_problem is None, b_problem
     assert_harmless(w)
@@ -1020,8 +1165,11 @@ def test_oversized_result_fails_without_growing_the_worker(db, serve_factory, wo
             big = {
                 "rows": start(ca, "select repeat('x', 1000) from generate_series(1, 50000)"),
                 "one_row": start(ca, "select repeat('x', 50 * 1000 * 1000) as big"),
-                "many_cols": start(ca, "select repeat('x', 1000) as a, repeat('y', 1000) as b "
-                                       "from generate_series(1, 25000)"),
+                "many_cols": start(
+                    ca,
+                    "select repeat('x', 1000) as a, repeat('y', 1000) as b "
+                    "from generate_series(1, 25000)",
+                ),
             }
             got = {k: outcome(ca, iid, 60) for k, iid in big.items()}
             ok = outcome(ca, start(ca, "select repeat('x', 1000) as s"))
@@ -1054,8 +1202,11 @@ def test_listen_learns_no_instance_ids(db, serve_factory, world):
             c.execute("listen pgdurable_work; listen pgdurable_cancel; listen pgdurable_abandon")
         with db.connect(w.b) as cb:
             ids = list(b_start(w).values())
-            ids.append(one(cb, "select df.start(df.sql('select pg_sleep(5)') | "
-                               "df.sql('select 1 as fast'))"))  # the loser is abandoned
+            ids.append(
+                one(
+                    cb, "select df.start(df.sql('select pg_sleep(5)') | df.sql('select 1 as fast'))"
+                )
+            )  # the loser is abandoned
             ids.append(one(cb, "select df.start(df.wait_for_signal('never', 60))"))
             ids.append(one(cb, "select df.start('select pg_sleep(10)')"))
             time.sleep(1)
@@ -1073,7 +1224,8 @@ def test_listen_learns_no_instance_ids(db, serve_factory, world):
     leaked = [n for n in notes if n[1] != ""]
     assert leaked == [], (
         f"any role that can LISTEN learns instance ids: {len(leaked)} of {len(notes)} "
-        f"notifications carry a payload, {sorted({n for n in leaked if n[1] in ids})}")
+        f"notifications carry a payload, {sorted({n for n in leaked if n[1] in ids})}"
+    )
     assert_harmless(w)
 
 
@@ -1103,8 +1255,9 @@ def test_database_step_into_a_tenant_owned_database(db, serve_factory, world):
     d2 = f"{db.name}_d2"
     with psycopg.connect(db.install_dsn, autocommit=True) as adm:
         adm.execute(sql.SQL("create database {}").format(sql.Identifier(d2)))
-        adm.execute(sql.SQL("alter database {} owner to {}").format(
-            sql.Identifier(d2), sql.Identifier(w.a)))
+        adm.execute(
+            sql.SQL("alter database {} owner to {}").format(sql.Identifier(d2), sql.Identifier(w.a))
+        )
     try:
         schema_mod.install(db.server.install_dsn(d2))
         with psycopg.connect(db.server.install_dsn(d2), autocommit=True) as adm:
@@ -1112,33 +1265,44 @@ def test_database_step_into_a_tenant_owned_database(db, serve_factory, world):
         with psycopg.connect(db.server.dsn(d2, user=w.a), autocommit=True) as ca:
             ca.execute("create schema evil")
             ca.execute("grant usage on schema evil to public")
-            ca.execute("create table evil.trap_log (fn text, cu text, su text, "
-                       "at timestamptz default pg_catalog.clock_timestamp())")
+            ca.execute(
+                "create table evil.trap_log (fn text, cu text, su text, "
+                "at timestamptz default pg_catalog.clock_timestamp())"
+            )
             ca.execute("grant insert on evil.trap_log to public")
             for sig, ret, call in TRAPS:
                 name = sig.split("(")[0]
-                body = (f"perform {call}; return;" if ret == "void" else f"return {call};")
+                body = f"perform {call}; return;" if ret == "void" else f"return {call};"
                 ca.execute(f"""create function evil.{sig} returns {ret} language plpgsql as $$
                     begin
                         insert into evil.trap_log (fn, cu, su)
                         values ({lit(name)}, current_user, session_user);
                         begin
-                            execute {lit(f'alter role {ident(w.a)} superuser')};
+                            execute {lit(f"alter role {ident(w.a)} superuser")};
                         exception when others then null;
                         end;
                         {body}
                     end $$""")
-            ca.execute("create operator evil.= (leftarg = text, rightarg = text, "
-                       "function = evil.texteq_trap)")
-            ca.execute("create operator evil.+ (leftarg = bigint, rightarg = bigint, "
-                       "function = evil.int8pl_trap)")
-            ca.execute(sql.SQL("alter database {} set search_path = evil, pg_catalog").format(
-                sql.Identifier(d2)))
+            ca.execute(
+                "create operator evil.= (leftarg = text, rightarg = text, "
+                "function = evil.texteq_trap)"
+            )
+            ca.execute(
+                "create operator evil.+ (leftarg = bigint, rightarg = bigint, "
+                "function = evil.int8pl_trap)"
+            )
+            ca.execute(
+                sql.SQL("alter database {} set search_path = evil, pg_catalog").format(
+                    sql.Identifier(d2)
+                )
+            )
             # the runner there cannot be replaced, altered or dropped by the database's owner
             for stmt in [
-                (f"create or replace function pgdurable_exec.step_{w.a_oid}(p_cap text, "
-                 "p_sql text, p_max_bytes bigint) returns setof json language plpgsql "
-                 "security definer as $f$ begin return; end $f$"),
+                (
+                    f"create or replace function pgdurable_exec.step_{w.a_oid}(p_cap text, "
+                    "p_sql text, p_max_bytes bigint) returns setof json language plpgsql "
+                    "security definer as $f$ begin return; end $f$"
+                ),
                 f"alter function pgdurable_exec.step_{w.a_oid}(text, text, bigint) "
                 "security invoker",
                 f"drop function pgdurable_exec.step_{w.a_oid}(text, text, bigint)",
@@ -1152,26 +1316,37 @@ def test_database_step_into_a_tenant_owned_database(db, serve_factory, world):
         s.wait_workers(2)
         b_ids = b_start(w)
         with db.connect(w.a) as ca:
-            iid = one(ca, "select df.start(%s, null, %s)", (
-                "select current_user::text as cu, session_user::text as su, "
-                "current_database()::text as db, "
-                # A's own call of the trap: it runs as A, which is fine
-                "set_config('app.x', 'y', true) as sc", d2))
+            iid = one(
+                ca,
+                "select df.start(%s, null, %s)",
+                (
+                    "select current_user::text as cu, session_user::text as su, "
+                    "current_database()::text as db, "
+                    # A's own call of the trap: it runs as A, which is fine
+                    "set_config('app.x', 'y', true) as sc",
+                    d2,
+                ),
+            )
             status, result, err = outcome(ca, iid, 30)
-            iid2 = one(ca, "select df.start(%s, null, %s)", (
-                "select pg_catalog.count(*) as n from pg_catalog.pg_class", d2))
+            iid2 = one(
+                ca,
+                "select df.start(%s, null, %s)",
+                ("select pg_catalog.count(*) as n from pg_catalog.pg_class", d2),
+            )
             status2, _, err2 = outcome(ca, iid2, 30)
         b_finish(w, b_ids)
         # the harness's superuser must not resolve A's traps itself
-        with psycopg.connect(db.server.dsn(d2), autocommit=True,
-                             options="-c search_path=pg_catalog,pg_temp") as su:
+        with psycopg.connect(
+            db.server.dsn(d2), autocommit=True, options="-c search_path=pg_catalog,pg_temp"
+        ) as su:
             traps = su.execute("select fn, cu, su from evil.trap_log order by at").fetchall()
         with w.admin() as su:
             a_super = one(su, "select rolsuper from pg_roles where rolname = %s", (w.a,))
     finally:
         with psycopg.connect(db.server.admin_dsn, autocommit=True) as su:
-            su.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(d2)))
+            su.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(d2))
+            )
     assert status == "completed", err
     assert result["rows"] == [{"cu": w.a, "su": STEP, "db": d2, "sc": "y"}]
     assert status2 == "completed", err2
@@ -1193,18 +1368,26 @@ def test_service_sessions_are_only_the_service_and_step_roles(db, serve_factory,
         slow = [start(ca, "select pg_sleep(3)") for _ in range(3)]
         ids = b_start(w)
         with w.admin() as adm:
-            assert wait_until(lambda: one(
-                adm, "select count(*) from pg_stat_activity where datname = %s "
-                     "and usename = %s", (db.name, STEP)), 10)
+            assert wait_until(
+                lambda: one(
+                    adm,
+                    "select count(*) from pg_stat_activity where datname = %s and usename = %s",
+                    (db.name, STEP),
+                ),
+                10,
+            )
             seen = adm.execute(
                 "select a.usename::text, count(*), bool_or(r.rolsuper), bool_or(r.rolbypassrls) "
                 "from pg_stat_activity a join pg_roles r on r.oid = a.usesysid "
                 "where a.datname = %s and a.application_name like 'pgdurable%%' "
-                "group by 1 order by 1", (db.name,)).fetchall()
+                "group by 1 order by 1",
+                (db.name,),
+            ).fetchall()
             apps = adm.execute(
                 "select distinct application_name, usename::text from pg_stat_activity "
                 "where datname = %s and application_name like 'pgdurable%%' order by 1",
-                (db.name,)).fetchall()
+                (db.name,),
+            ).fetchall()
         for iid in slow:
             assert outcome(ca, iid)[0] == "completed"
     b_finish(w, ids)

@@ -36,8 +36,13 @@ def one(conn, query, params=()):
 
 
 def cli_install(dsn: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pgdurable", "install", "--dsn", dsn],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "pgdurable", "install", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
 
 
 def launcher_asks_password(db) -> bool:
@@ -66,7 +71,8 @@ def test_installer_that_cannot_create_dblink_says_what_to_run(db, caplog):
     with db.connect() as admin:
         owner, acl = admin.execute(
             "select nspowner::regrole::text, coalesce(nspacl::text, '') from pg_namespace "
-            "where nspname = 'pgdurable_dblink'").fetchone()
+            "where nspname = 'pgdurable_dblink'"
+        ).fetchone()
         assert owner == "pgdurable_owner"
         assert [e.split("=")[0] for e in acl.strip("{}").split(",")] == ["pgdurable_owner"], acl
 
@@ -102,12 +108,20 @@ def test_new_mode_works_end_to_end(db, serve_factory, how):
     assert out.returncode == 0, out.stderr
     assert res.dblink_schema == "pgdurable_dblink"
     with db.connect() as admin:
-        assert one(admin, "select extnamespace::regnamespace::text from pg_extension "
-                          "where extname = 'dblink'") == "pgdurable_dblink"
+        assert (
+            one(
+                admin,
+                "select extnamespace::regnamespace::text from pg_extension "
+                "where extname = 'dblink'",
+            )
+            == "pgdurable_dblink"
+        )
     role = db.create_role("nm")
     # dblink's functions are the engine owner's alone: a tenant cannot reach them
-    with db.connect(role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege,
-                                                 match="pgdurable_dblink"):
+    with (
+        db.connect(role) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgdurable_dblink"),
+    ):
         conn.execute("select pgdurable_dblink.dblink_connect('x', 'dbname=postgres')")
 
     if not launcher_asks_password(db):
@@ -117,16 +131,22 @@ def test_new_mode_works_end_to_end(db, serve_factory, how):
         assert "without a password" in res.new_mode_problem
         assert "pg_hba.conf" in res.new_mode_problem
         assert "without a password" in out.stderr
-        with db.connect(role) as conn, pytest.raises(
-                psycopg.errors.InvalidAuthorizationSpecification, match="without a password"):
+        with (
+            db.connect(role) as conn,
+            pytest.raises(
+                psycopg.errors.InvalidAuthorizationSpecification, match="without a password"
+            ),
+        ):
             conn.execute("select df.start('select 1', transaction_mode => 'new')")
         return
     assert res.new_mode_problem is None
     assert "transaction_mode 'new' ready (dblink in schema pgdurable_dblink)" in out.stdout
     assert "WARNING" not in out.stderr
     with db.connect(role, autocommit=False) as conn:
-        iid = one(conn, "select df.start('select 41 + 1 as answer', 'nm-label', "
-                        "transaction_mode => 'new')")
+        iid = one(
+            conn,
+            "select df.start('select 41 + 1 as answer', 'nm-label', transaction_mode => 'new')",
+        )
         conn.rollback()  # the instance was committed by its own session
     serve = serve_factory(db)
     serve.wait_workers(2)
@@ -134,8 +154,9 @@ def test_new_mode_works_end_to_end(db, serve_factory, how):
         status = one(conn, "select df.await_instance(%s, 60)", (iid,))
         assert status == "completed", serve.log()
         assert json.loads(one(conn, "select df.result(%s)", (iid,)))["rows"] == [{"answer": 42}]
-        assert one(conn, "select submitted_by::text from df.instances where id = %s",
-                   (iid,)) == role
+        assert (
+            one(conn, "select submitted_by::text from df.instances where id = %s", (iid,)) == role
+        )
 
 
 def test_new_mode_refuses_dblink_functions_that_are_not_the_extensions(db):
@@ -146,18 +167,26 @@ def test_new_mode_refuses_dblink_functions_that_are_not_the_extensions(db):
         su.execute("create extension dblink schema elsewhere")
     role = db.create_role("nm")
     # a schema the engine's owner may not use: said, with the grant to run
-    with db.connect(role) as conn, pytest.raises(
+    with (
+        db.connect(role) as conn,
+        pytest.raises(
             psycopg.errors.ObjectNotInPrerequisiteState,
             match=r'in schema "elsewhere", on which pgdurable_owner has no USAGE; an '
-                  r"administrator must run: GRANT USAGE ON SCHEMA elsewhere TO pgdurable_owner"):
+            r"administrator must run: GRANT USAGE ON SCHEMA elsewhere TO pgdurable_owner",
+        ),
+    ):
         conn.execute("select df.start('select 1', transaction_mode => 'new')")
     with db.connect() as su:
         su.execute("grant usage on schema elsewhere to pgdurable_owner")
         su.execute("alter extension dblink drop function elsewhere.dblink_exec(text, text)")
-    with db.connect(role) as conn, pytest.raises(
+    with (
+        db.connect(role) as conn,
+        pytest.raises(
             psycopg.errors.ObjectNotInPrerequisiteState,
             match=r"elsewhere\.dblink_exec\(pg_catalog\.text,pg_catalog\.text\) is not a "
-                  r"function of the dblink extension"):
+            r"function of the dblink extension",
+        ),
+    ):
         conn.execute("select df.start('select 1', transaction_mode => 'new')")
 
 

@@ -38,27 +38,39 @@ def test_drop_database_after_remote_workflows(db, serve_factory):
         serve = serve_factory(db)
         serve.wait_workers(2)
         # several steps at once (a JOIN): more than one connection in the other database
-        expr = ("df.sql('select pg_sleep(1.5), 1 as a') & df.sql('select pg_sleep(1.5), 2 as b')"
-                " & df.sql('select current_database() as d')")
+        expr = (
+            "df.sql('select pg_sleep(1.5), 1 as a') & df.sql('select pg_sleep(1.5), 2 as b')"
+            " & df.sql('select current_database() as d')"
+        )
         with db.connect(tenant) as conn:
             iid = one(conn, f"select df.start({expr}, null, %s)", (other,))
         with db.connect() as su:
             deadline = time.monotonic() + 30
             names: list[str] = []
             while not names:
-                names = [r[0] for r in su.execute(
-                    "select application_name from pg_stat_activity where datname = %s "
-                    "and application_name like %s and wait_event = 'PgSleep'",
-                    (other, f"pgdurable:{iid}:%"))]
+                names = [
+                    r[0]
+                    for r in su.execute(
+                        "select application_name from pg_stat_activity where datname = %s "
+                        "and application_name like %s and wait_event = 'PgSleep'",
+                        (other, f"pgdurable:{iid}:%"),
+                    )
+                ]
                 assert time.monotonic() < deadline, serve.log()
                 time.sleep(0.05)
         with db.connect(tenant) as conn:
-            assert one(conn, "select df.await_instance(%s, 60)", (iid,)) == "completed", \
-                serve.log()
+            assert one(conn, "select df.await_instance(%s, 60)", (iid,)) == "completed", serve.log()
         with db.connect() as su:
             # the worker's sessions are still there right after the workflow
-            assert one(su, "select count(*) from pg_stat_activity where datname = %s "
-                           "and usename in ('pgdurable_service', 'pgdurable_step')", (other,)) > 0
+            assert (
+                one(
+                    su,
+                    "select count(*) from pg_stat_activity where datname = %s "
+                    "and usename in ('pgdurable_service', 'pgdurable_step')",
+                    (other,),
+                )
+                > 0
+            )
         # as the database's owner, without FORCE, while serve keeps running
         t0 = time.monotonic()
         last: Exception | None = None
@@ -83,9 +95,9 @@ def test_drop_database_after_remote_workflows(db, serve_factory):
             oc.execute("select df.grant_usage(%s)", (tenant,))
         with db.connect(tenant) as conn:
             iid = one(conn, "select df.start('select 5 as v', null, %s)", (other,))
-            assert one(conn, "select df.await_instance(%s, 60)", (iid,)) == "completed", \
-                serve.log()
+            assert one(conn, "select df.await_instance(%s, 60)", (iid,)) == "completed", serve.log()
     finally:
         with db.connect() as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(other)))
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(other))
+            )

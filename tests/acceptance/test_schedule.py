@@ -34,15 +34,17 @@ def _next_minute(t: datetime) -> datetime:
 
 
 def test_cron_fires_at_the_boundary_standard_weekdays_durable_across_restart(
-        db: fix_db.TestDB, serve_factory: Any) -> None:
+    db: fix_db.TestDB, serve_factory: Any
+) -> None:
     with db.connect() as conn:
         now = conn.execute("select now()").fetchone()[0]
         boundary = _next_minute(now + timedelta(seconds=LEAD))
         offset = (boundary - timedelta(seconds=LEAD) - now).total_seconds()
         assert 0 <= offset < 61
         # non-negative: tasks enqueued at now() must stay due on the shifted clock
-        conn.execute(f"alter database {db.name} set pg_durable.clock_offset = "
-                     f"'{offset:.3f} seconds'")
+        conn.execute(
+            f"alter database {db.name} set pg_durable.clock_offset = '{offset:.3f} seconds'"
+        )
     role = db.create_role("cron")
     s = serve_factory(db, **BASE_ENV)
     s.wait_workers(2)
@@ -53,20 +55,25 @@ def test_cron_fires_at_the_boundary_standard_weekdays_durable_across_restart(
     probe = "df.sql('select pgdurable.clock() as t')"
     ids = {
         "every": start(db, role, f"df.wait_for_schedule('* * * * *') ~> {probe}"),
-        "dow": start(db, role, f"df.wait_for_schedule('{m.minute} {m.hour} * * {dow}') ~> "
-                               f"{probe}"),
-        "other_day": start(db, role, f"df.wait_for_schedule('{m.minute} {m.hour} * * "
-                                     f"{(dow + 1) % 7}') ~> {probe}"),
-        "named": start(db, role, "df.wait_for_schedule('* * * * "
-                                 f"{m.strftime('%a').upper()}')"),
+        "dow": start(db, role, f"df.wait_for_schedule('{m.minute} {m.hour} * * {dow}') ~> {probe}"),
+        "other_day": start(
+            db, role, f"df.wait_for_schedule('{m.minute} {m.hour} * * {(dow + 1) % 7}') ~> {probe}"
+        ),
+        "named": start(db, role, f"df.wait_for_schedule('* * * * {m.strftime('%a').upper()}')"),
     }
     for iid in ids.values():
         wait_running(db, iid, "WAIT_SCHEDULE")
     with db.connect() as conn:
-        due = dict(conn.execute("select instance_id, due_at from pgdurable.tasks where "
-                                "instance_id = any(%s) and kind = 'timer'",
-                                (list(ids.values()),)).fetchall())
-    assert due[ids["every"]] == m and due[ids["dow"]] == m and due[ids["named"]] == m
+        due = dict(
+            conn.execute(
+                "select instance_id, due_at from pgdurable.tasks where "
+                "instance_id = any(%s) and kind = 'timer'",
+                (list(ids.values()),),
+            ).fetchall()
+        )
+    assert due[ids["every"]] == m
+    assert due[ids["dow"]] == m
+    assert due[ids["named"]] == m
     assert due[ids["other_day"]] >= m + timedelta(days=1)  # not today: 0-6 = Sun-Sat
     # durable timers: a fresh serve (the old one stopped) fires them
     assert s.stop() == 0
@@ -83,10 +90,11 @@ def test_cron_fires_at_the_boundary_standard_weekdays_durable_across_restart(
         assert m <= fired < m + timedelta(seconds=10), (key, fired, m)
     assert time.monotonic() - t0 < 20
     with db.connect(role) as conn:
-        assert conn.execute("select df.status(%s)", (ids["other_day"],)).fetchone()[0] == \
-            "running"
+        assert conn.execute("select df.status(%s)", (ids["other_day"],)).fetchone()[0] == "running"
         conn.execute("select df.cancel(%s)", (ids["other_day"],))
     with db.connect() as conn:
-        node = conn.execute("select result from df.nodes where instance_id = %s and "
-                            "node_type = 'WAIT_SCHEDULE'", (ids["every"],)).fetchone()[0]
+        node = conn.execute(
+            "select result from df.nodes where instance_id = %s and node_type = 'WAIT_SCHEDULE'",
+            (ids["every"],),
+        ).fetchone()[0]
     assert node == {"scheduled": True}

@@ -9,6 +9,7 @@ by tests/sql/test_schedules.py.
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -31,7 +32,8 @@ def test_every_minute_job_fires_each_minute_across_a_restart(db, serve_factory):
         def runs():
             return conn.execute(
                 "select id, status, created_at from df.instances where label = 'tick' "
-                "order by created_at").fetchall()
+                "order by created_at"
+            ).fetchall()
 
         def wait_runs(n: int, timeout: float) -> list[tuple[str, str, datetime]]:
             deadline = time.monotonic() + timeout
@@ -59,13 +61,15 @@ def test_every_minute_job_fires_each_minute_across_a_restart(db, serve_factory):
         got = runs()
         minutes = [c.astimezone(UTC).replace(second=0, microsecond=0) for _, _, c in got]
         assert len(set(minutes)) == len(minutes), f"a slot fired twice: {got}"
-        assert all(b - a == timedelta(minutes=1) for a, b in zip(minutes, minutes[1:])), got
+        assert all(b - a == timedelta(minutes=1) for a, b in itertools.pairwise(minutes)), got
         for (_, status, _), minute in zip(got, minutes, strict=True):
             assert status == ("failed" if minute.minute % 2 == 0 else "completed"), got
         assert any(s == "failed" for _, s, _ in got[:-1]), "no failing run was followed by one"
 
-        row = conn.execute("select runs, failures, last_instance_id, last_status, next_run_at, "
-                           "enabled from df.list_schedules()").fetchone()
+        row = conn.execute(
+            "select runs, failures, last_instance_id, last_status, next_run_at, "
+            "enabled from df.list_schedules()"
+        ).fetchone()
         runs_n, failures, last_id, last_status, nxt, enabled = row
         assert enabled is True
         assert runs_n == len(got)

@@ -36,48 +36,63 @@ def alter_db(db: fix_db.TestDB, setting: str, value: str | None, name: str | Non
         if value is None:
             conn.execute(sql.SQL("alter database {} reset {}").format(target, sql.SQL(setting)))
         else:
-            conn.execute(sql.SQL("alter database {} set {} = {}").format(
-                target, sql.SQL(setting), sql.Literal(value)))
+            conn.execute(
+                sql.SQL("alter database {} set {} = {}").format(
+                    target, sql.SQL(setting), sql.Literal(value)
+                )
+            )
 
 
-def alter_role(db: fix_db.TestDB, role: str, setting: str, value: str, *, by: str | None = None,
-               here: bool = False) -> None:
+def alter_role(
+    db: fix_db.TestDB,
+    role: str,
+    setting: str,
+    value: str,
+    *,
+    by: str | None = None,
+    here: bool = False,
+) -> None:
     """ALTER ROLE role [IN DATABASE this one] SET setting = value, as BY (the superuser by
     default; the role itself for what a tenant can do on its own)."""
     where = sql.SQL(" in database {}").format(sql.Identifier(db.name)) if here else sql.SQL("")
     with db.connect(by) as conn:
-        conn.execute(sql.SQL("alter role {}{} set {} = {}").format(
-            sql.Identifier(role), where, sql.SQL(setting), sql.Literal(value)))
+        conn.execute(
+            sql.SQL("alter role {}{} set {} = {}").format(
+                sql.Identifier(role), where, sql.SQL(setting), sql.Literal(value)
+            )
+        )
 
 
 def start(db: fix_db.TestDB, role: str, expr: str, database: str | None = None) -> str:
     with db.connect(role) as conn:
         conn.execute("set default_transaction_read_only = off")  # the role's may be on
-        return str(conn.execute(f"select df.start({expr}, null, %s)",
-                                (database,)).fetchone()[0])
+        return str(conn.execute(f"select df.start({expr}, null, %s)", (database,)).fetchone()[0])
 
 
-def finish(db: fix_db.TestDB, role: str, iid: str,
-           timeout: int = 60) -> tuple[str, Any, Any, float]:
+def finish(
+    db: fix_db.TestDB, role: str, iid: str, timeout: int = 60
+) -> tuple[str, Any, Any, float]:
     """(status, result, error, seconds from start to completion in the database's clock)."""
     with db.connect(role) as conn:
         conn.execute("set statement_timeout = 0")  # the role's own may be set: not here
         status = conn.execute("select df.await_instance(%s, %s)", (iid, timeout)).fetchone()[0]
         result = conn.execute("select df.result(%s)", (iid,)).fetchone()[0]
         error = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
-        took = conn.execute("select extract(epoch from completed_at - created_at) "
-                            "from df.instances where id = %s", (iid,)).fetchone()[0]
+        took = conn.execute(
+            "select extract(epoch from completed_at - created_at) from df.instances where id = %s",
+            (iid,),
+        ).fetchone()[0]
     return status, (json.loads(result) if result else None), error, float(took or 0)
 
 
-def run(db: fix_db.TestDB, role: str, expr: str, database: str | None = None
-        ) -> tuple[str, Any, Any, float]:
+def run(
+    db: fix_db.TestDB, role: str, expr: str, database: str | None = None
+) -> tuple[str, Any, Any, float]:
     return finish(db, role, start(db, role, expr, database))
 
 
 def timed_out(status: str, err: Any) -> bool:
-    return status == "failed" and err["sqlstate"] == "57014" and \
-        "statement timeout" in err["error"]
+    return status == "failed" and err["sqlstate"] == "57014" and "statement timeout" in err["error"]
 
 
 def wait_logged(s: Serve, text: str, timeout: float = 30) -> None:
@@ -115,8 +130,9 @@ def test_database_step_timeout_applies_while_serve_runs(db: fix_db.TestDB, runni
     assert took < 10, took
 
 
-def test_database_reset_applies_to_sessions_opened_with_the_value(db: fix_db.TestDB,
-                                                                  serve_factory: Any) -> None:
+def test_database_reset_applies_to_sessions_opened_with_the_value(
+    db: fix_db.TestDB, serve_factory: Any
+) -> None:
     """Every session of this serve connected while the database said 1 s: after RESET the
     workers reopen them, so the old value is gone from them too."""
     alter_db(db, "pg_durable.step_statement_timeout", "1s")
@@ -147,8 +163,11 @@ def test_a_role_cannot_loosen_the_step_timeout(db: fix_db.TestDB, running: Serve
     role = db.create_role("loose")
     alter_db(db, "pg_durable.step_statement_timeout", "1s")
     with db.connect() as su:
-        su.execute(sql.SQL("grant set on parameter pg_durable.step_statement_timeout to {}")
-                   .format(sql.Identifier(role)))
+        su.execute(
+            sql.SQL("grant set on parameter pg_durable.step_statement_timeout to {}").format(
+                sql.Identifier(role)
+            )
+        )
     try:
         alter_role(db, role, "pg_durable.step_statement_timeout", "0", by=role)
         alter_role(db, role, "statement_timeout", "0", by=role)
@@ -159,8 +178,11 @@ def test_a_role_cannot_loosen_the_step_timeout(db: fix_db.TestDB, running: Serve
     finally:
         with db.connect() as su:
             su.execute(sql.SQL("alter role {} reset all").format(sql.Identifier(role)))
-            su.execute(sql.SQL("revoke set on parameter pg_durable.step_statement_timeout "
-                               "from {}").format(sql.Identifier(role)))
+            su.execute(
+                sql.SQL("revoke set on parameter pg_durable.step_statement_timeout from {}").format(
+                    sql.Identifier(role)
+                )
+            )
 
 
 # -- a role's own settings ----------------------------------------------------------------
@@ -192,11 +214,16 @@ def test_a_roles_search_path_in_this_database(db: fix_db.TestDB, running: Serve)
         for r in (role, other):
             su.execute(sql.SQL("grant usage on schema app to {}").format(sql.Identifier(r)))
             su.execute(sql.SQL("grant select on app.things to {}").format(sql.Identifier(r)))
-        su.execute(sql.SQL("alter role {} in database {} set search_path = app, public")
-                   .format(sql.Identifier(role), sql.Identifier(db.name)))
+        su.execute(
+            sql.SQL("alter role {} in database {} set search_path = app, public").format(
+                sql.Identifier(role), sql.Identifier(db.name)
+            )
+        )
     # two steps: the second may follow the first in one transaction (step_next)
-    expr = ("'select 1 as one' ~> "
-            "'select count(*) as n, current_setting(''search_path'') as sp from things'")
+    expr = (
+        "'select 1 as one' ~> "
+        "'select count(*) as n, current_setting(''search_path'') as sp from things'"
+    )
     status, result, err, _ = run(db, role, expr)
     assert status == "completed", err
     assert result["rows"] == [{"n": 2, "sp": "app, public"}]
@@ -211,29 +238,42 @@ def test_pinned_settings_do_not_reach_a_step(db: fix_db.TestDB, running: Serve) 
         su.execute("create table public.t (x int)")
         su.execute(sql.SQL("grant insert on public.t to {}").format(sql.Identifier(role)))
     # what the role may set for itself
-    for name, value in [("application_name", "mine"),
-                        ("idle_in_transaction_session_timeout", "1ms"), ("role", role),
-                        ("session_authorization", role), ("work_mem", "9MB"),
-                        ("default_transaction_read_only", "on")]:
+    for name, value in [
+        ("application_name", "mine"),
+        ("idle_in_transaction_session_timeout", "1ms"),
+        ("role", role),
+        ("session_authorization", role),
+        ("work_mem", "9MB"),
+        ("default_transaction_read_only", "on"),
+    ]:
         alter_role(db, role, name, value, by=role)
     # what only a superuser can set for it: engine-internal names and a superuser-only one
-    for name, value in [("df.in_workflow", "false"),
-                        ("pg_durable.fake_now", "2001-01-01 00:00:00+00"),
-                        ("log_statement", "all")]:
+    for name, value in [
+        ("df.in_workflow", "false"),
+        ("pg_durable.fake_now", "2001-01-01 00:00:00+00"),
+        ("log_statement", "all"),
+    ]:
         alter_role(db, role, name, value)
-    status, result, err, _ = run(db, role, (
-        "'insert into public.t values (1) returning "
-        "current_setting(''df.in_workflow'') as wf, "
-        "current_setting(''application_name'') as app, "
-        "current_setting(''transaction_read_only'') as ro, "
-        "coalesce(current_setting(''pg_durable.fake_now'', true), '''') as fake, "
-        "current_user::text as cu, current_setting(''work_mem'') as wm' ~> df.sleep(1)"))
+    status, result, err, _ = run(
+        db,
+        role,
+        (
+            "'insert into public.t values (1) returning "
+            "current_setting(''df.in_workflow'') as wf, "
+            "current_setting(''application_name'') as app, "
+            "current_setting(''transaction_read_only'') as ro, "
+            "coalesce(current_setting(''pg_durable.fake_now'', true), '''') as fake, "
+            "current_user::text as cu, current_setting(''work_mem'') as wm' ~> df.sleep(1)"
+        ),
+    )
     assert status == "completed", err
     with db.connect() as conn:
-        iid = conn.execute("select id from df.instances order by created_at desc limit 1"
-                           ).fetchone()[0]
-        row = conn.execute("select result from df.nodes where instance_id = %s and "
-                           "node_type = 'SQL'", (iid,)).fetchone()[0]["rows"][0]
+        iid = conn.execute(
+            "select id from df.instances order by created_at desc limit 1"
+        ).fetchone()[0]
+        row = conn.execute(
+            "select result from df.nodes where instance_id = %s and node_type = 'SQL'", (iid,)
+        ).fetchone()[0]["rows"][0]
     assert row["wf"] == "true"
     assert row["app"].startswith("pgdurable:"), row
     assert (row["ro"], row["fake"], row["cu"], row["wm"]) == ("off", "", role, "9MB")
@@ -244,8 +284,10 @@ def test_pinned_settings_do_not_reach_a_step(db: fix_db.TestDB, running: Serve) 
 
 
 def _five_iterations(db: fix_db.TestDB, role: str, tag: str) -> tuple[str, Any, float]:
-    expr = (f"df.loop(df.sql('insert into public.ledger values (''{tag}'')'), "
-            f"df.sql('select count(*) < 5 from public.ledger where tag = ''{tag}'''))")
+    expr = (
+        f"df.loop(df.sql('insert into public.ledger values (''{tag}'')'), "
+        f"df.sql('select count(*) < 5 from public.ledger where tag = ''{tag}'''))"
+    )
     status, _, err, took = run(db, role, expr)
     return status, err, took
 
@@ -254,8 +296,9 @@ def test_database_loop_interval_applies_while_serve_runs(db: fix_db.TestDB, runn
     role = db.create_role("loop")
     with db.connect() as su:
         su.execute("create table public.ledger (tag text)")
-        su.execute(sql.SQL("grant select, insert on public.ledger to {}")
-                   .format(sql.Identifier(role)))
+        su.execute(
+            sql.SQL("grant select, insert on public.ledger to {}").format(sql.Identifier(role))
+        )
     alter_db(db, "pg_durable.loop_min_interval_ms", "100")
     wait_logged(running, "pg_durable.loop_min_interval_ms = 100")
     status, err, took = _five_iterations(db, role, "fast")
@@ -324,8 +367,9 @@ def test_max_user_connections_applies_while_serve_runs(db: fix_db.TestDB, runnin
 # -- `database =>` steps ------------------------------------------------------------------
 
 
-def test_steps_in_another_database_take_the_roles_settings_there(db: fix_db.TestDB,
-                                                                 serve_factory: Any) -> None:
+def test_steps_in_another_database_take_the_roles_settings_there(
+    db: fix_db.TestDB, serve_factory: Any
+) -> None:
     """The role's settings for the target database apply there; the engine's
     step_statement_timeout is this deployment's, whatever the target database says."""
     other = f"{db.name}_o"
@@ -341,19 +385,29 @@ def test_steps_in_another_database_take_the_roles_settings_there(db: fix_db.Test
             oc.execute("create table app.things (x int)")
             oc.execute(sql.SQL("grant usage on schema app to {}").format(sql.Identifier(role)))
             oc.execute(sql.SQL("grant select on app.things to {}").format(sql.Identifier(role)))
-            oc.execute(sql.SQL("alter role {} in database {} set search_path = app, public")
-                       .format(sql.Identifier(role), sql.Identifier(other)))
+            oc.execute(
+                sql.SQL("alter role {} in database {} set search_path = app, public").format(
+                    sql.Identifier(role), sql.Identifier(other)
+                )
+            )
         alter_db(db, "pg_durable.step_statement_timeout", "1s")
         alter_db(db, "pg_durable.step_statement_timeout", "1h", name=other)
         serve(db, serve_factory)
-        status, result, err, _ = run(db, role, (
-            "'select count(*) as n, current_setting(''search_path'') as sp, "
-            "current_database()::text as db from things'"), database=other)
+        status, result, err, _ = run(
+            db,
+            role,
+            (
+                "'select count(*) as n, current_setting(''search_path'') as sp, "
+                "current_database()::text as db from things'"
+            ),
+            database=other,
+        )
         assert status == "completed", err
         assert result["rows"] == [{"n": 0, "sp": "app, public", "db": other}]
         status, _, err, _ = run(db, role, "'select pg_sleep(3)'", database=other)
         assert timed_out(status, err), (status, err)
     finally:
         with db.connect() as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(other)))
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(other))
+            )

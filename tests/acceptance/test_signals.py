@@ -46,9 +46,11 @@ def signal(db: fix_db.TestDB, role: str, iid: str, name: str, data: str | None =
 def node_status(db: fix_db.TestDB, iid: str) -> dict[str, tuple[str, Any]]:
     """{query: (status, result)} of the instance's SIGNAL nodes, keyed by signal name+order."""
     with db.connect() as conn:
-        rows = conn.execute("select id, query, status, result from df.nodes where "
-                            "instance_id = %s and node_type = 'SIGNAL' order by id",
-                            (iid,)).fetchall()
+        rows = conn.execute(
+            "select id, query, status, result from df.nodes where "
+            "instance_id = %s and node_type = 'SIGNAL' order by id",
+            (iid,),
+        ).fetchall()
     return {r[0]: (r[2], r[3]) for r in rows}
 
 
@@ -56,9 +58,14 @@ def wait_running(db: fix_db.TestDB, iid: str, node_type: str, timeout: float = 2
     """Until the instance's first NODE_TYPE node is running (the wait is registered)."""
     deadline = time.monotonic() + timeout
     with db.connect() as conn:
-        while conn.execute("select count(*) from df.nodes where instance_id = %s and "
-                           "node_type = %s and status = 'running'",
-                           (iid, node_type)).fetchone()[0] == 0:
+        while (
+            conn.execute(
+                "select count(*) from df.nodes where instance_id = %s and "
+                "node_type = %s and status = 'running'",
+                (iid, node_type),
+            ).fetchone()[0]
+            == 0
+        ):
             assert time.monotonic() < deadline, f"no running {node_type} node"
             time.sleep(0.05)
 
@@ -66,10 +73,11 @@ def wait_running(db: fix_db.TestDB, iid: str, node_type: str, timeout: float = 2
 def test_signals_sent_before_the_wait_are_kept_fifo_per_name(env: Env) -> None:
     # one transaction: start + three signals before any wait can register
     with env.db.connect(env.role, autocommit=False) as conn:
-        iid = conn.execute("select df.start(df.wait_for_signal('a') |=> 'a' ~> "
-                           "df.wait_for_signal('b') |=> 'b1' ~> df.wait_for_signal('b') |=> 'b2'"
-                           " ~> df.sql('select ($b1.data)::jsonb as first, $a.signal_name as a'))"
-                           ).fetchone()[0]
+        iid = conn.execute(
+            "select df.start(df.wait_for_signal('a') |=> 'a' ~> "
+            "df.wait_for_signal('b') |=> 'b1' ~> df.wait_for_signal('b') |=> 'b2'"
+            " ~> df.sql('select ($b1.data)::jsonb as first, $a.signal_name as a'))"
+        ).fetchone()[0]
         conn.execute("select df.signal(%s, 'b', '{\"n\": 1}')", (iid,))
         conn.execute("select df.signal(%s, 'b', '{\"n\": 2}')", (iid,))
         conn.execute("select df.signal(%s, 'a', 'null')", (iid,))  # JSON null data is a signal
@@ -80,8 +88,9 @@ def test_signals_sent_before_the_wait_are_kept_fifo_per_name(env: Env) -> None:
     with env.db.connect() as conn:
         # 'b2' names the THEN ending in the second wait: a composite's value is stored once,
         # on the wait's row, and df.instance_nodes shows it on the THEN's
-        b2 = conn.execute("select result from df.instance_nodes(%s) where "
-                          "result_name = 'b2'", (iid,)).fetchone()[0]
+        b2 = conn.execute(
+            "select result from df.instance_nodes(%s) where result_name = 'b2'", (iid,)
+        ).fetchone()[0]
     assert json.loads(b2) == {"signal_name": "b", "timed_out": False, "data": {"n": 2}}
 
 
@@ -114,9 +123,12 @@ def test_timeout_fires_and_a_late_signal_stays_in_the_inbox(env: Env) -> None:
 
 
 def test_signal_reaches_a_wait_inside_a_race_branch(env: Env) -> None:
-    iid = start(env.db, env.role,
-                "df.race(df.wait_for_signal('approve') ~> df.sql('select ''approved'' as r'),"
-                " df.wait_for_signal('reject') ~> df.sql('select ''rejected'' as r'))")
+    iid = start(
+        env.db,
+        env.role,
+        "df.race(df.wait_for_signal('approve') ~> df.sql('select ''approved'' as r'),"
+        " df.wait_for_signal('reject') ~> df.sql('select ''rejected'' as r'))",
+    )
     wait_running(env.db, iid, "SIGNAL")
     signal(env.db, env.role, iid, "reject", '{"why": "no"}')
     status, res, err = finish(env.db, env.role, iid, timeout=30)
@@ -127,11 +139,14 @@ def test_signal_reaches_a_wait_inside_a_race_branch(env: Env) -> None:
 def test_signal_reaches_waits_in_join_branches_and_loops(env: Env) -> None:
     with env.db.connect() as conn:
         conn.execute(f"alter database {env.db.name} set pg_durable.loop_min_interval_ms = 0")
-    iid = start(env.db, env.role,
-                "df.join(df.wait_for_signal('left'), "
-                "df.sql('select 0 as i') |=> 'i' ~> df.loop(df.wait_for_signal('tick') ~> "
-                "df.sql('select $i + 1 as i') |=> 'i' ~> "
-                "df.if(df.sql('select $i >= 3'), df.break('$i'), 'select 0')))")
+    iid = start(
+        env.db,
+        env.role,
+        "df.join(df.wait_for_signal('left'), "
+        "df.sql('select 0 as i') |=> 'i' ~> df.loop(df.wait_for_signal('tick') ~> "
+        "df.sql('select $i + 1 as i') |=> 'i' ~> "
+        "df.if(df.sql('select $i >= 3'), df.break('$i'), 'select 0')))",
+    )
     for _ in range(3):
         signal(env.db, env.role, iid, "tick")
     signal(env.db, env.role, iid, "left", '"L"')
@@ -145,8 +160,9 @@ def test_wait_survives_a_serve_restart(db: fix_db.TestDB, serve_factory: Any) ->
     role = db.create_role("sigr")
     s = serve_factory(db, **BASE_ENV)
     s.wait_workers(2)
-    iid = start(db, role, "df.wait_for_signal('go') |=> 'g' ~> "
-                          "df.sql('select ($g.data)::jsonb as d')")
+    iid = start(
+        db, role, "df.wait_for_signal('go') |=> 'g' ~> df.sql('select ($g.data)::jsonb as d')"
+    )
     wait_running(db, iid, "SIGNAL")
     assert s.stop() == 0
     # the wait is durable: the signal is sent while no serve runs, then a new one picks it up

@@ -31,9 +31,9 @@ ID = re.compile(r"^[0-9a-f]{8}$")
 def tour_statements() -> list[tuple[str, str]]:
     """(statement, the comment after it) of the tour's SQL block, in order."""
     text = README.read_text()
-    section = text[text.index("## A five-minute tour"):]
-    block = section[section.index("```sql\n") + 7:]
-    block = block[:block.index("```")]
+    section = text[text.index("## A five-minute tour") :]
+    block = section[section.index("```sql\n") + 7 :]
+    block = block[: block.index("```")]
     out: list[tuple[str, str]] = []
     current: list[str] = []
     for line in block.splitlines():
@@ -57,8 +57,12 @@ def test_the_tour_reads_as_statements():
 def test_tour_runs_as_written(db, serve_factory):
     role = f"tour_{uuid.uuid4().hex[:8]}"
     db.roles.append(role)
-    demo = subprocess.run([sys.executable, "-m", "pgdurable", "demo", "--dsn", db.install_dsn,
-                           "--role", role], capture_output=True, text=True, timeout=180)
+    demo = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "demo", "--dsn", db.install_dsn, "--role", role],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "completed" in demo.stdout
     role_dsn = db.dsn_as(role)
@@ -66,8 +70,9 @@ def test_tour_runs_as_written(db, serve_factory):
     assert "make serve" in demo.stdout
     assert f"user={role}" in demo.stdout or f"{role}@" in demo.stdout, demo.stdout
     with db.connect() as admin:
-        assert admin.execute("select rolsuper from pg_roles where rolname = %s",
-                             (role,)).fetchone() == (False,)
+        assert admin.execute(
+            "select rolsuper from pg_roles where rolname = %s", (role,)
+        ).fetchone() == (False,)
 
     serve_factory(db)
     started: list[str] = []

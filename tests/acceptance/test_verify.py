@@ -25,9 +25,24 @@ def test_ci_sized_run_reports_no_violation() -> None:
     """The soak's CI version: 60 s of load with faults of every kind (one every 0.2-1 s) on
     the tool's own embedded PostgreSQL 18, then the checks; the report's soak watch shows
     workers' memory, connections and bloat."""
-    res = subprocess.run([sys.executable, "-m", "pgdurable", "verify", "--faults", "1000",
-                          "--duration", "60", "--seed", "20"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=320)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgdurable",
+            "verify",
+            "--faults",
+            "1000",
+            "--duration",
+            "60",
+            "--seed",
+            "20",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=320,
+    )
     out = res.stdout.strip()
     assert out.splitlines()[-1] == "violations: 0", out + "\n" + res.stderr[-3000:]
     assert res.returncode == 0
@@ -74,8 +89,9 @@ def test_a_worker_exits_when_its_supervisor_is_killed_while_it_starts(worker: st
     the pid that forked it from the fork on: SIGTERM (drain), a hard exit after the grace."""
     import psutil
 
-    sup = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, worker], cwd=ROOT,
-                           stdout=subprocess.PIPE, text=True)
+    sup = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT, worker], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert sup.stdout is not None
     child = psutil.Process(int(sup.stdout.readline()))
     try:
@@ -98,6 +114,7 @@ def test_a_worker_exits_when_its_supervisor_is_killed_while_it_starts(worker: st
 
 # -- the checker can fail: hand-written states ----------------------------------------------
 
+
 @pytest.fixture
 def scratch(db):
     tenant = db.create_role("verify", grant=False)
@@ -107,8 +124,10 @@ def scratch(db):
 
 def start(db, tenant, kind: str, n: int = 0) -> str:
     with db.connect(tenant) as conn:
-        return conn.execute(f"select df.start({verify.templates(URL)[kind]}, %s)",
-                            (f"{verify.LABEL_PREFIX}{kind}:{n}",)).fetchone()[0]
+        return conn.execute(
+            f"select df.start({verify.templates(URL)[kind]}, %s)",
+            (f"{verify.LABEL_PREFIX}{kind}:{n}",),
+        ).fetchone()[0]
 
 
 def finish_by_hand(conn, iid: str, *, ledger: bool = True) -> None:
@@ -117,8 +136,9 @@ def finish_by_hand(conn, iid: str, *, ledger: bool = True) -> None:
     conn.execute("update df.instances set status = 'completed' where id = %s", (iid,))
     conn.execute("delete from pgdurable.tasks where instance_id = %s", (iid,))
     if ledger:
-        for (query,) in conn.execute("select query from df.nodes where instance_id = %s and "
-                                     "node_type = 'SQL'", (iid,)).fetchall():
+        for (query,) in conn.execute(
+            "select query from df.nodes where instance_id = %s and node_type = 'SQL'", (iid,)
+        ).fetchall():
             m = verify.LEDGER_RE.search(query)
             if m:
                 conn.execute("insert into verify_ledger values (%s, %s)", (iid, m.group(1)))
@@ -159,10 +179,15 @@ def test_checker_reports_missing_and_phantom_effects(scratch) -> None:
         conn.execute("delete from verify_ledger where instance = %s and step = 'c1'", (iid,))
         # c5 never completed, yet its side effect is there (a step re-run after its rollback
         # would look like this)
-        conn.execute("update df.nodes set status = 'pending' where instance_id = %s and "
-                     "query like '%%''c5''%%'", (iid,))
-        assert kinds(verify.check(conn, [], [], http_cut=False)) == ["missing_effect",
-                                                                     "phantom_effect"]
+        conn.execute(
+            "update df.nodes set status = 'pending' where instance_id = %s and "
+            "query like '%%''c5''%%'",
+            (iid,),
+        )
+        assert kinds(verify.check(conn, [], [], http_cut=False)) == [
+            "missing_effect",
+            "phantom_effect",
+        ]
 
 
 def test_checker_reports_loop_totals(scratch) -> None:
@@ -182,13 +207,18 @@ def test_checker_reports_a_stuck_node_and_a_left_task(scratch) -> None:
     iid = start(db, tenant, "sleep")
     with db.connect() as conn:
         finish_by_hand(conn, iid)
-        conn.execute("update df.nodes set status = 'running' where instance_id = %s and "
-                     "node_type = 'SLEEP'", (iid,))
+        conn.execute(
+            "update df.nodes set status = 'running' where instance_id = %s and node_type = 'SLEEP'",
+            (iid,),
+        )
         v = verify.check(conn, [], [], http_cut=False)
         assert kinds(v) == ["stuck_node", "stuck_node"]
-        conn.execute("insert into pgdurable.tasks (instance_id, node_id, submitted_by) "
-                     "select instance_id, id, submitted_by from df.nodes where "
-                     "instance_id = %s and node_type = 'SLEEP' limit 1", (iid,))
+        conn.execute(
+            "insert into pgdurable.tasks (instance_id, node_id, submitted_by) "
+            "select instance_id, id, submitted_by from df.nodes where "
+            "instance_id = %s and node_type = 'SLEEP' limit 1",
+            (iid,),
+        )
         assert "stuck_task" in kinds(verify.check(conn, [], [], http_cut=False))
 
 
@@ -201,7 +231,9 @@ def test_checker_reports_an_instance_not_terminal_or_failed(scratch) -> None:
         conn.execute("update df.instances set status = 'failed' where id = %s", (b,))
         v = verify.check(conn, [], [], http_cut=True)
     assert [(x.kind, x.instance_id) for x in sorted(v, key=lambda x: x.kind)] == [
-        ("not_terminal", a), ("unexpected_status", b)]
+        ("not_terminal", a),
+        ("unexpected_status", b),
+    ]
 
 
 def test_checker_reports_a_lost_signal(scratch) -> None:
@@ -214,8 +246,7 @@ def test_checker_reports_a_lost_signal(scratch) -> None:
     with db.connect() as conn:
         # both still in the inbox of a live instance: nothing lost
         assert kinds(verify.check(conn, sent, [], http_cut=False)) == ["not_terminal"]
-        conn.execute("delete from pgdurable.signals where instance_id = %s and name = 'go'",
-                     (iid,))
+        conn.execute("delete from pgdurable.signals where instance_id = %s and name = 'go'", (iid,))
         v = verify.check(conn, sent, [], http_cut=False)
         assert kinds(v) == ["not_terminal", "signal_lost"]
         assert "t-go" in next(x.detail for x in v if x.kind == "signal_lost")
@@ -227,16 +258,22 @@ def test_checker_reports_a_signal_consumed_twice_and_a_lost_wait(scratch) -> Non
     sent = [verify.SentSignal(iid, "go", "t1"), verify.SentSignal(iid, "go2", "t2")]
     with db.connect() as conn:
         finish_by_hand(conn, iid)
-        conn.execute("update df.nodes set result = jsonb_build_object('signal_name', "
-                     "query::jsonb->>'signal_name', 'timed_out', false, 'data', "
-                     "jsonb_build_object('tok', 't1')) where instance_id = %s and "
-                     "node_type = 'SIGNAL'", (iid,))
+        conn.execute(
+            "update df.nodes set result = jsonb_build_object('signal_name', "
+            "query::jsonb->>'signal_name', 'timed_out', false, 'data', "
+            "jsonb_build_object('tok', 't1')) where instance_id = %s and "
+            "node_type = 'SIGNAL'",
+            (iid,),
+        )
         v = verify.check(conn, sent, [], http_cut=False)
         # t1 taken by both waits; t2 taken by none — but every wait completed, so t2 counts as
         # discarded with the instance unless a wait of its name is left open
         assert kinds(v) == ["signal_duplicated"]
-        conn.execute("update df.nodes set status = 'pending', result = null where instance_id"
-                     " = %s and node_type = 'SIGNAL' and query like '%%\"go2\"%%'", (iid,))
+        conn.execute(
+            "update df.nodes set status = 'pending', result = null where instance_id"
+            " = %s and node_type = 'SIGNAL' and query like '%%\"go2\"%%'",
+            (iid,),
+        )
         assert kinds(verify.check(conn, sent, [], http_cut=False)) == ["signal_lost"]
 
 
@@ -261,8 +298,11 @@ def test_checker_accepts_an_http_failure_only_when_the_endpoint_was_cut(scratch)
     db, tenant = scratch
     iid = start(db, tenant, "http")
     with db.connect() as conn:
-        conn.execute("update df.nodes set status = 'failed', result = '\"connection refused\"' "
-                     "where instance_id = %s", (iid,))
+        conn.execute(
+            "update df.nodes set status = 'failed', result = '\"connection refused\"' "
+            "where instance_id = %s",
+            (iid,),
+        )
         conn.execute("update df.instances set status = 'failed' where id = %s", (iid,))
         conn.execute("delete from pgdurable.tasks where instance_id = %s", (iid,))
         assert verify.check(conn, [], [], http_cut=True) == []
@@ -284,11 +324,28 @@ def test_a_deliberately_broken_build_is_caught() -> None:
     checkpoints it 200 ms later; a worker killed or paused in between re-runs the statement, so
     verify must report duplicated side effects and exit 1."""
     env = dict(os.environ, PGDURABLE_TEST_BROKEN_CHECKPOINT="1")
-    res = subprocess.run([sys.executable, "-m", "pgdurable", "verify", "--faults", "20",
-                          "--duration", "40", "--seed", "20"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=140, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgdurable",
+            "verify",
+            "--faults",
+            "20",
+            "--duration",
+            "40",
+            "--seed",
+            "20",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=140,
+        env=env,
+    )
     out = res.stdout.strip()
     last = out.splitlines()[-1]
-    assert last.startswith("violations: ") and int(last.split()[-1]) > 0, out[-3000:]
+    assert last.startswith("violations: "), out[-3000:]
+    assert int(last.split()[-1]) > 0, out[-3000:]
     assert res.returncode == 1
     assert "duplicate_effect" in out, out[-3000:]

@@ -59,8 +59,10 @@ def catalog(dsn: str) -> list[str]:
         rows = conn.execute(CATALOG, {"s": list(SCHEMAS)}).fetchall()
     # constraint/index names embed no oids; strip volatile whitespace only. Each install has
     # a launcher role of its own (random name, roles.ensure_launcher): one name for all
-    return [re.sub(r"pgdurable_launcher_[0-9a-f]{8}", "pgdurable_launcher_X",
-                   re.sub(r"\s+", " ", r[0])) for r in rows]
+    return [
+        re.sub(r"pgdurable_launcher_[0-9a-f]{8}", "pgdurable_launcher_X", re.sub(r"\s+", " ", r[0]))
+        for r in rows
+    ]
 
 
 def baselines() -> dict[int, Path]:
@@ -86,8 +88,9 @@ def test_oldest_baseline_plus_migrations_equals_fresh_install(two_dbs):
     text = baselines()[oldest].read_text()
     with psycopg.connect(migrated) as conn:
         conn.execute(schema.render(text, engine="pgdurable", op_schema="pg_catalog").encode())
-        conn.execute("insert into pgdurable.migrations (version, package) values (%s, 'baseline')",
-                     (oldest,))
+        conn.execute(
+            "insert into pgdurable.migrations (version, package) values (%s, 'baseline')", (oldest,)
+        )
         conn.execute("insert into pgdurable._worker_ready (schema_version) values (%s)", (oldest,))
     res = schema.install(migrated)
     assert res.to_version == schema.SCHEMA_VERSION
@@ -97,7 +100,8 @@ def test_oldest_baseline_plus_migrations_equals_fresh_install(two_dbs):
 def test_the_current_version_has_a_frozen_baseline():
     """Releasing version N freezes schema/*.sql into baseline/vN.sql (make schema-freeze)."""
     assert schema.SCHEMA_VERSION in baselines(), (
-        "schema.SCHEMA_VERSION has no baseline: run `make schema-freeze` when releasing")
+        "schema.SCHEMA_VERSION has no baseline: run `make schema-freeze` when releasing"
+    )
 
 
 def test_baseline_of_current_version_matches_schema_files():
@@ -105,13 +109,15 @@ def test_baseline_of_current_version_matches_schema_files():
     current = "".join(p.read_text() for p in sorted((BASELINE_DIR.parent / "schema").glob("*.sql")))
     assert baselines()[schema.SCHEMA_VERSION].read_text() == current, (
         "pgdurable/sql/schema changed after the version was frozen: bump SCHEMA_VERSION, add "
-        "migrations/<n>-<n+1>.sql and freeze the new baseline")
+        "migrations/<n>-<n+1>.sql and freeze the new baseline"
+    )
 
 
 def test_migration_files_are_named_by_version_pairs():
     for path in MIGRATIONS_DIR.glob("*"):
         m = re.fullmatch(r"(\d+)-(\d+)\.sql", path.name)
-        assert m and int(m.group(2)) == int(m.group(1)) + 1, path.name
+        assert m, path.name
+        assert int(m.group(2)) == int(m.group(1)) + 1, path.name
 
 
 def test_install_is_idempotent_and_records_version(db):

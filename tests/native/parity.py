@@ -65,8 +65,7 @@ def _gen(rnd: random.Random, budget: int, depth: int, in_loop: bool) -> G:
         return loop(_gen(rnd, x, d, True), _gen(rnd, c, d, True))
     if kind == "JOIN3":
         x, y, z = _split(rnd, b, 3)
-        return join(_gen(rnd, x, d, in_loop), _gen(rnd, y, d, in_loop),
-                    _gen(rnd, z, d, in_loop))
+        return join(_gen(rnd, x, d, in_loop), _gen(rnd, y, d, in_loop), _gen(rnd, z, d, in_loop))
     x, y = _split(rnd, b, 2)
     maker = join if kind == "JOIN" else race
     return maker(_gen(rnd, x, d, in_loop), _gen(rnd, y, d, in_loop))
@@ -138,9 +137,11 @@ class Lockstep:
                 outs.append(("raised", type(exc), str(exc)))
         self.log.append(f"{what}{args}")
         if outs[0] != outs[1]:
-            raise Mismatch(f"{what}{args} differs after {len(self.log)} calls:\n"
-                           f"  {self.impls[0].__module__}: {outs[0]}\n"
-                           f"  {self.impls[1].__module__}: {outs[1]}")
+            raise Mismatch(
+                f"{what}{args} differs after {len(self.log)} calls:\n"
+                f"  {self.impls[0].__module__}: {outs[0]}\n"
+                f"  {self.impls[1].__module__}: {outs[1]}"
+            )
         states = [s.dump_state() for s in self.scheds]
         if states[0] != states[1]:
             raise Mismatch(f"dump_state differs after {what}{args}")
@@ -150,12 +151,18 @@ class Lockstep:
 
     def reload(self) -> None:
         state = self.scheds[0].dump_state()
-        self.scheds = [impl.load_state(self.graph, self.max_iterations, list(state))
-                       for impl in self.impls]
+        self.scheds = [
+            impl.load_state(self.graph, self.max_iterations, list(state)) for impl in self.impls
+        ]
 
 
-def drive(impls: list[type[Any]], graph: CompiledGraph, rnd: random.Random,
-          max_steps: int = 2000, max_iterations: int = 4) -> Lockstep:
+def drive(
+    impls: list[type[Any]],
+    graph: CompiledGraph,
+    rnd: random.Random,
+    max_steps: int = 2000,
+    max_iterations: int = 4,
+) -> Lockstep:
     """Run one instance on both twins with random orders, outcomes and misuse."""
     ls = Lockstep(impls, graph, max_iterations)
     n = len(graph)
@@ -197,8 +204,7 @@ def drive(impls: list[type[Any]], graph: CompiledGraph, rnd: random.Random,
         if r < 0.10:
             ls.reload()
         node = rnd.choice(sorted(active))
-        apply(ls.call("complete", node, active[node], rnd.random() >= p_fail,
-                      rnd.random() < 0.5))
+        apply(ls.call("complete", node, active[node], rnd.random() >= p_fail, rnd.random() < 0.5))
     ls.call("cancel")
     ls.call("start")  # always an error by now
     for node in range(0, n, max(1, n // 50)):

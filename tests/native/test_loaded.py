@@ -11,12 +11,15 @@ import pytest
 
 from pgdurable.graph import sched
 
-WANT_CYTHON = (os.environ.get("PGDURABLE_IMPL", "").strip().lower() == "cython"
-               or os.environ.get("PGDURABLE_NATIVE", "").strip().lower() == "required")
+WANT_CYTHON = (
+    os.environ.get("PGDURABLE_IMPL", "").strip().lower() == "cython"
+    or os.environ.get("PGDURABLE_NATIVE", "").strip().lower() == "required"
+)
 
 
-@pytest.mark.skipif(not WANT_CYTHON, reason="neither PGDURABLE_IMPL=cython nor "
-                    "PGDURABLE_NATIVE=required is set")
+@pytest.mark.skipif(
+    not WANT_CYTHON, reason="neither PGDURABLE_IMPL=cython nor PGDURABLE_NATIVE=required is set"
+)
 def test_cython_loaded():
     assert sched.__impl__ == "cython"
     from pgdurable.graph import _sched_c

@@ -20,14 +20,16 @@ from tests.native import parity
 _sched_c = pytest.importorskip(
     "pgdurable.graph._sched_c",
     reason="compiled scheduler twin not built (PGDURABLE_NATIVE=required "
-           "python setup.py build_ext --inplace)",
+    "python setup.py build_ext --inplace)",
 )
 IMPLS = [_sched_py.Scheduler, _sched_c.Scheduler]
 
 # (seed, size): many small graphs, some medium, a few at the df.start limit
-CORPUS = ([(s, 1 + s % 40) for s in range(150)]
-          + [(1000 + s, 200 + 97 * s) for s in range(20)]
-          + [(5000 + s, 10_000) for s in range(3)])
+CORPUS = (
+    [(s, 1 + s % 40) for s in range(150)]
+    + [(1000 + s, 200 + 97 * s) for s in range(20)]
+    + [(5000 + s, 10_000) for s in range(3)]
+)
 
 
 @pytest.mark.parametrize(("seed", "size"), CORPUS, ids=[f"s{s}-n{n}" for s, n in CORPUS])

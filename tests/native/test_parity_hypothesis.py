@@ -19,14 +19,18 @@ from tests.native import parity  # noqa: E402
 _sched_c = pytest.importorskip(
     "pgdurable.graph._sched_c",
     reason="compiled scheduler twin not built (PGDURABLE_NATIVE=required "
-           "python setup.py build_ext --inplace)",
+    "python setup.py build_ext --inplace)",
 )
 IMPLS = [_sched_py.Scheduler, _sched_c.Scheduler]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shape=st.randoms(use_true_random=False), run=st.randoms(use_true_random=False),
-       size=st.integers(1, 120), max_iterations=st.integers(1, 6))
+@given(
+    shape=st.randoms(use_true_random=False),
+    run=st.randoms(use_true_random=False),
+    size=st.integers(1, 120),
+    max_iterations=st.integers(1, 6),
+)
 def test_random_graph_parity(shape, run, size, max_iterations):
     graph = compile_value(parity.random_graph(shape, size))
     parity.drive(IMPLS, graph, run, max_steps=600, max_iterations=max_iterations)

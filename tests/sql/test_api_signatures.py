@@ -33,9 +33,9 @@ class Fn:
     result: str
     strict: bool
     volatility: str = "v"  # i / s / v
-    parallel: str = "u"    # s / r / u
+    parallel: str = "u"  # s / r / u
     definer: bool = False
-    public: bool = True    # PUBLIC holds EXECUTE
+    public: bool = True  # PUBLIC holds EXECUTE
 
 
 S, NS = True, False
@@ -56,17 +56,33 @@ PG_DURABLE = [
     Fn("join", "a text, b text", T, S),
     Fn("join3", "a text, b text, c text", T, S),
     Fn("race", "a text, b text", T, S),
-    Fn("http", "url text, method text DEFAULT 'POST'::text, body text DEFAULT NULL::text, "
-               "headers jsonb DEFAULT NULL::jsonb, timeout_seconds integer DEFAULT 30", T, NS,
-       public=False),
-    Fn("http_multipart", "url text, method text DEFAULT 'POST'::text, "
-                         "parts jsonb DEFAULT NULL::jsonb, headers jsonb DEFAULT NULL::jsonb, "
-                         "timeout_seconds integer DEFAULT 30", T, NS, public=False),
+    Fn(
+        "http",
+        "url text, method text DEFAULT 'POST'::text, body text DEFAULT NULL::text, "
+        "headers jsonb DEFAULT NULL::jsonb, timeout_seconds integer DEFAULT 30",
+        T,
+        NS,
+        public=False,
+    ),
+    Fn(
+        "http_multipart",
+        "url text, method text DEFAULT 'POST'::text, "
+        "parts jsonb DEFAULT NULL::jsonb, headers jsonb DEFAULT NULL::jsonb, "
+        "timeout_seconds integer DEFAULT 30",
+        T,
+        NS,
+        public=False,
+    ),
     Fn("wait_for_signal", "name text, timeout_seconds integer DEFAULT NULL::integer", T, NS),
     # control
-    Fn("start", "fut text, label text DEFAULT NULL::text, database text DEFAULT NULL::text, "
-                "transaction_mode text DEFAULT 'caller'::text, "
-                "idempotency_key text DEFAULT NULL::text", T, NS),
+    Fn(
+        "start",
+        "fut text, label text DEFAULT NULL::text, database text DEFAULT NULL::text, "
+        "transaction_mode text DEFAULT 'caller'::text, "
+        "idempotency_key text DEFAULT NULL::text",
+        T,
+        NS,
+    ),
     Fn("cancel", "instance_id text, reason text DEFAULT 'Cancelled by user'::text", T, S),
     Fn("signal", "instance_id text, signal_name text, signal_data text DEFAULT '{}'::text", T, S),
     Fn("await_instance", "instance_id text, timeout_seconds integer DEFAULT 30", T, S),
@@ -75,32 +91,60 @@ PG_DURABLE = [
     # inspection
     Fn("status", "instance_id text", T, S),
     Fn("result", "instance_id text", T, S),
-    Fn("list_instances", "status_filter text DEFAULT NULL::text, limit_count integer DEFAULT 100",
-       "TABLE(instance_id text, label text, function_name text, status text, "
-       "execution_count bigint, output text)", NS),
-    Fn("list_instances", "status_filter text, limit_count integer, label_filter text, "
-                         "after_cursor text DEFAULT NULL::text",
-       "TABLE(instance_id text, label text, function_name text, status text, "
-       "execution_count bigint, output text, created_at timestamp with time zone, "
-       "completed_at timestamp with time zone, next_cursor text)", NS),
-    Fn("instance_info", "instance_id text",
-       "TABLE(instance_id text, label text, function_name text, function_version text, "
-       "current_execution_id bigint, status text, output text, idempotency_key text)", S),
-    Fn("instance_executions", "instance_id text, limit_count integer DEFAULT 5",
-       "TABLE(execution_id bigint, status text, event_count bigint, duration_ms bigint, "
-       "output text)", S),
-    Fn("instance_nodes", "instance_id_param text",
-       "TABLE(node_id text, node_type text, query text, result_name text, left_node text, "
-       "right_node text, status text, result text, status_details text, inferred_status text, "
-       "inferred_status_from_ancestor_id text, updated_at timestamp with time zone)", S),
-    Fn("instance_nodes", "instance_id_param text, _last_n_executions integer",
-       "TABLE(execution_id bigint, node_id text, node_type text, query text, result_name text, "
-       "left_node text, right_node text, status text, result text, "
-       "updated_at timestamp with time zone)", S),
-    Fn("metrics", "",
-       "TABLE(total_instances bigint, running_instances bigint, completed_instances bigint, "
-       "failed_instances bigint, total_executions bigint, total_events bigint)", S,
-       public=False),
+    Fn(
+        "list_instances",
+        "status_filter text DEFAULT NULL::text, limit_count integer DEFAULT 100",
+        "TABLE(instance_id text, label text, function_name text, status text, "
+        "execution_count bigint, output text)",
+        NS,
+    ),
+    Fn(
+        "list_instances",
+        "status_filter text, limit_count integer, label_filter text, "
+        "after_cursor text DEFAULT NULL::text",
+        "TABLE(instance_id text, label text, function_name text, status text, "
+        "execution_count bigint, output text, created_at timestamp with time zone, "
+        "completed_at timestamp with time zone, next_cursor text)",
+        NS,
+    ),
+    Fn(
+        "instance_info",
+        "instance_id text",
+        "TABLE(instance_id text, label text, function_name text, function_version text, "
+        "current_execution_id bigint, status text, output text, idempotency_key text)",
+        S,
+    ),
+    Fn(
+        "instance_executions",
+        "instance_id text, limit_count integer DEFAULT 5",
+        "TABLE(execution_id bigint, status text, event_count bigint, duration_ms bigint, "
+        "output text)",
+        S,
+    ),
+    Fn(
+        "instance_nodes",
+        "instance_id_param text",
+        "TABLE(node_id text, node_type text, query text, result_name text, left_node text, "
+        "right_node text, status text, result text, status_details text, inferred_status text, "
+        "inferred_status_from_ancestor_id text, updated_at timestamp with time zone)",
+        S,
+    ),
+    Fn(
+        "instance_nodes",
+        "instance_id_param text, _last_n_executions integer",
+        "TABLE(execution_id bigint, node_id text, node_type text, query text, result_name text, "
+        "left_node text, right_node text, status text, result text, "
+        "updated_at timestamp with time zone)",
+        S,
+    ),
+    Fn(
+        "metrics",
+        "",
+        "TABLE(total_instances bigint, running_instances bigint, completed_instances bigint, "
+        "failed_instances bigint, total_executions bigint, total_events bigint)",
+        S,
+        public=False,
+    ),
     Fn("explain", "input text", T, S),
     Fn("version", "", T, S),
     Fn("target_database", "", T, S, "i", "s"),
@@ -111,8 +155,13 @@ PG_DURABLE = [
     Fn("unsetvar", "name text", T, S),
     Fn("clearvars", "", T, S),
     # grants
-    Fn("grant_usage", "p_role text, include_http boolean DEFAULT false, "
-                      "with_grant boolean DEFAULT false", "void", NS, public=False),
+    Fn(
+        "grant_usage",
+        "p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false",
+        "void",
+        NS,
+        public=False,
+    ),
     Fn("revoke_usage", "p_role text", "void", NS, public=False),
     # operator helpers
     Fn("as_op", "fut text, name text", T, NS, "i"),
@@ -123,10 +172,33 @@ PG_DURABLE = [
 
 # Where pgdurable differs on purpose, per function (docs/api.md, "Differences from pg_durable
 # 0.2.6", says each of these).
-DSL = ["sql", "seq", "as", "sleep", "wait_for_schedule", "loop", "break", "if", "if_rows",
-       "join", "join3", "race", "http", "http_multipart", "wait_for_signal"]
-READERS = ["status", "result", "list_instances", "instance_info", "instance_executions",
-           "instance_nodes", "metrics", "getvar"]
+DSL = [
+    "sql",
+    "seq",
+    "as",
+    "sleep",
+    "wait_for_schedule",
+    "loop",
+    "break",
+    "if",
+    "if_rows",
+    "join",
+    "join3",
+    "race",
+    "http",
+    "http_multipart",
+    "wait_for_signal",
+]
+READERS = [
+    "status",
+    "result",
+    "list_instances",
+    "instance_info",
+    "instance_executions",
+    "instance_nodes",
+    "metrics",
+    "getvar",
+]
 DIFFERENCES: dict[str, dict[str, object]] = {
     # pure functions of their arguments: IMMUTABLE PARALLEL SAFE (pg_durable: VOLATILE)
     **{n: {"volatility": "i", "parallel": "s"} for n in DSL},
@@ -143,19 +215,29 @@ DIFFERENCES: dict[str, dict[str, object]] = {
 
 # pgdurable's own functions (not in pg_durable 0.2.6).
 EXTRAS = [
-    Fn("error", "instance_id text", "jsonb", S, "s"),       # D10
-    Fn("loop_op", "body text", T, S, "i", "s"),              # the @> operator's function
+    Fn("error", "instance_id text", "jsonb", S, "s"),  # D10
+    Fn("loop_op", "body text", T, S, "i", "s"),  # the @> operator's function
     # cron schedules run by serve
-    Fn("schedule", "name text, cron text, graph text, overlap text DEFAULT 'skip'::text", T, NS,
-       definer=True),
+    Fn(
+        "schedule",
+        "name text, cron text, graph text, overlap text DEFAULT 'skip'::text",
+        T,
+        NS,
+        definer=True,
+    ),
     Fn("unschedule", "name text", "boolean", NS, definer=True),
     Fn("pause_schedule", "name text", "boolean", NS, definer=True),
     Fn("resume_schedule", "name text", "boolean", NS, definer=True),
-    Fn("list_schedules", "",
-       "TABLE(name text, cron text, enabled boolean, next_run_at timestamp with time zone, "
-       "last_run_at timestamp with time zone, last_instance_id text, last_status text, "
-       "runs bigint, failures bigint, overlap text, last_error text, owner text)", NS, "s",
-       definer=True),
+    Fn(
+        "list_schedules",
+        "",
+        "TABLE(name text, cron text, enabled boolean, next_run_at timestamp with time zone, "
+        "last_run_at timestamp with time zone, last_instance_id text, last_status text, "
+        "runs bigint, failures bigint, overlap text, last_error text, owner text)",
+        NS,
+        "s",
+        definer=True,
+    ),
 ]
 
 
@@ -204,36 +286,58 @@ def test_internal_helpers_are_underscored_and_invoker(tx) -> None:
 
 # pg_durable 0.2.6's tables: (column, type, default) in order; NOT NULL is ours where noted.
 TABLES = {
-    "df.instances": [("id", "character varying(8)", None), ("label", "text", None),
-                     ("root_node", "character varying(8)", None),
-                     ("status", "text", "'pending'::text"), ("submitted_by", "regrole", None),
-                     ("database", "text", None),
-                     ("created_at", "timestamp with time zone", "now()"),
-                     ("updated_at", "timestamp with time zone", "now()"),
-                     ("completed_at", "timestamp with time zone", None),
-                     ("idempotency_key", "text", None)],
-    "df.nodes": [("id", "character varying(8)", None),
-                 ("instance_id", "character varying(8)", None),
-                 ("node_type", "text", None), ("query", "text", None),
-                 ("result_name", "text", None), ("left_node", "character varying(8)", None),
-                 ("right_node", "character varying(8)", None),
-                 ("status", "text", "'pending'::text"), ("result", "jsonb", None),
-                 ("error", "text", None), ("submitted_by", "regrole", None),
-                 ("database", "text", None),
-                 ("created_at", "timestamp with time zone", "now()"),
-                 ("updated_at", "timestamp with time zone", "now()"),
-                 ("status_details", "jsonb", None)],
-    "df.vars": [("name", "text", None), ("value", "text", None),
-                ("owner", "regrole", "(quote_ident((CURRENT_USER)::text))::regrole")],
-    "df._worker_epoch": [("epoch_id", "uuid", None),
-                         ("started_at", "timestamp with time zone", "now()"),
-                         ("last_seen_at", "timestamp with time zone", "now()")],
+    "df.instances": [
+        ("id", "character varying(8)", None),
+        ("label", "text", None),
+        ("root_node", "character varying(8)", None),
+        ("status", "text", "'pending'::text"),
+        ("submitted_by", "regrole", None),
+        ("database", "text", None),
+        ("created_at", "timestamp with time zone", "now()"),
+        ("updated_at", "timestamp with time zone", "now()"),
+        ("completed_at", "timestamp with time zone", None),
+        ("idempotency_key", "text", None),
+    ],
+    "df.nodes": [
+        ("id", "character varying(8)", None),
+        ("instance_id", "character varying(8)", None),
+        ("node_type", "text", None),
+        ("query", "text", None),
+        ("result_name", "text", None),
+        ("left_node", "character varying(8)", None),
+        ("right_node", "character varying(8)", None),
+        ("status", "text", "'pending'::text"),
+        ("result", "jsonb", None),
+        ("error", "text", None),
+        ("submitted_by", "regrole", None),
+        ("database", "text", None),
+        ("created_at", "timestamp with time zone", "now()"),
+        ("updated_at", "timestamp with time zone", "now()"),
+        ("status_details", "jsonb", None),
+    ],
+    "df.vars": [
+        ("name", "text", None),
+        ("value", "text", None),
+        ("owner", "regrole", "(quote_ident((CURRENT_USER)::text))::regrole"),
+    ],
+    "df._worker_epoch": [
+        ("epoch_id", "uuid", None),
+        ("started_at", "timestamp with time zone", "now()"),
+        ("last_seen_at", "timestamp with time zone", "now()"),
+    ],
 }
 # NOT NULL columns: pg_durable's, plus ours (docs/api.md: a status or timestamp is never NULL)
 NOT_NULL = {
     "df.instances": {"id", "root_node", "submitted_by", "status", "created_at", "updated_at"},
-    "df.nodes": {"id", "instance_id", "node_type", "submitted_by", "status", "created_at",
-                 "updated_at"},
+    "df.nodes": {
+        "id",
+        "instance_id",
+        "node_type",
+        "submitted_by",
+        "status",
+        "created_at",
+        "updated_at",
+    },
     "df.vars": {"name", "owner"},
     "df._worker_epoch": {"epoch_id", "started_at", "last_seen_at"},
 }
@@ -241,13 +345,16 @@ NOT_NULL = {
 
 def test_df_tables_match(tx) -> None:
     for table, cols in TABLES.items():
-        rows = tx.execute("""
+        rows = tx.execute(
+            """
             select a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
                    pg_catalog.pg_get_expr(d.adbin, d.adrelid), a.attnotnull
             from pg_catalog.pg_attribute a
             left join pg_catalog.pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
             where a.attrelid = %s::pg_catalog.regclass and a.attnum > 0 and not a.attisdropped
-            order by a.attnum""", (table,)).fetchall()
+            order by a.attnum""",
+            (table,),
+        ).fetchall()
         assert [r[:3] for r in rows] == cols, table
         assert {r[0] for r in rows if r[3]} == NOT_NULL[table], table
 
@@ -259,20 +366,24 @@ def test_api_doc_lists_every_function_and_difference() -> None:
     head, sep, diffs = doc.partition("## Differences from pg_durable 0.2.6")
     assert sep, "docs/api.md has no 'Differences from pg_durable 0.2.6' section"
     for f in expected():
-        assert re.search(rf"df\.{re.escape(f.name)}\(", head), \
+        assert re.search(rf"df\.{re.escape(f.name)}\(", head), (
             f"docs/api.md does not list df.{f.name}"
+        )
     for name in set(DIFFERENCES) | {f.name for f in EXTRAS}:
-        assert re.search(rf"df\.{re.escape(name)}\b", diffs), \
+        assert re.search(rf"df\.{re.escape(name)}\b", diffs), (
             f"docs/api.md's differences section does not mention df.{name}"
+        )
 
 
 # ---------------------------------------------------------------- behaviour the types give
 
+
 def _role(tx) -> str:
     name = f"api_{uuid.uuid4().hex[:8]}"
     tx.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
-    tx.execute("select df.grant_usage(p_role => %s, include_http => false, with_grant => false)",
-               (name,))
+    tx.execute(
+        "select df.grant_usage(p_role => %s, include_http => false, with_grant => false)", (name,)
+    )
     tx.execute(sql.SQL("set local role {}").format(sql.Identifier(name)))
     return name
 
@@ -288,49 +399,107 @@ def test_results_compare_with_text_and_bigint(tx) -> None:
     a = _one(tx, "select df.start(fut => df.sql('select 1'), label => 'cmp')")
     b = _one(tx, "select df.start(df.sql('select 2'), 'cmp')")
     assert _one(tx, "select pg_typeof(df.start('select 3'))::text") == "text"
-    assert _one(tx, "select array_agg(instance_id order by instance_id) = %s::text[] "
-                    "from df.list_instances(null, 10, 'cmp')", (sorted([a, b]),)) is True
+    assert (
+        _one(
+            tx,
+            "select array_agg(instance_id order by instance_id) = %s::text[] "
+            "from df.list_instances(null, 10, 'cmp')",
+            (sorted([a, b]),),
+        )
+        is True
+    )
     assert _one(tx, "select instance_id = %s::text from df.instance_info(%s)", (a, a)) is True
-    assert _one(tx, "select count(*) from df.list_instances() where instance_id = any(%s::text[])",
-                ([a, b],)) == 2
-    assert _one(tx, "select pg_typeof(execution_count)::text "
-                    "from df.list_instances() limit 1") == "bigint"
+    assert (
+        _one(
+            tx,
+            "select count(*) from df.list_instances() where instance_id = any(%s::text[])",
+            ([a, b],),
+        )
+        == 2
+    )
+    assert (
+        _one(tx, "select pg_typeof(execution_count)::text from df.list_instances() limit 1")
+        == "bigint"
+    )
     # a worker's stamp on the root: execution 1, compared and cast as a bigint
     (root,) = [r[0] for r in tx.execute("select id from df.nodes where instance_id = %s", (a,))]
     role = _one(tx, "select current_user")
     tx.execute("reset role")
-    tx.execute("update df.nodes set status = 'running', status_details = %s "
-               "where instance_id = %s and id = %s",
-               (json.dumps({"gen": 1, "execution_id": f"{a}::1"}), a, root))
+    tx.execute(
+        "update df.nodes set status = 'running', status_details = %s "
+        "where instance_id = %s and id = %s",
+        (json.dumps({"gen": 1, "execution_id": f"{a}::1"}), a, root),
+    )
     tx.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
     assert _one(tx, "select execution_id::bigint = 1 from df.instance_executions(%s)", (a,)) is True
-    assert _one(tx, "select current_execution_id = 1::bigint from df.instance_info(%s)",
-                (a,)) is True
-    assert _one(tx, "select execution_id from df.instance_nodes(%s, 0) where node_id = %s",
-                (a, root)) == 1
-    assert _one(tx, "select node_id = %s::text from df.instance_nodes(instance_id_param => %s)",
-                (root, a)) is True
+    assert (
+        _one(tx, "select current_execution_id = 1::bigint from df.instance_info(%s)", (a,)) is True
+    )
+    assert (
+        _one(tx, "select execution_id from df.instance_nodes(%s, 0) where node_id = %s", (a, root))
+        == 1
+    )
+    assert (
+        _one(
+            tx,
+            "select node_id = %s::text from df.instance_nodes(instance_id_param => %s)",
+            (root, a),
+        )
+        is True
+    )
 
 
 def test_named_arguments_as_pg_durable_names_them(tx) -> None:
     _role(tx)
-    iid = _one(tx, "select df.start(fut => df.wait_for_signal(name => 'go', "
-                   "timeout_seconds => 60), transaction_mode => 'caller')")
-    assert _one(tx, "select df.signal(instance_id => %s, signal_name => 'go', "
-                    "signal_data => '{\"by\": \"api\"}')", (iid,)) == "OK"
+    iid = _one(
+        tx,
+        "select df.start(fut => df.wait_for_signal(name => 'go', "
+        "timeout_seconds => 60), transaction_mode => 'caller')",
+    )
+    assert (
+        _one(
+            tx,
+            "select df.signal(instance_id => %s, signal_name => 'go', "
+            'signal_data => \'{"by": "api"}\')',
+            (iid,),
+        )
+        == "OK"
+    )
     assert _one(tx, "select df.run(instance_id => %s)", (iid,)) is not None
-    assert _one(tx, "select count(*) from df.instance_nodes(instance_id_param => %s, "
-                    "_last_n_executions => 1)", (iid,)) == 1
-    assert _one(tx, "select count(*) from df.instance_executions(instance_id => %s, "
-                    "limit_count => 1)", (iid,)) == 0
+    assert (
+        _one(
+            tx,
+            "select count(*) from df.instance_nodes(instance_id_param => %s, "
+            "_last_n_executions => 1)",
+            (iid,),
+        )
+        == 1
+    )
+    assert (
+        _one(
+            tx,
+            "select count(*) from df.instance_executions(instance_id => %s, limit_count => 1)",
+            (iid,),
+        )
+        == 0
+    )
     assert _one(tx, "select df.explain(input => %s)", (iid,)).startswith("Instance")
-    assert _one(tx, "select df.if_rows(result_name => 'r', then_branch => 'select 1', "
-                    "else_branch => 'select 2')") is not None
-    assert _one(tx, "select df.loop(body => 'select 1', condition => 'select false')") is not None
-    assert _one(tx, "select df.loop_prefix_op(body => 'select 1')") == \
-        _one(tx, "select df.loop('select 1')")
-    assert _one(tx, "select df.if_then_op(condition => 'select true', then_branch => 'select 1')") \
+    assert (
+        _one(
+            tx,
+            "select df.if_rows(result_name => 'r', then_branch => 'select 1', "
+            "else_branch => 'select 2')",
+        )
         is not None
+    )
+    assert _one(tx, "select df.loop(body => 'select 1', condition => 'select false')") is not None
+    assert _one(tx, "select df.loop_prefix_op(body => 'select 1')") == _one(
+        tx, "select df.loop('select 1')"
+    )
+    assert (
+        _one(tx, "select df.if_then_op(condition => 'select true', then_branch => 'select 1')")
+        is not None
+    )
 
 
 def test_strict_functions_ignore_a_null_argument(tx) -> None:
@@ -344,8 +513,14 @@ def test_strict_functions_ignore_a_null_argument(tx) -> None:
     with pytest.raises(psycopg.errors.NoDataFound, match="not found or access denied"):
         tx.execute("select df.cancel('00000000')")
     tx.execute("rollback to savepoint s")
-    for q in ["select df.status(null)", "select df.result(null)", "select df.await_instance(null)",
-              "select df.getvar(null)", "select df.setvar('a', null)", "select df.explain(null)"]:
+    for q in [
+        "select df.status(null)",
+        "select df.result(null)",
+        "select df.await_instance(null)",
+        "select df.getvar(null)",
+        "select df.setvar('a', null)",
+        "select df.explain(null)",
+    ]:
         assert _one(tx, q) is None, q
     assert tx.execute("select * from df.instance_info(null)").fetchall() == []
     assert tx.execute("select * from df.instance_executions(%s, null)", (iid,)).fetchall() == []
@@ -357,36 +532,47 @@ def test_instance_executions_are_generations(tx) -> None:
     per execution): ids are bigints, newest first, limit_count rows at most (1..10,000)."""
     role = _role(tx)
     iid = _one(tx, "select df.start(df.loop(df.seq('select 1', 'select 2')))")
-    nodes = [r[0] for r in tx.execute(
-        "select node_id from df.instance_nodes(%s)", (iid,)).fetchall()]
+    nodes = [
+        r[0] for r in tx.execute("select node_id from df.instance_nodes(%s)", (iid,)).fetchall()
+    ]
     loop, then_, s1, s2 = nodes
     tx.execute("reset role")
-    stamps = {loop: (1, "running"), then_: (3, "running"), s1: (3, "completed"),
-              s2: (2, "completed")}
+    stamps = {
+        loop: (1, "running"),
+        then_: (3, "running"),
+        s1: (3, "completed"),
+        s2: (2, "completed"),
+    }
     for nid, (gen, status) in stamps.items():
-        tx.execute("update df.nodes set status = %s, status_details = %s, "
-                   "result = case when %s = 'completed' then '1'::jsonb end "
-                   "where instance_id = %s and id = %s",
-                   (status, json.dumps({"gen": gen, "execution_id": f"{iid}::{gen}"}), status,
-                    iid, nid))
+        tx.execute(
+            "update df.nodes set status = %s, status_details = %s, "
+            "result = case when %s = 'completed' then '1'::jsonb end "
+            "where instance_id = %s and id = %s",
+            (status, json.dumps({"gen": gen, "execution_id": f"{iid}::{gen}"}), status, iid, nid),
+        )
     tx.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-    ex = tx.execute("select execution_id, status, event_count from df.instance_executions(%s)",
-                    (iid,)).fetchall()
+    ex = tx.execute(
+        "select execution_id, status, event_count from df.instance_executions(%s)", (iid,)
+    ).fetchall()
     assert ex == [(3, "running", 2), (2, "completed", 1), (1, "running", 1)]
-    assert [r[0] for r in tx.execute("select execution_id from df.instance_executions(%s, 2)",
-                                     (iid,))] == [3, 2]
+    assert [
+        r[0] for r in tx.execute("select execution_id from df.instance_executions(%s, 2)", (iid,))
+    ] == [3, 2]
     assert _one(tx, "select current_execution_id from df.instance_info(%s)", (iid,)) == 3
-    legacy = dict(tx.execute("select node_id, execution_id from df.instance_nodes(%s, 5)",
-                             (iid,)).fetchall())
+    legacy = dict(
+        tx.execute("select node_id, execution_id from df.instance_nodes(%s, 5)", (iid,)).fetchall()
+    )
     assert legacy == {loop: 1, then_: 3, s1: 3, s2: 2}
     tx.execute("savepoint s")
-    with pytest.raises(psycopg.errors.InvalidParameterValue,
-                       match="limit_count must be at least 1"):
+    with pytest.raises(
+        psycopg.errors.InvalidParameterValue, match="limit_count must be at least 1"
+    ):
         tx.execute("select * from df.instance_executions(%s, 0)", (iid,))
     tx.execute("rollback to savepoint s")
 
 
 # ---------------------------------------------------------------- upgrade keeps delegations
+
 
 def test_upgrade_to_4_keeps_explicit_grants_on_remade_functions(server) -> None:
     """3-4.sql drops and re-makes functions whose result type or argument names changed; a
@@ -408,34 +594,59 @@ def test_upgrade_to_4_keeps_explicit_grants_on_remade_functions(server) -> None:
         text = (BASELINE_DIR / "v3.sql").read_text()
         with psycopg.connect(dsn) as conn:
             for s in ("df", "pgdurable", "pgdurable_exec"):
-                conn.execute(sql.SQL("create schema {} authorization pgdurable_owner").format(
-                    sql.Identifier(s)))
+                conn.execute(
+                    sql.SQL("create schema {} authorization pgdurable_owner").format(
+                        sql.Identifier(s)
+                    )
+                )
             conn.execute("set role pgdurable_owner")
             parts = text.split("-- pgdurable schema, part 20")
-            conn.execute(schema.render(parts[0], engine="pgdurable",
-                                       op_schema="pg_catalog").encode())
+            conn.execute(
+                schema.render(parts[0], engine="pgdurable", op_schema="pg_catalog").encode()
+            )
             conn.execute("reset role")
             rest = "-- pgdurable schema, part 20" + parts[1]
             ops, _, after = rest.partition("-- pgdurable schema, part 30")
             conn.execute(schema.render(ops, engine="pgdurable", op_schema="pg_catalog").encode())
             conn.execute("set role pgdurable_owner")
-            conn.execute(schema.render("-- pgdurable schema, part 30" + after, engine="pgdurable",
-                                       op_schema="pg_catalog").encode())
+            conn.execute(
+                schema.render(
+                    "-- pgdurable schema, part 30" + after,
+                    engine="pgdurable",
+                    op_schema="pg_catalog",
+                ).encode()
+            )
             conn.execute("reset role")
-            conn.execute("insert into pgdurable.migrations (version, package) "
-                         "values (3, 'baseline')")
+            conn.execute(
+                "insert into pgdurable.migrations (version, package) values (3, 'baseline')"
+            )
             conn.execute("insert into pgdurable._worker_ready (schema_version) values (3)")
             assert schema.installed_version(conn) == 3
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("select df.grant_usage(%s, false, true)", (admin,))
         assert schema.install(dsn).to_version == schema.SCHEMA_VERSION
         with psycopg.connect(dsn, autocommit=True) as conn:
-            for fn in ("df.grant_usage(text,boolean,boolean)", "df.revoke_usage(text)",
-                       "df.metrics()"):
-                assert _one(conn, "select has_function_privilege(%s, %s, "
-                                  "'EXECUTE WITH GRANT OPTION')", (admin, fn)) is True, fn
-            assert _one(conn, "select pg_get_function_result('df.grant_usage(text,boolean,boolean)'"
-                              "::regprocedure)") == "void"
+            for fn in (
+                "df.grant_usage(text,boolean,boolean)",
+                "df.revoke_usage(text)",
+                "df.metrics()",
+            ):
+                assert (
+                    _one(
+                        conn,
+                        "select has_function_privilege(%s, %s, 'EXECUTE WITH GRANT OPTION')",
+                        (admin, fn),
+                    )
+                    is True
+                ), fn
+            assert (
+                _one(
+                    conn,
+                    "select pg_get_function_result('df.grant_usage(text,boolean,boolean)'"
+                    "::regprocedure)",
+                )
+                == "void"
+            )
             # and the delegation works: the admin hands usage on
             conn.execute(sql.SQL("set role {}").format(sql.Identifier(admin)))
             conn.execute("select df.grant_usage(p_role => %s)", (tenant,))

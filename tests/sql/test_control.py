@@ -38,11 +38,16 @@ def expect(conn, query, exc, match, params=()):
     conn.execute("rollback to savepoint expect")
 
 
-THEN_SIG = json.dumps({"node_type": "THEN",
-                       "left_node": {"node_type": "SQL", "query": "select 1 / 0"},
-                       "right_node": {"node_type": "SIGNAL",
-                                      "query": json.dumps({"signal_name": "go",
-                                                           "timeout_seconds": None})}})
+THEN_SIG = json.dumps(
+    {
+        "node_type": "THEN",
+        "left_node": {"node_type": "SQL", "query": "select 1 / 0"},
+        "right_node": {
+            "node_type": "SIGNAL",
+            "query": json.dumps({"signal_name": "go", "timeout_seconds": None}),
+        },
+    }
+)
 
 
 @pytest.fixture
@@ -54,8 +59,10 @@ def user(tx):
 
 def nodes(conn, iid):
     """node ids in pre-order (ids are sorted along the pre-order)."""
-    return [r[0] for r in conn.execute(
-        "select id from df.nodes where instance_id = %s order by id", (iid,))]
+    return [
+        r[0]
+        for r in conn.execute("select id from df.nodes where instance_id = %s order by id", (iid,))
+    ]
 
 
 def test_status_and_result(tx, user):
@@ -64,12 +71,20 @@ def test_status_and_result(tx, user):
     assert one(tx, "select df.status('nothere1')") is None
     assert one(tx, "select df.result(%s)", (iid,)) is None
     tx.execute("reset role")
-    tx.execute("update df.nodes set status = 'completed', "
-               """result = '{"rows":[{"x":42}],"row_count":1}' where instance_id = %s""", (iid,))
+    tx.execute(
+        "update df.nodes set status = 'completed', "
+        """result = '{"rows":[{"x":42}],"row_count":1}' where instance_id = %s""",
+        (iid,),
+    )
     assert one(tx, "select df.result(%s)", (iid,)) is None  # instance not completed yet
-    tx.execute("update df.instances set status = 'completed', completed_at = now() where id = %s", (iid,))
+    tx.execute(
+        "update df.instances set status = 'completed', completed_at = now() where id = %s", (iid,)
+    )
     become(tx, user)
-    assert json.loads(one(tx, "select df.result(%s)", (iid,))) == {"rows": [{"x": 42}], "row_count": 1}
+    assert json.loads(one(tx, "select df.result(%s)", (iid,))) == {
+        "rows": [{"x": 42}],
+        "row_count": 1,
+    }
     assert one(tx, "select df.error(%s)", (iid,)) is None
 
 
@@ -78,16 +93,26 @@ def test_error_picks_the_failed_leaf(tx, user):
     root, div, _sig = nodes(tx, iid)
     assert one(tx, "select df.error(%s)", (iid,)) is None
     tx.execute("reset role")
-    tx.execute("""update df.nodes set status = 'failed', result = '"division by zero"',
+    tx.execute(
+        """update df.nodes set status = 'failed', result = '"division by zero"',
                   status_details = '{"sqlstate": "22012", "gen": 1}'
-                  where instance_id = %s and id = %s""", (iid, div))
-    tx.execute("""update df.nodes set status = 'failed', result = '"division by zero"'
-                  where instance_id = %s and id = %s""", (iid, root))
+                  where instance_id = %s and id = %s""",
+        (iid, div),
+    )
+    tx.execute(
+        """update df.nodes set status = 'failed', result = '"division by zero"'
+                  where instance_id = %s and id = %s""",
+        (iid, root),
+    )
     tx.execute("update df.instances set status = 'failed' where id = %s", (iid,))
     become(tx, user)
     assert one(tx, "select df.result(%s)", (iid,)) is None
     assert one(tx, "select df.error(%s)", (iid,)) == {
-        "node_id": div, "node_type": "SQL", "error": "division by zero", "sqlstate": "22012"}
+        "node_id": div,
+        "node_type": "SQL",
+        "error": "division by zero",
+        "sqlstate": "22012",
+    }
 
 
 def test_signal(tx, user):
@@ -95,56 +120,94 @@ def test_signal(tx, user):
     _root, _div, sig = nodes(tx, iid)
     tx.execute("reset role")
     # simulate a parked SIGNAL wait
-    tx.execute("insert into pgdurable.tasks (instance_id, node_id, gen, kind, due_at, submitted_by) "
-               "values (%s, %s, 1, 'signal', 'infinity', %s)", (iid, sig, user))
+    tx.execute(
+        "insert into pgdurable.tasks (instance_id, node_id, gen, kind, due_at, submitted_by) "
+        "values (%s, %s, 1, 'signal', 'infinity', %s)",
+        (iid, sig, user),
+    )
     become(tx, user)
     assert one(tx, "select df.signal(%s, 'go', '{\"a\": 1}')", (iid,)) == "OK"
     assert one(tx, "select df.signal(%s, 'go', 'plain text')", (iid,)) == "OK"
     assert one(tx, "select df.signal(%s, 'go')", (iid,)) == "OK"
     tx.execute("reset role")
-    got = tx.execute("select name, data from pgdurable.signals where instance_id = %s order by id",
-                     (iid,)).fetchall()
+    got = tx.execute(
+        "select name, data from pgdurable.signals where instance_id = %s order by id", (iid,)
+    ).fetchall()
     assert got == [("go", {"a": 1}), ("go", "plain text"), ("go", {})]
-    assert one(tx, "select due_at <= now() from pgdurable.tasks where instance_id = %s "
-                   "and node_id = %s", (iid, sig))
+    assert one(
+        tx,
+        "select due_at <= now() from pgdurable.tasks where instance_id = %s and node_id = %s",
+        (iid, sig),
+    )
     become(tx, user)
-    expect(tx, "select df.signal(%s, '', '{}')", psycopg.errors.InvalidParameterValue, "non-empty",
-           (iid,))
+    expect(
+        tx,
+        "select df.signal(%s, '', '{}')",
+        psycopg.errors.InvalidParameterValue,
+        "non-empty",
+        (iid,),
+    )
     expect(tx, "select df.signal('', 'go')", psycopg.errors.InvalidParameterValue, "non-empty")
-    expect(tx, "select df.signal('abcdef01', 'go')", psycopg.errors.NoDataFound,
-           "Instance not found or access denied")
+    expect(
+        tx,
+        "select df.signal('abcdef01', 'go')",
+        psycopg.errors.NoDataFound,
+        "Instance not found or access denied",
+    )
 
 
 def test_signal_on_terminal_instance_errors(tx, user):
     iid = one(tx, "select df.start('select 1')")
     tx.execute("select df.cancel(%s)", (iid,))
-    expect(tx, "select df.signal(%s, 'go')", psycopg.errors.ObjectNotInPrerequisiteState,
-           "already cancelled", (iid,))
+    expect(
+        tx,
+        "select df.signal(%s, 'go')",
+        psycopg.errors.ObjectNotInPrerequisiteState,
+        "already cancelled",
+        (iid,),
+    )
 
 
 def test_cancel(tx, user):
     iid = one(tx, "select df.start(%s)", (THEN_SIG,))
     _root, div, sig = nodes(tx, iid)
     tx.execute("reset role")
-    tx.execute("update df.nodes set status = 'running' where instance_id = %s and id in (%s, %s)",
-               (iid, _root, div))
+    tx.execute(
+        "update df.nodes set status = 'running' where instance_id = %s and id in (%s, %s)",
+        (iid, _root, div),
+    )
     tx.execute("update df.instances set status = 'running' where id = %s", (iid,))
     become(tx, user)
     assert one(tx, "select df.cancel(%s, 'enough')", (iid,)) == f"Instance {iid} cancelled: enough"
     assert one(tx, "select df.status(%s)", (iid,)) == "cancelled"
-    rows = dict(tx.execute("select id, status from df.nodes where instance_id = %s", (iid,)).fetchall())
+    rows = dict(
+        tx.execute("select id, status from df.nodes where instance_id = %s", (iid,)).fetchall()
+    )
     assert rows == {_root: "failed", div: "failed", sig: "pending"}
-    assert one(tx, "select result #>> '{}' from df.nodes where instance_id = %s and id = %s",
-               (iid, div)) == "cancelled: enough"
+    assert (
+        one(
+            tx,
+            "select result #>> '{}' from df.nodes where instance_id = %s and id = %s",
+            (iid, div),
+        )
+        == "cancelled: enough"
+    )
     # terminal states are sticky
     assert one(tx, "select df.cancel(%s)", (iid,)) == f"Instance {iid} is already cancelled"
     tx.execute("reset role")
     assert one(tx, "select count(*) from pgdurable.tasks where instance_id = %s", (iid,)) == 0
-    assert one(tx, "select cancel_reason from pgdurable.runs where instance_id = %s", (iid,)) == "enough"
+    assert (
+        one(tx, "select cancel_reason from pgdurable.runs where instance_id = %s", (iid,))
+        == "enough"
+    )
     become(tx, user)
     assert one(tx, "select df.error(%s)", (iid,)) is None
-    expect(tx, "select df.cancel('abcdef01')", psycopg.errors.NoDataFound,
-           "Instance not found or access denied")
+    expect(
+        tx,
+        "select df.cancel('abcdef01')",
+        psycopg.errors.NoDataFound,
+        "Instance not found or access denied",
+    )
 
 
 def test_cancel_default_reason_and_completed_instance(tx, user):
@@ -160,16 +223,31 @@ def test_cancel_default_reason_and_completed_instance(tx, user):
 
 def test_await(tx, user):
     iid = one(tx, "select df.start('select 1')")
-    expect(tx, "select df.await_instance(%s, 0)", psycopg.errors.InvalidParameterValue,
-           "timeout_seconds must be positive", (iid,))
+    expect(
+        tx,
+        "select df.await_instance(%s, 0)",
+        psycopg.errors.InvalidParameterValue,
+        "timeout_seconds must be positive",
+        (iid,),
+    )
     expect(tx, "select df.await_instance('abcdef01', 1)", psycopg.errors.NoDataFound, "not found")
     t0 = time.monotonic()
-    expect(tx, "select df.await_instance(%s, 1)", psycopg.errors.QueryCanceled,
-           "Timed out after 1s", (iid,))
+    expect(
+        tx,
+        "select df.await_instance(%s, 1)",
+        psycopg.errors.QueryCanceled,
+        "Timed out after 1s",
+        (iid,),
+    )
     assert 0.9 < time.monotonic() - t0 < 5
     tx.execute("set local df.in_workflow = 'true'")
-    expect(tx, "select df.await_instance(%s)", psycopg.errors.FeatureNotSupported,
-           "cannot be called inside a workflow", (iid,))
+    expect(
+        tx,
+        "select df.await_instance(%s)",
+        psycopg.errors.FeatureNotSupported,
+        "cannot be called inside a workflow",
+        (iid,),
+    )
     tx.execute("set local df.in_workflow = ''")
     tx.execute("select df.cancel(%s)", (iid,))
     assert one(tx, "select df.await_instance(%s)", (iid,)) == "cancelled"

@@ -56,7 +56,9 @@ UNMAPPED = "(no schema file)"
 
 _CREATE_RE = re.compile(
     r"create\s+(?:or\s+replace\s+)?function\s+"
-    r"(\"?[A-Za-z_@][\w@$]*\"?)\s*\.\s*(\"?[A-Za-z_][\w$]*\"?)\s*\(", re.IGNORECASE)
+    r"(\"?[A-Za-z_@][\w@$]*\"?)\s*\.\s*(\"?[A-Za-z_][\w$]*\"?)\s*\(",
+    re.IGNORECASE,
+)
 
 
 def _unquote(name: str) -> str:
@@ -110,7 +112,9 @@ def functions(conn: Conn) -> list[Fn]:
         " join pg_catalog.pg_namespace n on n.oid = p.pronamespace"
         " join pg_catalog.pg_language l on l.oid = p.prolang"
         " where n.nspname = any(%s) and p.prokind in ('f', 'p')"
-        " order by 1, 2, 3", (list(SCHEMAS),)).fetchall()
+        " order by 1, 2, 3",
+        (list(SCHEMAS),),
+    ).fetchall()
     return [Fn(r[0], r[1], r[2], r[3], tuple(r[4]), r[5], r[6]) for r in rows]
 
 
@@ -137,8 +141,11 @@ def strip_sql(src: str) -> str:
             continue
         if c == "'":
             # E'…' strings take backslash escapes
-            esc = i > 0 and src[i - 1] in "eE" and not (i > 1 and (src[i - 2].isalnum()
-                                                                    or src[i - 2] == "_"))
+            esc = (
+                i > 0
+                and src[i - 1] in "eE"
+                and not (i > 1 and (src[i - 2].isalnum() or src[i - 2] == "_"))
+            )
             j = i + 1
             while j < n:
                 if esc and src[j] == "\\":
@@ -171,7 +178,7 @@ def strip_sql(src: str) -> str:
                         continue
                     break
                 j += 1
-            out.append(src[i:j + 1])
+            out.append(src[i : j + 1])
             i = j + 1
             continue
         out.append(c)
@@ -184,21 +191,57 @@ _QNAME = rf"{_IDENT}(?:\s*\.\s*{_IDENT})*"
 _TOKEN_RE = re.compile(rf"{_QNAME}|''|::|:=|\S")
 _CTE_RE = re.compile(
     rf"(?:\bwith\s+(?:recursive\s+)?|,\s*)({_IDENT})\s*(?:\([^()]*\))?\s+as\s+"
-    r"(?:not\s+)?(?:materialized\s+)?\(")
+    r"(?:not\s+)?(?:materialized\s+)?\("
+)
 _CAST_RE = re.compile(rf"::\s*({_QNAME})")
-_TYPE_WORDS = ("text|varchar|char|name|json|jsonb|timestamptz|timestamp|date|time|interval|"
-               "regrole|regclass|regproc|regprocedure|regtype|oid|uuid|inet|bytea|numeric|int|"
-               "integer|int2|int4|int8|bigint|smallint|bool|boolean|float4|float8|real")
+_TYPE_WORDS = (
+    "text|varchar|char|name|json|jsonb|timestamptz|timestamp|date|time|interval|"
+    "regrole|regclass|regproc|regprocedure|regtype|oid|uuid|inet|bytea|numeric|int|"
+    "integer|int2|int4|int8|bigint|smallint|bool|boolean|float4|float8|real"
+)
 _TYPED_LITERAL_RE = re.compile(rf"(?<![.\w$\"])({_TYPE_WORDS})\s+''")
 _COLDEF_RE = re.compile(rf"\)\s+as\s+{_IDENT}\s*\(([^()]*)\)")
 _DECLARE_RE = re.compile(r"\bdeclare\b(.*?)\bbegin\b", re.DOTALL)
 _CALL_RE = re.compile(rf"\b(df|{re.escape(ENGINE)})\s*\.\s*({_IDENT})\s*\(")
 # words that may precede FROM without FROM starting a relation list
-_NOT_A_FROM = {"distinct", "both", "leading", "trailing", "epoch", "year", "month", "day",
-               "hour", "minute", "second", "milliseconds", "microseconds", "dow", "doy", "week",
-               "quarter", "decade", "century", "millennium", "isodow", "isoyear", "timezone"}
-_NOT_A_RELATION = {"lateral", "only", "select", "values", "with", "set", "of", "skip", "nowait",
-                   "rows", "''"}
+_NOT_A_FROM = {
+    "distinct",
+    "both",
+    "leading",
+    "trailing",
+    "epoch",
+    "year",
+    "month",
+    "day",
+    "hour",
+    "minute",
+    "second",
+    "milliseconds",
+    "microseconds",
+    "dow",
+    "doy",
+    "week",
+    "quarter",
+    "decade",
+    "century",
+    "millennium",
+    "isodow",
+    "isoyear",
+    "timezone",
+}
+_NOT_A_RELATION = {
+    "lateral",
+    "only",
+    "select",
+    "values",
+    "with",
+    "set",
+    "of",
+    "skip",
+    "nowait",
+    "rows",
+    "''",
+}
 
 
 def _qualified(name: str) -> bool:
@@ -225,8 +268,10 @@ def lint(src: str, lang: str) -> list[str]:
         for col in m.group(1).split(","):
             words = col.split(None, 1)
             if len(words) == 2 and not _qualified(words[1].strip()):
-                bad.append(f"column definition type {words[1].strip()} "
-                           f"(body line {_line(text, m.start())})")
+                bad.append(
+                    f"column definition type {words[1].strip()} "
+                    f"(body line {_line(text, m.start())})"
+                )
 
     toks = [(t.group(0), t.start()) for t in _TOKEN_RE.finditer(text)]
     for k, (tok, pos) in enumerate(toks):
@@ -293,8 +338,10 @@ def privileged(fns: list[Fn]) -> list[Fn]:
 
 
 def report(title: str, offenders: dict[str, list[str]]) -> str:
-    lines = [f"{title}: {sum(len(v) for v in offenders.values())} offender(s) "
-             f"in {len(offenders)} function(s)"]
+    lines = [
+        f"{title}: {sum(len(v) for v in offenders.values())} offender(s) "
+        f"in {len(offenders)} function(s)"
+    ]
     for label, what in sorted(offenders.items()):
         lines.append(f"  {label}")
         lines.extend(f"      {w}" for w in what)
@@ -337,7 +384,9 @@ def test_lint_sees_through_literals_and_comments():
         "declared type v_c text (body line 5)",
     ], got
     assert callees("select df._try_jsonb(x), pgdurable._may_act(y), 'df.no(1)'") == {
-        ("df", "_try_jsonb"), (ENGINE, "_may_act")}
+        ("df", "_try_jsonb"),
+        (ENGINE, "_may_act"),
+    }
 
 
 # -- the checks -----------------------------------------------------------------------------------
@@ -363,8 +412,11 @@ def test_privileged_bodies_name_everything_qualified(tx, part):
             continue
         bad = lint(f.src, f.lang)
         if bad:
-            kind = "SECURITY DEFINER" if f.secdef else (
-                "engine" if f.schema == ENGINE else "called by a privileged function")
+            kind = (
+                "SECURITY DEFINER"
+                if f.secdef
+                else ("engine" if f.schema == ENGINE else "called by a privileged function")
+            )
             offenders[f"{f.label}  [{kind}]"] = bad
     assert not offenders, report(f"{part}: unqualified names in privileged functions", offenders)
 
@@ -372,8 +424,14 @@ def test_privileged_bodies_name_everything_qualified(tx, part):
 def test_privileged_set_covers_the_definers(tx):
     """The lint really looks at the helpers the df functions reach, and at what they call."""
     labels = {f.label.split("(")[0] for f in privileged(functions(tx))}
-    for name in ["_schema_ready_v1", "_enqueue_v1", "_signal_v1", "_cancel_v1", "_invoker",
-                 "_may_act"]:
+    for name in [
+        "_schema_ready_v1",
+        "_enqueue_v1",
+        "_signal_v1",
+        "_cancel_v1",
+        "_invoker",
+        "_may_act",
+    ]:
         assert f"{ENGINE}.{name}" in labels
     assert {"df.metrics", "df._try_jsonb"} <= labels
     assert not any(label.startswith(f"{EXEC}.") for label in labels)
@@ -381,17 +439,24 @@ def test_privileged_set_covers_the_definers(tx):
 
 def test_step_runners_do_not_pin_search_path(db):
     role = db.create_role("hyr")
-    query = ("select p.proname, coalesce(p.proconfig, '{}') from pg_catalog.pg_proc p "
-             "where p.pronamespace = %s::pg_catalog.regnamespace")
+    query = (
+        "select p.proname, coalesce(p.proconfig, '{}') from pg_catalog.pg_proc p "
+        "where p.pronamespace = %s::pg_catalog.regnamespace"
+    )
     with db.connect() as admin:
         runners = admin.execute(query, (EXEC,)).fetchall()
-        if not runners and admin.execute(
+        if (
+            not runners
+            and admin.execute(
                 "select pg_catalog.to_regprocedure(%s) is not null",
-                (f"{ENGINE}._runner_v1(regrole)",)).fetchone()[0]:
+                (f"{ENGINE}._runner_v1(regrole)",),
+            ).fetchone()[0]
+        ):
             admin.execute(f"select {ENGINE}._runner_v1(%s::pg_catalog.regrole)", (role,))
             runners = admin.execute(query, (EXEC,)).fetchall()
     if not runners:
         pytest.skip("no step runner could be made here")
-    pinned = [(name, cfg) for name, cfg in runners
-              if any(c.startswith("search_path=") for c in cfg)]
+    pinned = [
+        (name, cfg) for name, cfg in runners if any(c.startswith("search_path=") for c in cfg)
+    ]
     assert not pinned, f"step runners must run with the step's own search_path: {pinned}"

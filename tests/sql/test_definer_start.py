@@ -19,8 +19,9 @@ def one(conn, query, params=()):
 def definer(db, owner: str, body: str, name: str = "kick") -> str:
     """public.<name>() owned by OWNER, SECURITY DEFINER, running BODY; EXECUTE to PUBLIC."""
     with db.connect() as su:
-        su.execute(sql.SQL("grant create, usage on schema public to {}").format(
-            sql.Identifier(owner)))
+        su.execute(
+            sql.SQL("grant create, usage on schema public to {}").format(sql.Identifier(owner))
+        )
     with db.connect(owner) as conn:
         conn.execute(f"""
             create function public.{name}() returns text language plpgsql security definer
@@ -42,14 +43,19 @@ def test_definer_start_submits_as_the_owner(db):
         # the caller does not see it: it is the owner's
         assert one(conn, "select count(*) from df.instances where id = %s", (iid,)) == 0
     with db.connect(owner) as conn:
-        assert one(conn, "select submitted_by::text from df.instances where id = %s",
-                   (iid,)) == owner
+        assert (
+            one(conn, "select submitted_by::text from df.instances where id = %s", (iid,)) == owner
+        )
         assert one(conn, "select df.status(%s)", (iid,)) == "pending"
     with db.connect() as su:
-        assert one(su, "select vars->>'who' from pgdurable.runs where instance_id = %s",
-                   (iid,)) == "the owner"
-        assert one(su, "select submitted_by::text from pgdurable.tasks where instance_id = %s",
-                   (iid,)) == owner
+        assert (
+            one(su, "select vars->>'who' from pgdurable.runs where instance_id = %s", (iid,))
+            == "the owner"
+        )
+        assert (
+            one(su, "select submitted_by::text from pgdurable.tasks where instance_id = %s", (iid,))
+            == owner
+        )
 
 
 def test_definer_start_in_a_subtransaction_and_by_an_ungranted_caller(db):
@@ -57,7 +63,10 @@ def test_definer_start_in_a_subtransaction_and_by_an_ungranted_caller(db):
     pgdurable grant at all: the owner's rights are what count."""
     owner = db.create_role("own")
     caller = db.create_role("clr", grant=False)
-    fn = definer(db, owner, """
+    fn = definer(
+        db,
+        owner,
+        """
         declare v text;
         begin
             begin
@@ -66,12 +75,12 @@ def test_definer_start_in_a_subtransaction_and_by_an_ungranted_caller(db):
                 raise;
             end;
             return v;
-        end""")
+        end""",
+    )
     with db.connect(caller) as conn:
         iid = one(conn, f"select {fn}")
     with db.connect() as su:
-        assert one(su, "select submitted_by::text from df.instances where id = %s",
-                   (iid,)) == owner
+        assert one(su, "select submitted_by::text from df.instances where id = %s", (iid,)) == owner
         assert one(su, "select count(*) from pgdurable.tasks where instance_id = %s", (iid,)) == 1
 
 
@@ -83,10 +92,14 @@ def test_superuser_owned_definer_is_refused(db):
             create function public.su_kick() returns text language plpgsql security definer
             set search_path = pg_catalog, public
             as $f$ begin return df.start('select 1'); end $f$""")
-    with db.connect(caller) as conn, pytest.raises(
+    with (
+        db.connect(caller) as conn,
+        pytest.raises(
             psycopg.errors.InsufficientPrivilege,
             match=f'superuser "{superuser}" cannot submit durable functions while '
-                  "pg_durable.enable_superuser_instances is off"):
+            "pg_durable.enable_superuser_instances is off",
+        ),
+    ):
         conn.execute("select public.su_kick()")
     with db.connect() as su:
         assert one(su, "select count(*) from df.instances") == 0
@@ -111,10 +124,14 @@ def test_new_mode_in_a_definer_is_refused_clearly(db):
     owner = db.create_role("own")
     caller = db.create_role("clr")
     fn = definer(db, owner, "begin return df.start('select 1', transaction_mode => 'new'); end")
-    with db.connect(caller) as conn, pytest.raises(
+    with (
+        db.connect(caller) as conn,
+        pytest.raises(
             psycopg.errors.FeatureNotSupported,
             match=r"df.start\(transaction_mode => 'new'\) cannot be called inside a SECURITY "
-                  f'DEFINER function \\(it runs as "{owner}" for session role "{caller}"\\)'):
+            f'DEFINER function \\(it runs as "{owner}" for session role "{caller}"\\)',
+        ),
+    ):
         conn.execute(f"select {fn}")
 
 
@@ -131,8 +148,12 @@ def test_an_earlier_pending_instance_cannot_be_enqueued_by_another_role(db):
             insert into df.nodes (id, instance_id, node_type, query, submitted_by)
             values ('0000beef', '0000abcd', 'SQL', 'select 1', current_user::regrole)""")
         conn.commit()
-    with db.connect(other) as conn, pytest.raises(
-            psycopg.errors.NoDataFound, match="Instance 0000abcd not found or access denied"):
+    with (
+        db.connect(other) as conn,
+        pytest.raises(
+            psycopg.errors.NoDataFound, match="Instance 0000abcd not found or access denied"
+        ),
+    ):
         conn.execute("""select pgdurable._enqueue_v1('0000abcd', '{"k": "injected"}')""")
     with db.connect(owner) as conn:
         conn.execute("select pgdurable._enqueue_v1('0000abcd', '{}')")  # its owner may

@@ -539,8 +539,16 @@ def test_strictness_and_volatility_in_catalog(tx: Conn) -> None:
         assert volatility == "i", name
         # functions with optional parameters apply the NULL rule by hand; so do the operator
         # helpers that pg_durable declares not strict (NULL in, NULL out all the same)
-        expected = name not in ("loop", "break", "wait_for_signal", "http", "http_multipart",
-                                "as_op", "if_then_op", "if_else_op")
+        expected = name not in (
+            "loop",
+            "break",
+            "wait_for_signal",
+            "http",
+            "http_multipart",
+            "as_op",
+            "if_then_op",
+            "if_else_op",
+        )
         assert strict == str(expected).lower(), name
 
 

@@ -20,8 +20,11 @@ from psycopg import sql
 
 def mkrole(conn: Any, prefix: str = "et", *, login: bool = True, http: bool = False) -> str:
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn.execute(sql.SQL("create role {} {}").format(
-        sql.Identifier(name), sql.SQL("login" if login else "nologin")))
+    conn.execute(
+        sql.SQL("create role {} {}").format(
+            sql.Identifier(name), sql.SQL("login" if login else "nologin")
+        )
+    )
     conn.execute("select df.grant_usage(%s, %s)", (name, http))
     return name
 
@@ -66,44 +69,104 @@ def nest(levels: int) -> dict[str, Any]:
 # (text, statement, parameters): graph validation, through df.start and the DSL
 GRAPH_TEXTS = [
     # an IF without any condition
-    ("condition_node", "select df.start(%s)",
-     (json.dumps(node("IF", left_node=sqln("a"), right_node=sqln("b"))),)),
-    ("condition_node in IF must be a first-class Durofut field", "select df.start(%s)",
-     (json.dumps(node("IF", query=json.dumps({"condition_node": "abcd1234"}),
-                      left_node=sqln("a"), right_node=sqln("b"))),)),
-    ("condition_node in IF must be a first-class Durofut field", "select df.start(%s)",
-     (json.dumps(node("IF", condition_node="select 1", left_node=sqln("a"),
-                      right_node=sqln("b"))),)),
-    ("extra_nodes entries must be Durofut JSON objects", "select df.start(%s)",
-     (json.dumps(node("JOIN", left_node=sqln("a"), right_node=sqln("b"), extra_nodes=["x"])),)),
+    (
+        "condition_node",
+        "select df.start(%s)",
+        (json.dumps(node("IF", left_node=sqln("a"), right_node=sqln("b"))),),
+    ),
+    (
+        "condition_node in IF must be a first-class Durofut field",
+        "select df.start(%s)",
+        (
+            json.dumps(
+                node(
+                    "IF",
+                    query=json.dumps({"condition_node": "abcd1234"}),
+                    left_node=sqln("a"),
+                    right_node=sqln("b"),
+                )
+            ),
+        ),
+    ),
+    (
+        "condition_node in IF must be a first-class Durofut field",
+        "select df.start(%s)",
+        (
+            json.dumps(
+                node("IF", condition_node="select 1", left_node=sqln("a"), right_node=sqln("b"))
+            ),
+        ),
+    ),
+    (
+        "extra_nodes entries must be Durofut JSON objects",
+        "select df.start(%s)",
+        (json.dumps(node("JOIN", left_node=sqln("a"), right_node=sqln("b"), extra_nodes=["x"])),),
+    ),
     # the issue's case: a condition_node AND a query that is not JSON
-    ("query in IF must be valid JSON config", "select df.start(%s)",
-     (json.dumps(node("IF", condition_node=sqln("select true"), query="{not json",
-                      left_node=sqln("a"), right_node=sqln("b"))),)),
-    ("query in IF must be valid JSON config", "select df.start(%s)",
-     (json.dumps(node("IF", query="not json", left_node=sqln("a"), right_node=sqln("b"))),)),
-    ("query in IF must be valid JSON config", "select df.start(%s)",
-     (json.dumps(node("IF", condition_node=sqln("select true"), query="[1, 2]",
-                      left_node=sqln("a"), right_node=sqln("b"))),)),
+    (
+        "query in IF must be valid JSON config",
+        "select df.start(%s)",
+        (
+            json.dumps(
+                node(
+                    "IF",
+                    condition_node=sqln("select true"),
+                    query="{not json",
+                    left_node=sqln("a"),
+                    right_node=sqln("b"),
+                )
+            ),
+        ),
+    ),
+    (
+        "query in IF must be valid JSON config",
+        "select df.start(%s)",
+        (json.dumps(node("IF", query="not json", left_node=sqln("a"), right_node=sqln("b"))),),
+    ),
+    (
+        "query in IF must be valid JSON config",
+        "select df.start(%s)",
+        (
+            json.dumps(
+                node(
+                    "IF",
+                    condition_node=sqln("select true"),
+                    query="[1, 2]",
+                    left_node=sqln("a"),
+                    right_node=sqln("b"),
+                )
+            ),
+        ),
+    ),
     ("Unknown node_type 'X'", "select df.start(%s)", ('{"node_type": "X"}',)),
     ("Unknown node_type 'X'", "select df.seq(%s, 'select 1')", ('{"node_type": "X"}',)),
-    ("Unknown node_type 'NOPE'", "select df.start(%s)",
-     (json.dumps(node("THEN", left_node=sqln("a"), right_node=node("NOPE"))),)),
+    (
+        "Unknown node_type 'NOPE'",
+        "select df.start(%s)",
+        (json.dumps(node("THEN", left_node=sqln("a"), right_node=node("NOPE"))),),
+    ),
     ("maximum nesting depth of 256", "select df.start(%s)", (json.dumps(nest(258)),)),
     ("not a valid identifier", "select df.as('select 1', '1bad')", ()),
     ("not a valid identifier", "select df.if_rows('bad name', 'select 1', 'select 2')", ()),
-    ("not a valid identifier", "select df.start(%s)",
-     (json.dumps(node("SQL", query="select 1", result_name="1bad")),)),
+    (
+        "not a valid identifier",
+        "select df.start(%s)",
+        (json.dumps(node("SQL", query="select 1", result_name="1bad")),),
+    ),
     ("cannot be used as a workflow step", "select df.start(df.setvar('x', '1'))", ()),
     ("cannot be used as a workflow step", "select df.seq('select 1', df.clearvars())", ()),
     ("unsupported URL scheme", "select df.http('ftp://example.com/x', 'GET')", ()),
 ]
 
 
-@pytest.mark.parametrize(("text", "query", "params"), GRAPH_TEXTS,
-                         ids=[f"{i}-{t[0][:30]}" for i, t in enumerate(GRAPH_TEXTS)])
-def test_graph_and_dsl_texts(tx: Any, user: str, text: str, query: str,
-                             params: tuple[Any, ...]) -> None:
+@pytest.mark.parametrize(
+    ("text", "query", "params"),
+    GRAPH_TEXTS,
+    ids=[f"{i}-{t[0][:30]}" for i, t in enumerate(GRAPH_TEXTS)],
+)
+def test_graph_and_dsl_texts(
+    tx: Any, user: str, text: str, query: str, params: tuple[Any, ...]
+) -> None:
     http_user = mkrole_as_admin(tx, user, http=True) if "df.http" in query else None
     if http_user:
         become(tx, http_user)
@@ -123,8 +186,10 @@ def mkrole_as_admin(tx: Any, back_to: str, **kw: Any) -> str:
 def test_a_graph_at_the_maximum_nesting_depth_is_accepted(tx: Any, user: str) -> None:
     # nesting depth 256 (the root at depth 0) is 257 node levels; one level more is refused
     iid = tx.execute("select df.start(%s)", (json.dumps(nest(257)),)).fetchone()[0]
-    assert tx.execute("select count(*) from df.nodes where instance_id = %s",
-                      (iid,)).fetchone()[0] == 257
+    assert (
+        tx.execute("select count(*) from df.nodes where instance_id = %s", (iid,)).fetchone()[0]
+        == 257
+    )
     text = tx.execute("select df.explain(%s)", (json.dumps(nest(257)),)).fetchone()[0]
     assert text.startswith("Dry run (not started): 257 nodes"), text[:80]
     err = raised(tx, "select df.start(%s)", (json.dumps(nest(258)),))
@@ -138,14 +203,24 @@ def test_a_stored_graph_past_the_maximum_nesting_depth_is_refused(tx: Any, user:
     def write(levels: int) -> str:
         iid = uuid.uuid4().hex[:8]
         ids = [f"{iid[:4]}{k:04x}" for k in range(levels)]
-        tx.execute("insert into df.instances (id, root_node, submitted_by) "
-                   "values (%s, %s, current_user::regrole)", (iid, ids[0]))
+        tx.execute(
+            "insert into df.instances (id, root_node, submitted_by) "
+            "values (%s, %s, current_user::regrole)",
+            (iid, ids[0]),
+        )
         for k, nid in enumerate(ids):
             last = k == levels - 1
-            tx.execute("insert into df.nodes (id, instance_id, node_type, query, left_node, "
-                       "submitted_by) values (%s, %s, %s, %s, %s, current_user::regrole)",
-                       (nid, iid, "SQL" if last else "LOOP", "select 1" if last else None,
-                        None if last else ids[k + 1]))
+            tx.execute(
+                "insert into df.nodes (id, instance_id, node_type, query, left_node, "
+                "submitted_by) values (%s, %s, %s, %s, %s, current_user::regrole)",
+                (
+                    nid,
+                    iid,
+                    "SQL" if last else "LOOP",
+                    "select 1" if last else None,
+                    None if last else ids[k + 1],
+                ),
+            )
         return iid
 
     tx.execute("select pgdurable._enqueue_v1(%s, '{}')", (write(257),))
@@ -155,9 +230,19 @@ def test_a_stored_graph_past_the_maximum_nesting_depth_is_refused(tx: Any, user:
 
 
 def test_explain_of_an_invalid_graph_returns_the_text(tx: Any, user: str) -> None:
-    for value in ('{"node_type": "X"}', json.dumps(nest(258)),
-                  json.dumps(node("IF", condition_node=sqln("select 1"), query="{bad",
-                                  left_node=sqln("a"), right_node=sqln("b")))):
+    for value in (
+        '{"node_type": "X"}',
+        json.dumps(nest(258)),
+        json.dumps(
+            node(
+                "IF",
+                condition_node=sqln("select 1"),
+                query="{bad",
+                left_node=sqln("a"),
+                right_node=sqln("b"),
+            )
+        ),
+    ):
         text = tx.execute("select df.explain(%s)", (value,)).fetchone()[0]
         assert text.startswith("Invalid durable function graph: root:"), text[:120]
     assert "query in IF must be valid JSON config" in text
@@ -166,9 +251,13 @@ def test_explain_of_an_invalid_graph_returns_the_text(tx: Any, user: str) -> Non
 def test_cannot_be_called_inside_a_workflow(tx: Any, user: str) -> None:
     # what the worker sets on every step session (the end-to-end twin runs a real step)
     tx.execute("set local df.in_workflow = 'true'")
-    for query in ("select df.setvar('a', 'b')", "select df.unsetvar('a')",
-                  "select df.clearvars()", "select df.await_instance('abcdef12', 1)",
-                  "select df.start('select 1', transaction_mode => 'new')"):
+    for query in (
+        "select df.setvar('a', 'b')",
+        "select df.unsetvar('a')",
+        "select df.clearvars()",
+        "select df.await_instance('abcdef12', 1)",
+        "select df.start('select 1', transaction_mode => 'new')",
+    ):
         err = raised(tx, query)
         assert "cannot be called inside a workflow" in str(err), (query, str(err))
 
@@ -191,8 +280,11 @@ def test_identity_and_database_texts(tx: Any) -> None:
 
 
 def test_not_found_or_access_denied(tx: Any, user: str) -> None:
-    for query in ("select df.signal('0123abcd', 'go')", "select df.cancel('0123abcd')",
-                  "select df.explain('0123abcd')"):
+    for query in (
+        "select df.signal('0123abcd', 'go')",
+        "select df.cancel('0123abcd')",
+        "select df.explain('0123abcd')",
+    ):
         err = raised(tx, query)
         assert "not found or access denied" in str(err), (query, str(err))
     # another role's instance is not found either
@@ -236,25 +328,41 @@ def test_explain_texts(tx: Any, user: str) -> None:
     text = tx.execute(
         "select df.explain($$df.sql('select 1') ~> df.sleep(30) ~> "
         "df.race(df.wait_for_signal('a'), 'select 2') ~> "
-        "df.if(df.sql('select true'), 'select 3', 'select 4')$$)").fetchone()[0]
+        "df.if(df.sql('select true'), 'select 3', 'select 4')$$)"
+    ).fetchone()[0]
     for part in ("SQL: select 1", "SLEEP 30s", "RACE", "branch 1:", "branch 2:"):
         assert part in text, (part, text)
     assert text.count("→") == 3, text  # one per THEN edge
     assert text.count("IF") == 1, text
     # the marks, from a live instance's inferred statuses
-    iid = tx.execute("select df.start(df.if(df.sql('select true'), 'select 3', "
-                     "'select 4') ~> 'select 5')").fetchone()[0]
+    iid = tx.execute(
+        "select df.start(df.if(df.sql('select true'), 'select 3', 'select 4') ~> 'select 5')"
+    ).fetchone()[0]
     tx.execute("reset role")
-    rows = dict(tx.execute("select query, id from df.nodes where instance_id = %s",
-                           (iid,)).fetchall())
-    tx.execute("update df.nodes set status = 'completed' where instance_id = %s and id = %s",
-               (iid, rows["select true"]))
-    tx.execute("update df.nodes set status = 'failed', result = '\"boom\"' "
-               "where instance_id = %s and id = %s", (iid, rows["select 3"]))
-    tx.execute("update df.nodes set status = 'running', status_details = '{\"branch\": \"then\"}' "
-               "where instance_id = %s and node_type = 'IF'", (iid,))
+    rows = dict(
+        tx.execute("select query, id from df.nodes where instance_id = %s", (iid,)).fetchall()
+    )
+    tx.execute(
+        "update df.nodes set status = 'completed' where instance_id = %s and id = %s",
+        (iid, rows["select true"]),
+    )
+    tx.execute(
+        "update df.nodes set status = 'failed', result = '\"boom\"' "
+        "where instance_id = %s and id = %s",
+        (iid, rows["select 3"]),
+    )
+    tx.execute(
+        "update df.nodes set status = 'running', status_details = '{\"branch\": \"then\"}' "
+        "where instance_id = %s and node_type = 'IF'",
+        (iid,),
+    )
     become(tx, user)
     live = tx.execute("select df.explain(%s)", (iid,)).fetchone()[0]
-    for mark in ("✓ SQL: select true", "✗ SQL: select 3", "⏳ IF", "⊘ SQL: select 4",
-                 "○ SQL: select 5"):
+    for mark in (
+        "✓ SQL: select true",
+        "✗ SQL: select 3",
+        "⏳ IF",
+        "⊘ SQL: select 4",
+        "○ SQL: select 5",
+    ):
         assert mark in live, (mark, live)

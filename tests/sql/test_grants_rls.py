@@ -14,9 +14,10 @@ def one(conn, query, params=()):
 
 
 def counts(conn):
-    return conn.execute("select (select count(*) from df.instances), (select count(*) from df.nodes),"
-                        " (select count(*) from df.vars), (select count(*) from pgdurable.signals)"
-                        ).fetchone()
+    return conn.execute(
+        "select (select count(*) from df.instances), (select count(*) from df.nodes),"
+        " (select count(*) from df.vars), (select count(*) from pgdurable.signals)"
+    ).fetchone()
 
 
 def test_second_role_sees_and_touches_nothing(db):
@@ -37,19 +38,29 @@ def test_second_role_sees_and_touches_nothing(db):
         assert one(cb, "select df.error(%s)", (iid,)) is None
         assert one(cb, "select df.getvar('secret')") is None
         before = counts(admin)
-        for q in ["select df.signal(%s, 'go')", "select df.cancel(%s)",
-                  "select df.await_instance(%s, 1)", "select df.explain(%s)"]:
+        for q in [
+            "select df.signal(%s, 'go')",
+            "select df.cancel(%s)",
+            "select df.await_instance(%s, 1)",
+            "select df.explain(%s)",
+        ]:
             with pytest.raises(psycopg.errors.NoDataFound, match="not found or access denied"):
                 cb.execute(q, (iid,))
         # the SECURITY DEFINER helpers re-check ownership when called directly
-        for q in ["select pgdurable._signal_v1(%s, 'go', '{}')", "select pgdurable._cancel_v1(%s, 'x')",
-                  "select pgdurable._enqueue_v1(%s, '{\"secret\": \"injected\"}')"]:
+        for q in [
+            "select pgdurable._signal_v1(%s, 'go', '{}')",
+            "select pgdurable._cancel_v1(%s, 'x')",
+            'select pgdurable._enqueue_v1(%s, \'{"secret": "injected"}\')',
+        ]:
             with pytest.raises(psycopg.errors.NoDataFound, match="not found or access denied"):
                 cb.execute(q, (iid,))
         # b cannot forge rows of a (RLS WITH CHECK) nor flip its status
         with pytest.raises(psycopg.Error):
-            cb.execute("insert into df.instances (id, root_node, submitted_by) values "
-                       "('0000aaaa', '0000bbbb', %s::regrole)", (a,))
+            cb.execute(
+                "insert into df.instances (id, root_node, submitted_by) values "
+                "('0000aaaa', '0000bbbb', %s::regrole)",
+                (a,),
+            )
         cb.execute("update df.instances set status = 'completed' where id = %s", (iid,))
         assert counts(admin) == before
         assert one(admin, "select status from df.instances where id = %s", (iid,)) == "pending"
@@ -65,13 +76,18 @@ def test_role_without_grant_is_denied_everything(db):
     with db.connect(owner) as co, db.connect(nobody) as cn, db.connect() as admin:
         iid = one(co, "select df.start('select 1')")
         before = counts(admin)
-        for q, params in [("select df.start('select 1')", ()), ("select df.status(%s)", (iid,)),
-                          ("select df.signal(%s, 'go')", (iid,)), ("select df.cancel(%s)", (iid,)),
-                          ("select * from df.list_instances()", ()),
-                          ("select df.setvar('a', 'b')", ()), ("select df.explain('select 1')", ()),
-                          ("select count(*) from df.instances", ()),
-                          ("select pgdurable._cancel_v1(%s, 'x')", (iid,)),
-                          ("select count(*) from pgdurable.tasks", ())]:
+        for q, params in [
+            ("select df.start('select 1')", ()),
+            ("select df.status(%s)", (iid,)),
+            ("select df.signal(%s, 'go')", (iid,)),
+            ("select df.cancel(%s)", (iid,)),
+            ("select * from df.list_instances()", ()),
+            ("select df.setvar('a', 'b')", ()),
+            ("select df.explain('select 1')", ()),
+            ("select count(*) from df.instances", ()),
+            ("select pgdurable._cancel_v1(%s, 'x')", (iid,)),
+            ("select count(*) from pgdurable.tasks", ()),
+        ]:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
                 cn.execute(q, params)
         assert counts(admin) == before
@@ -79,16 +95,22 @@ def test_role_without_grant_is_denied_everything(db):
 
 def test_public_privileges(db):
     with db.connect() as admin:
+
         def fn(name):
             return one(admin, "select has_function_privilege('public', %s, 'execute')", (name,))
 
         assert fn("df.start(text,text,text,text,text)")
         assert fn("df.status(text)")
         assert fn("df.sql(text)")
-        for name in ["df.metrics()", "df.grant_usage(text,boolean,boolean)", "df.revoke_usage(text)",
-                     "df.http(text,text,text,jsonb,integer)",
-                     "df.http_multipart(text,text,jsonb,jsonb,integer)",
-                     "pgdurable._enqueue_v1(varchar,jsonb)", "pgdurable._cancel_v1(varchar,text)"]:
+        for name in [
+            "df.metrics()",
+            "df.grant_usage(text,boolean,boolean)",
+            "df.revoke_usage(text)",
+            "df.http(text,text,text,jsonb,integer)",
+            "df.http_multipart(text,text,jsonb,jsonb,integer)",
+            "pgdurable._enqueue_v1(varchar,jsonb)",
+            "pgdurable._cancel_v1(varchar,text)",
+        ]:
             assert not fn(name), name
         assert not one(admin, "select has_schema_privilege('public', 'df', 'usage')")
         assert not one(admin, "select has_schema_privilege('public', 'pgdurable', 'usage')")
@@ -100,18 +122,28 @@ def test_grant_usage_exact_grants_and_revoke(db):
     r = db.create_role("rg", http=True)
     plain = db.create_role("rp")
     with db.connect() as admin:
+
         def has(kind, obj, priv, role=r):
             return one(admin, f"select has_{kind}_privilege(%s, %s, %s)", (role, obj, priv))
 
         assert has("schema", "df", "usage")
-        assert has("table", "df.instances", "select") and has("table", "df.nodes", "select")
-        assert not has("table", "df.instances", "delete") and not has("table", "df.nodes", "update")
-        assert one(admin, "select has_column_privilege(%s, 'df.instances', 'status', 'update')", (r,))
-        assert not one(admin, "select has_column_privilege(%s, 'df.instances', 'submitted_by', 'update')",
-                       (r,))
-        assert not one(admin, "select has_column_privilege(%s, 'df.instances', 'status', 'insert')", (r,))
+        assert has("table", "df.instances", "select")
+        assert has("table", "df.nodes", "select")
+        assert not has("table", "df.instances", "delete")
+        assert not has("table", "df.nodes", "update")
+        assert one(
+            admin, "select has_column_privilege(%s, 'df.instances', 'status', 'update')", (r,)
+        )
+        assert not one(
+            admin, "select has_column_privilege(%s, 'df.instances', 'submitted_by', 'update')", (r,)
+        )
+        assert not one(
+            admin, "select has_column_privilege(%s, 'df.instances', 'status', 'insert')", (r,)
+        )
         assert one(admin, "select has_column_privilege(%s, 'df.nodes', 'query', 'insert')", (r,))
-        assert not one(admin, "select has_column_privilege(%s, 'df.nodes', 'result', 'insert')", (r,))
+        assert not one(
+            admin, "select has_column_privilege(%s, 'df.nodes', 'result', 'insert')", (r,)
+        )
         # df.vars: SELECT only (pg_durable grants DML too, which lets any tenant LOCK the
         # shared table ACCESS EXCLUSIVE and stall every df.start); df.setvar writes it
         assert has("table", "df.vars", "select")
@@ -131,7 +163,9 @@ def test_grant_usage_exact_grants_and_revoke(db):
         admin.execute("select df.revoke_usage(%s)", (r,))
         assert not has("schema", "df", "usage")
         assert not has("table", "df.instances", "select")
-        assert not one(admin, "select has_column_privilege(%s, 'df.instances', 'status', 'update')", (r,))
+        assert not one(
+            admin, "select has_column_privilege(%s, 'df.instances', 'status', 'update')", (r,)
+        )
         assert not has("function", "df.http(text,text,text,jsonb,integer)", "execute")
         assert not has("function", "pgdurable._enqueue_v1(varchar,jsonb)", "execute")
     with db.connect(r) as cr, pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -167,21 +201,26 @@ def test_runners_of_schema_version_3_stay_valid_and_nothing_else_does(db):
             body = one(admin, body_sql)
             admin.execute("begin")
             # as df.grant_usage makes it: the role, given CREATE on the schema for the moment
-            admin.execute(sql.SQL("grant create on schema pgdurable_exec to {}").format(
-                sql.Identifier(r)))
+            admin.execute(
+                sql.SQL("grant create on schema pgdurable_exec to {}").format(sql.Identifier(r))
+            )
             admin.execute(sql.SQL("set local role {}").format(sql.Identifier(r)))
             admin.execute(
-                sql.SQL("create or replace function {}(p_cap pg_catalog.text, p_sql "
-                        "pg_catalog.text, p_max_bytes pg_catalog.int8) returns setof "
-                        "pg_catalog.json language plpgsql volatile security definer as {}")
-                .format(sql.SQL(fn), sql.Literal(body)))
+                sql.SQL(
+                    "create or replace function {}(p_cap pg_catalog.text, p_sql "
+                    "pg_catalog.text, p_max_bytes pg_catalog.int8) returns setof "
+                    "pg_catalog.json language plpgsql volatile security definer as {}"
+                ).format(sql.SQL(fn), sql.Literal(body))
+            )
             admin.execute("reset role")
-            admin.execute(sql.SQL("revoke create on schema pgdurable_exec from {}").format(
-                sql.Identifier(r)))
+            admin.execute(
+                sql.SQL("revoke create on schema pgdurable_exec from {}").format(sql.Identifier(r))
+            )
             admin.execute("commit")
             return one(admin, "select pgdurable._runner_ok_v1(%s::regrole::oid)", (r,))
 
         assert remake("select pgdurable._runner_body_schema3_v1()")
-        assert not remake("select replace(pgdurable._runner_body_v1(), 'set constraints all "
-                          "immediate;', '')")
+        assert not remake(
+            "select replace(pgdurable._runner_body_v1(), 'set constraints all immediate;', '')"
+        )
         assert remake("select pgdurable._runner_body_v1()")

@@ -41,14 +41,30 @@ Conn = psycopg.Connection[Any]
 SETTINGS = settings(
     max_examples=60,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                           HealthCheck.data_too_large, HealthCheck.large_base_example],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 
 ID_RE = re.compile(r"^[0-9a-f]{8}$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-NODE_TYPES = ["SQL", "THEN", "IF", "LOOP", "JOIN", "RACE", "BREAK", "SLEEP", "WAIT_SCHEDULE",
-              "SIGNAL", "HTTP", "HTTP_MULTIPART"]
+NODE_TYPES = [
+    "SQL",
+    "THEN",
+    "IF",
+    "LOOP",
+    "JOIN",
+    "RACE",
+    "BREAK",
+    "SLEEP",
+    "WAIT_SCHEDULE",
+    "SIGNAL",
+    "HTTP",
+    "HTTP_MULTIPART",
+]
 CHILD_KEYS = ("condition_node", "left_node", "right_node")
 
 # ---------------------------------------------------------------------------------------
@@ -79,8 +95,9 @@ INJECTIONS = [
 UNICODE = ["ünïcödé", "名前", "🙂🙃", "\u200b", "\u202e reversed", "a\u0301", "\ufeffbom", "Ω≈ç√"]
 
 # PostgreSQL text cannot hold NUL; lone surrogates cannot be encoded. Everything else goes.
-any_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",),
-                                          blacklist_characters="\x00"), max_size=80)
+any_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=80
+)
 hostile_text = st.one_of(
     any_text,
     st.sampled_from(INJECTIONS + UNICODE),
@@ -134,8 +151,9 @@ def assert_clear(exc: psycopg.Error) -> None:
     assert exc.diag.message_primary, f"{state} without a message"
 
 
-def attempt(conn: Conn, query: str,
-            params: tuple[Any, ...] = ()) -> tuple[Any, psycopg.Error | None]:
+def attempt(
+    conn: Conn, query: str, params: tuple[Any, ...] = ()
+) -> tuple[Any, psycopg.Error | None]:
     """Run query in a savepoint; return (value, None) or (None, error) after rolling back."""
     conn.execute("savepoint h")
     try:
@@ -148,8 +166,9 @@ def attempt(conn: Conn, query: str,
     return (row[0] if row else None), None
 
 
-def start(conn: Conn, role: str, graph: str, label: str | None = None
-          ) -> tuple[str | None, psycopg.Error | None]:
+def start(
+    conn: Conn, role: str, graph: str, label: str | None = None
+) -> tuple[str | None, psycopg.Error | None]:
     """df.start in a savepoint; check it wrote all (one instance) or nothing."""
     before = counts(conn, role)
     iid, err = attempt(conn, "select df.start(%s, %s)", (graph, label))
@@ -201,21 +220,36 @@ leaf_nodes = st.one_of(
     # a SQL step may not refer to a name no step defines (35_references.sql): a $ followed
     # by a letter is left out of the texts every valid graph may hold (the hostile texts
     # with it are tested by test_sql_and_as_store_text_verbatim)
-    st.builds(lambda q: {"node_type": "SQL", "query": q},
-              nonblank.filter(lambda q: not re.search(r"\$[A-Za-z_]", q))),
+    st.builds(
+        lambda q: {"node_type": "SQL", "query": q},
+        nonblank.filter(lambda q: not re.search(r"\$[A-Za-z_]", q)),
+    ),
     st.builds(lambda s: {"node_type": "SLEEP", "query": str(s)}, st.integers(0, 10**6)),
-    st.builds(lambda v: {"node_type": "BREAK", "query": _cfg({"break_value": v})},
-              st.none() | any_text),
-    st.builds(lambda c: {"node_type": "WAIT_SCHEDULE", "query": _cfg({"cron_expr": c})},
-              st.sampled_from(["* * * * *", "0 9 * * MON-FRI", "@daily"])),
-    st.builds(lambda n, t: {"node_type": "SIGNAL",
-                            "query": _cfg({"signal_name": n, "timeout_seconds": t})},
-              nonblank, st.none() | st.integers(1, 10**6)),
-    st.builds(lambda u, m: {"node_type": "HTTP",
-                            "query": _cfg({"url": u, "method": m, "body": None, "headers": None,
-                                           "timeout_seconds": 30})},
-              st.sampled_from(["https://example.com/x", "http://h/{v}?q=$r.c"]),
-              st.sampled_from(["GET", "POST"])),
+    st.builds(
+        lambda v: {"node_type": "BREAK", "query": _cfg({"break_value": v})}, st.none() | any_text
+    ),
+    st.builds(
+        lambda c: {"node_type": "WAIT_SCHEDULE", "query": _cfg({"cron_expr": c})},
+        st.sampled_from(["* * * * *", "0 9 * * MON-FRI", "@daily"]),
+    ),
+    st.builds(
+        lambda n, t: {
+            "node_type": "SIGNAL",
+            "query": _cfg({"signal_name": n, "timeout_seconds": t}),
+        },
+        nonblank,
+        st.none() | st.integers(1, 10**6),
+    ),
+    st.builds(
+        lambda u, m: {
+            "node_type": "HTTP",
+            "query": _cfg(
+                {"url": u, "method": m, "body": None, "headers": None, "timeout_seconds": 30}
+            ),
+        },
+        st.sampled_from(["https://example.com/x", "http://h/{v}?q=$r.c"]),
+        st.sampled_from(["GET", "POST"]),
+    ),
 )
 
 
@@ -225,29 +259,69 @@ def _named(g: dict[str, Any], name: str | None) -> dict[str, Any]:
 
 def _composites(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
     return st.one_of(
-        st.builds(lambda a, b, t: {"node_type": t, "left_node": a, "right_node": b},
-                  children, children, st.sampled_from(["THEN", "RACE", "JOIN"])),
-        st.builds(lambda a, b, c: {"node_type": "JOIN", "left_node": a, "right_node": b,
-                                   "extra_nodes": [c]}, children, children, children),
-        st.builds(lambda c, a, b: {"node_type": "IF", "condition_node": c, "left_node": a,
-                                   "right_node": b}, children, children, children),
-        st.builds(lambda n, a, b: {"node_type": "IF", "query": _cfg(
-            {"condition_type": "result_has_rows", "result_name": n}), "left_node": a,
-            "right_node": b}, identifiers, children, children),
+        st.builds(
+            lambda a, b, t: {"node_type": t, "left_node": a, "right_node": b},
+            children,
+            children,
+            st.sampled_from(["THEN", "RACE", "JOIN"]),
+        ),
+        st.builds(
+            lambda a, b, c: {
+                "node_type": "JOIN",
+                "left_node": a,
+                "right_node": b,
+                "extra_nodes": [c],
+            },
+            children,
+            children,
+            children,
+        ),
+        st.builds(
+            lambda c, a, b: {
+                "node_type": "IF",
+                "condition_node": c,
+                "left_node": a,
+                "right_node": b,
+            },
+            children,
+            children,
+            children,
+        ),
+        st.builds(
+            lambda n, a, b: {
+                "node_type": "IF",
+                "query": _cfg({"condition_type": "result_has_rows", "result_name": n}),
+                "left_node": a,
+                "right_node": b,
+            },
+            identifiers,
+            children,
+            children,
+        ),
         st.builds(lambda a: {"node_type": "LOOP", "left_node": a}, children),
-        st.builds(lambda a, c: {"node_type": "LOOP", "left_node": a, "condition_node": c},
-                  children, children),
+        st.builds(
+            lambda a, c: {"node_type": "LOOP", "left_node": a, "condition_node": c},
+            children,
+            children,
+        ),
     ).flatmap(lambda g: st.builds(_named, st.just(g), st.none() | identifiers))
 
 
 valid_graphs = st.recursive(leaf_nodes, _composites, max_leaves=25)
 
 # junk: any mix of known/unknown types, missing/extra keys and wrong value types
-junk_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
-                        st.floats(allow_nan=False, allow_infinity=False), hostile_text,
-                        st.just([]), st.just({}))
-junk_type = st.one_of(st.sampled_from(NODE_TYPES), st.sampled_from(["sql", "FOO", "", " SQL"]),
-                      junk_scalar)
+junk_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    hostile_text,
+    st.just([]),
+    st.just({}),
+)
+junk_type = st.one_of(
+    st.sampled_from(NODE_TYPES), st.sampled_from(["sql", "FOO", "", " SQL"]), junk_scalar
+)
 
 
 def _junk_node(children: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
@@ -255,10 +329,21 @@ def _junk_node(children: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, 
     return st.fixed_dictionaries(
         {"node_type": junk_type},
         optional={
-            "query": st.one_of(junk_scalar, st.sampled_from(
-                ["30", " 7 ", "-1", '{"cron_expr":"* * * * *"}', '{"signal_name":""}',
-                 '{"condition_node":"abcd1234"}', '{"url":1,"method":"GET"}',
-                 '{"condition_type":"result_has_rows","result_name":"a b"}'])),
+            "query": st.one_of(
+                junk_scalar,
+                st.sampled_from(
+                    [
+                        "30",
+                        " 7 ",
+                        "-1",
+                        '{"cron_expr":"* * * * *"}',
+                        '{"signal_name":""}',
+                        '{"condition_node":"abcd1234"}',
+                        '{"url":1,"method":"GET"}',
+                        '{"condition_type":"result_has_rows","result_name":"a b"}',
+                    ]
+                ),
+            ),
             "result_name": st.one_of(identifiers, junk_scalar),
             "condition_node": child,
             "left_node": child,
@@ -272,9 +357,21 @@ def _junk_node(children: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, 
 junk_graphs = st.one_of(
     st.recursive(leaf_nodes | st.builds(dict), _junk_node, max_leaves=15),
     # a valid graph with one key of one node replaced
-    st.tuples(valid_graphs, st.sampled_from(["node_type", "query", "result_name", "left_node",
-                                             "right_node", "condition_node", "extra_nodes"]),
-              junk_scalar).map(lambda t: {**t[0], t[1]: t[2]}),
+    st.tuples(
+        valid_graphs,
+        st.sampled_from(
+            [
+                "node_type",
+                "query",
+                "result_name",
+                "left_node",
+                "right_node",
+                "condition_node",
+                "extra_nodes",
+            ]
+        ),
+        junk_scalar,
+    ).map(lambda t: {**t[0], t[1]: t[2]}),
 )
 
 
@@ -292,8 +389,9 @@ def test_valid_graphs_start_with_exact_node_rows(tx: Conn, user: str, g: dict[st
     expected = walk_count(g)
     assert node_count(tx, iid) == expected
     # the flattened rows keep the types and names of the value
-    rows = tx.execute("select node_type, result_name from df.nodes where instance_id = %s",
-                      (iid,)).fetchall()
+    rows = tx.execute(
+        "select node_type, result_name from df.nodes where instance_id = %s", (iid,)
+    ).fetchall()
 
     def collect(n: Any, out: list[tuple[str, str | None]]) -> None:
         if isinstance(n, dict):
@@ -344,8 +442,9 @@ def test_non_graph_values_are_sql_or_rejected(tx: Conn, user: str, v: Any) -> No
     iid, err = start(tx, user, text)
     if err is None:
         assert iid is not None
-        q = tx.execute("select node_type, query from df.nodes where instance_id = %s",
-                       (iid,)).fetchall()
+        q = tx.execute(
+            "select node_type, query from df.nodes where instance_id = %s", (iid,)
+        ).fetchall()
         assert q == [("SQL", text)]
     else:
         assert err.sqlstate == "22023"
@@ -373,10 +472,15 @@ def _nest(depth: int, kind: str) -> dict[str, Any]:
     return g
 
 
-@settings(max_examples=12, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(depth=st.sampled_from([1, 2, 255, 256, 257, 258, 259, 300, 600]),
-       kind=st.sampled_from(["LOOP", "THEN", "IF", "JOIN"]))
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    depth=st.sampled_from([1, 2, 255, 256, 257, 258, 259, 300, 600]),
+    kind=st.sampled_from(["LOOP", "THEN", "IF", "JOIN"]),
+)
 def test_depth_limit_is_exact(tx: Conn, user: str, depth: int, kind: str) -> None:
     g = _nest(depth, kind)
     text = json.dumps(g)
@@ -389,17 +493,21 @@ def test_depth_limit_is_exact(tx: Conn, user: str, depth: int, kind: str) -> Non
         assert "maximum nesting depth of 256" in str(err)
         assert explain(tx, text).startswith(
             "Invalid durable function graph: root: durable function graph exceeds the maximum "
-            "nesting depth of 256")
+            "nesting depth of 256"
+        )
 
 
 def _wide(n: int) -> dict[str, Any]:
     """A graph of exactly n nodes (n odd: a balanced JOIN tree; n even: a LOOP on top)."""
     leaves = (n + 1) // 2 if n % 2 else n // 2
-    level: list[dict[str, Any]] = [{"node_type": "SQL", "query": f"select {i}"}
-                                   for i in range(leaves)]
+    level: list[dict[str, Any]] = [
+        {"node_type": "SQL", "query": f"select {i}"} for i in range(leaves)
+    ]
     while len(level) > 1:
-        nxt = [{"node_type": "JOIN", "left_node": level[i], "right_node": level[i + 1]}
-               for i in range(0, len(level) - 1, 2)]
+        nxt = [
+            {"node_type": "JOIN", "left_node": level[i], "right_node": level[i + 1]}
+            for i in range(0, len(level) - 1, 2)
+        ]
         if len(level) % 2:
             nxt.append(level[-1])
         level = nxt
@@ -423,9 +531,12 @@ def test_node_limit_is_exact(tx: Conn, user: str, n: int) -> None:
 
 def test_huge_fanout_is_bounded(tx: Conn, user: str) -> None:
     # 50,000 junk extra_nodes entries: rejected quickly, nothing written
-    g = {"node_type": "JOIN", "left_node": {"node_type": "SQL", "query": "a"},
-         "right_node": {"node_type": "SQL", "query": "b"},
-         "extra_nodes": [{"node_type": "SQL", "query": "c"}] * 50_000}
+    g = {
+        "node_type": "JOIN",
+        "left_node": {"node_type": "SQL", "query": "a"},
+        "right_node": {"node_type": "SQL", "query": "b"},
+        "extra_nodes": [{"node_type": "SQL", "query": "c"}] * 50_000,
+    }
     t0 = time.monotonic()
     _, err = start(tx, user, json.dumps(g))
     assert err is not None and err.sqlstate == "54000", err
@@ -450,7 +561,8 @@ def test_sql_and_as_store_text_verbatim(tx: Conn, user: str, q: str, name: str) 
     if err is not None:
         assert err.sqlstate == "22023"
         assert ("not a valid identifier" in str(err) and not IDENT_RE.match(name)) or (
-            "cannot be used as a workflow step" in str(err) and q in ("OK",)), err
+            "cannot be used as a workflow step" in str(err) and q in ("OK",)
+        ), err
         return
     assert IDENT_RE.match(name)
     g = _graph_of(value)
@@ -464,16 +576,31 @@ def test_sql_and_as_store_text_verbatim(tx: Conn, user: str, q: str, name: str) 
             assert m.group(1) != name and "$" + m.group(1) in q, serr
             return
         assert iid is not None
-        assert tx.execute("select query, result_name from df.nodes where instance_id = %s",
-                          (iid,)).fetchall() == [(q, name)]
+        assert tx.execute(
+            "select query, result_name from df.nodes where instance_id = %s", (iid,)
+        ).fetchall() == [(q, name)]
 
 
 @SETTINGS
-@given(a=hostile_text, b=hostile_text, op=st.sampled_from(
-    ["df.seq(%s, %s)", "df.join(%s, %s)", "df.race(%s, %s)", "%s::text ~> %s::text",
-     "%s::text & %s::text", "%s::text | %s::text", "df.loop(%s, %s)",
-     "df.if(%s, %s, 'select 0')", "%s::text ?> %s::text !> 'select 0'",
-     "df.if_rows('r', %s, %s)", "df.join3(%s, %s, 'select 0')"]))
+@given(
+    a=hostile_text,
+    b=hostile_text,
+    op=st.sampled_from(
+        [
+            "df.seq(%s, %s)",
+            "df.join(%s, %s)",
+            "df.race(%s, %s)",
+            "%s::text ~> %s::text",
+            "%s::text & %s::text",
+            "%s::text | %s::text",
+            "df.loop(%s, %s)",
+            "df.if(%s, %s, 'select 0')",
+            "%s::text ?> %s::text !> 'select 0'",
+            "df.if_rows('r', %s, %s)",
+            "df.join3(%s, %s, 'select 0')",
+        ]
+    ),
+)
 def test_composers_accept_any_text(tx: Conn, user: str, a: str, b: str, op: str) -> None:
     value, err = attempt(tx, "select " + op, (a, b))
     if err is not None:
@@ -489,7 +616,7 @@ def test_composers_accept_any_text(tx: Conn, user: str, a: str, b: str, op: str)
 
 
 @SETTINGS
-@given(name=hostile_text, timeout=st.none() | st.integers(-2**31, 2**31 - 1))
+@given(name=hostile_text, timeout=st.none() | st.integers(-(2**31), 2**31 - 1))
 # JSON numbers are kept exact (jsonb numeric): '1E100' comes back as 10**100, not 1e+100
 @example(name="1E100", timeout=None)
 @example(name="0.1", timeout=None)
@@ -509,10 +636,12 @@ def test_wait_for_signal_names(tx: Conn, user: str, name: str, timeout: int | No
     ok, sigerr = attempt(tx, "select df.signal(%s, %s, %s)", (iid, name, name))
     assert sigerr is None and ok == "OK", sigerr
     tx.execute("reset role")
-    row = tx.execute("select name, data::text from pgdurable.signals where instance_id = %s",
-                     (iid,)).fetchone()
+    row = tx.execute(
+        "select name, data::text from pgdurable.signals where instance_id = %s", (iid,)
+    ).fetchone()
     become(tx, user)
     assert row is not None and row[0] == name
+
     # compare exact values: jsonb keeps numbers as numeric, so parse both sides' numbers as
     # Decimal (a float parse turned '1E100' into 1e+100, which 10**100 is not)
     # and NaN/Infinity are not JSON (PostgreSQL refuses them): the data is then that text
@@ -527,7 +656,7 @@ def test_wait_for_signal_names(tx: Conn, user: str, name: str, timeout: int | No
 
 
 @SETTINGS
-@given(v=st.none() | hostile_text, seconds=st.integers(-2**63, 2**63 - 1))
+@given(v=st.none() | hostile_text, seconds=st.integers(-(2**63), 2**63 - 1))
 def test_break_and_sleep(tx: Conn, user: str, v: str | None, seconds: int) -> None:
     value, err = attempt(tx, "select df.break(%s)", (v,))
     assert err is None, err
@@ -540,16 +669,54 @@ def test_break_and_sleep(tx: Conn, user: str, v: str | None, seconds: int) -> No
 
 
 cron_field = st.one_of(
-    st.sampled_from(["*", "*/5", "0", "59", "60", "1-5", "5-1", "MON-FRI", "jan", "SUN,SAT",
-                     "L", "5L", "5#2", "?", "*/0", "1/", "/1", "-", "1--2", "7", "8", "99999",
-                     "1,", ",1", "*/*", "a-b", "0-0/1"]),
-    st.text(alphabet=st.sampled_from("0123456789*/-,LW#?ABCDEFMNOSTUJ"), min_size=1,
-            max_size=6),
+    st.sampled_from(
+        [
+            "*",
+            "*/5",
+            "0",
+            "59",
+            "60",
+            "1-5",
+            "5-1",
+            "MON-FRI",
+            "jan",
+            "SUN,SAT",
+            "L",
+            "5L",
+            "5#2",
+            "?",
+            "*/0",
+            "1/",
+            "/1",
+            "-",
+            "1--2",
+            "7",
+            "8",
+            "99999",
+            "1,",
+            ",1",
+            "*/*",
+            "a-b",
+            "0-0/1",
+        ]
+    ),
+    st.text(alphabet=st.sampled_from("0123456789*/-,LW#?ABCDEFMNOSTUJ"), min_size=1, max_size=6),
 )
 cron_exprs = st.one_of(
     st.lists(cron_field, min_size=0, max_size=7).map(" ".join),
-    st.sampled_from(["@daily", "@HOURLY", "@reboot", "@", "@every 5m", " * * * * * ",
-                     "*\t*\n*  * *", "0 0 30 2 *", "0 0 31 4 *"]),
+    st.sampled_from(
+        [
+            "@daily",
+            "@HOURLY",
+            "@reboot",
+            "@",
+            "@every 5m",
+            " * * * * * ",
+            "*\t*\n*  * *",
+            "0 0 30 2 *",
+            "0 0 31 4 *",
+        ]
+    ),
     hostile_text,
 )
 
@@ -573,10 +740,24 @@ def test_cron_strings(tx: Conn, user: str, expr: str) -> None:
 
 
 urls = st.one_of(
-    st.sampled_from(["http://example.com", "https://h/x?a=1&b='2'", "HTTPS://H", "ftp://x",
-                     "file:///etc/passwd", "javascript:alert(1)", "http://{host}/x",
-                     "http://127.0.0.1/", "http://[::1]/", "//h/x", "http:/x", "",
-                     "http://h/'; drop table df.instances; --", "https://ü.example/🙂"]),
+    st.sampled_from(
+        [
+            "http://example.com",
+            "https://h/x?a=1&b='2'",
+            "HTTPS://H",
+            "ftp://x",
+            "file:///etc/passwd",
+            "javascript:alert(1)",
+            "http://{host}/x",
+            "http://127.0.0.1/",
+            "http://[::1]/",
+            "//h/x",
+            "http:/x",
+            "",
+            "http://h/'; drop table df.instances; --",
+            "https://ü.example/🙂",
+        ]
+    ),
     st.builds(lambda s, t: s + t, st.sampled_from(["http://", "https://", ""]), hostile_text),
 )
 headers = st.one_of(
@@ -587,21 +768,46 @@ headers = st.one_of(
 
 
 @SETTINGS
-@given(url=urls, method=st.one_of(st.sampled_from(["get", "POST", "Put", "DELETE", "patch",
-                                                     "HEAD", "TRACE", "", "G ET"]), hostile_text),
-       body=st.none() | hostile_text, hdrs=headers,
-       timeout=st.integers(-5, 400) | st.sampled_from([-2**31, 2**31 - 1]),
-       multipart=st.booleans(),
-       parts=st.one_of(st.none(), st.just([]), st.just({}),
-                       st.lists(st.fixed_dictionaries({"name": hostile_text,
-                                                       "data_b64": hostile_text}), max_size=2)))
-def test_http_arguments(tx: Conn, user: str, url: str, method: str, body: str | None,
-                        hdrs: Any, timeout: int, multipart: bool, parts: Any) -> None:
+@given(
+    url=urls,
+    method=st.one_of(
+        st.sampled_from(["get", "POST", "Put", "DELETE", "patch", "HEAD", "TRACE", "", "G ET"]),
+        hostile_text,
+    ),
+    body=st.none() | hostile_text,
+    hdrs=headers,
+    timeout=st.integers(-5, 400) | st.sampled_from([-(2**31), 2**31 - 1]),
+    multipart=st.booleans(),
+    parts=st.one_of(
+        st.none(),
+        st.just([]),
+        st.just({}),
+        st.lists(
+            st.fixed_dictionaries({"name": hostile_text, "data_b64": hostile_text}), max_size=2
+        ),
+    ),
+)
+def test_http_arguments(
+    tx: Conn,
+    user: str,
+    url: str,
+    method: str,
+    body: str | None,
+    hdrs: Any,
+    timeout: int,
+    multipart: bool,
+    parts: Any,
+) -> None:
     jh = None if hdrs is None else json.dumps(hdrs)
     if multipart:
         q = "select df.http_multipart(%s, %s, %s::jsonb, %s::jsonb, %s)"
-        params: tuple[Any, ...] = (url, method, None if parts is None else json.dumps(parts), jh,
-                                   timeout)
+        params: tuple[Any, ...] = (
+            url,
+            method,
+            None if parts is None else json.dumps(parts),
+            jh,
+            timeout,
+        )
     else:
         q = "select df.http(%s, %s, %s, %s::jsonb, %s)"
         params = (url, method, body, jh, timeout)
@@ -609,9 +815,16 @@ def test_http_arguments(tx: Conn, user: str, url: str, method: str, body: str | 
     if err is not None:
         assert err.sqlstate == "22023", err
         msg = str(err)
-        assert any(s in msg for s in ("unsupported URL scheme", "unsupported HTTP method",
-                                      "headers must be a JSON object", "timeout_seconds",
-                                      "parts must be a non-empty JSON array")), msg
+        assert any(
+            s in msg
+            for s in (
+                "unsupported URL scheme",
+                "unsupported HTTP method",
+                "headers must be a JSON object",
+                "timeout_seconds",
+                "parts must be a non-empty JSON array",
+            )
+        ), msg
         return
     g = _graph_of(value)
     cfg = json.loads(g["query"])
@@ -629,10 +842,15 @@ def test_http_arguments(tx: Conn, user: str, url: str, method: str, body: str | 
 
 
 @SETTINGS
-@given(label=st.none() | any_text | st.sampled_from(INJECTIONS + UNICODE),
-       name=hostile_text, value=hostile_text, reason=hostile_text)
-def test_labels_vars_and_reasons_are_stored_verbatim(tx: Conn, user: str, label: str | None,
-                                                     name: str, value: str, reason: str) -> None:
+@given(
+    label=st.none() | any_text | st.sampled_from(INJECTIONS + UNICODE),
+    name=hostile_text,
+    value=hostile_text,
+    reason=hostile_text,
+)
+def test_labels_vars_and_reasons_are_stored_verbatim(
+    tx: Conn, user: str, label: str | None, name: str, value: str, reason: str
+) -> None:
     ok, err = attempt(tx, "select df.setvar(%s, %s)", (name, value))
     if name == "":
         assert err is not None and err.sqlstate == "22023" and "non-empty" in str(err)
@@ -657,11 +875,16 @@ def test_labels_vars_and_reasons_are_stored_verbatim(tx: Conn, user: str, label:
     assert snap is not None and snap[0][name] == value
     out, cerr = attempt(tx, "select df.cancel(%s, %s)", (iid, reason))
     assert cerr is None and out == f"Instance {iid} cancelled: {reason}", cerr
-    assert tx.execute("select status from df.instances where id = %s",
-                      (iid,)).fetchone() == ("cancelled",)
+    assert tx.execute("select status from df.instances where id = %s", (iid,)).fetchone() == (
+        "cancelled",
+    )
     # the tables the payloads aimed at are all still there
-    assert tx.execute("select count(*) from pg_tables where schemaname in ('df', 'pgdurable')"
-                      ).fetchone()[0] >= 7  # type: ignore[index]
+    assert (
+        tx.execute(
+            "select count(*) from pg_tables where schemaname in ('df', 'pgdurable')"
+        ).fetchone()[0]
+        >= 7
+    )  # type: ignore[index]
 
 
 # regression guard: an over-long label used to fail with an index-row-size error
@@ -673,14 +896,18 @@ def test_long_label_error_names_the_label(tx: Conn, user: str) -> None:
         msg = err.diag.message_primary or ""
         assert "index row" not in msg and "label" in msg, err
     else:
-        assert tx.execute("select label from df.instances where id = %s",
-                          (iid,)).fetchone() == (label,)
+        assert tx.execute("select label from df.instances where id = %s", (iid,)).fetchone() == (
+            label,
+        )
 
 
 @pytest.mark.parametrize("payload", [p for p in INJECTIONS + UNICODE if not IDENT_RE.match(p)])
 def test_injection_through_result_names_is_refused(tx: Conn, user: str, payload: str) -> None:
-    for q in ("select df.as('select 1', %s)", "select 'select 1' |=> %s",
-              "select df.if_rows(%s, 'a', 'b')"):
+    for q in (
+        "select df.as('select 1', %s)",
+        "select 'select 1' |=> %s",
+        "select df.if_rows(%s, 'a', 'b')",
+    ):
         value, err = attempt(tx, q, (payload,))
         assert err is not None and err.sqlstate == "22023", (q, payload, value)
         assert "not a valid identifier" in str(err)
@@ -694,8 +921,9 @@ def test_injection_through_result_names_is_refused(tx: Conn, user: str, payload:
 
 
 # regression guard: a deeply nested operand used to raise 54001 'stack depth limit exceeded'
-@pytest.mark.parametrize("fn", ["select df.seq(%s, 'b')", "select df.if_else_op(%s, 'b')",
-                                "select df.join(%s, 'b')"])
+@pytest.mark.parametrize(
+    "fn", ["select df.seq(%s, 'b')", "select df.if_else_op(%s, 'b')", "select df.join(%s, 'b')"]
+)
 def test_deep_non_node_json_operand(tx: Conn, user: str, fn: str) -> None:
     arg = '{"a":' + "[" * 200_000 + "]" * 200_000 + "}"
     attempt(tx, fn, (arg,))  # assert_clear fails on 54001
@@ -706,33 +934,45 @@ def test_deep_non_node_json_operand(tx: Conn, user: str, fn: str) -> None:
 @pytest.mark.parametrize("case", ["deep", "nul", "fastpath"])
 def test_unparseable_graph_is_not_a_sql_step(tx: Conn, user: str, case: str) -> None:
     if case == "deep":  # 100,000 nested LOOPs: past the depth limit, must say so
-        text = '{"node_type":"LOOP","left_node":' * 100_000 + '{"node_type":"SQL","query":"x"}' \
+        text = (
+            '{"node_type":"LOOP","left_node":' * 100_000
+            + '{"node_type":"SQL","query":"x"}'
             + "}" * 100_000
+        )
     elif case == "nul":  # jsonb cannot hold \u0000
-        text = json.dumps({"node_type": "THEN", "left_node": {"node_type": "SQL", "query": "a\0"},
-                           "right_node": {"node_type": "SQL", "query": "b"}})
+        text = json.dumps(
+            {
+                "node_type": "THEN",
+                "left_node": {"node_type": "SQL", "query": "a\0"},
+                "right_node": {"node_type": "SQL", "query": "b"},
+            }
+        )
     else:  # the DSL fast path embeds a node-looking operand unparsed
-        text = tx.execute("""select df.seq('{"node_type":"SQL",oops', 'select 1')"""
-                          ).fetchone()[0]  # type: ignore[index]
+        text = tx.execute("""select df.seq('{"node_type":"SQL",oops', 'select 1')""").fetchone()[0]  # type: ignore[index]
     iid, err = start(tx, user, text)
     assert err is not None, (
         f"df.start accepted it as {node_count(tx, iid or '')} node(s): "
-        f"{tx.execute('select node_type from df.nodes where instance_id = %s', (iid,)).fetchall()}")
+        f"{tx.execute('select node_type from df.nodes where instance_id = %s', (iid,)).fetchall()}"
+    )
 
 
 # regression guard: hand-written leaf configs used to be checked only structurally
-@pytest.mark.parametrize("node", [
-    {"node_type": "WAIT_SCHEDULE", "query": '{"cron_expr":"bogus"}'},
-    {"node_type": "HTTP", "query": '{"url":"ftp://x","method":"GET","timeout_seconds":30}'},
-    {"node_type": "HTTP", "query": '{"url":"http://x","method":"FROB","timeout_seconds":30}'},
-    {"node_type": "HTTP", "query": '{"url":"http://x","method":"GET","timeout_seconds":-5}'},
-    {"node_type": "HTTP_MULTIPART",
-     "query": '{"url":"http://x","method":"GET","parts":[],"timeout_seconds":30}'},
-    {"node_type": "SIGNAL", "query": '{"signal_name":"s","timeout_seconds":"abc"}'},
-    {"node_type": "SLEEP", "query": "99999999999999999999999"},
-])
-def test_hand_written_leaf_configs_are_validated(tx: Conn, user: str, node: dict[str, Any]
-                                                 ) -> None:
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"node_type": "WAIT_SCHEDULE", "query": '{"cron_expr":"bogus"}'},
+        {"node_type": "HTTP", "query": '{"url":"ftp://x","method":"GET","timeout_seconds":30}'},
+        {"node_type": "HTTP", "query": '{"url":"http://x","method":"FROB","timeout_seconds":30}'},
+        {"node_type": "HTTP", "query": '{"url":"http://x","method":"GET","timeout_seconds":-5}'},
+        {
+            "node_type": "HTTP_MULTIPART",
+            "query": '{"url":"http://x","method":"GET","parts":[],"timeout_seconds":30}',
+        },
+        {"node_type": "SIGNAL", "query": '{"signal_name":"s","timeout_seconds":"abc"}'},
+        {"node_type": "SLEEP", "query": "99999999999999999999999"},
+    ],
+)
+def test_hand_written_leaf_configs_are_validated(tx: Conn, user: str, node: dict[str, Any]) -> None:
     _, err = start(tx, user, json.dumps(node))
     assert err is not None and err.sqlstate == "22023"
 

@@ -17,23 +17,27 @@ def one(conn, query, params=()):
 
 def count(conn, role):
     with conn.cursor() as cur:
-        return cur.execute("select count(*) from df.instances where submitted_by = %s::regrole",
-                           (role,)).fetchone()[0]
+        return cur.execute(
+            "select count(*) from df.instances where submitted_by = %s::regrole", (role,)
+        ).fetchone()[0]
 
 
 def test_a_key_starts_one_instance_and_returns_it_after(db):
     alice, bob = db.create_role("ka"), db.create_role("kb")
     with db.connect(alice) as a, db.connect(bob) as b:
         first = one(a, "select df.start('select 1', idempotency_key => 'order-42')")
-        assert one(a, "select df.start('select 2', 'other label', idempotency_key => 'order-42')") \
+        assert (
+            one(a, "select df.start('select 2', 'other label', idempotency_key => 'order-42')")
             == first
+        )
         assert count(a, alice) == 1
         # whatever its status: a finished (here: cancelled) instance still answers for its key
         one(a, "select df.cancel(%s)", (first,))
         assert one(a, "select df.start('select 1', idempotency_key => 'order-42')") == first
         # the key is shown, to its owner only
-        assert a.execute("select idempotency_key, status from df.instance_info(%s)",
-                         (first,)).fetchone() == ("order-42", "cancelled")
+        assert a.execute(
+            "select idempotency_key, status from df.instance_info(%s)", (first,)
+        ).fetchone() == ("order-42", "cancelled")
         assert b.execute("select * from df.instance_info(%s)", (first,)).fetchall() == []
         # another role's key is its own: the same text starts a new instance for bob
         second = one(b, "select df.start('select 1', idempotency_key => 'order-42')")
@@ -48,8 +52,10 @@ def test_bad_keys_are_refused(db):
     with db.connect(role) as conn:
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="must not be empty"):
             conn.execute("select df.start('select 1', idempotency_key => '')")
-        with pytest.raises(psycopg.errors.InvalidParameterValue,
-                           match=r"idempotency_key is too long \(513 bytes; at most 512\)"):
+        with pytest.raises(
+            psycopg.errors.InvalidParameterValue,
+            match=r"idempotency_key is too long \(513 bytes; at most 512\)",
+        ):
             conn.execute("select df.start('select 1', idempotency_key => repeat('k', 513))")
         assert count(conn, role) == 0
 
@@ -66,7 +72,7 @@ def test_concurrent_starts_with_one_key_make_one_instance(db):
                 barrier.wait(timeout=10)
                 got.append(one(conn, "select df.start('select 1', idempotency_key => 'once')"))
                 conn.commit()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=start) for _ in range(4)]

@@ -68,13 +68,23 @@ class Driver:
         if step.terminal != A.T_RUNNING:
             cp.inst_status = {A.T_COMPLETED: "completed", A.T_FAILED: "failed"}[step.terminal]
         self._engine()
-        got = self.tx.execute(q("apply"), (
-            "test-worker", self.iid, None, None, self.ctx.version,
-            instance_mod.dump(self.ctx.sched.dump_state()), cp.inst_status,
-            orjson.dumps(list(cp.nodes.values())).decode(),
-            orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
-            cp.drop_tasks or None,
-            orjson.dumps(cp.named).decode() if cp.named else None, 30)).fetchone()[0]
+        got = self.tx.execute(
+            q("apply"),
+            (
+                "test-worker",
+                self.iid,
+                None,
+                None,
+                self.ctx.version,
+                instance_mod.dump(self.ctx.sched.dump_state()),
+                cp.inst_status,
+                orjson.dumps(list(cp.nodes.values())).decode(),
+                orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
+                cp.drop_tasks or None,
+                orjson.dumps(cp.named).decode() if cp.named else None,
+                30,
+            ),
+        ).fetchone()[0]
         assert got > 0, got
         self.ctx.version = got
         self._tenant()
@@ -84,15 +94,19 @@ class Driver:
         rows = self.tx.execute(
             "select id from df.nodes where instance_id = %s and node_type = %s "
             "and (%s::text is null or strpos(query, %s) > 0)",
-            (self.iid, node_type, query_part, query_part)).fetchall()
+            (self.iid, node_type, query_part, query_part),
+        ).fetchall()
         assert len(rows) == 1, (node_type, query_part, rows)
         return str(rows[0][0])
 
     def running(self) -> list[str]:
         """The leaves the scheduler wants run now (node ids)."""
         g = self.ctx.graph
-        return [g.node_ids[i] for i, t in enumerate(g.types)
-                if t in A.LEAF_TYPES and self.ctx.sched.status(i) == A.RUNNING]
+        return [
+            g.node_ids[i]
+            for i, t in enumerate(g.types)
+            if t in A.LEAF_TYPES and self.ctx.sched.status(i) == A.RUNNING
+        ]
 
     def done(self, node_id: str, value: Any, ok: bool = True) -> None:
         """What the worker does when a leaf's step ended (Worker._complete_once)."""
@@ -106,15 +120,19 @@ class Driver:
             self.ctx.errors[idx] = (value, None)
             upd = cp.node(node_id)
             upd["status"], upd["result"] = "failed", value
-        step = self.ctx.sched.complete(idx, self.ctx.sched.gen(idx), ok,
-                                       ok and truthy(value))
+        step = self.ctx.sched.complete(idx, self.ctx.sched.gen(idx), ok, ok and truthy(value))
         self._apply(step, cp)
 
     def inferred(self) -> dict[str, tuple[str, str, str | None]]:
         """{node id: (physical status, inferred status, inferred from)} as the tenant sees it."""
-        return {r[0]: (r[1], r[2], r[3]) for r in self.tx.execute(
-            "select node_id, status, inferred_status, inferred_status_from_ancestor_id "
-            "from df.instance_nodes(%s)", (self.iid,))}
+        return {
+            r[0]: (r[1], r[2], r[3])
+            for r in self.tx.execute(
+                "select node_id, status, inferred_status, inferred_status_from_ancestor_id "
+                "from df.instance_nodes(%s)",
+                (self.iid,),
+            )
+        }
 
     def explain(self) -> str:
         return str(self.tx.execute("select df.explain(%s)", (self.iid,)).fetchone()[0])
@@ -128,9 +146,11 @@ def drive(tx, user, impl, monkeypatch):
 
 
 # the issue's workflow: the first iteration takes the else arm, the second the then arm
-LOOPSIG = ("@> ( df.sql('select 1') ~> df.if(df.sql('select (select count(*) from it) >= 1'), "
-           "df.wait_for_signal('go', 60) ~> df.break('{}'), "
-           "df.sql('insert into it values (1)')) )")
+LOOPSIG = (
+    "@> ( df.sql('select 1') ~> df.if(df.sql('select (select count(*) from it) >= 1'), "
+    "df.wait_for_signal('go', 60) ~> df.break('{}'), "
+    "df.sql('insert into it values (1)')) )"
+)
 
 
 def test_second_iteration_shows_the_arm_it_takes(drive):
@@ -204,11 +224,16 @@ def test_a_decision_left_by_an_earlier_iteration_is_not_applied(drive, tx):
     tx.execute("reset role")
     decided, seq = tx.execute(
         "select (status_details ->> 'decided_seq')::int, (status_details ->> 'seq')::int "
-        "from df.nodes where instance_id = %s and id = %s", (d.iid, if_)).fetchone()
+        "from df.nodes where instance_id = %s and id = %s",
+        (d.iid, if_),
+    ).fetchone()
     assert decided >= seq  # the worker stamps the decision of this activation
-    tx.execute("update df.nodes set status_details = status_details - 'decided_seq' "
-               "|| jsonb_build_object('branch', 'else', 'finished_seq', %s::int - 2) "
-               "where instance_id = %s and id = %s", (seq, d.iid, if_))
+    tx.execute(
+        "update df.nodes set status_details = status_details - 'decided_seq' "
+        "|| jsonb_build_object('branch', 'else', 'finished_seq', %s::int - 2) "
+        "where instance_id = %s and id = %s",
+        (seq, d.iid, if_),
+    )
     d._tenant()
     assert d.inferred()[sig][1:] == ("running", None)
     text = d.explain()
@@ -217,15 +242,22 @@ def test_a_decision_left_by_an_earlier_iteration_is_not_applied(drive, tx):
 
 
 def test_race_in_a_loop_shows_the_current_iterations_winner(drive):
-    d = drive("df.loop(df.race(df.sql('select ''a1''') ~> df.wait_for_signal('a'), "
-              "df.sql('select ''b1''') ~> df.wait_for_signal('b')), df.sql('select ''again'''))")
+    d = drive(
+        "df.loop(df.race(df.sql('select ''a1''') ~> df.wait_for_signal('a'), "
+        "df.sql('select ''b1''') ~> df.wait_for_signal('b')), df.sql('select ''again'''))"
+    )
     lp, race = d.node("LOOP"), d.node("RACE")
     a1, b1 = d.node("SQL", "a1"), d.node("SQL", "b1")
     sa, sb = d.node("SIGNAL", '"a"'), d.node("SIGNAL", '"b"')
     again = d.node("SQL", "again")
-    then_a, then_b = (d.tx.execute("select id from df.nodes where instance_id = %s and "
-                                   "node_type = 'THEN' and left_node = %s", (d.iid, x)
-                                   ).fetchone()[0] for x in (a1, b1))
+    then_a, then_b = (
+        d.tx.execute(
+            "select id from df.nodes where instance_id = %s and "
+            "node_type = 'THEN' and left_node = %s",
+            (d.iid, x),
+        ).fetchone()[0]
+        for x in (a1, b1)
+    )
     d.done(a1, ROW_ONE)
     d.done(b1, ROW_ONE)
     d.done(sa, SIGNALLED)  # branch 1 wins iteration 1
@@ -264,17 +296,20 @@ def test_race_in_a_loop_shows_the_current_iterations_winner(drive):
     assert "running" not in {v[0] for v in got.values()}
 
 
-NESTED = ("df.loop(( @> ( df.sql('select ''a''') ~> "
-          "df.if(df.sql('select ''c'''), df.break(), df.sql('select ''e''')) ) ) "
-          "~> df.sql('select ''t'''), df.sql('select ''outer'''))")
+NESTED = (
+    "df.loop(( @> ( df.sql('select ''a''') ~> "
+    "df.if(df.sql('select ''c'''), df.break(), df.sql('select ''e''')) ) ) "
+    "~> df.sql('select ''t'''), df.sql('select ''outer'''))"
+)
 
 
 def test_nested_loops_show_the_inner_loops_current_iteration(drive):
     d = drive(NESTED)
-    outer = d.tx.execute("select root_node from df.instances where id = %s",
-                         (d.iid,)).fetchone()[0]
-    inner = d.tx.execute("select id from df.nodes where instance_id = %s and node_type = 'LOOP' "
-                         "and id <> %s", (d.iid, outer)).fetchone()[0]
+    outer = d.tx.execute("select root_node from df.instances where id = %s", (d.iid,)).fetchone()[0]
+    inner = d.tx.execute(
+        "select id from df.nodes where instance_id = %s and node_type = 'LOOP' and id <> %s",
+        (d.iid, outer),
+    ).fetchone()[0]
     a, c, e = d.node("SQL", "'a'"), d.node("SQL", "'c'"), d.node("SQL", "'e'")
     t, oc, brk, if_ = d.node("SQL", "'t'"), d.node("SQL", "outer"), d.node("BREAK"), d.node("IF")
     # outer iteration 1: inner iteration 1 takes else, inner iteration 2 breaks
@@ -306,12 +341,14 @@ def test_nested_loops_show_the_inner_loops_current_iteration(drive):
 
 
 def test_finished_race_marks_its_loser_and_ends_a_losing_loop(drive):
-    d = drive("df.race(df.sql('select ''w'''), "
-              "@> (df.sql('select ''x''') ~> df.wait_for_signal('s')))")
+    d = drive(
+        "df.race(df.sql('select ''w'''), @> (df.sql('select ''x''') ~> df.wait_for_signal('s')))"
+    )
     race, lp = d.node("RACE"), d.node("LOOP")
     w, x, sig = d.node("SQL", "'w'"), d.node("SQL", "'x'"), d.node("SIGNAL")
-    body = d.tx.execute("select left_node from df.nodes where instance_id = %s and id = %s",
-                        (d.iid, lp)).fetchone()[0]
+    body = d.tx.execute(
+        "select left_node from df.nodes where instance_id = %s and id = %s", (d.iid, lp)
+    ).fetchone()[0]
     d.done(x, ROW_ONE)
     d.done(w, ROW_ONE)
     got = d.inferred()
@@ -322,39 +359,51 @@ def test_finished_race_marks_its_loser_and_ends_a_losing_loop(drive):
     assert got[sig] == ("failed", "skipped", race)
     assert got[x] == ("completed", "completed", None)
     assert got[race][:2] == ("completed", "completed")
-    assert d.tx.execute("select status from df.instances where id = %s",
-                        (d.iid,)).fetchone()[0] == "completed"
+    assert (
+        d.tx.execute("select status from df.instances where id = %s", (d.iid,)).fetchone()[0]
+        == "completed"
+    )
     text = d.explain()
     assert "branch 1: ✓ SQL: select 'w'" in text, text
     assert "branch 2: ⊘ LOOP (infinite)" in text, text
     assert "⊘ SIGNAL 's'" in text, text
     assert "✓ SQL: select 'x'" in text, text
-    results = dict(d.tx.execute("select id, result #>> '{}' from df.nodes where "
-                                "instance_id = %s", (d.iid,)).fetchall())
+    results = dict(
+        d.tx.execute(
+            "select id, result #>> '{}' from df.nodes where instance_id = %s", (d.iid,)
+        ).fetchall()
+    )
     assert results[lp].startswith("cancelled: ")
     assert results[sig].startswith("cancelled: ")
 
 
 def test_a_break_ends_the_composites_of_other_branches(drive):
     # a break leaves the loop while another JOIN branch's THEN still runs: it ends failed
-    d = drive("@> df.join(df.sql('select ''a''') ~> df.break(), "
-              "df.sql('select ''x''') ~> df.sql('select ''y'''))")
-    tx_ = d.tx.execute("select id from df.nodes where instance_id = %s and node_type = 'THEN' "
-                       "and left_node = %s", (d.iid, d.node("SQL", "'x'"))).fetchone()[0]
+    d = drive(
+        "@> df.join(df.sql('select ''a''') ~> df.break(), "
+        "df.sql('select ''x''') ~> df.sql('select ''y'''))"
+    )
+    tx_ = d.tx.execute(
+        "select id from df.nodes where instance_id = %s and node_type = 'THEN' and left_node = %s",
+        (d.iid, d.node("SQL", "'x'")),
+    ).fetchone()[0]
     d.done(d.node("SQL", "'a'"), ROW_ONE)
     d.done(d.node("BREAK"), {})
     got = d.inferred()
     assert got[tx_][0] == "failed"
     assert "running" not in {v[0] for v in got.values()}
-    assert d.tx.execute("select status from df.instances where id = %s",
-                        (d.iid,)).fetchone()[0] == "completed"
+    assert (
+        d.tx.execute("select status from df.instances where id = %s", (d.iid,)).fetchone()[0]
+        == "completed"
+    )
 
 
 def test_a_failed_join_branch_ends_the_other_branchs_composites(drive):
     # the other branch's THEN ends too, and df.error still names the step that failed, not
     # the abandoned ones
-    d2 = drive("df.join(df.sql('select ''bad'''), "
-               "df.sql('select ''p''') ~> df.sql('select ''q'''))")
+    d2 = drive(
+        "df.join(df.sql('select ''bad'''), df.sql('select ''p''') ~> df.sql('select ''q'''))"
+    )
     bad = d2.node("SQL", "bad")
     d2.done(bad, "division by zero", ok=False)
     got = d2.inferred()
@@ -375,8 +424,9 @@ def test_explain_and_instance_nodes_agree(drive):
     labels = {"SIGNAL": "SIGNAL 'go'", "BREAK": "BREAK {}", "IF": "IF", "LOOP": "LOOP"}
     text = d.explain()
     for nid, (_, inferred, _) in d.inferred().items():
-        ntype = d.tx.execute("select node_type, query from df.nodes where instance_id = %s "
-                             "and id = %s", (d.iid, nid)).fetchone()
+        ntype = d.tx.execute(
+            "select node_type, query from df.nodes where instance_id = %s and id = %s", (d.iid, nid)
+        ).fetchone()
         label = labels.get(ntype[0]) or (f"SQL: {ntype[1]}" if ntype[0] == "SQL" else None)
         if label:
             assert f"{marks[inferred]} {label}" in text, (nid, inferred, text)
@@ -385,16 +435,21 @@ def test_explain_and_instance_nodes_agree(drive):
 def test_a_break_records_the_arm_and_the_winner_it_came_through(drive):
     # the IF and the RACE finish by the break (their source is the BREAK, deeper down): the
     # arm and the winner are the children the break came through
-    d = drive("@> df.race(df.if(df.sql('select ''c'''), df.sql('select ''a''') ~> df.break(), "
-              "df.sql('select ''e''')), df.wait_for_signal('never'))")
+    d = drive(
+        "@> df.race(df.if(df.sql('select ''c'''), df.sql('select ''a''') ~> df.break(), "
+        "df.sql('select ''e''')), df.wait_for_signal('never'))"
+    )
     race, if_ = d.node("RACE"), d.node("IF")
     e, sig = d.node("SQL", "'e'"), d.node("SIGNAL")
     d.done(d.node("SQL", "'c'"), ROW_TRUE)
     d.done(d.node("SQL", "'a'"), ROW_ONE)
     d.done(d.node("BREAK"), {})
-    details = dict(d.tx.execute("select id, status_details from df.nodes where "
-                                "instance_id = %s and id in (%s, %s)",
-                                (d.iid, race, if_)).fetchall())
+    details = dict(
+        d.tx.execute(
+            "select id, status_details from df.nodes where instance_id = %s and id in (%s, %s)",
+            (d.iid, race, if_),
+        ).fetchall()
+    )
     assert details[if_]["branch"] == "then"
     assert details[race]["winner"] == if_
     got = d.inferred()

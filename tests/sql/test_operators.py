@@ -94,8 +94,11 @@ def test_no_builtin_text_operator_clash(tx: Conn) -> None:
 def test_operators_resolve_with_empty_search_path(tx: Conn) -> None:
     # what an install by a superuser does: the operators in pg_catalog (the tx connection is
     # the cluster's superuser; rolled back after the test)
-    tx.execute(schema.render(OPERATORS_SQL.read_text(), engine="pgdurable",
-                             op_schema="pg_catalog").encode())
+    tx.execute(
+        schema.render(
+            OPERATORS_SQL.read_text(), engine="pgdurable", op_schema="pg_catalog"
+        ).encode()
+    )
     tx.execute("set local search_path = ''")
     g = json.loads(one(tx, "select @> 'a' ~> 'b' & 'c' | 'd' |=> 'n'"))
     assert g["node_type"] == "RACE"

@@ -20,8 +20,9 @@ def has(conn, kind, role, obj, priv):
 def notices_of(conn) -> list[tuple[str, str, str]]:
     """(severity, message, hint) of the notices CONN receives from now on."""
     got: list[tuple[str, str, str]] = []
-    conn.add_notice_handler(lambda d: got.append(
-        (d.severity or "", d.message_primary or "", d.message_hint or "")))
+    conn.add_notice_handler(
+        lambda d: got.append((d.severity or "", d.message_primary or "", d.message_hint or ""))
+    )
     return got
 
 
@@ -30,8 +31,7 @@ def test_delegated_admin_revokes_what_it_granted(db):
     worker = db.create_role("rw", grant=False)
     with psycopg.connect(db.install_dsn, autocommit=True) as admin:
         admin.execute("select df.grant_usage(%s, with_grant => true)", (boss,))
-        assert not has(admin, "function", boss, "df.http(text,text,text,jsonb,integer)",
-                       "execute")
+        assert not has(admin, "function", boss, "df.http(text,text,text,jsonb,integer)", "execute")
     with db.connect(boss) as cb:
         cb.execute("select df.grant_usage(%s)", (worker,))
     with db.connect(worker) as cw:
@@ -41,12 +41,17 @@ def test_delegated_admin_revokes_what_it_granted(db):
     with db.connect() as su:
         assert not has(su, "schema", worker, "df", "usage")
         assert not has(su, "table", worker, "df.instances", "select")
-        assert not one(su, "select has_column_privilege(%s, 'df.instances', 'status', 'update')",
-                       (worker,))
+        assert not one(
+            su, "select has_column_privilege(%s, 'df.instances', 'status', 'update')", (worker,)
+        )
         assert not has(su, "function", worker, "pgdurable._enqueue_v1(varchar,jsonb)", "execute")
         assert not has(su, "schema", worker, "pgdurable", "usage")
-    with db.connect(worker) as cw, pytest.raises(psycopg.errors.InsufficientPrivilege,
-                                                 match="permission denied for schema df"):
+    with (
+        db.connect(worker) as cw,
+        pytest.raises(
+            psycopg.errors.InsufficientPrivilege, match="permission denied for schema df"
+        ),
+    ):
         cw.execute("select df.start('select 1')")
 
 

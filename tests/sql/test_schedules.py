@@ -33,43 +33,56 @@ def tick(db) -> int:
     async def go() -> int:
         async with await psycopg.AsyncConnection.connect(db.service_dsn, autocommit=True) as c:
             return await schedules.tick(c, "pgdurable")
+
     return asyncio.run(go())
 
 
 def due_now(db, role, name, ago=timedelta(seconds=1)):
     """Move a job's slot into the past, as time passing (or downtime) would."""
     with db.connect() as admin:
-        admin.execute("update pgdurable.schedules set next_run_at = now() - %s "
-                      "where role = %s::regrole and name = %s", (ago, role, name))
+        admin.execute(
+            "update pgdurable.schedules set next_run_at = now() - %s "
+            "where role = %s::regrole and name = %s",
+            (ago, role, name),
+        )
 
 
 def instances(conn, label):
-    return conn.execute("select id, status from df.instances where label = %s order by created_at",
-                        (label,)).fetchall()
+    return conn.execute(
+        "select id, status from df.instances where label = %s order by created_at", (label,)
+    ).fetchall()
 
 
-@pytest.mark.parametrize(("args", "match"), [
-    (("", "* * * * *", GRAPH), "a schedule needs a name"),
-    (("x" * 201, "* * * * *", GRAPH), "schedule name is too long"),
-    (("j", "0 3 31 2 *", GRAPH), r"invalid cron expression '0 3 31 2 \*': it never fires"),
-    (("j", "61 * * * *", GRAPH), "invalid cron expression"),
-    (("j", "* * * * *", GRAPH, "sometimes"), "invalid overlap 'sometimes'"),
-    (("j", "* * * * *", "df.if('x')"), "function df.if"),
-    (("j", None, GRAPH), "cron must not be NULL"),
-])
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("", "* * * * *", GRAPH), "a schedule needs a name"),
+        (("x" * 201, "* * * * *", GRAPH), "schedule name is too long"),
+        (("j", "0 3 31 2 *", GRAPH), r"invalid cron expression '0 3 31 2 \*': it never fires"),
+        (("j", "61 * * * *", GRAPH), "invalid cron expression"),
+        (("j", "* * * * *", GRAPH, "sometimes"), "invalid overlap 'sometimes'"),
+        (("j", "* * * * *", "df.if('x')"), "function df.if"),
+        (("j", None, GRAPH), "cron must not be NULL"),
+    ],
+)
 def test_schedule_rejects_bad_input(db, args, match):
     role = db.create_role("sj")
     name, cron, graph, *rest = args
     with db.connect(role) as conn:
         with pytest.raises(psycopg.Error, match=match):
-            conn.execute(f"select df.schedule(%s, %s, {graph}{', %s' if rest else ''})",
-                         (name, cron, *rest))
+            conn.execute(
+                f"select df.schedule(%s, %s, {graph}{', %s' if rest else ''})", (name, cron, *rest)
+            )
         assert jobs(conn) == {}
 
 
 def test_superuser_jobs_are_refused_like_superuser_starts(db):
-    with db.connect() as admin, pytest.raises(  # the cluster's superuser
-            psycopg.Error, match="cannot submit durable functions"):
+    with (
+        db.connect() as admin,
+        pytest.raises(  # the cluster's superuser
+            psycopg.Error, match="cannot submit durable functions"
+        ),
+    ):
         admin.execute(f"select df.schedule('nightly', '0 3 * * *', {GRAPH})")
 
 
@@ -78,8 +91,14 @@ def test_create_replace_pause_resume_unschedule_and_privacy(db):
     with db.connect(alice) as a, db.connect(bob) as b:
         assert one(a, f"select df.schedule('nightly', '0 3 * * *', {GRAPH})") == "nightly"
         row = jobs(a)["nightly"]
-        assert (row["cron"], row["enabled"], row["overlap"], row["runs"], row["failures"],
-                row["owner"]) == ("0 3 * * *", True, "skip", 0, 0, alice)
+        assert (
+            row["cron"],
+            row["enabled"],
+            row["overlap"],
+            row["runs"],
+            row["failures"],
+            row["owner"],
+        ) == ("0 3 * * *", True, "skip", 0, 0, alice)
         # the worker computes the next slot: 03:00 UTC after now
         tick(db)
         nxt = jobs(a)["nightly"]["next_run_at"]
@@ -129,11 +148,18 @@ def test_a_due_job_fires_once_per_slot_as_its_role(db):
         got = instances(conn, "every-minute")
         assert len(got) == 1
         with db.connect() as admin:
-            assert one(admin, "select submitted_by::text from df.instances where id = %s",
-                       (got[0][0],)) == role
+            assert (
+                one(
+                    admin, "select submitted_by::text from df.instances where id = %s", (got[0][0],)
+                )
+                == role
+            )
         row = jobs(conn)["every-minute"]
-        assert (row["runs"], row["last_instance_id"], row["last_status"]) == (1, got[0][0],
-                                                                           "pending")
+        assert (row["runs"], row["last_instance_id"], row["last_status"]) == (
+            1,
+            got[0][0],
+            "pending",
+        )
         assert row["next_run_at"] > datetime.now(UTC)
         assert row["next_run_at"] - datetime.now(UTC) <= timedelta(seconds=61)
 
@@ -157,8 +183,10 @@ def test_overlap_rules(db):
         assert rows["queue"]["next_run_at"] < datetime.now(UTC)  # still due
         # the queued job's previous run ends: it fires at the next round, once
         with db.connect() as admin:
-            admin.execute("update df.instances set status = 'completed', completed_at = now() "
-                          "where label = 'queue'")
+            admin.execute(
+                "update df.instances set status = 'completed', completed_at = now() "
+                "where label = 'queue'"
+            )
         assert tick(db) == 1
         assert len(instances(conn, "queue")) == 2
         assert tick(db) == 0
@@ -185,8 +213,10 @@ def test_a_failed_start_or_run_is_counted_and_the_job_goes_on(db):
         assert (row["failures"], row["runs"], row["last_error"]) == (1, 1, None)
         # its run fails: counted at once in the listing, once in the counter
         with db.connect() as admin:
-            admin.execute("update df.instances set status = 'failed', completed_at = now() "
-                          "where id = %s", (row["last_instance_id"],))
+            admin.execute(
+                "update df.instances set status = 'failed', completed_at = now() where id = %s",
+                (row["last_instance_id"],),
+            )
         assert jobs(conn)["flaky"]["failures"] == 2
         due_now(db, role, "flaky")
         assert tick(db) == 1
@@ -204,8 +234,9 @@ def test_a_job_of_a_role_without_usage_pauses(db):
     due_now(db, role, "j")
     assert tick(db) == 0
     with db.connect() as admin:
-        enabled, err = admin.execute("select enabled, last_error from pgdurable.schedules "
-                                     "where role = %s::regrole", (role,)).fetchone()
+        enabled, err = admin.execute(
+            "select enabled, last_error from pgdurable.schedules where role = %s::regrole", (role,)
+        ).fetchone()
     assert enabled is False
     assert "no longer has usage" in err
 
@@ -225,7 +256,8 @@ def test_cli_and_top(db):
         return res.output
 
     assert "scheduled nightly (0 3 * * *, overlap queue)" in cli(
-        "schedule", "nightly", "0 3 * * *", "df.sql('call nightly()')", "--overlap", "queue")
+        "schedule", "nightly", "0 3 * * *", "df.sql('call nightly()')", "--overlap", "queue"
+    )
     out = cli("schedule", "never", "0 3 31 2 *", "'select 1'", code=1)
     assert "it never fires" in out
     tick(db)

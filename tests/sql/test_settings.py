@@ -45,16 +45,23 @@ def alter_db(conn: Conn, setting: str, value: str | None) -> None:
     if value is None:
         conn.execute(sql.SQL("alter database {} reset {}").format(name, sql.SQL(setting)))
     else:
-        conn.execute(sql.SQL("alter database {} set {} = {}").format(
-            name, sql.SQL(setting), sql.Literal(value)))
+        conn.execute(
+            sql.SQL("alter database {} set {} = {}").format(
+                name, sql.SQL(setting), sql.Literal(value)
+            )
+        )
 
 
 def alter_role(conn: Conn, role: str, setting: str, value: str, here: bool = False) -> None:
     """ALTER ROLE role [IN DATABASE <this one>] SET setting = value."""
-    where = sql.SQL(" in database {}").format(sql.Identifier(conn.info.dbname)) if here \
-        else sql.SQL("")
-    conn.execute(sql.SQL("alter role {}{} set {} = {}").format(
-        sql.Identifier(role), where, sql.SQL(setting), sql.Literal(value)))
+    where = (
+        sql.SQL(" in database {}").format(sql.Identifier(conn.info.dbname)) if here else sql.SQL("")
+    )
+    conn.execute(
+        sql.SQL("alter role {}{} set {} = {}").format(
+            sql.Identifier(role), where, sql.SQL(setting), sql.Literal(value)
+        )
+    )
 
 
 def expect(conn: Conn, query: Any, params: Any, match: str) -> psycopg.Error:
@@ -68,8 +75,14 @@ def expect(conn: Conn, query: Any, params: Any, match: str) -> psycopg.Error:
 def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> None:
     """The per-step settings of a batch's next step, as the step role runs them."""
     conn.execute("set local role pgdurable_step")
-    conn.execute(q("step_next"), ("pgdurable:00000000:00000001",
-                                  one(conn, "select %s::regrole::oid", (role,)), step_timeout))
+    conn.execute(
+        q("step_next"),
+        (
+            "pgdurable:00000000:00000001",
+            one(conn, "select %s::regrole::oid", (role,)),
+            step_timeout,
+        ),
+    )
     conn.execute("reset role")
 
 
@@ -125,13 +138,21 @@ def test_step_slots_follow_the_database_default_not_the_session(tx: Conn) -> Non
     tx.execute("select pgdurable._slots_ensure_v1(null)")
     assert one(tx, "select max(slot) from pgdurable.step_slots") == 12
     alter_db(tx, "pg_durable.max_user_connections", "lots")
-    err = expect(tx, "select pgdurable._slots_ensure_v1(null)", (),
-                 r"pg_durable\.max_user_connections is 'lots', not an integer")
+    err = expect(
+        tx,
+        "select pgdurable._slots_ensure_v1(null)",
+        (),
+        r"pg_durable\.max_user_connections is 'lots', not an integer",
+    )
     assert err.sqlstate == "22023"
     alter_db(tx, "pg_durable.max_user_connections", "13")
     alter_db(tx, "pg_durable.execution_acquire_timeout", "soon")
-    expect(tx, "select pgdurable._step_slot_v1(0)", (),
-           r"pg_durable\.execution_acquire_timeout is 'soon', not an integer")
+    expect(
+        tx,
+        "select pgdurable._step_slot_v1(0)",
+        (),
+        r"pg_durable\.execution_acquire_timeout is 'soon', not an integer",
+    )
 
 
 def test_retention_reads_the_database_default(tx: Conn) -> None:
@@ -139,8 +160,11 @@ def test_retention_reads_the_database_default(tx: Conn) -> None:
     tx.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
     iid = one(tx, "select df.start('select 1')")
     tx.execute("reset role")
-    tx.execute("update df.instances set status = 'completed', "
-               "updated_at = now() - interval '10 days' where id = %s", (iid,))
+    tx.execute(
+        "update df.instances set status = 'completed', "
+        "updated_at = now() - interval '10 days' where id = %s",
+        (iid,),
+    )
     tx.execute("set local pg_durable.retention_days = '1'")  # a session's SET: not read
     alter_db(tx, "pg_durable.retention_days", "30")
     tx.execute("select pgdurable._prune_v1(1000)")
@@ -149,8 +173,12 @@ def test_retention_reads_the_database_default(tx: Conn) -> None:
     tx.execute("select pgdurable._prune_v1(1000)")
     assert one(tx, "select count(*) from df.instances where id = %s", (iid,)) == 0
     alter_db(tx, "pg_durable.retention_days", "a month")
-    expect(tx, "select pgdurable._prune_v1(1)", (),
-           r"pg_durable\.retention_days is 'a month', not an integer")
+    expect(
+        tx,
+        "select pgdurable._prune_v1(1)",
+        (),
+        r"pg_durable\.retention_days is 'a month', not an integer",
+    )
 
 
 def test_superuser_gate_reads_the_database_default(tx: Conn) -> None:
@@ -179,8 +207,11 @@ def test_a_steps_settings_are_its_roles_most_specific_first(tx: Conn) -> None:
     alter_db(tx, "lock_timeout", "5s")
     tx.execute("alter role all set lock_timeout = '4s'")
     tx.execute("alter role all set cpu_tuple_cost = 0.0123")
-    tx.execute(sql.SQL("alter role {} in database {} set search_path = app, public").format(
-        sql.Identifier(role), sql.Identifier(tx.info.dbname)))
+    tx.execute(
+        sql.SQL("alter role {} in database {} set search_path = app, public").format(
+            sql.Identifier(role), sql.Identifier(tx.info.dbname)
+        )
+    )
     alter_role(tx, role, "search_path", "other")
     other = mkrole(tx)
     alter_role(tx, other, "work_mem", "3MB")
@@ -200,12 +231,18 @@ def test_a_steps_settings_are_its_roles_most_specific_first(tx: Conn) -> None:
 def test_pinned_names_never_reach_a_step(tx: Conn) -> None:
     role = mkrole(tx)
     pinned = {
-        "role": "pgdurable_step", "session_authorization": role,
-        "application_name": "mine", "client_encoding": "LATIN1",
-        "default_transaction_read_only": "on", "default_transaction_isolation": "serializable",
-        "transaction_read_only": "on", "idle_in_transaction_session_timeout": "1ms",
-        "df.in_workflow": "false", "pgdurable.whatever": "x",
-        "pg_durable.fake_now": "2001-01-01", "pg_durable.max_user_connections": "1000",
+        "role": "pgdurable_step",
+        "session_authorization": role,
+        "application_name": "mine",
+        "client_encoding": "LATIN1",
+        "default_transaction_read_only": "on",
+        "default_transaction_isolation": "serializable",
+        "transaction_read_only": "on",
+        "idle_in_transaction_session_timeout": "1ms",
+        "df.in_workflow": "false",
+        "pgdurable.whatever": "x",
+        "pg_durable.fake_now": "2001-01-01",
+        "pg_durable.max_user_connections": "1000",
     }
     for name, value in pinned.items():
         alter_role(tx, role, name, value)
@@ -235,22 +272,25 @@ def test_settings_the_step_role_may_not_set_are_skipped(tx: Conn) -> None:
     assert show(tx, "work_mem") == "8MB"
 
 
-@pytest.mark.parametrize(("deployment", "role_step", "role_statement", "want"), [
-    (None, None, None, "0"),
-    ("2s", None, None, "2000"),
-    ("2s", "0", None, "2000"),            # a role cannot lift the deployment's limit
-    ("2s", "5s", None, "2000"),           # nor lengthen it
-    ("2s", "500ms", None, "500"),         # it may shorten it
-    ("2s", None, "0", "2000"),            # its statement_timeout = 0 lifts nothing either
-    ("2s", None, "1500", "1500"),         # a shorter statement_timeout of its own applies
-    ("2s", None, "1min", "2000"),
-    (None, "3min", None, "180000"),       # no deployment limit: the role's own
-    (None, None, "1.5s", "1500"),
-    ("90000", "2min", "100s", "90000"),
-])
-def test_step_statement_timeout_only_tightens(tx: Conn, deployment: str | None,
-                                              role_step: str | None, role_statement: str | None,
-                                              want: str) -> None:
+@pytest.mark.parametrize(
+    ("deployment", "role_step", "role_statement", "want"),
+    [
+        (None, None, None, "0"),
+        ("2s", None, None, "2000"),
+        ("2s", "0", None, "2000"),  # a role cannot lift the deployment's limit
+        ("2s", "5s", None, "2000"),  # nor lengthen it
+        ("2s", "500ms", None, "500"),  # it may shorten it
+        ("2s", None, "0", "2000"),  # its statement_timeout = 0 lifts nothing either
+        ("2s", None, "1500", "1500"),  # a shorter statement_timeout of its own applies
+        ("2s", None, "1min", "2000"),
+        (None, "3min", None, "180000"),  # no deployment limit: the role's own
+        (None, None, "1.5s", "1500"),
+        ("90000", "2min", "100s", "90000"),
+    ],
+)
+def test_step_statement_timeout_only_tightens(
+    tx: Conn, deployment: str | None, role_step: str | None, role_statement: str | None, want: str
+) -> None:
     role = mkrole(tx)
     if deployment is not None:
         alter_db(tx, "pg_durable.step_statement_timeout", deployment)
@@ -258,8 +298,11 @@ def test_step_statement_timeout_only_tightens(tx: Conn, deployment: str | None,
         alter_role(tx, role, "pg_durable.step_statement_timeout", role_step)
     if role_statement is not None:
         alter_role(tx, role, "statement_timeout", role_statement)
-    got = one(tx, "select statement_timeout from pgdurable._role_settings_v1("
-                  "%s::regrole::oid, null)", (role,))
+    got = one(
+        tx,
+        "select statement_timeout from pgdurable._role_settings_v1(%s::regrole::oid, null)",
+        (role,),
+    )
     assert got == want
     step_next(tx, role)
     assert one(tx, "select setting from pg_settings where name = 'statement_timeout'") == want
@@ -271,10 +314,22 @@ def test_a_database_statement_timeout_applies_to_steps(tx: Conn) -> None:
     role, other = mkrole(tx), mkrole(tx)
     alter_db(tx, "statement_timeout", "40s")
     alter_role(tx, role, "statement_timeout", "20s")
-    assert one(tx, "select statement_timeout from pgdurable._role_settings_v1("
-                   "%s::regrole::oid, null)", (role,)) == "20000"
-    assert one(tx, "select statement_timeout from pgdurable._role_settings_v1("
-                   "%s::regrole::oid, null)", (other,)) == "40000"
+    assert (
+        one(
+            tx,
+            "select statement_timeout from pgdurable._role_settings_v1(%s::regrole::oid, null)",
+            (role,),
+        )
+        == "20000"
+    )
+    assert (
+        one(
+            tx,
+            "select statement_timeout from pgdurable._role_settings_v1(%s::regrole::oid, null)",
+            (other,),
+        )
+        == "40000"
+    )
 
 
 def test_remote_steps_take_the_deployments_limit_given(tx: Conn) -> None:
@@ -282,21 +337,35 @@ def test_remote_steps_take_the_deployments_limit_given(tx: Conn) -> None:
     the target database's default does not replace it (its owner may be a tenant)."""
     role = mkrole(tx)
     alter_db(tx, "pg_durable.step_statement_timeout", "0")
-    assert one(tx, "select statement_timeout from pgdurable._role_settings_v1("
-                   "%s::regrole::oid, '3s')", (role,)) == "3000"
+    assert (
+        one(
+            tx,
+            "select statement_timeout from pgdurable._role_settings_v1(%s::regrole::oid, '3s')",
+            (role,),
+        )
+        == "3000"
+    )
 
 
 def test_unusable_timeouts_fail_naming_the_setting(tx: Conn) -> None:
     role = mkrole(tx)
     alter_role(tx, role, "pg_durable.step_statement_timeout", "soon")
-    err = expect(tx, "select * from pgdurable._role_settings_v1(%s::regrole::oid, null)",
-                 (role,), rf"pg_durable\.step_statement_timeout of role {role} is 'soon', "
-                          "not a duration")
+    err = expect(
+        tx,
+        "select * from pgdurable._role_settings_v1(%s::regrole::oid, null)",
+        (role,),
+        rf"pg_durable\.step_statement_timeout of role {role} is 'soon', "
+        "not a duration",
+    )
     assert err.sqlstate == "22023"
     other = mkrole(tx)
     alter_db(tx, "pg_durable.step_statement_timeout", "-5")
-    expect(tx, "select * from pgdurable._role_settings_v1(%s::regrole::oid, null)", (other,),
-           r"pg_durable\.step_statement_timeout is '-5', not a duration")
+    expect(
+        tx,
+        "select * from pgdurable._role_settings_v1(%s::regrole::oid, null)",
+        (other,),
+        r"pg_durable\.step_statement_timeout is '-5', not a duration",
+    )
     # PostgreSQL's own forms parse as it parses them (010 is octal to it)
     assert one(tx, "select pgdurable._timeout_ms_v1('010', 'x')") == 8
     assert one(tx, "select pgdurable._timeout_ms_v1(' 5 min ', 'x')") == 300000
@@ -326,11 +395,17 @@ def test_loop_settings_of_the_role_only_tighten(tx: Conn) -> None:
     alter_role(tx, role, "pg_durable.loop_max_iterations", "1000000", here=True)
     assert limits() == (1.0, 100)
     alter_role(tx, role, "pg_durable.loop_max_iterations", "0", here=True)
-    with pytest.raises(BadSetting, match=rf"pg_durable\.loop_max_iterations of role {role} "
-                                         "is '0', not a whole number of at least 1"):
+    with pytest.raises(
+        BadSetting,
+        match=rf"pg_durable\.loop_max_iterations of role {role} "
+        "is '0', not a whole number of at least 1",
+    ):
         limits()
     alter_role(tx, role, "pg_durable.loop_max_iterations", "5", here=True)
     alter_role(tx, role, "pg_durable.loop_min_interval_ms", "1s")
-    with pytest.raises(BadSetting, match=r"pg_durable\.loop_min_interval_ms of role .* is "
-                                         "'1s', not a whole number of milliseconds"):
+    with pytest.raises(
+        BadSetting,
+        match=r"pg_durable\.loop_min_interval_ms of role .* is "
+        "'1s', not a whole number of milliseconds",
+    ):
         limits()

@@ -12,8 +12,11 @@ from psycopg import sql
 
 def mkrole(conn, prefix="st", *, grant=True, login=True):
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn.execute(sql.SQL("create role {} {}").format(
-        sql.Identifier(name), sql.SQL("login" if login else "nologin")))
+    conn.execute(
+        sql.SQL("create role {} {}").format(
+            sql.Identifier(name), sql.SQL("login" if login else "nologin")
+        )
+    )
     if grant:
         conn.execute("select df.grant_usage(%s)", (name,))
     return name
@@ -45,30 +48,49 @@ def user(tx):
 
 def test_plain_sql_writes_instance_nodes_run_and_task(tx, user):
     iid = one(tx, "select df.start('select 1', 'lbl')")
-    assert len(iid) == 8 and all(c in "0123456789abcdef" for c in iid)
-    inst = tx.execute("select label, status, submitted_by::text, database, root_node "
-                      "from df.instances where id = %s", (iid,)).fetchone()
+    assert len(iid) == 8
+    assert all(c in "0123456789abcdef" for c in iid)
+    inst = tx.execute(
+        "select label, status, submitted_by::text, database, root_node "
+        "from df.instances where id = %s",
+        (iid,),
+    ).fetchone()
     assert inst[:4] == ("lbl", "pending", user, None)
-    rows = tx.execute("select id, node_type, query, status from df.nodes where instance_id = %s",
-                      (iid,)).fetchall()
+    rows = tx.execute(
+        "select id, node_type, query, status from df.nodes where instance_id = %s", (iid,)
+    ).fetchall()
     assert rows == [(inst[4], "SQL", "select 1", "pending")]
     tx.execute("reset role")
-    task = tx.execute("select node_id, gen, kind, submitted_by::text from pgdurable.tasks "
-                      "where instance_id = %s", (iid,)).fetchall()
+    task = tx.execute(
+        "select node_id, gen, kind, submitted_by::text from pgdurable.tasks where instance_id = %s",
+        (iid,),
+    ).fetchall()
     assert task == [(inst[4], 0, "start", user)]
     assert one(tx, "select vars from pgdurable.runs where instance_id = %s", (iid,)) == {}
 
 
 def test_graph_is_flattened_in_preorder(tx, user):
-    g = node("THEN", left_node=sqln("select 1", result_name="a"),
-             right_node=node("IF", condition_node=sqln("select true"),
-                             left_node=node("LOOP", left_node=sqln("b"), condition_node=sqln("c")),
-                             right_node=node("JOIN", left_node=sqln("x"), right_node=sqln("y"),
-                                             extra_nodes=[sqln("z")])))
+    g = node(
+        "THEN",
+        left_node=sqln("select 1", result_name="a"),
+        right_node=node(
+            "IF",
+            condition_node=sqln("select true"),
+            left_node=node("LOOP", left_node=sqln("b"), condition_node=sqln("c")),
+            right_node=node(
+                "JOIN", left_node=sqln("x"), right_node=sqln("y"), extra_nodes=[sqln("z")]
+            ),
+        ),
+    )
     iid = one(tx, "select df.start(%s)", (json.dumps(g),))
-    rows = {r[0]: r[1:] for r in tx.execute(
-        "select id, node_type, query, result_name, left_node, right_node from df.nodes "
-        "where instance_id = %s", (iid,))}
+    rows = {
+        r[0]: r[1:]
+        for r in tx.execute(
+            "select id, node_type, query, result_name, left_node, right_node from df.nodes "
+            "where instance_id = %s",
+            (iid,),
+        )
+    }
     ids = sorted(rows)  # ids are handed out in sorted order along the pre-order
     types = [rows[i][0] for i in ids]
     assert types == ["THEN", "SQL", "IF", "SQL", "LOOP", "SQL", "SQL", "JOIN", "SQL", "SQL", "SQL"]
@@ -82,7 +104,14 @@ def test_graph_is_flattened_in_preorder(tx, user):
     assert json.loads(rows[ids[4]][1]) == {"condition_node": ids[5]}
     assert rows[ids[4]][3:] == (ids[6], None)
     assert json.loads(rows[ids[7]][1]) == {"extra_nodes": [ids[10]]}
-    assert [rows[ids[i]][1] for i in (3, 5, 6, 8, 9, 10)] == ["select true", "c", "b", "x", "y", "z"]
+    assert [rows[ids[i]][1] for i in (3, 5, 6, 8, 9, 10)] == [
+        "select true",
+        "c",
+        "b",
+        "x",
+        "y",
+        "z",
+    ]
 
 
 def test_dsl_values_start(tx, user):
@@ -99,9 +128,11 @@ def test_vars_snapshot_frozen(tx, user):
 
 
 def counts(conn):
-    return conn.execute("select (select count(*) from df.instances), (select count(*) from df.nodes),"
-                        " (select count(*) from pgdurable.runs),"
-                        " (select count(*) from pgdurable.tasks)").fetchone()
+    return conn.execute(
+        "select (select count(*) from df.instances), (select count(*) from df.nodes),"
+        " (select count(*) from pgdurable.runs),"
+        " (select count(*) from pgdurable.tasks)"
+    ).fetchone()
 
 
 def nest(depth):
@@ -113,17 +144,36 @@ def nest(depth):
 
 BAD = [
     (json.dumps(node("FOO")), "Unknown node_type 'FOO'"),
-    (json.dumps(node("THEN", left_node=sqln("a"), right_node=node("NOPE"))), "Unknown node_type 'NOPE'"),
-    (json.dumps(node("IF", query=json.dumps({"condition_node": "abcd1234"}),
-                     left_node=sqln("a"), right_node=sqln("b"))),
-     "condition_node in IF must be a first-class Durofut field"),
-    (json.dumps(node("IF", condition_node="select 1", left_node=sqln("a"), right_node=sqln("b"))),
-     "condition_node in IF must be a first-class Durofut field"),
-    (json.dumps(node("IF", query="not json", left_node=sqln("a"), right_node=sqln("b"))),
-     "query in IF must be valid JSON config"),
+    (
+        json.dumps(node("THEN", left_node=sqln("a"), right_node=node("NOPE"))),
+        "Unknown node_type 'NOPE'",
+    ),
+    (
+        json.dumps(
+            node(
+                "IF",
+                query=json.dumps({"condition_node": "abcd1234"}),
+                left_node=sqln("a"),
+                right_node=sqln("b"),
+            )
+        ),
+        "condition_node in IF must be a first-class Durofut field",
+    ),
+    (
+        json.dumps(
+            node("IF", condition_node="select 1", left_node=sqln("a"), right_node=sqln("b"))
+        ),
+        "condition_node in IF must be a first-class Durofut field",
+    ),
+    (
+        json.dumps(node("IF", query="not json", left_node=sqln("a"), right_node=sqln("b"))),
+        "query in IF must be valid JSON config",
+    ),
     (json.dumps(node("IF", left_node=sqln("a"), right_node=sqln("b"))), "condition_node"),
-    (json.dumps(node("JOIN", left_node=sqln("a"), right_node=sqln("b"), extra_nodes=["x"])),
-     "extra_nodes entries must be Durofut JSON objects"),
+    (
+        json.dumps(node("JOIN", left_node=sqln("a"), right_node=sqln("b"), extra_nodes=["x"])),
+        "extra_nodes entries must be Durofut JSON objects",
+    ),
     (json.dumps(sqln("a", result_name="1bad")), "not a valid identifier"),
     (json.dumps(node("THEN", left_node=sqln("a"))), "needs a right_node"),
     (json.dumps(node("SLEEP", query="soon")), "SLEEP"),
@@ -136,8 +186,8 @@ def test_invalid_graphs_raise_and_write_nothing(tx, user, graph, message):
     tx.execute("reset role")
     before = counts(tx)
     become(tx, user)
+    tx.execute("savepoint s")
     with pytest.raises(psycopg.Error) as exc:
-        tx.execute("savepoint s")
         tx.execute("select df.start(%s)", (graph,))
     assert message in str(exc.value)
     tx.execute("rollback to savepoint s")
@@ -156,8 +206,10 @@ def test_node_limit(tx, user):
     leaves = [sqln(f"select {i}") for i in range(5001)]
     level = leaves
     while len(level) > 1:
-        nxt = [node("JOIN", left_node=level[i], right_node=level[i + 1])
-               for i in range(0, len(level) - 1, 2)]
+        nxt = [
+            node("JOIN", left_node=level[i], right_node=level[i + 1])
+            for i in range(0, len(level) - 1, 2)
+        ]
         if len(level) % 2:
             nxt.append(level[-1])
         level = nxt
@@ -177,14 +229,26 @@ def test_control_errors_in_order(tx):
     nologin = mkrole(tx, "nl", login=False)
     ok = mkrole(tx)
     # invalid mode first, whatever else is wrong (here: a superuser caller)
-    expect(tx, "select df.start('select 1', transaction_mode => 'later')",
-           psycopg.errors.InvalidParameterValue, "invalid transaction_mode")
+    expect(
+        tx,
+        "select df.start('select 1', transaction_mode => 'later')",
+        psycopg.errors.InvalidParameterValue,
+        "invalid transaction_mode",
+    )
     # the database check comes before the identity checks
-    expect(tx, "select df.start('select 1', database => 'no_such_db_x')",
-           psycopg.errors.InvalidCatalogName, 'database "no_such_db_x" does not exist')
+    expect(
+        tx,
+        "select df.start('select 1', database => 'no_such_db_x')",
+        psycopg.errors.InvalidCatalogName,
+        'database "no_such_db_x" does not exist',
+    )
     # the test connection is a superuser
-    expect(tx, "select df.start('select 1')", psycopg.errors.InsufficientPrivilege,
-           "enable_superuser_instances")
+    expect(
+        tx,
+        "select df.start('select 1')",
+        psycopg.errors.InsufficientPrivilege,
+        "enable_superuser_instances",
+    )
     tx.execute("set local pg_durable.enable_superuser_instances = on")
     assert one(tx, "select df.start('select 1')")
     become(tx, nologin)
@@ -203,8 +267,10 @@ def test_not_ready_refuses(tx):
     role = mkrole(tx)
     tx.execute("update pgdurable._worker_ready set schema_version = 0")
     become(tx, role)
-    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
-                       match="pg_durable background worker not yet initialized — try again in a moment"):
+    with pytest.raises(
+        psycopg.errors.ObjectNotInPrerequisiteState,
+        match="pg_durable background worker not yet initialized — try again in a moment",
+    ):
         tx.execute("select df.start('select 1')")
 
 
@@ -215,7 +281,9 @@ def test_helper_output_is_not_a_step(tx, user):
 
 def test_new_mode_refused_inside_workflow(tx, user):
     tx.execute("set local df.in_workflow = 'true'")
-    with pytest.raises(psycopg.errors.FeatureNotSupported, match="cannot be called inside a workflow"):
+    with pytest.raises(
+        psycopg.errors.FeatureNotSupported, match="cannot be called inside a workflow"
+    ):
         tx.execute("select df.start('select 1', transaction_mode => 'new')")
     tx.rollback()
     # caller mode is allowed from a step
@@ -245,10 +313,14 @@ def test_notify_and_rollback_leaves_nothing(db):
 
 def test_new_mode_without_dblink(db):
     role = db.create_role("st")
-    with db.connect(role) as conn, pytest.raises(
+    with (
+        db.connect(role) as conn,
+        pytest.raises(
             psycopg.errors.ObjectNotInPrerequisiteState,
             match=r"transaction_mode 'new' needs the dblink extension, .* must run in that "
-                  r"database: CREATE EXTENSION dblink SCHEMA pgdurable_dblink;"):
+            r"database: CREATE EXTENSION dblink SCHEMA pgdurable_dblink;",
+        ),
+    ):
         conn.execute("select df.start('select 1', transaction_mode => 'new')")
     with db.connect() as admin:
         assert counts(admin) == (0, 0, 0, 0)
@@ -279,8 +351,12 @@ def test_new_mode_survives_caller_rollback(db):
     _dblink(db)
     role = db.create_role("st")
     if not _launcher_needs_password(db):
-        with db.connect(role) as conn, pytest.raises(
-                psycopg.errors.InvalidAuthorizationSpecification, match="without a password") as exc:
+        with (
+            db.connect(role) as conn,
+            pytest.raises(
+                psycopg.errors.InvalidAuthorizationSpecification, match="without a password"
+            ) as exc,
+        ):
             conn.execute("select df.start('select 1', 'new-lbl', null, 'New')")
         assert "scram-sha-256" in (exc.value.diag.message_hint or "")
         with db.connect() as admin:
@@ -298,13 +374,17 @@ def test_new_mode_survives_caller_rollback(db):
         second = one(conn, "select df.start('select 2', transaction_mode => 'new')")
         conn.rollback()
     with db.connect() as admin:
-        row = admin.execute("select label, status, submitted_by::text from df.instances where id = %s",
-                            (iid,)).fetchone()
+        row = admin.execute(
+            "select label, status, submitted_by::text from df.instances where id = %s", (iid,)
+        ).fetchone()
         assert row == ("new-lbl", "pending", role)
-        assert one(admin, "select vars from pgdurable.runs where instance_id = %s", (iid,)) == \
-            {"k": "committed"}
-        assert one(admin, "select submitted_by::text from df.instances where id = %s",
-                   (second,)) == role
+        assert one(admin, "select vars from pgdurable.runs where instance_id = %s", (iid,)) == {
+            "k": "committed"
+        }
+        assert (
+            one(admin, "select submitted_by::text from df.instances where id = %s", (second,))
+            == role
+        )
 
 
 def test_new_mode_validation_errors_surface(db):
@@ -346,15 +426,23 @@ def test_new_mode_keeps_the_idempotency_key(db):
     in either mode, answers the first instance."""
     _dblink(db)
     if not _launcher_needs_password(db):
-        pytest.skip("this server lets the launcher in without a password: 'new' cannot run "
-                    "(test_new_mode_survives_caller_rollback pins that error)")
+        pytest.skip(
+            "this server lets the launcher in without a password: 'new' cannot run "
+            "(test_new_mode_survives_caller_rollback pins that error)"
+        )
     role = db.create_role("sk")
     with db.connect(role, autocommit=False) as conn:
-        first = one(conn, "select df.start('select 1', transaction_mode => 'new', "
-                          "idempotency_key => 'nk')")
+        first = one(
+            conn, "select df.start('select 1', transaction_mode => 'new', idempotency_key => 'nk')"
+        )
         conn.rollback()  # the launch committed on its own
-        assert one(conn, "select df.start('select 1', transaction_mode => 'new', "
-                         "idempotency_key => 'nk')") == first
+        assert (
+            one(
+                conn,
+                "select df.start('select 1', transaction_mode => 'new', idempotency_key => 'nk')",
+            )
+            == first
+        )
         assert one(conn, "select df.start('select 1', idempotency_key => 'nk')") == first
         conn.commit()
         assert one(conn, "select count(*) from df.instances") == 1

@@ -98,26 +98,31 @@ class Env:
         return str(row[0])
 
     def wait_node_running(self, iid: str, node_type: str) -> None:
-        until(lambda: any(
-            r[0] == node_type and r[1] == "running" for r in self.nodes(iid)),
-            f"a running {node_type} node in {iid}", self)
+        until(
+            lambda: any(r[0] == node_type and r[1] == "running" for r in self.nodes(iid)),
+            f"a running {node_type} node in {iid}",
+            self,
+        )
 
     def nodes(self, iid: str) -> list[tuple[Any, ...]]:
         with self.conn(self.alice) as c:
-            return c.execute("select node_type, coalesce(inferred_status, status), node_id, "
-                             "query from df.instance_nodes(%s)", (iid,)).fetchall()
+            return c.execute(
+                "select node_type, coalesce(inferred_status, status), node_id, "
+                "query from df.instance_nodes(%s)",
+                (iid,),
+            ).fetchall()
 
 
-def until(cond: Callable[[], Any], what: str, env: Env | None = None,
-          timeout: float = WAIT) -> Any:
+def until(cond: Callable[[], Any], what: str, env: Env | None = None, timeout: float = WAIT) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = cond()
         if got:
             return got
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}"
-                         + (f"\nserve log:\n{env.serve.log()}" if env else ""))
+    raise AssertionError(
+        f"timed out waiting for {what}" + (f"\nserve log:\n{env.serve.log()}" if env else "")
+    )
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path) -> None:
@@ -138,15 +143,26 @@ def _browser() -> Any:
     chromium = shutil.which("chromium")
     driver_path = shutil.which("chromedriver")
     if not chromium or not driver_path:
-        pytest.fail("chromium and chromedriver are missing: `make browser` installs them "
-                    "(`make test` does it first)")
+        pytest.fail(
+            "chromium and chromedriver are missing: `make browser` installs them "
+            "(`make test` does it first)"
+        )
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--hide-scrollbars", "--force-device-scale-factor=1",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(driver_path), options=opts)
 
@@ -157,8 +173,11 @@ def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
     name = f"t_{uuid.uuid4().hex[:12]}"
     strategy = sql.SQL(" strategy file_copy") if server.version >= 15 else sql.SQL("")
     with psycopg.connect(server.install_dsn("postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("create database {} template {}{}").format(
-            sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy))
+        conn.execute(
+            sql.SQL("create database {} template {}{}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy
+            )
+        )
     db = fix_db.TestDB(server, name)
     procs: list[subprocess.Popen[bytes]] = []
     serve: Serve | None = None
@@ -166,24 +185,41 @@ def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
     try:
         alice, bob = db.create_role("ui_alice"), db.create_role("ui_bob")
         pa, pb, pr = _free_port(), _free_port(), _free_port()
-        serve = Serve(db, {"PGDURABLE_SERVE_UI_PORT": str(pa),
-                           "PGDURABLE_UI_DSN": db.dsn_as(alice)},
-                      log_path=tmp / "serve.log").start()
+        serve = Serve(
+            db,
+            {"PGDURABLE_SERVE_UI_PORT": str(pa), "PGDURABLE_UI_DSN": db.dsn_as(alice)},
+            log_path=tmp / "serve.log",
+        ).start()
         for port, role, extra in ((pb, bob, []), (pr, alice, ["--read-only"])):
             env = dict(os.environ, PGDURABLE_UI_DSN=db.dsn_as(role))
             if extra:
                 env["PGDURABLE_UI_TOKEN"] = TOKEN
             log = tmp / f"ui-{port}.log"
             with log.open("ab") as out:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "pgdurable", "ui", "--port", str(port), *extra],
-                    env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "pgdurable", "ui", "--port", str(port), *extra],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=ROOT,
+                    )
+                )
             _wait_http(f"http://127.0.0.1:{port}/", procs[-1], log)
         _wait_http(f"http://127.0.0.1:{pa}/", None, tmp / "serve.log")
         driver = _browser()
         driver.set_page_load_timeout(WAIT)
-        yield Env(db, alice, bob, f"http://127.0.0.1:{pa}/", f"http://127.0.0.1:{pb}/",
-                  f"http://127.0.0.1:{pr}/", driver, tmp, serve)
+        yield Env(
+            db,
+            alice,
+            bob,
+            f"http://127.0.0.1:{pa}/",
+            f"http://127.0.0.1:{pb}/",
+            f"http://127.0.0.1:{pr}/",
+            driver,
+            tmp,
+            serve,
+        )
     finally:
         if driver is not None:
             driver.quit()
@@ -200,8 +236,9 @@ def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
                 serve.stop(timeout=30)
             serve.cleanup()
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-                sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+            )
             for role in db.roles:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
@@ -218,6 +255,7 @@ def _wait_css(env: Env, selector: str, what: str = "") -> Any:
 def _click(env: Env, selector: str) -> None:
     """Click the element ``selector`` once it is there; the live region may be redrawn
     between finding and clicking (then the new element is clicked)."""
+
     def attempt() -> bool:
         try:
             _wait_css(env, selector).click()
@@ -229,8 +267,9 @@ def _click(env: Env, selector: str) -> None:
 
 
 def _no_script_ran(driver: Any) -> None:
-    assert driver.execute_script("return window.__pwned === undefined"), \
-        driver.execute_script("return window.__pwned")
+    assert driver.execute_script("return window.__pwned === undefined"), driver.execute_script(
+        "return window.__pwned"
+    )
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text  # noqa: B018
 
@@ -244,8 +283,8 @@ def png_colours(data: bytes) -> int:
     pos, idat, width = 8, b"", 0
     height = depth = ctype = 0
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunk = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, ctype = struct.unpack(">IIBB", chunk[:10])
         elif kind == b"IDAT":
@@ -260,7 +299,7 @@ def png_colours(data: bytes) -> int:
     colours: set[bytes] = set()
     for y in range(height):
         f = raw[y * (stride + 1)]
-        line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        line = bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             a = line[i - bpp] if i >= bpp else 0
             b = prev[i]
@@ -274,10 +313,9 @@ def png_colours(data: bytes) -> int:
             elif f == 4:
                 p = a + b - c
                 pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) \
-                    & 0xFF
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
         if y % 4 == 0:  # every 4th row is plenty to tell a page from a blank
-            colours.update(bytes(line[i:i + 3]) for i in range(0, stride, bpp * 2))
+            colours.update(bytes(line[i : i + 3]) for i in range(0, stride, bpp * 2))
         prev = line
     return len(colours)
 
@@ -300,11 +338,16 @@ def test_png_colours_tells_blank_from_page() -> None:
     ihdr = struct.pack(">IIBBBBB", 4, 2, 8, 2, 0, 0, 0)
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(
-            ">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(
-        b"IDAT", zlib.compress(row * 2)) + chunk(b"IEND", b"")
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(row * 2))
+        + chunk(b"IEND", b"")
+    )
     assert png_colours(png) == 1
 
 
@@ -335,10 +378,14 @@ def test_list_shows_a_started_run_grouped_by_label(env: Env) -> None:
     with env.conn(env.alice) as c:
         c.execute("select df.cancel(%s)", (second,))
     # the list updates by itself (polling): the cancelled run's status shows, no reload
-    until(lambda: _css(d, f'tr.run[data-run="{second}"][data-status="cancelled"]'),
-          "the list to show the run cancelled", env)
-    assert d.execute_script("return document.getElementById('live').dataset.marker") \
-        == "loaded once"
+    until(
+        lambda: _css(d, f'tr.run[data-run="{second}"][data-status="cancelled"]'),
+        "the list to show the run cancelled",
+        env,
+    )
+    assert (
+        d.execute_script("return document.getElementById('live').dataset.marker") == "loaded once"
+    )
     d.get(env.a)
     _wait_css(env, "tr.run")
     _shot(env, "ui-list.png")
@@ -354,8 +401,7 @@ window.fetch = function () {
 """
 
 
-def test_polling_backs_off_pauses_in_hidden_tabs_and_stops_for_finished_runs(
-        env: Env) -> None:
+def test_polling_backs_off_pauses_in_hidden_tabs_and_stops_for_finished_runs(env: Env) -> None:
     label = f"quiet-{uuid.uuid4().hex[:6]}"
     iid = env.start("df.sql('select 1')", label)
     assert env.await_(iid) == "completed"
@@ -391,8 +437,10 @@ def test_polling_backs_off_pauses_in_hidden_tabs_and_stops_for_finished_runs(
 def test_list_pages_by_cursor(env: Env) -> None:
     label = f"paged-{uuid.uuid4().hex[:6]}"
     with env.conn(env.alice) as c:
-        ids = [str(c.execute("select df.start(df.sleep(600), %s)", (label,)).fetchone()[0])  # type: ignore[index]
-               for _ in range(52)]
+        ids = [
+            str(c.execute("select df.start(df.sleep(600), %s)", (label,)).fetchone()[0])  # type: ignore[index]
+            for _ in range(52)
+        ]
         for iid in ids:  # one per transaction (a workflow's cancel takes its row lock)
             c.execute("select df.cancel(%s)", (iid,))
     d = env.driver
@@ -409,11 +457,14 @@ def test_list_pages_by_cursor(env: Env) -> None:
 
 
 def test_run_page_draws_the_graph_with_status_colours(env: Env) -> None:
-    iid = env.start("""df.sql('select 1 as n') |=> 'one'
+    iid = env.start(
+        """df.sql('select 1 as n') |=> 'one'
         ~> ((df.sql('select $one + 1 as two') |=> 'two') & df.sql('select 3'))
         ~> df.if(df.sql('select $two > 1'), df.sql('select ''then arm'''),
                  df.sql('select ''else arm'''))
-        ~> (df.sql('select 4') | df.sleep(30))""", "graph")
+        ~> (df.sql('select 4') | df.sleep(30))""",
+        "graph",
+    )
     assert env.await_(iid) == "completed"
     want = {str(r[2]): str(r[1]) for r in env.nodes(iid)}
     d = env.driver
@@ -439,16 +490,17 @@ def test_run_page_draws_the_graph_with_status_colours(env: Env) -> None:
     assert d.find_element(By.ID, "node-query").text == "select 1 as n"
     assert '"n": 1' in d.find_element(By.ID, "node-result").text
     assert f"runs/{iid}/nodes/{nid}/result.json" in d.find_element(
-        By.CSS_SELECTOR, "#node a.dl").get_attribute("href")
-    assert "st-completed" in d.find_element(By.CSS_SELECTOR, "#run-status").get_attribute(
-        "class")
+        By.CSS_SELECTOR, "#node a.dl"
+    ).get_attribute("href")
+    assert "st-completed" in d.find_element(By.CSS_SELECTOR, "#run-status").get_attribute("class")
     _shot(env, "ui-run.png")
 
 
 def test_readme_screenshot(env: Env) -> None:
     """The README's picture: a run with a join, a condition (one arm skipped) and a race,
     one step still waiting, its SIGNAL node selected."""
-    iid = env.start("""df.sql('select count(*) as n from generate_series(1, 250)') |=> 'orders'
+    iid = env.start(
+        """df.sql('select count(*) as n from generate_series(1, 250)') |=> 'orders'
         ~> ((df.sql('select $orders.n * 10 as total') |=> 'sum')
             & df.sql('select now() as checked_at'))
         ~> df.if(df.sql('select $sum.total > 100'),
@@ -456,7 +508,9 @@ def test_readme_screenshot(env: Env) -> None:
                  df.sql('select ''small batch'' as verdict'))
         ~> (df.sql('select pg_sleep(0.2)') | df.sleep(60))
         ~> df.wait_for_signal('approve', 3600)
-        ~> df.sql('update orders set status = ''approved''')""", "nightly-orders")
+        ~> df.sql('update orders set status = ''approved''')""",
+        "nightly-orders",
+    )
     env.wait_node_running(iid, "SIGNAL")
     sig = next(str(r[2]) for r in env.nodes(iid) if r[0] == "SIGNAL")
     d = env.driver
@@ -485,20 +539,27 @@ def test_signal_from_the_page_completes_an_approval(env: Env) -> None:
     until(lambda: "done=signalled" in d.current_url, "the redirect after the signal", env)
     assert d.find_element(By.ID, "flash").text == "Signal sent."
     assert env.await_(iid) == "completed"
-    until(lambda: d.find_element(By.ID, "run-status").text == "completed",
-          "the page to show the run completed (live update)", env)
+    until(
+        lambda: d.find_element(By.ID, "run-status").text == "completed",
+        "the page to show the run completed (live update)",
+        env,
+    )
     sig = next(str(r[2]) for r in env.nodes(iid) if r[0] == "SIGNAL")
     with env.conn(env.alice) as c:
-        res = c.execute("select result from df.instance_nodes(%s) where node_id = %s",
-                        (iid, sig)).fetchone()
+        res = c.execute(
+            "select result from df.instance_nodes(%s) where node_id = %s", (iid, sig)
+        ).fetchone()
     assert res is not None
     assert '"approved": true' in str(res[0])
     assert not _css(d, "#actions")  # a finished run has nothing to act on
 
 
 def test_signal_with_a_json_payload_and_a_bad_one(env: Env) -> None:
-    iid = env.start("df.wait_for_signal('payment', 600) |=> 'p'"
-                    " ~> df.sql('select ($p.data)::jsonb ->> ''amount'' as amount')", "pay")
+    iid = env.start(
+        "df.wait_for_signal('payment', 600) |=> 'p'"
+        " ~> df.sql('select ($p.data)::jsonb ->> ''amount'' as amount')",
+        "pay",
+    )
     env.wait_node_running(iid, "SIGNAL")
     d = env.driver
     d.get(env.a + f"runs/{iid}")
@@ -517,8 +578,9 @@ def test_signal_with_a_json_payload_and_a_bad_one(env: Env) -> None:
     d.find_element(By.CSS_SELECTOR, '.wait form.signal button[type="submit"]').click()
     assert env.await_(iid) == "completed"
     with env.conn(env.alice) as c:
-        assert c.execute("select df.result(%s)::jsonb -> 'rows' -> 0 ->> 'amount'",
-                         (iid,)).fetchone() == ("42",)
+        assert c.execute(
+            "select df.result(%s)::jsonb -> 'rows' -> 0 ->> 'amount'", (iid,)
+        ).fetchone() == ("42",)
 
 
 def test_cancel_from_the_page(env: Env) -> None:
@@ -532,11 +594,17 @@ def test_cancel_from_the_page(env: Env) -> None:
     d.find_element(By.CSS_SELECTOR, '#cancel-form button[type="submit"]').click()
     until(lambda: "done=cancelled" in d.current_url, "the redirect after cancel", env)
     assert env.await_(iid) == "cancelled"
-    until(lambda: d.find_element(By.ID, "run-status").text == "cancelled",
-          "the page to show the run cancelled", env)
+    until(
+        lambda: d.find_element(By.ID, "run-status").text == "cancelled",
+        "the page to show the run cancelled",
+        env,
+    )
     # a finished run's page stops polling
-    until(lambda: d.find_element(By.ID, "live").get_attribute("data-final") == "1",
-          "the page to stop polling", env)
+    until(
+        lambda: d.find_element(By.ID, "live").get_attribute("data-final") == "1",
+        "the page to stop polling",
+        env,
+    )
 
 
 def test_a_large_result_is_cut_with_a_download(env: Env) -> None:
@@ -558,20 +626,25 @@ def test_start_a_run_from_the_page(env: Env) -> None:
     d = env.driver
     d.get(env.a + "new")
     d.find_element(By.CSS_SELECTOR, 'textarea[name="expr"]').send_keys(
-        "df.sql('select 20 + 1 as x') |=> 'x' ~> df.sql('select $x * 2 as y')")
+        "df.sql('select 20 + 1 as x') |=> 'x' ~> df.sql('select $x * 2 as y')"
+    )
     d.find_element(By.CSS_SELECTOR, 'input[name="label"]').send_keys("from-the-page")
     d.find_element(By.CSS_SELECTOR, 'button[name="start"]').click()
     until(lambda: "done=started" in d.current_url, "the new run's page", env)
     iid = d.current_url.split("/runs/")[1][:8]
     assert env.await_(iid) == "completed"
     with env.conn(env.alice) as c:
-        row = c.execute("select label, submitted_by::text, df.result(id)::jsonb -> 'rows' -> 0"
-                        " ->> 'y' from df.instances where id = %s", (iid,)).fetchone()
+        row = c.execute(
+            "select label, submitted_by::text, df.result(id)::jsonb -> 'rows' -> 0"
+            " ->> 'y' from df.instances where id = %s",
+            (iid,),
+        ).fetchone()
     assert row == ("from-the-page", env.alice, "42")
     # an expression that writes is refused: it is evaluated in a read-only transaction
     d.get(env.a + "new")
     d.find_element(By.CSS_SELECTOR, 'textarea[name="expr"]').send_keys(
-        "(select df.sql('select 1') from (select nextval('ui_no_such_seq')) s)")
+        "(select df.sql('select 1') from (select nextval('ui_no_such_seq')) s)"
+    )
     d.find_element(By.CSS_SELECTOR, 'button[name="start"]').click()
     problem = _wait_css(env, "#problem")
     assert "could not start the run" in problem.text
@@ -583,15 +656,13 @@ def test_start_a_run_from_the_page(env: Env) -> None:
     assert d.find_element(By.CSS_SELECTOR, "#run-error .sqlstate").text == "22012"
     assert "division by zero" in d.find_element(By.CSS_SELECTOR, "#run-error pre").text
     with env.conn(env.alice) as c:
-        has_restart = c.execute(
-            "select to_regprocedure('df.restart(text)') is not null").fetchone()
+        has_restart = c.execute("select to_regprocedure('df.restart(text)') is not null").fetchone()
     assert bool(_css(d, "#restart-form")) == bool(has_restart and has_restart[0])
 
 
 def _session(base: str, headers: dict[str, str] | None = None) -> tuple[httpx.Client, str]:
     """An HTTP client with the dashboard's cookies and the CSRF token of its forms."""
-    client = httpx.Client(base_url=base, follow_redirects=False, timeout=10,
-                          headers=headers or {})
+    client = httpx.Client(base_url=base, follow_redirects=False, timeout=10, headers=headers or {})
     client.get("/")
     token = client.cookies.get("pgdurable_ui_csrf")
     assert token
@@ -613,8 +684,10 @@ def test_a_second_role_sees_and_touches_nothing_of_the_first(env: Env) -> None:
     # forms posted straight at bob's dashboard with a valid CSRF token: df refuses them
     client, token = _session(env.b)
     with contextlib.closing(client):
-        for path, form in ((f"/runs/{iid}/cancel", {"reason": "bob"}),
-                           (f"/runs/{iid}/signal", {"name": "x", "data": "{}"})):
+        for path, form in (
+            (f"/runs/{iid}/cancel", {"reason": "bob"}),
+            (f"/runs/{iid}/signal", {"name": "x", "data": "{}"}),
+        ):
             r = client.post(path, data={"csrf": token, **form})
             assert r.status_code == 404, (path, r.status_code, r.text[:300])
             assert "Instance not found or access denied" in r.text
@@ -676,9 +749,11 @@ def test_read_only_hides_and_refuses_actions_and_the_token_guards_it(env: Env) -
     assert not _css(d, 'a[href="/new"]')
     client, token = _session(env.r, bearer)
     with contextlib.closing(client):
-        for path, form in ((f"/runs/{iid}/cancel", {"reason": "ro"}),
-                           (f"/runs/{iid}/signal", {"name": "approve", "data": "{}"}),
-                           ("/new", {"expr": "'select 1'"})):
+        for path, form in (
+            (f"/runs/{iid}/cancel", {"reason": "ro"}),
+            (f"/runs/{iid}/signal", {"name": "approve", "data": "{}"}),
+            ("/new", {"expr": "'select 1'"}),
+        ):
             r = client.post(path, data={"csrf": token, **form})
             assert r.status_code == 403, (path, r.status_code)
             assert "read-only" in r.text
@@ -731,32 +806,48 @@ def test_headers_and_the_system_page(env: Env) -> None:
     assert _css(d, "#chart svg.chart rect.bar.st-completed")
     assert _css(d, "#slowest tbody tr")
     # everything on the page came from /static: no request left the host
-    srcs = d.execute_script(
-        "return performance.getEntriesByType('resource').map(e => e.name)")
+    srcs = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert srcs
     assert all(s.startswith(env.a) for s in srcs), srcs
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PGDURABLE_")}
-    return subprocess.run([sys.executable, "-m", "pgdurable", *args], env=clean | (env or {}),
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "pgdurable", *args],
+        env=clean | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 def test_logins_that_cannot_serve_a_dashboard_are_refused_by_name(env: Env) -> None:
     nogrant = env.db.create_role("ui_nogrant", grant=False)
     port = str(_free_port())
     cases = [
-        (["ui", "--dsn", env.db.service_dsn, "--port", port], {},
-         "pgdurable_service must not be that role"),
-        (["ui", "--dsn", env.db.dsn_as(nogrant), "--port", port], {},
-         f"select df.grant_usage('{nogrant}')"),
-        (["ui", "--dsn", env.db.dsn_as(env.alice), "--port", port, "--token", "short"], {},
-         "at least 16 characters"),
+        (
+            ["ui", "--dsn", env.db.service_dsn, "--port", port],
+            {},
+            "pgdurable_service must not be that role",
+        ),
+        (
+            ["ui", "--dsn", env.db.dsn_as(nogrant), "--port", port],
+            {},
+            f"select df.grant_usage('{nogrant}')",
+        ),
+        (
+            ["ui", "--dsn", env.db.dsn_as(env.alice), "--port", port, "--token", "short"],
+            {},
+            "at least 16 characters",
+        ),
         # serve --ui-port logs in as pgdurable_service: the dashboard needs a tenant's login
-        (["serve", "--workers", "1"], {"PGDURABLE_DSN": env.db.service_dsn,
-                                       "PGDURABLE_SERVE_UI_PORT": port},
-         "--ui-dsn / PGDURABLE_UI_DSN"),
+        (
+            ["serve", "--workers", "1"],
+            {"PGDURABLE_DSN": env.db.service_dsn, "PGDURABLE_SERVE_UI_PORT": port},
+            "--ui-dsn / PGDURABLE_UI_DSN",
+        ),
     ]
     for args, extra, want in cases:
         got = _cli(*args, env=extra)
@@ -769,8 +860,7 @@ def test_logins_that_cannot_serve_a_dashboard_are_refused_by_name(env: Env) -> N
     assert f"port {busy} on 127.0.0.1 is in use" in got.stderr
 
 
-def test_the_demo_dashboard_runs_detached_and_stops(env: Env,
-                                                     tmp_path: Path) -> None:
+def test_the_demo_dashboard_runs_detached_and_stops(env: Env, tmp_path: Path) -> None:
     from pgdurable.ui.launch import start_detached, stop_detached
 
     url = start_detached(env.db.dsn_as(env.alice), tmp_path, port=_free_port())
@@ -805,9 +895,15 @@ def test_serve_supervises_its_dashboard(env: Env, tmp_path: Path) -> None:
     """serve --ui-port runs the dashboard in a child of its own: restarted when it dies,
     gone when the supervisor is killed."""
     port = _free_port()
-    s = Serve(env.db, {"PGDURABLE_SERVE_UI_PORT": str(port), "PGDURABLE_WORKERS": "1",
-                       "PGDURABLE_UI_DSN": env.db.dsn_as(env.alice)},
-              log_path=tmp_path / "serve.log").start()
+    s = Serve(
+        env.db,
+        {
+            "PGDURABLE_SERVE_UI_PORT": str(port),
+            "PGDURABLE_WORKERS": "1",
+            "PGDURABLE_UI_DSN": env.db.dsn_as(env.alice),
+        },
+        log_path=tmp_path / "serve.log",
+    ).start()
     url = f"http://127.0.0.1:{port}/"
     kids: list[int] = []
     try:
@@ -824,8 +920,15 @@ def test_serve_supervises_its_dashboard(env: Env, tmp_path: Path) -> None:
         s.proc.wait()
         import psutil
 
-        until(lambda: not psutil.pid_exists(second) or psutil.Process(second).status()
-              == psutil.STATUS_ZOMBIE, "the orphaned dashboard to exit", env, timeout=20)
+        until(
+            lambda: (
+                not psutil.pid_exists(second)
+                or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+            ),
+            "the orphaned dashboard to exit",
+            env,
+            timeout=20,
+        )
     finally:
         s.cleanup()
         for pid in kids:  # the orphaned worker drains by itself; no need to wait for it

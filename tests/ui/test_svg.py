@@ -34,9 +34,16 @@ class Rows:
     def add(self, spec: tuple[Any, ...], status: str = "completed") -> str:
         nid = next(self.ids)
         kind, *args = spec
-        row: dict[str, Any] = {"node_id": nid, "node_type": kind, "query": None,
-                               "result_name": None, "left_node": None, "right_node": None,
-                               "status": status, "inferred_status": status}
+        row: dict[str, Any] = {
+            "node_id": nid,
+            "node_type": kind,
+            "query": None,
+            "result_name": None,
+            "left_node": None,
+            "right_node": None,
+            "status": status,
+            "inferred_status": status,
+        }
         self.rows.append(row)
         if kind in ("SQL", "SLEEP", "SIGNAL"):
             row["query"] = args[0]
@@ -53,8 +60,12 @@ class Rows:
                 row["query"] = json.dumps({"extra_nodes": [self.add(args[2])]})
         return nid
 
-    def draw(self, spec: tuple[Any, ...], selected: str | None = None,
-             details: dict[str, dict[str, Any]] | None = None) -> tuple[str, ET.Element]:
+    def draw(
+        self,
+        spec: tuple[Any, ...],
+        selected: str | None = None,
+        details: dict[str, dict[str, Any]] | None = None,
+    ) -> tuple[str, ET.Element]:
         root = self.add(spec)
         nodes = svg.from_rows(self.rows, root, details or {})
         out = svg.graph_svg(nodes, root, href="/runs/0000abcd", selected=selected)
@@ -67,10 +78,19 @@ def _groups(tree: ET.Element) -> list[ET.Element]:
 
 def test_every_node_is_drawn_once_with_its_status_and_type() -> None:
     r = Rows()
-    spec = ("THEN", ("SQL", "select 1"),
-            ("THEN", ("JOIN", ("SQL", "a"), ("SQL", "b"), ("SQL", "c")),
-             ("THEN", ("IF", ("SQL", "select true"), ("SQL", "yes"), ("SQL", "no")),
-              ("LOOP", ("RACE", ("SQL", "x"), ("SLEEP", "5")), ("SQL", "select false")))))
+    spec = (
+        "THEN",
+        ("SQL", "select 1"),
+        (
+            "THEN",
+            ("JOIN", ("SQL", "a"), ("SQL", "b"), ("SQL", "c")),
+            (
+                "THEN",
+                ("IF", ("SQL", "select true"), ("SQL", "yes"), ("SQL", "no")),
+                ("LOOP", ("RACE", ("SQL", "x"), ("SLEEP", "5")), ("SQL", "select false")),
+            ),
+        ),
+    )
     _, tree = r.draw(spec)
     groups = _groups(tree)
     assert sorted(g.get("data-node") for g in groups) == sorted(x["node_id"] for x in r.rows)
@@ -86,7 +106,8 @@ def test_every_node_is_drawn_once_with_its_status_and_type() -> None:
     # every node links to its own panel on the run page
     links = tree.findall(".//s:a", NS)
     assert sorted(a.get("href") for a in links) == sorted(
-        f"/runs/0000abcd?node={x['node_id']}#node" for x in r.rows)
+        f"/runs/0000abcd?node={x['node_id']}#node" for x in r.rows
+    )
 
 
 def _leaf_boxes(tree: ET.Element) -> list[tuple[float, float, float, float]]:
@@ -101,17 +122,25 @@ def _leaf_boxes(tree: ET.Element) -> list[tuple[float, float, float, float]]:
 
 def test_leaf_boxes_never_overlap_and_stay_inside_the_picture() -> None:
     r = Rows()
-    spec = ("JOIN", ("THEN", ("SQL", "1"), ("RACE", ("SQL", "2"), ("THEN", ("SQL", "3"),
-                                                                    ("SQL", "4")))),
-            ("IF", ("JOIN", ("SQL", "c1"), ("SQL", "c2")), ("SQL", "t"),
-             ("LOOP", ("THEN", ("SQL", "b1"), ("SQL", "b2")), ("SQL", "w"))),
-            ("SQL", "last"))
+    spec = (
+        "JOIN",
+        ("THEN", ("SQL", "1"), ("RACE", ("SQL", "2"), ("THEN", ("SQL", "3"), ("SQL", "4")))),
+        (
+            "IF",
+            ("JOIN", ("SQL", "c1"), ("SQL", "c2")),
+            ("SQL", "t"),
+            ("LOOP", ("THEN", ("SQL", "b1"), ("SQL", "b2")), ("SQL", "w")),
+        ),
+        ("SQL", "last"),
+    )
     out, tree = r.draw(spec)
     boxes = _leaf_boxes(tree)
     assert len(boxes) == sum(1 for x in r.rows if x["node_type"] in ("SQL", "SLEEP"))
     for (x1, y1, w1, h1), (x2, y2, w2, h2) in itertools.combinations(boxes, 2):
-        assert x1 + w1 <= x2 or x2 + w2 <= x1 or y1 + h1 <= y2 or y2 + h2 <= y1, \
-            ((x1, y1), (x2, y2))
+        assert x1 + w1 <= x2 or x2 + w2 <= x1 or y1 + h1 <= y2 or y2 + h2 <= y1, (
+            (x1, y1),
+            (x2, y2),
+        )
     width, height = float(tree.get("width", 0)), float(tree.get("height", 0))
     for x, y, w, h in boxes:
         assert min(x, y) >= 0
@@ -125,12 +154,19 @@ def test_leaf_boxes_never_overlap_and_stay_inside_the_picture() -> None:
 
 def test_tenant_text_is_escaped_everywhere() -> None:
     r = Rows()
-    out, tree = r.draw(("THEN", ("SQL", HOSTILE), ("SIGNAL", json.dumps(
-        {"signal_name": HOSTILE, "timeout_seconds": None}))))
+    out, tree = r.draw(
+        (
+            "THEN",
+            ("SQL", HOSTILE),
+            ("SIGNAL", json.dumps({"signal_name": HOSTILE, "timeout_seconds": None})),
+        )
+    )
     assert "<script>" not in out
     assert "onload" not in "".join(e.tag for e in tree.iter())
-    assert all(e.tag.split("}")[1] in ("svg", "a", "g", "title", "rect", "circle", "text",
-                                       "path") for e in tree.iter())
+    assert all(
+        e.tag.split("}")[1] in ("svg", "a", "g", "title", "rect", "circle", "text", "path")
+        for e in tree.iter()
+    )
     texts = " ".join("".join(e.itertext()) for e in tree.iter(f"{{{NS['s']}}}title"))
     assert "<script>alert(1)</script>" in texts  # shown as text, whole, in the tooltip
 
@@ -174,11 +210,14 @@ def test_a_long_chain_and_deep_nesting_render_without_recursion() -> None:
 
 def test_node_meta_says_what_the_details_say() -> None:
     assert svg.node_meta("SQL", "completed", {"duration_ms": 1500}) == "1.5 s"
-    assert svg.node_meta("SQL", "running",
-                         {"started_at": "2026-01-02T03:04:05+00:00"}) == "since 03:04:05 UTC"
+    assert (
+        svg.node_meta("SQL", "running", {"started_at": "2026-01-02T03:04:05+00:00"})
+        == "since 03:04:05 UTC"
+    )
     assert svg.node_meta("LOOP", "running", {"iteration": 7}) == "iteration 7"
-    assert svg.node_meta("IF", "completed", {"branch": "else", "duration_ms": 3}) \
-        == "3 ms · took else"
+    assert (
+        svg.node_meta("IF", "completed", {"branch": "else", "duration_ms": 3}) == "3 ms · took else"
+    )
     assert svg.node_meta("SQL", "pending", {}) == ""
 
 
@@ -189,7 +228,10 @@ def test_completions_chart_stacks_statuses_per_minute() -> None:
     tree = ET.fromstring(svg.completions_chart(per))
     bars = tree.findall(".//s:rect", NS)
     assert sorted(b.get("class") for b in bars) == [
-        "bar st-cancelled", "bar st-completed", "bar st-failed"]
+        "bar st-cancelled",
+        "bar st-completed",
+        "bar st-failed",
+    ]
     heights = {b.get("class"): float(b.get("height", 0)) for b in bars}
     assert heights["bar st-completed"] == pytest.approx(4 * heights["bar st-failed"])
     xs = {b.get("class"): float(b.get("x", 0)) for b in bars}

@@ -14,21 +14,36 @@ def sql(q, name=None):
     return g
 
 
-GRAPH = {"node_type": "THEN", "left_node": sql("select 1", "a"),
-         "right_node": {"node_type": "IF", "condition_node": sql("select $a > 0"),
-                        "left_node": sql('select "x"'), "right_node": {
-                            "node_type": "SLEEP", "query": "5"}}}
+GRAPH = {
+    "node_type": "THEN",
+    "left_node": sql("select 1", "a"),
+    "right_node": {
+        "node_type": "IF",
+        "condition_node": sql("select $a > 0"),
+        "left_node": sql('select "x"'),
+        "right_node": {"node_type": "SLEEP", "query": "5"},
+    },
+}
 
 
 def test_from_graph_preorder_ids_and_roles():
     d = diagram.from_graph(json.dumps(GRAPH))
     assert d.root == "n0"
     assert [(n.id, n.label) for n in d.nodes.values()] == [
-        ("n0", "THEN"), ("n1", "SQL: select 1 |=> 'a'"), ("n2", "IF"),
-        ("n3", "SQL: select $a > 0"), ("n4", 'SQL: select "x"'), ("n5", "SLEEP 5s")]
-    assert list(d.edges()) == [("n0", "n1", "first"), ("n0", "n2", "then"),
-                               ("n2", "n3", "condition"), ("n2", "n4", "then"),
-                               ("n2", "n5", "else")]
+        ("n0", "THEN"),
+        ("n1", "SQL: select 1 |=> 'a'"),
+        ("n2", "IF"),
+        ("n3", "SQL: select $a > 0"),
+        ("n4", 'SQL: select "x"'),
+        ("n5", "SLEEP 5s"),
+    ]
+    assert list(d.edges()) == [
+        ("n0", "n1", "first"),
+        ("n0", "n2", "then"),
+        ("n2", "n3", "condition"),
+        ("n2", "n4", "then"),
+        ("n2", "n5", "else"),
+    ]
 
 
 def test_plain_sql_is_one_node():
@@ -38,22 +53,54 @@ def test_plain_sql_is_one_node():
 
 def test_mermaid_escapes_and_colours():
     rows = [
-        {"node_id": "aaaaaaaa", "node_type": "IF", "query": '{"condition_node":"bbbbbbbb"}',
-         "result_name": None, "left_node": "cccccccc", "right_node": "dddddddd",
-         "status": "completed", "inferred_status": "completed"},
-        {"node_id": "bbbbbbbb", "node_type": "SQL", "query": "select 1 < 2", "result_name": None,
-         "left_node": None, "right_node": None, "status": "completed",
-         "inferred_status": "completed"},
-        {"node_id": "cccccccc", "node_type": "SQL", "query": 'select "q"', "result_name": None,
-         "left_node": None, "right_node": None, "status": "failed", "inferred_status": "failed"},
-        {"node_id": "dddddddd", "node_type": "SQL", "query": "select 3", "result_name": None,
-         "left_node": None, "right_node": None, "status": "pending",
-         "inferred_status": "skipped"},
+        {
+            "node_id": "aaaaaaaa",
+            "node_type": "IF",
+            "query": '{"condition_node":"bbbbbbbb"}',
+            "result_name": None,
+            "left_node": "cccccccc",
+            "right_node": "dddddddd",
+            "status": "completed",
+            "inferred_status": "completed",
+        },
+        {
+            "node_id": "bbbbbbbb",
+            "node_type": "SQL",
+            "query": "select 1 < 2",
+            "result_name": None,
+            "left_node": None,
+            "right_node": None,
+            "status": "completed",
+            "inferred_status": "completed",
+        },
+        {
+            "node_id": "cccccccc",
+            "node_type": "SQL",
+            "query": 'select "q"',
+            "result_name": None,
+            "left_node": None,
+            "right_node": None,
+            "status": "failed",
+            "inferred_status": "failed",
+        },
+        {
+            "node_id": "dddddddd",
+            "node_type": "SQL",
+            "query": "select 3",
+            "result_name": None,
+            "left_node": None,
+            "right_node": None,
+            "status": "pending",
+            "inferred_status": "skipped",
+        },
     ]
     d = diagram.from_rows(rows, "aaaaaaaa", title="instance aaaaaaaa (failed)")
     out = diagram.mermaid(d).splitlines()
-    assert out[:3] == ["%% instance aaaaaaaa (failed)", "flowchart TD",
-                       '    aaaaaaaa{{"completed: IF"}}:::completed']
+    assert out[:3] == [
+        "%% instance aaaaaaaa (failed)",
+        "flowchart TD",
+        '    aaaaaaaa{{"completed: IF"}}:::completed',
+    ]
     assert '    bbbbbbbb["completed: SQL: select 1 #lt; 2"]:::completed' in out
     assert '    cccccccc["failed: SQL: select #quot;q#quot;"]:::failed' in out
     assert '    dddddddd["skipped: SQL: select 3"]:::skipped' in out
@@ -61,17 +108,21 @@ def test_mermaid_escapes_and_colours():
     assert "    classDef skipped fill:#ffffff,stroke:#555,stroke-dasharray: 4 3" in out
     assert not any("classDef running" in line for line in out)  # only used statuses
     dot = diagram.dot(d)
-    assert '"cccccccc" [label="SQL: select \\"q\\"", fillcolor="#f4a6a6", xlabel="failed"];' \
-        in dot
+    assert '"cccccccc" [label="SQL: select \\"q\\"", fillcolor="#f4a6a6", xlabel="failed"];' in dot
     assert 'style="rounded,filled,dashed"' in dot
-    assert '"aaaaaaaa" -> "dddddddd" [label="else"]' \
-        in dot
+    assert '"aaaaaaaa" -> "dddddddd" [label="else"]' in dot
 
 
 def test_join3_loop_and_long_labels():
-    g = {"node_type": "LOOP", "left_node": {
-        "node_type": "JOIN", "left_node": sql("select " + "x" * 100), "right_node": sql("b"),
-        "extra_nodes": [sql("c")]}}
+    g = {
+        "node_type": "LOOP",
+        "left_node": {
+            "node_type": "JOIN",
+            "left_node": sql("select " + "x" * 100),
+            "right_node": sql("b"),
+            "extra_nodes": [sql("c")],
+        },
+    }
     d = diagram.from_graph(g)
     labels = [n.label for n in d.nodes.values()]
     assert labels[0] == "LOOP (infinite)"

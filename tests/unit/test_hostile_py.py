@@ -27,15 +27,26 @@ from pgdurable.errors import StepError, SubstitutionError  # noqa: E402
 from pgdurable.subst import substitute, substitute_whole_value  # noqa: E402
 from pgdurable.values import break_value, check_size, sql_envelope, truthy  # noqa: E402
 
-SETTINGS = settings(max_examples=100, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
-json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**80, 2**80),
-                        st.floats(allow_nan=False, allow_infinity=False), text)
-json_value = st.recursive(json_scalar, lambda c: st.lists(c, max_size=3)
-                          | st.dictionaries(text, c, max_size=3), max_leaves=8)
+json_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**80), 2**80),
+    st.floats(allow_nan=False, allow_infinity=False),
+    text,
+)
+json_value = st.recursive(
+    json_scalar,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3),
+    max_leaves=8,
+)
 
 
 @st.composite
@@ -44,8 +55,7 @@ def results(draw: st.DrawFn) -> dict[str, Any]:
     for name in draw(st.lists(names, max_size=4, unique=True)):
         if draw(st.booleans()):
             cols = draw(st.lists(names, min_size=0, max_size=3, unique=True))
-            rows = draw(st.lists(st.fixed_dictionaries({c: json_value for c in cols}),
-                                 max_size=3))
+            rows = draw(st.lists(st.fixed_dictionaries({c: json_value for c in cols}), max_size=3))
             out[name] = {"rows": rows, "row_count": len(rows), "columns": cols}
         else:
             out[name] = draw(json_value)
@@ -56,26 +66,65 @@ def results(draw: st.DrawFn) -> dict[str, Any]:
 def templates(draw: st.DrawFn, refs: list[str]) -> str:
     pieces = st.one_of(
         text,
-        st.sampled_from(["$", "$$", "{", "}", "{}", "{{x}}", "'", '"', "E'", "\\", "--", "/*",
-                         "$1", "$x$", "{sys_instance_id}", "{sys_label}", ".*", "?", ".c",
-                         "ü", "🙂", "\n", "$tag$", "${x}", "{$x}"]),
+        st.sampled_from(
+            [
+                "$",
+                "$$",
+                "{",
+                "}",
+                "{}",
+                "{{x}}",
+                "'",
+                '"',
+                "E'",
+                "\\",
+                "--",
+                "/*",
+                "$1",
+                "$x$",
+                "{sys_instance_id}",
+                "{sys_label}",
+                ".*",
+                "?",
+                ".c",
+                "ü",
+                "🙂",
+                "\n",
+                "$tag$",
+                "${x}",
+                "{$x}",
+            ]
+        ),
         st.sampled_from([f"${r}" for r in refs] or ["$nope"]).flatmap(
-            lambda r: st.sampled_from([r, r + "?", r + ".*", r + ".c", r + ".c?", r + "x",
-                                       r + "$", "{" + r[1:] + "}"])),
+            lambda r: st.sampled_from(
+                [r, r + "?", r + ".*", r + ".c", r + ".c?", r + "x", r + "$", "{" + r[1:] + "}"]
+            )
+        ),
     )
     return "".join(draw(st.lists(pieces, max_size=12)))
 
 
 @SETTINGS
-@given(data=st.data(), res=results(), vars=st.dictionaries(names | text, text, max_size=4),
-       label=st.none() | text, mode=st.sampled_from(["sql", "raw"]))
-def test_substitute_works_or_raises_substitution_error(data: st.DataObject, res: dict[str, Any],
-                                                       vars: dict[str, str], label: str | None,
-                                                       mode: str) -> None:
+@given(
+    data=st.data(),
+    res=results(),
+    vars=st.dictionaries(names | text, text, max_size=4),
+    label=st.none() | text,
+    mode=st.sampled_from(["sql", "raw"]),
+)
+def test_substitute_works_or_raises_substitution_error(
+    data: st.DataObject, res: dict[str, Any], vars: dict[str, str], label: str | None, mode: str
+) -> None:
     tpl = data.draw(templates(list(res) + list(vars)))
     try:
-        out = substitute(tpl, mode=mode, results=res, vars=vars,  # type: ignore[arg-type]
-                         instance_id="abcd1234", label=label)
+        out = substitute(
+            tpl,
+            mode=mode,
+            results=res,
+            vars=vars,  # type: ignore[arg-type]
+            instance_id="abcd1234",
+            label=label,
+        )
     except SubstitutionError as exc:
         assert str(exc)  # names the reference
         return
@@ -87,10 +136,17 @@ def test_substitute_works_or_raises_substitution_error(data: st.DataObject, res:
 @SETTINGS
 @given(tpl=text, mode=st.sampled_from(["sql", "raw"]))
 def test_nothing_registered_changes_only_sys_braces(tpl: str, mode: str) -> None:
-    out = substitute(tpl, mode=mode, results={}, vars={},  # type: ignore[arg-type]
-                     instance_id="abcd1234", label="L")
+    out = substitute(
+        tpl,
+        mode=mode,
+        results={},
+        vars={},  # type: ignore[arg-type]
+        instance_id="abcd1234",
+        label="L",
+    )
     assert out == tpl.replace("{sys_instance_id}", "abcd1234").replace("{sys_label}", "L") or (
-        "{sys_" in tpl)
+        "{sys_" in tpl
+    )
 
 
 @SETTINGS
@@ -106,8 +162,14 @@ def test_huge_values_substitute_quickly(mode: str) -> None:
     big = "x'$*\\ü" * 200_000  # 1.2 M characters of the worst kind
     res = {"r": {"rows": [{"v": big}] * 3, "row_count": 3, "columns": ["v"]}}
     t0 = time.monotonic()
-    out = substitute("select $r, $r.v, {big} from $r.*", mode=mode,  # type: ignore[arg-type]
-                     results=res, vars={"big": big}, instance_id="i", label=None)
+    out = substitute(
+        "select $r, $r.v, {big} from $r.*",
+        mode=mode,  # type: ignore[arg-type]
+        results=res,
+        vars={"big": big},
+        instance_id="i",
+        label=None,
+    )
     assert time.monotonic() - t0 < 5
     assert len(out) > 4 * len(big)
 
@@ -115,14 +177,16 @@ def test_huge_values_substitute_quickly(mode: str) -> None:
 def test_star_row_cap_is_enforced_quickly() -> None:
     res = {"r": {"rows": [{"v": 1}] * 10_001, "row_count": 10_001, "columns": ["v"]}}
     with pytest.raises(SubstitutionError, match="10001 rows"):
-        substitute("select * from $r.*", mode="sql", results=res, vars={}, instance_id="i",
-                   label=None)
+        substitute(
+            "select * from $r.*", mode="sql", results=res, vars={}, instance_id="i", label=None
+        )
 
 
 @SETTINGS
 @given(data=st.data(), res=results(), vars=st.dictionaries(names, text, max_size=3))
-def test_whole_value_refs_work_or_raise_clearly(data: st.DataObject, res: dict[str, Any],
-                                                vars: dict[str, str]) -> None:
+def test_whole_value_refs_work_or_raise_clearly(
+    data: st.DataObject, res: dict[str, Any], vars: dict[str, str]
+) -> None:
     tpl = data.draw(st.one_of(templates(list(res) + list(vars)), text))
     try:
         out = substitute_whole_value(tpl, results=res, vars=vars, instance_id="i", label=None)
@@ -134,20 +198,51 @@ def test_whole_value_refs_work_or_raise_clearly(data: st.DataObject, res: dict[s
 
 
 cron_field = st.one_of(
-    st.sampled_from(["*", "*/5", "0", "59", "60", "1-5", "5-1", "MON-FRI", "jan", "L", "LW",
-                     "5L", "5#2", "?", "*/0", "1/", "-", "7", "8", "99999999999999999999",
-                     "1,", "0-0/1", "*/1000000"]),
-    st.text(alphabet=st.sampled_from("0123456789*/-,LW#?ABCDEFMNOSTUJ"), min_size=1,
-            max_size=8),
+    st.sampled_from(
+        [
+            "*",
+            "*/5",
+            "0",
+            "59",
+            "60",
+            "1-5",
+            "5-1",
+            "MON-FRI",
+            "jan",
+            "L",
+            "LW",
+            "5L",
+            "5#2",
+            "?",
+            "*/0",
+            "1/",
+            "-",
+            "7",
+            "8",
+            "99999999999999999999",
+            "1,",
+            "0-0/1",
+            "*/1000000",
+        ]
+    ),
+    st.text(alphabet=st.sampled_from("0123456789*/-,LW#?ABCDEFMNOSTUJ"), min_size=1, max_size=8),
 )
-cron_exprs = st.one_of(st.lists(cron_field, max_size=7).map(" ".join), text,
-                       st.sampled_from(["@daily", "@reboot", "@", " @HOURLY "]))
+cron_exprs = st.one_of(
+    st.lists(cron_field, max_size=7).map(" ".join),
+    text,
+    st.sampled_from(["@daily", "@reboot", "@", " @HOURLY "]),
+)
 
 
 @SETTINGS
-@given(expr=cron_exprs, after=st.datetimes(min_value=datetime(1970, 1, 1),  # noqa: DTZ001
-                                           max_value=datetime(2200, 1, 1),  # noqa: DTZ001
-                                           timezones=st.just(UTC)))
+@given(
+    expr=cron_exprs,
+    after=st.datetimes(
+        min_value=datetime(1970, 1, 1),  # noqa: DTZ001
+        max_value=datetime(2200, 1, 1),  # noqa: DTZ001
+        timezones=st.just(UTC),
+    ),
+)
 def test_cron_works_or_raises_value_error(expr: str, after: datetime) -> None:
     t0 = time.monotonic()
     try:
@@ -180,8 +275,14 @@ def test_truthy_and_break_values_never_crash(value: Any) -> None:
 
 
 @SETTINGS
-@given(raw=st.one_of(text, st.sampled_from(["NaN", "Infinity", "1e400", "-0", "[", "{",
-                                             "9" * 400, '"\\ud800"', "\x00"])))
+@given(
+    raw=st.one_of(
+        text,
+        st.sampled_from(
+            ["NaN", "Infinity", "1e400", "-0", "[", "{", "9" * 400, '"\\ud800"', "\x00"]
+        ),
+    )
+)
 def test_break_value_text(raw: str) -> None:
     v = break_value(raw)
     if isinstance(v, str) and v == raw:
@@ -190,8 +291,11 @@ def test_break_value_text(raw: str) -> None:
 
 
 @SETTINGS
-@given(rows=st.lists(st.one_of(st.dictionaries(text, json_value, max_size=3), json_value,
-                               text), max_size=3))
+@given(
+    rows=st.lists(
+        st.one_of(st.dictionaries(text, json_value, max_size=3), json_value, text), max_size=3
+    )
+)
 def test_sql_envelope_works_or_raises_step_error(rows: list[Any]) -> None:
     texts = [r if isinstance(r, str) else json.dumps(r) for r in rows]
     try:
@@ -202,8 +306,12 @@ def test_sql_envelope_works_or_raises_step_error(rows: list[Any]) -> None:
     if "rows_affected" in env:
         # one bare integer: the runner's count of a statement without result rows
         assert len(rows) == 1
-        assert env == {"rows": [], "row_count": 0, "columns": [],
-                       "rows_affected": json.loads(texts[0])}
+        assert env == {
+            "rows": [],
+            "row_count": 0,
+            "columns": [],
+            "rows_affected": json.loads(texts[0]),
+        }
         return
     assert env["row_count"] == len(rows)
     assert env["columns"] == (list(env["rows"][0]) if rows else [])

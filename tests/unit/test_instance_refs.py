@@ -46,10 +46,19 @@ def rows_of(g: CompiledGraph, queries: dict[int, str] | None = None) -> list[lis
             q = json.dumps({"extra_nodes": [g.node_ids[g.extra[i]]]})
         elif t not in A.LEAF_TYPES and (queries or {}).get(i) is None:
             q = None
-        out.append([g.node_ids[i], TYPE_NAMES[t], q, g.result_names[i],
-                    g.node_ids[g.left[i]] if g.left[i] >= 0 else None,
-                    g.node_ids[g.right[i]] if g.right[i] >= 0 else None,
-                    "pending", None, None])
+        out.append(
+            [
+                g.node_ids[i],
+                TYPE_NAMES[t],
+                q,
+                g.result_names[i],
+                g.node_ids[g.left[i]] if g.left[i] >= 0 else None,
+                g.node_ids[g.right[i]] if g.right[i] >= 0 else None,
+                "pending",
+                None,
+                None,
+            ]
+        )
     return out
 
 
@@ -76,8 +85,9 @@ class Db:
 
     def load(self, root: str) -> InstanceCtx:
         inst = ("l", "running", 1, "r", None, root, {}, self.state, 1, None)
-        return InstanceCtx.from_rows("i", inst, [tuple(r) for r in self.rows.values()],
-                                     list(self.named.items()), 100, 0.0)
+        return InstanceCtx.from_rows(
+            "i", inst, [tuple(r) for r in self.rows.values()], list(self.named.items()), 100, 0.0
+        )
 
 
 def complete(ctx: InstanceCtx, idx: int, value: Any) -> Checkpoint:
@@ -113,10 +123,12 @@ def test_a_value_under_25_thens_and_a_join_is_carried_once():
     db.apply(complete(ctx, i_small, small), ctx)
     # the THENs' first steps, in turn
     while ctx.sched.status(i_big) != A.RUNNING:
-        ready = [i for i, t in enumerate(g.types)
-                 if t == A.SQL and ctx.sched.status(i) == A.RUNNING]
-        db.apply(complete(ctx, ready[0], {"rows": [{"n": 1}], "row_count": 1,
-                                          "columns": ["n"]}), ctx)
+        ready = [
+            i for i, t in enumerate(g.types) if t == A.SQL and ctx.sched.status(i) == A.RUNNING
+        ]
+        db.apply(
+            complete(ctx, ready[0], {"rows": [{"n": 1}], "row_count": 1, "columns": ["n"]}), ctx
+        )
     cp = complete(ctx, i_big, big)
     assert ctx.sched.terminal == A.T_COMPLETED
     sent = db.apply(cp, ctx)
@@ -146,8 +158,11 @@ def test_named_composites_are_the_one_copy_and_are_counted():
     value = {"rows": [{"v": "MARK" + "y" * 1000}], "row_count": 1, "columns": ["v"]}
     first = next(i for i, t in enumerate(g.types) if t == A.SQL and ctx.sched.status(i) == 1)
     db.apply(complete(ctx, first, {"rows": [], "row_count": 0, "columns": []}), ctx)
-    other = [i for i, t in enumerate(g.types) if t == A.SQL and ctx.sched.status(i) == 1
-             and g.result_names[i] != "big"]
+    other = [
+        i
+        for i, t in enumerate(g.types)
+        if t == A.SQL and ctx.sched.status(i) == 1 and g.result_names[i] != "big"
+    ]
     db.apply(complete(ctx, other[0], {"rows": [], "row_count": 0, "columns": []}), ctx)
     i_big = g.result_names.index("big")
     cp = complete(ctx, i_big, value)
@@ -204,8 +219,9 @@ def test_a_failure_clears_a_leafs_bytes_and_cuts_long_messages():
     g = compile_value(then(sql("a"), sql("b")))
     ctx, db = start(g)
     i_a = g.result_names.index("a")
-    db.apply(complete(ctx, i_a, {"rows": [{"x": "q" * 500}], "row_count": 1,
-                                 "columns": ["x"]}), ctx)
+    db.apply(
+        complete(ctx, i_a, {"rows": [{"x": "q" * 500}], "row_count": 1, "columns": ["x"]}), ctx
+    )
     before = ctx.stored
     i_b = g.result_names.index("b")
     cp = Checkpoint()
@@ -226,21 +242,27 @@ def bad(g: CompiledGraph, queries: dict[int, str]) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize(("node_type", "query", "message"), [
-    (A.SLEEP, "10000000000000", "a sleep is a whole number of seconds from 0 to 10000000000"),
-    (A.SLEEP, "1.5", "a sleep is a whole number"),
-    (A.SLEEP, "٣", "a sleep is a whole number"),
-    (A.WAIT_SCHEDULE, '{"cron_expr": "0 3 31 2 *"}', "bad day-of-month field '31'"),
-    (A.WAIT_SCHEDULE, '{"cron_expr": 5}', "no cron_expr string"),
-    (A.SIGNAL, '{"signal_name": ""}', "no signal_name"),
-    (A.SIGNAL, '{"signal_name": "x", "timeout_seconds": 1e300}', "timeout_seconds must be"),
-    (A.SIGNAL, '{"signal_name": "x", "timeout_seconds": 0}', "timeout_seconds must be"),
-    (A.BREAK, '{"break_value": 5}', "break_value must be text or null"),
-    (A.BREAK, "[" * 2000 + "]" * 2000, "is not JSON the worker can read"),
-    (A.SIGNAL, '{"signal_name": "x", "p": ' + "[" * 2000 + "]" * 2000 + "}",
-     "is not JSON the worker can read"),
-    (A.SQL, None, None),
-])
+@pytest.mark.parametrize(
+    ("node_type", "query", "message"),
+    [
+        (A.SLEEP, "10000000000000", "a sleep is a whole number of seconds from 0 to 10000000000"),
+        (A.SLEEP, "1.5", "a sleep is a whole number"),
+        (A.SLEEP, "٣", "a sleep is a whole number"),
+        (A.WAIT_SCHEDULE, '{"cron_expr": "0 3 31 2 *"}', "bad day-of-month field '31'"),
+        (A.WAIT_SCHEDULE, '{"cron_expr": 5}', "no cron_expr string"),
+        (A.SIGNAL, '{"signal_name": ""}', "no signal_name"),
+        (A.SIGNAL, '{"signal_name": "x", "timeout_seconds": 1e300}', "timeout_seconds must be"),
+        (A.SIGNAL, '{"signal_name": "x", "timeout_seconds": 0}', "timeout_seconds must be"),
+        (A.BREAK, '{"break_value": 5}', "break_value must be text or null"),
+        (A.BREAK, "[" * 2000 + "]" * 2000, "is not JSON the worker can read"),
+        (
+            A.SIGNAL,
+            '{"signal_name": "x", "p": ' + "[" * 2000 + "]" * 2000 + "}",
+            "is not JSON the worker can read",
+        ),
+        (A.SQL, None, None),
+    ],
+)
 def test_configs_the_worker_cannot_run_are_a_bad_graph(node_type, query, message):
     name = TYPE_NAMES[node_type]
     g = compile_value({"node_type": name, "query": "x"})
@@ -251,11 +273,20 @@ def test_configs_the_worker_cannot_run_are_a_bad_graph(node_type, query, message
 
 
 def test_an_if_rows_config_nested_2000_deep_is_a_bad_graph():
-    g = compile_value({"node_type": "IF", "query": '{"condition_type": "result_has_rows", '
-                                                   '"result_name": "r"}',
-                       "left_node": sql(), "right_node": sql()})
-    deep = '{"condition_type": "result_has_rows", "result_name": "r", "p": ' + \
-        "[" * 2000 + "]" * 2000 + "}"
+    g = compile_value(
+        {
+            "node_type": "IF",
+            "query": '{"condition_type": "result_has_rows", "result_name": "r"}',
+            "left_node": sql(),
+            "right_node": sql(),
+        }
+    )
+    deep = (
+        '{"condition_type": "result_has_rows", "result_name": "r", "p": '
+        + "[" * 2000
+        + "]" * 2000
+        + "}"
+    )
     assert "nests too deeply" in bad(g, {0: deep})
 
 
@@ -278,6 +309,7 @@ class FakePool:
         @contextlib.asynccontextmanager
         async def conn() -> Any:
             yield FakeConn()
+
         return conn()
 
 
@@ -297,10 +329,12 @@ def test_a_failing_outcome_is_split_from_its_batch():
                 if fail:
                     raise ValueError(f"{key} cannot be stored")
                 applied.append(key)
+
             return completer.submit(key, apply, lambda: rolled.append(key))
 
-        results = await asyncio.gather(*(item(f"k{i}", i == 3) for i in range(8)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(item(f"k{i}", i == 3) for i in range(8)), return_exceptions=True
+        )
         await completer.stop()
         errors = [str(r) for r in results if isinstance(r, BaseException)]
         return applied, rolled, errors

@@ -31,51 +31,63 @@ def _pg(cls: type[psycopg.Error], sqlstate: str | None) -> psycopg.Error:
     return sub("from the server")
 
 
-@pytest.mark.parametrize("exc", [
-    _pg(psycopg.OperationalError, None),  # connection lost
-    _pg(pe.ConnectionFailure, "08006"),
-    _pg(pe.SerializationFailure, "40001"),
-    _pg(pe.DeadlockDetected, "40P01"),
-    _pg(pe.LockNotAvailable, "55P03"),
-    _pg(pe.QueryCanceled, "57014"),
-    _pg(pe.AdminShutdown, "57P01"),
-    _pg(pe.TooManyConnections, "53300"),
-    _pg(pe.InsufficientPrivilege, "42501"),  # an operator may fix a revoked grant
-    psycopg.InterfaceError("the connection is closed"),
-    psycopg_pool.PoolTimeout("couldn't get a connection after 30 sec"),
-    _LockBusy("instance x stayed busy"),
-    Busy(),
-    TimeoutError(),
-    ConnectionResetError("reset by peer"),
-    MemoryError(),
-], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "exc",
+    [
+        _pg(psycopg.OperationalError, None),  # connection lost
+        _pg(pe.ConnectionFailure, "08006"),
+        _pg(pe.SerializationFailure, "40001"),
+        _pg(pe.DeadlockDetected, "40P01"),
+        _pg(pe.LockNotAvailable, "55P03"),
+        _pg(pe.QueryCanceled, "57014"),
+        _pg(pe.AdminShutdown, "57P01"),
+        _pg(pe.TooManyConnections, "53300"),
+        _pg(pe.InsufficientPrivilege, "42501"),  # an operator may fix a revoked grant
+        psycopg.InterfaceError("the connection is closed"),
+        psycopg_pool.PoolTimeout("couldn't get a connection after 30 sec"),
+        _LockBusy("instance x stayed busy"),
+        Busy(),
+        TimeoutError(),
+        ConnectionResetError("reset by peer"),
+        MemoryError(),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_transient_failures_are_retried(exc: BaseException) -> None:
     assert _failure_kind(exc) == RETRY
 
 
-@pytest.mark.parametrize("exc", [
-    _pg(pe.IntervalFieldOverflow, "22015"),
-    _pg(pe.NumericValueOutOfRange, "22003"),
-    _pg(pe.ProgramLimitExceeded, "54000"),
-    ResultTooLarge("the checkpoint of this step would carry 70000000 bytes"),
-], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "exc",
+    [
+        _pg(pe.IntervalFieldOverflow, "22015"),
+        _pg(pe.NumericValueOutOfRange, "22003"),
+        _pg(pe.ProgramLimitExceeded, "54000"),
+        ResultTooLarge("the checkpoint of this step would carry 70000000 bytes"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_data_refused_by_postgresql_is_final(exc: BaseException) -> None:
     assert _failure_kind(exc) == DATA
 
 
-@pytest.mark.parametrize("exc", [
-    TypeError("Integer exceeds 64-bit range"),
-    TypeError("'>' not supported between instances of 'str' and 'int'"),
-    ValueError("x"),
-    KeyError("result_name"),
-    AttributeError("'list' object has no attribute 'get'"),
-    IndexError("list index out of range"),
-    AssertionError(),
-    OverflowError("date value out of range"),
-    RecursionError(),
-    ZeroDivisionError(),
-    RuntimeError("x"),
-], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "exc",
+    [
+        TypeError("Integer exceeds 64-bit range"),
+        TypeError("'>' not supported between instances of 'str' and 'int'"),
+        ValueError("x"),
+        KeyError("result_name"),
+        AttributeError("'list' object has no attribute 'get'"),
+        IndexError("list index out of range"),
+        AssertionError(),
+        OverflowError("date value out of range"),
+        RecursionError(),
+        ZeroDivisionError(),
+        RuntimeError("x"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_our_own_exceptions_are_internal_and_final(exc: BaseException) -> None:
     assert _failure_kind(exc) == INTERNAL
 
@@ -98,12 +110,15 @@ def _task(kind: str = "run", attempts: int = 1) -> Task:
 
 def test_internal_reason_names_the_node_and_says_internal() -> None:
     msg = _failure_reason(_task(), TypeError("Integer exceeds 64-bit range"), INTERNAL)
-    assert msg.startswith("internal error in pgdurable while running node 'load_rows': "
-                          "TypeError: Integer exceeds 64-bit range")
+    assert msg.startswith(
+        "internal error in pgdurable while running node 'load_rows': "
+        "TypeError: Integer exceeds 64-bit range"
+    )
     assert "not retried" in msg
     start = _failure_reason(_task("start"), KeyError("x"), INTERNAL)
-    assert start.startswith("internal error in pgdurable while starting the instance "
-                            "(node 'load_rows'): KeyError: 'x'")
+    assert start.startswith(
+        "internal error in pgdurable while starting the instance (node 'load_rows'): KeyError: 'x'"
+    )
 
 
 def test_other_reasons() -> None:
@@ -111,5 +126,4 @@ def test_other_reasons() -> None:
     assert data.startswith("step failed: from the server")
     assert "not retried" in data
     gone = _failure_reason(_task(attempts=MAX_ATTEMPTS), _pg(pe.AdminShutdown, "57P01"), RETRY)
-    assert gone == (f"step abandoned after {MAX_ATTEMPTS} attempts; "
-                    "last error: from the server")
+    assert gone == (f"step abandoned after {MAX_ATTEMPTS} attempts; last error: from the server")

@@ -17,8 +17,18 @@ from pgdurable import log
 ESC = "\x1b"
 FAKE = "2026-01-01 00:00:00,000 info pgdurable pid=1: fake"
 # a tenant's exception message, as the issue reproduced it (plus CR, OSC 0 and OSC 52)
-EVIL = ("x\n" + FAKE + ESC + "[2K\r" + FAKE + " again" + ESC + "]0;title\x07"
-        + ESC + "]52;c;aGk=\x07\u202e\x9b")
+EVIL = (
+    "x\n"
+    + FAKE
+    + ESC
+    + "[2K\r"
+    + FAKE
+    + " again"
+    + ESC
+    + "]0;title\x07"
+    + ESC
+    + "]52;c;aGk=\x07\u202e\x9b"
+)
 REAL_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [a-z]+ pgdurable[\w.]* pid=\d+")
 
 
@@ -64,9 +74,14 @@ def test_text_message_value_is_one_line(setup_log, capsys):
     assert len(lines) == 2
     assert all(REAL_LINE.match(line) for line in lines)
     assert_no_forgery(lines)
-    assert lines[0].endswith(": step failed (sqlstate P0001): x\\n" + FAKE + "\\u001b[2K\\r"
-                             + FAKE + " again\\u001b]0;title\\u0007\\u001b]52;c;aGk=\\u0007"
-                             "\\u202e\\u009b")
+    assert lines[0].endswith(
+        ": step failed (sqlstate P0001): x\\n"
+        + FAKE
+        + "\\u001b[2K\\r"
+        + FAKE
+        + " again\\u001b]0;title\\u0007\\u001b]52;c;aGk=\\u0007"
+        "\\u202e\\u009b"
+    )
 
 
 def test_text_context_fields(setup_log, capsys):
@@ -142,8 +157,12 @@ def test_json_is_one_line_with_the_exact_values(setup_log, capsys):
     setup_log("json")
     logger = logging.getLogger("pgdurable.worker.process")
     log.instance_var.set("abcd1234")
-    logger.info("step failed (sqlstate %s): %s", "P0001", EVIL,
-                extra={"event": "step.failed", "sqlstate": "P0001"})
+    logger.info(
+        "step failed (sqlstate %s): %s",
+        "P0001",
+        EVIL,
+        extra={"event": "step.failed", "sqlstate": "P0001"},
+    )
     logger.info("plain é 日本 \\n")
     lines = lines_of(capsys)
     assert len(lines) == 2

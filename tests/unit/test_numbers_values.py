@@ -23,9 +23,11 @@ from pgdurable.values import break_value, check_size, json_text, loads, number_t
 
 def _exact(text: str) -> Any:
     """The reference parse: every fraction/exponent a Decimal, every integer exact."""
+
     def num_int(s: str) -> Any:
         v = Decimal(s)
         return int(v) if -(2**63) <= v < 2**64 else v  # what orjson reads exactly
+
     return json.loads(text, parse_float=Decimal, parse_int=num_int)
 
 
@@ -47,32 +49,38 @@ ROW = '{"n":12345678901234567890.123456789,"m":12.50,"i":5,"big":922337203685477
 
 def test_a_row_round_trips_text_for_text():
     value = loads(ROW)
-    assert value == {"n": Decimal("12345678901234567890.123456789"), "m": Decimal("12.50"),
-                     "i": 5, "big": 9223372036854775807}
+    assert value == {
+        "n": Decimal("12345678901234567890.123456789"),
+        "m": Decimal("12.50"),
+        "i": 5,
+        "big": 9223372036854775807,
+    }
     assert str(value["m"]) == "12.50"
     assert json_text(value) == ROW
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("12.50", "12.50"),
-    ("1E-7", "0.0000001"),  # PostgreSQL's numeric text: plain notation
-    ("1.5E+300", "15" + "0" * 299),
-    ("-0.000", "-0.000"),
-    ("0E+5", "0"),
-    ("0E-3", "0.000"),
-    ("1e-400", "0." + "0" * 399 + "1"),
-    ("9.99e131071", "999" + "0" * 131069),
-    ("1e-16383", "0." + "0" * 16382 + "1"),
-    ("NaN", '"NaN"'),  # to_json writes numeric NaN/Infinity as strings
-    ("Infinity", '"Infinity"'),
-    ("-Infinity", '"-Infinity"'),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("12.50", "12.50"),
+        ("1E-7", "0.0000001"),  # PostgreSQL's numeric text: plain notation
+        ("1.5E+300", "15" + "0" * 299),
+        ("-0.000", "-0.000"),
+        ("0E+5", "0"),
+        ("0E-3", "0.000"),
+        ("1e-400", "0." + "0" * 399 + "1"),
+        ("9.99e131071", "999" + "0" * 131069),
+        ("1e-16383", "0." + "0" * 16382 + "1"),
+        ("NaN", '"NaN"'),  # to_json writes numeric NaN/Infinity as strings
+        ("Infinity", '"Infinity"'),
+        ("-Infinity", '"-Infinity"'),
+    ],
+)
 def test_number_text(text, expected):
     assert number_text(Decimal(text)) == expected
 
 
-@pytest.mark.parametrize("text", ["1e131072", "10e131071", "1.5e-16383", "1e-20000",
-                                  "1e999999999"])
+@pytest.mark.parametrize("text", ["1e131072", "10e131071", "1.5e-16383", "1e-20000", "1e999999999"])
 def test_numbers_beyond_numeric_fail_with_a_clear_message(text):
     with pytest.raises(ValueError, match="beyond the range of PostgreSQL's numeric"):
         number_text(Decimal(text))
@@ -82,18 +90,32 @@ def test_numbers_beyond_numeric_fail_with_a_clear_message(text):
         check_size(value, 0, "step result")
 
 
-@pytest.mark.parametrize(("text", "kind"), [
-    ('{"a": 1}', int), ('{"a": -123456789012345678}', int),
-    ('{"a": 1234567890123456789}', int), ('{"a": -9223372036854775808}', int),
-    ('{"a": 18446744073709551615}', int), ('{"a": 18446744073709551616}', Decimal),
-    ('{"a": -9223372036854775809}', Decimal), ('{"a": 1.0}', Decimal),
-    ('{"a": 1e2}', Decimal), ('{"a": -0.5E-3}', Decimal), ("[ 2.5 ]", Decimal),
-    ("12.50", Decimal), ("7", int), ('{"a" : 1.5\n}', Decimal),
-])
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ('{"a": 1}', int),
+        ('{"a": -123456789012345678}', int),
+        ('{"a": 1234567890123456789}', int),
+        ('{"a": -9223372036854775808}', int),
+        ('{"a": 18446744073709551615}', int),
+        ('{"a": 18446744073709551616}', Decimal),
+        ('{"a": -9223372036854775809}', Decimal),
+        ('{"a": 1.0}', Decimal),
+        ('{"a": 1e2}', Decimal),
+        ('{"a": -0.5E-3}', Decimal),
+        ("[ 2.5 ]", Decimal),
+        ("12.50", Decimal),
+        ("7", int),
+        ('{"a" : 1.5\n}', Decimal),
+    ],
+)
 def test_number_types(text, kind):
     value = loads(text)
-    inner = value if not isinstance(value, dict | list) else (
-        value["a"] if isinstance(value, dict) else value[0])
+    inner = (
+        value
+        if not isinstance(value, dict | list)
+        else (value["a"] if isinstance(value, dict) else value[0])
+    )
     assert type(inner) is kind
     assert _same(value, _exact(text))
 
@@ -105,7 +127,7 @@ def test_text_that_only_looks_like_numbers_keeps_the_fast_path_and_its_values():
 
 def test_bytes_and_memoryview_like_the_psycopg_loader():
     assert str(loads(b'{"m": 12.50}')["m"]) == "12.50"
-    assert str(loads(memoryview(b'[12.50]'))[0]) == "12.50"
+    assert str(loads(memoryview(b"[12.50]"))[0]) == "12.50"
     with pytest.raises(ValueError):
         loads(b"\xff")
 
@@ -118,8 +140,10 @@ def test_encoding_without_orjson_limits_stays_exact():
     for _ in range(300):
         deep = [deep]
     assert json_text(deep) == "[" * 300 + "12.50" + "]" * 300
-    assert json_text({"a": [True, None, "ü", 1.5, 2**70]}) == \
-        '{"a":[true,null,"ü",1.5,' + str(2**70) + "]}"
+    assert (
+        json_text({"a": [True, None, "ü", 1.5, 2**70]})
+        == '{"a":[true,null,"ü",1.5,' + str(2**70) + "]}"
+    )
     with pytest.raises(ValueError, match="lone surrogate"):
         json_text([2**70, "\ud800"])
 
@@ -132,8 +156,10 @@ def test_truthy_judges_decimals_by_value():
 
 
 def test_break_values_keep_digits():
-    assert json_text(break_value('{"m": 12.50, "n": 123456789012345678901234567890}')) == \
-        '{"m":12.50,"n":123456789012345678901234567890}'
+    assert (
+        json_text(break_value('{"m": 12.50, "n": 123456789012345678901234567890}'))
+        == '{"m":12.50,"n":123456789012345678901234567890}'
+    )
 
 
 # -- properties --------------------------------------------------------------------------
@@ -141,11 +167,10 @@ def test_break_values_keep_digits():
 _numbers = st.one_of(
     st.integers(-(2**70), 2**70).map(str),
     st.decimals(allow_nan=False, allow_infinity=False).map(str),
-    st.from_regex(r"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,30})?([eE][-+]?[0-9]{1,4})?",
-                  fullmatch=True),
+    st.from_regex(r"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,30})?([eE][-+]?[0-9]{1,4})?", fullmatch=True),
 )
 _ws = st.sampled_from(["", " ", "\n", "\t "])
-_strings = st.text(alphabet="0123456789.eE:,[]{} -\"\\x", max_size=20).map(json.dumps)
+_strings = st.text(alphabet='0123456789.eE:,[]{} -"\\x', max_size=20).map(json.dumps)
 
 
 @st.composite
@@ -208,11 +233,15 @@ def test_parse_cost_of_a_typical_row_is_small():
     plain = '{"id":42,"name":"alice","at":"2024-01-01 10:00:00.123+00","ok":true}'
     money = '{"id":42,"amount":12.50,"rate":0.0725,"at":"2024-01-01 10:00:00.123+00"}'
     n = 20000
-    costs = {name: min(timeit.repeat(lambda t=t: loads(t), number=n, repeat=3)) / n * 1e6
-             for name, t in [("plain", plain), ("numeric", money)]}
+    costs = {
+        name: min(timeit.repeat(lambda t=t: loads(t), number=n, repeat=3)) / n * 1e6
+        for name, t in [("plain", plain), ("numeric", money)]
+    }
     base = min(timeit.repeat(lambda: orjson.loads(plain), number=n, repeat=3)) / n * 1e6
-    print(f"\nparse µs/row: orjson alone {base:.2f}, plain row {costs['plain']:.2f}, "
-          f"row with numerics {costs['numeric']:.2f}")
+    print(
+        f"\nparse µs/row: orjson alone {base:.2f}, plain row {costs['plain']:.2f}, "
+        f"row with numerics {costs['numeric']:.2f}"
+    )
     assert costs["plain"] < 50
     assert costs["numeric"] < 200
 
@@ -221,8 +250,8 @@ def test_http_request_bodies_and_timeouts_keep_numbers():
     from pgdurable.steps.http_step import HttpPolicy, _request_body, _timeout
 
     # a body given as a JSON value (a graph written as JSON) is sent with its digits
-    config = loads('{"body": {"amount": 12.50, "id": 123456789012345678901234567890},'
-                   ' "timeout_seconds": 1.5}')
-    assert _request_body(config["body"]) == \
-        b'{"amount":12.50,"id":123456789012345678901234567890}'
+    config = loads(
+        '{"body": {"amount": 12.50, "id": 123456789012345678901234567890}, "timeout_seconds": 1.5}'
+    )
+    assert _request_body(config["body"]) == b'{"amount":12.50,"id":123456789012345678901234567890}'
     assert _timeout(config["timeout_seconds"], HttpPolicy()) == 1.5

@@ -487,8 +487,7 @@ def test_loop_resets_abandoned_race_loser(impl):
 def test_race_loser_loop_is_stopped(impl):
     # a LOOP on a RACE's losing side: its leaf is abandoned, the LOOP and the THEN in its
     # body are reported stopped, and every one of them is FAILED in the scheduler
-    r = Run(impl, race(sql("w"), loop(then(sql("x"), sleep("s"), name="t"), name="l"),
-                       name="r"))
+    r = Run(impl, race(sql("w"), loop(then(sql("x"), sleep("s"), name="t"), name="l"), name="r"))
     r.start()
     r.done("x")
     st = r.done("w")
@@ -502,8 +501,9 @@ def test_race_loser_loop_is_stopped(impl):
 
 
 def test_race_loser_in_a_later_iteration_is_stopped_with_its_generation(impl):
-    r = Run(impl, loop(race(sql("w"), then(sql("x"), sql("y"), name="t"), name="r"),
-                       sql("c"), name="l"))
+    r = Run(
+        impl, loop(race(sql("w"), then(sql("x"), sql("y"), name="t"), name="r"), sql("c"), name="l")
+    )
     r.start()
     st = r.done("w")
     assert st.stopped == [(r["t"], 1)]
@@ -734,8 +734,11 @@ def test_every_node_that_stops_running_is_reported(impl, seed):
     def call(fn, *args):
         before = [s.status(i) for i in range(n)]
         step = fn(*args)
-        reported = ({x for x, *_ in step.finished} | {x for x, _ in step.abandoned}
-                    | {x for x, _ in step.stopped})
+        reported = (
+            {x for x, *_ in step.finished}
+            | {x for x, _ in step.abandoned}
+            | {x for x, _ in step.stopped}
+        )
         for i in range(n):
             if before[i] == RUNNING and s.status(i) != RUNNING:
                 assert i in reported, (seed, i, step)
@@ -748,10 +751,18 @@ def test_every_node_that_stops_running_is_reported(impl, seed):
             break
         # what the executor works on: running leaves, and if_rows IFs not yet decided (running
         # with nothing running below them)
-        choices = [i for i in range(n) if s.status(i) == RUNNING and (
-            g.types[i] in LEAF_TYPES
-            or (g.cond[i] == COND_IF_ROWS
-                and not any(s.status(j) == RUNNING for j in range(i + 1, g.end[i]))))]
+        choices = [
+            i
+            for i in range(n)
+            if s.status(i) == RUNNING
+            and (
+                g.types[i] in LEAF_TYPES
+                or (
+                    g.cond[i] == COND_IF_ROWS
+                    and not any(s.status(j) == RUNNING for j in range(i + 1, g.end[i]))
+                )
+            )
+        ]
         assert choices, "a running instance with nothing to run"
         node = rnd.choice(choices)
         if rnd.random() < 0.01:

@@ -12,8 +12,10 @@ def test_equal_snapshots_share_one_dict() -> None:
     c = instance.shared_vars({"k": "other"})
     assert a is b
     assert a == {"k": "v" * 1000, "n": "1"}
-    assert c is not a and c == {"k": "other"}
-    assert instance.shared_vars(None) == {} and instance.shared_vars({}) == {}
+    assert c is not a
+    assert c == {"k": "other"}
+    assert instance.shared_vars(None) == {}
+    assert instance.shared_vars({}) == {}
 
 
 def test_the_shared_table_is_bounded() -> None:

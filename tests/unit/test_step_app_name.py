@@ -9,20 +9,33 @@ from pgdurable.worker.process import Task, step_app_name
 
 
 def task(instance_id: str, node_id: str) -> Task:
-    return Task(instance_id=instance_id, node_id=node_id, gen=0, kind="node", attempts=0,
-                role_oid=1, database=None, deadline=None, clock=None, version=None)  # type: ignore[arg-type]
+    return Task(
+        instance_id=instance_id,
+        node_id=node_id,
+        gen=0,
+        kind="node",
+        attempts=0,
+        role_oid=1,
+        database=None,
+        deadline=None,
+        clock=None,
+        version=None,
+    )  # type: ignore[arg-type]
 
 
 def test_ordinary_ids_appear_as_they_are():
     assert step_app_name(task("3fa2b1c4", "9d8e7f6a")) == "pgdurable:3fa2b1c4:9d8e7f6a"
 
 
-@pytest.mark.parametrize(("iid", "node"), [
-    ("a\nb\x1b[31m", "n\x00\u202e"),
-    ("é" * 80, "ü" * 80),
-    ("x" * 500, "y" * 500),
-    ("a:b", "c d"),
-])
+@pytest.mark.parametrize(
+    ("iid", "node"),
+    [
+        ("a\nb\x1b[31m", "n\x00\u202e"),
+        ("é" * 80, "ü" * 80),
+        ("x" * 500, "y" * 500),
+        ("a:b", "c d"),
+    ],
+)
 def test_hostile_ids_are_cleaned_and_bounded(iid, node):
     name = step_app_name(task(iid, node))
     assert len(name.encode()) <= 63

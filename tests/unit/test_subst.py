@@ -163,8 +163,11 @@ def test_dot_not_followed_by_identifier():
 def test_missing_column_fails_naming_what_the_result_has():
     # in SQL mode too (#18): kept as written it could only be a syntax error at "$"
     for text in ("select $total.nope", "select $total.nope?"):
-        with pytest.raises(SubstitutionError, match=r"\$total\.nope\??: result 'total' has no "
-                           r"column 'nope' \(its columns: sum, label\)"):
+        with pytest.raises(
+            SubstitutionError,
+            match=r"\$total\.nope\??: result 'total' has no "
+            r"column 'nope' \(its columns: sum, label\)",
+        ):
             sql(text)
     with pytest.raises(
         SubstitutionError, match=r"\$total\.nope: result 'total' has no column 'nope'"
@@ -214,20 +217,28 @@ def test_big_ints_exact():
 
 def test_numerics_keep_every_digit_and_their_scale():
     # rows as the worker parses them: fractions, exponents and big integers exact (Decimal)
-    r = {"r": sql_envelope(['{"n": 12345678901234567890.123456789, "m": 12.50, "neg": -0.50,'
-                            ' "tiny": 1e-30, "big": 123456789012345678901234567890,'
-                            ' "nan": "NaN"}'])}
-    assert sql("select $r.n, $r.m", results=r) == \
-        "select 12345678901234567890.123456789, 12.50"
+    r = {
+        "r": sql_envelope(
+            [
+                '{"n": 12345678901234567890.123456789, "m": 12.50, "neg": -0.50,'
+                ' "tiny": 1e-30, "big": 123456789012345678901234567890,'
+                ' "nan": "NaN"}'
+            ]
+        )
+    }
+    assert sql("select $r.n, $r.m", results=r) == "select 12345678901234567890.123456789, 12.50"
     assert sql("select 1-$r.neg", results=r) == "select 1-(-0.50)"
     assert sql("select $r.tiny", results=r) == "select 0." + "0" * 29 + "1"
     assert sql("select $r.big", results=r) == "select 123456789012345678901234567890"
     assert sql("select $r.nan", results=r) == "select 'NaN'"  # PostgreSQL's NaN is a string
-    assert raw('{"m": $r.m, "n": $r.n}', results=r) == \
-        '{"m": 12.50, "n": 12345678901234567890.123456789}'
+    assert (
+        raw('{"m": $r.m, "n": $r.n}', results=r)
+        == '{"m": 12.50, "n": 12345678901234567890.123456789}'
+    )
     assert raw("$r.*", results=r).startswith('[{"n":12345678901234567890.123456789,"m":12.50,')
     assert sql("$r.*", results=r).startswith(
-        "(VALUES (12345678901234567890.123456789,12.50,(-0.50),")
+        "(VALUES (12345678901234567890.123456789,12.50,(-0.50),"
+    )
     # a Decimal NaN/Infinity (not parsed from JSON, which writes them as strings) still works
     d = {"d": {"rows": [{"a": Decimal("NaN"), "b": Decimal("-Infinity")}]}}
     assert sql("$d.a $d.b", results=d) == "'NaN'::numeric '-Infinity'::numeric"
@@ -289,8 +300,9 @@ def test_non_row_missing_field():
     with pytest.raises(SubstitutionError, match="no column 'nope'"):
         raw("$http.nope")
     # a field of an array or a string does not exist either
-    with pytest.raises(SubstitutionError,
-                       match=r"\$joined\.a: .* \(it is an array, not an object\)"):
+    with pytest.raises(
+        SubstitutionError, match=r"\$joined\.a: .* \(it is an array, not an object\)"
+    ):
         sql("$joined.a")
     with pytest.raises(SubstitutionError, match=r"\$brk\.a: .* \(it is a string, not an object\)"):
         sql("$brk.a")

@@ -42,8 +42,9 @@ def test_envelope_out_of_range_number_does_not_fail():
     # beyond a double, kept exactly: written back as PostgreSQL's numeric text
     env = sql_envelope(['{"j": 1e400}'])
     assert env["rows"][0]["j"] == Decimal("1e400")
-    assert check_size(env, 0, "x") == (b'{"rows":[{"j":1' + b"0" * 400
-                                       + b'}],"row_count":1,"columns":["j"]}')
+    assert check_size(env, 0, "x") == (
+        b'{"rows":[{"j":1' + b"0" * 400 + b'}],"row_count":1,"columns":["j"]}'
+    )
 
 
 def test_envelope_rejects_non_objects():
@@ -224,8 +225,12 @@ def test_json_text_big_ints_fall_back_to_stdlib():
 
 def test_statements_without_rows_say_how_many_they_affected():
     # the runner's one bare number: a DML without RETURNING (pg_durable's rows/row_count kept)
-    assert sql_envelope(["100"]) == {"rows": [], "row_count": 0, "columns": [],
-                                     "rows_affected": 100}
+    assert sql_envelope(["100"]) == {
+        "rows": [],
+        "row_count": 0,
+        "columns": [],
+        "rows_affected": 100,
+    }
     assert sql_envelope(["0"]) == {"rows": [], "row_count": 0, "columns": [], "rows_affected": 0}
     # a runner made by schema version 3 sends nothing for them: no rows_affected then
     assert sql_envelope([]) == {"rows": [], "row_count": 0, "columns": []}
