@@ -5,6 +5,7 @@ schema/*.sql changes nothing a database has); released files are frozen by their
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import uuid
@@ -20,9 +21,10 @@ from . import released
 
 SCHEMAS = ("df", "pgdurable", "pgdurable_exec")
 
-# Every catalog fact a migration could get wrong, one text line each. Function bodies are
-# compared by digest (their text is the schema files' own in both databases: the migrations
-# re-make the current definitions), attributes spelled out so a failure names what differs.
+# Every catalog fact a migration could get wrong, one text line each, spelled out so a failure
+# names what differs. Function bodies are the one place the server keeps source text as
+# written: BODIES has them, compared without their comments and with whitespace collapsed
+# (a comment edited in schema/*.sql changes nothing a database does).
 CATALOG = """
 with ns as (select oid, nspname from pg_namespace where nspname = any(%(s)s))
 select 'nsp ' || n.nspname || ' owner=' || pg_get_userbyid(n.nspowner)
@@ -80,7 +82,6 @@ select 'fun ' || ns.nspname || '.' || p.proname || '(' || pg_get_function_identi
        || ' parallel=' || p.proparallel::text || ' cost=' || p.procost::text
        || ' rows=' || p.prorows::text || ' config=' || coalesce(p.proconfig::text, '')
        || ' owner=' || pg_get_userbyid(p.proowner) || ' acl=' || coalesce(p.proacl::text, '')
-       || ' body=' || md5(pg_get_functiondef(p.oid))
 from pg_proc p join ns on ns.oid = p.pronamespace
 where p.prokind in ('f', 'p', 'w')
 union all
@@ -121,6 +122,35 @@ from pg_extension x where x.extname <> 'plpgsql'
 order by 1
 """
 
+BODIES = """
+select 'src ' || n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid)
+       || ')', case when p.prosqlbody is null then p.prosrc else pg_get_functiondef(p.oid) end
+from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+where n.nspname = any(%(s)s) and p.prokind in ('f', 'p', 'w')
+"""
+
+# a body's tokens: comments, quoted literals and identifiers, dollar-quoted strings, whitespace
+_SQL_TOKEN = re.compile(
+    r"(?P<comment>--[^\n]*|/\*.*?\*/)"
+    r"|(?P<literal>[Ee]?'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(?P<tag>[A-Za-z_]\w*|)\$.*?\$(?P=tag)\$)"
+    r"|(?P<space>\s+)"
+    r"|(?P<other>[^\s'\"$/-]+|.)",
+    re.DOTALL,
+)
+
+
+def code_of(body: str) -> str:
+    """A function body without its comments, whitespace outside literals collapsed."""
+    out: list[str] = []
+    for m in _SQL_TOKEN.finditer(body):
+        if m.group("comment") or m.group("space"):
+            if out and out[-1] != " ":
+                out.append(" ")
+        else:
+            out.append(m.group(0))
+    return "".join(out).strip()
+
+
 # tables whose rows a migration must seed as an install does (the rest start empty)
 SEEDED = """
 select 'rows ' || t || ' ' || n from (
@@ -136,6 +166,8 @@ def catalog(dsn: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(CATALOG, {"s": list(SCHEMAS)}).fetchall()
         rows += conn.execute(SEEDED).fetchall()
+        for fn, body in conn.execute(BODIES, {"s": list(SCHEMAS)}).fetchall():
+            rows.append((f"{fn} {hashlib.md5(code_of(body).encode()).hexdigest()}",))
         # every other table starts empty in both
         for (t,) in conn.execute(
             "select c.oid::regclass::text from pg_class c join pg_namespace n "
@@ -147,10 +179,10 @@ def catalog(dsn: str) -> list[str]:
             n = conn.execute(sql.SQL("select count(*) from {}").format(sql.SQL(t))).fetchone()
             rows.append((f"rows {t} {n[0] if n else '?'}",))
     # each install has a launcher role of its own (random name, roles.ensure_launcher)
-    return [
+    return sorted(
         re.sub(r"pgdurable_launcher_[0-9a-f]{8}", "pgdurable_launcher_X", re.sub(r"\s+", " ", r[0]))
         for r in rows
-    ]
+    )
 
 
 # What a released migration got wrong, repaired by a later migration (never in the released
@@ -251,6 +283,20 @@ def test_a_fresh_install_cannot_claim_an_older_version(two_dbs):
         assert schema.installed_version(conn) == 0
 
 
+def test_function_bodies_compare_without_comments():
+    body = """
+    begin  -- a comment
+        /* a block
+           comment */ return 'it''s -- no comment' || $x$ -- kept $x$ || "a--b";
+    end"""
+    assert (
+        code_of(body) == """begin return 'it''s -- no comment' || $x$ -- kept $x$ || "a--b"; end"""
+    )
+    assert code_of(body.replace("a comment", "another")) == code_of(body)
+    assert code_of(body.replace("return", "return  1 +")) != code_of(body)
+    assert code_of("select $1 - 1") == "select $1 - 1"
+
+
 def test_catalog_comparison_sees_a_changed_function(two_dbs):
     """The comparison is not blind: a config, a grant or a body that differ are found."""
     a, b = two_dbs
@@ -260,11 +306,18 @@ def test_catalog_comparison_sees_a_changed_function(two_dbs):
     with psycopg.connect(b) as conn:
         conn.execute("alter function df.status(text) set work_mem = '1MB'")
         conn.execute("grant select on pgdurable.locks to public")
+        # a body changed in code, not in a comment
+        (ddl,) = conn.execute(
+            "select pg_get_functiondef('df.cancel(text,text)'::regprocedure)"
+        ).fetchone()
+        conn.execute("set role pgdurable_owner")
+        conn.execute(re.sub(r"(?m)^(\s*)begin$", r"\1begin\n perform 1;", ddl, count=1))
     got = catalog(b)
     with pytest.raises(pytest.fail.Exception) as err:
         assert_same_catalog(got, want, "the altered database")
     assert "work_mem=1MB" in str(err.value)
     assert "pgdurable.locks" in str(err.value)
+    assert "src df.cancel(instance_id text, reason text)" in str(err.value)
 
 
 # ------------------------------------------------------------------ released files are frozen
