@@ -82,9 +82,8 @@ lint: $(BIN)/.lint-installed ## ruff check + ruff format --check, mypy strict on
 	$(BIN)/mypy pgdurable
 	PATH=$(BIN):$$PATH $(BIN)/cython-lint --max-line-length 100 native/_sched_c.pyx
 
-schema-freeze: $(BIN)/.installed ## freeze pgdurable/sql/schema/*.sql as the baseline of the current SCHEMA_VERSION
-	v=$$($(BIN)/python -c 'from pgdurable.schema import SCHEMA_VERSION as v; print(v)') && test -n "$$v" && \
-	cat pgdurable/sql/schema/*.sql > pgdurable/sql/baseline/v$$v.sql; echo "froze v$$v"
+schema-freeze: $(BIN)/.installed ## release step: record the sha256 of the current SCHEMA_VERSION's migration in pgdurable/sql/released.sha256 (refuses to change a released one)
+	$(BIN)/python -m tests.migration.released freeze
 
 embedded-stop: $(BIN)/.installed ## stop the embedded PostgreSQL that make demo / serve left running (and the demo's dashboard)
 	@$(BIN)/python -c 'from pgdurable.ui.launch import stop_detached; from pgdurable.embedded import default_data_dir; stop_detached(default_data_dir().parent) and print("stopped the demo'"'"'s dashboard")'
