@@ -286,12 +286,14 @@ class HttpRecorder:
     Every request is read whole and appended to :attr:`requests` (under :attr:`lock`), then
     answered by :meth:`answer` (``200 {"ok": true}``; override it to answer by path, or to
     write the response yourself and return None). :meth:`cut` makes the endpoint fail for a
-    while. ``record=False`` keeps no log (a load generator's target). Use it as a context
-    manager, or call :meth:`close`.
+    while. ``record=False`` keeps no log (a load generator's target). ``protocol``:
+    ``HTTP/1.1`` keeps connections alive (the worker's client reuses them); ``HTTP/1.0``
+    closes each after its response. Use it as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, *, record: bool = True) -> None:
+    def __init__(self, *, record: bool = True, protocol: str = "HTTP/1.1") -> None:
         self.record = record
+        self.protocol = protocol
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # set at close: handlers waiting on it return
@@ -333,7 +335,7 @@ class HttpRecorder:
         rec = self
 
         class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive: the worker's client reuses connections
+            protocol_version = rec.protocol
 
             def _any(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
