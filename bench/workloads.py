@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from pgdurable.harness import dsn_with
+
 from .common import TENANT, Server
 
 # per-row starts per statement: how SQL users start per-row work (docs/performance.md, Targets)
@@ -66,15 +68,18 @@ def workloads(scale: float, http_url: str) -> list[Workload]:
 
 
 def make_tenant(server: Server, dsn: str, http: bool) -> str:
+    """The benchmark's tenant role (LOGIN, df usage, HTTP when ``http``) in the database of
+    ``dsn``; its DSN there."""
     with server.admin() as conn:
         if not conn.execute("select 1 from pg_roles where rolname = %s", (TENANT,)).fetchone():
             conn.execute(sql.SQL("create role {} login").format(sql.Identifier(TENANT)))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("select df.grant_usage(%s, include_http => %s)", (TENANT, http))
-    return server.dsn(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"], TENANT)  # type: ignore[arg-type]
+    return dsn_with(dsn, user=TENANT)
 
 
 def graph_of(tenant_dsn: str, expr: str) -> str:
+    """The graph text of the DSL expression ``expr``, built as the tenant."""
     with psycopg.connect(tenant_dsn, autocommit=True) as conn:
         row = conn.execute(f"select {expr}").fetchone()  # our own expression
     assert row is not None
