@@ -90,7 +90,6 @@ class Serve:
         http_allow: str = "127.0.0.1",
         cwd: Path | None = None,
     ) -> None:
-        self.dsn = dsn
         self.log_path = log_path
         self.cwd = cwd
         self.env: dict[str, str] = {
@@ -102,6 +101,7 @@ class Serve:
         if lease_seconds is not None:
             self.env["PGDURABLE_LEASE_SECONDS"] = f"{lease_seconds:g}"
         self.env.update(env or {})
+        self.dsn = self.env["PGDURABLE_DSN"]
         try:
             self.n_workers = int(self.env["PGDURABLE_WORKERS"])
         except ValueError:  # a test of a bad value: wait_workers() then needs its n
