@@ -1,6 +1,7 @@
 """What every benchmark in bench/ shares: the PostgreSQL under test, serve, progress, CPU.
 
-- :class:`Server`: ``--dsn`` or an embedded PostgreSQL 18 of our own; fresh databases on it.
+- :class:`Server`: ``--dsn`` or an embedded PostgreSQL 18 of our own; fresh databases on it;
+  :func:`make_tenant`: the benchmark's tenant role in one of them.
 - :func:`start_serve` / :func:`worker_procs`: ``python -m pgdurable serve`` through the one
   process wrapper (:class:`pgdurable.harness.Serve`), and its workers as psutil processes.
 - :class:`Progress`: one status line on stderr.
@@ -134,6 +135,17 @@ class Server:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def make_tenant(server: Server, dsn: str, http: bool) -> str:
+    """The benchmark's tenant role (LOGIN, df usage, HTTP when ``http``) in the database of
+    ``dsn``; its DSN there."""
+    with server.admin() as conn:
+        if not conn.execute("select 1 from pg_roles where rolname = %s", (TENANT,)).fetchone():
+            conn.execute(sql.SQL("create role {} login").format(sql.Identifier(TENANT)))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("select df.grant_usage(%s, include_http => %s)", (TENANT, http))
+    return dsn_with(dsn, user=TENANT)
+
+
 # -- serve ----------------------------------------------------------------------------
 
 
@@ -153,6 +165,7 @@ def worker_procs(serve: Serve, timeout: float = 60) -> list[psutil.Process]:
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
+    """pid -> user + system CPU seconds so far (processes gone meanwhile left out)."""
     out = {}
     for p in procs:
         with contextlib.suppress(psutil.Error):
@@ -162,6 +175,7 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
 
 
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`cpu_seconds` samples (new pids count from 0)."""
     return sum(v - before.get(pid, 0.0) for pid, v in after.items())
 
 

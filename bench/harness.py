@@ -65,6 +65,7 @@ from .common import (
     cpu_delta,
     cpu_seconds,
     interrupt,
+    make_tenant,
     start_serve,
     worker_procs,
 )
@@ -74,7 +75,6 @@ from .workloads import (
     enqueue_batched,
     enqueue_per_txn,
     graph_of,
-    make_tenant,
     reset_instances,
     workloads,
 )

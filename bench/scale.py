@@ -91,10 +91,11 @@ from .common import (
     cpu_delta,
     cpu_seconds,
     interrupt,
+    make_tenant,
     start_serve,
     worker_procs,
 )
-from .workloads import START_BATCH, enqueue_batched, graph_of, make_tenant, workloads
+from .workloads import START_BATCH, enqueue_batched, graph_of, workloads
 
 ENGINE = "pgdurable"  # schema_mod.install's default engine schema
 ONE = "df.sql('select 1')"

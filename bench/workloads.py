@@ -1,7 +1,8 @@
 """The benchmark workloads W1-W4 (sizes x ``--scale``) and how their instances are enqueued.
 
 pgdurable's harness (bench/harness.py), the peers (bench/peers.py, which size W1-W3 exactly
-like pgdurable's) and the scale checks (bench/scale.py, which reuse W2) all take them from here.
+like pgdurable's) and the scale checks (bench/scale.py, which reuse W2) all take them from here;
+it imports nothing of pgdurable's, so the peers' driver processes stay free of it.
 
   W1  10,000 one-step workflows
   W2  1,000 ten-step sequences
@@ -19,11 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
-
-from pgdurable.harness import dsn_with
-
-from .common import TENANT, Server
 
 # per-row starts per statement: how SQL users start per-row work (docs/performance.md, Targets)
 START_BATCH = 1000
@@ -65,17 +61,6 @@ def workloads(scale: float, http_url: str) -> list[Workload]:
         Workload("W3", "100 × (fan-out 100 → join)", n(100), 101, fan, probes=5),
         Workload("W4", "100 × (HTTP fan-out 10 → join)", n(100), 10, http, http=True, probes=10),
     ]
-
-
-def make_tenant(server: Server, dsn: str, http: bool) -> str:
-    """The benchmark's tenant role (LOGIN, df usage, HTTP when ``http``) in the database of
-    ``dsn``; its DSN there."""
-    with server.admin() as conn:
-        if not conn.execute("select 1 from pg_roles where rolname = %s", (TENANT,)).fetchone():
-            conn.execute(sql.SQL("create role {} login").format(sql.Identifier(TENANT)))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("select df.grant_usage(%s, include_http => %s)", (TENANT, http))
-    return dsn_with(dsn, user=TENANT)
 
 
 def graph_of(tenant_dsn: str, expr: str) -> str:
