@@ -27,8 +27,8 @@ How figures are derived (docs/performance.md):
   RSS / CPU      psutil on serve's children (workers) and on the postgres processes
 
 Owns: this orchestration and the results table. SQL literals are fine here (bench).
-Over 500 lines: the workloads, probes, floor comparison and table share one run's state.
-"""
+Over 500 lines: the drain, probes, profiles, floor comparison and table share one run's state
+(the workloads, the server and serve live in bench/workloads.py and bench/common.py)."""
 
 from __future__ import annotations
 
@@ -43,278 +43,49 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
-from psycopg import sql
 
 from pgdurable import __version__
 from pgdurable import schema as schema_mod
-from pgdurable.embedded import EmbeddedPostgres
+from pgdurable.harness import HttpRecorder
 
 from . import floor, peers
+from .common import (
+    LEAF_TYPES,
+    POLL_S,
+    TERMINAL,
+    Progress,
+    Server,
+    cpu_delta,
+    cpu_seconds,
+    interrupt,
+    make_tenant,
+    start_serve,
+    worker_procs,
+)
+from .workloads import (
+    START_BATCH,
+    Workload,
+    enqueue_batched,
+    enqueue_per_txn,
+    graph_of,
+    reset_instances,
+    workloads,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-TENANT = "pgdurable_bench"
-# per-row starts per statement: how SQL users start per-row work (docs/performance.md, Targets)
-START_BATCH = 1000
-# how often the harness polls progress; each poll is one (subtracted) transaction
-POLL_S = 0.25
 # after the drain, idle backends flush their pending stats within PGSTAT_MIN_INTERVAL (1 s)
 STATS_FLUSH_S = 1.2
-LEAF_TYPES = ("SQL", "HTTP", "HTTP_MULTIPART")
-TERMINAL = ("completed", "failed", "cancelled")
 
 # the targets of docs/performance.md (steps/s) and the best peer measured, for the ratio columns
 TARGETS = {"W1": 5_000, "W2": 6_300, "W3": 8_500}
 DESIGN_BEST_PEER = {"W1": 631, "W2": 1_265, "W3": 1_707}
 DESIGN_DBOS = {"W1": 162, "W2": 224, "W3": 62}
-
-
-# -- progress -------------------------------------------------------------------------
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, throttled lines otherwise."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, msg: str, *, force: bool = True) -> None:
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if self.tty:
-            sys.stderr.write("\r\x1b[2K" + msg)
-            if force:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif force or now - self.last >= 2.0:
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-            self.last = now
-
-    def tick(self, msg: str) -> None:
-        self(msg, force=False)
-
-
-# -- the server -----------------------------------------------------------------------
-
-
-class Server:
-    """The PostgreSQL under test: ``--dsn`` or an embedded PostgreSQL 18 of our own."""
-
-    def __init__(self, dsn: str | None, profile: bool) -> None:
-        self.tmp: Path | None = None
-        self.embedded: EmbeddedPostgres | None = None
-        if dsn:
-            self.admin_dsn = dsn
-        else:
-            self.tmp = Path(tempfile.mkdtemp(prefix="pgdurable-bench-"))
-            settings = {"max_connections": "300"}
-            if profile:
-                settings["shared_preload_libraries"] = "'pg_stat_statements'"
-            # everything else stays at PostgreSQL's defaults (fsync, synchronous_commit on)
-            self.embedded = EmbeddedPostgres(self.tmp / "data", settings=settings)
-            self.admin_dsn = self.embedded.start()
-        with self.admin() as conn:
-            row = conn.execute(
-                "select current_setting('server_version'), "
-                "current_setting('synchronous_commit'), current_setting('fsync'), "
-                "current_setting('shared_buffers'), "
-                "current_setting('shared_preload_libraries')"
-            ).fetchone()
-        assert row is not None
-        self.version, self.sync_commit, self.fsync, self.shared_buffers, preload = row
-        self.has_pgss = "pg_stat_statements" in preload
-
-    def admin(self, dbname: str | None = None) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.dsn(dbname) if dbname else self.admin_dsn, autocommit=True)
-
-    def dsn(self, dbname: str, user: str | None = None) -> str:
-        info = psycopg.conninfo.conninfo_to_dict(self.admin_dsn)
-        info["dbname"] = dbname
-        if user:
-            info["user"] = user
-        return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
-
-    def fresh_db(self, name: str) -> str:
-        with self.admin() as conn:
-            conn.execute(
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-            )
-            conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        return self.dsn(name)
-
-    def drop_db(self, name: str) -> None:
-        with contextlib.suppress(psycopg.Error), self.admin() as conn:
-            conn.execute(
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-            )
-
-    def xact_commit(self, dbname: str) -> int:
-        with self.admin() as conn:
-            row = conn.execute(
-                "select xact_commit from pg_stat_database where datname = %s", (dbname,)
-            ).fetchone()
-        return int(row[0]) if row else 0
-
-    def postgres_pids(self) -> list[psutil.Process]:
-        out = []
-        for p in psutil.process_iter(["name"]):
-            if p.info["name"] in ("postgres", "postmaster"):
-                out.append(p)
-        return out
-
-    def close(self) -> None:
-        if self.embedded is not None:
-            self.embedded.destroy()
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-# -- the local HTTP server (W4) -------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: the worker's client reuses connections
-    body = b'{"ok": true}'
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    do_POST = do_GET
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def http_server() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, name="bench-http", daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/ok"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-# -- serve as a subprocess ------------------------------------------------------------
-
-
-class Serve:
-    """``python -m pgdurable serve`` against one database, like the acceptance tier."""
-
-    def __init__(self, dsn: str, workers: int, log_path: Path, env: dict[str, str]) -> None:
-        self.log_path = log_path
-        e = dict(os.environ)
-        e.update(
-            {
-                "PGDURABLE_DSN": dsn,
-                "PGDURABLE_WORKERS": str(workers),
-                "PGDURABLE_HTTP_POLICY": "allow-list",
-                "PGDURABLE_HTTP_ALLOW": "127.0.0.1",
-            }
-        )
-        e.update(env)
-        with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgdurable", "serve"],
-                env=e,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        self.workers = workers
-
-    def children(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.proc.pid).children()
-        except psutil.NoSuchProcess:
-            return []
-
-    def wait_workers(self, timeout: float = 60) -> list[psutil.Process]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            kids = self.children()
-            if len(kids) >= self.workers:
-                return kids
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"serve did not start {self.workers} workers:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                for c in self.children():
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        c.kill()
-                self.proc.kill()
-                self.proc.wait()
-
-
-# -- workloads ------------------------------------------------------------------------
-
-
-def _join_tree(leaves: list[str]) -> str:
-    """A balanced tree of df.join over DSL expressions (keeps the graph shallow)."""
-    while len(leaves) > 1:
-        nxt = [f"df.join({leaves[i]}, {leaves[i + 1]})" for i in range(0, len(leaves) - 1, 2)]
-        if len(leaves) % 2:
-            nxt.append(leaves[-1])
-        leaves = nxt
-    return leaves[0]
-
-
-@dataclass
-class Workload:
-    name: str
-    title: str
-    instances: int
-    steps_per_instance: int
-    expr: str  # DSL expression (SQL) of one instance
-    http: bool = False
-    sequence: bool = False  # leaves run one after another: step→step latency is meaningful
-    probes: int = 10
-
-
-def workloads(scale: float, http_url: str) -> list[Workload]:
-    def n(base: int) -> int:
-        return max(1, round(base * scale))
-
-    one = "df.sql('select 1')"
-    seq10 = " ~> ".join([one] * 10)
-    fan = _join_tree([one] * 100) + " ~> " + one
-    http = _join_tree([f"df.http('{http_url}', 'GET')"] * 10)
-    return [
-        Workload("W1", "10,000 one-step workflows", n(10_000), 1, one, probes=50),
-        Workload("W2", "1,000 ten-step sequences", n(1_000), 10, seq10, sequence=True, probes=20),
-        Workload("W3", "100 × (fan-out 100 → join)", n(100), 101, fan, probes=5),
-        Workload("W4", "100 × (HTTP fan-out 10 → join)", n(100), 10, http, http=True, probes=10),
-    ]
 
 
 @dataclass
@@ -344,7 +115,7 @@ class Row:
     top_statements: list[tuple[str, float, int]] = field(default_factory=list)
 
 
-def _pct(values: list[float], p: float) -> float | None:
+def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
@@ -352,66 +123,7 @@ def _pct(values: list[float], p: float) -> float | None:
     return values[k]
 
 
-def _tenant(server: Server, dsn: str, http: bool) -> str:
-    with server.admin() as conn:
-        if not conn.execute("select 1 from pg_roles where rolname = %s", (TENANT,)).fetchone():
-            conn.execute(sql.SQL("create role {} login").format(sql.Identifier(TENANT)))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("select df.grant_usage(%s, include_http => %s)", (TENANT, http))
-    return server.dsn(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"], TENANT)  # type: ignore[arg-type]
-
-
-def _graph(tenant_dsn: str, expr: str) -> str:
-    with psycopg.connect(tenant_dsn, autocommit=True) as conn:
-        row = conn.execute(f"select {expr}").fetchone()  # our own expression
-    assert row is not None
-    return str(row[0])
-
-
-def enqueue_per_txn(
-    tenant_dsn: str, graph: str, n: int, label: str, tick: Callable[[str], None]
-) -> float:
-    """``n`` df.start calls, one transaction each (autocommit); returns starts/s."""
-    with psycopg.connect(tenant_dsn, autocommit=True) as conn:
-        conn.execute("select 1")
-        t0 = time.monotonic()
-        for i in range(n):
-            conn.execute("select df.start(%s::text, %s)", (graph, label))
-            if i % 500 == 0:
-                tick(f"  enqueue 1/txn {i:,}/{n:,}")
-        return n / (time.monotonic() - t0)
-
-
-def enqueue_batched(
-    tenant_dsn: str, graph: str, n: int, label: str, tick: Callable[[str], None]
-) -> float:
-    """``n`` df.start calls as per-row starts, START_BATCH per statement; starts/s."""
-    with psycopg.connect(tenant_dsn, autocommit=True) as conn:
-        conn.execute("select 1")
-        t0 = time.monotonic()
-        done = 0
-        while done < n:
-            k = min(START_BATCH, n - done)
-            conn.execute(
-                "select count(df.start(%s::text, %s)) from generate_series(1, %s)",
-                (graph, label, k),
-            )
-            done += k
-            tick(f"  enqueue {START_BATCH}/stmt {done:,}/{n:,}")
-        return n / (time.monotonic() - t0)
-
-
-def _reset_instances(dsn: str) -> None:
-    """Forget every instance (between W1's two enqueue measurements)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "truncate df.nodes, df.instances, pgdurable.tasks, pgdurable.runs, "
-            "pgdurable.results, pgdurable.signals"
-        )
-        conn.execute("vacuum analyze df.nodes, df.instances, pgdurable.tasks, pgdurable.runs")
-
-
-def _latencies(
+def latencies(
     conn: psycopg.Connection[Any], label: str, sequence: bool
 ) -> tuple[list[float], list[float]]:
     """(start→first-step, step→step) in ms for the instances labelled ``label``."""
@@ -437,19 +149,6 @@ def _latencies(
     return first, step
 
 
-def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
-    out = {}
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            out[p.pid] = t.user + t.system
-    return out
-
-
-def _cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
-    return sum(v - before.get(pid, 0.0) for pid, v in after.items())
-
-
 def run_workload(
     server: Server, w: Workload, args: argparse.Namespace, workdir: Path, progress: Progress
 ) -> Row:
@@ -459,14 +158,14 @@ def run_workload(
     dsn = server.fresh_db(dbname)
     try:
         schema_mod.install(dsn)
-        tenant_dsn = _tenant(server, dsn, w.http)
-        graph = _graph(tenant_dsn, w.expr)
+        tenant_dsn = make_tenant(server, dsn, w.http)
+        graph = graph_of(tenant_dsn, w.expr)
         tick = progress.tick
         label = w.name.lower()
         # -- enqueue (serve not running) -------------------------------------------------
         if w.name == "W1":
             row.enqueue_txn_per_s = enqueue_per_txn(tenant_dsn, graph, w.instances, label, tick)
-            _reset_instances(dsn)
+            reset_instances(dsn)
             row.enqueue_batch_per_s = enqueue_batched(tenant_dsn, graph, w.instances, label, tick)
         else:
             row.enqueue_txn_per_s = enqueue_per_txn(tenant_dsn, graph, w.instances, label, tick)
@@ -479,13 +178,13 @@ def run_workload(
         time.sleep(STATS_FLUSH_S)
         # -- drain -----------------------------------------------------------------------
         commits0 = server.xact_commit(dbname)
-        pg0 = _cpu(server.postgres_pids())
+        pg0 = cpu_seconds(server.postgres_pids())
         t0 = time.monotonic()
-        serve = Serve(dsn, args.workers, workdir / f"serve-{w.name}.log", {})
+        serve = start_serve(dsn, args.workers, workdir / f"serve-{w.name}.log")
         polls = 0
         try:
-            kids = serve.wait_workers()
-            w0 = _cpu(kids)
+            kids = worker_procs(serve)
+            w0 = cpu_seconds(kids)
             peak_rss = 0
             profilers = _start_profilers(kids, workdir, w.name) if args.profile else []
             deadline = time.monotonic() + args.timeout
@@ -520,15 +219,15 @@ def run_workload(
                         )
                         progress(f"  [{w.name}] {stalled}")
                         break
-                    if time.monotonic() > deadline or serve.proc.poll() is not None:
+                    if time.monotonic() > deadline or not serve.running():
                         raise RuntimeError(
                             f"{w.name}: {done}/{w.instances} finished before "
                             f"the timeout; serve log:\n{serve.log()}"
                         )
                     time.sleep(POLL_S)
                 wall = time.monotonic() - t0
-                w1 = _cpu(kids)
-                pg1 = _cpu(server.postgres_pids())
+                w1 = cpu_seconds(kids)
+                pg1 = cpu_seconds(server.postgres_pids())
                 for p in profilers:
                     p.send_signal(signal.SIGINT)
                 time.sleep(STATS_FLUSH_S)
@@ -564,10 +263,10 @@ def run_workload(
                 row.steps_per_s = row.steps / row.drain_s if row.drain_s else 0.0
                 row.commits_per_step = (commits1 - commits0 - polls) / max(row.steps, 1)
                 row.worker_rss_mb = peak_rss / 2**20
-                row.worker_cores = _cpu_delta(w0, w1) / wall
-                row.postgres_cores = _cpu_delta(pg0, pg1) / wall
-                _first, load_step = _latencies(conn, label, w.sequence)
-                row.load_step_p50_ms = _pct(load_step, 50)
+                row.worker_cores = cpu_delta(w0, w1) / wall
+                row.postgres_cores = cpu_delta(pg0, pg1) / wall
+                _first, load_step = latencies(conn, label, w.sequence)
+                row.load_step_p50_ms = pct(load_step, 50)
                 if server.has_pgss:
                     with contextlib.suppress(psycopg.Error):
                         row.top_statements = [
@@ -606,16 +305,17 @@ def run_workload(
                         progress(f"  [{w.name}] {row.note}")
                         break
                     time.sleep(0.05)
-                first, step = _latencies(conn, "probe", w.sequence)
-                row.first_p50_ms, row.first_p99_ms = _pct(first, 50), _pct(first, 99)
-                row.step_p50_ms, row.step_p99_ms = _pct(step, 50), _pct(step, 99)
+                first, step = latencies(conn, "probe", w.sequence)
+                row.first_p50_ms, row.first_p99_ms = pct(first, 50), pct(first, 99)
+                row.step_p50_ms, row.step_p99_ms = pct(step, 50), pct(step, 99)
             for p in profilers:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=30)
         except _Stalled:
             pass
         finally:
-            serve.stop()
+            serve.stop(strict=False)
+            serve.cleanup()
         if row.failed:
             row.note = "; ".join(x for x in (row.note, f"{row.failed} instance(s) failed") if x)
         progress(
@@ -789,10 +489,6 @@ def render(
 # -- main -----------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -846,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     progress = Progress(args.quiet)
     # SIGTERM (CI timeouts, kill) unwinds like ^C so serve and the embedded server stop
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     server = Server(args.dsn, args.profile)
     workdir = Path(tempfile.mkdtemp(prefix="pgdurable-bench-run-"))
     progress(
@@ -863,10 +559,10 @@ def main(argv: list[str] | None = None) -> int:
             floors = floor.measure(floor_dsn, secs, progress)
         finally:
             server.drop_db(scratch)
-        with http_server() as url:
+        with HttpRecorder(record=False) as http:
             rows = [
                 run_workload(server, w, args, workdir, progress)
-                for w in workloads(args.scale, url)
+                for w in workloads(args.scale, http.url + "/ok")
                 if w.name in wanted
             ]
         peer_rows: list[peers.PeerRow] = []

@@ -1,7 +1,7 @@
 """Peers in the same invocation (docs/performance.md, Targets): DBOS Transact and Procrastinate.
 
 ``python -m bench --peers dbos,procrastinate`` runs W1-W3 (the ones in ``--workloads``,
-sized exactly like pgdurable's: ``harness.workloads(args.scale)``) against each peer on
+sized exactly like pgdurable's: ``workloads.workloads(args.scale)``) against each peer on
 the same PostgreSQL server, each workload in a fresh database of its own
 (``pgdurable_peer_<peer>_<w>``), and returns one :class:`PeerRow` per workload. Both are
 the ``bench`` extra (``pip install -e '.[bench]'``); a peer that is not importable is
@@ -65,8 +65,6 @@ Tuning for 2 cores (docs/performance.md's "each tuned for 2 cores"), the same fo
   (the default), ``delete_jobs="never"`` (the default; the jobs are the step count), a
   psycopg pool of 12 per process.
 
-Over 500 lines: two peers, each driver with its own set-up, workloads and teardown.
-
 Over 500 lines: one driver per peer (DBOS, Procrastinate) with its W1-W3 workloads,
 its worker entry and the subprocess isolation they share; a split would scatter one peer
 across files.
@@ -88,6 +86,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .workloads import workloads
+
 KNOWN = {"dbos": "dbos", "procrastinate": "procrastinate"}
 PEER_WORKLOADS = ("W1", "W2", "W3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ CONCURRENCY = 8  # in-flight workflows / jobs per worker process
 DBOS_POLL_S = 0.05  # DBOS queue polling interval (default 1.0)
 DBOS_VERSION_TAG = "pgdurable-bench"
 ENQUEUE_ALLOWANCE_S = 300.0  # setup + enqueue, on top of the drain timeout
-FANOUT = 100  # W3's fan-out width (harness: _join_tree of 100 leaves)
+FANOUT = 100  # W3's fan-out width (workloads.join_tree of 100 leaves)
 SEQ = 10  # W2's sequence length
 
 
@@ -116,8 +116,6 @@ class PeerRow:
 
 def _sizes(scale: float, wanted: set[str]) -> list[tuple[str, int, int]]:
     """(workload, instances, leaf steps per instance), exactly pgdurable's sizes."""
-    from .harness import workloads  # lazy: harness imports this module
-
     return [
         (w.name, w.instances, w.steps_per_instance)
         for w in workloads(scale, "")
@@ -160,7 +158,7 @@ def run(name: str, server: Any, args: Any, progress: Any) -> list[PeerRow]:
         finally:
             if not getattr(args, "keep", False):
                 server.drop_db(dbname)
-        rows.append(_row(peer, version, workload, instances, steps_each, res))
+        rows.append(peer_row(peer, version, workload, instances, steps_each, res))
         progress(
             f"  [peer {peer}] {workload}: {rows[-1].steps_per_s:,.0f} steps/s ({rows[-1].note})"
         )
@@ -176,7 +174,7 @@ def _version(module: str) -> str:
         return "?"
 
 
-def _row(
+def peer_row(
     peer: str, version: str, workload: str, instances: int, steps_each: int, res: dict[str, Any]
 ) -> PeerRow:
     expected = instances * steps_each
@@ -305,7 +303,7 @@ def _say(msg: str) -> None:
     print("@progress " + msg, flush=True)
 
 
-class _Peer:
+class Peer:
     """One peer's setup, enqueue, worker and read-back (all inside the driver process)."""
 
     leaf_total: str  # SQL: leaf steps executed so far
@@ -319,7 +317,7 @@ class _Peer:
     def window(self, conn: Any) -> float: ...
 
 
-class _Dbos(_Peer):
+class Dbos(Peer):
     top: ClassVar[dict[str, str]] = {"W1": "bench_w1", "W2": "bench_w2", "W3": "bench_w3"}
     # each executed step's checkpoint (the datasource's own checkpoint rows are swept)
     leaf_total = (
@@ -375,7 +373,7 @@ class _Dbos(_Peer):
         return max(0.0, (row[1] - row[0]) / 1000) if row and row[0] else 0.0
 
 
-class _Procrastinate(_Peer):
+class Procrastinate(Peer):
     leaves: ClassVar[dict[str, tuple[str, ...]]] = {
         "W1": ("bench_step",),
         "W2": ("bench_seq",),
@@ -435,7 +433,7 @@ class _Procrastinate(_Peer):
         return max(0.0, float(row[1] - row[0])) if row and row[0] else 0.0
 
 
-PEERS: dict[str, type[_Peer]] = {"dbos": _Dbos, "procrastinate": _Procrastinate}
+PEERS: dict[str, type[Peer]] = {"dbos": Dbos, "procrastinate": Procrastinate}
 
 
 def _drive(spec: dict[str, Any]) -> dict[str, Any]:

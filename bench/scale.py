@@ -2,10 +2,11 @@
 
 Three checks, each in a fresh database of the server under test (``--dsn`` or an embedded
 PostgreSQL 18 like ``python -m bench``), each against a real ``python -m pgdurable serve``
-subprocess (bench/harness.py's ``Serve``). Sizes are multiplied by ``--scale``.
+subprocess (:class:`pgdurable.harness.Serve`, through bench/common.py). Sizes are multiplied
+by ``--scale``.
 
 finished   1,000,000 finished instances in the tables cost < 10 % throughput.
-           Measures harness.workloads()'s W2 (1,000 ten-step sequences
+           Measures bench/workloads.py's W2 (1,000 ten-step sequences
            ``df.sql('select 1') ~> …``) on the empty database, then runs one real instance
            of each of six shapes to a terminal state (one step, ten steps, named results,
            signal wait, failed, cancelled),
@@ -37,7 +38,7 @@ memory     10,000 instances ``df.sql('select 1') ~> df.wait_for_signal('go')`` s
 How a throughput run is measured (``measure``): serve(s) started and idle first, then all
 instances are started in ONE transaction (``select count(df.start(…)) from generate_series``,
 1,000 per statement), so every serve sees the whole backlog at the same commit; steps/s =
-completed SQL leaves / (first claim → last ``completed_at``), as harness.py defines it. CPU is
+completed SQL leaves / (first claim → last ``completed_at``), as bench/harness.py defines it. CPU is
 psutil's over the drain: serve's workers, the PostgreSQL cluster's processes (the postmaster
 of our connection and its children, not every ``postgres`` on the box) and the whole box;
 "rest of box" is the box minus those two (other work on a shared machine, the kernel).
@@ -80,27 +81,25 @@ from psycopg import sql
 from pgdurable import __version__
 from pgdurable import schema as schema_mod
 
-from .harness import (
+from .common import (
     LEAF_TYPES,
     POLL_S,
-    START_BATCH,
     TENANT,
     TERMINAL,
     Progress,
-    Serve,
     Server,
-    _cpu,
-    _cpu_delta,
-    _graph,
-    _interrupt,
-    _tenant,
-    enqueue_batched,
-    workloads,
+    cpu_delta,
+    cpu_seconds,
+    interrupt,
+    make_tenant,
+    start_serve,
+    worker_procs,
 )
+from .workloads import START_BATCH, enqueue_batched, graph_of, workloads
 
 ENGINE = "pgdurable"  # schema_mod.install's default engine schema
 ONE = "df.sql('select 1')"
-# base sizes (x --scale); the throughput workload is harness.workloads()'s W2
+# base sizes (x --scale); the throughput workload is workloads()'s W2
 FINISHED_N = 1_000_000
 MEMORY_N = 10_000
 # docs/performance.md, Targets targets
@@ -127,7 +126,7 @@ def seq10(step: Callable[[int], str]) -> str:
 
 
 def w2(scale: float) -> tuple[int, str]:
-    """harness.workloads()'s W2: (instances, DSL expression of ten ``df.sql('select 1')``)."""
+    """workloads()'s W2: (instances, DSL expression of ten ``df.sql('select 1')``)."""
     w = next(w for w in workloads(scale, "http://127.0.0.1/unused") if w.name == "W2")
     return max(2, w.instances), w.expr
 
@@ -146,7 +145,7 @@ def ledger_step(k: int) -> str:
 def cluster_procs(server: Server) -> list[psutil.Process]:
     """The postmaster of the server under test and its children (backends, walwriter…).
 
-    harness.Server.postgres_pids() takes every ``postgres`` process on the box; on a shared
+    common.Server.postgres_pids() takes every ``postgres`` process on the box; on a shared
     machine other clusters (embedded ones of other test runs) would be counted too.
     """
     with server.admin() as conn:
@@ -207,7 +206,7 @@ def enqueue_atomic(
 ) -> None:
     """``n`` per-row starts, START_BATCH per statement, all in ONE transaction.
 
-    harness.enqueue_batched commits every statement (it measures enqueue); here every serve
+    workloads.enqueue_batched commits every statement (it measures enqueue); here every serve
     must see the whole backlog at one instant, so the drain window is the same for all.
     """
     with psycopg.connect(tenant_dsn) as conn:
@@ -242,17 +241,18 @@ def measure(
         conn.execute("checkpoint")
     env = {"PGDURABLE_SLOTS": str(args.slots)} if args.slots else {}
     serves = [
-        Serve(dsn, args.workers, workdir / f"serve-{label}-{i}.log", env) for i in range(serves_n)
+        start_serve(dsn, args.workers, workdir / f"serve-{label}-{i}.log", env)
+        for i in range(serves_n)
     ]
     try:
-        kids = [s.wait_workers() for s in serves]
+        kids = [worker_procs(s) for s in serves]
         run.worker_pids = [[k.pid for k in ks] for ks in kids]
         time.sleep(SETTLE_S)
         mark: dict[str, Any] = {}
 
         def at_commit() -> None:
-            mark["w"] = [_cpu(ks) for ks in kids]
-            mark["pg"] = _cpu(cluster_procs(server))
+            mark["w"] = [cpu_seconds(ks) for ks in kids]
+            mark["pg"] = cpu_seconds(cluster_procs(server))
             mark["box"] = psutil.cpu_times()
             mark["t"] = time.monotonic()
 
@@ -294,15 +294,15 @@ def measure(
                     )
                     progress(f"  [{label}] {run.note}")
                     break
-                dead = [s for s in serves if s.proc.poll() is not None]
+                dead = [s for s in serves if not s.running()]
                 if dead or time.monotonic() > deadline:
                     raise RuntimeError(
                         f"{label}: {done}/{n} finished; serve log:\n{(dead or serves)[0].log()}"
                     )
                 time.sleep(POLL_S)
             wall = time.monotonic() - mark["t"]
-            w_cpu = [_cpu_delta(w0, _cpu(ks)) for w0, ks in zip(mark["w"], kids, strict=True)]
-            pg_cpu = _cpu_delta(mark["pg"], _cpu(cluster_procs(server)))
+            w_cpu = [cpu_delta(w0, cpu_seconds(ks)) for w0, ks in zip(mark["w"], kids, strict=True)]
+            pg_cpu = cpu_delta(mark["pg"], cpu_seconds(cluster_procs(server)))
             run.worker_cores = [c / wall for c in w_cpu]
             run.postgres_cores = pg_cpu / wall
             run.box_cores = _box_busy(mark["box"], psutil.cpu_times()) / wall
@@ -337,10 +337,10 @@ def measure(
             run.worker_ms_per_step = 1000 * sum(w_cpu) / max(run.steps, 1)
     finally:
         for s in serves:
-            if s.proc.poll() is None:
-                s.proc.terminate()
+            if s.running() and s.proc is not None:
+                s.proc.terminate()  # all of them first: they drain in parallel
         for s in serves:
-            s.stop()
+            s.stop(strict=False)
     if run.failed:
         run.note = "; ".join(x for x in (run.note, f"{run.failed} instance(s) failed") if x)
     progress(
@@ -384,7 +384,7 @@ class Db:
                         sql.Identifier(self.name), sql.Literal(str(self.max_user_connections))
                     )
                 )
-        self.tenant_dsn = _tenant(self.server, self.dsn, False)
+        self.tenant_dsn = make_tenant(self.server, self.dsn, False)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -451,9 +451,9 @@ def _run_templates(
             ids[name] = str(row[0])
         # the signal inbox is durable: send it now, the wait consumes it when it gets there
         t.execute("select df.signal(%s, 'go')", (ids["signal wait"],))
-    serve = Serve(db.dsn, 1, workdir / "serve-templates.log", {})
+    serve = start_serve(db.dsn, 1, workdir / "serve-templates.log")
     try:
-        serve.wait_workers()
+        serve.wait_workers(timeout=60)
         deadline = time.monotonic() + 120
         cancelled = False
         with db.admin() as conn, psycopg.connect(db.tenant_dsn, autocommit=True) as t:
@@ -477,11 +477,11 @@ def _run_templates(
                 )
                 if all(s in TERMINAL for s in st.values()):
                     break
-                if time.monotonic() > deadline or serve.proc.poll() is not None:
+                if time.monotonic() > deadline or not serve.running():
                     raise RuntimeError(f"template instances did not finish: {st}\n{serve.log()}")
                 time.sleep(0.1)
     finally:
-        serve.stop()
+        serve.stop(strict=False)
     progress("  templates: " + ", ".join(f"{k} {st[v]}" for k, v in ids.items()))
     return {k: (v, st[v]) for k, v in ids.items()}
 
@@ -593,8 +593,8 @@ def check_finished(
         Db(server, "pgdurable_scale_finished", args) as db,
         Db(server, "pgdurable_scale_control", args) as ctl,
     ):
-        graph = _graph(db.tenant_dsn, expr)
-        ctl_graph = _graph(ctl.tenant_dsn, expr)
+        graph = graph_of(db.tenant_dsn, expr)
+        ctl_graph = graph_of(ctl.tenant_dsn, expr)
         for i in range(args.repeats):
             res.before.append(
                 measure(
@@ -744,7 +744,7 @@ def check_scaleout(
                     sql.Identifier(TENANT)
                 )
             )
-        graph = _graph(db.tenant_dsn, seq10(ledger_step))
+        graph = graph_of(db.tenant_dsn, seq10(ledger_step))
         for i in range(args.repeats):
             res.one.append(
                 measure(
@@ -851,14 +851,14 @@ def check_memory(
     res.instances, res.workers = n, args.memory_workers
     progress(f"[memory] {n:,} instances parked on a signal, {res.workers} worker(s)")
     with Db(server, "pgdurable_scale_memory", args) as db:
-        graph = _graph(db.tenant_dsn, ONE + " ~> df.wait_for_signal('go')")
+        graph = graph_of(db.tenant_dsn, ONE + " ~> df.wait_for_signal('go')")
         enqueue_batched(db.tenant_dsn, graph, n, "mem", progress.tick)
         with db.admin() as conn:
             conn.execute("vacuum analyze")
         env = {"PGDURABLE_SLOTS": str(args.slots)} if args.slots else {}
-        serve = Serve(db.dsn, res.workers, workdir / "serve-memory.log", env)
+        serve = start_serve(db.dsn, res.workers, workdir / "serve-memory.log", env)
         try:
-            kids = serve.wait_workers()
+            kids = worker_procs(serve)
             t0 = time.monotonic()
             peak = 0
             last, last_move = -1, time.monotonic()
@@ -883,7 +883,7 @@ def check_memory(
                     if time.monotonic() - last_move > args.stall_seconds:
                         res.note = f"STALLED at {parked:,}/{n:,} parked"
                         break
-                    if serve.proc.poll() is not None or time.monotonic() - t0 > args.timeout:
+                    if not serve.running() or time.monotonic() - t0 > args.timeout:
                         raise RuntimeError(f"memory: {parked}/{n} parked\n{serve.log()}")
                     time.sleep(POLL_S)
                 res.parked = parked
@@ -947,7 +947,7 @@ def check_memory(
                             if x
                         )
                         break
-                    if serve.proc.poll() is not None or time.monotonic() - t1 > args.timeout:
+                    if not serve.running() or time.monotonic() - t1 > args.timeout:
                         raise RuntimeError(f"memory: {done}/{n} finished\n{serve.log()}")
                     time.sleep(POLL_S)
                 res.completed = done
@@ -962,7 +962,7 @@ def check_memory(
                         x for x in (res.note, f"{r[0]} instance(s) did not complete") if x
                     )
         finally:
-            serve.stop()
+            serve.stop(strict=False)
     return res
 
 
@@ -1231,7 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown check(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     progress = Progress(args.quiet)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     server = Server(args.dsn, False)
     workdir = Path(tempfile.mkdtemp(prefix="pgdurable-scale-"))
     progress(

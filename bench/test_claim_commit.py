@@ -23,6 +23,7 @@ import pytest
 from bench import floor
 from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres
+from pgdurable.harness import dsn_with
 
 pytestmark = pytest.mark.benchmark
 
@@ -39,9 +40,7 @@ def dsn() -> Iterator[str]:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("create database claim_bench")
             conn.execute(f"create role {ROLE} login")
-        info = psycopg.conninfo.conninfo_to_dict(admin)
-        info["dbname"] = "claim_bench"
-        out = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+        out = dsn_with(admin, dbname="claim_bench")
         schema.install(out)
         with psycopg.connect(out, autocommit=True) as conn:
             conn.execute("select df.grant_usage(%s)", (ROLE,))
@@ -54,12 +53,7 @@ class Cycle:
     """One instance whose single SQL leaf is claimed and checkpointed over and over."""
 
     def __init__(self, dsn: str) -> None:
-        info = psycopg.conninfo.conninfo_to_dict(dsn)
-        info["user"] = ROLE
-        with psycopg.connect(
-            psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
-            autocommit=True,
-        ) as tenant:
+        with psycopg.connect(dsn_with(dsn, user=ROLE), autocommit=True) as tenant:
             row = tenant.execute("select df.start(df.sql('select 1'))").fetchone()
         assert row is not None
         self.instance = str(row[0])

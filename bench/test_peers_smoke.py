@@ -15,7 +15,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from bench import harness, peers
+from bench import peers
+from bench.common import Server
+from bench.workloads import workloads
 
 pytestmark = pytest.mark.benchmark
 
@@ -37,8 +39,8 @@ SIZES = {"W1": 20, "W3": 1}  # instances
 
 
 @pytest.fixture(scope="module")
-def pg_server() -> Iterator[harness.Server]:
-    s = harness.Server(None, profile=False)
+def pg_server() -> Iterator[Server]:
+    s = Server(None, profile=False)
     try:
         yield s
     finally:
@@ -48,13 +50,11 @@ def pg_server() -> Iterator[harness.Server]:
 @pytest.mark.parametrize("workload", sorted(SIZES))
 @pytest.mark.parametrize("peer", sorted(peers.KNOWN))
 @pytest.mark.timeout(90)
-def test_peer_tiny(pg_server: harness.Server, peer: str, workload: str) -> None:
+def test_peer_tiny(pg_server: Server, peer: str, workload: str) -> None:
     if importlib.util.find_spec(peers.KNOWN[peer]) is None:
         pytest.skip(f"{peer} is not installed (pip install -e '.[bench]')")
     instances = SIZES[workload]
-    steps_each = next(
-        w.steps_per_instance for w in harness.workloads(1.0, "") if w.name == workload
-    )
+    steps_each = next(w.steps_per_instance for w in workloads(1.0, "") if w.name == workload)
     dbname = f"pgdurable_peer_smoke_{peer}_{workload.lower()}"
     dsn = pg_server.fresh_db(dbname)
     try:
@@ -62,7 +62,7 @@ def test_peer_tiny(pg_server: harness.Server, peer: str, workload: str) -> None:
         assert "error" not in res, res
         params = {
             "top": f"bench_{workload.lower()}",
-            "leaves": list(peers._Procrastinate.leaves[workload]),
+            "leaves": list(peers.Procrastinate.leaves[workload]),
             "last": {"W1": "bench_step", "W3": "bench_final"}[workload],
         }
         steps_sql, done_sql = EXECUTED[peer]
@@ -73,7 +73,7 @@ def test_peer_tiny(pg_server: harness.Server, peer: str, workload: str) -> None:
         assert steps == instances * steps_each, res
         assert res["steps"] == steps, res
         assert res["drain_s"] > 0, res
-        row = peers._row(peer, "test", workload, instances, steps_each, res)
+        row = peers.peer_row(peer, "test", workload, instances, steps_each, res)
         assert row.steps_per_s > 0, row
     finally:
         pg_server.drop_db(dbname)

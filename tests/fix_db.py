@@ -39,6 +39,7 @@ from psycopg import sql
 
 from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres
+from pgdurable.harness import dsn_with
 
 LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 # per test session, so concurrent runs against one shared server do not collide
@@ -76,11 +77,7 @@ class Server:
         return self.dsn(dbname, user=INSTALL_ROLE)
 
     def dsn(self, dbname: str, user: str | None = None) -> str:
-        info = psycopg.conninfo.conninfo_to_dict(self.admin_dsn)
-        info["dbname"] = dbname
-        if user:
-            info["user"] = user
-        return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+        return dsn_with(self.admin_dsn, dbname=dbname, user=user)
 
     def start(self) -> None:
         if self.ready:
@@ -286,12 +283,15 @@ class TestDB:
         return name
 
 
-@pytest.fixture
-def db(server: Server) -> Iterator[TestDB]:
-    """A fresh database cloned from the server's template (df already installed)."""
+@contextlib.contextmanager
+def fresh_db(server: Server, *, owner_superuser: bool = False) -> Iterator[TestDB]:
+    """A fresh database cloned from the server's template (df already installed), owned by
+    the cloud-style administrator (``owner_superuser``: by the cluster's superuser); dropped
+    afterwards with the roles made through it."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     strategy = sql.SQL(" strategy file_copy") if server.version >= 15 else sql.SQL("")
-    with psycopg.connect(server.install_dsn("postgres"), autocommit=True) as conn:
+    creator = server.admin_dsn if owner_superuser else server.install_dsn("postgres")
+    with psycopg.connect(creator, autocommit=True) as conn:
         conn.execute(
             sql.SQL("create database {} template {}{}").format(
                 sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy
@@ -308,3 +308,10 @@ def db(server: Server) -> Iterator[TestDB]:
             for role in tdb.roles:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture
+def db(server: Server) -> Iterator[TestDB]:
+    """A fresh database cloned from the server's template (df already installed)."""
+    with fresh_db(server) as tdb:
+        yield tdb

@@ -77,11 +77,6 @@ class RssSampler:
 
 
 @pytest.fixture
-def tenant(db: Any) -> str:
-    return str(db.create_role("amp"))
-
-
-@pytest.fixture
 def running(db: Any, serve_factory: Any, tenant: str) -> Serve:
     s = serve_factory(db)
     s.wait_workers(2)

@@ -15,6 +15,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.fix_sql import one
+
 pytestmark = pytest.mark.timeout(180)
 
 # what docs/operating.md tells a DBA to paste
@@ -27,11 +29,6 @@ from pg_stat_activity
 where application_name like 'pgdurable:%'
 order by xact_start
 """
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def find_step(dba, iid: str, node: str, timeout: float = 30) -> dict:

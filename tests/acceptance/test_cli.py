@@ -55,12 +55,6 @@ def scrape(port) -> dict[str, float]:
 
 
 @pytest.fixture
-def tenant(db):
-    role = db.create_role("cli")
-    return role
-
-
-@pytest.fixture
 def running(db, serve_factory, tenant):
     port = _free_port()
     s = serve_factory(db, PGDURABLE_METRICS_PORT=str(port))

@@ -9,12 +9,9 @@ import json
 import pytest
 from psycopg import sql
 
+from tests.fix_sql import one
+
 pytestmark = pytest.mark.timeout(180)
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def test_definer_started_workflow_runs_as_the_owner(db, serve_factory):

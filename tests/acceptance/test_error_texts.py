@@ -14,12 +14,10 @@ from typing import Any
 import pytest
 
 from tests import fix_db
-from tests.acceptance.conftest import Serve
+from tests.acceptance.conftest import module_env
 from tests.acceptance.test_http import (
     BASE_ENV,
     Env,
-    _drop_db,
-    _fresh_db,
     finish,
     run,
     serve_env,
@@ -35,16 +33,13 @@ NOWHERE = "http://127.0.0.1:9/nothing"
 @pytest.fixture(scope="module")
 def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """One database and one serve (HTTP allow-list: 127.0.0.1, localhost) for the module."""
-    tdb = _fresh_db(server)
-    s = Serve(tdb, dict(BASE_ENV), log_path=tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        role = tdb.create_role("txt", http=True)
-        s.start()
-        s.wait_workers(2)
-        yield Env(tdb, s, role)
-    finally:
-        s.cleanup()
-        _drop_db(tdb)
+    with module_env(
+        server,
+        tmp_path_factory.mktemp("serve"),
+        BASE_ENV,
+        lambda tdb: tdb.create_role("txt", http=True),
+    ) as e:
+        yield e
 
 
 def failed_with(

@@ -23,19 +23,18 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
 import pytest
-from psycopg import sql
 
+from pgdurable.harness import HttpRecorder, Reply, Request
 from tests import fix_db
-from tests.acceptance.conftest import Serve
-from tests.fix_db import TEMPLATE_DB, Server
+from tests.acceptance.conftest import Env, Serve, module_env
+from tests.fix_db import Server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,165 +44,97 @@ MiB = 1024 * 1024
 # --------------------------------------------------------------------------- HTTP server
 
 
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
+Seen = Request  # what the recorder read: method, path, headers, body, at
 
 
-@dataclass
-class Recorder:
-    server: ThreadingHTTPServer
-    seen: list[Seen] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    slow_once: set[str] = field(default_factory=set)
+class Recorder(HttpRecorder):
+    """The shared loopback recorder, answering by path (``/echo``, ``/status/<code>``, …) over
+    HTTP/1.0 (one request per connection: ``/huge`` promises more than it sends and closes)."""
+
+    def __init__(self) -> None:
+        self.slow_once: set[str] = set()
+        super().__init__(protocol="HTTP/1.0")
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self.url
 
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    def hits(self, prefix: str) -> list[Seen]:
-        with self.lock:
-            return [s for s in self.seen if s.path.startswith(prefix)]
-
-
-def _handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _send(
-            self,
-            status: int,
-            body: bytes,
-            ctype: str | None = "text/plain",
-            extra: list[tuple[str, str]] | None = None,
-        ) -> None:
-            self.send_response(status)
-            if ctype:
-                self.send_header("Content-Type", ctype)
-            for k, v in extra or []:
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+    def answer(self, h: BaseHTTPRequestHandler, req: Request) -> Reply | None:
+        path = req.path
+        parts = path.split("?")[0].strip("/").split("/")
+        kind = parts[0]
+        if kind == "echo":
+            return Reply(
+                200,
+                json.dumps({"method": req.method, "path": path}).encode(),
+                "application/json",
+                [("X-Multi", "a"), ("X-Multi", "b"), ("X-One", "1")],
+            )
+        if kind == "text":
+            return Reply(200, "héllo wörld".encode("latin-1"), "text/plain; charset=latin-1")
+        if kind == "bin":
+            return Reply(200, b"\x00\x01\xfe\xffpng", "application/octet-stream")
+        if kind == "noctype":
+            return Reply(200, b"plain utf-8 \xe2\x9c\x93", None)
+        if kind == "status":
+            code = int(parts[1])
+            return Reply(code, f"status {code} body".encode(), "text/plain")
+        if kind == "redirect":
+            return Reply(302, b"", None, [("Location", "/echo/redirected")])
+        if kind == "sleep":
+            # the server-side delay the timeout / concurrency tests measure against
+            self.stopping.wait(float(parts[1]))
+            return Reply(200, b"slept", "text/plain")
+        if kind == "huge":
+            h.send_response(200)
+            h.send_header("Content-Type", "application/octet-stream")
+            h.send_header("Content-Length", str(10 * MiB + 1))
+            h.end_headers()
             with contextlib.suppress(OSError):
-                self.wfile.write(body)
-
-        def _any(self) -> None:
-            n = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(n) if n else b""
-            path = self.path
-            with rec.lock:
-                rec.seen.append(
-                    Seen(self.command, path, dict(self.headers.items()), body, time.monotonic())
-                )
-            parts = path.split("?")[0].strip("/").split("/")
-            kind = parts[0]
-            if kind == "echo":
-                self._send(
-                    200,
-                    json.dumps({"method": self.command, "path": path}).encode(),
-                    "application/json",
-                    [("X-Multi", "a"), ("X-Multi", "b"), ("X-One", "1")],
-                )
-            elif kind == "text":
-                self._send(200, "héllo wörld".encode("latin-1"), "text/plain; charset=latin-1")
-            elif kind == "bin":
-                self._send(200, b"\x00\x01\xfe\xffpng", "application/octet-stream")
-            elif kind == "noctype":
-                self._send(200, b"plain utf-8 \xe2\x9c\x93", None)
-            elif kind == "status":
-                code = int(parts[1])
-                self._send(code, f"status {code} body".encode())
-            elif kind == "redirect":
-                self._send(302, b"", None, [("Location", "/echo/redirected")])
-            elif kind == "sleep":
-                # the server-side delay the timeout / concurrency tests measure against
-                rec.stop.wait(float(parts[1]))
-                self._send(200, b"slept", "text/plain")
-            elif kind == "huge":
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(10 * MiB + 1))
-                self.end_headers()
-                with contextlib.suppress(OSError):
-                    self.wfile.write(b"x" * 1024)
-            elif kind == "setcookie":  # /setcookie/<name>/<value>
-                self._send(
-                    200,
-                    b"cookie set",
-                    "text/plain",
-                    [("Set-Cookie", f"{parts[1]}={parts[2]}; Path=/")],
-                )
-            elif kind == "headers":  # what the server received, for the step's result
-                self._send(200, json.dumps(dict(self.headers.items())).encode(), "application/json")
-            elif kind == "bomb":  # /bomb/<Content-Encoding>
-                coding = parts[1]
-                body = gzip_gzip_bomb() if coding == "gzip,gzip" else gzip_bomb()
-                self._send(
-                    200,
-                    body,
-                    "application/octet-stream",
-                    [("Content-Encoding", coding.replace(",", ", "))],
-                )
-            elif kind == "gzip-ok":
-                self._send(
-                    200,
-                    gzip.compress(b"fine " * 200_000),
-                    "text/plain",
-                    [("Content-Encoding", "gzip")],
-                )
-            elif kind == "slow-once":
-                tag = parts[1]
-                with rec.lock:
-                    first = tag not in rec.slow_once
-                    rec.slow_once.add(tag)
-                if first:
-                    # hold the first attempt until its worker is killed (test ends it)
-                    rec.stop.wait(60)
-                self._send(200, b"second attempt", "text/plain")
-            else:
-                self._send(404, b"no such path")
-
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _any
-
-    return H
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # the JOIN of 50 connects all at once
+                h.wfile.write(b"x" * 1024)
+            return None
+        if kind == "setcookie":  # /setcookie/<name>/<value>
+            return Reply(
+                200, b"cookie set", "text/plain", [("Set-Cookie", f"{parts[1]}={parts[2]}; Path=/")]
+            )
+        if kind == "headers":  # what the server received, for the step's result
+            return Reply(200, json.dumps(req.headers).encode(), "application/json")
+        if kind == "bomb":  # /bomb/<Content-Encoding>
+            coding = parts[1]
+            body = gzip_gzip_bomb() if coding == "gzip,gzip" else gzip_bomb()
+            return Reply(
+                200,
+                body,
+                "application/octet-stream",
+                [("Content-Encoding", coding.replace(",", ", "))],
+            )
+        if kind == "gzip-ok":
+            return Reply(
+                200, gzip.compress(b"fine " * 200_000), "text/plain", [("Content-Encoding", "gzip")]
+            )
+        if kind == "slow-once":
+            tag = parts[1]
+            with self.lock:
+                first = tag not in self.slow_once
+                self.slow_once.add(tag)
+            if first:
+                # hold the first attempt until its worker is killed (test ends it)
+                self.stopping.wait(60)
+            return Reply(200, b"second attempt", "text/plain")
+        return Reply(404, b"no such path", "text/plain")
 
 
 @pytest.fixture
 def http(_http: Recorder) -> Recorder:
     """The module's server with its request log emptied for this test."""
-    with _http.lock:
-        _http.seen.clear()
+    _http.clear()
     return _http
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[Recorder]:
-    srv = _Server(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    rec = Recorder(srv)
-    srv.RequestHandlerClass = _handler(rec)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
+    with Recorder() as rec:
         yield rec
-    finally:
-        rec.stop.set()
-        srv.shutdown()
-        srv.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -249,48 +180,16 @@ BASE_ENV = serve_env(
 )
 
 
-def _fresh_db(server: Server) -> fix_db.TestDB:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    strategy = sql.SQL(" strategy file_copy") if server.version >= 15 else sql.SQL("")
-    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("create database {} template {}{}").format(
-                sql.Identifier(name), sql.Identifier(TEMPLATE_DB), strategy
-            )
-        )
-    return fix_db.TestDB(server, name)
-
-
-def _drop_db(tdb: fix_db.TestDB) -> None:
-    with psycopg.connect(tdb.server.admin_dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(tdb.name))
-        )
-        for role in tdb.roles:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
-
-
-@dataclass
-class Env:
-    db: fix_db.TestDB
-    serve: Serve
-    role: str  # granted df and HTTP
-
-
 @pytest.fixture(scope="module")
 def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """One database + one serve (allow-list 127.0.0.1, localhost) for this module."""
-    tdb = _fresh_db(server)
-    s = Serve(tdb, dict(BASE_ENV), log_path=tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        role = tdb.create_role("web", http=True)
-        s.start()
-        s.wait_workers(2)
-        yield Env(tdb, s, role)
-    finally:
-        s.cleanup()
-        _drop_db(tdb)
+    with module_env(
+        server,
+        tmp_path_factory.mktemp("serve"),
+        BASE_ENV,
+        lambda db: db.create_role("web", http=True),
+    ) as e:
+        yield e
 
 
 def start(

@@ -12,11 +12,6 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def tenant(db):
-    return db.create_role("ie")
-
-
-@pytest.fixture
 def running(db, serve_factory, tenant):
     s = serve_factory(db)
     s.wait_workers(2)

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from pgdurable.cli import main as cli_main
 from tests import fix_db
-from tests.acceptance.conftest import Serve
-from tests.acceptance.test_http import BASE_ENV, Env, _drop_db, _fresh_db, finish, start
+from tests.acceptance.conftest import module_env
+from tests.acceptance.test_http import BASE_ENV, Env, finish, start
 from tests.fix_db import Server
 
 pytestmark = pytest.mark.timeout(240)
@@ -27,19 +27,15 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture(scope="module")
 def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    tdb = _fresh_db(server)
-    s = Serve(tdb, dict(BASE_ENV), log_path=tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
+    def make_role(tdb: fix_db.TestDB) -> str:
         role = tdb.create_role("iter")
         with tdb.connect() as conn:
             conn.execute("create table public.it (x int)")
             conn.execute(f'grant select, insert on public.it to "{role}"')
-        s.start()
-        s.wait_workers(2)
-        yield Env(tdb, s, role)
-    finally:
-        s.cleanup()
-        _drop_db(tdb)
+        return role
+
+    with module_env(server, tmp_path_factory.mktemp("serve"), BASE_ENV, make_role) as e:
+        yield e
 
 
 def nodes(db: fix_db.TestDB, role: str, iid: str) -> list[dict[str, Any]]:

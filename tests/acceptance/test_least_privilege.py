@@ -52,6 +52,7 @@ import pytest
 from psycopg import sql
 
 from pgdurable import schema as schema_mod
+from tests.fix_sql import one
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,11 +67,6 @@ OLD_PRUNE_KEY = 1346913362
 
 
 # -- small helpers -----------------------------------------------------------------------------
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def ident(name: str) -> str:

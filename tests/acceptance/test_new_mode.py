@@ -22,17 +22,13 @@ import psycopg
 import pytest
 
 from pgdurable import schema
+from tests.fix_sql import one
 
 from .conftest import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 
 STATEMENT = "CREATE EXTENSION dblink SCHEMA pgdurable_dblink;"
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def cli_install(dsn: str) -> subprocess.CompletedProcess[str]:

@@ -57,11 +57,6 @@ def _sql(text: str) -> str:
 
 
 @pytest.fixture
-def tenant(db):
-    return db.create_role("num")
-
-
-@pytest.fixture
 def running(db, serve_factory, tenant):
     s = serve_factory(db)
     s.wait_workers(2)

@@ -13,17 +13,13 @@ import pytest
 from psycopg import sql
 
 from pgdurable import schema
+from tests.fix_sql import one
 
 pytestmark = pytest.mark.timeout(180)
 
 # idle close (2 s, checked every 0.5 s) plus margin; PostgreSQL's DROP DATABASE itself waits
 # up to 5 s for other sessions to leave, so one attempt may take that long
 DROP_WITHIN_S = 12.0
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def test_drop_database_after_remote_workflows(db, serve_factory):

@@ -26,6 +26,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.fix_sql import one
+
 pytestmark = pytest.mark.timeout(240)
 
 ROLE_MSG = 'cannot set parameter "role" within security-definer function'
@@ -33,11 +35,6 @@ AUTH_MSG = 'cannot set parameter "session_authorization" within security-definer
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def start(conn, step_sql: str) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests import fix_db
-from tests.acceptance.conftest import Serve
-from tests.acceptance.test_http import BASE_ENV, Env, _drop_db, _fresh_db, finish, start
+from tests.acceptance.conftest import module_env
+from tests.acceptance.test_http import BASE_ENV, Env, finish, start
 from tests.fix_db import Server
 
 pytestmark = pytest.mark.timeout(180)
@@ -23,16 +23,10 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    tdb = _fresh_db(server)
-    s = Serve(tdb, dict(BASE_ENV), log_path=tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        role = tdb.create_role("sig")
-        s.start()
-        s.wait_workers(2)
-        yield Env(tdb, s, role)
-    finally:
-        s.cleanup()
-        _drop_db(tdb)
+    with module_env(
+        server, tmp_path_factory.mktemp("serve"), BASE_ENV, lambda tdb: tdb.create_role("sig")
+    ) as e:
+        yield e
 
 
 def signal(db: fix_db.TestDB, role: str, iid: str, name: str, data: str | None = None) -> None:

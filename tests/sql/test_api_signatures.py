@@ -20,6 +20,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.fix_sql import new_user, one
+
 API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
@@ -378,29 +380,14 @@ def test_api_doc_lists_every_function_and_difference() -> None:
 # ---------------------------------------------------------------- behaviour the types give
 
 
-def _role(tx) -> str:
-    name = f"api_{uuid.uuid4().hex[:8]}"
-    tx.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
-    tx.execute(
-        "select df.grant_usage(p_role => %s, include_http => false, with_grant => false)", (name,)
-    )
-    tx.execute(sql.SQL("set local role {}").format(sql.Identifier(name)))
-    return name
-
-
-def _one(tx, q, params=()):
-    row = tx.execute(q, params).fetchone()
-    return row[0] if row else None
-
-
 def test_results_compare_with_text_and_bigint(tx) -> None:
     """The issue's query: text[] = array_agg(instance_id); execution ids are bigints."""
-    _role(tx)
-    a = _one(tx, "select df.start(fut => df.sql('select 1'), label => 'cmp')")
-    b = _one(tx, "select df.start(df.sql('select 2'), 'cmp')")
-    assert _one(tx, "select pg_typeof(df.start('select 3'))::text") == "text"
+    new_user(tx, "api")
+    a = one(tx, "select df.start(fut => df.sql('select 1'), label => 'cmp')")
+    b = one(tx, "select df.start(df.sql('select 2'), 'cmp')")
+    assert one(tx, "select pg_typeof(df.start('select 3'))::text") == "text"
     assert (
-        _one(
+        one(
             tx,
             "select array_agg(instance_id order by instance_id) = %s::text[] "
             "from df.list_instances(null, 10, 'cmp')",
@@ -408,9 +395,9 @@ def test_results_compare_with_text_and_bigint(tx) -> None:
         )
         is True
     )
-    assert _one(tx, "select instance_id = %s::text from df.instance_info(%s)", (a, a)) is True
+    assert one(tx, "select instance_id = %s::text from df.instance_info(%s)", (a, a)) is True
     assert (
-        _one(
+        one(
             tx,
             "select count(*) from df.list_instances() where instance_id = any(%s::text[])",
             ([a, b],),
@@ -418,12 +405,12 @@ def test_results_compare_with_text_and_bigint(tx) -> None:
         == 2
     )
     assert (
-        _one(tx, "select pg_typeof(execution_count)::text from df.list_instances() limit 1")
+        one(tx, "select pg_typeof(execution_count)::text from df.list_instances() limit 1")
         == "bigint"
     )
     # a worker's stamp on the root: execution 1, compared and cast as a bigint
     (root,) = [r[0] for r in tx.execute("select id from df.nodes where instance_id = %s", (a,))]
-    role = _one(tx, "select current_user")
+    role = one(tx, "select current_user")
     tx.execute("reset role")
     tx.execute(
         "update df.nodes set status = 'running', status_details = %s "
@@ -431,16 +418,16 @@ def test_results_compare_with_text_and_bigint(tx) -> None:
         (json.dumps({"gen": 1, "execution_id": f"{a}::1"}), a, root),
     )
     tx.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-    assert _one(tx, "select execution_id::bigint = 1 from df.instance_executions(%s)", (a,)) is True
+    assert one(tx, "select execution_id::bigint = 1 from df.instance_executions(%s)", (a,)) is True
     assert (
-        _one(tx, "select current_execution_id = 1::bigint from df.instance_info(%s)", (a,)) is True
+        one(tx, "select current_execution_id = 1::bigint from df.instance_info(%s)", (a,)) is True
     )
     assert (
-        _one(tx, "select execution_id from df.instance_nodes(%s, 0) where node_id = %s", (a, root))
+        one(tx, "select execution_id from df.instance_nodes(%s, 0) where node_id = %s", (a, root))
         == 1
     )
     assert (
-        _one(
+        one(
             tx,
             "select node_id = %s::text from df.instance_nodes(instance_id_param => %s)",
             (root, a),
@@ -450,14 +437,14 @@ def test_results_compare_with_text_and_bigint(tx) -> None:
 
 
 def test_named_arguments_as_pg_durable_names_them(tx) -> None:
-    _role(tx)
-    iid = _one(
+    new_user(tx, "api")
+    iid = one(
         tx,
         "select df.start(fut => df.wait_for_signal(name => 'go', "
         "timeout_seconds => 60), transaction_mode => 'caller')",
     )
     assert (
-        _one(
+        one(
             tx,
             "select df.signal(instance_id => %s, signal_name => 'go', "
             'signal_data => \'{"by": "api"}\')',
@@ -465,9 +452,9 @@ def test_named_arguments_as_pg_durable_names_them(tx) -> None:
         )
         == "OK"
     )
-    assert _one(tx, "select df.run(instance_id => %s)", (iid,)) is not None
+    assert one(tx, "select df.run(instance_id => %s)", (iid,)) is not None
     assert (
-        _one(
+        one(
             tx,
             "select count(*) from df.instance_nodes(instance_id_param => %s, "
             "_last_n_executions => 1)",
@@ -476,39 +463,39 @@ def test_named_arguments_as_pg_durable_names_them(tx) -> None:
         == 1
     )
     assert (
-        _one(
+        one(
             tx,
             "select count(*) from df.instance_executions(instance_id => %s, limit_count => 1)",
             (iid,),
         )
         == 0
     )
-    assert _one(tx, "select df.explain(input => %s)", (iid,)).startswith("Instance")
+    assert one(tx, "select df.explain(input => %s)", (iid,)).startswith("Instance")
     assert (
-        _one(
+        one(
             tx,
             "select df.if_rows(result_name => 'r', then_branch => 'select 1', "
             "else_branch => 'select 2')",
         )
         is not None
     )
-    assert _one(tx, "select df.loop(body => 'select 1', condition => 'select false')") is not None
-    assert _one(tx, "select df.loop_prefix_op(body => 'select 1')") == _one(
+    assert one(tx, "select df.loop(body => 'select 1', condition => 'select false')") is not None
+    assert one(tx, "select df.loop_prefix_op(body => 'select 1')") == one(
         tx, "select df.loop('select 1')"
     )
     assert (
-        _one(tx, "select df.if_then_op(condition => 'select true', then_branch => 'select 1')")
+        one(tx, "select df.if_then_op(condition => 'select true', then_branch => 'select 1')")
         is not None
     )
 
 
 def test_strict_functions_ignore_a_null_argument(tx) -> None:
     """STRICT as in pg_durable: an explicit NULL returns NULL and does nothing."""
-    _role(tx)
-    iid = _one(tx, "select df.start(df.wait_for_signal('go'))")
-    assert _one(tx, "select df.cancel(%s, null)", (iid,)) is None
-    assert _one(tx, "select df.signal(%s, 'go', null)", (iid,)) is None
-    assert _one(tx, "select df.status(%s)", (iid,)) == "pending"
+    new_user(tx, "api")
+    iid = one(tx, "select df.start(df.wait_for_signal('go'))")
+    assert one(tx, "select df.cancel(%s, null)", (iid,)) is None
+    assert one(tx, "select df.signal(%s, 'go', null)", (iid,)) is None
+    assert one(tx, "select df.status(%s)", (iid,)) == "pending"
     tx.execute("savepoint s")
     with pytest.raises(psycopg.errors.NoDataFound, match="not found or access denied"):
         tx.execute("select df.cancel('00000000')")
@@ -521,17 +508,17 @@ def test_strict_functions_ignore_a_null_argument(tx) -> None:
         "select df.setvar('a', null)",
         "select df.explain(null)",
     ]:
-        assert _one(tx, q) is None, q
+        assert one(tx, q) is None, q
     assert tx.execute("select * from df.instance_info(null)").fetchall() == []
     assert tx.execute("select * from df.instance_executions(%s, null)", (iid,)).fetchall() == []
-    assert _one(tx, "select count(*) from df.vars") == 0
+    assert one(tx, "select count(*) from df.vars") == 0
 
 
 def test_instance_executions_are_generations(tx) -> None:
     """Execution k holds the nodes whose latest activation is their k-th (a loop's body runs once
     per execution): ids are bigints, newest first, limit_count rows at most (1..10,000)."""
-    role = _role(tx)
-    iid = _one(tx, "select df.start(df.loop(df.seq('select 1', 'select 2')))")
+    role = new_user(tx, "api")
+    iid = one(tx, "select df.start(df.loop(df.seq('select 1', 'select 2')))")
     nodes = [
         r[0] for r in tx.execute("select node_id from df.instance_nodes(%s)", (iid,)).fetchall()
     ]
@@ -558,7 +545,7 @@ def test_instance_executions_are_generations(tx) -> None:
     assert [
         r[0] for r in tx.execute("select execution_id from df.instance_executions(%s, 2)", (iid,))
     ] == [3, 2]
-    assert _one(tx, "select current_execution_id from df.instance_info(%s)", (iid,)) == 3
+    assert one(tx, "select current_execution_id from df.instance_info(%s)", (iid,)) == 3
     legacy = dict(
         tx.execute("select node_id, execution_id from df.instance_nodes(%s, 5)", (iid,)).fetchall()
     )
@@ -631,7 +618,7 @@ def test_upgrade_to_4_keeps_explicit_grants_on_remade_functions(server, start) -
                 "df.metrics()",
             ):
                 assert (
-                    _one(
+                    one(
                         conn,
                         "select has_function_privilege(%s, %s, 'EXECUTE WITH GRANT OPTION')",
                         (admin, fn),
@@ -639,7 +626,7 @@ def test_upgrade_to_4_keeps_explicit_grants_on_remade_functions(server, start) -
                     is True
                 ), fn
             assert (
-                _one(
+                one(
                     conn,
                     "select pg_get_function_result('df.grant_usage(text,boolean,boolean)'"
                     "::regprocedure)",
@@ -652,7 +639,7 @@ def test_upgrade_to_4_keeps_explicit_grants_on_remade_functions(server, start) -
             conn.execute(sql.SQL("set role {}").format(sql.Identifier(admin)))
             conn.execute("select df.grant_usage(p_role => %s)", (tenant,))
             conn.execute("reset role")
-            assert _one(conn, "select has_schema_privilege(%s, 'df', 'usage')", (tenant,)) is True
+            assert one(conn, "select has_schema_privilege(%s, 'df', 'usage')", (tenant,)) is True
     finally:
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("drop database {} with (force)").format(sql.Identifier(name)))

@@ -8,27 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import psycopg
 import pytest
-from psycopg import sql
 
-
-def mkrole(conn, prefix="ct"):
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
-    conn.execute("select df.grant_usage(%s)", (name,))
-    return name
-
-
-def become(conn, role):
-    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
+from tests.fix_sql import become, one
 
 
 def expect(conn, query, exc, match, params=()):
@@ -48,13 +32,6 @@ THEN_SIG = json.dumps(
         },
     }
 )
-
-
-@pytest.fixture
-def user(tx):
-    role = mkrole(tx)
-    become(tx, role)
-    return role
 
 
 def nodes(conn, iid):

@@ -10,10 +10,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
+from tests.fix_sql import one
 
 
 def definer(db, owner: str, body: str, name: str = "kick") -> str:

@@ -15,18 +15,13 @@ import pytest
 from psycopg import errors
 
 from pgdurable.cron import validate as cron_validate
+from tests.fix_sql import one
 
 Conn = psycopg.Connection[Any]
 
 
-def one(tx: Conn, query: str, *params: object) -> Any:
-    row = tx.execute(query, params or None).fetchone()
-    assert row is not None
-    return row[0]
-
-
 def graph(tx: Conn, query: str, *params: object) -> Any:
-    text = one(tx, query, *params)
+    text = one(tx, query, params, strict=True)
     assert isinstance(text, str)
     return json.loads(text)
 
@@ -55,7 +50,7 @@ def test_sql_node_is_compact_json(tx: Conn) -> None:
 
 def test_sql_node_escapes_text(tx: Conn) -> None:
     q = "select 'a\"b\\c', E'\\n', 'ünï'"
-    got = one(tx, "select df.sql(%s)", q)
+    got = one(tx, "select df.sql(%s)", (q,))
     assert json.loads(got) == sql(q)
 
 
@@ -245,7 +240,7 @@ def test_as_leaf_and_key_order(tx: Conn) -> None:
 
 def test_as_composite_keeps_children_text(tx: Conn) -> None:
     inner = one(tx, "select df.seq(df.as('a', 'x'), 'b')")
-    text = one(tx, "select df.as(%s, 'y')", inner)
+    text = one(tx, "select df.as(%s, 'y')", (inner,))
     assert text == (
         '{"node_type":"THEN","result_name":"y","left_node":'
         '{"node_type":"SQL","query":"a","result_name":"x"},'
@@ -261,7 +256,7 @@ def test_as_renames(tx: Conn) -> None:
 
 def test_as_on_hand_written_json(tx: Conn) -> None:
     text = '  {"query" : "q", "result_name": "old", "node_type": "SQL"}  '
-    assert one(tx, "select df.as(%s, 'new')", text) == (
+    assert one(tx, "select df.as(%s, 'new')", (text,)) == (
         '{"node_type":"SQL","query":"q","result_name":"new"}'
     )
 
@@ -384,7 +379,7 @@ def test_autowrap_sql_text(tx: Conn) -> None:
 
 def test_autowrap_node_json_as_is(tx: Conn) -> None:
     node = '  {"node_type": "SLEEP", "query": "5"}\n'
-    text = one(tx, "select df.seq(%s, 'b')", node)
+    text = one(tx, "select df.seq(%s, 'b')", (node,))
     assert text.startswith('{"node_type":"THEN","left_node":{"node_type": "SLEEP", "query": "5"},')
     assert json.loads(text)["left_node"] == {"node_type": "SLEEP", "query": "5"}
 
@@ -511,7 +506,7 @@ def test_if_else_op_names_what_it_got(tx: Conn) -> None:
     ],
 )
 def test_null_operand_gives_null(tx: Conn, call: str) -> None:
-    assert one(tx, f"select {call}") is None
+    assert one(tx, f"select {call}", strict=True) is None
 
 
 def test_null_in_optional_parameters_means_absent(tx: Conn) -> None:

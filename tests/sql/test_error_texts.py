@@ -15,29 +15,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
-
-def mkrole(conn: Any, prefix: str = "et", *, login: bool = True, http: bool = False) -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn.execute(
-        sql.SQL("create role {} {}").format(
-            sql.Identifier(name), sql.SQL("login" if login else "nologin")
-        )
-    )
-    conn.execute("select df.grant_usage(%s, %s)", (name, http))
-    return name
-
-
-def become(conn: Any, role: str) -> None:
-    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-
-
-@pytest.fixture
-def user(tx: Any) -> str:
-    role = mkrole(tx)
-    become(tx, role)
-    return role
+from tests.fix_sql import become, mkrole
 
 
 def raised(conn: Any, query: str, params: tuple[Any, ...] = ()) -> psycopg.Error:

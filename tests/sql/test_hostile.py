@@ -22,15 +22,14 @@ import random
 import re
 import string
 import time
-import uuid
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from pgdurable.sanitize import visible
+from tests.fix_sql import become, mkrole
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
@@ -109,17 +108,6 @@ identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True)
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def mkrole(conn: Conn, *, http: bool = False) -> str:
-    name = f"hs_{uuid.uuid4().hex[:8]}"
-    conn.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
-    conn.execute("select df.grant_usage(%s, %s)", (name, http))
-    return name
-
-
-def become(conn: Conn, role: str) -> None:
-    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
 
 
 @pytest.fixture

@@ -9,10 +9,7 @@ import threading
 import psycopg
 import pytest
 
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
+from tests.fix_sql import one
 
 
 def count(conn, role):

@@ -5,27 +5,12 @@ info/executions, metrics, vars, misc. Worker writes are simulated as the table o
 from __future__ import annotations
 
 import json
-import uuid
 
 import psycopg
 import pytest
 from psycopg import sql
 
-
-def mkrole(conn, prefix="in", **kw):
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
-    conn.execute("select df.grant_usage(%s, true, %s)", (name, kw.get("with_grant", False)))
-    return name
-
-
-def become(conn, role):
-    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
+from tests.fix_sql import become, mkrole, one
 
 
 def expect(conn, query, exc, match, params=()):
@@ -41,7 +26,7 @@ def sqln(q, **kw):
 
 @pytest.fixture
 def user(tx):
-    role = mkrole(tx)
+    role = mkrole(tx, "in", http=True)
     become(tx, role)
     return role
 
@@ -294,7 +279,7 @@ def test_explain_live_marks(tx, user):
     assert body.count("IF") == 1
     assert body.count("→") == 1
     tx.execute("reset role")
-    other = mkrole(tx)
+    other = mkrole(tx, "in", http=True)
     become(tx, other)
     expect(
         tx,
@@ -374,8 +359,8 @@ def test_instance_info_and_executions(tx, user):
 
 
 def test_metrics_admin_only(tx):
-    plain = mkrole(tx)
-    admin = mkrole(tx, with_grant=True)
+    plain = mkrole(tx, "in", http=True)
+    admin = mkrole(tx, "in", http=True, with_grant=True)
     become(tx, plain)
     expect(
         tx, "select * from df.metrics()", psycopg.errors.InsufficientPrivilege, "permission denied"

@@ -12,7 +12,6 @@ tests/acceptance/test_iterations.py.
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,15 +30,6 @@ ROW_TRUE = {"rows": [{"b": True}], "row_count": 1, "columns": ["b"]}
 ROW_FALSE = {"rows": [{"b": False}], "row_count": 1, "columns": ["b"]}
 ROW_ONE = {"rows": [{"n": 1}], "row_count": 1, "columns": ["n"]}
 SIGNALLED = {"signal_name": "go", "timed_out": False, "data": {}}
-
-
-@pytest.fixture
-def user(tx):
-    name = f"it_{uuid.uuid4().hex[:8]}"
-    tx.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
-    tx.execute("select df.grant_usage(%s)", (name,))
-    tx.execute(sql.SQL("set local role {}").format(sql.Identifier(name)))
-    return name
 
 
 class Driver:

@@ -16,6 +16,7 @@ import pytest
 from psycopg import errors
 
 from pgdurable import schema
+from tests.fix_sql import one
 
 OPERATORS_SQL = Path(schema.__file__).parent / "sql" / "schema" / "20_operators.sql"
 
@@ -31,12 +32,6 @@ OPERATORS = {
 }
 
 Conn = psycopg.Connection[Any]
-
-
-def one(tx: Conn, query: str, *params: object) -> Any:
-    row = tx.execute(query, params or None).fetchone()
-    assert row is not None
-    return row[0]
 
 
 def same(tx: Conn, left: str, right: str) -> None:
@@ -191,7 +186,7 @@ def test_operators_on_typed_text_columns(tx: Conn) -> None:
     ],
 )
 def test_null_operand_gives_null(tx: Conn, expr: str) -> None:
-    assert one(tx, f"select {expr}") is None
+    assert one(tx, f"select {expr}", strict=True) is None
 
 
 # ---------------------------------------------------------------------------------------

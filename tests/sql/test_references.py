@@ -6,8 +6,6 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.sql.test_start import user  # noqa: F401  (fixture: a granted role, become)
-
 
 def refs(tx, text):
     return tx.execute("select df._sql_refs(%s)", (text,)).fetchone()[0]
@@ -32,7 +30,7 @@ def test_sql_refs_skip_quotes_comments_and_parameters(tx, text, expected):
     assert refs(tx, text) == expected
 
 
-def test_start_refuses_an_unknown_reference_naming_it_and_the_names(tx, user):  # noqa: F811
+def test_start_refuses_an_unknown_reference_naming_it_and_the_names(tx, user):
     tx.execute("savepoint s")
     with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
         tx.execute(
@@ -70,7 +68,7 @@ def test_start_refuses_an_unknown_reference_naming_it_and_the_names(tx, user):  
         " ~> df.break('{}'))",
     ],
 )
-def test_start_accepts_defined_quoted_and_non_references(tx, user, expr):  # noqa: F811
+def test_start_accepts_defined_quoted_and_non_references(tx, user, expr):
     assert tx.execute(f"select df.start({expr})").fetchone()[0]
 
 
@@ -80,7 +78,7 @@ def test_sql_braces_outside_quotes(tx):
     ).fetchone()[0] == ["a", "sys_label"]
 
 
-def test_start_refuses_an_unknown_variable(tx, user):  # noqa: F811
+def test_start_refuses_an_unknown_variable(tx, user):
     tx.execute("select df.setvar('region', 'eu')")
     assert tx.execute(
         "select df.start('select {region}, {sys_instance_id}, {sys_label}, ''{not_checked}''')"

@@ -7,10 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
+from tests.fix_sql import one
 
 
 def has(conn, kind, role, obj, priv):

@@ -14,13 +14,9 @@ import psycopg
 import pytest
 
 from pgdurable.worker import schedules
+from tests.fix_sql import one
 
 GRAPH = "df.sql('select 1')"
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def jobs(conn):

@@ -14,7 +14,6 @@ worker does with them is tests/acceptance/test_settings.py.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import psycopg
@@ -23,20 +22,9 @@ from psycopg import sql
 
 from pgdurable.queries import q
 from pgdurable.worker.instance import BadSetting, loop_limits
+from tests.fix_sql import mkrole, one
 
 Conn = psycopg.Connection[Any]
-
-
-def one(conn: Conn, query: Any, params: Any = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
-
-
-def mkrole(conn: Conn, prefix: str = "st") -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn.execute(sql.SQL("create role {} login").format(sql.Identifier(name)))
-    conn.execute("select df.grant_usage(%s)", (name,))
-    return name
 
 
 def alter_db(conn: Conn, setting: str, value: str | None) -> None:

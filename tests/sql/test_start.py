@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 import json
-import uuid
 
 import psycopg
 import pytest
-from psycopg import sql
 
-
-def mkrole(conn, prefix="st", *, grant=True, login=True):
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn.execute(
-        sql.SQL("create role {} {}").format(
-            sql.Identifier(name), sql.SQL("login" if login else "nologin")
-        )
-    )
-    if grant:
-        conn.execute("select df.grant_usage(%s)", (name,))
-    return name
-
-
-def become(conn, role):
-    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-
-
-def one(conn, query, params=()):
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
+from tests.fix_sql import become, mkrole, one
 
 
 def node(t, **kw):
@@ -37,13 +16,6 @@ def node(t, **kw):
 
 def sqln(q, **kw):
     return node("SQL", query=q, **kw)
-
-
-@pytest.fixture
-def user(tx):
-    role = mkrole(tx)
-    become(tx, role)
-    return role
 
 
 def test_plain_sql_writes_instance_nodes_run_and_task(tx, user):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import uuid
 from typing import Any
 
 import psycopg
@@ -25,22 +24,9 @@ import pytest
 from psycopg import sql
 
 from pgdurable import cron
+from tests.fix_sql import one
 
 Conn = psycopg.Connection[Any]
-
-
-def one(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
-
-
-@pytest.fixture
-def user(tx: Conn) -> str:
-    role = f"so_{uuid.uuid4().hex[:8]}"
-    tx.execute(sql.SQL("create role {} login").format(sql.Identifier(role)))
-    tx.execute("select df.grant_usage(%s)", (role,))
-    tx.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-    return role
 
 
 def as_owner(tx: Conn, role: str) -> Any:

@@ -29,12 +29,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.fix_sql import one
+
 Conn = psycopg.Connection[Any]
-
-
-def one(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
 
 
 def tenant(db: Any) -> str:
