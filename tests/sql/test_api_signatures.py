@@ -593,7 +593,7 @@ def test_upgrade_to_4_keeps_explicit_grants_on_remade_functions(server, start) -
             )
         with psycopg.connect(dsn) as conn:
             assert schema.installed_version(conn) == 3
-            was = _one(
+            was = one(
                 conn,
                 "select pg_get_function_result('df.grant_usage(text,boolean,boolean)'"
                 "::regprocedure)",
