@@ -544,6 +544,8 @@ def _graph_of(value: Any) -> dict[str, Any]:
 
 @SETTINGS
 @given(q=hostile_text, name=st.one_of(identifiers, hostile_text))
+@example(q="{A}", name="a")  # found by hypothesis: a {var} nobody set is refused at df.start
+@example(q="select $b", name="a")
 def test_sql_and_as_store_text_verbatim(tx: Conn, user: str, q: str, name: str) -> None:
     value, err = attempt(tx, "select df.as(df.sql(%s), %s)", (q, name))
     if err is not None:
@@ -558,10 +560,17 @@ def test_sql_and_as_store_text_verbatim(tx: Conn, user: str, q: str, name: str) 
     if q.strip():
         iid, serr = start(tx, user, value)
         if serr is not None:
-            # the one refusal: a $ref no step defines (35_references.sql), named in the error
-            m = re.match(r"unknown reference \$(\w+) in step ", serr.diag.message_primary or "")
-            assert serr.sqlstate == "22023" and m, serr
-            assert m.group(1) != name and "$" + m.group(1) in q, serr
+            # the two refusals (35_references.sql), each naming what is missing: a $ref no step
+            # defines, or a {var} df.setvar never set
+            msg = serr.diag.message_primary or ""
+            assert serr.sqlstate == "22023", serr
+            if m := re.match(r"unknown reference \$(\w+) in step ", msg):
+                assert m.group(1) != name, serr
+                assert "$" + m.group(1) in q, serr
+            else:
+                m = re.match(r"unknown variable \{([^}]+)\} in step ", msg)
+                assert m, serr
+                assert "{" + m.group(1) + "}" in q, serr
             return
         assert iid is not None
         assert tx.execute(
