@@ -108,7 +108,8 @@ def test_dba_finds_and_cancels_a_step_which_then_runs_again(db, serve_factory, t
         names = [
             r[0]
             for r in su.execute(
-                "select application_name from pg_stat_activity where usename = 'pgdurable_step'"
+                "select application_name from pg_stat_activity where usename = 'pgdurable_step' "
+                "and datname = current_database()"
             )
         ]
         assert names
