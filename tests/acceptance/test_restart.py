@@ -7,6 +7,7 @@ completed ones not at all. One database and one serve per PostgreSQL server for 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -240,3 +241,40 @@ def test_restart_refusals_and_access(env: Env) -> None:
     assert wait_status(env, iid) == "failed"  # 1/0 fails the same way again
     assert hits(env, "r:") == {"r:a": 1}
     assert [(r[0], r[1]) for r in runs(env, iid)] == [(1, "failed"), (2, "failed")]
+
+
+def test_cli_restart(env: Env) -> None:
+    """`pgdurable restart ID`: what it began and what the previous run ended with; a refusal
+    is one line with a hint (exit code 1), or a JSON error object with --json."""
+    from click.testing import CliRunner
+
+    from pgdurable.cli import main
+
+    dsn = env.db.dsn_as(env.role)
+    iid = start(env, f"{hit('k:a')} ~> df.sql('insert into public.late_k select 1')")
+    assert wait_status(env, iid) == "failed"
+    admin(env, "create table public.late_k (x int)", f'grant insert on public.late_k to "{env.role}"')
+    res = CliRunner().invoke(main, ["restart", iid, "--dsn", dsn, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["instance_id"] == iid and out["run"] == 2 and out["status"] == "running"
+    assert out["previous"]["status"] == "failed" and out["previous"]["error"]["sqlstate"] == "42P01"
+    assert wait_status(env, iid) == "completed"
+    assert hits(env, "k:") == {"k:a": 1}
+    res = CliRunner().invoke(main, ["restart", iid, "--dsn", dsn])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert lines[0] == (
+        f"Error: Instance {iid} is completed; only a failed or cancelled instance can be restarted"
+    )
+    assert lines[1].startswith("Hint: it ran to the end")
+    res = CliRunner().invoke(main, ["restart", "deadbeef", "--dsn", dsn, "--json"])
+    assert res.exit_code == 1
+    assert json.loads(res.output) == {"error": "Instance not found or access denied: deadbeef"}
+    # text mode of a successful restart names the previous run's error
+    iid = start(env, f"{hit('k:b')} ~> df.sql('select 1/0')")
+    assert wait_status(env, iid) == "failed"
+    res = CliRunner().invoke(main, ["restart", iid, "--dsn", dsn])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"Instance {iid} restarted: run 2 is running; run 1 failed: ")
+    assert "division by zero" in res.output
