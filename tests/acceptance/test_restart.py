@@ -115,7 +115,9 @@ def test_missing_table_then_restart(env: Env) -> None:
         err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
     assert err["sqlstate"] == "42P01" and "late_m" in err["error"]
 
-    admin(env, "create table public.late_m (x int)", f'grant insert on public.late_m to "{env.role}"')
+    admin(
+        env, "create table public.late_m (x int)", f'grant insert on public.late_m to "{env.role}"'
+    )
     assert restart(env, iid) == iid
     assert wait_status(env, iid) == "completed"
     assert hits(env, "m:") == {"m:a": 1, "m:c42": 1}
@@ -207,7 +209,9 @@ def test_restart_inside_a_loop_with_a_join(env: Env) -> None:
     )
     assert wait_status(env, iid) == "failed"
     assert hits(env, "l:") == {"l:x": 1}
-    admin(env, "create table public.late_l (x int)", f'grant insert on public.late_l to "{env.role}"')
+    admin(
+        env, "create table public.late_l (x int)", f'grant insert on public.late_l to "{env.role}"'
+    )
     assert restart(env, iid) == iid
     assert wait_status(env, iid) == "completed"
     # iteration 1 resumed (x not again), iterations 2 and 3 ran whole
@@ -253,7 +257,9 @@ def test_cli_restart(env: Env) -> None:
     dsn = env.db.dsn_as(env.role)
     iid = start(env, f"{hit('k:a')} ~> df.sql('insert into public.late_k select 1')")
     assert wait_status(env, iid) == "failed"
-    admin(env, "create table public.late_k (x int)", f'grant insert on public.late_k to "{env.role}"')
+    admin(
+        env, "create table public.late_k (x int)", f'grant insert on public.late_k to "{env.role}"'
+    )
     res = CliRunner().invoke(main, ["restart", iid, "--dsn", dsn, "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)

@@ -82,8 +82,11 @@ class Drive:
         )
 
     def tag(self, node_id: str) -> str:
-        query = one(self.conn, "select query from df.nodes where instance_id = %s and id = %s",
-                    (self.iid, node_id))
+        query = one(
+            self.conn,
+            "select query from df.nodes where instance_id = %s and id = %s",
+            (self.iid, node_id),
+        )
         return str(query).removeprefix("select '").removesuffix("'")
 
     def tasks(self) -> dict[str, tuple[int, str, Any]]:
@@ -92,12 +95,16 @@ class Drive:
             f"select node_id, gen, kind, lease_owner from {E}.tasks where instance_id = %s",
             (self.iid,),
         ).fetchall()
-        return {
-            ("start" if k == "start" else self.tag(n)): (g, k, o) for n, g, k, o in rows
-        }
+        return {("start" if k == "start" else self.tag(n)): (g, k, o) for n, g, k, o in rows}
 
-    def run(self, tag: str, ok: bool = True, value: Any = None, decision: bool | None = None,
-            owner: str = OWNER) -> int:
+    def run(
+        self,
+        tag: str,
+        ok: bool = True,
+        value: Any = None,
+        decision: bool | None = None,
+        owner: str = OWNER,
+    ) -> int:
         """Lease the task of leaf ``tag`` (or 'start') and checkpoint its outcome."""
         become(self.conn, None)
         node = None if tag == "start" else self.node(tag)
@@ -138,18 +145,34 @@ class Drive:
             cp.inst_status = TERMINAL[step.terminal]
         return self.apply(ctx, node_id, gen, cp, owner)
 
-    def apply(self, ctx: InstanceCtx, node_id: str, gen: int, cp: Checkpoint,
-              owner: str = OWNER, version: int | None = None) -> int:
+    def apply(
+        self,
+        ctx: InstanceCtx,
+        node_id: str,
+        gen: int,
+        cp: Checkpoint,
+        owner: str = OWNER,
+        version: int | None = None,
+    ) -> int:
         nodes = json_bytes(list(cp.nodes.values())).decode()
         named = json_bytes(cp.named).decode() if cp.named else None
         got = one(
             self.conn,
             f"select {E}._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, "
             "%s::text[], %s::jsonb, 60)",
-            (owner, self.iid, node_id, gen, ctx.version if version is None else version,
-             dump(ctx.sched.dump_state()), cp.inst_status, nodes,
-             orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
-             cp.drop_tasks or None, named),
+            (
+                owner,
+                self.iid,
+                node_id,
+                gen,
+                ctx.version if version is None else version,
+                dump(ctx.sched.dump_state()),
+                cp.inst_status,
+                nodes,
+                orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
+                cp.drop_tasks or None,
+                named,
+            ),
         )
         return int(got)
 
@@ -212,21 +235,28 @@ def test_then_chain_runs_only_what_did_not_complete(tx, tenant):
     assert sched.status(ctx.index[d.node("a")]) == A.COMPLETED
     assert sched.status(ctx.index[d.node("b")]) == A.RUNNING
     assert sched.status(ctx.index[d.node("c")]) == A.PENDING
-    rows = dict(tx.execute(
-        "select query, status from df.nodes where instance_id = %s", (d.iid,)).fetchall())
+    rows = dict(
+        tx.execute("select query, status from df.nodes where instance_id = %s", (d.iid,)).fetchall()
+    )
     assert rows["select 'a'"] == "completed" and rows["select 'b'"] == "running"
     assert d.finish() == "completed"
     assert d.ran == ["a", "b", "b", "c"]
     runs = tx.execute(
-        "select run, status, ended_at, error from df.instance_runs(%s)", (d.iid,)).fetchall()
+        "select run, status, ended_at, error from df.instance_runs(%s)", (d.iid,)
+    ).fetchall()
     assert [(r[0], r[1]) for r in runs] == [(1, "failed"), (2, "completed")]
     assert runs[0][2] == failed_at
-    assert runs[0][3] == {"node_id": d.node("b"), "node_type": "SQL", "error": "b failed",
-                          "sqlstate": "22012"}
+    assert runs[0][3] == {
+        "node_id": d.node("b"),
+        "node_type": "SQL",
+        "error": "b failed",
+        "sqlstate": "22012",
+    }
     assert runs[1][3] is None
     # df.instance_executions keeps its shape: b's second run is execution 2
-    assert tx.execute("select execution_id, status from df.instance_executions(%s)",
-                      (d.iid,)).fetchall() == [(2, "completed"), (1, "completed")]
+    assert tx.execute(
+        "select execution_id, status from df.instance_executions(%s)", (d.iid,)
+    ).fetchall() == [(2, "completed"), (1, "completed")]
 
 
 def test_join_reruns_only_the_failed_branch(tx, tenant):
@@ -241,8 +271,11 @@ def test_join_reruns_only_the_failed_branch(tx, tenant):
     assert sched.status(join) == A.RUNNING
     assert d.finish() == "completed"
     assert d.ran == ["a", "b", "b", "c", "d"]
-    assert one(tx, "select df._node_result(%s, root_node) is not null from df.instances "
-               "where id = %s", (d.iid, d.iid))
+    assert one(
+        tx,
+        "select df._node_result(%s, root_node) is not null from df.instances where id = %s",
+        (d.iid, d.iid),
+    )
 
 
 def test_race_races_again(tx, tenant):
@@ -253,8 +286,12 @@ def test_race_races_again(tx, tenant):
     d.restart()
     # b completed: branch 2 goes on at c; a runs again
     assert d.tasks() == {"a": (2, "run", None), "c": (2, "run", None)}
-    winner = one(tx, "select status_details -> 'winner' from df.nodes n join df.instances i "
-                 "on i.id = n.instance_id and i.root_node = n.id where i.id = %s", (d.iid,))
+    winner = one(
+        tx,
+        "select status_details -> 'winner' from df.nodes n join df.instances i "
+        "on i.id = n.instance_id and i.root_node = n.id where i.id = %s",
+        (d.iid,),
+    )
     assert winner is None
     d.run("c")
     assert d.status() == "completed"
@@ -278,8 +315,13 @@ def test_if_arm_failed_keeps_the_decision(tx, tenant):
     d.run("yes", ok=False)
     d.restart()
     assert d.tasks() == {"yes": (2, "run", None)}
-    tree = dict(tx.execute("select n.query, t.inferred_status from df.instance_nodes(%s) t "
-                           "join df.nodes n on n.id = t.node_id", (d.iid,)).fetchall())
+    tree = dict(
+        tx.execute(
+            "select n.query, t.inferred_status from df.instance_nodes(%s) t "
+            "join df.nodes n on n.id = t.node_id",
+            (d.iid,),
+        ).fetchall()
+    )
     assert tree["select 'no'"] == "skipped" and tree["select 'cond'"] == "completed"
     assert d.finish() == "completed"
     assert d.ran == ["cond", "yes", "yes"]
@@ -288,12 +330,13 @@ def test_if_arm_failed_keeps_the_decision(tx, tenant):
 def test_if_rows_undecided_is_decided_again(tx, tenant):
     d = start(tx, tenant, f"df.as({q('rows')}, 'r') ~> df.if_rows('r', {q('yes')}, {q('no')})")
     d.run("rows")
-    if_id = one(tx, "select id from df.nodes where instance_id = %s and node_type = 'IF'",
-                (d.iid,))
+    if_id = one(tx, "select id from df.nodes where instance_id = %s and node_type = 'IF'", (d.iid,))
     # the decision fails (as the worker fails a missing result): the IF itself is the leaf
     ctx = d.ctx()
-    tx.execute(f"update {E}.tasks set lease_owner = %s where instance_id = %s and node_id = %s",
-               (OWNER, d.iid, if_id))
+    tx.execute(
+        f"update {E}.tasks set lease_owner = %s where instance_id = %s and node_id = %s",
+        (OWNER, d.iid, if_id),
+    )
     idx = ctx.index[if_id]
     cp = Checkpoint()
     ctx.errors[idx] = ("if_rows: no rows", None)
@@ -302,12 +345,15 @@ def test_if_rows_undecided_is_decided_again(tx, tenant):
     cp.inst_status = TERMINAL[step.terminal]
     assert d.apply(ctx, if_id, 1, cp) > 0
     d.restart()
-    tasks = tx.execute(f"select node_id, gen from {E}.tasks where instance_id = %s",
-                       (d.iid,)).fetchall()
+    tasks = tx.execute(
+        f"select node_id, gen from {E}.tasks where instance_id = %s", (d.iid,)
+    ).fetchall()
     assert tasks == [(if_id, 2)]
     # the named result it decides on is there again for the decision
-    assert one(tx, f"select count(*) from {E}.results where instance_id = %s and name = 'r'",
-               (d.iid,)) == 1
+    assert (
+        one(tx, f"select count(*) from {E}.results where instance_id = %s and name = 'r'", (d.iid,))
+        == 1
+    )
 
 
 def test_loop_resumes_its_iteration_then_goes_on(tx, tenant):
@@ -330,22 +376,40 @@ def test_loop_resumes_its_iteration_then_goes_on(tx, tenant):
 
 
 def test_loop_stopped_by_its_iteration_cap(tx, tenant):
-    tx.execute(sql.SQL("alter role {} set pg_durable.loop_max_iterations = '2'")
-               .format(sql.Identifier(tenant)))
+    tx.execute(
+        sql.SQL("alter role {} set pg_durable.loop_max_iterations = '2'").format(
+            sql.Identifier(tenant)
+        )
+    )
     d = start(tx, tenant, f"df.loop({q('a')})")
     d.run("a")
     d.run("a")  # iteration 3 would exceed 2: the loop fails
     assert d.status() == "failed"
     become(tx, tenant)
-    expect(tx, "select df.restart(%s)", psycopg.errors.ObjectNotInPrerequisiteState,
-           r"loop_max_iterations \(2\), and iteration 3", (d.iid,))
+    expect(
+        tx,
+        "select df.restart(%s)",
+        psycopg.errors.ObjectNotInPrerequisiteState,
+        r"loop_max_iterations \(2\), and iteration 3",
+        (d.iid,),
+    )
     become(tx, None)
-    tx.execute(sql.SQL("alter role {} set pg_durable.loop_max_iterations = '3'")
-               .format(sql.Identifier(tenant)))
+    tx.execute(
+        sql.SQL("alter role {} set pg_durable.loop_max_iterations = '3'").format(
+            sql.Identifier(tenant)
+        )
+    )
     d.restart()
     assert d.tasks() == {"a": (3, "run", None)}
-    assert one(tx, "select status_details ->> 'iteration' from df.nodes n join df.instances i "
-               "on i.id = n.instance_id and i.root_node = n.id where i.id = %s", (d.iid,)) == "3"
+    assert (
+        one(
+            tx,
+            "select status_details ->> 'iteration' from df.nodes n join df.instances i "
+            "on i.id = n.instance_id and i.root_node = n.id where i.id = %s",
+            (d.iid,),
+        )
+        == "3"
+    )
     d.run("a")
     assert d.status() == "failed"  # the cap again, after the iteration it allowed
     assert d.ran == ["a", "a", "a"]
@@ -356,8 +420,12 @@ def test_waits_are_made_again(tx, tenant):
     tasks as the worker makes them (due times from the engine clock; the schedule's next
     tick as pgdurable/cron.py computes it; the signal's timeout)."""
     tx.execute("set local pg_durable.fake_now = '2026-03-04 05:06:30+00'")
-    d = start(tx, tenant, "df.join3(df.sleep(90), df.wait_for_schedule('*/20 9-17 * * MON-FRI'),"
-                          " df.wait_for_signal('go', 45))")
+    d = start(
+        tx,
+        tenant,
+        "df.join3(df.sleep(90), df.wait_for_schedule('*/20 9-17 * * MON-FRI'),"
+        " df.wait_for_signal('go', 45))",
+    )
     before = {k: v[1] for k, v in d.tasks().items()}
     become(tx, tenant)
     tx.execute("select df.cancel(%s)", (d.iid,))
@@ -367,7 +435,9 @@ def test_waits_are_made_again(tx, tenant):
     rows = tx.execute(
         f"select n.node_type, t.kind, t.due_at, t.deadline, t.gen from {E}.tasks t "
         "join df.nodes n on n.instance_id = t.instance_id and n.id = t.node_id "
-        "where t.instance_id = %s", (d.iid,)).fetchall()
+        "where t.instance_id = %s",
+        (d.iid,),
+    ).fetchall()
     now = datetime(2026, 3, 6, 17, 50, tzinfo=UTC)
     got = {r[0]: r[1:] for r in rows}
     assert got["SLEEP"] == ("timer", now + timedelta(seconds=90), None, 2)
@@ -380,9 +450,22 @@ def test_waits_are_made_again(tx, tenant):
 
 @pytest.mark.parametrize(
     "expr",
-    ["* * * * *", "*/15 * * * *", "0 3 * * *", "30 2 1 * *", "0 0 29 2 *", "5 4 * * SUN",
-     "0 12 1,15 * 1-5", "10-50/20 */6 * JAN-MAR,DEC *", "@hourly", "@weekly", "@yearly",
-     "0 0 31 * *", "59 23 * * 7", "0 9 13 * FRI"],
+    [
+        "* * * * *",
+        "*/15 * * * *",
+        "0 3 * * *",
+        "30 2 1 * *",
+        "0 0 29 2 *",
+        "5 4 * * SUN",
+        "0 12 1,15 * 1-5",
+        "10-50/20 */6 * JAN-MAR,DEC *",
+        "@hourly",
+        "@weekly",
+        "@yearly",
+        "0 0 31 * *",
+        "59 23 * * 7",
+        "0 9 13 * FRI",
+    ],
 )
 def test_cron_next_tick_matches_the_worker(tx, expr):
     for after in ("2026-02-27 23:59:30+00", "2028-02-28 12:00:00+00", "2026-12-31 23:59:00+00"):
@@ -397,11 +480,19 @@ def test_refusals_and_access(tx, tenant):
     tx.execute("select df.grant_usage(%s)", (other,))
     d = start(tx, tenant, f"{q('a')} ~> {q('b')}")
     become(tx, tenant)
-    expect(tx, "select df.restart(%s)", psycopg.errors.ObjectNotInPrerequisiteState,
-           "Instance .* is running; only a failed or cancelled instance can be restarted",
-           (d.iid,))
-    expect(tx, "select df.restart('deadbeef')", psycopg.errors.NoDataFound,
-           "Instance not found or access denied: deadbeef")
+    expect(
+        tx,
+        "select df.restart(%s)",
+        psycopg.errors.ObjectNotInPrerequisiteState,
+        "Instance .* is running; only a failed or cancelled instance can be restarted",
+        (d.iid,),
+    )
+    expect(
+        tx,
+        "select df.restart('deadbeef')",
+        psycopg.errors.NoDataFound,
+        "Instance not found or access denied: deadbeef",
+    )
     assert one(tx, "select df.restart(null)") is None
     become(tx, None)
     d.run("a")
@@ -409,16 +500,25 @@ def test_refusals_and_access(tx, tenant):
     # another role: the same error as for an instance that does not exist, through the df
     # function and through the engine helper (which every granted role may call)
     become(tx, other)
-    for query in ("select df.restart(%s)", f"select {E}._restart_v1(%s)",
-                  "select * from df.instance_runs(%s)", f"select * from {E}._run_history_v1(%s)"):
+    for query in (
+        "select df.restart(%s)",
+        f"select {E}._restart_v1(%s)",
+        "select * from df.instance_runs(%s)",
+        f"select * from {E}._run_history_v1(%s)",
+    ):
         expect(tx, query, psycopg.errors.NoDataFound, "not found or access denied", (d.iid,))
     become(tx, None)
     assert d.status() == "failed"
     d.restart()
     d.finish()
     become(tx, tenant)
-    expect(tx, "select df.restart(%s)", psycopg.errors.ObjectNotInPrerequisiteState,
-           "is completed", (d.iid,))
+    expect(
+        tx,
+        "select df.restart(%s)",
+        psycopg.errors.ObjectNotInPrerequisiteState,
+        "is completed",
+        (d.iid,),
+    )
     become(tx, None)
 
 
@@ -427,8 +527,7 @@ def test_a_late_outcome_of_the_old_run_is_fenced(tx, tenant):
     old worker's checkpoint cannot land, whatever version it tries."""
     d = start(tx, tenant, f"{q('a')} ~> {q('b')}")
     d.run("a")
-    tx.execute(f"update {E}.tasks set lease_owner = 'old-worker' where instance_id = %s",
-               (d.iid,))
+    tx.execute(f"update {E}.tasks set lease_owner = 'old-worker' where instance_id = %s", (d.iid,))
     old = d.ctx()  # what the old worker holds
     become(tx, tenant)
     tx.execute("select df.cancel(%s)", (d.iid,))
@@ -458,8 +557,9 @@ def test_cancelled_before_any_worker_starts_again(tx, tenant):
     assert one(tx, f"select state from {E}.runs where instance_id = %s", (iid,)) is None
     d.run("start")
     assert d.finish() == "completed"
-    runs = tx.execute("select run, status, error ->> 'error' from df.instance_runs(%s)",
-                      (iid,)).fetchall()
+    runs = tx.execute(
+        "select run, status, error ->> 'error' from df.instance_runs(%s)", (iid,)
+    ).fetchall()
     assert runs == [(1, "cancelled", "cancelled: too early"), (2, "completed", None)]
 
 
@@ -469,8 +569,9 @@ def test_results_and_signals_are_kept_for_a_restart_and_pruned_with_it(tx, tenan
     become(tx, tenant)
     tx.execute("select df.signal(%s, 'other', '1')", (d.iid,))
     become(tx, None)
-    sig = one(tx, "select id from df.nodes where instance_id = %s and node_type = 'SIGNAL'",
-              (d.iid,))
+    sig = one(
+        tx, "select id from df.nodes where instance_id = %s and node_type = 'SIGNAL'", (d.iid,)
+    )
     tx.execute(f"update {E}.tasks set lease_owner = %s where node_id = %s", (OWNER, sig))
     ctx = d.ctx()
     cp = Checkpoint()
@@ -479,16 +580,22 @@ def test_results_and_signals_are_kept_for_a_restart_and_pruned_with_it(tx, tenan
     ctx.build(step, cp, one(tx, f"select {E}.clock()"))
     cp.inst_status = "failed"
     assert d.apply(ctx, sig, 1, cp) > 0
-    count = f"select (select count(*) from {E}.results r where r.instance_id = %s), " \
-            f"(select count(*) from {E}.signals s where s.instance_id = %s)"
+    count = (
+        f"select (select count(*) from {E}.results r where r.instance_id = %s), "
+        f"(select count(*) from {E}.signals s where s.instance_id = %s)"
+    )
     assert tx.execute(count, (d.iid, d.iid)).fetchone() == (1, 1)
     d.restart()
     assert tx.execute(count, (d.iid, d.iid)).fetchone() == (1, 1)
-    assert tx.execute(f"select node_id, gen, kind from {E}.tasks where instance_id = %s",
-                      (d.iid,)).fetchall() == [(sig, 2, "signal")]
+    assert tx.execute(
+        f"select node_id, gen, kind from {E}.tasks where instance_id = %s", (d.iid,)
+    ).fetchall() == [(sig, 2, "signal")]
     # pruned with the instance: results, signals and the run history
-    tx.execute("update df.instances set status = 'failed', updated_at = now() - interval '90 days' "
-               "where id = %s", (d.iid,))
+    tx.execute(
+        "update df.instances set status = 'failed', updated_at = now() - interval '90 days' "
+        "where id = %s",
+        (d.iid,),
+    )
     tx.execute("set local pg_durable.retention_days = '30'")
     assert one(tx, f"select {E}._prune_v1(1000)") >= 1
     assert tx.execute(count, (d.iid, d.iid)).fetchone() == (0, 0)
@@ -520,10 +627,11 @@ def test_concurrent_restarts_one_wins(db):
         t.join(10)
         assert len(errors) == 1 and "is running" in str(errors[0])
         with db.connect() as conn:
-            assert one(conn, f"select count(*) from {E}.run_history where instance_id = %s",
-                       (iid,)) == 1
-            assert one(conn, f"select count(*) from {E}.tasks where instance_id = %s",
-                       (iid,)) == 1
+            assert (
+                one(conn, f"select count(*) from {E}.run_history where instance_id = %s", (iid,))
+                == 1
+            )
+            assert one(conn, f"select count(*) from {E}.tasks where instance_id = %s", (iid,)) == 1
     finally:
         first.close()
         second.close()
@@ -553,18 +661,21 @@ def test_upgrade_from_4_gives_granted_tenants_restart(server):
             iid = one(conn, f"select df.start({q('a')})")
             conn.execute("select df.cancel(%s)", (iid,))
             assert one(conn, "select df.restart(%s)", (iid,)) == iid
-            assert [r[1] for r in conn.execute("select * from df.instance_runs(%s)",
-                                               (iid,)).fetchall()] == ["cancelled", "running"]
+            assert [
+                r[1] for r in conn.execute("select * from df.instance_runs(%s)", (iid,)).fetchall()
+            ] == ["cancelled", "running"]
     finally:
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)")
-                         .format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+            )
             conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
 
 
 def test_instance_runs_json(tx, tenant):
     d = start(tx, tenant, q("a"))
-    got = tx.execute("select run, status, ended_at, error from df.instance_runs(%s)",
-                     (d.iid,)).fetchall()
+    got = tx.execute(
+        "select run, status, ended_at, error from df.instance_runs(%s)", (d.iid,)
+    ).fetchall()
     assert got == [(1, "running", None, None)]
     assert json.loads(json.dumps(got[0][3])) is None
