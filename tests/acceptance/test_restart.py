@@ -113,7 +113,8 @@ def test_missing_table_then_restart(env: Env) -> None:
     assert hits(env, "m:") == {"m:a": 1}
     with env.db.connect(env.role) as conn:
         err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
-    assert err["sqlstate"] == "42P01" and "late_m" in err["error"]
+    assert err["sqlstate"] == "42P01"
+    assert "late_m" in err["error"]
 
     admin(
         env, "create table public.late_m (x int)", f'grant insert on public.late_m to "{env.role}"'
@@ -125,7 +126,8 @@ def test_missing_table_then_restart(env: Env) -> None:
         assert conn.execute("select count(*) from public.late_m").fetchone()[0] == 1
     got = runs(env, iid)
     assert [(r[0], r[1], r[2]) for r in got] == [(1, "failed", True), (2, "completed", True)]
-    assert got[0][3]["sqlstate"] == "42P01" and "late_m" in got[0][3]["error"]
+    assert got[0][3]["sqlstate"] == "42P01"
+    assert "late_m" in got[0][3]["error"]
     assert got[1][3] is None
     # a completed instance is refused, naming its status
     with (
@@ -195,7 +197,8 @@ def test_restart_after_a_crash_failed_step(env: Env) -> None:
     assert wait_status(env, iid) == "completed"
     assert hits(env, "c:") == {"c:a": 1, "c:b": 1, "c:c": 1}
     got = runs(env, iid)
-    assert got[0][1] == "failed" and "abandoned after 10 attempts" in got[0][3]["error"]
+    assert got[0][1] == "failed"
+    assert "abandoned after 10 attempts" in got[0][3]["error"]
 
 
 def test_restart_inside_a_loop_with_a_join(env: Env) -> None:
@@ -232,7 +235,7 @@ def test_restart_refusals_and_access(env: Env) -> None:
         conn.execute("select df.restart(%s)", (iid,))
     with (
         env.db.connect(env.role) as conn,
-        pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="is (running|pending)"),
+        pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match=r"is (running|pending)"),
     ):
         conn.execute("select df.restart(%s)", (iid,))
     assert wait_status(env, iid) == "failed"
@@ -263,8 +266,11 @@ def test_cli_restart(env: Env) -> None:
     res = CliRunner().invoke(main, ["restart", iid, "--dsn", dsn, "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert out["instance_id"] == iid and out["run"] == 2 and out["status"] == "running"
-    assert out["previous"]["status"] == "failed" and out["previous"]["error"]["sqlstate"] == "42P01"
+    assert out["instance_id"] == iid
+    assert out["run"] == 2
+    assert out["status"] == "running"
+    assert out["previous"]["status"] == "failed"
+    assert out["previous"]["error"]["sqlstate"] == "42P01"
     assert wait_status(env, iid) == "completed"
     assert hits(env, "k:") == {"k:a": 1}
     res = CliRunner().invoke(main, ["restart", iid, "--dsn", dsn])

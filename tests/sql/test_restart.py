@@ -238,7 +238,8 @@ def test_then_chain_runs_only_what_did_not_complete(tx, tenant):
     rows = dict(
         tx.execute("select query, status from df.nodes where instance_id = %s", (d.iid,)).fetchall()
     )
-    assert rows["select 'a'"] == "completed" and rows["select 'b'"] == "running"
+    assert rows["select 'a'"] == "completed"
+    assert rows["select 'b'"] == "running"
     assert d.finish() == "completed"
     assert d.ran == ["a", "b", "b", "c"]
     runs = tx.execute(
@@ -322,7 +323,8 @@ def test_if_arm_failed_keeps_the_decision(tx, tenant):
             (d.iid,),
         ).fetchall()
     )
-    assert tree["select 'no'"] == "skipped" and tree["select 'cond'"] == "completed"
+    assert tree["select 'no'"] == "skipped"
+    assert tree["select 'cond'"] == "completed"
     assert d.finish() == "completed"
     assert d.ran == ["cond", "yes", "yes"]
 
@@ -625,7 +627,8 @@ def test_concurrent_restarts_one_wins(db):
         assert t.is_alive()  # waits for the first
         first.commit()
         t.join(10)
-        assert len(errors) == 1 and "is running" in str(errors[0])
+        assert len(errors) == 1
+        assert "is running" in str(errors[0])
         with db.connect() as conn:
             assert (
                 one(conn, f"select count(*) from {E}.run_history where instance_id = %s", (iid,))
