@@ -290,3 +290,35 @@ def test_cli_restart(env: Env) -> None:
     assert res.exit_code == 0, res.output
     assert res.output.startswith(f"Instance {iid} restarted: run 2 is running; run 1 failed: ")
     assert "division by zero" in res.output
+
+
+def test_restart_steps_in_another_database(env: Env) -> None:
+    """A `database =>` workflow whose second step fails there on a missing table: made there,
+    the restart runs that step in the other database; the first is not run again."""
+    from pgdurable import schema
+
+    other = f"{env.db.name}_other"
+    with psycopg.connect(env.db.server.install_dsn("postgres"), autocommit=True) as conn:
+        conn.execute(f'create database "{other}"')
+    try:
+        schema.install(env.db.server.install_dsn(other))
+        with psycopg.connect(env.db.server.install_dsn(other), autocommit=True) as oc:
+            oc.execute("select df.grant_usage(%s)", (env.role,))
+        with psycopg.connect(env.db.server.dsn(other), autocommit=True) as oc:
+            oc.execute("create table public.t (v int)")
+            oc.execute(f'grant all on public.t to "{env.role}"')
+        expr = "'insert into public.t values (7)' ~> 'insert into public.late_o values (1)'"
+        with env.db.connect(env.role) as conn:
+            iid = str(conn.execute(f"select df.start({expr}, null, %s)", (other,)).fetchone()[0])
+        assert wait_status(env, iid) == "failed"
+        with psycopg.connect(env.db.server.dsn(other), autocommit=True) as oc:
+            oc.execute("create table public.late_o (x int)")
+            oc.execute(f'grant all on public.late_o to "{env.role}"')
+        assert restart(env, iid) == iid
+        assert wait_status(env, iid) == "completed"
+        with psycopg.connect(env.db.server.dsn(other), autocommit=True) as oc:
+            assert oc.execute("select count(*) from public.t").fetchone() == (1,)
+            assert oc.execute("select count(*) from public.late_o").fetchone() == (1,)
+    finally:
+        with psycopg.connect(env.db.server.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{other}" with (force)')

@@ -682,3 +682,19 @@ def test_instance_runs_json(tx, tenant):
     ).fetchall()
     assert got == [(1, "running", None, None)]
     assert json.loads(json.dumps(got[0][3])) is None
+
+
+def test_swept_tasks_of_an_instance_its_owner_marked_failed(tx, tenant):
+    """The owner set its instance's status to failed mid-run (tenants hold UPDATE (status)),
+    and the rescuer swept the instance's tasks: the restart makes them again."""
+    d = start(tx, tenant, f"{q('a')} ~> {q('b')} ~> {q('c')}")
+    d.run("a")
+    become(tx, tenant)
+    tx.execute("update df.instances set status = 'failed' where id = %s", (d.iid,))
+    become(tx, None)
+    tx.execute(f"select {E}._rescue_v1(1000)")
+    assert d.tasks() == {}
+    d.restart()
+    assert d.tasks() == {"b": (2, "run", None)}
+    assert d.finish() == "completed"
+    assert d.ran == ["a", "b", "c"]
