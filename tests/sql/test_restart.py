@@ -698,3 +698,17 @@ def test_swept_tasks_of_an_instance_its_owner_marked_failed(tx, tenant):
     assert d.tasks() == {"b": (2, "run", None)}
     assert d.finish() == "completed"
     assert d.ran == ["a", "b", "c"]
+
+
+def test_state_blob_in_both_byte_orders(tx):
+    """The scheduler state as the worker writes it (array('q'), the machine's byte order):
+    read and written back in the order it came in."""
+    import struct
+
+    ints = [1, 3, 1, 0, 2, 1, 0, 7, 1, 2**62 - 1, 0, 5, 1, 0, 1, 0]
+    little = dump(ints)
+    big = struct.pack(f">{len(ints)}q", *ints)
+    assert little == struct.pack(f"<{len(ints)}q", *ints)
+    for blob in (little, big):
+        assert one(tx, f"select {E}._state_ints_v1(%s)", (blob,)) == ints
+        assert bytes(one(tx, f"select {E}._state_bytes_v1(%s, %s)", (ints, blob))) == blob

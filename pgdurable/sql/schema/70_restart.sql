@@ -44,17 +44,22 @@ create function @engine@._state_ints_v1(p_state bytea) returns int8[]
 language sql immutable strict
 set search_path = pg_catalog, pg_temp
 as $$
-    select pg_catalog.array_agg(v.x order by v.i)
-    from (
-        select g.i,
-               pg_catalog.bit_or(pg_catalog.get_byte(p_state, (g.i * 8 + k.k)::pg_catalog.int4)::pg_catalog.int8
-                   << (8 * case when pg_catalog.get_byte(p_state, 0) = 0
-                                                     then 7 - k.k else k.k end)::pg_catalog.int4) as x
-        from pg_catalog.generate_series(0::pg_catalog.int8,
-                 pg_catalog.length(p_state)::pg_catalog.int8 / 8 - 1) g(i)
-        cross join pg_catalog.generate_series(0, 7) k(k)
-        group by g.i
-    ) v
+    -- one pass over the hex text (get_byte on a large, toasted value would fetch it per call)
+    select pg_catalog.array_agg(
+               case when e.le
+                    then (pg_catalog.get_byte(w.b, 0)::pg_catalog.int8 << 0) | (pg_catalog.get_byte(w.b, 1)::pg_catalog.int8 << 8)
+                         | (pg_catalog.get_byte(w.b, 2)::pg_catalog.int8 << 16) | (pg_catalog.get_byte(w.b, 3)::pg_catalog.int8 << 24)
+                         | (pg_catalog.get_byte(w.b, 4)::pg_catalog.int8 << 32) | (pg_catalog.get_byte(w.b, 5)::pg_catalog.int8 << 40)
+                         | (pg_catalog.get_byte(w.b, 6)::pg_catalog.int8 << 48) | (pg_catalog.get_byte(w.b, 7)::pg_catalog.int8 << 56)
+                    else (pg_catalog.get_byte(w.b, 0)::pg_catalog.int8 << 56) | (pg_catalog.get_byte(w.b, 1)::pg_catalog.int8 << 48)
+                         | (pg_catalog.get_byte(w.b, 2)::pg_catalog.int8 << 40) | (pg_catalog.get_byte(w.b, 3)::pg_catalog.int8 << 32)
+                         | (pg_catalog.get_byte(w.b, 4)::pg_catalog.int8 << 24) | (pg_catalog.get_byte(w.b, 5)::pg_catalog.int8 << 16)
+                         | (pg_catalog.get_byte(w.b, 6)::pg_catalog.int8 << 8) | (pg_catalog.get_byte(w.b, 7)::pg_catalog.int8 << 0) end
+               order by m.o)
+    from (select pg_catalog.get_byte(p_state, 0) <> 0 as le) e
+    cross join pg_catalog.regexp_matches(pg_catalog.encode(p_state, 'hex'), '[0-9a-f]{16}', 'g')
+        with ordinality m(c, o)
+    cross join lateral (select pg_catalog.decode(m.c[1], 'hex') as b) w
 $$;
 
 -- The inverse: p_ints as the blob, in the byte order of p_like (the blob it was read from).
@@ -63,12 +68,13 @@ language sql immutable strict
 set search_path = pg_catalog, pg_temp
 as $$
     select pg_catalog.decode(coalesce(pg_catalog.string_agg(
-               case when pg_catalog.get_byte(p_like, 0) = 0 then x.hx
+               case when not e.le then x.hx
                     else (select pg_catalog.string_agg(pg_catalog.substr(x.hx, 15 - 2 * k.k, 2), ''
                                                        order by k.k)
                           from pg_catalog.generate_series(0, 7) k(k)) end,
                '' order by u.i), ''), 'hex')
     from pg_catalog.unnest(p_ints) with ordinality u(v, i)
+    cross join (select pg_catalog.get_byte(p_like, 0) <> 0 as le) e
     cross join lateral (select pg_catalog.lpad(pg_catalog.to_hex(u.v), 16, '0') as hx) x
 $$;
 
@@ -223,7 +229,8 @@ declare
     v_gen       pg_catalog.int8[];
     v_aux       pg_catalog.int8[];
     v_truth     pg_catalog.int8[];
-    v_stack     pg_catalog.int4[];  -- > 0: resume the node, < 0: activate it
+    v_stack     pg_catalog.int4[] := '{}';  -- > 0: resume the node, < 0: activate it
+    v_top       pg_catalog.int4 := 0;
     v_x         pg_catalog.int4;
     v_i         pg_catalog.int4;
     v_b         pg_catalog.int4;
@@ -231,7 +238,6 @@ declare
     v_cap       pg_catalog.int8;
     v_raw       pg_catalog.text;
     v_started   pg_catalog.int4[] := '{}';  -- activated now (leaves get a task)
-    v_ready     pg_catalog.int4[] := '{}';
     v_resumed   pg_catalog.int4[] := '{}';  -- composites that go on where they were
     v_reset     pg_catalog.int4[] := '{}';  -- failed/running rows that are pending again
     v_iterated  pg_catalog.int4[] := '{}';  -- loops that begin their next iteration
@@ -242,9 +248,17 @@ declare
     v_error     pg_catalog.jsonb;
     v_last      record;
     v_done      pg_catalog.bool := false;
-    v_upd       pg_catalog.jsonb := '{}';
+    v_uids      pg_catalog.text[] := '{}';   -- node row updates: id, status, details
+    v_ustat     pg_catalog.text[] := '{}';
+    v_udet      pg_catalog.jsonb[] := '{}';
+    v_bids      pg_catalog.text[] := '{}';   -- IF arms taken now
+    v_bdet      pg_catalog.jsonb[] := '{}';
+    v_tids      pg_catalog.text[] := '{}';   -- tasks: node, gen, kind, due, deadline
+    v_tgen      pg_catalog.int4[] := '{}';
+    v_tkind     pg_catalog.text[] := '{}';
+    v_tdue      pg_catalog.timestamptz[] := '{}';
+    v_tdead     pg_catalog.timestamptz[] := '{}';
     v_cfg       pg_catalog.jsonb;
-    v_tasks     pg_catalog.jsonb := '[]';
 begin
     select r.state, r.state_version, r.cancel_reason into v_run
     from @engine@.runs r where r.instance_id = p_instance_id
@@ -386,11 +400,12 @@ begin
     if v_status[1] = c_completed then
         v_done := true;  -- it had finished; only its status said otherwise
     else
-        v_stack := array[1];
+        v_stack[1] := 1;
+        v_top := 1;
     end if;
-    while pg_catalog.cardinality(v_stack) > 0 loop
-        v_x := v_stack[pg_catalog.cardinality(v_stack)];
-        v_stack := v_stack[1:pg_catalog.cardinality(v_stack) - 1];
+    while v_top > 0 loop
+        v_x := v_stack[v_top];
+        v_top := v_top - 1;
         v_i := abs(v_x);
         continue when v_status[v_i] = c_completed;
         if v_x > 0 and v_status[v_i] <> c_pending
@@ -403,24 +418,31 @@ begin
             case v_types[v_i]
                 when 'THEN' then
                     if v_status[v_left[v_i]] = c_completed then
-                        v_stack := v_stack || v_right[v_i];
+                        v_top := v_top + 1;
+                        v_stack[v_top] := v_right[v_i];
                     else
-                        v_stack := v_stack || v_left[v_i];
+                        v_top := v_top + 1;
+                        v_stack[v_top] := v_left[v_i];
                     end if;
                 when 'IF' then
                     if v_aux[v_i] = 1 then
-                        v_stack := v_stack || v_left[v_i];
+                        v_top := v_top + 1;
+                        v_stack[v_top] := v_left[v_i];
                     elsif v_aux[v_i] = 2 then
-                        v_stack := v_stack || v_right[v_i];
+                        v_top := v_top + 1;
+                        v_stack[v_top] := v_right[v_i];
                     else
-                        v_stack := v_stack || v_cond[v_i];
+                        v_top := v_top + 1;
+                        v_stack[v_top] := v_cond[v_i];
                     end if;
                 when 'LOOP' then
                     if v_status[v_left[v_i]] <> c_completed then
-                        v_stack := v_stack || v_left[v_i];
+                        v_top := v_top + 1;
+                        v_stack[v_top] := v_left[v_i];
                     elsif v_cond[v_i] > 0
                           and v_status[v_cond[v_i]] <> c_completed then
-                        v_stack := v_stack || v_cond[v_i];
+                        v_top := v_top + 1;
+                        v_stack[v_top] := v_cond[v_i];
                     else
                         -- it failed on its iteration cap: the next iteration, if the cap allows
                         if v_cap is null then
@@ -447,7 +469,8 @@ begin
                             v_truth[j] := 0;
                         end loop;
                         v_iterated := v_iterated || v_i;
-                        v_stack := v_stack || (-v_left[v_i]);
+                        v_top := v_top + 1;
+                        v_stack[v_top] := (-v_left[v_i]);
                     end if;
                 else  -- JOIN, RACE: every branch that did not complete
                     v_aux[v_i] := 0;
@@ -458,7 +481,8 @@ begin
                                 v_aux[v_i] := v_aux[v_i] + 1;
                             end if;
                         else
-                            v_stack := v_stack || v_b;
+                            v_top := v_top + 1;
+                            v_stack[v_top] := v_b;
                         end if;
                     end loop;
             end case;
@@ -484,23 +508,30 @@ begin
         v_started := v_started || v_i;
         case
             when v_types[v_i] = any (c_leaves) then
-                v_ready := v_ready || v_i;
+                null;  -- ready: it gets a task (5.)
             when v_types[v_i] = 'THEN' then
-                v_stack := v_stack || (-v_left[v_i]);
+                v_top := v_top + 1;
+                v_stack[v_top] := (-v_left[v_i]);
             when v_types[v_i] = 'IF' then
                 if v_cond[v_i] = -2 then
-                    v_ready := v_ready || v_i;
+                    null;  -- decided by the worker: it gets a task (5.)
                 else
-                    v_stack := v_stack || (-v_cond[v_i]);
+                    v_top := v_top + 1;
+                    v_stack[v_top] := (-v_cond[v_i]);
                 end if;
             when v_types[v_i] = 'LOOP' then
                 v_aux[v_i] := 1;
-                v_stack := v_stack || (-v_left[v_i]);
+                v_top := v_top + 1;
+                v_stack[v_top] := (-v_left[v_i]);
             else
                 if v_extra[v_i] > 0 then
-                    v_stack := v_stack || (-v_extra[v_i]);
+                    v_top := v_top + 1;
+                    v_stack[v_top] := (-v_extra[v_i]);
                 end if;
-                v_stack := v_stack || array[-v_right[v_i], -v_left[v_i]];
+                v_top := v_top + 1;
+                v_stack[v_top] := -v_right[v_i];
+                v_top := v_top + 1;
+                v_stack[v_top] := -v_left[v_i];
         end case;
     end loop;
 
@@ -513,88 +544,90 @@ begin
         cancel_reason = null
     where r.instance_id = p_instance_id;
 
-    -- 5. the node rows, as the worker stamps them (pgdurable/worker/instance.py, build)
+    -- 5. the node rows, as the worker stamps them (pgdurable/worker/instance.py, build); a
+    --    node listed twice takes its last entry (started after reset)
     foreach v_i in array v_reset loop
-        v_upd := v_upd || pg_catalog.jsonb_build_object(v_ids[v_i],
-            pg_catalog.jsonb_build_object('status', 'pending', 'details', pg_catalog.jsonb_build_object(
-                'abandoned', null, 'error_node', null, 'finished_at', null, 'sqlstate', null)));
+        v_uids := v_uids || v_ids[v_i];
+        v_ustat := v_ustat || 'pending'::pg_catalog.text;
+        v_udet := v_udet || '{"abandoned": null, "error_node": null, "finished_at": null, "sqlstate": null}'::pg_catalog.jsonb;
     end loop;
     foreach v_i in array v_resumed loop
-        v_upd := v_upd || pg_catalog.jsonb_build_object(v_ids[v_i],
-            pg_catalog.jsonb_build_object('status', 'running', 'details', pg_catalog.jsonb_build_object(
+        v_uids := v_uids || v_ids[v_i];
+        v_ustat := v_ustat || 'running'::pg_catalog.text;
+        v_udet := v_udet || (pg_catalog.jsonb_build_object(
                 'abandoned', null, 'error_node', null, 'finished_at', null, 'finished_seq', null,
                 'duration_ms', null, 'sqlstate', null, 'result_from', null, 'result_of', null)
-                || case when v_types[v_i] = 'RACE'
-                                             then '{"winner": null}'::pg_catalog.jsonb
-                                             else '{}'::pg_catalog.jsonb end
-                || case when v_i = any (v_iterated)
+            || case when v_types[v_i] = 'RACE' then '{"winner": null}'::pg_catalog.jsonb
+                    else '{}'::pg_catalog.jsonb end
+            || case when v_i = any (v_iterated)
                     then pg_catalog.jsonb_build_object('iteration', v_aux[v_i], 'iter_seq', v_seq,
                              'iter_begins_at', pg_catalog.date_part('epoch', v_clock))
-                    else '{}'::pg_catalog.jsonb end));
+                    else '{}'::pg_catalog.jsonb end);
     end loop;
     foreach v_i in array v_started loop
-        v_upd := v_upd || pg_catalog.jsonb_build_object(v_ids[v_i],
-            pg_catalog.jsonb_build_object('status', 'running', 'details', pg_catalog.jsonb_build_object(
+        v_uids := v_uids || v_ids[v_i];
+        v_ustat := v_ustat || 'running'::pg_catalog.text;
+        v_udet := v_udet || (pg_catalog.jsonb_build_object(
                 'gen', v_gen[v_i], 'seq', v_seq,
                 'execution_id', p_instance_id || '::' || v_gen[v_i],
                 'queued_at', v_ts, 'started_at', v_ts, 'finished_at', null, 'duration_ms', null,
                 'sqlstate', null)
-                || case when v_gen[v_i] > 1
+            || case when v_gen[v_i] > 1
                     then '{"branch": null, "winner": null, "decided_seq": null, "abandoned": null, "error_node": null}'::pg_catalog.jsonb
                     else '{}'::pg_catalog.jsonb end
-                || case when v_types[v_i] = 'LOOP'
+            || case when v_types[v_i] = 'LOOP'
                     then pg_catalog.jsonb_build_object('iteration', 1, 'iter_seq', v_seq,
                              'iter_begins_at', pg_catalog.date_part('epoch', v_clock))
-                    else '{}'::pg_catalog.jsonb end));
-    end loop;
-    -- an IF that takes an arm now says which (readers show the other arm skipped)
-    foreach v_i in array v_started loop
+                    else '{}'::pg_catalog.jsonb end);
+        -- an IF that takes an arm now says which (readers show the other arm skipped)
         v_x := v_parent[v_i];
-        continue when v_x = 0 or v_types[v_x] <> 'IF'
-                      or v_cond[v_x] = v_i;
-        v_upd := pg_catalog.jsonb_set(
-            case when v_upd ? v_ids[v_x] then v_upd
-                 else v_upd || pg_catalog.jsonb_build_object(v_ids[v_x],
-                          '{"details": {}}'::pg_catalog.jsonb) end,
-            array[v_ids[v_x], 'details'],
-            (v_upd #> array[v_ids[v_x], 'details']) || pg_catalog.jsonb_build_object(
+        if v_x > 0 and v_types[v_x] = 'IF' and v_cond[v_x] <> v_i then
+            v_bids := v_bids || v_ids[v_x];
+            v_bdet := v_bdet || pg_catalog.jsonb_build_object(
                 'branch', case when v_i = v_left[v_x] then 'then' else 'else' end,
-                'decided_seq', v_seq));
-    end loop;
-    update df.nodes n
-    set status = coalesce(u.value ->> 'status', n.status),
-        result = case when u.value ? 'status' then null else n.result end,
-        status_details = coalesce(n.status_details, '{}'::pg_catalog.jsonb)
-                         || coalesce(u.value -> 'details', '{}'::pg_catalog.jsonb),
-        updated_at = pg_catalog.now()
-    from pg_catalog.jsonb_each(v_upd) u
-    where n.instance_id = p_instance_id and n.id = u.key;
-
-    -- 6. a task for every leaf activated now, as the worker makes them (_task_for)
-    foreach v_i in array v_ready loop
+                'decided_seq', v_seq);
+        end if;
+        -- and a task, as the worker makes them (_task_for)
+        continue when v_types[v_i] <> all (c_leaves)
+                      and not (v_types[v_i] = 'IF' and v_cond[v_i] = -2);
         v_cfg := case when v_types[v_i] = any ('{WAIT_SCHEDULE,SIGNAL}'::pg_catalog.text[])
                       then df._try_jsonb(v_queries[v_i]) end;
-        v_tasks := v_tasks || pg_catalog.jsonb_build_object(
-            'node_id', v_ids[v_i], 'gen', v_gen[v_i],
-            'kind', case v_types[v_i] when 'SLEEP' then 'timer' when 'WAIT_SCHEDULE' then 'timer'
-                                      when 'SIGNAL' then 'signal' else 'run' end,
-            'due_at', case v_types[v_i]
-                when 'SLEEP' then v_clock + pg_catalog.make_interval(
-                                      secs => coalesce(pg_catalog.btrim(v_queries[v_i]), '0')::pg_catalog.float8)
-                when 'WAIT_SCHEDULE' then @engine@._cron_next_v1(v_cfg ->> 'cron_expr', v_clock)
-                else v_clock end,
-            'deadline', case when v_types[v_i] = 'SIGNAL'
-                                  and pg_catalog.jsonb_typeof(v_cfg -> 'timeout_seconds') = 'number'
-                             then v_clock + pg_catalog.make_interval(
-                                      secs => (v_cfg ->> 'timeout_seconds')::pg_catalog.float8) end);
+        v_tids := v_tids || v_ids[v_i];
+        v_tgen := v_tgen || v_gen[v_i]::pg_catalog.int4;
+        v_tkind := v_tkind || case v_types[v_i] when 'SLEEP' then 'timer' when 'WAIT_SCHEDULE' then 'timer'
+                                                when 'SIGNAL' then 'signal' else 'run' end;
+        v_tdue := v_tdue || case v_types[v_i]
+            when 'SLEEP' then v_clock + pg_catalog.make_interval(
+                                  secs => coalesce(pg_catalog.btrim(v_queries[v_i]), '0')::pg_catalog.float8)
+            when 'WAIT_SCHEDULE' then @engine@._cron_next_v1(v_cfg ->> 'cron_expr', v_clock)
+            else v_clock end;
+        v_tdead := v_tdead || case when v_types[v_i] = 'SIGNAL'
+                                        and pg_catalog.jsonb_typeof(v_cfg -> 'timeout_seconds') = 'number'
+                                   then v_clock + pg_catalog.make_interval(
+                                            secs => (v_cfg ->> 'timeout_seconds')::pg_catalog.float8) end;
     end loop;
+    update df.nodes n
+    set status = u.st, result = null,
+        status_details = coalesce(n.status_details, '{}'::pg_catalog.jsonb) || u.det,
+        updated_at = pg_catalog.now()
+    from (select distinct on (x.id) x.id, x.st, x.det
+          from rows from (pg_catalog.unnest(v_uids), pg_catalog.unnest(v_ustat),
+                         pg_catalog.unnest(v_udet)) with ordinality x(id, st, det, ord)
+          order by x.id, x.ord desc) u
+    where n.instance_id = p_instance_id and n.id = u.id;
+    update df.nodes n
+    set status_details = coalesce(n.status_details, '{}'::pg_catalog.jsonb) || u.det
+    from rows from (pg_catalog.unnest(v_bids), pg_catalog.unnest(v_bdet)) u(id, det)
+    where n.instance_id = p_instance_id and n.id = u.id;
+
+    -- 6. the tasks
     insert into @engine@.tasks (instance_id, node_id, gen, kind, due_at, deadline, submitted_by,
                                 database)
     select p_instance_id, t.node_id, t.gen, t.kind, t.due_at, t.deadline, v_inst.submitted_by,
            v_inst.database
-    from pg_catalog.jsonb_to_recordset(v_tasks)
-         as t(node_id pg_catalog.varchar, gen pg_catalog.int4, kind pg_catalog.text,
-              due_at pg_catalog.timestamptz, deadline pg_catalog.timestamptz);
+    from rows from (pg_catalog.unnest(v_tids), pg_catalog.unnest(v_tgen), pg_catalog.unnest(v_tkind),
+                    pg_catalog.unnest(v_tdue), pg_catalog.unnest(v_tdead))
+         as t(node_id, gen, kind, due_at, deadline);
 
     -- 7. named results: kept when the run ended (since schema 5); a run that ended under an
     --    older schema lost them, so each missing name gets its latest completed value again
