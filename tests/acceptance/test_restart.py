@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import psycopg
@@ -322,3 +324,50 @@ def test_restart_steps_in_another_database(env: Env) -> None:
     finally:
         with psycopg.connect(env.db.server.admin_dsn, autocommit=True) as conn:
             conn.execute(f'drop database if exists "{other}" with (force)')
+
+
+def test_restart_a_failed_http_step(env: Env) -> None:
+    """An HTTP step fails on a 500; once the service answers, the restart sends the request
+    again (the request before it is not)."""
+    seen: list[str] = []
+    healthy = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append(self.path)
+            ok = healthy.is_set() or self.path == "/first"
+            self.send_response(200 if ok else 500)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"ok": true}' if ok else b'{"error": "down"}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        role = env.db.create_role("rst_http", http=True)
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        with env.db.connect(role) as conn:
+            iid = str(
+                conn.execute(
+                    "select df.start(df.http(%s) ~> df.http(%s))",
+                    (f"{base}/first", f"{base}/second"),
+                ).fetchone()[0]
+            )
+            assert (
+                conn.execute("select df.await_instance(%s, 60)", (iid,)).fetchone()[0] == "failed"
+            )
+            err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
+            assert "500" in err["error"]
+            healthy.set()
+            assert conn.execute("select df.restart(%s)", (iid,)).fetchone()[0] == iid
+            assert conn.execute("select df.await_instance(%s, 60)", (iid,)).fetchone()[0] == (
+                "completed"
+            )
+        assert seen == ["/first", "/second", "/second"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
