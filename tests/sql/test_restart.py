@@ -645,9 +645,11 @@ def test_upgrade_from_4_gives_granted_tenants_restart(server):
     the upgrade, with nothing granted again."""
     name = f"m_{uuid.uuid4().hex[:10]}"
     role = f"rsu_{uuid.uuid4().hex[:8]}"
+    admin = f"rsa_{uuid.uuid4().hex[:8]}"  # a delegated admin: granted with_grant
     with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("create role {} login").format(sql.Identifier(role)))
+        for r in (role, admin):
+            conn.execute(sql.SQL("create role {} login").format(sql.Identifier(r)))
     dsn = server.dsn(name)
     try:
         text = (BASELINE_DIR / "v1.sql").read_text()
@@ -658,8 +660,20 @@ def test_upgrade_from_4_gives_granted_tenants_restart(server):
         assert schema.install(dsn, target_version=4).to_version == 4
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("select df.grant_usage(%s)", (role,))
+            conn.execute("select df.grant_usage(%s, false, true)", (admin,))
             assert one(conn, "select to_regprocedure('df.restart(text)')") is None
         assert schema.install(dsn).to_version == schema.SCHEMA_VERSION
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for fn in (f"{E}._restart_v1(varchar)", f"{E}._run_history_v1(varchar)"):
+                privs = [
+                    one(conn, "select has_function_privilege(%s, %s, %s)", (r, fn, p))
+                    for r, p in (
+                        (role, "execute"),
+                        (role, "execute with grant option"),
+                        (admin, "execute with grant option"),
+                    )
+                ]
+                assert privs == [True, False, True], fn
         with psycopg.connect(server.dsn(name, user=role), autocommit=True) as conn:
             iid = one(conn, f"select df.start({q('a')})")
             conn.execute("select df.cancel(%s)", (iid,))
@@ -672,7 +686,8 @@ def test_upgrade_from_4_gives_granted_tenants_restart(server):
             conn.execute(
                 sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
             )
-            conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
+            for r in (role, admin):
+                conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(r)))
 
 
 def test_instance_runs_json(tx, tenant):
