@@ -38,11 +38,13 @@ def restart(dsn: str | None, instance_id: str, as_json: bool) -> None:
                 "schema version 5)",
                 "upgrade it: pgdurable install --dsn ... (serve upgrades it when it starts)",
             )
-        conn.execute("select df.restart(%s)", (instance_id,))
-        runs = conn.execute(
-            "select run, status, started_at, ended_at, error from df.instance_runs(%s)",
-            (instance_id,),
-        ).fetchall()
+        # one transaction: the runs as the restart left them (a worker may end run 2 at once)
+        with conn.transaction():
+            conn.execute("select df.restart(%s)", (instance_id,))
+            runs = conn.execute(
+                "select run, status, started_at, ended_at, error from df.instance_runs(%s)",
+                (instance_id,),
+            ).fetchall()
     current, previous = runs[-1], (runs[-2] if len(runs) > 1 else None)
     if as_json:
         _emit(

@@ -229,7 +229,8 @@ def test_restart_refusals_and_access(env: Env) -> None:
     """Another role gets the not-found error; a running instance is refused naming its status;
     restarting twice: the second is refused while the first run goes on."""
     other = env.db.create_role("rst_other")
-    iid = start(env, f"{hit('r:a')} ~> df.sql('select pg_sleep(0.5)') ~> df.sql('select 1/0')")
+    # the failing step takes a second: the instance is still running when restarted twice
+    iid = start(env, f"{hit('r:a')} ~> df.sql('select 1 / (0 * random())::int from pg_sleep(1)')")
     with (
         env.db.connect(other) as conn,
         pytest.raises(psycopg.errors.NoDataFound, match="not found or access denied"),
@@ -247,7 +248,7 @@ def test_restart_refusals_and_access(env: Env) -> None:
         pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="is running"),
     ):
         conn.execute("select df.restart(%s)", (iid,))
-    assert wait_status(env, iid) == "failed"  # 1/0 fails the same way again
+    assert wait_status(env, iid) == "failed"  # it fails the same way again
     assert hits(env, "r:") == {"r:a": 1}
     assert [(r[0], r[1]) for r in runs(env, iid)] == [(1, "failed"), (2, "failed")]
 

@@ -260,6 +260,13 @@ declare
     v_tdead     pg_catalog.timestamptz[] := '{}';
     v_cfg       pg_catalog.jsonb;
 begin
+    -- the caller first, before any lock: a role must not be able to hold a lock on another
+    -- role's instance (an aborted transaction keeps its locks until it rolls back); the owner
+    -- of an instance never changes
+    select i.submitted_by into v_me from df.instances i where i.id = p_instance_id;
+    if v_me is null or not @engine@._may_act(v_me) then
+        raise exception 'Instance not found or access denied: %', p_instance_id using errcode = 'P0002';
+    end if;
     select r.state, r.state_version, r.cancel_reason into v_run
     from @engine@.runs r where r.instance_id = p_instance_id
     for update;
@@ -267,9 +274,6 @@ begin
     into v_inst
     from df.instances i where i.id = p_instance_id
     for update;
-    if v_inst.id is null or not @engine@._may_act(v_inst.submitted_by) then
-        raise exception 'Instance not found or access denied: %', p_instance_id using errcode = 'P0002';
-    end if;
     if v_inst.status <> all ('{failed,cancelled}'::pg_catalog.text[]) then
         raise exception 'Instance % is %; only a failed or cancelled instance can be restarted',
             p_instance_id, v_inst.status
