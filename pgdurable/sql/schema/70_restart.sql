@@ -260,9 +260,8 @@ declare
     v_tdead     pg_catalog.timestamptz[] := '{}';
     v_cfg       pg_catalog.jsonb;
 begin
-    -- the caller first, before any lock: a role must not be able to hold a lock on another
-    -- role's instance (an aborted transaction keeps its locks until it rolls back); the owner
-    -- of an instance never changes
+    -- the caller first, before any lock: a call on another role's instance takes none (the
+    -- owner of an instance never changes)
     select i.submitted_by into v_me from df.instances i where i.id = p_instance_id;
     if v_me is null or not @engine@._may_act(v_me) then
         raise exception 'Instance not found or access denied: %', p_instance_id using errcode = 'P0002';
