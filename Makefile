@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml setup.py native/_sched_c.pyx
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,18 @@ test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local P
 	@$(BIN)/pip install -q -e '.[bench]' >/dev/null 2>&1 || echo "pgdurable: the bench extra did not install; peer smoke tests will skip"
 	$(BIN)/python -m pytest -q -m benchmark --benchmark-disable bench $(PYTEST_ARGS)
 
+test-unit: $(BIN)/.installed ## fast loop: the unit tests and the scheduler twins (no database)
+	$(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS)
+
+test-sql: $(BIN)/.installed ## the df API in SQL and the schema's migrations (no serve)
+	$(BIN)/python -m pytest -q tests/sql tests/migration $(PYTEST_ARGS)
+
+test-integration: $(BIN)/.installed ## the worker's parts in-process against a real database (no serve)
+	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
+
+test-fast: $(BIN)/.installed browser ## the whole suite but the slow tests (crash, fault soak, real-minute schedules)
+	$(BIN)/python -m pytest -q -m 'not slow and not benchmark' $(PYTEST_ARGS)
+
 test-python: $(BIN)/.installed ## the suite with the pure-Python scheduler
 	PGDURABLE_IMPL=python $(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -70,9 +82,8 @@ lint: $(BIN)/.lint-installed ## ruff check + ruff format --check, mypy strict on
 	$(BIN)/mypy pgdurable
 	PATH=$(BIN):$$PATH $(BIN)/cython-lint --max-line-length 100 native/_sched_c.pyx
 
-schema-freeze: $(BIN)/.installed ## freeze pgdurable/sql/schema/*.sql as the baseline of the current SCHEMA_VERSION
-	v=$$($(BIN)/python -c 'from pgdurable.schema import SCHEMA_VERSION as v; print(v)') && test -n "$$v" && \
-	cat pgdurable/sql/schema/*.sql > pgdurable/sql/baseline/v$$v.sql; echo "froze v$$v"
+schema-freeze: $(BIN)/.installed ## release step: record the sha256 of the current SCHEMA_VERSION's migration in pgdurable/sql/released.sha256 (refuses to change a released one)
+	$(BIN)/python -m tests.migration.released freeze
 
 embedded-stop: $(BIN)/.installed ## stop the embedded PostgreSQL that make demo / serve left running (and the demo's dashboard)
 	@$(BIN)/python -c 'from pgdurable.ui.launch import stop_detached; from pgdurable.embedded import default_data_dir; stop_detached(default_data_dir().parent) and print("stopped the demo'"'"'s dashboard")'
@@ -83,4 +94,4 @@ clean: ## stop the embedded PostgreSQL, remove the venv, build products and its 
 	@test -x $(BIN)/python && $(BIN)/python -c 'from pgdurable.embedded import EmbeddedPostgres, default_data_dir; EmbeddedPostgres(default_data_dir()).stop()' || true
 	rm -rf $(VENV) build *.egg-info native/*.c pgdurable/graph/*.so .pgdurable
 
-.PHONY: help install native demo serve ui browser test test-python bench bench-scale lint schema-freeze embedded-stop clean
+.PHONY: help install native demo serve ui browser test test-unit test-sql test-integration test-fast test-python bench bench-scale lint schema-freeze embedded-stop clean

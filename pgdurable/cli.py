@@ -1,6 +1,7 @@
 """The ``pgdurable`` command line (click). Every option has a ``PGDURABLE_*`` env var.
 
-Admin tooling: this module may spell SQL for the df functions it wraps (STYLE B1).
+Admin tooling: this module may spell SQL for the df functions it wraps (the runtime's SQL
+is in pgdurable/sql/queries.sql).
 
 Labels, results, errors and the like are tenants' text: every human-format output passes
 through :func:`pgdurable.sanitize.visible` (controls and escape sequences shown, not sent),
@@ -653,9 +654,9 @@ def bench(args: tuple[str, ...]) -> None:
     "--keep", is_flag=True, help="keep the work dir and database (kept anyway on violations)"
 )
 def verify(dsn: str | None, faults: int, duration: float, seed: int | None, keep: bool) -> None:
-    """Crash verifier: a mixed workload under random faults, then check SPEC §5's guarantees.
-    Without --dsn: an embedded PostgreSQL 18 of its own (restarted as a fault). Last line:
-    `violations: N`; exit code 1 when N > 0."""
+    """Crash verifier: a mixed workload under random faults, then check the guarantees
+    docs/reliability.md lists. Without --dsn: an embedded PostgreSQL 18 of its own
+    (restarted as a fault). Last line: `violations: N`; exit code 1 when N > 0."""
     from . import verify as verify_mod
 
     n = verify_mod.main(faults, duration, seed, dsn, keep, click.echo)

@@ -76,7 +76,7 @@ json_option = click.option(
 
 
 def _env(name: str) -> list[str]:
-    """SPEC §9 names options' variables PGDURABLE_<OPTION>; click's automatic
+    """Options' variables are named PGDURABLE_<OPTION> (docs/operating.md); click's automatic
     PGDURABLE_<COMMAND>_<OPTION> is accepted too (flag > env > default either way)."""
     return [f"PGDURABLE_{name}", f"PGDURABLE_SERVE_{name}"]
 

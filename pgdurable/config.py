@@ -1,7 +1,8 @@
-"""Settings of the service itself (STYLE B12): one frozen dataclass, named defaults.
+"""Settings of the service itself: one frozen dataclass and its defaults.
 
-Settings of workflows (``pg_durable.*``) live in PostgreSQL and are read at call
-time; these are the service's own: DSN, worker count, slots, lease, HTTP policy.
+Settings of workflows (``pg_durable.*``, e.g. ``loop_min_interval_ms``) live in PostgreSQL
+and are read at call time, their defaults with them (pgdurable/sql/queries.sql,
+``settings``); these are the service's own: DSN, worker count, slots, lease, HTTP policy.
 Every field is a ``pgdurable serve`` option with a ``PGDURABLE_*`` environment
 variable (precedence: flag > env > default).
 """
@@ -24,10 +25,10 @@ LEASE_SECONDS_DEFAULT = 30
 POLL_INTERVAL_DEFAULT = 1.0
 # Maintenance period: lease rescue, heartbeats.
 MAINTENANCE_INTERVAL_DEFAULT = 2.0
-LOOP_MIN_INTERVAL_MS_DEFAULT = 1000
-LOOP_MAX_ITERATIONS_DEFAULT = 100_000
 RESULT_MAX_BYTES_DEFAULT = 10 * 1024 * 1024
 HTTP_POLICY_DEFAULT = "public"
+# The engine's private schema (docs/decisions.md D2): the one spelling of its default name;
+# the modules that need it import it from here.
 ENGINE_SCHEMA_DEFAULT = "pgdurable"
 
 

@@ -1,17 +1,22 @@
-"""The pgdurable exception tree; psycopg errors are translated only in ``db.wrap_errors``.
+"""The pgdurable exception tree.
 
 ::
 
     PgDurableError
     ├── ConfigError          a setting is invalid (names the field)
-    ├── SchemaError          the df schema is missing, too old or too new
     └── StepError            a step failed; the message is what users see in df.nodes.result
         ├── SubstitutionError  a $ref / {var} could not be substituted
         ├── ResultTooLarge     a step's result exceeds the configured cap
         └── HttpStepError      an HTTP step failed (policy, transport, 5xx, caps)
 
-Messages are lower-case where we write them and name the offending object with repr;
-step errors that come from PostgreSQL keep PostgreSQL's text verbatim (SPEC §8).
+psycopg errors are not wrapped in general: a step statement's error becomes a
+:class:`StepError` carrying PostgreSQL's primary message verbatim and its SQLSTATE (the
+worker does this where it runs the step, pgdurable/worker/process.py); errors of the
+engine's own statements stay psycopg errors, and the CLI and the dashboard show them with
+PostgreSQL's hint. Install problems an administrator must fix raise
+``pgdurable.roles.InstallError``, naming the statement to run.
+
+Messages are lower-case where we write them and name the offending object with repr.
 """
 
 from __future__ import annotations
@@ -25,12 +30,6 @@ class PgDurableError(Exception):
 
 class ConfigError(PgDurableError):
     """A configuration value is invalid."""
-
-    __module__ = "pgdurable"
-
-
-class SchemaError(PgDurableError):
-    """The database schema is not what this package expects."""
 
     __module__ = "pgdurable"
 

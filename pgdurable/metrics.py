@@ -44,6 +44,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .config import ENGINE_SCHEMA_DEFAULT
+
 logger = logging.getLogger(__name__)
 
 # Step durations span milliseconds (SQL) to minutes (HTTP, long statements).
@@ -226,7 +228,7 @@ def worker_restarted() -> None:
 class _QueueCollector:
     """Reads the engine's task table at scrape time: one number for all workers, fresh.
 
-    Admin tooling (STYLE B1 allows SQL here, like the CLI): the engine schema is quoted as
+    Admin tooling (SQL spelled here, as in the CLI): the engine schema is quoted as
     an identifier. A database error yields no sample rather than a failed scrape.
     """
 
@@ -260,7 +262,7 @@ class _QueueCollector:
         yield GaugeMetricFamily("pgdurable_tasks_leased", "Tasks leased right now.", value=row[1])
 
 
-def registry(dsn: str | None = None, engine_schema: str = "pgdurable") -> Any:
+def registry(dsn: str | None = None, engine_schema: str = ENGINE_SCHEMA_DEFAULT) -> Any:
     """A registry aggregating every process's files (plus the queue gauges with a DSN)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -273,7 +275,10 @@ def registry(dsn: str | None = None, engine_schema: str = "pgdurable") -> Any:
 
 
 def serve_metrics(
-    port: int, dsn: str | None = None, engine_schema: str = "pgdurable", addr: str = "127.0.0.1"
+    port: int,
+    dsn: str | None = None,
+    engine_schema: str = ENGINE_SCHEMA_DEFAULT,
+    addr: str = "127.0.0.1",
 ) -> Any:
     """Enable metrics (if not yet) and serve ``/metrics`` on ``port`` from a daemon thread."""
     from prometheus_client import start_http_server

@@ -10,7 +10,8 @@ superuser; otherwise they go to ``public``). Then it makes ``transaction_mode =>
 work where it may (:func:`ensure_new_mode`: the dblink extension, in a schema of the owner's)
 and says clearly, with the statement to run, where it may not.
 Upgrade applies the forward-only ``sql/migrations/<from>-<to>.sql`` files between
-the recorded version and :data:`SCHEMA_VERSION`. Every step is idempotent: a
+the recorded version and :data:`SCHEMA_VERSION` (docs/schema-changes.md: how a schema change
+is written and released). Every step is idempotent: a
 second install is an upgrade with nothing to do. ``serve`` calls :func:`install`
 at start, so several services starting together serialise on the lock.
 """
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 5
 """The schema version this package installs and expects."""
+
+LAUNCHER_SINCE = 3
+"""The schema version that brought ``<engine>.launcher`` (an upgrade to an older one, as the
+migration tests make, has no launcher to ensure)."""
 
 ENGINE_SCHEMA_DEFAULT = "pgdurable"
 # Advisory lock key of install/upgrade/uninstall: 'PGDI' as an int, fixed forever so that
@@ -296,6 +301,13 @@ def _install(
             return InstallResult(current, current, op_schema)
         ensure_roles(conn)
         if current == 0:
+            if target_version != SCHEMA_VERSION:
+                # the schema files are the current version: an older one is reached only
+                # by upgrading a database that has it
+                raise ValueError(
+                    f"a fresh install makes schema version {SCHEMA_VERSION}, not "
+                    f"{target_version}: older versions exist only as upgrades from them"
+                )
             for name in ("df", engine, engine + "_exec"):
                 conn.execute(
                     sql.SQL("create schema if not exists {} authorization {}").format(
@@ -332,7 +344,8 @@ def _install(
             current += 1
             _record(conn, engine, current)
             logger.info("migrated pgdurable schema to version %d", current)
-        ensure_launcher(conn, engine)
+        if current >= LAUNCHER_SINCE:
+            ensure_launcher(conn, engine)
         conn.commit()
         return InstallResult(start, current, op_schema)
 

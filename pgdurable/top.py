@@ -1,7 +1,7 @@
 """``pgdurable top``: a live terminal view of a df database, refreshed from SQL.
 
 Split so it can be tested without a terminal: :func:`fetch` reads one :class:`TopState`
-from the database (admin tooling: SQL is spelled here, STYLE B1), :func:`render` turns a
+from the database (admin tooling: SQL is spelled here, not in queries.sql), :func:`render` turns a
 state into text (pure), :func:`run` loops (or prints one frame with ``--once``).
 
 Everything is read through the ``df`` API tables/views, so a non-admin role sees its own

@@ -1,5 +1,10 @@
 """SQL kept in files (STYLE B1): the schema parts, the migrations and the named queries.
 
+``schema/*.sql`` is the current schema (a fresh install applies it); ``migrations/<n>-<n+1>.sql``
+upgrade an installed one. ``baseline/`` and ``released.sha256`` are the project's record of
+released versions, for its tests only: they do not ship, and nothing here reads them
+(docs/schema-changes.md).
+
 ``queries.sql`` holds every query the runtime executes, each introduced by a
 ``-- name: <name>`` line followed by a one-line purpose comment; :func:`query`
 returns one by name. Nothing else in the runtime spells SQL.
@@ -15,7 +20,6 @@ from typing import LiteralString
 SQL_DIR = Path(__file__).parent
 SCHEMA_DIR = SQL_DIR / "schema"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
-BASELINE_DIR = SQL_DIR / "baseline"
 
 _NAME_RE = re.compile(r"^-- name: ([a-z_0-9]+)\s*$", re.MULTILINE)
 

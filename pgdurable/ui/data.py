@@ -7,7 +7,7 @@ Everything goes through the ``df`` API as the DSN's role: the ``df.*`` functions
 Row-level security therefore decides every row the dashboard sees or acts on: another
 role's instance is "not found", here as in ``psql``. Nothing here connects as anyone else.
 
-Admin tooling: this module spells the SQL of the df calls it wraps (STYLE B1). The one
+Admin tooling: this module spells the SQL of the df calls it wraps (not in queries.sql). The one
 statement built from text is :func:`start`'s evaluation of a DSL expression, which runs as
 the viewer's role in a READ ONLY transaction with a statement timeout (see there).
 """

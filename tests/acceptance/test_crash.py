@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.timeout(300)
+# slow: real kill -9s and PostgreSQL restarts (make test-fast leaves them out)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 STEPS = 120
 INSTANCES = 4

@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-pytestmark = pytest.mark.timeout(330)
+# slow: waits for real minute boundaries (make test-fast leaves them out)
+pytestmark = [pytest.mark.timeout(330), pytest.mark.slow]
 
 # fails in even minutes (division by zero), completes in odd ones
 GRAPH = "df.sql('select 1 / (extract(minute from now())::int % 2) as ok')"

@@ -17,6 +17,9 @@ import pytest
 from pgdurable import verify
 from tests.acceptance.conftest import ROOT
 
+# slow: real fault soaks of serve (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 URL = "http://127.0.0.1:9"
 
 
@@ -67,6 +70,7 @@ ORPHAN_SCRIPT = """
 import os, signal, sys, time
 import pgdurable.worker.process as process
 from pgdurable.worker import supervisor
+
 supervisor.DRAIN_GRACE = 1.0
 
 def starting(config):  # a worker still starting (its pool waits for a restarting database)
