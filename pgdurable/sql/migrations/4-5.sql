@@ -9,6 +9,18 @@
 -- keeps its named results and unconsumed signals (df.restart goes on with them) until it is
 -- pruned, and pruning removes them with the run history.
 
+-- == a repair: 3-4.sql granted INSERT (idempotency_key) on df.instances to every role that
+--    may insert its other columns, and has_column_privilege says yes for the predefined
+--    pg_write_all_data (PostgreSQL 14+), which may write every table anyway: an install makes
+--    no such grant ==
+do $$
+begin
+    if pg_catalog.to_regrole('pg_write_all_data') is not null then
+        revoke insert (idempotency_key) on df.instances from pg_write_all_data;
+    end if;
+end;
+$$;
+
 -- == the new table and functions (a new file: applied whole) ==
 -- @include 70_restart.sql
 
