@@ -9,7 +9,8 @@ field by field, so a newline cannot add a row and an escape cannot reach the ter
 ``--json`` output is left as it is: JSON escapes control characters itself.
 
 The command group and the helpers every command module shares are pgdurable/cli_common.py;
-the recurring-job commands pgdurable/cli_schedules.py, the dashboard pgdurable/cli_ui.py.
+the recurring-job commands pgdurable/cli_schedules.py, restart pgdurable/cli_restart.py, the
+dashboard pgdurable/cli_ui.py.
 """
 
 from __future__ import annotations
@@ -664,4 +665,4 @@ def verify(dsn: str | None, faults: int, duration: float, seed: int | None, keep
 
 # the recurring-job commands and the dashboard (`ui`) live in modules of their own;
 # importing them registers them
-from . import cli_schedules, cli_ui  # noqa: E402,F401
+from . import cli_restart, cli_schedules, cli_ui  # noqa: E402,F401

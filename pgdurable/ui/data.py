@@ -244,6 +244,32 @@ async def restart_available(conn: Conn) -> bool:
     return bool(row and row[0])
 
 
+async def runs(conn: Conn, iid: str) -> list[dict[str, Any]]:
+    """Every run of the instance, oldest first (df.instance_runs: one per restart, then the
+    current one); [] where the df API has no df.instance_runs (a schema before version 5)."""
+    row = await (
+        await conn.execute("select to_regprocedure('df.instance_runs(text)') is not null")
+    ).fetchone()
+    if not (row and row[0]):
+        return []
+    cur = await conn.execute(
+        "select run, status, started_at, ended_at, error::text from df.instance_runs(%s)", (iid,)
+    )
+    out = []
+    for run, status, started, ended, error in await cur.fetchall():
+        err = json.loads(error) if error is not None else None
+        out.append(
+            {
+                "run": run,
+                "status": status,
+                "started_at": started,
+                "ended_at": ended,
+                "error": err if isinstance(err, dict) else None,
+            }
+        )
+    return out
+
+
 # -- actions: each one df call, in its own (autocommit) transaction ----------------------
 
 

@@ -194,7 +194,8 @@ async def run_page(request: Request) -> Response:
         node = await data.node_detail(conn, iid, selected) if selected else None
         result = await data.run_result(conn, iid) if run.status == "completed" else None
         error = await data.run_error(conn, iid) if run.status == "failed" else None
-        can_restart = run.status == "failed" and await data.restart_available(conn)
+        can_restart = run.status in ("failed", "cancelled") and await data.restart_available(conn)
+        runs = await data.runs(conn, iid)
     graph = svg.from_rows(rows, run.root_node or "", details)
     drawn = (
         Markup(svg.graph_svg(graph, run.root_node or "", href=f"/runs/{iid}", selected=selected))
@@ -250,6 +251,7 @@ async def run_page(request: Request) -> Response:
             "error": error,
             "waits": waits,
             "can_restart": can_restart,
+            "runs": runs if len(runs) > 1 else [],
             "flash": flash,
             "approve_data": APPROVE_DATA,
             "poll": request.url.path + _query(request, done=None),

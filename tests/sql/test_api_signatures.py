@@ -219,6 +219,16 @@ DIFFERENCES: dict[str, dict[str, object]] = {
 EXTRAS = [
     Fn("error", "instance_id text", "jsonb", S, "s"),  # D10
     Fn("loop_op", "body text", T, S, "i", "s"),  # the @> operator's function
+    # restart from failure (docs/restart.md) and the runs it keeps
+    Fn("restart", "instance_id text", T, S),
+    Fn(
+        "instance_runs",
+        "instance_id text",
+        "TABLE(run integer, status text, started_at timestamp with time zone, "
+        "ended_at timestamp with time zone, error jsonb)",
+        S,
+        "s",
+    ),
     # cron schedules run by serve
     Fn(
         "schedule",

@@ -607,6 +607,53 @@ def test_cancel_from_the_page(env: Env) -> None:
     )
 
 
+def test_restart_a_failed_run_from_the_page(env: Env) -> None:
+    """A step fails on a missing table; the table is made; the page's restart button runs the
+    rest of the workflow: the run completes, its completed step did not run again (a counter
+    table), and the page lists both runs, the first with its error."""
+    with env.db.connect() as c:
+        c.execute("create table public.ui_hits (tag text)")
+        c.execute(
+            sql.SQL("grant select, insert on public.ui_hits to {}").format(
+                sql.Identifier(env.alice)
+            )
+        )
+    iid = env.start(
+        "df.sql('insert into public.ui_hits values (''a'')')"
+        " ~> df.sql('insert into public.ui_late values (1)')",
+        "to-restart",
+    )
+    assert env.await_(iid) == "failed"
+    d = env.driver
+    d.get(env.a + f"runs/{iid}")
+    assert d.find_element(By.CSS_SELECTOR, "#run-error .sqlstate").text == "42P01"
+    assert not _css(d, "#runs"), "one run: no run history yet"
+    with env.db.connect() as c:
+        c.execute("create table public.ui_late (x int)")
+        c.execute(sql.SQL("grant insert on public.ui_late to {}").format(sql.Identifier(env.alice)))
+    _click(env, '#restart-form button[name="restart"]')
+    until(lambda: "done=restarted" in d.current_url, "the redirect after restart", env)
+    assert env.await_(iid) == "completed"
+    until(
+        lambda: d.find_element(By.ID, "run-status").text == "completed",
+        "the page to show the run completed",
+        env,
+    )
+    runs = until(lambda: _css(d, "#runs tr.run-row"), "the page's run history", env)
+    assert [(r.get_attribute("data-run"), r.get_attribute("data-status")) for r in runs] == [
+        ("1", "failed"),
+        ("2", "completed"),
+    ]
+    first = runs[0].find_element(By.CSS_SELECTOR, ".run-error").text
+    assert "42P01" in first
+    assert "ui_late" in first
+    assert not _css(d, "#restart-form")
+    assert not _css(d, "#run-error")
+    with env.db.connect() as c:
+        assert c.execute("select count(*) from public.ui_hits").fetchone() == (1,)
+        assert c.execute("select count(*) from public.ui_late").fetchone() == (1,)
+
+
 def test_a_large_result_is_cut_with_a_download(env: Env) -> None:
     iid = env.start("df.sql('select repeat(''x'', 200000) as big')", "large")
     assert env.await_(iid) == "completed"
@@ -649,7 +696,7 @@ def test_start_a_run_from_the_page(env: Env) -> None:
     problem = _wait_css(env, "#problem")
     assert "could not start the run" in problem.text
     # a failed run shows its error and SQLSTATE; restart is offered only where df.restart
-    # exists (it does not yet: no button, and the action says so)
+    # exists (schema version 5 on; test_restart_a_failed_run_from_the_page uses it)
     failed = env.start("df.sql('select 1/0')", "fails")
     assert env.await_(failed) == "failed"
     d.get(env.a + f"runs/{failed}")

@@ -11,6 +11,8 @@
 --                   helpers they call (SECURITY DEFINER, fixed search_path)
 --   40_inspect.sql  df.list_instances/instance_nodes/instance_info/instance_executions/explain/
 --                   metrics, vars functions, grant_usage/revoke_usage, misc (version, run, ...)
+--   70_restart.sql  df.restart / df.instance_runs: restart a failed or cancelled instance from
+--                   where it stopped (docs/restart.md), and the run history it keeps
 --   90_grants.sql   privileges: no PUBLIC access except EXECUTE on ordinary df functions
 --
 -- Placeholders substituted by pgdurable/schema.py at install time:

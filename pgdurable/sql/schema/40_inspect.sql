@@ -695,7 +695,8 @@ as $$ select array[
     '@engine@._signal_v1(varchar,text,jsonb)', '@engine@._cancel_v1(varchar,text)',
     '@engine@._new_start_v1(name,text,text,text)',
     '@engine@._start_v1(regrole,text,text,text,boolean)',
-    '@engine@._vars_v1(text,text,text)']::pg_catalog.text[] $$;
+    '@engine@._vars_v1(text,text,text)', '@engine@._restart_v1(varchar)',
+    '@engine@._run_history_v1(varchar)']::pg_catalog.text[] $$;
 
 -- Additive, SECURITY INVOKER (the caller must hold what it hands out). Besides the
 -- df grants, the role gets USAGE on the engine schema and EXECUTE on the engine helpers the

@@ -192,6 +192,10 @@ begin
         where i.id = p_instance;
         if p_inst_status in ('completed', 'failed', 'cancelled') then
             delete from @engine@.tasks t where t.instance_id = p_instance;
+        end if;
+        -- a failed or cancelled instance keeps its named results and unconsumed signals
+        -- until it is pruned: df.restart (70_restart.sql) goes on with them
+        if p_inst_status = 'completed' then
             delete from @engine@.signals s where s.instance_id = p_instance;
             delete from @engine@.results r where r.instance_id = p_instance;
         end if;
@@ -599,6 +603,16 @@ begin
     ), runs as (
         delete from @engine@.runs r using gone where r.instance_id operator(pg_catalog.=) gone.id
         returning 1
+    ), named as (
+        -- what a failed or cancelled instance kept for df.restart, and its run history
+        delete from @engine@.results r using gone where r.instance_id operator(pg_catalog.=) gone.id
+        returning 1
+    ), inbox as (
+        delete from @engine@.signals s using gone where s.instance_id operator(pg_catalog.=) gone.id
+        returning 1
+    ), history as (
+        delete from @engine@.run_history h using gone where h.instance_id operator(pg_catalog.=) gone.id
+        returning 1
     )
     select pg_catalog.count(*)::pg_catalog.int4 into v_n from gone;
     return v_n;
@@ -811,9 +825,8 @@ begin
     where n.instance_id operator(pg_catalog.=) p_instance
       and n.id operator(pg_catalog.=) p_node
       and n.status operator(pg_catalog.<>) 'completed';
+    -- its named results and signals stay for df.restart (pruned with the instance)
     delete from @engine@.tasks t where t.instance_id operator(pg_catalog.=) p_instance;
-    delete from @engine@.signals s where s.instance_id operator(pg_catalog.=) p_instance;
-    delete from @engine@.results r where r.instance_id operator(pg_catalog.=) p_instance;
     return true;
 end
 $$;
