@@ -19,8 +19,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.acceptance.conftest import Serve
-from tests.acceptance.test_http import BASE_ENV, Env, _drop_db, _fresh_db
+from tests import fix_db
+from tests.acceptance.conftest import Env, module_env
+from tests.acceptance.test_http import BASE_ENV
 from tests.fix_db import Server
 
 pytestmark = pytest.mark.timeout(180)
@@ -28,19 +29,15 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    tdb = _fresh_db(server)
-    s = Serve(tdb, dict(BASE_ENV), log_path=tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
+    def make_role(tdb: fix_db.TestDB) -> str:
         role = tdb.create_role("rst")
         with tdb.connect() as conn:
             conn.execute("create table public.hits (tag text not null)")
             conn.execute(f'grant select, insert on public.hits to "{role}"')
-        s.start()
-        s.wait_workers(2)
-        yield Env(tdb, s, role)
-    finally:
-        s.cleanup()
-        _drop_db(tdb)
+        return role
+
+    with module_env(server, tmp_path_factory.mktemp("serve"), BASE_ENV, make_role) as e:
+        yield e
 
 
 def start(env: Env, expr: str) -> str:

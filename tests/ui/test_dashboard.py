@@ -116,7 +116,10 @@ class Env:
 def until(cond: Callable[[], Any], what: str, env: Env | None = None, timeout: float = WAIT) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        got = cond()
+        try:
+            got = cond()
+        except StaleElementReferenceException:  # the live region was redrawn under us: again
+            got = None
         if got:
             return got
         time.sleep(0.1)
@@ -534,7 +537,14 @@ def test_signal_from_the_page_completes_an_approval(env: Env) -> None:
     d = env.driver
     d.get(env.a + f"runs/{iid}")  # perhaps before the wait began: the page updates itself
     _wait_css(env, "form.approve button", "the Approve button")
-    assert d.find_element(By.CSS_SELECTOR, ".wait").get_attribute("data-signal") == "approve"
+
+    def signal_name() -> str | None:
+        try:  # the live region may be redrawn between finding the element and reading it
+            return d.find_element(By.CSS_SELECTOR, ".wait").get_attribute("data-signal")
+        except StaleElementReferenceException:
+            return None
+
+    until(lambda: signal_name() == "approve", "the wait to name its signal", env)
     _click(env, "form.approve button")
     until(lambda: "done=signalled" in d.current_url, "the redirect after the signal", env)
     assert d.find_element(By.ID, "flash").text == "Signal sent."
