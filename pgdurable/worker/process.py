@@ -158,14 +158,9 @@ class Worker:
             stopping=self.stopping,
         )
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        # SIGHUP (forwarded by the supervisor): re-read the pg_durable.* settings
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(self.maintenance.reload_settings())
-        )
+    async def open(self) -> None:
+        """Open the pools, read the settings, start the group commit, build the HTTP client:
+        the parts are ready (:meth:`run` does this first; in-process tests call it alone)."""
         await self.sessions.open()
         await self.maintenance.reload_settings()
         self.completer.pool = self.sessions.service
@@ -176,6 +171,27 @@ class Worker:
             policy=self.config.http_policy,
             allow=list(self.config.http_allow),
         )
+
+    async def close(self) -> None:
+        """Flush the group commit, then close the client and the pools (after the drain)."""
+        await self.completer.stop()  # final flush before the pool closes
+        with contextlib.suppress(Exception):
+            async with self.sessions.service.connection() as conn:
+                await conn.execute(self.sessions.q("release"), (self.worker_id, None, None))
+        if self.http is not None:
+            await self.http.close()
+        await self.remote.close()
+        await self.sessions.close()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        # SIGHUP (forwarded by the supervisor): re-read the pg_durable.* settings
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(self.maintenance.reload_settings())
+        )
+        await self.open()
         logger.info(
             "worker started (id %s, %d slots, scheduler %s)",
             self.worker_id,
@@ -216,14 +232,7 @@ class Worker:
             await asyncio.wait(
                 list(self.slots.inflight.values()), timeout=self.config.lease_seconds
             )
-        await self.completer.stop()  # final flush before the pool closes
-        with contextlib.suppress(Exception):
-            async with self.sessions.service.connection() as conn:
-                await conn.execute(self.sessions.q("release"), (self.worker_id, None, None))
-        if self.http is not None:
-            await self.http.close()
-        await self.remote.close()
-        await self.sessions.close()
+        await self.close()
 
 
 def _impl() -> str:
