@@ -26,12 +26,16 @@ class HttpSteps:
     ) -> None:
         self.pool = pool
         self.q = q
+        self.policy_text, self.allow = policy, allow
         self.client: Any = None
         self.policy: Any = None
+
+    def open(self) -> None:
+        """Build the policy and the process's one client (in the worker's event loop)."""
         try:
             from pgdurable.steps.http_step import HttpPolicy, make_client
 
-            self.policy = HttpPolicy.from_strings(policy, allow)
+            self.policy = HttpPolicy.from_strings(self.policy_text, self.allow)
             self.client = make_client(self.policy)
         except ImportError:  # pragma: no cover - http step not built
             self.client = None

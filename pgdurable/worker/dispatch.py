@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -54,7 +53,7 @@ class Dispatch:
         batch: BatchRunner,
         remote: RemoteSql,
         signal: SignalStep,
-        http: Callable[[], HttpSteps | None],
+        http: HttpSteps,
         wake: asyncio.Event,
         stopping: asyncio.Event,
     ) -> None:
@@ -321,14 +320,11 @@ class Dispatch:
     async def _run_http(self, ctx: InstanceCtx, task: Task, idx: int, ntype: int) -> Outcome:
         """An HTTP request holds no database connection while it waits on the network, so
         fan-out is bounded by slots, not by the pool."""
-        http = self.http()
         try:
             self.slots.http_waiting += 1
             self.wake.set()  # a slot just became free
             try:
-                if http is None:
-                    raise StepError("HTTP steps are not available in this build")
-                value = await http.run(ctx, task, idx, ntype == A.HTTP_MULTIPART)
+                value = await self.http.run(ctx, task, idx, ntype == A.HTTP_MULTIPART)
             finally:
                 self.slots.http_waiting -= 1
         except StepError as exc:

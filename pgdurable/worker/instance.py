@@ -22,7 +22,7 @@ A stored graph the worker cannot run (a config it cannot parse, a sleep or sched
 cannot be scheduled) raises :class:`BadGraph` at load: deterministic, so the worker fails the
 instance at once instead of retrying it.
 
-Just over 500 lines: one instance's in-memory state and the checkpoint it builds are one
+Over 500 lines: one instance's in-memory state and the checkpoint it builds are one
 contract (each result stored once, the caps) and read best together.
 """
 

@@ -102,7 +102,12 @@ class Worker:
         self.remote = RemoteSql(
             sessions=sessions, settings=settings, running=running, checkpointer=checkpointer
         )
-        self.http: HttpSteps | None = None  # built once the pools are open
+        self.http = HttpSteps(
+            pool=lambda: sessions.service,
+            q=sessions.q,
+            policy=config.http_policy,
+            allow=list(config.http_allow),
+        )
         self.dispatch = Dispatch(
             worker_id=self.worker_id,
             sessions=sessions,
@@ -119,7 +124,7 @@ class Worker:
                 result_max_bytes=config.result_max_bytes,
                 checkpointer=checkpointer,
             ),
-            http=lambda: self.http,
+            http=self.http,
             wake=self.wake,
             stopping=self.stopping,
         )
@@ -165,12 +170,7 @@ class Worker:
         await self.maintenance.reload_settings()
         self.completer.pool = self.sessions.service
         self.completer.start()
-        self.http = HttpSteps(
-            pool=lambda: self.sessions.service,
-            q=self.sessions.q,
-            policy=self.config.http_policy,
-            allow=list(self.config.http_allow),
-        )
+        self.http.open()
 
     async def close(self) -> None:
         """Flush the group commit, then close the client and the pools (after the drain)."""
@@ -178,8 +178,7 @@ class Worker:
         with contextlib.suppress(Exception):
             async with self.sessions.service.connection() as conn:
                 await conn.execute(self.sessions.q("release"), (self.worker_id, None, None))
-        if self.http is not None:
-            await self.http.close()
+        await self.http.close()
         await self.remote.close()
         await self.sessions.close()
 
