@@ -8,13 +8,24 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import args_row
 
 from .sessions import SERVICE_OPTIONS
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StillOurs:
+    """A ``still_ours`` row: is this running step still ours, its instance live?"""
+
+    instance_id: str
+    node_id: str
+    ours: bool
 
 
 class Running:
@@ -89,12 +100,14 @@ class Notifier:
             return
         keys = list(running)
         try:
+            conn: psycopg.AsyncConnection[Any]
             async with self.pool().connection() as conn:
-                cur = await conn.execute(
+                cur = conn.cursor(row_factory=args_row(StillOurs))
+                await cur.execute(
                     self.q("still_ours"),
                     (self.worker_id, [k[0] for k in keys], [k[1] for k in keys]),
                 )
-                gone = [(r[0], r[1]) for r in await cur.fetchall() if not r[2]]
+                gone = [(r.instance_id, r.node_id) for r in await cur.fetchall() if not r.ours]
                 for inst, nid in gone:
                     pid = running.get((inst, nid))
                     if pid is None or self.running.pids.get((inst, nid)) != pid:

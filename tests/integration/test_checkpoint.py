@@ -202,32 +202,34 @@ def test_a_result_over_the_cap_becomes_the_step_failure(db):
 
 def test_submit_returns_once_the_group_commit_is_visible(db):
     role = db.create_role("cp")
-    iids = [start(db, role, "df.sleep(1) ~> df.sql('select 1')") for _ in range(5)]
+    iids = [start(db, role, "df.sql('select 1 as a') ~> df.sql('select 2')") for _ in range(5)]
 
     async def go() -> None:
         async with worker(db) as w:
             await started(w)
-            await asyncio.sleep(1.1)  # the sleeps are due
             tasks = await w.producer.claim(10)
             assert sorted(t.instance_id for t in tasks) == sorted(iids)
             batches = w.completer.batches
             ctxs = [await ctx_of(w, t.instance_id) for t in tasks]
             await asyncio.gather(
                 *(
-                    w.checkpointer.submit(
-                        c, t, c.index[t.node_id], Outcome.success({"slept": True, "seconds": 1})
-                    )
+                    w.checkpointer.submit(c, t, c.index[t.node_id], Outcome.success(rowset(a=1)))
                     for c, t in zip(ctxs, tasks, strict=True)
                 )
             )
-            # acknowledged after commit: another session sees every one
+            # acknowledged after commit: another session sees every one, with its successor
             done = rows(
                 db,
-                "select count(*) from df.nodes where instance_id = any(%s) and "
-                "node_type = 'SLEEP' and status = 'completed'",
-                (iids,),
+                "select count(*) from df.nodes n where instance_id = any(%s) and "
+                "status = 'completed' and result = %s::jsonb",
+                (iids, '{"rows": [{"a": 1}], "row_count": 1, "columns": ["a"]}'),
             )
             assert done == [(5,)]
+            assert rows(
+                db,
+                "select count(*) from pgdurable.tasks where instance_id = any(%s)",
+                (iids,),
+            ) == [(5,)]
             assert w.completer.batches - batches < 5  # they shared commits
 
     asyncio.run(go())
