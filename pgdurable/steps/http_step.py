@@ -2,9 +2,11 @@
 
 Owns the per-process client (:func:`make_client`) and the request itself (:func:`run_http`,
 SPEC §3.8 and §3.2's result envelope). Where a request may go is decided by
-:mod:`pgdurable.steps.http_policy` (:class:`HttpPolicy`, :func:`check_url` and the connect-time
-guard), re-exported here. No database access: the worker substitutes the node's config, calls
-:func:`run_http` and checkpoints what it returns.
+:mod:`pgdurable.steps.http_policy` alone (:class:`HttpPolicy`, :func:`check_url` and the
+connect-time guard), which this module only calls; the response body is read and rendered by
+:mod:`pgdurable.steps.http_body`. No database access: :mod:`pgdurable.steps.http_run`
+substitutes the node's config, calls :func:`run_http` and the worker checkpoints what it
+returns.
 
 Delivery is at-least-once (D4): a crash between the response and the checkpoint repeats the
 request, so every request carries ``Idempotency-Key`` (stable per instance and node, chosen by
@@ -14,10 +16,8 @@ The one client is shared by every tenant's steps on the worker, so it must carry
 one request to the next: its cookie jar stores nothing (:class:`_NoCookieJar`); only the
 connection pool is shared. A response is read raw and capped twice as it streams, in bytes
 received and in bytes after decoding at most one gzip/deflate layer with bounded output
-(:func:`_read_capped`): a few kilobytes of nested gzip cannot inflate in the worker.
-
-Over 500 lines: request building, header checks and the capped, decoding body reader are
-one request/response path; the egress policy already lives apart (http_policy.py).
+(:func:`pgdurable.steps.http_body.read_capped`): a few kilobytes of nested gzip cannot
+inflate in the worker.
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import codecs
 import http.cookiejar
 import logging
 import re
 import secrets
 import time
-import zlib
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Final, Literal
@@ -41,37 +39,19 @@ import httpx
 
 from pgdurable import __version__
 from pgdurable.errors import HttpStepError
-from pgdurable.steps.http_policy import (
-    ALLOW_DEFAULT,
-    MAX_REQUEST_BYTES_DEFAULT,
-    MAX_RESPONSE_BYTES_DEFAULT,
-    MAX_TIMEOUT_SECONDS_DEFAULT,
-    MODE_DEFAULT,
-    GuardedBackend,
-    HttpPolicy,
-    PolicyMode,
-    blocked_reason,
-    check_url,
-    shown_url,
+from pgdurable.steps.http_body import (
+    ACCEPT_ENCODING,
+    codec,
+    is_textual,
+    media_type,
+    read_capped,
+    render_body,
 )
+from pgdurable.steps.http_policy import GuardedBackend, HttpPolicy, check_url, shown_url
 from pgdurable.values import json_bytes
 
-__all__ = [
-    "ALLOW_DEFAULT",
-    "MAX_REQUEST_BYTES_DEFAULT",
-    "MAX_RESPONSE_BYTES_DEFAULT",
-    "MAX_TIMEOUT_SECONDS_DEFAULT",
-    "MODE_DEFAULT",
-    "HttpPolicy",
-    "NodeType",
-    "PolicyMode",
-    "blocked_reason",
-    "check_url",
-    "is_textual",
-    "make_client",
-    "render_body",
-    "run_http",
-]
+# HttpPolicy: the type of the policy the client and run_http take (defined in http_policy)
+__all__ = ["HttpPolicy", "NodeType", "is_textual", "make_client", "render_body", "run_http"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,28 +93,6 @@ _RESERVED_REQUEST_HEADERS: Final = frozenset(
     }
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-_TEXTUAL_SUBTYPES: Final = frozenset(
-    {
-        "json",
-        "xml",
-        "javascript",
-        "x-javascript",
-        "ecmascript",
-        "x-ecmascript",
-        "x-www-form-urlencoded",
-        "graphql",
-        "yaml",
-        "x-yaml",
-    }
-)
-
-# Content codings decoded (one layer at most) and what we advertise: exactly these, whatever
-# optional decoders (brotli, zstandard) httpx would otherwise pick up from the environment.
-_DECODED_CODINGS: Final = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
-ACCEPT_ENCODING: Final = "gzip, deflate"
-# Largest piece one zlib call may produce: bounds the decoder's own buffers, whatever the cap.
-_INFLATE_STEP: Final = 256 * 1024
 
 
 class _RefuseCookies(http.cookiejar.DefaultCookiePolicy):
@@ -351,164 +309,6 @@ def _multipart(parts: object, cap: int) -> tuple[bytes, str]:
     return bytes(body), "multipart/form-data; boundary=" + boundary.decode("ascii")
 
 
-def _media_type(content_type: str | None) -> tuple[str, str | None]:
-    """(lower-case media type, charset or None) of a Content-Type header."""
-    if not content_type:
-        return "", None
-    media, *params = content_type.split(";")
-    charset = None
-    for param in params:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset":
-            charset = value.strip().strip('"') or None
-    return media.strip().lower(), charset
-
-
-def is_textual(media_type: str) -> bool:
-    """Whether a response of this media type is returned as text (SPEC §3.8)."""
-    if media_type.startswith("text/") or media_type.endswith(("+json", "+xml", "+yaml")):
-        return True
-    return media_type.partition("/")[2] in _TEXTUAL_SUBTYPES
-
-
-def _codec(charset: str | None) -> str:
-    if charset:
-        try:
-            return codecs.lookup(charset).name
-        except LookupError:
-            pass
-    return "utf-8"
-
-
-def render_body(body: bytes, content_type: str | None) -> tuple[str, Literal["text", "base64"]]:
-    """(body, encoding): text for textual media types or NUL-free UTF-8 bytes, else base64.
-
-    Textual bodies are decoded with their charset (UTF-8 by default), undecodable bytes
-    replaced. Text containing NUL is base64 too: jsonb cannot store ``\\u0000``.
-    """
-    media, charset = _media_type(content_type)
-    if is_textual(media):
-        text = body.decode(_codec(charset), "replace")
-        if "\0" not in text:
-            return text, "text"
-    elif b"\0" not in body:
-        try:
-            return body.decode("utf-8"), "text"
-        except UnicodeDecodeError:
-            pass
-    return base64.b64encode(body).decode("ascii"), "base64"
-
-
-def _content_coding(response: httpx.Response, cap: int, shown: str) -> str | None:
-    """The one coding to undo (``"gzip"`` / ``"deflate"``), or None for an unencoded body.
-
-    HttpStepError for more than one layer (``gzip, gzip``: each layer multiplies what a few
-    bytes inflate to) and for codings we do not decode (httpx would pass ``br`` through raw).
-    ``identity`` and empty entries are ignored.
-    """
-    values = response.headers.get_list("content-encoding", split_commas=True)
-    codings = [c for c in (v.strip().lower() for v in values) if c and c != "identity"]
-    if len(codings) > 1:
-        raise HttpStepError(
-            f"response from {shown!r} has {len(codings)} Content-Encoding layers "
-            f"({', '.join(codings)!r}): HTTP steps decode at most one layer, up to the "
-            f"{cap}-byte response cap (max_response_bytes)"
-        )
-    if not codings:
-        return None
-    coding = _DECODED_CODINGS.get(codings[0])
-    if coding is None:
-        raise HttpStepError(
-            f"response from {shown!r} has Content-Encoding {codings[0]!r}, which HTTP steps do "
-            f"not decode (they accept {ACCEPT_ENCODING})"
-        )
-    return coding
-
-
-class _Inflater:
-    """Undo one gzip or deflate layer incrementally, never producing more than asked for.
-
-    ``zlib``'s ``max_length`` bounds each call's output; what was not consumed stays in
-    ``unconsumed_tail`` and is fed again only while the caller's room lasts. Data after the
-    end of the (first) compressed stream is ignored, as httpx does.
-    """
-
-    def __init__(self, coding: str) -> None:
-        self.coding = coding
-        # gzip: a gzip header; deflate: a zlib header, or (as some servers send) raw deflate
-        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
-        self._may_fall_back = coding == "deflate"
-
-    def decode(self, data: bytes, room: int) -> list[bytes]:
-        """The decoded pieces of ``data``: at most ``room + 1`` bytes in all (more than ``room``
-        means the body is over the cap; the caller stops). Raises ``zlib.error``."""
-        out: list[bytes] = []
-        produced = 0
-        while not self._zlib.eof and produced <= room:
-            limit = min(room - produced + 1, _INFLATE_STEP)
-            try:
-                piece = self._zlib.decompress(data, limit)
-            except zlib.error:
-                if not self._may_fall_back:
-                    raise
-                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-                self._may_fall_back = False
-                continue
-            self._may_fall_back = False
-            out.append(piece)
-            produced += len(piece)
-            data = self._zlib.unconsumed_tail
-            # a full piece may leave output pending inside zlib even with no input left
-            if not data and len(piece) < limit:
-                break
-        return out
-
-
-async def _read_capped(response: httpx.Response, cap: int, shown: str) -> bytes:
-    """The response body, decoded, or HttpStepError once ``cap`` bytes are passed.
-
-    The cap applies twice as the body streams: to the bytes received (the declared
-    Content-Length is checked first) and to the bytes after decoding, which are produced in
-    bounded steps, so neither a long body nor a small compressed one holds more than about
-    ``cap`` bytes in memory.
-    """
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise HttpStepError(
-            f"response from {shown!r} declares {declared} bytes, over the {cap}-byte response "
-            "cap (max_response_bytes)"
-        )
-    coding = _content_coding(response, cap, shown)
-    inflater = _Inflater(coding) if coding else None
-    chunks: list[bytes] = []
-    received = 0
-    size = 0
-    async for raw in response.aiter_raw():
-        received += len(raw)
-        if received > cap:
-            raise HttpStepError(
-                f"response from {shown!r} exceeds the {cap}-byte response cap "
-                "(max_response_bytes); reading stopped"
-            )
-        if inflater is None:
-            pieces = [raw]
-        else:
-            try:
-                pieces = inflater.decode(raw, cap - size)
-            except zlib.error as exc:
-                raise HttpStepError(
-                    f"response from {shown!r} has a corrupt {inflater.coding} body: {exc}"
-                ) from None
-        size += sum(len(piece) for piece in pieces)
-        if size > cap:
-            raise HttpStepError(
-                f"response from {shown!r} decodes ({coding}) to more than the {cap}-byte "
-                "response cap (max_response_bytes); decoding stopped"
-            )
-        chunks.extend(pieces)
-    return b"".join(chunks)
-
-
 async def run_http(
     client: httpx.AsyncClient,
     policy: HttpPolicy,
@@ -571,7 +371,7 @@ async def run_http(
                 timeout=httpx.Timeout(timeout),
                 follow_redirects=False,
             ) as response:
-                body = await _read_capped(response, policy.max_response_bytes, shown)
+                body = await read_capped(response, policy.max_response_bytes, shown)
     except TimeoutError:
         raise HttpStepError(f"{method} {shown!r} timed out after {timeout:g}s") from None
     except httpx.TimeoutException as exc:
@@ -589,9 +389,7 @@ async def run_http(
     status = response.status_code
     text, encoding = render_body(body, response.headers.get("content-type"))
     if status >= 500:
-        preview = body.decode(
-            _codec(_media_type(response.headers.get("content-type"))[1]), "replace"
-        )
+        preview = body.decode(codec(media_type(response.headers.get("content-type"))[1]), "replace")
         preview = preview.replace("\0", "")[:BODY_PREVIEW_CHARS] or "(empty body)"
         raise HttpStepError(
             f"{method} {shown!r} returned HTTP {status} {response.reason_phrase}: {preview}"

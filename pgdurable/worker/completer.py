@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .flow import Busy
+
 logger = logging.getLogger(__name__)
 
 # Outcomes per transaction. 64 matches the batched-commit floor in docs/performance.md (64 rows
@@ -37,15 +39,6 @@ FLUSH_WINDOW = 0.002
 BACKLOG_MAX = 1024
 # The final flush on shutdown gives up after this long.
 STOP_TIMEOUT = 10.0
-
-
-class Busy(Exception):
-    """Raised by an item's apply when its instance is busy in this process: retried later.
-
-    The flusher holds a transaction with runs-row locks of earlier items; waiting on an
-    asyncio lock held by a step that itself waits on one of those row locks would deadlock
-    across the two lock kinds, invisible to PostgreSQL's detector. So it never waits.
-    """
 
 
 @dataclass

@@ -22,7 +22,7 @@ A stored graph the worker cannot run (a config it cannot parse, a sleep or sched
 cannot be scheduled) raises :class:`BadGraph` at load: deterministic, so the worker fails the
 instance at once instead of retrying it.
 
-Just over 500 lines: one instance's in-memory state and the checkpoint it builds are one
+Over 500 lines: one instance's in-memory state and the checkpoint it builds are one
 contract (each result stored once, the caps) and read best together.
 """
 
@@ -35,7 +35,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -43,6 +43,7 @@ from pgdurable import cron
 from pgdurable.graph import _abc as A
 from pgdurable.graph.compile import CompiledGraph, compile_rows
 from pgdurable.graph.sched import Scheduler
+from pgdurable.subst import substitute
 from pgdurable.values import error_text, json_bytes, loads
 
 TYPE_NAMES = {v: k for k, v in A.NODE_TYPE_CODES.items()}
@@ -178,6 +179,16 @@ def shared_vars(raw: Any) -> dict[str, Any]:
     return got
 
 
+class RoleInfo(NamedTuple):
+    """The submitting role as ``load_instance`` reads it, checked before the instance starts."""
+
+    name: str
+    superuser: bool
+    can_login: bool
+    superuser_instances: bool
+    """pg_durable.enable_superuser_instances is on."""
+
+
 @dataclass
 class InstanceCtx:
     """A worker's cached view of one instance."""
@@ -209,9 +220,8 @@ class InstanceCtx:
     """Its in-memory state may hold changes that were rolled back: whoever still holds this
     object must reload (a version number alone cannot tell: another transaction may have
     committed the same number meanwhile)."""
-    role_info: tuple[Any, ...] | None = None
-    """The submitting role as loaded (rolname, rolsuper, rolcanlogin, superuser instances
-    enabled), or None when the role no longer exists."""
+    role_info: RoleInfo | None = None
+    """The submitting role as loaded, or None when the role no longer exists."""
     sizes: dict[int, int] = field(default_factory=dict)
     """Encoded size of each completed node's value (a composite's derived from its sources)."""
     leaf_bytes: dict[int, int] = field(default_factory=dict)
@@ -274,7 +284,7 @@ class InstanceCtx:
             configs,
             loop_min_interval=loop_min_interval,
             max_iterations=max_iterations,
-            role_info=tuple(inst[10:14]) if len(inst) >= 14 and inst[10] is not None else None,
+            role_info=RoleInfo(*inst[10:14]) if len(inst) >= 14 and inst[10] is not None else None,
         )
         # composites completed with a reference: resolved from their sources, deepest first
         # (a source is a descendant: a larger pre-order index)
@@ -644,3 +654,16 @@ def check_configs(graph: CompiledGraph, configs: list[Any]) -> None:
             name = _config(graph, i, text).get("result_name")
             if not isinstance(name, str) or not _IDENT.fullmatch(name):
                 raise BadGraph(f"{where}: result_name must be an identifier")
+
+
+def subst(ctx: InstanceCtx, text: str, mode: str) -> str:
+    """``text`` with the instance's references (results, vars, id, label) substituted, as
+    ``mode`` quotes them (``sql`` or ``raw``)."""
+    return substitute(
+        text,
+        mode=mode,  # type: ignore[arg-type]
+        results=ctx.named,
+        vars=ctx.vars,
+        instance_id=ctx.instance_id,
+        label=ctx.label,
+    )

@@ -31,14 +31,13 @@ import httpx
 import pytest
 
 from pgdurable.errors import HttpStepError
-from pgdurable.steps.http_step import (
+from pgdurable.steps.http_policy import (
     MAX_RESPONSE_BYTES_DEFAULT,
     HttpPolicy,
     blocked_reason,
     check_url,
-    make_client,
-    run_http,
 )
+from pgdurable.steps.http_step import make_client, run_http
 
 LOCAL = HttpPolicy(mode="allow-list", allow=("127.0.0.1",))
 MiB = 1024 * 1024

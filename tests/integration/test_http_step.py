@@ -27,17 +27,15 @@ from werkzeug.wrappers import Request, Response
 
 import pgdurable
 from pgdurable.errors import ConfigError, HttpStepError
-from pgdurable.steps.http_step import (
+from pgdurable.steps.http_policy import (
     MAX_REQUEST_BYTES_DEFAULT,
     MAX_RESPONSE_BYTES_DEFAULT,
     MAX_TIMEOUT_SECONDS_DEFAULT,
     HttpPolicy,
     blocked_reason,
     check_url,
-    make_client,
-    render_body,
-    run_http,
 )
+from pgdurable.steps.http_step import make_client, render_body, run_http
 
 LOCAL = HttpPolicy(mode="allow-list", allow=("127.0.0.1",))
 KEY = "instance-42/node-7"

@@ -348,7 +348,7 @@ def test_a_failing_outcome_is_split_from_its_batch():
 def test_deterministic_errors_are_told_from_transient_ones():
     import psycopg
 
-    from pgdurable.worker.process import _deterministic
+    from pgdurable.worker.failures import deterministic as _deterministic
 
     class Data(psycopg.errors.DataError):
         sqlstate = "22008"

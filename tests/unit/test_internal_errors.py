@@ -1,5 +1,5 @@
 """Unit tests of how the worker tells failures a retry may fix from deterministic ones
-(pgdurable.worker.process._failure_kind) and the error it stores for the latter."""
+(pgdurable.worker.failures.failure_kind) and the error it stores for the latter."""
 
 from __future__ import annotations
 
@@ -12,17 +12,12 @@ import psycopg_pool
 import pytest
 
 from pgdurable.errors import ResultTooLarge
-from pgdurable.worker.completer import Busy
-from pgdurable.worker.process import (
-    DATA,
-    INTERNAL,
-    MAX_ATTEMPTS,
-    RETRY,
-    Task,
-    _failure_kind,
-    _failure_reason,
-    _LockBusy,
-)
+from pgdurable.worker.failures import DATA, INTERNAL, MAX_ATTEMPTS, RETRY
+from pgdurable.worker.failures import failure_kind as _failure_kind
+from pgdurable.worker.failures import failure_reason as _failure_reason
+from pgdurable.worker.flow import Busy
+from pgdurable.worker.flow import LockBusy as _LockBusy
+from pgdurable.worker.task import Task
 
 
 def _pg(cls: type[psycopg.Error], sqlstate: str | None) -> psycopg.Error:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgdurable.worker.process import Task, step_app_name
+from pgdurable.worker.task import Task, step_app_name
 
 
 def task(instance_id: str, node_id: str) -> Task:

@@ -1,0 +1,308 @@
+"""Batches of SQL steps (docs/decisions.md D13: "a batch of steps sharing one connection takes
+one slot"): queued SQL steps of one role run in one transaction on one step connection, each
+with its checkpoint, then one COMMIT.
+
+A runner keeps its transaction open for more queued SQL steps of the same role while it is
+younger than BATCH_WINDOW_S and smaller than BATCH_MAX: one slot, one BEGIN/COMMIT, one
+session reset and one WAL flush per batch. Under light load a batch holds one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgdurable import metrics
+from pgdurable.errors import StepError
+from pgdurable.log import instance_var, node_var
+from pgdurable.steps.sql_step import SqlSteps, envelope
+
+from .cache import InstanceCache
+from .checkpoint import Checkpointer, Outcome
+from .flow import Fenced, Requeue, Retry, acquire
+from .instance import InstanceCtx
+from .notifier import Running
+from .sessions import Sessions
+from .settings import Settings
+from .task import Task, step_app_name
+
+logger = logging.getLogger(__name__)
+
+BATCH_MAX = 32
+BATCH_WINDOW_S = 0.05
+# Runners started at once per worker; more (up to the step slots) only for steps that waited
+# this long in the queue (the runners are busy with slow statements).
+BATCH_RUNNERS = 2
+BATCH_SPAWN_DELAY_S = 0.1
+BATCH_LOCK_WAIT_S = 0.5
+# Runnable SQL successors a checkpoint hands to its own worker's queue beyond the free slots
+# (bounded by what is queued already): a fan-out stays on the worker that has its instance.
+SQL_TAKE_MAX = 1024
+
+
+@dataclass(eq=False)  # `item in queue` by identity, not field by field
+class Item:
+    """A SQL step waiting for a batch runner."""
+
+    ctx: InstanceCtx
+    task: Task
+    idx: int
+    text: str
+    fut: asyncio.Future[None]
+
+
+class BatchRunner:
+    """The SQL step queue of one worker process and the runners that drain it."""
+
+    def __init__(
+        self,
+        *,
+        sessions: Sessions,
+        settings: Settings,
+        running: Running,
+        checkpointer: Checkpointer,
+        cache: InstanceCache,
+        sql: SqlSteps,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.running = running
+        self.checkpointer = checkpointer
+        self.cache = cache
+        self.sql = sql
+        self.queue: list[Item] = []
+        self.runners: set[asyncio.Task[None]] = set()
+        self.running_count = 0
+        self.busy: dict[object, float] = {}  # runner -> when its statement started
+        self.spawn_check_armed = False
+
+    def take_sql(self) -> int:
+        """SQL successors a checkpoint may still hand to this worker's batch queue."""
+        return max(0, SQL_TAKE_MAX - len(self.queue))
+
+    async def submit(self, ctx: InstanceCtx, task: Task, idx: int, text: str) -> None:
+        """Queue a SQL step for a batch runner; returns once its checkpoint committed
+        (raises :class:`Retry` when its batch rolled back: run it again alone)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.append(Item(ctx, task, idx, text, fut))
+        if self.running_count < BATCH_RUNNERS:
+            self._spawn_runner()
+        elif self.running_count < self.settings.sql_limit and not self.spawn_check_armed:
+            # runners busy with slow statements must not hold queued steps back: one timer
+            # for the whole queue (not one per step) adds a runner when they all are stuck
+            self.spawn_check_armed = True
+            asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_check)
+        await fut
+
+    def _spawn_runner(self) -> None:
+        self.running_count += 1  # counted down by the runner itself, synchronously
+        runner = asyncio.create_task(self._runner(), name="sql batch runner")
+        self.runners.add(runner)
+        runner.add_done_callback(self.runners.discard)
+
+    def _spawn_check(self) -> None:
+        """Another runner while steps are queued, if every runner is stuck on a statement."""
+        self.spawn_check_armed = False
+        if not self.queue or self.running_count >= self.settings.sql_limit:
+            return
+        now = time.monotonic()
+        stuck = [t for t in self.busy.values() if now - t >= BATCH_SPAWN_DELAY_S]
+        if len(stuck) >= self.running_count:
+            self._spawn_runner()
+        if self.running_count < self.settings.sql_limit:  # steps still queued: look again
+            self.spawn_check_armed = True
+            asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_check)
+
+    def pick(self, after: str | None, role: int | None) -> Item | None:
+        """The next queued step for a batch: the lowest instance id first.
+
+        A batch holds one role (one runner, one step identity, one session) and visits
+        instances in ascending order, as the completer does: transactions that take runs
+        rows in one order cannot deadlock on them.
+        """
+        best = -1
+        for i, it in enumerate(self.queue):
+            inst = it.task.instance_id
+            if after is not None and (it.ctx.role_oid != role or inst < after):
+                continue
+            if best < 0 or inst < self.queue[best].task.instance_id:
+                best = i
+                if inst == after:
+                    break
+        return self.queue.pop(best) if best >= 0 else None
+
+    async def _runner(self) -> None:
+        me = object()
+        try:
+            while True:
+                first = self.pick(None, None)
+                if first is None:
+                    return
+                async with self.settings.sql_sem:
+                    try:
+                        await self.run_batch(first, me)
+                    except Exception:  # a bug of ours: never leave queued steps unattended
+                        logger.exception("batch runner error", extra={"event": "batch.error"})
+                        if not first.fut.done():
+                            first.fut.set_exception(Retry())
+        finally:
+            self.running_count -= 1
+            self.busy.pop(me, None)
+
+    async def run_batch(self, first: Item, me: object) -> None:
+        """Run queued SQL steps of one role in one transaction, each with its checkpoint.
+
+        First the statements, one after another (``RESET ALL`` and the per-step settings
+        between them), then every step's checkpoint in ascending instance order, then one
+        COMMIT: runs rows are locked only for that short last phase, as for a single step,
+        not while later statements run. Exactly-once as for a single step: each statement
+        commits with its checkpoint. Any failure (a later statement's error, an oversized
+        result, a fenced checkpoint, a busy instance, the connection) rolls the whole batch
+        back; the steps that ran then run again one per transaction (:class:`Retry`), which
+        decides each one's outcome. A batch of one handles its statement's failure in place.
+        A checkpoint waits at most BATCH_LOCK_WAIT_S for its instance's asyncio lock: the
+        batch holds database locks, so an unbounded wait could close a cycle PostgreSQL cannot
+        see.
+        """
+        q = self.sessions.q
+        ran: list[tuple[Item, Any]] = []
+        held: dict[int, asyncio.Lock] = {}
+        item: Item | None = first
+        role = first.ctx.role_oid
+        t0 = None  # the window opens once the first step ran (not while waiting for a slot)
+        try:
+            call = await self.sql.step_call(role, first.ctx.role_name)
+            async with self.sessions.steps.connection() as conn:
+                cap = self.sessions.cap(conn)
+                assert cap is not None
+                try:
+                    while item is not None:
+                        instance_var.set(item.task.instance_id)
+                        node_var.set(item.task.node_id)
+                        key = item.task.key
+                        self.running.pids[key] = conn.info.backend_pid
+                        self.busy[me] = time.monotonic()
+                        try:
+                            async with conn.pipeline():
+                                if not ran:
+                                    # once per batch: BEGIN, settings, one slot, the identity
+                                    await conn.execute(b"begin")
+                                    await conn.execute(
+                                        q("step_settings"),
+                                        (cap, role, step_app_name(item.task), role, None),
+                                    )
+                                else:
+                                    # GUCs the last statement set (search_path, …) end here
+                                    await conn.execute(b"reset all")
+                                    await conn.execute(
+                                        q("step_next"), (step_app_name(item.task), role, None)
+                                    )
+                                cur = await conn.execute(
+                                    call, (cap, item.text, self.sessions.runner_cap)
+                                )
+                            rows = await cur.fetchall()
+                        finally:
+                            self.running.pids.pop(key, None)
+                            self.busy.pop(me, None)
+                        value = envelope(rows)  # capped at its checkpoint
+                        del rows, cur
+                        ran.append((item, value))
+                        item = None
+                        if t0 is None:
+                            t0 = time.monotonic()
+                        if len(ran) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S:
+                            item = self.pick(ran[-1][0].task.instance_id, role)
+                except BaseException as exc:
+                    await self.sessions.reset(conn)
+                    if not (
+                        item is first
+                        and isinstance(exc, psycopg.Error | StepError)
+                        and not (conn.broken or conn.closed)
+                    ):
+                        raise
+                    # the batch held this step alone: its statement's failure is its
+                    # outcome, checkpointed as for a step run on its own (not run again)
+                    await self.sql.statement_failed(
+                        conn, first.ctx, first.task, first.idx, first.text, exc
+                    )
+                    first.fut.set_result(None)
+                    return
+                refused: StepError | None = None
+                try:
+                    # the checkpoints, in the order the statements ran (ascending instances),
+                    # each instance's lock held from its first checkpoint to the COMMIT: its
+                    # runs row stays locked that long, and nobody in this process may then
+                    # compute on state that another open transaction is about to change
+                    for it, value in ran:
+                        instance_var.set(it.task.instance_id)
+                        node_var.set(it.task.node_id)
+                        if id(it.ctx.lock) not in held:
+                            await acquire(it.ctx, BATCH_LOCK_WAIT_S)
+                            held[id(it.ctx.lock)] = it.ctx.lock
+                        await self.checkpointer.record(
+                            conn,
+                            it.ctx,
+                            it.task,
+                            it.idx,
+                            Outcome.success(value),
+                            in_tx=True,
+                            lock_held=True,
+                        )
+                    await conn.execute(self.sessions.commit_reset)
+                except StepError as exc:
+                    await self.sessions.reset(conn)
+                    if len(ran) != 1 or (conn.broken or conn.closed):
+                        raise
+                    refused = exc  # handled below, once the instance's lock is released
+                except BaseException:
+                    await self.sessions.reset(conn)
+                    raise
+                finally:
+                    for lock in held.values():
+                        lock.release()
+                if refused is not None:
+                    # a batch of one whose result (or the checkpoint it makes) is over a cap:
+                    # its statement rolled back with it, and that is its outcome (not run again)
+                    await self.sql.statement_failed(
+                        conn, first.ctx, first.task, first.idx, first.text, refused
+                    )
+                    first.fut.set_result(None)
+                    return
+        except BaseException as exc:
+            failed = [it for it, _ in ran] + ([item] if item is not None else [])
+            metrics.batch(len(failed), False)
+            for it in failed:
+                self.cache.forget(it.task.instance_id, it.ctx)  # rolled back: reload
+                if it.fut.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    it.fut.cancel()
+                elif isinstance(exc, Fenced) and len(failed) == 1:
+                    it.fut.set_exception(Fenced())
+                elif isinstance(exc, Requeue) and len(failed) == 1:
+                    it.fut.set_exception(exc)  # interrupted by another session: logged, backs off
+                else:
+                    it.fut.set_exception(Retry())
+            if len(failed) > 1:
+                logger.info(
+                    "batch of %d SQL steps rolled back (%s: %s); running them alone",
+                    len(failed),
+                    type(exc).__name__,
+                    exc,
+                    extra={"event": "batch.retry"},
+                )
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            metrics.batch(len(ran), True)
+            for it, _ in ran:
+                if not it.fut.done():
+                    it.fut.set_result(None)
+        finally:
+            instance_var.set(None)
+            node_var.set(None)

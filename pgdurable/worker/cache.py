@@ -1,0 +1,99 @@
+"""The instance cache: the :class:`~pgdurable.worker.instance.InstanceCtx` of the instances
+this worker ran recently (graph, scheduler, results), loaded on a miss and dropped when it may
+be behind the database (:meth:`InstanceCache.forget`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import psycopg
+
+from .instance import InstanceCtx, loop_limits
+from .sessions import Sessions
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# How many instance contexts a worker keeps (graph + scheduler + results). A miss costs
+# one reload of the instance's rows.
+CTX_CACHE_SIZE = 2048
+
+
+class InstanceCache:
+    """Least recently used instance contexts, by instance id."""
+
+    def __init__(self, sessions: Sessions, settings: Settings, size: int = CTX_CACHE_SIZE) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.size = size
+        self.ctxs: OrderedDict[str, InstanceCtx] = OrderedDict()
+
+    def peek(self, instance_id: str) -> InstanceCtx | None:
+        """The cached context, as is (no freshness check, no load)."""
+        return self.ctxs.get(instance_id)
+
+    def usable(self, ctx: InstanceCtx, version: int | None) -> bool:
+        """Is a cached context still the database's (as far as this process can tell)?"""
+        if version is not None and ctx.version < version:
+            return False  # another worker checkpointed this instance since we cached it
+        # loop settings changed since it was loaded: its limits are stale
+        return ctx.limits_epoch == self.settings.limits_epoch
+
+    def touch(self, instance_id: str) -> None:
+        self.ctxs.move_to_end(instance_id)
+
+    def forget(self, instance_id: str, ctx: InstanceCtx | None = None) -> None:
+        """Drop an instance's cached state, and mark it (and ``ctx``) dead for every holder."""
+        cached = self.ctxs.pop(instance_id, None)
+        if cached is not None:
+            cached.dead = True
+        if ctx is not None:
+            ctx.dead = True
+
+    async def get(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        instance_id: str,
+        fresh: bool = False,
+        version: int | None = None,
+        lock: asyncio.Lock | None = None,
+    ) -> InstanceCtx | None:
+        """The instance's context: cached unless ``fresh``, or older than ``version``, or
+        loaded under other loop limits; else loaded on ``conn`` (None: no such instance).
+        ``lock``: the caller holds it, and the reloaded state is under it too."""
+        ctx = None if fresh else self.ctxs.get(instance_id)
+        if ctx is not None and self.usable(ctx, version):
+            self.ctxs.move_to_end(instance_id)
+            return ctx
+        # one round trip for the three reads (behind the capability on a step connection)
+        query = self.sessions.engine_query
+        async with conn.pipeline():
+            c_inst = await conn.execute(*query(conn, "load_instance", (instance_id,)))
+            c_nodes = await conn.execute(*query(conn, "load_nodes", (instance_id,)))
+            c_named = await conn.execute(*query(conn, "load_results", (instance_id,)))
+        inst = await c_inst.fetchone()
+        if inst is None:
+            return None
+        rows = await c_nodes.fetchall()
+        named = await c_named.fetchall()
+        old = self.ctxs.get(instance_id)
+        epoch = self.settings.limits_epoch
+        min_interval, max_iterations = loop_limits(
+            inst, self.settings.loop_min_interval_ms, self.settings.max_iterations
+        )
+        ctx = InstanceCtx.from_rows(instance_id, inst, rows, named, max_iterations, min_interval)
+        ctx.limits_epoch = epoch
+        logger.debug(
+            "loaded instance (version %d)", ctx.version, extra={"event": "instance.loaded"}
+        )
+        if lock is not None:
+            ctx.lock = lock
+        elif old is not None:
+            ctx.lock = old.lock
+        self.ctxs[instance_id] = ctx
+        while len(self.ctxs) > self.size:
+            self.ctxs.popitem(last=False)
+        return ctx

@@ -1,0 +1,409 @@
+"""Checkpoints: one API that writes a step's :class:`Outcome` (its node's result and the
+successors the scheduler computes) in one transaction.
+
+- :meth:`Checkpointer.record`: inside a transaction the caller owns (a SQL step's, with its
+  statement: exactly-once, docs/decisions.md D4) or in one of its own;
+- :meth:`Checkpointer.submit`: through the group commit (:mod:`.completer`), for outcomes that
+  need no transaction of their own (HTTP responses, timers, failed statements, …);
+- :meth:`Checkpointer.start`: an instance's start (its roots activated), group-committed too;
+- :meth:`Checkpointer.apply`: the one write all three end in (``_apply_v1``).
+
+The completer stays a module of its own: it is a generic group commit (a queue, a flush in
+key order, the split of a failed batch) that knows nothing of what a checkpoint holds, and it is
+tested as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.types.json import Jsonb
+
+from pgdurable import metrics
+from pgdurable.errors import ResultTooLarge, StepError
+from pgdurable.graph import _abc as A
+from pgdurable.values import CHECKPOINT_MAX_BYTES, check_size, error_text, json_bytes, truthy
+
+from .cache import InstanceCache
+from .completer import Completer
+from .flow import Busy, Fenced, Stale, acquire
+from .instance import TYPE_NAMES, Checkpoint, InstanceCtx, dump
+from .sessions import Sessions
+from .settings import Settings
+from .task import Task
+
+logger = logging.getLogger(__name__)
+
+RESULT_CAP_SETTING = "pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES)"
+INSTANCE_CAP_SETTING = "pg_durable.max_instance_bytes"
+# A checkpoint that queues work due within this many seconds wakes its worker's producer then
+# (a timer per task; later work is found by the poll)
+WAKE_AHEAD_MAX_S = 60.0
+# A single step waits this long at most for its instance's lock (held by a batch's or the
+# completer's checkpoint) before giving its transaction up (released, retried).
+LOCK_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a step ended: a value (``ok``), a failure (``err``), or a decision (``if_rows``:
+    ``ok`` with ``decision`` the branch taken, no value)."""
+
+    ok: bool
+    value: Any = None
+    err: StepError | None = None
+    decision: bool | None = None
+
+    @classmethod
+    def success(cls, value: Any) -> Outcome:
+        return cls(True, value)
+
+    @classmethod
+    def failure(cls, err: StepError) -> Outcome:
+        return cls(False, None, err)
+
+    @classmethod
+    def decided(cls, truth: bool) -> Outcome:
+        return cls(True, None, None, truth)
+
+
+class Checkpointer:
+    """Writes checkpoints for one worker process."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        sessions: Sessions,
+        cache: InstanceCache,
+        settings: Settings,
+        completer: Completer,
+        lease_seconds: int,
+        result_max_bytes: int,
+        budget: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.sessions = sessions
+        self.cache = cache
+        self.settings = settings
+        self.completer = completer
+        self.lease_seconds = lease_seconds
+        self.result_max_bytes = result_max_bytes
+        # (free slots, SQL steps the batch queue may still take): how many successors a
+        # checkpoint leases to this worker at once (its handoff)
+        self.budget = budget
+        self.wake = wake  # work due soon: wake the producer
+
+    # -- the API -----------------------------------------------------------------------
+
+    async def record(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        outcome: Outcome,
+        *,
+        in_tx: bool = False,
+        lock_held: bool = False,
+    ) -> None:
+        """Checkpoint one leaf outcome; inside the caller's transaction when ``in_tx``.
+
+        First optimistically, on the cached state (``_apply_v1`` compares the version).
+        If another worker checkpointed the instance meanwhile (a sibling JOIN branch),
+        retry pessimistically: lock the runs row first, reload under the lock, compute
+        and apply — nobody can move the instance on in between, so there is no retry
+        loop that contention could exhaust. ``lock_held``: the caller (a batch) holds the
+        instance's lock until its COMMIT.
+        """
+        if lock_held:
+            await self._record_locked(conn, ctx, task, idx, outcome, in_tx)
+            return
+        if in_tx:
+            # inside a transaction that holds locks: bounded wait (see BatchRunner)
+            await acquire(ctx, LOCK_WAIT_S)
+        else:
+            await ctx.lock.acquire()
+        try:
+            await self._record_locked(conn, ctx, task, idx, outcome, in_tx)
+        finally:
+            ctx.lock.release()
+
+    async def submit(self, ctx: InstanceCtx, task: Task, idx: int, outcome: Outcome) -> None:
+        """Checkpoint through the completer: committed with others, acknowledged after."""
+
+        async def apply(conn: psycopg.AsyncConnection[Any]) -> None:
+            current = self.cache.ctxs.get(ctx.instance_id, ctx)
+            if current.lock.locked() or ctx.lock.locked():
+                raise Busy()
+            await self.record(conn, ctx, task, idx, outcome, in_tx=True)
+
+        # rolled back with its batch (another item's error): whatever it changed in memory is
+        # gone from the database; a retry on its own reloads the instance
+        await self.completer.submit(
+            ctx.instance_id, apply, lambda: self.cache.forget(ctx.instance_id, ctx)
+        )
+
+    async def start(self, ctx: InstanceCtx, task: Task, problem: str | None) -> None:
+        """Start an instance (or fail it with ``problem``: its role cannot run it).
+
+        Through the completer: many instances' starts share one commit (bursts of one-step
+        workflows are commit-bound otherwise)."""
+        cur_ctx = ctx
+
+        async def apply(aconn: psycopg.AsyncConnection[Any]) -> None:
+            nonlocal cur_ctx
+            c = cur_ctx
+            if c.lock.locked():
+                raise Busy()
+            async with c.lock:
+                if c.dead:  # an earlier try rolled back after starting it in memory
+                    fresh = await self.cache.get(aconn, task.instance_id, fresh=True, lock=c.lock)
+                    if fresh is None:
+                        raise Fenced()
+                    cur_ctx = c = fresh
+                try:
+                    if problem is None:
+                        step = c.sched.start()
+                        free, take_sql = self.budget()
+                        cp = Checkpoint(
+                            inst_status="running", take_budget=free + 1, take_sql=take_sql
+                        )
+                        c.build(step, cp, task.clock)
+                        if step.terminal != A.T_RUNNING:
+                            cp.inst_status = terminal_name(step.terminal)
+                    else:
+                        logger.warning(
+                            "refusing instance: %s", problem, extra={"event": "instance.refused"}
+                        )
+                        root = c.graph.node_ids[0]
+                        cp = Checkpoint(inst_status="failed")
+                        cp.node(root).update(status="failed", result=problem)
+                    await self.apply(aconn, c, task, cp)
+                except Stale:  # someone else started it (a rescued duplicate start task)
+                    self.cache.forget(c.instance_id, c)
+                    raise Fenced() from None
+                except BaseException:
+                    self.cache.forget(c.instance_id, c)
+                    raise
+
+        await self.completer.submit(
+            ctx.instance_id, apply, lambda: self.cache.forget(cur_ctx.instance_id, cur_ctx)
+        )
+
+    async def apply(
+        self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, cp: Checkpoint
+    ) -> None:
+        """Write ``cp`` (``_apply_v1``): node updates, named results, successor tasks and the
+        scheduler's state, fenced by our lease and the cached version. Successors leased to
+        us go to ``task.handoff``."""
+        t0 = time.monotonic()
+        # what the checkpoint carries is known before it is encoded (a value's size, once):
+        # over the bound, nothing large is built, and the step fails instead
+        check_checkpoint(cp.weight)
+        # results are embedded as the bytes their leaf was encoded to (never re-encoded), and
+        # sent as bytes: no text copy of a large checkpoint
+        # json_bytes: a named composite's value is Python values, numbers maybe Decimals
+        nodes = json_bytes(list(cp.nodes.values()))
+        named = json_bytes(cp.named) if cp.named else None
+        check_checkpoint(len(nodes) + (len(named) if named else 0))
+        cur = await conn.execute(
+            *self.sessions.engine_query(
+                conn,
+                "apply",
+                (
+                    self.worker_id,
+                    ctx.instance_id,
+                    task.node_id,
+                    task.gen,
+                    ctx.version,
+                    dump(ctx.sched.dump_state()),
+                    cp.inst_status,
+                    jsonb_bytes(nodes),
+                    orjson.dumps(cp.new_tasks).decode() if cp.new_tasks else None,
+                    cp.drop_tasks or None,
+                    None if named is None else jsonb_bytes(named),
+                    self.lease_seconds,
+                ),
+            )
+        )
+        del nodes, named
+        row = await cur.fetchone()
+        metrics.checkpoint(time.monotonic() - t0)
+        got = row[-1] if row else -2
+        if got == -1:
+            raise Stale()
+        if got == -3:
+            # the instance's row is locked by someone else (its owner may): try later
+            raise Busy()
+        if got < 0:
+            raise Fenced()
+        ctx.version = got
+        # work due soon (a loop's next iteration after loop_min_interval_ms, a short sleep):
+        # wake the producer when it is due, not at its next poll (up to poll_interval late)
+        loop = asyncio.get_running_loop()
+        for t in cp.new_tasks:
+            delay = t.get("delay") or 0.0
+            if 0 < delay <= WAKE_AHEAD_MAX_S:
+                loop.call_later(delay + 0.005, self.wake)
+        task.handoff = [
+            Task(
+                ctx.instance_id,
+                t["node_id"],
+                t["gen"],
+                "run",
+                1,
+                ctx.role_oid,
+                ctx.database,
+                None,
+                task.clock,
+                got,
+            )
+            for t in cp.new_tasks
+            if t.get("take")
+        ]
+        if cp.inst_status in ("completed", "failed", "cancelled"):
+            self.cache.forget(ctx.instance_id, ctx)
+            logger.info("instance %s", cp.inst_status, extra={"event": "instance.finished"})
+
+    # -- inside record -----------------------------------------------------------------
+
+    async def _record_locked(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        outcome: Outcome,
+        in_tx: bool,
+    ) -> None:
+        try:
+            if in_tx:
+                await self._compute_and_apply(conn, ctx, task, idx, outcome, False)
+            else:
+                async with conn.transaction():
+                    await self._compute_and_apply(conn, ctx, task, idx, outcome, False)
+            return
+        except Stale:
+            pass
+        except StepError as exc:
+            # the result, or the checkpoint it makes, is over a cap (nothing was written).
+            # On a step connection the step's own statement is in this transaction: its
+            # caller rolls it back and fails the step. Elsewhere the outcome becomes the
+            # failure, on a reloaded state (the cached one moved on in memory).
+            if not outcome.ok or self.sessions.cap(conn) is not None:
+                raise
+            outcome = Outcome.failure(exc)
+            logger.info("step result refused: %s", exc, extra={"event": "step.too_large"})
+        tx = contextlib.nullcontext() if in_tx else conn.transaction()
+        async with tx:
+            await conn.execute(*self.sessions.engine_query(conn, "lock_run", (task.instance_id,)))
+            fresh = await self.cache.get(conn, task.instance_id, fresh=True, lock=ctx.lock)
+            if fresh is None:
+                raise Fenced()
+            try:
+                await self._compute_and_apply(conn, fresh, task, idx, outcome, True)
+            except Stale:  # pragma: no cover - impossible while we hold the row lock
+                raise Fenced() from None
+
+    async def _compute_and_apply(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        outcome: Outcome,
+        reloaded: bool,
+    ) -> None:
+        sched = ctx.sched
+        if ctx.dead or sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
+            # our cached copy may be behind: reload once; _apply_v1 fences for real
+            raise Fenced() if reloaded else Stale()
+        free, take_sql = self.budget()
+        cp = Checkpoint(take_budget=free + 1, take_sql=take_sql)  # +1: this step's slot frees
+        upd = cp.node(task.node_id)
+        if task.started is not None and task.kind == "run":
+            # a step's run starts when a worker picks it up; a wait (sleep, schedule, signal)
+            # keeps its activation time, so its duration is the wait
+            upd["details"]["started_at"] = task.started.isoformat()
+        if outcome.ok:
+            if outcome.decision is None:
+                # every leaf result (SQL rows, signal data, HTTP bodies, BREAK values,
+                # timers) is encoded and capped here, once, before anything changes
+                data = check_size(
+                    outcome.value,
+                    self.result_max_bytes,
+                    "step result",
+                    setting=RESULT_CAP_SETTING,
+                )
+                ctx.record_leaf(idx, outcome.value, data, cp)
+                truth = truthy(outcome.value)
+            else:
+                truth = outcome.decision
+        else:
+            err = outcome.err
+            assert err is not None
+            msg = error_text(str(err))
+            ctx.errors[idx] = (msg, err.sqlstate)
+            upd["status"] = "failed"
+            upd["result"] = msg
+            if err.sqlstate:
+                upd["details"]["sqlstate"] = err.sqlstate
+            truth = False
+            logger.info(
+                "step failed (sqlstate %s): %s",
+                err.sqlstate or "-",
+                err,
+                extra={"event": "step.failed", "sqlstate": err.sqlstate},
+            )
+        max_bytes = self.settings.max_instance_bytes
+        try:
+            step = sched.complete(idx, task.gen, outcome.ok, truth)
+            ctx.build(step, cp, task.clock)
+            if outcome.ok and ctx.stored > max_bytes > 0:
+                raise ResultTooLarge(
+                    f"the results of instance {ctx.instance_id} would hold {ctx.stored} "
+                    f"bytes, over the limit of {max_bytes} bytes per instance; "
+                    f"raise {INSTANCE_CAP_SETTING} to allow it"
+                )
+            await self.apply(conn, ctx, task, cp)
+        except BaseException:
+            # the cached state moved on in memory and nothing of it committed: reload
+            self.cache.forget(ctx.instance_id, ctx)
+            raise
+        metrics.step_finished(TYPE_NAMES[ctx.graph.types[idx]], outcome.ok)
+
+
+def check_checkpoint(size: int) -> None:
+    """Refuse a checkpoint over CHECKPOINT_MAX_BYTES (the step fails, nothing is written)."""
+    if size > CHECKPOINT_MAX_BYTES:
+        raise ResultTooLarge(
+            f"the checkpoint of this step would carry {size} bytes, over the "
+            f"limit of {CHECKPOINT_MAX_BYTES} bytes per checkpoint (a named "
+            "composite stores its value once more: name fewer large ones)"
+        )
+
+
+def jsonb_bytes(data: bytes) -> Jsonb:
+    """A jsonb parameter sent as the JSON bytes given (psycopg's text dumper passes them)."""
+    return Jsonb(data, dumps=_identity)
+
+
+def _identity(data: Any) -> Any:
+    return data
+
+
+def terminal_name(code: int) -> str:
+    """The instance status of a scheduler terminal code."""
+    return {A.T_COMPLETED: "completed", A.T_FAILED: "failed", A.T_CANCELLED: "cancelled"}.get(
+        code, "running"
+    )
