@@ -23,6 +23,8 @@ cdef enum:
     JOIN = 4
     RACE = 5
     BREAK = 6
+    HTTP_MULTIPART = 11
+    RETRY = 12
     NONE = -1
     COND_IF_ROWS = -2
     PENDING = 0
@@ -42,10 +44,12 @@ cdef enum:
     HOW_BREAK_OUTSIDE = 6
 
 if ((_abc.SQL, _abc.THEN, getattr(_abc, "IF"), _abc.LOOP, _abc.JOIN, _abc.RACE, _abc.BREAK,
-     _abc.NONE, _abc.COND_IF_ROWS, _abc.FAILED, _abc.T_CANCELLED, _abc.HOW_BREAK_OUTSIDE)
-        != (SQL, THEN, IF_, LOOP, JOIN, RACE, BREAK, NONE, COND_IF_ROWS, FAILED, T_CANCELLED,
-            HOW_BREAK_OUTSIDE)
-        or _abc.LEAF_TYPES != frozenset(t for t in range(12) if t == SQL or t >= BREAK)):
+     _abc.HTTP_MULTIPART, _abc.RETRY, _abc.NONE, _abc.COND_IF_ROWS, _abc.FAILED,
+     _abc.T_CANCELLED, _abc.HOW_BREAK_OUTSIDE)
+        != (SQL, THEN, IF_, LOOP, JOIN, RACE, BREAK, HTTP_MULTIPART, RETRY, NONE, COND_IF_ROWS,
+            FAILED, T_CANCELLED, HOW_BREAK_OUTSIDE)
+        or _abc.LEAF_TYPES != frozenset(t for t in range(13)
+                                        if t == SQL or BREAK <= t <= HTTP_MULTIPART)):
     raise ImportError("native/_sched_c.pyx is out of date with pgdurable/graph/_abc.py")
 
 STATE_VERSION = 1
@@ -57,7 +61,7 @@ _TYPE_NAMES = {code: name for name, code in NODE_TYPE_CODES.items()}
 
 cdef inline bint _is_leaf(int t) noexcept:
     # SQL and BREAK..HTTP_MULTIPART (codes 0 and 6-11), as _abc.LEAF_TYPES
-    return t == SQL or t >= BREAK
+    return t == SQL or (t >= BREAK and t <= HTTP_MULTIPART)
 
 
 cdef inline bint _as_ll(object o, long long* out) except -1:
@@ -97,6 +101,7 @@ cdef class Scheduler:
     cdef int* _extra
     cdef int* _parent
     cdef int* _end
+    cdef long long* _attempts
     # the state
     cdef int* _status
     cdef long long* _gen
@@ -118,7 +123,7 @@ cdef class Scheduler:
         self._types = self._left = self._right = self._cond = NULL
         self._extra = self._parent = self._end = self._status = self._truth = NULL
         self._stack = NULL
-        self._gen = self._aux = NULL
+        self._gen = self._aux = self._attempts = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._types)
@@ -128,6 +133,7 @@ cdef class Scheduler:
         PyMem_Free(self._extra)
         PyMem_Free(self._parent)
         PyMem_Free(self._end)
+        PyMem_Free(self._attempts)
         PyMem_Free(self._status)
         PyMem_Free(self._gen)
         PyMem_Free(self._aux)
@@ -158,6 +164,8 @@ cdef class Scheduler:
         self._stack = _int_array(n)
         self._gen = _ll_array(n)
         self._aux = _ll_array(n)
+        self._attempts = _ll_array(n)
+        cdef tuple attempts = tuple(graph.attempts)
         cdef tuple types = tuple(graph.types), left = tuple(graph.left)
         cdef tuple right = tuple(graph.right), cond = tuple(graph.cond)
         cdef tuple extra = tuple(graph.extra), parent = tuple(graph.parent)
@@ -170,6 +178,7 @@ cdef class Scheduler:
             self._extra[i] = extra[i]
             self._parent[i] = parent[i]
             self._end[i] = end[i]
+            self._attempts[i] = attempts[i]
             self._status[i] = PENDING
             self._gen[i] = 0
             self._aux[i] = 0
@@ -213,20 +222,29 @@ cdef class Scheduler:
         return self._step()
 
     def complete(self, node, gen, ok, truthy):
-        """Apply one leaf outcome (or if_rows IF decision); stale ones return an empty Step."""
+        """Apply one leaf outcome (an if_rows IF decision, the end of a RETRY's wait); stale
+        ones return an empty Step."""
         self._check_node(node)
         cdef Py_ssize_t i = node
         cdef int t = self._types[i]
         cdef bint if_rows = t == IF_ and self._cond[i] == COND_IF_ROWS
         cdef long long g
-        if not _is_leaf(t) and not if_rows:
-            raise ValueError(f"node {node} is a {_TYPE_NAMES[t]}: only leaves and if_rows IF "
-                             "decisions are completed by the executor")
+        if not _is_leaf(t) and not if_rows and t != RETRY:
+            raise ValueError(f"node {node} is a {_TYPE_NAMES[t]}: only leaves, if_rows IF "
+                             "decisions and RETRY waits are completed by the executor")
         if not self._started:
             raise RuntimeError("scheduler not started")
         if (self._terminal != T_RUNNING or self._status[i] != RUNNING
                 or not (g == self._gen[i] if _as_ll(gen, &g) else gen == self._gen[i])
-                or (if_rows and self._aux[i] != 0)):
+                or (if_rows and self._aux[i] != 0)
+                or (t == RETRY and not self._waiting(i))):
+            return self._step()
+        if t == RETRY:
+            if ok:
+                self._next_attempt(i)
+            else:
+                self._finish(i, FAILED, HOW_FAIL, [self._left[i]])
+                self._propagate(i)
             return self._step()
         if if_rows:
             if ok:
@@ -268,8 +286,8 @@ cdef class Scheduler:
     def iteration(self, loop):
         self._check_node(loop)
         cdef int t = self._types[<Py_ssize_t>loop]
-        if t != LOOP:
-            raise ValueError(f"node {loop} is a {_TYPE_NAMES[t]}, not a LOOP")
+        if t != LOOP and t != RETRY:
+            raise ValueError(f"node {loop} is a {_TYPE_NAMES[t]}, not a LOOP or RETRY")
         return self._aux[<Py_ssize_t>loop]
 
     @property
@@ -345,7 +363,7 @@ cdef class Scheduler:
                 else:
                     stack[top] = c
                     top += 1
-            elif t == LOOP:
+            elif t == LOOP or t == RETRY:
                 self._aux[n] = 1
                 stack[top] = self._left[n]
                 top += 1
@@ -369,8 +387,9 @@ cdef class Scheduler:
             if self._status[i] == RUNNING:
                 self._status[i] = FAILED
                 t = self._types[i]
-                if _is_leaf(t) or (t == IF_ and self._cond[i] == COND_IF_ROWS
-                                   and self._aux[i] == 0):
+                if (_is_leaf(t) or (t == IF_ and self._cond[i] == COND_IF_ROWS
+                                    and self._aux[i] == 0)
+                        or (t == RETRY and self._status[self._left[i]] == FAILED)):
                     self._abandoned.append((i, self._gen[i]))
                 else:
                     self._stopped.append((i, self._gen[i]))
@@ -398,6 +417,20 @@ cdef class Scheduler:
         self._activate(self._left[loop])
         return True
 
+    cdef bint _waiting(self, int retry):
+        return self._status[retry] == RUNNING and self._status[self._left[retry]] == FAILED
+
+    cdef void _next_attempt(self, int retry):
+        cdef long long k = self._aux[retry] + 1
+        cdef Py_ssize_t i
+        self._aux[retry] = k
+        self._iterations.append((retry, k))
+        for i in range(retry + 1, self._end[retry]):
+            self._status[i] = PENDING
+            self._aux[i] = 0
+            self._truth[i] = 0
+        self._activate(self._left[retry])
+
     cdef void _propagate(self, int child):
         self._propagate_from(child, HOW_FAIL, NONE)
 
@@ -415,6 +448,10 @@ cdef class Scheduler:
             if t == RACE:
                 self._aux[p] = child + 1
                 self._abandon_siblings(p, child)
+            if (t == RETRY and failed and fail_src == NONE
+                    and self._aux[p] < self._attempts[p]):
+                self._ready.append((p, self._gen[p]))
+                return
             if failed:
                 if t == JOIN:
                     self._abandon_siblings(p, child)
@@ -441,6 +478,8 @@ cdef class Scheduler:
                         return
                 else:
                     self._complete_copy(p, body)
+            elif t == RETRY:
+                self._complete_copy(p, child)
             elif t == JOIN:
                 self._aux[p] += 1
                 if self._aux[p] < (2 if self._extra[p] == NONE else 3):

@@ -70,6 +70,18 @@ def race(a: G, b: G, name: str | None = None) -> G:
     return _named({"node_type": "RACE", "left_node": a, "right_node": b}, name)
 
 
+def retry(child: G, attempts: int = 3, name: str | None = None) -> G:
+    q = json.dumps(
+        {
+            "max_attempts": attempts,
+            "initial_delay_seconds": 1,
+            "backoff": 2,
+            "max_delay_seconds": 60,
+        }
+    )
+    return _named({"node_type": "RETRY", "query": q, "left_node": child}, name)
+
+
 def idx(graph: CompiledGraph, name: str) -> int:
     """Index of the node whose result_name is ``name``."""
     return graph.result_names.index(name)

@@ -18,7 +18,8 @@ Semantics (SPEC §3; the twins must agree on every detail):
 - Leaves (SQL, HTTP, HTTP_MULTIPART, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL) are
   reported in ``Step.ready`` when activated; the executor runs them and calls
   :meth:`SchedulerProto.complete`. An IF whose ``cond`` is :data:`COND_IF_ROWS`
-  is also reported in ``ready`` when activated: the executor decides it
+  is also reported in ``ready`` when activated (and a RETRY when it begins to
+  wait for its next attempt, below): the executor decides it
   (row_count > 0 of the named result) and completes the IF's *decision* with
   ``complete(if_node, gen, ok, truthy)``; ok=False fails the IF.
 - THEN runs left, then right; result = right's. A failed left fails the THEN.
@@ -37,6 +38,21 @@ Semantics (SPEC §3; the twins must agree on every detail):
   earlier iteration never reached keeps generation 0 until it first runs).
   Starting iteration ``max_iterations + 1`` fails the loop (:data:`HOW_ITERCAP`).
   A failed body or condition fails the loop.
+- RETRY (``df.retry``) runs its child (``left``; ``attempts`` = max_attempts) and
+  completes with the child's result (HOW_COPY). ``aux`` holds the current attempt
+  (1 on activation). When the child fails and attempts remain, the RETRY does not
+  fail: it *waits* (it stays RUNNING, its child FAILED) and is reported in
+  ``ready`` with its unchanged generation; the executor schedules the delay and
+  then calls ``complete(retry, gen, ok, truthy)``: ok=True begins the next attempt
+  (the child subtree is reset to pending exactly as a loop iteration resets its
+  body, ``aux`` grows by 1, ``iterations`` reports ``(retry, attempt)``, the
+  child is activated again, each node with generation + 1); ok=False gives up
+  (the RETRY fails HOW_FAIL, sources = [child]). A completion of a RETRY that is
+  not waiting is ignored (empty Step). When the last attempt fails the RETRY
+  fails HOW_FAIL like any composite. A BREAK outside any loop is not retried
+  (it would fail the same way again). A waiting RETRY abandoned with its branch
+  (or on cancel) is listed in ``abandoned`` (it has a task: its delay), a
+  running one in ``stopped``.
 - BREAK completes and unwinds to the nearest enclosing LOOP (across THEN, IF,
   JOIN, RACE): every active node below that loop is abandoned (leaves reported
   in ``abandoned``; composites between the BREAK and the loop are finished as
@@ -77,9 +93,21 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 # node type codes (CompiledGraph.types)
-SQL, THEN, IF, LOOP, JOIN, RACE, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART = range(
-    12
-)
+(
+    SQL,
+    THEN,
+    IF,
+    LOOP,
+    JOIN,
+    RACE,
+    BREAK,
+    SLEEP,
+    WAIT_SCHEDULE,
+    SIGNAL,
+    HTTP,
+    HTTP_MULTIPART,
+    RETRY,
+) = range(13)
 NODE_TYPE_CODES = {
     "SQL": SQL,
     "THEN": THEN,
@@ -93,6 +121,7 @@ NODE_TYPE_CODES = {
     "SIGNAL": SIGNAL,
     "HTTP": HTTP,
     "HTTP_MULTIPART": HTTP_MULTIPART,
+    "RETRY": RETRY,
 }
 LEAF_TYPES = frozenset({SQL, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART})
 
@@ -127,7 +156,8 @@ class Step(NamedTuple):
     """What one scheduler call decided (all lists in event order unless noted)."""
 
     ready: list[tuple[int, int]]
-    """(node, gen) activated leaves (and if_rows IF decisions) to execute, ascending node."""
+    """(node, gen) activated leaves (and if_rows IF decisions, waiting RETRYs) to execute,
+    ascending node."""
     abandoned: list[tuple[int, int]]
     """(node, gen) active leaves to stop: RACE losers, branches of a failed JOIN, break, cancel."""
     started: list[tuple[int, int]]
@@ -135,7 +165,8 @@ class Step(NamedTuple):
     finished: list[tuple[int, int, int, list[int]]]
     """(node, status COMPLETED|FAILED, how HOW_*, sources), innermost first."""
     iterations: list[tuple[int, int]]
-    """(loop node, iteration number ≥ 2) loops that began a new iteration."""
+    """(loop node, iteration number ≥ 2) loops that began a new iteration, and
+    (RETRY node, attempt number ≥ 2) RETRYs that began a new attempt."""
     terminal: int
     """T_RUNNING, T_COMPLETED, T_FAILED or T_CANCELLED after this call."""
     stopped: list[tuple[int, int]]
@@ -153,7 +184,7 @@ class SchedulerProto(Protocol):
         ...
 
     def complete(self, node: int, gen: int, ok: bool, truthy: bool) -> Step:
-        """Report that active leaf ``node`` (or an if_rows IF decision) finished."""
+        """Report that active leaf ``node`` (an if_rows IF decision, a RETRY's wait) finished."""
         ...
 
     def cancel(self) -> Step:
@@ -169,7 +200,7 @@ class SchedulerProto(Protocol):
         ...
 
     def iteration(self, loop: int) -> int:
-        """The loop's current iteration (0 before activation)."""
+        """The LOOP's current iteration, or the RETRY's current attempt (0 before activation)."""
         ...
 
     @property

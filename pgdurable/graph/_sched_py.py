@@ -8,11 +8,14 @@ is a concatenation and the twin can hold them in C arrays):
 
 - ``status``: PENDING / RUNNING / COMPLETED / FAILED of the current generation;
 - ``gen``: the generation, +1 at every activation (0 = never activated);
-- ``aux``: per type — LOOP: current iteration; IF: arm taken (0 undecided,
-  1 then, 2 else); JOIN: branches completed; RACE: index of the winner + 1
-  (0 undecided); leaves and THEN: 0;
+- ``aux``: per type — LOOP: current iteration; RETRY: current attempt; IF: arm
+  taken (0 undecided, 1 then, 2 else); JOIN: branches completed; RACE: index of
+  the winner + 1 (0 undecided); leaves and THEN: 0;
 - ``truth``: 1 when the node completed with a truthy result (a LOOP finishing
   on a falsy condition needs its body's truthy from an earlier call).
+
+A RETRY that waits for its next attempt needs no state of its own: it is the one
+case of a RUNNING RETRY whose child is FAILED (:meth:`Scheduler._waiting`).
 
 Every walk is iterative (a THEN chain may nest 10,000 deep) and every scan is
 bounded by one subtree, which pre-order makes a contiguous index range
@@ -43,6 +46,7 @@ from pgdurable.graph._abc import (
     NONE,
     PENDING,
     RACE,
+    RETRY,
     RUNNING,
     T_CANCELLED,
     T_COMPLETED,
@@ -79,6 +83,7 @@ class Scheduler:
         self._extra: tuple[int, ...] = graph.extra
         self._parent: tuple[int, ...] = graph.parent
         self._end: tuple[int, ...] = graph.end
+        self._attempts: tuple[int, ...] = graph.attempts
         self._status = [PENDING] * n
         self._gen = [0] * n
         self._aux = [0] * n
@@ -125,14 +130,15 @@ class Scheduler:
         return self._step()
 
     def complete(self, node: int, gen: int, ok: bool, truthy: bool) -> Step:
-        """Apply one leaf outcome (or if_rows IF decision); stale ones return an empty Step."""
+        """Apply one leaf outcome (an if_rows IF decision, the end of a RETRY's wait); stale
+        ones return an empty Step."""
         self._check_node(node)
         t = self._types[node]
         if_rows = t == IF and self._cond[node] == COND_IF_ROWS
-        if t not in LEAF_TYPES and not if_rows:
+        if t not in LEAF_TYPES and not if_rows and t != RETRY:
             raise ValueError(
-                f"node {node} is a {_TYPE_NAMES[t]}: only leaves and if_rows IF "
-                "decisions are completed by the executor"
+                f"node {node} is a {_TYPE_NAMES[t]}: only leaves, if_rows IF "
+                "decisions and RETRY waits are completed by the executor"
             )
         if not self._started:
             raise RuntimeError("scheduler not started")
@@ -143,7 +149,15 @@ class Scheduler:
             or self._status[node] != RUNNING
             or gen != self._gen[node]
             or (if_rows and self._aux[node] != 0)
+            or (t == RETRY and not self._waiting(node))
         ):
+            return self._step()
+        if t == RETRY:
+            if ok:
+                self._next_attempt(node)
+            else:  # the executor gave up: the child's failure is the RETRY's
+                self._finish(node, FAILED, HOW_FAIL, [self._left[node]])
+                self._propagate(node)
             return self._step()
         if if_rows:
             if ok:
@@ -184,8 +198,10 @@ class Scheduler:
 
     def iteration(self, loop: int) -> int:
         self._check_node(loop)
-        if self._types[loop] != LOOP:
-            raise ValueError(f"node {loop} is a {_TYPE_NAMES[self._types[loop]]}, not a LOOP")
+        if self._types[loop] not in (LOOP, RETRY):
+            raise ValueError(
+                f"node {loop} is a {_TYPE_NAMES[self._types[loop]]}, not a LOOP or RETRY"
+            )
         return self._aux[loop]
 
     @property
@@ -252,8 +268,8 @@ class Scheduler:
                     self._ready.append((n, gen[n]))  # the executor decides it
                 else:
                     stack.append(c)
-            elif t == LOOP:
-                aux[n] = 1  # first iteration
+            elif t in (LOOP, RETRY):
+                aux[n] = 1  # first iteration / attempt
                 stack.append(self._left[n])
             else:  # JOIN, RACE: every branch at once; pushed reversed so left pops first
                 aux[n] = 0
@@ -281,8 +297,10 @@ class Scheduler:
             if status[i] == RUNNING:
                 status[i] = FAILED
                 t = types[i]
-                if t in LEAF_TYPES or (
-                    t == IF and self._cond[i] == COND_IF_ROWS and self._aux[i] == 0
+                if (
+                    t in LEAF_TYPES
+                    or (t == IF and self._cond[i] == COND_IF_ROWS and self._aux[i] == 0)
+                    or (t == RETRY and status[self._left[i]] == FAILED)  # waiting: a task
                 ):
                     self._abandoned.append((i, self._gen[i]))
                 else:
@@ -311,6 +329,21 @@ class Scheduler:
         self._activate(self._left[loop])
         return True
 
+    def _waiting(self, retry: int) -> bool:
+        """A RUNNING RETRY waits for its next attempt exactly when its child has failed."""
+        return self._status[retry] == RUNNING and self._status[self._left[retry]] == FAILED
+
+    def _next_attempt(self, retry: int) -> None:
+        """A waiting RETRY's delay is over: reset its child subtree and run it again."""
+        k = self._aux[retry] + 1
+        self._aux[retry] = k
+        self._iterations.append((retry, k))
+        for i in range(retry + 1, self._end[retry]):
+            self._status[i] = PENDING
+            self._aux[i] = 0
+            self._truth[i] = 0
+        self._activate(self._left[retry])
+
     def _propagate(self, child: int) -> None:
         """``child`` just finished: let each ancestor react until one keeps running."""
         self._propagate_from(child, HOW_FAIL, NONE)
@@ -333,6 +366,9 @@ class Scheduler:
             if t == RACE:
                 aux[p] = child + 1  # first to finish wins, ok or failed
                 self._abandon_siblings(p, child)
+            if t == RETRY and failed and fail_src == NONE and aux[p] < self._attempts[p]:
+                self._ready.append((p, self._gen[p]))  # waits: the executor times the delay
+                return
             if failed:
                 if t == JOIN:
                     self._abandon_siblings(p, child)
@@ -360,6 +396,8 @@ class Scheduler:
                     # fell through: the loop failed (iteration cap)
                 else:
                     self._complete_copy(p, body)  # falsy condition: body's last result
+            elif t == RETRY:
+                self._complete_copy(p, child)
             elif t == JOIN:
                 aux[p] += 1
                 if aux[p] < (2 if self._extra[p] == NONE else 3):

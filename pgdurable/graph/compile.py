@@ -29,6 +29,7 @@ from pgdurable.graph._abc import (
     NODE_TYPE_CODES,
     NONE,
     RACE,
+    RETRY,
     THEN,
 )
 
@@ -66,6 +67,8 @@ class CompiledGraph:
     """``df.as`` names."""
     end: tuple[int, ...]
     """One past the last index of each node's subtree (derived; see the class docstring)."""
+    attempts: tuple[int, ...]
+    """RETRY: max_attempts (≥ 1, from its config); every other node: 0."""
 
     def __len__(self) -> int:
         return len(self.types)
@@ -117,9 +120,9 @@ def _children(
         return None, None, None, None, False
     if left is None:
         raise ValueError(f"{label}: left_node is missing")
-    if code == LOOP:
+    if code in (LOOP, RETRY):
         if right is not None:
-            raise ValueError(f"{label}: a LOOP has no right_node")
+            raise ValueError(f"{label}: a {type_name} has no right_node")
     elif right is None:
         raise ValueError(f"{label}: right_node is missing")
     obj = _query_object(node_id, type_name, query) if code in (IF, LOOP, JOIN) else None
@@ -146,6 +149,23 @@ def _children(
     return cond_id, left, right, extra_id, if_rows
 
 
+RETRY_MAX_ATTEMPTS = 2**31 - 1
+"""df.retry's max_attempts is an integer: at most this."""
+
+
+def _max_attempts(node_id: str, query: Any) -> int:
+    """A RETRY's max_attempts, from its config (the rest of it is the worker's: delays)."""
+    label = _label(node_id, "RETRY")
+    obj = _query_object(node_id, "RETRY", query)
+    n = None if obj is None else obj.get("max_attempts")
+    if type(n) is not int or not 1 <= n <= RETRY_MAX_ATTEMPTS:
+        raise ValueError(
+            f"{label}: query must be a retry config with max_attempts a whole number "
+            f"from 1 to {RETRY_MAX_ATTEMPTS}, got {n!r}"
+        )
+    return n
+
+
 def compile_rows(rows: Iterable[Mapping[str, Any] | Sequence[Any]], root_id: str) -> CompiledGraph:
     """Compile ``df.nodes`` rows (dicts, or tuples in :data:`ROW_FIELDS` order).
 
@@ -168,6 +188,7 @@ def compile_rows(rows: Iterable[Mapping[str, Any] | Sequence[Any]], root_id: str
     ids: list[str] = []
     types: list[int] = []
     names: list[str | None] = []
+    attempts: list[int] = []
     parent: list[int] = []
     # child ids per index, resolved to indices once every node has one
     kids: list[tuple[str | None, str | None, str | None, str | None, bool]] = []
@@ -200,6 +221,7 @@ def compile_rows(rows: Iterable[Mapping[str, Any] | Sequence[Any]], root_id: str
         ids.append(node_id)
         types.append(code)
         names.append(result_name)
+        attempts.append(_max_attempts(node_id, query) if code == RETRY else 0)
         parent.append(par)
         kids.append(child)
         me = index[node_id]
@@ -230,6 +252,7 @@ def compile_rows(rows: Iterable[Mapping[str, Any] | Sequence[Any]], root_id: str
         parent=tuple(parent),
         result_names=tuple(names),
         end=tuple(end),
+        attempts=tuple(attempts),
     )
 
 

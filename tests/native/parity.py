@@ -10,7 +10,7 @@ from typing import Any
 
 from pgdurable.graph._abc import NONE, T_RUNNING
 from pgdurable.graph.compile import CompiledGraph
-from tests.graphs import G, brk, if_, if_rows, join, loop, race, sleep, sql, then
+from tests.graphs import G, brk, if_, if_rows, join, loop, race, retry, sleep, sql, then
 
 _LEAVES = [
     lambda: sql(),
@@ -45,7 +45,9 @@ def _gen(rnd: random.Random, budget: int, depth: int, in_loop: bool) -> G:
     if budget <= 2 or depth >= _MAX_DEPTH:
         return _leaf(rnd, in_loop)
     b = budget - 1
-    kind = rnd.choice(["THEN", "THEN", "IF", "IFROWS", "LOOP", "LOOPC", "JOIN", "JOIN3", "RACE"])
+    kind = rnd.choice(
+        ["THEN", "THEN", "IF", "IFROWS", "LOOP", "LOOPC", "JOIN", "JOIN3", "RACE", "RETRY"]
+    )
     if kind in ("JOIN3", "IF", "LOOPC") and b < 3:
         kind = "THEN"
     d = depth + 1
@@ -60,6 +62,8 @@ def _gen(rnd: random.Random, budget: int, depth: int, in_loop: bool) -> G:
         return if_rows(_gen(rnd, x, d, in_loop), _gen(rnd, y, d, in_loop))
     if kind == "LOOP":
         return loop(_gen(rnd, b, d, True))
+    if kind == "RETRY":
+        return retry(_gen(rnd, b, d, in_loop), rnd.choice([1, 2, 3, 5]))
     if kind == "LOOPC":
         x, c = _split(rnd, b, 2)
         return loop(_gen(rnd, x, d, True), _gen(rnd, c, d, True))
@@ -204,13 +208,14 @@ def drive(
         if r < 0.10:
             ls.reload()
         node = rnd.choice(sorted(active))
-        apply(ls.call("complete", node, active[node], rnd.random() >= p_fail, rnd.random() < 0.5))
+        gen = active.pop(node)  # done with it: the step may activate it again (a new gen)
+        apply(ls.call("complete", node, gen, rnd.random() >= p_fail, rnd.random() < 0.5))
     ls.call("cancel")
     ls.call("start")  # always an error by now
     for node in range(0, n, max(1, n // 50)):
         ls.call("status", node)
         ls.call("gen", node)
-        if graph.types[node] == 3:
+        if graph.types[node] in (3, 12):  # LOOP, RETRY
             ls.call("iteration", node)
     assert all(p == NONE or p < i for i, p in enumerate(graph.parent))
     return ls

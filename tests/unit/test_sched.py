@@ -19,6 +19,7 @@ from pgdurable.graph._abc import (
     HOW_LEAF,
     LEAF_TYPES,
     PENDING,
+    RETRY,
     RUNNING,
     T_CANCELLED,
     T_COMPLETED,
@@ -749,8 +750,8 @@ def test_every_node_that_stops_running_is_reported(impl, seed):
     for _ in range(400):
         if s.terminal != T_RUNNING:
             break
-        # what the executor works on: running leaves, and if_rows IFs not yet decided (running
-        # with nothing running below them)
+        # what the executor works on: running leaves, if_rows IFs not yet decided (running
+        # with nothing running below them), RETRYs waiting (running, their child failed)
         choices = [
             i
             for i in range(n)
@@ -761,6 +762,7 @@ def test_every_node_that_stops_running_is_reported(impl, seed):
                     g.cond[i] == COND_IF_ROWS
                     and not any(s.status(j) == RUNNING for j in range(i + 1, g.end[i]))
                 )
+                or (g.types[i] == RETRY and s.status(g.left[i]) == FAILED)
             )
         ]
         assert choices, "a running instance with nothing to run"
