@@ -60,3 +60,7 @@ class HttpStepError(StepError):
     """An HTTP step failed: blocked by policy, transport error, 5xx or a size cap."""
 
     __module__ = "pgdurable"
+
+    retry_after: float | None = None
+    """Seconds the server asked to wait (a 5xx's Retry-After header), else None: an enclosing
+    df.retry waits at least that long before the next attempt."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import email.utils
 import http.cookiejar
 import logging
 import re
@@ -309,6 +310,29 @@ def _multipart(parts: object, cap: int) -> tuple[bytes, str]:
     return bytes(body), "multipart/form-data; boundary=" + boundary.decode("ascii")
 
 
+#: The longest Retry-After honoured (seconds, as df.sleep's longest): a due time stays inside
+#: PostgreSQL's timestamp range whatever a server says.
+RETRY_AFTER_MAX = 10_000_000_000
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header as seconds from now (RFC 9110: delay-seconds or an HTTP-date),
+    None when absent or unreadable; a date in the past is 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(min(int(value), RETRY_AFTER_MAX))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP-date is GMT; one without a zone is not one
+    wait = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, wait), float(RETRY_AFTER_MAX))
+
+
 async def run_http(
     client: httpx.AsyncClient,
     policy: HttpPolicy,
@@ -391,9 +415,11 @@ async def run_http(
     if status >= 500:
         preview = body.decode(codec(media_type(response.headers.get("content-type"))[1]), "replace")
         preview = preview.replace("\0", "")[:BODY_PREVIEW_CHARS] or "(empty body)"
-        raise HttpStepError(
+        err = HttpStepError(
             f"{method} {shown!r} returned HTTP {status} {response.reason_phrase}: {preview}"
         )
+        err.retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        raise err
     response_headers: dict[str, str] = {}
     for name, value in response.headers.multi_items():
         key = name.lower()

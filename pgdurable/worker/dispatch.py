@@ -314,6 +314,9 @@ class Dispatch:
             return Outcome.success({"scheduled": True})
         if ntype == A.SIGNAL:
             return await self.signal.run(conn, ctx, task, idx)
+        if ntype == A.RETRY:
+            # a df.retry's delay is over (its timer task): the next attempt begins
+            return Outcome.decided(True)
         # composites never become tasks
         raise StepError(f"node type {TYPE_NAMES[ntype]} cannot run as a step")
 
@@ -328,6 +331,9 @@ class Dispatch:
             finally:
                 self.slots.http_waiting -= 1
         except StepError as exc:
+            asked = getattr(exc, "retry_after", None)
+            if asked is not None:  # the server's Retry-After: an enclosing df.retry honours it
+                ctx.retry_after[idx] = asked
             return Outcome.failure(exc)
         return Outcome.success(value)
 

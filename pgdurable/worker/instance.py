@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+import random
 import re
 from array import array
 from collections import OrderedDict
@@ -222,6 +224,10 @@ class InstanceCtx:
     committed the same number meanwhile)."""
     role_info: RoleInfo | None = None
     """The submitting role as loaded, or None when the role no longer exists."""
+    retry_after: dict[int, float] = field(default_factory=dict)
+    """Seconds a failed leaf's server asked for before it is tried again (an HTTP 503's
+    Retry-After): an enclosing df.retry waits at least that long. Only the checkpoint that
+    records the failure schedules the wait, so memory is enough."""
     sizes: dict[int, int] = field(default_factory=dict)
     """Encoded size of each completed node's value (a composite's derived from its sources)."""
     leaf_bytes: dict[int, int] = field(default_factory=dict)
@@ -407,6 +413,8 @@ class InstanceCtx:
                 self._set_leaf_bytes(node, None)
                 # where the failure started: df.error reports that node (ARCHITECTURE §4)
                 origin = self.origins.get(srcs[0], srcs[0]) if how == A.HOW_FAIL and srcs else node
+                if g.types[node] == A.RETRY and how == A.HOW_FAIL:
+                    origin = node  # its error names the failed step and the attempts
                 self.origins[node] = origin
                 upd["details"]["error_node"] = g.node_ids[origin]
                 upd["status"] = "failed"
@@ -440,7 +448,12 @@ class InstanceCtx:
         # iter_begins_at, so every worker of every host measures the same floor.
         t = now.timestamp()
         iter_loops: dict[int, float] = {}
-        for loop, _k in step.iterations:
+        for loop, k in step.iterations:
+            if g.types[loop] == A.RETRY:
+                # the next attempt of a df.retry (its delay was its timer): no loop floor
+                rd = cp.node(g.node_ids[loop])["details"]
+                rd.update({"attempt": k, "iter_seq": seq, "next_attempt_at": None})
+                continue
             began = self.loop_started.get(loop)
             wait = (
                 self.loop_min_interval
@@ -451,6 +464,8 @@ class InstanceCtx:
             self.loop_started[loop] = t + wait
             cp.node(g.node_ids[loop])["details"]["iter_begins_at"] = t + wait
         for loop, k in step.iterations:
+            if g.types[loop] == A.RETRY:
+                continue
             upd = cp.node(g.node_ids[loop])
             upd["details"]["iteration"] = k
             upd["details"]["iter_seq"] = seq
@@ -483,6 +498,17 @@ class InstanceCtx:
                 pd = cp.node(g.node_ids[p])["details"]
                 pd["branch"] = "then" if node == g.left[p] else "else"
                 pd["decided_seq"] = seq
+            if g.types[node] == A.RETRY:
+                upd["details"].update(
+                    {
+                        "attempt": 1,
+                        "max_attempts": g.attempts[node],
+                        "iter_seq": seq,
+                        "last_error": None,
+                        "last_error_node": None,
+                        "next_attempt_at": None,
+                    }
+                )
             if g.types[node] == A.LOOP and node not in iter_loops:
                 upd["details"]["iteration"] = 1
                 upd["details"]["iter_seq"] = seq
@@ -498,12 +524,48 @@ class InstanceCtx:
                         task["take"] = True
                         cp.take_budget -= 1
                 cp.new_tasks.append(task)
+        for node, gen in step.ready:
+            if g.types[node] == A.RETRY:
+                self._retry_wait(node, gen, now, cp)
         if step.terminal == A.T_COMPLETED:
             cp.inst_status = "completed"
         elif step.terminal == A.T_FAILED:
             cp.inst_status = "failed"
         elif step.terminal == A.T_CANCELLED:
             cp.inst_status = "cancelled"
+
+    def _retry_wait(self, node: int, gen: int, now: datetime, cp: Checkpoint) -> None:
+        """A df.retry's attempt failed and another is allowed: a timer task for its delay
+        (stored: a crash while it waits loses nothing), and its row says why it waits."""
+        g = self.graph
+        child = g.left[node]
+        origin = self.origins.get(child, child)
+        attempt = self.sched.iteration(node)
+        delay = retry_delay(loads(self.configs[node]), attempt)
+        asked = self.retry_after.get(origin)
+        if asked is not None:
+            delay = max(delay, asked)  # the server's Retry-After: at least that long
+        due = now + timedelta(seconds=delay)
+        cp.new_tasks.append(
+            {
+                "node_id": g.node_ids[node],
+                "gen": gen,
+                "kind": "timer",
+                "due_at": due.isoformat(),
+                "delay": delay,
+            }
+        )
+        msg = self.errors.get(child, ("failed", None))[0]
+        cp.node(g.node_ids[node])["details"].update(
+            {
+                "attempt": attempt,
+                "max_attempts": g.attempts[node],
+                "last_error": msg,
+                "last_error_node": g.node_ids[origin],
+                "next_attempt_at": due.isoformat(),
+            }
+        )
+        cp.weight += len(msg)
 
     def _record_decision(self, node: int, srcs: list[int], upd: dict[str, Any]) -> None:
         """A finished IF's arm / RACE's winner, from the source of its result: the child on
@@ -564,6 +626,15 @@ class InstanceCtx:
         g = self.graph
         if how == A.HOW_FAIL and srcs:
             child_msg, sqlstate = self.errors.get(srcs[0], ("failed", None))
+            if g.types[node] == A.RETRY:
+                origin = self.origins.get(srcs[0], srcs[0])
+                attempts = self.sched.iteration(node)
+                return (
+                    f"df.retry gave up after {attempts} attempt{'s' if attempts != 1 else ''}: "
+                    f"step {g.node_ids[origin]} ({TYPE_NAMES[g.types[origin]]}) failed: "
+                    f"{child_msg}",
+                    sqlstate,
+                )
             if g.types[node] == A.JOIN:
                 branches = [g.left[node], g.right[node]]
                 if g.extra[node] != A.NONE:
@@ -587,6 +658,28 @@ class InstanceCtx:
         """The iteration cap this instance's scheduler was loaded with (the schedulers do not
         expose it)."""
         return self.max_iterations
+
+
+#: A df.retry delay is spread down by up to this fraction (jitter), so retries of many
+#: instances that failed together do not all come back at once.
+RETRY_JITTER = 0.2
+
+
+def retry_delay(cfg: dict[str, Any], attempt: int, rnd: float | None = None) -> float:
+    """Seconds before attempt ``attempt + 1`` of a df.retry whose attempt ``attempt`` failed:
+    initial_delay_seconds * backoff^(attempt - 1), at most max_delay_seconds, then shortened
+    by up to :data:`RETRY_JITTER` (``rnd`` in [0, 1): the random draw, for tests)."""
+    initial = float(cfg["initial_delay_seconds"])
+    backoff = float(cfg["backoff"])
+    cap = float(cfg["max_delay_seconds"])
+    if initial <= 0 or cap <= 0:
+        base = 0.0
+    elif backoff > 1 and (attempt - 1) * math.log(backoff) >= math.log(cap / initial):
+        base = cap  # without computing a power that may overflow
+    else:
+        base = min(cap, initial * backoff ** (attempt - 1))
+    r = random.random() if rnd is None else rnd
+    return base * (1.0 - RETRY_JITTER * r)
 
 
 def _array_size(sizes: list[int]) -> int:
@@ -650,6 +743,24 @@ def check_configs(graph: CompiledGraph, configs: list[Any]) -> None:
                 raise BadGraph(f"{where}: break_value must be text or null")
         elif t in (A.HTTP, A.HTTP_MULTIPART):
             _config(graph, i, text)
+        elif t == A.RETRY:
+            cfg = _config(graph, i, text)
+            for key, low in (
+                ("initial_delay_seconds", 0),
+                ("backoff", 1),
+                ("max_delay_seconds", 0),
+            ):
+                v = cfg.get(key)
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, int | float)
+                    or not math.isfinite(v)
+                    or not low <= v <= SLEEP_MAX_SECONDS
+                ):
+                    raise BadGraph(
+                        f"{where}: {key} must be a number from {low} to {SLEEP_MAX_SECONDS}, "
+                        f"got {v!r}"
+                    )
         elif t == A.IF and graph.cond[i] == A.COND_IF_ROWS:
             name = _config(graph, i, text).get("result_name")
             if not isinstance(name, str) or not _IDENT.fullmatch(name):

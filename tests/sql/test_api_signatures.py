@@ -219,6 +219,18 @@ DIFFERENCES: dict[str, dict[str, object]] = {
 EXTRAS = [
     Fn("error", "instance_id text", "jsonb", S, "s"),  # D10
     Fn("loop_op", "body text", T, S, "i", "s"),  # the @> operator's function
+    # per-step retries with backoff (docs/retry.md): a DSL constructor, so IMMUTABLE PARALLEL
+    # SAFE; not STRICT (NULL options are errors naming them, a NULL step a NULL graph)
+    Fn(
+        "retry",
+        "step text, max_attempts integer DEFAULT 3, "
+        "initial_delay_seconds double precision DEFAULT 1, "
+        "backoff double precision DEFAULT 2, max_delay_seconds double precision DEFAULT 60",
+        T,
+        NS,
+        "i",
+        "s",
+    ),
     # restart from failure (docs/restart.md) and the runs it keeps
     Fn("restart", "instance_id text", T, S),
     Fn(

@@ -1,5 +1,6 @@
 -- Schema version 4 -> 5: df.restart (restart a failed or cancelled instance from where it
--- stopped) and df.instance_runs (the run history it keeps).
+-- stopped) and df.instance_runs (the run history it keeps); df.retry and its node type RETRY
+-- (run a step again when it fails, with backoff).
 --
 -- Runs as pgdurable_owner (the owner of every object since version 3). Functions are re-made
 -- from the current schema files (-- @definitions-of lines, expanded by schema.py). No existing
@@ -23,6 +24,33 @@ $$;
 
 -- == the new table and functions (a new file: applied whole) ==
 -- @include 70_restart.sql
+
+-- == df.retry: the RETRY node type (00_tables.sql's checks, valid as a fresh install's:
+--    existing rows pass, the checks only accept more), the DSL (10_dsl.sql: df.retry, df._retry_config,
+--    df._node_types) and df.start's validation of it (30_control.sql: df._retry_problem,
+--    df._graph_flatten, @engine@._enqueue_v1) ==
+alter table df.nodes
+    drop constraint nodes_type_check,
+    add constraint nodes_type_check check (node_type in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE',
+        'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY')),
+    drop constraint nodes_structure_check,
+    add constraint nodes_structure_check check (
+        case
+            when node_type in ('SQL', 'SLEEP', 'WAIT_SCHEDULE', 'BREAK', 'HTTP', 'HTTP_MULTIPART',
+                               'SIGNAL')
+                then query is not null and left_node is null and right_node is null
+            when node_type in ('THEN', 'RACE')
+                then query is null and left_node is not null and right_node is not null
+            when node_type = 'IF'
+                then query is not null and left_node is not null and right_node is not null
+            when node_type = 'LOOP' then left_node is not null and right_node is null
+            when node_type = 'RETRY'
+                then query is not null and left_node is not null and right_node is null
+            when node_type = 'JOIN' then left_node is not null and right_node is not null
+            else false
+        end);
+-- @definitions-of 10_dsl.sql
+-- @definitions-of 30_control.sql
 
 -- == re-made: df._usage_helpers names the new engine helpers; _apply_v1, _fail_instance_v1
 --    and _prune_v1 as above ==

@@ -74,7 +74,7 @@ create table df.nodes (
     constraint nodes_status_check
         check (status in ('pending', 'running', 'completed', 'failed')) not valid,
     constraint nodes_type_check check (node_type in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE',
-        'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART')) not valid,
+        'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY')) not valid,
     constraint nodes_result_name_check
         check (result_name is null or result_name ~ '^[A-Za-z_][A-Za-z0-9_]*$') not valid,
     -- structure per node type (SPEC §2)
@@ -88,6 +88,8 @@ create table df.nodes (
             when node_type = 'IF'
                 then query is not null and left_node is not null and right_node is not null
             when node_type = 'LOOP' then left_node is not null and right_node is null
+            when node_type = 'RETRY'
+                then query is not null and left_node is not null and right_node is null
             when node_type = 'JOIN' then left_node is not null and right_node is not null
             else false
         end) not valid,

@@ -26,12 +26,12 @@
 -- internal helpers
 ------------------------------------------------------------------------------------------
 
--- The twelve node types of SPEC §2.
+-- The twelve node types of SPEC §2, and pgdurable's RETRY (df.retry).
 create function df._node_types() returns text[]
 language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select array['SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK', 'SLEEP',
-                   'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART'] $$;
+                   'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY'] $$;
 
 -- Assemble one node object in the canonical key order. p_query is the text stored in
 -- df.nodes.query (encoded here as a JSON string); the node arguments are graph texts already
@@ -531,6 +531,92 @@ set search_path = pg_catalog, pg_temp
 as $$
     select case when body is not null
                 then df._mk('LOOP', null, df._node(condition), df._node(body), null, null) end
+$$;
+
+-- A RETRY node's config (the text stored in its query), after checking every argument: 22023
+-- naming the argument when one is NULL or out of range. Shared by df.retry and df.start's
+-- validation of a hand-written RETRY (30_control.sql). Delays are seconds, at most
+-- 10,000,000,000 like df.sleep (a due time must stay inside PostgreSQL's ranges).
+create function df._retry_config(p_max_attempts int, p_initial_delay float8, p_backoff float8,
+                                 p_max_delay float8) returns text
+language plpgsql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_arg pg_catalog.text;
+    v_val pg_catalog.float8;
+begin
+    if p_max_attempts is null then
+        raise exception using errcode = '22023',
+            message = 'df.retry: max_attempts must not be NULL',
+            hint = 'Pass a whole number of attempts of at least 1 (the first run counts), '
+                   'or leave it out for 3.';
+    end if;
+    if p_max_attempts < 1 then
+        raise exception using errcode = '22023',
+            message = format('df.retry: max_attempts must be at least 1, got %s', p_max_attempts),
+            hint = 'max_attempts counts every run, the first included: 1 runs the step once, '
+                   'without retrying.';
+    end if;
+    foreach v_arg in array array['initial_delay_seconds', 'backoff', 'max_delay_seconds'] loop
+        v_val := case v_arg when 'initial_delay_seconds' then p_initial_delay
+                            when 'backoff' then p_backoff else p_max_delay end;
+        if v_val is null then
+            raise exception using errcode = '22023',
+                message = format('df.retry: %s must not be NULL', v_arg),
+                hint = 'Leave the argument out for its default (initial_delay_seconds 1, '
+                       'backoff 2, max_delay_seconds 60).';
+        end if;
+        if v_val in ('NaN'::pg_catalog.float8, 'Infinity'::pg_catalog.float8,
+                     '-Infinity'::pg_catalog.float8) then
+            raise exception using errcode = '22023',
+                message = format('df.retry: %s must be a finite number, got %s', v_arg, v_val);
+        end if;
+        if v_arg = 'backoff' and v_val < 1 then
+            raise exception using errcode = '22023',
+                message = format('df.retry: backoff must be at least 1, got %s', v_val),
+                hint = 'backoff multiplies the delay after each failed attempt: 1 keeps it '
+                       'constant, 2 doubles it.';
+        end if;
+        if v_arg <> 'backoff' and v_val < 0 then
+            raise exception using errcode = '22023',
+                message = format('df.retry: %s must be >= 0, got %s', v_arg, v_val),
+                hint = 'Delays are seconds; 0 retries at once.';
+        end if;
+        if v_val > 10000000000 then
+            raise exception using errcode = '22023',
+                message = format('df.retry: %s must be at most 10000000000, got %s', v_arg, v_val);
+        end if;
+    end loop;
+    return '{"max_attempts":' || p_max_attempts::pg_catalog.text
+        || ',"initial_delay_seconds":' || to_json(p_initial_delay)::pg_catalog.text
+        || ',"backoff":' || to_json(p_backoff)::pg_catalog.text
+        || ',"max_delay_seconds":' || to_json(p_max_delay)::pg_catalog.text || '}';
+end
+$$;
+
+-- Run step (any graph value: a leaf or a subgraph) again when it fails: its nodes are reset
+-- and it runs after a delay of initial_delay_seconds * backoff^(attempt - 1), at most
+-- max_delay_seconds (the worker spreads it by up to 20% less: jitter), until max_attempts
+-- runs have failed; then the failure propagates as without df.retry (docs/retry.md). A NULL
+-- step gives a NULL graph like every composer; a NULL option is an error naming it (NULL
+-- cannot mean "the default" here, and a silently NULL graph would hide the mistake).
+create function df.retry(step text, max_attempts integer default 3,
+                         initial_delay_seconds double precision default 1,
+                         backoff double precision default 2,
+                         max_delay_seconds double precision default 60) returns text
+language plpgsql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_cfg pg_catalog.text;
+begin
+    v_cfg := df._retry_config(max_attempts, initial_delay_seconds, backoff, max_delay_seconds);
+    if step is null then
+        return null;
+    end if;
+    return df._mk('RETRY', v_cfg, null, df._node(step), null, null);
+end
 $$;
 
 -- Name a node's result (referenced later as $name). Operator |=>. Renaming replaces the

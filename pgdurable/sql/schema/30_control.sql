@@ -84,6 +84,41 @@ begin
 end;
 $$;
 
+-- What is wrong with a RETRY node's stored config (its query), NULL when nothing: the text
+-- df.retry writes (10_dsl.sql, df._retry_config), or by hand the same four numbers, checked
+-- by the same rules. Used by df.start (df._graph_flatten) and @engine@._enqueue_v1, so the
+-- worker never loads a RETRY it cannot time.
+create function df._retry_problem(p_query text) returns text
+language plpgsql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_cfg pg_catalog.jsonb := df._try_jsonb(p_query);
+begin
+    if jsonb_typeof(v_cfg) is distinct from 'object'
+       or jsonb_typeof(v_cfg -> 'max_attempts') is distinct from 'number'
+       or jsonb_typeof(v_cfg -> 'initial_delay_seconds') is distinct from 'number'
+       or jsonb_typeof(v_cfg -> 'backoff') is distinct from 'number'
+       or jsonb_typeof(v_cfg -> 'max_delay_seconds') is distinct from 'number' then
+        return 'RETRY config needs the numbers max_attempts, initial_delay_seconds, backoff and '
+               'max_delay_seconds (build it with df.retry)';
+    end if;
+    if (v_cfg ->> 'max_attempts') !~ '^[0-9]{1,10}$'
+       or (v_cfg ->> 'max_attempts')::pg_catalog.int8 > 2147483647 then
+        return pg_catalog.format('df.retry: max_attempts must be a whole number from 1 to '
+                                 '2147483647, got %s', v_cfg ->> 'max_attempts');
+    end if;
+    perform df._retry_config((v_cfg ->> 'max_attempts')::pg_catalog.int4,
+                             (v_cfg ->> 'initial_delay_seconds')::pg_catalog.float8,
+                             (v_cfg ->> 'backoff')::pg_catalog.float8,
+                             (v_cfg ->> 'max_delay_seconds')::pg_catalog.float8);
+    return null;
+exception
+    when sqlstate '22023' or numeric_value_out_of_range or invalid_text_representation then
+        return sqlerrm;
+end;
+$$;
+
 -- Validate a whole graph value and flatten it (ARCHITECTURE §2). Returns a jsonb array of
 -- {id, node_type, query, result_name, left_node, right_node} in pre-order with child order
 -- condition_node, left_node, right_node, extra_nodes. Raises on the first invalid node with
@@ -184,7 +219,7 @@ begin
         end if;
         v_type := v_obj ->> 'node_type';
         if v_type not in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK', 'SLEEP',
-                          'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART') then
+                          'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY') then
             raise exception 'Unknown node_type ''%'' (at %)', v_type, v_where using errcode = '22023';
         end if;
         if v_obj -> 'result_name' is not null and jsonb_typeof(v_obj -> 'result_name') <> 'null'
@@ -307,9 +342,9 @@ begin
             if jsonb_typeof(v_node #> '{c,left_node}') is distinct from 'object' then
                 raise exception '% node needs a left_node (at %)', v_type, v_where using errcode = '22023';
             end if;
-            if v_type = 'LOOP' then
+            if v_type in ('LOOP', 'RETRY') then
                 if jsonb_typeof(v_node #> '{c,right_node}') = 'object' then
-                    raise exception 'LOOP node cannot have a right_node (at %)', v_where
+                    raise exception '% node cannot have a right_node (at %)', v_type, v_where
                         using errcode = '22023';
                 end if;
             elsif jsonb_typeof(v_node #> '{c,right_node}') is distinct from 'object' then
@@ -326,7 +361,7 @@ begin
                 raise exception 'a JOIN has at most three branches: extra_nodes holds at most one node (df.join3), got % (at %)',
                     jsonb_array_length(v_node #> '{c,extra_nodes}'), v_where using errcode = '22023';
             end if;
-            if v_type in ('THEN', 'RACE', 'JOIN')
+            if v_type in ('THEN', 'RACE', 'JOIN', 'RETRY')
                and jsonb_typeof(v_node #> '{c,condition_node}') = 'object' then
                 raise exception 'condition_node is only allowed on IF and LOOP nodes (at %)', v_where
                     using errcode = '22023';
@@ -358,6 +393,11 @@ begin
                     -- as for leaves' configs: the worker could never read it
                     raise exception 'the config of an IF node nests deeper than 64 levels (at %)',
                         v_where using errcode = '54000';
+                end if;
+            elsif v_type = 'RETRY' then
+                if df._retry_problem(v_query #>> '{}') is not null then
+                    raise exception '% (at %)', df._retry_problem(v_query #>> '{}'), v_where
+                        using errcode = '22023';
                 end if;
             elsif v_query is not null then
                 raise exception '% node cannot have a query (at %)', v_type, v_where using errcode = '22023';
@@ -530,24 +570,26 @@ begin
                    when x.node_type is null
                         or x.node_type not in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK',
                                                'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP',
-                                               'HTTP_MULTIPART')
+                                               'HTTP_MULTIPART', 'RETRY')
                        then pg_catalog.format('node %L has an unknown node_type %L', x.id,
                                               x.node_type)
                    when x.submitted_by <> v_inst.submitted_by
                        then pg_catalog.format('node %L was submitted by %s, not by the '
                                               'instance''s role %s', x.id, x.submitted_by,
                                               v_inst.submitted_by)
-                   when x.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE')
+                   when x.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'RETRY')
                         and (x.left_node is not null or x.right_node is not null)
                        then pg_catalog.format('node %L (%s): a leaf has no left_node/right_node',
                                               x.id, x.node_type)
-                   when x.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE') then null
+                   when x.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'RETRY')
+                       then null
                    when x.left_node is null
                        then pg_catalog.format('node %L (%s): left_node is missing', x.id,
                                               x.node_type)
-                   when x.node_type = 'LOOP' and x.right_node is not null
-                       then pg_catalog.format('node %L (LOOP): a LOOP has no right_node', x.id)
-                   when x.node_type <> 'LOOP' and x.right_node is null
+                   when x.node_type in ('LOOP', 'RETRY') and x.right_node is not null
+                       then pg_catalog.format('node %L (%s): a %s has no right_node', x.id,
+                                              x.node_type, x.node_type)
+                   when x.node_type not in ('LOOP', 'RETRY') and x.right_node is null
                        then pg_catalog.format('node %L (%s): right_node is missing', x.id,
                                               x.node_type)
                    when x.node_type in ('THEN', 'RACE') and x.query is not null
@@ -570,6 +612,9 @@ begin
                                          and x.qj #> '{extra_nodes,1}' is null, false)
                        then pg_catalog.format('node %L (JOIN): query must be NULL or '
                                               '{"extra_nodes": ["<id>"]} (one extra branch)', x.id)
+                   when x.node_type = 'RETRY' and df._retry_problem(x.query) is not null
+                       then pg_catalog.format('node %L (RETRY): %s', x.id,
+                                              df._retry_problem(x.query))
                end as problem,
                -- the children in the compiler's order (JSON null where there is none)
                pg_catalog.jsonb_build_array(

@@ -35,7 +35,8 @@
 
 -- One row per node of the instance reachable from its root, with its pre-order path and the
 -- inferred status (ARCHITECTURE §4):
---   superseded  a node under a LOOP whose seq < that loop's iter_seq reads as pending
+--   superseded  a node under a LOOP whose seq < that loop's iter_seq reads as pending (under
+--               a RETRY likewise: what an earlier, failed attempt left)
 --               (inferred_from = the loop); decisions of a superseded IF/RACE/THEN are stale
 --               and are not applied to its children
 --   skipped     a pending/running node under an IF's untaken arm, right of a THEN whose left
@@ -62,7 +63,10 @@ as $$
                     then df._try_jsonb(x.query) end as qj,
                case when jsonb_typeof(x.status_details -> 'seq') = 'number'
                     then (x.status_details ->> 'seq')::pg_catalog.numeric end as seq,
-               case when x.node_type = 'LOOP' and jsonb_typeof(x.status_details -> 'iter_seq') = 'number'
+               -- a LOOP's iteration or a RETRY's attempt began at iter_seq: what ran before
+               -- it below that node reads as pending
+               case when x.node_type in ('LOOP', 'RETRY')
+                         and jsonb_typeof(x.status_details -> 'iter_seq') = 'number'
                     then (x.status_details ->> 'iter_seq')::pg_catalog.numeric end as iter_seq,
                -- false when the row's IF arm / RACE winner was decided in an earlier activation
                coalesce(greatest(
@@ -96,7 +100,8 @@ as $$
             union all
             select p.left_node, 1,
                    case p.node_type when 'IF' then 'then' when 'LOOP' then 'body'
-                                    when 'THEN' then 'first' else 'branch 1' end,
+                                    when 'THEN' then 'first' when 'RETRY' then 'attempt'
+                                    else 'branch 1' end,
                    case when p.fresh and ((p.node_type = 'IF' and p.sd ->> 'branch' = 'else')
                                           or (p.node_type = 'RACE' and p.sd ->> 'winner' <> p.left_node))
                         then p.id end
@@ -452,7 +457,8 @@ begin
             v_pre := v_pre || array['→ ', v_prefix];
             continue;
         end if;
-        v_cfg := case when v_node ->> 't' in ('WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'BREAK', 'IF')
+        v_cfg := case when v_node ->> 't' in ('WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'BREAK', 'IF',
+                                              'RETRY')
                       then df._try_jsonb(v_node ->> 'q') end;
         v_label := case v_node ->> 't'
             when 'SQL' then 'SQL: ' || regexp_replace(btrim(v_node ->> 'q'), '\s+', ' ', 'g')
@@ -472,6 +478,16 @@ begin
                 coalesce(nullif(v_node -> 'x', 'null'::pg_catalog.jsonb), '[]'::pg_catalog.jsonb))) || ')'
             when 'RACE' then 'RACE'
             when 'THEN' then 'THEN'
+            -- a live one: the attempt it is on, and why the last one failed
+            when 'RETRY' then 'RETRY (' || case
+                when v_node ->> 'a' is not null
+                    then 'attempt ' || (v_node ->> 'a') || '/' || coalesce(v_cfg ->> 'max_attempts', '?')
+                         || coalesce(', next at ' || (v_node ->> 'u'), '')
+                         || coalesce(', last error: ' || left(v_node ->> 'e', 200), '')
+                else 'up to ' || coalesce(v_cfg ->> 'max_attempts', '?') || ' attempts, delay '
+                     || coalesce(v_cfg ->> 'initial_delay_seconds', '?') || 's x'
+                     || coalesce(v_cfg ->> 'backoff', '?') || ' up to '
+                     || coalesce(v_cfg ->> 'max_delay_seconds', '?') || 's' end || ')'
             else coalesce(v_node ->> 't', '?') end
             || coalesce(' |=> ' || quote_literal(v_node ->> 'n'), '')
             -- per-node timings of a live instance: run time, and time queued before a worker
@@ -503,6 +519,9 @@ begin
             when 'THEN' then
                 v_kids := array[v_node ->> 'l', v_node ->> 'r'];
                 v_roles := array['', '→ '];
+            when 'RETRY' then
+                v_kids := array[v_node ->> 'l'];
+                v_roles := array['attempt: '];
             else
                 v_kids := '{}';
                 v_roles := '{}';
@@ -552,7 +571,14 @@ begin
                                   (n.status_details ->> 'started_at')::pg_catalog.timestamptz
                                   - (n.status_details ->> 'queued_at')::pg_catalog.timestamptz)) end,
                    'c', case when n.node_type in ('IF', 'LOOP') then df._try_jsonb(n.query) ->> 'condition_node' end,
-                   'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end))
+                   'x', case when n.node_type = 'JOIN' then df._try_jsonb(n.query) -> 'extra_nodes' end,
+                   -- a RETRY that began: its attempt, the last error, when it runs again
+                   'a', case when n.node_type = 'RETRY' and t.inferred_status <> 'pending'
+                             then n.status_details ->> 'attempt' end,
+                   'e', case when n.node_type = 'RETRY' and t.inferred_status <> 'pending'
+                             then n.status_details ->> 'last_error' end,
+                   'u', case when n.node_type = 'RETRY' and t.inferred_status = 'running'
+                             then n.status_details ->> 'next_attempt_at' end))
         into v_nodes
         from df.nodes n join df._node_tree(input) t on t.node_id = n.id
         where n.instance_id = input;
@@ -564,7 +590,7 @@ begin
     -- dry run: DSL text is evaluated (as the caller, like typing SELECT <input>); graph JSON
     -- and plain SQL go straight to the validator (plain SQL auto-wraps into one SQL node)
     if input !~ '^\s*\{'
-       and (input ~* '\mdf\s*\.\s*(sql|seq|as|join|join3|race|if|if_rows|loop|break|sleep|wait_for_schedule|wait_for_signal|http|http_multipart)\s*\('
+       and (input ~* '\mdf\s*\.\s*(sql|seq|as|join|join3|race|if|if_rows|loop|break|sleep|wait_for_schedule|wait_for_signal|http|http_multipart|retry)\s*\('
             or input ~ '~>|\|=>|\?>|!>|^\s*@>') then
         -- through a cursor: PostgreSQL refuses to open a multi-statement string as one, so
         -- `x); <another statement>; select (y` cannot smuggle extra statements into a dry run

@@ -18,7 +18,9 @@
 -- fenced off) and a task; a composite resumes where it was (a THEN whose first part
 -- completed runs its second part, an IF whose condition was decided runs the arm it took, a
 -- JOIN re-runs the branches that did not complete, a RACE races again the branches that did
--- not complete, a LOOP resumes its current iteration). The node rows are stamped as the
+-- not complete, a LOOP resumes its current iteration, a RETRY (df.retry) resumes its step
+-- where it failed with its attempts counted afresh: attempt 1 of max_attempts again, since
+-- the restart is a new decision to try). The node rows are stamped as the
 -- worker stamps them and the state version is bumped, so every worker's cached copy of the
 -- instance is stale and is reloaded: the worker needs nothing new.
 --
@@ -241,6 +243,7 @@ declare
     v_resumed   pg_catalog.int4[] := '{}';  -- composites that go on where they were
     v_reset     pg_catalog.int4[] := '{}';  -- failed/running rows that are pending again
     v_iterated  pg_catalog.int4[] := '{}';  -- loops that begin their next iteration
+    v_retried   pg_catalog.int4[] := '{}';  -- RETRYs that resume at attempt 1
     v_seq       pg_catalog.int8;
     v_ts        pg_catalog.text := pg_catalog.to_char(pg_catalog.now() at time zone 'UTC',
                                                       'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"');
@@ -475,6 +478,12 @@ begin
                         v_top := v_top + 1;
                         v_stack[v_top] := (-v_left[v_i]);
                     end if;
+                when 'RETRY' then
+                    -- its step goes on where it failed (or was stopped), as attempt 1 again
+                    v_aux[v_i] := 1;
+                    v_retried := v_retried || v_i;
+                    v_top := v_top + 1;
+                    v_stack[v_top] := v_left[v_i];
                 else  -- JOIN, RACE: every branch that did not complete
                     v_aux[v_i] := 0;
                     foreach v_b in array array[v_left[v_i], v_right[v_i], v_extra[v_i]] loop
@@ -522,7 +531,7 @@ begin
                     v_top := v_top + 1;
                     v_stack[v_top] := (-v_cond[v_i]);
                 end if;
-            when v_types[v_i] = 'LOOP' then
+            when v_types[v_i] in ('LOOP', 'RETRY') then
                 v_aux[v_i] := 1;
                 v_top := v_top + 1;
                 v_stack[v_top] := (-v_left[v_i]);
@@ -565,6 +574,10 @@ begin
             || case when v_i = any (v_iterated)
                     then pg_catalog.jsonb_build_object('iteration', v_aux[v_i], 'iter_seq', v_seq,
                              'iter_begins_at', pg_catalog.date_part('epoch', v_clock))
+                    else '{}'::pg_catalog.jsonb end
+            -- as the worker stamps a RETRY it activates (instance.py, build)
+            || case when v_i = any (v_retried)
+                    then '{"attempt": 1, "next_attempt_at": null}'::pg_catalog.jsonb
                     else '{}'::pg_catalog.jsonb end);
     end loop;
     foreach v_i in array v_started loop
@@ -581,6 +594,10 @@ begin
             || case when v_types[v_i] = 'LOOP'
                     then pg_catalog.jsonb_build_object('iteration', 1, 'iter_seq', v_seq,
                              'iter_begins_at', pg_catalog.date_part('epoch', v_clock))
+                    when v_types[v_i] = 'RETRY'
+                    then pg_catalog.jsonb_build_object('attempt', 1, 'iter_seq', v_seq,
+                             'last_error', null, 'last_error_node', null, 'next_attempt_at', null,
+                             'max_attempts', (df._try_jsonb(v_queries[v_i]) -> 'max_attempts'))
                     else '{}'::pg_catalog.jsonb end);
         -- an IF that takes an arm now says which (readers show the other arm skipped)
         v_x := v_parent[v_i];
