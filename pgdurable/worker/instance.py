@@ -37,6 +37,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 import orjson
@@ -753,7 +754,7 @@ def check_configs(graph: CompiledGraph, configs: list[Any]) -> None:
                 v = cfg.get(key)
                 if (
                     isinstance(v, bool)
-                    or not isinstance(v, int | float)
+                    or not isinstance(v, int | float | Decimal)  # loads: JSON decimals
                     or not math.isfinite(v)
                     or not low <= v <= SLEEP_MAX_SECONDS
                 ):

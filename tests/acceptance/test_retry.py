@@ -1,0 +1,180 @@
+"""df.retry end to end through `pgdurable serve` (docs/retry.md).
+
+A step that must fail a few times first counts its attempts with a sequence (``nextval`` is
+not rolled back with the failed step's transaction) and records its side effect in
+``public.hits`` (one row per committed run): a failed SQL step rolled back, so a retried
+step's effect is there exactly once. One database and one serve per PostgreSQL server for
+the module; the crash test kills that serve and starts it again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+
+import pytest
+
+from pgdurable.harness import HttpRecorder, Reply, Request
+from tests import fix_db
+from tests.acceptance.conftest import Env, module_env
+from tests.acceptance.test_http import BASE_ENV
+from tests.acceptance.test_restart import admin, hits, start, wait_status
+from tests.fix_db import Server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def env(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    def make_role(tdb: fix_db.TestDB) -> str:
+        role = tdb.create_role("rty", http=True)
+        with tdb.connect() as conn:
+            conn.execute("create table public.hits (tag text not null)")
+            conn.execute(f'grant select, insert on public.hits to "{role}"')
+        return role
+
+    with module_env(server, tmp_path_factory.mktemp("serve"), BASE_ENV, make_role) as e:
+        yield e
+
+
+def counter(env: Env, name: str) -> str:
+    """A sequence the role may advance: how many times a step ran, committed or not."""
+    seq = f"public.{name}"
+    admin(env, f"create sequence {seq}", f'grant usage on sequence {seq} to "{env.role}"')
+    return seq
+
+
+def flaky(seq: str, tag: str, fail_until: int) -> str:
+    """A SQL step that fails (division by zero) on its runs before run ``fail_until``, then
+    records ``tag`` in public.hits."""
+    return (
+        f"df.sql('insert into public.hits select ''{tag}'' where 1 / (case when "
+        f"nextval(''{seq}'') < {fail_until} then 0 else 1 end) = 1')"
+    )
+
+
+def ran(env: Env, seq: str) -> int:
+    with env.db.connect() as conn:
+        row = conn.execute(f"select last_value, is_called from {seq}").fetchone()
+    return int(row[0]) if row[1] else 0
+
+
+def node_details(env: Env, iid: str, node_type: str) -> list[dict[str, object]]:
+    with env.db.connect(env.role) as conn:
+        rows = conn.execute(
+            "select status_details from df.instance_nodes(%s) where node_type = %s",
+            (iid, node_type),
+        ).fetchall()
+    return [json.loads(r[0]) if r[0] else {} for r in rows]
+
+
+def test_fails_twice_then_succeeds(env: Env) -> None:
+    seq = counter(env, "c_ok")
+    iid = start(env, f"df.retry({flaky(seq, 'ok:x', 3)}, 5, 0.2, 2)")
+    assert wait_status(env, iid) == "completed"
+    assert ran(env, seq) == 3  # three attempts ran the statement
+    assert hits(env, "ok:") == {"ok:x": 1}  # the two failed ones rolled back
+    (d,) = node_details(env, iid, "RETRY")
+    assert d["attempt"] == 3
+    assert d["max_attempts"] == 5
+    assert "division by zero" in str(d["last_error"])
+    with env.db.connect(env.role) as conn:
+        text = conn.execute("select df.explain(%s)", (iid,)).fetchone()[0]
+    assert "✓ RETRY (attempt 3/5, last error: division by zero" in text, text
+
+
+def test_exhaustion_names_the_step_and_the_attempts(env: Env) -> None:
+    seq = counter(env, "c_never")
+    iid = start(env, f"df.retry({flaky(seq, 'never:x', 1000)}, 3, 0.1, 1)")
+    assert wait_status(env, iid) == "failed"
+    assert ran(env, seq) == 3
+    assert hits(env, "never:") == {}
+    with env.db.connect(env.role) as conn:
+        err = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
+        step = conn.execute(
+            "select id from df.nodes where instance_id = %s and node_type = 'SQL'", (iid,)
+        ).fetchone()[0]
+    assert err["node_type"] == "RETRY"
+    assert err["sqlstate"] == "22012"
+    assert err["error"].startswith(f"df.retry gave up after 3 attempts: step {step} (SQL) failed:")
+    assert "division by zero" in err["error"]
+
+
+def test_retry_around_a_subgraph_resets_its_nodes(env: Env) -> None:
+    """The whole THEN runs again: its first step (which succeeded) too, its second until it
+    succeeds; what follows the RETRY runs once."""
+    seq = counter(env, "c_sub")
+    iid = start(
+        env,
+        "df.retry(df.sql('insert into public.hits values (''sub:a'')') ~> "
+        f"{flaky(seq, 'sub:b', 2)}, 3, 0.1) ~> df.sql('insert into public.hits values (''sub:c'')')",
+    )
+    assert wait_status(env, iid) == "completed"
+    assert hits(env, "sub:") == {"sub:a": 2, "sub:b": 1, "sub:c": 1}
+    gens = sorted(int(str(d["gen"])) for d in node_details(env, iid, "SQL"))
+    assert gens == [1, 2, 2]  # the THEN's two steps ran twice, the last step once
+    # the RETRY's THEN ran twice, the one after it once
+    assert sorted(int(str(d["gen"])) for d in node_details(env, iid, "THEN")) == [1, 2]
+
+
+def test_a_crash_during_the_delay_loses_nothing(env: Env) -> None:
+    """Every process of serve is killed while the RETRY waits (its delay a stored due time);
+    a new serve runs the next attempt, and the instance completes."""
+    seq = counter(env, "c_crash")
+    iid = start(env, f"df.retry({flaky(seq, 'crash:x', 2)}, 3, 4, 1)")
+    deadline = time.monotonic() + 30
+    while True:
+        (d,) = node_details(env, iid, "RETRY")
+        if d.get("next_attempt_at"):
+            break
+        assert time.monotonic() < deadline, "the RETRY never waited"
+        time.sleep(0.05)
+    env.serve.kill_all()
+    with env.db.connect() as conn:
+        task = conn.execute(
+            "select t.kind, t.due_at > now() from pgdurable.tasks t "
+            "join df.nodes n on n.instance_id = t.instance_id and n.id = t.node_id "
+            "where t.instance_id = %s and n.node_type = 'RETRY'",
+            (iid,),
+        ).fetchone()
+    assert task == ("timer", True)
+    assert ran(env, seq) == 1
+    env.serve.start()
+    env.serve.wait_workers(2)
+    assert wait_status(env, iid) == "completed"
+    assert ran(env, seq) == 2
+    assert hits(env, "crash:") == {"crash:x": 1}
+
+
+class Flaky(HttpRecorder):
+    """503 for the first two requests (the first with Retry-After: 2), then 200."""
+
+    def answer(self, handler: BaseHTTPRequestHandler, req: Request) -> Reply | None:
+        n = len(self.hits("/flaky"))
+        if n == 1:
+            return Reply(503, b"busy", "text/plain", [("Retry-After", "2")])
+        if n == 2:
+            return Reply(503, b"busy", "text/plain")
+        return Reply(200, b'{"done": true}')
+
+
+def test_http_keeps_its_idempotency_key_and_honours_retry_after(env: Env) -> None:
+    with Flaky() as srv:
+        iid = start(env, f"df.retry(df.http('{srv.url}/flaky', 'POST', '{{}}'), 4, 0.1, 1)")
+        assert wait_status(env, iid) == "completed"
+        reqs = srv.hits("/flaky")
+    assert len(reqs) == 3
+    keys = {r.idempotency_key for r in reqs}
+    assert len(keys) == 1
+    (key,) = keys
+    with env.db.connect(env.role) as conn:
+        step = conn.execute(
+            "select id from df.nodes where instance_id = %s and node_type = 'HTTP'", (iid,)
+        ).fetchone()[0]
+    assert key == f"pgdurable-{iid}-{step}"
+    # the first 503 asked for 2 s: the second attempt waited that long, not the 0.1 s delay;
+    # the second 503 asked nothing: the third came after the short delay
+    assert reqs[1].at - reqs[0].at >= 1.9
+    assert reqs[2].at - reqs[1].at < 1.9
