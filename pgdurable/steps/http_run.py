@@ -8,9 +8,28 @@ from collections.abc import Callable
 from typing import Any
 
 from pgdurable.errors import StepError
+from pgdurable.graph._abc import LOOP, NONE
 from pgdurable.values import loads
 from pgdurable.worker.instance import InstanceCtx, subst
 from pgdurable.worker.task import Task
+
+
+def idempotency_key(ctx: InstanceCtx, idx: int) -> str:
+    """The node's ``Idempotency-Key`` (docs/decisions.md D4): ``pgdurable-<instance>-<node>``,
+    the same for every attempt of the request (a crash, a df.retry attempt, a df.restart),
+    with ``-<i>.<j>…`` after it (the iteration of each enclosing LOOP, outermost first) once
+    one of them is past its first iteration: each loop iteration is a new logical call."""
+    g = ctx.graph
+    iterations: list[int] = []
+    p = g.parent[idx]
+    while p != NONE:
+        if g.types[p] == LOOP:
+            iterations.append(ctx.sched.iteration(p))
+        p = g.parent[p]
+    key = f"pgdurable-{ctx.instance_id}-{g.node_ids[idx]}"
+    if any(i != 1 for i in iterations):
+        key += "-" + ".".join(str(i) for i in reversed(iterations))
+    return key
 
 
 class HttpSteps:
@@ -95,8 +114,7 @@ class HttpSteps:
                         )
                 parts.append(part)
             cfg["parts"] = parts
-        # stable per (instance, node), attempt-independent (docs/decisions.md D4)
-        key = f"pgdurable-{ctx.instance_id}-{task.node_id}"
+        key = idempotency_key(ctx, idx)
         return await run_http(
             self.client, self.policy, "HTTP_MULTIPART" if multipart else "HTTP", cfg, key
         )

@@ -178,3 +178,32 @@ def test_http_keeps_its_idempotency_key_and_honours_retry_after(env: Env) -> Non
     # the second 503 asked nothing: the third came after the short delay
     assert reqs[1].at - reqs[0].at >= 1.9
     assert reqs[2].at - reqs[1].at < 1.9
+
+
+class FirstFails(HttpRecorder):
+    """503 for the first request, then 200."""
+
+    def answer(self, handler: BaseHTTPRequestHandler, req: Request) -> Reply | None:
+        if len(self.hits("/")) == 1:
+            return Reply(503, b"busy", "text/plain")
+        return Reply(200, b'{"done": true}')
+
+
+def test_http_key_is_new_per_loop_iteration_and_kept_per_attempt(env: Env) -> None:
+    """In a loop, each iteration's request is a new logical call (a new key from the second
+    iteration on); a df.retry attempt inside one iteration repeats that iteration's key."""
+    seq = counter(env, "c_loop")
+    with FirstFails() as srv:
+        iid = start(
+            env,
+            f"df.loop(df.retry(df.http('{srv.url}/it', 'POST', '{{}}'), 3, 0.1), "
+            f"df.sql('select nextval(''{seq}'') < 3'))",
+        )
+        assert wait_status(env, iid) == "completed"
+        reqs = srv.hits("/it")
+    with env.db.connect(env.role) as conn:
+        step = conn.execute(
+            "select id from df.nodes where instance_id = %s and node_type = 'HTTP'", (iid,)
+        ).fetchone()[0]
+    base = f"pgdurable-{iid}-{step}"
+    assert [r.idempotency_key for r in reqs] == [base, base, f"{base}-2", f"{base}-3"]
