@@ -207,3 +207,58 @@ def test_http_key_is_new_per_loop_iteration_and_kept_per_attempt(env: Env) -> No
         ).fetchone()[0]
     base = f"pgdurable-{iid}-{step}"
     assert [r.idempotency_key for r in reqs] == [base, base, f"{base}-2", f"{base}-3"]
+
+
+def test_restart_of_an_exhausted_retry_starts_its_attempts_afresh(env: Env) -> None:
+    """df.restart of an instance whose df.retry gave up: the step before it is not run again,
+    the RETRY counts attempts from 1 again and its step runs until it succeeds."""
+    seq = counter(env, "c_rst")
+    iid = start(
+        env,
+        "df.sql('insert into public.hits values (''rs:a'')') ~> "
+        f"df.retry({flaky(seq, 'rs:b', 4)}, 2, 0.1)",
+    )
+    assert wait_status(env, iid) == "failed"
+    assert ran(env, seq) == 2
+    with env.db.connect(env.role) as conn:
+        assert conn.execute("select df.restart(%s)", (iid,)).fetchone()[0] == iid
+        (d,) = [
+            json.loads(r[0])
+            for r in conn.execute(
+                "select status_details from df.instance_nodes(%s) where node_type = 'RETRY'",
+                (iid,),
+            ).fetchall()
+        ]
+    assert d["attempt"] == 1
+    assert wait_status(env, iid) == "completed"
+    assert ran(env, seq) == 4  # attempts 1 and 2 of the second run
+    assert hits(env, "rs:") == {"rs:a": 1, "rs:b": 1}
+    (d,) = node_details(env, iid, "RETRY")
+    assert d["attempt"] == 2
+
+
+def test_cancel_while_waiting_then_restart(env: Env) -> None:
+    """df.cancel while a RETRY waits drops its timer and ends every node; df.restart runs the
+    step again at once (attempt 1 of a new run)."""
+    seq = counter(env, "c_cxl")
+    iid = start(env, f"df.retry({flaky(seq, 'cx:x', 2)}, 3, 600)")
+    deadline = time.monotonic() + 30
+    while not node_details(env, iid, "RETRY")[0].get("next_attempt_at"):
+        assert time.monotonic() < deadline, "the RETRY never waited"
+        time.sleep(0.05)
+    with env.db.connect(env.role) as conn:
+        conn.execute("select df.cancel(%s, 'enough')", (iid,))
+    assert wait_status(env, iid) == "cancelled"
+    with env.db.connect() as conn:
+        left = conn.execute(
+            "select count(*) from pgdurable.tasks where instance_id = %s", (iid,)
+        ).fetchone()[0]
+        running = conn.execute(
+            "select count(*) from df.nodes where instance_id = %s and status = 'running'", (iid,)
+        ).fetchone()[0]
+    assert (left, running) == (0, 0)
+    with env.db.connect(env.role) as conn:
+        conn.execute("select df.restart(%s)", (iid,))
+    assert wait_status(env, iid) == "completed"
+    assert ran(env, seq) == 2
+    assert hits(env, "cx:") == {"cx:x": 1}
