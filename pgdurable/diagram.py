@@ -37,6 +37,7 @@ DOT_SHAPES = {
     "LOOP": "hexagon",
     "JOIN": "trapezium",
     "RACE": "invtrapezium",
+    "RETRY": "octagon",
 }
 # Longest label text; SQL is cut with an ellipsis so pictures stay legible.
 LABEL_MAX = 60
@@ -114,6 +115,8 @@ def label(node_type: str, query: str | None, name: str | None, n_children: int =
         )
     elif node_type == "JOIN":
         text = f"JOIN ({n_children})"
+    elif node_type == "RETRY":
+        text = f"RETRY (up to {cfg.get('max_attempts', '?')} attempts)"
     else:
         text = node_type
     if name:
@@ -128,6 +131,8 @@ def _roles(node_type: str, n: int) -> list[str]:
         return ["condition", "then", "else"]
     if node_type == "LOOP":
         return ["body", "while"]
+    if node_type == "RETRY":
+        return ["attempt"]
     return [f"branch {k + 1}" for k in range(n)]
 
 
@@ -144,6 +149,8 @@ def from_rows(rows: Iterable[Mapping[str, Any]], root: str, title: str = "") -> 
             kids = [cfg.get("condition_node"), r.get("left_node"), r.get("right_node")]
         elif ntype == "LOOP":
             kids = [r.get("left_node"), cfg.get("condition_node")]
+        elif ntype == "RETRY":
+            kids = [r.get("left_node")]
         else:
             kids = [r.get("left_node"), r.get("right_node"), *cfg.get("extra_nodes", [])]
         roles = _roles(ntype, len(kids))
@@ -189,6 +196,8 @@ def from_graph(value: str | Mapping[str, Any], title: str = "") -> Diagram:
             kids = [g.get("condition_node"), g.get("left_node"), g.get("right_node")]
         elif ntype == "LOOP":
             kids = [g.get("left_node"), g.get("condition_node")]
+        elif ntype == "RETRY":
+            kids = [g.get("left_node")]
         else:
             kids = [g.get("left_node"), g.get("right_node"), *(g.get("extra_nodes") or [])]
         roles = _roles(ntype, len(kids))

@@ -64,7 +64,7 @@ select count(*) filter (where n.status = 'completed'),
           and i.updated_at > now() - interval '1 minute')
 from df.nodes n
 where n.updated_at > now() - interval '1 minute'
-  and n.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE')
+  and n.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'RETRY')
 """
 _INFLIGHT = """
 select n.instance_id, n.id, n.node_type, coalesce(i.label, ''),
@@ -73,7 +73,7 @@ select n.instance_id, n.id, n.node_type, coalesce(i.label, ''),
        coalesce(n.query, '')
 from df.nodes n join df.instances i on i.id = n.instance_id
 where n.status = 'running' and i.status = 'running'
-  and n.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE')
+  and n.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'RETRY')
 order by 5 desc
 limit %s
 """

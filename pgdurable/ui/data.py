@@ -335,7 +335,7 @@ select n.instance_id::text as instance_id, n.id::text as node_id, n.node_type, n
        i.label, n.status, (n.status_details ->> 'duration_ms')::float8 as duration_ms,
        n.updated_at
 from df.nodes n join df.instances i on i.id = n.instance_id
-where n.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE')
+where n.node_type not in ('THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'RETRY')
   and n.status in ('completed', 'failed')
   and jsonb_typeof(n.status_details -> 'duration_ms') = 'number'
   and n.updated_at > now() - interval '24 hours'

@@ -36,7 +36,7 @@ from pgdurable import diagram
 __all__ = ["COMPOSITES", "MAX_DRAWN", "GraphNode", "completions_chart", "graph_svg"]
 
 #: Node types that only arrange others: drawn as frames (THEN: as a circle on an arrow).
-COMPOSITES = frozenset({"THEN", "IF", "LOOP", "JOIN", "RACE"})
+COMPOSITES = frozenset({"THEN", "IF", "LOOP", "JOIN", "RACE", "RETRY"})
 #: More nodes than this are not drawn (the page's step table still lists them all).
 MAX_DRAWN = 1500
 #: Frames nested deeper than this are drawn as boxes.
@@ -329,6 +329,8 @@ def node_meta(node_type: str, status: str, det: Mapping[str, Any]) -> str:
         parts.append(f"since {started.astimezone(UTC):%H:%M:%S} UTC")
     if node_type == "LOOP" and isinstance(det.get("iteration"), int):
         parts.append(f"iteration {det['iteration']}")
+    if node_type == "RETRY" and isinstance(det.get("attempt"), int):
+        parts.append(f"attempt {det['attempt']}/{det.get('max_attempts', '?')}")
     if node_type == "RACE" and det.get("winner"):
         parts.append(f"winner {det['winner']}")
     if node_type == "IF" and det.get("branch") in ("then", "else"):

@@ -131,3 +131,32 @@ def test_join3_loop_and_long_labels():
     assert labels[2].endswith("…")
     assert [r for _, _, r in d.edges()] == ["body", "branch 1", "branch 2", "branch 3"]
     assert diagram.to_json(d)["nodes"][1]["children"][2] == {"role": "branch 3", "id": "n4"}
+
+
+def test_retry_is_drawn_with_its_one_child():
+    g = {"node_type": "RETRY", "query": json.dumps({"max_attempts": 4}), "left_node": sql("x")}
+    d = diagram.from_graph(g)
+    assert d.nodes["n0"].label == "RETRY (up to 4 attempts)"
+    assert list(d.edges()) == [("n0", "n1", "attempt")]
+    rows = [
+        {
+            "node_id": "r",
+            "node_type": "RETRY",
+            "query": g["query"],
+            "left_node": "s",
+            "right_node": None,
+            "result_name": None,
+            "status": "running",
+        },
+        {
+            "node_id": "s",
+            "node_type": "SQL",
+            "query": "x",
+            "left_node": None,
+            "right_node": None,
+            "result_name": None,
+            "status": "failed",
+        },
+    ]
+    assert list(diagram.from_rows(rows, "r").edges()) == [("r", "s", "attempt")]
+    assert "octagon" in diagram.dot(d)
