@@ -84,7 +84,7 @@ ancestors innermost first (a BREAK: the BREAK, the composites up to the loop,
 the loop, then the loop's ancestors).
 
 Misuse raises: an index outside the graph → IndexError; completing a composite
-other than an if_rows IF → ValueError; ``complete`` before ``start`` or a
+other than an if_rows IF or a RETRY → ValueError; ``complete`` before ``start`` or a
 second ``start`` → RuntimeError; ``max_iterations < 1`` → ValueError.
 """
 
