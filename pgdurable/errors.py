@@ -62,5 +62,5 @@ class HttpStepError(StepError):
     __module__ = "pgdurable"
 
     retry_after: float | None = None
-    """Seconds the server asked to wait (a 5xx's Retry-After header), else None: an enclosing
-    df.retry waits at least that long before the next attempt."""
+    """Seconds the server asked to wait (a 5xx's or 429's Retry-After header), else None: an
+    enclosing df.retry waits at least that long before the next attempt."""

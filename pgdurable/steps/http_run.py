@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pgdurable.errors import StepError
-from pgdurable.graph._abc import LOOP, NONE
+from pgdurable.graph._abc import LOOP, NONE, RETRY
 from pgdurable.values import loads
 from pgdurable.worker.instance import InstanceCtx, subst
 from pgdurable.worker.task import Task
@@ -30,6 +30,18 @@ def idempotency_key(ctx: InstanceCtx, idx: int) -> str:
     if any(i != 1 for i in iterations):
         key += "-" + ".".join(str(i) for i in reversed(iterations))
     return key
+
+
+def under_retry(ctx: InstanceCtx, idx: int) -> bool:
+    """The node runs inside a df.retry: a 429 (Too Many Requests) is then a failure the RETRY
+    repeats after the server's Retry-After, not a result (docs/retry.md)."""
+    g = ctx.graph
+    p = g.parent[idx]
+    while p != NONE:
+        if g.types[p] == RETRY:
+            return True
+        p = g.parent[p]
+    return False
 
 
 class HttpSteps:
@@ -116,5 +128,10 @@ class HttpSteps:
             cfg["parts"] = parts
         key = idempotency_key(ctx, idx)
         return await run_http(
-            self.client, self.policy, "HTTP_MULTIPART" if multipart else "HTTP", cfg, key
+            self.client,
+            self.policy,
+            "HTTP_MULTIPART" if multipart else "HTTP",
+            cfg,
+            key,
+            fail_on_429=under_retry(ctx, idx),
         )

@@ -339,13 +339,17 @@ async def run_http(
     node_type: NodeType,
     config: dict[str, Any],
     idempotency_key: str,
+    *,
+    fail_on_429: bool = False,
 ) -> dict[str, Any]:
     """Run one HTTP node and return its result envelope (SPEC §3.2).
 
     ``config`` is the node's substituted config. Returns
     ``{"status", "body", "encoding", "headers", "ok", "duration_ms"}`` for 1xx to 4xx responses
     (``ok`` true for 2xx only); raises :class:`~pgdurable.errors.HttpStepError` for a policy
-    refusal, invalid config, a cap, a timeout, a transport error or a 5xx status.
+    refusal, invalid config, a cap, a timeout, a transport error or a 5xx status, and with
+    ``fail_on_429`` (the node is inside a df.retry) for a 429; the error carries the
+    response's Retry-After.
     """
     if not isinstance(config, Mapping):
         raise HttpStepError(f"{node_type} config must be a JSON object, got {config!r:.80}")
@@ -412,7 +416,7 @@ async def run_http(
 
     status = response.status_code
     text, encoding = render_body(body, response.headers.get("content-type"))
-    if status >= 500:
+    if status >= 500 or (status == 429 and fail_on_429):
         preview = body.decode(codec(media_type(response.headers.get("content-type"))[1]), "replace")
         preview = preview.replace("\0", "")[:BODY_PREVIEW_CHARS] or "(empty body)"
         err = HttpStepError(

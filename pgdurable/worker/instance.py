@@ -226,7 +226,7 @@ class InstanceCtx:
     role_info: RoleInfo | None = None
     """The submitting role as loaded, or None when the role no longer exists."""
     retry_after: dict[int, float] = field(default_factory=dict)
-    """Seconds a failed leaf's server asked for before it is tried again (an HTTP 503's
+    """Seconds a failed leaf's server asked for before it is tried again (an HTTP 429's or 5xx's
     Retry-After): an enclosing df.retry waits at least that long. Only the checkpoint that
     records the failure schedules the wait, so memory is enough."""
     sizes: dict[int, int] = field(default_factory=dict)

@@ -262,3 +262,31 @@ def test_cancel_while_waiting_then_restart(env: Env) -> None:
     assert wait_status(env, iid) == "completed"
     assert ran(env, seq) == 2
     assert hits(env, "cx:") == {"cx:x": 1}
+
+
+class RateLimited(HttpRecorder):
+    """429 with Retry-After: 2 for the first request, then 200."""
+
+    def answer(self, handler: BaseHTTPRequestHandler, req: Request) -> Reply | None:
+        if len(self.hits("/")) == 1:
+            return Reply(429, b"slow down", "text/plain", [("Retry-After", "2")])
+        return Reply(200, b'{"done": true}')
+
+
+def test_429_inside_a_retry_waits_for_retry_after(env: Env) -> None:
+    """Inside a df.retry a 429 is a failure repeated after its Retry-After; outside one it
+    stays the step's result (ok false), as every 4xx."""
+    with RateLimited() as srv:
+        iid = start(env, f"df.retry(df.http('{srv.url}/rl', 'GET'), 3, 0.1, 1)")
+        assert wait_status(env, iid) == "completed"
+        reqs = srv.hits("/rl")
+        assert len(reqs) == 2
+        assert reqs[1].at - reqs[0].at >= 1.9
+        srv.clear()
+        plain = start(env, f"df.http('{srv.url}/plain', 'GET')")
+        assert wait_status(env, plain) == "completed"
+    with env.db.connect(env.role) as conn:
+        out = conn.execute("select df.result(%s)", (plain,)).fetchone()[0]
+    out = out if isinstance(out, dict) else json.loads(out)
+    assert out["status"] == 429
+    assert out["ok"] is False
