@@ -9,9 +9,11 @@ import json
 import pytest
 from psycopg import errors
 
+from pgdurable.worker.instance import Checkpoint
 from tests.fix_sql import one
 from tests.sql.test_dsl import fails, graph
 from tests.sql.test_inspect import ids, owner_update, user  # noqa: F401  (fixture)
+from tests.sql.test_restart import OWNER, E, become, q, start
 
 
 def test_retry_wraps_a_leaf_with_its_config(tx):
@@ -223,3 +225,61 @@ def test_retry_node_type_is_known_to_the_table(tx, user):  # noqa: F811
         tx.execute(
             "update df.nodes set query = null where instance_id = %s and id = %s", (iid, rid)
         )
+
+
+# ---------------------------------------------------------------- df.restart of a RETRY
+# Driven with the checkpoints a worker makes (tests/sql/test_restart.py's Drive).
+
+
+def _fire_retry(d) -> None:
+    """The RETRY's timer fires: lease its task, complete its wait, checkpoint."""
+    become(d.conn, None)
+    row = d.conn.execute(
+        f"update {E}.tasks t set lease_owner = %s, lease_expires_at = now() + interval '1 min' "
+        "from df.nodes n where t.instance_id = %s and n.instance_id = t.instance_id "
+        "and n.id = t.node_id and n.node_type = 'RETRY' returning t.node_id, t.gen, t.kind",
+        (OWNER, d.iid),
+    ).fetchone()
+    assert row is not None, "no RETRY task"
+    node_id, gen, kind = row
+    assert kind == "timer"
+    ctx = d.ctx()
+    step = ctx.sched.complete(ctx.index[node_id], gen, True, True)
+    cp = Checkpoint()
+    ctx.build(step, cp, one(d.conn, f"select {E}.clock()"))
+    d.apply(ctx, node_id, gen, cp)
+
+
+def test_restart_resumes_an_exhausted_retry_with_fresh_attempts(tx):
+    role = f"rt_{one(tx, 'select substr(md5(random()::text), 1, 8)')}"
+    tx.execute(f'create role "{role}" login')
+    tx.execute("select df.grant_usage(%s)", (role,))
+    d = start(tx, role, f"df.retry({q('a')} ~> {q('b')}, 2, 0, 1)")
+    rid = one(tx, "select root_node from df.instances where id = %s", (d.iid,))
+    d.run("a")
+    d.run("b", ok=False)
+    assert d.status() == "running"
+    ((_gen, kind, _owner),) = d.tasks().values()
+    assert kind == "timer"  # the RETRY waits
+    _fire_retry(d)
+    assert d.tasks() == {"a": (2, "run", None)}
+    d.run("a")
+    d.run("b", ok=False)
+    assert d.status() == "failed"
+    err = one(tx, "select df.error(%s)", (d.iid,))
+    assert err["node_id"] == rid
+    assert err["error"].startswith("df.retry gave up after 2 attempts: step ")
+    assert err["sqlstate"] == "22012"
+    d.restart()
+    # the THEN goes on where it failed (a completed in attempt 2), at attempt 1 again
+    assert d.tasks() == {"b": (3, "run", None)}
+    ctx, sched = d.state()
+    assert sched.iteration(ctx.index[rid]) == 1
+    details = one(
+        tx, "select status_details from df.nodes where instance_id = %s and id = %s", (d.iid, rid)
+    )
+    assert details["attempt"] == 1
+    d.run("b", ok=False)  # attempt 1 of the new run fails: it waits (2 allowed)
+    _fire_retry(d)
+    assert d.finish() == "completed"
+    assert d.ran == ["a", "b", "a", "b", "b", "a", "b"]
