@@ -9,7 +9,8 @@ Pure functions, no I/O; the worker calls them once per step.
 - :func:`break_value` turns the (already substituted) ``df.break`` text into its value (§9).
 - :func:`check_size` encodes a result and enforces the configured cap: the worker records
   every leaf result (SQL rows, signal data, HTTP bodies, BREAK values, timers) through it,
-  at one place (``Checkpointer.record`` in pgdurable/worker/checkpoint.py), so one cap covers them all.
+  at one place (``Checkpointer.record`` in pgdurable/worker/checkpoint.py), so one cap
+  covers them all.
 - :func:`error_text` bounds an error message before it is stored (a failure is copied to
   every enclosing composite, up to 256 levels).
 - :func:`loads` parses JSON text exactly and :func:`json_bytes` / :func:`json_text` encode
