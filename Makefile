@@ -42,7 +42,16 @@ browser: ## Debian's chromium + chromedriver for tests/ui (installed when missin
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local PG 15 when reachable), both schedulers
-	PGDURABLE_IMPL=cython $(BIN)/python -m pytest $(PYTEST_ARGS)
+	@# The two servers' suites run side by side: most of a test's time is spent waiting on serve
+	@# and PostgreSQL, so two processes on 2 cores take little more than one. The local server's
+	@# run (the tests that take a database) writes .test-local.log, shown when both have ended.
+	@PGDURABLE_IMPL=cython $(BIN)/python -m pytest -q -p no:cacheprovider --no-embedded \
+	    tests/sql tests/migration tests/integration tests/acceptance tests/ui $(PYTEST_ARGS) \
+	    > .test-local.log 2>&1 & local=$$!; \
+	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest --no-local $(PYTEST_ARGS); embedded=$$?; \
+	  wait $$local; rc=$$?; \
+	  echo "== the same tests on the local PostgreSQL (127.0.0.1:5432):"; tail -n 60 .test-local.log; \
+	  test $$embedded -eq 0 && test $$rc -eq 0
 	PGDURABLE_IMPL=python $(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS)
 	@# the peer drivers (DBOS, Procrastinate) are benchmarks too: install them so their smoke
 	@# tests run rather than skip (they skip, saying so, where the extra cannot install)

@@ -19,7 +19,7 @@ finished   1,000,000 finished instances in the tables cost < 10 % throughput.
            shared box other work comes and goes over minutes; the interleaved ratio is the
            robust one, the sequential same-database ratio is shown too).
            The clones' timestamps lie in the last three days, well inside the default
-           retention (pg_durable.retention_days = 30), so serve's pruning (process.py:
+           retention (pg_durable.retention_days = 30), so serve's pruning (worker/maintenance.py:
            PRUNE_INTERVAL/PRUNE_BATCH, ``_prune_v1`` on ``updated_at``) runs as in production
            but deletes nothing; the check verifies the count afterwards.
 scaleout   The same ten-step workload with one ``serve`` vs two ``serve`` processes (separate

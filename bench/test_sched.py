@@ -1,4 +1,4 @@
-"""Scheduler step cost, Python vs Cython twin, per graph shape and size (STYLE §C.6).
+"""Scheduler step cost, Python vs Cython twin, per graph shape and size.
 
 Each benchmark runs one whole instance (start, then every leaf completed in
 order) on a graph compiled once; ``group`` puts the two twins side by side.

@@ -1,4 +1,4 @@
-"""Cron expressions of ``df.wait_for_schedule`` (SPEC §3.6, decision D7), in UTC.
+"""Cron expressions of ``df.wait_for_schedule`` (docs/decisions.md D7), in UTC.
 
 pgdurable uses **standard 5-field cron** through the maintained ``cronsim`` library (no
 hand-written parser): ``minute hour day-of-month month day-of-week``, with ``*``, lists,

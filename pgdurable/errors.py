@@ -11,7 +11,7 @@
 
 psycopg errors are not wrapped in general: a step statement's error becomes a
 :class:`StepError` carrying PostgreSQL's primary message verbatim and its SQLSTATE (the
-worker does this where it runs the step, pgdurable/worker/process.py); errors of the
+worker does this where it runs the step, pgdurable/worker/dispatch.py); errors of the
 engine's own statements stay psycopg errors, and the CLI and the dashboard show them with
 PostgreSQL's hint. Install problems an administrator must fix raise
 ``pgdurable.roles.InstallError``, naming the statement to run.

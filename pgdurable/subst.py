@@ -1,4 +1,6 @@
-"""Substitution of ``{var}`` and ``$ref`` into a step's text at execution time (SPEC §3.3).
+"""Substitution of ``{var}`` and ``$ref`` into a step's text at execution time.
+
+docs/api.md "Substitution" describes the rules for users.
 
 Pure and I/O-free; the worker calls :func:`substitute` once per step target (SQL text, HTTP
 url/body/header values, multipart url/headers/part name/filename) and
@@ -70,7 +72,8 @@ __all__ = [
 
 Mode = Literal["sql", "raw"]
 
-#: ``$n.*`` refuses a result with more rows than this (SPEC §3.3). Defaults to 10,000.
+#: ``$n.*`` refuses a result with more rows than this (docs/api.md "Substitution").
+#: Defaults to 10,000.
 MAX_STAR_ROWS_DEFAULT = 10_000
 
 # Pass 1: any brace pair without nested braces; the inside is looked up as a name, so
@@ -339,7 +342,7 @@ def substitute(
     label: str | None,
     max_star_rows: int = MAX_STAR_ROWS_DEFAULT,
 ) -> str:
-    """Substitute ``{var}`` (pass 1) then ``$ref`` (pass 2) into ``text`` (SPEC §3.3).
+    """Substitute ``{var}`` (pass 1) then ``$ref`` (pass 2) into ``text``.
 
     ``mode="sql"`` renders values as SQL literals (for SQL step text), ``mode="raw"``
     inserts strings as they are and other values as JSON (HTTP url/body/headers, break

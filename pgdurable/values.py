@@ -3,13 +3,14 @@
 Pure functions, no I/O; the worker calls them once per step.
 
 - :func:`sql_envelope` builds a SQL node's result ``{"rows", "row_count", "columns"}`` from
-  the rows PostgreSQL rendered with ``to_json(record)`` (SPEC §3.2, §9: ``columns`` keeps the
-  select order because ``df.nodes.result`` is jsonb and sorts keys).
-- :func:`truthy` judges a condition's result (SPEC §3.4).
+  the rows PostgreSQL rendered with ``to_json(record)`` (docs/api.md "Node results":
+  ``columns`` keeps the select order because ``df.nodes.result`` is jsonb and sorts keys).
+- :func:`truthy` judges a condition's result (docs/api.md "Conditions").
 - :func:`break_value` turns the (already substituted) ``df.break`` text into its value (§9).
 - :func:`check_size` encodes a result and enforces the configured cap: the worker records
   every leaf result (SQL rows, signal data, HTTP bodies, BREAK values, timers) through it,
-  at one place (``Worker._complete_once``), so one cap covers them all.
+  at one place (``Checkpointer.record`` in pgdurable/worker/checkpoint.py), so one cap
+  covers them all.
 - :func:`error_text` bounds an error message before it is stored (a failure is copied to
   every enclosing composite, up to 256 levels).
 - :func:`loads` parses JSON text exactly and :func:`json_bytes` / :func:`json_text` encode
@@ -75,7 +76,7 @@ INSTANCE_MAX_BYTES_DEFAULT = 256 * 1024 * 1024
 #: An error message is stored (and copied up the failed composites) up to this many bytes.
 ERROR_TEXT_MAX = 16 * 1024
 
-# Condition words (SPEC §3.4), compared after strip() + lower().
+# Condition words (docs/api.md "Conditions"), compared after strip() + lower().
 _TRUE_WORDS = frozenset({"true", "t", "yes"})
 _FALSE_WORDS = frozenset({"false", "f", "no"})
 # "numeric text": a plain decimal number. Deliberately narrower than float(): no "nan",
@@ -322,7 +323,7 @@ def _judge(value: Any) -> bool:
 
 
 def truthy(result: Any) -> bool:
-    """Judge a condition node's result (SPEC §3.4).
+    """Judge a condition node's result (docs/api.md "Conditions").
 
     With ``rows``: zero rows is false, else the first column of the first row is judged.
     Otherwise the whole value is judged: bool as-is; number ≠ 0; string trimmed: ``''``
@@ -376,7 +377,7 @@ def sql_envelope(row_texts: list[str]) -> dict[str, Any]:
 def break_value(text: str | None) -> Any:
     """Value of ``df.break(text)``: JSON if the text parses, else the text; ``None`` if absent.
 
-    The caller substitutes the text first, in raw mode (SPEC §9).
+    The caller substitutes the text first, in raw mode (docs/api.md "NULL arguments").
     """
     if text is None:
         return None

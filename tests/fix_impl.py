@@ -1,4 +1,4 @@
-"""The ``impl`` fixture: every loaded scheduler implementation (STYLE §C.5).
+"""The ``impl`` fixture: every loaded scheduler implementation.
 
 Parametrised over the pure-Python twin (id ``py``) and, when it imports, the
 compiled twin (id ``cython``). ``PGDURABLE_IMPL=python`` restricts it to Python;

@@ -1,4 +1,4 @@
-"""The contract every scheduler implementation satisfies (STYLE §C.1).
+"""The contract every scheduler implementation satisfies.
 
 A scheduler decides, for one workflow instance, what runs next. It is a pure
 function of its inputs: no I/O, no clock, no logging, no asyncio. Inputs and
@@ -13,7 +13,7 @@ generation they belong to, and a completion for a node that is not active in
 that generation is ignored (returns an empty :class:`Step`) — the fence that
 makes late or duplicate completions harmless.
 
-Semantics (SPEC §3; the twins must agree on every detail):
+Semantics (docs/api.md; the twins must agree on every detail):
 
 - Leaves (SQL, HTTP, HTTP_MULTIPART, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL) are
   reported in ``Step.ready`` when activated; the executor runs them and calls

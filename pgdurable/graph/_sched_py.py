@@ -1,7 +1,7 @@
 """The pure-Python scheduler: the executable specification of ``_abc``'s semantics.
 
 ``native/_sched_c.pyx`` mirrors this module function for function; a behaviour
-change lands here first, with a test, then in the twin (STYLE §C.2).
+change lands here first, with a test, then in the twin.
 
 State is four flat int arrays indexed by node (so :meth:`Scheduler.dump_state`
 is a concatenation and the twin can hold them in C arrays):

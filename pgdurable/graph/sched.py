@@ -1,4 +1,4 @@
-"""Choose the scheduler implementation (psycopg's loader pattern, STYLE §C.3).
+"""Choose the scheduler implementation (psycopg's loader pattern).
 
 ``PGDURABLE_IMPL``:
 

@@ -1,4 +1,4 @@
-"""SQL kept in files (STYLE B1): the schema parts, the migrations and the named queries.
+"""SQL kept in files: the schema parts, the migrations and the named queries.
 
 ``schema/*.sql`` is the current schema (a fresh install applies it); ``migrations/<n>-<n+1>.sql``
 upgrade an installed one. ``baseline/`` and ``released.sha256`` are the project's record of

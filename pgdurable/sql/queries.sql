@@ -1,4 +1,4 @@
--- Every query the runtime executes, by name (STYLE B1). `@engine@` is the engine schema,
+-- Every query the runtime executes, by name. `@engine@` is the engine schema,
 -- substituted once at load (pgdurable/queries.py). Parameters are psycopg %s placeholders.
 
 -- name: claim
@@ -9,7 +9,7 @@ from @engine@._claim_v1(%s, %s, %s)
 
 -- name: load_instance
 -- everything a worker needs about one instance, except its nodes; then the submitting role
--- as the worker must check it before starting the instance (SPEC §9): rolname, rolsuper,
+-- as the worker must check it before starting the instance (docs/api.md "NULL arguments"): rolname, rolsuper,
 -- rolcanlogin (null when the role is gone), superuser instances enabled
 select * from @engine@._load_instance_v1(%s)
 
@@ -78,7 +78,7 @@ select @engine@._extend_v1(%s, %s, %s, %s)
 select @engine@._heartbeat_v1(%s, %s, %s, %s, %s, %s)
 
 -- name: epoch
--- df._worker_epoch compatibility row (SPEC §2)
+-- df._worker_epoch compatibility row (docs/api.md "Tables and views")
 insert into df._worker_epoch (epoch_id) values (%s)
 on conflict (epoch_id) do update set last_seen_at = now()
 
@@ -168,7 +168,7 @@ select pg_cancel_backend(%s)
 listen pgdurable_work; listen pgdurable_cancel; listen pgdurable_abandon
 
 -- name: http_privilege
--- HTTP gate 0 (SPEC §3.8): may the submitting role still call df.http / df.http_multipart?
+-- HTTP gate 0 (docs/http.md): may the submitting role still call df.http / df.http_multipart?
 -- NULL (false) when the role no longer exists
 select case when exists (select 1 from pg_roles r where r.oid = %s::pg_catalog.oid)
             then has_function_privilege(%s::pg_catalog.oid, %s, 'execute') end

@@ -52,7 +52,7 @@ def media_type(content_type: str | None) -> tuple[str, str | None]:
 
 
 def is_textual(media_type: str) -> bool:
-    """Whether a response of this media type is returned as text (SPEC §3.8)."""
+    """Whether a response of this media type is returned as text (docs/http.md)."""
     if media_type.startswith("text/") or media_type.endswith(("+json", "+xml", "+yaml")):
         return True
     return media_type.partition("/")[2] in _TEXTUAL_SUBTYPES

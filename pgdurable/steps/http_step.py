@@ -1,7 +1,8 @@
 """Run ``HTTP`` and ``HTTP_MULTIPART`` nodes from the worker, under the service's HTTP policy.
 
 Owns the per-process client (:func:`make_client`) and the request itself (:func:`run_http`,
-SPEC §3.8 and §3.2's result envelope). Where a request may go is decided by
+docs/http.md and the result envelope of docs/api.md "Node results"). Where a request may go
+is decided by
 :mod:`pgdurable.steps.http_policy` alone (:class:`HttpPolicy`, :func:`check_url` and the
 connect-time guard), which this module only calls; the response body is read and rendered by
 :mod:`pgdurable.steps.http_body`. No database access: :mod:`pgdurable.steps.http_run`
@@ -58,10 +59,10 @@ logger = logging.getLogger(__name__)
 
 NodeType = Literal["HTTP", "HTTP_MULTIPART"]
 
-# df.http / df.http_multipart default timeout_seconds (SPEC §3 table); used when a stored
+# df.http / df.http_multipart default timeout_seconds (docs/api.md table); used when a stored
 # config has none.
 TIMEOUT_SECONDS_DEFAULT: Final = 30.0
-# 5xx failures quote at most this much of the response body (SPEC §3.8).
+# 5xx failures quote at most this much of the response body (docs/http.md).
 BODY_PREVIEW_CHARS: Final = 512
 USER_AGENT: Final = f"pgdurable/{__version__}"
 
@@ -77,7 +78,7 @@ MULTIPART_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 # Request headers the caller may not set: framing and connection management belong to the
 # client (a caller-set Content-Length or Transfer-Encoding is how requests get smuggled), and
-# Idempotency-Key / User-Agent are ours (D4, §3.8). Dropped with a debug log.
+# Idempotency-Key / User-Agent are ours (D4, docs/http.md). Dropped with a debug log.
 _RESERVED_REQUEST_HEADERS: Final = frozenset(
     {
         "host",
@@ -194,7 +195,7 @@ def _timeout(value: object, policy: HttpPolicy) -> float:
 
 
 def _request_headers(raw: object, *, multipart: bool) -> list[tuple[bytes, bytes]]:
-    """The caller's headers: string values of a JSON object only (SPEC §3.8)."""
+    """The caller's headers: string values of a JSON object only (docs/http.md)."""
     if raw is None:
         return []
     if not isinstance(raw, Mapping):
@@ -342,7 +343,7 @@ async def run_http(
     *,
     fail_on_429: bool = False,
 ) -> dict[str, Any]:
-    """Run one HTTP node and return its result envelope (SPEC §3.2).
+    """Run one HTTP node and return its result envelope (docs/api.md "Node results").
 
     ``config`` is the node's substituted config. Returns
     ``{"status", "body", "encoding", "headers", "ok", "duration_ms"}`` for 1xx to 4xx responses

@@ -1,4 +1,4 @@
-"""Group commit of step outcomes (STYLE B6): many checkpoints, one transaction.
+"""Group commit of step outcomes: many checkpoints, one transaction.
 
 Outcomes that do not need their own transaction — HTTP responses, fired timers and
 schedules, BREAK values, if_rows decisions, failed SQL steps (their statement already

@@ -159,9 +159,9 @@ class Checkpoint:
 
 
 # Vars snapshots are frozen per instance but usually the same for many instances of one role
-# (SPEC §3.3): identical snapshots share one dict instead of one copy per cached instance
-# (a 1 MiB snapshot times 2,048 cached instances would be 2 GiB). Bounded, least recently
-# used first out; never mutated (substitution only reads it).
+# (docs/api.md "Substitution"): identical snapshots share one dict instead of one copy per
+# cached instance (a 1 MiB snapshot times 2,048 cached instances would be 2 GiB). Bounded,
+# least recently used first out; never mutated (substitution only reads it).
 _VARS_SHARED: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
 _VARS_SHARED_MAX = 256
 
@@ -442,7 +442,7 @@ class InstanceCtx:
             upd["details"]["finished_seq"] = seq
             upd["details"]["abandoned"] = True
         ready = {n for n, _ in step.ready}
-        # Iteration floor (SPEC §3.5, D14): iteration k+1 begins no earlier than
+        # Iteration floor (docs/decisions.md D14): iteration k+1 begins no earlier than
         # loop_min_interval after iteration k *began* (its first step's due time, not the
         # checkpoint that scheduled it). Unknown start (another worker ran it) → full floor.
         # Times are the database clock (the claim's clock()), stored on the LOOP node as
@@ -601,7 +601,7 @@ class InstanceCtx:
         nid = self.graph.node_ids[node]
         task: dict[str, Any] = {"node_id": nid, "gen": gen, "kind": "run"}
         delay = 0.0
-        # Iteration floor (SPEC §3.5, D14): the first steps of a new iteration wait until
+        # Iteration floor (docs/decisions.md D14): the first steps of a new iteration wait until
         # loop_min_interval has passed since the previous iteration began.
         for loop, wait in iter_loops.items():
             if self._in_subtree(node, loop):

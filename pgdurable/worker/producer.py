@@ -101,7 +101,7 @@ class Producer:
             if claimed and len(claimed) == free:
                 continue  # there may be more: claim again right away
             self.wake.clear()
-            # jittered poll (STYLE B7): NOTIFY is the fast path, this is the safety net
+            # jittered poll: NOTIFY is the fast path, this is the safety net
             timeout = self.poll_interval * (1 + random.random() * 0.1)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)

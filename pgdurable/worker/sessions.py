@@ -1,7 +1,7 @@
 """The worker's database sessions: the service's pool and the step sessions' pool, each step
 connection's capability, and the session hygiene around a step.
 
-Two pools, created after fork (STYLE B9): the service's (``config.dsn``, the
+Two pools, created after fork: the service's (``config.dsn``, the
 ``pgdurable_service`` role: claims, loads, group commits) and the step sessions'
 (``config.step_dsn``, the ``pgdurable_step`` role, which holds nothing). A tenant's
 statement runs only on a step connection, inside the tenant's runner; each step connection

@@ -1,6 +1,6 @@
 """The ``pgdurable serve`` parent: install the schema, fork workers, keep them alive.
 
-- forks N worker processes (each builds its own pool after fork, STYLE B9);
+- forks N worker processes (each builds its own pool after fork);
 - restarts a worker that dies, with exponential backoff (capped) so a crash loop
   cannot spin;
 - SIGTERM/SIGINT: forwards SIGTERM (workers drain: finish or release claimed work),

@@ -1,4 +1,4 @@
-"""Acceptance tier: ``pgdurable serve`` as a real subprocess (STYLE B18).
+"""Acceptance tier: ``pgdurable serve`` as a real subprocess.
 
 ``serve_factory(db, **env)`` starts ``python -m pgdurable serve`` against the test's
 fresh database and returns a :class:`Serve` handle (:class:`pgdurable.harness.Serve`: SIGKILL

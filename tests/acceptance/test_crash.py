@@ -1,4 +1,4 @@
-"""Crash tests crash (STYLE B18): kill -9 workers, the supervisor, restart PostgreSQL,
+"""Crash tests crash: kill -9 workers, the supervisor, restart PostgreSQL,
 pause a worker past its lease, run two services — then every SQL step in the df
 database must have run exactly once and no instance may be left unfinished."""
 

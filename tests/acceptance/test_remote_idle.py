@@ -1,5 +1,5 @@
 """`database =>` workflows leave no session behind in the other database: a worker closes its
-pools there after a short idle time (pgdurable/worker/process.py REMOTE_IDLE_S), so DROP
+pools there after a short idle time (pgdurable/steps/remote.py REMOTE_IDLE_S), so DROP
 DATABASE of it succeeds soon after its workflows are done, while serve keeps running. The
 step's backend there carries the step's application_name, as a local step's does."""
 

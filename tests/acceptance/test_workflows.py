@@ -135,7 +135,7 @@ def test_sleep_result_and_timeout_race(db, running, tenant):
 def test_loop_with_break_carries_results(db, running, tenant):
     with db.connect() as conn:
         conn.execute("alter database " + db.name + " set pg_durable.loop_min_interval_ms = 0")
-    # names not yet produced are left as-is (SPEC §3.3), so seed `i` before the loop
+    # names not yet produced are left as-is (docs/api.md "Substitution"), so seed `i` before the loop
     expr = (
         "df.sql('select 0 as i') |=> 'i' ~> "
         "df.loop(df.sql('select $i + 1 as i') |=> 'i' ~> "

@@ -1,4 +1,4 @@
-"""One schema truth (STYLE B3): a fresh install equals the oldest released schema plus every
+"""One schema truth: a fresh install equals the oldest released schema plus every
 migration, compared catalog object by catalog object (never file text: a comment in
 schema/*.sql changes nothing a database has); released files are frozen by their checksums
 (tests/migration/released.py, docs/schema-changes.md)."""

@@ -1,4 +1,4 @@
-"""The DSL functions of pgdurable/sql/schema/10_dsl.sql (SPEC §3, ARCHITECTURE §1).
+"""The DSL functions of pgdurable/sql/schema/10_dsl.sql (docs/api.md, ARCHITECTURE.md §1).
 
 Every DSL call returns a graph value: text holding one compact JSON object. These tests
 build values on a rolled-back connection (``tx``) and check their exact shape, the NULL
@@ -465,7 +465,7 @@ def test_if_else_op_names_what_it_got(tx: Conn) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# NULL rules (SPEC §9: a NULL operand gives a NULL graph)
+# NULL rules (docs/api.md "NULL arguments": a NULL operand gives a NULL graph)
 
 
 @pytest.mark.parametrize(

@@ -99,7 +99,7 @@ class Driver:
         ]
 
     def done(self, node_id: str, value: Any, ok: bool = True) -> None:
-        """What the worker does when a leaf's step ended (Worker._complete_once)."""
+        """What the worker does when a leaf's step ended (Checkpointer.record)."""
         idx = self.ctx.index[node_id]
         assert self.ctx.sched.status(idx) == A.RUNNING, f"{node_id} is not running"
         cp = Checkpoint()

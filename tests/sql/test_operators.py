@@ -1,7 +1,7 @@
-"""The seven DSL operators of pgdurable/sql/schema/20_operators.sql (SPEC §3.1, §9).
+"""The seven DSL operators of pgdurable/sql/schema/20_operators.sql (docs/api.md "Operators", docs/api.md "NULL arguments").
 
 PostgreSQL gives all user-defined operators one precedence level, left-associative; these
-tests pin the groupings SPEC §3.1 documents, the mapping of each operator to its df
+tests pin the groupings docs/api.md "Operators" documents, the mapping of each operator to its df
 function, and that none of them clashes with a built-in operator on text.
 """
 
@@ -67,7 +67,7 @@ def test_operators_exist_once_and_map_to_df(tx: Conn) -> None:
         nsp, code = rows[0]
         assert code.removeprefix("df.").strip('"') == func, (name, code)
         # the test databases are installed by an administrator that is not a superuser, as
-        # on a managed cloud: the operators go to public (SPEC §9; pg_catalog needs a
+        # on a managed cloud: the operators go to public (docs/api.md "NULL arguments"; pg_catalog needs a
         # superuser, see test_operators_resolve_with_empty_search_path)
         assert nsp == "public"
 
@@ -190,7 +190,7 @@ def test_null_operand_gives_null(tx: Conn, expr: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# precedence: one level, left to right (SPEC §3.1)
+# precedence: one level, left to right (docs/api.md "Operators")
 
 
 def test_then_join_groups_left(tx: Conn) -> None:
@@ -229,7 +229,7 @@ def test_else_needs_a_partial(tx: Conn) -> None:
 
 
 def test_lone_partial_is_just_a_value(tx: Conn) -> None:
-    # a lone ?> builds the partial; df.start later treats it as SQL text (SPEC §3.1)
+    # a lone ?> builds the partial; df.start later treats it as SQL text (docs/api.md "Operators")
     assert json.loads(one(tx, "select 'c' ?> 't'"))["_partial_if"] is True
 
 

@@ -91,7 +91,7 @@ class Db:
 
 
 def complete(ctx: InstanceCtx, idx: int, value: Any) -> Checkpoint:
-    """What Worker._complete_once does for a leaf that succeeded."""
+    """What Checkpointer.record does for a leaf that succeeded."""
     cp = Checkpoint()
     data = check_size(value, 0, "step result")
     ctx.record_leaf(idx, value, data, cp)

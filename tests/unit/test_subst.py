@@ -1,4 +1,4 @@
-"""Unit tests of pgdurable.subst (SPEC §3.3): no database, no I/O."""
+"""Unit tests of pgdurable.subst (docs/api.md "Substitution"): no database, no I/O."""
 
 from __future__ import annotations
 

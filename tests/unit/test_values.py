@@ -1,4 +1,4 @@
-"""Unit tests of pgdurable.values: envelope, truthiness (SPEC §3.4), break values, size cap."""
+"""Unit tests of pgdurable.values: envelope, truthiness (docs/api.md "Conditions"), break values, size cap."""
 
 from __future__ import annotations
 

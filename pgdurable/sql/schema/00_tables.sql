@@ -2,7 +2,7 @@
 --
 -- Map of the whole schema (files in pgdurable/sql/schema/ are applied in name order):
 --   00_tables.sql   df.instances, df.nodes, df.vars, df._worker_epoch (the pg_durable contract,
---                   SPEC §2) and the engine schema @engine@ (runnable work + leases, scheduler
+--                   docs/api.md "Tables and views") and the engine schema @engine@ (runnable work + leases, scheduler
 --                   state, signal inbox, workers, readiness, migrations); RLS; settings/clock helpers
 --   10_dsl.sql      the DSL: df.sql/seq/as/join/join3/race/if/if_rows/loop/break/sleep/
 --                   wait_for_schedule/wait_for_signal/http/http_multipart + auto-wrap + validation
@@ -20,7 +20,7 @@
 --   @opschema@ the schema that receives the operators (pg_catalog when superuser, else public)
 --
 -- Conventions: lower-case keywords; p_ parameters, v_ locals; identifiers composed only with
--- format('%I'); every engine function a worker calls carries a _v1 suffix (STYLE B4).
+-- format('%I'); every engine function a worker calls carries a _v1 suffix.
 
 -- The schemas df, @engine@ and @engine@_exec are created by pgdurable install (schema.py),
 -- owned by pgdurable_owner, before this file runs as that role. @engine@_exec holds the
@@ -28,7 +28,7 @@
 -- tenant owns its runner but cannot ALTER it.
 
 ------------------------------------------------------------------------------------------
--- df: the user-facing contract tables (SPEC §2)
+-- df: the user-facing contract tables (docs/api.md "Tables and views")
 ------------------------------------------------------------------------------------------
 
 create table df.instances (
@@ -77,7 +77,7 @@ create table df.nodes (
         'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY')) not valid,
     constraint nodes_result_name_check
         check (result_name is null or result_name ~ '^[A-Za-z_][A-Za-z0-9_]*$') not valid,
-    -- structure per node type (SPEC §2)
+    -- structure per node type (docs/api.md "Tables and views")
     constraint nodes_structure_check check (
         case
             when node_type in ('SQL', 'SLEEP', 'WAIT_SCHEDULE', 'BREAK', 'HTTP', 'HTTP_MULTIPART',
@@ -131,7 +131,7 @@ create policy vars_owner on df.vars for all
     with check (owner = quote_ident(current_user)::regrole);
 
 ------------------------------------------------------------------------------------------
--- engine schema: private to the service (STYLE B4: layout may change through migrations)
+-- engine schema: private to the service (layout may change through migrations)
 ------------------------------------------------------------------------------------------
 
 -- Readiness (docs/decisions.md D2/D3): df.start refuses to write while schema_version < 1.
@@ -148,7 +148,7 @@ create table @engine@.migrations (
     applied_at timestamptz not null default now()
 );
 
--- Per-instance engine data: the frozen vars snapshot (SPEC §3.3), the scheduler state blob
+-- Per-instance engine data: the frozen vars snapshot (docs/api.md "Substitution"), the scheduler state blob
 -- (graph/_abc.py: SchedulerProto.dump_state) and a version bumped by every checkpoint so a
 -- worker's cached state can be validated with one integer compare.
 create table @engine@.runs (
@@ -160,7 +160,7 @@ create table @engine@.runs (
     created_at    timestamptz not null default now()
 );
 
--- Named results as the instance's steps see them (SPEC §3.3, D9): the latest value of each
+-- Named results as the instance's steps see them (docs/api.md "Substitution", D9): the latest value of each
 -- name, kept here because a loop re-activation clears the node row's result while the value
 -- must carry over into the next iteration; a worker reloading an instance reads this map.
 create table @engine@.results (
@@ -280,7 +280,7 @@ create table @engine@.workers (
 ------------------------------------------------------------------------------------------
 
 -- pg_durable.* settings are plain custom GUCs read at call time with a default, so
--- ALTER DATABASE/ALTER SYSTEM/SET work without an extension (SPEC §1). Where each one is read
+-- ALTER DATABASE/ALTER SYSTEM/SET work without an extension (README.md). Where each one is read
 -- (docs/operating.md, "Settings"):
 --   @engine@.setting     in the caller's session, by the df.* functions it calls: what that
 --                        session sees (SET, ALTER ROLE … SET, ALTER DATABASE … SET as of when
@@ -302,7 +302,7 @@ as $$ select coalesce(nullif(pg_catalog.current_setting('pg_durable.' || p_name,
 -- (a step session is RESET before each step, and reads it before the step's statement), so
 -- no tenant's SET or ALTER ROLE … SET reaches it. A session keeps a database default it
 -- connected with after ALTER DATABASE … RESET: the worker recycles its sessions when it sees
--- one go (pgdurable/worker/process.py, _load_settings).
+-- one go (pgdurable/worker/settings.py, Settings.load).
 create function @engine@.setting_db(p_name text, p_default text) returns text
 language sql stable parallel safe
 set search_path = pg_catalog, pg_temp
@@ -483,7 +483,7 @@ end
 $$;
 
 -- The clock every df function and engine query uses for due times. Tests control it
--- (STYLE B16): pg_durable.fake_now pins it (SQL tests), pg_durable.clock_offset shifts a
+--: pg_durable.fake_now pins it (SQL tests), pg_durable.clock_offset shifts a
 -- running clock (acceptance tests of cron schedules: ALTER DATABASE … SET before serve
 -- starts). Production sets neither.
 create function @engine@.clock() returns timestamptz

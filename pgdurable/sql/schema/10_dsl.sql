@@ -1,4 +1,4 @@
--- pgdurable schema, part 10: the DSL (SPEC §3, ARCHITECTURE §1).
+-- pgdurable schema, part 10: the DSL (docs/api.md, ARCHITECTURE.md §1).
 --
 -- Every function here builds a graph value: text holding one compact JSON object
 -- {"node_type", "query"?, "result_name"?, "condition_node"?, "left_node"?, "right_node"?,
@@ -12,13 +12,13 @@
 -- Conventions of this file:
 -- * Public functions keep the original's parameter names (`df.http(url => …, method => …)`
 --   is user-facing API); internal helpers (df._*) use p_ names.
--- * NULL handling (SPEC §9, "all constructors and composers are STRICT"): a NULL operand
+-- * NULL handling (docs/api.md "NULL arguments", "all constructors and composers are STRICT"): a NULL operand
 --   gives a NULL graph. Functions with optional parameters cannot be declared STRICT (the
 --   defaults would be NULL operands too), so they apply the same rule by hand: NULL in a
 --   parameter whose default is not NULL gives a NULL graph; NULL in a parameter whose default
 --   is NULL means "absent" (no loop condition, null break value, no signal timeout, no body…).
 -- * Bad arguments raise SQLSTATE 22023 (invalid_parameter_value) with a message that names
---   the offending value and says what to write instead (SPEC §8 texts kept verbatim).
+--   the offending value and says what to write instead (pg_durable's texts kept verbatim).
 -- * Children are embedded as the text they arrived as (after validation by df._node), so a
 --   graph built from DSL calls stays compact JSON without re-serialising subtrees.
 
@@ -26,7 +26,7 @@
 -- internal helpers
 ------------------------------------------------------------------------------------------
 
--- The twelve node types of SPEC §2, and pgdurable's RETRY (df.retry).
+-- The twelve node types of docs/api.md "Tables and views", and pgdurable's RETRY (df.retry).
 create function df._node_types() returns text[]
 language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
@@ -55,7 +55,7 @@ begin
 end
 $$;
 
--- Auto-wrap (SPEC §3): turn a node-position argument into a graph value.
+-- Auto-wrap (docs/api.md): turn a node-position argument into a graph value.
 --   * a JSON object with a known node_type is a node (returned as is, whitespace trimmed);
 --   * a JSON object whose node_type is unknown or not a string raises "Unknown node_type 'X'";
 --   * a ?> partial ({"_partial_if":true,…}) raises: it is only valid on the left of !>;
@@ -129,7 +129,7 @@ begin
 end
 $$;
 
--- Result names and if_rows names: SQL-identifier-like names (SPEC §2 result_name CHECK).
+-- Result names and if_rows names: SQL-identifier-like names (docs/api.md "Tables and views" result_name CHECK).
 create function df._check_identifier(p_name text, p_what text) returns void
 language plpgsql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
@@ -175,7 +175,7 @@ begin
 end
 $$;
 
--- Build-time check of a cron expression (SPEC §3, D7). Only a syntax and range check: the
+-- Build-time check of a cron expression (docs/api.md, D7). Only a syntax and range check: the
 -- worker computes the ticks with the cronsim library (UTC; pgdurable/cron.py), so this
 -- validator accepts a subset of what the worker accepts and stays small. Accepted: the
 -- @hourly/@daily/@midnight/@weekly/@monthly/@yearly/@annually macros, or 5 fields (minute
@@ -283,7 +283,7 @@ begin
 end
 $$;
 
--- HTTP argument checks shared by df.http and df.http_multipart (SPEC §3.8, D12).
+-- HTTP argument checks shared by df.http and df.http_multipart (docs/http.md, D12).
 -- Returns the method in upper case.
 create function df._check_http(p_func text, p_url text, p_method text, p_methods text[],
                                p_headers jsonb, p_timeout int) returns text
@@ -412,7 +412,7 @@ begin
 end
 $$;
 
--- An HTTP request (SPEC §3.8). The allow-list/deny policy is the service's (D12), applied
+-- An HTTP request (docs/http.md). The allow-list/deny policy is the service's (D12), applied
 -- when the node runs; here only the arguments are checked.
 create function df.http(url text, method text default 'POST', body text default null,
                         headers jsonb default null, timeout_seconds int default 30)
@@ -440,7 +440,7 @@ end
 $$;
 
 -- A multipart/form-data request: parts = [{"name", "data_b64", "filename"?, "content_type"?}]
--- (the fields of each part are checked when the node runs, SPEC §3.8).
+-- (the fields of each part are checked when the node runs, docs/http.md).
 create function df.http_multipart(url text, method text default 'POST', parts jsonb default null,
                                   headers jsonb default null, timeout_seconds int default 30)
 returns text
@@ -500,7 +500,7 @@ language sql immutable strict parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select df._mk('RACE', null, null, df._node(a), df._node(b), null) $$;
 
--- Run condition (any node), then then_branch if its result is truthy (SPEC §3.4), else
+-- Run condition (any node), then then_branch if its result is truthy (docs/api.md "Conditions"), else
 -- else_branch.
 create function df."if"(condition text, then_branch text, else_branch text) returns text
 language sql immutable strict parallel safe
@@ -679,7 +679,7 @@ language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select df.loop(body) $$;
 
--- `c ?> t`: the first half of an IF, a partial object only !> accepts (ARCHITECTURE §1).
+-- `c ?> t`: the first half of an IF, a partial object only !> accepts (ARCHITECTURE.md §1).
 create function df.if_then_op(condition text, then_branch text) returns text
 language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp

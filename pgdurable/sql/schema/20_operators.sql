@@ -1,4 +1,4 @@
--- pgdurable schema, part 20: the seven DSL operators (SPEC §3.1, §9).
+-- pgdurable schema, part 20: the seven DSL operators (docs/api.md "Operators", docs/api.md "NULL arguments").
 --
 -- Plain CREATE OPERATOR on text operands, so they parse exactly as in pg_durable. They live
 -- in @opschema@: pg_catalog when a superuser installs (they then resolve under any

@@ -4,7 +4,7 @@
 --
 --   df._graph_flatten(jsonb)   validate a graph value, return its node rows in pre-order
 --   df._graph_value(text)      auto-wrap a df.start/df.explain argument into a graph jsonb
---   df.start                   SPEC §4 validation order, then instances + nodes + enqueue
+--   df.start                   docs/api.md validation order, then instances + nodes + enqueue
 --   @engine@._invoker()        the role that called into a SECURITY DEFINER helper
 --   @engine@._schema_ready_v1  readiness (docs/decisions.md D3)
 --   @engine@._enqueue_v1       validate the stored graph, then runs row + the 'start' task (ARCH §2)
@@ -55,7 +55,7 @@ exception when others then
 end;
 $$;
 
--- Auto-wrap (SPEC §3): a JSON object with a node_type is a graph, a JSON object with a
+-- Auto-wrap (docs/api.md): a JSON object with a node_type is a graph, a JSON object with a
 -- non-text/unknown node_type raises (in df._graph_flatten), anything else is one SQL node.
 create function df._graph_value(p_input text) returns jsonb
 language plpgsql immutable parallel safe
@@ -300,7 +300,7 @@ begin
                         using errcode = '22023';
                 end if;
             end if;
-            -- Hand-written configs get the same checks as the DSL builders (SPEC §5: df.start
+            -- Hand-written configs get the same checks as the DSL builders (docs/reliability.md: df.start
             -- validates cron and HTTP arguments too): re-build the leaf with its builder.
             begin
                 case v_type
@@ -312,7 +312,7 @@ begin
                         perform df.wait_for_signal(v_cfg ->> 'signal_name',
                                                    (v_cfg ->> 'timeout_seconds')::pg_catalog.int4);
                     -- the builders' checks without df.http's EXECUTE privilege: a role without
-                    -- it may start the graph and fails at run time (SPEC §3.8 gate 0)
+                    -- it may start the graph and fails at run time (docs/http.md gate 0)
                     when 'HTTP' then
                         perform df._check_http('df.http', v_cfg ->> 'url', v_cfg ->> 'method',
                                                array['GET', 'POST', 'PUT', 'DELETE', 'PATCH'],
@@ -1322,7 +1322,7 @@ begin
 end;
 $$;
 
--- The root node's result, only for a completed instance (SPEC §4: not the error of a failed one).
+-- The root node's result, only for a completed instance (docs/api.md: not the error of a failed one).
 create function df.result(instance_id text) returns text
 language sql stable strict
 set search_path = pg_catalog, pg_temp

@@ -15,7 +15,7 @@
 -- Every function pins search_path = pg_catalog, pg_temp and casts/declares with pg_catalog
 -- types (why: the 30_control.sql header).
 --
--- Our choices where SPEC §4 leaves room (documented in docs too):
+-- Our choices where docs/api.md leaves room (documented in docs too):
 --   function_name        always 'pgdurable' (the orchestration name; labels are in `label`)
 --   execution_count      highest generation / loop iteration any node reports, 0 before a
 --                        worker loaded the instance

@@ -1,4 +1,4 @@
--- pgdurable schema, part 50: the worker protocol (STYLE B4: every function a worker calls has
+-- pgdurable schema, part 50: the worker protocol (every function a worker calls has
 -- a _vN suffix so two service versions can share a database during a rolling deploy).
 --
 --   _claim_v1      lease up to N runnable tasks (FOR UPDATE SKIP LOCKED)
@@ -568,7 +568,7 @@ begin
 end
 $$;
 
--- Retention (SPEC §5): terminal instances older than pg_durable.retention_days are pruned in
+-- Retention (docs/reliability.md): terminal instances older than pg_durable.retention_days are pruned in
 -- bounded batches; pending/running work is never touched. One worker at a time (the 'prune'
 -- row of @engine@.locks, skipped when another holds it) so batches do not fight.
 create function @engine@._prune_v1(p_limit integer)
@@ -676,7 +676,7 @@ end
 $$;
 
 -- What a worker reads to load an instance: its row, the engine's data and the submitting
--- role as the worker must check it before starting the instance (SPEC §9); last the role's
+-- role as the worker must check it before starting the instance (docs/api.md "NULL arguments"); last the role's
 -- own pg_durable.loop_min_interval_ms / loop_max_iterations (ALTER ROLE … SET, as text, NULL
 -- when it has none): the worker combines them with the deployment's, a role's value only
 -- tightening them (pgdurable/worker/instance.py, loop_limits).

@@ -1,4 +1,4 @@
--- pgdurable schema, part 90: privileges (SPEC §4 "Grants"), applied after every other part.
+-- pgdurable schema, part 90: privileges (docs/api.md "Grants"), applied after every other part.
 --
 -- Roles (created by pgdurable install, docs/security.md): pgdurable_owner (NOLOGIN) owns every
 -- object here; pgdurable_service (LOGIN) is a member of it and runs the engine, never a
