@@ -354,6 +354,12 @@ class Checkpointer:
             assert err is not None
             msg = error_text(str(err))
             ctx.errors[idx] = (msg, err.sqlstate)
+            # an HTTP server's Retry-After (HttpStepError): an enclosing df.retry honours it
+            asked = getattr(err, "retry_after", None)
+            if asked is None:
+                ctx.retry_after.pop(idx, None)
+            else:
+                ctx.retry_after[idx] = asked
             upd["status"] = "failed"
             upd["result"] = msg
             if err.sqlstate:

@@ -331,12 +331,6 @@ class Dispatch:
             finally:
                 self.slots.http_waiting -= 1
         except StepError as exc:
-            # the server's Retry-After (or none): an enclosing df.retry honours it
-            asked = getattr(exc, "retry_after", None)
-            if asked is None:
-                ctx.retry_after.pop(idx, None)
-            else:
-                ctx.retry_after[idx] = asked
             return Outcome.failure(exc)
         return Outcome.success(value)
 

@@ -227,8 +227,9 @@ class InstanceCtx:
     """The submitting role as loaded, or None when the role no longer exists."""
     retry_after: dict[int, float] = field(default_factory=dict)
     """Seconds a failed leaf's server asked for before it is tried again (an HTTP 429's or 5xx's
-    Retry-After): an enclosing df.retry waits at least that long. Only the checkpoint that
-    records the failure schedules the wait, so memory is enough."""
+    Retry-After), set where the failure is checkpointed: an enclosing df.retry waits at least
+    that long. The checkpoint that records the failure is the one that schedules the wait, so
+    memory is enough."""
     sizes: dict[int, int] = field(default_factory=dict)
     """Encoded size of each completed node's value (a composite's derived from its sources)."""
     leaf_bytes: dict[int, int] = field(default_factory=dict)
