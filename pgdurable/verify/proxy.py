@@ -259,11 +259,11 @@ class Proxy:
     def _frames(self, c: _Conn, buf: bytearray, upstream: bool) -> tuple[bytes, list[Any]]:
         """Split ``buf``'s complete messages off: (the bytes to forward now, the actions to
         take once they are forwarded). An incomplete message stays in ``buf``."""
-        if c.opaque:
-            out = bytes(buf)
-            buf.clear()
-            return out, []
         out = bytearray()
+        if c.opaque:
+            out += buf
+            buf.clear()
+            return bytes(out), []
         after: list[Any] = []
         off = 0
         n = len(buf)
@@ -272,7 +272,7 @@ class Proxy:
                 if off >= n:
                     break
                 c.single_byte_reply -= 1
-                if buf[off : off + 1] in (b"S", b"G"):
+                if buf[off] in b"SG":
                     c.opaque = True  # TLS/GSS from here on
                 out += buf[off : off + 1]
                 off += 1
@@ -297,7 +297,7 @@ class Proxy:
                 continue
             if n - off < 5:
                 break
-            kind = buf[off : off + 1]
+            kind = bytes(buf[off : off + 1])
             size = 1 + int.from_bytes(buf[off + 1 : off + 5], "big")
             if n - off < size:
                 break
