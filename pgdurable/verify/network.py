@@ -15,6 +15,7 @@ fault (:data:`NET_KINDS`) and injects it through the proxy of the serve it is gi
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import psycopg
 
@@ -38,26 +39,34 @@ class NetFaults:
         """``dsn`` through serve ``i``'s proxy."""
         return self.proxies[i].dsn(dsn)
 
-    def fault(self, kind: str, i: int) -> bool:
-        """Inject ``kind`` on serve ``i``'s connections; True when it happened (an armed fault
-        whose trigger, a statement or a COMMIT, did not come within a few seconds did not)."""
+    def fault(self, kind: str, i: int, report: Callable[[bool], None]) -> None:
+        """Inject ``kind`` on serve ``i``'s connections without waiting; ``report(happened)``
+        is called once (from a proxy's thread, or here for a partition): False when the
+        trigger of an armed fault (a statement, a COMMIT) did not come within
+        :data:`~pgdurable.verify.proxy.ARM_TIMEOUT`, or a partition was already on."""
         p = self.proxies[i]
-        if kind == "conn_reset":
-            return p.conn_reset()
-        if kind == "ambiguous_commit":
-            return p.ambiguous_commit()
-        if kind == "stall":
-            return p.stall(
-                self.rng.uniform(self.lease + 1, self.lease + 3),
+        if kind in ("conn_reset", "ambiguous_commit"):
+            p.inject(kind, report)
+        elif kind == "stall":
+            p.inject(
+                kind,
+                report,
+                seconds=self.rng.uniform(self.lease + 1, self.lease + 3),
                 whole=self.rng.random() < 0.5,
                 close_after=self.rng.random() < 0.5,
             )
-        if kind == "partition":
+        elif kind == "partition":
             if any(q.partitioned for q in self.proxies):
-                return False
+                report(False)
+                return
             p.partition(self.rng.uniform(2, 6))
-            return True
-        raise ValueError(f"not a network fault: {kind!r}")
+            report(True)
+        else:
+            raise ValueError(f"not a network fault: {kind!r}")
+
+    def pending(self) -> bool:
+        """Whether a fault injected is still waiting for its trigger or its outcome."""
+        return any(p.unsettled for p in self.proxies)
 
     def counts(self) -> dict[str, int]:
         """What the proxies saw, summed: connections, refused ones, commit replies dropped."""

@@ -25,12 +25,14 @@ TLS is not parsed: :meth:`Proxy.dsn` sets ``sslmode=disable`` and ``gssencmode=d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import random
 import socket
 import struct
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,15 +45,21 @@ COMMIT_REPLY_TIMEOUT = 5.0  # an ambiguous commit whose reply never comes: reset
 _LINGER0 = struct.pack("ii", 1, 0)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Arm:
     """A fault waiting for its trigger on the next matching message of any connection."""
 
     kind: str  # "conn_reset", "ambiguous_commit", "stall"
-    done: asyncio.Future[bool]
+    report: Callable[[bool], None]  # called once: whether the fault happened
     seconds: float = 0.0
     whole: bool = False
     close_after: bool = False
+    settled: bool = False
+
+    def settle(self, happened: bool) -> None:
+        if not self.settled:
+            self.settled = True
+            self.report(happened)
 
 
 @dataclass(eq=False)
@@ -89,7 +97,9 @@ class Proxy:
         self.host, self.port = host, port
         self.rng = random.Random(seed)
         self.conns: set[_Conn] = set()
-        self.arm: _Arm | None = None
+        self.arms: list[_Arm] = []  # armed faults, oldest first
+        self.lock = threading.Lock()
+        self.unsettled = 0  # faults injected whose outcome is not known yet
         self.flowing: asyncio.Event | None = None  # whole-proxy stall when clear
         self.partitioned = False
         self.counts: Counter[str] = Counter()  # connections, commit tags seen, …
@@ -111,41 +121,55 @@ class Proxy:
     def _call(self, coro: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def _armed(self, kind: str, **kw: Any) -> bool:
-        async def go() -> bool:
-            if self.arm is not None or self.partitioned:
-                return False
-            arm = _Arm(kind, self.loop.create_future(), **kw)
-            self.arm = arm
-            try:
-                return await asyncio.wait_for(asyncio.shield(arm.done), ARM_TIMEOUT)
-            except TimeoutError:
-                if self.arm is arm:  # never triggered
-                    self.arm = None
-                    return False
-            # triggered, not settled yet (an ambiguous commit waiting for its reply)
-            try:
-                return await asyncio.wait_for(arm.done, COMMIT_REPLY_TIMEOUT + 1)
-            except TimeoutError:
-                return False
+    def inject(self, kind: str, report: Callable[[bool], None], **kw: Any) -> None:
+        """Arm the fault ``kind`` (``conn_reset``, ``ambiguous_commit``, ``stall`` with
+        ``seconds``, ``whole``, ``close_after``) and return at once; ``report(happened)`` is
+        called once, from the proxy's thread: True once it happened, False when its trigger
+        did not come within ARM_TIMEOUT (or a partition is on)."""
 
-        res: bool = self._call(go(), ARM_TIMEOUT + COMMIT_REPLY_TIMEOUT + 5)
-        return res
+        with self.lock:
+            self.unsettled += 1
+
+        def settled(happened: bool) -> None:
+            with self.lock:
+                self.unsettled -= 1
+            report(happened)
+
+        def go() -> None:
+            arm = _Arm(kind, settled, **kw)
+            if self.partitioned:
+                arm.settle(False)
+                return
+            self.arms.append(arm)
+
+            def expire() -> None:
+                if arm in self.arms:
+                    self.arms.remove(arm)
+                    arm.settle(False)
+
+            self.loop.call_later(ARM_TIMEOUT, expire)
+
+        self.loop.call_soon_threadsafe(go)
+
+    def _wait(self, kind: str, **kw: Any) -> bool:
+        done: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        self.inject(kind, done.set_result, **kw)
+        return done.result(ARM_TIMEOUT + COMMIT_REPLY_TIMEOUT + 5)
 
     def conn_reset(self) -> bool:
         """Reset the connection of the next statement sent, just after forwarding it."""
-        return self._armed("conn_reset")
+        return self._wait("conn_reset")
 
     def ambiguous_commit(self) -> bool:
         """Let the next COMMIT reach the server, drop its reply, reset: True once the server
         said COMMIT (a transaction that rolled back instead does not count)."""
-        return self._armed("ambiguous_commit")
+        return self._wait("ambiguous_commit")
 
     def stall(self, seconds: float, *, whole: bool, close_after: bool) -> bool:
         """Freeze the next statement's connection (``whole``: every connection) for
         ``seconds`` once it is forwarded, then resume it or (``close_after``) reset it.
         Returns once the stall started."""
-        return self._armed("stall", seconds=seconds, whole=whole, close_after=close_after)
+        return self._wait("stall", seconds=seconds, whole=whole, close_after=close_after)
 
     def partition(self, seconds: float) -> None:
         """Reset every connection and refuse new ones for ``seconds`` (returns at once)."""
@@ -161,10 +185,6 @@ class Proxy:
             self.loop.call_later(seconds, heal)
 
         self.loop.call_soon_threadsafe(go)
-
-    def busy(self) -> bool:
-        """A fault of this proxy is armed or a partition is on."""
-        return self.arm is not None or self.partitioned or not self._flowing()
 
     def close(self) -> None:
         async def stop() -> None:
@@ -339,38 +359,33 @@ class Proxy:
         elif kind == b"S" and c.parsed_commit:
             c.parsed_commit = False
             commit = True
-        arm = self.arm
-        if arm is None or c.dead:
+        if c.dead or c.dropping is not None:
             return None
         statement = kind in (b"Q", b"E")
-        if arm.kind == "ambiguous_commit" and commit:
-            self.arm = None
-            # from now on the server's bytes are dropped (replies to messages before the
-            # COMMIT too, in a pipeline: the client learns nothing more)
-            self._cut_after_commit(c, arm)
-            return lambda: None
-        if arm.kind == "conn_reset" and statement:
-            self.arm = None
-            return lambda: self._reset_soon(c, arm)
-        if arm.kind == "stall" and statement:
-            self.arm = None
-            return lambda: self._stall(c, arm)
+        for arm in self.arms:
+            if arm.kind == "ambiguous_commit" and commit:
+                self.arms.remove(arm)
+                # from now on the server's bytes are dropped (replies to messages before the
+                # COMMIT too, in a pipeline: the client learns nothing more)
+                self._cut_after_commit(c, arm)
+                return lambda: None
+            if arm.kind == "conn_reset" and statement:
+                self.arms.remove(arm)
+                return lambda: self._reset_soon(c, arm)
+            if arm.kind == "stall" and statement:
+                self.arms.remove(arm)
+                return lambda: self._stall(c, arm)
         return None
 
     def _reset_soon(self, c: _Conn, arm: _Arm) -> None:
         self.loop.call_later(self.rng.uniform(0, 0.02), self._kill, c)
-        if not arm.done.done():
-            arm.done.set_result(True)
+        arm.settle(True)
 
     def _cut_after_commit(self, c: _Conn, arm: _Arm) -> None:
         fut: asyncio.Future[bool] = self.loop.create_future()
         c.dropping = fut
 
-        def settled(f: asyncio.Future[bool]) -> None:
-            if not arm.done.done():
-                arm.done.set_result(f.result())
-
-        fut.add_done_callback(settled)
+        fut.add_done_callback(lambda f: arm.settle(f.result()))
         self.loop.call_later(COMMIT_REPLY_TIMEOUT, self._kill, c)
 
     def _stall(self, c: _Conn, arm: _Arm) -> None:
@@ -386,5 +401,4 @@ class Proxy:
             gate.set()
 
         self.loop.call_later(arm.seconds, release)
-        if not arm.done.done():
-            arm.done.set_result(True)
+        arm.settle(True)

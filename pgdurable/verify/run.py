@@ -46,6 +46,7 @@ from pgdurable.harness import HttpRecorder, Serve, ServeError, dsn_with
 
 from .checker import SentSignal, Stats, Violation, check
 from .network import NET_KINDS, NetFaults
+from .proxy import ARM_TIMEOUT, COMMIT_REPLY_TIMEOUT
 from .workload import KIND_WEIGHTS, LABEL_PREFIX, setup_database, templates
 
 try:  # finds serve's worker processes; in the 'test' extra, not a runtime dependency
@@ -129,6 +130,7 @@ class Run:
         self.kinds = kinds
         self.serves: list[Serve] = []
         self.net: NetFaults | None = None
+        self.net_results: list[tuple[str, bool]] = []  # (kind, happened) of network faults
         self.n_faults = faults
         self.duration = duration
         self.rng = random.Random(seed)
@@ -303,12 +305,19 @@ class Run:
             self.start_instance()
 
     # faults ----------------------------------------------------------------------------
-    def fault(self, kind: str) -> bool:
+    def fault(self, kind: str) -> bool | None:
+        """Inject one fault: whether it happened; None for a network fault, whose outcome
+        comes later (:attr:`net_results`)."""
         i = self.rng.randrange(len(self.serves))
         serve = self.serves[i]
         if kind in NET_KINDS:
             assert self.net is not None
-            return self.net.fault(kind, i)
+
+            def report(happened: bool) -> None:
+                self.net_results.append((kind, happened))  # from a proxy's thread
+
+            self.net.fault(kind, i, report)
+            return None
         if kind == "kill_worker":
             pids = [p for p in self.live_workers(serve, 10) if p not in self.stopped]
             if not pids:
@@ -372,15 +381,23 @@ class Run:
         last_report = t0
         first_round = self.rng.sample(kinds, len(kinds))  # one of each kind first
         retries: Counter[str] = Counter()
+        missed: Counter[str] = Counter()  # drawn but not injected (no trigger, no worker)
         while sum(self.stats.faults.values()) < self.n_faults and time.monotonic() < deadline:
             self.pump(10)
             time.sleep(self.rng.uniform(0.2, 1.0))
             kind = first_round.pop(0) if first_round else self.rng.choices(kinds, weights)[0]
-            if self.fault(kind):
-                self.stats.faults[kind] += 1
-            elif kind not in self.stats.faults and retries[kind] < 3:
-                retries[kind] += 1  # not injected (no trigger came in time): again later
-                first_round.append(kind)
+            happened = self.fault(kind)
+            outcomes = [(kind, happened)] if happened is not None else []
+            while self.net_results:
+                outcomes.append(self.net_results.pop(0))
+            for k, ok in outcomes:
+                if ok:
+                    self.stats.faults[k] += 1
+                    continue
+                missed[k] += 1
+                if k not in self.stats.faults and retries[k] < 3:
+                    retries[k] += 1  # not injected (no trigger came in time): again later
+                    first_round.append(k)
             for n, serve in enumerate(self.serves, 1):
                 if serve.proc is not None and serve.proc.poll() is not None:
                     self.stats.notes.append(
@@ -406,6 +423,21 @@ class Run:
             f"fault phase {time.monotonic() - t0:.0f}s, {self.started} instances started, "
             f"{self.n_serves} serve(s)"
         )
+        # network faults still armed: their outcome within the arm's timeout
+        wait_until = time.monotonic() + ARM_TIMEOUT + COMMIT_REPLY_TIMEOUT + 1
+        while time.monotonic() < wait_until and self.net is not None and self.net.pending():
+            time.sleep(0.2)
+        for k, ok in self.net_results:
+            if ok:
+                self.stats.faults[k] += 1
+            else:
+                missed[k] += 1
+        self.net_results.clear()
+        if missed:
+            self.stats.notes.append(
+                "faults drawn but not injected (no worker to hit, no statement or COMMIT "
+                "within 5 s, a partition on): " + ", ".join(f"{k} {v}" for k, v in missed.items())
+            )
         if self.net is not None:
             seen = self.net.counts()
             self.stats.notes.append(
