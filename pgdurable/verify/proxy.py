@@ -93,8 +93,11 @@ def _is_commit(text: bytes) -> bool:
 class Proxy:
     """A controllable TCP proxy to ``host:port`` (see the module docstring); :meth:`close`."""
 
-    def __init__(self, host: str, port: int, seed: int = 0) -> None:
+    def __init__(
+        self, host: str, port: int, seed: int = 0, arm_timeout: float = ARM_TIMEOUT
+    ) -> None:
         self.host, self.port = host, port
+        self.arm_timeout = arm_timeout
         self.rng = random.Random(seed)
         self.conns: set[_Conn] = set()
         self.arms: list[_Arm] = []  # armed faults, oldest first
@@ -125,7 +128,7 @@ class Proxy:
         """Arm the fault ``kind`` (``conn_reset``, ``ambiguous_commit``, ``stall`` with
         ``seconds``, ``whole``, ``close_after``) and return at once; ``report(happened)`` is
         called once, from the proxy's thread: True once it happened, False when its trigger
-        did not come within ARM_TIMEOUT (or a partition is on)."""
+        did not come within ``arm_timeout`` (or a partition is on)."""
 
         with self.lock:
             self.unsettled += 1
@@ -147,14 +150,14 @@ class Proxy:
                     self.arms.remove(arm)
                     arm.settle(False)
 
-            self.loop.call_later(ARM_TIMEOUT, expire)
+            self.loop.call_later(self.arm_timeout, expire)
 
         self.loop.call_soon_threadsafe(go)
 
     def _wait(self, kind: str, **kw: Any) -> bool:
         done: concurrent.futures.Future[bool] = concurrent.futures.Future()
         self.inject(kind, done.set_result, **kw)
-        return done.result(ARM_TIMEOUT + COMMIT_REPLY_TIMEOUT + 5)
+        return done.result(self.arm_timeout + COMMIT_REPLY_TIMEOUT + 5)
 
     def conn_reset(self) -> bool:
         """Reset the connection of the next statement sent, just after forwarding it."""
@@ -196,6 +199,8 @@ class Proxy:
             self._call(stop(), 10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
     # -- the loop's side --------------------------------------------------------------------
     async def _listen(self) -> asyncio.Server:
