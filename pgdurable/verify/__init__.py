@@ -12,6 +12,7 @@ The package, one piece per module:
     run       the fault run (serve, the HTTP endpoint, faults, the soak watch, settling)
     network   the network faults between serve and PostgreSQL (one proxy per serve)
     proxy     the PostgreSQL wire-protocol TCP proxy those faults go through
+    watch     who holds the connections (the soak watch), takeovers in serve's logs
     checker   the violations the database and the run's records show
     report    the printed table
 
@@ -32,7 +33,8 @@ from .checker import KINDS, TERMINAL, SentSignal, Stats, Violation, check
 from .network import NET_KINDS
 from .proxy import Proxy
 from .report import render
-from .run import FAULT_KINDS, HOLDERS, LEASE_SECONDS, Run, holder_of
+from .run import FAULT_KINDS, LEASE_SECONDS, Run
+from .watch import HOLDERS, holder_of
 from .workload import (
     KIND_WEIGHTS,
     LABEL_PREFIX,

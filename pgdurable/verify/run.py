@@ -47,12 +47,8 @@ from pgdurable.harness import HttpRecorder, Serve, ServeError, dsn_with
 from .checker import SentSignal, Stats, Violation, check
 from .network import NET_KINDS, NetFaults
 from .proxy import ARM_TIMEOUT, COMMIT_REPLY_TIMEOUT
+from .watch import holder_of, log_evidence
 from .workload import KIND_WEIGHTS, LABEL_PREFIX, setup_database, templates
-
-try:  # finds serve's worker processes; in the 'test' extra, not a runtime dependency
-    import psutil  # type: ignore[import-untyped]
-except ImportError:  # pragma: no cover
-    psutil = None
 
 LEASE_SECONDS = 3
 FAULT_KINDS = (
@@ -65,43 +61,6 @@ FAULT_KINDS = (
     *NET_KINDS,
 )
 FAULT_WEIGHTS = (3.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.5, 1.5, 1.0, 0.7)
-
-
-HOLDERS = (
-    "running serve",
-    "orphaned workers",
-    "client gone",
-    "supervisor heartbeat",
-    "verify itself",
-    "other",
-)
-"""Who holds a connection, from its application_name ("pgdurable worker/step <pid>", "pgdurable
-listener <pid>", …): a worker of the serve now running, a worker still alive whose supervisor
-was killed, a worker pid that no longer exists (the server has not noticed), the rest."""
-
-
-def holder_of(app: str, current: set[int]) -> tuple[str, int | None]:
-    """(holder, worker pid) of one connection; ``current``: the running serve's workers."""
-    parts = app.split()
-    if (
-        len(parts) == 3
-        and parts[0] == "pgdurable"
-        and parts[1] in ("worker", "listener", "step")
-        and parts[2].isdigit()
-    ):
-        pid = int(parts[2])
-        if pid in current:
-            return "running serve", pid
-        alive = psutil is not None and psutil.pid_exists(pid)
-        if alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        return ("orphaned workers" if alive else "client gone"), pid
-    if app == "pgdurable supervisor":
-        return "supervisor heartbeat", None
-    if app == "pgdurable verify":
-        return "verify itself", None
-    return "other", None
 
 
 class Run:
@@ -517,10 +476,15 @@ class Run:
             time.sleep(1)
         self.stats.notes.append(f"settled at t={time.monotonic() - t0:.0f}s")
         self.sample(time.monotonic() - t0)  # the watch's last sample: after the settle phase
+        self.log_evidence()
         with self.connect() as conn:
             return check(
                 conn, self.sent, self.http_requests(), http_cut=self.http_cut, stats=self.stats
             )
+
+    def log_evidence(self) -> None:
+        """Takeovers and fenced checkpoints, from serve's logs (:func:`log_evidence`)."""
+        self.stats.steps.update(log_evidence([serve.log_path for serve in self.serves]))
 
     def http_requests(self) -> list[tuple[str, str | None]]:
         """(path, Idempotency-Key) of every request the endpoint received."""
