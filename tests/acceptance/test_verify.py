@@ -387,7 +387,7 @@ def test_a_blind_rerun_after_an_ambiguous_commit_is_caught() -> None:
             "--faults",
             "1000",
             "--duration",
-            "20",
+            "12",
             "--seed",
             "20",
             "--kinds",
@@ -459,18 +459,18 @@ def _commit(conn, x: int, pipeline: bool) -> None:
 def test_proxy_reset_stall_and_partition(db) -> None:
     """A reset cuts the statement's connection; a stall holds its reply that long; a partition
     refuses new connections until it heals."""
-    proxy = verify.Proxy(*_host_port(db.dsn), arm_timeout=2)
+    proxy = verify.Proxy(*_host_port(db.dsn), arm_timeout=0.5)
     try:
         dsn = proxy.dsn(db.dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             fault = _in_thread(proxy.conn_reset)
-            time.sleep(0.2)
+            time.sleep(0.1)
             with pytest.raises(psycopg.OperationalError):
                 conn.execute("select pg_sleep(1)")
             assert fault() is True
         with psycopg.connect(dsn, autocommit=True) as conn:
             fault = _in_thread(lambda: proxy.stall(1.0, whole=False, close_after=False))
-            time.sleep(0.2)
+            time.sleep(0.1)
             t0 = time.monotonic()
             assert conn.execute("select 7").fetchone() == (7,)
             assert time.monotonic() - t0 >= 0.9
