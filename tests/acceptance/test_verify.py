@@ -491,3 +491,22 @@ def test_proxy_reset_stall_and_partition(db) -> None:
 def _host_port(dsn: str) -> tuple[str, int]:
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     return str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)
+
+
+def test_verify_refuses_unknown_fault_kinds_and_serve_counts() -> None:
+    """A bad --kinds or --serves is refused before anything starts, naming what is wrong."""
+    for args, words in (
+        (["--kinds", "conn_reset,meteor"], ["--kinds", "meteor", "ambiguous_commit"]),
+        (["--kinds", ","], ["--kinds", "(none given)"]),
+        (["--serves", "3"], ["--serves", "3"]),
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "pgdurable", "verify", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 2, res.stderr
+        for w in words:
+            assert w in res.stderr, res.stderr
