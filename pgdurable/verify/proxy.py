@@ -7,7 +7,9 @@ asyncio loop in a thread of its own and reads the PostgreSQL wire protocol in bo
 life. The faults (blocking calls from the verifier's thread; True when the fault happened):
 
     conn_reset        the next statement sent (a simple ``Query`` or an extended ``Execute``)
-                      is forwarded, then both sides are reset (RST: SO_LINGER 0) 0-20 ms later
+                      is forwarded, the server's bytes are dropped from then on, and both
+                      sides are reset (RST: SO_LINGER 0) 0-20 ms later: the client is waiting
+                      for the statement's reply, the server may be running it
     ambiguous_commit  the next COMMIT sent (a simple ``Query`` whose text starts with COMMIT,
                       or ``Parse`` of COMMIT then ``Sync``, as psycopg's pipeline mode sends
                       it) is forwarded; every server byte after it is dropped until the
@@ -74,6 +76,7 @@ class _Conn:
     opaque: bool = False  # TLS/GSS accepted: not parsed any more
     parsed_commit: bool = False  # a Parse of COMMIT was sent: the next Sync commits
     dropping: asyncio.Future[bool] | None = None  # ambiguous commit: server bytes dropped
+    mute: bool = False  # a reset on its way: the server's bytes are dropped
     dead: bool = False
 
 
@@ -346,7 +349,7 @@ class Proxy:
                     self._kill(c)
                     off = n
                     break
-            else:
+            elif not c.mute:
                 out += msg
         del buf[:off]
         return bytes(out), after
@@ -383,6 +386,7 @@ class Proxy:
         return None
 
     def _reset_soon(self, c: _Conn, arm: _Arm) -> None:
+        c.mute = True  # the client waits for the statement's reply, which never comes
         self.loop.call_later(self.rng.uniform(0, 0.02), self._kill, c)
         arm.settle(True)
 
