@@ -653,13 +653,44 @@ def bench(args: tuple[str, ...]) -> None:
 @click.option(
     "--keep", is_flag=True, help="keep the work dir and database (kept anyway on violations)"
 )
-def verify(dsn: str | None, faults: int, duration: float, seed: int | None, keep: bool) -> None:
+@click.option(
+    "--serves",
+    type=click.IntRange(1, 2),
+    default=1,
+    show_default=True,
+    help="serve processes on the same database, each through its own proxy",
+)
+@click.option(
+    "--kinds",
+    default=None,
+    metavar="KIND,...",
+    help="only these fault kinds (comma-separated; default: all)",
+)
+def verify(
+    dsn: str | None,
+    faults: int,
+    duration: float,
+    seed: int | None,
+    keep: bool,
+    serves: int,
+    kinds: str | None,
+) -> None:
     """Crash verifier: a mixed workload under random faults, then check the guarantees
     docs/reliability.md lists. Without --dsn: an embedded PostgreSQL 18 of its own
     (restarted as a fault). Last line: `violations: N`; exit code 1 when N > 0."""
     from . import verify as verify_mod
 
-    n = verify_mod.main(faults, duration, seed, dsn, keep, click.echo)
+    chosen: tuple[str, ...] = verify_mod.FAULT_KINDS
+    if kinds is not None:
+        chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
+        bad = [k for k in chosen if k not in verify_mod.FAULT_KINDS]
+        if bad or not chosen:
+            raise click.BadParameter(
+                f"unknown fault kind(s) {', '.join(bad) or '(none given)'}; the kinds are "
+                + ", ".join(verify_mod.FAULT_KINDS),
+                param_hint="--kinds",
+            )
+    n = verify_mod.main(faults, duration, seed, dsn, keep, click.echo, serves=serves, kinds=chosen)
     sys.exit(1 if n else 0)
 
 

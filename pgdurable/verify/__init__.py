@@ -10,6 +10,9 @@ The package, one piece per module:
 
     workload  the workflow kinds and the scratch database's ledger table
     run       the fault run (serve, the HTTP endpoint, faults, the soak watch, settling)
+    network   the network faults between serve and PostgreSQL (one proxy per serve)
+    proxy     the PostgreSQL wire-protocol TCP proxy those faults go through
+    watch     who holds the connections (the soak watch), takeovers in serve's logs
     checker   the violations the database and the run's records show
     report    the printed table
 
@@ -27,8 +30,11 @@ from typing import Any
 from pgdurable import harness
 
 from .checker import KINDS, TERMINAL, SentSignal, Stats, Violation, check
+from .network import NET_KINDS
+from .proxy import Proxy
 from .report import render
-from .run import FAULT_KINDS, HOLDERS, LEASE_SECONDS, Run, holder_of
+from .run import FAULT_KINDS, LEASE_SECONDS, Run
+from .watch import HOLDERS, holder_of
 from .workload import (
     KIND_WEIGHTS,
     LABEL_PREFIX,
@@ -49,7 +55,9 @@ __all__ = [
     "LEDGER",
     "LEDGER_RE",
     "LOOP_TOTALS",
+    "NET_KINDS",
     "TERMINAL",
+    "Proxy",
     "Run",
     "SentSignal",
     "Stats",
@@ -64,17 +72,26 @@ __all__ = [
 
 
 def main(
-    faults: int, duration: float, seed: int | None, dsn: str | None, keep: bool, echo: Any
+    faults: int,
+    duration: float,
+    seed: int | None,
+    dsn: str | None,
+    keep: bool,
+    echo: Any,
+    *,
+    serves: int = 1,
+    kinds: tuple[str, ...] = FAULT_KINDS,
 ) -> int:
-    """Run the verifier; print the table; return the number of violations."""
+    """Run the verifier; print the table; return the number of violations. ``serves``: how
+    many serves share the database (1 or 2); ``kinds``: the fault kinds injected."""
     if not harness.have_psutil():
         raise RuntimeError("pgdurable verify needs psutil (pip install 'pgdurable[test]')")
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
     workdir = Path(tempfile.mkdtemp(prefix="pgdurable-verify-"))
-    run = Run(faults, duration, seed, dsn, workdir, echo)
+    run = Run(faults, duration, seed, dsn, workdir, echo, serves=serves, kinds=kinds)
     echo(
         f"pgdurable verify: seed {seed}, up to {faults} faults in {duration:.0f}s, "
-        f"work dir {workdir}",
+        f"{serves} serve(s), work dir {workdir}",
         err=True,
     )
     violations: list[Violation] = []

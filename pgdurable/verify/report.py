@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from .checker import KINDS, Stats, Violation
-from .run import FAULT_KINDS, HOLDERS
+from .run import FAULT_KINDS
+from .watch import HOLDERS
 
 
 def render(stats: Stats, violations: list[Violation], seed: int) -> str:

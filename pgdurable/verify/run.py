@@ -12,8 +12,14 @@ wait, one never waited for) and injects faults (:data:`FAULT_KINDS`):
     pg_restart_immediate  pg_ctl stop -m immediate (crash, WAL recovery), start
     sigstop_worker        SIGSTOP a worker past its lease (lease 3 s), SIGCONT 5 s later
     http_cut              the HTTP endpoint answers 503 or stops listening for 1-4 s
+    conn_reset, ambiguous_commit, stall, partition
+                          network faults between a serve and PostgreSQL, through the proxy
+                          each serve reaches the database by (:mod:`.network`)
 
-then settles (every instance terminal) and hands the database to the checker. Every 15 s a soak
+With ``serves=2`` two serves run on the same database, each through its own proxy, and every
+process or network fault hits one of them at random. The first faults of a run are one of each
+kind (in random order), so even a short run has every kind; then kinds are drawn by weight.
+It then settles (every instance terminal) and hands the database to the checker. Every 15 s a soak
 watch samples the workers' memory, the connections to the database (by holder:
 :func:`holder_of`) and table bloat.
 """
@@ -39,12 +45,10 @@ from pgdurable.embedded import EmbeddedPostgres
 from pgdurable.harness import HttpRecorder, Serve, ServeError, dsn_with
 
 from .checker import SentSignal, Stats, Violation, check
+from .network import NET_KINDS, NetFaults
+from .proxy import ARM_TIMEOUT, COMMIT_REPLY_TIMEOUT
+from .watch import holder_of, log_evidence
 from .workload import KIND_WEIGHTS, LABEL_PREFIX, setup_database, templates
-
-try:  # finds serve's worker processes; in the 'test' extra, not a runtime dependency
-    import psutil  # type: ignore[import-untyped]
-except ImportError:  # pragma: no cover
-    psutil = None
 
 LEASE_SECONDS = 3
 FAULT_KINDS = (
@@ -54,53 +58,38 @@ FAULT_KINDS = (
     "pg_restart_immediate",
     "sigstop_worker",
     "http_cut",
+    *NET_KINDS,
 )
-FAULT_WEIGHTS = (3.0, 1.0, 1.0, 1.0, 1.5, 1.0)
-
-
-HOLDERS = (
-    "running serve",
-    "orphaned workers",
-    "client gone",
-    "supervisor heartbeat",
-    "verify itself",
-    "other",
-)
-"""Who holds a connection, from its application_name ("pgdurable worker/step <pid>", "pgdurable
-listener <pid>", …): a worker of the serve now running, a worker still alive whose supervisor
-was killed, a worker pid that no longer exists (the server has not noticed), the rest."""
-
-
-def holder_of(app: str, current: set[int]) -> tuple[str, int | None]:
-    """(holder, worker pid) of one connection; ``current``: the running serve's workers."""
-    parts = app.split()
-    if (
-        len(parts) == 3
-        and parts[0] == "pgdurable"
-        and parts[1] in ("worker", "listener", "step")
-        and parts[2].isdigit()
-    ):
-        pid = int(parts[2])
-        if pid in current:
-            return "running serve", pid
-        alive = psutil is not None and psutil.pid_exists(pid)
-        if alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        return ("orphaned workers" if alive else "client gone"), pid
-    if app == "pgdurable supervisor":
-        return "supervisor heartbeat", None
-    if app == "pgdurable verify":
-        return "verify itself", None
-    return "other", None
+FAULT_WEIGHTS = (3.0, 1.0, 1.0, 1.0, 1.5, 1.0, 1.5, 1.5, 1.0, 0.7)
 
 
 class Run:
     """One verifier run: its scratch database, serve, HTTP endpoint, workload and faults."""
 
     def __init__(
-        self, faults: int, duration: float, seed: int, dsn: str | None, workdir: Path, echo: Any
+        self,
+        faults: int,
+        duration: float,
+        seed: int,
+        dsn: str | None,
+        workdir: Path,
+        echo: Any,
+        *,
+        serves: int = 1,
+        kinds: tuple[str, ...] = FAULT_KINDS,
     ) -> None:
+        unknown = [k for k in kinds if k not in FAULT_KINDS]
+        if unknown or not kinds:
+            raise ValueError(
+                f"unknown fault kind(s) {unknown}; the kinds are {', '.join(FAULT_KINDS)}"
+            )
+        if serves not in (1, 2):
+            raise ValueError(f"serves must be 1 or 2, not {serves}")
+        self.n_serves = serves
+        self.kinds = kinds
+        self.serves: list[Serve] = []
+        self.net: NetFaults | None = None
+        self.net_results: list[tuple[str, bool]] = []  # (kind, happened) of network faults
         self.n_faults = faults
         self.duration = duration
         self.rng = random.Random(seed)
@@ -147,14 +136,24 @@ class Run:
         setup_database(db_dsn, self.tenant)
         self.http = HttpRecorder()
         self.exprs = templates(self.http.url)
-        self.serve = Serve(db_dsn, self.workdir / "serve.log", lease_seconds=LEASE_SECONDS)
-        self.serve.start()
-        self.serve.wait_workers(1, timeout=60)
+        self.net = NetFaults(self.server_dsn, self.n_serves, self.rng, LEASE_SECONDS)
+        for i in range(self.n_serves):
+            log = self.workdir / ("serve.log" if i == 0 else f"serve{i + 1}.log")
+            serve = Serve(self.net.dsn(i, db_dsn), log, lease_seconds=LEASE_SECONDS)
+            self.serves.append(serve)
+            serve.start()
+        for serve in self.serves:
+            serve.wait_workers(1, timeout=60)
 
-    def live_workers(self, timeout: float) -> list[int]:
-        """serve's workers once it has one (none if it has none within ``timeout``)."""
+    @property
+    def serve(self) -> Serve:
+        """The first serve (the only one unless ``serves=2``)."""
+        return self.serves[0]
+
+    def live_workers(self, serve: Serve, timeout: float) -> list[int]:
+        """A serve's workers once it has one (none if it has none within ``timeout``)."""
         try:
-            return self.serve.wait_workers(1, timeout=timeout)
+            return serve.wait_workers(1, timeout=timeout)
         except ServeError:
             return []
 
@@ -162,23 +161,27 @@ class Run:
         for pid in list(self.stopped):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        with contextlib.suppress(Exception):
-            running = set(self.serve.workers())
-            if self.serve.proc is not None:
-                running.add(self.serve.proc.pid)
-            stray = [p.pid for p in self.serve.leftovers() if p.pid not in running]
-            if stray:
-                self.stats.notes.append(
-                    f"{len(stray)} orphaned worker(s) of killed "
-                    f"supervisors still running at teardown (killed): "
-                    f"{stray[:10]}"
-                )
-        with contextlib.suppress(Exception):
-            self.serve.stop(30, strict=False)
-        with contextlib.suppress(Exception):
-            self.serve.kill_leftovers()
+        for serve in self.serves:
+            with contextlib.suppress(Exception):
+                running = set(serve.workers())
+                if serve.proc is not None:
+                    running.add(serve.proc.pid)
+                stray = [p.pid for p in serve.leftovers() if p.pid not in running]
+                if stray:
+                    self.stats.notes.append(
+                        f"{len(stray)} orphaned worker(s) of killed "
+                        f"supervisors still running at teardown (killed): "
+                        f"{stray[:10]}"
+                    )
+            with contextlib.suppress(Exception):
+                serve.stop(30, strict=False)
+            with contextlib.suppress(Exception):
+                serve.kill_leftovers()
         with contextlib.suppress(Exception):
             self.http.close()
+        if self.net is not None:
+            with contextlib.suppress(Exception):
+                self.net.close()
         if keep:
             if self.emb is not None:
                 self.emb.stop("fast")
@@ -261,18 +264,30 @@ class Run:
             self.start_instance()
 
     # faults ----------------------------------------------------------------------------
-    def fault(self, kind: str) -> bool:
+    def fault(self, kind: str) -> bool | None:
+        """Inject one fault: whether it happened; None for a network fault, whose outcome
+        comes later (:attr:`net_results`)."""
+        i = self.rng.randrange(len(self.serves))
+        serve = self.serves[i]
+        if kind in NET_KINDS:
+            assert self.net is not None
+
+            def report(happened: bool) -> None:
+                self.net_results.append((kind, happened))  # from a proxy's thread
+
+            self.net.fault(kind, i, report)
+            return None
         if kind == "kill_worker":
-            pids = [p for p in self.live_workers(10) if p not in self.stopped]
+            pids = [p for p in self.live_workers(serve, 10) if p not in self.stopped]
             if not pids:
                 return False
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.rng.choice(pids), signal.SIGKILL)
         elif kind == "kill_supervisor":
-            self.serve.kill_supervisor()
+            serve.kill_supervisor()
             time.sleep(self.rng.uniform(0, 1.5))
-            self.serve.start()
-            self.live_workers(30)
+            serve.start()
+            self.live_workers(serve, 30)
         elif kind.startswith("pg_restart"):
             if self.emb is None:
                 self.stats.skipped[kind] += 1
@@ -281,7 +296,7 @@ class Run:
             time.sleep(self.rng.uniform(0, 2))
             self.emb.start()
         elif kind == "sigstop_worker":
-            pids = [p for p in self.live_workers(10) if p not in self.stopped]
+            pids = [p for p in self.live_workers(serve, 10) if p not in self.stopped]
             if not pids:
                 return False
             pid = self.rng.choice(pids)
@@ -314,27 +329,41 @@ class Run:
     def run(self) -> list[Violation]:
         t0 = time.monotonic()
         deadline = t0 + self.duration
-        kinds = [k for k in FAULT_KINDS if not (self.emb is None and k.startswith("pg_"))]
+        kinds = [k for k in self.kinds if not (self.emb is None and k.startswith("pg_"))]
         weights = [w for k, w in zip(FAULT_KINDS, FAULT_WEIGHTS, strict=True) if k in kinds]
         if self.emb is None:
-            self.stats.skipped.update(k for k in FAULT_KINDS if k.startswith("pg_"))
+            self.stats.skipped.update(k for k in self.kinds if k.startswith("pg_"))
             self.stats.notes.append(
                 "--dsn: PostgreSQL restarts skipped (the tool cannot restart an external server)"
             )
         self.pump(10)
         last_report = t0
+        first_round = self.rng.sample(kinds, len(kinds))  # one of each kind first
+        retries: Counter[str] = Counter()
+        missed: Counter[str] = Counter()  # drawn but not injected (no trigger, no worker)
         while sum(self.stats.faults.values()) < self.n_faults and time.monotonic() < deadline:
             self.pump(10)
             time.sleep(self.rng.uniform(0.2, 1.0))
-            kind = self.rng.choices(kinds, weights)[0]
-            if self.fault(kind):
-                self.stats.faults[kind] += 1
-            if self.serve.proc is not None and self.serve.proc.poll() is not None:
-                self.stats.notes.append(
-                    f"serve exited on its own (rc {self.serve.proc.returncode}"
-                    f") at t={time.monotonic() - t0:.0f}s; started again"
-                )
-                self.serve.start()
+            kind = first_round.pop(0) if first_round else self.rng.choices(kinds, weights)[0]
+            happened = self.fault(kind)
+            outcomes = [(kind, happened)] if happened is not None else []
+            while self.net_results:
+                outcomes.append(self.net_results.pop(0))
+            for k, ok in outcomes:
+                if ok:
+                    self.stats.faults[k] += 1
+                    continue
+                missed[k] += 1
+                if k not in self.stats.faults and retries[k] < 3:
+                    retries[k] += 1  # not injected (no trigger came in time): again later
+                    first_round.append(k)
+            for n, serve in enumerate(self.serves, 1):
+                if serve.proc is not None and serve.proc.poll() is not None:
+                    self.stats.notes.append(
+                        f"serve {n} exited on its own (rc {serve.proc.returncode}"
+                        f") at t={time.monotonic() - t0:.0f}s; started again"
+                    )
+                    serve.start()
             if time.monotonic() - last_report > 15:
                 last_report = time.monotonic()
                 self.sample(last_report - t0)
@@ -350,14 +379,37 @@ class Run:
                     err=True,
                 )
         self.stats.notes.append(
-            f"fault phase {time.monotonic() - t0:.0f}s, {self.started} instances started"
+            f"fault phase {time.monotonic() - t0:.0f}s, {self.started} instances started, "
+            f"{self.n_serves} serve(s)"
         )
+        # network faults still armed: their outcome within the arm's timeout
+        wait_until = time.monotonic() + ARM_TIMEOUT + COMMIT_REPLY_TIMEOUT + 1
+        while time.monotonic() < wait_until and self.net is not None and self.net.pending():
+            time.sleep(0.2)
+        for k, ok in self.net_results:
+            if ok:
+                self.stats.faults[k] += 1
+            else:
+                missed[k] += 1
+        self.net_results.clear()
+        if missed:
+            self.stats.notes.append(
+                "faults drawn but not injected (no worker to hit, no statement or COMMIT "
+                "within 5 s, a partition on): " + ", ".join(f"{k} {v}" for k, v in missed.items())
+            )
+        if self.net is not None:
+            seen = self.net.counts()
+            self.stats.notes.append(
+                "proxies: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(seen.items()))
+                + " (connections made, refused while partitioned, dropped commit replies)"
+            )
         return self.settle(t0)
 
     def sample(self, t: float) -> None:
         """Soak watch: workers' memory, connections (and who holds them), table bloat."""
         rss = 0.0
-        kids = self.serve.children()
+        kids = [k for serve in self.serves for k in serve.children()]
         current = {k.pid for k in kids}
         for k in kids:
             with contextlib.suppress(Exception):
@@ -424,10 +476,15 @@ class Run:
             time.sleep(1)
         self.stats.notes.append(f"settled at t={time.monotonic() - t0:.0f}s")
         self.sample(time.monotonic() - t0)  # the watch's last sample: after the settle phase
+        self.log_evidence()
         with self.connect() as conn:
             return check(
                 conn, self.sent, self.http_requests(), http_cut=self.http_cut, stats=self.stats
             )
+
+    def log_evidence(self) -> None:
+        """Takeovers and fenced checkpoints, from serve's logs (:func:`log_evidence`)."""
+        self.stats.steps.update(log_evidence([serve.log_path for serve in self.serves]))
 
     def http_requests(self) -> list[tuple[str, str | None]]:
         """(path, Idempotency-Key) of every request the endpoint received."""

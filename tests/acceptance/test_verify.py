@@ -1,6 +1,8 @@
-"""`pgdurable verify` (issue 8): a CI-sized crash run reports `violations: 0`, and the checker
-can fail — fed database states written by hand (a duplicated ledger row, a stuck node, a lost
-signal, a changed Idempotency-Key, ...) it reports each violation."""
+"""`pgdurable verify` (issues 8 and 17): a CI-sized crash run (two serves, process and network
+faults) reports `violations: 0`, and the checker can fail — fed database states written by
+hand (a duplicated ledger row, a stuck node, a lost signal, a changed Idempotency-Key, ...) it
+reports each violation, and planted bugs (a split checkpoint, a blind re-run after an
+ambiguous commit) make a real run fail. The proxy's faults are shown on a real server."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -25,9 +28,10 @@ URL = "http://127.0.0.1:9"
 
 @pytest.mark.timeout(330)
 def test_ci_sized_run_reports_no_violation() -> None:
-    """The soak's CI version: 60 s of load with faults of every kind (one every 0.2-1 s) on
-    the tool's own embedded PostgreSQL 18, then the checks; the report's soak watch shows
-    workers' memory, connections and bloat."""
+    """The soak's CI version: 60 s of load on two serves sharing the tool's own embedded
+    PostgreSQL 18, each through its own proxy, with faults of every kind (one every 0.2-1 s;
+    the first ones one of each kind, network faults between serve and PostgreSQL included),
+    then the checks; the report's soak watch shows workers' memory, connections and bloat."""
     res = subprocess.run(
         [
             sys.executable,
@@ -40,6 +44,8 @@ def test_ci_sized_run_reports_no_violation() -> None:
             "60",
             "--seed",
             "20",
+            "--serves",
+            "2",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -52,6 +58,14 @@ def test_ci_sized_run_reports_no_violation() -> None:
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
     assert int(total.split()[-1]) >= 40, out
     assert "soak watch" in out, out
+    counts = {
+        line.split()[0]: int(line.split()[1])
+        for line in out.splitlines()
+        if line.strip() and line.split()[0] in verify.FAULT_KINDS
+    }
+    for kind in verify.NET_KINDS:
+        assert counts[kind] >= 1, f"no {kind} fault injected:\n{out}"
+    assert "2 serve(s)" in out, out
 
 
 def test_connections_are_told_apart_by_holder() -> None:
@@ -353,3 +367,146 @@ def test_a_deliberately_broken_build_is_caught() -> None:
     assert int(last.split()[-1]) > 0, out[-3000:]
     assert res.returncode == 1
     assert "duplicate_effect" in out, out[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_blind_rerun_after_an_ambiguous_commit_is_caught() -> None:
+    """The checker fails a build that takes a lost COMMIT reply for "not committed".
+
+    PGDURABLE_TEST_BLIND_COMMIT_RETRY=1 (pgdurable._testing) makes a batch whose COMMIT's reply
+    never came run its statements again, without their checkpoints (so without the lease and
+    generation fence). The ambiguous_commit fault lets a COMMIT reach the server and drops its
+    reply: the statements ran twice, and verify must say so."""
+    env = dict(os.environ, PGDURABLE_TEST_BLIND_COMMIT_RETRY="1")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgdurable",
+            "verify",
+            "--faults",
+            "1000",
+            "--duration",
+            "12",
+            "--seed",
+            "20",
+            "--kinds",
+            "ambiguous_commit",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+    )
+    out = res.stdout.strip()
+    last = out.splitlines()[-1]
+    assert last.startswith("violations: "), out[-3000:] + res.stderr[-2000:]
+    assert int(last.split()[-1]) > 0, out[-3000:]
+    assert res.returncode == 1
+    assert "duplicate_effect" in out, out[-3000:]
+
+
+# -- the proxy's faults on a real server ------------------------------------------------------
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a thread; a function returning its result once it is done."""
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(fn()))
+    t.start()
+
+    def result():
+        t.join(20)
+        return box[0]
+
+    return result
+
+
+def test_proxy_ambiguous_commit_commits_but_the_client_never_hears(db) -> None:
+    """The COMMIT reaches the server, its reply is dropped and the connection reset: the client
+    gets a connection error, yet the rows are there; by the simple protocol and by psycopg's
+    pipeline (Parse of COMMIT, then Sync)."""
+    proxy = verify.Proxy(*_host_port(db.dsn))
+    try:
+        dsn = proxy.dsn(db.dsn)
+        with db.connect() as conn:
+            conn.execute("create table amb (x int)")
+        for x, pipeline in ((1, False), (2, True)):
+            with psycopg.connect(dsn) as conn:
+                conn.execute("insert into amb values (%s)", (x,))
+                fault = _in_thread(proxy.ambiguous_commit)
+                time.sleep(0.2)  # armed
+                with pytest.raises(psycopg.OperationalError):
+                    _commit(conn, x, pipeline)
+                assert fault() is True
+        with db.connect() as conn:
+            assert sorted(r[0] for r in conn.execute("select x from amb")) == [1, 2, 20]
+        assert proxy.counts["commit reply COMMIT"] == 2
+    finally:
+        proxy.close()
+
+
+def _commit(conn, x: int, pipeline: bool) -> None:
+    if pipeline:
+        with conn.pipeline():
+            conn.execute("insert into amb values (%s)", (x * 10,))
+            conn.execute("commit")
+    else:
+        conn.commit()
+
+
+def test_proxy_reset_stall_and_partition(db) -> None:
+    """A reset cuts the statement's connection; a stall holds its reply that long; a partition
+    refuses new connections until it heals."""
+    proxy = verify.Proxy(*_host_port(db.dsn), arm_timeout=0.5)
+    try:
+        dsn = proxy.dsn(db.dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            fault = _in_thread(proxy.conn_reset)
+            time.sleep(0.1)
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("select pg_sleep(1)")
+            assert fault() is True
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            fault = _in_thread(lambda: proxy.stall(1.0, whole=False, close_after=False))
+            time.sleep(0.1)
+            t0 = time.monotonic()
+            assert conn.execute("select 7").fetchone() == (7,)
+            assert time.monotonic() - t0 >= 0.9
+            assert fault() is True
+        proxy.partition(1.5)
+        time.sleep(0.1)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(dsn, connect_timeout=3)
+        time.sleep(1.6)
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        # an armed fault whose trigger never comes reports that it did not happen
+        assert proxy.conn_reset() is False
+    finally:
+        proxy.close()
+
+
+def _host_port(dsn: str) -> tuple[str, int]:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    return str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)
+
+
+def test_verify_refuses_unknown_fault_kinds_and_serve_counts() -> None:
+    """A bad --kinds or --serves is refused before anything starts, naming what is wrong."""
+    for args, words in (
+        (["--kinds", "conn_reset,meteor"], ["--kinds", "meteor", "ambiguous_commit"]),
+        (["--kinds", ","], ["--kinds", "(none given)"]),
+        (["--serves", "3"], ["--serves", "3"]),
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "pgdurable", "verify", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 2, res.stderr
+        for w in words:
+            assert w in res.stderr, res.stderr
