@@ -335,13 +335,15 @@ def test_checker_needs_a_superuser_view(scratch) -> None:
 
 
 @pytest.mark.timeout(150)
-def test_a_deliberately_broken_build_is_caught() -> None:
+def test_a_deliberately_broken_build_is_caught(tmp_path) -> None:
     """The checker fails a build that commits a SQL step apart from its checkpoint.
 
     PGDURABLE_TEST_BROKEN_CHECKPOINT=1 (pgdurable._testing) commits each statement alone and
     checkpoints it 200 ms later; a worker killed or paused in between re-runs the statement, so
     verify must report duplicated side effects and exit 1."""
-    env = dict(os.environ, PGDURABLE_TEST_BROKEN_CHECKPOINT="1")
+    # verify keeps its evidence when it finds violations: under pytest's tmp dir, which pytest
+    # rotates, not in /tmp for good
+    env = dict(os.environ, PGDURABLE_TEST_BROKEN_CHECKPOINT="1", TMPDIR=str(tmp_path))
     res = subprocess.run(
         [
             sys.executable,
@@ -370,14 +372,14 @@ def test_a_deliberately_broken_build_is_caught() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_blind_rerun_after_an_ambiguous_commit_is_caught() -> None:
+def test_a_blind_rerun_after_an_ambiguous_commit_is_caught(tmp_path) -> None:
     """The checker fails a build that takes a lost COMMIT reply for "not committed".
 
     PGDURABLE_TEST_BLIND_COMMIT_RETRY=1 (pgdurable._testing) makes a batch whose COMMIT's reply
     never came run its statements again, without their checkpoints (so without the lease and
     generation fence). The ambiguous_commit fault lets a COMMIT reach the server and drops its
     reply: the statements ran twice, and verify must say so."""
-    env = dict(os.environ, PGDURABLE_TEST_BLIND_COMMIT_RETRY="1")
+    env = dict(os.environ, PGDURABLE_TEST_BLIND_COMMIT_RETRY="1", TMPDIR=str(tmp_path))
     res = subprocess.run(
         [
             sys.executable,
