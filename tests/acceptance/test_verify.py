@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -334,16 +336,21 @@ def test_checker_needs_a_superuser_view(scratch) -> None:
         verify.check(conn, [], [], http_cut=False)
 
 
+def _drop_evidence(out: str) -> None:
+    """verify keeps its work dir (data dir, logs) when it finds violations; a planted-bug test
+    expects them, so it removes the evidence once it has read the report."""
+    for m in re.finditer(r"evidence kept in (/\S+pgdurable-verify-\S+?) ", out):
+        shutil.rmtree(m.group(1), ignore_errors=True)
+
+
 @pytest.mark.timeout(150)
-def test_a_deliberately_broken_build_is_caught(tmp_path) -> None:
+def test_a_deliberately_broken_build_is_caught() -> None:
     """The checker fails a build that commits a SQL step apart from its checkpoint.
 
     PGDURABLE_TEST_BROKEN_CHECKPOINT=1 (pgdurable._testing) commits each statement alone and
     checkpoints it 200 ms later; a worker killed or paused in between re-runs the statement, so
     verify must report duplicated side effects and exit 1."""
-    # verify keeps its evidence when it finds violations: under pytest's tmp dir, which pytest
-    # rotates, not in /tmp for good
-    env = dict(os.environ, PGDURABLE_TEST_BROKEN_CHECKPOINT="1", TMPDIR=str(tmp_path))
+    env = dict(os.environ, PGDURABLE_TEST_BROKEN_CHECKPOINT="1")
     res = subprocess.run(
         [
             sys.executable,
@@ -367,19 +374,20 @@ def test_a_deliberately_broken_build_is_caught(tmp_path) -> None:
     last = out.splitlines()[-1]
     assert last.startswith("violations: "), out[-3000:]
     assert int(last.split()[-1]) > 0, out[-3000:]
+    _drop_evidence(out + res.stderr)
     assert res.returncode == 1
     assert "duplicate_effect" in out, out[-3000:]
 
 
 @pytest.mark.timeout(120)
-def test_a_blind_rerun_after_an_ambiguous_commit_is_caught(tmp_path) -> None:
+def test_a_blind_rerun_after_an_ambiguous_commit_is_caught() -> None:
     """The checker fails a build that takes a lost COMMIT reply for "not committed".
 
     PGDURABLE_TEST_BLIND_COMMIT_RETRY=1 (pgdurable._testing) makes a batch whose COMMIT's reply
     never came run its statements again, without their checkpoints (so without the lease and
     generation fence). The ambiguous_commit fault lets a COMMIT reach the server and drops its
     reply: the statements ran twice, and verify must say so."""
-    env = dict(os.environ, PGDURABLE_TEST_BLIND_COMMIT_RETRY="1", TMPDIR=str(tmp_path))
+    env = dict(os.environ, PGDURABLE_TEST_BLIND_COMMIT_RETRY="1")
     res = subprocess.run(
         [
             sys.executable,
@@ -405,6 +413,7 @@ def test_a_blind_rerun_after_an_ambiguous_commit_is_caught(tmp_path) -> None:
     last = out.splitlines()[-1]
     assert last.startswith("violations: "), out[-3000:] + res.stderr[-2000:]
     assert int(last.split()[-1]) > 0, out[-3000:]
+    _drop_evidence(out + res.stderr)
     assert res.returncode == 1
     assert "duplicate_effect" in out, out[-3000:]
 
