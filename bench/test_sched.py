@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from pgdurable.graph._abc import T_COMPLETED
 from pgdurable.graph.compile import CompiledGraph, compile_value
+from pgdurable.graph.sched import T_COMPLETED
 from tests.graphs import loop, sql, then
 from tests.native.parity import then_chain, wide_join
 

@@ -6,6 +6,9 @@ checks and effects) so the parity tests can compare them exactly; read the
 Python module for the semantics and the reasoning. Differences are mechanical
 only: the graph and the state live in C arrays allocated once per scheduler,
 Python objects appear only in the output lists and at the API boundary.
+
+Over 500 lines because it is the Python twin's size (one function for one function, so a
+reviewer reads the two side by side); splitting it would split that correspondence.
 """
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import platform
 
-from pgdurable.graph._abc import SchedulerProto
+# T_*: the terminal status codes a caller compares Scheduler.terminal with
+from pgdurable.graph._abc import T_CANCELLED, T_COMPLETED, T_FAILED, SchedulerProto
 
 Scheduler: type[SchedulerProto]
 __impl__: str
@@ -55,4 +56,4 @@ elif _impl == "":
 else:
     raise ImportError(f"PGDURABLE_IMPL={_impl!r} is not one of '', 'cython', 'python'")
 
-__all__ = ["Scheduler", "__impl__"]
+__all__ = ["T_CANCELLED", "T_COMPLETED", "T_FAILED", "Scheduler", "__impl__"]

@@ -15,7 +15,7 @@ pages, never a credential.
   Bearer …``. Compared in constant time.
 - **CSRF**: a random per-session token in a cookie (HttpOnly, SameSite=Strict) that every
   form repeats in a hidden field; every POST must carry both, equal (and an ``Origin``, when
-  the browser sends one, naming this host). :func:`pgdurable.ui.views.check_post` checks it.
+  the browser sends one, naming this host). :func:`pgdurable.ui.actions.check_post` checks it.
 - **Headers** on every response: a strict Content-Security-Policy (scripts and styles only
   from ``/static``, no inline script, no frames, forms post only here), X-Frame-Options
   DENY, nosniff, the referrer only to this site, no caching.
@@ -231,7 +231,7 @@ def create_app(config: UiConfig) -> Any:
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from . import views
+    from . import actions, views
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         # timestamps in UTC; no statement of the dashboard runs forever
@@ -261,10 +261,10 @@ def create_app(config: UiConfig) -> Any:
         Route("/runs/{iid}", views.run_page),
         Route("/runs/{iid}/result.json", views.download_run_result),
         Route("/runs/{iid}/nodes/{nid}/result.json", views.download_node_result),
-        Route("/runs/{iid}/cancel", views.cancel, methods=["POST"]),
-        Route("/runs/{iid}/signal", views.signal, methods=["POST"]),
-        Route("/runs/{iid}/restart", views.restart, methods=["POST"]),
-        Route("/new", views.new_page, methods=["GET", "POST"]),
+        Route("/runs/{iid}/cancel", actions.cancel, methods=["POST"]),
+        Route("/runs/{iid}/signal", actions.signal, methods=["POST"]),
+        Route("/runs/{iid}/restart", actions.restart, methods=["POST"]),
+        Route("/new", actions.new_page, methods=["GET", "POST"]),
         Route("/system", views.system_page),
         Route("/healthz", views.healthz),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
