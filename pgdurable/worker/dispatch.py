@@ -275,6 +275,9 @@ class Dispatch:
             or (ctx.database and ctx.database != self.settings.current_db)
         ):
             return False
+        free, take_sql = self.checkpointer.budget()
+        if free + 1 <= 0 and take_sql <= 0:
+            return False  # the start would not take its step either (this worker is full)
         idx = first_sql_leaf(ctx)
         if idx is None:
             return False
