@@ -40,14 +40,17 @@ begin
           -- runnable steps stay for that worker (it has the instance loaded, and two
           -- workers checkpointing one instance race and reload it); leases end, so a dead
           -- worker's instances come free with its leases
-          and not exists (select 1 from @engine@.tasks o
-                          where o.instance_id = t.instance_id and o.lease_owner is not null
-                            and o.lease_owner <> p_owner)
+          -- (both checks are scalar sub-plans, one index probe per candidate row: as NOT
+          -- EXISTS they became anti-joins, which statistics of a table that grew since its
+          -- last ANALYZE turned into a scan of every finished instance for every claim)
+          and not coalesce((select true from @engine@.tasks o
+                            where o.instance_id = t.instance_id and o.lease_owner is not null
+                              and o.lease_owner <> p_owner
+                            limit 1), false)
           -- a task of an instance its owner marked terminal (tenants may UPDATE status) is
           -- never claimed; the rescuer deletes it
-          and not exists (select 1 from df.instances i
-                          where i.id = t.instance_id
-                            and i.status in ('completed', 'failed', 'cancelled'))
+          and not coalesce((select i.status in ('completed', 'failed', 'cancelled')
+                            from df.instances i where i.id = t.instance_id), false)
         order by t.due_at
         limit p_limit
         for update skip locked
