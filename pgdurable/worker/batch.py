@@ -24,6 +24,7 @@ from pgdurable.steps.sql_step import SqlSteps, envelope
 
 from .cache import InstanceCache
 from .checkpoint import Checkpointer, Outcome
+from .failures import pg_message
 from .flow import Fenced, Requeue, Retry, acquire
 from .instance import InstanceCtx
 from .notifier import Running
@@ -43,6 +44,10 @@ BATCH_LOCK_WAIT_S = 0.5
 # Runnable SQL successors a checkpoint hands to its own worker's queue beyond the free slots
 # (bounded by what is queued already): a fan-out stays on the worker that has its instance.
 SQL_TAKE_MAX = 1024
+# A first step run with its instance's start (Item.start) is not visible as running until it
+# commits: one still running after this long gets its instance's start committed on its own
+# (df.status and df.nodes then show it running) and checkpoints as an ordinary step.
+FIRST_STEP_VISIBLE_S = 0.05
 
 
 @dataclass(eq=False)  # `item in queue` by identity, not field by field
@@ -54,6 +59,19 @@ class Item:
     idx: int
     text: str
     fut: asyncio.Future[None]
+    start: Task | None = None
+    """The instance's start task when this step is its first, run before the instance has
+    started: its checkpoint starts the instance too (:meth:`Checkpointer.record_start`)."""
+    phase: str = ""
+    """With ``start``: ``pending`` (to checkpoint with the start), ``fused`` (its batch is
+    checkpointing it so), ``committing`` / ``started`` (the start committed on its own after
+    FIRST_STEP_VISIBLE_S: ``start`` now names this step, an ordinary step of its instance)."""
+    visible: asyncio.Task[None] | None = None
+
+    @property
+    def slot_task(self) -> Task:
+        """The task whose lease this step holds (its instance's start task, until then)."""
+        return self.start or self.task
 
 
 class BatchRunner:
@@ -85,11 +103,23 @@ class BatchRunner:
         """SQL successors a checkpoint may still hand to this worker's batch queue."""
         return max(0, SQL_TAKE_MAX - len(self.queue))
 
-    async def submit(self, ctx: InstanceCtx, task: Task, idx: int, text: str) -> None:
+    async def submit(
+        self,
+        ctx: InstanceCtx,
+        task: Task,
+        idx: int,
+        text: str,
+        start: Task | None = None,
+    ) -> None:
         """Queue a SQL step for a batch runner; returns once its checkpoint committed
-        (raises :class:`Retry` when its batch rolled back: run it again alone)."""
+        (raises :class:`Retry` when its batch rolled back: run it again alone). ``start``:
+        the step is its unstarted instance's first, checkpointed with the start; any
+        failure of it raises :class:`Retry` (the instance then starts the usual way)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queue.append(Item(ctx, task, idx, text, fut))
+        item = Item(ctx, task, idx, text, fut, start, "pending" if start else "")
+        self.queue.append(item)
+        if start is not None:
+            asyncio.get_running_loop().call_later(FIRST_STEP_VISIBLE_S, self._start_visible, item)
         if self.running_count < BATCH_RUNNERS:
             self._spawn_runner()
         elif self.running_count < self.settings.sql_limit and not self.spawn_check_armed:
@@ -98,6 +128,35 @@ class BatchRunner:
             self.spawn_check_armed = True
             asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_check)
         await fut
+
+    def _start_visible(self, item: Item) -> None:
+        """A first step still running FIRST_STEP_VISIBLE_S after it was queued: commit its
+        instance's start on its own, so that the instance shows as running meanwhile."""
+        if item.phase != "pending" or item.fut.done():
+            return
+        item.phase = "committing"
+        item.visible = asyncio.create_task(self._commit_start(item), name="visible start")
+
+    async def _commit_start(self, item: Item) -> None:
+        start = item.start
+        assert start is not None
+        old = start.key
+        try:
+            await self.checkpointer.start_running(item.ctx, start, item.task)
+        except Exception as exc:  # nothing committed: its batch rolls back, it starts again
+            item.phase = "failed"
+            logger.info(
+                "could not start an instance while its first step ran: %s",
+                exc,
+                extra={"event": "batch.start_failed"},
+            )
+            return
+        # the instance runs: its first step is an ordinary step of it, holding its own lease
+        pid = self.running.pids.pop(old, None)
+        start.node_id, start.gen, start.kind = item.task.node_id, item.task.gen, "run"
+        if pid is not None:
+            self.running.pids[start.key] = pid
+        item.phase = "started"
 
     def _spawn_runner(self) -> None:
         self.running_count += 1  # counted down by the runner itself, synchronously
@@ -184,7 +243,9 @@ class BatchRunner:
                     while item is not None:
                         instance_var.set(item.task.instance_id)
                         node_var.set(item.task.node_id)
-                        key = item.task.key
+                        # a first step run with its instance's start holds the start
+                        # task's lease (its own task is never written)
+                        key = item.slot_task.key
                         self.running.pids[key] = conn.info.backend_pid
                         self.busy[me] = time.monotonic()
                         try:
@@ -208,6 +269,7 @@ class BatchRunner:
                             rows = await cur.fetchall()
                         finally:
                             self.running.pids.pop(key, None)
+                            self.running.pids.pop(item.slot_task.key, None)
                             self.busy.pop(me, None)
                         value = envelope(rows)  # capped at its checkpoint
                         del rows, cur
@@ -219,8 +281,13 @@ class BatchRunner:
                             item = self.pick(ran[-1][0].task.instance_id, role)
                 except BaseException as exc:
                     await self.sessions.reset(conn)
+                    if first.visible is not None:
+                        await asyncio.wait([first.visible])
+                    if item is first and first.phase == "pending":
+                        _interrupted(first, exc, self.running)
                     if not (
                         item is first
+                        and first.phase in ("", "started")
                         and isinstance(exc, psycopg.Error | StepError)
                         and not (conn.broken or conn.closed)
                     ):
@@ -228,10 +295,13 @@ class BatchRunner:
                     # the batch held this step alone: its statement's failure is its
                     # outcome, checkpointed as for a step run on its own (not run again)
                     await self.sql.statement_failed(
-                        conn, first.ctx, first.task, first.idx, first.text, exc
+                        conn, first.ctx, first.slot_task, first.idx, first.text, exc
                     )
                     first.fut.set_result(None)
                     return
+                for it, _ in ran:
+                    if it.phase == "pending":
+                        it.phase = "fused"  # checkpointed with its start from now on
                 refused: StepError | None = None
                 try:
                     # the checkpoints, in the order the statements ran (ascending instances),
@@ -241,13 +311,24 @@ class BatchRunner:
                     for it, value in ran:
                         instance_var.set(it.task.instance_id)
                         node_var.set(it.task.node_id)
+                        if it.phase == "committing":
+                            assert it.visible is not None
+                            await it.visible  # its start commits on its own: then ordinary
+                        if it.phase == "failed":
+                            raise Retry()
                         if id(it.ctx.lock) not in held:
                             await acquire(it.ctx, BATCH_LOCK_WAIT_S)
                             held[id(it.ctx.lock)] = it.ctx.lock
+                        if it.phase == "fused":
+                            assert it.start is not None
+                            await self.checkpointer.record_start(
+                                conn, it.ctx, it.start, it.task, it.idx, Outcome.success(value)
+                            )
+                            continue
                         await self.checkpointer.record(
                             conn,
                             it.ctx,
-                            it.task,
+                            it.slot_task,
                             it.idx,
                             Outcome.success(value),
                             in_tx=True,
@@ -263,7 +344,7 @@ class BatchRunner:
                         raise
                 except StepError as exc:
                     await self.sessions.reset(conn)
-                    if len(ran) != 1 or (conn.broken or conn.closed):
+                    if len(ran) != 1 or first.phase == "fused" or conn.broken or conn.closed:
                         raise
                     refused = exc  # handled below, once the instance's lock is released
                 except BaseException:
@@ -276,13 +357,16 @@ class BatchRunner:
                     # a batch of one whose result (or the checkpoint it makes) is over a cap:
                     # its statement rolled back with it, and that is its outcome (not run again)
                     await self.sql.statement_failed(
-                        conn, first.ctx, first.task, first.idx, first.text, refused
+                        conn, first.ctx, first.slot_task, first.idx, first.text, refused
                     )
                     first.fut.set_result(None)
                     return
         except BaseException as exc:
             failed = [it for it, _ in ran] + ([item] if item is not None else [])
             metrics.batch(len(failed), False)
+            starting = [it.visible for it in failed if it.visible is not None]
+            if starting:  # whether a start committed decides how its step runs again
+                await asyncio.wait(starting)
             for it in failed:
                 self.cache.forget(it.task.instance_id, it.ctx)  # rolled back: reload
                 if it.fut.done():
@@ -313,3 +397,19 @@ class BatchRunner:
         finally:
             instance_var.set(None)
             node_var.set(None)
+
+
+def _interrupted(item: Item, exc: BaseException, running: Running) -> None:
+    """A first step cancelled by another session before its start committed: it runs again
+    with its start (as :meth:`SqlSteps.statement_failed` says of other steps)."""
+    if (
+        isinstance(exc, psycopg.Error)
+        and exc.sqlstate == "57014"
+        and "user request" in str(exc)
+        and not running.was_interrupted(item.slot_task.key)
+    ):
+        logger.warning(
+            "step interrupted by another session: %s; it runs again",
+            pg_message(exc),
+            extra={"event": "step.requeued"},
+        )

@@ -200,6 +200,75 @@ class Checkpointer:
             ctx.instance_id, apply, lambda: self.cache.forget(cur_ctx.instance_id, cur_ctx)
         )
 
+    async def record_start(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        ctx: InstanceCtx,
+        start: Task,
+        leaf: Task,
+        idx: int,
+        outcome: Outcome,
+    ) -> None:
+        """Start an instance and checkpoint its first step in one write, inside the step's
+        transaction (a batch's, which holds the instance's lock): the start task's fence,
+        the roots activated, the leaf's outcome and its successors, one ``_apply_v1``. A
+        one-step workflow is then one transaction and one commit, not two.
+
+        Only for an instance whose start runs exactly ``leaf`` (a SQL step reached from the
+        root through sequences, :func:`first_sql_leaf`); anything else raises :class:`Stale`
+        and the caller starts the instance the usual way (nothing was written)."""
+        try:
+            if ctx.dead:
+                raise Stale()
+            free, take_sql = self.budget()
+            cp = Checkpoint(inst_status="running", take_budget=free + 1, take_sql=take_sql)
+            step = ctx.sched.start()
+            ctx.build(step, cp, start.clock)
+            if step.terminal != A.T_RUNNING or len(cp.new_tasks) != 1:
+                raise Stale()
+            first = cp.new_tasks[0]
+            if (
+                first["node_id"] != leaf.node_id
+                or first["gen"] != leaf.gen
+                or first["kind"] != "run"
+                or first.get("delay")
+            ):
+                raise Stale()
+            # the leaf runs now, in this transaction: its task is never written
+            cp.new_tasks.clear()
+            cp.take_budget, cp.take_sql = free + 1, take_sql
+        except BaseException:
+            self.cache.forget(ctx.instance_id, ctx)
+            raise
+        await self._compute_and_apply(conn, ctx, leaf, idx, outcome, False, cp, start)
+
+    async def start_running(self, ctx: InstanceCtx, start: Task, leaf: Task) -> None:
+        """Commit the start of an instance whose first step (``leaf``, still running in a
+        batch: :meth:`record_start` could not wait) runs now: the roots activated, the
+        leaf's task leased to us, in a transaction of its own (not the group commit: the
+        batch waits for it while it holds locks). The leaf is not handed off: it runs."""
+        async with ctx.lock:
+            try:
+                if ctx.dead:
+                    raise Stale()
+                cp = Checkpoint(inst_status="running")
+                step = ctx.sched.start()
+                ctx.build(step, cp, start.clock)
+                if (
+                    step.terminal != A.T_RUNNING
+                    or len(cp.new_tasks) != 1
+                    or cp.new_tasks[0]["node_id"] != leaf.node_id
+                    or cp.new_tasks[0]["gen"] != leaf.gen
+                ):
+                    raise Stale()
+                cp.new_tasks[0]["take"] = True
+                async with self.sessions.service.connection() as conn, conn.transaction():
+                    await self.apply(conn, ctx, start, cp)
+                start.handoff = []
+            except BaseException:
+                self.cache.forget(ctx.instance_id, ctx)
+                raise
+
     async def apply(
         self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, cp: Checkpoint
     ) -> None:
@@ -323,13 +392,16 @@ class Checkpointer:
         idx: int,
         outcome: Outcome,
         reloaded: bool,
+        cp: Checkpoint | None = None,
+        fence: Task | None = None,
     ) -> None:
         sched = ctx.sched
         if ctx.dead or sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
             # our cached copy may be behind: reload once; _apply_v1 fences for real
             raise Fenced() if reloaded else Stale()
-        free, take_sql = self.budget()
-        cp = Checkpoint(take_budget=free + 1, take_sql=take_sql)  # +1: this step's slot frees
+        if cp is None:
+            free, take_sql = self.budget()
+            cp = Checkpoint(take_budget=free + 1, take_sql=take_sql)  # +1: this step's slot
         upd = cp.node(task.node_id)
         if task.started is not None and task.kind == "run":
             # a step's run starts when a worker picks it up; a wait (sleep, schedule, signal)
@@ -381,12 +453,24 @@ class Checkpointer:
                     f"bytes, over the limit of {max_bytes} bytes per instance; "
                     f"raise {INSTANCE_CAP_SETTING} to allow it"
                 )
-            await self.apply(conn, ctx, task, cp)
+            await self.apply(conn, ctx, fence or task, cp)
         except BaseException:
             # the cached state moved on in memory and nothing of it committed: reload
             self.cache.forget(ctx.instance_id, ctx)
             raise
         metrics.step_finished(TYPE_NAMES[ctx.graph.types[idx]], outcome.ok)
+
+
+def first_sql_leaf(ctx: InstanceCtx) -> int | None:
+    """The SQL step an unstarted instance's start would run alone (the root, or the first
+    step of sequences down from it), else None (a JOIN, an IF, a loop… starts otherwise)."""
+    g = ctx.graph
+    node = 0
+    while g.types[node] == A.THEN:
+        node = g.left[node]
+    if g.types[node] != A.SQL or ctx.sched.status(0) != A.PENDING:
+        return None
+    return node
 
 
 def check_checkpoint(size: int) -> None:

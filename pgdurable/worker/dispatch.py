@@ -25,7 +25,7 @@ from pgdurable.values import break_value, error_text, loads
 
 from .batch import BatchRunner
 from .cache import InstanceCache
-from .checkpoint import Checkpointer, Outcome
+from .checkpoint import Checkpointer, Outcome, first_sql_leaf
 from .failures import DATA, INTERNAL, MAX_ATTEMPTS, RETRY, failure_kind, failure_reason, where
 from .flow import Fenced, Requeue, Retry
 from .instance import TYPE_NAMES, BadGraph, BadSetting, InstanceCtx, subst
@@ -249,8 +249,68 @@ class Dispatch:
                 )
             elif not role.can_login:
                 problem = f"role {role.name!r} lacks the LOGIN attribute"
+        if problem is None and await self._start_with_first_step(ctx, task):
+            logger.info("instance started", extra={"event": "instance.started"})
+            return
+        if ctx.dead or self.cache.peek(task.instance_id) is not ctx:
+            # a first step that could not run with the start: it changed nothing committed,
+            # but the copy in memory may have moved on; start from a fresh one
+            async with self.sessions.service.connection() as conn:
+                ctx = await self.cache.get(conn, task.instance_id, fresh=True)
+            if ctx is None:
+                return
         await self.checkpointer.start(ctx, task, problem)
         logger.info("instance started", extra={"event": "instance.started"})
+
+    async def _start_with_first_step(self, ctx: InstanceCtx, task: Task) -> bool:
+        """Run an instance's first step with its start, one transaction (a one-step
+        workflow commits once): when the start runs a single SQL step of this database.
+        False when it cannot, or when its batch rolled back before the start committed
+        (nothing committed): the caller starts it the usual way. A step still running after
+        FIRST_STEP_VISIBLE_S has its start committed meanwhile (BatchRunner); ``task`` then
+        names the step (kind ``run``), run again alone if its batch rolls back."""
+        if (
+            task.attempts > 1
+            or _testing.BROKEN_CHECKPOINT
+            or (ctx.database and ctx.database != self.settings.current_db)
+        ):
+            return False
+        free, take_sql = self.checkpointer.budget()
+        if free + 1 <= 0 and take_sql <= 0:
+            return False  # the start would not take its step either (this worker is full)
+        idx = first_sql_leaf(ctx)
+        if idx is None:
+            return False
+        try:
+            text = subst(ctx, ctx.configs[idx], "sql")
+        except StepError:
+            return False  # the usual way fails the step, saying why
+        leaf = Task(
+            ctx.instance_id,
+            ctx.graph.node_ids[idx],
+            ctx.sched.gen(idx) + 1,  # the generation the start activates it with
+            "run",
+            1,
+            ctx.role_oid,
+            ctx.database,
+            None,
+            task.clock,
+            None,
+            started=task.started,
+        )
+        node_type_var.set("SQL")
+        metrics.step_started("SQL")
+        try:
+            await self.batch.submit(ctx, leaf, idx, text, start=task)
+        except Retry:
+            if task.kind == "start":
+                return False
+            # the instance started while the step ran, then its batch rolled back: the
+            # step runs again alone, as any step of a rolled back batch
+            task.handoff = []
+            task.alone = True
+            await self.run_node(task)
+        return True
 
     async def run_node(self, task: Task) -> None:
         """Run the task's node by its kind, then checkpoint its outcome."""

@@ -53,7 +53,9 @@ alter table df.nodes
 -- @definitions-of 30_control.sql
 
 -- == re-made: df._usage_helpers names the new engine helpers; _apply_v1, _fail_instance_v1
---    and _prune_v1 as above ==
+--    and _prune_v1 as above; the settings helpers and clock() in plpgsql (00_tables.sql:
+--    plans kept per session), _claim_v1 and the loads too (50_engine.sql) ==
+-- @definitions-of 00_tables.sql
 -- @definitions-of 40_inspect.sql
 -- @definitions-of 50_engine.sql
 -- @include 90_grants.sql

@@ -19,13 +19,19 @@
 -- steps of an instance another worker is running steps of are left to that worker.
 -- The lease is measured on the server clock (now()), due times on @engine@.clock() so
 -- tests can move time for timers and schedules.
+-- plpgsql, not sql, here and in the loads below: PostgreSQL before 18 plans a non-inlined SQL
+-- function (one with a SET clause is never inlined) on every call, plpgsql once per session;
+-- the claim's plan cost more than its execution.
 create function @engine@._claim_v1(p_owner text, p_limit integer, p_lease_seconds integer)
 returns table (instance_id varchar, node_id varchar, gen integer, kind text, attempts integer,
                submitted_by regrole, database text, deadline timestamptz, clock timestamptz,
                state_version bigint)
-language sql volatile
+language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
+#variable_conflict use_column
+begin
+    return query
     with picked as (
         select t.instance_id, t.node_id
         from @engine@.tasks t
@@ -34,14 +40,17 @@ as $$
           -- runnable steps stay for that worker (it has the instance loaded, and two
           -- workers checkpointing one instance race and reload it); leases end, so a dead
           -- worker's instances come free with its leases
-          and not exists (select 1 from @engine@.tasks o
-                          where o.instance_id = t.instance_id and o.lease_owner is not null
-                            and o.lease_owner <> p_owner)
+          -- (both checks are scalar sub-plans, one index probe per candidate row: as NOT
+          -- EXISTS they became anti-joins, which statistics of a table that grew since its
+          -- last ANALYZE turned into a scan of every finished instance for every claim)
+          and not coalesce((select true from @engine@.tasks o
+                            where o.instance_id = t.instance_id and o.lease_owner is not null
+                              and o.lease_owner <> p_owner
+                            limit 1), false)
           -- a task of an instance its owner marked terminal (tenants may UPDATE status) is
           -- never claimed; the rescuer deletes it
-          and not exists (select 1 from df.instances i
-                          where i.id = t.instance_id
-                            and i.status in ('completed', 'failed', 'cancelled'))
+          and not coalesce((select i.status in ('completed', 'failed', 'cancelled')
+                            from df.instances i where i.id = t.instance_id), false)
         order by t.due_at
         limit p_limit
         for update skip locked
@@ -56,7 +65,8 @@ as $$
               t.deadline, @engine@.clock(),
               -- the instance's checkpoint counter: a worker whose cached copy is older
               -- reloads before substituting results into the step
-              (select r.state_version from @engine@.runs r where r.instance_id = t.instance_id)
+              (select r.state_version from @engine@.runs r where r.instance_id = t.instance_id);
+end
 $$;
 
 -- One checkpoint of one instance. Returns the new state_version, or
@@ -686,9 +696,12 @@ returns table (label text, status text, role_oid oid, role_text text, database t
                cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
                superuser_ok boolean, role_loop_min_interval_ms text,
                role_loop_max_iterations text)
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
+#variable_conflict use_column
+begin
+    return query
     select i.label, i.status, i.submitted_by::pg_catalog.oid, i.submitted_by::pg_catalog.text,
            i.database, i.root_node, r.vars, r.state, r.state_version, r.cancel_reason,
            ro.rolname, ro.rolsuper, ro.rolcanlogin,
@@ -701,28 +714,37 @@ as $$
     from df.instances i
     join @engine@.runs r on r.instance_id operator(pg_catalog.=) i.id
     left join pg_catalog.pg_roles ro on ro.oid operator(pg_catalog.=) i.submitted_by::pg_catalog.oid
-    where i.id operator(pg_catalog.=) p_instance
+    where i.id operator(pg_catalog.=) p_instance;
+end
 $$;
 
 create function @engine@._load_nodes_v1(p_instance varchar)
 returns table (id varchar, node_type text, query text, result_name text, left_node varchar,
                right_node varchar, status text, result jsonb, status_details jsonb)
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
+#variable_conflict use_column
+begin
+    return query
     select n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
            n.result, n.status_details
-    from df.nodes n where n.instance_id operator(pg_catalog.=) p_instance
+    from df.nodes n where n.instance_id operator(pg_catalog.=) p_instance;
+end
 $$;
 
 create function @engine@._load_results_v1(p_instance varchar)
 returns table (name text, value jsonb)
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
+#variable_conflict use_column
+begin
+    return query
     select r.name, r.value from @engine@.results r
     where r.instance_id operator(pg_catalog.=) p_instance
-    order by r.seq
+    order by r.seq;
+end
 $$;
 
 -- The same reads and the checkpoint from inside a step transaction, behind the capability.
