@@ -4,7 +4,10 @@
 server, where PostgreSQL restarts are skipped), starts ``pgdurable serve``
 (:class:`pgdurable.harness.Serve`) and an HTTP endpoint (:class:`pgdurable.harness.HttpRecorder`),
 keeps about ten instances of the workload in flight, sends their signals (some before the
-wait, one never waited for) and injects faults (:data:`FAULT_KINDS`):
+wait, one never waited for), starts a quarter of them twice with one idempotency key (half of
+those from two threads at once, a call that fails mid-way is repeated), fixes each failed
+``restart`` instance's missing table and calls df.restart (:meth:`Run.restart_failed`), and
+injects faults (:data:`FAULT_KINDS`):
 
     kill_worker           SIGKILL one worker (the supervisor restarts it)
     kill_supervisor       SIGKILL the supervisor (its workers notice and exit), start serve again
@@ -48,7 +51,14 @@ from .checker import SentSignal, Stats, Violation, check
 from .network import NET_KINDS, NetFaults
 from .proxy import ARM_TIMEOUT, COMMIT_REPLY_TIMEOUT
 from .watch import holder_of, log_evidence
-from .workload import KIND_WEIGHTS, LABEL_PREFIX, setup_database, templates
+from .workload import (
+    KIND_WEIGHTS,
+    LABEL_PREFIX,
+    fix_for_restart,
+    restart_template,
+    setup_database,
+    templates,
+)
 
 LEASE_SECONDS = 3
 FAULT_KINDS = (
@@ -108,6 +118,8 @@ class Run:
         self.tenant = f"pgdurable_verify_{os.getpid()}"
         self.external = dsn
         self.bg: list[threading.Thread] = []
+        self.keyed: dict[str, list[str | None]] = {}  # idempotency key -> id each call returned
+        self.restarted: set[str] = set()  # instances df.restart was called for
 
     # connections ---------------------------------------------------------------------
     def connect(self, tenant: bool = False) -> psycopg.Connection[Any]:
@@ -204,15 +216,21 @@ class Run:
     def start_instance(self) -> None:
         kinds = list(KIND_WEIGHTS)
         kind = self.rng.choices(kinds, [KIND_WEIGHTS[k] for k in kinds])[0]
-        label = f"{LABEL_PREFIX}{kind}:{self.started}"
+        n = self.started
+        label = f"{LABEL_PREFIX}{kind}:{n}"
         self.started += 1
-        try:
-            with self.connect(tenant=True) as conn:
-                iid = conn.execute(f"select df.start({self.exprs[kind]}, %s)", (label,)).fetchone()[
-                    0
-                ]  # type: ignore[index]
-        except psycopg.OperationalError:
-            return  # maybe committed: found by its label at the end (signals sent at settle)
+        expr = restart_template(n) if kind == "restart" else self.exprs[kind]
+        iid: str | None
+        if self.rng.random() < 0.25:
+            iid = self.keyed_start(expr, label, f"verify-{self.seed}-{n}")
+        else:
+            try:
+                with self.connect(tenant=True) as conn:
+                    iid = conn.execute(f"select df.start({expr}, %s)", (label,)).fetchone()[0]  # type: ignore[index]
+            except psycopg.OperationalError:
+                return  # maybe committed: found by its label at the end (signals sent at settle)
+        if iid is None:
+            return
         self.ids[iid] = kind
         if kind == "signal":
             now = time.monotonic()
@@ -222,6 +240,67 @@ class Run:
             )
             self.pending_signals.append((now + self.rng.uniform(0, 6), iid, "go2"))
             self.pending_signals.append((now, iid, "extra"))  # never waited for: stays
+
+    def keyed_start(self, expr: str, label: str, key: str) -> str | None:
+        """Start one instance by two df.start calls with one idempotency key, one after the
+        other or (half the time) from two threads at once; a call that fails mid-way is
+        repeated (up to 3 times), as a client of an idempotent API does. Every call's answer
+        goes to :attr:`keyed` (None: it never got one); the id, if any call got one."""
+        got: list[str | None] = [None, None]
+        barrier = threading.Barrier(2)
+
+        def call(i: int, together: bool) -> None:
+            if together:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    barrier.wait(timeout=5)
+            for attempt in range(4):
+                try:
+                    with self.connect(tenant=True) as conn:
+                        got[i] = conn.execute(
+                            f"select df.start({expr}, %s, idempotency_key => %s)", (label, key)
+                        ).fetchone()[0]  # type: ignore[index]
+                    return
+                except psycopg.OperationalError:
+                    time.sleep(0.2 * (attempt + 1))
+
+        if self.rng.random() < 0.5:
+            threads = [threading.Thread(target=call, args=(i, True)) for i in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            self.stats.features["keyed starts (concurrent)"] += 1
+        else:
+            call(0, False)
+            call(1, False)
+            self.stats.features["keyed starts (one after the other)"] += 1
+        self.keyed[key] = got
+        return got[0] or got[1]
+
+    def restart_failed(self) -> int:
+        """Fix and restart every failed ``restart`` instance that has had one run only (its
+        missing table created, then df.restart as the tenant that started it): how many were
+        restarted. A call that fails mid-way is judged again by the next call (its run count)."""
+        done = 0
+        try:
+            with self.connect() as admin:
+                rows = admin.execute(
+                    "select i.id, i.label from df.instances i where i.label like %s and "
+                    "i.status = 'failed' and (select count(*) from df.instance_runs(i.id)) = 1",
+                    (LABEL_PREFIX + "restart:%",),
+                ).fetchall()
+                for iid, label in rows:
+                    fix_for_restart(admin, int(label.rsplit(":", 1)[1]), self.tenant)
+                    with self.connect(tenant=True) as conn:
+                        conn.execute("select df.restart(%s)", (iid,))
+                    self.restarted.add(iid)
+                    self.ids.setdefault(iid, "restart")
+                    done += 1
+        except psycopg.Error as exc:
+            if not isinstance(exc, psycopg.OperationalError):
+                raise
+        self.stats.features["restarts called"] += done
+        return done
 
     def send_signal(self, iid: str, name: str) -> bool:
         """True when done (sent, or refused because the instance is terminal)."""
@@ -262,6 +341,7 @@ class Run:
             return
         for _ in range(max(0, inflight - live)):
             self.start_instance()
+        self.restart_failed()
 
     # faults ----------------------------------------------------------------------------
     def fault(self, kind: str) -> bool | None:
@@ -446,6 +526,8 @@ class Run:
             for p in list(self.pending_signals):
                 if self.send_signal(p[1], p[2]):
                     self.pending_signals.remove(p)
+            if self.restart_failed():
+                continue  # restarted: running again
             with self.connect() as conn:
                 rows = conn.execute(
                     "select i.id, i.label, i.status from df.instances i where label like %s "
@@ -479,7 +561,12 @@ class Run:
         self.log_evidence()
         with self.connect() as conn:
             return check(
-                conn, self.sent, self.http_requests(), http_cut=self.http_cut, stats=self.stats
+                conn,
+                self.sent,
+                self.http_requests(),
+                http_cut=self.http_cut,
+                stats=self.stats,
+                keyed=self.keyed,
             )
 
     def log_evidence(self) -> None:
