@@ -6,7 +6,7 @@ server, where PostgreSQL restarts are skipped), starts ``pgdurable serve``
 keeps about ten instances of the workload in flight, sends their signals (some before the
 wait, one never waited for), starts a quarter of them twice with one idempotency key (half of
 those from two threads at once, a call that fails mid-way is repeated), fixes each failed
-``restart`` instance's missing table and calls df.restart (:meth:`Run.restart_failed`), and
+``restart`` instance's missing table and calls df.restart (:mod:`.features`), and
 injects faults (:data:`FAULT_KINDS`):
 
     kill_worker           SIGKILL one worker (the supervisor restarts it)
@@ -25,6 +25,9 @@ kind (in random order), so even a short run has every kind; then kinds are drawn
 It then settles (every instance terminal) and hands the database to the checker. Every 15 s a soak
 watch samples the workers' memory, the connections to the database (by holder:
 :func:`holder_of`) and table bloat.
+
+(Over 500 lines: setup, workload pump, fault injection and settle share one run's state; the
+client side of keyed starts and restarts is in :mod:`.features`.)
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from psycopg import sql
 from pgdurable.embedded import EmbeddedPostgres
 from pgdurable.harness import HttpRecorder, Serve, ServeError, dsn_with
 
+from . import features
 from .checker import SentSignal, Stats, Violation, check
 from .network import NET_KINDS, NetFaults
 from .proxy import ARM_TIMEOUT, COMMIT_REPLY_TIMEOUT
@@ -54,7 +58,6 @@ from .watch import holder_of, log_evidence
 from .workload import (
     KIND_WEIGHTS,
     LABEL_PREFIX,
-    fix_for_restart,
     restart_template,
     setup_database,
     templates,
@@ -222,7 +225,7 @@ class Run:
         expr = restart_template(n) if kind == "restart" else self.exprs[kind]
         iid: str | None
         if self.rng.random() < 0.25:
-            iid = self.keyed_start(expr, label, f"verify-{self.seed}-{n}")
+            iid = features.keyed_start(self, expr, label, f"verify-{self.seed}-{n}")
         else:
             try:
                 with self.connect(tenant=True) as conn:
@@ -240,67 +243,6 @@ class Run:
             )
             self.pending_signals.append((now + self.rng.uniform(0, 6), iid, "go2"))
             self.pending_signals.append((now, iid, "extra"))  # never waited for: stays
-
-    def keyed_start(self, expr: str, label: str, key: str) -> str | None:
-        """Start one instance by two df.start calls with one idempotency key, one after the
-        other or (half the time) from two threads at once; a call that fails mid-way is
-        repeated (up to 3 times), as a client of an idempotent API does. Every call's answer
-        goes to :attr:`keyed` (None: it never got one); the id, if any call got one."""
-        got: list[str | None] = [None, None]
-        barrier = threading.Barrier(2)
-
-        def call(i: int, together: bool) -> None:
-            if together:
-                with contextlib.suppress(threading.BrokenBarrierError):
-                    barrier.wait(timeout=5)
-            for attempt in range(4):
-                try:
-                    with self.connect(tenant=True) as conn:
-                        got[i] = conn.execute(
-                            f"select df.start({expr}, %s, idempotency_key => %s)", (label, key)
-                        ).fetchone()[0]  # type: ignore[index]
-                    return
-                except psycopg.OperationalError:
-                    time.sleep(0.2 * (attempt + 1))
-
-        if self.rng.random() < 0.5:
-            threads = [threading.Thread(target=call, args=(i, True)) for i in (0, 1)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            self.stats.features["keyed starts (concurrent)"] += 1
-        else:
-            call(0, False)
-            call(1, False)
-            self.stats.features["keyed starts (one after the other)"] += 1
-        self.keyed[key] = got
-        return got[0] or got[1]
-
-    def restart_failed(self) -> int:
-        """Fix and restart every failed ``restart`` instance that has had one run only (its
-        missing table created, then df.restart as the tenant that started it): how many were
-        restarted. A call that fails mid-way is judged again by the next call (its run count)."""
-        done = 0
-        try:
-            with self.connect() as admin:
-                rows = admin.execute(
-                    "select i.id, i.label from df.instances i where i.label like %s and "
-                    "i.status = 'failed' and (select count(*) from df.instance_runs(i.id)) = 1",
-                    (LABEL_PREFIX + "restart:%",),
-                ).fetchall()
-                for iid, label in rows:
-                    fix_for_restart(admin, int(label.rsplit(":", 1)[1]), self.tenant)
-                    with self.connect(tenant=True) as conn:
-                        conn.execute("select df.restart(%s)", (iid,))
-                    self.restarted.add(iid)
-                    self.ids.setdefault(iid, "restart")
-                    done += 1
-        except psycopg.Error as exc:
-            if not isinstance(exc, psycopg.OperationalError):
-                raise
-        self.stats.features["restarts called"] += done
-        return done
 
     def send_signal(self, iid: str, name: str) -> bool:
         """True when done (sent, or refused because the instance is terminal)."""
@@ -341,7 +283,7 @@ class Run:
             return
         for _ in range(max(0, inflight - live)):
             self.start_instance()
-        self.restart_failed()
+        features.restart_failed(self)
 
     # faults ----------------------------------------------------------------------------
     def fault(self, kind: str) -> bool | None:
@@ -526,7 +468,7 @@ class Run:
             for p in list(self.pending_signals):
                 if self.send_signal(p[1], p[2]):
                     self.pending_signals.remove(p)
-            if self.restart_failed():
+            if features.restart_failed(self):
                 continue  # restarted: running again
             with self.connect() as conn:
                 rows = conn.execute(
