@@ -399,7 +399,8 @@ def test_checker_reports_keyed_starts(scratch) -> None:
     db, tenant = scratch
     other = db.create_role("verify2")
     with db.connect(tenant) as conn:
-        q = f"select df.start({verify.templates(URL)['chain']}, 'verify:chain:0', idempotency_key => 'k1')"
+        chain = verify.templates(URL)["chain"]
+        q = f"select df.start({chain}, 'verify:chain:0', idempotency_key => 'k1')"
         a = conn.execute(q).fetchone()[0]
         assert conn.execute(q).fetchone()[0] == a
     with db.connect() as conn:
