@@ -17,6 +17,13 @@ tool recorded (signals sent, HTTP requests received), so tests feed it hand-writ
     signal_duplicated  a signal consumed twice (or consumed and still in the inbox)
     stuck_node         a node still 'running' in a terminal instance
     stuck_task         an engine task row left for a terminal instance
+    retry_attempts     a df.retry that ran more attempts than allowed, or one that gave up
+                       without failing the instance with df.error naming its attempts (a
+                       ``retry_fail`` instance must end so; a ``retry`` one must complete)
+    keyed_start        two instances for one idempotency key, or df.start calls with one key
+                       that returned different ids (or an id that is not the key's instance)
+    restart_runs       a ``restart`` instance with fewer than 2 runs in df.instance_runs (its
+                       failing step cannot succeed before the run fixes it and restarts it)
 
 Also the run's records it reads and fills: :class:`SentSignal`, :class:`Violation`,
 :class:`Stats`.
@@ -31,7 +38,14 @@ from typing import Any
 
 import psycopg
 
-from .workload import LABEL_PREFIX, LEDGER, LEDGER_RE, LOOP_TOTALS
+from .workload import (
+    LABEL_PREFIX,
+    LEDGER,
+    LEDGER_RE,
+    LOOP_TOTALS,
+    RETRY_FAIL_ATTEMPTS,
+    RETRY_MAX_ATTEMPTS,
+)
 
 TERMINAL = ("completed", "failed", "cancelled")
 KINDS = (
@@ -47,6 +61,9 @@ KINDS = (
     "signal_duplicated",
     "stuck_node",
     "stuck_task",
+    "retry_attempts",
+    "keyed_start",
+    "restart_runs",
 )
 
 
@@ -76,6 +93,8 @@ class Stats:
     """Soak watch: (t seconds, worker RSS MB, connections to the db, dead tuples, kB)."""
     holders: list[Counter[str]] = field(default_factory=list)
     """Soak watch, one per sample: the connections to the db by holder (HOLDERS)."""
+    features: Counter[str] = field(default_factory=Counter)
+    """df.retry, idempotent starts, df.restart: what the run exercised of each."""
 
 
 def check(
@@ -86,10 +105,12 @@ def check(
     http_cut: bool,
     label_prefix: str = LABEL_PREFIX,
     stats: Stats | None = None,
+    keyed: dict[str, list[str | None]] | None = None,
 ) -> list[Violation]:
     """Every violation of the guarantees (docs/reliability.md) visible in the database
     (``conn``: a superuser session of the df database) for the instances labelled
-    ``label_prefix<kind>:<n>``."""
+    ``label_prefix<kind>:<n>``; ``keyed``: per idempotency key, the id each df.start call
+    with it returned (None: the call got no answer)."""
     st = stats or Stats()
     out: list[Violation] = []
     inst = conn.execute(
@@ -131,6 +152,8 @@ def check(
         failed_http = [n for n in ns if n[3] == "failed" and n[1] in ("HTTP", "HTTP_MULTIPART")]
         if status not in TERMINAL:
             out.append(Violation("not_terminal", iid, f"{kind} instance still {status}"))
+        elif kind == "retry_fail":
+            pass  # it must fail: checked with its RETRY below
         elif status != "completed" and not (
             status == "failed" and kind == "http" and failed_http and http_cut
         ):
@@ -182,6 +205,8 @@ def check(
         for _nid, ntype, _q, nstatus, _result in ns:
             if ntype == "SIGNAL" and nstatus == "completed":
                 st.steps["signal waits completed"] += 1
+
+    out += check_features(conn, ids, kind_of, status_of, nodes, st, keyed or {})
 
     # HTTP: at-least-once per completed node, one stable key per node, keys never shared
     by_path: dict[str, set[str | None]] = defaultdict(set)
@@ -265,4 +290,108 @@ def check(
                     )
                 )
     st.steps["signals discarded at end (no wait)"] += discarded
+    return out
+
+
+def check_features(
+    conn: psycopg.Connection[Any],
+    ids: list[str],
+    kind_of: dict[str, str],
+    status_of: dict[str, str],
+    nodes: dict[str, list[tuple[str, str, str, str, Any]]],
+    st: Stats,
+    keyed: dict[str, list[str | None]],
+) -> list[Violation]:
+    """df.retry's attempts, idempotent starts and df.restart's runs (their ledger rows are
+    checked with every other kind's)."""
+    out: list[Violation] = []
+    for iid in ids:
+        kind, status = kind_of[iid], status_of[iid]
+        if kind in ("retry", "retry_fail") and status in TERMINAL:
+            want = RETRY_MAX_ATTEMPTS if kind == "retry" else RETRY_FAIL_ATTEMPTS
+            for nid, ntype, _q, nstatus, _r in nodes[iid]:
+                if ntype != "RETRY":
+                    continue
+                row = conn.execute(
+                    "select status_details from df.nodes where instance_id = %s and id = %s",
+                    (iid, nid),
+                ).fetchone()
+                details = (row[0] if row else None) or {}
+                attempt = int(details.get("attempt") or 0)
+                st.features["retry attempts (all RETRY nodes)"] += attempt
+                if attempt > 1:
+                    st.features["retried steps (attempt > 1)"] += 1
+                if attempt > want or int(details.get("max_attempts") or want) != want:
+                    out.append(
+                        Violation(
+                            "retry_attempts", iid, f"RETRY {nid}: attempt {attempt} of {want}"
+                        )
+                    )
+                if kind == "retry" and status == "completed" and nstatus != "completed":
+                    out.append(
+                        Violation(
+                            "retry_attempts",
+                            iid,
+                            f"retry instance completed, RETRY {nid} {nstatus} after attempt "
+                            f"{attempt} of {want}",
+                        )
+                    )  # (a retry instance not completed is an unexpected_status)
+                elif kind == "retry_fail":
+                    err = conn.execute("select df.error(%s)::text", (iid,)).fetchone()
+                    text = (err[0] if err else None) or ""
+                    named = f"gave up after {want} attempts" in text
+                    if status != "failed" or nstatus != "failed" or attempt != want or not named:
+                        out.append(
+                            Violation(
+                                "retry_attempts",
+                                iid,
+                                f"retry_fail instance {status}, RETRY {nid} {nstatus}, attempt "
+                                f"{attempt} of {want}, df.error {text[:200]}",
+                            )
+                        )
+                    else:
+                        st.features["retries exhausted (instance failed, df.error named)"] += 1
+        if kind == "restart":
+            runs = conn.execute(
+                "select count(*), count(*) filter (where status = 'failed') "
+                "from df.instance_runs(%s)",
+                (iid,),
+            ).fetchone()
+            n_runs, n_failed = (int(runs[0]), int(runs[1])) if runs else (0, 0)
+            if n_runs >= 2:
+                st.features["restarted instances (>= 2 runs)"] += 1
+                if status == "completed":
+                    st.features["restarted instances completed"] += 1
+            if status in TERMINAL and n_runs < 2:
+                out.append(
+                    Violation(
+                        "restart_runs",
+                        iid,
+                        f"restart instance {status} with {n_runs} run(s) ({n_failed} failed)",
+                    )
+                )
+    # idempotent starts: one instance per key; every call that answered gave its id
+    if keyed:
+        per_key: dict[str, list[str]] = defaultdict(list)
+        for iid, key in conn.execute(
+            "select id, idempotency_key from df.instances where idempotency_key = any(%s)",
+            (list(keyed),),
+        ):
+            per_key[key].append(iid)
+        for key, answers in keyed.items():
+            have = per_key.get(key, [])
+            got = {a for a in answers if a is not None}
+            st.features["keyed starts"] += 1
+            if len(have) > 1:
+                out.append(Violation("keyed_start", have[0], f"key {key}: instances {have}"))
+            elif len(got) > 1 or (got and set(have) != got):
+                out.append(
+                    Violation(
+                        "keyed_start",
+                        have[0] if have else None,
+                        f"key {key}: calls returned {answers}, instances {have}",
+                    )
+                )
+            elif len(got) == 1 and all(a is not None for a in answers):
+                st.features["keyed starts deduplicated (both calls, one id)"] += 1
     return out

@@ -8,6 +8,19 @@ from .checker import KINDS, Stats, Violation
 from .run import FAULT_KINDS
 from .watch import HOLDERS
 
+FEATURES = (
+    "retried steps (attempt > 1)",
+    "retry attempts (all RETRY nodes)",
+    "retries exhausted (instance failed, df.error named)",
+    "keyed starts",
+    "keyed starts (one after the other)",
+    "keyed starts (concurrent)",
+    "keyed starts deduplicated (both calls, one id)",
+    "restarts called",
+    "restarted instances (>= 2 runs)",
+    "restarted instances completed",
+)
+
 
 def render(stats: Stats, violations: list[Violation], seed: int) -> str:
     """The report: faults, statuses, steps, violations by kind, the soak watch, notes; its
@@ -24,6 +37,9 @@ def render(stats: Stats, violations: list[Violation], seed: int) -> str:
     lines += ["", "steps"]
     for k, v in stats.steps.items():
         lines.append(f"  {k:<34}{v:>6}")
+    lines += ["", "df.retry, idempotent starts, df.restart"]
+    for k in FEATURES:
+        lines.append(f"  {k:<52}{stats.features[k]:>6}")
     lines += ["", "violations by kind"]
     by_kind = Counter(v.kind for v in violations)
     for k in KINDS:

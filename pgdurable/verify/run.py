@@ -4,7 +4,10 @@
 server, where PostgreSQL restarts are skipped), starts ``pgdurable serve``
 (:class:`pgdurable.harness.Serve`) and an HTTP endpoint (:class:`pgdurable.harness.HttpRecorder`),
 keeps about ten instances of the workload in flight, sends their signals (some before the
-wait, one never waited for) and injects faults (:data:`FAULT_KINDS`):
+wait, one never waited for), starts a quarter of them twice with one idempotency key (half of
+those from two threads at once, a call that fails mid-way is repeated), fixes each failed
+``restart`` instance's missing table and calls df.restart (:mod:`.features`), and
+injects faults (:data:`FAULT_KINDS`):
 
     kill_worker           SIGKILL one worker (the supervisor restarts it)
     kill_supervisor       SIGKILL the supervisor (its workers notice and exit), start serve again
@@ -22,6 +25,9 @@ kind (in random order), so even a short run has every kind; then kinds are drawn
 It then settles (every instance terminal) and hands the database to the checker. Every 15 s a soak
 watch samples the workers' memory, the connections to the database (by holder:
 :func:`holder_of`) and table bloat.
+
+(Over 500 lines: setup, workload pump, fault injection and settle share one run's state; the
+client side of keyed starts and restarts is in :mod:`.features`.)
 """
 
 from __future__ import annotations
@@ -44,11 +50,18 @@ from psycopg import sql
 from pgdurable.embedded import EmbeddedPostgres
 from pgdurable.harness import HttpRecorder, Serve, ServeError, dsn_with
 
+from . import features
 from .checker import SentSignal, Stats, Violation, check
 from .network import NET_KINDS, NetFaults
 from .proxy import ARM_TIMEOUT, COMMIT_REPLY_TIMEOUT
 from .watch import holder_of, log_evidence
-from .workload import KIND_WEIGHTS, LABEL_PREFIX, setup_database, templates
+from .workload import (
+    KIND_WEIGHTS,
+    LABEL_PREFIX,
+    restart_template,
+    setup_database,
+    templates,
+)
 
 LEASE_SECONDS = 3
 FAULT_KINDS = (
@@ -108,6 +121,8 @@ class Run:
         self.tenant = f"pgdurable_verify_{os.getpid()}"
         self.external = dsn
         self.bg: list[threading.Thread] = []
+        self.keyed: dict[str, list[str | None]] = {}  # idempotency key -> id each call returned
+        self.restarted: set[str] = set()  # instances df.restart was called for
 
     # connections ---------------------------------------------------------------------
     def connect(self, tenant: bool = False) -> psycopg.Connection[Any]:
@@ -204,15 +219,21 @@ class Run:
     def start_instance(self) -> None:
         kinds = list(KIND_WEIGHTS)
         kind = self.rng.choices(kinds, [KIND_WEIGHTS[k] for k in kinds])[0]
-        label = f"{LABEL_PREFIX}{kind}:{self.started}"
+        n = self.started
+        label = f"{LABEL_PREFIX}{kind}:{n}"
         self.started += 1
-        try:
-            with self.connect(tenant=True) as conn:
-                iid = conn.execute(f"select df.start({self.exprs[kind]}, %s)", (label,)).fetchone()[
-                    0
-                ]  # type: ignore[index]
-        except psycopg.OperationalError:
-            return  # maybe committed: found by its label at the end (signals sent at settle)
+        expr = restart_template(n) if kind == "restart" else self.exprs[kind]
+        iid: str | None
+        if self.rng.random() < 0.25:
+            iid = features.keyed_start(self, expr, label, f"verify-{self.seed}-{n}")
+        else:
+            try:
+                with self.connect(tenant=True) as conn:
+                    iid = conn.execute(f"select df.start({expr}, %s)", (label,)).fetchone()[0]  # type: ignore[index]
+            except psycopg.OperationalError:
+                return  # maybe committed: found by its label at the end (signals sent at settle)
+        if iid is None:
+            return
         self.ids[iid] = kind
         if kind == "signal":
             now = time.monotonic()
@@ -262,6 +283,7 @@ class Run:
             return
         for _ in range(max(0, inflight - live)):
             self.start_instance()
+        features.restart_failed(self)
 
     # faults ----------------------------------------------------------------------------
     def fault(self, kind: str) -> bool | None:
@@ -446,6 +468,8 @@ class Run:
             for p in list(self.pending_signals):
                 if self.send_signal(p[1], p[2]):
                     self.pending_signals.remove(p)
+            if features.restart_failed(self):
+                continue  # restarted: running again
             with self.connect() as conn:
                 rows = conn.execute(
                     "select i.id, i.label, i.status from df.instances i where label like %s "
@@ -479,7 +503,12 @@ class Run:
         self.log_evidence()
         with self.connect() as conn:
             return check(
-                conn, self.sent, self.http_requests(), http_cut=self.http_cut, stats=self.stats
+                conn,
+                self.sent,
+                self.http_requests(),
+                http_cut=self.http_cut,
+                stats=self.stats,
+                keyed=self.keyed,
             )
 
     def log_evidence(self) -> None:

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from pgdurable import verify
+from pgdurable.verify import workload
 from tests.acceptance.conftest import ROOT
 
 # slow: real fault soaks of serve (make test-fast leaves them out)
@@ -68,6 +69,24 @@ def test_ci_sized_run_reports_no_violation() -> None:
     for kind in verify.NET_KINDS:
         assert counts[kind] >= 1, f"no {kind} fault injected:\n{out}"
     assert "2 serve(s)" in out, out
+    # pgdurable's own features joined the mix: df.retry (retried and exhausted), keyed starts
+    # (deduplicated), df.restart (restarted instances completed)
+    feats = {
+        line.strip().rsplit(None, 1)[0]: int(line.split()[-1])
+        for line in out.split("df.retry, idempotent starts, df.restart")[1]
+        .split("violations by kind")[0]
+        .strip()
+        .splitlines()
+    }
+    for name in (
+        "retried steps (attempt > 1)",
+        "retries exhausted (instance failed, df.error named)",
+        "keyed starts deduplicated (both calls, one id)",
+        "keyed starts (concurrent)",
+        "restarts called",
+        "restarted instances completed",
+    ):
+        assert feats[name] >= 1, f"no {name}:\n{out}"
 
 
 def test_connections_are_told_apart_by_holder() -> None:
@@ -327,6 +346,106 @@ def test_checker_accepts_an_http_failure_only_when_the_endpoint_was_cut(scratch)
         conn.execute("delete from pgdurable.tasks where instance_id = %s", (iid,))
         assert verify.check(conn, [], [], http_cut=True) == []
         assert kinds(verify.check(conn, [], [], http_cut=False)) == ["unexpected_status"]
+
+
+def set_retry(conn, iid: str, attempt: int, max_attempts: int) -> None:
+    conn.execute(
+        "update df.nodes set status_details = coalesce(status_details, '{}'::jsonb) || "
+        "jsonb_build_object('attempt', %s::int, 'max_attempts', %s::int) "
+        "where instance_id = %s and node_type = 'RETRY'",
+        (attempt, max_attempts, iid),
+    )
+
+
+def test_checker_reports_retry_attempts(scratch) -> None:
+    """A retry instance: its failing step's row once, its RETRY within max_attempts; a
+    rolled-back attempt's row left behind, one attempt too many, and a retry_fail instance
+    that did not fail are each reported."""
+    db, tenant = scratch
+    iid = start(db, tenant, "retry")
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        set_retry(conn, iid, 3, workload.RETRY_MAX_ATTEMPTS)
+        stats = verify.Stats()
+        assert verify.check(conn, [], [], http_cut=False, stats=stats) == []
+        assert stats.features["retried steps (attempt > 1)"] == 1
+        assert stats.features["retry attempts (all RETRY nodes)"] == 3
+        conn.execute("insert into verify_ledger values (%s, 'y1')", (iid,))  # a failed try's
+        v = verify.check(conn, [], [], http_cut=False)
+        assert kinds(v) == ["duplicate_effect"]
+        assert "y1 applied 2 times" in v[0].detail
+        conn.execute(
+            "delete from verify_ledger where ctid = (select max(ctid) from verify_ledger "
+            "where instance = %s and step = 'y1')",
+            (iid,),
+        )
+        set_retry(conn, iid, workload.RETRY_MAX_ATTEMPTS + 1, workload.RETRY_MAX_ATTEMPTS)
+        v = verify.check(conn, [], [], http_cut=False)
+        assert kinds(v) == ["retry_attempts"]
+        assert f"attempt {workload.RETRY_MAX_ATTEMPTS + 1} of" in v[0].detail
+        set_retry(conn, iid, 2, workload.RETRY_MAX_ATTEMPTS)
+    late = start(db, tenant, "retry_fail", 1)
+    with db.connect() as conn:
+        # a retry_fail instance that completed: its RETRY never gave up
+        finish_by_hand(conn, late)
+        set_retry(conn, late, 1, workload.RETRY_FAIL_ATTEMPTS)
+        v = verify.check(conn, [], [], http_cut=False)
+        assert kinds(v) == ["retry_attempts"]
+        assert v[0].instance_id == late
+        assert "retry_fail instance completed" in v[0].detail
+
+
+def test_checker_reports_keyed_starts(scratch) -> None:
+    """One instance per idempotency key, every call answered with its id: a call that got
+    another id, or a second instance with the key, is reported."""
+    db, tenant = scratch
+    other = db.create_role("verify2")
+    with db.connect(tenant) as conn:
+        chain = verify.templates(URL)["chain"]
+        q = f"select df.start({chain}, 'verify:chain:0', idempotency_key => 'k1')"
+        a = conn.execute(q).fetchone()[0]
+        assert conn.execute(q).fetchone()[0] == a
+    with db.connect() as conn:
+        finish_by_hand(conn, a)
+        stats = verify.Stats()
+        assert verify.check(conn, [], [], http_cut=False, stats=stats, keyed={"k1": [a, a]}) == []
+        assert stats.features["keyed starts deduplicated (both calls, one id)"] == 1
+        assert verify.check(conn, [], [], http_cut=False, keyed={"k1": [a, None]}) == []
+        v = verify.check(conn, [], [], http_cut=False, keyed={"k1": [a, "0badf00d"]})
+        assert kinds(v) == ["keyed_start"]
+    with db.connect(other) as conn:  # another role may use the key: a second instance
+        conn.execute(
+            f"select df.start({verify.templates(URL)['chain']}, 'other', idempotency_key => 'k1')"
+        )
+    with db.connect() as conn:
+        v = verify.check(conn, [], [], http_cut=False, keyed={"k1": [a, a]})
+        assert kinds(v) == ["keyed_start"]
+        assert "instances" in v[0].detail
+
+
+def test_checker_reports_a_restart_instance_with_one_run(scratch) -> None:
+    """A restart instance that completed without a restart is reported; after a real
+    df.restart (the tenant's, of the failed instance) it has two runs and passes."""
+    db, tenant = scratch
+    with db.connect(tenant) as conn:
+        iid = conn.execute(
+            f"select df.start({workload.restart_template(7)}, 'verify:restart:7')"
+        ).fetchone()[0]
+    with db.connect() as conn:
+        finish_by_hand(conn, iid)
+        v = verify.check(conn, [], [], http_cut=False)
+        assert kinds(v) == ["restart_runs"]
+        assert "1 run(s)" in v[0].detail
+        conn.execute("update df.instances set status = 'failed' where id = %s", (iid,))
+        workload.fix_for_restart(conn, 7, tenant)
+    with db.connect(tenant) as conn:
+        assert conn.execute("select df.restart(%s)", (iid,)).fetchone()[0] == iid
+    with db.connect() as conn:
+        conn.execute("delete from verify_ledger where instance = %s", (iid,))
+        finish_by_hand(conn, iid)
+        stats = verify.Stats()
+        assert verify.check(conn, [], [], http_cut=False, stats=stats) == []
+        assert stats.features["restarted instances completed"] == 1
 
 
 def test_checker_needs_a_superuser_view(scratch) -> None:
