@@ -83,3 +83,19 @@ def test_scale_checks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "| finished | ratio, after ÷ interleaved control (best / median) |" in table
     assert "| scaleout | steps run twice / never | 0 / 0 |" in table
     assert rc == 0, table
+
+
+def test_graph_and_loop_checks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "limits.json"
+    rc = scale.main(
+        ["--checks", "graph,loop", "--scale", "0.005", "--quiet", "--timeout", "120"]
+        + ["--json", str(out)]
+    )
+    table = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert rc == 0 and data["problems"] == [], table
+    graph, loop = data["graph"], data["loop"]
+    assert graph["status"] == "completed" and graph["nodes"] == 49, table
+    assert 0 < graph["peak_rss_mb"] < 150, table
+    assert loop["status"] == "completed" and loop["iterations"] == 500, table
+    assert loop["per_s"] > 0 and loop["node_rows"] < 20, table
