@@ -81,6 +81,7 @@ from psycopg import sql
 from pgdurable import __version__
 from pgdurable import schema as schema_mod
 
+from . import scale_limits as lim
 from .common import (
     LEAF_TYPES,
     POLL_S,
@@ -1179,7 +1180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--checks",
         default="finished,scaleout,memory",
-        help="comma separated subset of finished,scaleout,memory",
+        help="comma separated subset of finished,scaleout,memory; graph,loop "
+        "(bench/scale_limits.py) only when named",
     )
     p.add_argument(
         "--workers",
@@ -1226,7 +1228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wanted = {c.strip().lower() for c in args.checks.split(",") if c.strip()}
-    unknown = wanted - {"finished", "scaleout", "memory"}
+    unknown = wanted - {"finished", "scaleout", "memory", "graph", "loop"}
     if unknown:
         print(f"unknown check(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -1243,8 +1245,13 @@ def main(argv: list[str] | None = None) -> int:
         fin = check_finished(server, args, workdir, progress) if "finished" in wanted else None
         so = check_scaleout(server, args, workdir, progress) if "scaleout" in wanted else None
         mem = check_memory(server, args, workdir, progress) if "memory" in wanted else None
-        print(render(server, args, fin, so, mem))
-        bad = problems(fin, so, mem)
+        gr = lim.check_graph(server, args, workdir, progress, Db) if "graph" in wanted else None
+        lp = lim.check_loop(server, args, workdir, progress, Db) if "loop" in wanted else None
+        if fin or so or mem:
+            print(render(server, args, fin, so, mem))
+        if gr or lp:
+            print(lim.render(gr, lp))
+        bad = problems(fin, so, mem) + lim.problems(gr, lp)
         if args.json_path:
             Path(args.json_path).write_text(
                 json.dumps(
@@ -1261,6 +1268,8 @@ def main(argv: list[str] | None = None) -> int:
                         "finished": asdict(fin) if fin else None,
                         "scaleout": asdict(so) if so else None,
                         "memory": asdict(mem) | {"max_rss_mb": mem.max_rss_mb} if mem else None,
+                        "graph": asdict(gr) if gr else None,
+                        "loop": asdict(lp) if lp else None,
                         "problems": bad,
                     },
                     indent=2,

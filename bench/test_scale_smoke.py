@@ -83,3 +83,21 @@ def test_scale_checks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "| finished | ratio, after ÷ interleaved control (best / median) |" in table
     assert "| scaleout | steps run twice / never | 0 / 0 |" in table
     assert rc == 0, table
+
+
+def test_graph_and_loop_checks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "limits.json"
+    args = ["--checks", "graph,loop", "--scale", "0.005", "--quiet", "--timeout", "120"]
+    rc = scale.main([*args, "--json", str(out)])
+    table = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["problems"] == [], table
+    assert rc == 0, table
+    graph, loop = data["graph"], data["loop"]
+    assert graph["status"] == "completed", table
+    assert graph["nodes"] == 49, table
+    assert 0 < graph["peak_rss_mb"] < 150, table
+    assert loop["status"] == "completed", table
+    assert loop["iterations"] == 500, table
+    assert loop["per_s"] > 0, table
+    assert loop["node_rows"] < 20, table

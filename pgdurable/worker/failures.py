@@ -84,6 +84,10 @@ def failure_reason(task: Task, exc: BaseException, kind: str) -> str:
 
 
 def pg_message(exc: psycopg.Error) -> str:
-    """The primary message of a PostgreSQL error (what a step's failure stores)."""
+    """The primary message of a PostgreSQL error (what a step's failure stores); the step
+    runner's result cap says how to raise it, as the worker's own check does."""
     diag = exc.diag
-    return diag.message_primary or str(exc).strip()
+    msg = diag.message_primary or str(exc).strip()
+    if exc.sqlstate == "54000" and "--result-max-bytes" in (diag.message_hint or ""):
+        msg += "; raise pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES) to allow it"
+    return msg

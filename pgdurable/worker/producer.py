@@ -121,4 +121,7 @@ class Producer:
         if task.handoff_ready and not self.stopping.is_set():
             for nxt in task.handoff:
                 self.launch(nxt)
+        # launched: drop them, or every step of a handoff chain (a long loop) would stay
+        # reachable from the first, which `run` may hold as its last claimed task
+        task.handoff = []
         self.wake.set()
