@@ -16,6 +16,7 @@ What is recorded, and where (``pgdurable/worker``):
 ====================================== ===============================================
 ``pgdurable_tasks_claimed_total``      tasks leased by the producer (claim)
 ``pgdurable_tasks_handed_off_total``   successors a checkpoint leased straight to its worker
+``pgdurable_steps_with_start_total``   first steps run on their instance's start task (no claim)
 ``pgdurable_claim_batch_size``         histogram of tasks per non-empty claim
 ``pgdurable_steps_claimed_total``      steps that began to run, by ``node_type``
 ``pgdurable_steps_completed_total``    steps checkpointed as completed, by ``node_type``
@@ -90,6 +91,10 @@ class _Metrics:
         self.tasks_handed_off = Counter(
             "pgdurable_tasks_handed_off",
             "Successors inserted already leased to the worker that checkpointed them.",
+        )
+        self.steps_with_start = Counter(
+            "pgdurable_steps_with_start",
+            "First steps run on their instance's start task, with the start (no claim).",
         )
         self.claim_batch = Histogram(
             "pgdurable_claim_batch_size", "Tasks leased per non-empty claim.", buckets=BATCH_BUCKETS
@@ -182,6 +187,12 @@ def handed_off(n: int) -> None:
     """A checkpoint handed ``n`` runnable successors straight to this worker (no claim)."""
     if _m is not None and n:
         _m.tasks_handed_off.inc(n)
+
+
+def step_with_start() -> None:
+    """An instance's first step runs on its start task (the fused first step: no claim)."""
+    if _m is not None:
+        _m.steps_with_start.inc()
 
 
 def step_started(node_type: str) -> None:

@@ -250,6 +250,7 @@ class Dispatch:
             elif not role.can_login:
                 problem = f"role {role.name!r} lacks the LOGIN attribute"
         if problem is None and await self._start_with_first_step(ctx, task):
+            metrics.step_with_start()
             logger.info("instance started", extra={"event": "instance.started"})
             return
         if ctx.dead or self.cache.peek(task.instance_id) is not ctx:

@@ -215,11 +215,16 @@ def test_top_once_and_metrics(db, running, tenant):
     assert m['pgdurable_steps_completed_total{node_type="SQL"}'] >= done_sql
     assert m['pgdurable_steps_failed_total{node_type="SQL"}'] >= 1
     assert m['pgdurable_step_duration_seconds_count{node_type="SQL"}'] >= done_sql + 1
-    # every step was taken by a claim or handed straight to the worker that checkpointed its
-    # predecessor (ARCHITECTURE.md §7, hand-off), plus one start task per instance
+    # every step was taken by a claim, handed straight to the worker that checkpointed its
+    # predecessor (ARCHITECTURE.md §7, hand-off) or run on its instance's start task (the
+    # fused first step), plus one start task per instance
     assert (
-        m["pgdurable_tasks_claimed_total"] + m["pgdurable_tasks_handed_off_total"] >= done_sql + 6
+        m["pgdurable_tasks_claimed_total"]
+        + m["pgdurable_tasks_handed_off_total"]
+        + m["pgdurable_steps_with_start_total"]
+        >= done_sql + 6
     )
+    assert m["pgdurable_steps_with_start_total"] >= 1
     assert m["pgdurable_claim_batch_size_count"] >= 1
     assert m["pgdurable_checkpoint_seconds_count"] >= done_sql
     assert m["pgdurable_queue_depth"] == 0
