@@ -49,9 +49,6 @@ of the best of ``--repeats`` runs per configuration (other work on a shared box 
 run down); medians are shown too. scaleout interleaves 1-serve and 2-serve runs.
 
 Owns: these checks and their table. SQL literals are fine here (bench).
-Over 500 lines: three independent checks (finished, scaleout, memory) and their table;
-each could be its own module.
-
 Over 500 lines: three checks (finished, scaleout, memory), each with its measurement
 and report, sharing one database and serve helper; each check reads top to bottom.
 """

@@ -33,6 +33,7 @@ import pytest
 from psycopg import sql
 
 from tests.acceptance.conftest import Serve
+from tests.acceptance.test_amplification import await_
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -83,14 +84,6 @@ class RssSeries:
 def start(db: Any, role: str, expr: str) -> str:
     with db.connect(role) as conn:
         return str(conn.execute(f"select df.start({expr})").fetchone()[0])
-
-
-def await_(db: Any, role: str, iid: str, timeout: int = 120) -> tuple[str, Any, Any]:
-    with db.connect(role) as conn:
-        status = conn.execute("select df.await_instance(%s, %s)", (iid, timeout)).fetchone()[0]
-        result = conn.execute("select df.result(%s)", (iid,)).fetchone()[0]
-        error = conn.execute("select df.error(%s)", (iid,)).fetchone()[0]
-    return status, result, error
 
 
 # -- 1. --result-max-bytes ----------------------------------------------------------------------
