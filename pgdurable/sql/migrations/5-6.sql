@@ -85,6 +85,8 @@ create policy foreach_items_owner on @engine@.foreach_items for all
 -- the DSL's node types, df.start's validation (df._graph_flatten, @engine@._enqueue_v1)
 -- @definitions-of 10_dsl.sql
 -- @definitions-of 30_control.sql
+-- df._check_refs leaves a df.foreach body's references alone
+-- @definitions-of 35_references.sql
 -- the new file: df.foreach, the engine's functions, the triggers
 -- @include 38_foreach.sql
 -- df.explain / df.instance_nodes show a FOREACH's progress; df._usage_helpers names

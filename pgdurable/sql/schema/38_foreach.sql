@@ -30,6 +30,29 @@
 -- the DSL
 ------------------------------------------------------------------------------------------
 
+-- A df.foreach body validated and flattened as df.start does a graph, but for its $name
+-- references: it refers to $item and to its workflow's names, which it does not define
+-- (df._check_refs is told so for this call).
+create function df._foreach_flatten(p_body jsonb) returns jsonb
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_old  pg_catalog.text := pg_catalog.current_setting('pgdurable.foreach_body', true);
+    v_flat pg_catalog.jsonb;
+begin
+    perform pg_catalog.set_config('pgdurable.foreach_body', 'on', true);
+    begin
+        v_flat := df._graph_flatten(p_body);
+    exception when others then
+        perform pg_catalog.set_config('pgdurable.foreach_body', coalesce(v_old, ''), true);
+        raise;
+    end;
+    perform pg_catalog.set_config('pgdurable.foreach_body', coalesce(v_old, ''), true);
+    return v_flat;
+end
+$$;
+
 -- A FOREACH node's config (the text stored in its query), after checking every argument:
 -- 22023 naming the argument. max_parallel is at most 1000 (more would be a thundering herd
 -- of instances, not parallelism the engine could run).
@@ -80,7 +103,7 @@ begin
             hint = 'Wrap a single statement in df.sql(…).';
     end if;
     begin
-        perform df._graph_flatten(v_body);
+        perform df._foreach_flatten(v_body);
     exception when sqlstate '22023' or sqlstate '54000' then
         raise exception using errcode = '22023',
             message = 'df.foreach: body is not a valid graph: ' || sqlerrm;
@@ -192,7 +215,7 @@ begin
     where i.id operator(pg_catalog.=) p_instance;
     select df._try_jsonb(n.query) into v_cfg from df.nodes n
     where n.instance_id operator(pg_catalog.=) p_instance and n.id operator(pg_catalog.=) p_node;
-    v_body := df._graph_flatten(v_cfg -> 'body');
+    v_body := df._foreach_flatten(v_cfg -> 'body');
     delete from @engine@.foreach_runs f
     where f.instance_id operator(pg_catalog.=) p_instance and f.node_id operator(pg_catalog.=) p_node;
     insert into @engine@.foreach_runs (instance_id, node_id, gen, row_count, max_parallel, body,
