@@ -124,3 +124,183 @@ def test_zero_rows_completes_at_once(env: Env) -> None:
         ).fetchone()
     assert json.loads(res) == {"rows": [], "row_count": 0}
     assert children(env, iid) == []
+
+
+def concurrency(env: Env, tag: str) -> int:
+    """The most bodies of ``tag`` that were inside their (sleeping) step at once, from the
+    ledger's start and end stamps."""
+    with env.db.connect() as conn:
+        row = conn.execute(
+            "select max(c) from (select count(*) over (order by t, d desc) as c, d from ("
+            " select at as t, 1 as d from public.ledger where tag = %s"
+            " union all select at + interval '300 ms', -1 from public.ledger where tag = %s"
+            ") e) x",
+            (tag, tag),
+        ).fetchone()
+    return int(row[0] or 0)
+
+
+def test_max_parallel_is_respected(env: Env) -> None:
+    """12 bodies of 0.3 s each, 3 at a time: never more than 3 inside their step, and at
+    least 2 at once (they do run in parallel). The ledger stamps each body's start; every
+    body sleeps 0.3 s after it."""
+    source(env, "par", 12)
+    iid = start(
+        env,
+        "df.foreach('select v from public.src where tag = ''par''', "
+        "df.sql('insert into public.ledger (tag, v) select ''par'', $item.v "
+        "from pg_sleep(0.3)'), 3)",
+    )
+    peak_running = 0
+    deadline = time.monotonic() + 60
+    with env.db.connect(env.role) as conn:
+        while time.monotonic() < deadline:
+            (n,) = conn.execute(
+                "select count(*) from df.instances where label like %s and status in "
+                "('pending', 'running')",
+                (f"{iid} foreach % row %",),
+            ).fetchone()
+            peak_running = max(peak_running, int(n))
+            (st,) = conn.execute("select status from df.instances where id = %s", (iid,)).fetchone()
+            if st not in ("pending", "running"):
+                break
+            time.sleep(0.05)
+    assert wait_status(env, iid) == "completed"
+    assert ledger(env, "par") == list(range(1, 13))
+    assert 2 <= peak_running <= 3, peak_running
+    # the ledger's stamps are taken after each body's sleep: a body's row at t means it ran
+    # during [t - 0.3 s, t]
+    with env.db.connect() as conn:
+        (peak,) = conn.execute(
+            "select max(c) from (select (select count(*) from public.ledger b where b.tag = 'par' "
+            "and b.at > a.at - interval '300 ms' and b.at <= a.at) as c "
+            "from public.ledger a where a.tag = 'par') x"
+        ).fetchone()
+    assert int(peak) <= 3, peak
+
+
+def test_a_failing_row_fails_the_foreach_and_cancels_the_others(env: Env) -> None:
+    """Row 3 fails at once; the others sleep long: the FOREACH fails naming row 3, the
+    running bodies are cancelled (their sleep interrupted: nothing in the ledger), the rows
+    not started never start."""
+    source(env, "fail", 8)
+    iid = start(
+        env,
+        "df.foreach('select v from public.src where tag = ''fail'' order by v', "
+        "df.sql('insert into public.ledger (tag, v) select ''fail'', $item.v "
+        "from pg_sleep(case when $item.v = 3 then 0 else 30 end) where 1 / ($item.v - 3) <> 0 "
+        "or $item.v <> 3'), 4)",
+    )
+    t0 = time.monotonic()
+    assert wait_status(env, iid) == "failed"
+    assert time.monotonic() - t0 < 20  # the others' 30 s sleeps were not waited for
+    err = error(env, iid)
+    assert err["node_type"] == "FOREACH"
+    assert err["error"].startswith("df.foreach: row 3 of 8 failed: "), err
+    assert "division by zero" in err["error"]
+    deadline = time.monotonic() + 30
+    while True:
+        kids = children(env, iid)
+        if all(k[1] in ("completed", "failed", "cancelled") for k in kids):
+            break
+        assert time.monotonic() < deadline, kids
+        time.sleep(0.2)
+    assert len(kids) == 4  # max_parallel 4: rows 5-8 never started
+    assert sorted(k[1] for k in kids) == ["cancelled", "cancelled", "cancelled", "failed"]
+    time.sleep(1)
+    assert ledger(env, "fail") == []
+
+
+def test_body_wrapped_in_retry_retries_inside_itself(env: Env) -> None:
+    """Each body is two steps in a df.retry: the first records a try, the second fails while
+    its row has fewer than two tries. The RETRY runs the body again inside the child; the
+    FOREACH completes, each row's effect once."""
+    admin(
+        env,
+        "create sequence public.fe_tries",
+        f'grant usage on sequence public.fe_tries to "{env.role}"',
+    )
+    source(env, "rty", 5)
+    first = "df.sql('insert into public.ledger (tag, v) values (''rty-try'', $item.v)')"
+    flaky = (
+        "df.sql('insert into public.ledger (tag, v) select ''rty'', $item.v "
+        "where nextval(''public.fe_tries'') > 0 and 1 / (case when "
+        "(select count(*) from public.ledger l where l.tag = ''rty-try'' and l.v = $item.v) "
+        "< 2 then 0 else 1 end) = 1')"
+    )
+    iid = start(
+        env,
+        "df.foreach('select v from public.src where tag = ''rty''', "
+        f"df.retry({first} ~> {flaky}, 3, 0.1, 1), 2)",
+    )
+    assert wait_status(env, iid) == "completed"
+    assert ledger(env, "rty") == [1, 2, 3, 4, 5]
+    assert ledger(env, "rty-try") == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    with env.db.connect() as conn:
+        (tries,) = conn.execute("select last_value from public.fe_tries").fetchone()
+    assert int(tries) == 10  # every body's second step ran twice: failed once, then passed
+
+
+def test_cancel_of_the_parent_cancels_its_bodies(env: Env) -> None:
+    source(env, "cxl", 6)
+    iid = start(
+        env,
+        "df.foreach('select v from public.src where tag = ''cxl''', "
+        "df.sql('select pg_sleep(60)') ~> "
+        "df.sql('insert into public.ledger (tag, v) values (''cxl'', $item.v)'), 3)",
+    )
+    deadline = time.monotonic() + 30
+    while len([k for k in children(env, iid) if k[1] == "running"]) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with env.db.connect(env.role) as conn:
+        conn.execute("select df.cancel(%s, 'enough')", (iid,))
+    deadline = time.monotonic() + 20
+    while True:
+        kids = children(env, iid)
+        if all(k[1] == "cancelled" for k in kids):
+            break
+        assert time.monotonic() < deadline, kids
+        time.sleep(0.1)
+    assert len(kids) == 3
+    time.sleep(1)
+    assert len(children(env, iid)) == 3  # nothing new started
+    assert ledger(env, "cxl") == []
+
+
+def test_restart_after_a_failed_row(env: Env) -> None:
+    """Row 4's body fails (its table is missing) after its first step; the others complete.
+    Made to pass, df.restart of the parent: the completed rows are not run again (the ledger
+    has each once), row 4's body goes on from its failed step (its first step once), and the
+    rows query is not run again (the source changed meanwhile)."""
+    source(env, "rs", 6)
+    admin(env, "create sequence public.fe_rows", f'grant usage on sequence public.fe_rows to "{env.role}"')
+    iid = start(
+        env,
+        "df.foreach('select v, nextval(''public.fe_rows'') as q from public.src "
+        "where tag = ''rs'' order by v', "
+        "df.sql('insert into public.ledger (tag, v) values (''rs-a'', $item.v)') ~> "
+        "df.sql('insert into public.ledger (tag, v) select ''rs-b'', $item.v "
+        "from (select 1) x where $item.v <> 4 or to_regclass(''public.fe_late'') is not null') ~> "
+        "df.sql('select 1 / (case when $item.v = 4 and to_regclass(''public.fe_late'') is null "
+        "then 0 else 1 end) as ok'), 6)",
+    )
+    assert wait_status(env, iid) == "failed"
+    assert error(env, iid)["error"].startswith("df.foreach: row 4 of 6 failed")
+    assert ledger(env, "rs-a") == [1, 2, 3, 4, 5, 6]
+    failed_child = [k for k in children(env, iid) if k[1] == "failed"]
+    assert len(failed_child) == 1 and failed_child[0][2].endswith(" row 4")
+    admin(env, "create table public.fe_late ()", "insert into public.src values ('rs', 7)")
+    assert restart(env, iid) == iid
+    assert wait_status(env, iid) == "completed"
+    assert ledger(env, "rs-a") == [1, 2, 3, 4, 5, 6]  # nothing ran twice
+    # row 4's second step completed (inserting nothing, the table was missing) before its
+    # third failed: the restart resumes at the third
+    assert ledger(env, "rs-b") == [1, 2, 3, 5, 6]
+    res = result(env, iid)
+    assert res["row_count"] == 6  # the stored rows, not the query again
+    kids = children(env, iid)
+    assert [k[0] for k in kids if k[2].endswith(" row 4")] == [failed_child[0][0]]  # restarted
+    with env.db.connect() as conn:
+        (q,) = conn.execute("select last_value from public.fe_rows").fetchone()
+    assert int(q) == 6  # the rows query ran once
