@@ -215,16 +215,11 @@ def test_body_wrapped_in_retry_retries_inside_itself(env: Env) -> None:
     """Each body is two steps in a df.retry: the first records a try, the second fails while
     its row has fewer than two tries. The RETRY runs the body again inside the child; the
     FOREACH completes, each row's effect once."""
-    admin(
-        env,
-        "create sequence public.fe_tries",
-        f'grant usage on sequence public.fe_tries to "{env.role}"',
-    )
     source(env, "rty", 5)
     first = "df.sql('insert into public.ledger (tag, v) values (''rty-try'', $item.v)')"
     flaky = (
         "df.sql('insert into public.ledger (tag, v) select ''rty'', $item.v "
-        "where nextval(''public.fe_tries'') > 0 and 1 / (case when "
+        "where 1 / (case when "
         "(select count(*) from public.ledger l where l.tag = ''rty-try'' and l.v = $item.v) "
         "< 2 then 0 else 1 end) = 1')"
     )
@@ -236,9 +231,18 @@ def test_body_wrapped_in_retry_retries_inside_itself(env: Env) -> None:
     assert wait_status(env, iid) == "completed"
     assert ledger(env, "rty") == [1, 2, 3, 4, 5]
     assert ledger(env, "rty-try") == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-    with env.db.connect() as conn:
-        (tries,) = conn.execute("select last_value from public.fe_tries").fetchone()
-    assert int(tries) == 10  # every body's second step ran twice: failed once, then passed
+    # each body ran twice (its first attempt failed at its second step), inside its child:
+    # one child per row, each with its RETRY on attempt 2
+    kids = children(env, iid)
+    assert len(kids) == 5
+    with env.db.connect(env.role) as conn:
+        for kid, _, _ in kids:
+            (att,) = conn.execute(
+                "select status_details::jsonb ->> 'attempt' from df.instance_nodes(%s) "
+                "where node_type = 'RETRY'",
+                (kid,),
+            ).fetchone()
+            assert att == "2", (kid, att)
 
 
 def test_cancel_of_the_parent_cancels_its_bodies(env: Env) -> None:
