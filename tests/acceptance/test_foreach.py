@@ -308,3 +308,78 @@ def test_restart_after_a_failed_row(env: Env) -> None:
     with env.db.connect() as conn:
         (q,) = conn.execute("select last_value from public.fe_rows").fetchone()
     assert int(q) == 6  # the rows query ran once
+
+
+def test_kill_9_mid_foreach_runs_nothing_twice(env: Env) -> None:
+    """Workers are SIGKILLed while bodies run (and every serve process once, then a new
+    serve): the FOREACH completes with every row's body effect once, and its rows query (an
+    INSERT … RETURNING, so its own effect is visible) committed once."""
+    source(env, "crash", 150)
+    iid = start(
+        env,
+        "df.foreach('with r as (insert into public.ledger (tag, v) select ''crash-rows'', v "
+        "from public.src where tag = ''crash'' returning v) select v from r order by v', "
+        "df.sql('insert into public.ledger (tag, v) select ''crash'', $item.v "
+        "from pg_sleep(0.02)') ~> "
+        "df.sql('insert into public.ledger (tag, v) values (''crash2'', $item.v) returning v'), "
+        "15)",
+    )
+    for i in range(4):
+        time.sleep(0.6)
+        if i == 2:
+            env.serve.kill_all()
+            env.serve.start()
+        else:
+            env.serve.kill_worker()
+        env.serve.wait_workers(2)
+    assert wait_status(env, iid, 120) == "completed"
+    assert ledger(env, "crash-rows") == list(range(1, 151))
+    assert ledger(env, "crash") == list(range(1, 151))
+    assert ledger(env, "crash2") == list(range(1, 151))
+    res = result(env, iid)
+    assert res["row_count"] == 150
+    assert [r["rows"][0]["v"] for r in res["rows"]] == list(range(1, 151))
+    assert len(children(env, iid)) == 150  # no row got a second body
+
+
+def test_ten_thousand_rows_fifty_at_a_time(env: Env) -> None:
+    """10,000 rows, max_parallel 50, a trivial body; the worker's memory stays bounded (its
+    RSS is reported), df.explain shows progress as k/10000 while it runs. ~25 s on the
+    project machine (not marked slow: under a minute)."""
+    import psutil
+
+    source(env, "big", 10000)
+    t0 = time.monotonic()
+    iid = start(
+        env,
+        "df.foreach('select v from public.src where tag = ''big''', "
+        "df.sql('insert into public.ledger (tag, v) values (''big'', $item.v)'), 50)",
+    )
+    seen_progress = ""
+    peak_rss = 0
+    deadline = time.monotonic() + 900
+    with env.db.connect(env.role) as conn:
+        while time.monotonic() < deadline:
+            (st,) = conn.execute("select status from df.instances where id = %s", (iid,)).fetchone()
+            if st not in ("pending", "running"):
+                break
+            text = conn.execute("select df.explain(%s)", (iid,)).fetchone()[0]
+            if "/10000 rows done" in text and not seen_progress:
+                seen_progress = text
+            for pid in env.serve.workers():
+                try:
+                    peak_rss = max(peak_rss, psutil.Process(pid).memory_info().rss)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(1)
+    took = time.monotonic() - t0
+    assert wait_status(env, iid, 10) == "completed"
+    print(f"\n10,000 rows, max_parallel 50: {took:.1f} s; worker peak RSS {peak_rss / 2**20:.1f} MiB")
+    assert "FOREACH (" in seen_progress and "/10000 rows done" in seen_progress, seen_progress
+    with env.db.connect() as conn:
+        (n, d) = conn.execute(
+            "select count(*), count(distinct v) from public.ledger where tag = 'big'"
+        ).fetchone()
+    assert (n, d) == (10000, 10000)
+    assert result(env, iid)["row_count"] == 10000
+    assert peak_rss < 400 * 2**20
