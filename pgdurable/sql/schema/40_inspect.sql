@@ -184,11 +184,12 @@ as $$
                      and (n.status_details ? 'result_from' or n.status_details ? 'result_of')
                 then df._node_result($1, n.id) else n.result end::pg_catalog.text,
            -- a FOREACH's progress (df.foreach): {"progress": "k/n", "rows_done", …}
-           (n.status_details - 'result_from' - 'result_of' - 'result_bytes'
-            || case when n.node_type = 'FOREACH' and n.status <> 'pending'
-                    then coalesce(@engine@._foreach_progress_v1(n.instance_id, n.id),
+           (case when n.node_type = 'FOREACH' and n.status <> 'pending'
+                 then coalesce(n.status_details, '{}'::pg_catalog.jsonb)
+                      || coalesce(@engine@._foreach_progress_v1(n.instance_id, n.id),
                                   '{}'::pg_catalog.jsonb)
-                    else '{}'::pg_catalog.jsonb end)::pg_catalog.text,
+                 else n.status_details end
+            - 'result_from' - 'result_of' - 'result_bytes')::pg_catalog.text,
            t.inferred_status, t.inferred_from, n.updated_at
     from df.nodes n
     join df._node_tree($1) t on t.node_id = n.id
