@@ -8,7 +8,7 @@
 --   @engine@._foreach_cancel_v1      cancel the running bodies of a FOREACH
 --   @engine@._foreach_reap_v1        the maintenance pass: bodies of FOREACHs that stopped
 --   @engine@._foreach_restarted_v1   df.restart of the parent: rows kept, failed bodies restarted
---   @engine@._foreach_progress_v1    k/n for df.explain and df.instance_nodes
+--   (@engine@._foreach_progress_v1, k/n for df.explain and df.instance_nodes: 40_inspect.sql)
 --   two triggers: a body (child instance) that ends wakes its FOREACH; a FOREACH node that
 --   stops (failed, cancelled, abandoned) cancels its running bodies
 --
@@ -235,6 +235,9 @@ begin
     return v_n;
 end
 $$;
+-- the step role calls it in the rows query's transaction (90_grants.sql: the other _step_*)
+grant execute on function
+    @engine@._step_foreach_rows_v1(text, text, varchar, varchar, integer, jsonb) to pgdurable_step;
 
 -- Start one row's body: a child instance of the FOREACH's owner, as df.start writes one (the
 -- flattened body stored with the rows), its start task queued. Internal (the tick).
@@ -536,38 +539,6 @@ begin
     update @engine@.foreach_items x set status = 'restart'
     where x.instance_id = p_instance and x.node_id = p_node
       and x.status in ('failed', 'cancelled') and x.child_id is not null;
-end
-$$;
-
--- Progress of a FOREACH node for its owner (df.explain, df.instance_nodes): NULL before its
--- rows query ran, or for another role's instance.
-create function @engine@._foreach_progress_v1(p_instance varchar, p_node varchar)
-returns jsonb
-language plpgsql stable security definer
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    v_owner pg_catalog.regrole;
-    v_run   record;
-    v_c     record;
-begin
-    select i.submitted_by into v_owner from df.instances i where i.id = p_instance;
-    if v_owner is null or not @engine@._may_act(v_owner) then
-        return null;
-    end if;
-    select f.row_count, f.max_parallel into v_run from @engine@.foreach_runs f
-    where f.instance_id = p_instance and f.node_id = p_node;
-    if not found then
-        return null;
-    end if;
-    select pg_catalog.count(*) filter (where x.status = 'completed') as done,
-           pg_catalog.count(*) filter (where x.status = 'running') as running,
-           pg_catalog.count(*) filter (where x.status in ('failed', 'cancelled')) as failed
-    into v_c
-    from @engine@.foreach_items x where x.instance_id = p_instance and x.node_id = p_node;
-    return pg_catalog.jsonb_build_object(
-        'progress', v_c.done || '/' || v_run.row_count, 'rows_done', v_c.done,
-        'rows_running', v_c.running, 'rows_failed', v_c.failed, 'row_count', v_run.row_count);
 end
 $$;
 

@@ -171,6 +171,39 @@ as $$
     end
 $$;
 
+-- Progress of a df.foreach FOREACH node for its owner (df.explain, df.instance_nodes; the
+-- tables and the rest of it: 38_foreach.sql): NULL before its
+-- rows query ran, or for another role's instance.
+create function @engine@._foreach_progress_v1(p_instance varchar, p_node varchar)
+returns jsonb
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_owner pg_catalog.regrole;
+    v_run   record;
+    v_c     record;
+begin
+    select i.submitted_by into v_owner from df.instances i where i.id = p_instance;
+    if v_owner is null or not @engine@._may_act(v_owner) then
+        return null;
+    end if;
+    select f.row_count, f.max_parallel into v_run from @engine@.foreach_runs f
+    where f.instance_id = p_instance and f.node_id = p_node;
+    if not found then
+        return null;
+    end if;
+    select pg_catalog.count(*) filter (where x.status = 'completed') as done,
+           pg_catalog.count(*) filter (where x.status = 'running') as running,
+           pg_catalog.count(*) filter (where x.status in ('failed', 'cancelled')) as failed
+    into v_c
+    from @engine@.foreach_items x where x.instance_id = p_instance and x.node_id = p_node;
+    return pg_catalog.jsonb_build_object(
+        'progress', v_c.done || '/' || v_run.row_count, 'rows_done', v_c.done,
+        'rows_running', v_c.running, 'rows_failed', v_c.failed, 'row_count', v_run.row_count);
+end
+$$;
+
 create function df.instance_nodes(instance_id_param text)
 returns table (node_id text, node_type text, query text, result_name text, left_node text,
                right_node text, status text, result text, status_details text,

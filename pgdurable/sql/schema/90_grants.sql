@@ -64,10 +64,9 @@ grant execute on function
     @engine@._step_load_instance_v1(text, varchar),
     @engine@._step_load_nodes_v1(text, varchar),
     @engine@._step_load_results_v1(text, varchar),
-    @engine@._step_lock_run_v1(text, varchar),
-    -- df.foreach: its rows stored with the step that ran the query (38_foreach.sql)
-    @engine@._step_foreach_rows_v1(text, text, varchar, varchar, integer, jsonb)
+    @engine@._step_lock_run_v1(text, varchar)
     to pgdurable_step;
+-- (and @engine@._step_foreach_rows_v1, granted where 38_foreach.sql makes it)
 -- a runner checks its caller's capability as its owning tenant: anyone may ask (USAGE on the
 -- engine schema is still needed, which df.grant_usage gives)
 grant execute on function @engine@._cap_check_v1(text) to public;
