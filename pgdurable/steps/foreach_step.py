@@ -77,7 +77,7 @@ class ForeachStep:
                 await self._cancel(conn, task, str(detail))
                 return Outcome.failure(StepError(str(detail)))
             if state == "completed":
-                return Outcome.success(loads(detail))
+                return Outcome.success(loads(str(detail)))
             logger.debug("foreach parked at %s", detail, extra={"event": "foreach.parked"})
             return None
         raise Requeue("FOREACH rows were stored but the tick did not see them")
@@ -144,9 +144,7 @@ class ForeachStep:
                     await self.sessions.reset(sconn)
                     raise Fenced()
                 await sconn.execute(self.sessions.commit_reset)
-                logger.info(
-                    "foreach rows stored: %d", row[0], extra={"event": "foreach.rows"}
-                )
+                logger.info("foreach rows stored: %d", row[0], extra={"event": "foreach.rows"})
                 return None
             except psycopg.Error as exc:
                 await self.sessions.reset(sconn)

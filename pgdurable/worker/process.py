@@ -28,9 +28,9 @@ import uuid
 from psycopg.types.json import set_json_loads
 
 from pgdurable.config import ServeConfig
+from pgdurable.steps.foreach_step import ForeachStep
 from pgdurable.steps.http_run import HttpSteps
 from pgdurable.steps.remote import RemoteSql
-from pgdurable.steps.foreach_step import ForeachStep
 from pgdurable.steps.signal_step import SignalStep
 from pgdurable.steps.sql_step import SqlSteps
 from pgdurable.values import loads

@@ -8,6 +8,7 @@ for the module; the crash test kills that serve's workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -101,7 +102,8 @@ def test_rows_run_their_bodies_in_order(env: Env) -> None:
     # in the rows' order (descending), each body's own result
     assert [r["rows"][0]["v"] for r in res["rows"]] == list(range(25, 0, -1))
     kids = children(env, iid)
-    assert len(kids) == 25 and all(k[1] == "completed" for k in kids)
+    assert len(kids) == 25
+    assert all(k[1] == "completed" for k in kids)
     with env.db.connect(env.role) as conn:
         text = conn.execute("select df.explain(%s)", (iid,)).fetchone()[0]
         (det,) = conn.execute(
@@ -114,8 +116,9 @@ def test_rows_run_their_bodies_in_order(env: Env) -> None:
 
 def test_zero_rows_completes_at_once(env: Env) -> None:
     iid = start(
-        env, f"df.foreach('select v from public.src where false', {body('none')}) "
-        "~> df.sql('select 1 as after')"
+        env,
+        f"df.foreach('select v from public.src where false', {body('none')}) "
+        "~> df.sql('select 1 as after')",
     )
     assert wait_status(env, iid) == "completed"
     with env.db.connect(env.role) as conn:
@@ -278,7 +281,11 @@ def test_restart_after_a_failed_row(env: Env) -> None:
     has each once), row 4's body goes on from its failed step (its first step once), and the
     rows query is not run again (the source changed meanwhile)."""
     source(env, "rs", 6)
-    admin(env, "create sequence public.fe_rows", f'grant usage on sequence public.fe_rows to "{env.role}"')
+    admin(
+        env,
+        "create sequence public.fe_rows",
+        f'grant usage on sequence public.fe_rows to "{env.role}"',
+    )
     iid = start(
         env,
         "df.foreach('select v, nextval(''public.fe_rows'') as q from public.src "
@@ -293,7 +300,8 @@ def test_restart_after_a_failed_row(env: Env) -> None:
     assert error(env, iid)["error"].startswith("df.foreach: row 4 of 6 failed")
     assert ledger(env, "rs-a") == [1, 2, 3, 4, 5, 6]
     failed_child = [k for k in children(env, iid) if k[1] == "failed"]
-    assert len(failed_child) == 1 and failed_child[0][2].endswith(" row 4")
+    assert len(failed_child) == 1
+    assert failed_child[0][2].endswith(" row 4")
     admin(env, "create table public.fe_late ()", "insert into public.src values ('rs', 7)")
     assert restart(env, iid) == iid
     assert wait_status(env, iid) == "completed"
@@ -367,15 +375,16 @@ def test_ten_thousand_rows_fifty_at_a_time(env: Env) -> None:
             if "/10000 rows done" in text and not seen_progress:
                 seen_progress = text
             for pid in env.serve.workers():
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     peak_rss = max(peak_rss, psutil.Process(pid).memory_info().rss)
-                except psutil.NoSuchProcess:
-                    pass
             time.sleep(1)
     took = time.monotonic() - t0
     assert wait_status(env, iid, 10) == "completed"
-    print(f"\n10,000 rows, max_parallel 50: {took:.1f} s; worker peak RSS {peak_rss / 2**20:.1f} MiB")
-    assert "FOREACH (" in seen_progress and "/10000 rows done" in seen_progress, seen_progress
+    print(
+        f"\n10,000 rows, max_parallel 50: {took:.1f} s; worker peak RSS {peak_rss / 2**20:.1f} MiB"
+    )
+    assert "FOREACH (" in seen_progress, seen_progress
+    assert "/10000 rows done" in seen_progress, seen_progress
     with env.db.connect() as conn:
         (n, d) = conn.execute(
             "select count(*), count(distinct v) from public.ledger where tag = 'big'"

@@ -22,7 +22,8 @@ BODY = "df.sql('insert into t values ($item.id)')"
 def test_foreach_stores_rows_body_and_max_parallel(tx):
     g = graph(tx, f"select df.foreach('select id from t order by id', {BODY}, 7)")
     assert g["node_type"] == "FOREACH"
-    assert "left_node" not in g and "right_node" not in g  # a leaf
+    assert "left_node" not in g
+    assert "right_node" not in g
     cfg = json.loads(g["query"])
     assert cfg == {
         "rows": "select id from t order by id",
@@ -48,15 +49,24 @@ def test_foreach_stores_rows_body_and_max_parallel(tx):
         (f"df.foreach(null, {BODY})", "df.foreach: rows must not be NULL"),
         (f"df.foreach('  ', {BODY})", "df.foreach: rows must be a SQL query, got an empty text"),
         (f"df.foreach(df.sql('select 1'), {BODY})", "rows must be a SQL query, not a graph value"),
-        (f"df.foreach('insert into t values (1)', {BODY})", "rows must be a query that returns rows"),
+        (
+            f"df.foreach('insert into t values (1)', {BODY})",
+            "rows must be a query that returns rows",
+        ),
         (f"df.foreach('vacuum t', {BODY})", "rows must be a query that returns rows"),
         ("df.foreach('select 1', null)", "df.foreach: body must not be NULL"),
-        ("df.foreach('select 1', 'insert into t values (1)')", "df.foreach: body must be a graph value"),
+        (
+            "df.foreach('select 1', 'insert into t values (1)')",
+            "df.foreach: body must be a graph value",
+        ),
         (
             """df.foreach('select 1', '{"node_type":"NOPE"}')""",
             "df.foreach: body is not a valid graph: Unknown node_type 'NOPE'",
         ),
-        (f"df.foreach('select 1', {BODY}, 0)", "df.foreach: max_parallel must be from 1 to 1000, got 0"),
+        (
+            f"df.foreach('select 1', {BODY}, 0)",
+            "df.foreach: max_parallel must be from 1 to 1000, got 0",
+        ),
         (f"df.foreach('select 1', {BODY}, -5)", "max_parallel must be from 1 to 1000, got -5"),
         (f"df.foreach('select 1', {BODY}, 1001)", "max_parallel must be from 1 to 1000, got 1001"),
         (f"df.foreach('select 1', {BODY}, null)", "df.foreach: max_parallel must not be NULL"),
@@ -75,24 +85,51 @@ def _hand(query):
     [
         (_hand('{"rows": "select 1"}'), "FOREACH config needs rows (a query), body (a graph)"),
         (
-            _hand(json.dumps({"rows": "select 1", "body": {"node_type": "SQL", "query": "x"},
-                              "max_parallel": 5000})),
+            _hand(
+                json.dumps(
+                    {
+                        "rows": "select 1",
+                        "body": {"node_type": "SQL", "query": "x"},
+                        "max_parallel": 5000,
+                    }
+                )
+            ),
             "max_parallel must be from 1 to 1000, got 5000",
         ),
         (
-            _hand(json.dumps({"rows": "select 1", "body": {"node_type": "SQL", "query": "x"},
-                              "max_parallel": 2.5})),
+            _hand(
+                json.dumps(
+                    {
+                        "rows": "select 1",
+                        "body": {"node_type": "SQL", "query": "x"},
+                        "max_parallel": 2.5,
+                    }
+                )
+            ),
             "max_parallel must be from 1 to 1000, got 2.5",
         ),
         (
-            _hand(json.dumps({"rows": "update t set a = 1", "body": {"node_type": "SQL",
-                                                                     "query": "x"},
-                              "max_parallel": 2})),
+            _hand(
+                json.dumps(
+                    {
+                        "rows": "update t set a = 1",
+                        "body": {"node_type": "SQL", "query": "x"},
+                        "max_parallel": 2,
+                    }
+                )
+            ),
             "rows must be a query that returns rows",
         ),
         (
-            _hand(json.dumps({"rows": "select 1", "body": {"node_type": "SLEEP", "query": "x"},
-                              "max_parallel": 2})),
+            _hand(
+                json.dumps(
+                    {
+                        "rows": "select 1",
+                        "body": {"node_type": "SLEEP", "query": "x"},
+                        "max_parallel": 2,
+                    }
+                )
+            ),
             "body is not a valid graph",
         ),
     ],
@@ -111,14 +148,13 @@ def test_start_stores_a_foreach_leaf(tx, user):  # noqa: F811
     ).fetchall()
     (fe,) = [r for r in rows if r[0] == "FOREACH"]
     assert json.loads(fe[1])["max_parallel"] == 3
-    assert fe[2] is None and fe[3] is None
+    assert fe[2] is None
+    assert fe[3] is None
     assert one(tx, "select status from df.instances where id = %s", (iid,)) == "pending"
 
 
 def test_explain_dry_run_shows_the_foreach(tx, user):  # noqa: F811
-    text = one(
-        tx, f"select df.explain($q$df.foreach('select id  from   t', {BODY}, 4)$q$)"
-    )
+    text = one(tx, f"select df.explain($q$df.foreach('select id  from   t', {BODY}, 4)$q$)")
     assert "FOREACH (max_parallel 4): select id from t" in text, text
 
 
@@ -165,7 +201,7 @@ def test_tenants_cannot_read_or_write_foreach_rows(db: fix_db.TestDB) -> None:
             for call in (
                 f"select * from pgdurable._foreach_tick_v1('w', '{iid}', '{node}', 1)",
                 f"select pgdurable._foreach_cancel_v1('{iid}', '{node}', 'x')",
-                f"select pgdurable._foreach_reap_v1(10)",
+                "select pgdurable._foreach_reap_v1(10)",
                 f"select pgdurable._foreach_restarted_v1('{iid}', '{node}', 2)",
                 f"select pgdurable._restart_core_v1('{iid}', true)",
                 f"select pgdurable._step_foreach_rows_v1('x', 'w', '{iid}', '{node}', 1, '[]')",
@@ -173,12 +209,11 @@ def test_tenants_cannot_read_or_write_foreach_rows(db: fix_db.TestDB) -> None:
                 with pytest.raises(errors.InsufficientPrivilege):
                     conn.execute(call)
     with db.connect(b) as conn:
-        assert conn.execute(
-            "select pgdurable._foreach_progress_v1(%s, %s)", (iid, node)
-        ).fetchone()[0] is None
-        assert conn.execute(
-            "select count(*) from df.instance_nodes(%s)", (iid,)
-        ).fetchone()[0] == 0
+        assert (
+            conn.execute("select pgdurable._foreach_progress_v1(%s, %s)", (iid, node)).fetchone()[0]
+            is None
+        )
+        assert conn.execute("select count(*) from df.instance_nodes(%s)", (iid,)).fetchone()[0] == 0
     with db.connect(a) as conn:
         prog = conn.execute(
             "select pgdurable._foreach_progress_v1(%s, %s)", (iid, node)
@@ -192,9 +227,12 @@ def test_tenants_cannot_read_or_write_foreach_rows(db: fix_db.TestDB) -> None:
         text = conn.execute("select df.explain(%s)", (iid,)).fetchone()[0]
         assert "FOREACH (1/2 rows done, 0 running, max_parallel 10)" in text, text
     with db.connect() as conn:  # nothing changed
-        assert conn.execute(
-            "select count(*) from pgdurable.foreach_items where instance_id = %s", (iid,)
-        ).fetchone()[0] == 2
+        assert (
+            conn.execute(
+                "select count(*) from pgdurable.foreach_items where instance_id = %s", (iid,)
+            ).fetchone()[0]
+            == 2
+        )
 
 
 def test_a_tenant_cannot_wake_or_cancel_another_tenants_foreach(db: fix_db.TestDB) -> None:
@@ -205,9 +243,7 @@ def test_a_tenant_cannot_wake_or_cancel_another_tenants_foreach(db: fix_db.TestD
     b = db.create_role("tb")
     with db.connect(a) as conn:
         pid = conn.execute(f"select df.start(df.foreach('select 1 as id', {BODY}))").fetchone()[0]
-        (node,) = conn.execute(
-            "select id from df.nodes where instance_id = %s", (pid,)
-        ).fetchone()
+        (node,) = conn.execute("select id from df.nodes where instance_id = %s", (pid,)).fetchone()
     with db.connect(b) as conn:
         bid = conn.execute(
             "select df.start('select 1', label => %s)", (f"{pid} foreach {node} row 1",)
@@ -228,8 +264,11 @@ def test_a_tenant_cannot_wake_or_cancel_another_tenants_foreach(db: fix_db.TestD
     with db.connect(b) as conn:
         conn.execute("update df.instances set status = 'completed' where id = %s", (bid,))
     with db.connect() as conn:
-        assert conn.execute(
-            "select status from pgdurable.foreach_items where instance_id = %s", (pid,)
-        ).fetchone()[0] == "running"
+        assert (
+            conn.execute(
+                "select status from pgdurable.foreach_items where instance_id = %s", (pid,)
+            ).fetchone()[0]
+            == "running"
+        )
     with db.connect(b) as conn, pytest.raises(psycopg.Error):
         conn.execute("update df.nodes set status = 'failed' where instance_id = %s", (pid,))
