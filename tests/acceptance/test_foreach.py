@@ -392,3 +392,69 @@ def test_ten_thousand_rows_fifty_at_a_time(env: Env) -> None:
     assert (n, d) == (10000, 10000)
     assert result(env, iid)["row_count"] == 10000
     assert peak_rss < 400 * 2**20
+
+
+def test_an_abandoned_foreach_cancels_its_bodies(env: Env) -> None:
+    """A FOREACH racing a 1 s sleep loses: its running bodies are cancelled (their 60 s
+    sleep interrupted), no more start, nothing reaches the ledger."""
+    source(env, "race", 5)
+    iid = start(
+        env,
+        "df.race(df.foreach('select v from public.src where tag = ''race''', "
+        "df.sql('select pg_sleep(60)') ~> "
+        "df.sql('insert into public.ledger (tag, v) values (''race'', $item.v)'), 2), "
+        "df.sleep(1))",
+    )
+    assert wait_status(env, iid) == "completed"
+    deadline = time.monotonic() + 20
+    while True:
+        kids = children(env, iid)
+        if kids and all(k[1] == "cancelled" for k in kids):
+            break
+        assert time.monotonic() < deadline, kids
+        time.sleep(0.1)
+    assert len(kids) == 2
+    time.sleep(1)
+    assert len(children(env, iid)) == 2
+    assert ledger(env, "race") == []
+
+
+def test_foreach_in_a_loop_runs_fresh_each_iteration(env: Env) -> None:
+    """Each iteration of the loop runs the rows query again (a new activation): the second
+    sees the row the first iteration's body added, and the loop breaks after two."""
+    source(env, "loop", 2)
+    iid = start(
+        env,
+        "@> (df.foreach('select v from public.src where tag = ''loop'' order by v', "
+        "df.sql('insert into public.ledger (tag, v) values (''loop'', $item.v)')) "
+        "~> df.sql('insert into public.src select ''loop'', max(v) + 1 from public.src "
+        "where tag = ''loop''') "
+        "~> df.sql('select count(*) as n from public.ledger where tag = ''loop''') |=> 'c' "
+        "~> df.if(df.sql('select $c.n >= 5'), df.break(), 'select 1'))",
+    )
+    assert wait_status(env, iid) == "completed"
+    # iteration 1: rows 1, 2; iteration 2: rows 1, 2, 3
+    assert ledger(env, "loop") == [1, 1, 2, 2, 3]
+    assert len(children(env, iid)) == 5
+
+
+def test_body_sees_item_and_the_named_results_it_refers_to(env: Env) -> None:
+    """$item, $item.col and a name of the parent the body refers to reach every body; a
+    large named result the body does not refer to is not copied into the children."""
+    iid = start(
+        env,
+        "df.sql('select 100 as base') |=> 'cfg' "
+        "~> df.sql('select repeat(''x'', 100000) as big') |=> 'big' "
+        "~> df.foreach('select v, ''r'' || v as name from generate_series(1, 3) v', "
+        "df.sql('insert into public.ledger (tag, v) select $item.name, $item.v + $cfg.base "
+        "returning $item'))",
+    )
+    assert wait_status(env, iid) == "completed"
+    assert ledger(env, "r1") == [101]
+    assert ledger(env, "r3") == [103]
+    # what each child is given: $item and the names its body refers to, not 'big'
+    with env.db.connect() as conn:
+        (names,) = conn.execute(
+            "select names from pgdurable.foreach_runs where instance_id = %s", (iid,)
+        ).fetchone()
+    assert names == ["cfg"]
