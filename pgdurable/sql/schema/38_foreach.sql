@@ -426,8 +426,10 @@ begin
                    'row_count', v_run.row_count)::pg_catalog.text;
         return;
     end if;
-    select pg_catalog.count(*) into v_done from @engine@.foreach_items x
-    where x.instance_id = p_instance and x.node_id = p_node and x.status = 'completed';
+    -- rows done, counted by the rows not done (the partial index: a tick costs what is
+    -- open, not what is done)
+    select v_run.row_count - pg_catalog.count(*) into v_done from @engine@.foreach_items x
+    where x.instance_id = p_instance and x.node_id = p_node and x.status <> 'completed';
     update @engine@.tasks t
     set lease_owner = null, lease_expires_at = null, attempts = 0,
         due_at = pg_catalog.now() + '60 seconds'::pg_catalog.interval
