@@ -43,11 +43,11 @@ from typing import Any
 import psycopg
 
 from .workload import (
+    FOREACH_ROWS,
     LABEL_PREFIX,
     LEDGER,
     LEDGER_RE,
     LOOP_TOTALS,
-    FOREACH_ROWS,
     RETRY_FAIL_ATTEMPTS,
     RETRY_MAX_ATTEMPTS,
 )
@@ -436,4 +436,3 @@ def _check_foreach(
     else:
         st.features["foreach instances completed (rows once each, in order)"] += 1
     return out
-

@@ -458,3 +458,25 @@ def test_body_sees_item_and_the_named_results_it_refers_to(env: Env) -> None:
             "select names from pgdurable.foreach_runs where instance_id = %s", (iid,)
         ).fetchone()
     assert names == ["cfg"]
+
+
+def test_a_rows_query_that_fails_or_gives_no_rows_fails_the_foreach(env: Env) -> None:
+    """A rows query that fails, or a statement that returns no result set, fails the
+    FOREACH saying so; no body starts, and the statement's effect rolled back."""
+    iid = start(env, f"df.foreach('select v from public.no_such_table', {body('nq')})")
+    assert wait_status(env, iid) == "failed"
+    err = error(env, iid)
+    assert err["node_type"] == "FOREACH"
+    assert err["error"].startswith("df.foreach: the rows query failed: "), err
+    assert "no_such_table" in err["error"]
+    assert err["sqlstate"] == "42P01"
+    iid = start(
+        env,
+        "df.foreach('with a as (select 1 as v) insert into public.ledger (tag, v) "
+        f"select ''nrows'', v from a', {body('nr')})",
+    )
+    assert wait_status(env, iid) == "failed"
+    err = error(env, iid)
+    assert "df.foreach: the rows query returned no result rows" in err["error"], err
+    assert children(env, iid) == []
+    assert ledger(env, "nrows") == []  # the statement rolled back with the refusal

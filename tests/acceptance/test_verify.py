@@ -73,7 +73,7 @@ def test_ci_sized_run_reports_no_violation() -> None:
     # (deduplicated), df.restart (restarted instances completed)
     feats = {
         line.strip().rsplit(None, 1)[0]: int(line.split()[-1])
-        for line in out.split("df.retry, idempotent starts, df.restart")[1]
+        for line in out.split("df.retry, idempotent starts, df.restart, df.foreach")[1]
         .split("violations by kind")[0]
         .strip()
         .splitlines()
@@ -468,8 +468,7 @@ def test_checker_reports_foreach_rows(scratch) -> None:
                     (f"verify:foreach:3 foreach {node} row {k}",),
                 ).fetchone()[0]
             )
-    good = {"rows": [{"rows": [{"g": k}], "row_count": 1} for k in range(1, n + 1)],
-            "row_count": n}
+    good = {"rows": [{"rows": [{"g": k}], "row_count": 1} for k in range(1, n + 1)], "row_count": n}
     with db.connect() as conn:
         for kid in [iid, *kids]:
             finish_by_hand(conn, kid)
@@ -514,6 +513,7 @@ def test_checker_reports_foreach_rows(scratch) -> None:
         v = verify.check(conn, [], [], http_cut=False)
         assert kinds(v) == ["foreach_rows"]
         assert "children per row number" in v[0].detail
+
 
 def test_checker_needs_a_superuser_view(scratch) -> None:
     """The checker reads the engine schema: a tenant session cannot run it."""

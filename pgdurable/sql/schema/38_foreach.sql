@@ -56,9 +56,11 @@ $$;
 -- A FOREACH node's config (the text stored in its query), after checking every argument:
 -- 22023 naming the argument. max_parallel is at most 1000 (more would be a thundering herd
 -- of instances, not parallelism the engine could run).
+-- PARALLEL RESTRICTED, not SAFE like the other constructors: validating the body sets a
+-- setting for the call (df._foreach_flatten), which a parallel worker may not.
 create function df._foreach_config(p_rows text, p_body text, p_max_parallel integer)
 returns text
-language plpgsql immutable parallel safe
+language plpgsql immutable parallel restricted
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -130,7 +132,7 @@ $$;
 -- fails fails the FOREACH, naming its row (docs/foreach.md). Every argument is checked here:
 -- NULL is an error naming it.
 create function df.foreach(rows text, body text, max_parallel integer default 10) returns text
-language plpgsql immutable parallel safe
+language plpgsql immutable parallel restricted
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -141,7 +143,7 @@ $$;
 -- What is wrong with a FOREACH node's stored config, NULL when nothing (df.start and
 -- @engine@._enqueue_v1 validate hand-written rows with it).
 create function df._foreach_problem(p_query text) returns text
-language plpgsql immutable parallel safe
+language plpgsql immutable parallel restricted
 set search_path = pg_catalog, pg_temp
 as $$
 declare
