@@ -138,7 +138,7 @@ def templates(url: str) -> dict[str, str]:
         ),
         "restart": restart_template(0),  # the run starts restart_template(n) for label n
         "foreach": (
-            f"{_l('f0')} ~> df.foreach('select g from generate_series(1, {FOREACH_ROWS}) g', "
+            f"{_l('f0')} ~> df.foreach('select g from generate_series(1, {FOREACH_ROWS}) g', "  # noqa: S608
             f"{_l('fb')} ~> df.sql('select $item.g as g'), max_parallel => 2) ~> {_l('f1')}"
         ),
     }
