@@ -98,6 +98,18 @@ class ForeachStep:
     async def _rows(self, ctx: InstanceCtx, task: Task, idx: int) -> Outcome | None:
         """Run the rows query as the owner, its rows stored in the same transaction (fenced by
         our lease). None when stored; the FOREACH's failure when the query failed."""
+        if ctx.database and ctx.database != self.settings.current_db:
+            # the rows must commit with the query that read them, and they are kept in the
+            # df database: a query in another database cannot share that transaction
+            return Outcome.failure(
+                StepError(
+                    f"df.foreach: a FOREACH cannot run in an instance started with database => "
+                    f"{ctx.database!r} (its rows query would run in another database than the "
+                    "one its rows are stored in); start the FOREACH in the df database and "
+                    "give its body's steps the other database's work",
+                    sqlstate="0A000",
+                )
+            )
         try:
             text = subst(ctx, loads(ctx.configs[idx])["rows"], "sql")
             await self.sql_steps.step_call(ctx.role_oid, ctx.role_name)  # the runner, verified

@@ -480,3 +480,16 @@ def test_a_rows_query_that_fails_or_gives_no_rows_fails_the_foreach(env: Env) ->
     assert "df.foreach: the rows query returned no result rows" in err["error"], err
     assert children(env, iid) == []
     assert ledger(env, "nrows") == []  # the statement rolled back with the refusal
+
+
+def test_a_foreach_in_another_database_is_refused(env: Env) -> None:
+    with env.db.connect(env.role) as conn:
+        iid = conn.execute(
+            f"select df.start(df.foreach('select 1 as v', {body('db')}), database => 'postgres')"
+        ).fetchone()[0]
+    assert wait_status(env, iid) == "failed"
+    err = error(env, iid)
+    assert err["error"].startswith(
+        "df.foreach: a FOREACH cannot run in an instance started with database => 'postgres'"
+    ), err
+    assert children(env, iid) == []
