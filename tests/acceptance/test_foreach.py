@@ -332,14 +332,21 @@ def test_kill_9_mid_foreach_runs_nothing_twice(env: Env) -> None:
         "df.sql('insert into public.ledger (tag, v) values (''crash2'', $item.v) returning v'), "
         "15)",
     )
+    killed_mid_run = 0
     for i in range(4):
         time.sleep(0.6)
+        with env.db.connect() as conn:
+            (done,) = conn.execute(
+                "select count(*) from public.ledger where tag = 'crash2'"
+            ).fetchone()
+        killed_mid_run += 0 < int(done) < 150
         if i == 2:
             env.serve.kill_all()
             env.serve.start()
         else:
             env.serve.kill_worker()
         env.serve.wait_workers(2)
+    assert killed_mid_run >= 2, "the kills came before or after the FOREACH ran"
     assert wait_status(env, iid, 120) == "completed"
     assert ledger(env, "crash-rows") == list(range(1, 151))
     assert ledger(env, "crash") == list(range(1, 151))
