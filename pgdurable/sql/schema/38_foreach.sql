@@ -1,4 +1,7 @@
 -- pgdurable schema, part 38: df.foreach, a durable FOREACH (docs/foreach.md; not in pg_durable).
+-- One file for the feature (~600 lines): its DSL checks, engine functions and triggers share
+-- the lock order described below and are read together. Named 38 so it is applied before
+-- 40_inspect.sql, whose SQL functions show a FOREACH's progress.
 --
 --   df.foreach(rows, body, max_parallel)  the DSL: a FOREACH node (a leaf to the scheduler)
 --   df._foreach_config / _foreach_problem  its config, checked (df.foreach, df.start)
