@@ -28,6 +28,7 @@ cdef enum:
     BREAK = 6
     HTTP_MULTIPART = 11
     RETRY = 12
+    FOREACH = 13
     NONE = -1
     COND_IF_ROWS = -2
     PENDING = 0
@@ -47,12 +48,14 @@ cdef enum:
     HOW_BREAK_OUTSIDE = 6
 
 if ((_abc.SQL, _abc.THEN, getattr(_abc, "IF"), _abc.LOOP, _abc.JOIN, _abc.RACE, _abc.BREAK,
-     _abc.HTTP_MULTIPART, _abc.RETRY, _abc.NONE, _abc.COND_IF_ROWS, _abc.FAILED,
+     _abc.HTTP_MULTIPART, _abc.RETRY, _abc.FOREACH, _abc.NONE, _abc.COND_IF_ROWS, _abc.FAILED,
      _abc.T_CANCELLED, _abc.HOW_BREAK_OUTSIDE)
-        != (SQL, THEN, IF_, LOOP, JOIN, RACE, BREAK, HTTP_MULTIPART, RETRY, NONE, COND_IF_ROWS,
+        != (SQL, THEN, IF_, LOOP, JOIN, RACE, BREAK, HTTP_MULTIPART, RETRY, FOREACH, NONE,
+            COND_IF_ROWS,
             FAILED, T_CANCELLED, HOW_BREAK_OUTSIDE)
-        or _abc.LEAF_TYPES != frozenset(t for t in range(13)
-                                        if t == SQL or BREAK <= t <= HTTP_MULTIPART)):
+        or _abc.LEAF_TYPES != frozenset(t for t in range(14)
+                                        if t == SQL or BREAK <= t <= HTTP_MULTIPART
+                                        or t == FOREACH)):
     raise ImportError("native/_sched_c.pyx is out of date with pgdurable/graph/_abc.py")
 
 STATE_VERSION = 1
@@ -63,8 +66,8 @@ _TYPE_NAMES = {code: name for name, code in NODE_TYPE_CODES.items()}
 
 
 cdef inline bint _is_leaf(int t) noexcept:
-    # SQL and BREAK..HTTP_MULTIPART (codes 0 and 6-11), as _abc.LEAF_TYPES
-    return t == SQL or (t >= BREAK and t <= HTTP_MULTIPART)
+    # SQL, BREAK..HTTP_MULTIPART and FOREACH (codes 0, 6-11 and 13), as _abc.LEAF_TYPES
+    return t == SQL or (t >= BREAK and t <= HTTP_MULTIPART) or t == FOREACH
 
 
 cdef inline bint _as_ll(object o, long long* out) except -1:

@@ -117,6 +117,12 @@ def label(node_type: str, query: str | None, name: str | None, n_children: int =
         text = f"JOIN ({n_children})"
     elif node_type == "RETRY":
         text = f"RETRY (up to {cfg.get('max_attempts', '?')} attempts)"
+    elif node_type == "FOREACH":
+        # its body runs as child instances, drawn with them, not here (docs/foreach.md)
+        text = (
+            f"FOREACH (max_parallel {cfg.get('max_parallel', '?')}): "
+            f"{_cut(str(cfg.get('rows', '?')))}"
+        )
     else:
         text = node_type
     if name:

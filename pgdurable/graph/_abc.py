@@ -107,7 +107,8 @@ from typing import NamedTuple, Protocol
     HTTP,
     HTTP_MULTIPART,
     RETRY,
-) = range(13)
+    FOREACH,
+) = range(14)
 NODE_TYPE_CODES = {
     "SQL": SQL,
     "THEN": THEN,
@@ -122,8 +123,11 @@ NODE_TYPE_CODES = {
     "HTTP": HTTP,
     "HTTP_MULTIPART": HTTP_MULTIPART,
     "RETRY": RETRY,
+    "FOREACH": FOREACH,
 }
-LEAF_TYPES = frozenset({SQL, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART})
+# FOREACH (df.foreach) is a leaf to the scheduler: its bodies run as child instances the
+# executor starts and waits for (pgdurable/steps/foreach_step.py, docs/foreach.md)
+LEAF_TYPES = frozenset({SQL, BREAK, SLEEP, WAIT_SCHEDULE, SIGNAL, HTTP, HTTP_MULTIPART, FOREACH})
 
 NONE = -1
 """No child / no condition."""

@@ -243,3 +243,15 @@ select k.instance_id, k.node_id,
                  and t.lease_owner = %s
                  and i.status not in ('completed', 'failed', 'cancelled'))
 from pg_catalog.unnest(%s::pg_catalog.text[], %s::pg_catalog.text[]) as k(instance_id, node_id)
+
+-- name: foreach_tick
+-- one tick of a FOREACH task (df.foreach, 38_foreach.sql): (state, detail)
+select state, detail from @engine@._foreach_tick_v1(%s, %s, %s, %s)
+
+-- name: foreach_cancel
+-- cancel the running bodies of a FOREACH; how many were busy (try again)
+select @engine@._foreach_cancel_v1(%s, %s, %s)
+
+-- name: foreach_reap
+-- running bodies of FOREACHs that stopped, cancelled (the maintenance round)
+select @engine@._foreach_reap_v1(%s)

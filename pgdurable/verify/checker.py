@@ -24,6 +24,10 @@ tool recorded (signals sent, HTTP requests received), so tests feed it hand-writ
                        that returned different ids (or an id that is not the key's instance)
     restart_runs       a ``restart`` instance with fewer than 2 runs in df.instance_runs (its
                        failing step cannot succeed before the run fixes it and restarts it)
+    foreach_rows       a completed ``foreach`` instance whose FOREACH did not run each row's
+                       body exactly once, in one child, completed: its result's row_count or
+                       row order off, or its children not one per row number (each body's
+                       ledger row is checked in its child by the rules above)
 
 Also the run's records it reads and fills: :class:`SentSignal`, :class:`Violation`,
 :class:`Stats`.
@@ -39,6 +43,7 @@ from typing import Any
 import psycopg
 
 from .workload import (
+    FOREACH_ROWS,
     LABEL_PREFIX,
     LEDGER,
     LEDGER_RE,
@@ -64,6 +69,7 @@ KINDS = (
     "retry_attempts",
     "keyed_start",
     "restart_runs",
+    "foreach_rows",
 )
 
 
@@ -206,7 +212,8 @@ def check(
             if ntype == "SIGNAL" and nstatus == "completed":
                 st.steps["signal waits completed"] += 1
 
-    out += check_features(conn, ids, kind_of, status_of, nodes, st, keyed or {})
+    label_of = {r[0]: r[1] for r in inst}
+    out += check_features(conn, ids, kind_of, status_of, nodes, st, keyed or {}, label_of)
 
     # HTTP: at-least-once per completed node, one stable key per node, keys never shared
     by_path: dict[str, set[str | None]] = defaultdict(set)
@@ -301,9 +308,10 @@ def check_features(
     nodes: dict[str, list[tuple[str, str, str, str, Any]]],
     st: Stats,
     keyed: dict[str, list[str | None]],
+    label_of: dict[str, str],
 ) -> list[Violation]:
-    """df.retry's attempts, idempotent starts and df.restart's runs (their ledger rows are
-    checked with every other kind's)."""
+    """df.retry's attempts, idempotent starts, df.restart's runs and df.foreach's rows (their
+    ledger rows are checked with every other kind's)."""
     out: list[Violation] = []
     for iid in ids:
         kind, status = kind_of[iid], status_of[iid]
@@ -351,6 +359,8 @@ def check_features(
                         )
                     else:
                         st.features["retries exhausted (instance failed, df.error named)"] += 1
+        if kind == "foreach" and status == "completed" and " foreach " not in label_of[iid]:
+            out += _check_foreach(conn, iid, nodes[iid], st)
         if kind == "restart":
             runs = conn.execute(
                 "select count(*), count(*) filter (where status = 'failed') "
@@ -394,4 +404,35 @@ def check_features(
                 )
             elif len(got) == 1 and all(a is not None for a in answers):
                 st.features["keyed starts deduplicated (both calls, one id)"] += 1
+    return out
+
+
+def _check_foreach(
+    conn: psycopg.Connection[Any], iid: str, ns: list[tuple[str, str, str, str, Any]], st: Stats
+) -> list[Violation]:
+    """A completed foreach instance: its FOREACH completed with FOREACH_ROWS results in row
+    order, and exactly one completed child per row number 1..FOREACH_ROWS."""
+    out: list[Violation] = []
+    fe = [n for n in ns if n[1] == "FOREACH"]
+    if len(fe) != 1 or fe[0][3] != "completed":
+        return [Violation("foreach_rows", iid, f"FOREACH nodes {[(n[0], n[3]) for n in fe]}")]
+    res = fe[0][4] if isinstance(fe[0][4], dict) else {}
+    order = [
+        (r.get("rows") or [{}])[0].get("g") if isinstance(r, dict) else None
+        for r in res.get("rows") or []
+    ]
+    if res.get("row_count") != FOREACH_ROWS or order != list(range(1, FOREACH_ROWS + 1)):
+        out.append(Violation("foreach_rows", iid, f"FOREACH result {json.dumps(res)[:300]}"))
+    kids = conn.execute(
+        "select split_part(i.label, ' row ', 2), i.status from df.instances i "
+        "join df.instances p on i.label like p.label || ' foreach %% row %%' where p.id = %s",
+        (iid,),
+    ).fetchall()
+    rows = Counter(str(r[0]) for r in kids)
+    if sorted(rows) != [str(k) for k in range(1, FOREACH_ROWS + 1)] or max(rows.values()) != 1:
+        out.append(Violation("foreach_rows", iid, f"children per row number: {dict(rows)}"))
+    elif any(r[1] != "completed" for r in kids):
+        out.append(Violation("foreach_rows", iid, f"children {sorted(kids)}"))
+    else:
+        st.features["foreach instances completed (rows once each, in order)"] += 1
     return out

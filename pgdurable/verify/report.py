@@ -19,6 +19,7 @@ FEATURES = (
     "restarts called",
     "restarted instances (>= 2 runs)",
     "restarted instances completed",
+    "foreach instances completed (rows once each, in order)",
 )
 
 
@@ -37,7 +38,7 @@ def render(stats: Stats, violations: list[Violation], seed: int) -> str:
     lines += ["", "steps"]
     for k, v in stats.steps.items():
         lines.append(f"  {k:<34}{v:>6}")
-    lines += ["", "df.retry, idempotent starts, df.restart"]
+    lines += ["", "df.retry, idempotent starts, df.restart, df.foreach"]
     for k in FEATURES:
         lines.append(f"  {k:<52}{stats.features[k]:>6}")
     lines += ["", "violations by kind"]

@@ -6,7 +6,8 @@ races, sleeps, a loop with break (its body's tags repeat: :data:`LOOP_TOTALS`), 
 and HTTP steps to the run's :class:`~pgdurable.harness.HttpRecorder` (path
 ``/<instance>/<tag>``). Instances are labelled ``verify:<kind>:<n>``.
 
-Three kinds exercise pgdurable's own features (docs/retry.md, docs/restart.md):
+Four kinds exercise pgdurable's own features (docs/retry.md, docs/restart.md,
+docs/foreach.md):
 
     retry       a df.retry around a SQL step that writes its ledger row, then fails (division
                 by zero, rolling its row back) while the instance is younger than
@@ -16,6 +17,9 @@ Three kinds exercise pgdurable's own features (docs/retry.md, docs/restart.md):
     restart     a step reads ``public.verify_late_<n>``, a table that does not exist when the
                 instance starts, so it fails; the run creates the table and calls df.restart
                 (:func:`fix_for_restart`)
+    foreach     a df.foreach over :data:`FOREACH_ROWS` rows whose body writes its ledger row
+                (in the body's child instance, labelled ``verify:foreach:<n> foreach …``, so
+                the generic rule checks each body's effect) and returns its row's number
 
 Idempotent starts (``df.start(..., idempotency_key => k)``) are made by the run for any kind.
 """
@@ -52,6 +56,7 @@ RETRY_MAX_ATTEMPTS = 8  # the retry kind: attempts allowed (it needs about 3-4)
 RETRY_FAIL_SECONDS = 1.5  # the retry kind's step fails while its instance is younger than this
 RETRY_FAIL_ATTEMPTS = 3  # the retry_fail kind: it gives up after exactly this many attempts
 LATE_TABLE = "verify_late_{n}"  # the restart kind's missing table (n: the label's number)
+FOREACH_ROWS = 4  # the foreach kind: rows (bodies), max_parallel 2
 
 
 def _failing(tag: str, cond: str) -> str:
@@ -132,6 +137,10 @@ def templates(url: str) -> dict[str, str]:
             f"{RETRY_FAIL_ATTEMPTS}, initial_delay_seconds => 0.3, backoff => 1) ~> {_l('z2')}"
         ),
         "restart": restart_template(0),  # the run starts restart_template(n) for label n
+        "foreach": (
+            f"{_l('f0')} ~> df.foreach('select g from generate_series(1, {FOREACH_ROWS}) g', "  # noqa: S608
+            f"{_l('fb')} ~> df.sql('select $item.g as g'), max_parallel => 2) ~> {_l('f1')}"
+        ),
     }
 
 
@@ -148,6 +157,7 @@ KIND_WEIGHTS = {
     "retry": 0.7,
     "retry_fail": 0.4,
     "restart": 0.7,
+    "foreach": 0.5,
 }
 
 

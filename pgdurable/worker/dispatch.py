@@ -17,6 +17,7 @@ from pgdurable import _testing, metrics
 from pgdurable.errors import StepError
 from pgdurable.graph import _abc as A
 from pgdurable.log import instance_var, node_type_var, node_var
+from pgdurable.steps.foreach_step import ForeachStep
 from pgdurable.steps.http_run import HttpSteps
 from pgdurable.steps.remote import RemoteSql
 from pgdurable.steps.signal_step import SignalStep
@@ -54,6 +55,7 @@ class Dispatch:
         remote: RemoteSql,
         signal: SignalStep,
         http: HttpSteps,
+        foreach: ForeachStep,
         wake: asyncio.Event,
         stopping: asyncio.Event,
     ) -> None:
@@ -68,6 +70,7 @@ class Dispatch:
         self.remote = remote
         self.signal = signal
         self.http = http
+        self.foreach = foreach
         self.wake = wake
         self.stopping = stopping
 
@@ -378,6 +381,9 @@ class Dispatch:
         if ntype == A.RETRY:
             # a df.retry's delay is over (its timer task): the next attempt begins
             return Outcome.decided(True)
+        if ntype == A.FOREACH:
+            # a df.foreach tick: start bodies, or its outcome (None: parked)
+            return await self.foreach.run(conn, ctx, task, idx)
         # composites never become tasks
         raise StepError(f"node type {TYPE_NAMES[ntype]} cannot run as a step")
 

@@ -112,6 +112,15 @@ class Maintenance:
         await conn.execute(self.q("slots_ensure"), (None,))
         if await schedules.tick(conn, self.engine):
             self.wake.set()
+        # df.foreach bodies whose FOREACH stopped while they were busy (38_foreach.sql)
+        cur = await conn.execute(self.q("foreach_reap"), (100,))
+        row = await cur.fetchone()
+        if row and row[0]:
+            logger.info(
+                "cancelled %d bodies of stopped FOREACHs",
+                row[0],
+                extra={"event": "foreach.reaped"},
+            )
         if time.monotonic() >= next_prune:
             next_prune = time.monotonic() + PRUNE_INTERVAL
             cur = await conn.execute(self.q("prune"), (PRUNE_BATCH,))

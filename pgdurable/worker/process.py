@@ -28,6 +28,7 @@ import uuid
 from psycopg.types.json import set_json_loads
 
 from pgdurable.config import ServeConfig
+from pgdurable.steps.foreach_step import ForeachStep
 from pgdurable.steps.http_run import HttpSteps
 from pgdurable.steps.remote import RemoteSql
 from pgdurable.steps.signal_step import SignalStep
@@ -125,6 +126,13 @@ class Worker:
                 checkpointer=checkpointer,
             ),
             http=self.http,
+            foreach=ForeachStep(
+                sessions=sessions,
+                settings=settings,
+                running=running,
+                sql_steps=self.sql,
+                worker_id=self.worker_id,
+            ),
             wake=self.wake,
             stopping=self.stopping,
         )

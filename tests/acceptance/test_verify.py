@@ -73,7 +73,7 @@ def test_ci_sized_run_reports_no_violation() -> None:
     # (deduplicated), df.restart (restarted instances completed)
     feats = {
         line.strip().rsplit(None, 1)[0]: int(line.split()[-1])
-        for line in out.split("df.retry, idempotent starts, df.restart")[1]
+        for line in out.split("df.retry, idempotent starts, df.restart, df.foreach")[1]
         .split("violations by kind")[0]
         .strip()
         .splitlines()
@@ -85,6 +85,7 @@ def test_ci_sized_run_reports_no_violation() -> None:
         "keyed starts (concurrent)",
         "restarts called",
         "restarted instances completed",
+        "foreach instances completed (rows once each, in order)",
     ):
         assert feats[name] >= 1, f"no {name}:\n{out}"
 
@@ -446,6 +447,72 @@ def test_checker_reports_a_restart_instance_with_one_run(scratch) -> None:
         stats = verify.Stats()
         assert verify.check(conn, [], [], http_cut=False, stats=stats) == []
         assert stats.features["restarted instances completed"] == 1
+
+
+def test_checker_reports_foreach_rows(scratch) -> None:
+    """A foreach instance: one completed child per row with its body's ledger row once, and
+    the FOREACH's result in row order, passes; a row run by two children, a child's ledger
+    row twice, or a result out of order is reported."""
+    db, tenant = scratch
+    iid = start(db, tenant, "foreach", 3)
+    n = workload.FOREACH_ROWS
+    kids = []
+    with db.connect(tenant) as conn:
+        (node,) = conn.execute(
+            "select id from df.nodes where instance_id = %s and node_type = 'FOREACH'", (iid,)
+        ).fetchone()
+        for k in range(1, n + 1):
+            kids.append(
+                conn.execute(
+                    f"select df.start({workload._l('fb')}, %s)",
+                    (f"verify:foreach:3 foreach {node} row {k}",),
+                ).fetchone()[0]
+            )
+    good = {"rows": [{"rows": [{"g": k}], "row_count": 1} for k in range(1, n + 1)], "row_count": n}
+    with db.connect() as conn:
+        for kid in [iid, *kids]:
+            finish_by_hand(conn, kid)
+        conn.execute(
+            "update df.nodes set result = %s where instance_id = %s and id = %s",
+            (json.dumps(good), iid, node),
+        )
+        stats = verify.Stats()
+        assert verify.check(conn, [], [], http_cut=False, stats=stats) == []
+        assert stats.features["foreach instances completed (rows once each, in order)"] == 1
+        # a body's effect twice
+        conn.execute("insert into verify_ledger values (%s, 'fb')", (kids[1],))
+        v = verify.check(conn, [], [], http_cut=False)
+        assert kinds(v) == ["duplicate_effect"]
+        assert v[0].instance_id == kids[1]
+        conn.execute(
+            "delete from verify_ledger where ctid = (select max(ctid) from verify_ledger "
+            "where instance = %s)",
+            (kids[1],),
+        )
+        # results out of order
+        bad = dict(good, rows=list(reversed(good["rows"])))
+        conn.execute(
+            "update df.nodes set result = %s where instance_id = %s and id = %s",
+            (json.dumps(bad), iid, node),
+        )
+        v = verify.check(conn, [], [], http_cut=False)
+        assert kinds(v) == ["foreach_rows"]
+        assert "FOREACH result" in v[0].detail
+        conn.execute(
+            "update df.nodes set result = %s where instance_id = %s and id = %s",
+            (json.dumps(good), iid, node),
+        )
+    # row 2 run by a second child
+    with db.connect(tenant) as conn:
+        extra = conn.execute(
+            f"select df.start({workload._l('fb')}, %s)",
+            (f"verify:foreach:3 foreach {node} row 2",),
+        ).fetchone()[0]
+    with db.connect() as conn:
+        finish_by_hand(conn, extra)
+        v = verify.check(conn, [], [], http_cut=False)
+        assert kinds(v) == ["foreach_rows"]
+        assert "children per row number" in v[0].detail
 
 
 def test_checker_needs_a_superuser_view(scratch) -> None:

@@ -19,6 +19,12 @@ _LEAVES = [
     lambda: {"node_type": "SIGNAL", "query": '{"signal_name": "s", "timeout_seconds": null}'},
     lambda: {"node_type": "HTTP", "query": '{"url": "http://127.0.0.1/"}'},
     lambda: {"node_type": "HTTP_MULTIPART", "query": '{"url": "http://127.0.0.1/"}'},
+    # df.foreach: a leaf to the scheduler (its bodies are child instances)
+    lambda: {
+        "node_type": "FOREACH",
+        "query": '{"rows": "select 1", "body": {"node_type": "SQL", "query": "select 1"}, '
+        '"max_parallel": 2}',
+    },
 ]
 _MAX_DEPTH = 60  # recursion in random_graph; sizes come from width, not depth
 

@@ -231,6 +231,10 @@ EXTRAS = [
         "i",
         "s",
     ),
+    # durable FOREACH (docs/foreach.md): a DSL constructor, IMMUTABLE; PARALLEL RESTRICTED
+    # (validating its body sets a setting for the call); not STRICT (a NULL argument is an
+    # error naming it)
+    Fn("foreach", "rows text, body text, max_parallel integer DEFAULT 10", T, NS, "i", "r"),
     # restart from failure (docs/restart.md) and the runs it keeps
     Fn("restart", "instance_id text", T, S),
     Fn(

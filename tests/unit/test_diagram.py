@@ -160,3 +160,10 @@ def test_retry_is_drawn_with_its_one_child():
     ]
     assert list(diagram.from_rows(rows, "r").edges()) == [("r", "s", "attempt")]
     assert "octagon" in diagram.dot(d)
+
+
+def test_foreach_is_a_step_labelled_with_its_rows_query():
+    cfg = {"rows": "select id\n  from orders", "body": sql("x"), "max_parallel": 5}
+    d = diagram.from_graph({"node_type": "FOREACH", "query": json.dumps(cfg)})
+    assert d.nodes["n0"].label == "FOREACH (max_parallel 5): select id from orders"
+    assert list(d.edges()) == []  # its body runs as child instances, not drawn here

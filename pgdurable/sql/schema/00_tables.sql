@@ -9,6 +9,8 @@
 --   20_operators.sql the seven operators ~> |=> & | ?> !> @> (schema chosen at install)
 --   30_control.sql  df.start/signal/cancel/status/result/error/await_instance and the engine
 --                   helpers they call (SECURITY DEFINER, fixed search_path)
+--   38_foreach.sql  df.foreach (docs/foreach.md): the DSL, the engine's ticks, the triggers that
+--                   wake a FOREACH when a body ends and cancel its bodies when it stops
 --   40_inspect.sql  df.list_instances/instance_nodes/instance_info/instance_executions/explain/
 --                   metrics, vars functions, grant_usage/revoke_usage, misc (version, run, ...)
 --   70_restart.sql  df.restart / df.instance_runs: restart a failed or cancelled instance from
@@ -74,14 +76,15 @@ create table df.nodes (
     constraint nodes_status_check
         check (status in ('pending', 'running', 'completed', 'failed')) not valid,
     constraint nodes_type_check check (node_type in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE',
-        'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY')) not valid,
+        'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY',
+        'FOREACH')) not valid,
     constraint nodes_result_name_check
         check (result_name is null or result_name ~ '^[A-Za-z_][A-Za-z0-9_]*$') not valid,
     -- structure per node type (docs/api.md "Tables and views")
     constraint nodes_structure_check check (
         case
             when node_type in ('SQL', 'SLEEP', 'WAIT_SCHEDULE', 'BREAK', 'HTTP', 'HTTP_MULTIPART',
-                               'SIGNAL')
+                               'SIGNAL', 'FOREACH')
                 then query is not null and left_node is null and right_node is null
             when node_type in ('THEN', 'RACE')
                 then query is null and left_node is not null and right_node is not null
@@ -274,6 +277,58 @@ create table @engine@.workers (
     last_seen_at timestamptz not null default now(),
     in_flight    integer     not null default 0
 );
+
+-- df.foreach (docs/foreach.md): a FOREACH activation whose rows query ran (its gen: a loop's
+-- next iteration is a new activation and runs the query again; df.restart moves the rows to
+-- the node's new activation, 38_foreach.sql), and one row per row of the query, numbered 1..n
+-- in the order the query returned them: the child instance that runs the body for it, its
+-- status ('pending' not started, 'running', 'completed', 'failed', 'cancelled'; 'restart':
+-- df.restart of the parent restarts this child) and, once it ended, its result or error
+-- (copied when the child ends: pruning a child loses nothing its parent needs). Gone with the
+-- parent's runs row (pruned). Tenants hold no privilege on them (like every engine table);
+-- RLS keeps each row to its owner besides.
+create table @engine@.foreach_runs (
+    instance_id  varchar(8)  not null
+        references @engine@.runs (instance_id) on delete cascade,
+    node_id      varchar(8)  not null,
+    gen          integer     not null,
+    row_count    integer     not null,
+    max_parallel integer     not null,
+    body         jsonb       not null,  -- the body flattened as df.start stores a graph
+    names        text[]      not null,  -- the parent's named results the body refers to
+    label        text        not null,  -- children are labelled '<label> row <n>'
+    submitted_by regrole     not null,
+    created_at   timestamptz not null default now(),
+    primary key (instance_id, node_id)
+);
+create table @engine@.foreach_items (
+    instance_id  varchar(8)  not null,
+    node_id      varchar(8)  not null,
+    ord          integer     not null,
+    item         jsonb       not null,
+    child_id     varchar(8),
+    status       text        not null default 'pending'
+        check (status in ('pending', 'running', 'completed', 'failed', 'cancelled', 'restart')),
+    result       jsonb,
+    error        text,
+    submitted_by regrole     not null,
+    primary key (instance_id, node_id, ord),
+    foreign key (instance_id, node_id)
+        references @engine@.foreach_runs (instance_id, node_id) on delete cascade
+);
+create unique index foreach_items_child_idx on @engine@.foreach_items (child_id)
+    where child_id is not null;
+-- what a tick looks for: the rows not completed yet (the ones in progress, the next to start)
+create index foreach_items_open_idx on @engine@.foreach_items (instance_id, node_id, status, ord)
+    where status <> 'completed';
+alter table @engine@.foreach_runs enable row level security;
+alter table @engine@.foreach_items enable row level security;
+create policy foreach_runs_owner on @engine@.foreach_runs for all
+    using (submitted_by = quote_ident(current_user)::regrole)
+    with check (submitted_by = quote_ident(current_user)::regrole);
+create policy foreach_items_owner on @engine@.foreach_items for all
+    using (submitted_by = quote_ident(current_user)::regrole)
+    with check (submitted_by = quote_ident(current_user)::regrole);
 
 ------------------------------------------------------------------------------------------
 -- shared helpers

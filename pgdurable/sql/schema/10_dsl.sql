@@ -31,7 +31,7 @@ create function df._node_types() returns text[]
 language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$ select array['SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK', 'SLEEP',
-                   'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY'] $$;
+                   'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY', 'FOREACH'] $$;
 
 -- Assemble one node object in the canonical key order. p_query is the text stored in
 -- df.nodes.query (encoded here as a JSON string); the node arguments are graph texts already

@@ -219,7 +219,8 @@ begin
         end if;
         v_type := v_obj ->> 'node_type';
         if v_type not in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK', 'SLEEP',
-                          'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY') then
+                          'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'RETRY',
+                          'FOREACH') then
             raise exception 'Unknown node_type ''%'' (at %)', v_type, v_where using errcode = '22023';
         end if;
         if v_obj -> 'result_name' is not null and jsonb_typeof(v_obj -> 'result_name') <> 'null'
@@ -255,7 +256,8 @@ begin
         if jsonb_typeof(v_query) = 'null' then
             v_query := null;
         end if;
-        v_leaf := v_type in ('SQL', 'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART');
+        v_leaf := v_type in ('SQL', 'BREAK', 'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART',
+                             'FOREACH');
         if v_leaf then
             if v_query is null or btrim(v_query #>> '{}') = '' then
                 raise exception '% node needs a non-empty query (at %)', v_type, v_where
@@ -326,6 +328,13 @@ begin
                         if jsonb_typeof(v_cfg -> 'parts') is distinct from 'array'
                            or jsonb_array_length(v_cfg -> 'parts') = 0 then
                             raise exception 'df.http_multipart: parts must be a non-empty JSON array'
+                                using errcode = '22023';
+                        end if;
+                    -- df.foreach's checks (38_foreach.sql): rows, body (a whole graph of its
+                    -- own, validated as df.start would) and max_parallel
+                    when 'FOREACH' then
+                        if df._foreach_problem(v_query #>> '{}') is not null then
+                            raise exception '%', df._foreach_problem(v_query #>> '{}')
                                 using errcode = '22023';
                         end if;
                     else
@@ -570,7 +579,7 @@ begin
                    when x.node_type is null
                         or x.node_type not in ('SQL', 'THEN', 'IF', 'LOOP', 'JOIN', 'RACE', 'BREAK',
                                                'SLEEP', 'WAIT_SCHEDULE', 'SIGNAL', 'HTTP',
-                                               'HTTP_MULTIPART', 'RETRY')
+                                               'HTTP_MULTIPART', 'RETRY', 'FOREACH')
                        then pg_catalog.format('node %L has an unknown node_type %L', x.id,
                                               x.node_type)
                    when x.submitted_by <> v_inst.submitted_by
@@ -615,6 +624,9 @@ begin
                    when x.node_type = 'RETRY' and df._retry_problem(x.query) is not null
                        then pg_catalog.format('node %L (RETRY): %s', x.id,
                                               df._retry_problem(x.query))
+                   when x.node_type = 'FOREACH' and df._foreach_problem(x.query) is not null
+                       then pg_catalog.format('node %L (FOREACH): %s', x.id,
+                                              df._foreach_problem(x.query))
                end as problem,
                -- the children in the compiler's order (JSON null where there is none)
                pg_catalog.jsonb_build_array(

@@ -109,7 +109,9 @@ end;
 $f$;
 
 -- Refuse a graph (df._graph_flatten's node rows) whose SQL steps refer to a name no step of it
--- defines. 22023, as the other graph errors.
+-- defines. 22023, as the other graph errors. Not for a df.foreach body (df._foreach_flatten
+-- sets pgdurable.foreach_body for the call): it refers to $item and to the names of the
+-- workflow it runs in, which it does not define.
 create function df._check_refs(p_nodes jsonb) returns void
 language plpgsql immutable
 set search_path = pg_catalog, pg_temp
@@ -119,6 +121,9 @@ declare
     v_node  pg_catalog.jsonb;
     v_ref   pg_catalog.text;
 begin
+    if pg_catalog.current_setting('pgdurable.foreach_body', true) = 'on' then
+        return;
+    end if;
     select coalesce(pg_catalog.array_agg(distinct n ->> 'result_name' order by n ->> 'result_name'), '{}')
     into v_names
     from pg_catalog.jsonb_array_elements(p_nodes) n

@@ -171,6 +171,39 @@ as $$
     end
 $$;
 
+-- Progress of a df.foreach FOREACH node for its owner (df.explain, df.instance_nodes; the
+-- tables and the rest of it: 38_foreach.sql): NULL before its
+-- rows query ran, or for another role's instance.
+create function @engine@._foreach_progress_v1(p_instance varchar, p_node varchar)
+returns jsonb
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_owner pg_catalog.regrole;
+    v_run   record;
+    v_c     record;
+begin
+    select i.submitted_by into v_owner from df.instances i where i.id = p_instance;
+    if v_owner is null or not @engine@._may_act(v_owner) then
+        return null;
+    end if;
+    select f.row_count, f.max_parallel into v_run from @engine@.foreach_runs f
+    where f.instance_id = p_instance and f.node_id = p_node;
+    if not found then
+        return null;
+    end if;
+    select pg_catalog.count(*) filter (where x.status = 'completed') as done,
+           pg_catalog.count(*) filter (where x.status = 'running') as running,
+           pg_catalog.count(*) filter (where x.status in ('failed', 'cancelled')) as failed
+    into v_c
+    from @engine@.foreach_items x where x.instance_id = p_instance and x.node_id = p_node;
+    return pg_catalog.jsonb_build_object(
+        'progress', v_c.done || '/' || v_run.row_count, 'rows_done', v_c.done,
+        'rows_running', v_c.running, 'rows_failed', v_c.failed, 'row_count', v_run.row_count);
+end
+$$;
+
 create function df.instance_nodes(instance_id_param text)
 returns table (node_id text, node_type text, query text, result_name text, left_node text,
                right_node text, status text, result text, status_details text,
@@ -183,7 +216,13 @@ as $$
            case when n.status = 'completed'
                      and (n.status_details ? 'result_from' or n.status_details ? 'result_of')
                 then df._node_result($1, n.id) else n.result end::pg_catalog.text,
-           (n.status_details - 'result_from' - 'result_of' - 'result_bytes')::pg_catalog.text,
+           -- a FOREACH's progress (df.foreach): {"progress": "k/n", "rows_done", …}
+           (case when n.node_type = 'FOREACH' and n.status <> 'pending'
+                 then coalesce(n.status_details, '{}'::pg_catalog.jsonb)
+                      || coalesce(@engine@._foreach_progress_v1(n.instance_id, n.id),
+                                  '{}'::pg_catalog.jsonb)
+                 else n.status_details end
+            - 'result_from' - 'result_of' - 'result_bytes')::pg_catalog.text,
            t.inferred_status, t.inferred_from, n.updated_at
     from df.nodes n
     join df._node_tree($1) t on t.node_id = n.id
@@ -458,7 +497,7 @@ begin
             continue;
         end if;
         v_cfg := case when v_node ->> 't' in ('WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'BREAK', 'IF',
-                                              'RETRY')
+                                              'RETRY', 'FOREACH')
                       then df._try_jsonb(v_node ->> 'q') end;
         v_label := case v_node ->> 't'
             when 'SQL' then 'SQL: ' || regexp_replace(btrim(v_node ->> 'q'), '\s+', ' ', 'g')
@@ -488,6 +527,12 @@ begin
                      || coalesce(v_cfg ->> 'initial_delay_seconds', '?') || 's x'
                      || coalesce(v_cfg ->> 'backoff', '?') || ' up to '
                      || coalesce(v_cfg ->> 'max_delay_seconds', '?') || 's' end || ')'
+            -- df.foreach: its rows query, and a live one's progress (rows done / rows)
+            when 'FOREACH' then 'FOREACH ('
+                || coalesce((v_node #>> '{p,progress}') || ' rows done, '
+                            || (v_node #>> '{p,rows_running}') || ' running, ', '')
+                || 'max_parallel ' || coalesce(v_cfg ->> 'max_parallel', '?') || '): '
+                || left(regexp_replace(btrim(coalesce(v_cfg ->> 'rows', '?')), '\s+', ' ', 'g'), 200)
             else coalesce(v_node ->> 't', '?') end
             || coalesce(' |=> ' || quote_literal(v_node ->> 'n'), '')
             -- per-node timings of a live instance: run time, and time queued before a worker
@@ -578,7 +623,10 @@ begin
                    'e', case when n.node_type = 'RETRY' and t.inferred_status <> 'pending'
                              then n.status_details ->> 'last_error' end,
                    'u', case when n.node_type = 'RETRY' and t.inferred_status = 'running'
-                             then n.status_details ->> 'next_attempt_at' end))
+                             then n.status_details ->> 'next_attempt_at' end,
+                   -- a FOREACH whose rows query ran: its progress (38_foreach.sql)
+                   'p', case when n.node_type = 'FOREACH' and t.inferred_status <> 'pending'
+                             then @engine@._foreach_progress_v1(n.instance_id, n.id) end))
         into v_nodes
         from df.nodes n join df._node_tree(input) t on t.node_id = n.id
         where n.instance_id = input;
@@ -590,7 +638,7 @@ begin
     -- dry run: DSL text is evaluated (as the caller, like typing SELECT <input>); graph JSON
     -- and plain SQL go straight to the validator (plain SQL auto-wraps into one SQL node)
     if input !~ '^\s*\{'
-       and (input ~* '\mdf\s*\.\s*(sql|seq|as|join|join3|race|if|if_rows|loop|break|sleep|wait_for_schedule|wait_for_signal|http|http_multipart|retry)\s*\('
+       and (input ~* '\mdf\s*\.\s*(sql|seq|as|join|join3|race|if|if_rows|loop|break|sleep|wait_for_schedule|wait_for_signal|http|http_multipart|retry|foreach)\s*\('
             or input ~ '~>|\|=>|\?>|!>|^\s*@>') then
         -- through a cursor: PostgreSQL refuses to open a multi-statement string as one, so
         -- `x); <another statement>; select (y` cannot smuggle extra statements into a dry run
@@ -722,7 +770,8 @@ as $$ select array[
     '@engine@._new_start_v1(name,text,text,text)',
     '@engine@._start_v1(regrole,text,text,text,boolean)',
     '@engine@._vars_v1(text,text,text)', '@engine@._restart_v1(varchar)',
-    '@engine@._run_history_v1(varchar)']::pg_catalog.text[] $$;
+    '@engine@._run_history_v1(varchar)',
+    '@engine@._foreach_progress_v1(varchar,varchar)']::pg_catalog.text[] $$;
 
 -- Additive, SECURITY INVOKER (the caller must hold what it hands out). Besides the
 -- df grants, the role gets USAGE on the engine schema and EXECUTE on the engine helpers the

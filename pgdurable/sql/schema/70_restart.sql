@@ -199,9 +199,22 @@ begin
 end
 $$;
 
--- df.restart's work. Lock order as every writer of an instance: the runs row, then the
--- instance row (a second restart waits here, then finds the instance running and is refused).
+-- df.restart's work, for the caller (its check, then _restart_core_v1).
 create function @engine@._restart_v1(p_instance_id varchar) returns text
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return @engine@._restart_core_v1(p_instance_id, false);
+end
+$$;
+
+-- The restart itself. p_engine: the engine restarts the instance (a df.foreach body of a
+-- restarted FOREACH, 38_foreach.sql), not a caller whose ownership is checked here; no role
+-- but the engine's owner may call it. Lock order as every writer of an instance: the runs
+-- row, then the instance row (a second restart waits here, then finds the instance running
+-- and is refused).
+create function @engine@._restart_core_v1(p_instance_id varchar, p_engine boolean) returns text
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -212,7 +225,7 @@ declare
     c_completed constant pg_catalog.int8 := 2;
     c_failed    constant pg_catalog.int8 := 3;
     c_leaves    constant pg_catalog.text[] := array['SQL', 'BREAK', 'SLEEP', 'WAIT_SCHEDULE',
-                                                    'SIGNAL', 'HTTP', 'HTTP_MULTIPART'];
+                                                    'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'FOREACH'];
     v_run       record;
     v_inst      record;
     v_me        pg_catalog.regrole;
@@ -266,7 +279,7 @@ begin
     -- the caller first, before any lock: a call on another role's instance takes none (the
     -- owner of an instance never changes)
     select i.submitted_by into v_me from df.instances i where i.id = p_instance_id;
-    if v_me is null or not @engine@._may_act(v_me) then
+    if v_me is null or not (p_engine or @engine@._may_act(v_me)) then
         raise exception 'Instance not found or access denied: %', p_instance_id using errcode = 'P0002';
     end if;
     select r.state, r.state_version, r.cancel_reason into v_run
@@ -289,7 +302,7 @@ begin
             p_instance_id using errcode = '55000';
     end if;
     select r.oid::pg_catalog.regrole into v_me
-    from pg_catalog.pg_roles r where r.rolname = @engine@._invoker();
+    from pg_catalog.pg_roles r where r.rolname = @engine@._invoker() and not p_engine;
 
     -- 1. the run that ended, kept for df.instance_runs
     select h.run, h.restarted_at into v_last
@@ -639,6 +652,14 @@ begin
     set status_details = coalesce(n.status_details, '{}'::pg_catalog.jsonb) || u.det
     from rows from (pg_catalog.unnest(v_bids), pg_catalog.unnest(v_bdet)) u(id, det)
     where n.instance_id = p_instance_id and n.id = u.id;
+
+    -- a FOREACH (df.foreach) re-activated keeps its stored rows and its completed rows'
+    -- results; its failed and cancelled bodies are restarted (38_foreach.sql)
+    foreach v_i in array v_started loop
+        if v_types[v_i] = 'FOREACH' then
+            perform @engine@._foreach_restarted_v1(p_instance_id, v_ids[v_i], v_gen[v_i]::pg_catalog.int4);
+        end if;
+    end loop;
 
     -- 6. the tasks
     insert into @engine@.tasks (instance_id, node_id, gen, kind, due_at, deadline, submitted_by,

@@ -66,6 +66,7 @@ grant execute on function
     @engine@._step_load_results_v1(text, varchar),
     @engine@._step_lock_run_v1(text, varchar)
     to pgdurable_step;
+-- (and @engine@._step_foreach_rows_v1, granted where 38_foreach.sql makes it)
 -- a runner checks its caller's capability as its owning tenant: anyone may ask (USAGE on the
 -- engine schema is still needed, which df.grant_usage gives)
 grant execute on function @engine@._cap_check_v1(text) to public;
