@@ -18,6 +18,10 @@ wait for a signal the test sends a moment later, a three-iteration loop (each it
 keyed by its own number), a last step. Asserted at the end: every instance completed; every
 ledger key exactly once and no other key; no task left in the engine (so no lease); no
 process of the old serve left; the schema at this package's version.
+
+A second test pins what docs/operating.md says of a workflow using a node type the old
+package lacks (the node types each package knows are asked of it): the old serve fails it
+naming the type, and ``df.restart`` on the new serve completes it.
 """
 
 from __future__ import annotations
@@ -349,3 +353,79 @@ def _zombie(pid: int) -> bool:
     with contextlib.suppress(psutil.Error):
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     return True
+
+
+# A workflow of each node type a version brought, for the test below: a version that adds a
+# node type adds its example here (the test says so when one is missing).
+NEW_NODE_EXAMPLES = {
+    "RETRY": "df.retry(df.sql('select 1 as x'))",  # schema version 5
+}
+
+
+def node_types(tree: Path | None) -> set[str]:
+    """The node types the package in ``tree`` (None: this checkout) knows."""
+    env = dict(os.environ)
+    if tree is not None:
+        env.update(PYTHONPATH=str(tree), PGDURABLE_IMPL="python")
+    res = subprocess.run(
+        [sys.executable, "-c", "from pgdurable.graph import _abc; print(*_abc.NODE_TYPE_CODES)"],
+        cwd=tree or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return set(res.stdout.split())
+
+
+@pytest.mark.parametrize("old", OLD, ids=[f"old-v{v}" for v in OLD])
+def test_an_old_serve_fails_a_newer_node_type_and_restart_resumes_it(
+    server: Server, old_trees: dict[int, Path], tmp_path: Path, old: int
+) -> None:
+    """What docs/operating.md, "Rolling upgrade", says of a workflow that uses a node type
+    the old package does not know, started while an old serve runs: the old worker fails it
+    naming the type (not stuck, no crash loop), and ``df.restart`` on a new serve completes it."""
+    tree = old_trees[old]
+    new_types = sorted(node_types(None) - node_types(tree))
+    if not new_types:
+        pytest.skip(f"the package of schema version {old} knows every node type this one has")
+    missing = [t for t in new_types if t not in NEW_NODE_EXAMPLES]
+    assert not missing, f"add an example workflow of {missing} to NEW_NODE_EXAMPLES"
+    with empty_db(server) as db:
+        pgdurable_cli(tree, "install", "--dsn", db.install_dsn, pythonpath=tree)
+        role = db.create_role("upg")
+        old_serve = harness.Serve(
+            db.service_dsn,
+            tmp_path / "old-serve.log",
+            workers=1,
+            env={"PYTHONPATH": str(tree), "PGDURABLE_IMPL": "python"},
+            cwd=tree,
+        )
+        new_serve = harness.Serve(db.service_dsn, tmp_path / "new-serve.log", workers=1, cwd=ROOT)
+        try:
+            old_serve.start()
+            old_serve.wait_workers(1)
+            pgdurable_cli(ROOT, "upgrade", "--dsn", db.install_dsn)
+            with db.connect(role) as conn:
+                ids = {
+                    t: conn.execute(f"select df.start({NEW_NODE_EXAMPLES[t]})").fetchone()[0]  # type: ignore[index]
+                    for t in new_types
+                }
+                for t, iid in ids.items():
+                    status = conn.execute("select df.await_instance(%s, 60)", (iid,)).fetchone()
+                    err = conn.execute("select df.error(%s)->>'error'", (iid,)).fetchone()
+                    assert status == ("failed",), (t, status, old_serve.log())
+                    assert err is not None, t
+                    assert f"unknown node_type '{t}'" in err[0], (t, err)
+            assert old_serve.stop(timeout=60) == 0, old_serve.log()
+            new_serve.start()
+            new_serve.wait_workers(1)
+            with db.connect(role) as conn:
+                for t, iid in ids.items():
+                    conn.execute("select df.restart(%s)", (iid,))
+                    status = conn.execute("select df.await_instance(%s, 60)", (iid,)).fetchone()
+                    assert status == ("completed",), (t, status, new_serve.log())
+        finally:
+            old_serve.cleanup()
+            new_serve.cleanup()
