@@ -429,3 +429,33 @@ def test_an_old_serve_fails_a_newer_node_type_and_restart_resumes_it(
         finally:
             old_serve.cleanup()
             new_serve.cleanup()
+
+
+def test_a_package_older_than_the_schema_says_so_in_one_line(db: fix_db.TestDB) -> None:
+    """serve, install and upgrade of a package older than the database's schema (an old
+    serve restarted after the upgrade) refuse with one line naming both versions."""
+    newer = schema.SCHEMA_VERSION + 1
+    with db.connect() as conn:
+        conn.execute(
+            "insert into pgdurable.migrations (version, package) values (%s, 'newer')", (newer,)
+        )
+    want = (
+        f"Error: database has pgdurable schema version {newer}, newer than this package's "
+        f"{schema.SCHEMA_VERSION}; upgrade the package"
+    )
+    for args in (
+        ["serve", "--dsn", db.service_dsn],
+        ["install", "--dsn", db.install_dsn],
+        ["upgrade", "--dsn", db.install_dsn],
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "pgdurable", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert res.returncode == 1, (args[0], res.stdout, res.stderr)
+        assert "Traceback" not in res.stderr, (args[0], res.stderr)
+        assert want in res.stderr.splitlines(), (args[0], res.stderr)
