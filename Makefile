@@ -77,7 +77,7 @@ bench: $(BIN)/.installed ## W1-W3 side by side with the raw floor, DBOS and Proc
 	@$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench --peers dbos,procrastinate $(BENCH_ARGS)
 
-bench-scale: $(BIN)/.installed ## the scale checks: 1M finished instances, two serves, memory at 10k in flight
+bench-scale: $(BIN)/.installed ## the scale checks: 1M finished instances, two serves, memory at 10k in flight (BENCH_ARGS="--checks graph,loop,flood" for the others)
 	@$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 

@@ -48,6 +48,10 @@ busy; ``--max-user-connections`` raises it). Each run starts after a CHECKPOINT.
 of the best of ``--repeats`` runs per configuration (other work on a shared box only slows a
 run down); medians are shown too. scaleout interleaves 1-serve and 2-serve runs.
 
+flood      100,000 starts in one transaction and a burst of 10,000 signals against a running
+           serve: drain, probe latency, worker RSS, sessions vs the pools
+           (bench/scale_flood.py; only when named).
+
 Owns: these checks and their table. SQL literals are fine here (bench).
 Over 500 lines: three checks (finished, scaleout, memory), each with its measurement
 and report, sharing one database and serve helper; each check reads top to bottom.
@@ -78,6 +82,7 @@ from psycopg import sql
 from pgdurable import __version__
 from pgdurable import schema as schema_mod
 
+from . import scale_flood as flood
 from . import scale_limits as lim
 from .common import (
     LEAF_TYPES,
@@ -1178,7 +1183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checks",
         default="finished,scaleout,memory",
         help="comma separated subset of finished,scaleout,memory; graph,loop "
-        "(bench/scale_limits.py) only when named",
+        "(bench/scale_limits.py) and flood (bench/scale_flood.py) only when named",
     )
     p.add_argument(
         "--workers",
@@ -1193,6 +1198,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="worker processes in the memory check (default 1: that worker holds "
         "every in-flight instance)",
+    )
+    p.add_argument(
+        "--flood-workers",
+        type=int,
+        default=2,
+        help="worker processes in the flood check (default 2: serve's default on a 2-core box)",
     )
     p.add_argument("--slots", type=int, default=0, help="serve --slots (default: serve's)")
     p.add_argument(
@@ -1225,7 +1236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wanted = {c.strip().lower() for c in args.checks.split(",") if c.strip()}
-    unknown = wanted - {"finished", "scaleout", "memory", "graph", "loop"}
+    unknown = wanted - {"finished", "scaleout", "memory", "graph", "loop", "flood"}
     if unknown:
         print(f"unknown check(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -1244,11 +1255,14 @@ def main(argv: list[str] | None = None) -> int:
         mem = check_memory(server, args, workdir, progress) if "memory" in wanted else None
         gr = lim.check_graph(server, args, workdir, progress, Db) if "graph" in wanted else None
         lp = lim.check_loop(server, args, workdir, progress, Db) if "loop" in wanted else None
+        fl = flood.check_flood(server, args, workdir, progress, Db) if "flood" in wanted else None
         if fin or so or mem:
             print(render(server, args, fin, so, mem))
         if gr or lp:
             print(lim.render(gr, lp))
-        bad = problems(fin, so, mem) + lim.problems(gr, lp)
+        if fl:
+            print(flood.render(fl))
+        bad = problems(fin, so, mem) + lim.problems(gr, lp) + flood.problems(fl)
         if args.json_path:
             Path(args.json_path).write_text(
                 json.dumps(
@@ -1267,6 +1281,7 @@ def main(argv: list[str] | None = None) -> int:
                         "memory": asdict(mem) | {"max_rss_mb": mem.max_rss_mb} if mem else None,
                         "graph": asdict(gr) if gr else None,
                         "loop": asdict(lp) if lp else None,
+                        "flood": asdict(fl) | {"max_rss_mb": fl.max_rss_mb} if fl else None,
                         "problems": bad,
                     },
                     indent=2,

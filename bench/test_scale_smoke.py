@@ -4,7 +4,10 @@ Runs finished, scaleout and memory on an embedded PostgreSQL 18 with real ``serv
 subprocesses at scale 0.002 (2,000 cloned finished instances, 2 ten-step sequences per
 run, 20 parked instances) and checks outcomes, not timing targets: every step ran exactly
 once (the scale-out ledger), the clones landed and were not pruned, every parked instance
-parked and then finished after its signal, and the figures are positive.
+parked and then finished after its signal, and the figures are positive. The flood check
+runs at scale 0.001 (100 starts in one transaction, 10 signals in one statement): every
+start and every signal ran its step exactly once, every probe completed, the service's
+sessions stayed within its pools.
 """
 
 from __future__ import annotations
@@ -101,3 +104,28 @@ def test_graph_and_loop_checks_tiny(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert loop["iterations"] == 500, table
     assert loop["per_s"] > 0, table
     assert loop["node_rows"] < 20, table
+
+
+def test_flood_check_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "flood.json"
+    args = ["--checks", "flood", "--scale", "0.001", "--quiet", "--timeout", "120"]
+    rc = scale.main([*args, "--stall-seconds", "30", "--json", str(out)])
+    table = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["problems"] == [], table
+    assert rc == 0, table
+    fl = data["flood"]
+    for name, n in (("starts", 100), ("signals", 10)):
+        ph = fl[name]
+        assert ph["instances"] == n, table
+        assert ph["completed"] == ph["ledger_rows"] == ph["ledger_distinct"] == n, table
+        assert ph["drain_s"] > 0, table
+        assert ph["burst_s"] > 0, table
+        assert ph["probes"] == ph["probes_completed"] > 0, table
+        assert 0 < ph["probe_p50_s"] <= ph["probe_p99_s"] <= ph["probe_max_s"], table
+    assert fl["signals_left"] == 0, table
+    assert len(fl["peak_rss_mb"]) == fl["workers"] == 2, table
+    assert 0 < fl["max_rss_mb"] < 150, table
+    for role, bound in fl["pool_bound"].items():
+        assert 0 < fl["peak_conns"][role] <= bound, (role, table)
+    assert "| signals | signals left in the inbox | 0 | 0 | pass |" in table

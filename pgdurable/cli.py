@@ -90,7 +90,10 @@ def install(dsn: str | None, operator_schema: str | None) -> None:
 @dsn_option
 def upgrade(dsn: str | None) -> None:
     """Apply pending schema migrations."""
-    res = schema_mod.install(_dsn_or_embedded(dsn))
+    try:
+        res = schema_mod.install(_dsn_or_embedded(dsn))
+    except schema_mod.InstallError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(
         f"pgdurable schema version {res.to_version}"
         + (f" (from {res.from_version})" if res.changed else " (nothing to do)")

@@ -75,6 +75,9 @@ class Serve:
     ``dsn`` is what serve logs in with (``PGDURABLE_DSN``). The environment is the caller's
     plus ``PGDURABLE_WORKERS``, ``PGDURABLE_HTTP_POLICY=allow-list`` with ``http_allow``,
     ``PGDURABLE_LEASE_SECONDS`` when ``lease_seconds`` is given, then ``env`` (which wins).
+    ``cwd`` is where it runs (``python -m`` imports the package found there first: an older
+    package's tree runs that package). ``new_session``: serve leads a process group of its
+    own, which :meth:`kill_group` kills whole (its workers stay in it).
     Output goes to ``log_path`` (appended across restarts). :meth:`start` may be called again
     after a kill or a stop: :attr:`proc` is the latest process, :attr:`starts` counts them.
     """
@@ -89,9 +92,11 @@ class Serve:
         lease_seconds: float | None = None,
         http_allow: str = "127.0.0.1",
         cwd: Path | None = None,
+        new_session: bool = False,
     ) -> None:
         self.log_path = log_path
         self.cwd = cwd
+        self.new_session = new_session
         self.env: dict[str, str] = {
             "PGDURABLE_DSN": dsn,
             "PGDURABLE_WORKERS": str(workers),
@@ -122,6 +127,7 @@ class Serve:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.cwd,
+                start_new_session=self.new_session,
             )
         self.started.append(self.proc)
         self.starts += 1
@@ -183,6 +189,15 @@ class Serve:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.kill()
+        self.proc.wait()
+
+    def kill_group(self) -> None:
+        """SIGKILL serve's whole process group at once (``kill -9 -PGID``: the supervisor and
+        every worker in the same instant); needs ``new_session``."""
+        assert self.proc is not None, "serve was never started"
+        assert self.new_session, "kill_group needs a serve started with new_session=True"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
     def stop(self, timeout: float = 60, *, strict: bool = True) -> int:

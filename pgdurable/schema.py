@@ -292,7 +292,9 @@ def _install(
         _install_lock(conn, engine, exists=seen > 0)
         current = installed_version(conn, engine)  # again, under the lock
         if current > target_version:
-            raise RuntimeError(
+            # an older package during a rolling upgrade (docs/operating.md): the CLI prints
+            # this line, not a traceback
+            raise InstallError(
                 f"database has pgdurable schema version {current}, newer than this package's "
                 f"{target_version}; upgrade the package"
             )

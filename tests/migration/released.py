@@ -13,7 +13,10 @@ to ``pgdurable/sql``; ``cd pgdurable/sql && sha256sum -c released.sha256`` check
 - :func:`install_at` makes a database at an older version: v1 + the migrations up to it;
 - :func:`released_schema` reads from git history the schema a released package installed,
   for the few tests that need it exactly (the migrations re-make the current functions, so
-  v1 + migrations up to N has version N's tables but today's functions).
+  v1 + migrations up to N has version N's tables but today's functions);
+- :func:`package_commit` and :func:`export_package` find and unpack from git history the
+  whole *package* of a released version, for tests that run an older ``pgdurable serve``
+  beside this one (tests/acceptance/test_rolling_upgrade.py).
 
 Baselines are test material: they do not ship in the wheel and nothing in ``pgdurable/``
 reads them.
@@ -222,6 +225,91 @@ def install_released(dsn: str, version: int) -> bool:
         if version >= schema.LAUNCHER_SINCE:
             ensure_launcher(conn, "pgdurable")  # every install of those packages made it
     return True
+
+
+# -- older packages from git history -----------------------------------------------------------
+
+
+class NoHistory(RuntimeError):
+    """This checkout cannot give an older package: the message says why and what to run."""
+
+
+def _git(*args: str) -> str:
+    try:
+        res = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, check=False, timeout=60
+        )
+    except FileNotFoundError:
+        raise NoHistory("git is not installed: older packages come from git history") from None
+    if res.returncode != 0:
+        raise NoHistory(
+            f"`git {' '.join(args)}` failed in {REPO}: {res.stderr.decode(errors='replace')}"
+        )
+    return res.stdout.decode()
+
+
+def _schema_version_at(commit: str) -> int:
+    text = _git("show", f"{commit}:pgdurable/schema.py")
+    m = re.search(r"(?m)^SCHEMA_VERSION = (\d+)$", text)
+    if not m:
+        raise NoHistory(f"commit {commit} has no SCHEMA_VERSION in pgdurable/schema.py")
+    return int(m.group(1))
+
+
+def _need_full_history() -> None:
+    if not (REPO / ".git").exists():
+        raise NoHistory(f"{REPO} is not a git checkout (an unpacked sdist?): no older packages")
+    if _git("rev-parse", "--is-shallow-repository").strip() == "true":
+        raise NoHistory("a shallow clone has no older packages: `git fetch --unshallow` gives them")
+
+
+def package_commit(version: int) -> str:
+    """The commit whose package a user of released schema ``version`` runs: on the main
+    line (first parents from HEAD), the last commit whose package had ``SCHEMA_VERSION =
+    version`` (the first parent of the commit that opened the next version). For the version
+    this checkout itself has (released, not bumped since) that would be HEAD: then the commit
+    that released it (``make schema-freeze`` recording its file in released.sha256).
+    :class:`NoHistory` in a shallow clone or without git."""
+    if version not in released_versions():
+        raise ValueError(f"schema version {version} is not released ({released_versions()})")
+    _need_full_history()
+    changes = _git(
+        "rev-list", "--first-parent", "HEAD", "--", "pgdurable/schema.py"
+    ).split()  # newest first: the commits that changed the file on the main line
+    newer: str | None = None
+    for commit in changes:
+        if _schema_version_at(commit) == version:
+            if newer is not None:  # `newer` opened version+1: its first parent is the last
+                return _git("rev-parse", f"{newer}^1").strip()
+            break
+        newer = commit
+    else:
+        raise NoHistory(f"no commit on the main line has SCHEMA_VERSION = {version}")
+    # the version HEAD has: the commit that released it
+    name = released_file(version)
+    for commit in _git(
+        "rev-list", "--first-parent", "HEAD", "--", "pgdurable/sql/released.sha256"
+    ).split()[::-1]:  # oldest first
+        if f"  {name}\n" in _git("show", f"{commit}:pgdurable/sql/released.sha256"):
+            return commit
+    raise NoHistory(f"no commit records the release of {name} in released.sha256")
+
+
+def export_package(commit: str, dest: Path) -> Path:
+    """The tree of ``commit`` unpacked into ``dest`` (``git archive``); returns ``dest``. Run
+    its package with ``PYTHONPATH=dest`` and ``cwd=dest``: it has no compiled scheduler, so
+    its pure-Python twin runs (``PGDURABLE_IMPL=python`` says so explicitly)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    if archive.returncode != 0:
+        raise NoHistory(f"`git archive {commit}` failed: {archive.stderr.decode(errors='replace')}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=120)
+    return dest
 
 
 def main(argv: list[str]) -> int:
