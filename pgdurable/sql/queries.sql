@@ -5,7 +5,7 @@
 -- lease up to N runnable tasks for this worker
 select instance_id, node_id, gen, kind, attempts, submitted_by::pg_catalog.oid, database, deadline, clock,
        state_version
-from @engine@._claim_v1(%s, %s, %s)
+from @engine@._claim_v2(%s, %s, %s)
 
 -- name: load_instance
 -- everything a worker needs about one instance, except its nodes; then the submitting role

@@ -39,6 +39,12 @@ def test_foreach_stores_rows_body_and_max_parallel(tx):
     cfg = json.loads(g["left_node"]["query"])
     assert cfg["max_parallel"] == 10
     assert cfg["body"]["node_type"] == "RETRY"
+    # a plain SQL text body is a SQL step, as everywhere in the DSL
+    cfg = json.loads(
+        graph(tx, "select df.foreach('select 1 as x', 'insert into t values ($item.x)')")["query"]
+    )
+    assert cfg["body"]["node_type"] == "SQL"
+    assert cfg["body"]["query"] == "insert into t values ($item.x)"
     # DML with RETURNING gives rows too
     graph(tx, f"select df.foreach('delete from q returning id', {BODY})")
 
@@ -56,8 +62,8 @@ def test_foreach_stores_rows_body_and_max_parallel(tx):
         (f"df.foreach('vacuum t', {BODY})", "rows must be a query that returns rows"),
         ("df.foreach('select 1', null)", "df.foreach: body must not be NULL"),
         (
-            "df.foreach('select 1', 'insert into t values (1)')",
-            "df.foreach: body must be a graph value",
+            "df.foreach('select 1', '  ')",
+            "body is not a valid graph: SQL node needs a non-empty query",
         ),
         (
             """df.foreach('select 1', '{"node_type":"NOPE"}')""",

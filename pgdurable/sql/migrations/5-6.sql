@@ -94,7 +94,6 @@ create policy foreach_items_owner on @engine@.foreach_items for all
 -- @definitions-of 40_inspect.sql
 -- df.restart: FOREACH nodes keep their rows (@engine@._restart_core_v1)
 -- @definitions-of 70_restart.sql
--- @include 90_grants.sql
 
 -- tenants already granted get EXECUTE on the new helper df.instance_nodes and df.explain
 -- call (with the grant option where they hold the existing helpers with it)
@@ -117,3 +116,15 @@ begin
     end loop;
 end;
 $$;
+
+-- == Claims: fairness and rolling upgrades (docs/operating.md, "Rolling upgrade";
+--    docs/reliability.md, "Floods"). Self-contained. ==
+-- _claim_v2 (this package) takes a quarter of each claim from the newest due tasks;
+-- _claim_v1 (older packages' workers) does the same but leaves alone the instances with a
+-- node type newer than those workers (RETRY, FOREACH), found through this index
+create index nodes_newer_types_idx on df.nodes (instance_id) where node_type in ('RETRY', 'FOREACH');
+-- @definitions-of 50_engine.sql
+
+-- == Last, for every part above: the grants of every object, new ones included (a function
+--    made after them would be executable by PUBLIC) ==
+-- @include 90_grants.sql

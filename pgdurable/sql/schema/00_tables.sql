@@ -103,6 +103,9 @@ create table df.nodes (
     constraint nodes_right_fk foreign key (instance_id, right_node)
         references df.nodes (instance_id, id) deferrable initially deferred
 );
+-- the instances an older package's worker must leave alone during a rolling upgrade (node
+-- types newer than it: _claim_v1 in 50_engine.sql); small, one probe per claimed task
+create index nodes_newer_types_idx on df.nodes (instance_id) where node_type in ('RETRY', 'FOREACH');
 
 alter table df.instances add constraint instances_root_fk foreign key (id, root_node)
     references df.nodes (instance_id, id) deferrable initially deferred;

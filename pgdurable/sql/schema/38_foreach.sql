@@ -99,13 +99,18 @@ begin
         raise exception using errcode = '22023', message = 'df.foreach: body must not be NULL',
             hint = 'Pass the graph run for each row, e.g. df.sql(''insert into t values ($item.id)'').';
     end if;
-    v_body := df._try_jsonb(p_body);
+    -- a plain SQL text is a SQL step, as everywhere else in the DSL (df._node)
+    begin
+        v_body := df._try_jsonb(df._node(p_body));
+    exception when sqlstate '22023' then
+        raise exception using errcode = '22023',
+            message = 'df.foreach: body is not a valid graph: ' || sqlerrm;
+    end;
     if pg_catalog.jsonb_typeof(v_body) is distinct from 'object' or not v_body ? 'node_type' then
         raise exception using errcode = '22023',
             message = pg_catalog.format('df.foreach: body must be a graph value (built with '
-                                        'df.sql, ~>, df.join, df.retry, …), got %s',
-                                        pg_catalog.left(p_body, 60)),
-            hint = 'Wrap a single statement in df.sql(…).';
+                                        'df.sql, ~>, df.join, df.retry, …) or a SQL statement, '
+                                        'got %s', pg_catalog.left(p_body, 60));
     end if;
     begin
         perform df._foreach_flatten(v_body);

@@ -1,7 +1,8 @@
 -- pgdurable schema, part 50: the worker protocol (every function a worker calls has
 -- a _vN suffix so two service versions can share a database during a rolling deploy).
 --
---   _claim_v1      lease up to N runnable tasks (FOR UPDATE SKIP LOCKED)
+--   _claim_v2      lease up to N runnable tasks (FOR UPDATE SKIP LOCKED), oldest and newest
+--   _claim_v1      the same for older packages' workers (rolling upgrades): not newer node types
 --   _apply_v1      one checkpoint: fence, node writes, successor tasks, instance status, state
 --   _release_v1    give leased tasks back (shutdown, infrastructure errors)
 --   _rescue_v1     clear expired leases (maintenance), bounded
@@ -22,7 +23,13 @@
 -- plpgsql, not sql, here and in the loads below: PostgreSQL before 18 plans a non-inlined SQL
 -- function (one with a SET clause is never inlined) on every call, plpgsql once per session;
 -- the claim's plan cost more than its execution.
-create function @engine@._claim_v1(p_owner text, p_limit integer, p_lease_seconds integer)
+-- Fairness: three quarters of a claim go to the longest-waiting tasks, a quarter to the most
+-- recently due ones (a workflow started during a flood of 100,000, a signalled wait, a
+-- successor of a running chain), so new work is picked up within a claim or two instead of
+-- waiting behind the whole backlog (docs/reliability.md, "Floods"). The two picks lock what
+-- they read; rows the oldest pick locked but did not take stay locked only until the claim's
+-- transaction ends (it is this statement).
+create function @engine@._claim_v2(p_owner text, p_limit integer, p_lease_seconds integer)
 returns table (instance_id varchar, node_id varchar, gen integer, kind text, attempts integer,
                submitted_by regrole, database text, deadline timestamptz, clock timestamptz,
                state_version bigint)
@@ -30,10 +37,38 @@ language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
+declare
+    -- the newest due tasks' share of the claim: a quarter (a claim of fewer than four takes
+    -- one newest task a quarter of the time, so the expected share stays a quarter and the
+    -- oldest are never starved)
+    v_newest integer := case when p_limit >= 4 then p_limit / 4
+                             when pg_catalog.random() < 0.25 then 1 else 0 end;
 begin
     return query
-    with picked as (
+    with newest as (
         select t.instance_id, t.node_id
+        from @engine@.tasks t
+        where t.lease_owner is null and t.due_at <= @engine@.clock()
+          -- instance affinity: while another worker runs steps of an instance, its other
+          -- runnable steps stay for that worker (it has the instance loaded, and two
+          -- workers checkpointing one instance race and reload it); leases end, so a dead
+          -- worker's instances come free with its leases
+          -- (both checks are scalar sub-plans, one index probe per candidate row: as NOT
+          -- EXISTS they became anti-joins, which statistics of a table that grew since its
+          -- last ANALYZE turned into a scan of every finished instance for every claim)
+          and not coalesce((select true from @engine@.tasks o
+                            where o.instance_id = t.instance_id and o.lease_owner is not null
+                              and o.lease_owner <> p_owner
+                            limit 1), false)
+          -- a task of an instance its owner marked terminal (tenants may UPDATE status) is
+          -- never claimed; the rescuer deletes it
+          and not coalesce((select i.status in ('completed', 'failed', 'cancelled')
+                            from df.instances i where i.id = t.instance_id), false)
+        order by t.due_at desc
+        limit v_newest
+        for update skip locked
+    ), oldest as (
+        select t.instance_id, t.node_id, t.due_at
         from @engine@.tasks t
         where t.lease_owner is null and t.due_at <= @engine@.clock()
           -- instance affinity: while another worker runs steps of an instance, its other
@@ -54,6 +89,115 @@ begin
         order by t.due_at
         limit p_limit
         for update skip locked
+    ), picked as (
+        select n.instance_id, n.node_id from newest n
+        union all
+        (select o.instance_id, o.node_id from oldest o
+         where not exists (select 1 from newest n
+                           where n.instance_id = o.instance_id and n.node_id = o.node_id)
+         order by o.due_at
+         limit p_limit - (select count(*) from newest))
+    )
+    update @engine@.tasks t
+    set lease_owner = p_owner,
+        lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+        attempts = t.attempts + 1
+    from picked
+    where t.instance_id = picked.instance_id and t.node_id = picked.node_id
+    returning t.instance_id, t.node_id, t.gen, t.kind, t.attempts, t.submitted_by, t.database,
+              t.deadline, @engine@.clock(),
+              -- the instance's checkpoint counter: a worker whose cached copy is older
+              -- reloads before substituting results into the step
+              (select r.state_version from @engine@.runs r where r.instance_id = t.instance_id);
+end
+$$;
+
+-- _claim_v1 is what workers of older packages call during a rolling upgrade: the same claim,
+-- without instances whose node types they may not know.
+create function @engine@._claim_v1(p_owner text, p_limit integer, p_lease_seconds integer)
+returns table (instance_id varchar, node_id varchar, gen integer, kind text, attempts integer,
+               submitted_by regrole, database text, deadline timestamptz, clock timestamptz,
+               state_version bigint)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    -- the newest due tasks' share of the claim: a quarter (a claim of fewer than four takes
+    -- one newest task a quarter of the time, so the expected share stays a quarter and the
+    -- oldest are never starved)
+    v_newest integer := case when p_limit >= 4 then p_limit / 4
+                             when pg_catalog.random() < 0.25 then 1 else 0 end;
+begin
+    return query
+    with newest as (
+        select t.instance_id, t.node_id
+        from @engine@.tasks t
+        where t.lease_owner is null and t.due_at <= @engine@.clock()
+          -- instance affinity: while another worker runs steps of an instance, its other
+          -- runnable steps stay for that worker (it has the instance loaded, and two
+          -- workers checkpointing one instance race and reload it); leases end, so a dead
+          -- worker's instances come free with its leases
+          -- (both checks are scalar sub-plans, one index probe per candidate row: as NOT
+          -- EXISTS they became anti-joins, which statistics of a table that grew since its
+          -- last ANALYZE turned into a scan of every finished instance for every claim)
+          and not coalesce((select true from @engine@.tasks o
+                            where o.instance_id = t.instance_id and o.lease_owner is not null
+                              and o.lease_owner <> p_owner
+                            limit 1), false)
+          -- a task of an instance its owner marked terminal (tenants may UPDATE status) is
+          -- never claimed; the rescuer deletes it
+          and not coalesce((select i.status in ('completed', 'failed', 'cancelled')
+                            from df.instances i where i.id = t.instance_id), false)
+          -- an older package's worker (it calls _claim_v1) never takes an instance with a
+          -- node type it may not know: df.retry's RETRY (schema 5) and df.foreach's FOREACH
+          -- (schema 6) wait for a worker of this package (docs/operating.md, "Rolling
+          -- upgrade"); nodes_newer_types_idx makes this one probe
+          and not coalesce((select true from df.nodes n
+                            where n.instance_id = t.instance_id
+                              and n.node_type in ('RETRY', 'FOREACH')
+                            limit 1), false)
+        order by t.due_at desc
+        limit v_newest
+        for update skip locked
+    ), oldest as (
+        select t.instance_id, t.node_id, t.due_at
+        from @engine@.tasks t
+        where t.lease_owner is null and t.due_at <= @engine@.clock()
+          -- instance affinity: while another worker runs steps of an instance, its other
+          -- runnable steps stay for that worker (it has the instance loaded, and two
+          -- workers checkpointing one instance race and reload it); leases end, so a dead
+          -- worker's instances come free with its leases
+          -- (both checks are scalar sub-plans, one index probe per candidate row: as NOT
+          -- EXISTS they became anti-joins, which statistics of a table that grew since its
+          -- last ANALYZE turned into a scan of every finished instance for every claim)
+          and not coalesce((select true from @engine@.tasks o
+                            where o.instance_id = t.instance_id and o.lease_owner is not null
+                              and o.lease_owner <> p_owner
+                            limit 1), false)
+          -- a task of an instance its owner marked terminal (tenants may UPDATE status) is
+          -- never claimed; the rescuer deletes it
+          and not coalesce((select i.status in ('completed', 'failed', 'cancelled')
+                            from df.instances i where i.id = t.instance_id), false)
+          -- an older package's worker (it calls _claim_v1) never takes an instance with a
+          -- node type it may not know: df.retry's RETRY (schema 5) and df.foreach's FOREACH
+          -- (schema 6) wait for a worker of this package (docs/operating.md, "Rolling
+          -- upgrade"); nodes_newer_types_idx makes this one probe
+          and not coalesce((select true from df.nodes n
+                            where n.instance_id = t.instance_id
+                              and n.node_type in ('RETRY', 'FOREACH')
+                            limit 1), false)
+        order by t.due_at
+        limit p_limit
+        for update skip locked
+    ), picked as (
+        select n.instance_id, n.node_id from newest n
+        union all
+        (select o.instance_id, o.node_id from oldest o
+         where not exists (select 1 from newest n
+                           where n.instance_id = o.instance_id and n.node_id = o.node_id)
+         order by o.due_at
+         limit p_limit - (select count(*) from newest))
     )
     update @engine@.tasks t
     set lease_owner = p_owner,
