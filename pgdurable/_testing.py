@@ -12,6 +12,12 @@ again at once in a new transaction, without their checkpoints and so without the
 lease owner and generation the checkpoint checks) that would have refused them. It exists to
 prove that ``pgdurable verify``'s ``ambiguous_commit`` fault and checker catch that double run
 (issue 17); the hook is :func:`blind_rerun`, called from pgdurable/worker/batch.py.
+
+``PGDURABLE_TEST_IGNORE_FENCE=1`` deliberately ignores the fence: a SQL step whose checkpoint
+is refused because its task is no longer this worker's (its lease expired while the worker was
+stalled or cut off, and another worker took the step over) commits its statement anyway. It
+exists to prove that verify's ``stall`` and ``partition`` faults catch a worker that runs a
+step another worker has taken over; the hook is in pgdurable/steps/sql_step.py.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ BROKEN_CHECKPOINT = os.environ.get("PGDURABLE_TEST_BROKEN_CHECKPOINT") == "1"
 # how long the broken build leaves a step committed but not checkpointed
 BROKEN_WINDOW_SECONDS = 0.2
 BLIND_COMMIT_RETRY = os.environ.get("PGDURABLE_TEST_BLIND_COMMIT_RETRY") == "1"
+IGNORE_FENCE = os.environ.get("PGDURABLE_TEST_IGNORE_FENCE") == "1"
 
 logger = logging.getLogger(__name__)
 
@@ -48,3 +55,11 @@ async def blind_rerun(sessions: Any, call: Any, role: int, texts: list[str]) -> 
                     await conn.execute(call, (cap, text, sessions.runner_cap))
                     await conn.execute(sessions.commit_reset)
                 logger.warning("planted bug: %d statement(s) run again blindly", len(texts))
+
+
+async def commit_anyway(conn: Any) -> None:
+    """The planted bug of ``IGNORE_FENCE``: commit a fenced step's transaction (its statement
+    ran; its checkpoint wrote nothing). Failures are swallowed: the caller goes on as before."""
+    with contextlib.suppress(Exception):
+        await conn.execute(b"commit")
+        logger.warning("planted bug: a fenced step's statement committed")

@@ -20,7 +20,7 @@ from pgdurable.values import json_text, sql_envelope
 from pgdurable.worker.cache import InstanceCache
 from pgdurable.worker.checkpoint import Checkpointer, Outcome
 from pgdurable.worker.failures import pg_message
-from pgdurable.worker.flow import Requeue, StepFailed
+from pgdurable.worker.flow import Fenced, Requeue, StepFailed
 from pgdurable.worker.instance import InstanceCtx
 from pgdurable.worker.notifier import Running
 from pgdurable.worker.sessions import Sessions
@@ -140,8 +140,10 @@ class SqlSteps:
                 # runner) failed it: the transaction, checkpoint included, rolled back
                 self.cache.forget(task.instance_id, ctx)
             await self.statement_failed(conn, ctx, task, idx, text, exc)
-        except BaseException:
+        except BaseException as exc:
             # fenced, stale or cancelled: nothing of the step's transaction may commit
+            if _testing.IGNORE_FENCE and isinstance(exc, Fenced):  # planted bug: _testing.py
+                await _testing.commit_anyway(conn)
             await self.sessions.reset(conn)
             raise
         finally:

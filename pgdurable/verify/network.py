@@ -4,7 +4,8 @@ Every ``pgdurable serve`` of a run reaches the database through its own
 :class:`~pgdurable.verify.proxy.Proxy`; :class:`NetFaults` picks the parameters of a network
 fault (:data:`NET_KINDS`) and injects it through the proxy of the serve it is given:
 
-    conn_reset        a connection reset (RST) just after a statement was sent
+    conn_reset        a connection reset (RST) just after a statement was sent; half of the
+                      time only a step session's (the role pgdurable_step)
     ambiguous_commit  a COMMIT reaches the server, its reply never reaches the worker
     stall             a connection (or, half the time, all of the serve's) frozen for longer
                       than the lease (lease + 1 to lease + 3 s), then resumed or reset
@@ -18,6 +19,8 @@ import random
 from collections.abc import Callable
 
 import psycopg
+
+from pgdurable.roles import STEP_ROLE
 
 from .proxy import Proxy
 
@@ -45,7 +48,12 @@ class NetFaults:
         trigger of an armed fault (a statement, a COMMIT) did not come within
         :data:`~pgdurable.verify.proxy.ARM_TIMEOUT`, or a partition was already on."""
         p = self.proxies[i]
-        if kind in ("conn_reset", "ambiguous_commit"):
+        if kind == "conn_reset":
+            # half of the resets hit a step session mid-statement: left to chance, nearly all
+            # land on the claims and heartbeats, which run far more often than steps
+            step = self.rng.random() < 0.5
+            p.inject(kind, report, user=STEP_ROLE if step else None)
+        elif kind == "ambiguous_commit":
             p.inject(kind, report)
         elif kind == "stall":
             p.inject(

@@ -6,7 +6,8 @@ asyncio loop in a thread of its own and reads the PostgreSQL wire protocol in bo
 (startup packet, then typed messages), so a fault can hit a precise point of a connection's
 life. The faults (blocking calls from the verifier's thread; True when the fault happened):
 
-    conn_reset        the next statement sent (a simple ``Query`` or an extended ``Execute``)
+    conn_reset        the next statement sent (a simple ``Query`` or an extended ``Execute``;
+                      optionally only on connections of one role, e.g. the step sessions)
                       is forwarded, the server's bytes are dropped from then on, and both
                       sides are reset (RST: SO_LINGER 0) 0-20 ms later: the client is waiting
                       for the statement's reply, the server may be running it
@@ -56,6 +57,7 @@ class _Arm:
     seconds: float = 0.0
     whole: bool = False
     close_after: bool = False
+    user: str | None = None  # only on connections logged in as this role (None: any)
     settled: bool = False
 
     def settle(self, happened: bool) -> None:
@@ -72,6 +74,7 @@ class _Conn:
     server: asyncio.StreamWriter
     flowing: asyncio.Event = field(default_factory=asyncio.Event)
     startup: bool = True  # the client has not sent its startup packet yet
+    user: str = ""  # the role its startup packet names
     single_byte_reply: int = 0  # SSL/GSS requests answered by one byte, not a message
     opaque: bool = False  # TLS/GSS accepted: not parsed any more
     parsed_commit: bool = False  # a Parse of COMMIT was sent: the next Sync commits
@@ -87,6 +90,15 @@ def _abort(w: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
     w.transport.abort()
+
+
+def _startup_user(params: bytes) -> str:
+    """The ``user`` of a startup packet's key/value pairs (NUL-separated)."""
+    parts = params.split(b"\x00")
+    for k, v in zip(parts[::2], parts[1::2], strict=False):
+        if k == b"user":
+            return v.decode(errors="replace")
+    return ""
 
 
 def _is_commit(text: bytes) -> bool:
@@ -320,6 +332,7 @@ class Proxy:
                     c.single_byte_reply += 1
                 else:
                     c.startup = False
+                    c.user = _startup_user(bytes(buf[off + 8 : off + size]))
                 out += buf[off : off + size]
                 off += size
                 continue
@@ -377,6 +390,8 @@ class Proxy:
                 # COMMIT too, in a pipeline: the client learns nothing more)
                 self._cut_after_commit(c, arm)
                 return lambda: None
+            if arm.user is not None and arm.user != c.user:
+                continue
             if arm.kind == "conn_reset" and statement:
                 self.arms.remove(arm)
                 return lambda: self._reset_soon(c, arm)

@@ -606,6 +606,59 @@ def test_a_blind_rerun_after_an_ambiguous_commit_is_caught() -> None:
     assert "duplicate_effect" in out, out[-3000:]
 
 
+def _planted(env_var: str, kinds: str, duration: int, seed: int) -> str:
+    """verify's report of a run with the planted bug ``env_var`` (pgdurable/_testing.py) and
+    only the fault ``kinds``; asserts it found violations and exited 1."""
+    env = dict(os.environ, **{env_var: "1"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgdurable",
+            "verify",
+            "--faults",
+            "1000",
+            "--duration",
+            str(duration),
+            "--seed",
+            str(seed),
+            "--kinds",
+            kinds,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=duration + 100,
+        env=env,
+    )
+    out = res.stdout.strip()
+    last = out.splitlines()[-1]
+    assert last.startswith("violations: "), out[-3000:] + res.stderr[-2000:]
+    assert int(last.split()[-1]) > 0, out[-3000:]
+    _drop_evidence(out + res.stderr)
+    assert res.returncode == 1
+    return out
+
+
+@pytest.mark.timeout(160)
+def test_a_worker_that_ignores_its_fence_is_caught() -> None:
+    """The checker fails a build in which a stalled or cut-off worker, whose lease expired and
+    whose step another worker took over, commits the step's statement when its checkpoint is
+    refused (PGDURABLE_TEST_IGNORE_FENCE=1): the stall and partition faults make that happen,
+    and the statement's effect shows up twice."""
+    out = _planted("PGDURABLE_TEST_IGNORE_FENCE", "stall,partition", 40, 21)
+    assert "duplicate_effect" in out, out[-3000:]
+
+
+@pytest.mark.timeout(140)
+def test_a_reset_between_statement_and_checkpoint_is_caught() -> None:
+    """The conn_reset fault alone catches the broken build that commits a SQL step apart from
+    its checkpoint (PGDURABLE_TEST_BROKEN_CHECKPOINT=1): half of the resets hit a step
+    session mid-statement, and one in the window between the two commits re-runs the step."""
+    out = _planted("PGDURABLE_TEST_BROKEN_CHECKPOINT", "conn_reset", 25, 22)
+    assert "duplicate_effect" in out, out[-3000:]
+
+
 # -- the proxy's faults on a real server ------------------------------------------------------
 
 
