@@ -408,6 +408,13 @@ def _bucket(leaf: str, frames: list[str]) -> str:
 # -- the table ------------------------------------------------------------------------
 
 
+def _cpu_per_step(r: Row) -> float | None:
+    """CPU per step in ms, worker + PostgreSQL: (worker cores + PG cores) × 1,000 / steps/s."""
+    if r.worker_cores is None or r.postgres_cores is None or not r.steps_per_s:
+        return None
+    return (r.worker_cores + r.postgres_cores) * 1000 / r.steps_per_s
+
+
 def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -438,10 +445,10 @@ def render(
     hdr = (
         "| workload | instances | steps | workflows/s | steps/s | ÷ floor 64/commit "
         "| ÷ floor 1/commit | ÷ DESIGN target | start→1st p50/p99 ms | step→step p50/p99 ms "
-        "| commits/step | worker RSS MB | worker / PG cores |"
+        "| commits/step | worker RSS MB | worker / PG cores | CPU/step ms |"
     )
     out.append(hdr)
-    out.append("|---|" + "---:|" * 12)
+    out.append("|---|" + "---:|" * 13)
     for r in rows:
         target = TARGETS.get(r.workload)
         out.append(
@@ -453,7 +460,8 @@ def render(
             f"| {_f(r.first_p50_ms, '{:.1f}')} / {_f(r.first_p99_ms, '{:.1f}')} "
             f"| {_f(r.step_p50_ms, '{:.1f}')} / {_f(r.step_p99_ms, '{:.1f}')} "
             f"| {_f(r.commits_per_step, '{:.2f}')} | {_f(r.worker_rss_mb)} "
-            f"| {_f(r.worker_cores, '{:.2f}')} / {_f(r.postgres_cores, '{:.2f}')} |"
+            f"| {_f(r.worker_cores, '{:.2f}')} / {_f(r.postgres_cores, '{:.2f}')} "
+            f"| {_f(_cpu_per_step(r), '{:.2f}')} |"
         )
     out.append("")
     enq = [r for r in rows if r.enqueue_txn_per_s]

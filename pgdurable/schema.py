@@ -37,7 +37,7 @@ from .sql import MIGRATIONS_DIR, schema_parts
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The schema version this package installs and expects."""
 
 LAUNCHER_SINCE = 3

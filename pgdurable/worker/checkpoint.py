@@ -6,7 +6,9 @@ successors the scheduler computes) in one transaction.
 - :meth:`Checkpointer.submit`: through the group commit (:mod:`.completer`), for outcomes that
   need no transaction of their own (HTTP responses, timers, failed statements, …);
 - :meth:`Checkpointer.start`: an instance's start (its roots activated), group-committed too;
-- :meth:`Checkpointer.apply`: the one write all three end in (``_apply_v1``).
+- :meth:`Checkpointer.apply`: the one write all three end in (``_apply_v1``), or, given a
+  :class:`~.checkpoint_set.CheckpointSet`, the staging of it, written with the set's others by
+  :meth:`Checkpointer.flush` (``_apply_v2``: one call for a whole batch).
 
 The completer stays a module of its own: it is a generic group commit (a queue, a flush in
 key order, the split of a failed batch) that knows nothing of what a checkpoint holds, and it is
@@ -33,6 +35,7 @@ from pgdurable.graph import _abc as A
 from pgdurable.values import CHECKPOINT_MAX_BYTES, check_size, error_text, json_bytes, truthy
 
 from .cache import InstanceCache
+from .checkpoint_set import TERMINAL, CheckpointSet, Entry, Run, call_args, chunks
 from .completer import Completer
 from .flow import Busy, Fenced, Stale, acquire
 from .instance import TYPE_NAMES, Checkpoint, InstanceCtx, dump
@@ -115,6 +118,7 @@ class Checkpointer:
         *,
         in_tx: bool = False,
         lock_held: bool = False,
+        batch: CheckpointSet | None = None,
     ) -> None:
         """Checkpoint one leaf outcome; inside the caller's transaction when ``in_tx``.
 
@@ -123,10 +127,11 @@ class Checkpointer:
         retry pessimistically: lock the runs row first, reload under the lock, compute
         and apply — nobody can move the instance on in between, so there is no retry
         loop that contention could exhaust. ``lock_held``: the caller (a batch) holds the
-        instance's lock until its COMMIT.
+        instance's lock until its COMMIT. ``batch`` (with ``in_tx`` and ``lock_held``): staged
+        there, written by :meth:`flush` before the caller commits.
         """
         if lock_held:
-            await self._record_locked(conn, ctx, task, idx, outcome, in_tx)
+            await self._record_locked(conn, ctx, task, idx, outcome, in_tx, batch)
             return
         if in_tx:
             # inside a transaction that holds locks: bounded wait (see BatchRunner)
@@ -208,6 +213,7 @@ class Checkpointer:
         leaf: Task,
         idx: int,
         outcome: Outcome,
+        batch: CheckpointSet | None = None,
     ) -> None:
         """Start an instance and checkpoint its first step in one write, inside the step's
         transaction (a batch's, which holds the instance's lock): the start task's fence,
@@ -240,7 +246,7 @@ class Checkpointer:
         except BaseException:
             self.cache.forget(ctx.instance_id, ctx)
             raise
-        await self._compute_and_apply(conn, ctx, leaf, idx, outcome, False, cp, start)
+        await self._compute_and_apply(conn, ctx, leaf, idx, outcome, False, cp, start, batch)
 
     async def start_running(self, ctx: InstanceCtx, start: Task, leaf: Task) -> None:
         """Commit the start of an instance whose first step (``leaf``, still running in a
@@ -317,6 +323,11 @@ class Checkpointer:
         if got < 0:
             raise Fenced()
         ctx.version = got
+        self._applied(ctx, task, cp, got)
+
+    def _applied(self, ctx: InstanceCtx, task: Task, cp: Checkpoint, got: int) -> None:
+        """After ``cp`` was written (state_version ``got``): wake-ups, hand-off, forget a
+        finished instance."""
         # work due soon (a loop's next iteration after loop_min_interval_ms, a short sleep):
         # wake the producer when it is due, not at its next poll (up to poll_interval late)
         loop = asyncio.get_running_loop()
@@ -340,9 +351,99 @@ class Checkpointer:
             for t in cp.new_tasks
             if t.get("take")
         ]
-        if cp.inst_status in ("completed", "failed", "cancelled"):
+        if cp.inst_status in TERMINAL:
             self.cache.forget(ctx.instance_id, ctx)
             logger.info("instance %s", cp.inst_status, extra={"event": "instance.finished"})
+
+    def stage(
+        self,
+        batch: CheckpointSet,
+        ctx: InstanceCtx,
+        task: Task,
+        cp: Checkpoint,
+        redo: tuple[Task, int, Outcome] | None,
+        step_type: str | None,
+        ok: bool,
+    ) -> None:
+        """Stage ``cp`` in ``batch`` (what :meth:`apply` would write now): the instance's
+        state moves on in memory, its version too; :meth:`flush` writes it."""
+        check_checkpoint(cp.weight)
+        ctx.version += 1
+        batch.stage(ctx, task, cp, Entry(ctx, task, cp, ctx.version, redo, step_type, ok))
+
+    async def flush(self, conn: psycopg.AsyncConnection[Any], batch: CheckpointSet) -> None:
+        """Write every checkpoint staged in ``batch``: one ``_apply_v2`` call per round (most
+        batches: one). An instance found stale (another worker checkpointed it meanwhile:
+        nothing of it was written, its runs row is now locked by us) is computed again on
+        a fresh load, its steps in their order, and written by one more call; a fenced or
+        busy one raises :class:`Fenced` / :class:`Busy` (the caller rolls back)."""
+        stale: dict[str, list[Entry]] = {}
+        while batch:
+            for call in chunks(batch.take_round()):
+                t0 = time.monotonic()
+                cur = await conn.execute(
+                    *self.sessions.engine_query(
+                        conn, "apply_set", call_args(self.worker_id, self.lease_seconds, call)
+                    )
+                )
+                row = await cur.fetchone()
+                spent = time.monotonic() - t0
+                codes = row[0] if row else None
+                if codes is None or len(codes) != len(call):
+                    raise Fenced()
+                for run, got in zip(call, codes, strict=True):
+                    if got == -1:
+                        iid = run.ctx.instance_id
+                        # its later rounds were computed on top of this one: all again
+                        later = [e for r in batch.drop(iid) for e in r.entries]
+                        stale[iid] = stale.get(iid, []) + run.entries + later
+                        continue
+                    if got == -3:
+                        raise Busy()
+                    if got < 0:
+                        raise Fenced()
+                    self._written(run, got, spent)
+        if not stale:
+            return
+        again = CheckpointSet()
+        for iid, entries in sorted(stale.items()):
+            if any(e.redo is None for e in entries):
+                raise Stale()  # a start with its first step: the caller starts it again
+            ctx = entries[0].ctx
+            self.cache.forget(iid, ctx)
+            fresh = await self.cache.get(conn, iid, fresh=True, lock=ctx.lock)
+            if fresh is None:
+                raise Fenced()
+            for e in entries:
+                assert e.redo is not None
+                task, idx, outcome = e.redo
+                await self._compute_and_apply(conn, fresh, task, idx, outcome, True, batch=again)
+        while again:
+            for call in chunks(again.take_round()):
+                cur = await conn.execute(
+                    *self.sessions.engine_query(
+                        conn, "apply_set", call_args(self.worker_id, self.lease_seconds, call)
+                    )
+                )
+                row = await cur.fetchone()
+                codes = row[0] if row else None
+                if codes is None or len(codes) != len(call):
+                    raise Fenced()
+                for run, got in zip(call, codes, strict=True):
+                    if got == -3:
+                        raise Busy()
+                    if got < 0:  # -1 cannot be: we hold the runs rows
+                        raise Fenced()
+                    self._written(run, got, 0.0)
+
+    def _written(self, run: Run, got: int, seconds: float) -> None:
+        """A run was written (its instance now at ``got``): each checkpoint's aftermath."""
+        assert got == run.entries[-1].version, (got, run.entries[-1].version)
+        for e in run.entries:
+            metrics.checkpoint(seconds)
+            self._applied(e.ctx, e.fence, e.cp, e.version)
+            if e.step_type is not None:
+                metrics.step_finished(e.step_type, e.ok)
 
     # -- inside record -----------------------------------------------------------------
 
@@ -354,10 +455,13 @@ class Checkpointer:
         idx: int,
         outcome: Outcome,
         in_tx: bool,
+        batch: CheckpointSet | None = None,
     ) -> None:
         try:
             if in_tx:
-                await self._compute_and_apply(conn, ctx, task, idx, outcome, False)
+                await self._compute_and_apply(
+                    conn, ctx, task, idx, outcome, False, batch=batch
+                )
             else:
                 async with conn.transaction():
                     await self._compute_and_apply(conn, ctx, task, idx, outcome, False)
@@ -373,6 +477,9 @@ class Checkpointer:
                 raise
             outcome = Outcome.failure(exc)
             logger.info("step result refused: %s", exc, extra={"event": "step.too_large"})
+        if batch is not None and batch.has(task.instance_id):
+            # what is staged for this instance goes first: the reload below must see it
+            await self.flush(conn, batch)
         tx = contextlib.nullcontext() if in_tx else conn.transaction()
         async with tx:
             await conn.execute(*self.sessions.engine_query(conn, "lock_run", (task.instance_id,)))
@@ -380,7 +487,7 @@ class Checkpointer:
             if fresh is None:
                 raise Fenced()
             try:
-                await self._compute_and_apply(conn, fresh, task, idx, outcome, True)
+                await self._compute_and_apply(conn, fresh, task, idx, outcome, True, batch=batch)
             except Stale:  # pragma: no cover - impossible while we hold the row lock
                 raise Fenced() from None
 
@@ -394,6 +501,7 @@ class Checkpointer:
         reloaded: bool,
         cp: Checkpoint | None = None,
         fence: Task | None = None,
+        batch: CheckpointSet | None = None,
     ) -> None:
         sched = ctx.sched
         if ctx.dead or sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
@@ -453,12 +561,18 @@ class Checkpointer:
                     f"bytes, over the limit of {max_bytes} bytes per instance; "
                     f"raise {INSTANCE_CAP_SETTING} to allow it"
                 )
+            step_type = TYPE_NAMES[ctx.graph.types[idx]]
+            if batch is not None:
+                # written by flush(); recomputed from (task, idx, outcome) if found stale
+                redo = None if fence is not None else (task, idx, outcome)
+                self.stage(batch, ctx, fence or task, cp, redo, step_type, outcome.ok)
+                return
             await self.apply(conn, ctx, fence or task, cp)
         except BaseException:
             # the cached state moved on in memory and nothing of it committed: reload
             self.cache.forget(ctx.instance_id, ctx)
             raise
-        metrics.step_finished(TYPE_NAMES[ctx.graph.types[idx]], outcome.ok)
+        metrics.step_finished(step_type, outcome.ok)
 
 
 def first_sql_leaf(ctx: InstanceCtx) -> int | None:

@@ -3,6 +3,7 @@
 --
 --   _claim_v1      lease up to N runnable tasks (FOR UPDATE SKIP LOCKED)
 --   _apply_v1      one checkpoint: fence, node writes, successor tasks, instance status, state
+--   _apply_v2      the checkpoints of many instances, set-based (one call per batch)
 --   _release_v1    give leased tasks back (shutdown, infrastructure errors)
 --   _rescue_v1     clear expired leases (maintenance), bounded
 --   _extend_v1     extend the leases of a worker's in-flight tasks (heartbeat)
@@ -811,6 +812,221 @@ begin
     return @engine@._apply_v1(p_owner, p_instance, p_task_node, p_task_gen, p_expected_version,
                               p_state, p_inst_status, p_nodes, p_new_tasks, p_drop_tasks,
                               p_named, p_lease_seconds);
+end
+$$;
+
+-- Set-based checkpoints (docs/performance.md "The checkpoint"): one call writes the
+-- checkpoints of many instances, each statement once for the whole set rather than once per
+-- step (a batch of SQL steps, the completer's group commit). One element per instance (the
+-- worker merges the checkpoints a batch made of one instance into one: p_counts of them):
+--   p_ids, p_versions, p_counts, p_statuses, p_states  the instance, the state_version the
+--       worker computed on, how many checkpoints it carries, the new instance status (NULL:
+--       unchanged) and the scheduler state after the last one;
+--   p_fence_ids/_nodes/_gens  the tasks it consumes (leased to p_owner), any number per
+--       instance; p_drop_ids/_nodes  abandoned leaves whose tasks go;
+--   p_nodes, p_new_tasks, p_named  as _apply_v1's, each element naming its instance ("i");
+--       a node or a successor task appears once per instance, a named result carries its
+--       seq.
+-- Returns one code per instance, in p_ids' order: the new state_version, or _apply_v1's
+-- -1 / -2 / -3, for which nothing of that instance was written (the others were: the caller
+-- commits them, rolls everything back, or recomputes the stale ones under the runs locks it
+-- now holds and calls again). Same lock order as _apply_v1: runs rows first, in ascending
+-- instance order, then tasks, nodes, instances.
+create function @engine@._apply_v2(
+    p_owner text, p_lease_seconds integer, p_ids varchar[], p_versions bigint[],
+    p_counts integer[], p_statuses text[], p_states bytea[], p_fence_ids varchar[],
+    p_fence_nodes varchar[], p_fence_gens integer[], p_drop_ids varchar[],
+    p_drop_nodes varchar[], p_nodes jsonb, p_new_tasks jsonb, p_named jsonb)
+returns bigint[]
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_codes   pg_catalog.int8[];
+    v_ok      pg_catalog.varchar[];
+    v_n       pg_catalog.int4;
+begin
+    v_n := coalesce(cardinality(p_ids), 0);
+    if v_n = 0 then
+        return '{}';
+    end if;
+    if cardinality(p_versions) <> v_n or cardinality(p_counts) <> v_n
+       or cardinality(p_statuses) <> v_n or cardinality(p_states) <> v_n
+       or coalesce(cardinality(p_fence_ids), 0) <> coalesce(cardinality(p_fence_nodes), 0)
+       or coalesce(cardinality(p_fence_ids), 0) <> coalesce(cardinality(p_fence_gens), 0)
+       or coalesce(cardinality(p_drop_ids), 0) <> coalesce(cardinality(p_drop_nodes), 0)
+       or (select count(distinct u.id) from unnest(p_ids) u(id)) <> v_n then
+        raise exception 'pgdurable: _apply_v2 needs arrays of one length and one element per instance'
+            using errcode = '22023';
+    end if;
+
+    -- the runs rows, in ascending instance order (as every writer of an instance)
+    perform 1 from @engine@.runs r where r.instance_id = any (p_ids)
+    order by r.instance_id
+    for update of r;
+
+    -- -2: gone or terminal; -1: stale; then the fence tasks (locked: a rescue cannot take one
+    -- between this check and the delete below)
+    select array_agg(case
+               when r.instance_id is null or i.status is null
+                    or i.status in ('completed', 'failed', 'cancelled') then -2
+               when r.state_version <> u.v then -1
+               when f.missing then -2
+               else 0 end order by u.ord)
+    into v_codes
+    from unnest(p_ids, p_versions) with ordinality as u(id, v, ord)
+    left join @engine@.runs r on r.instance_id = u.id
+    left join df.instances i on i.id = u.id
+    left join lateral (
+        select count(t.node_id) < count(*) as missing
+        from unnest(p_fence_ids, p_fence_nodes, p_fence_gens) as fe(i, n, g)
+        left join lateral (
+            select t.node_id from @engine@.tasks t
+            where t.instance_id = fe.i and t.node_id = fe.n and t.gen = fe.g
+              and t.lease_owner = p_owner
+            for update of t
+        ) t on true
+        where fe.i = u.id
+    ) f on true;
+
+    -- -3: a new instance status needs its row, and its owner may hold it: never wait
+    if exists (select 1 from unnest(p_statuses, v_codes) s(st, c) where s.st is not null and s.c = 0) then
+        select array_agg(case when u.c = 0 and u.st is not null and l.id is null then -3
+                              else u.c end order by u.ord)
+        into v_codes
+        from unnest(p_ids, p_statuses, v_codes) with ordinality as u(id, st, c, ord)
+        left join (
+            select i.id from df.instances i
+            where i.id = any (array(select s.id from unnest(p_ids, p_statuses, v_codes) s(id, st, c)
+                                    where s.st is not null and s.c = 0))
+            order by i.id
+            for update of i skip locked
+        ) l on l.id = u.id;
+    end if;
+
+    select array_agg(u.id) into v_ok from unnest(p_ids, v_codes) u(id, c) where u.c = 0;
+    if v_ok is null then
+        return v_codes;
+    end if;
+
+    delete from @engine@.tasks t
+    using unnest(p_fence_ids, p_fence_nodes, p_fence_gens) as fe(i, n, g)
+    where t.instance_id = fe.i and t.node_id = fe.n and t.gen = fe.g
+      and t.lease_owner = p_owner and fe.i = any (v_ok);
+
+    -- abandoned leaves: as in _apply_v1
+    if coalesce(cardinality(p_drop_ids), 0) > 0 then
+        with d as (
+            delete from @engine@.tasks t
+            using unnest(p_drop_ids, p_drop_nodes) as dr(i, n)
+            where t.instance_id = dr.i and t.node_id = dr.n and dr.i = any (v_ok)
+            returning t.lease_owner
+        )
+        select count(*) into v_n from d where d.lease_owner is not null;
+        if v_n > 0 then
+            perform pg_catalog.pg_notify('pgdurable_abandon', '');
+        end if;
+    end if;
+
+    if p_nodes is not null then
+        update df.nodes n
+        set status = coalesce(u.status, n.status),
+            result = case when u.status is null then n.result
+                          when u.status in ('completed', 'failed') then u.result end,
+            status_details = coalesce(n.status_details, '{}'::pg_catalog.jsonb) || coalesce(u.details, '{}'::pg_catalog.jsonb)
+                || coalesce(case when u.status in ('completed', 'failed')
+                                  and u.details ? 'finished_at' then
+                    jsonb_build_object('duration_ms', round(1000 * extract(epoch from
+                        (u.details ->> 'finished_at')::pg_catalog.timestamptz
+                        - coalesce(u.details ->> 'started_at',
+                                   n.status_details ->> 'started_at')::pg_catalog.timestamptz))) end,
+                            '{}'::pg_catalog.jsonb),
+            updated_at = now()
+        from jsonb_to_recordset(p_nodes) as u(i pg_catalog.varchar, id pg_catalog.varchar, status pg_catalog.text, result pg_catalog.jsonb, details pg_catalog.jsonb)
+        where n.instance_id = u.i and n.id = u.id and u.i = any (v_ok);
+    end if;
+
+    if p_new_tasks is not null then
+        -- "take": leased to this worker already (hand-off), as in _apply_v1
+        insert into @engine@.tasks as t (instance_id, node_id, gen, kind, due_at, deadline,
+                                          submitted_by, database, lease_owner, lease_expires_at,
+                                          attempts)
+        select n.i, n.node_id, n.gen, n.kind,
+               coalesce(n.due_at, @engine@.clock() + make_interval(secs => coalesce(n.delay, 0))),
+               n.deadline, i.submitted_by, i.database,
+               case when n.take then p_owner end,
+               case when n.take then now() + make_interval(secs => p_lease_seconds) end,
+               case when n.take then 1 else 0 end
+        from jsonb_to_recordset(p_new_tasks)
+                 as n(i pg_catalog.varchar, node_id pg_catalog.varchar, gen pg_catalog.int4,
+                      kind pg_catalog.text, due_at pg_catalog.timestamptz, delay pg_catalog.float8,
+                      deadline pg_catalog.timestamptz, take pg_catalog.bool)
+        join df.instances i on i.id = n.i
+        where n.i = any (v_ok)
+        on conflict (instance_id, node_id) do update
+            set gen = excluded.gen, kind = excluded.kind, due_at = excluded.due_at,
+                deadline = excluded.deadline, lease_owner = excluded.lease_owner,
+                lease_expires_at = excluded.lease_expires_at, attempts = excluded.attempts;
+        if exists (select 1 from jsonb_to_recordset(p_new_tasks) as n(i pg_catalog.varchar, take pg_catalog.bool)
+                   where n.take is not true and n.i = any (v_ok)) then
+            perform pg_catalog.pg_notify('pgdurable_work', '');
+        end if;
+    end if;
+
+    if p_named is not null then
+        insert into @engine@.results as r (instance_id, name, value, seq)
+        select e.i, e.key, e.value, e.seq
+        from jsonb_to_recordset(p_named) as e(i pg_catalog.varchar, key pg_catalog.text, value pg_catalog.jsonb, seq pg_catalog.int8)
+        where e.i = any (v_ok)
+        on conflict (instance_id, name) do update set value = excluded.value, seq = excluded.seq;
+    end if;
+
+    if exists (select 1 from unnest(p_statuses, v_codes) s(st, c) where s.st is not null and s.c = 0) then
+        update df.instances i
+        set status = u.st,
+            updated_at = now(),
+            completed_at = case when u.st in ('completed', 'failed', 'cancelled')
+                                then now() else i.completed_at end
+        from unnest(p_ids, p_statuses, v_codes) as u(id, st, c)
+        where i.id = u.id and u.st is not null and u.c = 0;
+        -- terminal: as in _apply_v1 (a failed or cancelled instance keeps its named results
+        -- and signals for df.restart)
+        delete from @engine@.tasks t
+        using unnest(p_ids, p_statuses, v_codes) as u(id, st, c)
+        where t.instance_id = u.id and u.c = 0 and u.st in ('completed', 'failed', 'cancelled');
+        delete from @engine@.signals s
+        using unnest(p_ids, p_statuses, v_codes) as u(id, st, c)
+        where s.instance_id = u.id and u.c = 0 and u.st = 'completed';
+        delete from @engine@.results r
+        using unnest(p_ids, p_statuses, v_codes) as u(id, st, c)
+        where r.instance_id = u.id and u.c = 0 and u.st = 'completed';
+    end if;
+
+    update @engine@.runs r
+    set state = u.st, state_version = r.state_version + u.k
+    from unnest(p_ids, p_states, p_counts, v_codes) as u(id, st, k, c)
+    where r.instance_id = u.id and u.c = 0;
+
+    return array(select case when u.c = 0 then u.v + u.k else u.c end
+                 from unnest(p_versions, p_counts, v_codes) with ordinality as u(v, k, c, ord)
+                 order by u.ord);
+end
+$$;
+
+create function @engine@._step_apply_v2(
+    p_cap text, p_owner text, p_lease_seconds integer, p_ids varchar[], p_versions bigint[],
+    p_counts integer[], p_statuses text[], p_states bytea[], p_fence_ids varchar[],
+    p_fence_nodes varchar[], p_fence_gens integer[], p_drop_ids varchar[],
+    p_drop_nodes varchar[], p_nodes jsonb, p_new_tasks jsonb, p_named jsonb)
+returns bigint[]
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    return @engine@._apply_v2(p_owner, p_lease_seconds, p_ids, p_versions, p_counts,
+                              p_statuses, p_states, p_fence_ids, p_fence_nodes, p_fence_gens,
+                              p_drop_ids, p_drop_nodes, p_nodes, p_new_tasks, p_named);
 end
 $$;
 

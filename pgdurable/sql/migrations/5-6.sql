@@ -1,0 +1,12 @@
+-- Schema version 5 -> 6.
+--
+-- Runs as pgdurable_owner. Functions are re-made from the current schema files
+-- (-- @definitions-of lines, expanded by schema.py). No existing signature changes.
+
+-- == set-based checkpoints (issue #14, docs/performance.md "The checkpoint"): @engine@._apply_v2
+--    and its step-session twin @engine@._step_apply_v2 checkpoint many instances in one call.
+--    _apply_v1 and _step_apply_v1 stay as they are: an older serve running beside this schema
+--    during a rolling upgrade still calls them. The grants file re-applied gives the step role
+--    EXECUTE on the new twin and takes PUBLIC's default EXECUTE off both new functions. ==
+-- @definitions-of 50_engine.sql
+-- @include 90_grants.sql
