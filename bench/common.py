@@ -80,6 +80,8 @@ class Server:
             settings = {"max_connections": "300"}
             if profile:
                 settings["shared_preload_libraries"] = "'pg_stat_statements'"
+                # the statements inside the engine's functions too (a checkpoint's parts)
+                settings["pg_stat_statements.track"] = "all"
             # everything else stays at PostgreSQL's defaults (fsync, synchronous_commit on)
             self.embedded = EmbeddedPostgres(self.tmp / "data", settings=settings)
             self.admin_dsn = self.embedded.start()

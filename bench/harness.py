@@ -270,12 +270,12 @@ def run_workload(
                 if server.has_pgss:
                     with contextlib.suppress(psycopg.Error):
                         row.top_statements = [
-                            (" ".join(str(q).split())[:90], float(t), int(c))
+                            (" ".join(str(q).split())[:110], float(t), int(c))
                             for q, t, c in conn.execute(
                                 "select query, total_exec_time, calls from pg_stat_statements "
                                 "where dbid = (select oid from pg_database "
                                 "where datname = current_database()) "
-                                "order by total_exec_time desc limit 8"
+                                "order by total_exec_time desc limit 16"
                             ).fetchall()
                         ]
                 # -- latency under light load: probes started one at a time ---------------

@@ -840,11 +840,28 @@ create function @engine@._apply_v2(
 returns bigint[]
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+-- Every statement below reaches a table row by row, each row by its key (a scalar sub-select
+-- on the primary key, then the row by its ctid): the planner cannot know how few rows the
+-- arguments hold (jsonb_to_recordset counts as 100, an array as 10), and with the statistics
+-- of a table that churns it chose to walk all of this worker's leased tasks for every fence
+-- (9 ms a call in W3). The ctids are those of rows this call locked (or that only writers
+-- holding the runs row change), so they stay valid until the COMMIT. Plans are generic: a
+-- custom plan (what plpgsql tries first, and keeps when a generic one looks dearer for an
+-- array of unknown size) plans each of these statements again at every call.
+set enable_hashjoin = off
+set enable_mergejoin = off
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_codes   pg_catalog.int8[];
-    v_ok      pg_catalog.varchar[];
-    v_n       pg_catalog.int4;
+    v_n        pg_catalog.int4;
+    v_codes    pg_catalog.int8[];
+    v_ok       pg_catalog.varchar[];
+    v_fence    pg_catalog.tid[];
+    v_fenced   pg_catalog.varchar[];
+    v_inst     pg_catalog.tid[];
+    v_inst_ids pg_catalog.varchar[];
+    v_owner    pg_catalog.text;
 begin
     v_n := coalesce(cardinality(p_ids), 0);
     if v_n = 0 then
@@ -865,43 +882,52 @@ begin
     order by r.instance_id
     for update of r;
 
-    -- -2: gone or terminal; -1: stale; then the fence tasks (locked: a rescue cannot take one
-    -- between this check and the delete below)
+    -- the fence tasks that are still ours, locked (a rescue cannot take one before the
+    -- delete below); coalesce: no partial index on lease_owner is a candidate
+    select array_agg(l.ctid), array_agg(l.instance_id) into v_fence, v_fenced
+    from (
+        select t.ctid, t.instance_id from @engine@.tasks t
+        where t.ctid = any (array(
+                  select (select t2.ctid from @engine@.tasks t2
+                          where t2.instance_id = fe.i and t2.node_id = fe.n and t2.gen = fe.g
+                            and coalesce(t2.lease_owner, '') = p_owner)
+                  from unnest(p_fence_ids, p_fence_nodes, p_fence_gens) as fe(i, n, g)))
+          and coalesce(t.lease_owner, '') = p_owner
+        for update of t
+    ) l;
+
+    -- -2: gone, terminal, or a fence task not ours; -1: stale
     select array_agg(case
-               when r.instance_id is null or i.status is null
-                    or i.status in ('completed', 'failed', 'cancelled') then -2
-               when r.state_version <> u.v then -1
-               when f.missing then -2
-               else 0 end order by u.ord)
+               when q.version is null or q.status is null
+                    or q.status in ('completed', 'failed', 'cancelled') then -2
+               when q.version <> q.v then -1
+               when q.fences <> q.held then -2
+               else 0 end order by q.ord)
     into v_codes
-    from unnest(p_ids, p_versions) with ordinality as u(id, v, ord)
-    left join @engine@.runs r on r.instance_id = u.id
-    left join df.instances i on i.id = u.id
-    left join lateral (
-        select count(t.node_id) < count(*) as missing
-        from unnest(p_fence_ids, p_fence_nodes, p_fence_gens) as fe(i, n, g)
-        left join lateral (
-            select t.node_id from @engine@.tasks t
-            where t.instance_id = fe.i and t.node_id = fe.n and t.gen = fe.g
-              and t.lease_owner = p_owner
-            for update of t
-        ) t on true
-        where fe.i = u.id
-    ) f on true;
+    from (
+        select u.ord, u.v,
+               (select r.state_version from @engine@.runs r where r.instance_id = u.id) as version,
+               (select i.status from df.instances i where i.id = u.id) as status,
+               (select count(*) from unnest(p_fence_ids) f(i) where f.i = u.id) as fences,
+               (select count(*) from unnest(v_fenced) f(i) where f.i = u.id) as held
+        from unnest(p_ids, p_versions) with ordinality as u(id, v, ord)
+    ) q;
 
     -- -3: a new instance status needs its row, and its owner may hold it: never wait
     if exists (select 1 from unnest(p_statuses, v_codes) s(st, c) where s.st is not null and s.c = 0) then
-        select array_agg(case when u.c = 0 and u.st is not null and l.id is null then -3
-                              else u.c end order by u.ord)
-        into v_codes
-        from unnest(p_ids, p_statuses, v_codes) with ordinality as u(id, st, c, ord)
-        left join (
-            select i.id from df.instances i
+        select array_agg(i.ctid), array_agg(i.id) into v_inst, v_inst_ids
+        from (
+            select i.ctid, i.id from df.instances i
             where i.id = any (array(select s.id from unnest(p_ids, p_statuses, v_codes) s(id, st, c)
                                     where s.st is not null and s.c = 0))
             order by i.id
             for update of i skip locked
-        ) l on l.id = u.id;
+        ) i;
+        select array_agg(case when u.c = 0 and u.st is not null
+                                   and not (u.id = any (coalesce(v_inst_ids, '{}'))) then -3
+                              else u.c end order by u.ord)
+        into v_codes
+        from unnest(p_ids, p_statuses, v_codes) with ordinality as u(id, st, c, ord);
     end if;
 
     select array_agg(u.id) into v_ok from unnest(p_ids, v_codes) u(id, c) where u.c = 0;
@@ -910,25 +936,28 @@ begin
     end if;
 
     delete from @engine@.tasks t
-    using unnest(p_fence_ids, p_fence_nodes, p_fence_gens) as fe(i, n, g)
-    where t.instance_id = fe.i and t.node_id = fe.n and t.gen = fe.g
-      and t.lease_owner = p_owner and fe.i = any (v_ok);
+    where t.ctid = any (v_fence) and t.instance_id = any (v_ok);
 
-    -- abandoned leaves: as in _apply_v1
+    -- abandoned leaves (RACE losers, failed JOIN siblings, break): as in _apply_v1. Rare: one
+    -- delete each, by key (a claim may move such a task meanwhile: it goes all the same)
     if coalesce(cardinality(p_drop_ids), 0) > 0 then
-        with d as (
+        v_n := 0;
+        for i in 1 .. cardinality(p_drop_ids) loop
+            continue when not (p_drop_ids[i] = any (v_ok));
             delete from @engine@.tasks t
-            using unnest(p_drop_ids, p_drop_nodes) as dr(i, n)
-            where t.instance_id = dr.i and t.node_id = dr.n and dr.i = any (v_ok)
-            returning t.lease_owner
-        )
-        select count(*) into v_n from d where d.lease_owner is not null;
+            where t.instance_id = p_drop_ids[i] and t.node_id = p_drop_nodes[i]
+            returning t.lease_owner into v_owner;
+            if v_owner is not null then
+                v_n := v_n + 1;
+            end if;
+        end loop;
         if v_n > 0 then
             perform pg_catalog.pg_notify('pgdurable_abandon', '');
         end if;
     end if;
 
     if p_nodes is not null then
+        -- only checkpoints (under the runs row) and df.cancel (after it) change df.nodes rows
         update df.nodes n
         set status = coalesce(u.status, n.status),
             result = case when u.status is null then n.result
@@ -942,8 +971,13 @@ begin
                                    n.status_details ->> 'started_at')::pg_catalog.timestamptz))) end,
                             '{}'::pg_catalog.jsonb),
             updated_at = now()
-        from jsonb_to_recordset(p_nodes) as u(i pg_catalog.varchar, id pg_catalog.varchar, status pg_catalog.text, result pg_catalog.jsonb, details pg_catalog.jsonb)
-        where n.instance_id = u.i and n.id = u.id and u.i = any (v_ok);
+        from (
+            select u.*, (select n2.ctid from df.nodes n2
+                         where n2.instance_id = u.i and n2.id = u.id) as tid
+            from jsonb_to_recordset(p_nodes) as u(i pg_catalog.varchar, id pg_catalog.varchar, status pg_catalog.text, result pg_catalog.jsonb, details pg_catalog.jsonb)
+            where u.i = any (v_ok)
+        ) u
+        where n.ctid = u.tid;
     end if;
 
     if p_new_tasks is not null then
@@ -953,7 +987,9 @@ begin
                                           attempts)
         select n.i, n.node_id, n.gen, n.kind,
                coalesce(n.due_at, @engine@.clock() + make_interval(secs => coalesce(n.delay, 0))),
-               n.deadline, i.submitted_by, i.database,
+               n.deadline,
+               (select i.submitted_by from df.instances i where i.id = n.i),
+               (select i.database from df.instances i where i.id = n.i),
                case when n.take then p_owner end,
                case when n.take then now() + make_interval(secs => p_lease_seconds) end,
                case when n.take then 1 else 0 end
@@ -961,7 +997,6 @@ begin
                  as n(i pg_catalog.varchar, node_id pg_catalog.varchar, gen pg_catalog.int4,
                       kind pg_catalog.text, due_at pg_catalog.timestamptz, delay pg_catalog.float8,
                       deadline pg_catalog.timestamptz, take pg_catalog.bool)
-        join df.instances i on i.id = n.i
         where n.i = any (v_ok)
         on conflict (instance_id, node_id) do update
             set gen = excluded.gen, kind = excluded.kind, due_at = excluded.due_at,
@@ -981,31 +1016,43 @@ begin
         on conflict (instance_id, name) do update set value = excluded.value, seq = excluded.seq;
     end if;
 
-    if exists (select 1 from unnest(p_statuses, v_codes) s(st, c) where s.st is not null and s.c = 0) then
+    if v_inst is not null then
+        -- the rows locked above, of the instances written
         update df.instances i
         set status = u.st,
             updated_at = now(),
             completed_at = case when u.st in ('completed', 'failed', 'cancelled')
                                 then now() else i.completed_at end
-        from unnest(p_ids, p_statuses, v_codes) as u(id, st, c)
-        where i.id = u.id and u.st is not null and u.c = 0;
+        from (
+            select s.st, (select l.tid from unnest(v_inst, v_inst_ids) l(tid, id)
+                          where l.id = s.id) as tid
+            from unnest(p_ids, p_statuses) s(id, st)
+            where s.st is not null and s.id = any (v_ok)
+        ) u
+        where i.ctid = u.tid;
         -- terminal: as in _apply_v1 (a failed or cancelled instance keeps its named results
         -- and signals for df.restart)
-        delete from @engine@.tasks t
-        using unnest(p_ids, p_statuses, v_codes) as u(id, st, c)
-        where t.instance_id = u.id and u.c = 0 and u.st in ('completed', 'failed', 'cancelled');
-        delete from @engine@.signals s
-        using unnest(p_ids, p_statuses, v_codes) as u(id, st, c)
-        where s.instance_id = u.id and u.c = 0 and u.st = 'completed';
-        delete from @engine@.results r
-        using unnest(p_ids, p_statuses, v_codes) as u(id, st, c)
-        where r.instance_id = u.id and u.c = 0 and u.st = 'completed';
+        select array_agg(s.id) into v_inst_ids from unnest(p_ids, p_statuses) s(id, st)
+        where s.st in ('completed', 'failed', 'cancelled') and s.id = any (v_ok);
+        if v_inst_ids is not null then
+            delete from @engine@.tasks t where t.instance_id = any (v_inst_ids);
+            select array_agg(s.id) into v_inst_ids from unnest(p_ids, p_statuses) s(id, st)
+            where s.st = 'completed' and s.id = any (v_ok);
+            if v_inst_ids is not null then
+                delete from @engine@.signals s where s.instance_id = any (v_inst_ids);
+                delete from @engine@.results r where r.instance_id = any (v_inst_ids);
+            end if;
+        end if;
     end if;
 
     update @engine@.runs r
     set state = u.st, state_version = r.state_version + u.k
-    from unnest(p_ids, p_states, p_counts, v_codes) as u(id, st, k, c)
-    where r.instance_id = u.id and u.c = 0;
+    from (
+        select s.st, s.k, (select r2.ctid from @engine@.runs r2 where r2.instance_id = s.id) as tid
+        from unnest(p_ids, p_states, p_counts) s(id, st, k)
+        where s.id = any (v_ok)
+    ) u
+    where r.ctid = u.tid;
 
     return array(select case when u.c = 0 then u.v + u.k else u.c end
                  from unnest(p_versions, p_counts, v_codes) with ordinality as u(v, k, c, ord)
