@@ -178,7 +178,7 @@ def run_workload(
         time.sleep(STATS_FLUSH_S)
         # -- drain -----------------------------------------------------------------------
         commits0 = server.xact_commit(dbname)
-        pg0 = cpu_seconds(server.postgres_pids())
+        pg0 = cpu_seconds(server.postgres_pids(dbname))
         t0 = time.monotonic()
         serve = start_serve(dsn, args.workers, workdir / f"serve-{w.name}.log")
         polls = 0
@@ -227,7 +227,7 @@ def run_workload(
                     time.sleep(POLL_S)
                 wall = time.monotonic() - t0
                 w1 = cpu_seconds(kids)
-                pg1 = cpu_seconds(server.postgres_pids())
+                pg1 = cpu_seconds(server.postgres_pids(dbname))
                 for p in profilers:
                     p.send_signal(signal.SIGINT)
                 time.sleep(STATS_FLUSH_S)

@@ -230,3 +230,39 @@ def test_what_folds_into_one_element_and_what_waits_for_the_next_round(db):
             assert [r.expected for r in batch.rounds[iid]] == [ctx.version - 1]
 
     asyncio.run(go())
+
+
+def test_a_lease_extended_after_the_checkpoint_was_staged_is_still_ours(db):
+    """The heartbeat extends the leases of running steps at any time (a new row version of
+    each task): a set flushed after it finds its fences still ours."""
+    role = db.create_role("cs")
+    iid = start(db, role, JOIN3)
+
+    async def go() -> None:
+        async with worker(db) as w:
+            await started(w)
+            tasks = await w.producer.claim(8)
+            ctx = await ctx_of(w, iid)
+            batch = CheckpointSet()
+            conn: psycopg.AsyncConnection[Any]
+            async with w.sessions.service.connection() as conn, conn.transaction():
+                for t in tasks:
+                    await w.checkpointer.record(
+                        conn,
+                        ctx,
+                        t,
+                        ctx.index[t.node_id],
+                        Outcome.success(rowset(v=t.node_id)),
+                        in_tx=True,
+                        lock_held=True,
+                        batch=batch,
+                    )
+                async with w.sessions.service.connection() as other:
+                    await other.execute(
+                        "select pgdurable._extend_v1(%s, 300, %s, %s)",
+                        (w.worker_id, [t.instance_id for t in tasks], [t.node_id for t in tasks]),
+                    )
+                await w.checkpointer.flush(conn, batch)
+
+    asyncio.run(go())
+    assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"

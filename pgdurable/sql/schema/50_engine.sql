@@ -883,15 +883,14 @@ begin
     for update of r;
 
     -- the fence tasks that are still ours, locked (a rescue cannot take one before the
-    -- delete below); coalesce: no partial index on lease_owner is a candidate
+    -- delete below): one key lookup each (lateral: the arguments drive; coalesce: no partial
+    -- index on lease_owner is a candidate). By key, not by ctid: a heartbeat extending the
+    -- lease meanwhile makes a new row version, which must still count as ours.
     select array_agg(l.ctid), array_agg(l.instance_id) into v_fence, v_fenced
-    from (
+    from unnest(p_fence_ids, p_fence_nodes, p_fence_gens) as fe(i, n, g)
+    cross join lateral (
         select t.ctid, t.instance_id from @engine@.tasks t
-        where t.ctid = any (array(
-                  select (select t2.ctid from @engine@.tasks t2
-                          where t2.instance_id = fe.i and t2.node_id = fe.n and t2.gen = fe.g
-                            and coalesce(t2.lease_owner, '') = p_owner)
-                  from unnest(p_fence_ids, p_fence_nodes, p_fence_gens) as fe(i, n, g)))
+        where t.instance_id = fe.i and t.node_id = fe.n and t.gen = fe.g
           and coalesce(t.lease_owner, '') = p_owner
         for update of t
     ) l;
