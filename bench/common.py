@@ -146,9 +146,8 @@ class Server:
                 return []
             kids = post.children()
         except psutil.Error:
-            return [
-                p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postmaster")
-            ]
+            names = ("postgres", "postmaster")
+            return [p for p in psutil.process_iter(["name"]) if p.info["name"] in names]
         return [post, *(k for k in kids if keep is None or k.pid in keep)]
 
     def close(self) -> None:

@@ -409,7 +409,7 @@ def _bucket(leaf: str, frames: list[str]) -> str:
 
 
 def _cpu_per_step(r: Row) -> float | None:
-    """CPU per step in ms, worker + PostgreSQL: (worker cores + PG cores) × 1,000 / steps/s."""
+    """CPU per step in ms, worker + PostgreSQL: (worker cores + PG cores) * 1,000 / steps/s."""
     if r.worker_cores is None or r.postgres_cores is None or not r.steps_per_s:
         return None
     return (r.worker_cores + r.postgres_cores) * 1000 / r.steps_per_s

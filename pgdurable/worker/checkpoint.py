@@ -7,8 +7,14 @@ successors the scheduler computes) in one transaction.
   need no transaction of their own (HTTP responses, timers, failed statements, …);
 - :meth:`Checkpointer.start`: an instance's start (its roots activated), group-committed too;
 - :meth:`Checkpointer.apply`: the one write all three end in (``_apply_v1``), or, given a
-  :class:`~.checkpoint_set.CheckpointSet`, the staging of it, written with the set's others by
-  :meth:`Checkpointer.flush` (``_apply_v2``: one call for a whole batch).
+  :class:`~.checkpoint_set.CheckpointSet`, :meth:`Checkpointer.stage`, written with the
+  set's others by :meth:`Checkpointer.flush` (``_apply_v2``: one call for a whole batch of
+  SQL steps, or for the group commit's transaction: ``begin`` / ``before_commit`` / ``end``).
+
+Over 500 lines: the staging and the set-based write (``stage``, ``flush``, the group commit's
+hooks) re-enter the computation of a step (a stale instance is computed again, step by step,
+under its lock) and share its fences; apart, each half would reach into the other's state.
+What a set holds and how it folds and encodes is :mod:`.checkpoint_set`.
 
 The completer stays a module of its own: it is a generic group commit (a queue, a flush in
 key order, the split of a failed batch) that knows nothing of what a checkpoint holds, and it is
@@ -105,6 +111,9 @@ class Checkpointer:
         # checkpoint leases to this worker at once (its handoff)
         self.budget = budget
         self.wake = wake  # work due soon: wake the producer
+        # the group commit's open transactions (by id of their connection): their
+        # checkpoints are staged, then written in one call (completer.BatchHooks)
+        self.open_sets: dict[int, CheckpointSet] = {}
 
     # -- the API -----------------------------------------------------------------------
 
@@ -146,11 +155,17 @@ class Checkpointer:
     async def submit(self, ctx: InstanceCtx, task: Task, idx: int, outcome: Outcome) -> None:
         """Checkpoint through the completer: committed with others, acknowledged after."""
 
-        async def apply(conn: psycopg.AsyncConnection[Any]) -> None:
+        async def apply(conn: psycopg.AsyncConnection[Any]) -> Callable[[], None] | None:
             current = self.cache.ctxs.get(ctx.instance_id, ctx)
-            if current.lock.locked() or ctx.lock.locked():
-                raise Busy()
-            await self.record(conn, ctx, task, idx, outcome, in_tx=True)
+            batch = await self._group_set(conn, ctx, current)
+            if batch is None:
+                if current.lock.locked() or ctx.lock.locked():
+                    raise Busy()
+                await self.record(conn, ctx, task, idx, outcome, in_tx=True)
+                return None
+            # staged: written with the others before the group's COMMIT
+            await self._record_locked(conn, ctx, task, idx, outcome, True, batch)
+            return lambda: batch.settle(task)
 
         # rolled back with its batch (another item's error): whatever it changed in memory is
         # gone from the database; a retry on its own reloads the instance
@@ -165,41 +180,50 @@ class Checkpointer:
         workflows are commit-bound otherwise)."""
         cur_ctx = ctx
 
-        async def apply(aconn: psycopg.AsyncConnection[Any]) -> None:
+        async def apply(aconn: psycopg.AsyncConnection[Any]) -> Callable[[], None] | None:
+            batch = await self._group_set(aconn, cur_ctx)
+            if batch is None:
+                if cur_ctx.lock.locked():
+                    raise Busy()
+                async with cur_ctx.lock:
+                    await write(aconn, None)
+                return None
+            await write(aconn, batch)  # staged: written before the group's COMMIT
+            return lambda: batch.settle(task)
+
+        async def write(aconn: psycopg.AsyncConnection[Any], batch: CheckpointSet | None) -> None:
             nonlocal cur_ctx
             c = cur_ctx
-            if c.lock.locked():
-                raise Busy()
-            async with c.lock:
-                if c.dead:  # an earlier try rolled back after starting it in memory
-                    fresh = await self.cache.get(aconn, task.instance_id, fresh=True, lock=c.lock)
-                    if fresh is None:
-                        raise Fenced()
-                    cur_ctx = c = fresh
-                try:
-                    if problem is None:
-                        step = c.sched.start()
-                        free, take_sql = self.budget()
-                        cp = Checkpoint(
-                            inst_status="running", take_budget=free + 1, take_sql=take_sql
-                        )
-                        c.build(step, cp, task.clock)
-                        if step.terminal != A.T_RUNNING:
-                            cp.inst_status = terminal_name(step.terminal)
-                    else:
-                        logger.warning(
-                            "refusing instance: %s", problem, extra={"event": "instance.refused"}
-                        )
-                        root = c.graph.node_ids[0]
-                        cp = Checkpoint(inst_status="failed")
-                        cp.node(root).update(status="failed", result=problem)
+            if c.dead:  # an earlier try rolled back after starting it in memory
+                fresh = await self.cache.get(aconn, task.instance_id, fresh=True, lock=c.lock)
+                if fresh is None:
+                    raise Fenced()
+                cur_ctx = c = fresh
+            try:
+                if problem is None:
+                    step = c.sched.start()
+                    free, take_sql = self.budget()
+                    cp = Checkpoint(inst_status="running", take_budget=free + 1, take_sql=take_sql)
+                    c.build(step, cp, task.clock)
+                    if step.terminal != A.T_RUNNING:
+                        cp.inst_status = terminal_name(step.terminal)
+                else:
+                    logger.warning(
+                        "refusing instance: %s", problem, extra={"event": "instance.refused"}
+                    )
+                    root = c.graph.node_ids[0]
+                    cp = Checkpoint(inst_status="failed")
+                    cp.node(root).update(status="failed", result=problem)
+                if batch is None:
                     await self.apply(aconn, c, task, cp)
-                except Stale:  # someone else started it (a rescued duplicate start task)
-                    self.cache.forget(c.instance_id, c)
-                    raise Fenced() from None
-                except BaseException:
-                    self.cache.forget(c.instance_id, c)
-                    raise
+                else:
+                    self.stage(batch, c, task, cp, None, None, True)
+            except Stale:  # someone else started it (a rescued duplicate start task)
+                self.cache.forget(c.instance_id, c)
+                raise Fenced() from None
+            except BaseException:
+                self.cache.forget(c.instance_id, c)
+                raise
 
         await self.completer.submit(
             ctx.instance_id, apply, lambda: self.cache.forget(cur_ctx.instance_id, cur_ctx)
@@ -375,8 +399,45 @@ class Checkpointer:
         """Write every checkpoint staged in ``batch``: one ``_apply_v2`` call per round (most
         batches: one). An instance found stale (another worker checkpointed it meanwhile:
         nothing of it was written, its runs row is now locked by us) is computed again on
-        a fresh load, its steps in their order, and written by one more call; a fenced or
-        busy one raises :class:`Fenced` / :class:`Busy` (the caller rolls back)."""
+        a fresh load, its steps in their order, and written by one more call. A fenced or
+        busy instance raises :class:`Fenced` / :class:`Busy` (the caller rolls back), or, in
+        a partial set (the group commit's), fails its own checkpoints only (``settle``)."""
+        stale = await self._write(conn, batch, True)
+        if not stale:
+            return
+        again = CheckpointSet(partial=batch.partial, held=batch.held, errors=batch.errors)
+        for iid, entries in sorted(stale.items()):
+            if any(e.redo is None for e in entries):
+                # a start (with its first step): someone else started the instance
+                if not batch.partial:
+                    raise Stale()
+                self._refuse(batch, entries, Fenced())
+                continue
+            ctx = entries[0].ctx
+            self.cache.forget(iid, ctx)
+            try:
+                fresh = await self.cache.get(conn, iid, fresh=True, lock=ctx.lock)
+                if fresh is None:
+                    raise Fenced()
+                for e in entries:
+                    assert e.redo is not None
+                    task, idx, outcome = e.redo
+                    await self._compute_and_apply(
+                        conn, fresh, task, idx, outcome, True, batch=again
+                    )
+            except Fenced as exc:
+                if not batch.partial:
+                    raise
+                again.drop(iid)
+                self._refuse(batch, entries, exc)
+        # we hold every runs row concerned now: stale cannot be, it would be a fence
+        await self._write(conn, again, False)
+
+    async def _write(
+        self, conn: psycopg.AsyncConnection[Any], batch: CheckpointSet, first: bool
+    ) -> dict[str, list[Entry]]:
+        """The calls of every round of ``batch``; the stale instances' checkpoints (first
+        pass only; later a stale one is fenced)."""
         stale: dict[str, list[Entry]] = {}
         while batch:
             for call in chunks(batch.take_round()):
@@ -392,49 +453,60 @@ class Checkpointer:
                 if codes is None or len(codes) != len(call):
                     raise Fenced()
                 for run, got in zip(call, codes, strict=True):
-                    if got == -1:
-                        iid = run.ctx.instance_id
-                        # its later rounds were computed on top of this one: all again
-                        later = [e for r in batch.drop(iid) for e in r.entries]
-                        stale[iid] = stale.get(iid, []) + run.entries + later
+                    if got >= 0:
+                        self._written(run, got, spent)
                         continue
-                    if got == -3:
-                        raise Busy()
-                    if got < 0:
-                        raise Fenced()
-                    self._written(run, got, spent)
-        if not stale:
-            return
-        again = CheckpointSet()
-        for iid, entries in sorted(stale.items()):
-            if any(e.redo is None for e in entries):
-                raise Stale()  # a start with its first step: the caller starts it again
-            ctx = entries[0].ctx
-            self.cache.forget(iid, ctx)
-            fresh = await self.cache.get(conn, iid, fresh=True, lock=ctx.lock)
-            if fresh is None:
-                raise Fenced()
-            for e in entries:
-                assert e.redo is not None
-                task, idx, outcome = e.redo
-                await self._compute_and_apply(conn, fresh, task, idx, outcome, True, batch=again)
-        while again:
-            for call in chunks(again.take_round()):
-                cur = await conn.execute(
-                    *self.sessions.engine_query(
-                        conn, "apply_set", call_args(self.worker_id, self.lease_seconds, call)
-                    )
-                )
-                row = await cur.fetchone()
-                codes = row[0] if row else None
-                if codes is None or len(codes) != len(call):
-                    raise Fenced()
-                for run, got in zip(call, codes, strict=True):
-                    if got == -3:
-                        raise Busy()
-                    if got < 0:  # -1 cannot be: we hold the runs rows
-                        raise Fenced()
-                    self._written(run, got, 0.0)
+                    iid = run.ctx.instance_id
+                    # its later rounds were computed on top of this one: they go with it
+                    entries = run.entries + [e for r in batch.drop(iid) for e in r.entries]
+                    if got == -1 and first:
+                        stale[iid] = stale.get(iid, []) + entries
+                        continue
+                    exc: Exception = Busy() if got == -3 else Fenced()
+                    if not batch.partial:
+                        raise exc
+                    self._refuse(batch, entries, exc)
+        return stale
+
+    def _refuse(self, batch: CheckpointSet, entries: list[Entry], exc: Exception) -> None:
+        """Checkpoints of a partial set that were not written: each fails with ``exc``; their
+        instance's memory moved on without them (reloaded when next needed)."""
+        for e in entries:
+            batch.errors[id(e.fence)] = exc
+            self.cache.forget(e.ctx.instance_id, e.ctx)
+
+    # -- the group commit's deferred writes (completer.BatchHooks) -----------------------
+
+    def begin(self, conn: Any) -> None:
+        """A group commit opens its transaction on ``conn``: its checkpoints are staged."""
+        self.open_sets[id(conn)] = CheckpointSet(partial=True)
+
+    async def before_commit(self, conn: Any) -> None:
+        batch = self.open_sets.get(id(conn))
+        if batch:
+            await self.flush(conn, batch)
+
+    def end(self, conn: Any) -> None:
+        batch = self.open_sets.pop(id(conn), None)
+        if batch is not None:
+            batch.release()
+
+    async def _group_set(
+        self, conn: Any, ctx: InstanceCtx, *others: InstanceCtx
+    ) -> CheckpointSet | None:
+        """The open group commit's set on ``conn`` (None: not one), once ``ctx``'s lock is
+        held for it until its COMMIT; :class:`Busy` when someone else holds it (or one of
+        ``others``, the same instance's other copies)."""
+        batch = self.open_sets.get(id(conn))
+        if batch is None:
+            return None
+        for c in (ctx, *others):
+            if c.lock.locked() and id(c.lock) not in batch.held:
+                raise Busy()
+        if id(ctx.lock) not in batch.held:
+            await acquire(ctx, LOCK_WAIT_S)  # free: at once (as record() takes it)
+            batch.held[id(ctx.lock)] = ctx.lock
+        return batch
 
     def _written(self, run: Run, got: int, seconds: float) -> None:
         """A run was written (its instance now at ``got``): each checkpoint's aftermath."""
@@ -459,9 +531,7 @@ class Checkpointer:
     ) -> None:
         try:
             if in_tx:
-                await self._compute_and_apply(
-                    conn, ctx, task, idx, outcome, False, batch=batch
-                )
+                await self._compute_and_apply(conn, ctx, task, idx, outcome, False, batch=batch)
             else:
                 async with conn.transaction():
                     await self._compute_and_apply(conn, ctx, task, idx, outcome, False)

@@ -19,6 +19,7 @@ step (stale: recompute; fenced; busy) is :mod:`.checkpoint`'s.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +120,14 @@ class CheckpointSet:
 
     rounds: dict[str, list[Run]] = field(default_factory=dict)
     """Instance id -> its runs, one per round, in order."""
+    partial: bool = False
+    """The group commit's: an instance that is fenced or busy fails its own checkpoints
+    (:meth:`settle` raises), the others commit. Otherwise (a batch of SQL steps) it fails the
+    whole transaction."""
+    held: dict[int, asyncio.Lock] = field(default_factory=dict)
+    """The instances' locks the transaction holds until it ends (by ``id``)."""
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    """Partial: the outcome of a checkpoint that was not written, by ``id`` of its fence."""
 
     def __bool__(self) -> bool:
         return bool(self.rounds)
@@ -146,6 +155,18 @@ class CheckpointSet:
                 del self.rounds[iid]
         return out
 
+    def settle(self, fence: Task) -> None:
+        """Raise what kept the checkpoint of ``fence`` from being written (partial)."""
+        exc = self.errors.get(id(fence))
+        if exc is not None:
+            raise exc
+
+    def release(self) -> None:
+        """The transaction ended: let go of the instances' locks."""
+        for lock in self.held.values():
+            lock.release()
+        self.held.clear()
+
     def drop(self, instance_id: str) -> list[Run]:
         """Remove an instance's later runs (it must be computed again)."""
         return self.rounds.pop(instance_id, [])
@@ -166,7 +187,7 @@ def chunks(runs: list[Run]) -> list[list[Run]]:
 
 def call_args(owner: str, lease_seconds: int, runs: list[Run]) -> tuple[Any, ...]:
     """``_apply_v2``'s arguments (after the capability) for these runs (distinct instances)."""
-    from .checkpoint import jsonb_bytes  # noqa: PLC0415 - checkpoint imports this module
+    from .checkpoint import jsonb_bytes  # checkpoint imports this module: a late import
 
     fence_ids: list[str] = []
     fence_nodes: list[str] = []

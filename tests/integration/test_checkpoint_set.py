@@ -83,7 +83,9 @@ def test_a_set_writes_many_instances_and_many_steps_of_one_at_its_flush(db):
     asyncio.run(go())
     assert one(db, "select status from df.instances where id = %s", (join,)) == "completed"
     result = json.loads(one(db, "select df.result(%s)", (join,)))
-    leaves = rows(db, "select id from df.nodes where instance_id = %s and node_type = 'SQL'", (join,))
+    leaves = rows(
+        db, "select id from df.nodes where instance_id = %s and node_type = 'SQL'", (join,)
+    )
     assert sorted(values(result)) == sorted(r[0] for r in leaves)
     done = rows(
         db,
@@ -116,7 +118,8 @@ def test_a_stale_instance_in_a_set_is_computed_again_and_written_with_the_rest(d
             conn: psycopg.AsyncConnection[Any]
             async with w.sessions.service.connection() as conn:
                 copy = await elsewhere.get(conn, join)
-                assert copy is not None and copy is not ctx
+                assert copy is not None
+                assert copy is not ctx
                 await w.checkpointer.record(
                     conn, copy, ta, copy.index[ta.node_id], Outcome.success(rowset(v=ta.node_id))
                 )
@@ -140,7 +143,9 @@ def test_a_stale_instance_in_a_set_is_computed_again_and_written_with_the_rest(d
     for iid in (join, other):
         assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"
     result = json.loads(one(db, "select df.result(%s)", (join,)))
-    leaves = rows(db, "select id from df.nodes where instance_id = %s and node_type = 'SQL'", (join,))
+    leaves = rows(
+        db, "select id from df.nodes where instance_id = %s and node_type = 'SQL'", (join,)
+    )
     assert sorted(values(result)) == sorted(r[0] for r in leaves)
 
 
@@ -154,23 +159,25 @@ def test_a_fenced_checkpoint_in_a_set_raises_and_its_transaction_writes_nothing(
             await started(a)
             tasks = await a.producer.claim(8)
             batch = CheckpointSet()
-            conn: psycopg.AsyncConnection[Any]
-            async with b.sessions.service.connection() as conn:
-                with pytest.raises(Fenced):
-                    async with conn.transaction():
-                        for t in tasks:
-                            ctx = await ctx_of(b, t.instance_id)  # b never leased them
-                            await b.checkpointer.record(
-                                conn,
-                                ctx,
-                                t,
-                                ctx.index[t.node_id],
-                                Outcome.success(rowset(a=1)),
-                                in_tx=True,
-                                lock_held=True,
-                                batch=batch,
-                            )
-                        await b.checkpointer.flush(conn, batch)
+
+            async def write() -> None:
+                async with b.sessions.service.connection() as conn, conn.transaction():
+                    for t in tasks:
+                        ctx = await ctx_of(b, t.instance_id)  # b never leased them
+                        await b.checkpointer.record(
+                            conn,
+                            ctx,
+                            t,
+                            ctx.index[t.node_id],
+                            Outcome.success(rowset(a=1)),
+                            in_tx=True,
+                            lock_held=True,
+                            batch=batch,
+                        )
+                    await b.checkpointer.flush(conn, batch)
+
+            with pytest.raises(Fenced):
+                await write()
             for iid in (mine, theirs):
                 assert one(db, "select status from df.instances where id = %s", (iid,)) == (
                     "running"
@@ -266,3 +273,58 @@ def test_a_lease_extended_after_the_checkpoint_was_staged_is_still_ours(db):
 
     asyncio.run(go())
     assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"
+
+
+def test_the_group_commit_writes_its_checkpoints_as_a_set_and_fences_one_alone(db):
+    """Outcomes of several instances, and two branches of one JOIN, submitted together: one
+    group commit writes them with one call; an outcome whose task is no longer ours (rescued
+    and taken by another worker) fails alone and its neighbours commit."""
+    role = db.create_role("cs")
+    join = start(db, role, "df.sql('select 1 as a') & df.sql('select 2 as b')")
+    plain = [start(db, role, "df.sql('select 3 as c') ~> df.sql('select 4')") for _ in range(3)]
+
+    async def go() -> None:
+        async with worker(db) as w:
+            await started(w)
+            tasks = await w.producer.claim(10)
+            lost = next(t for t in tasks if t.instance_id == plain[0])
+            # its lease went to someone else meanwhile
+            with psycopg.connect(db.service_dsn, autocommit=True) as c:
+                c.execute(
+                    "update pgdurable.tasks set lease_owner = 'someone else' "
+                    "where instance_id = %s and node_id = %s",
+                    (lost.instance_id, lost.node_id),
+                )
+            ctxs = {t.instance_id: await ctx_of(w, t.instance_id) for t in tasks}
+            batches = w.completer.batches
+            got = await asyncio.gather(
+                *(
+                    w.checkpointer.submit(
+                        ctxs[t.instance_id],
+                        t,
+                        ctxs[t.instance_id].index[t.node_id],
+                        Outcome.success(rowset(v=t.node_id)),
+                    )
+                    for t in tasks
+                ),
+                return_exceptions=True,
+            )
+            outcome = {t.node_id: g for t, g in zip(tasks, got, strict=True)}
+            assert isinstance(outcome[lost.node_id], Fenced)
+            assert all(g is None for n, g in outcome.items() if n != lost.node_id), outcome
+            assert w.completer.batches - batches <= 2  # shared commits
+
+    asyncio.run(go())
+    assert one(db, "select status from df.instances where id = %s", (join,)) == "completed"
+    assert rows(
+        db,
+        "select count(*) from df.nodes where instance_id = any(%s) and status = 'completed' "
+        "and node_type = 'SQL'",
+        (plain[1:],),
+    ) == [(2,)]
+    assert rows(
+        db,
+        "select status, lease_owner from df.nodes n join pgdurable.tasks t "
+        "on t.instance_id = n.instance_id and t.node_id = n.id where n.instance_id = %s",
+        (plain[0],),
+    ) == [("running", "someone else")]
