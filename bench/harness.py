@@ -178,6 +178,7 @@ def run_workload(
         time.sleep(STATS_FLUSH_S)
         # -- drain -----------------------------------------------------------------------
         commits0 = server.xact_commit(dbname)
+        pg_t0 = time.time()
         pg0 = cpu_seconds(server.postgres_pids(dbname))
         t0 = time.monotonic()
         serve = start_serve(dsn, args.workers, workdir / f"serve-{w.name}.log")
@@ -227,7 +228,15 @@ def run_workload(
                     time.sleep(POLL_S)
                 wall = time.monotonic() - t0
                 w1 = cpu_seconds(kids)
-                pg1 = cpu_seconds(server.postgres_pids(dbname))
+                # a process not sampled at the start but older than it (one that came to
+                # serve this database meanwhile, or a reused pid): its CPU before is unknown
+                pg1 = cpu_seconds(
+                    [
+                        p
+                        for p in server.postgres_pids(dbname)
+                        if p.pid in pg0 or _created(p) >= pg_t0 - 0.5
+                    ]
+                )
                 for p in profilers:
                     p.send_signal(signal.SIGINT)
                 time.sleep(STATS_FLUSH_S)
@@ -406,6 +415,14 @@ def _bucket(leaf: str, frames: list[str]) -> str:
 
 
 # -- the table ------------------------------------------------------------------------
+
+
+def _created(p: psutil.Process) -> float:
+    """When ``p`` started (epoch seconds; 0 when it is gone)."""
+    try:
+        return float(p.create_time())
+    except psutil.Error:
+        return 0.0
 
 
 def _cpu_per_step(r: Row) -> float | None:
