@@ -328,3 +328,38 @@ def test_the_group_commit_writes_its_checkpoints_as_a_set_and_fences_one_alone(d
         "on t.instance_id = n.instance_id and t.node_id = n.id where n.instance_id = %s",
         (plain[0],),
     ) == [("running", "someone else")]
+
+
+def test_a_race_won_in_a_set_drops_the_losers_task(db):
+    role = db.create_role("cs")
+    # a step after the race: the instance goes on, so only the drop deletes the loser's task
+    iid = start(
+        db, role, "df.race(df.sql('select 1 as a'), df.sql('select 2 as b')) ~> df.sql('select 3')"
+    )
+
+    async def go() -> None:
+        async with worker(db) as w:
+            await started(w)
+            win, lose = await w.producer.claim(8)
+            ctx = await ctx_of(w, iid)
+            batch = CheckpointSet()
+            conn: psycopg.AsyncConnection[Any]
+            async with w.sessions.service.connection() as conn, conn.transaction():
+                await w.checkpointer.record(
+                    conn,
+                    ctx,
+                    win,
+                    ctx.index[win.node_id],
+                    Outcome.success(rowset(v=win.node_id)),
+                    in_tx=True,
+                    lock_held=True,
+                    batch=batch,
+                )
+                assert batch.rounds[iid][0].drops == [lose.node_id]
+                await w.checkpointer.flush(conn, batch)
+            left = rows(db, "select node_id from pgdurable.tasks where instance_id = %s", (iid,))
+            assert [n for (n,) in left] == [t.node_id for t in win.handoff]
+            assert lose.node_id not in [n for (n,) in left]
+
+    asyncio.run(go())
+    assert one(db, "select status from df.instances where id = %s", (iid,)) == "running"
