@@ -80,6 +80,8 @@ class Server:
             settings = {"max_connections": "300"}
             if profile:
                 settings["shared_preload_libraries"] = "'pg_stat_statements'"
+                # the statements inside the engine's functions too (a checkpoint's parts)
+                settings["pg_stat_statements.track"] = "all"
             # everything else stays at PostgreSQL's defaults (fsync, synchronous_commit on)
             self.embedded = EmbeddedPostgres(self.tmp / "data", settings=settings)
             self.admin_dsn = self.embedded.start()
@@ -121,12 +123,32 @@ class Server:
             ).fetchone()
         return int(row[0]) if row else 0
 
-    def postgres_pids(self) -> list[psutil.Process]:
-        out = []
-        for p in psutil.process_iter(["name"]):
-            if p.info["name"] in ("postgres", "postmaster"):
-                out.append(p)
-        return out
+    def postgres_pids(self, dbname: str | None = None) -> list[psutil.Process]:
+        """The processes of this server: its postmaster and children; with ``dbname``, of the
+        children only the backends of that database and the server's own processes (walwriter,
+        checkpointer…: no database). A shared box runs other clusters, and other databases of
+        this one (other sessions' benchmarks, a soak): their CPU is not this run's."""
+        keep: set[int] | None = None
+        with self.admin() as conn:
+            row = conn.execute("select pg_backend_pid()").fetchone()
+            if dbname is not None:
+                keep = {
+                    int(r[0])
+                    for r in conn.execute(
+                        "select pid from pg_stat_activity where datname = %s or datname is null",
+                        (dbname,),
+                    ).fetchall()
+                }
+        assert row is not None
+        try:
+            post = psutil.Process(int(row[0])).parent()
+            if post is None:
+                return []
+            kids = post.children()
+        except psutil.Error:
+            names = ("postgres", "postmaster")
+            return [p for p in psutil.process_iter(["name"]) if p.info["name"] in names]
+        return [post, *(k for k in kids if keep is None or k.pid in keep)]
 
     def close(self) -> None:
         if self.embedded is not None:

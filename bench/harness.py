@@ -178,7 +178,8 @@ def run_workload(
         time.sleep(STATS_FLUSH_S)
         # -- drain -----------------------------------------------------------------------
         commits0 = server.xact_commit(dbname)
-        pg0 = cpu_seconds(server.postgres_pids())
+        pg_t0 = time.time()
+        pg0 = cpu_seconds(server.postgres_pids(dbname))
         t0 = time.monotonic()
         serve = start_serve(dsn, args.workers, workdir / f"serve-{w.name}.log")
         polls = 0
@@ -227,7 +228,15 @@ def run_workload(
                     time.sleep(POLL_S)
                 wall = time.monotonic() - t0
                 w1 = cpu_seconds(kids)
-                pg1 = cpu_seconds(server.postgres_pids())
+                # a process not sampled at the start but older than it (one that came to
+                # serve this database meanwhile, or a reused pid): its CPU before is unknown
+                pg1 = cpu_seconds(
+                    [
+                        p
+                        for p in server.postgres_pids(dbname)
+                        if p.pid in pg0 or _created(p) >= pg_t0 - 0.5
+                    ]
+                )
                 for p in profilers:
                     p.send_signal(signal.SIGINT)
                 time.sleep(STATS_FLUSH_S)
@@ -270,12 +279,12 @@ def run_workload(
                 if server.has_pgss:
                     with contextlib.suppress(psycopg.Error):
                         row.top_statements = [
-                            (" ".join(str(q).split())[:90], float(t), int(c))
+                            (" ".join(str(q).split())[:110], float(t), int(c))
                             for q, t, c in conn.execute(
                                 "select query, total_exec_time, calls from pg_stat_statements "
                                 "where dbid = (select oid from pg_database "
                                 "where datname = current_database()) "
-                                "order by total_exec_time desc limit 8"
+                                "order by total_exec_time desc limit 16"
                             ).fetchall()
                         ]
                 # -- latency under light load: probes started one at a time ---------------
@@ -408,6 +417,21 @@ def _bucket(leaf: str, frames: list[str]) -> str:
 # -- the table ------------------------------------------------------------------------
 
 
+def _created(p: psutil.Process) -> float:
+    """When ``p`` started (epoch seconds; 0 when it is gone)."""
+    try:
+        return float(p.create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def _cpu_per_step(r: Row) -> float | None:
+    """CPU per step in ms, worker + PostgreSQL: (worker cores + PG cores) * 1,000 / steps/s."""
+    if r.worker_cores is None or r.postgres_cores is None or not r.steps_per_s:
+        return None
+    return (r.worker_cores + r.postgres_cores) * 1000 / r.steps_per_s
+
+
 def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -438,10 +462,10 @@ def render(
     hdr = (
         "| workload | instances | steps | workflows/s | steps/s | ÷ floor 64/commit "
         "| ÷ floor 1/commit | ÷ DESIGN target | start→1st p50/p99 ms | step→step p50/p99 ms "
-        "| commits/step | worker RSS MB | worker / PG cores |"
+        "| commits/step | worker RSS MB | worker / PG cores | CPU/step ms |"
     )
     out.append(hdr)
-    out.append("|---|" + "---:|" * 12)
+    out.append("|---|" + "---:|" * 13)
     for r in rows:
         target = TARGETS.get(r.workload)
         out.append(
@@ -453,7 +477,8 @@ def render(
             f"| {_f(r.first_p50_ms, '{:.1f}')} / {_f(r.first_p99_ms, '{:.1f}')} "
             f"| {_f(r.step_p50_ms, '{:.1f}')} / {_f(r.step_p99_ms, '{:.1f}')} "
             f"| {_f(r.commits_per_step, '{:.2f}')} | {_f(r.worker_rss_mb)} "
-            f"| {_f(r.worker_cores, '{:.2f}')} / {_f(r.postgres_cores, '{:.2f}')} |"
+            f"| {_f(r.worker_cores, '{:.2f}')} / {_f(r.postgres_cores, '{:.2f}')} "
+            f"| {_f(_cpu_per_step(r), '{:.2f}')} |"
         )
     out.append("")
     enq = [r for r in rows if r.enqueue_txn_per_s]

@@ -40,6 +40,16 @@ select @engine@._step_apply_v1(%s, %s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.js
                                %s::pg_catalog.jsonb, %s::pg_catalog.text[],
                                %s::pg_catalog.jsonb, %s)
 
+-- name: step_apply_set
+-- the checkpoints of a batch of steps inside its transaction: the capability, then
+-- apply_set's arguments
+select @engine@._step_apply_v2(%s, %s, %s, %s::pg_catalog.varchar[], %s::pg_catalog.int8[],
+                               %s::pg_catalog.int4[], %s::pg_catalog.text[],
+                               %s::pg_catalog.bytea[], %s::pg_catalog.varchar[],
+                               %s::pg_catalog.varchar[], %s::pg_catalog.int4[],
+                               %s::pg_catalog.varchar[], %s::pg_catalog.varchar[],
+                               %s::pg_catalog.jsonb, %s::pg_catalog.jsonb, %s::pg_catalog.jsonb)
+
 -- name: cap_grant
 -- register a step connection's capability (its backend pid, the token's SHA-256)
 select @engine@._cap_grant_v1(%s, %s, %s)
@@ -60,6 +70,15 @@ select @engine@._fail_instance_v1(%s, %s, %s, %s)
 -- one checkpoint on a service connection (see @engine@._apply_v1 for the return codes)
 select @engine@._apply_v1(%s, %s, %s, %s, %s, %s, %s, %s::pg_catalog.jsonb,
                           %s::pg_catalog.jsonb, %s::pg_catalog.text[], %s::pg_catalog.jsonb, %s)
+
+-- name: apply_set
+-- the checkpoints of many instances in one call (see @engine@._apply_v2)
+select @engine@._apply_v2(%s, %s, %s::pg_catalog.varchar[], %s::pg_catalog.int8[],
+                          %s::pg_catalog.int4[], %s::pg_catalog.text[], %s::pg_catalog.bytea[],
+                          %s::pg_catalog.varchar[], %s::pg_catalog.varchar[],
+                          %s::pg_catalog.int4[], %s::pg_catalog.varchar[],
+                          %s::pg_catalog.varchar[], %s::pg_catalog.jsonb, %s::pg_catalog.jsonb,
+                          %s::pg_catalog.jsonb)
 
 -- name: release
 -- give a leased task back (infrastructure error, shutdown); NULL instance = all of ours

@@ -24,6 +24,7 @@ from pgdurable.steps.sql_step import SqlSteps, envelope
 
 from .cache import InstanceCache
 from .checkpoint import Checkpointer, Outcome
+from .checkpoint_set import CheckpointSet
 from .failures import pg_message
 from .flow import Fenced, Requeue, Retry, acquire
 from .instance import InstanceCtx
@@ -303,6 +304,7 @@ class BatchRunner:
                     if it.phase == "pending":
                         it.phase = "fused"  # checkpointed with its start from now on
                 refused: StepError | None = None
+                staged = CheckpointSet()
                 try:
                     # the checkpoints, in the order the statements ran (ascending instances),
                     # each instance's lock held from its first checkpoint to the COMMIT: its
@@ -322,7 +324,13 @@ class BatchRunner:
                         if it.phase == "fused":
                             assert it.start is not None
                             await self.checkpointer.record_start(
-                                conn, it.ctx, it.start, it.task, it.idx, Outcome.success(value)
+                                conn,
+                                it.ctx,
+                                it.start,
+                                it.task,
+                                it.idx,
+                                Outcome.success(value),
+                                staged,
                             )
                             continue
                         await self.checkpointer.record(
@@ -333,7 +341,12 @@ class BatchRunner:
                             Outcome.success(value),
                             in_tx=True,
                             lock_held=True,
+                            batch=staged,
                         )
+                    # every checkpoint of the batch in one call (docs/performance.md)
+                    instance_var.set(None)
+                    node_var.set(None)
+                    await self.checkpointer.flush(conn, staged)
                     try:
                         await conn.execute(self.sessions.commit_reset)
                     except psycopg.OperationalError:

@@ -6,7 +6,15 @@ successors the scheduler computes) in one transaction.
 - :meth:`Checkpointer.submit`: through the group commit (:mod:`.completer`), for outcomes that
   need no transaction of their own (HTTP responses, timers, failed statements, …);
 - :meth:`Checkpointer.start`: an instance's start (its roots activated), group-committed too;
-- :meth:`Checkpointer.apply`: the one write all three end in (``_apply_v1``).
+- :meth:`Checkpointer.apply`: the one write all three end in (``_apply_v1``), or, given a
+  :class:`~.checkpoint_set.CheckpointSet`, :meth:`Checkpointer.stage`, written with the
+  set's others by :meth:`Checkpointer.flush` (``_apply_v2``: one call for a whole batch of
+  SQL steps, or for the group commit's transaction: ``begin`` / ``before_commit`` / ``end``).
+
+Over 500 lines: the staging and the set-based write (``stage``, ``flush``, the group commit's
+hooks) re-enter the computation of a step (a stale instance is computed again, step by step,
+under its lock) and share its fences; apart, each half would reach into the other's state.
+What a set holds and how it folds and encodes is :mod:`.checkpoint_set`.
 
 The completer stays a module of its own: it is a generic group commit (a queue, a flush in
 key order, the split of a failed batch) that knows nothing of what a checkpoint holds, and it is
@@ -33,6 +41,7 @@ from pgdurable.graph import _abc as A
 from pgdurable.values import CHECKPOINT_MAX_BYTES, check_size, error_text, json_bytes, truthy
 
 from .cache import InstanceCache
+from .checkpoint_set import TERMINAL, CheckpointSet, Entry, Run, call_args, chunks
 from .completer import Completer
 from .flow import Busy, Fenced, Stale, acquire
 from .instance import TYPE_NAMES, Checkpoint, InstanceCtx, dump
@@ -102,6 +111,9 @@ class Checkpointer:
         # checkpoint leases to this worker at once (its handoff)
         self.budget = budget
         self.wake = wake  # work due soon: wake the producer
+        # the group commit's open transactions (by id of their connection): their
+        # checkpoints are staged, then written in one call (completer.BatchHooks)
+        self.open_sets: dict[int, CheckpointSet] = {}
 
     # -- the API -----------------------------------------------------------------------
 
@@ -115,6 +127,7 @@ class Checkpointer:
         *,
         in_tx: bool = False,
         lock_held: bool = False,
+        batch: CheckpointSet | None = None,
     ) -> None:
         """Checkpoint one leaf outcome; inside the caller's transaction when ``in_tx``.
 
@@ -123,10 +136,11 @@ class Checkpointer:
         retry pessimistically: lock the runs row first, reload under the lock, compute
         and apply — nobody can move the instance on in between, so there is no retry
         loop that contention could exhaust. ``lock_held``: the caller (a batch) holds the
-        instance's lock until its COMMIT.
+        instance's lock until its COMMIT. ``batch`` (with ``in_tx`` and ``lock_held``): staged
+        there, written by :meth:`flush` before the caller commits.
         """
         if lock_held:
-            await self._record_locked(conn, ctx, task, idx, outcome, in_tx)
+            await self._record_locked(conn, ctx, task, idx, outcome, in_tx, batch)
             return
         if in_tx:
             # inside a transaction that holds locks: bounded wait (see BatchRunner)
@@ -141,11 +155,17 @@ class Checkpointer:
     async def submit(self, ctx: InstanceCtx, task: Task, idx: int, outcome: Outcome) -> None:
         """Checkpoint through the completer: committed with others, acknowledged after."""
 
-        async def apply(conn: psycopg.AsyncConnection[Any]) -> None:
+        async def apply(conn: psycopg.AsyncConnection[Any]) -> Callable[[], None] | None:
             current = self.cache.ctxs.get(ctx.instance_id, ctx)
-            if current.lock.locked() or ctx.lock.locked():
-                raise Busy()
-            await self.record(conn, ctx, task, idx, outcome, in_tx=True)
+            batch = await self._group_set(conn, ctx, current)
+            if batch is None:
+                if current.lock.locked() or ctx.lock.locked():
+                    raise Busy()
+                await self.record(conn, ctx, task, idx, outcome, in_tx=True)
+                return None
+            # staged: written with the others before the group's COMMIT
+            await self._record_locked(conn, ctx, task, idx, outcome, True, batch)
+            return lambda: batch.settle(task)
 
         # rolled back with its batch (another item's error): whatever it changed in memory is
         # gone from the database; a retry on its own reloads the instance
@@ -160,41 +180,50 @@ class Checkpointer:
         workflows are commit-bound otherwise)."""
         cur_ctx = ctx
 
-        async def apply(aconn: psycopg.AsyncConnection[Any]) -> None:
+        async def apply(aconn: psycopg.AsyncConnection[Any]) -> Callable[[], None] | None:
+            batch = await self._group_set(aconn, cur_ctx)
+            if batch is None:
+                if cur_ctx.lock.locked():
+                    raise Busy()
+                async with cur_ctx.lock:
+                    await write(aconn, None)
+                return None
+            await write(aconn, batch)  # staged: written before the group's COMMIT
+            return lambda: batch.settle(task)
+
+        async def write(aconn: psycopg.AsyncConnection[Any], batch: CheckpointSet | None) -> None:
             nonlocal cur_ctx
             c = cur_ctx
-            if c.lock.locked():
-                raise Busy()
-            async with c.lock:
-                if c.dead:  # an earlier try rolled back after starting it in memory
-                    fresh = await self.cache.get(aconn, task.instance_id, fresh=True, lock=c.lock)
-                    if fresh is None:
-                        raise Fenced()
-                    cur_ctx = c = fresh
-                try:
-                    if problem is None:
-                        step = c.sched.start()
-                        free, take_sql = self.budget()
-                        cp = Checkpoint(
-                            inst_status="running", take_budget=free + 1, take_sql=take_sql
-                        )
-                        c.build(step, cp, task.clock)
-                        if step.terminal != A.T_RUNNING:
-                            cp.inst_status = terminal_name(step.terminal)
-                    else:
-                        logger.warning(
-                            "refusing instance: %s", problem, extra={"event": "instance.refused"}
-                        )
-                        root = c.graph.node_ids[0]
-                        cp = Checkpoint(inst_status="failed")
-                        cp.node(root).update(status="failed", result=problem)
+            if c.dead:  # an earlier try rolled back after starting it in memory
+                fresh = await self.cache.get(aconn, task.instance_id, fresh=True, lock=c.lock)
+                if fresh is None:
+                    raise Fenced()
+                cur_ctx = c = fresh
+            try:
+                if problem is None:
+                    step = c.sched.start()
+                    free, take_sql = self.budget()
+                    cp = Checkpoint(inst_status="running", take_budget=free + 1, take_sql=take_sql)
+                    c.build(step, cp, task.clock)
+                    if step.terminal != A.T_RUNNING:
+                        cp.inst_status = terminal_name(step.terminal)
+                else:
+                    logger.warning(
+                        "refusing instance: %s", problem, extra={"event": "instance.refused"}
+                    )
+                    root = c.graph.node_ids[0]
+                    cp = Checkpoint(inst_status="failed")
+                    cp.node(root).update(status="failed", result=problem)
+                if batch is None:
                     await self.apply(aconn, c, task, cp)
-                except Stale:  # someone else started it (a rescued duplicate start task)
-                    self.cache.forget(c.instance_id, c)
-                    raise Fenced() from None
-                except BaseException:
-                    self.cache.forget(c.instance_id, c)
-                    raise
+                else:
+                    self.stage(batch, c, task, cp, None, None, True)
+            except Stale:  # someone else started it (a rescued duplicate start task)
+                self.cache.forget(c.instance_id, c)
+                raise Fenced() from None
+            except BaseException:
+                self.cache.forget(c.instance_id, c)
+                raise
 
         await self.completer.submit(
             ctx.instance_id, apply, lambda: self.cache.forget(cur_ctx.instance_id, cur_ctx)
@@ -208,6 +237,7 @@ class Checkpointer:
         leaf: Task,
         idx: int,
         outcome: Outcome,
+        batch: CheckpointSet | None = None,
     ) -> None:
         """Start an instance and checkpoint its first step in one write, inside the step's
         transaction (a batch's, which holds the instance's lock): the start task's fence,
@@ -240,7 +270,7 @@ class Checkpointer:
         except BaseException:
             self.cache.forget(ctx.instance_id, ctx)
             raise
-        await self._compute_and_apply(conn, ctx, leaf, idx, outcome, False, cp, start)
+        await self._compute_and_apply(conn, ctx, leaf, idx, outcome, False, cp, start, batch)
 
     async def start_running(self, ctx: InstanceCtx, start: Task, leaf: Task) -> None:
         """Commit the start of an instance whose first step (``leaf``, still running in a
@@ -317,6 +347,11 @@ class Checkpointer:
         if got < 0:
             raise Fenced()
         ctx.version = got
+        self._applied(ctx, task, cp, got)
+
+    def _applied(self, ctx: InstanceCtx, task: Task, cp: Checkpoint, got: int) -> None:
+        """After ``cp`` was written (state_version ``got``): wake-ups, hand-off, forget a
+        finished instance."""
         # work due soon (a loop's next iteration after loop_min_interval_ms, a short sleep):
         # wake the producer when it is due, not at its next poll (up to poll_interval late)
         loop = asyncio.get_running_loop()
@@ -340,9 +375,147 @@ class Checkpointer:
             for t in cp.new_tasks
             if t.get("take")
         ]
-        if cp.inst_status in ("completed", "failed", "cancelled"):
+        if cp.inst_status in TERMINAL:
             self.cache.forget(ctx.instance_id, ctx)
             logger.info("instance %s", cp.inst_status, extra={"event": "instance.finished"})
+
+    def stage(
+        self,
+        batch: CheckpointSet,
+        ctx: InstanceCtx,
+        task: Task,
+        cp: Checkpoint,
+        redo: tuple[Task, int, Outcome] | None,
+        step_type: str | None,
+        ok: bool,
+    ) -> None:
+        """Stage ``cp`` in ``batch`` (what :meth:`apply` would write now): the instance's
+        state moves on in memory, its version too; :meth:`flush` writes it."""
+        check_checkpoint(cp.weight)
+        ctx.version += 1
+        batch.stage(ctx, task, cp, Entry(ctx, task, cp, ctx.version, redo, step_type, ok))
+
+    async def flush(self, conn: psycopg.AsyncConnection[Any], batch: CheckpointSet) -> None:
+        """Write every checkpoint staged in ``batch``: one ``_apply_v2`` call per round (most
+        batches: one). An instance found stale (another worker checkpointed it meanwhile:
+        nothing of it was written, its runs row is now locked by us) is computed again on
+        a fresh load, its steps in their order, and written by one more call. A fenced or
+        busy instance raises :class:`Fenced` / :class:`Busy` (the caller rolls back), or, in
+        a partial set (the group commit's), fails its own checkpoints only (``settle``)."""
+        stale = await self._write(conn, batch, True)
+        if not stale:
+            return
+        again = CheckpointSet(partial=batch.partial, held=batch.held, errors=batch.errors)
+        for iid, entries in sorted(stale.items()):
+            if any(e.redo is None for e in entries):
+                # a start (with its first step): someone else started the instance
+                if not batch.partial:
+                    raise Stale()
+                self._refuse(batch, entries, Fenced())
+                continue
+            ctx = entries[0].ctx
+            self.cache.forget(iid, ctx)
+            try:
+                fresh = await self.cache.get(conn, iid, fresh=True, lock=ctx.lock)
+                if fresh is None:
+                    raise Fenced()
+                for e in entries:
+                    assert e.redo is not None
+                    task, idx, outcome = e.redo
+                    await self._compute_and_apply(
+                        conn, fresh, task, idx, outcome, True, batch=again
+                    )
+            except Fenced as exc:
+                if not batch.partial:
+                    raise
+                again.drop(iid)
+                self._refuse(batch, entries, exc)
+        # we hold every runs row concerned now: stale cannot be, it would be a fence
+        await self._write(conn, again, False)
+
+    async def _write(
+        self, conn: psycopg.AsyncConnection[Any], batch: CheckpointSet, first: bool
+    ) -> dict[str, list[Entry]]:
+        """The calls of every round of ``batch``; the stale instances' checkpoints (first
+        pass only; later a stale one is fenced)."""
+        stale: dict[str, list[Entry]] = {}
+        while batch:
+            for call in chunks(batch.take_round()):
+                t0 = time.monotonic()
+                cur = await conn.execute(
+                    *self.sessions.engine_query(
+                        conn, "apply_set", call_args(self.worker_id, self.lease_seconds, call)
+                    )
+                )
+                row = await cur.fetchone()
+                spent = time.monotonic() - t0
+                codes = row[0] if row else None
+                if codes is None or len(codes) != len(call):
+                    raise Fenced()
+                for run, got in zip(call, codes, strict=True):
+                    if got >= 0:
+                        self._written(run, got, spent)
+                        continue
+                    iid = run.ctx.instance_id
+                    # its later rounds were computed on top of this one: they go with it
+                    entries = run.entries + [e for r in batch.drop(iid) for e in r.entries]
+                    if got == -1 and first:
+                        stale[iid] = stale.get(iid, []) + entries
+                        continue
+                    exc: Exception = Busy() if got == -3 else Fenced()
+                    if not batch.partial:
+                        raise exc
+                    self._refuse(batch, entries, exc)
+        return stale
+
+    def _refuse(self, batch: CheckpointSet, entries: list[Entry], exc: Exception) -> None:
+        """Checkpoints of a partial set that were not written: each fails with ``exc``; their
+        instance's memory moved on without them (reloaded when next needed)."""
+        for e in entries:
+            batch.errors[id(e.fence)] = exc
+            self.cache.forget(e.ctx.instance_id, e.ctx)
+
+    # -- the group commit's deferred writes (completer.BatchHooks) -----------------------
+
+    def begin(self, conn: Any) -> None:
+        """A group commit opens its transaction on ``conn``: its checkpoints are staged."""
+        self.open_sets[id(conn)] = CheckpointSet(partial=True)
+
+    async def before_commit(self, conn: Any) -> None:
+        batch = self.open_sets.get(id(conn))
+        if batch:
+            await self.flush(conn, batch)
+
+    def end(self, conn: Any) -> None:
+        batch = self.open_sets.pop(id(conn), None)
+        if batch is not None:
+            batch.release()
+
+    async def _group_set(
+        self, conn: Any, ctx: InstanceCtx, *others: InstanceCtx
+    ) -> CheckpointSet | None:
+        """The open group commit's set on ``conn`` (None: not one), once ``ctx``'s lock is
+        held for it until its COMMIT; :class:`Busy` when someone else holds it (or one of
+        ``others``, the same instance's other copies)."""
+        batch = self.open_sets.get(id(conn))
+        if batch is None:
+            return None
+        for c in (ctx, *others):
+            if c.lock.locked() and id(c.lock) not in batch.held:
+                raise Busy()
+        if id(ctx.lock) not in batch.held:
+            await acquire(ctx, LOCK_WAIT_S)  # free: at once (as record() takes it)
+            batch.held[id(ctx.lock)] = ctx.lock
+        return batch
+
+    def _written(self, run: Run, got: int, seconds: float) -> None:
+        """A run was written (its instance now at ``got``): each checkpoint's aftermath."""
+        assert got == run.entries[-1].version, (got, run.entries[-1].version)
+        for e in run.entries:
+            metrics.checkpoint(seconds)
+            self._applied(e.ctx, e.fence, e.cp, e.version)
+            if e.step_type is not None:
+                metrics.step_finished(e.step_type, e.ok)
 
     # -- inside record -----------------------------------------------------------------
 
@@ -354,10 +527,11 @@ class Checkpointer:
         idx: int,
         outcome: Outcome,
         in_tx: bool,
+        batch: CheckpointSet | None = None,
     ) -> None:
         try:
             if in_tx:
-                await self._compute_and_apply(conn, ctx, task, idx, outcome, False)
+                await self._compute_and_apply(conn, ctx, task, idx, outcome, False, batch=batch)
             else:
                 async with conn.transaction():
                     await self._compute_and_apply(conn, ctx, task, idx, outcome, False)
@@ -373,6 +547,9 @@ class Checkpointer:
                 raise
             outcome = Outcome.failure(exc)
             logger.info("step result refused: %s", exc, extra={"event": "step.too_large"})
+        if batch is not None and batch.has(task.instance_id):
+            # what is staged for this instance goes first: the reload below must see it
+            await self.flush(conn, batch)
         tx = contextlib.nullcontext() if in_tx else conn.transaction()
         async with tx:
             await conn.execute(*self.sessions.engine_query(conn, "lock_run", (task.instance_id,)))
@@ -380,7 +557,7 @@ class Checkpointer:
             if fresh is None:
                 raise Fenced()
             try:
-                await self._compute_and_apply(conn, fresh, task, idx, outcome, True)
+                await self._compute_and_apply(conn, fresh, task, idx, outcome, True, batch=batch)
             except Stale:  # pragma: no cover - impossible while we hold the row lock
                 raise Fenced() from None
 
@@ -394,6 +571,7 @@ class Checkpointer:
         reloaded: bool,
         cp: Checkpoint | None = None,
         fence: Task | None = None,
+        batch: CheckpointSet | None = None,
     ) -> None:
         sched = ctx.sched
         if ctx.dead or sched.gen(idx) != task.gen or sched.status(idx) != A.RUNNING:
@@ -453,12 +631,18 @@ class Checkpointer:
                     f"bytes, over the limit of {max_bytes} bytes per instance; "
                     f"raise {INSTANCE_CAP_SETTING} to allow it"
                 )
+            step_type = TYPE_NAMES[ctx.graph.types[idx]]
+            if batch is not None:
+                # written by flush(); recomputed from (task, idx, outcome) if found stale
+                redo = None if fence is not None else (task, idx, outcome)
+                self.stage(batch, ctx, fence or task, cp, redo, step_type, outcome.ok)
+                return
             await self.apply(conn, ctx, fence or task, cp)
         except BaseException:
             # the cached state moved on in memory and nothing of it committed: reload
             self.cache.forget(ctx.instance_id, ctx)
             raise
-        metrics.step_finished(TYPE_NAMES[ctx.graph.types[idx]], outcome.ok)
+        metrics.step_finished(step_type, outcome.ok)
 
 
 def first_sql_leaf(ctx: InstanceCtx) -> int | None:

@@ -12,6 +12,12 @@ value PostgreSQL refuses, say) fails that one outcome and never its neighbours'.
 left failed goes back to its submitter, who releases its task so it runs again (these
 outcomes are at-least-once by nature), or fails it when the error is deterministic.
 
+An item's ``apply`` may defer its write to the end of the batch: given :class:`BatchHooks`,
+the flusher calls ``begin`` on the batch's connection, then each ``apply``, which may return a
+``settle`` callable; then ``before_commit`` (the checkpointer writes every deferred checkpoint
+in one call there), then each ``settle``, which raises the fenced or busy outcome of its own
+item as ``apply`` would have; ``end`` after the COMMIT or the rollback.
+
 SQL steps in the df database are not queued: exactly-once needs their statement and their
 checkpoint in the same transaction (docs/decisions.md D4).
 """
@@ -23,7 +29,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .flow import Busy
 
@@ -41,13 +47,24 @@ BACKLOG_MAX = 1024
 STOP_TIMEOUT = 10.0
 
 
+class BatchHooks(Protocol):
+    """What a batch's transaction tells the party whose items defer their writes."""
+
+    def begin(self, conn: Any) -> None: ...
+
+    async def before_commit(self, conn: Any) -> None: ...
+
+    def end(self, conn: Any) -> None: ...
+
+
 @dataclass
 class _Item:
     key: str
     """The instance id: a batch applies in key order, so concurrent flushers of several
     processes lock runs rows in one global order and cannot deadlock each other."""
-    apply: Callable[[Any], Awaitable[None]]
-    """Applies the checkpoint on the given connection (inside the batch's transaction)."""
+    apply: Callable[[Any], Awaitable[Callable[[], None] | None]]
+    """Applies the checkpoint on the given connection (inside the batch's transaction), or
+    stages it and returns the ``settle`` that says how its deferred write went."""
     rollback: Callable[[], None] | None = None
     """Called when a transaction this item applied in rolled back (its in-memory state is
     no longer the database's)."""
@@ -59,9 +76,12 @@ class _Item:
 class Completer:
     """One per worker process; :meth:`submit` returns once the outcome is committed."""
 
-    def __init__(self, pool: Any, fenced: type[BaseException]) -> None:
+    def __init__(
+        self, pool: Any, fenced: type[BaseException], hooks: BatchHooks | None = None
+    ) -> None:
         self.pool = pool
         self.fenced = fenced
+        self.hooks = hooks
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(BACKLOG_MAX)
         self.task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -91,7 +111,7 @@ class Completer:
     async def submit(
         self,
         key: str,
-        apply: Callable[[Any], Awaitable[None]],
+        apply: Callable[[Any], Awaitable[Callable[[], None] | None]],
         rollback: Callable[[], None] | None = None,
     ) -> None:
         item = _Item(key, apply, rollback)
@@ -119,17 +139,39 @@ class Completer:
         fenced: list[tuple[_Item, BaseException]] = []
         busy: list[_Item] = []
         batch.sort(key=lambda i: i.key)
+        hooks = self.hooks
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                for item in batch:
-                    # no savepoint per item: a fenced or busy apply writes nothing, and any
-                    # other error fails the whole batch anyway (2 round trips per item saved)
-                    try:
-                        await item.apply(conn)
-                    except self.fenced as exc:
-                        fenced.append((item, exc))
-                    except Busy:
-                        busy.append(item)
+            async with self.pool.connection() as conn:
+                if hooks is not None:
+                    hooks.begin(conn)
+                try:
+                    async with conn.transaction():
+                        settles: list[tuple[_Item, Callable[[], None]]] = []
+                        for item in batch:
+                            # no savepoint per item: a fenced or busy apply writes nothing,
+                            # and any other error fails the whole batch anyway (2 round trips
+                            # per item saved)
+                            try:
+                                settle = await item.apply(conn)
+                            except self.fenced as exc:
+                                fenced.append((item, exc))
+                            except Busy:
+                                busy.append(item)
+                            else:
+                                if settle is not None:
+                                    settles.append((item, settle))
+                        if hooks is not None:
+                            await hooks.before_commit(conn)
+                        for item, settle in settles:
+                            try:
+                                settle()
+                            except self.fenced as exc:
+                                fenced.append((item, exc))
+                            except Busy:
+                                busy.append(item)
+                finally:
+                    if hooks is not None:
+                        hooks.end(conn)
         except BaseException as exc:
             for item in batch:
                 if item.rollback is not None:

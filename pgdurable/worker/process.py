@@ -85,6 +85,7 @@ class Worker:
             budget=lambda: (slots.free(), self.batch.take_sql()),
             wake=self.wake.set,
         )
+        self.completer.hooks = self.checkpointer  # its checkpoints written set-based
         self.sql = SqlSteps(
             sessions=sessions,
             settings=settings,

@@ -188,6 +188,10 @@ PRIVILEGED = [
         "select pgdurable._step_apply_v1('guess', 'w', '00000000', '00000000', 0, 0, null, "
         "'completed', null, null, null, null, 5)"
     ),
+    (
+        "select pgdurable._step_apply_v2('guess', 'w', 5, '{{00000000}}', '{{0}}', '{{1}}', "
+        "'{{completed}}', '{{null}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', null, null, null)"
+    ),
     "select pgdurable._step_begin_v1('guess', {a_oid})",
     "select * from pgdurable._step_load_instance_v1('guess', '00000000')",
     "select * from pgdurable._step_load_results_v1('guess', '00000000')",
@@ -607,6 +611,10 @@ TOKEN_GATED = {
     "apply": (
         "select pgdurable._step_apply_v1('guess', 'w', '00000000', '00000000', 0, 0, "
         "null, 'completed', null, null, null, null, 5)"
+    ),
+    "apply_set": (
+        "select pgdurable._step_apply_v2('guess', 'w', 5, '{{00000000}}', '{{0}}', '{{1}}', "
+        "'{{completed}}', '{{null}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', null, null, null)"
     ),
     "begin": "select pgdurable._step_begin_v1('guess', {victim_oid})",
     "load": "select * from pgdurable._step_load_instance_v1('guess', '00000000')",

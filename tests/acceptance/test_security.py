@@ -171,6 +171,10 @@ def test_step_runs_as_tenant_and_cannot_change_identity(db, serve_factory, tenan
                 "select pgdurable._apply_v1('x', 'i', 'n', 0, 0, null, 'completed', null, null, "
                 "null, null, 5)"
             ): ("42501", "permission denied"),
+            (
+                "select pgdurable._apply_v2('x', 5, '{i}', '{0}', '{1}', '{completed}', "
+                "'{null}', '{}', '{}', '{}', '{}', '{}', null, null, null)"
+            ): ("42501", "permission denied"),
             "select pgdurable._rescue_v1(1000)": ("42501", "permission denied"),
             "select pgdurable._step_begin_v1('guess', 1)": ("42501", "permission denied"),
             f"alter function {runner}(text, text, bigint) security invoker": (

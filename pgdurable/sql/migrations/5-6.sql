@@ -117,6 +117,13 @@ begin
 end;
 $$;
 
+-- == set-based checkpoints (issue #14, docs/performance.md "The checkpoint"): @engine@._apply_v2
+--    and its step-session twin @engine@._step_apply_v2 checkpoint many instances in one call.
+--    _apply_v1 and _step_apply_v1 stay as they are: an older serve running beside this schema
+--    during a rolling upgrade still calls them. The grants file re-applied gives the step role
+--    EXECUTE on the new twin and takes PUBLIC's default EXECUTE off both new functions. ==
+-- (50_engine.sql's definitions: re-made by the claims' part below)
+
 -- == Claims: fairness and rolling upgrades (docs/operating.md, "Rolling upgrade";
 --    docs/reliability.md, "Floods"). Self-contained. ==
 -- _claim_v2 (this package) takes a quarter of each claim from the newest due tasks;

@@ -4,6 +4,7 @@
 --   _claim_v2      lease up to N runnable tasks (FOR UPDATE SKIP LOCKED), oldest and newest
 --   _claim_v1      the same for older packages' workers (rolling upgrades): not newer node types
 --   _apply_v1      one checkpoint: fence, node writes, successor tasks, instance status, state
+--   _apply_v2      the checkpoints of many instances, set-based (one call per batch)
 --   _release_v1    give leased tasks back (shutdown, infrastructure errors)
 --   _rescue_v1     clear expired leases (maintenance), bounded
 --   _extend_v1     extend the leases of a worker's in-flight tasks (heartbeat)
@@ -955,6 +956,267 @@ begin
     return @engine@._apply_v1(p_owner, p_instance, p_task_node, p_task_gen, p_expected_version,
                               p_state, p_inst_status, p_nodes, p_new_tasks, p_drop_tasks,
                               p_named, p_lease_seconds);
+end
+$$;
+
+-- Set-based checkpoints (docs/performance.md "The checkpoint"): one call writes the
+-- checkpoints of many instances, each statement once for the whole set rather than once per
+-- step (a batch of SQL steps, the completer's group commit). One element per instance (the
+-- worker merges the checkpoints a batch made of one instance into one: p_counts of them):
+--   p_ids, p_versions, p_counts, p_statuses, p_states  the instance, the state_version the
+--       worker computed on, how many checkpoints it carries, the new instance status (NULL:
+--       unchanged) and the scheduler state after the last one;
+--   p_fence_ids/_nodes/_gens  the tasks it consumes (leased to p_owner), any number per
+--       instance; p_drop_ids/_nodes  abandoned leaves whose tasks go;
+--   p_nodes, p_new_tasks, p_named  as _apply_v1's, each element naming its instance ("i");
+--       a node or a successor task appears once per instance, a named result carries its
+--       seq.
+-- Returns one code per instance, in p_ids' order: the new state_version, or _apply_v1's
+-- -1 / -2 / -3, for which nothing of that instance was written (the others were: the caller
+-- commits them, rolls everything back, or recomputes the stale ones under the runs locks it
+-- now holds and calls again). Same lock order as _apply_v1: runs rows first, in ascending
+-- instance order, then tasks, nodes, instances.
+create function @engine@._apply_v2(
+    p_owner text, p_lease_seconds integer, p_ids varchar[], p_versions bigint[],
+    p_counts integer[], p_statuses text[], p_states bytea[], p_fence_ids varchar[],
+    p_fence_nodes varchar[], p_fence_gens integer[], p_drop_ids varchar[],
+    p_drop_nodes varchar[], p_nodes jsonb, p_new_tasks jsonb, p_named jsonb)
+returns bigint[]
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+-- Every statement below reaches a table row by row, each row by its key (a scalar sub-select
+-- on the primary key, then the row by its ctid): the planner cannot know how few rows the
+-- arguments hold (jsonb_to_recordset counts as 100, an array as 10), and with the statistics
+-- of a table that churns it chose to walk all of this worker's leased tasks for every fence
+-- (9 ms a call in W3). The ctids are those of rows this call locked (or that only writers
+-- holding the runs row change), so they stay valid until the COMMIT. Plans are generic: a
+-- custom plan (what plpgsql tries first, and keeps when a generic one looks dearer for an
+-- array of unknown size) plans each of these statements again at every call.
+set enable_hashjoin = off
+set enable_mergejoin = off
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_n        pg_catalog.int4;
+    v_codes    pg_catalog.int8[];
+    v_ok       pg_catalog.varchar[];
+    v_fence    pg_catalog.tid[];
+    v_fenced   pg_catalog.varchar[];
+    v_inst     pg_catalog.tid[];
+    v_inst_ids pg_catalog.varchar[];
+    v_owner    pg_catalog.text;
+begin
+    v_n := coalesce(cardinality(p_ids), 0);
+    if v_n = 0 then
+        return '{}';
+    end if;
+    if cardinality(p_versions) <> v_n or cardinality(p_counts) <> v_n
+       or cardinality(p_statuses) <> v_n or cardinality(p_states) <> v_n
+       or coalesce(cardinality(p_fence_ids), 0) <> coalesce(cardinality(p_fence_nodes), 0)
+       or coalesce(cardinality(p_fence_ids), 0) <> coalesce(cardinality(p_fence_gens), 0)
+       or coalesce(cardinality(p_drop_ids), 0) <> coalesce(cardinality(p_drop_nodes), 0)
+       or (select count(distinct u.id) from unnest(p_ids) u(id)) <> v_n then
+        raise exception 'pgdurable: _apply_v2 needs arrays of one length and one element per instance'
+            using errcode = '22023';
+    end if;
+
+    -- the runs rows, in ascending instance order (as every writer of an instance)
+    perform 1 from @engine@.runs r where r.instance_id = any (p_ids)
+    order by r.instance_id
+    for update of r;
+
+    -- the fence tasks that are still ours, locked (a rescue cannot take one before the
+    -- delete below): one key lookup each (lateral: the arguments drive; coalesce: no partial
+    -- index on lease_owner is a candidate). By key, not by ctid: a heartbeat extending the
+    -- lease meanwhile makes a new row version, which must still count as ours.
+    select array_agg(l.ctid), array_agg(l.instance_id) into v_fence, v_fenced
+    from unnest(p_fence_ids, p_fence_nodes, p_fence_gens) as fe(i, n, g)
+    cross join lateral (
+        select t.ctid, t.instance_id from @engine@.tasks t
+        where t.instance_id = fe.i and t.node_id = fe.n and t.gen = fe.g
+          and coalesce(t.lease_owner, '') = p_owner
+        for update of t
+    ) l;
+
+    -- -2: gone, terminal, or a fence task not ours; -1: stale
+    select array_agg(case
+               when q.version is null or q.status is null
+                    or q.status in ('completed', 'failed', 'cancelled') then -2
+               when q.version <> q.v then -1
+               when q.fences <> q.held then -2
+               else 0 end order by q.ord)
+    into v_codes
+    from (
+        select u.ord, u.v,
+               (select r.state_version from @engine@.runs r where r.instance_id = u.id) as version,
+               (select i.status from df.instances i where i.id = u.id) as status,
+               (select count(*) from unnest(p_fence_ids) f(i) where f.i = u.id) as fences,
+               (select count(*) from unnest(v_fenced) f(i) where f.i = u.id) as held
+        from unnest(p_ids, p_versions) with ordinality as u(id, v, ord)
+    ) q;
+
+    -- -3: a new instance status needs its row, and its owner may hold it: never wait
+    if exists (select 1 from unnest(p_statuses, v_codes) s(st, c) where s.st is not null and s.c = 0) then
+        select array_agg(i.ctid), array_agg(i.id) into v_inst, v_inst_ids
+        from (
+            select i.ctid, i.id from df.instances i
+            where i.id = any (array(select s.id from unnest(p_ids, p_statuses, v_codes) s(id, st, c)
+                                    where s.st is not null and s.c = 0))
+            order by i.id
+            for update of i skip locked
+        ) i;
+        select array_agg(case when u.c = 0 and u.st is not null
+                                   and not (u.id = any (coalesce(v_inst_ids, '{}'))) then -3
+                              else u.c end order by u.ord)
+        into v_codes
+        from unnest(p_ids, p_statuses, v_codes) with ordinality as u(id, st, c, ord);
+    end if;
+
+    select array_agg(u.id) into v_ok from unnest(p_ids, v_codes) u(id, c) where u.c = 0;
+    if v_ok is null then
+        return v_codes;
+    end if;
+
+    delete from @engine@.tasks t
+    where t.ctid = any (v_fence) and t.instance_id = any (v_ok);
+
+    -- abandoned leaves (RACE losers, failed JOIN siblings, break): as in _apply_v1. Rare: one
+    -- delete each, by key (a claim may move such a task meanwhile: it goes all the same)
+    if coalesce(cardinality(p_drop_ids), 0) > 0 then
+        v_n := 0;
+        for i in 1 .. cardinality(p_drop_ids) loop
+            continue when not (p_drop_ids[i] = any (v_ok));
+            delete from @engine@.tasks t
+            where t.instance_id = p_drop_ids[i] and t.node_id = p_drop_nodes[i]
+            returning t.lease_owner into v_owner;
+            if v_owner is not null then
+                v_n := v_n + 1;
+            end if;
+        end loop;
+        if v_n > 0 then
+            perform pg_catalog.pg_notify('pgdurable_abandon', '');
+        end if;
+    end if;
+
+    if p_nodes is not null then
+        -- only checkpoints (under the runs row) and df.cancel (after it) change df.nodes rows
+        update df.nodes n
+        set status = coalesce(u.status, n.status),
+            result = case when u.status is null then n.result
+                          when u.status in ('completed', 'failed') then u.result end,
+            status_details = coalesce(n.status_details, '{}'::pg_catalog.jsonb) || coalesce(u.details, '{}'::pg_catalog.jsonb)
+                || coalesce(case when u.status in ('completed', 'failed')
+                                  and u.details ? 'finished_at' then
+                    jsonb_build_object('duration_ms', round(1000 * extract(epoch from
+                        (u.details ->> 'finished_at')::pg_catalog.timestamptz
+                        - coalesce(u.details ->> 'started_at',
+                                   n.status_details ->> 'started_at')::pg_catalog.timestamptz))) end,
+                            '{}'::pg_catalog.jsonb),
+            updated_at = now()
+        from (
+            select u.*, (select n2.ctid from df.nodes n2
+                         where n2.instance_id = u.i and n2.id = u.id) as tid
+            from jsonb_to_recordset(p_nodes) as u(i pg_catalog.varchar, id pg_catalog.varchar, status pg_catalog.text, result pg_catalog.jsonb, details pg_catalog.jsonb)
+            where u.i = any (v_ok)
+        ) u
+        where n.ctid = u.tid;
+    end if;
+
+    if p_new_tasks is not null then
+        -- "take": leased to this worker already (hand-off), as in _apply_v1
+        insert into @engine@.tasks as t (instance_id, node_id, gen, kind, due_at, deadline,
+                                          submitted_by, database, lease_owner, lease_expires_at,
+                                          attempts)
+        select n.i, n.node_id, n.gen, n.kind,
+               coalesce(n.due_at, @engine@.clock() + make_interval(secs => coalesce(n.delay, 0))),
+               n.deadline,
+               (select i.submitted_by from df.instances i where i.id = n.i),
+               (select i.database from df.instances i where i.id = n.i),
+               case when n.take then p_owner end,
+               case when n.take then now() + make_interval(secs => p_lease_seconds) end,
+               case when n.take then 1 else 0 end
+        from jsonb_to_recordset(p_new_tasks)
+                 as n(i pg_catalog.varchar, node_id pg_catalog.varchar, gen pg_catalog.int4,
+                      kind pg_catalog.text, due_at pg_catalog.timestamptz, delay pg_catalog.float8,
+                      deadline pg_catalog.timestamptz, take pg_catalog.bool)
+        where n.i = any (v_ok)
+        on conflict (instance_id, node_id) do update
+            set gen = excluded.gen, kind = excluded.kind, due_at = excluded.due_at,
+                deadline = excluded.deadline, lease_owner = excluded.lease_owner,
+                lease_expires_at = excluded.lease_expires_at, attempts = excluded.attempts;
+        if exists (select 1 from jsonb_to_recordset(p_new_tasks) as n(i pg_catalog.varchar, take pg_catalog.bool)
+                   where n.take is not true and n.i = any (v_ok)) then
+            perform pg_catalog.pg_notify('pgdurable_work', '');
+        end if;
+    end if;
+
+    if p_named is not null then
+        insert into @engine@.results as r (instance_id, name, value, seq)
+        select e.i, e.key, e.value, e.seq
+        from jsonb_to_recordset(p_named) as e(i pg_catalog.varchar, key pg_catalog.text, value pg_catalog.jsonb, seq pg_catalog.int8)
+        where e.i = any (v_ok)
+        on conflict (instance_id, name) do update set value = excluded.value, seq = excluded.seq;
+    end if;
+
+    if v_inst is not null then
+        -- the rows locked above, of the instances written
+        update df.instances i
+        set status = u.st,
+            updated_at = now(),
+            completed_at = case when u.st in ('completed', 'failed', 'cancelled')
+                                then now() else i.completed_at end
+        from (
+            select s.st, (select l.tid from unnest(v_inst, v_inst_ids) l(tid, id)
+                          where l.id = s.id) as tid
+            from unnest(p_ids, p_statuses) s(id, st)
+            where s.st is not null and s.id = any (v_ok)
+        ) u
+        where i.ctid = u.tid;
+        -- terminal: as in _apply_v1 (a failed or cancelled instance keeps its named results
+        -- and signals for df.restart)
+        select array_agg(s.id) into v_inst_ids from unnest(p_ids, p_statuses) s(id, st)
+        where s.st in ('completed', 'failed', 'cancelled') and s.id = any (v_ok);
+        if v_inst_ids is not null then
+            delete from @engine@.tasks t where t.instance_id = any (v_inst_ids);
+            select array_agg(s.id) into v_inst_ids from unnest(p_ids, p_statuses) s(id, st)
+            where s.st = 'completed' and s.id = any (v_ok);
+            if v_inst_ids is not null then
+                delete from @engine@.signals s where s.instance_id = any (v_inst_ids);
+                delete from @engine@.results r where r.instance_id = any (v_inst_ids);
+            end if;
+        end if;
+    end if;
+
+    update @engine@.runs r
+    set state = u.st, state_version = r.state_version + u.k
+    from (
+        select s.st, s.k, (select r2.ctid from @engine@.runs r2 where r2.instance_id = s.id) as tid
+        from unnest(p_ids, p_states, p_counts) s(id, st, k)
+        where s.id = any (v_ok)
+    ) u
+    where r.ctid = u.tid;
+
+    return array(select case when u.c = 0 then u.v + u.k else u.c end
+                 from unnest(p_versions, p_counts, v_codes) with ordinality as u(v, k, c, ord)
+                 order by u.ord);
+end
+$$;
+
+create function @engine@._step_apply_v2(
+    p_cap text, p_owner text, p_lease_seconds integer, p_ids varchar[], p_versions bigint[],
+    p_counts integer[], p_statuses text[], p_states bytea[], p_fence_ids varchar[],
+    p_fence_nodes varchar[], p_fence_gens integer[], p_drop_ids varchar[],
+    p_drop_nodes varchar[], p_nodes jsonb, p_new_tasks jsonb, p_named jsonb)
+returns bigint[]
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    return @engine@._apply_v2(p_owner, p_lease_seconds, p_ids, p_versions, p_counts,
+                              p_statuses, p_states, p_fence_ids, p_fence_nodes, p_fence_gens,
+                              p_drop_ids, p_drop_nodes, p_nodes, p_new_tasks, p_named);
 end
 $$;
 
