@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,13 @@ ENGINE_SCHEMA_DEFAULT = "pgdurable"
 # Advisory lock key of install/upgrade/uninstall: 'PGDI' as an int, fixed forever so that
 # two package versions serialise against each other too.
 INSTALL_LOCK_KEY = 0x50474449
+# A migration meets running work (a rolling upgrade): df.start, checkpoints and the migration
+# lock the same tables in different orders, so it waits for a lock at most this long (under
+# PostgreSQL's deadlock_timeout, 1 s by default: the migration gives up before anyone's
+# deadlock check runs, and nobody else's transaction is the one aborted), then rolls back and
+# tries again, up to MIGRATION_TRIES times.
+MIGRATION_LOCK_TIMEOUT = "500ms"
+MIGRATION_TRIES = 60
 
 
 @dataclass(frozen=True)
@@ -161,9 +169,26 @@ def install(
     """Install or upgrade to ``target_version``; returns what changed, and whether
     ``transaction_mode => 'new'`` works (:func:`ensure_new_mode`: dblink created where this
     role may, a warning logged with the statement to run where it may not)."""
-    res = _install(
-        dsn, engine=engine, operator_schema=operator_schema, target_version=target_version
-    )
+    for attempt in range(1, MIGRATION_TRIES + 1):
+        try:
+            res = _install(
+                dsn, engine=engine, operator_schema=operator_schema, target_version=target_version
+            )
+            break
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+            if attempt == MIGRATION_TRIES:
+                raise InstallError(
+                    f"the migration could not take its locks in {MIGRATION_TRIES} tries "
+                    f"({MIGRATION_LOCK_TIMEOUT} each; running work kept them): "
+                    f"{str(exc).splitlines()[0]}; try again, or stop the serves first"
+                ) from None
+            logger.info(
+                "the migration waited %s for a lock held by running work; trying again (%d/%d)",
+                MIGRATION_LOCK_TIMEOUT,
+                attempt,
+                MIGRATION_TRIES,
+            )
+            time.sleep(min(0.05 * attempt, 1.0))
     if res.to_version != SCHEMA_VERSION:
         return res
     schema_name, problem = ensure_new_mode(dsn, engine)
@@ -331,6 +356,8 @@ def _install(
             return InstallResult(0, current, op_schema)
         start = current
         migrations = _migrations()
+        # running work shares these tables: give way rather than deadlock it (install())
+        conn.execute(f"set local lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'")
         while current < target_version:
             path = migrations.get(current)
             if path is None:
