@@ -42,7 +42,7 @@ declare
     -- the newest due tasks' share of the claim: a quarter (a claim of fewer than four takes
     -- one newest task a quarter of the time, so the expected share stays a quarter and the
     -- oldest are never starved)
-    v_newest integer := case when p_limit >= 4 then p_limit / 4
+    v_newest pg_catalog.int4 := case when p_limit >= 4 then p_limit / 4
                              when pg_catalog.random() < 0.25 then 1 else 0 end;
 begin
     return query
@@ -127,7 +127,7 @@ declare
     -- the newest due tasks' share of the claim: a quarter (a claim of fewer than four takes
     -- one newest task a quarter of the time, so the expected share stays a quarter and the
     -- oldest are never starved)
-    v_newest integer := case when p_limit >= 4 then p_limit / 4
+    v_newest pg_catalog.int4 := case when p_limit >= 4 then p_limit / 4
                              when pg_catalog.random() < 0.25 then 1 else 0 end;
 begin
     return query
