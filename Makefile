@@ -44,9 +44,10 @@ browser: ## Debian's chromium + chromedriver for tests/ui (installed when missin
 test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local PG 15 when reachable), both schedulers
 	@# The two servers' suites run side by side: most of a test's time is spent waiting on serve
 	@# and PostgreSQL, so two processes on 2 cores take little more than one. The local server's
-	@# run (the tests that take a database) writes .test-local.log, shown when both have ended.
+	@# run (only the tests that take a server: the others ran in the first) writes
+	@# .test-local.log, shown when both have ended.
 	@PGDURABLE_IMPL=cython $(BIN)/python -m pytest -q -p no:cacheprovider --no-embedded \
-	    tests/sql tests/migration tests/integration tests/acceptance tests/ui $(PYTEST_ARGS) \
+	    --server-tests-only tests/sql tests/migration tests/integration tests/acceptance tests/ui $(PYTEST_ARGS) \
 	    > .test-local.log 2>&1 & local=$$!; \
 	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest --no-local $(PYTEST_ARGS); embedded=$$?; \
 	  wait $$local; rc=$$?; \

@@ -17,7 +17,8 @@ prove that ``pgdurable verify``'s ``ambiguous_commit`` fault and checker catch t
 is refused because its task is no longer this worker's (its lease expired while the worker was
 stalled or cut off, and another worker took the step over) commits its statement anyway. It
 exists to prove that verify's ``stall`` and ``partition`` faults catch a worker that runs a
-step another worker has taken over; the hook is in pgdurable/steps/sql_step.py.
+step another worker has taken over; the hooks are in pgdurable/steps/sql_step.py (a step
+run alone) and pgdurable/worker/batch.py (a batch: every statement of it commits).
 """
 
 from __future__ import annotations

@@ -60,6 +60,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--no-embedded", action="store_true", help="do not start the embedded PostgreSQL 18"
     )
     parser.addoption(
+        "--server-tests-only",
+        action="store_true",
+        help="only the tests that take a server (make test's second run: the others, such as "
+        "verify's runs on an embedded PostgreSQL of their own, ran in the first)",
+    )
+    parser.addoption(
         "--no-local",
         action="store_true",
         help="do not use the local PostgreSQL on 127.0.0.1:5432 (make test runs it separately)",
@@ -211,6 +217,16 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         "pgdurable servers: " + (", ".join(s.name for s in _SERVERS) or "none"),
         f"pgdurable scheduler: {impl}",
     ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--server-tests-only"):
+        return
+    keep = [i for i in items if "server" in getattr(i, "fixturenames", ())]
+    gone = [i for i in items if "server" not in getattr(i, "fixturenames", ())]
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = keep
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

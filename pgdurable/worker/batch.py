@@ -360,7 +360,9 @@ class BatchRunner:
                     if len(ran) != 1 or first.phase == "fused" or conn.broken or conn.closed:
                         raise
                     refused = exc  # handled below, once the instance's lock is released
-                except BaseException:
+                except BaseException as exc:
+                    if _testing.IGNORE_FENCE and isinstance(exc, Fenced):  # a planted bug
+                        await _testing.commit_anyway(conn)  # pgdurable/_testing.py
                     await self.sessions.reset(conn)
                     raise
                 finally:

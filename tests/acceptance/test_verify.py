@@ -529,7 +529,7 @@ def _drop_evidence(out: str) -> None:
         shutil.rmtree(m.group(1), ignore_errors=True)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(230)
 def test_a_deliberately_broken_build_is_caught() -> None:
     """The checker fails a build that commits a SQL step apart from its checkpoint.
 
@@ -553,7 +553,7 @@ def test_a_deliberately_broken_build_is_caught() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=140,
+        timeout=220,
         env=env,
     )
     out = res.stdout.strip()
@@ -628,7 +628,7 @@ def _planted(env_var: str, kinds: str, duration: int, seed: int) -> str:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=duration + 100,
+        timeout=duration + 150,
         env=env,
     )
     out = res.stdout.strip()
@@ -640,7 +640,7 @@ def _planted(env_var: str, kinds: str, duration: int, seed: int) -> str:
     return out
 
 
-@pytest.mark.timeout(160)
+@pytest.mark.timeout(220)
 def test_a_worker_that_ignores_its_fence_is_caught() -> None:
     """The checker fails a build in which a stalled or cut-off worker, whose lease expired and
     whose step another worker took over, commits the step's statement when its checkpoint is
@@ -650,7 +650,7 @@ def test_a_worker_that_ignores_its_fence_is_caught() -> None:
     assert "duplicate_effect" in out, out[-3000:]
 
 
-@pytest.mark.timeout(140)
+@pytest.mark.timeout(200)
 def test_a_reset_between_statement_and_checkpoint_is_caught() -> None:
     """The conn_reset fault alone catches the broken build that commits a SQL step apart from
     its checkpoint (PGDURABLE_TEST_BROKEN_CHECKPOINT=1): half of the resets hit a step
