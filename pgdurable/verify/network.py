@@ -8,7 +8,8 @@ fault (:data:`NET_KINDS`) and injects it through the proxy of the serve it is gi
                       time only a step session's (the role pgdurable_step)
     ambiguous_commit  a COMMIT reaches the server, its reply never reaches the worker
     stall             a connection (or, half the time, all of the serve's) frozen for longer
-                      than the lease (lease + 1 to lease + 3 s), then resumed or reset
+                      than the lease (lease + 1 to lease + 3 s), then resumed or reset; half
+                      of the time the statement that triggers it is a step session's
     partition         the serve cut from the database (every connection reset, new ones
                       refused) for 2-6 s; never two serves at once, so another keeps working
 """
@@ -62,6 +63,9 @@ class NetFaults:
                 seconds=self.rng.uniform(self.lease + 1, self.lease + 3),
                 whole=self.rng.random() < 0.5,
                 close_after=self.rng.random() < 0.5,
+                # as for resets: half of the stalls catch a step session mid-statement (the
+                # case that tests fencing: another worker takes the step over meanwhile)
+                user=STEP_ROLE if self.rng.random() < 0.5 else None,
             )
         elif kind == "partition":
             if any(q.partitioned for q in self.proxies):
