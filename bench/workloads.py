@@ -109,6 +109,7 @@ def reset_instances(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "truncate df.nodes, df.instances, pgdurable.tasks, pgdurable.runs, "
-            "pgdurable.results, pgdurable.signals"
+            "pgdurable.results, pgdurable.signals, pgdurable.foreach_runs, "
+            "pgdurable.foreach_items"
         )
         conn.execute("vacuum analyze df.nodes, df.instances, pgdurable.tasks, pgdurable.runs")
