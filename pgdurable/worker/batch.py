@@ -23,6 +23,7 @@ from pgdurable.log import instance_var, node_var
 from pgdurable.steps.sql_step import SqlSteps, envelope
 
 from .cache import InstanceCache
+from .chain import chainable, successor
 from .checkpoint import Checkpointer, Outcome
 from .checkpoint_set import CheckpointSet
 from .failures import pg_message
@@ -68,6 +69,11 @@ class Item:
     checkpointing it so), ``committing`` / ``started`` (the start committed on its own after
     FIRST_STEP_VISIBLE_S: ``start`` now names this step, an ordinary step of its instance)."""
     visible: asyncio.Task[None] | None = None
+    head: Item | None = None
+    """A chained step (:mod:`.chain`): the submitted step whose dispatcher takes its
+    successors (handoff) once the batch commits."""
+    staged: bool = False
+    """Its checkpoint is computed (staged in the batch's set)."""
 
     @property
     def slot_task(self) -> Task:
@@ -217,21 +223,27 @@ class BatchRunner:
     async def run_batch(self, first: Item, me: object) -> None:
         """Run queued SQL steps of one role in one transaction, each with its checkpoint.
 
-        First the statements, one after another (``RESET ALL`` and the per-step settings
-        between them), then every step's checkpoint in ascending instance order, then one
-        COMMIT: runs rows are locked only for that short last phase, as for a single step,
-        not while later statements run. Exactly-once as for a single step: each statement
-        commits with its checkpoint. Any failure (a later statement's error, an oversized
-        result, a fenced checkpoint, a busy instance, the connection) rolls the whole batch
-        back; the steps that ran then run again one per transaction (:class:`Retry`), which
-        decides each one's outcome. A batch of one handles its statement's failure in place.
-        A checkpoint waits at most BATCH_LOCK_WAIT_S for its instance's asyncio lock: the
-        batch holds database locks, so an unbounded wait could close a cycle PostgreSQL cannot
-        see.
+        The statements run one after another (``RESET ALL`` and the per-step settings
+        between them); each step's checkpoint is computed (staged: :mod:`.checkpoint_set`)
+        either right after its statement, when the step may have a chained successor
+        (:mod:`.chain`: that successor then runs next, in this transaction), or once all the
+        statements ran; then every staged checkpoint is written by one call, in ascending
+        instance order, and one COMMIT follows: runs rows are locked only for that short last
+        phase, as for a single step, not while later statements run. Exactly-once as for a
+        single step: each statement commits with its checkpoint. Any failure (a later
+        statement's error, an oversized result, a fenced checkpoint, a busy instance, the
+        connection) rolls the whole batch back; the steps that were submitted then run again
+        one per transaction (:class:`Retry`), which decides each one's outcome (a chained
+        step is not run again: its predecessor's run writes it as a task). A batch of one
+        handles its statement's failure in place. A checkpoint waits at most
+        BATCH_LOCK_WAIT_S for its instance's asyncio lock: the batch holds database locks, so
+        an unbounded wait could close a cycle PostgreSQL cannot see.
         """
         q = self.sessions.q
         ran: list[tuple[Item, Any]] = []
         held: dict[int, asyncio.Lock] = {}
+        late: set[str] = set()  # instances with a step whose checkpoint waits for the end
+        staged = CheckpointSet()
         item: Item | None = first
         role = first.ctx.role_oid
         t0 = None  # the window opens once the first step ran (not while waiting for a slot)
@@ -240,6 +252,7 @@ class BatchRunner:
             async with self.sessions.steps.connection() as conn:
                 cap = self.sessions.cap(conn)
                 assert cap is not None
+                refused: StepError | None = None
                 try:
                     while item is not None:
                         instance_var.set(item.task.instance_id)
@@ -275,12 +288,28 @@ class BatchRunner:
                         value = envelope(rows)  # capped at its checkpoint
                         del rows, cur
                         ran.append((item, value))
-                        item = None
+                        done, item = item, None
                         if t0 is None:
                             t0 = time.monotonic()
-                        if len(ran) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S:
-                            item = self.pick(ran[-1][0].task.instance_id, role)
+                        room = len(ran) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S
+                        if self._stage_now(done, held, late):
+                            try:
+                                await self._stage(conn, done, value, staged, held)
+                            except StepError as exc:
+                                if len(ran) != 1 or first.phase == "fused":
+                                    raise
+                                refused = exc  # handled below, as for a late checkpoint
+                                break
+                            if room:
+                                item = self._chained(done, staged)
+                        else:
+                            late.add(done.task.instance_id)
+                        if item is None and room:
+                            item = self.pick(done.task.instance_id, role)
                 except BaseException as exc:
+                    for lock in held.values():
+                        lock.release()
+                    held.clear()
                     await self.sessions.reset(conn)
                     if first.visible is not None:
                         await asyncio.wait([first.visible])
@@ -303,46 +332,16 @@ class BatchRunner:
                 for it, _ in ran:
                     if it.phase == "pending":
                         it.phase = "fused"  # checkpointed with its start from now on
-                refused: StepError | None = None
-                staged = CheckpointSet()
                 try:
-                    # the checkpoints, in the order the statements ran (ascending instances),
-                    # each instance's lock held from its first checkpoint to the COMMIT: its
-                    # runs row stays locked that long, and nobody in this process may then
-                    # compute on state that another open transaction is about to change
+                    if refused is not None:
+                        raise refused
+                    # the other checkpoints, in the order the statements ran (ascending
+                    # instances), each instance's lock held from its first checkpoint to the
+                    # COMMIT: its runs row stays locked that long, and nobody in this process
+                    # may then compute on state that another open transaction will change
                     for it, value in ran:
-                        instance_var.set(it.task.instance_id)
-                        node_var.set(it.task.node_id)
-                        if it.phase == "committing":
-                            assert it.visible is not None
-                            await it.visible  # its start commits on its own: then ordinary
-                        if it.phase == "failed":
-                            raise Retry()
-                        if id(it.ctx.lock) not in held:
-                            await acquire(it.ctx, BATCH_LOCK_WAIT_S)
-                            held[id(it.ctx.lock)] = it.ctx.lock
-                        if it.phase == "fused":
-                            assert it.start is not None
-                            await self.checkpointer.record_start(
-                                conn,
-                                it.ctx,
-                                it.start,
-                                it.task,
-                                it.idx,
-                                Outcome.success(value),
-                                staged,
-                            )
-                            continue
-                        await self.checkpointer.record(
-                            conn,
-                            it.ctx,
-                            it.slot_task,
-                            it.idx,
-                            Outcome.success(value),
-                            in_tx=True,
-                            lock_held=True,
-                            batch=staged,
-                        )
+                        if not it.staged:
+                            await self._stage(conn, it, value, staged, held)
                     # every checkpoint of the batch in one call (docs/performance.md)
                     instance_var.set(None)
                     node_var.set(None)
@@ -384,8 +383,8 @@ class BatchRunner:
                 await asyncio.wait(starting)
             for it in failed:
                 self.cache.forget(it.task.instance_id, it.ctx)  # rolled back: reload
-                if it.fut.done():
-                    continue
+                if it.fut.done() or it.task.virtual:
+                    continue  # (a chained step: nobody waits for it; its head runs again)
                 if isinstance(exc, asyncio.CancelledError):
                     it.fut.cancel()
                 elif isinstance(exc, Fenced) and len(failed) == 1:
@@ -407,11 +406,80 @@ class BatchRunner:
         else:
             metrics.batch(len(ran), True)
             for it, _ in ran:
+                if it.head is not None:
+                    # a chained step's successors run once its head's dispatcher resumes
+                    it.head.slot_task.handoff.extend(it.task.handoff)
+                    it.task.handoff = []
+            for it, _ in ran:
                 if not it.fut.done():
                     it.fut.set_result(None)
         finally:
             instance_var.set(None)
             node_var.set(None)
+
+    def _stage_now(self, it: Item, held: dict[int, asyncio.Lock], late: set[str]) -> bool:
+        """Whether to compute this step's checkpoint right after its statement (it may have a
+        chained successor), rather than once the batch's statements all ran: never after a
+        step of its instance left for the end (its checkpoints stay in statement order), nor
+        while another transaction of this process holds its instance."""
+        ctx = it.ctx
+        return (
+            ctx.instance_id not in late
+            and it.phase in ("", "pending", "started")
+            and (id(ctx.lock) in held or not ctx.lock.locked())
+            and not _testing.BROKEN_CHECKPOINT
+            and chainable(ctx, it.idx)
+        )
+
+    async def _stage(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        it: Item,
+        value: Any,
+        staged: CheckpointSet,
+        held: dict[int, asyncio.Lock],
+    ) -> None:
+        """Compute one step's checkpoint into ``staged`` (written by the batch's flush), its
+        instance's lock then held to the COMMIT."""
+        instance_var.set(it.task.instance_id)
+        node_var.set(it.task.node_id)
+        if it.phase == "committing":
+            assert it.visible is not None
+            await it.visible  # its start commits on its own: then ordinary
+        if it.phase == "failed":
+            raise Retry()
+        if it.phase == "pending":
+            it.phase = "fused"  # checkpointed with its start from now on
+        it.staged = True
+        if id(it.ctx.lock) not in held:
+            await acquire(it.ctx, BATCH_LOCK_WAIT_S)
+            held[id(it.ctx.lock)] = it.ctx.lock
+        if it.phase == "fused":
+            assert it.start is not None
+            await self.checkpointer.record_start(
+                conn, it.ctx, it.start, it.task, it.idx, Outcome.success(value), staged
+            )
+            return
+        await self.checkpointer.record(
+            conn,
+            it.ctx,
+            it.slot_task,
+            it.idx,
+            Outcome.success(value),
+            in_tx=True,
+            lock_held=True,
+            batch=staged,
+        )
+
+    def _chained(self, done: Item, staged: CheckpointSet) -> Item | None:
+        """The successor of ``done`` to run next in this batch (:mod:`.chain`), if any."""
+        got = successor(done.ctx, done.slot_task, done.task.clock, staged)
+        if got is None:
+            return None
+        task, idx, text = got
+        metrics.step_started("SQL")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        return Item(done.ctx, task, idx, text, fut, head=done.head or done)
 
 
 def _interrupted(item: Item, exc: BaseException, running: Running) -> None:

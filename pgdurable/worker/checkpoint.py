@@ -634,7 +634,9 @@ class Checkpointer:
             step_type = TYPE_NAMES[ctx.graph.types[idx]]
             if batch is not None:
                 # written by flush(); recomputed from (task, idx, outcome) if found stale
-                redo = None if fence is not None else (task, idx, outcome)
+                # (not a chained step: its statement ran in this transaction, after its
+                # predecessor's, on state a fresh load does not have: all roll back)
+                redo = None if fence is not None or task.virtual else (task, idx, outcome)
                 self.stage(batch, ctx, fence or task, cp, redo, step_type, outcome.ok)
                 return
             await self.apply(conn, ctx, fence or task, cp)

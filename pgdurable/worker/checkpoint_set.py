@@ -78,9 +78,7 @@ class Run:
             return False
         for nid, upd in cp.nodes.items():
             old = self.nodes.get(nid)
-            # a status decides result and duration_ms from the details of its own update:
-            # two updates of a node fold only when neither carries one
-            if old is not None and ("status" in old or "status" in upd):
+            if old is not None and not _folds_node(old, upd):
                 return False
         drops = set(self.drops)
         if fence.node_id in self.tasks or fence.node_id in drops:
@@ -97,14 +95,20 @@ class Run:
         self.state = dump(entry.ctx.sched.dump_state())
         if cp.inst_status is not None:
             self.status = cp.inst_status
-        self.fences.append((entry.fence.node_id, entry.fence.gen))
+        if not entry.fence.virtual:  # a chained step's task was never written
+            self.fences.append((entry.fence.node_id, entry.fence.gen))
         self.drops.extend(cp.drop_tasks)
         for nid, upd in cp.nodes.items():
             old = self.nodes.get(nid)
             if old is None:
                 upd["i"] = iid
                 self.nodes[nid] = upd
-            else:  # both details only (folds): merged in order
+            else:  # folds (_folds_node): the later status and result win, details merge
+                if "status" in upd:
+                    old["status"] = upd["status"]
+                    old.pop("result", None)
+                    if "result" in upd:
+                        old["result"] = upd["result"]
                 old["details"].update(upd["details"])
         for t in cp.new_tasks:
             t["i"] = iid
@@ -112,6 +116,19 @@ class Run:
         for name, value in cp.named.items():
             self.named[name] = {"i": iid, "key": name, "value": value, "seq": entry.version}
         self.weight += cp.weight
+
+
+def _folds_node(old: dict[str, Any], upd: dict[str, Any]) -> bool:
+    """Whether node update ``upd`` merged into ``old`` (the same node's earlier update in the
+    run) writes what applying both in order would (``_apply_v2``'s node update): details
+    merge in order either way; a status sets the result (NULL unless completed or failed)
+    from its own update alone, and a completed or failed one adds duration_ms from the
+    details. So the later update may carry a status unless the earlier one finished the
+    node (its duration_ms would be lost), e.g. a step activated (running) and completed in
+    one batch; an earlier status followed by details alone does not fold."""
+    if "status" in upd:
+        return old.get("status") not in ("completed", "failed")
+    return "status" not in old
 
 
 @dataclass(eq=False)

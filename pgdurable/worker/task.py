@@ -32,6 +32,9 @@ class Task:
     """Successors this step's checkpoint inserted already leased to us (run after commit)."""
     alone: bool = False
     """Run this SQL step in a transaction of its own (a batch it was in rolled back)."""
+    virtual: bool = False
+    """A SQL step run in the batch of the step before it (:mod:`.chain`): its task row was
+    never written, so its checkpoint fences nothing of its own (its predecessor's does)."""
 
     @property
     def key(self) -> tuple[str, str]:

@@ -206,13 +206,20 @@ def test_what_folds_into_one_element_and_what_waits_for_the_next_round(db):
                 return c
 
             run = Run(ctx, ctx.version)
-            # details only on both sides fold; a status on either side does not
+            # details fold into details; a later status folds unless the earlier update
+            # finished the node (its duration_ms); details after a status do not fold
             assert run.folds(t1, cp({t1.node_id: {"status": "completed"}}))
             run.nodes["x"] = {"id": "x", "details": {"a": 1}}
             assert run.folds(t2, cp({"x": {"details": {"b": 2}}}))
-            assert not run.folds(t2, cp({"x": {"status": "completed", "details": {}}}))
+            assert run.folds(t2, cp({"x": {"status": "completed", "details": {}}}))
             run.nodes["y"] = {"id": "y", "status": "running", "details": {}}
             assert not run.folds(t2, cp({"y": {"details": {"b": 2}}}))
+            assert run.folds(t2, cp({"y": {"status": "completed", "details": {}}}))
+            run.nodes["y"]["status"] = "completed"
+            assert not run.folds(t2, cp({"y": {"status": "running", "details": {}}}))
+            run.nodes["y"]["status"] = "failed"
+            assert not run.folds(t2, cp({"y": {"status": "completed", "details": {}}}))
+            del run.nodes["y"]
             # a successor inserted by the run, then dropped or inserted again: not folded
             run.tasks["z"] = {"node_id": "z"}
             assert not run.folds(t2, cp({}, drop_tasks=["z"]))
@@ -235,6 +242,80 @@ def test_what_folds_into_one_element_and_what_waits_for_the_next_round(db):
             first = batch.take_round()
             assert [r.expected for r in first] == [ctx.version - 3]
             assert [r.expected for r in batch.rounds[iid]] == [ctx.version - 1]
+
+    asyncio.run(go())
+
+
+def test_a_node_activated_then_finished_folds_to_what_two_writes_leave(db):
+    """A node updated twice by one instance's checkpoints in one set (a chained step:
+    activated running, then completed) folds into one update; the row it leaves is the row
+    two writes in order leave: status, result, details, duration_ms."""
+    role = db.create_role("cs")
+    folded = start(db, role, JOIN3)
+    ordered = start(db, role, JOIN3)
+
+    async def go() -> None:
+        async with worker(db) as w:
+            await started(w)
+            tasks = await w.producer.claim(8)
+            by = {iid: [t for t in tasks if t.instance_id == iid] for iid in (folded, ordered)}
+
+            def updates(ctx: Any) -> tuple[str, Checkpoint, Checkpoint]:
+                # the JOIN itself (a node no fence task of these checkpoints names)
+                node = ctx.graph.node_ids[0]
+                first, second = Checkpoint(), Checkpoint()
+                first.node(node).update(
+                    status="running",
+                    details={
+                        "started_at": "2026-12-06T00:00:00+00:00",
+                        "finished_at": None,
+                        "duration_ms": None,
+                        "gen": 2,
+                    },
+                )
+                second.node(node).update(
+                    status="completed",
+                    result={"rows": [{"v": 1}], "row_count": 1},
+                    details={
+                        "started_at": "2026-12-06T00:00:01.5+00:00",
+                        "finished_at": "2026-12-06T00:00:02.25+00:00",
+                    },
+                )
+                return node, first, second
+
+            conn: psycopg.AsyncConnection[Any]
+            ctx = await ctx_of(w, folded)
+            node, first, second = updates(ctx)
+            batch = CheckpointSet()
+            async with w.sessions.service.connection() as conn, conn.transaction():
+                w.checkpointer.stage(batch, ctx, by[folded][0], first, None, None, True)
+                w.checkpointer.stage(batch, ctx, by[folded][1], second, None, None, True)
+                assert [len(r.entries) for r in batch.rounds[folded]] == [2]  # one update
+                await w.checkpointer.flush(conn, batch)
+            nodes = {folded: node}
+            ctx = await ctx_of(w, ordered)
+            nodes[ordered], first, second = updates(ctx)
+            for t, c in ((by[ordered][0], first), (by[ordered][1], second)):
+                batch = CheckpointSet()
+                async with w.sessions.service.connection() as conn, conn.transaction():
+                    w.checkpointer.stage(batch, ctx, t, c, None, None, True)
+                    await w.checkpointer.flush(conn, batch)
+
+            def row(iid: str) -> tuple[Any, ...]:
+                [got] = rows(
+                    db,
+                    # (the instance's own: its id, its start's time)
+                    "select status, result, status_details - 'execution_id' - 'queued_at' "
+                    "from df.nodes where instance_id = %s and id = %s",
+                    (iid, nodes[iid]),
+                )
+                return got
+
+            assert row(folded) == row(ordered)
+            status, result, details = row(folded)
+            assert (status, result["row_count"]) == ("completed", 1)
+            assert details["duration_ms"] == 750
+            assert details["gen"] == 2
 
     asyncio.run(go())
 

@@ -51,7 +51,36 @@ def test_a_one_step_workflow_is_one_checkpoint(db):
     assert rows(db, "select * from pgdurable.tasks where instance_id = %s", (iid,)) == []
 
 
-def test_a_chain_hands_its_second_step_on(db):
+def test_a_chain_runs_in_one_transaction(db):
+    """A sequence of SQL steps runs in its first step's batch (pgdurable/worker/chain.py):
+    one transaction, nothing handed off, no task written for the later steps."""
+    role = db.create_role("fs")
+    iid = start(db, role, "'select 1 as a' ~> 'select 2 as b' |=> 'b' ~> 'select $b.b + 1 as c'")
+
+    async def go() -> None:
+        async with worker(db) as w:
+            [t] = await start_claimed(w)
+            assert t.handoff_ready
+            assert t.handoff == []
+
+    asyncio.run(go())
+    assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"
+    assert json.loads(one(db, "select df.result(%s)", (iid,)))["rows"] == [{"c": 3}]
+    # the start with the first step, then two chained steps: three checkpoints, one write
+    assert version_of(db, iid) == 3
+    got = nodes_of(db, iid)
+    assert {s for s, _ in got.values()} == {"completed"}
+    assert rows(db, "select * from pgdurable.tasks where instance_id = %s", (iid,)) == []
+    [(chained,)] = rows(
+        db,
+        "select status_details from df.nodes where instance_id = %s and query = %s",
+        (iid, "select $b.b + 1 as c"),
+    )
+    assert chained["duration_ms"] is not None and chained["finished_at"] is not None
+
+
+def test_a_chain_cut_by_the_batch_bounds_hands_its_next_step_on(db, monkeypatch):
+    monkeypatch.setattr("pgdurable.worker.batch.BATCH_MAX", 1)
     role = db.create_role("fs")
     iid = start(db, role, "'select 1 as a' ~> 'select 2 as b'")
 

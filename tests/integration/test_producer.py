@@ -84,9 +84,11 @@ def test_the_producer_never_runs_more_steps_than_its_slots(db):
     asyncio.run(go())
 
 
-def test_leased_successors_run_after_their_step(db):
+def test_leased_successors_run_after_their_step(db, monkeypatch):
     """A step's checkpoint leases its successor to this worker (the handoff); the producer
-    launches it once the step has left its slot, without claiming it."""
+    launches it once the step has left its slot, without claiming it. (Batches of one: a
+    larger batch runs the successor itself, chained, pgdurable/worker/chain.py.)"""
+    monkeypatch.setattr("pgdurable.worker.batch.BATCH_MAX", 1)
     role = db.create_role("pr")
     iid = start(db, role, "df.sql('select 1 as a') ~> df.sql('select 2 as b')")
 

@@ -1,0 +1,100 @@
+"""Chained SQL steps: the successor of a SQL step run in the same batch transaction, right
+after it, instead of being written as a task, committed, handed off and claimed again
+(docs/performance.md "Chained steps").
+
+A sequence ``'a' ~> 'b' ~> 'c'`` then commits once per batch, not once per step: ``b``'s
+statement runs after ``a``'s checkpoint was computed (staged, not yet written), on the state
+it leaves, and ``a``'s checkpoint never writes ``b``'s task. Exactly-once is unchanged: every
+statement of the chain commits with its checkpoint, in one transaction, or nothing does (a
+failure rolls the whole batch back and its steps run again one per transaction, as for any
+batch). The chain stays within the batch's bounds (BATCH_MAX steps, BATCH_WINDOW_S), so its
+first step's effects are not held uncommitted longer than a batch holds them anyway.
+
+:func:`chainable` is the cheap test on the graph a batch makes before it computes a step's
+checkpoint early (only a step that can have a chained successor is computed before the
+batch's statements have all run); :func:`successor` takes the successor out of the staged
+checkpoint when it is one SQL step this worker would take itself.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pgdurable.errors import StepError
+from pgdurable.graph import _abc as A
+
+from .checkpoint_set import TERMINAL, CheckpointSet
+from .instance import InstanceCtx, subst
+from .task import Task
+
+
+def chainable(ctx: InstanceCtx, idx: int) -> bool:
+    """Whether the step at ``idx`` is followed, in a sequence (``~>``), by a SQL step: the
+    left side of a THEN (or the last step of one that is), whose right side begins with a
+    SQL leaf. Only the graph: the checkpoint decides (:func:`successor`)."""
+    g = ctx.graph
+    node = idx
+    while True:
+        p = g.parent[node]
+        if p == A.NONE or g.types[p] != A.THEN:
+            return False
+        if g.left[p] == node:
+            nxt = g.right[p]
+            while g.types[nxt] == A.THEN:
+                nxt = g.left[nxt]
+            return g.types[nxt] == A.SQL
+        node = p  # the right side of a THEN ends when the THEN does: look further up
+
+
+def successor(
+    ctx: InstanceCtx, fence: Task, clock: datetime, staged: CheckpointSet
+) -> tuple[Task, int, str] | None:
+    """The successor of the step whose checkpoint was just staged (fencing ``fence``), to run
+    next in the same transaction: (its task, node index, substituted text), its task taken
+    out of the checkpoint (never written). None, changing nothing, unless that checkpoint
+    made exactly one new task, a SQL step of this database that this worker takes itself
+    (``take``: its budget allowed it), due now, in an instance that goes on."""
+    runs = staged.rounds.get(ctx.instance_id)
+    if not runs or ctx.dead:
+        return None
+    run = runs[-1]
+    entry = run.entries[-1]
+    cp = entry.cp
+    if entry.ctx is not ctx or entry.fence is not fence or cp.inst_status in TERMINAL:
+        return None
+    if len(cp.new_tasks) != 1:
+        return None
+    t = cp.new_tasks[0]
+    if (
+        not t.get("take")
+        or t["kind"] != "run"
+        or t.get("delay")
+        or t.get("due_at")
+        or t.get("deadline")
+        or run.tasks.get(t["node_id"]) is not t
+    ):
+        return None
+    idx = ctx.index.get(t["node_id"])
+    if idx is None or ctx.graph.types[idx] != A.SQL or ctx.database:
+        return None
+    try:
+        text = subst(ctx, ctx.configs[idx], "sql")
+    except StepError:
+        return None  # written as a task: its own run fails it, saying why
+    cp.new_tasks.clear()
+    del run.tasks[t["node_id"]]
+    task = Task(
+        ctx.instance_id,
+        t["node_id"],
+        t["gen"],
+        "run",
+        1,
+        ctx.role_oid,
+        ctx.database,
+        None,
+        clock,  # as a handed-off successor's (Checkpointer._applied)
+        None,
+        started=datetime.now(UTC),
+        virtual=True,
+    )
+    return task, idx, text
