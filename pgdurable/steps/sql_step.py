@@ -161,9 +161,14 @@ class SqlSteps:
         exc: psycopg.Error | StepError,
     ) -> None:
         """A step's statement failed and its transaction rolled back: its outcome."""
+        err = self.failure(task, text, exc)
+        await self.checkpointer.record(conn, ctx, task, idx, Outcome.failure(err))
+
+    def failure(self, task: Task, text: str, exc: psycopg.Error | StepError) -> StepError:
+        """What a step's failed statement (or refused result) makes its outcome; raises
+        :class:`Requeue` for a statement cancelled by another session (run it again)."""
         if isinstance(exc, StepError):  # e.g. an oversized result
-            await self.checkpointer.record(conn, ctx, task, idx, Outcome.failure(exc))
-            return
+            return exc
         ours = self.running.was_interrupted(task.key)
         if exc.sqlstate == "57014" and not ours and "user request" in str(exc):
             # cancelled, but not by us (a statement_timeout says so): another session of the
@@ -172,7 +177,7 @@ class SqlSteps:
         if exc.sqlstate == "25001" and AUTOCOMMIT_RE.match(text):
             # VACUUM, CREATE INDEX CONCURRENTLY, … refuse transaction blocks and functions;
             # a step runs inside its runner, in one transaction with its checkpoint
-            err = StepError(
+            return StepError(
                 f"{pg_message(exc)}: a workflow step runs inside a transaction (its "
                 "checkpoint commits with it), so statements that refuse one (VACUUM, "
                 "CREATE INDEX CONCURRENTLY, REINDEX CONCURRENTLY, CREATE/DROP DATABASE, ALTER "
@@ -180,12 +185,9 @@ class SqlSteps:
                 "transactional form (ANALYZE, CREATE INDEX)",
                 sqlstate=exc.sqlstate,
             )
-            await self.checkpointer.record(conn, ctx, task, idx, Outcome.failure(err))
-            return
         # the step's statement failed (whatever its SQLSTATE class: 40, 53, 55, 57… are the
         # user's errors too): interrupted steps are fenced at checkpoint
-        err = StepError(pg_message(exc), sqlstate=exc.sqlstate)
-        await self.checkpointer.record(conn, ctx, task, idx, Outcome.failure(err))
+        return StepError(pg_message(exc), sqlstate=exc.sqlstate)
 
 
 def envelope(rows: list[Any]) -> dict[str, Any]:

@@ -36,7 +36,11 @@ from .task import Task, step_app_name
 
 logger = logging.getLogger(__name__)
 
-BATCH_MAX = 32
+BATCH_MAX = 32  # (a chained step takes a savepoint: at most 31 subtransactions, under 64)
+# Before a chained step (pgdurable/worker/chain.py): its failure rolls back to here and is
+# recorded in place, so the steps before it keep their effects (as if it ran on its own).
+SAVEPOINT = b"savepoint pgdurable_chain"
+ROLLBACK_TO_SAVEPOINT = b"rollback to savepoint pgdurable_chain"
 BATCH_WINDOW_S = 0.05
 # Runners started at once per worker; more (up to the step slots) only for steps that waited
 # this long in the queue (the runners are busy with slow statements).
@@ -272,6 +276,8 @@ class BatchRunner:
                                         (cap, role, step_app_name(item.task), role, None),
                                     )
                                 else:
+                                    if item.task.virtual:  # its failure is its own (below)
+                                        await conn.execute(SAVEPOINT)
                                     # GUCs the last statement set (search_path, …) end here
                                     await conn.execute(b"reset all")
                                     await conn.execute(
@@ -281,26 +287,35 @@ class BatchRunner:
                                     call, (cap, item.text, self.sessions.runner_cap)
                                 )
                             rows = await cur.fetchall()
+                            value = envelope(rows)  # capped at its checkpoint
+                            del rows, cur
+                        except psycopg.Error as exc:
+                            if not await self._chained_failed(conn, item, exc, staged):
+                                raise
+                            value = None  # its failure is staged
                         finally:
                             self.running.pids.pop(key, None)
                             self.running.pids.pop(item.slot_task.key, None)
                             self.busy.pop(me, None)
-                        value = envelope(rows)  # capped at its checkpoint
-                        del rows, cur
                         ran.append((item, value))
                         done, item = item, None
                         if t0 is None:
                             t0 = time.monotonic()
                         room = len(ran) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S
-                        if self._stage_now(done, held, late):
+                        if not done.staged and self._stage_now(done, held, late):
                             try:
                                 await self._stage(conn, done, value, staged, held)
                             except StepError as exc:
-                                if len(ran) != 1 or first.phase == "fused":
+                                if done.task.virtual and await self._chained_failed(
+                                    conn, done, exc, staged
+                                ):
+                                    pass  # its result was refused: that is its failure
+                                elif len(ran) != 1 or first.phase == "fused":
                                     raise
-                                refused = exc  # handled below, as for a late checkpoint
-                                break
-                            if room:
+                                else:
+                                    refused = exc  # handled below, as for a late checkpoint
+                                    break
+                            if room and done.staged and value is not None:
                                 item = self._chained(done, staged)
                         else:
                             late.add(done.task.instance_id)
@@ -470,6 +485,43 @@ class BatchRunner:
             lock_held=True,
             batch=staged,
         )
+
+    async def _chained_failed(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        it: Item,
+        exc: psycopg.Error | StepError,
+        staged: CheckpointSet,
+    ) -> bool:
+        """A chained step's statement failed (or its result was refused): roll back to the
+        savepoint taken before it and stage its failure, as a step run on its own records
+        it; the steps before it in the batch keep their effects and checkpoints. False (the
+        batch rolls back, as for any other failure) when the session cannot go on, or the
+        failure is not the step's own."""
+        if not it.task.virtual or conn.broken or conn.closed:
+            return False
+        if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
+            return False
+        try:
+            err = self.sql.failure(it.task, it.text, exc)
+        except Requeue:
+            return False  # interrupted by another session: the whole batch runs again
+        try:
+            await conn.execute(ROLLBACK_TO_SAVEPOINT)
+        except psycopg.Error:
+            return False
+        it.staged = True
+        await self.checkpointer.record(
+            conn,
+            it.ctx,
+            it.task,
+            it.idx,
+            Outcome.failure(err),
+            in_tx=True,
+            lock_held=True,
+            batch=staged,
+        )
+        return True
 
     def _chained(self, done: Item, staged: CheckpointSet) -> Item | None:
         """The successor of ``done`` to run next in this batch (:mod:`.chain`), if any."""

@@ -76,7 +76,8 @@ def test_a_chain_runs_in_one_transaction(db):
         "select status_details from df.nodes where instance_id = %s and query = %s",
         (iid, "select $b.b + 1 as c"),
     )
-    assert chained["duration_ms"] is not None and chained["finished_at"] is not None
+    assert chained["duration_ms"] is not None
+    assert chained["finished_at"] is not None
 
 
 def test_a_chain_cut_by_the_batch_bounds_hands_its_next_step_on(db, monkeypatch):
