@@ -104,11 +104,12 @@ on conflict (epoch_id) do update set last_seen_at = now()
 -- name: step_settings
 -- per-step settings, all in the step's transaction (a step session: every name qualified):
 -- first the submitting role's own settings (FROM: applied before the select list, so the
--- engine's below win; its search_path, the one _role_settings_v1 cannot apply itself), the
+-- engine's below win; its search_path, the one _role_settings_v2 cannot apply itself), the
 -- workflow mark, statement_timeout (the engine's limit, only ever tightened by the role),
 -- then the step capability, one of the deployment-wide max_user_connections slots and the
 -- step's identity; last the step's application_name, pgdurable:<instance>:<node>, for the
--- transaction only (what a DBA sees in pg_stat_activity; docs/operating.md).
+-- transaction only (what a DBA sees in pg_stat_activity; docs/operating.md). It returns what
+-- it applied (search_path, statement_timeout, the role's other settings) for step_next.
 -- Parameters: capability, role, application_name, role, NULL (the deployment's
 -- step_statement_timeout: read here)
 select pg_catalog.set_config('search_path',
@@ -117,21 +118,24 @@ select pg_catalog.set_config('search_path',
        pg_catalog.set_config('df.in_workflow', 'true', true),
        pg_catalog.set_config('statement_timeout', r.statement_timeout, true),
        @engine@._step_begin_v1(%s, %s::pg_catalog.oid),
-       pg_catalog.set_config('application_name', %s, true)
-from @engine@._role_settings_v1(%s::pg_catalog.oid, %s::pg_catalog.text) r
+       pg_catalog.set_config('application_name', %s, true),
+       r.names, r.vals
+from @engine@._role_settings_v2(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: step_next
 -- the next step of a batch, in the same transaction, after a RESET ALL (nothing the last
--- statement set to the session survives into it): the per-step settings again, the role's
--- included (the slot and the step identity stay the batch's). Parameters: application_name,
--- role, NULL
-select pg_catalog.set_config('search_path',
-                             coalesce(r.search_path, pg_catalog.current_setting('search_path')),
-                             true),
+-- statement set to the session survives into it): the per-step settings again, as the
+-- batch's first step applied them (step_settings returned them: the catalog is read once
+-- per batch; the slot and the step identity stay the batch's). The role's other settings
+-- never name search_path or a name set here (_setting_pinned_v1). Parameters: the role's
+-- setting names and values, search_path, statement_timeout, application_name
+select (select pg_catalog.count(pg_catalog.set_config(s.k, s.v, true))
+        from rows from (pg_catalog.unnest(%s::pg_catalog.text[]),
+                        pg_catalog.unnest(%s::pg_catalog.text[])) as s(k, v)),
+       pg_catalog.set_config('search_path', %s, true),
        pg_catalog.set_config('df.in_workflow', 'true', true),
-       pg_catalog.set_config('statement_timeout', r.statement_timeout, true),
+       pg_catalog.set_config('statement_timeout', %s, true),
        pg_catalog.set_config('application_name', %s, true)
-from @engine@._role_settings_v1(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,

@@ -251,6 +251,7 @@ class BatchRunner:
         item: Item | None = first
         role = first.ctx.role_oid
         t0 = None  # the window opens once the first step ran (not while waiting for a slot)
+        applied: tuple[Any, ...] = ()  # the settings the batch's first step applied
         try:
             call = await self.sql.step_call(role, first.ctx.role_name)
             async with self.sessions.steps.connection() as conn:
@@ -271,7 +272,7 @@ class BatchRunner:
                                 if not ran:
                                     # once per batch: BEGIN, settings, one slot, the identity
                                     await conn.execute(b"begin")
-                                    await conn.execute(
+                                    scur = await conn.execute(
                                         q("step_settings"),
                                         (cap, role, step_app_name(item.task), role, None),
                                     )
@@ -281,11 +282,18 @@ class BatchRunner:
                                     # GUCs the last statement set (search_path, …) end here
                                     await conn.execute(b"reset all")
                                     await conn.execute(
-                                        q("step_next"), (step_app_name(item.task), role, None)
+                                        q("step_next"),
+                                        (*applied, step_app_name(item.task)),
                                     )
                                 cur = await conn.execute(
                                     call, (cap, item.text, self.sessions.runner_cap)
                                 )
+                            if not ran:
+                                srow = await scur.fetchone()
+                                assert srow is not None
+                                # what the next steps apply again (step_next)
+                                applied = (srow[5], srow[6], srow[0], srow[2])
+                                del scur
                             rows = await cur.fetchall()
                             value = envelope(rows)  # capped at its checkpoint
                             del rows, cur

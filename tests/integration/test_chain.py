@@ -111,3 +111,38 @@ def test_a_chained_result_over_the_cap_fails_that_step_only(db):
     assert one(db, "select status from df.instances where id = %s", (iid,)) == "failed"
     assert rows(db, "select v from public.hits") == [("first",)]
     assert "over the limit" in one(db, "select df.error(%s)", (iid,))["error"]
+
+
+def test_the_roles_own_settings_hold_for_every_step_of_a_batch(db):
+    """A batch reads the role's settings once (step_settings) and applies them again before
+    each further step (step_next), after the RESET ALL that ends what a step set."""
+    role = db.create_role("ch")
+    with db.connect() as conn:
+        conn.execute(f"alter role \"{role}\" set work_mem = '3MB'")
+        conn.execute(f"alter role \"{role}\" set lock_timeout = '4s'")
+    iid = start(
+        db,
+        role,
+        "'select set_config(''work_mem'', ''9MB'', false) as a' ~> "
+        "'select current_setting(''work_mem'') as wm, current_setting(''lock_timeout'') as lt, "
+        "current_setting(''df.in_workflow'') as wf' |=> 'two' ~> "
+        "'select set_config(''lock_timeout'', ''1s'', false) as b' ~> "
+        "'select current_setting(''lock_timeout'') as lt'",
+    )
+
+    async def go() -> None:
+        async with worker(db) as w:
+            await run_all(w)
+
+    asyncio.run(go())
+    assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"
+    assert json.loads(one(db, "select df.result(%s)", (iid,)))["rows"] == [{"lt": "4s"}]
+    [two] = [
+        r
+        for (r,) in rows(
+            db,
+            "select result from df.nodes where instance_id = %s and query like %s",
+            (iid, "%wm%"),
+        )
+    ]
+    assert two["rows"] == [{"wm": "3MB", "lt": "4s", "wf": "true"}]

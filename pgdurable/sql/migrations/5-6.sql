@@ -132,6 +132,10 @@ $$;
 create index nodes_newer_types_idx on df.nodes (instance_id) where node_type in ('RETRY', 'FOREACH');
 -- @definitions-of 50_engine.sql
 
+-- == Per-step settings read once per batch (docs/performance.md): _role_settings_v2 returns
+--    the role's other settings it applied too; _role_settings_v1 becomes its wrapper. ==
+-- @definitions-of 00_tables.sql
+
 -- == Last, for every part above: the grants of every object, new ones included (a function
 --    made after them would be executable by PUBLIC) ==
 -- @include 90_grants.sql

@@ -495,8 +495,12 @@ $$;
 -- setting_db when NULL), the role's own pg_durable.step_statement_timeout and the
 -- statement_timeout a session of the role would have; '0' when none is set. A role can
 -- shorten its steps' limit, never lengthen it.
-create function @engine@._role_settings_v1(p_role oid, p_step_timeout text)
-returns table (search_path text, statement_timeout text)
+-- _role_settings_v2 also returns the names and values of the other settings it applied, so
+-- that the next steps of a batch (one role, a few milliseconds) apply the same again without
+-- reading the catalog (step_next: a batch's steps see a settings change at its next batch).
+-- _role_settings_v1 (older workers' queries): the same, without them.
+create function @engine@._role_settings_v2(p_role oid, p_step_timeout text)
+returns table (search_path text, statement_timeout text, names text[], vals text[])
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
@@ -509,6 +513,8 @@ declare
     v_timeout  pg_catalog.text;
     v_ms       pg_catalog.int8;
     v_best     pg_catalog.int8 := 0;
+    v_names    pg_catalog.text[] := '{}';
+    v_vals     pg_catalog.text[] := '{}';
 begin
     for r in
         select distinct on (x.name) x.name, x.value
@@ -529,6 +535,8 @@ begin
         elsif not @engine@._setting_pinned_v1(r.name) then
             begin
                 perform pg_catalog.set_config(r.name, r.value, true);
+                v_names := v_names operator(pg_catalog.||) r.name;
+                v_vals := v_vals operator(pg_catalog.||) r.value;
             exception when others then
                 null;
             end;
@@ -548,7 +556,20 @@ begin
         end if;
     end loop;
     -- statement_timeout's own ceiling (INT_MAX milliseconds, some 24 days)
-    return query select v_path, least(v_best, 2147483647)::pg_catalog.text;
+    return query select v_path, least(v_best, 2147483647)::pg_catalog.text, v_names, v_vals;
+end
+$$;
+
+
+create function @engine@._role_settings_v1(p_role oid, p_step_timeout text)
+returns table (search_path text, statement_timeout text)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+begin
+    return query select r.search_path, r.statement_timeout
+                 from @engine@._role_settings_v2(p_role, p_step_timeout) r;
 end
 $$;
 

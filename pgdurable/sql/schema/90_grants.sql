@@ -54,6 +54,7 @@ grant execute on function
     -- a step's own settings (00_tables.sql), applied by the step queries: catalog reads and
     -- set_config as the step role, nothing it could not do itself
     @engine@._role_settings_v1(oid, text),
+    @engine@._role_settings_v2(oid, text),
     @engine@.setting_db(text, text),
     @engine@._role_setting_v1(oid, text),
     @engine@._setting_pinned_v1(text),
