@@ -69,9 +69,10 @@ class Item:
     """The instance's start task when this step is its first, run before the instance has
     started: its checkpoint starts the instance too (:meth:`Checkpointer.record_start`)."""
     phase: str = ""
-    """With ``start``: ``pending`` (to checkpoint with the start), ``fused`` (its batch is
-    checkpointing it so), ``committing`` / ``started`` (the start committed on its own after
-    FIRST_STEP_VISIBLE_S: ``start`` now names this step, an ordinary step of its instance)."""
+    """With ``start``: ``pending`` (to checkpoint with the start), ``fused`` (its statement
+    ran: its batch checkpoints it so), ``committing`` / ``started`` (its statement still ran
+    FIRST_STEP_VISIBLE_S after it began, so the start committed on its own: ``start`` now
+    names this step, an ordinary step of its instance)."""
     visible: asyncio.Task[None] | None = None
     head: Item | None = None
     """A chained step (:mod:`.chain`): the submitted step whose dispatcher takes its
@@ -129,8 +130,6 @@ class BatchRunner:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item = Item(ctx, task, idx, text, fut, start, "pending" if start else "")
         self.queue.append(item)
-        if start is not None:
-            asyncio.get_running_loop().call_later(FIRST_STEP_VISIBLE_S, self._start_visible, item)
         if self.running_count < BATCH_RUNNERS:
             self._spawn_runner()
         elif self.running_count < self.settings.sql_limit and not self.spawn_check_armed:
@@ -141,8 +140,10 @@ class BatchRunner:
         await fut
 
     def _start_visible(self, item: Item) -> None:
-        """A first step still running FIRST_STEP_VISIBLE_S after it was queued: commit its
-        instance's start on its own, so that the instance shows as running meanwhile."""
+        """A first step still running FIRST_STEP_VISIBLE_S after its statement began: commit
+        its instance's start on its own, so that the instance shows as running meanwhile.
+        (Not while it waits in the queue: it is not running then, and a backlog of first
+        steps would each commit a start of its own.)"""
         if item.phase != "pending" or item.fut.done():
             return
         item.phase = "committing"
@@ -267,6 +268,10 @@ class BatchRunner:
                         key = item.slot_task.key
                         self.running.pids[key] = conn.info.backend_pid
                         self.busy[me] = time.monotonic()
+                        if item.phase == "pending":
+                            asyncio.get_running_loop().call_later(
+                                FIRST_STEP_VISIBLE_S, self._start_visible, item
+                            )
                         try:
                             async with conn.pipeline():
                                 if not ran:
@@ -307,6 +312,8 @@ class BatchRunner:
                             self.busy.pop(me, None)
                         ran.append((item, value))
                         done, item = item, None
+                        if done.phase == "pending":
+                            done.phase = "fused"  # checkpointed with its start from now on
                         if t0 is None:
                             t0 = time.monotonic()
                         room = len(ran) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S
@@ -448,7 +455,7 @@ class BatchRunner:
         ctx = it.ctx
         return (
             ctx.instance_id not in late
-            and it.phase in ("", "pending", "started")
+            and it.phase in ("", "fused", "started")
             and (id(ctx.lock) in held or not ctx.lock.locked())
             and not _testing.BROKEN_CHECKPOINT
             and chainable(ctx, it.idx)
