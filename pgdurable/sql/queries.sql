@@ -124,18 +124,26 @@ from @engine@._role_settings_v2(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: step_next
 -- the next step of a batch, in the same transaction, after a RESET ALL (nothing the last
--- statement set to the session survives into it): the per-step settings again, as the
--- batch's first step applied them (step_settings returned them: the catalog is read once
--- per batch; the slot and the step identity stay the batch's). The role's other settings
+-- statement set to the session survives into it), in one statement with the step itself:
+-- the per-step settings again, as the batch's first step applied them (step_settings
+-- returned them: the catalog is read once per batch; the slot and the step identity stay the
+-- batch's), then the role's runner ({runner}, as runner_call names it). The runner's first
+-- argument depends on the settings' row, so the settings are applied before it runs (OFFSET
+-- 0: the settings' subquery is not merged into the outer query). The role's other settings
 -- never name search_path or a name set here (_setting_pinned_v1). Parameters: the role's
--- setting names and values, search_path, statement_timeout, application_name
-select (select pg_catalog.count(pg_catalog.set_config(s.k, s.v, true))
-        from rows from (pg_catalog.unnest(%s::pg_catalog.text[]),
-                        pg_catalog.unnest(%s::pg_catalog.text[])) as s(k, v)),
-       pg_catalog.set_config('search_path', %s, true),
-       pg_catalog.set_config('df.in_workflow', 'true', true),
-       pg_catalog.set_config('statement_timeout', %s, true),
-       pg_catalog.set_config('application_name', %s, true)
+-- setting names and values, search_path, statement_timeout, application_name; then the
+-- runner's: capability, statement, result bytes
+select r.*
+from (select (select pg_catalog.count(pg_catalog.set_config(s.k, s.v, true))
+              from rows from (pg_catalog.unnest(%s::pg_catalog.text[]),
+                              pg_catalog.unnest(%s::pg_catalog.text[])) as s(k, v)) as n,
+             pg_catalog.set_config('search_path', %s, true) as sp,
+             pg_catalog.set_config('df.in_workflow', 'true', true) as wf,
+             pg_catalog.set_config('statement_timeout', %s, true) as st,
+             pg_catalog.set_config('application_name', %s, true) as app
+      offset 0) as p
+cross join lateral {runner}(%s::pg_catalog.text operator(pg_catalog.||) pg_catalog.left(p.app, 0),
+                            %s::pg_catalog.text, %s::pg_catalog.int8) as r
 
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,

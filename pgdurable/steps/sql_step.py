@@ -56,6 +56,7 @@ class SqlSteps:
         self.checkpointer = checkpointer
         self.cache = cache
         self.runners: dict[int, sql.Composed] = {}  # role -> its verified runner's call
+        self.next_calls: dict[int, sql.Composed] = {}  # role -> step_next with its runner
 
     async def step_call(self, role_oid: int, role_name: str) -> sql.Composed:
         """``select * from <the role's runner>(cap, sql, max bytes)``, once the runner is
@@ -68,8 +69,13 @@ class SqlSteps:
             if not (row and row[0]):
                 raise StepError(runner_missing(role_name), sqlstate="42501")
             call = self.sessions.runner_call(role_oid)
+            self.next_calls[role_oid] = self.sessions.runner_next_call(role_oid)
             self.runners[role_oid] = call
         return call
+
+    def next_call(self, role_oid: int) -> sql.Composed:
+        """``step_next`` with the role's verified runner (after :meth:`step_call`)."""
+        return self.next_calls[role_oid]
 
     async def run(
         self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, idx: int, text: str

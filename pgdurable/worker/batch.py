@@ -255,6 +255,7 @@ class BatchRunner:
         applied: tuple[Any, ...] = ()  # the settings the batch's first step applied
         try:
             call = await self.sql.step_call(role, first.ctx.role_name)
+            next_call = self.sql.next_call(role)
             async with self.sessions.steps.connection() as conn:
                 cap = self.sessions.cap(conn)
                 assert cap is not None
@@ -281,18 +282,25 @@ class BatchRunner:
                                         q("step_settings"),
                                         (cap, role, step_app_name(item.task), role, None),
                                     )
+                                    cur = await conn.execute(
+                                        call, (cap, item.text, self.sessions.runner_cap)
+                                    )
                                 else:
                                     if item.task.virtual:  # its failure is its own (below)
                                         await conn.execute(SAVEPOINT)
                                     # GUCs the last statement set (search_path, …) end here
                                     await conn.execute(b"reset all")
-                                    await conn.execute(
-                                        q("step_next"),
-                                        (*applied, step_app_name(item.task)),
+                                    # the settings again, and the statement (one statement)
+                                    cur = await conn.execute(
+                                        next_call,
+                                        (
+                                            *applied,
+                                            step_app_name(item.task),
+                                            cap,
+                                            item.text,
+                                            self.sessions.runner_cap,
+                                        ),
                                     )
-                                cur = await conn.execute(
-                                    call, (cap, item.text, self.sessions.runner_cap)
-                                )
                             if not ran:
                                 srow = await scur.fetchone()
                                 assert srow is not None

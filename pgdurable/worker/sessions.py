@@ -154,6 +154,15 @@ class Sessions:
             sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
         )
 
+    def runner_next_call(self, role_oid: int) -> sql.Composed:
+        """The next step of a batch: its settings and the role's runner in one statement
+        (``step_next``)."""
+        return sql.SQL(self.q("step_next")).format(
+            runner=sql.SQL("{}.{}").format(
+                sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
+            )
+        )
+
     @property
     def runner_cap(self) -> int:
         """The bytes a runner lets a statement return: the result cap, at most what one

@@ -61,15 +61,22 @@ def expect(conn: Conn, query: Any, params: Any, match: str) -> psycopg.Error:
 
 
 def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> None:
-    """The per-step settings of a batch's next step, as the step role runs them."""
+    """The per-step settings of a batch's next step, as the step role runs them: resolved
+    once (as step_settings does, for the batch's first step), then, after a RESET ALL,
+    applied again by step_next (its runner replaced by pg_catalog.concat, which returns one
+    row of its arguments)."""
     conn.execute("set local role pgdurable_step")
+    row = conn.execute(
+        "select coalesce(r.search_path, current_setting('search_path')), r.statement_timeout, "
+        "r.names, r.vals from pgdurable._role_settings_v2(%s::regrole::oid, %s) r",
+        (role, step_timeout),
+    ).fetchone()
+    assert row is not None
+    path, timeout, names, vals = row
+    conn.execute("reset all")
     conn.execute(
-        q("step_next"),
-        (
-            "pgdurable:00000000:00000001",
-            one(conn, "select %s::regrole::oid", (role,)),
-            step_timeout,
-        ),
+        sql.SQL(q("step_next")).format(runner=sql.SQL("pg_catalog.concat")),
+        (names, vals, path, timeout, "pgdurable:00000000:00000001", "cap", "select 1", 1000),
     )
     conn.execute("reset role")
 
