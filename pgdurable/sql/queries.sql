@@ -7,7 +7,19 @@ select instance_id, node_id, gen, kind, attempts, submitted_by::pg_catalog.oid, 
        state_version
 from @engine@._claim_v2(%s, %s, %s)
 
+-- name: load
+-- an instance in one call: its row, its nodes, its named results (in the order they were
+-- produced), as rows told apart by their first column (50_engine.sql, _load_v2); none when
+-- there is no such instance
+select * from @engine@._load_v2(%s)
+
+-- name: step_load
+-- load from a step session (after the step's statement): behind its capability
+select * from @engine@._step_load_v2(%s, %s)
+
 -- name: load_instance
+-- (load_instance, load_nodes, load_results: the three reads load makes in one, as workers
+-- before schema 6 make them; tests build contexts from them)
 -- everything a worker needs about one instance, except its nodes; then the submitting role
 -- as the worker must check it before starting the instance (docs/api.md "NULL arguments"): rolname, rolsuper,
 -- rolcanlogin (null when the role is gone), superuser instances enabled

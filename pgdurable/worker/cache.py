@@ -22,6 +22,20 @@ logger = logging.getLogger(__name__)
 CTX_CACHE_SIZE = 2048
 
 
+def split_load(
+    got: list[tuple[Any, ...]],
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]], list[tuple[str, Any]]]:
+    """The rows of one ``load`` (``_load_v2``: the instance's first, then its nodes', then its
+    named results' by seq) as the three reads before it returned them: the instance's row
+    (``load_instance``), the nodes' (``load_nodes``), the named results (``load_results``)."""
+    inst = got[0][1:17]
+    if len(got) == 1:
+        return inst, [], []
+    rows = [r[17:] for r in got if r[0] == 1]
+    named = [(r[20], r[24]) for r in got if r[0] == 2]
+    return inst, rows, named
+
+
 class InstanceCache:
     """Least recently used instance contexts, by instance id."""
 
@@ -68,17 +82,12 @@ class InstanceCache:
         if ctx is not None and self.usable(ctx, version):
             self.ctxs.move_to_end(instance_id)
             return ctx
-        # one round trip for the three reads (behind the capability on a step connection)
-        query = self.sessions.engine_query
-        async with conn.pipeline():
-            c_inst = await conn.execute(*query(conn, "load_instance", (instance_id,)))
-            c_nodes = await conn.execute(*query(conn, "load_nodes", (instance_id,)))
-            c_named = await conn.execute(*query(conn, "load_results", (instance_id,)))
-        inst = await c_inst.fetchone()
-        if inst is None:
+        # one statement (behind the capability on a step connection)
+        cur = await conn.execute(*self.sessions.engine_query(conn, "load", (instance_id,)))
+        got = await cur.fetchall()
+        if not got:
             return None
-        rows = await c_nodes.fetchall()
-        named = await c_named.fetchall()
+        inst, rows, named = split_load(got)
         old = self.ctxs.get(instance_id)
         epoch = self.settings.limits_epoch
         min_interval, max_iterations = loop_limits(

@@ -195,6 +195,7 @@ PRIVILEGED = [
     "select pgdurable._step_begin_v1('guess', {a_oid})",
     "select * from pgdurable._step_load_instance_v1('guess', '00000000')",
     "select * from pgdurable._step_load_results_v1('guess', '00000000')",
+    "select * from pgdurable._step_load_v2('guess', '00000000')",
     "select pgdurable._step_lock_run_v1('guess', '00000000')",
     "select * from pgdurable._claim_v1('x', 100, 30)",
     "select pgdurable._rescue_v1(1000)",
@@ -618,6 +619,7 @@ TOKEN_GATED = {
     ),
     "begin": "select pgdurable._step_begin_v1('guess', {victim_oid})",
     "load": "select * from pgdurable._step_load_instance_v1('guess', '00000000')",
+    "load_v2": "select * from pgdurable._step_load_v2('guess', '00000000')",
     "lock_run": "select pgdurable._step_lock_run_v1('guess', '00000000')",
 }
 

@@ -5,6 +5,8 @@
 --   _claim_v1      the same for older packages' workers (rolling upgrades): not newer node types
 --   _apply_v1      one checkpoint: fence, node writes, successor tasks, instance status, state
 --   _apply_v2      the checkpoints of many instances, set-based (one call per batch)
+--   _load_v2       an instance, its nodes and its named results in one call (the _load_*_v1
+--                  three: older packages' workers)
 --   _release_v1    give leased tasks back (shutdown, infrastructure errors)
 --   _rescue_v1     clear expired leases (maintenance), bounded
 --   _extend_v1     extend the leases of a worker's in-flight tasks (heartbeat)
@@ -892,6 +894,112 @@ begin
 end
 $$;
 
+-- What _load_instance_v1, _load_nodes_v1 and _load_results_v1 return, in one call (a worker
+-- loads an instance at its start and after a conflict: one statement instead of three, each
+-- ~50-70 us of the worker's Python; pgdurable/worker/cache.py), read in one snapshot. Rows, so
+-- that each value is decoded as the three decode it (a json aggregate would be parsed whole,
+-- and again whole with exact numbers when any value holds a fraction): first the instance's
+-- (kind 0: _load_instance_v1's columns, none when there is no such instance), then one per
+-- node (kind 1: _load_nodes_v1's columns, status as node_status), then one per named result
+-- in the order they were produced (kind 2: name in result_name, value in result); the
+-- columns another kind has are NULL.
+-- The role's and the database's settings come from one pg_db_role_setting scan (setting_db and
+-- two _role_setting_v1 calls made three, each a function call with its own SET clause): the
+-- same values, by the same rules: enable_superuser_instances the database's default, else
+-- the server's; each loop limit the role's value in this database first, else its own.
+create function @engine@._load_v2(p_instance varchar)
+returns table (kind integer, label text, status text, role_oid oid, role_text text,
+               database text, root_node varchar, vars jsonb, state bytea, state_version bigint,
+               cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
+               superuser_ok boolean, role_loop_min_interval_ms text,
+               role_loop_max_iterations text, node_id varchar, node_type text, query text,
+               result_name text, left_node varchar, right_node varchar, node_status text,
+               result jsonb, status_details jsonb)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+begin
+    return query
+    select 0, i.label, i.status, i.submitted_by::pg_catalog.oid, i.submitted_by::pg_catalog.text,
+           i.database, i.root_node, r.vars, r.state, r.state_version, r.cancel_reason,
+           ro.rolname, ro.rolsuper, ro.rolcanlogin,
+           coalesce(st.superuser_db,
+                    nullif(pg_catalog.current_setting('pg_durable.enable_superuser_instances',
+                                                      true), ''),
+                    'off') operator(pg_catalog.=) any ('{on,true,1}'::pg_catalog.text[]),
+           st.loop_min_interval_ms, st.loop_max_iterations,
+           null::pg_catalog.varchar, null::pg_catalog.text, null::pg_catalog.text,
+           null::pg_catalog.text, null::pg_catalog.varchar, null::pg_catalog.varchar,
+           null::pg_catalog.text, null::pg_catalog.jsonb, null::pg_catalog.jsonb
+    from df.instances i
+    join @engine@.runs r on r.instance_id operator(pg_catalog.=) i.id
+    left join pg_catalog.pg_roles ro on ro.oid operator(pg_catalog.=) i.submitted_by::pg_catalog.oid
+    cross join lateral (
+        -- setting_db: the database's own default (no role), its first item of the name
+        select (pg_catalog.array_agg(nullif(x.value, '')) filter (
+                    where x.setrole operator(pg_catalog.=) 0::pg_catalog.oid
+                      and x.setdatabase operator(pg_catalog.<>) 0::pg_catalog.oid
+                      and x.name operator(pg_catalog.=) 'pg_durable.enable_superuser_instances'
+                ))[1] as superuser_db,
+               -- _role_setting_v1: the role's, this database's first
+               (pg_catalog.array_agg(x.value
+                    order by x.setdatabase operator(pg_catalog.=) 0::pg_catalog.oid) filter (
+                    where x.setrole operator(pg_catalog.=) i.submitted_by::pg_catalog.oid
+                      and x.name operator(pg_catalog.=) 'pg_durable.loop_min_interval_ms'
+                ))[1] as loop_min_interval_ms,
+               (pg_catalog.array_agg(x.value
+                    order by x.setdatabase operator(pg_catalog.=) 0::pg_catalog.oid) filter (
+                    where x.setrole operator(pg_catalog.=) i.submitted_by::pg_catalog.oid
+                      and x.name operator(pg_catalog.=) 'pg_durable.loop_max_iterations'
+                ))[1] as loop_max_iterations
+        from (select s.setrole, s.setdatabase,
+                     pg_catalog.lower(pg_catalog.split_part(c.item, '=', 1)) as name,
+                     pg_catalog.substr(c.item,
+                                       pg_catalog.strpos(c.item, '=') operator(pg_catalog.+) 1)
+                         as value
+              from pg_catalog.pg_db_role_setting s
+              cross join lateral pg_catalog.unnest(s.setconfig) as c(item)
+              where s.setrole operator(pg_catalog.=)
+                        any (array[0::pg_catalog.oid, i.submitted_by::pg_catalog.oid])
+                and s.setdatabase operator(pg_catalog.=) any (array[0::pg_catalog.oid,
+                        (select d.oid from pg_catalog.pg_database d
+                         where d.datname operator(pg_catalog.=) pg_catalog.current_database())])
+             ) x
+        where x.name operator(pg_catalog.=) any (array['pg_durable.enable_superuser_instances',
+                                                       'pg_durable.loop_min_interval_ms',
+                                                       'pg_durable.loop_max_iterations'])
+    ) st
+    where i.id operator(pg_catalog.=) p_instance;
+    if not found then
+        return;
+    end if;
+    return query
+    select 1, null::pg_catalog.text, null::pg_catalog.text, null::pg_catalog.oid,
+           null::pg_catalog.text, null::pg_catalog.text, null::pg_catalog.varchar,
+           null::pg_catalog.jsonb, null::pg_catalog.bytea, null::pg_catalog.int8,
+           null::pg_catalog.text, null::pg_catalog.name, null::pg_catalog.bool,
+           null::pg_catalog.bool, null::pg_catalog.bool, null::pg_catalog.text,
+           null::pg_catalog.text,
+           n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
+           n.result, n.status_details
+    from df.nodes n where n.instance_id operator(pg_catalog.=) p_instance;
+    return query
+    select 2, null::pg_catalog.text, null::pg_catalog.text, null::pg_catalog.oid,
+           null::pg_catalog.text, null::pg_catalog.text, null::pg_catalog.varchar,
+           null::pg_catalog.jsonb, null::pg_catalog.bytea, null::pg_catalog.int8,
+           null::pg_catalog.text, null::pg_catalog.name, null::pg_catalog.bool,
+           null::pg_catalog.bool, null::pg_catalog.bool, null::pg_catalog.text,
+           null::pg_catalog.text,
+           null::pg_catalog.varchar, null::pg_catalog.text, null::pg_catalog.text, x.name,
+           null::pg_catalog.varchar, null::pg_catalog.varchar, null::pg_catalog.text, x.value,
+           null::pg_catalog.jsonb
+    from @engine@.results x
+    where x.instance_id operator(pg_catalog.=) p_instance
+    order by x.seq;
+end
+$$;
+
 -- The same reads and the checkpoint from inside a step transaction, behind the capability.
 create function @engine@._step_load_instance_v1(p_cap text, p_instance varchar)
 returns table (label text, status text, role_oid oid, role_text text, database text,
@@ -928,6 +1036,23 @@ as $$
 begin
     perform @engine@._cap_check_v1(p_cap);
     return query select * from @engine@._load_results_v1(p_instance);
+end
+$$;
+
+create function @engine@._step_load_v2(p_cap text, p_instance varchar)
+returns table (kind integer, label text, status text, role_oid oid, role_text text,
+               database text, root_node varchar, vars jsonb, state bytea, state_version bigint,
+               cancel_reason text, rolname name, rolsuper boolean, rolcanlogin boolean,
+               superuser_ok boolean, role_loop_min_interval_ms text,
+               role_loop_max_iterations text, node_id varchar, node_type text, query text,
+               result_name text, left_node varchar, right_node varchar, node_status text,
+               result jsonb, status_details jsonb)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    return query select * from @engine@._load_v2(p_instance);
 end
 $$;
 

@@ -68,6 +68,7 @@ grant execute on function
     @engine@._step_load_instance_v1(text, varchar),
     @engine@._step_load_nodes_v1(text, varchar),
     @engine@._step_load_results_v1(text, varchar),
+    @engine@._step_load_v2(text, varchar),
     @engine@._step_lock_run_v1(text, varchar)
     to pgdurable_step;
 -- (and @engine@._step_foreach_rows_v1, granted where 38_foreach.sql makes it)
