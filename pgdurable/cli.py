@@ -182,6 +182,14 @@ def uninstall(dsn: str | None) -> None:
     help="largest result a step may store; a larger one fails the step",
 )
 @click.option(
+    "--prepare/--no-prepare",
+    envvar=_env("PREPARE"),
+    default=True,
+    show_envvar=True,
+    help="server-side prepared statements on the service's connections (--no-prepare "
+    "behind a pooler that cannot keep them, e.g. PgBouncer before 1.21 in transaction mode)",
+)
+@click.option(
     "--step-dsn",
     envvar=_env("STEP_DSN"),
     show_envvar=True,
@@ -241,6 +249,7 @@ def serve(
     metrics_host: str,
     log_format: str,
     result_max_bytes: int,
+    prepare: bool,
     step_dsn: str | None,
     data_dir: str | None,
     ui_port: int | None,
@@ -283,6 +292,7 @@ def serve(
             metrics_host=metrics_host,
             log_format=log_format,
             result_max_bytes=result_max_bytes,
+            prepare=prepare,
             ui_port=ui_port,
             ui_dsn=ui_dsn or given,
             ui_host=ui_host,

@@ -61,6 +61,10 @@ class ServeConfig:
     """Host patterns admitted under allow-list. Defaults to none."""
     result_max_bytes: int = RESULT_MAX_BYTES_DEFAULT
     """Largest result a step may store. Defaults to 10 MiB."""
+    prepare: bool = True
+    """Server-side prepared statements on the service's own connections (never on step
+    sessions, which run tenants' code). Off behind a connection pooler that cannot keep them
+    (PgBouncer before 1.21 in transaction mode). Defaults to True."""
     log_format: str = "text"
     """text or json. Defaults to text."""
     metrics_port: int | None = None

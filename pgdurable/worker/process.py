@@ -66,6 +66,7 @@ class Worker:
             engine,
             self.worker_id,
             config.result_max_bytes,
+            prepare=config.prepare,
         )
         self.settings = settings = Settings(
             engine, config.slots, lambda: (sessions.pool, sessions.step_pool)

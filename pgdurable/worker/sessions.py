@@ -39,9 +39,20 @@ class Sessions:
     """The pools (opened by :meth:`open`) and what a step connection carries."""
 
     def __init__(
-        self, dsn: str, step_dsn: str, slots: int, engine: str, worker_id: str, result_max: int
+        self,
+        dsn: str,
+        step_dsn: str,
+        slots: int,
+        engine: str,
+        worker_id: str,
+        result_max: int,
+        *,
+        prepare: bool = True,
     ) -> None:
         self.dsn = dsn
+        # the service's statements are the engine's own: prepared at first use (parsed and
+        # planned once per connection), unless a pooler in between cannot keep them
+        self.prepare_threshold: int | None = 0 if prepare else None
         self.step_dsn = step_dsn
         self.slots = slots
         self.engine = engine
@@ -79,7 +90,7 @@ class Sessions:
             open=False,
             kwargs={
                 "autocommit": True,
-                "prepare_threshold": None,
+                "prepare_threshold": self.prepare_threshold,
                 "application_name": f"pgdurable worker {os.getpid()}",
                 # no database or role default (ALTER DATABASE ... SET search_path, which
                 # a database's owner may set) reaches the service's statements
