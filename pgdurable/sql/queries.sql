@@ -135,16 +135,16 @@ select pg_catalog.set_config('search_path',
 from @engine@._role_settings_v2(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: step_next
--- the next step of a batch, in the same transaction, after a RESET ALL (nothing the last
--- statement set to the session survives into it), in one statement with the step itself:
--- the per-step settings again, as the batch's first step applied them (step_settings
--- returned them: the catalog is read once per batch; the slot and the step identity stay the
--- batch's), then the role's runner ({runner}, as runner_call names it). The runner's first
--- argument depends on the settings' row, so the settings are applied before it runs (OFFSET
--- 0: the settings' subquery is not merged into the outer query). The role's other settings
--- never name search_path or a name set here (_setting_pinned_v1). Parameters: the role's
--- setting names and values, search_path, statement_timeout, application_name; then the
--- runner's: capability, statement, result bytes
+-- the next step of a batch, in the same transaction, in one statement: RESET ALL (nothing the
+-- last statement set survives into this one), then the per-step settings again, as the
+-- batch's first step applied them (step_settings returned them: the catalog is read once per
+-- batch; the slot and the step identity stay the batch's), then the role's runner ({runner},
+-- as runner_call names it). Each part is the FROM of the next (OFFSET 0: never merged into
+-- it), and the runner's first argument depends on the settings' row, so they run in that
+-- order. The role's other settings never name search_path or a name set here
+-- (_setting_pinned_v1). Parameters: the role's setting names and values, search_path,
+-- statement_timeout, application_name; then the runner's: capability, statement, result
+-- bytes
 select r.*
 from (select (select pg_catalog.count(pg_catalog.set_config(s.k, s.v, true))
               from rows from (pg_catalog.unnest(%s::pg_catalog.text[]),
@@ -153,6 +153,7 @@ from (select (select pg_catalog.count(pg_catalog.set_config(s.k, s.v, true))
              pg_catalog.set_config('df.in_workflow', 'true', true) as wf,
              pg_catalog.set_config('statement_timeout', %s, true) as st,
              pg_catalog.set_config('application_name', %s, true) as app
+      from (select @engine@._step_reset_v1() offset 0) as z
       offset 0) as p
 cross join lateral {runner}(%s::pg_catalog.text operator(pg_catalog.||) pg_catalog.left(p.app, 0),
                             %s::pg_catalog.text, %s::pg_catalog.int8) as r

@@ -288,9 +288,8 @@ class BatchRunner:
                                 else:
                                     if item.task.virtual:  # its failure is its own (below)
                                         await conn.execute(SAVEPOINT)
-                                    # GUCs the last statement set (search_path, …) end here
-                                    await conn.execute(b"reset all")
-                                    # the settings again, and the statement (one statement)
+                                    # RESET ALL (what the last statement set ends here), the
+                                    # settings again and the statement: one statement
                                     cur = await conn.execute(
                                         next_call,
                                         (

@@ -62,8 +62,8 @@ def expect(conn: Conn, query: Any, params: Any, match: str) -> psycopg.Error:
 
 def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> None:
     """The per-step settings of a batch's next step, as the step role runs them: resolved
-    once (as step_settings does, for the batch's first step), then, after a RESET ALL,
-    applied again by step_next (its runner replaced by pg_catalog.concat, which returns one
+    once (as step_settings does, for the batch's first step), then reset and applied again
+    by step_next (its runner replaced by pg_catalog.concat, which returns one
     row of its arguments)."""
     conn.execute("set local role pgdurable_step")
     row = conn.execute(
@@ -73,7 +73,7 @@ def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> None:
     ).fetchone()
     assert row is not None
     path, timeout, names, vals = row
-    conn.execute("reset all")
+    conn.execute("set local work_mem = '65kB'")  # step_next's RESET ALL ends this
     conn.execute(
         sql.SQL(q("step_next")).format(runner=sql.SQL("pg_catalog.concat")),
         (names, vals, path, timeout, "pgdurable:00000000:00000001", "cap", "select 1", 1000),

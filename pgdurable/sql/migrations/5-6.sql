@@ -136,6 +136,9 @@ create index nodes_newer_types_idx on df.nodes (instance_id) where node_type in 
 --    the role's other settings it applied too; _role_settings_v1 becomes its wrapper. ==
 -- @definitions-of 00_tables.sql
 
+-- == The next step of a batch in one statement: @engine@._step_reset_v1 is RESET ALL as a
+--    function (made by the claims' part's definitions of 50_engine.sql above). ==
+
 -- == One-statement loads (pgdurable/worker/cache.py): @engine@._load_v2 returns in one call what
 --    _load_instance_v1, _load_nodes_v1 and _load_results_v1 return; its step-session twin
 --    @engine@._step_load_v2 is behind the capability. The v1 functions stay (an older serve

@@ -813,6 +813,21 @@ begin
 end
 $$;
 
+-- RESET ALL as a function, so that it joins the next step's one statement (step_next,
+-- pgdurable/sql/queries.sql): every setting the last step set, for its session or its
+-- transaction, goes back to the session's default (search_path included, which step_next
+-- sets again right after). It changes nothing but its caller's own settings: the step role
+-- may run it without a capability.
+create function @engine@._step_reset_v1()
+returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    reset all;
+end
+$$;
+
 -- The start of a step transaction: the capability, one step slot, and the step's identity
 -- for @engine@._invoker() (the row is stamped with this transaction's id).
 create function @engine@._step_begin_v1(p_cap text, p_role oid)
