@@ -274,9 +274,9 @@ class BatchRunner:
                                 FIRST_STEP_VISIBLE_S, self._start_visible, item
                             )
                         try:
-                            async with conn.pipeline():
-                                if not ran:
-                                    # once per batch: BEGIN, settings, one slot, the identity
+                            if not ran:
+                                # once per batch: BEGIN, settings, one slot, the identity
+                                async with conn.pipeline():
                                     await conn.execute(b"begin")
                                     scur = await conn.execute(
                                         q("step_settings"),
@@ -285,21 +285,21 @@ class BatchRunner:
                                     cur = await conn.execute(
                                         call, (cap, item.text, self.sessions.runner_cap)
                                     )
-                                else:
-                                    if item.task.virtual:  # its failure is its own (below)
-                                        await conn.execute(SAVEPOINT)
-                                    # RESET ALL (what the last statement set ends here), the
-                                    # settings again and the statement: one statement
-                                    cur = await conn.execute(
-                                        next_call,
-                                        (
-                                            *applied,
-                                            step_app_name(item.task),
-                                            cap,
-                                            item.text,
-                                            self.sessions.runner_cap,
-                                        ),
-                                    )
+                            else:
+                                if item.task.virtual:  # its failure is its own (below)
+                                    await conn.execute(SAVEPOINT)
+                                # RESET ALL (what the last statement set ends here), the
+                                # settings again and the statement: one statement
+                                cur = await conn.execute(
+                                    next_call,
+                                    (
+                                        *applied,
+                                        step_app_name(item.task),
+                                        cap,
+                                        item.text,
+                                        self.sessions.runner_cap,
+                                    ),
+                                )
                             if not ran:
                                 srow = await scur.fetchone()
                                 assert srow is not None
