@@ -36,7 +36,10 @@ from .task import Task, step_app_name
 
 logger = logging.getLogger(__name__)
 
-BATCH_MAX = 32  # (a chained step takes a savepoint: at most 31 subtransactions, under 64)
+# (Each step's runner opens a subtransaction, and a chained step a savepoint too: a batch of
+# steps that all write assigns at most 63 subtransaction ids, within the 64 PostgreSQL keeps
+# per backend before other sessions' snapshots get dearer. Not more than 32.)
+BATCH_MAX = 32
 # Before a chained step (pgdurable/worker/chain.py): its failure rolls back to here and is
 # recorded in place, so the steps before it keep their effects (as if it ran on its own).
 SAVEPOINT = b"savepoint pgdurable_chain"
