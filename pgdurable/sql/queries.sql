@@ -121,7 +121,8 @@ on conflict (epoch_id) do update set last_seen_at = now()
 -- then the step capability, one of the deployment-wide max_user_connections slots and the
 -- step's identity; last the step's application_name, pgdurable:<instance>:<node>, for the
 -- transaction only (what a DBA sees in pg_stat_activity; docs/operating.md). It returns what
--- it applied (search_path, statement_timeout, the role's other settings) for step_next.
+-- it applied (search_path, statement_timeout, the role's other settings, and the timeout in
+-- milliseconds) for step_next.
 -- Parameters: capability, role, application_name, role, NULL (the deployment's
 -- step_statement_timeout: read here)
 select pg_catalog.set_config('search_path',
@@ -131,7 +132,7 @@ select pg_catalog.set_config('search_path',
        pg_catalog.set_config('statement_timeout', r.statement_timeout, true),
        @engine@._step_begin_v1(%s, %s::pg_catalog.oid),
        pg_catalog.set_config('application_name', %s, true),
-       r.names, r.vals
+       r.names, r.vals, r.statement_timeout
 from @engine@._role_settings_v2(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: step_next
@@ -141,10 +142,13 @@ from @engine@._role_settings_v2(%s::pg_catalog.oid, %s::pg_catalog.text) r
 -- batch; the slot and the step identity stay the batch's), then the role's runner ({runner},
 -- as runner_call names it). Each part is the FROM of the next (OFFSET 0: never merged into
 -- it), and the runner's first argument depends on the settings' row, so they run in that
--- order. The role's other settings never name search_path or a name set here
--- (_setting_pinned_v1). Parameters: the role's setting names and values, search_path,
--- statement_timeout, application_name; then the runner's: capability, statement, result
--- bytes
+-- order. statement_timeout is armed when a statement begins, not when it is set: this
+-- statement ran under the limit the one before it left, and the UNION ALL's second branch,
+-- which runs once the runner's rows are all out and returns no row, sets it again for the
+-- next statement (whatever the step set meanwhile). The role's other settings never name
+-- search_path or a name set here (_setting_pinned_v1). Parameters: the role's setting names
+-- and values, search_path, statement_timeout, application_name; the runner's capability,
+-- statement and result bytes; statement_timeout again
 select r.*
 from (select (select pg_catalog.count(pg_catalog.set_config(s.k, s.v, true))
               from rows from (pg_catalog.unnest(%s::pg_catalog.text[]),
@@ -157,6 +161,10 @@ from (select (select pg_catalog.count(pg_catalog.set_config(s.k, s.v, true))
       offset 0) as p
 cross join lateral {runner}(%s::pg_catalog.text operator(pg_catalog.||) pg_catalog.left(p.app, 0),
                             %s::pg_catalog.text, %s::pg_catalog.int8) as r
+union all
+select null::pg_catalog.json
+from (select pg_catalog.set_config('statement_timeout', %s, true) as st offset 0) as t
+where t.st is null
 
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,

@@ -23,7 +23,7 @@ from pgdurable.log import instance_var, node_var
 from pgdurable.steps.sql_step import SqlSteps, envelope
 
 from .cache import InstanceCache
-from .chain import chainable, successor
+from .chain import CHAIN_STEP_MAX_MS, Chained, chainable, step_timeout, successor
 from .checkpoint import Checkpointer, Outcome
 from .checkpoint_set import CheckpointSet
 from .failures import pg_message
@@ -42,8 +42,15 @@ logger = logging.getLogger(__name__)
 BATCH_MAX = 32
 # Before a chained step (pgdurable/worker/chain.py): its failure rolls back to here and is
 # recorded in place, so the steps before it keep their effects (as if it ran on its own).
-SAVEPOINT = b"savepoint pgdurable_chain"
 ROLLBACK_TO_SAVEPOINT = b"rollback to savepoint pgdurable_chain"
+
+
+def chain_start(timeout_ms: str) -> bytes:
+    """The savepoint before a chained step and the statement_timeout it runs under (armed
+    when its statement begins), as one simple query: ``timeout_ms`` is an integer of ours."""
+    return f"savepoint pgdurable_chain; set local statement_timeout = {int(timeout_ms)}".encode()
+
+
 BATCH_WINDOW_S = 0.05
 # Runners started at once per worker; more (up to the step slots) only for steps that waited
 # this long in the queue (the runners are busy with slow statements).
@@ -82,6 +89,10 @@ class Item:
     successors (handoff) once the batch commits."""
     staged: bool = False
     """Its checkpoint is computed (staged in the batch's set)."""
+    chained: Chained | None = None
+    """A chained step: how to hand it off as a task after all (:mod:`.chain`)."""
+    bounded: bool = False
+    """A chained step run under the chain's statement_timeout (CHAIN_STEP_MAX_MS)."""
 
     @property
     def slot_task(self) -> Task:
@@ -272,6 +283,7 @@ class BatchRunner:
                         key = item.slot_task.key
                         self.running.pids[key] = conn.info.backend_pid
                         self.busy[me] = time.monotonic()
+                        this = item
                         if item.phase == "pending":
                             asyncio.get_running_loop().call_later(
                                 FIRST_STEP_VISIBLE_S, self._start_visible, item
@@ -289,36 +301,48 @@ class BatchRunner:
                                         call, (cap, item.text, self.sessions.runner_cap)
                                     )
                             else:
-                                if item.task.virtual:  # its failure is its own (below)
-                                    await conn.execute(SAVEPOINT)
+                                names, vals, path, timeout = applied
+                                if item.task.virtual:
+                                    # its failure is its own (below), and it runs under the
+                                    # chain's bound (armed as its statement begins)
+                                    bound, item.bounded = step_timeout(timeout)
+                                    await conn.execute(chain_start(bound))
                                 # RESET ALL (what the last statement set ends here), the
-                                # settings again and the statement: one statement
+                                # settings again and the statement: one statement, which
+                                # arms the limit again for the next one
                                 cur = await conn.execute(
                                     next_call,
                                     (
-                                        *applied,
+                                        names,
+                                        vals,
+                                        path,
+                                        timeout,
                                         step_app_name(item.task),
                                         cap,
                                         item.text,
                                         self.sessions.runner_cap,
+                                        timeout,
                                     ),
                                 )
                             if not ran:
                                 srow = await scur.fetchone()
                                 assert srow is not None
                                 # what the next steps apply again (step_next)
-                                applied = (srow[5], srow[6], srow[0], srow[2])
+                                applied = (srow[5], srow[6], srow[0], srow[7])
                                 del scur
                             rows = await cur.fetchall()
                             value = envelope(rows)  # capped at its checkpoint
                             del rows, cur
                         except psycopg.Error as exc:
+                            if await self._unchain(conn, item, exc):
+                                item = None  # a task of its own now: this batch ends here
+                                break
                             if not await self._chained_failed(conn, item, exc, staged):
                                 raise
                             value = None  # its failure is staged
                         finally:
                             self.running.pids.pop(key, None)
-                            self.running.pids.pop(item.slot_task.key, None)
+                            self.running.pids.pop(this.slot_task.key, None)
                             self.busy.pop(me, None)
                         ran.append((item, value))
                         done, item = item, None
@@ -511,6 +535,34 @@ class BatchRunner:
             batch=staged,
         )
 
+    async def _unchain(
+        self, conn: psycopg.AsyncConnection[Any], it: Item, exc: psycopg.Error
+    ) -> bool:
+        """A chained step stopped by the chain's bound (it ran CHAIN_STEP_MAX_MS): roll back
+        to its savepoint and put its task back into its predecessor's checkpoint, leased to
+        this worker (its hand-off), so that it runs again on its own once the batch commits.
+        False when it was not that, or it is too late (the batch then rolls back)."""
+        if not (
+            it.bounded
+            and it.chained is not None
+            and exc.sqlstate == "57014"
+            and "statement timeout" in str(exc)
+            and not (conn.broken or conn.closed)
+        ):
+            return False
+        try:
+            await conn.execute(ROLLBACK_TO_SAVEPOINT)
+        except psycopg.Error:
+            return False
+        if not it.chained.restore():
+            return False
+        logger.debug(
+            "chained step still running after %d ms: handed off",
+            CHAIN_STEP_MAX_MS,
+            extra={"event": "batch.unchained"},
+        )
+        return True
+
     async def _chained_failed(
         self,
         conn: psycopg.AsyncConnection[Any],
@@ -553,10 +605,9 @@ class BatchRunner:
         got = successor(done.ctx, done.slot_task, done.task.clock, staged)
         if got is None:
             return None
-        task, idx, text = got
         metrics.step_started("SQL")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        return Item(done.ctx, task, idx, text, fut, head=done.head or done)
+        return Item(done.ctx, got.task, got.idx, got.text, fut, head=done.head or done, chained=got)
 
 
 def _interrupted(item: Item, exc: BaseException, running: Running) -> None:

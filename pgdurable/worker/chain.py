@@ -18,6 +18,8 @@ checkpoint when it is one SQL step this worker would take itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pgdurable.errors import StepError
@@ -26,6 +28,33 @@ from pgdurable.graph import _abc as A
 from .checkpoint_set import TERMINAL, CheckpointSet
 from .instance import InstanceCtx, subst
 from .task import Task
+
+# A chained step holds its predecessors' commit while it runs: one still running after this
+# long is stopped (its statement_timeout, only for this), rolled back to its savepoint and
+# handed off as a task of its own, so that the steps before it commit and it shows as running
+# (its first 100 ms of work are redone, as a batch's rolled back statements are).
+CHAIN_STEP_MAX_MS = 100
+
+
+@dataclass
+class Chained:
+    """A successor to run next in the batch: its task (never written), node and text."""
+
+    task: Task
+    idx: int
+    text: str
+    restore: Callable[[], bool]
+    """Put its task back into its predecessor's staged checkpoint (written as a task after
+    all, leased to this worker); False once that checkpoint was written already."""
+
+
+def step_timeout(applied_ms: str) -> tuple[str, bool]:
+    """The statement_timeout of a chained step (milliseconds) and whether it is the chain's
+    bound (CHAIN_STEP_MAX_MS) rather than the step's own, shorter, limit."""
+    own = int(applied_ms)
+    if own == 0 or own > CHAIN_STEP_MAX_MS:
+        return str(CHAIN_STEP_MAX_MS), True
+    return applied_ms, False
 
 
 def chainable(ctx: InstanceCtx, idx: int) -> bool:
@@ -48,7 +77,7 @@ def chainable(ctx: InstanceCtx, idx: int) -> bool:
 
 def successor(
     ctx: InstanceCtx, fence: Task, clock: datetime, staged: CheckpointSet
-) -> tuple[Task, int, str] | None:
+) -> Chained | None:
     """The successor of the step whose checkpoint was just staged (fencing ``fence``), to run
     next in the same transaction: (its task, node index, substituted text), its task taken
     out of the checkpoint (never written). None, changing nothing, unless that checkpoint
@@ -83,6 +112,14 @@ def successor(
         return None  # written as a task: its own run fails it, saying why
     cp.new_tasks.clear()
     del run.tasks[t["node_id"]]
+
+    def restore() -> bool:
+        if not any(r is run for r in staged.rounds.get(ctx.instance_id, ())):
+            return False  # written already (a stale instance's flush): too late
+        cp.new_tasks.append(t)
+        run.tasks[t["node_id"]] = t
+        return True
+
     task = Task(
         ctx.instance_id,
         t["node_id"],
@@ -97,4 +134,4 @@ def successor(
         started=datetime.now(UTC),
         virtual=True,
     )
-    return task, idx, text
+    return Chained(task, idx, text, restore)

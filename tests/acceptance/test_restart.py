@@ -202,11 +202,14 @@ def test_restart_after_a_crash_failed_step(env: Env) -> None:
 
 def test_restart_inside_a_loop_with_a_join(env: Env) -> None:
     """A loop iteration fails in one JOIN branch: the restart resumes that iteration (the
-    completed branch is not run again), then the loop runs its remaining iterations."""
+    completed branch is not run again), then the loop runs its remaining iterations. (The
+    failing branch waits first: a failed JOIN abandons a branch that has not completed yet,
+    and which of two quick branches ends first is not the engine's to promise.)"""
     iid = start(
         env,
         "df.loop(df.join("
-        f"{hit('l:x')}, df.sql('insert into public.late_l values (1)')),"
+        f"{hit('l:x')}, df.sql('select pg_sleep(0.3)') ~> "
+        "df.sql('insert into public.late_l values (1)')),"
         " df.sql('select (select count(*) from public.hits where tag = ''l:x'') < 3'))",
     )
     assert wait_status(env, iid) == "failed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -146,3 +147,79 @@ def test_the_roles_own_settings_hold_for_every_step_of_a_batch(db):
         )
     ]
     assert two["rows"] == [{"wm": "3MB", "lt": "4s", "wf": "true"}]
+
+
+def test_a_long_chained_step_lets_the_steps_before_it_commit(db):
+    """A chained step still running after CHAIN_STEP_MAX_MS is stopped, rolled back to its
+    savepoint and handed off: the step before it commits (and shows completed) while it runs
+    again on its own, shown running; its first, stopped run left nothing."""
+    role = db.create_role("ch")
+    table(db, role)
+    iid = start(
+        db,
+        role,
+        "'insert into public.hits values (''first'')' ~> "
+        "'insert into public.hits select ''slow'' || nextval(''public.runs'') "
+        "from pg_sleep(0.6)'",
+    )
+    seen: list[tuple[Any, ...]] = []
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            got = rows(
+                db,
+                "select (select array_agg(v order by v) from public.hits), "
+                "(select array_agg(status order by query) from df.nodes "
+                "where instance_id = %s and node_type = 'SQL')",
+                (iid,),
+            )
+            seen.append(got[0])
+
+    async def go() -> None:
+        async with worker(db) as w:
+            spy = asyncio.create_task(watch())
+            try:
+                await run_all(w)
+            finally:
+                spy.cancel()
+
+    asyncio.run(go())
+    assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"
+    # one row of each: the slow step's first run (stopped after 100 ms) rolled back
+    got = sorted(v for (v,) in rows(db, "select v from public.hits"))
+    assert len(got) == 2
+    assert got[0] == "first"
+    assert got[1].startswith("slow")
+    # while the slow step ran on its own, the first had committed and it showed running
+    # (node statuses by query text: the slow step's sorts first)
+    assert (["first"], ["running", "completed"]) in seen, sorted(set(map(str, seen)))
+
+
+@pytest.mark.parametrize(
+    "graph",
+    [
+        # the slow step is a batch's later step (two branches, one batch)
+        "df.sql('select 1 as a') & df.sql('select pg_sleep(2) as b')",
+        # the slow step is chained (stopped at the chain's bound, then run on its own)
+        "'select 1 as a' ~> 'select 2 as b' ~> 'select pg_sleep(2) as c'",
+    ],
+)
+def test_the_roles_statement_timeout_holds_for_every_step_of_a_batch(db, graph, monkeypatch):
+    """The limit is armed when a statement begins: a batch's later step (one statement that
+    applies the settings and runs the step) must find it set by the statement before."""
+    monkeypatch.setattr("pgdurable.worker.batch.BATCH_RUNNERS", 1)  # the branches: one batch
+    role = db.create_role("ch")
+    with db.connect() as conn:
+        conn.execute(f"alter role \"{role}\" set statement_timeout = '300ms'")
+    iid = start(db, role, graph)
+
+    async def go() -> None:
+        async with worker(db) as w:
+            t0 = time.monotonic()
+            await run_all(w)
+            assert time.monotonic() - t0 < 1.8
+
+    asyncio.run(go())
+    assert one(db, "select status from df.instances where id = %s", (iid,)) == "failed"
+    assert one(db, "select df.error(%s)", (iid,))["sqlstate"] == "57014"

@@ -63,7 +63,7 @@ def expect(conn: Conn, query: Any, params: Any, match: str) -> psycopg.Error:
 def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> None:
     """The per-step settings of a batch's next step, as the step role runs them: resolved
     once (as step_settings does, for the batch's first step), then reset and applied again
-    by step_next (its runner replaced by pg_catalog.concat, which returns one
+    by step_next (its runner replaced by pg_catalog.json_build_array, which returns one
     row of its arguments)."""
     conn.execute("set local role pgdurable_step")
     row = conn.execute(
@@ -75,8 +75,18 @@ def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> None:
     path, timeout, names, vals = row
     conn.execute("set local work_mem = '65kB'")  # step_next's RESET ALL ends this
     conn.execute(
-        sql.SQL(q("step_next")).format(runner=sql.SQL("pg_catalog.concat")),
-        (names, vals, path, timeout, "pgdurable:00000000:00000001", "cap", "select 1", 1000),
+        sql.SQL(q("step_next")).format(runner=sql.SQL("pg_catalog.json_build_array")),
+        (
+            names,
+            vals,
+            path,
+            timeout,
+            "pgdurable:00000000:00000001",
+            "cap",
+            "select 1",
+            1000,
+            timeout,
+        ),
     )
     conn.execute("reset role")
 
@@ -301,6 +311,30 @@ def test_step_statement_timeout_only_tightens(
     assert got == want
     step_next(tx, role)
     assert one(tx, "select setting from pg_settings where name = 'statement_timeout'") == want
+
+
+def test_step_next_leaves_the_limit_armed_for_the_next_step(tx: Conn) -> None:
+    """statement_timeout is armed when a statement begins, so step_next (the settings and the
+    step in one statement) cannot arm it for its own step: it sets it again after the step,
+    for the next statement, whatever the step set meanwhile. Here a "runner" that sets
+    statement_timeout to 0 and sleeps: the step after it is still cut at the role's limit."""
+    tx.execute(
+        "create function public.lax_runner(p_cap text, p_sql text, p_max bigint) "
+        "returns setof json language sql as $$ "
+        "select pg_catalog.to_json(pg_catalog.set_config('statement_timeout', '0', false)) "
+        "union all select pg_catalog.to_json(p_sql) from pg_catalog.pg_sleep(p_sql::float8) $$"
+    )
+    tx.execute("grant execute on function public.lax_runner(text, text, bigint) to pgdurable_step")
+    tx.execute("set local role pgdurable_step")
+    stmt = sql.SQL(q("step_next")).format(runner=sql.SQL("public.lax_runner"))
+    args = ([], [], "public", "200", "pgdurable:00000000:00000001", "cap")
+    tx.execute("set local statement_timeout = '200ms'")  # as step_settings leaves it
+    tx.execute(stmt, (*args, "0.01", 1000, "200"))  # a quick step that sets the limit to 0
+    tx.execute("savepoint slow")
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        tx.execute(stmt, (*args, "1.5", 1000, "200"))  # the next step: still cut at 200 ms
+    tx.execute("rollback to savepoint slow")
+    tx.execute("reset role")
 
 
 def test_a_database_statement_timeout_applies_to_steps(tx: Conn) -> None:
