@@ -4,7 +4,12 @@ with its checkpoint, then one COMMIT.
 
 A runner keeps its transaction open for more queued SQL steps of the same role while it is
 younger than BATCH_WINDOW_S and smaller than BATCH_MAX: one slot, one BEGIN/COMMIT, one
-session reset and one WAL flush per batch. Under light load a batch holds one step.
+session reset and one WAL flush per batch. Under light load a batch holds one step, and the
+steps of a sequence it chains (:mod:`.chain`) after it.
+
+Over 500 lines: one transaction's life (each statement, the checkpoints computed early or at
+the end, a chained step's failure or hand-off, what a rollback means for each step) is one
+function whose parts share its state; what chaining decides lives in :mod:`.chain`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pgdurable.log import instance_var, node_var
 from pgdurable.steps.sql_step import SqlSteps, envelope
 
 from .cache import InstanceCache
-from .chain import CHAIN_STEP_MAX_MS, Chained, chainable, step_timeout, successor
+from .chain import Chained, chain_start, chainable, fail_in_place, step_timeout, successor, unchain
 from .checkpoint import Checkpointer, Outcome
 from .checkpoint_set import CheckpointSet
 from .failures import pg_message
@@ -40,17 +45,6 @@ logger = logging.getLogger(__name__)
 # steps that all write assigns at most 63 subtransaction ids, within the 64 PostgreSQL keeps
 # per backend before other sessions' snapshots get dearer. Not more than 32.)
 BATCH_MAX = 32
-# Before a chained step (pgdurable/worker/chain.py): its failure rolls back to here and is
-# recorded in place, so the steps before it keep their effects (as if it ran on its own).
-ROLLBACK_TO_SAVEPOINT = b"rollback to savepoint pgdurable_chain"
-
-
-def chain_start(timeout_ms: str) -> bytes:
-    """The savepoint before a chained step and the statement_timeout it runs under (armed
-    when its statement begins), as one simple query: ``timeout_ms`` is an integer of ours."""
-    return f"savepoint pgdurable_chain; set local statement_timeout = {int(timeout_ms)}".encode()
-
-
 BATCH_WINDOW_S = 0.05
 # Runners started at once per worker; more (up to the step slots) only for steps that waited
 # this long in the queue (the runners are busy with slow statements).
@@ -334,7 +328,7 @@ class BatchRunner:
                             value = envelope(rows)  # capped at its checkpoint
                             del rows, cur
                         except psycopg.Error as exc:
-                            if await self._unchain(conn, item, exc):
+                            if await unchain(conn, item.chained, item.bounded, exc):
                                 item = None  # a task of its own now: this batch ends here
                                 break
                             if not await self._chained_failed(conn, item, exc, staged):
@@ -535,34 +529,6 @@ class BatchRunner:
             batch=staged,
         )
 
-    async def _unchain(
-        self, conn: psycopg.AsyncConnection[Any], it: Item, exc: psycopg.Error
-    ) -> bool:
-        """A chained step stopped by the chain's bound (it ran CHAIN_STEP_MAX_MS): roll back
-        to its savepoint and put its task back into its predecessor's checkpoint, leased to
-        this worker (its hand-off), so that it runs again on its own once the batch commits.
-        False when it was not that, or it is too late (the batch then rolls back)."""
-        if not (
-            it.bounded
-            and it.chained is not None
-            and exc.sqlstate == "57014"
-            and "statement timeout" in str(exc)
-            and not (conn.broken or conn.closed)
-        ):
-            return False
-        try:
-            await conn.execute(ROLLBACK_TO_SAVEPOINT)
-        except psycopg.Error:
-            return False
-        if not it.chained.restore():
-            return False
-        logger.debug(
-            "chained step still running after %d ms: handed off",
-            CHAIN_STEP_MAX_MS,
-            extra={"event": "batch.unchained"},
-        )
-        return True
-
     async def _chained_failed(
         self,
         conn: psycopg.AsyncConnection[Any],
@@ -570,35 +536,15 @@ class BatchRunner:
         exc: psycopg.Error | StepError,
         staged: CheckpointSet,
     ) -> bool:
-        """A chained step's statement failed (or its result was refused): roll back to the
-        savepoint taken before it and stage its failure, as a step run on its own records
-        it; the steps before it in the batch keep their effects and checkpoints. False (the
-        batch rolls back, as for any other failure) when the session cannot go on, or the
-        failure is not the step's own."""
-        if not it.task.virtual or conn.broken or conn.closed:
+        """A chained step's failure, recorded in place (:func:`.chain.fail_in_place`)."""
+        if not it.task.virtual:
             return False
-        if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
-            return False
-        try:
-            err = self.sql.failure(it.task, it.text, exc)
-        except Requeue:
-            return False  # interrupted by another session: the whole batch runs again
-        try:
-            await conn.execute(ROLLBACK_TO_SAVEPOINT)
-        except psycopg.Error:
-            return False
-        it.staged = True
-        await self.checkpointer.record(
-            conn,
-            it.ctx,
-            it.task,
-            it.idx,
-            Outcome.failure(err),
-            in_tx=True,
-            lock_held=True,
-            batch=staged,
-        )
-        return True
+        if await fail_in_place(
+            conn, self.checkpointer, self.sql, it.ctx, it.task, it.idx, it.text, exc, staged
+        ):
+            it.staged = True
+            return True
+        return False
 
     def _chained(self, done: Item, staged: CheckpointSet) -> Item | None:
         """The successor of ``done`` to run next in this batch (:mod:`.chain`), if any."""

@@ -18,22 +18,40 @@ checkpoint when it is one SQL step this worker would take itself.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
 
 from pgdurable.errors import StepError
 from pgdurable.graph import _abc as A
+from pgdurable.steps.sql_step import SqlSteps
 
+from .checkpoint import Checkpointer, Outcome
 from .checkpoint_set import TERMINAL, CheckpointSet
+from .flow import Requeue
 from .instance import InstanceCtx, subst
 from .task import Task
+
+logger = logging.getLogger(__name__)
 
 # A chained step holds its predecessors' commit while it runs: one still running after this
 # long is stopped (its statement_timeout, only for this), rolled back to its savepoint and
 # handed off as a task of its own, so that the steps before it commit and it shows as running
 # (its first 100 ms of work are redone, as a batch's rolled back statements are).
 CHAIN_STEP_MAX_MS = 100
+# Before a chained step: its failure rolls back to here and is recorded in place, so the
+# steps before it keep their effects (as if it ran on its own).
+ROLLBACK_TO_SAVEPOINT = b"rollback to savepoint pgdurable_chain"
+
+
+def chain_start(timeout_ms: str) -> bytes:
+    """The savepoint before a chained step and the statement_timeout it runs under (armed
+    when its statement begins), as one simple query: ``timeout_ms`` is an integer of ours."""
+    return f"savepoint pgdurable_chain; set local statement_timeout = {int(timeout_ms)}".encode()
 
 
 @dataclass
@@ -135,3 +153,66 @@ def successor(
         virtual=True,
     )
     return Chained(task, idx, text, restore)
+
+
+async def unchain(
+    conn: psycopg.AsyncConnection[Any], chained: Chained | None, bounded: bool, exc: psycopg.Error
+) -> bool:
+    """A chained step stopped by the chain's bound (it ran CHAIN_STEP_MAX_MS): roll back to
+    its savepoint and put its task back into its predecessor's checkpoint, leased to this
+    worker (its hand-off), so that it runs again on its own once the batch commits. False
+    when it was not that, or it is too late (the batch then rolls back)."""
+    if not (
+        bounded
+        and chained is not None
+        and exc.sqlstate == "57014"
+        and "statement timeout" in str(exc)
+        and not (conn.broken or conn.closed)
+    ):
+        return False
+    try:
+        await conn.execute(ROLLBACK_TO_SAVEPOINT)
+    except psycopg.Error:
+        return False
+    if not chained.restore():
+        return False
+    logger.debug(
+        "chained step still running after %d ms: handed off",
+        CHAIN_STEP_MAX_MS,
+        extra={"event": "batch.unchained"},
+    )
+    return True
+
+
+async def fail_in_place(
+    conn: psycopg.AsyncConnection[Any],
+    checkpointer: Checkpointer,
+    sql: SqlSteps,
+    ctx: InstanceCtx,
+    task: Task,
+    idx: int,
+    text: str,
+    exc: psycopg.Error | StepError,
+    staged: CheckpointSet,
+) -> bool:
+    """A chained step's statement failed (or its result was refused): roll back to the
+    savepoint taken before it and stage its failure, as a step run on its own records it;
+    the steps before it in the batch keep their effects and checkpoints. False (the batch
+    rolls back, as for any other failure) when the session cannot go on, or the failure is
+    not the step's own."""
+    if conn.broken or conn.closed:
+        return False
+    if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
+        return False
+    try:
+        err = sql.failure(task, text, exc)
+    except Requeue:
+        return False  # interrupted by another session: the whole batch runs again
+    try:
+        await conn.execute(ROLLBACK_TO_SAVEPOINT)
+    except psycopg.Error:
+        return False
+    await checkpointer.record(
+        conn, ctx, task, idx, Outcome.failure(err), in_tx=True, lock_held=True, batch=staged
+    )
+    return True
