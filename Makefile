@@ -42,22 +42,29 @@ browser: ## Debian's chromium + chromedriver for tests/ui (installed when missin
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local PG 15 when reachable), both schedulers
-	@# The two servers' suites run side by side: most of a test's time is spent waiting on serve
-	@# and PostgreSQL, so two processes on 2 cores take little more than one. The local server's
-	@# run (only the tests that take a server: the others ran in the first) writes
-	@# .test-local.log, shown when both have ended.
+	@# Three runs side by side: most of a test's time is spent waiting on serve and PostgreSQL,
+	@# so they take little more than the longest alone. The embedded server's acceptance tests
+	@# (each run starts an embedded PostgreSQL of its own), the local server's run (only the
+	@# tests that take a server: the others run once, on the embedded one) and, in the
+	@# foreground, the embedded server's other tests, the pure-Python scheduler twin and the
+	@# benchmarks' smoke run. The background runs write .test-acceptance.log and
+	@# .test-local.log, shown when all have ended.
 	@PGDURABLE_IMPL=cython $(BIN)/python -m pytest -q -p no:cacheprovider --no-embedded \
 	    --server-tests-only tests/sql tests/migration tests/integration tests/acceptance tests/ui $(PYTEST_ARGS) \
 	    > .test-local.log 2>&1 & local=$$!; \
-	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest --no-local $(PYTEST_ARGS); embedded=$$?; \
-	  wait $$local; rc=$$?; \
+	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest -q -p no:cacheprovider --no-local \
+	    tests/acceptance $(PYTEST_ARGS) > .test-acceptance.log 2>&1 & accept=$$!; \
+	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest --no-local --ignore=tests/acceptance $(PYTEST_ARGS); embedded=$$?; \
+	  PGDURABLE_IMPL=python $(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS); twin=$$?; \
+	  $(BIN)/pip install -q -e '.[bench]' >/dev/null 2>&1 \
+	    || echo "pgdurable: the bench extra did not install; peer smoke tests will skip"; \
+	  $(BIN)/python -m pytest -q -m benchmark --benchmark-disable bench $(PYTEST_ARGS); bench=$$?; \
+	  wait $$accept; arc=$$?; wait $$local; rc=$$?; \
+	  echo "== the acceptance tests on the embedded PostgreSQL 18:"; tail -n 60 .test-acceptance.log; \
 	  echo "== the same tests on the local PostgreSQL (127.0.0.1:5432):"; tail -n 60 .test-local.log; \
-	  test $$embedded -eq 0 && test $$rc -eq 0
-	PGDURABLE_IMPL=python $(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS)
-	@# the peer drivers (DBOS, Procrastinate) are benchmarks too: install them so their smoke
-	@# tests run rather than skip (they skip, saying so, where the extra cannot install)
-	@$(BIN)/pip install -q -e '.[bench]' >/dev/null 2>&1 || echo "pgdurable: the bench extra did not install; peer smoke tests will skip"
-	$(BIN)/python -m pytest -q -m benchmark --benchmark-disable bench $(PYTEST_ARGS)
+	  test $$embedded -eq 0 && test $$twin -eq 0 && test $$bench -eq 0 && test $$arc -eq 0 && test $$rc -eq 0
+	@# (the peer drivers, DBOS and Procrastinate, are benchmarks too: the bench extra is
+	@# installed so that their smoke tests run rather than skip, saying so where it cannot)
 
 test-unit: $(BIN)/.installed ## fast loop: the unit tests and the scheduler twins (no database)
 	$(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS)
