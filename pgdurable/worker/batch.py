@@ -387,9 +387,6 @@ class BatchRunner:
                     )
                     first.fut.set_result(None)
                     return
-                for it, _ in ran:
-                    if it.phase == "pending":
-                        it.phase = "fused"  # checkpointed with its start from now on
                 try:
                     if refused is not None:
                         raise refused
@@ -506,8 +503,6 @@ class BatchRunner:
             await it.visible  # its start commits on its own: then ordinary
         if it.phase == "failed":
             raise Retry()
-        if it.phase == "pending":
-            it.phase = "fused"  # checkpointed with its start from now on
         it.staged = True
         if id(it.ctx.lock) not in held:
             await acquire(it.ctx, BATCH_LOCK_WAIT_S)

@@ -30,7 +30,7 @@ from pgdurable.errors import StepError
 from pgdurable.graph import _abc as A
 from pgdurable.steps.sql_step import SqlSteps
 
-from .checkpoint import Checkpointer, Outcome
+from .checkpoint import Checkpointer, Outcome, successor_task
 from .checkpoint_set import TERMINAL, CheckpointSet
 from .flow import Requeue
 from .instance import InstanceCtx, subst
@@ -138,20 +138,7 @@ def successor(
         run.tasks[t["node_id"]] = t
         return True
 
-    task = Task(
-        ctx.instance_id,
-        t["node_id"],
-        t["gen"],
-        "run",
-        1,
-        ctx.role_oid,
-        ctx.database,
-        None,
-        clock,  # as a handed-off successor's (Checkpointer._applied)
-        None,
-        started=datetime.now(UTC),
-        virtual=True,
-    )
+    task = successor_task(ctx, t, clock, None, started=datetime.now(UTC), virtual=True)
     return Chained(task, idx, text, restore)
 
 

@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -360,20 +361,7 @@ class Checkpointer:
             if 0 < delay <= WAKE_AHEAD_MAX_S:
                 loop.call_later(delay + 0.005, self.wake)
         task.handoff = [
-            Task(
-                ctx.instance_id,
-                t["node_id"],
-                t["gen"],
-                "run",
-                1,
-                ctx.role_oid,
-                ctx.database,
-                None,
-                task.clock,
-                got,
-            )
-            for t in cp.new_tasks
-            if t.get("take")
+            successor_task(ctx, t, task.clock, got) for t in cp.new_tasks if t.get("take")
         ]
         if cp.inst_status in TERMINAL:
             self.cache.forget(ctx.instance_id, ctx)
@@ -645,6 +633,27 @@ class Checkpointer:
             self.cache.forget(ctx.instance_id, ctx)
             raise
         metrics.step_finished(step_type, outcome.ok)
+
+
+def successor_task(
+    ctx: InstanceCtx, t: dict[str, Any], clock: datetime, version: int | None, **more: Any
+) -> Task:
+    """The task of a successor a checkpoint made (``t``, one of its new tasks) as this worker
+    runs it: handed off (``version``: the state it was made in), or chained (:mod:`.chain`,
+    ``more``: its start and ``virtual``). Its clock is its predecessor's claim's."""
+    return Task(
+        ctx.instance_id,
+        t["node_id"],
+        t["gen"],
+        "run",
+        1,
+        ctx.role_oid,
+        ctx.database,
+        None,
+        clock,
+        version,
+        **more,
+    )
 
 
 def first_sql_leaf(ctx: InstanceCtx) -> int | None:
