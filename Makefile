@@ -47,21 +47,35 @@ test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local P
 	@# (each run starts an embedded PostgreSQL of its own), the local server's run (only the
 	@# tests that take a server: the others run once, on the embedded one) and, in the
 	@# foreground, the embedded server's other tests, the pure-Python scheduler twin and the
-	@# benchmarks' smoke run. The background runs write .test-acceptance.log and
-	@# .test-local.log, shown when all have ended.
+	@# benchmarks' smoke run. Every run writes a .test-*.log; the background ones are shown
+	@# when all have ended, and the last lines say which run failed and on what (a CI page
+	@# that keeps only the tail still names the failure).
 	@PGDURABLE_IMPL=cython $(BIN)/python -m pytest -q -p no:cacheprovider --no-embedded \
 	    --server-tests-only tests/sql tests/migration tests/integration tests/acceptance tests/ui $(PYTEST_ARGS) \
 	    > .test-local.log 2>&1 & local=$$!; \
 	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest -q -p no:cacheprovider --no-local \
 	    tests/acceptance $(PYTEST_ARGS) > .test-acceptance.log 2>&1 & accept=$$!; \
-	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest --no-local --ignore=tests/acceptance $(PYTEST_ARGS); embedded=$$?; \
-	  PGDURABLE_IMPL=python $(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS); twin=$$?; \
+	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest --no-local --ignore=tests/acceptance $(PYTEST_ARGS) 2>&1 \
+	    | tee .test-embedded.log; embedded=$${PIPESTATUS[0]}; \
+	  PGDURABLE_IMPL=python $(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS) 2>&1 \
+	    | tee .test-twin.log; twin=$${PIPESTATUS[0]}; \
 	  $(BIN)/pip install -q -e '.[bench]' >/dev/null 2>&1 \
 	    || echo "pgdurable: the bench extra did not install; peer smoke tests will skip"; \
-	  $(BIN)/python -m pytest -q -m benchmark --benchmark-disable bench $(PYTEST_ARGS); bench=$$?; \
+	  $(BIN)/python -m pytest -q -m benchmark --benchmark-disable bench $(PYTEST_ARGS) 2>&1 \
+	    | tee .test-bench.log; bench=$${PIPESTATUS[0]}; \
 	  wait $$accept; arc=$$?; wait $$local; rc=$$?; \
 	  echo "== the acceptance tests on the embedded PostgreSQL 18:"; tail -n 60 .test-acceptance.log; \
 	  echo "== the same tests on the local PostgreSQL (127.0.0.1:5432):"; tail -n 60 .test-local.log; \
+	  echo "== summary of the five runs:"; \
+	  for run in "embedded PG 18, all but acceptance:$$embedded:.test-embedded.log" \
+	             "Python scheduler twin:$$twin:.test-twin.log" "bench smoke:$$bench:.test-bench.log" \
+	             "embedded PG 18, acceptance:$$arc:.test-acceptance.log" \
+	             "local PostgreSQL, server tests:$$rc:.test-local.log"; do \
+	    IFS=: read -r name code log <<< "$$run"; \
+	    if [ "$$code" -eq 0 ]; then echo "  ok      $$name: $$(tail -n 1 $$log)"; \
+	    else echo "  FAILED  $$name (exit $$code, $$log): $$(tail -n 1 $$log)"; \
+	         grep -E '^(FAILED|ERROR) ' $$log | head -n 15 | sed 's/^/          /'; fi; \
+	  done; \
 	  test $$embedded -eq 0 && test $$twin -eq 0 && test $$bench -eq 0 && test $$arc -eq 0 && test $$rc -eq 0
 	@# (the peer drivers, DBOS and Procrastinate, are benchmarks too: the bench extra is
 	@# installed so that their smoke tests run rather than skip, saying so where it cannot)
