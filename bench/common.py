@@ -82,6 +82,9 @@ class Server:
                 settings["shared_preload_libraries"] = "'pg_stat_statements'"
                 # the statements inside the engine's functions too (a checkpoint's parts)
                 settings["pg_stat_statements.track"] = "all"
+                # and how often each was planned (a plan per call: a custom plan, or a
+                # cached one invalidated)
+                settings["pg_stat_statements.track_planning"] = "on"
             # everything else stays at PostgreSQL's defaults (fsync, synchronous_commit on)
             self.embedded = EmbeddedPostgres(self.tmp / "data", settings=settings)
             self.admin_dsn = self.embedded.start()

@@ -112,7 +112,7 @@ class Row:
     step_p99_ms: float | None = None
     load_step_p50_ms: float | None = None
     note: str = ""
-    top_statements: list[tuple[str, float, int]] = field(default_factory=list)
+    top_statements: list[tuple[str, float, int, float, int]] = field(default_factory=list)
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -279,9 +279,10 @@ def run_workload(
                 if server.has_pgss:
                     with contextlib.suppress(psycopg.Error):
                         row.top_statements = [
-                            (" ".join(str(q).split())[:110], float(t), int(c))
-                            for q, t, c in conn.execute(
-                                "select query, total_exec_time, calls from pg_stat_statements "
+                            (" ".join(str(q).split())[:110], float(t), int(c), float(pt), int(pc))
+                            for q, t, c, pt, pc in conn.execute(
+                                "select query, total_exec_time, calls, total_plan_time, plans "
+                                "from pg_stat_statements "
                                 "where dbid = (select oid from pg_database "
                                 "where datname = current_database()) "
                                 "order by total_exec_time desc limit 16"
@@ -604,9 +605,12 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(f"{b} {s:.0%}" for b, s in shares[:8])
                     )
                 if r.top_statements:
-                    print(f"{r.workload} top statements by total time (pg_stat_statements):")
-                    for q, t, c in r.top_statements:
-                        print(f"  {t:10,.0f} ms {c:8,} calls  {q}")
+                    print(
+                        f"{r.workload} top statements by total time (pg_stat_statements; "
+                        "execution, then planning):"
+                    )
+                    for q, t, c, pt, pc in r.top_statements:
+                        print(f"  {t:8,.0f} ms {c:7,} calls | {pt:6,.0f} ms {pc:7,} plans  {q}")
         if args.json_path:
             Path(args.json_path).write_text(
                 json.dumps(

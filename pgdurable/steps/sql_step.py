@@ -56,7 +56,7 @@ class SqlSteps:
         self.checkpointer = checkpointer
         self.cache = cache
         self.runners: dict[int, sql.Composed] = {}  # role -> its verified runner's call
-        self.next_calls: dict[int, sql.Composed] = {}  # role -> step_next with its runner
+        self.next_calls: dict[int, bytes] = {}  # role -> step_next with its runner
 
     async def step_call(self, role_oid: int, role_name: str) -> sql.Composed:
         """``select * from <the role's runner>(cap, sql, max bytes)``, once the runner is
@@ -73,7 +73,7 @@ class SqlSteps:
             self.runners[role_oid] = call
         return call
 
-    def next_call(self, role_oid: int) -> sql.Composed:
+    def next_call(self, role_oid: int) -> bytes:
         """``step_next`` with the role's verified runner (after :meth:`step_call`)."""
         return self.next_calls[role_oid]
 

@@ -27,6 +27,7 @@ from pgdurable.errors import StepError
 from pgdurable.log import instance_var, node_var
 from pgdurable.steps.sql_step import SqlSteps, envelope
 
+from . import wire
 from .cache import InstanceCache
 from .chain import Chained, chain_start, chainable, fail_in_place, step_timeout, successor, unchain
 from .checkpoint import Checkpointer, Outcome
@@ -260,13 +261,15 @@ class BatchRunner:
         item: Item | None = first
         role = first.ctx.role_oid
         t0 = None  # the window opens once the first step ran (not while waiting for a slot)
-        applied: tuple[Any, ...] = ()  # the settings the batch's first step applied
+        # the settings the batch's first step applied, as step_next's text parameters
+        applied: tuple[bytes, bytes, bytes | None, str] = (b"", b"", None, "")
         try:
             call = await self.sql.step_call(role, first.ctx.role_name)
             next_call = self.sql.next_call(role)
             async with self.sessions.steps.connection() as conn:
                 cap = self.sessions.cap(conn)
                 assert cap is not None
+                cap_b, runner_cap = cap.encode(), b"%d" % self.sessions.runner_cap
                 refused: StepError | None = None
                 try:
                     while item is not None:
@@ -296,37 +299,49 @@ class BatchRunner:
                                     )
                             else:
                                 names, vals, path, timeout = applied
+                                cmds: list[wire.Command] = []
                                 if item.task.virtual:
                                     # its failure is its own (below), and it runs under the
                                     # chain's bound (armed as its statement begins)
                                     bound, item.bounded = step_timeout(timeout)
-                                    await conn.execute(chain_start(bound))
+                                    cmds = chain_start(bound)
                                 # RESET ALL (what the last statement set ends here), the
                                 # settings again and the statement: one statement, which
-                                # arms the limit again for the next one
-                                cur = await conn.execute(
-                                    next_call,
+                                # arms the limit again for the next one; sent at libpq level
+                                # with a chained step's savepoint, in one round trip
+                                t = timeout.encode()
+                                cmds.append(
                                     (
-                                        names,
-                                        vals,
-                                        path,
-                                        timeout,
-                                        step_app_name(item.task),
-                                        cap,
-                                        item.text,
-                                        self.sessions.runner_cap,
-                                        timeout,
-                                    ),
+                                        next_call,
+                                        (
+                                            names,
+                                            vals,
+                                            path,
+                                            t,
+                                            step_app_name(item.task).encode(),
+                                            cap_b,
+                                            item.text.encode(),
+                                            runner_cap,
+                                            t,
+                                        ),
+                                    )
                                 )
+                                rows = await wire.rows(conn, cmds)
                             if not ran:
                                 srow = await scur.fetchone()
                                 assert srow is not None
-                                # what the next steps apply again (step_next)
-                                applied = (srow[5], srow[6], srow[0], srow[7])
+                                # what the next steps apply again (step_next), as text
+                                applied = (
+                                    wire.text_array(srow[5]),
+                                    wire.text_array(srow[6]),
+                                    wire.param(srow[0]),
+                                    str(srow[7]),
+                                )
                                 del scur
-                            rows = await cur.fetchall()
+                                rows = await cur.fetchall()
+                                del cur
                             value = envelope(rows)  # capped at its checkpoint
-                            del rows, cur
+                            del rows
                         except psycopg.Error as exc:
                             if await unchain(conn, item.chained, item.bounded, exc):
                                 item = None  # a task of its own now: this batch ends here

@@ -30,6 +30,7 @@ from pgdurable.errors import StepError
 from pgdurable.graph import _abc as A
 from pgdurable.steps.sql_step import SqlSteps
 
+from . import wire
 from .checkpoint import Checkpointer, Outcome, successor_task
 from .checkpoint_set import TERMINAL, CheckpointSet
 from .flow import Requeue
@@ -48,10 +49,14 @@ CHAIN_STEP_MAX_MS = 100
 ROLLBACK_TO_SAVEPOINT = b"rollback to savepoint pgdurable_chain"
 
 
-def chain_start(timeout_ms: str) -> bytes:
+def chain_start(timeout_ms: str) -> list[wire.Command]:
     """The savepoint before a chained step and the statement_timeout it runs under (armed
-    when its statement begins), as one simple query: ``timeout_ms`` is an integer of ours."""
-    return f"savepoint pgdurable_chain; set local statement_timeout = {int(timeout_ms)}".encode()
+    when its statement begins), sent in the step's own round trip (:func:`.wire.rows`):
+    ``timeout_ms`` is an integer of ours."""
+    return [
+        (b"savepoint pgdurable_chain", ()),
+        (b"set local statement_timeout = %d" % int(timeout_ms), ()),
+    ]
 
 
 @dataclass

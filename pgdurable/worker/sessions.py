@@ -28,6 +28,8 @@ from psycopg_pool import AsyncConnectionPool
 from pgdurable.queries import q
 from pgdurable.values import effective_limit
 
+from . import wire
+
 logger = logging.getLogger(__name__)
 
 # Startup options of every service connection: search_path fixed whatever the database's or
@@ -165,13 +167,17 @@ class Sessions:
             sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
         )
 
-    def runner_next_call(self, role_oid: int) -> sql.Composed:
+    def runner_next_call(self, role_oid: int) -> bytes:
         """The next step of a batch: its settings and the role's runner in one statement
-        (``step_next``)."""
-        return sql.SQL(self.q("step_next")).format(
-            runner=sql.SQL("{}.{}").format(
-                sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
+        (``step_next``), with ``$n`` placeholders (sent by :mod:`.wire`)."""
+        return wire.dollar(
+            sql.SQL(self.q("step_next"))
+            .format(
+                runner=sql.SQL("{}.{}").format(
+                    sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
+                )
             )
+            .as_bytes(None)
         )
 
     @property

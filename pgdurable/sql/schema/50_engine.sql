@@ -18,6 +18,12 @@
 -- tables and types never shadow a catalog name) and names everything else with its schema;
 -- operators are written operator(pg_catalog.x) where a step session may reach them.
 
+-- Plans: a plpgsql statement with parameters is planned anew for each of a session's first
+-- five calls (custom plans) and then for good only if its generic plan looks no dearer; the
+-- claim's and the load's were planned on every call or for most calls (a pool spreads calls
+-- over many sessions), and planning cost them as much as running. Their generic plans are
+-- the same index scans (checked with auto_explain), so they take them from the first call.
+--
 -- Claim: lock candidate rows with SKIP LOCKED so concurrent workers of any number of
 -- `serve` processes never wait on each other, and never take more than the free slots;
 -- steps of an instance another worker is running steps of are left to that worker.
@@ -38,6 +44,8 @@ returns table (instance_id varchar, node_id varchar, gen integer, kind text, att
                state_version bigint)
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+-- one plan per session (see "Plans" above)
+set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
@@ -932,6 +940,8 @@ returns table (kind integer, label text, status text, role_oid oid, role_text te
                result jsonb, status_details jsonb)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
+-- one plan per session (see "Plans" above _claim_v2)
+set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 begin

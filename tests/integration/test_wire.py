@@ -1,0 +1,147 @@
+"""The libpq-level path of a batch's later steps (pgdurable/worker/wire.py), against a real
+server: parameters as text (arrays of any text), errors as psycopg's own with the session
+usable after them, one pipeline whose ``set local statement_timeout`` holds for the command
+after it only, and a connection never left in pipeline mode."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from pgdurable.worker import wire
+
+pytestmark = pytest.mark.timeout(60)
+
+HOSTILE = [
+    "",
+    "plain",
+    'a "quoted" word',
+    "back\\slash",
+    "\\",
+    '\\"',
+    "comma, and {braces}",
+    "NULL",
+    " leading and trailing ",
+    "über ☃",
+    "new\nline",
+]
+
+
+def test_dollar_numbers_placeholders_in_order_and_keeps_literal_percent():
+    assert wire.dollar(b"select %s, %s::int, '%%' || %s") == b"select $1, $2::int, '%' || $3"
+    assert wire.dollar(b"select 1") == b"select 1"
+
+
+async def _rows(dsn: str, commands: list[wire.Command]) -> list[tuple[str | None]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        return await wire.rows(conn, commands)
+
+
+def test_text_arrays_of_any_text_arrive_as_sent(db):
+    got = asyncio.run(
+        _rows(
+            db.dsn,
+            [(b"select pg_catalog.unnest($1::pg_catalog.text[])", (wire.text_array(HOSTILE),))],
+        )
+    )
+    assert [r[0] for r in got] == HOSTILE
+    empty = asyncio.run(
+        _rows(db.dsn, [(b"select pg_catalog.cardinality($1::text[])", (wire.text_array([]),))])
+    )
+    assert empty == [("0",)]
+
+
+def test_rows_are_text_and_null_stays_none(db):
+    got = asyncio.run(
+        _rows(db.dsn, [(b"select x from (values ($1::text), ($2::text)) v(x)", (b"a", None))])
+    )
+    assert got == [("a",), (None,)]
+    got = asyncio.run(
+        _rows(
+            db.dsn,
+            [
+                (
+                    b"select x::text from (values ($1::text), (null), ('{}'::json::text)) v(x)",
+                    (b"a",),
+                )
+            ],
+        )
+    )
+    assert got == [("a",), (None,), ("{}",)]
+
+
+def test_an_error_is_psycopgs_with_its_sqlstate_and_the_session_goes_on(db):
+    async def go() -> None:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            await conn.execute("begin")
+            with pytest.raises(psycopg.errors.DivisionByZero) as err:
+                await wire.rows(
+                    conn,
+                    [
+                        (b"savepoint s", ()),
+                        (b"select 1 / $1::int", (b"0",)),
+                        (b"select 'not reached'", ()),
+                    ],
+                )
+            assert err.value.sqlstate == "22012"
+            assert "division by zero" in str(err.value)
+            # the pipeline was read to its end: the session takes the next statement
+            assert conn.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
+            await conn.execute("rollback to savepoint s")
+            cur = await conn.execute("select 42")
+            assert await cur.fetchone() == (42,)
+            await conn.execute("rollback")
+            # one command alone fails the same way
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                await wire.rows(conn, [(b"select * from no_such_table_here", ())])
+            assert (await (await conn.execute("select 1")).fetchone()) == (1,)
+
+    asyncio.run(go())
+
+
+def test_a_set_local_timeout_in_the_pipeline_holds_for_the_next_command(db):
+    """As sent on its own: PostgreSQL arms statement_timeout afresh for each command of a
+    pipeline, with the value in force when the command arrives."""
+
+    async def go() -> None:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            await conn.execute("begin")
+            with pytest.raises(psycopg.errors.QueryCanceled) as err:
+                await wire.rows(
+                    conn,
+                    [
+                        (b"savepoint s", ()),
+                        (b"set local statement_timeout = 50", ()),
+                        (b"select pg_catalog.pg_sleep(0.5)::text", ()),
+                    ],
+                )
+            assert "statement timeout" in str(err.value)
+            await conn.execute("rollback to savepoint s")
+            # without the limit, the same statement runs its half second
+            got = await wire.rows(
+                conn, [(b"savepoint s", ()), (b"select pg_catalog.pg_sleep(0.3)::text", ())]
+            )
+            assert got == [("",)]
+            await conn.execute("rollback")
+
+    asyncio.run(go())
+
+
+def test_a_cancelled_wait_leaves_no_connection_in_pipeline_mode(db):
+    async def go() -> None:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            task = asyncio.create_task(
+                wire.rows(conn, [(b"select 1", ()), (b"select pg_catalog.pg_sleep(5)::text", ())])
+            )
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises((asyncio.CancelledError, psycopg.Error)):
+                await task
+            # either out of pipeline mode and usable, or closed (the pool replaces it)
+            if not conn.closed:
+                assert conn.pgconn.pipeline_status == psycopg.pq.PipelineStatus.OFF
+                assert (await (await conn.execute("select 7")).fetchone()) == (7,)
+
+    asyncio.run(go())
