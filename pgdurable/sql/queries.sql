@@ -137,34 +137,17 @@ from @engine@._role_settings_v2(%s::pg_catalog.oid, %s::pg_catalog.text) r
 
 -- name: step_next
 -- the next step of a batch, in the same transaction, in one statement: RESET ALL (nothing the
--- last statement set survives into this one), then the per-step settings again, as the
--- batch's first step applied them (step_settings returned them: the catalog is read once per
--- batch; the slot and the step identity stay the batch's), then the role's runner ({runner},
--- as runner_call names it). Each part is the FROM of the next (OFFSET 0: never merged into
--- it), and the runner's first argument depends on the settings' row, so they run in that
--- order. statement_timeout is armed when a statement begins, not when it is set: this
--- statement ran under the limit the one before it left, and the UNION ALL's second branch,
--- which runs once the runner's rows are all out and returns no row, sets it again for the
--- next statement (whatever the step set meanwhile). The role's other settings never name
--- search_path or a name set here (_setting_pinned_v1). Parameters: the role's setting names
--- and values, search_path, statement_timeout, application_name; the runner's capability,
--- statement and result bytes; statement_timeout again
-select r.*
-from (select (select pg_catalog.count(pg_catalog.set_config(s.k, s.v, true))
-              from rows from (pg_catalog.unnest(%s::pg_catalog.text[]),
-                              pg_catalog.unnest(%s::pg_catalog.text[])) as s(k, v)) as n,
-             pg_catalog.set_config('search_path', %s, true) as sp,
-             pg_catalog.set_config('df.in_workflow', 'true', true) as wf,
-             pg_catalog.set_config('statement_timeout', %s, true) as st,
-             pg_catalog.set_config('application_name', %s, true) as app
-      from (select @engine@._step_reset_v1() offset 0) as z
-      offset 0) as p
-cross join lateral {runner}(%s::pg_catalog.text operator(pg_catalog.||) pg_catalog.left(p.app, 0),
-                            %s::pg_catalog.text, %s::pg_catalog.int8) as r
-union all
-select null::pg_catalog.json
-from (select pg_catalog.set_config('statement_timeout', %s, true) as st offset 0) as t
-where t.st is null
+-- last statement set survives into this one), the per-step settings again as the batch's
+-- first step applied them (step_settings returned them: the catalog is read once per batch;
+-- the slot and the step identity stay the batch's), then the role's runner; it arms the
+-- role's statement_timeout again for the next statement (@engine@._step_next_v1 says how).
+-- Parameters: the role's setting names and values, search_path, statement_timeout,
+-- application_name; the role (its runner); the runner's capability, statement and result
+-- bytes
+select * from @engine@._step_next_v1(%s::pg_catalog.text[], %s::pg_catalog.text[],
+                                     %s::pg_catalog.text, %s::pg_catalog.text,
+                                     %s::pg_catalog.text, %s::pg_catalog.oid, %s::pg_catalog.text,
+                                     %s::pg_catalog.text, %s::pg_catalog.int8)
 
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,

@@ -56,7 +56,7 @@ class SqlSteps:
         self.checkpointer = checkpointer
         self.cache = cache
         self.runners: dict[int, sql.Composed] = {}  # role -> its verified runner's call
-        self.next_calls: dict[int, bytes] = {}  # role -> step_next with its runner
+        self.next_stmt = sessions.runner_next_call()  # step_next (any verified role's runner)
 
     async def step_call(self, role_oid: int, role_name: str) -> sql.Composed:
         """``select * from <the role's runner>(cap, sql, max bytes)``, once the runner is
@@ -69,13 +69,13 @@ class SqlSteps:
             if not (row and row[0]):
                 raise StepError(runner_missing(role_name), sqlstate="42501")
             call = self.sessions.runner_call(role_oid)
-            self.next_calls[role_oid] = self.sessions.runner_next_call(role_oid)
             self.runners[role_oid] = call
         return call
 
     def next_call(self, role_oid: int) -> bytes:
-        """``step_next`` with the role's verified runner (after :meth:`step_call`)."""
-        return self.next_calls[role_oid]
+        """``step_next``, which calls the role's runner (verified by :meth:`step_call`)."""
+        assert role_oid in self.runners, "step_call first: it verifies the runner"
+        return self.next_stmt
 
     async def run(
         self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, idx: int, text: str

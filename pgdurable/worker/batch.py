@@ -270,6 +270,7 @@ class BatchRunner:
                 cap = self.sessions.cap(conn)
                 assert cap is not None
                 cap_b, runner_cap = cap.encode(), b"%d" % self.sessions.runner_cap
+                role_b = b"%d" % role
                 refused: StepError | None = None
                 try:
                     while item is not None:
@@ -319,10 +320,10 @@ class BatchRunner:
                                             path,
                                             t,
                                             step_app_name(item.task).encode(),
+                                            role_b,
                                             cap_b,
                                             item.text.encode(),
                                             runner_cap,
-                                            t,
                                         ),
                                     )
                                 )

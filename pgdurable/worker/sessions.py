@@ -167,18 +167,10 @@ class Sessions:
             sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
         )
 
-    def runner_next_call(self, role_oid: int) -> bytes:
+    def runner_next_call(self) -> bytes:
         """The next step of a batch: its settings and the role's runner in one statement
         (``step_next``), with ``$n`` placeholders (sent by :mod:`.wire`)."""
-        return wire.dollar(
-            sql.SQL(self.q("step_next"))
-            .format(
-                runner=sql.SQL("{}.{}").format(
-                    sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
-                )
-            )
-            .as_bytes(None)
-        )
+        return wire.dollar(self.q("step_next").encode())
 
     @property
     def runner_cap(self) -> int:

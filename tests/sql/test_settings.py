@@ -60,11 +60,33 @@ def expect(conn: Conn, query: Any, params: Any, match: str) -> psycopg.Error:
     return info.value
 
 
-def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> None:
+# stand-ins for a role's runner, as @engine@_exec.step_<oid> (step_next calls the runner of
+# the role it is given): oids no role has, made in the test's transaction (rolled back)
+ECHO_RUNNER, LAX_RUNNER = 4000000001, 4000000002
+
+
+def stand_in_runner(conn: Conn, oid: int, body: str) -> None:
+    """A function where step_next looks for the runner of role ``oid``."""
+    conn.execute(
+        f"create or replace function pgdurable_exec.step_{oid}(p_cap text, p_sql text, p_max bigint) "
+        f"returns setof json language sql as $$ {body} $$"
+    )
+    conn.execute(
+        f"grant execute on function pgdurable_exec.step_{oid}(text, text, bigint) to pgdurable_step"
+    )
+
+
+def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> str:
     """The per-step settings of a batch's next step, as the step role runs them: resolved
     once (as step_settings does, for the batch's first step), then reset and applied again
-    by step_next (its runner replaced by pg_catalog.json_build_array, which returns one
-    row of its arguments)."""
+    by step_next (its runner a stand-in that returns one row of its arguments and the
+    search_path it ran under, which it returns: step_next's caller gets its own back)."""
+    stand_in_runner(
+        conn,
+        ECHO_RUNNER,
+        "select pg_catalog.json_build_array(p_cap, p_sql, p_max, "
+        "pg_catalog.current_setting('search_path'))",
+    )
     conn.execute("set local role pgdurable_step")
     row = conn.execute(
         "select coalesce(r.search_path, current_setting('search_path')), r.statement_timeout, "
@@ -74,21 +96,23 @@ def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> None:
     assert row is not None
     path, timeout, names, vals = row
     conn.execute("set local work_mem = '65kB'")  # step_next's RESET ALL ends this
-    conn.execute(
-        sql.SQL(q("step_next")).format(runner=sql.SQL("pg_catalog.json_build_array")),
+    got = conn.execute(
+        q("step_next"),
         (
             names,
             vals,
             path,
             timeout,
             "pgdurable:00000000:00000001",
+            ECHO_RUNNER,
             "cap",
             "select 1",
             1000,
-            timeout,
         ),
-    )
+    ).fetchall()
+    assert len(got) == 1 and got[0][0][:3] == ["cap", "select 1", 1000]  # as it was given
     conn.execute("reset role")
+    return str(got[0][0][3])
 
 
 def show(conn: Conn, name: str) -> str | None:
@@ -220,12 +244,12 @@ def test_a_steps_settings_are_its_roles_most_specific_first(tx: Conn) -> None:
     alter_role(tx, role, "search_path", "other")
     other = mkrole(tx)
     alter_role(tx, other, "work_mem", "3MB")
-    step_next(tx, role)
+    seen_path = step_next(tx, role)
     assert show(tx, "work_mem") == "7MB"
     assert show(tx, "maintenance_work_mem") == "66MB"
     assert show(tx, "lock_timeout") == "5s"
     assert show(tx, "cpu_tuple_cost") == "0.0123"
-    assert show(tx, "search_path") == "app, public"
+    assert seen_path == "app, public"
     assert show(tx, "df.in_workflow") == "true"
     assert show(tx, "application_name") == "pgdurable:00000000:00000001"
     # the settings are the step's transaction's: a later step of another role starts over
@@ -318,21 +342,19 @@ def test_step_next_leaves_the_limit_armed_for_the_next_step(tx: Conn) -> None:
     step in one statement) cannot arm it for its own step: it sets it again after the step,
     for the next statement, whatever the step set meanwhile. Here a "runner" that sets
     statement_timeout to 0 and sleeps: the step after it is still cut at the role's limit."""
-    tx.execute(
-        "create function public.lax_runner(p_cap text, p_sql text, p_max bigint) "
-        "returns setof json language sql as $$ "
+    stand_in_runner(
+        tx,
+        LAX_RUNNER,
         "select pg_catalog.to_json(pg_catalog.set_config('statement_timeout', '0', false)) "
-        "union all select pg_catalog.to_json(p_sql) from pg_catalog.pg_sleep(p_sql::float8) $$"
+        "union all select pg_catalog.to_json(p_sql) from pg_catalog.pg_sleep(p_sql::float8)",
     )
-    tx.execute("grant execute on function public.lax_runner(text, text, bigint) to pgdurable_step")
     tx.execute("set local role pgdurable_step")
-    stmt = sql.SQL(q("step_next")).format(runner=sql.SQL("public.lax_runner"))
-    args = ([], [], "public", "200", "pgdurable:00000000:00000001", "cap")
+    args = ([], [], "public", "200", "pgdurable:00000000:00000001", LAX_RUNNER, "cap")
     tx.execute("set local statement_timeout = '200ms'")  # as step_settings leaves it
-    tx.execute(stmt, (*args, "0.01", 1000, "200"))  # a quick step that sets the limit to 0
+    tx.execute(q("step_next"), (*args, "0.01", 1000))  # a quick step that sets the limit to 0
     tx.execute("savepoint slow")
     with pytest.raises(psycopg.errors.QueryCanceled):
-        tx.execute(stmt, (*args, "1.5", 1000, "200"))  # the next step: still cut at 200 ms
+        tx.execute(q("step_next"), (*args, "1.5", 1000))  # the next step: still cut at 200 ms
     tx.execute("rollback to savepoint slow")
     tx.execute("reset role")
 

@@ -836,6 +836,46 @@ begin
 end
 $$;
 
+-- The next step of a batch in one call (step_next, pgdurable/sql/queries.sql): RESET ALL, the
+-- settings the batch's first step applied (step_settings returned them), then the role's
+-- runner (@engine@_exec.step_<role>, the one df.grant_usage made and the worker verified). A
+-- function so that its statements are planned once per session: as one top-level statement
+-- it was parsed and planned for every step, a third of PostgreSQL's CPU per chained step.
+-- SECURITY INVOKER and callable by the step role without a capability: it calls a runner as
+-- the session could itself, and the runner checks the capability.
+-- RESET ALL resets search_path too; it is pinned again at once (the function's SET clause
+-- also restores the caller's on return). The role's search_path comes last, just before the
+-- runner's call, the only statement parsed under it (every name in it qualified). That call's
+-- UNION ALL branch runs once the runner's rows are all out and returns no row: it sets
+-- statement_timeout again for the caller's next statement, whatever the step set meanwhile
+-- (a limit is armed when a statement begins, not when it is set). The role's other settings
+-- never name search_path or a name set here (_setting_pinned_v1).
+create function @engine@._step_next_v1(p_names text[], p_vals text[], p_path text,
+                                       p_timeout text, p_app text, p_role oid, p_cap text,
+                                       p_sql text, p_max_bytes bigint)
+returns setof pg_catalog.json
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    reset all;
+    perform pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    perform pg_catalog.set_config(s.k, s.v, true)
+    from rows from (pg_catalog.unnest(p_names), pg_catalog.unnest(p_vals)) as s(k, v);
+    perform pg_catalog.set_config('df.in_workflow', 'true', true),
+            pg_catalog.set_config('statement_timeout', p_timeout, true),
+            pg_catalog.set_config('application_name', p_app, true);
+    perform pg_catalog.set_config('search_path', p_path, true);
+    return query execute pg_catalog.format(
+        'select r.* from %I.%I($1, $2, $3) as r '
+        'union all select null::pg_catalog.json '
+        'from (select pg_catalog.set_config(''statement_timeout'', $4, true) as st offset 0) as t '
+        'where t.st is null',
+        '@engine@_exec', 'step_' operator(pg_catalog.||) p_role::pg_catalog.text)
+        using p_cap, p_sql, p_max_bytes, p_timeout;
+end
+$$;
+
 -- The start of a step transaction: the capability, one step slot, and the step's identity
 -- for @engine@._invoker() (the row is stamped with this transaction's id).
 create function @engine@._step_begin_v1(p_cap text, p_role oid)
