@@ -13,6 +13,14 @@ from @engine@._claim_v2(%s, %s, %s)
 -- there is no such instance
 select * from @engine@._load_v2(%s)
 
+-- name: load_many
+-- the instances of the start tasks one claim took, in one statement (cache.py, preload): each
+-- one's load rows in their order, the instance's id first
+select u.id, l.*
+from pg_catalog.unnest(%s::pg_catalog.varchar[]) with ordinality as u(id, n)
+cross join lateral @engine@._load_v2(u.id) with ordinality as l
+order by u.n, l.ordinality
+
 -- name: step_load
 -- load from a step session (after the step's statement): behind its capability
 select * from @engine@._step_load_v2(%s, %s)

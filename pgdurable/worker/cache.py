@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -20,6 +21,11 @@ logger = logging.getLogger(__name__)
 # How many instance contexts a worker keeps (graph + scheduler + results). A miss costs
 # one reload of the instance's rows.
 CTX_CACHE_SIZE = 2048
+# A start's instance loaded with the others of its claim (:meth:`InstanceCache.preload`) counts
+# as freshly loaded this long (the claim leased its start task: nothing but the tenant moves
+# it meanwhile, as after any load); a start dispatched later loads it again.
+PRELOAD_TTL_S = 1.0
+PRELOAD_MAX = 4096
 
 
 def split_load(
@@ -44,6 +50,8 @@ class InstanceCache:
         self.settings = settings
         self.size = size
         self.ctxs: OrderedDict[str, InstanceCtx] = OrderedDict()
+        # instance -> (when, its load rows): preloaded for the next fresh get
+        self.preloaded: dict[str, tuple[float, list[tuple[Any, ...]]]] = {}
 
     def peek(self, instance_id: str) -> InstanceCtx | None:
         """The cached context, as is (no freshness check, no load)."""
@@ -74,17 +82,21 @@ class InstanceCache:
         fresh: bool = False,
         version: int | None = None,
         lock: asyncio.Lock | None = None,
+        start: bool = False,
     ) -> InstanceCtx | None:
         """The instance's context: cached unless ``fresh``, or older than ``version``, or
         loaded under other loop limits; else loaded on ``conn`` (None: no such instance).
-        ``lock``: the caller holds it, and the reloaded state is under it too."""
+        ``lock``: the caller holds it, and the reloaded state is under it too. ``start``: a
+        start task's first look, which may take what its claim preloaded."""
         ctx = None if fresh else self.ctxs.get(instance_id)
         if ctx is not None and self.usable(ctx, version):
             self.ctxs.move_to_end(instance_id)
             return ctx
-        # one statement (behind the capability on a step connection)
-        cur = await conn.execute(*self.sessions.engine_query(conn, "load", (instance_id,)))
-        got = await cur.fetchall()
+        got = self._take_preloaded(instance_id) if start else None
+        if got is None:
+            # one statement (behind the capability on a step connection)
+            cur = await conn.execute(*self.sessions.engine_query(conn, "load", (instance_id,)))
+            got = await cur.fetchall()
         if not got:
             return None
         inst, rows, named = split_load(got)
@@ -106,3 +118,23 @@ class InstanceCache:
         while len(self.ctxs) > self.size:
             self.ctxs.popitem(last=False)
         return ctx
+
+    async def preload(self, conn: psycopg.AsyncConnection[Any], instance_ids: list[str]) -> None:
+        """Load several instances in one statement (the starts one claim took): each counts
+        as freshly loaded for its next ``get(fresh=True)`` within PRELOAD_TTL_S."""
+        cur = await conn.execute(self.sessions.q("load_many"), (instance_ids,))
+        by_id: dict[str, list[tuple[Any, ...]]] = {}
+        for r in await cur.fetchall():
+            by_id.setdefault(r[0], []).append(r[1:-1])  # (id, the load's row…, ordinality)
+        if len(self.preloaded) + len(by_id) > PRELOAD_MAX:
+            self.preloaded.clear()  # never used (their starts went elsewhere): drop them
+        now = time.monotonic()
+        for iid in instance_ids:
+            # an instance with no rows (gone) is known gone as of now too
+            self.preloaded[iid] = (now, by_id.get(iid, []))
+
+    def _take_preloaded(self, instance_id: str) -> list[tuple[Any, ...]] | None:
+        got = self.preloaded.pop(instance_id, None)
+        if got is None or time.monotonic() - got[0] > PRELOAD_TTL_S:
+            return None
+        return got[1]

@@ -234,7 +234,7 @@ class Dispatch:
     async def start_instance(self, task: Task) -> None:
         """Check the submitting role, then start the instance (or fail it, saying why)."""
         async with self.sessions.service.connection() as conn:
-            ctx = await self.cache.get(conn, task.instance_id, fresh=True)
+            ctx = await self.cache.get(conn, task.instance_id, fresh=True, start=True)
             if ctx is None:
                 return
             role = ctx.role_info  # loaded with the instance, just now (fresh)

@@ -149,6 +149,7 @@ class Worker:
             stopping=self.stopping,
             handle=self.dispatch.handle,
             release=self.dispatch.release,
+            preload=self.cache.preload,
         )
         self.notifier = Notifier(
             dsn=config.dsn,

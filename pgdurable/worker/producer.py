@@ -62,6 +62,7 @@ class Producer:
         stopping: asyncio.Event,
         handle: Callable[[Task], Coroutine[Any, Any, None]],
         release: Callable[[Task], Coroutine[Any, Any, None]],
+        preload: Callable[[Any, list[str]], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.pool = pool  # the service's pool (opened after this is built)
         self.claim_sql = claim_sql
@@ -73,6 +74,7 @@ class Producer:
         self.stopping = stopping
         self.handle = handle
         self.release = release
+        self.preload = preload  # load the instances of a claim's starts in one statement
 
     async def claim(self, free: int) -> list[Task]:
         """Lease up to ``free`` runnable tasks (one statement)."""
@@ -81,6 +83,13 @@ class Producer:
             cur = conn.cursor(row_factory=args_row(Task))
             await cur.execute(self.claim_sql, (self.worker_id, free, self.lease_seconds))
             claimed: list[Task] = await cur.fetchall()
+            starts = [t.instance_id for t in claimed if t.kind == "start"]
+            if self.preload is not None and len(starts) > 1:
+                # one statement for them all, not one per start as each dispatch would
+                try:
+                    await self.preload(conn, starts)
+                except psycopg.Error as exc:  # each start loads its own then
+                    logger.info("preload failed: %s", exc, extra={"event": "claim.preload"})
         metrics.claimed(len(claimed))
         return claimed
 

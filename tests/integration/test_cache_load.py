@@ -105,3 +105,61 @@ def test_no_such_instance_loads_nothing(db):
             assert w.cache.peek("nope0000") is None
 
     asyncio.run(go())
+
+
+def test_a_claims_starts_are_loaded_in_one_statement_and_equal_one_load_each(db):
+    """The producer loads the instances of a claim's start tasks in one statement
+    (``load_many``); each start's first look takes its own (no load of its own), equal to
+    what a load of it alone gives; a preloaded copy is not used past PRELOAD_TTL_S, nor by a
+    look that is not a start's."""
+    from pgdurable.worker import cache as cache_mod
+
+    role = db.create_role("pl")
+    iids = [
+        start(db, role, "df.sql('select 20 as n') |=> 'first' ~> df.sql('select $first.n')"),
+        start(db, role, "'select 1' ~> 'select 2' ~> 'select 3'"),
+        start(db, role, "df.sql('select ''x'' as t') |=> 'a'"),
+    ]
+
+    async def go() -> None:
+        async with worker(db) as w:
+            asked: list[str] = []
+            engine_query = w.sessions.engine_query
+
+            def counting(conn: Any, name: str, args: tuple[Any, ...]) -> Any:
+                asked.append(name)
+                return engine_query(conn, name, args)
+
+            w.sessions.engine_query = counting  # type: ignore[method-assign]
+            claimed = await w.producer.claim(8)
+            assert sorted(t.instance_id for t in claimed) == sorted(iids)
+            assert all(t.kind == "start" for t in claimed)
+            assert set(w.cache.preloaded) == set(iids)
+            async with w.sessions.service.connection() as conn:
+                for iid in iids:
+                    pre = await w.cache.get(conn, iid, fresh=True, start=True)
+                    assert pre is not None
+                    assert asked == []
+                    alone = await w.cache.get(conn, iid, fresh=True)
+                    assert alone is not None
+                    assert asked == ["load"]
+                    assert view(pre) == view(alone)
+                    asked.clear()
+                # expired: loaded again
+                await w.cache.preload(conn, iids[:2])
+                w.cache.preloaded[iids[0]] = (
+                    w.cache.preloaded[iids[0]][0] - cache_mod.PRELOAD_TTL_S - 1,
+                    w.cache.preloaded[iids[0]][1],
+                )
+                assert await w.cache.get(conn, iids[0], fresh=True, start=True) is not None
+                assert asked == ["load"]
+                # a look that is not a start's never takes it
+                assert await w.cache.get(conn, iids[1], fresh=True) is not None
+                assert asked == ["load", "load"]
+                assert iids[1] in w.cache.preloaded
+                # an instance that is gone is gone in the preload too
+                await w.cache.preload(conn, ["nosuch00"])
+                assert await w.cache.get(conn, "nosuch00", fresh=True, start=True) is None
+                assert asked == ["load", "load"]
+
+    asyncio.run(go())

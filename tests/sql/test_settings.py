@@ -110,7 +110,8 @@ def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> str:
             1000,
         ),
     ).fetchall()
-    assert len(got) == 1 and got[0][0][:3] == ["cap", "select 1", 1000]  # as it was given
+    assert len(got) == 1
+    assert got[0][0][:3] == ["cap", "select 1", 1000]
     conn.execute("reset role")
     return str(got[0][0][3])
 
