@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 # HTTP requests in flight per worker beyond its slots (they wait on the network only; the
 # shared httpx client's connection limits bound the sockets).
 HTTP_INFLIGHT_MAX = 256
+# The starts of one claim loaded in one statement before any is launched (the others load their
+# own as they start): enough for a claim under load, few enough that a claim of large instances
+# does not hold its first start back behind the loads of all the others.
+PRELOAD_STARTS = 8
 
 
 class Slots:
@@ -83,7 +87,7 @@ class Producer:
             cur = conn.cursor(row_factory=args_row(Task))
             await cur.execute(self.claim_sql, (self.worker_id, free, self.lease_seconds))
             claimed: list[Task] = await cur.fetchall()
-            starts = [t.instance_id for t in claimed if t.kind == "start"]
+            starts = [t.instance_id for t in claimed if t.kind == "start"][:PRELOAD_STARTS]
             if self.preload is not None and len(starts) > 1:
                 # one statement for them all, not one per start as each dispatch would
                 try:
