@@ -17,6 +17,7 @@ from psycopg import sql
 from pgdurable import _testing
 from pgdurable.errors import StepError
 from pgdurable.values import json_text, sql_envelope
+from pgdurable.worker import wire
 from pgdurable.worker.cache import InstanceCache
 from pgdurable.worker.checkpoint import Checkpointer, Outcome
 from pgdurable.worker.failures import pg_message
@@ -56,6 +57,7 @@ class SqlSteps:
         self.checkpointer = checkpointer
         self.cache = cache
         self.runners: dict[int, sql.Composed] = {}  # role -> its verified runner's call
+        self.first_calls: dict[int, bytes] = {}  # the same, with $n placeholders (wire)
         self.next_stmt = sessions.runner_next_call()  # step_next (any verified role's runner)
 
     async def step_call(self, role_oid: int, role_name: str) -> sql.Composed:
@@ -69,8 +71,13 @@ class SqlSteps:
             if not (row and row[0]):
                 raise StepError(runner_missing(role_name), sqlstate="42501")
             call = self.sessions.runner_call(role_oid)
+            self.first_calls[role_oid] = wire.dollar(call.as_bytes(None))
             self.runners[role_oid] = call
         return call
+
+    def first_call(self, role_oid: int) -> bytes:
+        """The role's verified runner's call (after :meth:`step_call`), sent by :mod:`wire`."""
+        return self.first_calls[role_oid]
 
     def next_call(self, role_oid: int) -> bytes:
         """``step_next``, which calls the role's runner (verified by :meth:`step_call`)."""

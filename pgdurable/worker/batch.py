@@ -253,7 +253,6 @@ class BatchRunner:
         BATCH_LOCK_WAIT_S for its instance's asyncio lock: the batch holds database locks, so
         an unbounded wait could close a cycle PostgreSQL cannot see.
         """
-        q = self.sessions.q
         ran: list[tuple[Item, Any]] = []
         held: dict[int, asyncio.Lock] = {}
         late: set[str] = set()  # instances with a step whose checkpoint waits for the end
@@ -265,7 +264,7 @@ class BatchRunner:
         applied: tuple[bytes, bytes, bytes | None, str] = (b"", b"", None, "")
         try:
             call = await self.sql.step_call(role, first.ctx.role_name)
-            next_call = self.sql.next_call(role)
+            first_call, next_call = self.sql.first_call(role), self.sql.next_call(role)
             async with self.sessions.steps.connection() as conn:
                 cap = self.sessions.cap(conn)
                 assert cap is not None
@@ -288,16 +287,33 @@ class BatchRunner:
                             )
                         try:
                             if not ran:
-                                # once per batch: BEGIN, settings, one slot, the identity
-                                async with conn.pipeline():
-                                    await conn.execute(b"begin")
-                                    scur = await conn.execute(
-                                        q("step_settings"),
-                                        (cap, role, step_app_name(item.task), role, None),
-                                    )
-                                    cur = await conn.execute(
-                                        call, (cap, item.text, self.sessions.runner_cap)
-                                    )
+                                # once per batch, one round trip: BEGIN, settings, one slot,
+                                # the identity, and the statement
+                                got = await wire.results(
+                                    conn,
+                                    [
+                                        (b"begin", ()),
+                                        (
+                                            self.sessions.step_settings_stmt,
+                                            (
+                                                cap_b,
+                                                role_b,
+                                                step_app_name(item.task).encode(),
+                                                role_b,
+                                                None,
+                                            ),
+                                        ),
+                                        (first_call, (cap_b, item.text.encode(), runner_cap)),
+                                    ],
+                                )
+                                # what the next steps apply again (step_next), as text
+                                applied = (
+                                    (wire.value(conn, got[1], 5) or "{}").encode(),
+                                    (wire.value(conn, got[1], 6) or "{}").encode(),
+                                    wire.param(wire.value(conn, got[1], 0)),
+                                    wire.value(conn, got[1], 7) or "0",
+                                )
+                                rows = wire.column(conn, got[2])
                             else:
                                 names, vals, path, timeout = applied
                                 cmds: list[wire.Command] = []
@@ -328,19 +344,6 @@ class BatchRunner:
                                     )
                                 )
                                 rows = await wire.rows(conn, cmds)
-                            if not ran:
-                                srow = await scur.fetchone()
-                                assert srow is not None
-                                # what the next steps apply again (step_next), as text
-                                applied = (
-                                    wire.text_array(srow[5]),
-                                    wire.text_array(srow[6]),
-                                    wire.param(srow[0]),
-                                    str(srow[7]),
-                                )
-                                del scur
-                                rows = await cur.fetchall()
-                                del cur
                             value = envelope(rows)  # capped at its checkpoint
                             del rows
                         except psycopg.Error as exc:
@@ -418,7 +421,7 @@ class BatchRunner:
                     node_var.set(None)
                     await self.checkpointer.flush(conn, staged)
                     try:
-                        await conn.execute(self.sessions.commit_reset)
+                        await wire.simple(conn, self.sessions.commit_reset)
                     except psycopg.OperationalError:
                         if _testing.BLIND_COMMIT_RETRY:  # a planted bug: pgdurable/_testing.py
                             await _testing.blind_rerun(

@@ -12,6 +12,7 @@ so nothing left behind in the session can call either (docs/security.md).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -167,6 +168,11 @@ class Sessions:
             sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"step_{role_oid}")
         )
 
+    @functools.cached_property
+    def step_settings_stmt(self) -> bytes:
+        """``step_settings`` with ``$n`` placeholders (sent by :mod:`.wire`)."""
+        return wire.dollar(self.q("step_settings").encode())
+
     def runner_next_call(self) -> bytes:
         """The next step of a batch: its settings and the role's runner in one statement
         (``step_next``), with ``$n`` placeholders (sent by :mod:`.wire`)."""
@@ -193,8 +199,8 @@ class Sessions:
         if not (conn.broken or conn.closed):
             try:
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    await conn.execute(b"rollback")
-                await conn.execute(self.reset_sql().encode())
+                    await wire.simple(conn, b"rollback")
+                await wire.simple(conn, self.reset_sql().encode())
             except psycopg.Error as exc:
                 # a session we cannot vouch for is not reused: the pool replaces it
                 logger.warning(

@@ -45,14 +45,6 @@ def dollar(query: bytes) -> bytes:
     return _PLACEHOLDER.sub(sub, query)
 
 
-def text_array(items: Sequence[str]) -> bytes:
-    """A ``text[]`` literal of ``items``, every element quoted (any text is safe in it)."""
-    quoted = (
-        '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items
-    )  # PostgreSQL's array syntax: backslash escapes inside double quotes
-    return ("{" + ",".join(quoted) + "}").encode()
-
-
 def param(value: Any) -> bytes | None:
     """A parameter as text: None as NULL, str and int as themselves."""
     if value is None:
@@ -84,12 +76,12 @@ def _pipeline(pgconn: pq.abc.PGconn) -> PQGen[list[list[pq.abc.PGresult]]]:
             res.append(r)
 
 
-async def rows(
+async def results(
     conn: psycopg.AsyncConnection[Any], commands: Sequence[Command]
-) -> list[tuple[str | None]]:
+) -> list[pq.abc.PGresult | None]:
     """Run ``commands`` (each a statement with ``$n`` placeholders and its text parameters)
-    on ``conn`` in one round trip; the first column of the last command's rows, as text.
-    The first command that fails raises its error (the others after it did not run)."""
+    on ``conn`` in one round trip; each command's (last) result. The first command that
+    fails raises its error (the others after it did not run)."""
     pgconn = conn.pgconn
     async with conn.lock:
         if conn.closed:
@@ -107,18 +99,57 @@ async def rows(
                 got = await conn.wait(_pipeline(pgconn))
             finally:
                 _leave_pipeline(conn)
-    encoding = conn.info.encoding
-    for results in got:
-        for res in results:
-            if res.status == pq.ExecStatus.FATAL_ERROR:
-                raise e.error_from_result(res, encoding=encoding)
-    last = got[-1][-1] if got and got[-1] else None
-    if last is None or last.status != pq.ExecStatus.TUPLES_OK:
+    _raise_first_error(conn, got)
+    return [r[-1] if r else None for r in got]
+
+
+async def rows(
+    conn: psycopg.AsyncConnection[Any], commands: Sequence[Command]
+) -> list[tuple[str | None]]:
+    """:func:`results`, then the first column of the last command's rows, as text."""
+    return column(conn, (await results(conn, commands))[-1])
+
+
+def column(
+    conn: psycopg.AsyncConnection[Any], res: pq.abc.PGresult | None
+) -> list[tuple[str | None]]:
+    """The first column of a result's rows, as text (NULL as None)."""
+    if res is None or res.status != pq.ExecStatus.TUPLES_OK:
         return []
+    encoding = conn.info.encoding
     return [
-        (None if (v := last.get_value(i, 0)) is None else v.decode(encoding),)
-        for i in range(last.ntuples)
+        (None if (v := res.get_value(i, 0)) is None else v.decode(encoding),)
+        for i in range(res.ntuples)
     ]
+
+
+def value(conn: psycopg.AsyncConnection[Any], res: pq.abc.PGresult | None, col: int) -> str | None:
+    """One value of a result's first row, as text (None: NULL, or no row)."""
+    if res is None or res.ntuples == 0:
+        return None
+    v = res.get_value(0, col)
+    return None if v is None else v.decode(conn.info.encoding)
+
+
+async def simple(conn: psycopg.AsyncConnection[Any], query: bytes) -> None:
+    """One simple query (its statements run in turn, up to the first that fails, which
+    raises its error): COMMIT and the session reset, a rollback to a savepoint."""
+    pgconn = conn.pgconn
+    async with conn.lock:
+        if conn.closed:
+            raise e.OperationalError("the connection is closed")
+        pgconn.send_query(query)
+        got = await conn.wait(generators.execute(pgconn))
+    _raise_first_error(conn, [got])
+
+
+def _raise_first_error(
+    conn: psycopg.AsyncConnection[Any], got: Sequence[Sequence[pq.abc.PGresult]]
+) -> None:
+    for res_list in got:
+        for res in res_list:
+            if res.status == pq.ExecStatus.FATAL_ERROR:
+                raise e.error_from_result(res, encoding=conn.info.encoding)
 
 
 def _leave_pipeline(conn: psycopg.AsyncConnection[Any]) -> None:

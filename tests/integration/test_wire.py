@@ -34,23 +34,49 @@ def test_dollar_numbers_placeholders_in_order_and_keeps_literal_percent():
     assert wire.dollar(b"select 1") == b"select 1"
 
 
+def test_a_simple_query_runs_its_statements_until_one_fails(db):
+    async def go() -> None:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            await wire.simple(conn, b"create temp table w(x int); insert into w values (1)")
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                await wire.simple(
+                    conn, b"insert into w values (2); select 1/0; insert into w values (3)"
+                )
+            cur = await conn.execute("select array_agg(x order by x) from w")
+            assert await cur.fetchone() == ([1],)  # the failing query's statements rolled back
+
+    asyncio.run(go())
+
+
 async def _rows(dsn: str, commands: list[wire.Command]) -> list[tuple[str | None]]:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         return await wire.rows(conn, commands)
 
 
-def test_text_arrays_of_any_text_arrive_as_sent(db):
-    got = asyncio.run(
-        _rows(
-            db.dsn,
-            [(b"select pg_catalog.unnest($1::pg_catalog.text[])", (wire.text_array(HOSTILE),))],
-        )
-    )
-    assert [r[0] for r in got] == HOSTILE
-    empty = asyncio.run(
-        _rows(db.dsn, [(b"select pg_catalog.cardinality($1::text[])", (wire.text_array([]),))])
-    )
-    assert empty == [("0",)]
+def test_arrays_read_as_text_go_back_as_they_came(db):
+    """A batch reads the role's settings (text[]) as text and sends that text back as each
+    later step's parameter: any text survives the round trip."""
+
+    async def go() -> None:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            cur = await conn.execute("select %s::text[], '{}'::text[]", (HOSTILE,))
+            assert await cur.fetchone() == (HOSTILE, [])
+            got = await wire.results(
+                conn, [(b"select $1::pg_catalog.text[], '{}'::pg_catalog.text[]", (None,))]
+            )
+            assert wire.value(conn, got[0], 0) is None  # NULL stays None
+            arr = await wire.results(conn, [(b"select $1::text[]", (None,))])
+            assert wire.value(conn, arr[0], 0) is None
+            cur = await conn.execute("select %s::text[]::text", (HOSTILE,))
+            row = await cur.fetchone()
+            assert row is not None
+            as_text = row[0]
+            back = await wire.rows(
+                conn, [(b"select pg_catalog.unnest($1::pg_catalog.text[])", (as_text.encode(),))]
+            )
+            assert [r[0] for r in back] == HOSTILE
+
+    asyncio.run(go())
 
 
 def test_rows_are_text_and_null_stays_none(db):
