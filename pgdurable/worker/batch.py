@@ -199,16 +199,22 @@ class BatchRunner:
             asyncio.get_running_loop().call_later(BATCH_SPAWN_DELAY_S, self._spawn_check)
 
     def pick(self, after: str | None, role: int | None) -> Item | None:
-        """The next queued step for a batch: the lowest instance id first.
+        """The next queued step for a batch: the lowest instance id first (of ``role``, when
+        given; from ``after`` up, when given).
 
-        A batch holds one role (one runner, one step identity, one session) and visits
-        instances in ascending order, as the completer does: transactions that take runs
-        rows in one order cannot deadlock on them.
+        A batch holds one role (one runner, one step identity, one session). It takes its
+        instances' locks in ascending order, as the completer does, so two transactions of
+        this process never wait on each other's: a step whose checkpoint is computed at the
+        end may come from any instance (the end takes their locks in ascending order), but
+        once the batch holds an instance's lock (a checkpoint computed early, for a chain),
+        only steps of that instance or higher ones join it.
         """
         best = -1
         for i, it in enumerate(self.queue):
             inst = it.task.instance_id
-            if after is not None and (it.ctx.role_oid != role or inst < after):
+            if role is not None and it.ctx.role_oid != role:
+                continue
+            if after is not None and inst < after:
                 continue
             if best < 0 or inst < self.queue[best].task.instance_id:
                 best = i
@@ -256,6 +262,7 @@ class BatchRunner:
         ran: list[tuple[Item, Any]] = []
         held: dict[int, asyncio.Lock] = {}
         late: set[str] = set()  # instances with a step whose checkpoint waits for the end
+        floor: str | None = None  # the highest instance whose lock the batch took early
         staged = CheckpointSet()
         item: Item | None = first
         role = first.ctx.role_oid
@@ -365,6 +372,7 @@ class BatchRunner:
                             t0 = time.monotonic()
                         room = len(ran) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S
                         if not done.staged and self._stage_now(done, held, late):
+                            floor = max(floor or "", done.task.instance_id)
                             try:
                                 await self._stage(conn, done, value, staged, held)
                             except StepError as exc:
@@ -382,7 +390,7 @@ class BatchRunner:
                         else:
                             late.add(done.task.instance_id)
                         if item is None and room:
-                            item = self.pick(done.task.instance_id, role)
+                            item = self.pick(floor, role)
                 except BaseException as exc:
                     for lock in held.values():
                         lock.release()
@@ -409,11 +417,12 @@ class BatchRunner:
                 try:
                     if refused is not None:
                         raise refused
-                    # the other checkpoints, in the order the statements ran (ascending
-                    # instances), each instance's lock held from its first checkpoint to the
-                    # COMMIT: its runs row stays locked that long, and nobody in this process
-                    # may then compute on state that another open transaction will change
-                    for it, value in ran:
+                    # the other checkpoints, in ascending instances (one instance's in the
+                    # order its statements ran), each instance's lock held from its first
+                    # checkpoint to the COMMIT: its runs row stays locked that long, and nobody
+                    # in this process may then compute on state that another open transaction
+                    # will change
+                    for it, value in sorted(ran, key=_instance_of):
                         if not it.staged:
                             await self._stage(conn, it, value, staged, held)
                     # every checkpoint of the batch in one call (docs/performance.md)
@@ -495,10 +504,13 @@ class BatchRunner:
         """Whether to compute this step's checkpoint right after its statement (it may have a
         chained successor), rather than once the batch's statements all ran: never after a
         step of its instance left for the end (its checkpoints stay in statement order), nor
-        while another transaction of this process holds its instance."""
+        while another transaction of this process holds its instance, nor above an instance
+        left for the end (whose lock the end takes: the batch takes its locks in ascending
+        order, :meth:`pick`)."""
         ctx = it.ctx
         return (
             ctx.instance_id not in late
+            and (not late or ctx.instance_id < min(late))
             and it.phase in ("", "fused", "started")
             and (id(ctx.lock) in held or not ctx.lock.locked())
             and not _testing.BROKEN_CHECKPOINT
@@ -568,6 +580,10 @@ class BatchRunner:
         metrics.step_started("SQL")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         return Item(done.ctx, got.task, got.idx, got.text, fut, head=done.head or done, chained=got)
+
+
+def _instance_of(ran: tuple[Item, Any]) -> str:
+    return ran[0].task.instance_id
 
 
 def _interrupted(item: Item, exc: BaseException, running: Running) -> None:
