@@ -203,11 +203,12 @@ class BatchRunner:
         given; from ``after`` up, when given).
 
         A batch holds one role (one runner, one step identity, one session). It takes its
-        instances' locks in ascending order, as the completer does, so two transactions of
-        this process never wait on each other's: a step whose checkpoint is computed at the
-        end may come from any instance (the end takes their locks in ascending order), but
-        once the batch holds an instance's lock (a checkpoint computed early, for a chain),
-        only steps of that instance or higher ones join it.
+        instances' locks in ascending order where it can, as the completer does: while it
+        holds none, a step of any instance may join (the end takes the locks of the steps
+        left for it in ascending order); once it holds one (a checkpoint computed early, for a
+        chain), only steps of that instance or higher ones join. A step left for the end below
+        a lock taken early (its own lock was busy then, or it ends a chain) is waited for at
+        most BATCH_LOCK_WAIT_S, as any: the batch then rolls back and its steps run alone.
         """
         best = -1
         for i, it in enumerate(self.queue):
@@ -504,13 +505,10 @@ class BatchRunner:
         """Whether to compute this step's checkpoint right after its statement (it may have a
         chained successor), rather than once the batch's statements all ran: never after a
         step of its instance left for the end (its checkpoints stay in statement order), nor
-        while another transaction of this process holds its instance, nor above an instance
-        left for the end (whose lock the end takes: the batch takes its locks in ascending
-        order, :meth:`pick`)."""
+        while another transaction of this process holds its instance."""
         ctx = it.ctx
         return (
             ctx.instance_id not in late
-            and (not late or ctx.instance_id < min(late))
             and it.phase in ("", "fused", "started")
             and (id(ctx.lock) in held or not ctx.lock.locked())
             and not _testing.BROKEN_CHECKPOINT

@@ -1,12 +1,9 @@
 """Which queued SQL step a batch takes next (pgdurable/worker/batch.py, ``BatchRunner.pick``)
-and when a step's checkpoint is computed early (``_stage_now``): a batch takes its instances'
-locks in ascending order, so a step from any instance may join while no lock is held, and
-only instances from the highest held one up once one is; a checkpoint is computed early only
-at or below every instance left for the end."""
+for a batch: a step from any instance may join while the batch holds no instance's lock, and
+only steps of the highest held one or higher once it holds one."""
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -51,19 +48,3 @@ def test_a_batchs_first_step_may_be_of_any_role():
     got = b.pick(None, None)
     assert got is not None
     assert got.task.instance_id == "a"
-
-
-def test_an_early_checkpoint_only_at_or_below_the_instances_left_for_the_end(monkeypatch):
-    import pgdurable.worker.batch as batch_mod
-
-    monkeypatch.setattr(batch_mod, "chainable", lambda ctx, idx: True)
-    b = runner()
-
-    def item(iid: str) -> Any:
-        ctx = SimpleNamespace(instance_id=iid, lock=asyncio.Lock())
-        return SimpleNamespace(ctx=ctx, phase="", idx=0)
-
-    assert b._stage_now(item("c"), {}, set())
-    assert b._stage_now(item("b"), {}, {"c", "d"})
-    assert not b._stage_now(item("d"), {}, {"c"})  # its lock before c's at the end: no
-    assert not b._stage_now(item("c"), {}, {"c"})  # after a step of its own left for the end
