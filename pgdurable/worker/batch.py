@@ -49,7 +49,7 @@ BATCH_MAX = 32
 BATCH_WINDOW_S = 0.05
 # Runners started at once per worker; more (up to the step slots) only for steps that waited
 # this long in the queue (the runners are busy with slow statements). One: two runners split
-# a queue of quick steps into batches half as large (W1 0.88 against 1.13–1.21 ms of CPU per
+# a queue of quick steps into batches half as large (W1 0.88 against 1.13-1.21 ms of CPU per
 # step in one sitting, docs/performance.md "Session 8"); a slow statement still holds the
 # others back at most BATCH_SPAWN_DELAY_S.
 BATCH_RUNNERS = 1
