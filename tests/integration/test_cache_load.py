@@ -48,6 +48,20 @@ def view(ctx: InstanceCtx) -> tuple[Any, ...]:
     )
 
 
+def count_engine_queries(w: Any) -> list[str]:
+    """The names of the engine queries the worker's sessions make from now on (a list that
+    grows as they do)."""
+    asked: list[str] = []
+    engine_query = w.sessions.engine_query
+
+    def counting(conn: Any, name: str, args: tuple[Any, ...]) -> Any:
+        asked.append(name)
+        return engine_query(conn, name, args)
+
+    w.sessions.engine_query = counting
+    return asked
+
+
 def test_one_statement_loads_the_same_context_on_service_and_step_connections(db):
     role = db.create_role("cl")
     iid = start(db, role, "df.sql('select 20 as n, 2.5 as x') |=> 'first' ~> df.sql('select 1')")
@@ -61,14 +75,7 @@ def test_one_statement_loads_the_same_context_on_service_and_step_connections(db
                 await w.checkpointer.record(
                     conn, ctx, t1, ctx.index[t1.node_id], Outcome.success(rowset(n=20))
                 )
-            asked: list[str] = []
-            engine_query = w.sessions.engine_query
-
-            def counting(conn: Any, name: str, args: tuple[Any, ...]) -> Any:
-                asked.append(name)
-                return engine_query(conn, name, args)
-
-            w.sessions.engine_query = counting  # type: ignore[method-assign]
+            asked = count_engine_queries(w)
             service = await ctx_of(w, iid, fresh=True)
             assert asked == ["load"]
             async with w.sessions.steps.connection() as sconn:
@@ -123,14 +130,7 @@ def test_a_claims_starts_are_loaded_in_one_statement_and_equal_one_load_each(db)
 
     async def go() -> None:
         async with worker(db) as w:
-            asked: list[str] = []
-            engine_query = w.sessions.engine_query
-
-            def counting(conn: Any, name: str, args: tuple[Any, ...]) -> Any:
-                asked.append(name)
-                return engine_query(conn, name, args)
-
-            w.sessions.engine_query = counting  # type: ignore[method-assign]
+            asked = count_engine_queries(w)
             claimed = await w.producer.claim(8)
             assert sorted(t.instance_id for t in claimed) == sorted(iids)
             assert all(t.kind == "start" for t in claimed)
