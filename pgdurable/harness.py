@@ -137,14 +137,27 @@ class Serve:
         return self.proc is not None and self.proc.poll() is None
 
     def children(self) -> list[Any]:
-        """The supervisor's live children (its workers) as psutil processes."""
+        """The supervisor's live workers as psutil processes: its children forked without an
+        exec (their command line is the supervisor's). A short-lived child of another kind
+        (a library looking something up with a subprocess while serve starts) is not one: a
+        test once took such a pid for its worker and found it gone."""
         ps = _need_psutil()
         if self.proc is None:
             return []
         try:
-            return list(ps.Process(self.proc.pid).children())
+            parent = ps.Process(self.proc.pid)
+            cmdline = parent.cmdline()
+            kids = parent.children()
         except ps.NoSuchProcess:
             return []
+        out = []
+        for c in kids:
+            try:
+                if c.cmdline() == cmdline:
+                    out.append(c)
+            except ps.Error:
+                continue  # gone meanwhile
+        return out
 
     def workers(self) -> list[int]:
         """The pids of the worker processes the running supervisor forked."""

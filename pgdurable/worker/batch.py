@@ -48,11 +48,10 @@ logger = logging.getLogger(__name__)
 BATCH_MAX = 32
 BATCH_WINDOW_S = 0.05
 # Runners started at once per worker; more (up to the step slots) only for steps that waited
-# this long in the queue (the runners are busy with slow statements). One: two runners split
-# a queue of quick steps into batches half as large (W1 0.88 against 1.13-1.21 ms of CPU per
-# step in one sitting, docs/performance.md "Session 8"); a slow statement still holds the
-# others back at most BATCH_SPAWN_DELAY_S.
-BATCH_RUNNERS = 1
+# this long in the queue (the runners are busy with slow statements). (One runner made batches
+# twice as large and W1 cheaper by a fifth, but then a neighbour's refused result or failed
+# statement rolls back and re-runs more steps with it: docs/performance.md "Session 8".)
+BATCH_RUNNERS = 2
 BATCH_SPAWN_DELAY_S = 0.1
 BATCH_LOCK_WAIT_S = 0.5
 # Runnable SQL successors a checkpoint hands to its own worker's queue beyond the free slots
