@@ -398,6 +398,8 @@ class BatchRunner:
                     for lock in held.values():
                         lock.release()
                     held.clear()
+                    if _testing.IGNORE_FENCE and isinstance(exc, Fenced):  # a planted bug
+                        await _testing.commit_anyway(conn)  # (a chain's early checkpoint)
                     await self.sessions.reset(conn)
                     if first.visible is not None:
                         await asyncio.wait([first.visible])
