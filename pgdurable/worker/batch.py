@@ -27,9 +27,9 @@ from pgdurable.errors import StepError
 from pgdurable.log import instance_var, node_var
 from pgdurable.steps.sql_step import SqlSteps, envelope
 
-from . import wire
+from . import in_place, wire
 from .cache import InstanceCache
-from .chain import Chained, chain_start, chainable, fail_in_place, step_timeout, successor, unchain
+from .chain import Chained, chain_bound, chainable, step_timeout, successor, unchain
 from .checkpoint import Checkpointer, Outcome
 from .checkpoint_set import CheckpointSet
 from .failures import pg_message
@@ -48,10 +48,10 @@ logger = logging.getLogger(__name__)
 BATCH_MAX = 32
 BATCH_WINDOW_S = 0.05
 # Runners started at once per worker; more (up to the step slots) only for steps that waited
-# this long in the queue (the runners are busy with slow statements). (One runner made batches
-# twice as large and W1 cheaper by a fifth, but then a neighbour's refused result or failed
-# statement rolls back and re-runs more steps with it: docs/performance.md "Session 8".)
-BATCH_RUNNERS = 2
+# this long in the queue (the runners are busy with slow statements). One runner makes batches
+# large (W1 a fifth cheaper: docs/performance.md "Session 8"); a later step's failure stays
+# its own (:mod:`.in_place`), so a large batch re-runs nobody's statement for it.
+BATCH_RUNNERS = 1
 BATCH_SPAWN_DELAY_S = 0.1
 BATCH_LOCK_WAIT_S = 0.5
 # Runnable SQL successors a checkpoint hands to its own worker's queue beyond the free slots
@@ -262,7 +262,7 @@ class BatchRunner:
         BATCH_LOCK_WAIT_S for its instance's asyncio lock: the batch holds database locks, so
         an unbounded wait could close a cycle PostgreSQL cannot see.
         """
-        ran: list[tuple[Item, Any]] = []
+        ran: list[tuple[Item, Outcome]] = []
         held: dict[int, asyncio.Lock] = {}
         late: set[str] = set()  # instances with a step whose checkpoint waits for the end
         floor: str | None = None  # the highest instance whose lock the batch took early
@@ -272,6 +272,7 @@ class BatchRunner:
         t0 = None  # the window opens once the first step ran (not while waiting for a slot)
         # the settings the batch's first step applied, as step_next's text parameters
         applied: tuple[bytes, bytes, bytes | None, str] = (b"", b"", None, "")
+        saved = False  # a later step's savepoint is open (:mod:`.in_place`)
         try:
             call = await self.sql.step_call(role, first.ctx.role_name)
             first_call, next_call = self.sql.first_call(role), self.sql.next_call(role)
@@ -326,16 +327,18 @@ class BatchRunner:
                                 rows = wire.column(conn, got[2])
                             else:
                                 names, vals, path, timeout = applied
-                                cmds: list[wire.Command] = []
+                                # its failure is its own (below): a savepoint first
+                                cmds = in_place.savepoint(saved)
+                                saved = True
                                 if item.task.virtual:
-                                    # its failure is its own (below), and it runs under the
-                                    # chain's bound (armed as its statement begins)
+                                    # a chained step runs under the chain's bound (armed as
+                                    # its statement begins)
                                     bound, item.bounded = step_timeout(timeout)
-                                    cmds = chain_start(bound)
+                                    cmds.append(chain_bound(bound))
                                 # RESET ALL (what the last statement set ends here), the
                                 # settings again and the statement: one statement, which
                                 # arms the limit again for the next one; sent at libpq level
-                                # with a chained step's savepoint, in one round trip
+                                # with the savepoint, in one round trip
                                 t = timeout.encode()
                                 cmds.append(
                                     (
@@ -354,20 +357,29 @@ class BatchRunner:
                                     )
                                 )
                                 rows = await wire.rows(conn, cmds)
-                            value = envelope(rows)  # capped at its checkpoint
+                            value = envelope(rows)
                             del rows
-                        except psycopg.Error as exc:
-                            if await unchain(conn, item.chained, item.bounded, exc):
+                            # capped now: a later step's refused result is its own failure
+                            outcome = Outcome.success(value, self.checkpointer.result_data(value))
+                        except (psycopg.Error, StepError) as exc:
+                            if isinstance(exc, psycopg.Error) and await unchain(
+                                conn, item.chained, item.bounded, exc
+                            ):
                                 item = None  # a task of its own now: this batch ends here
                                 break
-                            if not await self._chained_failed(conn, item, exc, staged):
+                            if not ran:
+                                raise  # the first step: the batch ends, recording it (below)
+                            own = await in_place.failure(
+                                conn, self.sql, item.slot_task, item.text, exc
+                            )
+                            if own is None:
                                 raise
-                            value = None  # its failure is staged
+                            outcome = own  # its failure, staged as any outcome
                         finally:
                             self.running.pids.pop(key, None)
                             self.running.pids.pop(this.slot_task.key, None)
                             self.busy.pop(me, None)
-                        ran.append((item, value))
+                        ran.append((item, outcome))
                         done, item = item, None
                         if done.phase == "pending":
                             done.phase = "fused"  # checkpointed with its start from now on
@@ -377,18 +389,28 @@ class BatchRunner:
                         if not done.staged and self._stage_now(done, held, late):
                             floor = max(floor or "", done.task.instance_id)
                             try:
-                                await self._stage(conn, done, value, staged, held)
+                                await self._stage(conn, done, outcome, staged, held)
                             except StepError as exc:
-                                if done.task.virtual and await self._chained_failed(
-                                    conn, done, exc, staged
+                                if (
+                                    done is not first
+                                    and done.phase != "fused"
+                                    and await in_place.refused(
+                                        conn,
+                                        self.checkpointer,
+                                        done.ctx,
+                                        done.slot_task,
+                                        done.idx,
+                                        exc,
+                                        staged,
+                                    )
                                 ):
-                                    pass  # its result was refused: that is its failure
+                                    pass  # its checkpoint was refused: that is its failure
                                 elif len(ran) != 1 or first.phase == "fused":
                                     raise
                                 else:
                                     refused = exc  # handled below, as for a late checkpoint
                                     break
-                            if room and done.staged and value is not None:
+                            if room and done.staged and outcome.ok:
                                 item = self._chained(done, staged)
                         else:
                             late.add(done.task.instance_id)
@@ -427,9 +449,9 @@ class BatchRunner:
                     # checkpoint to the COMMIT: its runs row stays locked that long, and nobody
                     # in this process may then compute on state that another open transaction
                     # will change
-                    for it, value in sorted(ran, key=_instance_of):
+                    for it, outcome in sorted(ran, key=_instance_of):
                         if not it.staged:
-                            await self._stage(conn, it, value, staged, held)
+                            await self._stage(conn, it, outcome, staged, held)
                     # every checkpoint of the batch in one call (docs/performance.md)
                     instance_var.set(None)
                     node_var.set(None)
@@ -523,7 +545,7 @@ class BatchRunner:
         self,
         conn: psycopg.AsyncConnection[Any],
         it: Item,
-        value: Any,
+        outcome: Outcome,
         staged: CheckpointSet,
         held: dict[int, asyncio.Lock],
     ) -> None:
@@ -543,7 +565,7 @@ class BatchRunner:
         if it.phase == "fused":
             assert it.start is not None
             await self.checkpointer.record_start(
-                conn, it.ctx, it.start, it.task, it.idx, Outcome.success(value), staged
+                conn, it.ctx, it.start, it.task, it.idx, outcome, staged
             )
             return
         await self.checkpointer.record(
@@ -551,28 +573,11 @@ class BatchRunner:
             it.ctx,
             it.slot_task,
             it.idx,
-            Outcome.success(value),
+            outcome,
             in_tx=True,
             lock_held=True,
             batch=staged,
         )
-
-    async def _chained_failed(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        it: Item,
-        exc: psycopg.Error | StepError,
-        staged: CheckpointSet,
-    ) -> bool:
-        """A chained step's failure, recorded in place (:func:`.chain.fail_in_place`)."""
-        if not it.task.virtual:
-            return False
-        if await fail_in_place(
-            conn, self.checkpointer, self.sql, it.ctx, it.task, it.idx, it.text, exc, staged
-        ):
-            it.staged = True
-            return True
-        return False
 
     def _chained(self, done: Item, staged: CheckpointSet) -> Item | None:
         """The successor of ``done`` to run next in this batch (:mod:`.chain`), if any."""
@@ -584,7 +589,7 @@ class BatchRunner:
         return Item(done.ctx, got.task, got.idx, got.text, fut, head=done.head or done, chained=got)
 
 
-def _instance_of(ran: tuple[Item, Any]) -> str:
+def _instance_of(ran: tuple[Item, Outcome]) -> str:
     return ran[0].task.instance_id
 
 

@@ -28,12 +28,10 @@ import psycopg
 
 from pgdurable.errors import StepError
 from pgdurable.graph import _abc as A
-from pgdurable.steps.sql_step import SqlSteps
 
-from . import wire
-from .checkpoint import Checkpointer, Outcome, successor_task
+from . import in_place, wire
+from .checkpoint import successor_task
 from .checkpoint_set import TERMINAL, CheckpointSet
-from .flow import Requeue
 from .instance import InstanceCtx, subst
 from .task import Task
 
@@ -44,19 +42,13 @@ logger = logging.getLogger(__name__)
 # handed off as a task of its own, so that the steps before it commit and it shows as running
 # (its first 100 ms of work are redone, as a batch's rolled back statements are).
 CHAIN_STEP_MAX_MS = 100
-# Before a chained step: its failure rolls back to here and is recorded in place, so the
-# steps before it keep their effects (as if it ran on its own).
-ROLLBACK_TO_SAVEPOINT = b"rollback to savepoint pgdurable_chain"
 
 
-def chain_start(timeout_ms: str) -> list[wire.Command]:
-    """The savepoint before a chained step and the statement_timeout it runs under (armed
-    when its statement begins), sent in the step's own round trip (:func:`.wire.rows`):
+def chain_bound(timeout_ms: str) -> wire.Command:
+    """The statement_timeout a chained step runs under (armed when its statement begins),
+    sent in the step's own round trip after its savepoint (:mod:`.in_place`):
     ``timeout_ms`` is an integer of ours."""
-    return [
-        (b"savepoint pgdurable_chain", ()),
-        (b"set local statement_timeout = %d" % int(timeout_ms), ()),
-    ]
+    return (b"set local statement_timeout = %d" % int(timeout_ms), ())
 
 
 @dataclass
@@ -162,9 +154,7 @@ async def unchain(
         and not (conn.broken or conn.closed)
     ):
         return False
-    try:
-        await conn.execute(ROLLBACK_TO_SAVEPOINT)
-    except psycopg.Error:
+    if not await in_place.rollback(conn):
         return False
     if not chained.restore():
         return False
@@ -172,39 +162,5 @@ async def unchain(
         "chained step still running after %d ms: handed off",
         CHAIN_STEP_MAX_MS,
         extra={"event": "batch.unchained"},
-    )
-    return True
-
-
-async def fail_in_place(
-    conn: psycopg.AsyncConnection[Any],
-    checkpointer: Checkpointer,
-    sql: SqlSteps,
-    ctx: InstanceCtx,
-    task: Task,
-    idx: int,
-    text: str,
-    exc: psycopg.Error | StepError,
-    staged: CheckpointSet,
-) -> bool:
-    """A chained step's statement failed (or its result was refused): roll back to the
-    savepoint taken before it and stage its failure, as a step run on its own records it;
-    the steps before it in the batch keep their effects and checkpoints. False (the batch
-    rolls back, as for any other failure) when the session cannot go on, or the failure is
-    not the step's own."""
-    if conn.broken or conn.closed:
-        return False
-    if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
-        return False
-    try:
-        err = sql.failure(task, text, exc)
-    except Requeue:
-        return False  # interrupted by another session: the whole batch runs again
-    try:
-        await conn.execute(ROLLBACK_TO_SAVEPOINT)
-    except psycopg.Error:
-        return False
-    await checkpointer.record(
-        conn, ctx, task, idx, Outcome.failure(err), in_tx=True, lock_held=True, batch=staged
     )
     return True

@@ -41,8 +41,17 @@ from pgdurable.errors import ResultTooLarge, StepError
 from pgdurable.graph import _abc as A
 from pgdurable.values import CHECKPOINT_MAX_BYTES, check_size, error_text, json_bytes, truthy
 
+from . import wire
 from .cache import InstanceCache
-from .checkpoint_set import TERMINAL, CheckpointSet, Entry, Run, call_args, chunks
+from .checkpoint_set import (
+    TERMINAL,
+    CheckpointSet,
+    Entry,
+    Run,
+    call_args,
+    chunks,
+    psycopg_args,
+)
 from .completer import Completer
 from .flow import Busy, Fenced, Stale, acquire
 from .instance import TYPE_NAMES, Checkpoint, InstanceCtx, dump
@@ -71,10 +80,13 @@ class Outcome:
     value: Any = None
     err: StepError | None = None
     decision: bool | None = None
+    data: bytes | None = None
+    """With ``value``: its encoding, checked against the result cap already
+    (:meth:`Checkpointer.result_data`)."""
 
     @classmethod
-    def success(cls, value: Any) -> Outcome:
-        return cls(True, value)
+    def success(cls, value: Any, data: bytes | None = None) -> Outcome:
+        return cls(True, value, None, None, data)
 
     @classmethod
     def failure(cls, err: StepError) -> Outcome:
@@ -152,6 +164,11 @@ class Checkpointer:
             await self._record_locked(conn, ctx, task, idx, outcome, in_tx)
         finally:
             ctx.lock.release()
+
+    def result_data(self, value: Any) -> bytes:
+        """A step result's encoding; raises :class:`StepError` when it is over the result cap
+        (``--result-max-bytes``) or cannot be stored."""
+        return check_size(value, self.result_max_bytes, "step result", setting=RESULT_CAP_SETTING)
 
     async def submit(self, ctx: InstanceCtx, task: Task, idx: int, outcome: Outcome) -> None:
         """Checkpoint through the completer: committed with others, acknowledged after."""
@@ -430,14 +447,20 @@ class Checkpointer:
         while batch:
             for call in chunks(batch.take_round()):
                 t0 = time.monotonic()
-                cur = await conn.execute(
-                    *self.sessions.engine_query(
-                        conn, "apply_set", call_args(self.worker_id, self.lease_seconds, call)
+                args = call_args(self.worker_id, self.lease_seconds, call)
+                cap = self.sessions.cap(conn)
+                codes: list[int] | None
+                if cap is None:
+                    cur = await conn.execute(self.sessions.q("apply_set"), psycopg_args(args))
+                    row = await cur.fetchone()
+                    codes = row[0] if row else None
+                else:
+                    # a step connection: at libpq level, as its statements (:mod:`.wire`)
+                    res = await wire.results(
+                        conn, [(self.sessions.step_apply_stmt, [cap.encode(), *args])]
                     )
-                )
-                row = await cur.fetchone()
+                    codes = wire.int_array(wire.value(conn, res[0], 0))
                 spent = time.monotonic() - t0
-                codes = row[0] if row else None
                 if codes is None or len(codes) != len(call):
                     raise Fenced()
                 for run, got in zip(call, codes, strict=True):
@@ -577,12 +600,9 @@ class Checkpointer:
             if outcome.decision is None:
                 # every leaf result (SQL rows, signal data, HTTP bodies, BREAK values,
                 # timers) is encoded and capped here, once, before anything changes
-                data = check_size(
-                    outcome.value,
-                    self.result_max_bytes,
-                    "step result",
-                    setting=RESULT_CAP_SETTING,
-                )
+                data = outcome.data
+                if data is None:
+                    data = self.result_data(outcome.value)
                 ctx.record_leaf(idx, outcome.value, data, cp)
                 truth = truthy(outcome.value)
             else:

@@ -20,8 +20,9 @@ step (stale: recompute; fenced; busy) is :mod:`.checkpoint`'s.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -202,10 +203,11 @@ def chunks(runs: list[Run]) -> list[list[Run]]:
     return out
 
 
-def call_args(owner: str, lease_seconds: int, runs: list[Run]) -> tuple[Any, ...]:
-    """``_apply_v2``'s arguments (after the capability) for these runs (distinct instances)."""
-    from .checkpoint import jsonb_bytes  # checkpoint imports this module: a late import
-
+def call_args(owner: str, lease_seconds: int, runs: list[Run]) -> list[bytes | None]:
+    """``_apply_v2``'s arguments (after the capability) for these runs (distinct instances),
+    each as the text PostgreSQL reads (arrays as array literals, ``bytea`` in hex, ``jsonb``
+    as JSON): sent as they are at libpq level on a step connection, and through
+    :func:`psycopg_args` elsewhere."""
     fence_ids: list[str] = []
     fence_nodes: list[str] = []
     fence_gens: list[int] = []
@@ -226,20 +228,62 @@ def call_args(owner: str, lease_seconds: int, runs: list[Run]) -> tuple[Any, ...
         nodes.extend(run.nodes.values())
         tasks.extend(run.tasks.values())
         named.extend(run.named.values())
-    return (
-        owner,
-        lease_seconds,
-        [r.ctx.instance_id for r in runs],
-        [r.expected for r in runs],
-        [len(r.entries) for r in runs],
-        [r.status for r in runs],
-        [r.state for r in runs],
-        fence_ids,
-        fence_nodes,
-        fence_gens,
-        drop_ids,
-        drop_nodes,
-        jsonb_bytes(json_bytes(nodes)) if nodes else None,
-        jsonb_bytes(orjson.dumps(tasks)) if tasks else None,
-        jsonb_bytes(json_bytes(named)) if named else None,
+    return [
+        owner.encode(),
+        b"%d" % lease_seconds,
+        text_array([r.ctx.instance_id for r in runs]),
+        int_array([r.expected for r in runs]),
+        int_array([len(r.entries) for r in runs]),
+        text_array([r.status for r in runs]),
+        bytea_array([r.state for r in runs]),
+        text_array(fence_ids),
+        text_array(fence_nodes),
+        int_array(fence_gens),
+        text_array(drop_ids),
+        text_array(drop_nodes),
+        json_bytes(nodes) if nodes else None,
+        orjson.dumps(tasks) if tasks else None,
+        json_bytes(named) if named else None,
+    ]
+
+
+JSONB_ARGS = (12, 13, 14)
+"""The positions of :func:`call_args`'s ``jsonb`` arguments."""
+
+
+def psycopg_args(args: list[bytes | None]) -> tuple[Any, ...]:
+    """:func:`call_args`'s arguments for psycopg (a service connection): text as ``str``
+    (sent untyped, read by the statement's casts), the ``jsonb`` ones as JSON."""
+    from .checkpoint import jsonb_bytes  # checkpoint imports this module: a late import
+
+    return tuple(
+        None if a is None else jsonb_bytes(a) if i in JSONB_ARGS else a.decode()
+        for i, a in enumerate(args)
     )
+
+
+def text_array(items: Sequence[str | None]) -> bytes:
+    """A ``text[]`` / ``varchar[]`` literal: every element quoted (NULL for None)."""
+    if not items:
+        return b"{}"
+    if None in items:
+        return b"{%s}" % b",".join(b"NULL" if x is None else _quoted(x) for x in items)
+    strs = cast(Sequence[str], items)
+    raw = "".join(strs)
+    if '"' in raw or "\\" in raw:
+        return b"{%s}" % b",".join(_quoted(x) for x in strs)
+    return ('{"' + '","'.join(strs) + '"}').encode()
+
+
+def _quoted(x: str) -> bytes:
+    return ('"' + x.replace("\\", "\\\\").replace('"', '\\"') + '"').encode()
+
+
+def int_array(items: list[int]) -> bytes:
+    """An integer array literal."""
+    return ("{" + ",".join(map(str, items)) + "}").encode()
+
+
+def bytea_array(items: list[bytes]) -> bytes:
+    """A ``bytea[]`` literal, each element in hex."""
+    return b"{%s}" % b",".join(b'"\\\\x%s"' % x.hex().encode() for x in items)

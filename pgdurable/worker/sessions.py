@@ -173,6 +173,11 @@ class Sessions:
         """``step_settings`` with ``$n`` placeholders (sent by :mod:`.wire`)."""
         return wire.dollar(self.q("step_settings").encode())
 
+    @functools.cached_property
+    def step_apply_stmt(self) -> bytes:
+        """``step_apply_set`` with ``$n`` placeholders (sent by :mod:`.wire`)."""
+        return wire.dollar(self.q("step_apply_set").encode())
+
     def runner_next_call(self) -> bytes:
         """The next step of a batch: its settings and the role's runner in one statement
         (``step_next``), with ``$n`` placeholders (sent by :mod:`.wire`)."""

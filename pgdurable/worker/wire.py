@@ -131,6 +131,14 @@ def value(conn: psycopg.AsyncConnection[Any], res: pq.abc.PGresult | None, col: 
     return None if v is None else v.decode(conn.info.encoding)
 
 
+def int_array(text: str | None) -> list[int] | None:
+    """An integer array's text (``{1,-2}``) as a list (None: NULL)."""
+    if text is None:
+        return None
+    inner = text[1:-1]
+    return [int(x) for x in inner.split(",")] if inner else []
+
+
 async def simple(conn: psycopg.AsyncConnection[Any], query: bytes) -> None:
     """One simple query (its statements run in turn, up to the first that fails, which
     raises its error): COMMIT and the session reset, a rollback to a savepoint."""

@@ -1,6 +1,7 @@
 """Batches of SQL steps (pgdurable/worker/batch.py) in-process against a real database: N
-queued steps of one role run in few transactions, each statement with its checkpoint; a
-statement that fails rolls its batch back and every step then runs on its own, exactly once;
+queued steps of one role run in few transactions, each statement with its checkpoint; a later
+step whose statement fails, or whose result is over the cap, fails on its own (rolled back to
+its savepoint: pgdurable/worker/in_place.py) while the steps before it run once and commit;
 a batch of one records its statement's failure as the step's outcome."""
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def tenant(db: Any) -> str:
     with db.connect() as conn:
         conn.execute("create table public.hits (k int primary key)")
         conn.execute("create table public.bad (k int)")
+        conn.execute("create sequence public.runs")
         conn.execute(f'grant insert, select on public.hits to "{role}"')
         conn.execute(f'grant select on public.bad to "{role}"')
+        conn.execute(f'grant usage, update on sequence public.runs to "{role}"')
     return role
 
 
@@ -66,12 +69,37 @@ def test_n_statements_run_in_few_transactions_each_checkpointed(db, tenant):
     assert len(txs) < N
 
 
-def test_a_failing_statement_rolls_its_batch_back_and_each_step_runs_alone(db, tenant):
+def _handle_all(db: Any, **options: Any) -> list[int]:
+    """Claim every queued step at once and run each through the dispatcher (batch, in-place
+    failure, Retry when a batch rolled back, alone); the sizes of the batches that ran."""
+    sizes: list[int] = []
+
+    async def go() -> None:
+        async with worker(db, slots=N, **options) as w:
+            await started(w)
+            tasks = await w.producer.claim(N)
+            assert len(tasks) == N
+            run = w.batch.run_batch
+
+            async def counted(first: Any, me: object) -> None:
+                before = len(w.batch.queue)
+                await run(first, me)
+                sizes.append(1 + before - len(w.batch.queue))
+
+            w.batch.run_batch = counted  # type: ignore[method-assign]
+            await asyncio.gather(*(w.dispatch.handle(t) for t in tasks))
+
+    asyncio.run(go())
+    return sizes
+
+
+def test_a_later_failing_statement_fails_alone_and_its_batch_commits(db, tenant):
     iids = [
         start(
             db,
             tenant,
             f"df.sql('insert into public.hits values ({k}) returning k, "
+            "pg_catalog.nextval(''public.runs'') as r, "
             f"1 / (1 - (select count(*)::int from public.bad where bad.k = {k})) as one')",
         )
         for k in range(N)
@@ -82,22 +110,42 @@ def test_a_failing_statement_rolls_its_batch_back_and_each_step_runs_alone(db, t
     with db.connect() as conn:
         conn.execute("insert into public.bad values (%s)", (bad,))
 
-    async def go() -> None:
-        async with worker(db, slots=N) as w:
-            await started(w)
-            tasks = await w.producer.claim(N)
-            # the whole path of a step: batch, Retry when its batch rolled back, alone
-            await asyncio.gather(*(w.dispatch.handle(t) for t in tasks))
-
-    asyncio.run(go())
-    # exactly once, whatever batch a step was rolled back with
+    sizes = _handle_all(db)
+    assert max(sizes) > 1, sizes  # the failing step shared a batch with others
+    # exactly once: the failing statement ran once and rolled back to its savepoint; the
+    # others ran once (nextval is not transactional: a re-run would count again)
     assert rows(db, "select count(*), count(distinct k) from public.hits") == [(N - 1, N - 1)]
+    assert one(db, "select last_value from public.runs") == N
     for k, iid in enumerate(iids):
         status = one(db, "select status from df.instances where id = %s", (iid,))
         assert status == ("failed" if k == bad else "completed"), k
     error = one(db, "select df.error(%s)", (iids[bad],))
     assert error["sqlstate"] == "22012"
     assert "division by zero" in error["error"]
+
+
+def test_a_later_result_over_the_cap_fails_alone_and_its_batch_commits(db, tenant):
+    # one instance's result is over --result-max-bytes once stored (the envelope: rows,
+    # row_count, columns) although its row is not (the runner counts rows: it lets it by)
+    iids = [
+        start(
+            db,
+            tenant,
+            f"df.sql('insert into public.hits values ({k}) returning k, "
+            "pg_catalog.nextval(''public.runs'') as r, "
+            f"pg_catalog.repeat(''x'', {975 if k == N // 2 else 1}) as v')",
+        )
+        for k in range(N)
+    ]
+    sizes = _handle_all(db, result_max_bytes=1000)
+    assert max(sizes) > 1, sizes
+    assert one(db, "select last_value from public.runs") == N  # nobody ran twice
+    assert rows(db, "select count(*) from public.hits") == [(N - 1,)]
+    for k, iid in enumerate(iids):
+        status = one(db, "select status from df.instances where id = %s", (iid,))
+        assert status == ("failed" if k == N // 2 else "completed"), k
+    error = one(db, "select df.error(%s)", (iids[N // 2],))
+    assert "over the limit of 1000 bytes" in error["error"], error
 
 
 def test_a_batch_of_one_records_its_statement_failure(db, tenant):

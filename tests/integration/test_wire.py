@@ -171,3 +171,54 @@ def test_a_cancelled_wait_leaves_no_connection_in_pipeline_mode(db):
                 assert (await (await conn.execute("select 7")).fetchone()) == (7,)
 
     asyncio.run(go())
+
+
+def test_the_checkpoint_call_literals_read_back_as_the_values(db):
+    """``_apply_v2``'s arguments are sent as literals (pgdurable/worker/checkpoint_set.py):
+    text arrays of any text (NULL elements too), integers, bytea of any bytes; both paths
+    (libpq level on a step connection, psycopg's untyped text elsewhere) store the values."""
+    from pgdurable.worker.checkpoint_set import (
+        bytea_array,
+        int_array,
+        psycopg_args,
+        text_array,
+    )
+
+    blobs = [b"", b"\x00\x01\xff", bytes(range(256)), b'"\\{},']
+    ints = [0, -1, 2**62, -(2**62)]
+    cases: list[list[str | None]] = [[*HOSTILE, None], HOSTILE, ["only"], [], [None]]
+
+    async def go() -> None:
+        async with await psycopg.AsyncConnection.connect(db.dsn, autocommit=True) as conn:
+            await conn.execute(
+                "create temp table lit (n int, t pg_catalog.text[], v pg_catalog.varchar[], "
+                "i pg_catalog.int8[], b pg_catalog.bytea[])"
+            )
+            for n, items in enumerate(cases):
+                args = [text_array(items), int_array(ints), bytea_array(blobs)]
+                await wire.results(
+                    conn,
+                    [
+                        (
+                            b"insert into lit values ($1, $2, $3, $4, $5)",
+                            [b"%d" % n, args[0], *args],
+                        )
+                    ],
+                )
+                await conn.execute(
+                    "insert into lit values (%s, %s, %s, %s, %s)",
+                    (100 + n, *psycopg_args([args[0], args[0], args[1], args[2]])),
+                )
+            cur = await conn.execute("select n, t, v, i, b from lit order by n")
+            got = await cur.fetchall()
+        want = [(n, c, c, ints, blobs) for n, c in enumerate(cases)]
+        want += [(100 + n, c, c, ints, blobs) for n, c in enumerate(cases)]
+        assert got == want
+
+    asyncio.run(go())
+
+
+def test_an_integer_array_reads_as_a_list():
+    assert wire.int_array("{1,-2,3}") == [1, -2, 3]
+    assert wire.int_array("{}") == []
+    assert wire.int_array(None) is None

@@ -1,0 +1,101 @@
+"""A batch's later step that fails, recorded in place: its statement rolled back to the
+savepoint taken just before it, its failure staged as its outcome, and the steps before it in
+the batch keep their effects and checkpoints (docs/performance.md "Session 9").
+
+Every step of a batch after its first runs after ``savepoint pgdurable_step`` (sent in the
+step's own round trip, with the release of the previous step's savepoint, so that they never
+nest). When its statement fails, or its result is over ``--result-max-bytes`` (checked right
+after the statement), or the checkpoint computed right after it is over the instance's cap,
+the batch rolls back to that savepoint and stages the failure, as a step run on its own
+records it: the steps before it are not run again, and their non-transactional effects
+(``nextval``, ``dblink``) happen once. The batch's first step has no savepoint: its failure
+ends the batch, which records it (:meth:`SqlSteps.statement_failed`).
+
+Subtransaction ids: a savepoint and the runner's own block each take one when the step
+writes, so a batch of BATCH_MAX steps assigns at most 2 * BATCH_MAX - 1 of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from pgdurable.errors import StepError
+from pgdurable.steps.sql_step import SqlSteps
+
+from . import wire
+from .checkpoint import Checkpointer, Outcome
+from .checkpoint_set import CheckpointSet
+from .flow import Requeue
+from .instance import InstanceCtx
+from .task import Task
+
+_FIRST: list[wire.Command] = [(b"savepoint pgdurable_step", ())]
+_NEXT: list[wire.Command] = [
+    (b"release savepoint pgdurable_step", ()),
+    (b"savepoint pgdurable_step", ()),
+]
+ROLLBACK = b"rollback to savepoint pgdurable_step"
+
+
+def savepoint(open_already: bool) -> list[wire.Command]:
+    """The commands that go before a later step's statement, in its pipeline: a savepoint
+    (the previous step's released first, when ``open_already``)."""
+    return list(_NEXT if open_already else _FIRST)
+
+
+async def rollback(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Roll the transaction back to the savepoint before the current step; False when the
+    session cannot (the batch then rolls back as a whole)."""
+    if conn.broken or conn.closed:
+        return False
+    try:
+        await wire.simple(conn, ROLLBACK)
+    except psycopg.Error:
+        return False
+    return True
+
+
+async def failure(
+    conn: psycopg.AsyncConnection[Any],
+    sql: SqlSteps,
+    task: Task,
+    text: str,
+    exc: psycopg.Error | StepError,
+) -> Outcome | None:
+    """The outcome of a later step whose statement failed or whose result was refused, its
+    statement rolled back to its savepoint. None when the session cannot go on or the
+    failure is not the step's own (cancelled by another session, the connection lost): the
+    whole batch then rolls back and its steps run again one by one."""
+    if conn.broken or conn.closed:
+        return None
+    if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
+        return None
+    try:
+        err = sql.failure(task, text, exc)
+    except Requeue:
+        return None
+    if not await rollback(conn):
+        return None
+    return Outcome.failure(err)
+
+
+async def refused(
+    conn: psycopg.AsyncConnection[Any],
+    checkpointer: Checkpointer,
+    ctx: InstanceCtx,
+    task: Task,
+    idx: int,
+    exc: StepError,
+    staged: CheckpointSet,
+) -> bool:
+    """A later step's checkpoint, computed right after its statement, was refused (over the
+    instance's cap): roll its statement back to its savepoint and stage its failure (the
+    caller holds its instance's lock). False when the session cannot: the batch rolls back."""
+    if not await rollback(conn):
+        return False
+    await checkpointer.record(
+        conn, ctx, task, idx, Outcome.failure(exc), in_tx=True, lock_held=True, batch=staged
+    )
+    return True
