@@ -25,9 +25,10 @@ logger = logging.getLogger(__name__)
 # shared httpx client's connection limits bound the sockets).
 HTTP_INFLIGHT_MAX = 256
 # The starts of one claim loaded in one statement before any is launched (the others load their
-# own as they start): enough for a claim under load, few enough that a claim of large instances
-# does not hold its first start back behind the loads of all the others.
-PRELOAD_STARTS = 8
+# own as they start): a whole claim at the default slots (8 left half of W1's starts to load
+# one statement each: docs/performance.md "Session 9"), few enough that a claim of large
+# instances does not hold its first start back behind the loads of many others.
+PRELOAD_STARTS = 32
 
 
 class Slots:
