@@ -253,12 +253,14 @@ class BatchRunner:
         statements ran; then every staged checkpoint is written by one call, in ascending
         instance order, and one COMMIT follows: runs rows are locked only for that short last
         phase, as for a single step, not while later statements run. Exactly-once as for a
-        single step: each statement commits with its checkpoint. Any failure (a later
-        statement's error, an oversized result, a fenced checkpoint, a busy instance, the
-        connection) rolls the whole batch back; the steps that were submitted then run again
-        one per transaction (:class:`Retry`), which decides each one's outcome (a chained
-        step is not run again: its predecessor's run writes it as a task). A batch of one
-        handles its statement's failure in place. A checkpoint waits at most
+        single step: each statement commits with its checkpoint. A later step's failed
+        statement or refused result is its own outcome (:mod:`.in_place`: rolled back to its
+        savepoint), and so is the first step's when it ran alone. Any other failure (a fenced
+        checkpoint, a busy instance, an interrupted statement, the connection, a checkpoint
+        refused at the end) rolls the whole batch back; the steps that were submitted then
+        run again one per transaction (:class:`Retry`), which decides each one's outcome (a
+        chained step is not run again: its predecessor's run writes it as a task). A
+        checkpoint waits at most
         BATCH_LOCK_WAIT_S for its instance's asyncio lock: the batch holds database locks, so
         an unbounded wait could close a cycle PostgreSQL cannot see.
         """
