@@ -9,7 +9,10 @@ after the statement), or the checkpoint computed right after it is over the inst
 the batch rolls back to that savepoint and stages the failure, as a step run on its own
 records it: the steps before it are not run again, and their non-transactional effects
 (``nextval``, ``dblink``) happen once. The batch's first step has no savepoint: its failure
-ends the batch, which records it (:meth:`SqlSteps.statement_failed`).
+ends the batch, which records it (:meth:`SqlSteps.statement_failed`). A failure the step's
+neighbours may have caused (:func:`own`: a deadlock, a lock wait given up, a serialization
+failure; the batch's transaction holds their locks and their reads) is not recorded so: the
+whole batch rolls back and each of its steps runs again alone, which decides.
 
 Subtransaction ids: a savepoint and the runner's own block each take one when the step
 writes, so a batch of BATCH_MAX steps assigns at most 2 * BATCH_MAX - 1 of them.
@@ -57,6 +60,26 @@ async def rollback(conn: psycopg.AsyncConnection[Any]) -> bool:
     return True
 
 
+# Failures a step's neighbours in the batch may have caused: the batch's transaction holds
+# their locks and their reads and writes (a deadlock with another session, a lock wait given
+# up, a serialization failure); alone, the step could have succeeded.
+_NOT_ITS_OWN = ("40001", "40P01", "55P03")
+
+
+def own(exc: psycopg.Error | StepError) -> bool:
+    """Whether a later step's failure is its own to record in place: not a lost connection
+    (no SQLSTATE), nor one its neighbours may have caused (the batch then rolls back whole
+    and each of its steps runs again alone, which decides)."""
+    if isinstance(exc, StepError):
+        return True
+    state = exc.sqlstate
+    return (
+        state is not None
+        and not state.startswith(("08", "57P"))  # the connection, the server going away
+        and state not in _NOT_ITS_OWN
+    )
+
+
 async def failure(
     conn: psycopg.AsyncConnection[Any],
     sql: SqlSteps,
@@ -66,11 +89,9 @@ async def failure(
 ) -> Outcome | None:
     """The outcome of a later step whose statement failed or whose result was refused, its
     statement rolled back to its savepoint. None when the session cannot go on or the
-    failure is not the step's own (cancelled by another session, the connection lost): the
-    whole batch then rolls back and its steps run again one by one."""
-    if conn.broken or conn.closed:
-        return None
-    if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
+    failure is not the step's own (:func:`own`; cancelled by another session): the whole
+    batch then rolls back and its steps run again one by one."""
+    if conn.broken or conn.closed or not own(exc):
         return None
     try:
         err = sql.failure(task, text, exc)
