@@ -130,6 +130,8 @@ $$;
 -- _claim_v1 (older packages' workers) does the same but leaves alone the instances with a
 -- node type newer than those workers (RETRY, FOREACH), found through this index
 create index nodes_newer_types_idx on df.nodes (instance_id) where node_type in ('RETRY', 'FOREACH');
+-- _claim_v2's instance affinity probes this index (00_tables.sql says why)
+create index tasks_owner_idx on @engine@.tasks (instance_id, lease_owner) where lease_owner is not null;
 -- @definitions-of 50_engine.sql
 
 -- == Per-step settings read once per batch (docs/performance.md): _role_settings_v2 returns

@@ -204,6 +204,10 @@ create table @engine@.tasks (
 -- The claim reads only unleased rows in due order; the rescuer only leased rows by expiry.
 create index tasks_ready_idx on @engine@.tasks (due_at) where lease_owner is null;
 create index tasks_leased_idx on @engine@.tasks (lease_expires_at) where lease_owner is not null;
+-- the claim's instance affinity (is a task of this instance leased by another worker?): one
+-- index probe each side of the claiming worker's name, not a walk of every task of the
+-- instance (a fan-out of 100 held 100 tasks, walked for every candidate row of a claim)
+create index tasks_owner_idx on @engine@.tasks (instance_id, lease_owner) where lease_owner is not null;
 
 -- Durable signal inbox (docs/decisions.md D6): kept until a matching wait consumes it, FIFO per name.
 create table @engine@.signals (

@@ -64,12 +64,16 @@ begin
           -- runnable steps stay for that worker (it has the instance loaded, and two
           -- workers checkpointing one instance race and reload it); leases end, so a dead
           -- worker's instances come free with its leases
-          -- (both checks are scalar sub-plans, one index probe per candidate row: as NOT
+          -- (the checks are scalar sub-plans, one index probe each per candidate row: as NOT
           -- EXISTS they became anti-joins, which statistics of a table that grew since its
-          -- last ANALYZE turned into a scan of every finished instance for every claim)
+          -- last ANALYZE turned into a scan of every finished instance for every claim; the
+          -- owner's two ranges probe tasks_owner_idx, where "<> p_owner" walked every task
+          -- of the instance)
           and not coalesce((select true from @engine@.tasks o
-                            where o.instance_id = t.instance_id and o.lease_owner is not null
-                              and o.lease_owner <> p_owner
+                            where o.instance_id = t.instance_id and o.lease_owner < p_owner
+                            limit 1), false)
+          and not coalesce((select true from @engine@.tasks o
+                            where o.instance_id = t.instance_id and o.lease_owner > p_owner
                             limit 1), false)
           -- a task of an instance its owner marked terminal (tenants may UPDATE status) is
           -- never claimed; the rescuer deletes it
@@ -86,12 +90,16 @@ begin
           -- runnable steps stay for that worker (it has the instance loaded, and two
           -- workers checkpointing one instance race and reload it); leases end, so a dead
           -- worker's instances come free with its leases
-          -- (both checks are scalar sub-plans, one index probe per candidate row: as NOT
+          -- (the checks are scalar sub-plans, one index probe each per candidate row: as NOT
           -- EXISTS they became anti-joins, which statistics of a table that grew since its
-          -- last ANALYZE turned into a scan of every finished instance for every claim)
+          -- last ANALYZE turned into a scan of every finished instance for every claim; the
+          -- owner's two ranges probe tasks_owner_idx, where "<> p_owner" walked every task
+          -- of the instance)
           and not coalesce((select true from @engine@.tasks o
-                            where o.instance_id = t.instance_id and o.lease_owner is not null
-                              and o.lease_owner <> p_owner
+                            where o.instance_id = t.instance_id and o.lease_owner < p_owner
+                            limit 1), false)
+          and not coalesce((select true from @engine@.tasks o
+                            where o.instance_id = t.instance_id and o.lease_owner > p_owner
                             limit 1), false)
           -- a task of an instance its owner marked terminal (tenants may UPDATE status) is
           -- never claimed; the rescuer deletes it
