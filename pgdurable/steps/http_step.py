@@ -140,14 +140,19 @@ def make_client(policy: HttpPolicy) -> httpx.AsyncClient:
         max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
         keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
     )
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, retries=0)
+    # one TLS context (loading the CA bundle is most of what making a client costs): the
+    # transport's, handed to the guarded pool below
+    ssl_context = httpx.create_ssl_context(trust_env=False)
+    transport = httpx.AsyncHTTPTransport(
+        verify=ssl_context, limits=limits, trust_env=False, retries=0
+    )
     # httpx has no public hook for the network backend; its transport keeps the httpcore pool
     # in ``_pool`` (stable since httpx 0.18). Replace it with an identical pool that uses our
     # guarded backend, and fail loudly rather than run unguarded if that layout ever changes.
     if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
         raise RuntimeError("unsupported httpx version: cannot install the HTTP policy guard")
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False),
+        ssl_context=ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,

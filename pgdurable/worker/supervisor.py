@@ -76,6 +76,11 @@ def _watch_parent(parent: int) -> None:
 
 
 def _fork_worker(config: ServeConfig) -> int:
+    # imported before the fork, once: every worker then starts with the supervisor's modules
+    # (no import of its own after fork, and the same package version as its supervisor even
+    # when another was installed on disk meanwhile)
+    from .process import run_worker
+
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child
@@ -87,8 +92,6 @@ def _fork_worker(config: ServeConfig) -> int:
             threading.Thread(
                 target=_watch_parent, args=(parent,), daemon=True, name="pgdurable-parent-watch"
             ).start()
-            from .process import run_worker
-
             run_worker(config)
         except BaseException:
             logger.exception("worker crashed")
