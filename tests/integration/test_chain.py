@@ -2,8 +2,8 @@
 real database: a sequence runs in one batch transaction; a chained step that fails rolls back
 to its savepoint and its failure is recorded in place (its predecessors' effects commit once,
 no statement runs twice); what a chained step sets for its session ends before the next; a
-chained step whose result is refused fails alone; an instance with a step still running
-elsewhere is not chained."""
+chained step whose result, or the checkpoint it makes, is refused fails alone; an instance
+with a step still running elsewhere is not chained."""
 
 from __future__ import annotations
 
@@ -112,6 +112,43 @@ def test_a_chained_result_over_the_cap_fails_that_step_only(db):
     assert one(db, "select status from df.instances where id = %s", (iid,)) == "failed"
     assert rows(db, "select v from public.hits") == [("first",)]
     assert "over the limit" in one(db, "select df.error(%s)", (iid,))["error"]
+
+
+def test_a_chained_step_over_the_instances_cap_fails_alone(db):
+    """A later step whose checkpoint, computed right after its statement (a step followed by
+    another is), would put its instance over pg_durable.max_instance_bytes fails alone: its
+    statement rolls back to its savepoint (pgdurable/worker/in_place.py, ``refused``) and
+    the step before it commits once."""
+    from psycopg import sql
+
+    role = db.create_role("ch")
+    table(db, role)
+    with db.connect() as conn:
+        conn.execute(
+            sql.SQL("alter database {} set pg_durable.max_instance_bytes = 3000").format(
+                sql.Identifier(db.name)
+            )
+        )
+    iid = start(
+        db,
+        role,
+        "'insert into public.hits select ''a'' || nextval(''public.runs'')' ~> "
+        "'with x as (insert into public.hits values (''b'') returning 1) "
+        "select repeat(''x'', 5000) as big, nextval(''public.runs'') as n from x' ~> "
+        "'insert into public.hits values (''c'')'",
+    )
+
+    async def go() -> None:
+        async with worker(db) as w:
+            await run_all(w)
+
+    asyncio.run(go())
+    assert one(db, "select status from df.instances where id = %s", (iid,)) == "failed"
+    # a committed once; b's insert rolled back with its refusal; c never ran
+    assert rows(db, "select v from public.hits") == [("a1",)]
+    assert one(db, "select last_value from public.runs") == 2  # a once, b once
+    err = one(db, "select df.error(%s)", (iid,))["error"]
+    assert "over the limit of 3000 bytes per instance" in err, err
 
 
 def test_the_roles_own_settings_hold_for_every_step_of_a_batch(db):
