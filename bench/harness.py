@@ -106,6 +106,8 @@ class Row:
     worker_rss_mb: float | None = None
     worker_cores: float | None = None
     postgres_cores: float | None = None
+    cpu_s: float | None = None
+    """CPU seconds of the workers and the server's processes from serve's start to done."""
     first_p50_ms: float | None = None
     first_p99_ms: float | None = None
     step_p50_ms: float | None = None
@@ -274,6 +276,7 @@ def run_workload(
                 row.worker_rss_mb = peak_rss / 2**20
                 row.worker_cores = cpu_delta(w0, w1) / wall
                 row.postgres_cores = cpu_delta(pg0, pg1) / wall
+                row.cpu_s = cpu_delta(w0, w1) + cpu_delta(pg0, pg1)
                 _first, load_step = latencies(conn, label, w.sequence)
                 row.load_step_p50_ms = pct(load_step, 50)
                 if server.has_pgss:
@@ -427,10 +430,14 @@ def _created(p: psutil.Process) -> float:
 
 
 def _cpu_per_step(r: Row) -> float | None:
-    """CPU per step in ms, worker + PostgreSQL: (worker cores + PG cores) * 1,000 / steps/s."""
-    if r.worker_cores is None or r.postgres_cores is None or not r.steps_per_s:
+    """CPU per step in ms, worker + PostgreSQL: their CPU seconds from serve's start to done
+    over the steps. (Until session 9 it was (worker cores + PG cores) * 1,000 / steps/s, the
+    cores averaged from serve's start and steps/s over the first step to the last: that
+    counted the CPU of the drain's window only in the ratio of the two windows, short of the
+    whole by serve's start-up, a quarter of a 3-second run.)"""
+    if r.cpu_s is None or not r.steps:
         return None
-    return (r.worker_cores + r.postgres_cores) * 1000 / r.steps_per_s
+    return r.cpu_s * 1000 / r.steps
 
 
 def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
