@@ -405,3 +405,43 @@ def test_install_is_idempotent_and_records_version(db):
         v = conn.execute("select schema_version from pgdurable._worker_ready").fetchone()[0]
         assert v == schema.SCHEMA_VERSION
         assert conn.execute("select df.version()").fetchone()[0].endswith("(df API 0.2.6)")
+
+
+def test_an_online_index_missing_or_invalid_is_built_by_the_next_install(db, caplog):
+    """schema.ONLINE_INDEXES are built CONCURRENTLY once a migration has committed (a plain
+    CREATE INDEX in the migration waited on running serves' writes): one missing (a build
+    interrupted) or left invalid is built by the next install, even when the schema is
+    current; a login that may not build it says so and goes on."""
+
+    def state() -> bool | None:
+        with psycopg.connect(db.dsn) as conn:
+            row = conn.execute(
+                "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid "
+                "where c.relname = 'tasks_owner_idx' "
+                "and c.relnamespace = 'pgdurable'::regnamespace"
+            ).fetchone()
+        return None if row is None else bool(row[0])
+
+    assert state() is True
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("drop index pgdurable.tasks_owner_idx")
+    schema.install(db.dsn)
+    assert state() is True
+    # an invalid one (as an interrupted CREATE INDEX CONCURRENTLY leaves it) is made again
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute(
+            "update pg_index set indisvalid = false "
+            "where indexrelid = 'pgdurable.tasks_owner_idx'::regclass"
+        )
+    assert state() is False
+    schema.install(db.dsn)
+    assert state() is True
+    # a login that may not build it (a tenant's) warns and goes on; serve's own builds it
+    # (pgdurable_service acts as the engine's owner: docs/security.md)
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("drop index pgdurable.tasks_owner_idx")
+    schema.ensure_online_indexes(db.dsn_as(db.create_role("oi")), "pgdurable")
+    assert state() is None
+    assert "could not build index pgdurable.tasks_owner_idx" in caplog.text
+    schema.ensure_online_indexes(db.service_dsn, "pgdurable")
+    assert state() is True

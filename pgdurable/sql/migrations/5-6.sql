@@ -130,8 +130,10 @@ $$;
 -- _claim_v1 (older packages' workers) does the same but leaves alone the instances with a
 -- node type newer than those workers (RETRY, FOREACH), found through this index
 create index nodes_newer_types_idx on df.nodes (instance_id) where node_type in ('RETRY', 'FOREACH');
--- _claim_v2's instance affinity probes this index (00_tables.sql says why)
-create index tasks_owner_idx on @engine@.tasks (instance_id, lease_owner) where lease_owner is not null;
+-- (_claim_v2's instance affinity probes @engine@.tasks_owner_idx, 00_tables.sql. Not made here:
+-- pgdurable/schema.py builds it CONCURRENTLY once this migration has committed, since a plain
+-- CREATE INDEX on the tasks table waits for every running serve's writes while this
+-- transaction holds other tables. The claim works without it, only slower.)
 -- @definitions-of 50_engine.sql
 
 -- == Per-step settings read once per batch (docs/performance.md): _role_settings_v2 returns
