@@ -59,15 +59,18 @@ def test_ci_sized_run_reports_no_violation() -> None:
     assert out.splitlines()[-1] == "violations: 0", out + "\n" + res.stderr[-3000:]
     assert res.returncode == 0
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
-    assert int(total.split()[-1]) >= 40, out
+    # The fault phase waits for the service to come back after each fault, so how many fit in
+    # 60 s measures the box as much as pgdurable: on 2 cores, 45-48 on an idle box and 32-39
+    # under CI's two suites at once (session 9). What this run must show is every kind at work.
+    assert int(total.split()[-1]) >= 30, out
     assert "soak watch" in out, out
     counts = {
         line.split()[0]: int(line.split()[1])
         for line in out.splitlines()
         if line.strip() and line.split()[0] in verify.FAULT_KINDS
     }
-    for kind in verify.NET_KINDS:
-        assert counts[kind] >= 1, f"no {kind} fault injected:\n{out}"
+    for kind in verify.FAULT_KINDS:
+        assert counts.get(kind, 0) >= 1, f"no {kind} fault injected:\n{out}"
     assert "2 serve(s)" in out, out
     # pgdurable's own features joined the mix: df.retry (retried and exhausted), keyed starts
     # (deduplicated), df.restart (restarted instances completed)
