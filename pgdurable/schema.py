@@ -31,9 +31,18 @@ import psycopg
 from psycopg import sql
 
 from . import __version__
+from .online_indexes import ONLINE_INDEXES, ensure_online_indexes
 from .roles import OWNER_ROLE, InstallError, ensure_launcher, ensure_roles
 
-__all__ = ["InstallError", "InstallResult", "install", "installed_version", "uninstall"]
+__all__ = [
+    "ONLINE_INDEXES",
+    "InstallError",
+    "InstallResult",
+    "ensure_online_indexes",
+    "install",
+    "installed_version",
+    "uninstall",
+]
 from .sql import MIGRATIONS_DIR, schema_parts
 
 logger = logging.getLogger(__name__)
@@ -191,66 +200,9 @@ def install(
             time.sleep(min(0.05 * attempt, 1.0))
     if res.to_version != SCHEMA_VERSION:
         return res
-    ensure_online_indexes(dsn, engine)
+    ensure_online_indexes(dsn, engine)  # (pgdurable/online_indexes.py)
     schema_name, problem = ensure_new_mode(dsn, engine)
     return dataclasses.replace(res, dblink_schema=schema_name, new_mode_problem=problem)
-
-
-# Indexes of the current schema that a migration leaves to be built once it has committed,
-# CONCURRENTLY: a plain CREATE INDEX takes a SHARE lock, which running serves' writes hold off,
-# inside a migration that holds other tables meanwhile (a rolling upgrade's migration then
-# timed out 60 times running). A fresh install makes them with its tables (00_tables.sql).
-ONLINE_INDEXES = {
-    "tasks_owner_idx": "on {}.tasks (instance_id, lease_owner) where lease_owner is not null",
-}
-
-
-def ensure_online_indexes(dsn: str, engine: str = ENGINE_SCHEMA_DEFAULT) -> None:
-    """Build :data:`ONLINE_INDEXES` that are missing (or left invalid by an interrupted
-    build), concurrently, as the engine's owner: running serves keep writing meanwhile.
-    :func:`install` calls it every time, serve's start included (a catalog look when they
-    are there). A login that cannot logs a warning: what uses the index works without it,
-    only slower, and ``pgdurable upgrade`` builds it."""
-    with psycopg.connect(
-        dsn,
-        autocommit=True,
-        application_name="pgdurable install",
-        options="-c search_path=pg_catalog,pg_temp",
-    ) as conn:
-        for name, definition in ONLINE_INDEXES.items():
-            row = conn.execute(
-                "select i.indisvalid from pg_catalog.pg_index i "
-                "join pg_catalog.pg_class c on c.oid operator(pg_catalog.=) i.indexrelid "
-                "join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace "
-                "where n.nspname operator(pg_catalog.=) %s "
-                "and c.relname operator(pg_catalog.=) %s",
-                (engine, name),
-            ).fetchone()
-            if row is not None and row[0]:
-                continue
-            index = sql.Identifier(engine, name)
-            try:
-                conn.execute(sql.SQL("set role {}").format(sql.Identifier(OWNER_ROLE)))
-                if row is not None:  # an earlier build was interrupted
-                    conn.execute(sql.SQL("drop index concurrently if exists {}").format(index))
-                conn.execute(
-                    sql.SQL("create index concurrently if not exists {} ").format(
-                        sql.Identifier(name)
-                    )
-                    + sql.SQL(definition).format(sql.Identifier(engine))
-                )
-                logger.info("built index %s.%s", engine, name)
-            except psycopg.Error as exc:
-                logger.warning(
-                    "could not build index %s.%s (%s); the claim works without it, only "
-                    "slower; `pgdurable upgrade` as an administrator builds it",
-                    engine,
-                    name,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                )
-            finally:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("reset role")
 
 
 def dblink_schema_name(engine: str = ENGINE_SCHEMA_DEFAULT) -> str:

@@ -131,8 +131,8 @@ $$;
 -- node type newer than those workers (RETRY, FOREACH), found through this index
 create index nodes_newer_types_idx on df.nodes (instance_id) where node_type in ('RETRY', 'FOREACH');
 -- (_claim_v2's instance affinity probes @engine@.tasks_owner_idx, 00_tables.sql. Not made here:
--- pgdurable/schema.py builds it CONCURRENTLY once this migration has committed, since a plain
--- CREATE INDEX on the tasks table waits for every running serve's writes while this
+-- pgdurable/online_indexes.py builds it CONCURRENTLY once this migration has committed,
+-- since a plain CREATE INDEX on the tasks table waits for every running serve's writes while this
 -- transaction holds other tables. The claim works without it, only slower.)
 -- @definitions-of 50_engine.sql
 
