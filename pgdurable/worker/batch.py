@@ -27,9 +27,9 @@ from pgdurable.errors import StepError
 from pgdurable.log import instance_var, node_var
 from pgdurable.steps.sql_step import SqlSteps, envelope
 
-from . import in_place, wire
+from . import in_place, wave, wire
 from .cache import InstanceCache
-from .chain import Chained, chain_bound, chainable, step_timeout, successor, unchain
+from .chain import Chained, chainable, successor, unchain
 from .checkpoint import Checkpointer, Outcome
 from .checkpoint_set import CheckpointSet
 from .failures import pg_message
@@ -38,7 +38,7 @@ from .instance import InstanceCtx
 from .notifier import Running
 from .sessions import Sessions
 from .settings import Settings
-from .task import Task, step_app_name
+from .task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 # steps that all write assigns at most 63 subtransaction ids, within the 64 PostgreSQL keeps
 # per backend before other sessions' snapshots get dearer. Not more than 32.)
 BATCH_MAX = 32
+# Steps sent in one round trip (a wave: one pipeline of their savepoints and statements), the
+# successors of the last wave's steps and more queued steps: a round trip costs more CPU, on
+# both sides, than a short step's statement (docs/performance.md "Session 10").
+WAVE_MAX = 16
 BATCH_WINDOW_S = 0.05
 # Runners started at once per worker; more (up to the step slots) only for steps that waited
 # this long in the queue (the runners are busy with slow statements). One runner makes batches
@@ -272,9 +276,11 @@ class BatchRunner:
         item: Item | None = first
         role = first.ctx.role_oid
         t0 = None  # the window opens once the first step ran (not while waiting for a slot)
-        # the settings the batch's first step applied, as step_next's text parameters
-        applied: tuple[bytes, bytes, bytes | None, str] = (b"", b"", None, "")
+        applied: wave.Applied = (b"", b"", None, "")  # what the first step applied
         saved = False  # a later step's savepoint is open (:mod:`.in_place`)
+        steps: list[Item] = [first]  # the steps of the next round trip (:mod:`.wave`)
+        unsettled: list[Item] = [first]  # sent or to send, not yet in ``ran``
+        closing = False  # a chained step was handed off: no more steps join
         try:
             call = await self.sql.step_call(role, first.ctx.role_name)
             first_call, next_call = self.sql.first_call(role), self.sql.next_call(role)
@@ -285,139 +291,154 @@ class BatchRunner:
                 role_b = b"%d" % role
                 refused: StepError | None = None
                 try:
-                    while item is not None:
-                        instance_var.set(item.task.instance_id)
-                        node_var.set(item.task.node_id)
-                        # a first step run with its instance's start holds the start
-                        # task's lease (its own task is never written)
-                        key = item.slot_task.key
-                        self.running.pids[key] = conn.info.backend_pid
-                        self.busy[me] = time.monotonic()
-                        this = item
-                        if item.phase == "pending":
-                            asyncio.get_running_loop().call_later(
-                                FIRST_STEP_VISIBLE_S, self._start_visible, item
-                            )
+                    while steps:
+                        # one round trip for all of them (:mod:`.wave`)
+                        now = time.monotonic()
+                        for it in steps:
+                            self.running.pids[it.slot_task.key] = conn.info.backend_pid
+                            if it.phase == "pending":
+                                asyncio.get_running_loop().call_later(
+                                    FIRST_STEP_VISIBLE_S, self._start_visible, it
+                                )
+                        self.busy[me] = now
+                        sent = steps
                         try:
-                            if not ran:
-                                # once per batch, one round trip: BEGIN, settings, one slot,
-                                # the identity, and the statement
-                                got = await wire.results(
+                            if not ran and item is first:
+                                # once per batch, its first step alone (:func:`wave.first`)
+                                instance_var.set(first.task.instance_id)
+                                node_var.set(first.task.node_id)
+                                applied, rows = await wave.first(
                                     conn,
-                                    [
-                                        (b"begin", ()),
-                                        (
-                                            self.sessions.step_settings_stmt,
-                                            (
-                                                cap_b,
-                                                role_b,
-                                                step_app_name(item.task).encode(),
-                                                role_b,
-                                                None,
-                                            ),
-                                        ),
-                                        (first_call, (cap_b, item.text.encode(), runner_cap)),
-                                    ],
+                                    self.sessions.step_settings_stmt,
+                                    first_call,
+                                    first.task,
+                                    first.text,
+                                    role_b,
+                                    cap_b,
+                                    runner_cap,
                                 )
-                                # what the next steps apply again (step_next), as text
-                                applied = (
-                                    (wire.value(conn, got[1], 5) or "{}").encode(),
-                                    (wire.value(conn, got[1], 6) or "{}").encode(),
-                                    wire.param(wire.value(conn, got[1], 0)),
-                                    wire.value(conn, got[1], 7) or "0",
-                                )
-                                rows = wire.column(conn, got[2])
+                                per: list[tuple[Item, wave.Got]] = [(first, rows)]
                             else:
-                                names, vals, path, timeout = applied
-                                # its failure is its own (below): a savepoint first
-                                cmds = in_place.savepoint(saved)
-                                saved = True
-                                if item.task.virtual:
-                                    # a chained step runs under the chain's bound (armed as
-                                    # its statement begins)
-                                    bound, item.bounded = step_timeout(timeout)
-                                    cmds.append(chain_bound(bound))
-                                # RESET ALL (what the last statement set ends here), the
-                                # settings again and the statement: one statement, which
-                                # arms the limit again for the next one; sent at libpq level
-                                # with the savepoint, in one round trip
-                                t = timeout.encode()
-                                cmds.append(
-                                    (
-                                        next_call,
-                                        (
-                                            names,
-                                            vals,
-                                            path,
-                                            t,
-                                            step_app_name(item.task).encode(),
-                                            role_b,
-                                            cap_b,
-                                            item.text.encode(),
-                                            runner_cap,
-                                        ),
-                                    )
+                                cmds, ends, bounded = wave.commands(
+                                    [(it.task, it.text) for it in steps],
+                                    saved,
+                                    applied,
+                                    next_call,
+                                    role_b,
+                                    cap_b,
+                                    runner_cap,
                                 )
-                                rows = await wire.rows(conn, cmds)
-                            value = envelope(rows)
-                            del rows
-                            # capped now: a later step's refused result is its own failure
-                            outcome = Outcome.success(value, self.checkpointer.result_data(value))
-                        except (psycopg.Error, StepError) as exc:
-                            if isinstance(exc, psycopg.Error) and await unchain(
-                                conn, item.chained, item.bounded, exc
-                            ):
-                                item = None  # a task of its own now: this batch ends here
-                                break
-                            if not ran:
-                                raise  # the first step: the batch ends, recording it (below)
-                            own = await in_place.failure(
-                                conn, self.sql, item.slot_task, item.text, exc
-                            )
-                            if own is None:
-                                raise
-                            outcome = own  # its failure, staged as any outcome
+                                saved = True
+                                for it, bound in zip(steps, bounded, strict=True):
+                                    it.bounded = bound
+                                per = list(
+                                    zip(steps, await wave.run(conn, cmds, ends), strict=True)
+                                )
                         finally:
-                            self.running.pids.pop(key, None)
-                            self.running.pids.pop(this.slot_task.key, None)
+                            for it in sent:
+                                self.running.pids.pop(it.slot_task.key, None)
                             self.busy.pop(me, None)
-                        ran.append((item, outcome))
-                        done, item = item, None
-                        if done.phase == "pending":
-                            done.phase = "fused"  # checkpointed with its start from now on
-                        if t0 is None:
-                            t0 = time.monotonic()
-                        room = len(ran) < BATCH_MAX and time.monotonic() - t0 < BATCH_WINDOW_S
-                        if not done.staged and self._stage_now(done, held, late):
-                            floor = max(floor or "", done.task.instance_id)
+                        steps = []
+                        # each step's outcome, in the order its statement ran
+                        ran_at = [
+                            i for i, (_, r) in enumerate(per) if not isinstance(r, wave.Skipped)
+                        ]
+                        for pos, (item, res) in enumerate(per):
+                            if isinstance(res, wave.Skipped):
+                                steps.append(item)  # not run (one before it failed): sent again
+                                continue
+                            instance_var.set(item.task.instance_id)
+                            node_var.set(item.task.node_id)
+                            later_ran = bool(ran_at) and pos != ran_at[-1]
                             try:
-                                await self._stage(conn, done, outcome, staged, held)
-                            except StepError as exc:
-                                if (
-                                    done is not first
-                                    and done.phase != "fused"
-                                    and await in_place.refused(
-                                        conn,
-                                        self.checkpointer,
-                                        done.ctx,
-                                        done.slot_task,
-                                        done.idx,
-                                        exc,
-                                        staged,
-                                    )
-                                ):
-                                    pass  # its checkpoint was refused: that is its failure
-                                elif len(ran) != 1 or first.phase == "fused":
+                                if isinstance(res, psycopg.Error):
+                                    raise res
+                                value = envelope(res)
+                                # capped now: a later step's refused result is its own failure
+                                outcome = Outcome.success(
+                                    value, self.checkpointer.result_data(value)
+                                )
+                            except (psycopg.Error, StepError) as exc:
+                                if later_ran:
+                                    # refused here, after steps behind it in its round trip ran:
+                                    # its savepoint is not the newest (the batch rolls back)
                                     raise
-                                else:
-                                    refused = exc  # handled below, as for a late checkpoint
-                                    break
-                            if room and done.staged and outcome.ok:
-                                item = self._chained(done, staged)
-                        else:
-                            late.add(done.task.instance_id)
-                        if item is None and room:
-                            item = self.pick(floor, role)
+                                if isinstance(exc, psycopg.Error) and await unchain(
+                                    conn, item.chained, item.bounded, exc
+                                ):
+                                    unsettled.remove(item)
+                                    closing = True  # a task of its own now: no more steps join
+                                    continue
+                                if not ran:
+                                    raise  # the first step: the batch ends, recording it
+                                own = await in_place.failure(
+                                    conn, self.sql, item.slot_task, item.text, exc
+                                )
+                                if own is None:
+                                    raise
+                                outcome = own  # its failure, staged as any outcome
+                            ran.append((item, outcome))
+                            unsettled.remove(item)
+                            done = item
+                            if done.phase == "pending":
+                                done.phase = "fused"  # checkpointed with its start from now on
+                            if t0 is None:
+                                t0 = time.monotonic()
+                            room = (
+                                not closing
+                                and len(ran) + len(unsettled) < BATCH_MAX
+                                and time.monotonic() - t0 < BATCH_WINDOW_S
+                            )
+                            if not done.staged and self._stage_now(done, held, late):
+                                floor = max(floor or "", done.task.instance_id)
+                                try:
+                                    await self._stage(conn, done, outcome, staged, held)
+                                except StepError as exc:
+                                    if (
+                                        done is not first
+                                        and done.phase != "fused"
+                                        and not later_ran
+                                        and await in_place.refused(
+                                            conn,
+                                            self.checkpointer,
+                                            done.ctx,
+                                            done.slot_task,
+                                            done.idx,
+                                            exc,
+                                            staged,
+                                        )
+                                    ):
+                                        pass  # its checkpoint was refused: that is its failure
+                                    elif len(ran) != 1 or first.phase == "fused":
+                                        raise
+                                    else:
+                                        refused = exc  # handled below, as a late checkpoint
+                                        item = None
+                                        break
+                                if room and done.staged and outcome.ok:
+                                    nxt = self._chained(done, staged)
+                                    if nxt is not None:
+                                        steps.append(nxt)
+                                        unsettled.append(nxt)
+                            else:
+                                late.add(done.task.instance_id)
+                        item = None
+                        if refused is not None:
+                            break
+                        # more queued steps join the next round trip, the lowest instances
+                        # first, while the batch has room
+                        while (
+                            not closing
+                            and t0 is not None
+                            and len(steps) < WAVE_MAX
+                            and len(ran) + len(unsettled) < BATCH_MAX
+                            and time.monotonic() - t0 < BATCH_WINDOW_S
+                        ):
+                            more = self.pick(floor, role)
+                            if more is None:
+                                break
+                            steps.append(more)
+                            unsettled.append(more)
                 except BaseException as exc:
                     for lock in held.values():
                         lock.release()
@@ -488,7 +509,7 @@ class BatchRunner:
                     first.fut.set_result(None)
                     return
         except BaseException as exc:
-            failed = [it for it, _ in ran] + ([item] if item is not None else [])
+            failed = [it for it, _ in ran] + unsettled
             metrics.batch(len(failed), False)
             starting = [it.visible for it in failed if it.visible is not None]
             if starting:  # whether a start committed decides how its step runs again

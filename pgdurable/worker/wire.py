@@ -82,6 +82,18 @@ async def results(
     """Run ``commands`` (each a statement with ``$n`` placeholders and its text parameters)
     on ``conn`` in one round trip; each command's (last) result. The first command that
     fails raises its error (the others after it did not run)."""
+    got = await pipeline(conn, commands)
+    _raise_first_error(conn, got)
+    return [r[-1] if r else None for r in got]
+
+
+async def pipeline(
+    conn: psycopg.AsyncConnection[Any], commands: Sequence[Command]
+) -> list[list[pq.abc.PGresult]]:
+    """Run ``commands`` in one round trip and return every command's results, failed ones
+    included (:func:`error`): after a command fails, PostgreSQL skips the rest up to the
+    sync, and each of those reads as ``PIPELINE_ABORTED`` (:func:`skipped`). Raises only
+    when the connection fails."""
     pgconn = conn.pgconn
     async with conn.lock:
         if conn.closed:
@@ -99,8 +111,22 @@ async def results(
                 got = await conn.wait(_pipeline(pgconn))
             finally:
                 _leave_pipeline(conn)
-    _raise_first_error(conn, got)
-    return [r[-1] if r else None for r in got]
+    return got
+
+
+def error(
+    conn: psycopg.AsyncConnection[Any], got: Sequence[pq.abc.PGresult]
+) -> psycopg.Error | None:
+    """A command's error, as psycopg raises it (None: it did not fail)."""
+    for res in got:
+        if res.status == pq.ExecStatus.FATAL_ERROR:
+            return e.error_from_result(res, encoding=conn.info.encoding)
+    return None
+
+
+def skipped(got: Sequence[pq.abc.PGresult]) -> bool:
+    """Whether a command of a pipeline did not run: an earlier one failed."""
+    return any(res.status == pq.ExecStatus.PIPELINE_ABORTED for res in got)
 
 
 async def rows(

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from pgdurable.worker import wave
+
 from .inproc import ctx_of, one, rows, start, started, worker
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,10 +71,20 @@ def test_n_statements_run_in_few_transactions_each_checkpointed(db, tenant):
     assert len(txs) < N
 
 
-def _handle_all(db: Any, **options: Any) -> list[int]:
+class Trips:
+    """What :func:`_handle_all` saw: the batches' sizes and, for each round trip that sent
+    later steps (pgdurable/worker/wave.py), how many it sent and how many did not run."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.sent: list[int] = []
+        self.skipped = 0
+
+
+def _handle_all(db: Any, **options: Any) -> Trips:
     """Claim every queued step at once and run each through the dispatcher (batch, in-place
-    failure, Retry when a batch rolled back, alone); the sizes of the batches that ran."""
-    sizes: list[int] = []
+    failure, Retry when a batch rolled back, alone)."""
+    seen = Trips()
 
     async def go() -> None:
         async with worker(db, slots=N, **options) as w:
@@ -84,16 +96,29 @@ def _handle_all(db: Any, **options: Any) -> list[int]:
             async def counted(first: Any, me: object) -> None:
                 before = len(w.batch.queue)
                 await run(first, me)
-                sizes.append(1 + before - len(w.batch.queue))
+                seen.sizes.append(1 + before - len(w.batch.queue))
 
             w.batch.run_batch = counted  # type: ignore[method-assign]
             await asyncio.gather(*(w.dispatch.handle(t) for t in tasks))
 
-    asyncio.run(go())
-    return sizes
+    send = wave.run
+
+    async def watched(conn: Any, cmds: Any, ends: list[int]) -> list[wave.Got]:
+        got = await send(conn, cmds, ends)
+        seen.sent.append(len(ends))
+        seen.skipped += sum(isinstance(g, wave.Skipped) for g in got)
+        return got
+
+    wave.run = watched  # type: ignore[assignment]
+    try:
+        asyncio.run(go())
+    finally:
+        wave.run = send  # type: ignore[assignment]
+    return seen
 
 
-def test_a_later_failing_statement_fails_alone_and_its_batch_commits(db, tenant):
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_later_failing_statement_fails_alone_and_its_batch_commits(db, tenant, where):
     iids = [
         start(
             db,
@@ -104,14 +129,20 @@ def test_a_later_failing_statement_fails_alone_and_its_batch_commits(db, tenant)
         )
         for k in range(N)
     ]
-    # the step of the highest instance id fails: a batch visits instances in ascending
-    # order, so it is the last of its batch, after others ran in the same transaction
-    bad = iids.index(max(iids))
+    # a batch visits instances in ascending order: the step of the highest instance id is
+    # the last of its batch, after others ran in the same transaction; one in the middle is
+    # sent in one round trip with steps behind it, which then do not run (PostgreSQL skips
+    # the rest of a pipeline after an error) and are sent again
+    order = sorted(iids)
+    bad = iids.index(order[-1] if where == "last" else order[N // 2])
     with db.connect() as conn:
         conn.execute("insert into public.bad values (%s)", (bad,))
 
-    sizes = _handle_all(db)
-    assert max(sizes) > 1, sizes  # the failing step shared a batch with others
+    seen = _handle_all(db)
+    assert max(seen.sizes) > 1, seen.sizes  # the failing step shared a batch with others
+    assert max(seen.sent) > 1, seen.sent  # and later steps shared round trips
+    if where == "middle":
+        assert seen.skipped > 0  # steps behind the failing one did not run with it
     # exactly once: the failing statement ran once and rolled back to its savepoint; the
     # others ran once (nextval is not transactional: a re-run would count again)
     assert rows(db, "select count(*), count(distinct k) from public.hits") == [(N - 1, N - 1)]
@@ -137,8 +168,9 @@ def test_a_later_result_over_the_cap_fails_alone_and_its_batch_commits(db, tenan
         )
         for k in range(N)
     ]
-    sizes = _handle_all(db, result_max_bytes=1000)
-    assert max(sizes) > 1, sizes
+    seen = _handle_all(db, result_max_bytes=1000)
+    assert max(seen.sizes) > 1, seen.sizes
+    assert max(seen.sent) > 1, seen.sent
     assert one(db, "select last_value from public.runs") == N  # nobody ran twice
     assert rows(db, "select count(*) from public.hits") == [(N - 1,)]
     for k, iid in enumerate(iids):
@@ -163,3 +195,36 @@ def test_a_batch_of_one_records_its_statement_failure(db, tenant):
     assert one(db, "select status from df.instances where id = %s", (iid,)) == "failed"
     assert one(db, "select df.error(%s)", (iid,))["sqlstate"] == "23505"
     assert one(db, "select count(*) from public.hits") == 0
+
+
+def test_a_result_refused_after_later_steps_ran_rolls_the_batch_back(db, tenant):
+    # a result the worker itself cannot store (a json value holding \u0000, which jsonb
+    # refuses: PostgreSQL's json type lets it by) is refused once its round trip is back,
+    # after the steps behind it ran: its own savepoint is gone, so the whole batch rolls back
+    # and every step runs again alone (docs/performance.md "Session 10": the one case where
+    # a step of a round trip runs twice), and each outcome is still its own
+    iids = [
+        start(
+            db,
+            tenant,
+            f"df.sql('insert into public.hits values ({k}) returning k, "
+            "pg_catalog.nextval(''public.runs'') as r, "
+            f"(case when exists (select from public.bad where bad.k = {k}) "
+            "then ''\"\\u0000\"'' else ''1'' end)::json as v')",
+        )
+        for k in range(N)
+    ]
+    bad = iids.index(sorted(iids)[N // 2])
+    with db.connect() as conn:
+        conn.execute("insert into public.bad values (%s)", (bad,))
+
+    seen = _handle_all(db)
+    assert max(seen.sent) > 1, seen.sent
+    assert rows(db, "select count(*), count(distinct k) from public.hits") == [(N - 1, N - 1)]
+    for k, iid in enumerate(iids):
+        status = one(db, "select status from df.instances where id = %s", (iid,))
+        assert status == ("failed" if k == bad else "completed"), k
+    error = one(db, "select df.error(%s)", (iids[bad],))
+    assert "NUL character" in error["error"], error
+    # steps that had run behind it ran again alone: nextval counted them twice
+    assert one(db, "select last_value from public.runs") > N

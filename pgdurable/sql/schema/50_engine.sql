@@ -852,12 +852,17 @@ $$;
 -- SECURITY INVOKER and callable by the step role without a capability: it calls a runner as
 -- the session could itself, and the runner checks the capability.
 -- RESET ALL resets search_path too; it is pinned again at once (the function's SET clause
--- also restores the caller's on return). The role's search_path comes last, just before the
--- runner's call, the only statement parsed under it (every name in it qualified). That call's
--- UNION ALL branch runs once the runner's rows are all out and returns no row: it sets
--- statement_timeout again for the caller's next statement, whatever the step set meanwhile
--- (a limit is armed when a statement begins, not when it is set). The role's other settings
--- never name search_path or a name set here (_setting_pinned_v1).
+-- also restores the caller's on return). The role's search_path applies from just before the
+-- runner's call to the end of its rows: every name parsed meanwhile is qualified, operators
+-- too. Once the runner's rows are all out, statement_timeout is set again for the caller's
+-- next statement, whatever the step set meanwhile (a limit is armed when a statement begins,
+-- not when it is set). The role's other settings never name search_path or a name set here
+-- (_setting_pinned_v1).
+-- Last, the step's result as the worker stores it (its rows, their count and their columns:
+-- pgdurable/values.py, sql_envelope) must fit in p_max_bytes: the runner counts the rows
+-- alone. Checked here, so that a refused result fails its own statement: the worker sends a
+-- batch's next steps in one round trip, and a result it refused itself, after the steps
+-- behind it ran, would roll the whole batch back (docs/performance.md, "Session 10").
 create function @engine@._step_next_v1(p_names text[], p_vals text[], p_path text,
                                        p_timeout text, p_app text, p_role oid, p_cap text,
                                        p_sql text, p_max_bytes bigint)
@@ -865,6 +870,11 @@ returns setof pg_catalog.json
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_row   pg_catalog.json;
+    v_first pg_catalog.json;
+    v_n     pg_catalog.int8 := 0;
+    v_bytes pg_catalog.int8 := 0;
 begin
     reset all;
     perform pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
@@ -874,13 +884,44 @@ begin
             pg_catalog.set_config('statement_timeout', p_timeout, true),
             pg_catalog.set_config('application_name', p_app, true);
     perform pg_catalog.set_config('search_path', p_path, true);
-    return query execute pg_catalog.format(
-        'select r.* from %I.%I($1, $2, $3) as r '
-        'union all select null::pg_catalog.json '
-        'from (select pg_catalog.set_config(''statement_timeout'', $4, true) as st offset 0) as t '
-        'where t.st is null',
-        '@engine@_exec', 'step_' operator(pg_catalog.||) p_role::pg_catalog.text)
-        using p_cap, p_sql, p_max_bytes, p_timeout;
+    for v_row in execute pg_catalog.format('select r.* from %I.%I($1, $2, $3) as r',
+            '@engine@_exec', 'step_' operator(pg_catalog.||) p_role::pg_catalog.text)
+            using p_cap, p_sql, p_max_bytes loop
+        v_n := v_n operator(pg_catalog.+) 1::pg_catalog.int8;
+        v_bytes := v_bytes operator(pg_catalog.+)
+                   pg_catalog.octet_length(v_row::pg_catalog.text)::pg_catalog.int8;
+        if v_first is null then
+            v_first := v_row;
+        end if;
+        return next v_row;
+    end loop;
+    perform pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
+            pg_catalog.set_config('statement_timeout', p_timeout, true);
+    -- {"rows":[…],"row_count":n,"columns":[…]}: the rows and the commas between them, 37 bytes,
+    -- the count's digits and the first row's keys (a statement without result rows sends one
+    -- bare number: its envelope is small). The keys are read only when they could matter
+    -- (they are fewer bytes than the row that holds them), and a row PostgreSQL cannot read
+    -- them from (a json string holding \u0000) is left to the worker, which refuses it saying so.
+    if v_n operator(pg_catalog.>) 0 and pg_catalog.json_typeof(v_first) operator(pg_catalog.=) 'object' then
+        v_bytes := v_bytes operator(pg_catalog.+) v_n operator(pg_catalog.+) 35
+                   operator(pg_catalog.+) pg_catalog.length(v_n::pg_catalog.text);
+        if v_bytes operator(pg_catalog.+) pg_catalog.octet_length(v_first::pg_catalog.text)
+           operator(pg_catalog.>=) p_max_bytes then
+            begin
+                v_bytes := v_bytes operator(pg_catalog.+) coalesce((
+                    select pg_catalog.sum(pg_catalog.octet_length(pg_catalog.to_json(k.k)::pg_catalog.text)
+                                          operator(pg_catalog.+) 1)
+                    from (select distinct j.k from pg_catalog.json_object_keys(v_first) as j(k)) as k), 0);
+            exception when others then
+                null;
+            end;
+        end if;
+        if v_bytes operator(pg_catalog.>) p_max_bytes then
+            raise exception 'step result is over the limit of % bytes', p_max_bytes
+                using errcode = '54000',
+                      hint = 'return fewer or smaller rows, or raise serve''s --result-max-bytes';
+        end if;
+    end if;
 end
 $$;
 

@@ -1,0 +1,127 @@
+"""One round trip for a batch's next steps (a wave): each step's savepoint, a chained step's
+bound and its statement, all in one libpq pipeline, and what each step got back
+(docs/performance.md, "Session 10").
+
+A round trip costs both sides more CPU than a short step's statement (on the local
+PostgreSQL 15, ~180 µs alone against ~45 µs per step when eight steps share one), so a batch
+sends the successors of the steps it just ran and more queued steps together. The steps run
+one after another, as before, each after ``savepoint pgdurable_step`` (the previous one's
+released first: they never nest, :mod:`.in_place`). When one fails, PostgreSQL skips the
+rest of the pipeline: those steps did not run, and the batch sends them again in its next
+round trip. So a step's failed statement is rolled back to its own savepoint, as when it
+was sent alone; what the worker refuses itself after the fact (a result it cannot store)
+can no longer be undone alone once steps behind it ran, which is why ``step_next`` checks a
+result's size where it is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from . import in_place, wire
+from .chain import chain_bound, step_timeout
+from .task import Task, step_app_name
+
+
+class Skipped:
+    """A step that did not run: one before it in its round trip failed."""
+
+
+SKIPPED = Skipped()
+
+Got = list[tuple[str | None]] | psycopg.Error | Skipped
+"""What a step got: its rows (first column, as text), its error, or :data:`SKIPPED`."""
+
+
+Applied = tuple[bytes, bytes, bytes | None, str]
+"""The settings a batch's first step applied, as ``step_next``'s text parameters: the role's
+setting names and values, search_path, statement_timeout (ms)."""
+
+
+def commands(
+    steps: Sequence[tuple[Task, str]],
+    saved: bool,
+    applied: Applied,
+    call: bytes,
+    role: bytes,
+    cap: bytes,
+    runner_cap: bytes,
+) -> tuple[list[wire.Command], list[int], list[bool]]:
+    """The pipeline of ``steps`` (task, statement): each after its savepoint (the last one's
+    released first, when ``saved``) and, a chained step (a virtual task), the chain's bound;
+    then ``step_next`` with the settings the batch's first step ``applied``. Returns the
+    commands, where each step's commands end, and whether each ran under the chain's bound
+    rather than its own shorter limit."""
+    names, vals, path, timeout = applied
+    t = timeout.encode()
+    cmds: list[wire.Command] = []
+    ends: list[int] = []
+    bounded: list[bool] = []
+    for task, text in steps:
+        cmds += in_place.savepoint(saved)
+        saved = True
+        bound = False
+        if task.virtual:
+            # a chained step runs under the chain's bound (armed as its statement begins)
+            limit, bound = step_timeout(timeout)
+            cmds.append(chain_bound(limit))
+        bounded.append(bound)
+        # RESET ALL (what the last statement set ends here), the settings again and the
+        # statement: one statement, which arms the limit again for the next one
+        params = (names, vals, path, t, step_app_name(task).encode(), role, cap)
+        cmds.append((call, (*params, text.encode(), runner_cap)))
+        ends.append(len(cmds))
+    return cmds, ends, bounded
+
+
+async def run(
+    conn: psycopg.AsyncConnection[Any], cmds: list[wire.Command], ends: list[int]
+) -> list[Got]:
+    """Send the pipeline; each step's rows, error or :data:`SKIPPED`, in order."""
+    got = await wire.pipeline(conn, cmds)
+    out: list[Got] = []
+    start = 0
+    for end in ends:
+        part = [r for c in got[start:end] for r in c]
+        start = end
+        if wire.skipped(part):
+            out.append(SKIPPED)
+        elif (err := wire.error(conn, part)) is not None:
+            out.append(err)
+        else:
+            last = got[end - 1]
+            out.append(wire.column(conn, last[-1] if last else None))
+    return out
+
+
+async def first(
+    conn: psycopg.AsyncConnection[Any],
+    settings: bytes,
+    call: bytes,
+    task: Task,
+    text: str,
+    role: bytes,
+    cap: bytes,
+    runner_cap: bytes,
+) -> tuple[Applied, list[tuple[str | None]]]:
+    """A batch's first step, alone, in one round trip: BEGIN, the step settings (one slot,
+    the identity: ``step_settings``) and the role's runner (``call``). Returns what the next
+    steps apply again, and its rows; its failure raises."""
+    got = await wire.results(
+        conn,
+        [
+            (b"begin", ()),
+            (settings, (cap, role, step_app_name(task).encode(), role, None)),
+            (call, (cap, text.encode(), runner_cap)),
+        ],
+    )
+    applied = (
+        (wire.value(conn, got[1], 5) or "{}").encode(),
+        (wire.value(conn, got[1], 6) or "{}").encode(),
+        wire.param(wire.value(conn, got[1], 0)),
+        wire.value(conn, got[1], 7) or "0",
+    )
+    return applied, wire.column(conn, got[2])
