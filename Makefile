@@ -41,12 +41,18 @@ browser: ## Debian's chromium + chromedriver for tests/ui (installed when missin
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Acceptance tests that mostly wait (a schedule firing each real minute, old serves upgraded in
+# turn, FOREACH over ten thousand rows): run apart, beside the other acceptance tests, so that
+# the suite's longest run is not their sum (the 20-minute CI budget).
+ACCEPT_APART = tests/acceptance/test_schedules.py tests/acceptance/test_rolling_upgrade.py \
+	tests/acceptance/test_foreach.py tests/acceptance/test_limits.py
+
 test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local PG 15 when reachable), both schedulers
-	@# Three runs side by side: most of a test's time is spent waiting on serve and PostgreSQL,
-	@# so they take little more than the longest alone. The embedded server's acceptance tests
-	@# (each run starts an embedded PostgreSQL of its own), the local server's run (only the
-	@# tests that take a server: the others run once, on the embedded one) and, in the
-	@# foreground, the embedded server's other tests, the pure-Python scheduler twin and the
+	@# Four runs side by side: most of a test's time is spent waiting on serve and PostgreSQL,
+	@# so they take little more than the longest alone. The embedded server's acceptance tests,
+	@# in two runs (ACCEPT_APART; each run starts an embedded PostgreSQL of its own), the local
+	@# server's run (only the tests that take a server: the others run once, on the embedded
+	@# one) and, in the foreground, the embedded server's other tests, the pure-Python scheduler twin and the
 	@# benchmarks' smoke run. Every run writes a .test-*.log; the background ones are shown
 	@# when all have ended, and the last lines say which run failed and on what (a CI page
 	@# that keeps only the tail still names the failure).
@@ -54,7 +60,10 @@ test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local P
 	    --server-tests-only tests/sql tests/migration tests/integration tests/acceptance tests/ui $(PYTEST_ARGS) \
 	    > .test-local.log 2>&1 & local=$$!; \
 	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest -q -p no:cacheprovider --no-local \
-	    tests/acceptance $(PYTEST_ARGS) > .test-acceptance.log 2>&1 & accept=$$!; \
+	    tests/acceptance $(foreach f,$(ACCEPT_APART),--ignore=$(f)) $(PYTEST_ARGS) \
+	    > .test-acceptance.log 2>&1 & accept=$$!; \
+	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest -q -p no:cacheprovider --no-local \
+	    $(ACCEPT_APART) $(PYTEST_ARGS) > .test-acceptance-apart.log 2>&1 & apart=$$!; \
 	  PGDURABLE_IMPL=cython $(BIN)/python -m pytest --no-local --ignore=tests/acceptance $(PYTEST_ARGS) 2>&1 \
 	    | tee .test-embedded.log; embedded=$${PIPESTATUS[0]}; \
 	  PGDURABLE_IMPL=python $(BIN)/python -m pytest -q tests/unit tests/native $(PYTEST_ARGS) 2>&1 \
@@ -63,20 +72,24 @@ test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local P
 	    || echo "pgdurable: the bench extra did not install; peer smoke tests will skip"; \
 	  $(BIN)/python -m pytest -q -m benchmark --benchmark-disable bench $(PYTEST_ARGS) 2>&1 \
 	    | tee .test-bench.log; bench=$${PIPESTATUS[0]}; \
-	  wait $$accept; arc=$$?; wait $$local; rc=$$?; \
+	  wait $$accept; arc=$$?; wait $$apart; apc=$$?; wait $$local; rc=$$?; \
 	  echo "== the acceptance tests on the embedded PostgreSQL 18:"; tail -n 60 .test-acceptance.log; \
+	  echo "== the acceptance tests run apart, on an embedded PostgreSQL 18 of their own:"; \
+	  tail -n 30 .test-acceptance-apart.log; \
 	  echo "== the same tests on the local PostgreSQL (127.0.0.1:5432):"; tail -n 60 .test-local.log; \
-	  echo "== summary of the five runs:"; \
+	  echo "== summary of the six runs:"; \
 	  for run in "embedded PG 18, all but acceptance:$$embedded:.test-embedded.log" \
 	             "Python scheduler twin:$$twin:.test-twin.log" "bench smoke:$$bench:.test-bench.log" \
 	             "embedded PG 18, acceptance:$$arc:.test-acceptance.log" \
+	             "embedded PG 18, acceptance run apart:$$apc:.test-acceptance-apart.log" \
 	             "local PostgreSQL, server tests:$$rc:.test-local.log"; do \
 	    IFS=: read -r name code log <<< "$$run"; \
 	    if [ "$$code" -eq 0 ]; then echo "  ok      $$name: $$(tail -n 1 $$log)"; \
 	    else echo "  FAILED  $$name (exit $$code, $$log): $$(tail -n 1 $$log)"; \
 	         grep -E '^(FAILED|ERROR) ' $$log | head -n 15 | sed 's/^/          /'; fi; \
 	  done; \
-	  test $$embedded -eq 0 && test $$twin -eq 0 && test $$bench -eq 0 && test $$arc -eq 0 && test $$rc -eq 0
+	  test $$embedded -eq 0 && test $$twin -eq 0 && test $$bench -eq 0 && test $$arc -eq 0 \
+	    && test $$apc -eq 0 && test $$rc -eq 0
 	@# (the peer drivers, DBOS and Procrastinate, are benchmarks too: the bench extra is
 	@# installed so that their smoke tests run rather than skip, saying so where it cannot)
 
