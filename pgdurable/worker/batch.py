@@ -475,12 +475,16 @@ class BatchRunner:
                     for it, outcome in sorted(ran, key=_instance_of):
                         if not it.staged:
                             await self._stage(conn, it, outcome, staged, held)
-                    # every checkpoint of the batch in one call (docs/performance.md)
+                    # every checkpoint of the batch in one call (docs/performance.md), and
+                    # the COMMIT in the same round trip when every checkpoint is written
                     instance_var.set(None)
                     node_var.set(None)
-                    await self.checkpointer.flush(conn, staged)
                     try:
-                        await wire.simple(conn, self.sessions.commit_reset)
+                        if not await self.checkpointer.flush_commit(
+                            conn, staged, self.sessions.commit_reset_commands()
+                        ):
+                            await self.checkpointer.flush(conn, staged)
+                            await wire.simple(conn, self.sessions.commit_reset)
                     except psycopg.OperationalError:
                         if _testing.BLIND_COMMIT_RETRY:  # a planted bug: pgdurable/_testing.py
                             await _testing.blind_rerun(

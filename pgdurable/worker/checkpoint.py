@@ -61,6 +61,9 @@ from .task import Task
 
 logger = logging.getLogger(__name__)
 
+# SQLSTATE of @engine@._all_written_v1: a call that did not write every checkpoint
+_NOT_ALL_WRITTEN = "PDW01"
+
 RESULT_CAP_SETTING = "pgdurable serve --result-max-bytes (PGDURABLE_RESULT_MAX_BYTES)"
 INSTANCE_CAP_SETTING = "pg_durable.max_instance_bytes"
 # A checkpoint that queues work due within this many seconds wakes its worker's producer then
@@ -437,6 +440,54 @@ class Checkpointer:
                 self._refuse(batch, entries, exc)
         # we hold every runs row concerned now: stale cannot be, it would be a fence
         await self._write(conn, again, False)
+
+    async def flush_commit(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: CheckpointSet,
+        commit: list[wire.Command],
+    ) -> bool:
+        """Write ``batch`` and run ``commit`` (COMMIT and the session reset) in one round trip,
+        when that can be: a step connection, one call for the whole set, and every checkpoint
+        written (``_all_written_v1`` raises otherwise, so the COMMIT after it does not run).
+        True when done; False when nothing was written (rolled back to the savepoint taken
+        before the call): the caller then flushes and commits as usual. A failed COMMIT
+        raises its error, as on its own."""
+        cap = self.sessions.cap(conn)
+        if cap is None or not batch or any(len(r) != 1 for r in batch.rounds.values()):
+            return False
+        runs = [batch.rounds[iid][0] for iid in sorted(batch.rounds)]
+        if len(chunks(runs)) != 1:
+            return False
+        t0 = time.monotonic()
+        args = call_args(self.worker_id, self.lease_seconds, runs)
+        got = await wire.pipeline(
+            conn,
+            [
+                (b"savepoint pgdurable_apply", ()),
+                (self.sessions.step_apply_written_stmt, [cap.encode(), *args]),
+                *commit,
+            ],
+        )
+        for res in got[:1]:
+            if (err := wire.error(conn, res)) is not None:
+                raise err
+        if (err := wire.error(conn, got[1])) is not None:
+            if err.sqlstate != _NOT_ALL_WRITTEN:
+                raise err
+            await wire.simple(conn, b"rollback to savepoint pgdurable_apply")
+            return False
+        codes = wire.int_array(wire.value(conn, got[1][-1] if got[1] else None, 0))
+        if codes is None or len(codes) != len(runs):
+            raise Fenced()
+        spent = time.monotonic() - t0
+        batch.rounds.clear()
+        for run, code in zip(runs, codes, strict=True):
+            self._written(run, code, spent)
+        for res in got[2:]:
+            if (err := wire.error(conn, res)) is not None:
+                raise err
+        return True
 
     async def _write(
         self, conn: psycopg.AsyncConnection[Any], batch: CheckpointSet, first: bool

@@ -194,6 +194,17 @@ class Sessions:
         next step's random() predictable), as one simple query."""
         return f"{self.reset_body};\n{_reseed()}"
 
+    @functools.cached_property
+    def step_apply_written_stmt(self) -> bytes:
+        """``step_apply_written`` with ``$n`` placeholders (sent by :mod:`.wire`)."""
+        return wire.dollar(self.q("step_apply_written").encode())
+
+    def commit_reset_commands(self) -> list[wire.Command]:
+        """COMMIT and the session reset as pipeline commands, one statement each (the
+        reset's statements run in the implicit transaction that follows the COMMIT)."""
+        stmts = ["commit", *(s.strip() for s in self.reset_sql().split(";"))]
+        return [(s.encode(), ()) for s in stmts if s]
+
     @property
     def commit_reset(self) -> bytes:
         """COMMIT and the session reset, as one simple query (one round trip)."""

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgdurable.worker import wire
 from pgdurable.worker.cache import InstanceCache
 from pgdurable.worker.checkpoint import Outcome
 from pgdurable.worker.checkpoint_set import CheckpointSet, Run
@@ -444,3 +445,97 @@ def test_a_race_won_in_a_set_drops_the_losers_task(db):
 
     asyncio.run(go())
     assert one(db, "select status from df.instances where id = %s", (iid,)) == "running"
+
+
+async def _stage_all(w: Any, conn: Any, pairs: list[tuple[Any, Any]], batch: CheckpointSet) -> None:
+    for c, t in pairs:
+        await w.checkpointer.record(
+            conn,
+            c,
+            t,
+            c.index[t.node_id],
+            Outcome.success(rowset(v=t.node_id)),
+            in_tx=True,
+            lock_held=True,
+            batch=batch,
+        )
+
+
+def test_a_step_connection_writes_and_commits_a_set_in_one_round_trip(db):
+    """flush_commit: on a step connection, the checkpoint call and the COMMIT (with the session
+    reset) go in one pipeline when every checkpoint is written: the set is empty, the rows
+    are committed, and the session is reset (what the transaction set is gone)."""
+    role = db.create_role("cs")
+    iids = [start(db, role, f"df.sql('select {k} as v')") for k in range(3)]
+
+    async def go() -> None:
+        async with worker(db) as w:
+            await started(w)
+            tasks = await w.producer.claim(8)
+            pairs = [(await ctx_of(w, t.instance_id), t) for t in tasks]
+            batch = CheckpointSet()
+            async with w.sessions.steps.connection() as conn:
+                await wire.simple(conn, b"begin; set application_name = 'dirty'")
+                await _stage_all(w, conn, pairs, batch)
+                assert await w.checkpointer.flush_commit(
+                    conn, batch, w.sessions.commit_reset_commands()
+                )
+                assert not batch
+                # committed and reset: outside any transaction, the session's own default back
+                res = await wire.results(
+                    conn, [(b"select current_setting('application_name')", ())]
+                )
+                assert wire.value(conn, res[0], 0) != "dirty"
+                assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+    asyncio.run(go())
+    for iid in iids:
+        assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"
+
+
+def test_a_set_not_all_written_rolls_back_to_its_savepoint_and_takes_the_usual_path(db):
+    """A stale instance in the set (checkpointed behind its back, as by another worker):
+    _all_written_v1 raises, so the COMMIT sent with the call does not run; flush_commit rolls
+    back to the savepoint before the call and says so, and the usual flush and COMMIT then
+    write both instances, the stale one computed again."""
+    role = db.create_role("cs")
+    join = start(db, role, "df.sql('select 1 as a') & df.sql('select 2 as b')")
+    other = start(db, role, "df.sql('select 3 as c')")
+
+    async def go() -> None:
+        async with worker(db) as w:
+            await started(w)
+            tasks = await w.producer.claim(8)
+            ta, tb = [t for t in tasks if t.instance_id == join]
+            [tc] = [t for t in tasks if t.instance_id == other]
+            ctx = await ctx_of(w, join)
+            ctx_c = await ctx_of(w, other)
+            elsewhere = InstanceCache(w.sessions, w.settings)
+            conn: psycopg.AsyncConnection[Any]
+            async with w.sessions.service.connection() as conn:
+                copy = await elsewhere.get(conn, join)
+                assert copy is not None
+                await w.checkpointer.record(
+                    conn, copy, ta, copy.index[ta.node_id], Outcome.success(rowset(v=ta.node_id))
+                )
+            batch = CheckpointSet()
+            async with w.sessions.steps.connection() as conn:
+                await wire.simple(conn, b"begin")
+                await _stage_all(w, conn, [(ctx, tb), (ctx_c, tc)], batch)
+                assert not await w.checkpointer.flush_commit(
+                    conn, batch, w.sessions.commit_reset_commands()
+                )
+                # nothing written, still in the transaction, the set untouched
+                assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+                assert batch.has(join)
+                assert batch.has(other)
+                assert one(db, "select status from df.instances where id = %s", (other,)) == (
+                    "running"
+                )
+                await w.checkpointer.flush(conn, batch)
+                await wire.simple(conn, w.sessions.commit_reset)
+            assert ctx.dead  # the stale copy was dropped for a reloaded one
+
+    asyncio.run(go())
+    for iid in (join, other):
+        assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"

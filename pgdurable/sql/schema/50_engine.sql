@@ -1459,6 +1459,25 @@ begin
 end
 $$;
 
+-- The codes of a batch's checkpoint call (_step_apply_v2) when it wrote every checkpoint;
+-- otherwise it raises (SQLSTATE PDW01), so that the COMMIT the worker sends right after it,
+-- in the same round trip, does not run: the worker then rolls back to the savepoint it took
+-- before the call and takes the usual path (a stale instance computed again, a fenced one
+-- refused). It reads nothing but its argument.
+create function @engine@._all_written_v1(p_codes bigint[])
+returns bigint[]
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if p_codes is null or exists (select 1 from unnest(p_codes) as c(c) where c.c < 0) then
+        raise exception 'pgdurable: not every checkpoint of the call was written'
+            using errcode = 'PDW01';
+    end if;
+    return p_codes;
+end
+$$;
+
 -- A task that could not be handled in the attempts cap (its start included: a graph that
 -- cannot even load): fail its instance with the reason, if the task is still ours.
 create function @engine@._fail_instance_v1(p_owner text, p_instance varchar, p_node varchar,

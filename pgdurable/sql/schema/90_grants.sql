@@ -67,6 +67,7 @@ grant execute on function
     @engine@._step_apply_v2(text, text, integer, varchar[], bigint[], integer[], text[],
                             bytea[], varchar[], varchar[], integer[], varchar[], varchar[],
                             jsonb, jsonb, jsonb),
+    @engine@._all_written_v1(bigint[]),
     @engine@._step_load_instance_v1(text, varchar),
     @engine@._step_load_nodes_v1(text, varchar),
     @engine@._step_load_results_v1(text, varchar),
