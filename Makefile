@@ -41,11 +41,12 @@ browser: ## Debian's chromium + chromedriver for tests/ui (installed when missin
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-# Acceptance tests that mostly wait (a schedule firing each real minute, old serves upgraded in
-# turn, FOREACH over ten thousand rows): run apart, beside the other acceptance tests, so that
-# the suite's longest run is not their sum (the 20-minute CI budget).
-ACCEPT_APART = tests/acceptance/test_schedules.py tests/acceptance/test_rolling_upgrade.py \
-	tests/acceptance/test_foreach.py tests/acceptance/test_limits.py
+# Acceptance tests that mostly wait (a schedule firing each real minute, FOREACH over ten
+# thousand rows, a long loop): run apart, beside the other acceptance tests, so that the
+# suite's longest run is not their sum (the 20-minute CI budget). Not the rolling upgrades:
+# beside verify's fault runs, the box was too busy for the migration to find its locks.
+ACCEPT_APART = tests/acceptance/test_schedules.py tests/acceptance/test_foreach.py \
+	tests/acceptance/test_limits.py
 
 test: $(BIN)/.installed browser ## run the whole suite (embedded PG 18 + local PG 15 when reachable), both schedulers
 	@# Four runs side by side: most of a test's time is spent waiting on serve and PostgreSQL,

@@ -43,6 +43,11 @@ class NetFaults:
         """``dsn`` through serve ``i``'s proxy."""
         return self.proxies[i].dsn(dsn)
 
+    def retarget(self, port: int) -> None:
+        """PostgreSQL now listens on ``port``: every proxy's new connections go there."""
+        for p in self.proxies:
+            p.port = port
+
     def fault(self, kind: str, i: int, report: Callable[[bool], None]) -> None:
         """Inject ``kind`` on serve ``i``'s connections without waiting; ``report(happened)``
         is called once (from a proxy's thread, or here for a partition): False when the

@@ -316,7 +316,14 @@ class Run:
                 return False
             self.emb.stop("fast" if kind == "pg_restart_fast" else "immediate")
             time.sleep(self.rng.uniform(0, 2))
-            self.emb.start()
+            dsn = self.emb.start()
+            if dsn != self.server_dsn:
+                # its port was taken while it was down (another process's connection got it:
+                # EmbeddedPostgres.start picks another): the proxies and this run's own
+                # connections follow it, or every serve would knock at the old port until the end
+                self.server_dsn = dsn
+                if self.net is not None:
+                    self.net.retarget(self.emb.port)
         elif kind == "sigstop_worker":
             pids = [p for p in self.live_workers(serve, 10) if p not in self.stopped]
             if not pids:

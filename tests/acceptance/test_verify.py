@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ import pytest
 
 from pgdurable import verify
 from pgdurable.verify import workload
+from pgdurable.verify.network import NetFaults
 from tests.acceptance.conftest import ROOT
 
 # slow: real fault soaks of serve (make test-fast leaves them out)
@@ -742,3 +745,24 @@ def test_verify_refuses_unknown_fault_kinds_and_serve_counts() -> None:
         assert res.returncode == 2, res.stderr
         for w in words:
             assert w in res.stderr, res.stderr
+
+
+def test_the_proxies_follow_the_server_to_a_new_port(db) -> None:
+    """A restarted embedded PostgreSQL whose port was taken meanwhile listens on another one
+    (EmbeddedPostgres.start): verify retargets its proxies, so that the serves' connections
+    reach it again instead of knocking at the old port until the run gives up."""
+    host, port = _host_port(db.dsn)
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens there once closed
+    net = NetFaults(f"postgresql://postgres@{host}:{dead}/postgres", 1, random.Random(1), 5)
+    try:
+        dsn = net.dsn(0, db.dsn)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(dsn, connect_timeout=3).close()
+        net.retarget(port)
+        with psycopg.connect(dsn, connect_timeout=3) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        for p in net.proxies:
+            p.close()
