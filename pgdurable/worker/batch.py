@@ -5,7 +5,9 @@ with its checkpoint, then one COMMIT.
 A runner keeps its transaction open for more queued SQL steps of the same role while it is
 younger than BATCH_WINDOW_S and smaller than BATCH_MAX: one slot, one BEGIN/COMMIT, one
 session reset and one WAL flush per batch. Under light load a batch holds one step, and the
-steps of a sequence it chains (:mod:`.chain`) after it.
+steps of a sequence it chains (:mod:`.chain`) after it. After its first step, its next steps
+go together, one round trip for all of them (:mod:`.wave`), and its checkpoints with its
+COMMIT (``Checkpointer.flush_commit``).
 
 Over 500 lines: one transaction's life (each statement, the checkpoints computed early or at
 the end, a chained step's failure or hand-off, what a rollback means for each step) is one

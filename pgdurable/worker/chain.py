@@ -46,7 +46,7 @@ CHAIN_STEP_MAX_MS = 100
 
 def chain_bound(timeout_ms: str) -> wire.Command:
     """The statement_timeout a chained step runs under (armed when its statement begins),
-    sent in the step's own round trip after its savepoint (:mod:`.in_place`):
+    sent after its savepoint, in the pipeline of its round trip (:mod:`.wave`):
     ``timeout_ms`` is an integer of ours."""
     return (b"set local statement_timeout = %d" % int(timeout_ms), ())
 

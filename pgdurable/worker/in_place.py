@@ -3,16 +3,20 @@ savepoint taken just before it, its failure staged as its outcome, and the steps
 the batch keep their effects and checkpoints (docs/performance.md "Session 9").
 
 Every step of a batch after its first runs after ``savepoint pgdurable_step`` (sent in the
-step's own round trip, with the release of the previous step's savepoint, so that they never
-nest). When its statement fails, or its result is over ``--result-max-bytes`` (checked right
-after the statement), or the checkpoint computed right after it is over the instance's cap,
-the batch rolls back to that savepoint and stages the failure, as a step run on its own
-records it: the steps before it are not run again, and their non-transactional effects
-(``nextval``, ``dblink``) happen once. The batch's first step has no savepoint: its failure
-ends the batch, which records it (:meth:`SqlSteps.statement_failed`). A failure the step's
-neighbours may have caused (:func:`own`: a deadlock, a lock wait given up, a serialization
-failure; the batch's transaction holds their locks and their reads) is not recorded so: the
-whole batch rolls back and each of its steps runs again alone, which decides.
+same pipeline as its statement, with the release of the previous step's savepoint, so that
+they never nest: :mod:`.wave`). When its statement fails, or its result is over
+``--result-max- bytes`` (checked where it is made, by ``step_next``, and again by the
+worker), or the checkpoint computed right after it is over the instance's cap, the batch
+rolls back to that savepoint and stages the failure, as a step run on its own records it:
+the steps before it are not run again, and their non-transactional effects (``nextval``,
+``dblink``) happen once. The worker can do so only while that savepoint is the newest, i.e.
+when no step behind it in its round trip ran (a failed statement makes PostgreSQL skip
+them); a result or checkpoint it refuses itself after some did rolls the whole batch back.
+The batch's first step has no savepoint: its failure ends the batch, which records it
+(:meth:`SqlSteps.statement_failed`). A failure the step's neighbours may have caused
+(:func:`own`: a deadlock, a lock wait given up, a serialization failure; the batch's
+transaction holds their locks and their reads) is not recorded so: the whole batch rolls
+back and each of its steps runs again alone, which decides.
 
 Subtransaction ids: a savepoint and the runner's own block each take one when the step
 writes, so a batch of BATCH_MAX steps assigns at most 2 * BATCH_MAX - 1 of them.
