@@ -5,7 +5,7 @@ the batch keep their effects and checkpoints (docs/performance.md "Session 9").
 Every step of a batch after its first runs after ``savepoint pgdurable_step`` (sent in the
 same pipeline as its statement, with the release of the previous step's savepoint, so that
 they never nest: :mod:`.wave`). When its statement fails, or its result is over
-``--result-max- bytes`` (checked where it is made, by ``step_next``, and again by the
+``--result-max-bytes`` (checked where it is made, by ``step_next``, and again by the
 worker), or the checkpoint computed right after it is over the instance's cap, the batch
 rolls back to that savepoint and stages the failure, as a step run on its own records it:
 the steps before it are not run again, and their non-transactional effects (``nextval``,
