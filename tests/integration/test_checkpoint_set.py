@@ -98,6 +98,27 @@ def test_a_set_writes_many_instances_and_many_steps_of_one_at_its_flush(db):
     assert one(db, "select status from df.instances where id = %s", (single,)) == "running"
 
 
+async def _stale_pair(w: Any, join: str, other: str) -> list[tuple[Any, Any]]:
+    """Claim the steps of ``join`` (a two-branch JOIN) and ``other``, and checkpoint one
+    branch behind the worker's back (a second cache, as another worker would): the pairs
+    (instance, task) left to stage, the JOIN's now stale."""
+    tasks = await w.producer.claim(8)
+    ta, tb = [t for t in tasks if t.instance_id == join]
+    [tc] = [t for t in tasks if t.instance_id == other]
+    ctx = await ctx_of(w, join)
+    ctx_c = await ctx_of(w, other)
+    elsewhere = InstanceCache(w.sessions, w.settings)
+    conn: psycopg.AsyncConnection[Any]
+    async with w.sessions.service.connection() as conn:
+        copy = await elsewhere.get(conn, join)
+        assert copy is not None
+        assert copy is not ctx
+        await w.checkpointer.record(
+            conn, copy, ta, copy.index[ta.node_id], Outcome.success(rowset(v=ta.node_id))
+        )
+    return [(ctx, tb), (ctx_c, tc)]
+
+
 def test_a_stale_instance_in_a_set_is_computed_again_and_written_with_the_rest(db):
     """One branch of a JOIN checkpointed behind the set's back (a second cache, as another
     worker): the set's checkpoint of the other branch is stale, is computed again under the
@@ -110,33 +131,12 @@ def test_a_stale_instance_in_a_set_is_computed_again_and_written_with_the_rest(d
     async def go() -> None:
         async with worker(db) as w:
             await started(w)
-            tasks = await w.producer.claim(8)
-            ta, tb = [t for t in tasks if t.instance_id == join]
-            [tc] = [t for t in tasks if t.instance_id == other]
-            ctx = await ctx_of(w, join)
-            ctx_c = await ctx_of(w, other)
-            elsewhere = InstanceCache(w.sessions, w.settings)
-            conn: psycopg.AsyncConnection[Any]
-            async with w.sessions.service.connection() as conn:
-                copy = await elsewhere.get(conn, join)
-                assert copy is not None
-                assert copy is not ctx
-                await w.checkpointer.record(
-                    conn, copy, ta, copy.index[ta.node_id], Outcome.success(rowset(v=ta.node_id))
-                )
+            pairs = await _stale_pair(w, join, other)
+            ctx = pairs[0][0]
             batch = CheckpointSet()
+            conn: psycopg.AsyncConnection[Any]
             async with w.sessions.service.connection() as conn, conn.transaction():
-                for c, t in ((ctx, tb), (ctx_c, tc)):
-                    await w.checkpointer.record(
-                        conn,
-                        c,
-                        t,
-                        c.index[t.node_id],
-                        Outcome.success(rowset(v=t.node_id)),
-                        in_tx=True,
-                        lock_held=True,
-                        batch=batch,
-                    )
+                await _stage_all(w, conn, pairs, batch)
                 await w.checkpointer.flush(conn, batch)
             assert ctx.dead  # the stale copy was dropped for a reloaded one
 
@@ -505,23 +505,12 @@ def test_a_set_not_all_written_rolls_back_to_its_savepoint_and_takes_the_usual_p
     async def go() -> None:
         async with worker(db) as w:
             await started(w)
-            tasks = await w.producer.claim(8)
-            ta, tb = [t for t in tasks if t.instance_id == join]
-            [tc] = [t for t in tasks if t.instance_id == other]
-            ctx = await ctx_of(w, join)
-            ctx_c = await ctx_of(w, other)
-            elsewhere = InstanceCache(w.sessions, w.settings)
-            conn: psycopg.AsyncConnection[Any]
-            async with w.sessions.service.connection() as conn:
-                copy = await elsewhere.get(conn, join)
-                assert copy is not None
-                await w.checkpointer.record(
-                    conn, copy, ta, copy.index[ta.node_id], Outcome.success(rowset(v=ta.node_id))
-                )
+            pairs = await _stale_pair(w, join, other)
+            ctx = pairs[0][0]
             batch = CheckpointSet()
             async with w.sessions.steps.connection() as conn:
                 await wire.simple(conn, b"begin")
-                await _stage_all(w, conn, [(ctx, tb), (ctx_c, tc)], batch)
+                await _stage_all(w, conn, pairs, batch)
                 assert not await w.checkpointer.flush_commit(
                     conn, batch, w.sessions.commit_reset_commands()
                 )
