@@ -376,7 +376,9 @@ class Proxy:
         elif kind == b"P":
             body = msg[5:]
             name_end = body.index(b"\x00")
-            c.parsed_commit = _is_commit(body[name_end + 1 :])
+            # a COMMIT anywhere in a pipeline commits at its Sync, whatever follows it (the
+            # worker sends a batch's checkpoint call, COMMIT and session reset together)
+            c.parsed_commit = c.parsed_commit or _is_commit(body[name_end + 1 :])
         elif kind == b"S" and c.parsed_commit:
             c.parsed_commit = False
             commit = True

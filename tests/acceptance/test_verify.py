@@ -660,14 +660,15 @@ def _in_thread(fn):
 
 def test_proxy_ambiguous_commit_commits_but_the_client_never_hears(db) -> None:
     """The COMMIT reaches the server, its reply is dropped and the connection reset: the client
-    gets a connection error, yet the rows are there; by the simple protocol and by psycopg's
-    pipeline (Parse of COMMIT, then Sync)."""
+    gets a connection error, yet the rows are there; by the simple protocol, by psycopg's
+    pipeline (Parse of COMMIT, then Sync) and by a pipeline with statements after its COMMIT
+    (as a batch sends its checkpoint call, COMMIT and session reset)."""
     proxy = verify.Proxy(*_host_port(db.dsn))
     try:
         dsn = proxy.dsn(db.dsn)
         with db.connect() as conn:
             conn.execute("create table amb (x int)")
-        for x, pipeline in ((1, False), (2, True)):
+        for x, pipeline in ((1, ""), (2, "pipeline"), (3, "pipeline, then more")):
             with psycopg.connect(dsn) as conn:
                 conn.execute("insert into amb values (%s)", (x,))
                 fault = _in_thread(proxy.ambiguous_commit)
@@ -676,17 +677,20 @@ def test_proxy_ambiguous_commit_commits_but_the_client_never_hears(db) -> None:
                     _commit(conn, x, pipeline)
                 assert fault() is True
         with db.connect() as conn:
-            assert sorted(r[0] for r in conn.execute("select x from amb")) == [1, 2, 20]
-        assert proxy.counts["commit reply COMMIT"] == 2
+            assert sorted(r[0] for r in conn.execute("select x from amb")) == [1, 2, 3, 20, 30]
+        assert proxy.counts["commit reply COMMIT"] == 3
     finally:
         proxy.close()
 
 
-def _commit(conn, x: int, pipeline: bool) -> None:
+def _commit(conn, x: int, pipeline: str) -> None:
     if pipeline:
         with conn.pipeline():
             conn.execute("insert into amb values (%s)", (x * 10,))
             conn.execute("commit")
+            if pipeline.endswith("more"):
+                conn.execute("reset all")
+                conn.execute("select 1")
     else:
         conn.commit()
 
