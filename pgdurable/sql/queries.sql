@@ -70,17 +70,6 @@ select @engine@._step_apply_v2(%s, %s, %s, %s::pg_catalog.varchar[], %s::pg_cata
                                %s::pg_catalog.varchar[], %s::pg_catalog.varchar[],
                                %s::pg_catalog.jsonb, %s::pg_catalog.jsonb, %s::pg_catalog.jsonb)
 
--- name: step_apply_written
--- step_apply_set, raising unless every checkpoint was written (@engine@._all_written_v1): sent
--- with the COMMIT after it in one round trip, which then runs only if it may
-select @engine@._all_written_v1(
-    @engine@._step_apply_v2(%s, %s, %s, %s::pg_catalog.varchar[], %s::pg_catalog.int8[],
-                            %s::pg_catalog.int4[], %s::pg_catalog.text[],
-                            %s::pg_catalog.bytea[], %s::pg_catalog.varchar[],
-                            %s::pg_catalog.varchar[], %s::pg_catalog.int4[],
-                            %s::pg_catalog.varchar[], %s::pg_catalog.varchar[],
-                            %s::pg_catalog.jsonb, %s::pg_catalog.jsonb, %s::pg_catalog.jsonb))
-
 -- name: cap_grant
 -- register a step connection's capability (its backend pid, the token's SHA-256)
 select @engine@._cap_grant_v1(%s, %s, %s)

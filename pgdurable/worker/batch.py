@@ -295,15 +295,13 @@ class BatchRunner:
                 try:
                     while steps:
                         # one round trip for all of them (:mod:`.wave`)
-                        now = time.monotonic()
                         for it in steps:
                             self.running.pids[it.slot_task.key] = conn.info.backend_pid
                             if it.phase == "pending":
                                 asyncio.get_running_loop().call_later(
                                     FIRST_STEP_VISIBLE_S, self._start_visible, it
                                 )
-                        self.busy[me] = now
-                        sent = steps
+                        self.busy[me] = time.monotonic()
                         try:
                             if not ran and item is first:
                                 # once per batch, its first step alone (:func:`wave.first`)
@@ -337,7 +335,7 @@ class BatchRunner:
                                     zip(steps, await wave.run(conn, cmds, ends), strict=True)
                                 )
                         finally:
-                            for it in sent:
+                            for it in steps:
                                 self.running.pids.pop(it.slot_task.key, None)
                             self.busy.pop(me, None)
                         steps = []

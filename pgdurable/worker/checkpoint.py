@@ -469,9 +469,8 @@ class Checkpointer:
                 *commit,
             ],
         )
-        for res in got[:1]:
-            if (err := wire.error(conn, res)) is not None:
-                raise err
+        if (err := wire.error(conn, got[0])) is not None:  # the savepoint
+            raise err
         if (err := wire.error(conn, got[1])) is not None:
             if err.sqlstate != _NOT_ALL_WRITTEN:
                 raise err

@@ -196,8 +196,11 @@ class Sessions:
 
     @functools.cached_property
     def step_apply_written_stmt(self) -> bytes:
-        """``step_apply_written`` with ``$n`` placeholders (sent by :mod:`.wire`)."""
-        return wire.dollar(self.q("step_apply_written").encode())
+        """``step_apply_set`` wrapped in ``_all_written_v1``, which raises unless every
+        checkpoint was written (so that a COMMIT sent after it in the same round trip does not
+        run: ``Checkpointer.flush_commit``), with ``$n`` placeholders (sent by :mod:`.wire`)."""
+        call = self.q("step_apply_set")
+        return wire.dollar(f"select {self.engine}._all_written_v1((\n{call}\n))".encode())
 
     def commit_reset_commands(self) -> list[wire.Command]:
         """COMMIT and the session reset as pipeline commands, one statement each (the

@@ -181,9 +181,8 @@ def _raise_first_error(
     conn: psycopg.AsyncConnection[Any], got: Sequence[Sequence[pq.abc.PGresult]]
 ) -> None:
     for res_list in got:
-        for res in res_list:
-            if res.status == pq.ExecStatus.FATAL_ERROR:
-                raise e.error_from_result(res, encoding=conn.info.encoding)
+        if (err := error(conn, res_list)) is not None:
+            raise err
 
 
 def _leave_pipeline(conn: psycopg.AsyncConnection[Any]) -> None:
