@@ -916,8 +916,10 @@ begin
                 null;
             end;
         end if;
+        -- all rows read and the envelope counted: the size the worker would have stored (as
+        -- PostgreSQL renders the rows), so the message is the worker's own check's
         if v_bytes operator(pg_catalog.>) p_max_bytes then
-            raise exception 'step result is over the limit of % bytes', p_max_bytes
+            raise exception 'step result is % bytes, over the limit of % bytes', v_bytes, p_max_bytes
                 using errcode = '54000',
                       hint = 'return fewer or smaller rows, or raise serve''s --result-max-bytes';
         end if;
