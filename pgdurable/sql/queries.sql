@@ -151,11 +151,13 @@ from @engine@._role_settings_v2(%s::pg_catalog.oid, %s::pg_catalog.text) r
 -- role's statement_timeout again for the next statement (@engine@._step_next_v1 says how).
 -- Parameters: the role's setting names and values, search_path, statement_timeout,
 -- application_name; the role (its runner); the runner's capability, statement and result
--- bytes
+-- bytes; the names of the statements the worker prepared in the session, which the step's
+-- statement must leave alone (pgdurable/worker/wave.py, Statements; NULL: none)
 select * from @engine@._step_next_v1(%s::pg_catalog.text[], %s::pg_catalog.text[],
                                      %s::pg_catalog.text, %s::pg_catalog.text,
                                      %s::pg_catalog.text, %s::pg_catalog.oid, %s::pg_catalog.text,
-                                     %s::pg_catalog.text, %s::pg_catalog.int8)
+                                     %s::pg_catalog.text, %s::pg_catalog.int8,
+                                     %s::pg_catalog.text[])
 
 -- name: reset_session
 -- before a step connection goes back to the pool: nothing a step set (GUCs incl. search_path,

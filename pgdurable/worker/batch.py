@@ -285,7 +285,8 @@ class BatchRunner:
         closing = False  # a chained step was handed off: no more steps join
         try:
             call = await self.sql.step_call(role, first.ctx.role_name)
-            first_call, next_call = self.sql.first_call(role), self.sql.next_call(role)
+            first_call = self.sql.first_call(role)
+            stmts = wave.Statements(self.sql.next_call(role))
             async with self.sessions.steps.connection() as conn:
                 cap = self.sessions.cap(conn)
                 assert cap is not None
@@ -323,7 +324,7 @@ class BatchRunner:
                                     [(it.task, it.text) for it in steps],
                                     saved,
                                     applied,
-                                    next_call,
+                                    stmts,
                                     role_b,
                                     cap_b,
                                     runner_cap,
@@ -334,6 +335,8 @@ class BatchRunner:
                                 per = list(
                                     zip(steps, await wave.run(conn, cmds, ends), strict=True)
                                 )
+                                if any(isinstance(r, psycopg.Error) for _, r in per):
+                                    stmts.fresh()  # a step may have taken them away
                         finally:
                             for it in steps:
                                 self.running.pids.pop(it.slot_task.key, None)

@@ -29,7 +29,7 @@ import psycopg
 from pgdurable.errors import StepError
 from pgdurable.graph import _abc as A
 
-from . import in_place, wire
+from . import in_place
 from .checkpoint import successor_task
 from .checkpoint_set import TERMINAL, CheckpointSet
 from .instance import InstanceCtx, subst
@@ -42,13 +42,6 @@ logger = logging.getLogger(__name__)
 # handed off as a task of its own, so that the steps before it commit and it shows as running
 # (its first 100 ms of work are redone, as a batch's rolled back statements are).
 CHAIN_STEP_MAX_MS = 100
-
-
-def chain_bound(timeout_ms: str) -> wire.Command:
-    """The statement_timeout a chained step runs under (armed when its statement begins),
-    sent after its savepoint, in the pipeline of its round trip (:mod:`.wave`):
-    ``timeout_ms`` is an integer of ours."""
-    return (b"set local statement_timeout = %d" % int(timeout_ms), ())
 
 
 @dataclass

@@ -38,18 +38,7 @@ from .flow import Requeue
 from .instance import InstanceCtx
 from .task import Task
 
-_FIRST: list[wire.Command] = [(b"savepoint pgdurable_step", ())]
-_NEXT: list[wire.Command] = [
-    (b"release savepoint pgdurable_step", ()),
-    (b"savepoint pgdurable_step", ()),
-]
 ROLLBACK = b"rollback to savepoint pgdurable_step"
-
-
-def savepoint(open_already: bool) -> list[wire.Command]:
-    """The commands that go before a later step's statement, in its pipeline: a savepoint
-    (the previous step's released first, when ``open_already``)."""
-    return list(_NEXT if open_already else _FIRST)
 
 
 async def rollback(conn: psycopg.AsyncConnection[Any]) -> bool:

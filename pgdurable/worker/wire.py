@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as e
@@ -26,7 +26,24 @@ from psycopg.abc import PQGen
 from psycopg.waiting import READY_R, WAIT_R, WAIT_RW
 
 Params = Sequence[bytes | None]
-Command = tuple[bytes, Params]
+
+
+class Parse(NamedTuple):
+    """A pipeline command that prepares ``query`` (``$n`` placeholders) as the statement
+    ``name`` on the session (its params are ignored): a step session's statements live
+    for one batch (:class:`~pgdurable.worker.wave.Statements` says why that is safe)."""
+
+    name: bytes
+    query: bytes
+
+
+class Prepared(NamedTuple):
+    """A pipeline command that runs the statement ``name`` prepared by a :class:`Parse`."""
+
+    name: bytes
+
+
+Command = tuple[bytes | Parse | Prepared, Params]
 
 _PLACEHOLDER = re.compile(rb"%%|%s")
 
@@ -98,15 +115,20 @@ async def pipeline(
     async with conn.lock:
         if conn.closed:
             raise e.OperationalError("the connection is closed")
-        if len(commands) == 1:
-            query, params = commands[0]
+        query, params = commands[0]
+        if len(commands) == 1 and isinstance(query, bytes):
             pgconn.send_query_params(query, params)
             got = [await conn.wait(generators.execute(pgconn))]
         else:
             pgconn.enter_pipeline_mode()
             try:
                 for query, params in commands:
-                    pgconn.send_query_params(query, params)
+                    if isinstance(query, bytes):
+                        pgconn.send_query_params(query, params)
+                    elif isinstance(query, Prepared):
+                        pgconn.send_query_prepared(query.name, params)
+                    else:
+                        pgconn.send_prepare(query.name, query.query)
                 pgconn.pipeline_sync()
                 got = await conn.wait(_pipeline(pgconn))
             finally:

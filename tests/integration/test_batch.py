@@ -241,3 +241,75 @@ def test_a_result_refused_after_later_steps_ran_rolls_the_batch_back(db, tenant)
     assert "NUL character" in error["error"], error
     # steps that had run behind it ran again alone: nextval counted them twice
     assert one(db, "select last_value from public.runs") > N
+
+
+@pytest.mark.parametrize("how", ["replace", "drop"])
+def test_a_step_cannot_take_the_workers_prepared_statements(db, tenant, how):
+    # a batch's later steps run statements the worker prepared in the step session
+    # (pgdurable/worker/wave.py, Statements). A step's statement may DEALLOCATE and PREPARE
+    # there: this one takes every statement the worker prepared and ("replace") puts its own
+    # under the same name and parameter types, which would run as the step session, outside
+    # its runner, with the worker's parameters (the capability among them). step_next fails
+    # that step right after its statement, PostgreSQL skips the rest of its round trip, and
+    # the batch goes on with statements of new names: none of the tenant's ever runs
+    with db.connect() as conn:
+        conn.execute("create table public.marks (name text, args text)")
+        conn.execute("grant insert on public.marks to public")
+        conn.execute(
+            "create function public.mark(p_name text, p_args text) returns int "
+            "language sql as $$ insert into public.marks values (p_name, p_args) returning 1 $$"
+        )
+        conn.execute(
+            f"""
+            create function public.hijack() returns int language plpgsql as $f$
+            declare s record; n int := 0;
+            begin
+                for s in select p.name, p.parameter_types from pg_catalog.pg_prepared_statements p
+                         where not p.from_sql loop
+                    execute pg_catalog.format('deallocate %I', s.name);
+                    if {"true" if how == "replace" else "false"} then
+                        execute pg_catalog.format(
+                            'prepare %I%s as select public.mark(%L, %s)', s.name,
+                            case when pg_catalog.cardinality(s.parameter_types) > 0 then
+                                '(' || pg_catalog.array_to_string(s.parameter_types::text[], ',')
+                                || ')' else '' end,
+                            s.name,
+                            case when pg_catalog.cardinality(s.parameter_types) > 0 then
+                                (select pg_catalog.string_agg(pg_catalog.format('$%s::text', g),
+                                        ' || '','' || ')
+                                 from pg_catalog.generate_series(1,
+                                      pg_catalog.cardinality(s.parameter_types)) g)
+                                else 'null' end);
+                    end if;
+                    n := n + 1;
+                end loop;
+                return n;
+            end $f$"""
+        )
+    iids = [
+        start(
+            db,
+            tenant,
+            f"df.sql('insert into public.hits values ({k}) returning k, "
+            "pg_catalog.nextval(''public.runs'') as r, "
+            f"(select public.hijack() from public.bad where bad.k = {k}) as h')",
+        )
+        for k in range(N)
+    ]
+    bad = iids.index(sorted(iids)[N // 2])  # in the middle: a later step of a round trip
+    with db.connect() as conn:
+        conn.execute("insert into public.bad values (%s)", (bad,))
+
+    seen = _handle_all(db)
+    assert rows(db, "select name, args from public.marks") == []
+    assert max(seen.sent) > 1, seen.sent
+    assert seen.skipped > 0  # the steps behind it in its round trip did not run with it
+    for k, iid in enumerate(iids):
+        status = one(db, "select status from df.instances where id = %s", (iid,))
+        assert status == ("failed" if k == bad else "completed"), k
+    error = one(db, "select df.error(%s)", (iids[bad],))
+    assert error["sqlstate"] == "0A000", error
+    assert "may not deallocate the statements the worker prepared" in error["error"], error
+    # every statement ran once; the failing one's insert rolled back to its savepoint
+    assert one(db, "select last_value from public.runs") == N
+    assert rows(db, "select count(*) from public.hits") == [(N - 1,)]

@@ -108,6 +108,7 @@ def step_next(conn: Conn, role: str, step_timeout: str | None = None) -> str:
             "cap",
             "select 1",
             1000,
+            None,
         ),
     ).fetchall()
     assert len(got) == 1
@@ -352,10 +353,10 @@ def test_step_next_leaves_the_limit_armed_for_the_next_step(tx: Conn) -> None:
     tx.execute("set local role pgdurable_step")
     args = ([], [], "public", "200", "pgdurable:00000000:00000001", LAX_RUNNER, "cap")
     tx.execute("set local statement_timeout = '200ms'")  # as step_settings leaves it
-    tx.execute(q("step_next"), (*args, "0.01", 1000))  # a quick step that sets the limit to 0
+    tx.execute(q("step_next"), (*args, "0.01", 1000, None))  # a quick step that sets the limit to 0
     tx.execute("savepoint slow")
     with pytest.raises(psycopg.errors.QueryCanceled):
-        tx.execute(q("step_next"), (*args, "1.5", 1000))  # the next step: still cut at 200 ms
+        tx.execute(q("step_next"), (*args, "1.5", 1000, None))  # the next step: still cut at 200 ms
     tx.execute("rollback to savepoint slow")
     tx.execute("reset role")
 

@@ -7,7 +7,7 @@ import psycopg
 from psycopg import errors
 
 from pgdurable.errors import StepError
-from pgdurable.worker.in_place import own, savepoint
+from pgdurable.worker.in_place import own
 
 
 def test_the_steps_own_errors_are_recorded_in_place():
@@ -28,11 +28,3 @@ def test_failures_the_neighbours_may_cause_roll_the_batch_back():
     assert not own(errors.ConnectionFailure("x"))
     assert not own(errors.AdminShutdown("x"))  # the server going away
     assert not own(errors.CrashShutdown("x"))
-
-
-def test_savepoints_never_nest():
-    assert [q for q, _ in savepoint(False)] == [b"savepoint pgdurable_step"]
-    assert [q for q, _ in savepoint(True)] == [
-        b"release savepoint pgdurable_step",
-        b"savepoint pgdurable_step",
-    ]

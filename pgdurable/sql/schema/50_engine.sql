@@ -865,7 +865,7 @@ $$;
 -- behind it ran, would roll the whole batch back (docs/performance.md, "Session 10").
 create function @engine@._step_next_v1(p_names text[], p_vals text[], p_path text,
                                        p_timeout text, p_app text, p_role oid, p_cap text,
-                                       p_sql text, p_max_bytes bigint)
+                                       p_sql text, p_max_bytes bigint, p_stmts text[])
 returns setof pg_catalog.json
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -897,6 +897,19 @@ begin
     end loop;
     perform pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
             pg_catalog.set_config('statement_timeout', p_timeout, true);
+    -- the statements the worker prepared on this session for the batch's next round trips
+    -- (p_stmts; pgdurable/worker/wave.py, Statements): the step's statement may DEALLOCATE
+    -- and PREPARE in this session, and one that took any of them away (to put its own in
+    -- their place: a SQL PREPARE shows as from_sql) fails here, so that PostgreSQL skips
+    -- the rest of the round trip and no statement of the tenant's runs in their place
+    if p_stmts is not null and (
+        select pg_catalog.count(*) from pg_catalog.pg_prepared_statements p
+        where not p.from_sql and p.name operator(pg_catalog.=) any (p_stmts))
+        operator(pg_catalog.<>) pg_catalog.cardinality(p_stmts) then
+        raise exception 'a workflow step may not deallocate the statements the worker prepared in its session'
+            using errcode = '0A000',
+                  hint = 'a step''s statement may PREPARE and DEALLOCATE its own statements, not the worker''s';
+    end if;
     -- {"rows":[…],"row_count":n,"columns":[…]}: the rows and the commas between them, 37 bytes,
     -- the count's digits and the first row's keys (a statement without result rows sends one
     -- bare number: its envelope is small). The keys are read only when they could matter

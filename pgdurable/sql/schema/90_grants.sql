@@ -61,7 +61,7 @@ grant execute on function
     @engine@._timeout_ms_v1(text, text),
     @engine@._step_begin_v1(text, oid),
     @engine@._step_reset_v1(),
-    @engine@._step_next_v1(text[], text[], text, text, text, oid, text, text, bigint),
+    @engine@._step_next_v1(text[], text[], text, text, text, oid, text, text, bigint, text[]),
     @engine@._step_apply_v1(text, text, varchar, varchar, integer, bigint, bytea, text, jsonb,
                             jsonb, text[], jsonb, integer),
     @engine@._step_apply_v2(text, text, integer, varchar[], bigint[], integer[], text[],
