@@ -853,7 +853,9 @@ def test_pooled_session_poisoning_does_not_reach_later_steps(db, serve_factory, 
         "random() as r1, random() as r2, 'abc'::text as t, lower('X') as l, "
         "current_setting('search_path') as sp, "
         "current_setting('app.poison', true) as guc, "
-        "(select count(*) from pg_prepared_statements) as prepared, "
+        # a tenant can only PREPARE by SQL (from_sql); a later step of a batch also sees the
+        # four statements the worker prepared for it (pgdurable/worker/wave.py, Statements)
+        "(select count(*) from pg_prepared_statements where from_sql) as prepared, "
         "(select count(*) from pg_listening_channels()) as listening, "
         "(select count(*) from pg_locks where locktype = 'advisory' "
         "   and pid = pg_backend_pid()) as advisory, "
