@@ -460,3 +460,23 @@ def test_step_runners_do_not_pin_search_path(db):
         (name, cfg) for name, cfg in runners if any(c.startswith("search_path=") for c in cfg)
     ]
     assert not pinned, f"step runners must run with the step's own search_path: {pinned}"
+
+
+def test_functions_that_disable_plan_paths_turn_jit_off(db):
+    # a path disabled by enable_* = off still costs 10^10 on PostgreSQL 14-17 when it is the
+    # only one, past jit_above_cost: JIT would then compile the statement at every call
+    # (0.1-0.5 s for a statement that runs in a millisecond)
+    with db.connect() as admin:
+        rows = admin.execute(
+            "select p.oid::pg_catalog.regprocedure::text, coalesce(p.proconfig, '{}') "
+            "from pg_catalog.pg_proc p where p.pronamespace in "
+            "(%s::pg_catalog.regnamespace, 'df'::pg_catalog.regnamespace)",
+            (ENGINE,),
+        ).fetchall()
+    disabling = {
+        name: cfg
+        for name, cfg in rows
+        if any(c.endswith("=off") and c.startswith("enable_") for c in cfg)
+    }
+    assert disabling, "no function disables a plan path: this test checks nothing"
+    assert [n for n, cfg in disabling.items() if "jit=off" not in cfg] == []
