@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,6 +33,21 @@ def tenant(db: Any) -> str:
         conn.execute(f'grant select on public.bad to "{role}"')
         conn.execute(f'grant usage, update on sequence public.runs to "{role}"')
     return role
+
+
+def counted_starts(db: Any, tenant: str, column: Callable[[int], str]) -> list[str]:
+    """N instances, k = 0..N-1, each one statement that inserts k into public.hits and counts
+    its run (public.runs: nextval is not transactional, so a re-run counts again), with one
+    more result column, ``column(k)`` (SQL, quoted for df.sql)."""
+    return [
+        start(
+            db,
+            tenant,
+            f"df.sql('insert into public.hits values ({k}) returning k, "
+            f"pg_catalog.nextval(''public.runs'') as r, {column(k)}')",
+        )
+        for k in range(N)
+    ]
 
 
 def test_n_statements_run_in_few_transactions_each_checkpointed(db, tenant):
@@ -119,16 +135,11 @@ def _handle_all(db: Any, **options: Any) -> Trips:
 
 @pytest.mark.parametrize("where", ["last", "middle"])
 def test_a_later_failing_statement_fails_alone_and_its_batch_commits(db, tenant, where):
-    iids = [
-        start(
-            db,
-            tenant,
-            f"df.sql('insert into public.hits values ({k}) returning k, "
-            "pg_catalog.nextval(''public.runs'') as r, "
-            f"1 / (1 - (select count(*)::int from public.bad where bad.k = {k})) as one')",
-        )
-        for k in range(N)
-    ]
+    iids = counted_starts(
+        db,
+        tenant,
+        lambda k: f"1 / (1 - (select count(*)::int from public.bad where bad.k = {k})) as one",
+    )
     # a batch visits instances in ascending order: the step of the highest instance id is
     # the last of its batch, after others ran in the same transaction; one in the middle is
     # sent in one round trip with steps behind it, which then do not run (PostgreSQL skips
@@ -158,16 +169,9 @@ def test_a_later_failing_statement_fails_alone_and_its_batch_commits(db, tenant,
 def test_a_later_result_over_the_cap_fails_alone_and_its_batch_commits(db, tenant):
     # one instance's result is over --result-max-bytes once stored (the envelope: rows,
     # row_count, columns) although its row is not (the runner counts rows: it lets it by)
-    iids = [
-        start(
-            db,
-            tenant,
-            f"df.sql('insert into public.hits values ({k}) returning k, "
-            "pg_catalog.nextval(''public.runs'') as r, "
-            f"pg_catalog.repeat(''x'', {975 if k == N // 2 else 1}) as v')",
-        )
-        for k in range(N)
-    ]
+    iids = counted_starts(
+        db, tenant, lambda k: f"pg_catalog.repeat(''x'', {975 if k == N // 2 else 1}) as v"
+    )
     seen = _handle_all(db, result_max_bytes=1000)
     assert max(seen.sizes) > 1, seen.sizes
     assert max(seen.sent) > 1, seen.sent
@@ -216,17 +220,14 @@ def test_a_result_refused_after_later_steps_ran_rolls_the_batch_back(db, tenant)
     # after the steps behind it ran: its own savepoint is gone, so the whole batch rolls back
     # and every step runs again alone (docs/performance.md "Session 10": the one case where
     # a step of a round trip runs twice), and each outcome is still its own
-    iids = [
-        start(
-            db,
-            tenant,
-            f"df.sql('insert into public.hits values ({k}) returning k, "
-            "pg_catalog.nextval(''public.runs'') as r, "
+    iids = counted_starts(
+        db,
+        tenant,
+        lambda k: (
             f"(case when exists (select from public.bad where bad.k = {k}) "
-            "then ''\"\\u0000\"'' else ''1'' end)::json as v')",
-        )
-        for k in range(N)
-    ]
+            "then ''\"\\u0000\"'' else ''1'' end)::json as v"
+        ),
+    )
     bad = iids.index(sorted(iids)[N // 2])
     with db.connect() as conn:
         conn.execute("insert into public.bad values (%s)", (bad,))
@@ -286,16 +287,9 @@ def test_a_step_cannot_take_the_workers_prepared_statements(db, tenant, how):
                 return n;
             end $f$"""
         )
-    iids = [
-        start(
-            db,
-            tenant,
-            f"df.sql('insert into public.hits values ({k}) returning k, "
-            "pg_catalog.nextval(''public.runs'') as r, "
-            f"(select public.hijack() from public.bad where bad.k = {k}) as h')",
-        )
-        for k in range(N)
-    ]
+    iids = counted_starts(
+        db, tenant, lambda k: f"(select public.hijack() from public.bad where bad.k = {k}) as h"
+    )
     bad = iids.index(sorted(iids)[N // 2])  # in the middle: a later step of a round trip
     with db.connect() as conn:
         conn.execute("insert into public.bad values (%s)", (bad,))

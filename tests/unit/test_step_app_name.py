@@ -5,22 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pgdurable.worker.task import Task, step_app_name
+from pgdurable.worker.task import step_app_name
 
-
-def task(instance_id: str, node_id: str) -> Task:
-    return Task(
-        instance_id=instance_id,
-        node_id=node_id,
-        gen=0,
-        kind="node",
-        attempts=0,
-        role_oid=1,
-        database=None,
-        deadline=None,
-        clock=None,
-        version=None,
-    )  # type: ignore[arg-type]
+from .tasks import task
 
 
 def test_ordinary_ids_appear_as_they_are():

@@ -5,29 +5,17 @@ statements to check for."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from pgdurable.worker import wire
 from pgdurable.worker.task import Task
 from pgdurable.worker.wave import Statements, commands
+
+from . import tasks
 
 APPLIED = (b"{}", b"{}", b"public", "5000")
 
 
 def task(node_id: str, virtual: bool = False) -> Task:
-    t = Task(
-        instance_id="3fa2b1c4",
-        node_id=node_id,
-        gen=0,
-        kind="node",
-        attempts=0,
-        role_oid=1,
-        database=None,
-        deadline=None,
-        clock=None,
-        version=None,
-    )  # type: ignore[arg-type]
-    return dataclasses.replace(t, virtual=virtual)
+    return tasks.task("3fa2b1c4", node_id, virtual)
 
 
 def build(stmts: Statements, saved: bool, *steps: Task) -> tuple[list[wire.Command], list[int]]:
