@@ -144,8 +144,7 @@ async def run(
     got = await wire.pipeline(conn, cmds)
     out: list[Got] = []
     start = sum(isinstance(q, wire.Parse) for q, _ in cmds)
-    if (err := wire.error(conn, [r for c in got[:start] for r in c])) is not None:
-        raise err
+    wire.raise_first_error(conn, got[:start])
     for end in ends:
         part = [r for c in got[start:end] for r in c]
         start = end

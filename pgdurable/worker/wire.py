@@ -100,7 +100,7 @@ async def results(
     on ``conn`` in one round trip; each command's (last) result. The first command that
     fails raises its error (the others after it did not run)."""
     got = await pipeline(conn, commands)
-    _raise_first_error(conn, got)
+    raise_first_error(conn, got)
     return [r[-1] if r else None for r in got]
 
 
@@ -196,12 +196,13 @@ async def simple(conn: psycopg.AsyncConnection[Any], query: bytes) -> None:
             raise e.OperationalError("the connection is closed")
         pgconn.send_query(query)
         got = await conn.wait(generators.execute(pgconn))
-    _raise_first_error(conn, [got])
+    raise_first_error(conn, [got])
 
 
-def _raise_first_error(
+def raise_first_error(
     conn: psycopg.AsyncConnection[Any], got: Sequence[Sequence[pq.abc.PGresult]]
 ) -> None:
+    """Raise the error of the first of these commands that failed (each command's results)."""
     for res_list in got:
         if (err := error(conn, res_list)) is not None:
             raise err
