@@ -5,7 +5,8 @@
 - :func:`start_serve` / :func:`worker_procs`: ``python -m pgdurable serve`` through the one
   process wrapper (:class:`pgdurable.harness.Serve`), and its workers as psutil processes.
 - :class:`Progress`: one status line on stderr.
-- :func:`cpu_seconds` / :func:`cpu_delta`: user + system CPU of a set of processes.
+- :func:`cpu_seconds` / :func:`cpu_delta`: user + system CPU of a set of processes;
+  :func:`process_clock`: now, on the clock of a process's start time.
 - :func:`interrupt`: a SIGTERM handler that unwinds like ^C.
 """
 
@@ -197,6 +198,16 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
             t = p.cpu_times()
             out[p.pid] = t.user + t.system
     return out
+
+
+def process_clock() -> float:
+    """Now, on the clock of psutil's ``create_time()``: the boot time plus the seconds since
+    boot. Not ``time.time()``: psutil counts a process's start from the boot time the kernel
+    recorded, and the wall clock drifts away from that as NTP corrects it (seen here: a process
+    started a moment ago dated a second in the past). Compared with ``time.time()``, serve's
+    first backends looked older than the run and their CPU was left out."""
+    with open("/proc/uptime") as f:
+        return psutil.boot_time() + float(f.read().split()[0])
 
 
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:

@@ -66,6 +66,7 @@ from .common import (
     cpu_seconds,
     interrupt,
     make_tenant,
+    process_clock,
     start_serve,
     worker_procs,
 )
@@ -180,7 +181,7 @@ def run_workload(
         time.sleep(STATS_FLUSH_S)
         # -- drain -----------------------------------------------------------------------
         commits0 = server.xact_commit(dbname)
-        pg_t0 = time.time()
+        pg_t0 = process_clock()
         pg0 = cpu_seconds(server.postgres_pids(dbname))
         t0 = time.monotonic()
         serve = start_serve(dsn, args.workers, workdir / f"serve-{w.name}.log")
@@ -422,7 +423,7 @@ def _bucket(leaf: str, frames: list[str]) -> str:
 
 
 def _created(p: psutil.Process) -> float:
-    """When ``p`` started (epoch seconds; 0 when it is gone)."""
+    """When ``p`` started, on :func:`process_clock`'s clock (0 when it is gone)."""
     try:
         return float(p.create_time())
     except psutil.Error:

@@ -8,11 +8,15 @@ this scale mean nothing; the point is that the code path works.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench import harness
+from bench.common import process_clock
 
 pytestmark = pytest.mark.benchmark
 
@@ -45,3 +49,19 @@ def test_harness_smallest_scale(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert len(data["floor"]) == 4
     assert "| W1 10,000 one-step workflows |" in table
     assert rc == 0, table
+
+
+def test_a_new_process_starts_after_the_process_clock() -> None:
+    """The harness counts a backend's CPU when it started after the drain began, judged by
+    psutil's ``create_time()``: the reference must be on that clock. ``time.time()`` drifts
+    from it (by a second on this VM), and serve's first backends were then left out."""
+    before = process_clock()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    try:
+        started = psutil.Process(child.pid).create_time()
+    finally:
+        child.kill()
+        child.wait()
+    # create_time counts clock ticks (1/100 s): it may read up to one tick early
+    assert started >= before - 0.011, (started, before)
+    assert started - before < 1.0, (started, before)
