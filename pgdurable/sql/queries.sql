@@ -78,6 +78,10 @@ select @engine@._cap_grant_v1(%s, %s, %s)
 -- is the role's runner the engine's own (owner, SECURITY DEFINER, body)?
 select @engine@._runner_ok_v1(%s::pg_catalog.oid)
 
+-- name: runner_next_ok
+-- and its next-step runner (@engine@._runner_next_ok_v1)?
+select @engine@._runner_next_ok_v1(%s::pg_catalog.oid)
+
 -- name: slots_ensure
 -- the step slot rows up to the current settings (NULL: every role with queued work)
 select @engine@._slots_ensure_v1(%s::pg_catalog.oid)

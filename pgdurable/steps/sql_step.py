@@ -59,6 +59,8 @@ class SqlSteps:
         self.runners: dict[int, sql.Composed] = {}  # role -> its verified runner's call
         self.first_calls: dict[int, bytes] = {}  # the same, with $n placeholders (wire)
         self.next_stmt = sessions.runner_next_call()  # step_next (any verified role's runner)
+        # role -> its verified next-step runner's call (None: it has none; step_next then)
+        self.next_calls: dict[int, bytes | None] = {}
 
     async def step_call(self, role_oid: int, role_name: str) -> sql.Composed:
         """``select * from <the role's runner>(cap, sql, max bytes)``, once the runner is
@@ -68,10 +70,15 @@ class SqlSteps:
             async with self.sessions.service.connection() as conn:
                 cur = await conn.execute(self.sessions.q("runner_ok"), (role_oid,))
                 row = await cur.fetchone()
-            if not (row and row[0]):
-                raise StepError(runner_missing(role_name), sqlstate="42501")
+                if not (row and row[0]):
+                    raise StepError(runner_missing(role_name), sqlstate="42501")
+                cur = await conn.execute(self.sessions.q("runner_next_ok"), (role_oid,))
+                nxt = await cur.fetchone()
             call = self.sessions.runner_call(role_oid)
             self.first_calls[role_oid] = wire.dollar(call.as_bytes(None))
+            self.next_calls[role_oid] = (
+                self.sessions.next_runner_call(role_oid) if nxt and nxt[0] else None
+            )
             self.runners[role_oid] = call
         return call
 
@@ -79,10 +86,13 @@ class SqlSteps:
         """The role's verified runner's call (after :meth:`step_call`), sent by :mod:`wire`."""
         return self.first_calls[role_oid]
 
-    def next_call(self, role_oid: int) -> bytes:
-        """``step_next``, which calls the role's runner (verified by :meth:`step_call`)."""
+    def next_call(self, role_oid: int) -> tuple[bytes, bool]:
+        """A batch's later step's call and whether it is the role's next-step runner (its
+        parameters are then ``step_next``'s but the role); else ``step_next``, which calls
+        the role's runner. Both verified by :meth:`step_call`."""
         assert role_oid in self.runners, "step_call first: it verifies the runner"
-        return self.next_stmt
+        direct = self.next_calls.get(role_oid)
+        return (self.next_stmt, False) if direct is None else (direct, True)
 
     async def run(
         self, conn: psycopg.AsyncConnection[Any], ctx: InstanceCtx, task: Task, idx: int, text: str

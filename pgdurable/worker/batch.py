@@ -286,7 +286,7 @@ class BatchRunner:
         try:
             call = await self.sql.step_call(role, first.ctx.role_name)
             first_call = self.sql.first_call(role)
-            stmts = wave.Statements(self.sql.next_call(role))
+            stmts = wave.Statements(*self.sql.next_call(role))
             async with self.sessions.steps.connection() as conn:
                 cap = self.sessions.cap(conn)
                 assert cap is not None

@@ -183,6 +183,21 @@ class Sessions:
         (``step_next``), with ``$n`` placeholders (sent by :mod:`.wire`)."""
         return wire.dollar(self.q("step_next").encode())
 
+    def next_runner_call(self, role_oid: int) -> bytes:
+        """The next step of a batch through the role's next-step runner, which does all that
+        ``step_next`` does in one function (``_runner_next_body_v1``): its parameters are
+        ``step_next``'s but the role. With ``$n`` placeholders (sent by :mod:`.wire`)."""
+        return (
+            sql.SQL(
+                "select * from {}.{}($1::pg_catalog.text[], $2::pg_catalog.text[], "
+                "$3::pg_catalog.text, $4::pg_catalog.text, $5::pg_catalog.text, "
+                "$6::pg_catalog.text, $7::pg_catalog.text, $8::pg_catalog.int8, "
+                "$9::pg_catalog.text[])"
+            )
+            .format(sql.Identifier(f"{self.engine}_exec"), sql.Identifier(f"next_{role_oid}"))
+            .as_bytes(None)
+        )
+
     @property
     def runner_cap(self) -> int:
         """The bytes a runner lets a statement return: the result cap, at most what one

@@ -60,8 +60,11 @@ class Statements:
     new set (:meth:`fresh`). The session reset after the batch (``DEALLOCATE ALL``) drops
     them."""
 
-    def __init__(self, next_call: bytes) -> None:
+    def __init__(self, next_call: bytes, direct: bool = False) -> None:
         self.next_call = next_call
+        self.direct = direct
+        """``next_call`` is the role's next-step runner (``step_next``'s parameters but the
+        role), not ``step_next``."""
         self.fresh()
 
     def fresh(self) -> None:
@@ -128,9 +131,15 @@ def commands(
             cmds.append((stmts.bound, (limit.encode(),)))
         bounded.append(bound)
         # RESET ALL (what the last statement set ends here), the settings again and the
-        # statement: one statement, which arms the limit again for the next one, and checks
-        # that the statements of ``stmts`` are still the worker's
-        params = (names, vals, path, t, step_app_name(task).encode(), role, cap)
+        # statement: one statement (the role's next-step runner, or step_next calling its
+        # runner), which arms the limit again for the next one, and checks that the
+        # statements of ``stmts`` are still the worker's
+        app = step_app_name(task).encode()
+        params = (
+            (names, vals, path, t, app, cap)
+            if stmts.direct
+            else (names, vals, path, t, app, role, cap)
+        )
         cmds.append((stmts.next, (*params, text.encode(), runner_cap, stmts.names)))
         ends.append(len(cmds))
     return cmds, ends, bounded

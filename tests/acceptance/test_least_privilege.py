@@ -609,6 +609,14 @@ def test_step_is_not_superuser(db, serve_factory, world):
 TOKEN_GATED = {
     "runner": "select * from {victim_runner}('guess', 'select 1', 100)",
     "own_runner": "select * from pgdurable_exec.step_{a_oid}('guess', 'select 1', 100)",
+    "next_runner": (
+        "select * from pgdurable_exec.next_{victim_oid}('{{}}', '{{}}', 'public', '0', 'x', "
+        "'guess', 'select 1', 100, null)"
+    ),
+    "own_next_runner": (
+        "select * from pgdurable_exec.next_{a_oid}('{{}}', '{{}}', 'public', '0', 'x', "
+        "'guess', 'select 1', 100, null)"
+    ),
     "apply": (
         "select pgdurable._step_apply_v1('guess', 'w', '00000000', '00000000', 0, 0, "
         "null, 'completed', null, null, null, null, 5)"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pgdurable.worker import wave
+from pgdurable.worker import wave, wire
 
 from .inproc import ctx_of, one, rows, start, started, worker
 
@@ -95,6 +95,8 @@ class Trips:
         self.sizes: list[int] = []
         self.sent: list[int] = []
         self.skipped = 0
+        self.calls: set[str] = set()
+        """What the later steps were sent to: the role's next-step runner or step_next."""
 
 
 def _handle_all(db: Any, **options: Any) -> Trips:
@@ -122,6 +124,9 @@ def _handle_all(db: Any, **options: Any) -> Trips:
     async def watched(conn: Any, cmds: Any, ends: list[int]) -> list[wave.Got]:
         got = await send(conn, cmds, ends)
         seen.sent.append(len(ends))
+        for q, _ in cmds:
+            if isinstance(q, wire.Parse) and b"next" in q.name:
+                seen.calls.add("step_next" if b"_step_next_v1" in q.query else "next_runner")
         seen.skipped += sum(isinstance(g, wave.Skipped) for g in got)
         return got
 
@@ -244,15 +249,19 @@ def test_a_result_refused_after_later_steps_ran_rolls_the_batch_back(db, tenant)
     assert one(db, "select last_value from public.runs") > N
 
 
+@pytest.mark.parametrize("path", ["next_runner", "step_next"])
 @pytest.mark.parametrize("how", ["replace", "drop"])
-def test_a_step_cannot_take_the_workers_prepared_statements(db, tenant, how):
+def test_a_step_cannot_take_the_workers_prepared_statements(db, tenant, how, path):
     # a batch's later steps run statements the worker prepared in the step session
     # (pgdurable/worker/wave.py, Statements). A step's statement may DEALLOCATE and PREPARE
     # there: this one takes every statement the worker prepared and ("replace") puts its own
     # under the same name and parameter types, which would run as the step session, outside
     # its runner, with the worker's parameters (the capability among them). step_next fails
     # that step right after its statement, PostgreSQL skips the rest of its round trip, and
-    # the batch goes on with statements of new names: none of the tenant's ever runs
+    # the batch goes on with statements of new names: none of the tenant's ever runs. The
+    # role's next-step runner checks it as step_next does (a role without one: step_next)
+    if path == "step_next":
+        drop_next_runner(db, tenant)
     with db.connect() as conn:
         conn.execute("create table public.marks (name text, args text)")
         conn.execute("grant insert on public.marks to public")
@@ -295,6 +304,7 @@ def test_a_step_cannot_take_the_workers_prepared_statements(db, tenant, how):
         conn.execute("insert into public.bad values (%s)", (bad,))
 
     seen = _handle_all(db)
+    assert seen.calls == {path}
     assert rows(db, "select name, args from public.marks") == []
     assert max(seen.sent) > 1, seen.sent
     assert seen.skipped > 0  # the steps behind it in its round trip did not run with it
@@ -307,3 +317,54 @@ def test_a_step_cannot_take_the_workers_prepared_statements(db, tenant, how):
     # every statement ran once; the failing one's insert rolled back to its savepoint
     assert one(db, "select last_value from public.runs") == N
     assert rows(db, "select count(*) from public.hits") == [(N - 1,)]
+
+
+NEXT_ARGS = "text[], text[], text, text, text, text, text, int8, text[]"
+
+
+def drop_next_runner(db: Any, tenant: str) -> None:
+    """Drop the role's next-step runner, as a role granted before it existed has none."""
+    oid = one(db, "select oid from pg_catalog.pg_roles where rolname = %s", (tenant,))
+    with db.connect() as conn:
+        conn.execute(f"drop function pgdurable_exec.next_{oid}({NEXT_ARGS})")
+
+
+def test_later_steps_use_the_next_step_runner_only_when_it_is_the_engines(db, tenant):
+    # a role's later steps go to its next-step runner (one call: docs/performance.md,
+    # "Session 12") when df.grant_usage made it; one whose body is not the engine's (here an
+    # administrator replaced it; the owner stays the role) is never called: the later steps
+    # run through step_next and the role's runner, and df.grant_usage makes it again
+    oid = one(db, "select oid from pg_catalog.pg_roles where rolname = %s", (tenant,))
+    with db.connect() as conn:
+        conn.execute("create table public.marks (name text, args text)")
+        conn.execute("grant insert on public.marks to public")
+        conn.execute(
+            f"""create or replace function pgdurable_exec.next_{oid}(
+                    p_names text[], p_vals text[], p_path text, p_timeout text, p_app text,
+                    p_cap text, p_sql text, p_max_bytes int8, p_stmts text[])
+                returns setof pg_catalog.json language plpgsql volatile security definer as $$
+                begin
+                    insert into public.marks values ('next', p_sql);
+                    return next pg_catalog.to_json(1);
+                end $$"""
+        )
+        assert conn.execute(f"select pgdurable._runner_next_ok_v1({oid})").fetchone() == (False,)
+    iids = counted_starts(db, tenant, lambda k: "1 as one")
+    seen = _handle_all(db)
+    assert seen.calls == {"step_next"}
+    assert max(seen.sent) > 1, seen.sent
+    assert rows(db, "select count(*) from public.marks") == [(0,)]
+    for iid in iids:
+        assert one(db, "select status from df.instances where id = %s", (iid,)) == "completed"
+    assert one(db, "select last_value from public.runs") == N
+
+    with db.connect() as conn:
+        conn.execute("select df.grant_usage(%s)", (tenant,))
+        assert conn.execute(f"select pgdurable._runner_next_ok_v1({oid})").fetchone() == (True,)
+    with db.connect() as conn:
+        conn.execute("truncate public.hits")
+    counted_starts(db, tenant, lambda k: "2 as two")
+    seen = _handle_all(db)
+    assert seen.calls == {"next_runner"}
+    assert rows(db, "select count(*) from public.marks") == [(0,)]
+    assert rows(db, "select count(*) from public.hits") == [(N,)]

@@ -79,3 +79,14 @@ def test_a_fresh_set_has_new_names_and_is_parsed_again():
     assert stmts.release.name.startswith(b"pgdurable_")
     assert len(stmts.release.name) > 30
     assert len(stmts.parses()) == 4
+
+
+def test_the_next_step_runner_gets_step_nexts_parameters_but_the_role():
+    via_step_next, direct = Statements(b"n"), Statements(b"n", direct=True)
+    for s in (via_step_next, direct):
+        s.parses()
+    (_, _, old), _ = build(via_step_next, True, task("a"))
+    (_, _, new), _ = build(direct, True, task("a"))
+    assert old[1][5] == b"1"  # step_next: the role, before the capability
+    assert new[1] == old[1][:5] + old[1][6:-1] + (direct.names,)
+    assert len(new[1]) == 9

@@ -779,8 +779,10 @@ as $$ select array[
 -- SELECT on df.vars, not INSERT/UPDATE/DELETE: df.setvar/unsetvar/clearvars write it, and
 -- table-level DML would let any tenant LOCK the shared table and stall every df.start.
 --
--- Then the role's step runner (50_engine.sql): a SECURITY DEFINER function owned by the role
--- in @engine@_exec. Only a role that can act as the tenant can make a function it owns, so
+-- Then the role's step runner and next-step runner (50_engine.sql): SECURITY DEFINER functions
+-- owned by the role in @engine@_exec; both are made again when either is missing or not the
+-- engine's current one (after an upgrade, re-running df.grant_usage gives a role the
+-- next-step runner). Only a role that can act as the tenant can make a function it owns, so
 -- this part needs an administrator (a superuser, or a managed cloud's admin role with
 -- CREATEROLE); a delegated admin without that gets an error saying what to run. The role is
 -- given CREATE on @engine@_exec only for the moment it takes to make the runner.
@@ -796,6 +798,11 @@ declare
     v_oid  pg_catalog.oid;
     v_me   pg_catalog.text := current_user;
     v_ddl  pg_catalog.text;
+    v_next_ddl pg_catalog.text;
+    -- the next-step runner's argument types (50_engine.sql, _runner_next_ddl_v1)
+    v_next_args pg_catalog.text := 'pg_catalog.text[], pg_catalog.text[], pg_catalog.text, '
+        'pg_catalog.text, pg_catalog.text, pg_catalog.text, pg_catalog.text, pg_catalog.int8, '
+        'pg_catalog.text[]';
 begin
     select r.oid into v_oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) p_role;
     if p_role is null or v_oid is null then
@@ -841,7 +848,7 @@ begin
             using hint = 'submit workflows as an ordinary role';
         return;
     end if;
-    if not @engine@._runner_ok_v1(v_oid) then
+    if not (@engine@._runner_ok_v1(v_oid) and @engine@._runner_next_ok_v1(v_oid)) then
         if not pg_catalog.pg_has_role(v_me, v_oid, 'USAGE') then
             begin
                 -- an admin with CREATEROLE (PostgreSQL 15 and older) or ADMIN OPTION on the role
@@ -860,18 +867,26 @@ begin
                                   'step_' || v_oid::pg_catalog.text);
         execute pg_catalog.format('drop function if exists @engine@_exec.%I(pg_catalog.text)',
                                   'step_' || v_oid::pg_catalog.text);
+        execute pg_catalog.format('drop function if exists @engine@_exec.%I(%s)',
+                                  'next_' || v_oid::pg_catalog.text, v_next_args);
         execute pg_catalog.format('grant create on schema @engine@_exec to %I', p_role);
         v_ddl := @engine@._runner_ddl_v1(v_oid::pg_catalog.regrole, '@engine@_exec');
+        v_next_ddl := @engine@._runner_next_ddl_v1(v_oid::pg_catalog.regrole, '@engine@_exec');
         execute pg_catalog.format('set local role %I', p_role);
         execute v_ddl;
+        execute v_next_ddl;
         reset role;
         -- as the administrator, which can act as the role (the function's owner)
         execute pg_catalog.format('revoke all on function @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8) from public',
                                   'step_' || v_oid::pg_catalog.text);
         execute pg_catalog.format('grant execute on function @engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8) to pgdurable_step',
                                   'step_' || v_oid::pg_catalog.text);
+        execute pg_catalog.format('revoke all on function @engine@_exec.%I(%s) from public',
+                                  'next_' || v_oid::pg_catalog.text, v_next_args);
+        execute pg_catalog.format('grant execute on function @engine@_exec.%I(%s) to pgdurable_step',
+                                  'next_' || v_oid::pg_catalog.text, v_next_args);
         execute pg_catalog.format('revoke create on schema @engine@_exec from %I', p_role);
-        if not @engine@._runner_ok_v1(v_oid) then
+        if not (@engine@._runner_ok_v1(v_oid) and @engine@._runner_next_ok_v1(v_oid)) then
             raise exception 'df.grant_usage(%): the step runner was made but does not verify', pg_catalog.quote_literal(p_role)
                 using errcode = 'XX000';
         end if;
@@ -886,6 +901,7 @@ $$;
 -- object is revoked only where the caller holds a grant option on it. Then, when the role no
 -- longer has USAGE on df (another grantor's grant may remain), its runner is dropped; that
 -- needs the owner of the runners' schema (a delegated admin is not: a WARNING says who must).
+-- Its next-step runner goes with it.
 create function df.revoke_usage(p_role text) returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -928,6 +944,11 @@ begin
     end loop;
     v_runner := pg_catalog.format('@engine@_exec.%I(pg_catalog.text, pg_catalog.text, pg_catalog.int8)',
                                   'step_' || v_oid::pg_catalog.text);
+    -- and its next-step runner (50_engine.sql, _runner_next_ddl_v1), dropped with it
+    v_runner := v_runner operator(pg_catalog.||) ', ' operator(pg_catalog.||) pg_catalog.format(
+        '@engine@_exec.%I(pg_catalog.text[], pg_catalog.text[], pg_catalog.text, pg_catalog.text, '
+        'pg_catalog.text, pg_catalog.text, pg_catalog.text, pg_catalog.int8, pg_catalog.text[])',
+        'next_' || v_oid::pg_catalog.text);
     if not pg_catalog.has_schema_privilege(v_oid, 'df', 'USAGE') then
         begin
             execute 'drop function if exists ' || v_runner;

@@ -603,6 +603,150 @@ as $$
           'p_cap text, p_sql text, p_max_bytes bigint'
 $$;
 
+-- The next-step runner: a batch's later step in one call (docs/performance.md, "Session 12").
+-- A second function per role, made with the runner by df.grant_usage and like it in every
+-- way that matters to security (in @engine@_exec, owned by the role, SECURITY DEFINER, no
+-- SET clause, EXECUTE for the step role only, the capability checked before anything else),
+-- whose body does all that @engine@._step_next_v1 does around the runner's call: RESET ALL,
+-- the settings the batch's first step applied, the statement (as the runner runs it), the
+-- statement_timeout armed again and search_path pinned again for the worker's next
+-- statement, the check of the statements the worker prepared, and the result's size as the
+-- worker stores it. The worker prepares its call once per batch and binds it for each later
+-- step; so a later step costs one function call rather than step_next's, its dynamic
+-- EXECUTE (parsed and planned at every step) and the runner's call inside it. A role whose
+-- next-step runner is missing (made before it existed) or does not verify runs its later
+-- steps through step_next and its runner, as before.
+-- The code after the statement runs as the role, as the statement did: it reads nothing the
+-- role could not, and every name in it is qualified, operators too.
+create function @engine@._runner_next_body_v1()
+returns text
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $f$
+    select $body$
+declare
+    r       record;
+    v_row   pg_catalog.json;
+    v_first pg_catalog.json;
+    v_n     pg_catalog.int8 := 0;
+    v_bytes pg_catalog.int8 := 0;
+    v_count pg_catalog.int8;
+begin
+    perform @engine@._cap_check_v1(p_cap);
+    reset all;
+    perform pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    perform pg_catalog.set_config(s.k, s.v, true)
+    from rows from (pg_catalog.unnest(p_names), pg_catalog.unnest(p_vals)) as s(k, v);
+    perform pg_catalog.set_config('df.in_workflow', 'true', true),
+            pg_catalog.set_config('statement_timeout', p_timeout, true),
+            pg_catalog.set_config('application_name', p_app, true);
+    perform pg_catalog.set_config('search_path', p_path, true);
+    begin
+        for r in execute p_sql loop
+            v_row := pg_catalog.to_json(r);
+            v_n := v_n operator(pg_catalog.+) 1::pg_catalog.int8;
+            v_bytes := v_bytes operator(pg_catalog.+) pg_catalog.octet_length(v_row::pg_catalog.text);
+            if v_bytes operator(pg_catalog.>) p_max_bytes then
+                raise exception 'step result is over the limit of % bytes', p_max_bytes
+                    using errcode = '54000',
+                          hint = 'return fewer or smaller rows, or raise serve''s --result-max-bytes';
+            end if;
+            if v_first is null then
+                v_first := v_row;
+            end if;
+            return next v_row;
+        end loop;
+    exception when invalid_cursor_definition then
+        if pg_catalog.strpos(sqlerrm, 'multi-query') operator(pg_catalog.>) 0 then
+            raise exception 'a workflow SQL step must be exactly one statement'
+                using errcode = '42601',
+                      hint = 'split it into several steps joined with ~>';
+        end if;
+        execute p_sql;
+        -- a statement without result rows (DML without RETURNING, DDL, CALL): how many rows
+        -- it processed, as a bare JSON number (a result row is always an object)
+        get diagnostics v_count = row_count;
+        return next pg_catalog.to_json(v_count);
+    end;
+    set constraints all immediate;
+    if exists (select 1 from pg_catalog.pg_cursors c where c.is_holdable) then
+        raise exception 'a workflow step may not leave a WITH HOLD cursor open'
+            using errcode = '0A000';
+    end if;
+    perform pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
+            pg_catalog.set_config('statement_timeout', p_timeout, true);
+    if p_stmts is not null and (
+        select pg_catalog.count(*) from pg_catalog.pg_prepared_statements p
+        where not p.from_sql and p.name operator(pg_catalog.=) any (p_stmts))
+        operator(pg_catalog.<>) pg_catalog.cardinality(p_stmts) then
+        raise exception 'a workflow step may not deallocate the statements the worker prepared in its session'
+            using errcode = '0A000',
+                  hint = 'a step''s statement may PREPARE and DEALLOCATE its own statements, not the worker''s';
+    end if;
+    if v_n operator(pg_catalog.>) 0 and pg_catalog.json_typeof(v_first) operator(pg_catalog.=) 'object' then
+        v_bytes := v_bytes operator(pg_catalog.+) v_n operator(pg_catalog.+) 35
+                   operator(pg_catalog.+) pg_catalog.length(v_n::pg_catalog.text);
+        if v_bytes operator(pg_catalog.+) pg_catalog.octet_length(v_first::pg_catalog.text)
+           operator(pg_catalog.>=) p_max_bytes then
+            begin
+                v_bytes := v_bytes operator(pg_catalog.+) coalesce((
+                    select pg_catalog.sum(pg_catalog.octet_length(pg_catalog.to_json(k.k)::pg_catalog.text)
+                                          operator(pg_catalog.+) 1)
+                    from (select distinct j.k from pg_catalog.json_object_keys(v_first) as j(k)) as k), 0);
+            exception when others then
+                null;
+            end;
+        end if;
+        if v_bytes operator(pg_catalog.>) p_max_bytes then
+            raise exception 'step result is % bytes, over the limit of % bytes', v_bytes, p_max_bytes
+                using errcode = '54000',
+                      hint = 'return fewer or smaller rows, or raise serve''s --result-max-bytes';
+        end if;
+    end if;
+end
+$body$::pg_catalog.text
+$f$;
+
+-- The CREATE FUNCTION of a role's next-step runner in a schema (df.grant_usage runs it as the
+-- role, with the runner's).
+create function @engine@._runner_next_ddl_v1(p_role regrole, p_schema text)
+returns text
+language sql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    select pg_catalog.format(
+        'create or replace function %I.%I(p_names pg_catalog.text[], p_vals pg_catalog.text[], '
+        'p_path pg_catalog.text, p_timeout pg_catalog.text, p_app pg_catalog.text, '
+        'p_cap pg_catalog.text, p_sql pg_catalog.text, p_max_bytes pg_catalog.int8, '
+        'p_stmts pg_catalog.text[]) returns setof pg_catalog.json '
+        'language plpgsql volatile security definer as %L',
+        p_schema, 'next_' || p_role::pg_catalog.oid::pg_catalog.text, @engine@._runner_next_body_v1())
+$$;
+
+-- Is the role's next-step runner the one the engine made (as _runner_ok_v1 asks of the
+-- runner)? The worker asks before it binds a role's later steps to it; when not, they run
+-- through @engine@._step_next_v1 and the runner.
+create function @engine@._runner_next_ok_v1(p_role oid)
+returns boolean
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select pg_catalog.count(*) operator(pg_catalog.=) 1
+    from pg_catalog.pg_proc p
+    join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) p.pronamespace
+    join pg_catalog.pg_language l on l.oid operator(pg_catalog.=) p.prolang
+    where n.nspname operator(pg_catalog.=) '@engine@_exec'
+      and n.nspowner operator(pg_catalog.=) (select c.relowner from pg_catalog.pg_class c
+                                              where c.oid operator(pg_catalog.=) '@engine@.tasks'::pg_catalog.regclass)
+      and p.proname operator(pg_catalog.=) ('next_' || p_role::pg_catalog.text)
+      and p.proowner operator(pg_catalog.=) p_role
+      and p.prosecdef and p.proconfig is null
+      and l.lanname operator(pg_catalog.=) 'plpgsql'
+      and p.prosrc operator(pg_catalog.=) @engine@._runner_next_body_v1()
+      and pg_catalog.pg_get_function_identity_arguments(p.oid) operator(pg_catalog.=)
+          'p_names text[], p_vals text[], p_path text, p_timeout text, p_app text, p_cap text, p_sql text, p_max_bytes bigint, p_stmts text[]'
+$$;
+
 create function @engine@._heartbeat_v1(p_worker_id text, p_kind text, p_host text, p_pid integer,
                                        p_version text, p_in_flight integer)
 returns void

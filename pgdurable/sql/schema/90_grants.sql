@@ -80,4 +80,6 @@ grant execute on function
 grant execute on function @engine@._cap_check_v1(text) to public;
 -- df.grant_usage (SECURITY INVOKER) asks whether a role's runner is in place; a catalog read
 grant execute on function @engine@._runner_ok_v1(oid), @engine@._runner_body_v1(),
-    @engine@._runner_body_schema3_v1(), @engine@._runner_ddl_v1(regrole, text) to public;
+    @engine@._runner_body_schema3_v1(), @engine@._runner_ddl_v1(regrole, text),
+    @engine@._runner_next_ok_v1(oid), @engine@._runner_next_body_v1(),
+    @engine@._runner_next_ddl_v1(regrole, text) to public;
