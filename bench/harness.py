@@ -487,7 +487,7 @@ def render(
             f"| {_f(r.step_p50_ms, '{:.1f}')} / {_f(r.step_p99_ms, '{:.1f}')} "
             f"| {_f(r.commits_per_step, '{:.2f}')} | {_f(r.worker_rss_mb)} "
             f"| {_f(r.worker_cores, '{:.2f}')} / {_f(r.postgres_cores, '{:.2f}')} "
-            f"| {_f(_cpu_per_step(r), '{:.2f}')} |"
+            f"| {_f(_cpu_per_step(r), '{:.3f}')} |"
         )
     out.append("")
     enq = [r for r in rows if r.enqueue_txn_per_s]
