@@ -322,9 +322,13 @@ def test_a_step_cannot_take_the_workers_prepared_statements(db, tenant, how, pat
 NEXT_ARGS = "text[], text[], text, text, text, text, text, int8, text[]"
 
 
+def role_oid(db: Any, role: str) -> int:
+    return int(one(db, "select oid from pg_catalog.pg_roles where rolname = %s", (role,)))
+
+
 def drop_next_runner(db: Any, tenant: str) -> None:
     """Drop the role's next-step runner, as a role granted before it existed has none."""
-    oid = one(db, "select oid from pg_catalog.pg_roles where rolname = %s", (tenant,))
+    oid = role_oid(db, tenant)
     with db.connect() as conn:
         conn.execute(f"drop function pgdurable_exec.next_{oid}({NEXT_ARGS})")
 
@@ -334,7 +338,7 @@ def test_later_steps_use_the_next_step_runner_only_when_it_is_the_engines(db, te
     # "Session 12") when df.grant_usage made it; one whose body is not the engine's (here an
     # administrator replaced it; the owner stays the role) is never called: the later steps
     # run through step_next and the role's runner, and df.grant_usage makes it again
-    oid = one(db, "select oid from pg_catalog.pg_roles where rolname = %s", (tenant,))
+    oid = role_oid(db, tenant)
     with db.connect() as conn:
         conn.execute("create table public.marks (name text, args text)")
         conn.execute("grant insert on public.marks to public")
